@@ -1,0 +1,345 @@
+/**
+ * The runtime model shared by the planner, the run engine and the drivers.
+ *
+ * The pipeline *file* is described by the zod schema in `schema.ts`; this
+ * module describes what the planner turns it into: a flat DAG of concrete
+ * step instances (matrix legs expanded, durations in milliseconds, defaults
+ * applied, `${{ matrix.x }}` interpolated) and the run state the engine
+ * advances. Everything here is plain JSON-serialisable data so that a store
+ * can persist it as it is.
+ *
+ * @module
+ */
+
+/** Where something is in a source file; lines and columns count from 1. */
+export interface SourceLocation {
+  /** Path of the file as the user named it. */
+  file: string;
+  line: number;
+  col: number;
+}
+
+/**
+ * Why an attempt failed. Application errors (a step's own non-zero exit),
+ * timeouts and infrastructure errors (a backend or host that broke) are
+ * worth retrying; business errors (the step says its input is wrong, exit
+ * code {@link BUSINESS_EXIT_CODE} or a thrown `BusinessError`), permission
+ * errors (a sandboxed step reached past its grant) and artifact errors (an
+ * input that failed its integrity check) are not, because a retry would
+ * meet the same answer.
+ */
+export type ErrorClass =
+  | "application"
+  | "business"
+  | "timeout"
+  | "infrastructure"
+  | "permission"
+  | "artifact"
+  | "cancelled";
+
+/** Every error class, in a stable order (for schemas and docs). */
+export const ERROR_CLASSES: readonly ErrorClass[] = [
+  "application",
+  "business",
+  "timeout",
+  "infrastructure",
+  "permission",
+  "artifact",
+  "cancelled",
+];
+
+/** The classes retried when a step's `retry.on` does not say otherwise. */
+export const DEFAULT_RETRY_CLASSES: readonly ErrorClass[] = [
+  "application",
+  "timeout",
+  "infrastructure",
+];
+
+/**
+ * Exit code by which a process reports a business error: sysexits(3)
+ * `EX_DATAERR`, "the input data was incorrect in some way".
+ */
+export const BUSINESS_EXIT_CODE = 65;
+
+/** When and how often a failed step is tried again. */
+export interface RetryPolicy {
+  /** Attempts after the first; `max: 2` allows three attempts in all. */
+  max: number;
+  /** Delay before the first retry, in milliseconds. */
+  backoffMs: number;
+  /** Upper bound of any delay, in milliseconds. */
+  maxBackoffMs: number;
+  /** Growth factor of the delay between consecutive retries. */
+  factor: number;
+  /** Fraction (0..1) of each delay that is randomised (full jitter when 1). */
+  jitter: number;
+  /** Error classes that are retried. `business` is never among them. */
+  onClasses: ErrorClass[];
+  /** Exit codes that are retried whatever their class. */
+  onExitCodes: number[];
+}
+
+/** A reference to a secret value; the value itself is never stored. */
+export interface SecretRef {
+  /** Name of an environment variable of the runner that holds the value. */
+  env?: string;
+  /** Path of a file whose contents (trailing newline trimmed) is the value. */
+  file?: string;
+}
+
+/** A webhook called when a step fails for good (after its retries). */
+export interface WebhookSpec {
+  url: string;
+  headers: Record<string, string>;
+  /** Delivery attempts after the first. */
+  retries: number;
+  backoffMs: number;
+  timeoutMs: number;
+}
+
+/** One input of a step: the outputs of one or more step instances. */
+export interface InputRef {
+  /** The step name as written in the file (`generate`). */
+  step: string;
+  /** The output file name (`energy.csv`). */
+  output: string;
+  /**
+   * The instance ids it reads from: one for a plain step, every leg for a
+   * matrix step (fan-in, materialised as a directory with one file per leg).
+   */
+  from: string[];
+  /** True when `step` is a matrix step, so the input is a directory. */
+  fanIn: boolean;
+}
+
+/** Resource requests of a step. */
+export interface Resources {
+  /** CPUs, fractional allowed. */
+  cpu?: number;
+  /** Memory in bytes. */
+  memoryBytes?: number;
+}
+
+/** A concrete step instance: a plain step, or one leg of a matrix step. */
+export interface PlannedStep {
+  /** Unique instance id: `analyze`, or `convert[region=eu,size=2]` for a leg. */
+  id: string;
+  /** The step's key in the file. */
+  name: string;
+  /** This leg's matrix values, absent for a plain step. */
+  matrix?: Record<string, string | number | boolean>;
+  /** Backend name: `deno`, `shell`, `docker`, `ssh`, `kubernetes`, or a plugin's. */
+  backend: string;
+  /** Instance ids this step waits for (a matrix need expands to every leg). */
+  needs: string[];
+  /**
+   * Backend-specific configuration after interpolation: `run`, `module`,
+   * `args`, `image`, `permissions`, `workdir`, … (validated by the backend).
+   */
+  config: Record<string, unknown>;
+  inputs: Record<string, InputRef>;
+  /** File names the step must write. */
+  outputs: string[];
+  env: Record<string, string>;
+  /** Names of pipeline-level secrets exposed to the step as env vars. */
+  secrets: string[];
+  resources: Resources;
+  timeoutMs?: number;
+  retry: RetryPolicy;
+  /** Condition source (see `expr.ts`); absent means `success()`. */
+  when?: string;
+  continueOnError: boolean;
+  cache: boolean;
+  /** Max legs of this step's matrix running at once. */
+  concurrency?: number;
+  selector: Record<string, string>;
+  onFailure?: WebhookSpec;
+  /** Where the step is defined. */
+  source: SourceLocation;
+  /** sha256 (hex) of the canonical JSON of everything above that changes what the step does. */
+  specDigest: string;
+}
+
+/** A validated, expanded pipeline, ready to run. */
+export interface Plan {
+  name: string;
+  /** The file it came from, as the user named it. */
+  file: string;
+  /** Directory relative module paths and workdirs resolve against (absolute). */
+  baseDir: string;
+  /** Step instances by id. */
+  steps: Record<string, PlannedStep>;
+  /** Instance ids in a topological order (needs first), ties in file order. */
+  order: string[];
+  /** Max step instances running at once across the run. */
+  concurrency?: number;
+  affinity?: "pipeline";
+  env: Record<string, string>;
+  secrets: Record<string, SecretRef>;
+  onFailure?: WebhookSpec;
+  /** sha256 (hex) of the source text. */
+  digest: string;
+}
+
+/** Status of a step instance. */
+export type StepStatus =
+  | "pending"
+  | "scheduled"
+  | "running"
+  | "retrying"
+  | "succeeded"
+  | "failed"
+  | "cancelled"
+  | "skipped";
+
+/** Statuses a step never leaves (except through an explicit resume). */
+export const TERMINAL_STEP_STATUSES: readonly StepStatus[] = [
+  "succeeded",
+  "failed",
+  "cancelled",
+  "skipped",
+];
+
+/** Status of a run. */
+export type RunStatus = "pending" | "running" | "succeeded" | "failed" | "cancelled";
+
+/** A produced artifact as the engine sees it. */
+export interface ArtifactRef {
+  name: string;
+  /** `sha256:<hex>`. */
+  digest: string;
+  size: number;
+}
+
+/** Resource usage of an attempt, when the backend can tell. */
+export interface Usage {
+  cpuMs?: number;
+  memoryPeakBytes?: number;
+}
+
+/** How an attempt ended. */
+export type AttemptResult =
+  | {
+    ok: true;
+    exitCode: 0;
+    outputs: Record<string, ArtifactRef>;
+    /** True when the result was taken from the cache, not executed. */
+    cached?: boolean;
+    usage?: Usage;
+  }
+  | {
+    ok: false;
+    errorClass: ErrorClass;
+    exitCode?: number;
+    message: string;
+    usage?: Usage;
+  };
+
+/** One attempt of a step. */
+export interface AttemptRecord {
+  /** Globally unique: `${runId}/${stepId}/${attempt}`. */
+  attemptId: string;
+  /** 1-based attempt number, counting across resumes. */
+  attempt: number;
+  scheduledAt: number;
+  startedAt?: number;
+  endedAt?: number;
+  /** Which worker ran it (`local` in local mode). */
+  worker?: string;
+  result?: AttemptResult;
+}
+
+/** The state of one step instance in a run. */
+export interface StepState {
+  id: string;
+  status: StepStatus;
+  /** Current (latest) attempt id, the only one whose reports are accepted. */
+  attemptId?: string;
+  /** Attempts made since the run (or the last resume) began, for retry limits. */
+  attemptsThisRound: number;
+  attempts: AttemptRecord[];
+  /** When a `retrying` step may start its next attempt (epoch ms). */
+  retryAt?: number;
+  /** Outputs of the successful attempt. */
+  outputs?: Record<string, ArtifactRef>;
+  cached?: boolean;
+  /** Human reason for the current status (`needs failed: analyze`, `when was false`, …). */
+  reason?: string;
+  /** When the step reached a terminal status. */
+  finishedAt?: number;
+}
+
+/** The state of a run: what the engine advances and the store persists. */
+export interface RunState {
+  runId: string;
+  pipeline: string;
+  status: RunStatus;
+  createdAt: number;
+  startedAt?: number;
+  finishedAt?: number;
+  /** Incremented by each `Resume`. */
+  round: number;
+  steps: Record<string, StepState>;
+}
+
+/** Something that happened, fed to the engine. */
+export type EngineEvent =
+  | { type: "Start"; now: number }
+  | { type: "AttemptStarted"; stepId: string; attemptId: string; now: number; worker?: string }
+  | {
+    type: "AttemptExited";
+    stepId: string;
+    attemptId: string;
+    now: number;
+    result: AttemptResult;
+  }
+  /** The worker (or local runner process) running the attempt is gone. */
+  | { type: "AttemptLost"; stepId: string; attemptId: string; now: number; reason: string }
+  | { type: "Cancel"; now: number; reason?: string }
+  | { type: "Resume"; now: number }
+  | { type: "Tick"; now: number };
+
+/** Failure metadata sent to an `on-failure` webhook. */
+export interface FailureInfo {
+  runId: string;
+  pipeline: string;
+  stepId: string;
+  step: string;
+  attemptId: string;
+  attempt: number;
+  errorClass: ErrorClass;
+  exitCode?: number;
+  message: string;
+  at: number;
+}
+
+/** Something the driver must do, returned by the engine. */
+export type Effect =
+  | {
+    type: "StartAttempt";
+    stepId: string;
+    attemptId: string;
+    attempt: number;
+    /** Epoch ms by which the attempt must end (from `timeout`). */
+    deadline?: number;
+  }
+  | { type: "StopAttempt"; stepId: string; attemptId: string; reason: "cancel" | "timeout" }
+  /** Feed the engine a `Tick` at (or soon after) this epoch ms. */
+  | { type: "WakeAt"; at: number }
+  | { type: "Notify"; webhook: WebhookSpec; failure: FailureInfo }
+  | {
+    type: "StepStatus";
+    stepId: string;
+    status: StepStatus;
+    attempt: number;
+    at: number;
+    reason?: string;
+  }
+  | { type: "RunFinished"; status: RunStatus; at: number };
+
+/** Report of an event the engine refused; it changes nothing. */
+export interface Rejection {
+  type: "Rejected";
+  event: EngineEvent;
+  reason: "duplicate" | "stale-attempt" | "unknown-step" | "not-applicable";
+}
