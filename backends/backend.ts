@@ -1,0 +1,243 @@
+/**
+ * The contract between the runner and an execution backend.
+ *
+ * Shaped after Nomad task drivers and GitLab Runner executors: a backend
+ * fingerprints the host, validates a step's config, and starts an attempt;
+ * the returned {@link Execution} streams logs, waits, cancels and cleans up.
+ * Everything that crosses this boundary is plain data (paths, strings,
+ * numbers) so that a later plugin host can carry it over a message protocol.
+ *
+ * @module
+ */
+
+import type { z } from "zod";
+import type { ErrorClass, Usage } from "../core/model.ts";
+
+/** Deno permissions, one allow-list per permission kind (empty = not granted). */
+export interface DenoPermissions {
+  read: string[];
+  write: string[];
+  net: string[];
+  env: string[];
+  run: string[];
+}
+
+/** What a backend plugin declares about itself. */
+export interface BackendManifest<C> {
+  /** Backend name as steps write it (`backend: deno`). */
+  name: string;
+  /** Schema of the step config this backend accepts. */
+  configSchema: z.ZodType<C>;
+  /** Permissions the backend itself needs to run this attempt of this step. */
+  permissions(config: C, spec: AttemptSpec): DenoPermissions;
+}
+
+/** Whether, and which version of, a backend can run on this host. */
+export interface Fingerprint {
+  available: boolean;
+  /** Human sentence: what was found, or why it is unavailable. */
+  detail: string;
+  version?: string;
+}
+
+/** Everything a backend needs to run one attempt of one step. */
+export interface AttemptSpec {
+  runId: string;
+  stepId: string;
+  attemptId: string;
+  /** 1-based attempt number. */
+  attempt: number;
+  /** Backend-specific step config (validated by the backend). */
+  config: Record<string, unknown>;
+  /** Pipeline directory (absolute): relative modules and workdirs resolve against it. */
+  baseDir: string;
+  /** Per-attempt scratch directory (absolute); it exists. */
+  workDir: string;
+  /** Input name → absolute path: a file, or a directory for fan-in inputs. */
+  inputs: Record<string, string>;
+  /**
+   * Directory holding the inputs, exposed as `RUNNEL_INPUTS`; defaults to
+   * the common parent of the input paths.
+   */
+  inputsDir?: string;
+  /** Directory (absolute) where each declared output is written as a file named after it; it exists. */
+  outputsDir: string;
+  /** Declared output file names. */
+  outputs: string[];
+  /** Step env plus resolved secret values. */
+  env: Record<string, string>;
+  matrix?: Record<string, string | number | boolean>;
+  /** Informational: the caller enforces it through {@link Execution.cancel}. */
+  timeoutMs?: number;
+  resources?: { cpu?: number; memoryBytes?: number };
+}
+
+/** A piece of a step's output as it arrives. */
+export interface LogChunk {
+  stream: "stdout" | "stderr";
+  data: Uint8Array;
+}
+
+/**
+ * How an attempt ended. It succeeded exactly when `exitCode` is 0 and
+ * `errorClass` is absent (see {@link isSuccess}): a step that exits 0 but
+ * leaves a declared output unwritten keeps its exit code and gets an
+ * `application` error class.
+ */
+export interface ExitStatus {
+  exitCode: number;
+  /** Signal that ended the process, e.g. `SIGTERM`. */
+  signal?: string;
+  /** Set when the backend knows why the attempt failed. */
+  errorClass?: ErrorClass;
+  /** One human sentence about the failure. */
+  message?: string;
+  usage?: Usage;
+}
+
+/** A started attempt. */
+export interface Execution {
+  /** Serialisable handle (a process id, a container id, …) for reattaching. */
+  readonly handle: string;
+  /** Live output; iterate it once. Output is buffered until it is read. */
+  readonly logs: AsyncIterable<LogChunk>;
+  /** Resolves when the attempt has ended and its output has been drained. */
+  wait(): Promise<ExitStatus>;
+  /** SIGTERM to the whole process group, then SIGKILL after `graceMs` (default 5 s). */
+  cancel(graceMs?: number): Promise<void>;
+  /** Releases what the attempt holds (not the workDir or outputsDir, which the caller owns). */
+  cleanup(): Promise<void>;
+}
+
+/** An execution backend: a Docker daemon, an SSH host, a Deno sandbox, a shell. */
+export interface ExecutionBackend {
+  readonly name: string;
+  // deno-lint-ignore no-explicit-any
+  readonly manifest: BackendManifest<any>;
+  /** Tells whether this host can run steps on this backend. */
+  fingerprint(): Promise<Fingerprint>;
+  /** Checks a step config; returns human messages, empty when valid. */
+  validate(config: Record<string, unknown>): string[];
+  /** Starts one attempt; rejects only when nothing could be started. */
+  start(spec: AttemptSpec): Promise<Execution>;
+}
+
+/** A step config the backend cannot run; `start` rejects with it. */
+export class InvalidStepConfigError extends Error {
+  /** Stable error code. */
+  readonly code = "invalid_step_config";
+  /** The individual problems. */
+  readonly messages: string[];
+
+  /** Builds the error from the backend name and its messages. */
+  constructor(backend: string, messages: string[]) {
+    super(`Expected a valid "${backend}" step config: ${messages.join("; ")}`);
+    this.name = "InvalidStepConfigError";
+    this.messages = messages;
+  }
+}
+
+/** Checks `config` against a zod schema; returns one human message per problem. */
+export function configMessages(schema: z.ZodType, config: unknown): string[] {
+  const parsed = schema.safeParse(config);
+  if (parsed.success) return [];
+  return parsed.error.issues.map((issue) => {
+    const key = issue.path.length > 0 ? `"${issue.path.join(".")}": ` : "";
+    return `${key}${issue.message}`;
+  });
+}
+
+/** Grace period between SIGTERM and SIGKILL on cancel, after `docker stop`'s default. */
+export const DEFAULT_CANCEL_GRACE_MS = 5_000;
+
+/** True when an attempt ended well: exit code 0 and no error class. */
+export function isSuccess(status: ExitStatus): boolean {
+  return status.exitCode === 0 && status.errorClass === undefined;
+}
+
+/**
+ * Turns a name into the tail of an environment variable name: upper case,
+ * every non-alphanumeric character replaced by `_` (`summary.json` →
+ * `SUMMARY_JSON`).
+ */
+export function envVarSuffix(name: string): string {
+  return name.toUpperCase().replace(/[^A-Z0-9]/g, "_");
+}
+
+/**
+ * The standard `RUNNEL_*` variables every step sees.
+ *
+ * @example
+ * ```ts
+ * import { stepEnvironment } from "./backend.ts";
+ * const env = stepEnvironment({
+ *   runId: "r1", stepId: "analyze", attemptId: "r1/analyze/1", attempt: 1, config: {},
+ *   baseDir: "/p", workDir: "/w", inputs: { data: "/in/data.csv" }, outputsDir: "/out",
+ *   outputs: ["summary.json"], env: {},
+ * });
+ * env.RUNNEL_OUTPUT_SUMMARY_JSON; // "/out/summary.json"
+ * ```
+ */
+export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
+  const env: Record<string, string> = {
+    RUNNEL_RUN_ID: spec.runId,
+    RUNNEL_STEP: spec.stepId,
+    RUNNEL_ATTEMPT: String(spec.attempt),
+    RUNNEL_INPUTS: spec.inputsDir ?? commonParent(Object.values(spec.inputs)) ?? spec.workDir,
+    RUNNEL_OUTPUTS: spec.outputsDir,
+  };
+  for (const [name, path] of Object.entries(spec.inputs)) {
+    env[`RUNNEL_INPUT_${envVarSuffix(name)}`] = path;
+  }
+  for (const name of spec.outputs) {
+    env[`RUNNEL_OUTPUT_${envVarSuffix(name)}`] = joinPath(spec.outputsDir, name);
+  }
+  for (const [key, value] of Object.entries(spec.matrix ?? {})) {
+    env[`RUNNEL_MATRIX_${envVarSuffix(key)}`] = String(value);
+  }
+  return env;
+}
+
+/**
+ * Turns a successful status into an `application` failure naming the first
+ * declared output missing from `outputsDir`; other statuses pass through.
+ */
+export async function missingOutputStatus(
+  spec: AttemptSpec,
+  status: ExitStatus,
+): Promise<ExitStatus> {
+  if (!isSuccess(status)) return status;
+  for (const name of spec.outputs) {
+    let isFile = false;
+    try {
+      isFile = (await Deno.stat(joinPath(spec.outputsDir, name))).isFile;
+    } catch {
+      isFile = false;
+    }
+    if (!isFile) {
+      return {
+        ...status,
+        errorClass: "application",
+        message: `step did not write declared output "${name}"`,
+      };
+    }
+  }
+  return status;
+}
+
+/** Joins an absolute directory and a file name with `/`. */
+export function joinPath(dir: string, name: string): string {
+  return dir.endsWith("/") ? dir + name : `${dir}/${name}`;
+}
+
+function commonParent(paths: string[]): string | undefined {
+  if (paths.length === 0) return undefined;
+  const parents = paths.map((path) => path.replace(/\/+$/, "").split("/").slice(0, -1));
+  const common: string[] = [];
+  for (let index = 0; index < parents[0].length; index++) {
+    const part = parents[0][index];
+    if (parents.every((segments) => segments[index] === part)) common.push(part);
+    else break;
+  }
+  return common.join("/") || "/";
+}

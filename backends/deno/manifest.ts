@@ -1,0 +1,54 @@
+/**
+ * Manifest of the `deno` backend: a TypeScript module run in a Deno
+ * subprocess granted only what the step declares.
+ *
+ * @module
+ */
+
+import { z } from "zod";
+import type { AttemptSpec, BackendManifest, DenoPermissions } from "../backend.ts";
+
+const pathList = z.array(z.string().min(1));
+
+/** Config of a `deno` step. */
+export const denoConfigSchema = z.strictObject({
+  /** The step module, relative to the pipeline directory. */
+  module: z.string().min(1, { message: 'Expected a module path for "module"' }),
+  /** Passed to the module as `ctx.args` (and `Deno.args`). */
+  args: z.array(z.string()).optional(),
+  /** What the step may reach beyond its inputs, outputs and own env vars. */
+  permissions: z.strictObject({
+    /** Hosts (`host` or `host:port`) the step may connect to. */
+    net: z.array(z.string().min(1)).optional(),
+    /** Env var names of the runner the step may read; they are passed through. */
+    env: z.array(
+      z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, {
+        message: "Expected an environment variable name",
+      }),
+    ).optional(),
+    /** Extra paths (relative to the pipeline directory) the step may read. */
+    read: pathList.optional(),
+    /** Extra paths (relative to the pipeline directory) the step may write. */
+    write: pathList.optional(),
+  }).optional(),
+});
+
+/** A validated `deno` step config. */
+export type DenoConfig = z.infer<typeof denoConfigSchema>;
+
+/** The `deno` backend's manifest. */
+export const denoManifest: BackendManifest<DenoConfig> = {
+  name: "deno",
+  configSchema: denoConfigSchema,
+  permissions(config: DenoConfig, spec: AttemptSpec): DenoPermissions {
+    // What the backend needs to start the sandbox: read the module, write
+    // the entry file, check outputs, spawn deno, pass declared env through.
+    return {
+      read: [spec.baseDir, spec.outputsDir, new URL(".", import.meta.url).pathname],
+      write: [spec.workDir],
+      net: [],
+      env: ["PATH", "HOME", "DENO_DIR", ...(config.permissions?.env ?? [])],
+      run: [Deno.execPath()],
+    };
+  },
+};

@@ -1,0 +1,216 @@
+/**
+ * The `deno` backend: runs a step module's default export in a
+ * `deno run --no-prompt` subprocess that may read its inputs, write its
+ * outputs directory, and reach only the hosts and env vars it declares.
+ *
+ * A dynamic `import()` of a local file needs read permission, so the
+ * backend writes an entry file into the attempt's workDir that statically
+ * imports the harness and the step module: the main module and its static
+ * graph load without any grant.
+ *
+ * @module
+ */
+
+import { resolve } from "node:path";
+import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
+import {
+  type AttemptSpec,
+  configMessages,
+  type DenoPermissions,
+  type Execution,
+  type ExecutionBackend,
+  type ExitStatus,
+  type Fingerprint,
+  InvalidStepConfigError,
+  joinPath,
+  missingOutputStatus,
+  stepEnvironment,
+} from "../backend.ts";
+import { spawnExecution } from "../_process.ts";
+import {
+  APPLICATION_EXIT_CODE,
+  ERROR_MARKER,
+  type ErrorReport,
+  type HarnessContext,
+  PERMISSION_EXIT_CODE,
+} from "./_harness.ts";
+import { type DenoConfig, denoConfigSchema, denoManifest } from "./manifest.ts";
+
+/** Name of the generated entry file inside the attempt's workDir. */
+export const ENTRY_FILE = "runnel_step_entry.ts";
+
+/** How much recent stderr is scanned for Deno's own `error:` line. */
+const DENO_ERROR_SCAN_CHARS = 4_096;
+
+const HARNESS_URL = new URL("./_harness.ts", import.meta.url).href;
+
+/** Creates the `deno` backend. */
+export function createDenoBackend(): ExecutionBackend {
+  return {
+    name: "deno",
+    manifest: denoManifest,
+    fingerprint: fingerprintDeno,
+    validate: validateDenoConfig,
+    start: startDenoStep,
+  };
+}
+
+/** Checks a `deno` step config; returns human messages, empty when valid. */
+export function validateDenoConfig(config: Record<string, unknown>): string[] {
+  return configMessages(denoConfigSchema, config);
+}
+
+/**
+ * The permissions the step's subprocess is granted: its inputs (and
+ * `permissions.read`), its outputs directory (and `permissions.write`), the
+ * hosts it declares, and the env vars it receives or declares. Never run,
+ * ffi or sys.
+ */
+export function sandboxPermissions(spec: AttemptSpec): DenoPermissions {
+  const config = spec.config as DenoConfig;
+  const declared = config.permissions ?? {};
+  return {
+    read: unique([
+      ...Object.values(spec.inputs),
+      ...(declared.read ?? []).map((path) => resolve(spec.baseDir, path)),
+    ]),
+    write: unique([
+      spec.outputsDir,
+      ...(declared.write ?? []).map((path) => resolve(spec.baseDir, path)),
+    ]),
+    net: unique(declared.net ?? []),
+    env: unique([
+      ...Object.keys(spec.env),
+      ...Object.keys(stepEnvironment(spec)),
+      ...(declared.env ?? []),
+    ]).sort(),
+    run: [],
+  };
+}
+
+/** The `deno` command-line arguments (after the executable) for a step. */
+export function denoArgs(spec: AttemptSpec, entryPath: string): string[] {
+  const granted = sandboxPermissions(spec);
+  const args = ["run", "--no-prompt"];
+  for (const kind of ["read", "write", "net", "env"] as const) {
+    // An empty `--allow-read=` would be rejected; leaving it out denies all.
+    if (granted[kind].length > 0) args.push(`--allow-${kind}=${granted[kind].join(",")}`);
+  }
+  args.push(entryPath, ...((spec.config as DenoConfig).args ?? []));
+  return args;
+}
+
+async function fingerprintDeno(): Promise<Fingerprint> {
+  const execPath = Deno.execPath();
+  try {
+    await Deno.stat(execPath);
+    return { available: true, detail: `deno at ${execPath}`, version: Deno.version.deno };
+  } catch (error) {
+    return {
+      available: false,
+      detail: `deno executable ${execPath} cannot be used: ${(error as Error).message}`,
+    };
+  }
+}
+
+async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
+  const messages = validateDenoConfig(spec.config);
+  if (messages.length > 0) throw new InvalidStepConfigError("deno", messages);
+  const config = spec.config as DenoConfig;
+  const modulePath = resolve(spec.baseDir, config.module);
+  const granted = sandboxPermissions(spec);
+  const context: HarnessContext = {
+    inputs: spec.inputs,
+    outputs: Object.fromEntries(
+      spec.outputs.map((name) => [name, joinPath(spec.outputsDir, name)]),
+    ),
+    envNames: granted.env,
+    matrix: spec.matrix ?? {},
+    args: config.args ?? [],
+    runId: spec.runId,
+    stepId: spec.stepId,
+    attempt: spec.attempt,
+    module: config.module,
+  };
+  // The context holds paths and names only; secret values travel as env vars.
+  const entry = [
+    `import { runStep } from ${JSON.stringify(HARNESS_URL)};`,
+    `import * as step from ${JSON.stringify(new URL(`file://${modulePath}`).href)};`,
+    `await runStep(step, ${JSON.stringify(context)});`,
+    "",
+  ].join("\n");
+  const entryPath = joinPath(spec.workDir, ENTRY_FILE);
+  await Deno.writeTextFile(entryPath, entry);
+
+  const env: Record<string, string> = { NO_COLOR: "1" };
+  for (const name of ["PATH", "HOME", "DENO_DIR", ...(config.permissions?.env ?? [])]) {
+    const value = Deno.env.get(name);
+    if (value !== undefined) env[name] = value;
+  }
+  Object.assign(env, spec.env, stepEnvironment(spec));
+
+  let report: ErrorReport | undefined;
+  // Deno's own failures (a module that does not resolve, a syntax error)
+  // happen before the harness runs; their `error: …` line is the reason.
+  let stderrTail = "";
+  let denoError: string | undefined;
+  return spawnExecution({
+    command: Deno.execPath(),
+    args: denoArgs(spec, entryPath),
+    cwd: spec.workDir,
+    env,
+    markerPrefix: ERROR_MARKER,
+    onMarker: (payload) => {
+      report ??= parseReport(payload);
+    },
+    onStderrText: (text) => {
+      if (denoError) return;
+      stderrTail = (stderrTail + text).slice(-DENO_ERROR_SCAN_CHARS);
+      denoError = /^error: (.+)$/m.exec(stderrTail)?.[1];
+    },
+    finish: (status) => {
+      const fallback = denoError
+        ? { errorClass: "application" as const, message: denoError }
+        : undefined;
+      return missingOutputStatus(spec, classifyDenoExit(status, report ?? fallback));
+    },
+  });
+}
+
+/** Gives a step subprocess's exit its error class, from the harness report when there is one. */
+export function classifyDenoExit(status: ExitStatus, report?: ErrorReport): ExitStatus {
+  if (status.exitCode === 0 && !status.signal) return status;
+  if (report) return { ...status, errorClass: report.errorClass, message: report.message };
+  if (status.signal) {
+    return { ...status, errorClass: "application", message: `step was killed by ${status.signal}` };
+  }
+  switch (status.exitCode) {
+    case BUSINESS_EXIT_CODE:
+      return { ...status, errorClass: "business", message: "step reported a business error" };
+    case PERMISSION_EXIT_CODE:
+      return { ...status, errorClass: "permission", message: "step was denied a permission" };
+    case APPLICATION_EXIT_CODE:
+    default:
+      return {
+        ...status,
+        errorClass: "application",
+        message: `step exited with code ${status.exitCode} (see its log)`,
+      };
+  }
+}
+
+function parseReport(payload: string): ErrorReport | undefined {
+  try {
+    const value = JSON.parse(payload);
+    if (typeof value?.errorClass === "string" && typeof value?.message === "string") {
+      return { errorClass: value.errorClass, message: value.message };
+    }
+  } catch {
+    // A step printing something that looks like a marker is not a report.
+  }
+  return undefined;
+}
+
+function unique(values: string[]): string[] {
+  return [...new Set(values)];
+}

@@ -1,0 +1,235 @@
+import assert from "node:assert/strict";
+import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
+import { isSuccess } from "../backend.ts";
+import { runToEnd, scratchSpec } from "../_testing.ts";
+import { permissionMessage } from "./_harness.ts";
+import { createDenoBackend, denoArgs, sandboxPermissions } from "./mod.ts";
+
+const backend = createDenoBackend();
+const CONTEXT_URL = new URL("./context.ts", import.meta.url).href;
+
+Deno.test("deno: the step gets its context and writes its output", async () => {
+  const spec = await scratchSpec(
+    { module: "steps/ok.ts", args: ["--fast"] },
+    {
+      files: {
+        "steps/ok.ts": `
+          export default async (ctx) => {
+            const data = await Deno.readTextFile(ctx.inputs.data);
+            ctx.log("read", data.length);
+            await Deno.writeTextFile(ctx.outputs["summary.json"], JSON.stringify({
+              data, args: ctx.args, matrix: ctx.matrix, ids: [ctx.runId, ctx.stepId, ctx.attempt],
+              greeting: ctx.env.GREETING, outputsVar: ctx.env.RUNNEL_OUTPUT_SUMMARY_JSON,
+              denoArgs: Deno.args,
+            }));
+          };`,
+      },
+      inputs: { data: "a,b\n1,2\n" },
+      spec: { outputs: ["summary.json"], env: { GREETING: "hi" }, matrix: { region: "eu" } },
+    },
+  );
+  try {
+    const result = await runToEnd(await backend.start(spec));
+    assert.ok(isSuccess(result.status), JSON.stringify(result));
+    assert.equal(result.stdout, "read 8\n");
+    const summary = JSON.parse(await Deno.readTextFile(`${spec.outputsDir}/summary.json`));
+    assert.deepEqual(summary, {
+      data: "a,b\n1,2\n",
+      args: ["--fast"],
+      matrix: { region: "eu" },
+      ids: ["run1", "step", 1],
+      greeting: "hi",
+      outputsVar: `${spec.outputsDir}/summary.json`,
+      denoArgs: ["--fast"],
+    });
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: a thrown BusinessError is a business error", async () => {
+  const spec = await scratchSpec({ module: "b.ts" }, {
+    files: {
+      "b.ts": `import { BusinessError } from ${JSON.stringify(CONTEXT_URL)};
+        export default () => { throw new BusinessError("the energy data is empty"); };`,
+    },
+  });
+  try {
+    const { status, stderr } = await runToEnd(await backend.start(spec));
+    assert.equal(status.exitCode, BUSINESS_EXIT_CODE);
+    assert.equal(status.errorClass, "business");
+    assert.equal(status.message, "the energy data is empty");
+    assert.equal(stderr.includes("::runnel-error::"), false, "the marker is not logged");
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: other throws are application errors; the stack is logged", async () => {
+  const spec = await scratchSpec({ module: "a.ts" }, {
+    files: { "a.ts": `export default async () => { await 0; throw new TypeError("bad row 7"); };` },
+  });
+  try {
+    const { status, stderr } = await runToEnd(await backend.start(spec));
+    assert.equal(status.exitCode, 1);
+    assert.equal(status.errorClass, "application");
+    assert.equal(status.message, "bad row 7");
+    assert.match(stderr, /TypeError: bad row 7/);
+    assert.equal(stderr.includes("::runnel-error::"), false);
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: a module without a default export, or that fails to load", async () => {
+  const spec = await scratchSpec({ module: "n.ts" }, { files: { "n.ts": "export const x = 1;" } });
+  try {
+    const { status } = await runToEnd(await backend.start(spec));
+    assert.equal(status.errorClass, "application");
+    assert.equal(status.message, 'step module "n.ts" has no default export function');
+    spec.config = { module: "missing.ts" };
+    const missing = await runToEnd(await backend.start(spec));
+    assert.equal(missing.status.errorClass, "application");
+    assert.match(missing.stderr, /missing\.ts/);
+    assert.match(missing.status.message!, /^Module not found ".*missing\.ts"/);
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: a missing declared output fails the attempt", async () => {
+  const spec = await scratchSpec({ module: "m.ts" }, {
+    files: { "m.ts": "export default () => {};" },
+    spec: { outputs: ["summary.json"] },
+  });
+  try {
+    const { status } = await runToEnd(await backend.start(spec));
+    assert.equal(status.exitCode, 0);
+    assert.equal(status.errorClass, "application");
+    assert.equal(status.message, 'step did not write declared output "summary.json"');
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: a permission error at module evaluation is still classified", async () => {
+  const spec = await scratchSpec({ module: "t.ts" }, {
+    files: { "t.ts": `Deno.env.get("HOME"); export default () => {};` },
+  });
+  try {
+    const { status } = await runToEnd(await backend.start(spec));
+    assert.equal(status.errorClass, "permission");
+    assert.equal(
+      status.message,
+      'step needs env access to "HOME", which it was not granted (declare it under permissions.env)',
+    );
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: declared env vars pass through; others stay out", async () => {
+  Deno.env.set("RUNNEL_TEST_DECLARED", "yes");
+  Deno.env.set("RUNNEL_TEST_UNDECLARED", "no");
+  const spec = await scratchSpec(
+    { module: "e.ts", permissions: { env: ["RUNNEL_TEST_DECLARED"] } },
+    {
+      files: {
+        "e.ts": `export default (ctx) => ctx.log(JSON.stringify(Object.keys(ctx.env).sort()),
+          ctx.env.RUNNEL_TEST_DECLARED);`,
+      },
+    },
+  );
+  try {
+    const { status, stdout } = await runToEnd(await backend.start(spec));
+    assert.ok(isSuccess(status), JSON.stringify(status));
+    const [names, value] = stdout.trim().split(" ");
+    assert.equal(value, "yes");
+    assert.ok(!JSON.parse(names).includes("RUNNEL_TEST_UNDECLARED"));
+    assert.ok(JSON.parse(names).includes("RUNNEL_STEP"));
+  } finally {
+    Deno.env.delete("RUNNEL_TEST_DECLARED");
+    Deno.env.delete("RUNNEL_TEST_UNDECLARED");
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: logs stream live", async () => {
+  const spec = await scratchSpec({ module: "l.ts" }, { files: {} });
+  const go = `${spec.root}/go`;
+  await Deno.writeTextFile(
+    `${spec.baseDir}/l.ts`,
+    `export default async (ctx) => {
+      ctx.log("first");
+      while (true) { try { await Deno.stat(${JSON.stringify(go)}); break; }
+        catch { await new Promise((r) => setTimeout(r, 20)); } }
+      ctx.log("second");
+    };`,
+  );
+  spec.config = { module: "l.ts", permissions: { read: [go] } };
+  try {
+    const execution = await backend.start(spec);
+    const iterator = execution.logs[Symbol.asyncIterator]();
+    assert.equal(new TextDecoder().decode((await iterator.next()).value!.data), "first\n");
+    await Deno.writeTextFile(go, "");
+    assert.equal(new TextDecoder().decode((await iterator.next()).value!.data), "second\n");
+    assert.equal((await iterator.next()).done, true);
+    assert.ok(isSuccess(await execution.wait()));
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: the sandbox flags grant only what the step declares", async () => {
+  const spec = await scratchSpec(
+    {
+      module: "x.ts",
+      permissions: { net: ["api.example.com:443"], read: ["data"], write: ["/tmp/extra"] },
+    },
+    { inputs: { data: "x" }, spec: { env: { TOKEN: "t0k3n" }, outputs: ["o"] } },
+  );
+  try {
+    const granted = sandboxPermissions(spec);
+    assert.deepEqual(granted.read, [spec.inputs.data, `${spec.baseDir}/data`]);
+    assert.deepEqual(granted.write, [spec.outputsDir, "/tmp/extra"]);
+    assert.deepEqual(granted.net, ["api.example.com:443"]);
+    assert.ok(granted.env.includes("TOKEN") && granted.env.includes("RUNNEL_OUTPUT_O"));
+    assert.deepEqual(granted.run, []);
+    const args = denoArgs(spec, "/w/entry.ts");
+    assert.equal(args[0], "run");
+    assert.ok(args.includes("--no-prompt"));
+    for (const forbidden of ["-A", "--allow-all", "--allow-run", "--allow-ffi", "--allow-sys"]) {
+      assert.ok(!args.some((arg) => arg.startsWith(forbidden)), forbidden);
+    }
+    assert.ok(!args.join(" ").includes("t0k3n"), "secret values never reach the command line");
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: permission messages say what to declare", () => {
+  assert.equal(
+    permissionMessage(
+      'Requires net access to "evil.example:443", run again with the --allow-net flag',
+    ),
+    'step needs net access to "evil.example:443", which it was not granted (declare it under permissions.net)',
+  );
+  assert.equal(
+    permissionMessage('Requires run access to "ls", run again with the --allow-run flag'),
+    'step needs run access to "ls", which a deno step cannot be granted',
+  );
+  assert.equal(
+    permissionMessage("Requires env access, run again with the --allow-env flag"),
+    "step needs env access, which it was not granted (declare it under permissions.env)",
+  );
+});
+
+Deno.test("deno: validate and fingerprint", async () => {
+  assert.deepEqual(backend.validate({ module: "a.ts" }), []);
+  assert.match(backend.validate({}).join(), /module/);
+  assert.match(backend.validate({ module: "a.ts", permissions: { run: ["x"] } }).join(), /run/);
+  assert.match(backend.validate({ module: "a.ts", permissions: { env: ["A-B"] } }).join(), /env/);
+  const fingerprint = await backend.fingerprint();
+  assert.equal(fingerprint.available, true);
+  assert.equal(fingerprint.version, Deno.version.deno);
+});

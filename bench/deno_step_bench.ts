@@ -1,0 +1,129 @@
+/**
+ * Overhead of the `deno` backend: a no-op step run through the backend
+ * (entry file, harness, sandbox flags, log pumping, output check) against a
+ * bare `deno run` of the same module, the anchor. Target: ratio ≤ 1.3.
+ *
+ * Run: `deno run --allow-read --allow-write --allow-run --allow-env bench/deno_step_bench.ts`
+ *
+ * @module
+ */
+
+import { isSuccess } from "../backends/backend.ts";
+import { createDenoBackend } from "../backends/deno/mod.ts";
+
+/** Runs per variant; 20 keeps the whole bench near ten seconds on two cores. */
+const RUNS = 20;
+/** Untimed runs per variant first, so both start with a warm module cache. */
+const WARMUP_RUNS = 2;
+
+/** Timings of one variant, in milliseconds. */
+export interface BenchRow {
+  name: string;
+  medianMs: number;
+  minMs: number;
+  maxMs: number;
+}
+
+/** The bench's result: both rows and the backend-to-anchor ratio of medians. */
+export interface DenoStepBenchResult {
+  anchor: BenchRow;
+  backend: BenchRow;
+  ratio: number;
+}
+
+/** Measures both variants, prints a table, and returns the figures. */
+export async function benchDenoStep(): Promise<DenoStepBenchResult> {
+  const root = await Deno.realPath(await Deno.makeTempDir({ prefix: "runnel_bench_" }));
+  try {
+    const baseDir = `${root}/pipeline`;
+    await Deno.mkdir(baseDir);
+    await Deno.writeTextFile(`${baseDir}/noop.ts`, "export default () => {};\n");
+    const backend = createDenoBackend();
+    let attempt = 0;
+
+    const viaBackend = async () => {
+      attempt++;
+      const workDir = `${root}/work-${attempt}`;
+      const outputsDir = `${root}/out-${attempt}`;
+      await Deno.mkdir(workDir);
+      await Deno.mkdir(outputsDir);
+      const started = performance.now();
+      const execution = await backend.start({
+        runId: "bench",
+        stepId: "noop",
+        attemptId: `bench/noop/${attempt}`,
+        attempt,
+        config: { module: "noop.ts" },
+        baseDir,
+        workDir,
+        inputs: {},
+        outputsDir,
+        outputs: [],
+        env: {},
+      });
+      for await (const _ of execution.logs) { /* drain */ }
+      const status = await execution.wait();
+      const elapsed = performance.now() - started;
+      if (!isSuccess(status)) throw new Error(`No-op step failed: ${JSON.stringify(status)}`);
+      return elapsed;
+    };
+    const bare = async () => {
+      const started = performance.now();
+      const output = await new Deno.Command(Deno.execPath(), {
+        args: ["run", "--no-prompt", `${baseDir}/noop.ts`],
+        cwd: root,
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const elapsed = performance.now() - started;
+      if (!output.success) throw new Error("Bare deno run of the no-op module failed");
+      return elapsed;
+    };
+
+    for (let i = 0; i < WARMUP_RUNS; i++) {
+      await bare();
+      await viaBackend();
+    }
+    const samples = { anchor: [] as number[], backend: [] as number[] };
+    // Interleaved so that drift in machine load hits both variants alike.
+    for (let i = 0; i < RUNS; i++) {
+      samples.anchor.push(await bare());
+      samples.backend.push(await viaBackend());
+    }
+    const anchor = summarise("bare deno run (anchor)", samples.anchor);
+    const viaBackendRow = summarise("deno backend", samples.backend);
+    const ratio = viaBackendRow.medianMs / anchor.medianMs;
+    console.log(`deno step, ${RUNS} runs each (ms)`);
+    console.log("| variant                | median |   min |   max | ratio |");
+    console.log("| ---------------------- | -----: | ----: | ----: | ----: |");
+    for (const row of [anchor, viaBackendRow]) {
+      const rowRatio = row.medianMs / anchor.medianMs;
+      console.log(
+        `| ${row.name.padEnd(22)} | ${fmt(row.medianMs, 6)} | ${fmt(row.minMs, 5)} | ${
+          fmt(row.maxMs, 5)
+        } | ${rowRatio.toFixed(2).padStart(5)} |`,
+      );
+    }
+    console.log(`target ratio ≤ 1.30: ${ratio <= 1.3 ? "met" : "NOT met"}`);
+    return { anchor, backend: viaBackendRow, ratio };
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+}
+
+function summarise(name: string, samples: number[]): BenchRow {
+  const sorted = [...samples].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  const medianMs = sorted.length % 2 === 1
+    ? sorted[middle]
+    : (sorted[middle - 1] + sorted[middle]) / 2;
+  return { name, medianMs, minMs: sorted[0], maxMs: sorted[sorted.length - 1] };
+}
+
+function fmt(ms: number, width: number): string {
+  return ms.toFixed(1).padStart(width);
+}
+
+if (import.meta.main) {
+  await benchDenoStep();
+}
