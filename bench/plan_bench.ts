@@ -1,0 +1,83 @@
+/**
+ * Benchmark: parse + validate + plan a generated 10,000-step DAG, against a
+ * plain `yaml` parse of the same text as the anchor.
+ *
+ * `deno run --allow-read --allow-env bench/plan_bench.ts`
+ *
+ * @module
+ */
+
+import { parse } from "yaml";
+import { parsePipeline } from "../core/load.ts";
+
+/** Steps in the generated DAG (the size the planner must handle comfortably). */
+const STEPS = 10_000;
+const RUNS = 5;
+/** Targets from the brief: 300 ms per load and 200 MB resident. */
+const TARGET_MS = 300;
+const TARGET_RSS_MB = 200;
+
+function generate(steps: number): string {
+  // Deterministic LCG so every run measures the same file.
+  let state = 42;
+  const next = () => (state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+  const lines = ["name: bench", "defaults: { timeout: 10m, retry: 2 }", "steps:"];
+  for (let i = 0; i < steps; i++) {
+    lines.push(`  s${i}:`, `    run: echo ${i}`);
+    if (i > 0) {
+      const count = 1 + Math.floor(next() * 3);
+      const needs = new Set<number>();
+      for (let k = 0; k < count; k++) needs.add(Math.floor(next() * i));
+      lines.push(`    needs: [${[...needs].map((n) => `s${n}`).join(", ")}]`);
+    }
+  }
+  return lines.join("\n") + "\n";
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)];
+}
+
+function time(fn: () => void): number {
+  const samples: number[] = [];
+  for (let i = 0; i < RUNS; i++) {
+    const started = performance.now();
+    fn();
+    samples.push(performance.now() - started);
+  }
+  return median(samples);
+}
+
+/** Runs the benchmark and prints its table. */
+export async function benchPlan(): Promise<void> {
+  const source = generate(STEPS);
+  const anchorMs = time(() => parse(source));
+  let planned = 0;
+  const loadMs = time(() => {
+    planned = parsePipeline(source, { file: "bench.yaml", baseDir: Deno.cwd() }).order.length;
+  });
+  const rssMb = Deno.memoryUsage().rss / 2 ** 20;
+  if (planned !== STEPS) throw new Error(`planned ${planned} steps, expected ${STEPS}`);
+  const rows = [
+    ["case", "median ms", "ratio", "target"],
+    ["yaml parse (anchor)", anchorMs.toFixed(1), "1.00", ""],
+    [
+      `parse+validate+plan ${STEPS} steps`,
+      loadMs.toFixed(1),
+      (loadMs / anchorMs).toFixed(2),
+      `≤${TARGET_MS} ms ${loadMs <= TARGET_MS ? "ok" : "MISSED"}`,
+    ],
+    [
+      "rss after runs (MB)",
+      rssMb.toFixed(0),
+      "",
+      `≤${TARGET_RSS_MB} MB ${rssMb <= TARGET_RSS_MB ? "ok" : "MISSED"}`,
+    ],
+  ];
+  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
+  for (const row of rows) console.log(row.map((cell, c) => cell.padEnd(widths[c])).join("  "));
+  await Promise.resolve();
+}
+
+if (import.meta.main) await benchPlan();

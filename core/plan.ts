@@ -1,0 +1,469 @@
+/**
+ * Planning: turns a validated pipeline file into a {@link Plan} — matrix legs
+ * expanded and interpolated, defaults applied, needs expanded to instance
+ * ids, a topological order, and a digest per step for the cache.
+ *
+ * @module
+ */
+
+import { createHash } from "node:crypto";
+import { resolve } from "node:path";
+import { parseByteSize, parseCpu, parseDuration } from "./duration.ts";
+import {
+  DEFAULT_RETRY_CLASSES,
+  type ErrorClass,
+  type InputRef,
+  type Plan,
+  type PlannedStep,
+  type Resources,
+  type RetryPolicy,
+  type SourceLocation,
+  type WebhookSpec,
+} from "./model.ts";
+import type { OnFailureFile, PipelineFile, RetryFile, StepFile } from "./schema.ts";
+
+type Scalar = string | number | boolean;
+/** A matrix as written: key → values, plus `include`/`exclude` lists of maps. */
+export type MatrixFile = Record<string, Array<Scalar | Record<string, Scalar>>>;
+
+/** A problem found while planning, located by key path. */
+export interface PlanDiagnostic {
+  code: string;
+  message: string;
+  path: Array<string | number>;
+  onKey?: boolean;
+  key?: string;
+}
+
+/** Options of {@link planPipeline}. */
+export interface PlanOptions {
+  /** Path of the file as the user named it. */
+  file: string;
+  /** Absolute directory relative paths resolve against. */
+  baseDir: string;
+  /** Source text, hashed into `Plan.digest`. */
+  source: string;
+  /** Position of the key at a path (for `PlannedStep.source`). */
+  locate: (path: Array<string | number>) => SourceLocation;
+}
+
+/** Keys of a step that configure its backend (copied into `PlannedStep.config`). */
+export const CONFIG_KEYS = [
+  "run",
+  "module",
+  "args",
+  "permissions",
+  "image",
+  "workdir",
+  "user",
+  "network",
+  "host",
+  "port",
+  "with",
+] as const;
+
+const MATRIX_REFERENCE = /\$\{\{\s*matrix\.([A-Za-z][A-Za-z0-9_-]*)\s*\}\}/g;
+
+/** The backend a step implies by its keys: module→deno, image→docker, host→ssh, run→shell. */
+export function inferBackend(step: StepFile): string | undefined {
+  if (step.module !== undefined) return "deno";
+  if (step.image !== undefined) return "docker";
+  if (step.host !== undefined) return "ssh";
+  if (step.run !== undefined) return "shell";
+  return undefined;
+}
+
+/**
+ * Expands a matrix into its legs: the cartesian product of its keys (first
+ * key varies slowest), minus legs matching an `exclude` entry, plus each
+ * `include` entry.
+ *
+ * @example
+ * ```ts
+ * import { expandMatrix } from "./plan.ts";
+ * expandMatrix({ os: ["linux", "mac"], exclude: [{ os: "mac" }] }); // [{ os: "linux" }]
+ * ```
+ */
+export function expandMatrix(matrix: MatrixFile): Array<Record<string, Scalar>> {
+  let legs: Array<Record<string, Scalar>> = [{}];
+  const keys = Object.keys(matrix).filter((k) => k !== "include" && k !== "exclude");
+  for (const key of keys) {
+    const values = matrix[key] as Scalar[];
+    legs = legs.flatMap((leg) => values.map((value) => ({ ...leg, [key]: value })));
+  }
+  if (keys.length === 0) legs = [];
+  const excludes = (matrix.exclude ?? []) as Array<Record<string, Scalar>>;
+  legs = legs.filter((leg) =>
+    !excludes.some((rule) => Object.entries(rule).every(([k, v]) => leg[k] === v))
+  );
+  for (const extra of (matrix.include ?? []) as Array<Record<string, Scalar>>) {
+    if (Object.keys(extra).length > 0) legs.push({ ...extra });
+  }
+  const seen = new Set<string>();
+  return legs.filter((leg) => {
+    const id = legSuffix(leg);
+    if (seen.has(id)) return false;
+    seen.add(id);
+    return true;
+  });
+}
+
+function legSuffix(leg: Record<string, Scalar>): string {
+  return Object.entries(leg).map(([k, v]) => `${k}=${v}`).join(",");
+}
+
+/** The instance id of a step or matrix leg: `name` or `name[k=v,k2=v2]`. */
+export function instanceId(name: string, leg?: Record<string, Scalar>): string {
+  return leg ? `${name}[${legSuffix(leg)}]` : name;
+}
+
+/** Step-level dependency edges from `needs`, `next_node` and `inputs`, restricted to known steps. */
+export function stepEdges(
+  steps: Map<string, StepFile | undefined>,
+): { needs: Map<string, Set<string>>; dependents: Map<string, Set<string>> } {
+  const needs = new Map<string, Set<string>>();
+  const dependents = new Map<string, Set<string>>();
+  for (const name of steps.keys()) {
+    needs.set(name, new Set());
+    dependents.set(name, new Set());
+  }
+  const link = (from: string, to: string) => {
+    if (!steps.has(from) || !steps.has(to)) return;
+    needs.get(to)!.add(from);
+    dependents.get(from)!.add(to);
+  };
+  for (const [name, step] of steps) {
+    if (!step) continue;
+    const list = step.needs === undefined
+      ? []
+      : Array.isArray(step.needs)
+      ? step.needs
+      : [step.needs];
+    for (const need of list) link(need, name);
+    if (step.next_node !== undefined) link(name, step.next_node);
+    for (const ref of Object.values(step.inputs ?? {})) link(ref.split("/")[0], name);
+  }
+  return { needs, dependents };
+}
+
+/** JSON with object keys sorted, so equal specs hash equally. */
+export function canonicalJson(value: unknown): string {
+  if (value === undefined) return "null";
+  if (value === null || typeof value !== "object") return JSON.stringify(value);
+  if (Array.isArray(value)) {
+    let out = "[";
+    for (let i = 0; i < value.length; i++) out += (i > 0 ? "," : "") + canonicalJson(value[i]);
+    return out + "]";
+  }
+  const record = value as Record<string, unknown>;
+  const keys = Object.keys(record).sort();
+  let out = "{";
+  for (const key of keys) {
+    const item = record[key];
+    if (item === undefined) continue;
+    out += (out.length > 1 ? "," : "") + JSON.stringify(key) + ":" + canonicalJson(item);
+  }
+  return out + "}";
+}
+
+function sha256(data: string | Uint8Array): string {
+  return createHash("sha256").update(data).digest("hex");
+}
+
+function stringMap(map: Record<string, Scalar> | undefined): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [k, v] of Object.entries(map ?? {})) out[k] = String(v);
+  return out;
+}
+
+function retryPolicy(defaults: RetryFile | undefined, step: RetryFile | undefined): RetryPolicy {
+  const asObject = (r: RetryFile | undefined) => typeof r === "number" ? { max: r } : r ?? {};
+  const merged = { ...asObject(defaults), ...asObject(step) };
+  const on = merged.on;
+  return {
+    max: merged.max ?? 0,
+    backoffMs: parseDuration(merged.backoff ?? "1s"),
+    maxBackoffMs: parseDuration(merged["max-backoff"] ?? "60s"),
+    factor: merged.factor ?? 2,
+    jitter: merged.jitter ?? 0.2,
+    onClasses: on
+      ? on.filter((x): x is ErrorClass => typeof x === "string")
+      : [...DEFAULT_RETRY_CLASSES],
+    onExitCodes: on ? on.filter((x): x is number => typeof x === "number") : [],
+  };
+}
+
+function webhook(spec: OnFailureFile | undefined): WebhookSpec | undefined {
+  if (!spec) return undefined;
+  return {
+    url: spec.webhook,
+    headers: { ...spec.headers },
+    retries: spec.retries ?? 3,
+    backoffMs: parseDuration(spec.backoff ?? "1s"),
+    timeoutMs: parseDuration(spec.timeout ?? "10s"),
+  };
+}
+
+function resources(...specs: Array<StepFile["resources"]>): Resources {
+  const out: Resources = {};
+  for (const spec of specs) {
+    if (spec?.cpu !== undefined) out.cpu = parseCpu(spec.cpu);
+    if (spec?.memory !== undefined) out.memoryBytes = parseByteSize(spec.memory);
+  }
+  return out;
+}
+
+/** A min-heap of numbers, for the file-order tie break of the topological sort. */
+class MinHeap {
+  #items: number[] = [];
+  get size(): number {
+    return this.#items.length;
+  }
+  push(value: number): void {
+    const items = this.#items;
+    items.push(value);
+    let i = items.length - 1;
+    while (i > 0) {
+      const parent = (i - 1) >> 1;
+      if (items[parent] <= items[i]) break;
+      [items[parent], items[i]] = [items[i], items[parent]];
+      i = parent;
+    }
+  }
+  pop(): number {
+    const items = this.#items;
+    const top = items[0];
+    const last = items.pop()!;
+    if (items.length > 0) {
+      items[0] = last;
+      let i = 0;
+      for (;;) {
+        const left = 2 * i + 1;
+        const right = left + 1;
+        let smallest = i;
+        if (left < items.length && items[left] < items[smallest]) smallest = left;
+        if (right < items.length && items[right] < items[smallest]) smallest = right;
+        if (smallest === i) break;
+        [items[smallest], items[i]] = [items[i], items[smallest]];
+        i = smallest;
+      }
+    }
+    return top;
+  }
+}
+
+/** Topological order of instances (needs first), ties broken by file order; iterative. */
+export function topologicalOrder(steps: PlannedStep[]): string[] {
+  const index = new Map(steps.map((s, i) => [s.id, i]));
+  const pending = steps.map((s) => s.needs.length);
+  const dependents: number[][] = steps.map(() => []);
+  steps.forEach((s, i) => s.needs.forEach((need) => dependents[index.get(need)!].push(i)));
+  const heap = new MinHeap();
+  pending.forEach((count, i) => count === 0 && heap.push(i));
+  const order: string[] = [];
+  while (heap.size > 0) {
+    const i = heap.pop();
+    order.push(steps[i].id);
+    for (const d of dependents[i]) if (--pending[d] === 0) heap.push(d);
+  }
+  return order;
+}
+
+/**
+ * Plans a validated pipeline file. Returns the plan, or the problems only
+ * visible after matrix interpolation (unknown matrix keys, missing modules).
+ */
+export function planPipeline(
+  pipeline: PipelineFile,
+  options: PlanOptions,
+): { plan: Plan } | { diagnostics: PlanDiagnostic[] } {
+  const diagnostics: PlanDiagnostic[] = [];
+  const defaults = pipeline.defaults ?? {};
+  const stepMap = new Map(Object.entries(pipeline.steps));
+  const edges = stepEdges(stepMap);
+  const legsByName = new Map<string, Array<Record<string, Scalar> | undefined>>();
+  const idsByName = new Map<string, string[]>();
+  for (const [name, step] of stepMap) {
+    const legs = step.matrix ? expandMatrix(step.matrix) : [undefined];
+    legsByName.set(name, legs);
+    idsByName.set(name, legs.map((leg) => instanceId(name, leg)));
+  }
+  const moduleDigests = new Map<string, string | undefined>();
+  const moduleDigest = (path: string): string | undefined => {
+    if (!moduleDigests.has(path)) {
+      try {
+        moduleDigests.set(path, sha256(Deno.readFileSync(path)));
+      } catch {
+        moduleDigests.set(path, undefined);
+      }
+    }
+    return moduleDigests.get(path);
+  };
+  const defaultRetry = retryPolicy(defaults.retry, undefined);
+  const defaultTimeoutMs = defaults.timeout ? parseDuration(defaults.timeout) : undefined;
+  const planned: PlannedStep[] = [];
+  for (const [name, step] of stepMap) {
+    const needNames = [...edges.needs.get(name)!];
+    const needs = needNames.flatMap((n) => idsByName.get(n)!);
+    const source = options.locate(["steps", name]);
+    const backend = step.backend ?? defaults.backend ?? inferBackend(step)!;
+    for (const leg of legsByName.get(name)!) {
+      const unknownKeys = new Set<string>();
+      const interpolate = (text: string): string =>
+        text.includes("${{")
+          ? text.replace(MATRIX_REFERENCE, (whole, key: string) => {
+            if (leg && Object.hasOwn(leg, key)) return String(leg[key]);
+            unknownKeys.add(key);
+            return whole;
+          })
+          : text;
+      const deep = (value: unknown): unknown => {
+        if (typeof value === "string") return interpolate(value);
+        if (Array.isArray(value)) return value.map(deep);
+        if (value && typeof value === "object") {
+          return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, deep(v)]));
+        }
+        return value;
+      };
+      const config: Record<string, unknown> = {};
+      for (const key of CONFIG_KEYS) if (step[key] !== undefined) config[key] = deep(step[key]);
+      const env = deep({ ...stringMap(defaults.env), ...stringMap(step.env) }) as Record<
+        string,
+        string
+      >;
+      for (const key of unknownKeys) {
+        diagnostics.push({
+          code: "unknown_matrix_key",
+          message: `step "${name}" uses "\${{ matrix.${key} }}" but its matrix has no key "${key}"`,
+          path: ["steps", name],
+          onKey: true,
+          key,
+        });
+      }
+      const inputs: Record<string, InputRef> = {};
+      for (const [input, ref] of Object.entries(step.inputs ?? {})) {
+        const [from, output] = ref.split("/");
+        inputs[input] = {
+          step: from,
+          output,
+          from: idsByName.get(from)!,
+          fanIn: !!stepMap.get(from)!.matrix,
+        };
+      }
+      const spec: Omit<PlannedStep, "id" | "source" | "specDigest"> = {
+        name,
+        ...(leg ? { matrix: leg } : {}),
+        backend,
+        needs,
+        config,
+        inputs,
+        outputs: [...step.outputs ?? []],
+        env,
+        secrets: [...step.secrets ?? []],
+        resources: resources(defaults.resources, step.resources),
+        timeoutMs: step.timeout ? parseDuration(step.timeout) : defaultTimeoutMs,
+        retry: step.retry === undefined
+          ? {
+            ...defaultRetry,
+            onClasses: [...defaultRetry.onClasses],
+            onExitCodes: [...defaultRetry.onExitCodes],
+          }
+          : retryPolicy(defaults.retry, step.retry),
+        when: step.when,
+        continueOnError: step["continue-on-error"] ?? false,
+        cache: step.cache ?? false,
+        concurrency: step.concurrency,
+        selector: { ...pipeline.selector, ...defaults.selector, ...step.selector },
+        onFailure: webhook(step["on-failure"]),
+      };
+      // canonicalJson skips undefined fields; the stored step drops them below.
+      let digestInput = canonicalJson(spec);
+      if (backend === "deno" && typeof config.module === "string") {
+        const modulePath = resolve(options.baseDir, config.module);
+        const digest = moduleDigest(modulePath);
+        if (digest === undefined) {
+          diagnostics.push({
+            code: "missing_module",
+            message: `module "${config.module}" of step "${
+              instanceId(name, leg)
+            }" does not exist or cannot be read (looked for ${modulePath})`,
+            path: ["steps", name, "module"],
+            key: "module",
+          });
+        }
+        digestInput += `\nmodule:${digest}`;
+      }
+      const plannedStep: PlannedStep = {
+        id: instanceId(name, leg),
+        ...spec,
+        source,
+        specDigest: sha256(digestInput),
+      };
+      for (const key of ["timeoutMs", "when", "concurrency", "onFailure"] as const) {
+        if (plannedStep[key] === undefined) delete plannedStep[key];
+      }
+      planned.push(plannedStep);
+    }
+  }
+  if (diagnostics.length > 0) return { diagnostics };
+  const plan: Plan = {
+    name: pipeline.name,
+    file: options.file,
+    baseDir: options.baseDir,
+    steps: Object.fromEntries(planned.map((s) => [s.id, s])),
+    order: topologicalOrder(planned),
+    env: stringMap(pipeline.env),
+    secrets: Object.fromEntries(
+      Object.entries(pipeline.secrets ?? {}).map(([k, v]) => [k, { ...v }]),
+    ),
+    digest: sha256(options.source),
+  };
+  if (pipeline.concurrency !== undefined) plan.concurrency = pipeline.concurrency;
+  if (pipeline.affinity !== undefined) plan.affinity = pipeline.affinity;
+  const onFailure = webhook(pipeline["on-failure"]);
+  if (onFailure) plan.onFailure = onFailure;
+  return { plan };
+}
+
+/** Wave (1-based) of every instance: one more than the deepest of its needs. */
+export function planWaves(plan: Plan): Map<string, number> {
+  const waves = new Map<string, number>();
+  for (const id of plan.order) {
+    let wave = 1;
+    for (const need of plan.steps[id].needs) wave = Math.max(wave, waves.get(need)! + 1);
+    waves.set(id, wave);
+  }
+  return waves;
+}
+
+/**
+ * Renders a plan as text: its waves (steps that may run together), each
+ * step with its backend and needs.
+ *
+ * @example
+ * ```ts
+ * import { parsePipeline } from "./load.ts";
+ * import { renderPlanText } from "./plan.ts";
+ * console.log(renderPlanText(parsePipeline("name: x\nsteps:\n  a: { run: 'true' }\n", { file: "x.yaml" })));
+ * ```
+ */
+export function renderPlanText(plan: Plan): string {
+  const waves = planWaves(plan);
+  const byWave: string[][] = [];
+  for (const id of plan.order) (byWave[waves.get(id)! - 1] ??= []).push(id);
+  const count = plan.order.length;
+  const lines = [
+    `pipeline ${plan.name}: ${count} step${count === 1 ? "" : "s"} in ${byWave.length} wave${
+      byWave.length === 1 ? "" : "s"
+    }`,
+  ];
+  byWave.forEach((ids, i) => {
+    lines.push(`wave ${i + 1}`);
+    for (const id of ids) {
+      const step = plan.steps[id];
+      const needs = step.needs.length > 0 ? `  ← ${step.needs.join(", ")}` : "";
+      lines.push(`  ${id} [${step.backend}]${needs}`);
+    }
+  });
+  return lines.join("\n") + "\n";
+}
