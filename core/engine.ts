@@ -1,0 +1,778 @@
+/**
+ * The run engine: a deterministic state machine over one run, after
+ * etcd-io/raft. A driver feeds it events (`Start`, attempt reports, `Tick`,
+ * `Cancel`, `Resume`) and performs the effects it hands back (start or stop
+ * an attempt, wake me at, notify a webhook, publish a status). The engine
+ * does no I/O and reads no clock: every time it knows comes from an event,
+ * and its retry jitter is a hash of the attempt id, so replaying the same
+ * events gives the same state and effects.
+ *
+ * Cost: an event costs O(what it changes); only `Start`, `Cancel`, `Resume`
+ * and rehydration touch every step. The engine keeps, besides the persisted
+ * {@link RunState}, derived indexes (dependents, unmet-need counters, a ready
+ * queue in plan order, timers) that it rebuilds from the state alone.
+ *
+ * @module
+ */
+
+import { isRetryable, retryDelay } from "./backoff.ts";
+import {
+  type ConditionAst,
+  type ConditionContext,
+  evaluateCondition,
+  parseCondition,
+} from "./expr.ts";
+import type {
+  AttemptRecord,
+  AttemptResult,
+  Effect,
+  EngineEvent,
+  FailureInfo,
+  Plan,
+  PlannedStep,
+  RunState,
+  StepState,
+  StepStatus,
+} from "./model.ts";
+
+/** The condition of a step that does not say `when`. */
+export const DEFAULT_CONDITION = "success()";
+
+/** Why the engine refused an event (it then changed nothing). */
+export type RejectionReason = "duplicate" | "stale-attempt" | "unknown-step" | "not-applicable";
+
+/** What one event did: the effects for the driver, or why it was refused. */
+export interface EngineStepResult {
+  /** Effects to perform, in order. Empty when the event was rejected. */
+  effects: Effect[];
+  /** Set when the event was refused; the state is then unchanged. */
+  rejected?: RejectionReason;
+}
+
+/** Options of {@link RunEngine.start}. */
+export interface StartOptions {
+  runId: string;
+  /** Creation time of the run (epoch ms). */
+  now: number;
+}
+
+/** A plan, or a persisted state, that the engine cannot work with. */
+export class EngineStateError extends Error {
+  /** Stable error code. */
+  readonly code = "invalid_engine_state";
+
+  /** Builds the error from its full message. */
+  constructor(message: string) {
+    super(message);
+    this.name = "EngineStateError";
+  }
+}
+
+const TERMINAL = new Set<StepStatus>(["succeeded", "failed", "cancelled", "skipped"]);
+const ACTIVE = new Set<StepStatus>(["scheduled", "running"]);
+
+/** Status whose dependents see it as its outcome, after `continue-on-error`. */
+function effectiveOutcome(step: PlannedStep, state: StepState): StepStatus {
+  return state.status === "failed" && step.continueOnError ? "succeeded" : state.status;
+}
+
+/** Outcome of a step name over its legs: failed, else cancelled, else skipped, else succeeded. */
+const OUTCOME_RANK: Partial<Record<StepStatus, number>> = {
+  failed: 3,
+  cancelled: 2,
+  skipped: 1,
+  succeeded: 0,
+};
+
+/** Key order independent equality of two JSON values (report de-duplication). */
+function sameJson(a: unknown, b: unknown): boolean {
+  if (a === b) return true;
+  if (typeof a !== "object" || typeof b !== "object" || a === null || b === null) return false;
+  if (Array.isArray(a) !== Array.isArray(b)) return false;
+  const left = a as Record<string, unknown>;
+  const right = b as Record<string, unknown>;
+  const leftKeys = Object.keys(left).filter((key) => left[key] !== undefined);
+  const rightKeys = Object.keys(right).filter((key) => right[key] !== undefined);
+  if (leftKeys.length !== rightKeys.length) return false;
+  return leftKeys.every((key) => sameJson(left[key], right[key]));
+}
+
+/** A binary min-heap; the engine's queues and timers. */
+class MinHeap<T> {
+  readonly #items: T[] = [];
+  readonly #less: (a: T, b: T) => boolean;
+
+  constructor(less: (a: T, b: T) => boolean) {
+    this.#less = less;
+  }
+
+  get size(): number {
+    return this.#items.length;
+  }
+
+  peek(): T | undefined {
+    return this.#items[0];
+  }
+
+  push(item: T): void {
+    const items = this.#items;
+    items.push(item);
+    let i = items.length - 1;
+    while (i > 0) {
+      const parent = (i - 1) >> 1;
+      if (!this.#less(items[i], items[parent])) break;
+      [items[i], items[parent]] = [items[parent], items[i]];
+      i = parent;
+    }
+  }
+
+  pop(): T | undefined {
+    const items = this.#items;
+    const top = items[0];
+    const last = items.pop();
+    if (items.length > 0 && last !== undefined) {
+      items[0] = last;
+      let i = 0;
+      for (;;) {
+        const left = 2 * i + 1;
+        const right = left + 1;
+        let smallest = i;
+        if (left < items.length && this.#less(items[left], items[smallest])) smallest = left;
+        if (right < items.length && this.#less(items[right], items[smallest])) smallest = right;
+        if (smallest === i) break;
+        [items[i], items[smallest]] = [items[smallest], items[i]];
+        i = smallest;
+      }
+    }
+    return top;
+  }
+}
+
+/** A pending wake-up: a retry becoming due, or an attempt's deadline. */
+interface Timer {
+  at: number;
+  /** Plan order index of the step, to break ties deterministically. */
+  index: number;
+  stepId: string;
+  /** Set for a deadline: the attempt it guards. */
+  attemptId?: string;
+}
+
+function timerLess(a: Timer, b: Timer): boolean {
+  return a.at < b.at || (a.at === b.at && a.index < b.index);
+}
+
+function numberLess(a: number, b: number): boolean {
+  return a < b;
+}
+
+/**
+ * The run engine of one run. Feed it events with {@link RunEngine.step},
+ * perform the returned effects, and persist the steps {@link RunEngine.drainChanged}
+ * names. After rehydrating from a persisted state, feed it a `Tick`: the
+ * answer re-announces the earliest wake-up.
+ *
+ * @example
+ * ```ts
+ * import { RunEngine } from "./engine.ts";
+ * import { planOf } from "./_testing.ts";
+ * const engine = RunEngine.start(planOf([{ id: "build" }]), { runId: "r1", now: 0 });
+ * const { effects } = engine.step({ type: "Start", now: 0 });
+ * effects.some((effect) => effect.type === "StartAttempt"); // true
+ * ```
+ */
+export class RunEngine {
+  readonly #plan: Plan;
+  readonly #state: RunState;
+  /** Plan order (every step exactly once). */
+  readonly #order: string[];
+  readonly #index = new Map<string, number>();
+  readonly #dependents = new Map<string, string[]>();
+  readonly #conditions = new Map<string, ConditionAst>();
+  /** Needs of each step that are not terminal yet. */
+  readonly #unmet = new Map<string, number>();
+  /** Ready steps (pending with a true condition, or retrying and due), by plan order. */
+  #queue = new MinHeap<number>(numberLess);
+  readonly #queued = new Set<string>();
+  /** Queued legs of a step name held back by its own concurrency limit. */
+  readonly #blocked = new Map<string, MinHeap<number>>();
+  /** Steps scheduled or running. */
+  readonly #active = new Set<string>();
+  readonly #activeByName = new Map<string, number>();
+  #timers = new MinHeap<Timer>(timerLess);
+  #terminalCount = 0;
+  /** Steps that failed without `continue-on-error`. */
+  #hardFailures = 0;
+  /** Steps whose unmet needs reached zero, waiting for their condition. */
+  #readyWork: string[] = [];
+  readonly #changed = new Set<string>();
+  #effects: Effect[] = [];
+
+  /**
+   * Fresh state of a run of `plan`: every step pending, the run pending.
+   * Feed `{ type: "Start" }` next.
+   */
+  static start(plan: Plan, options: StartOptions): RunEngine {
+    const steps: Record<string, StepState> = {};
+    for (const id of Object.keys(plan.steps)) {
+      steps[id] = { id, status: "pending", attemptsThisRound: 0, attempts: [] };
+    }
+    const state: RunState = {
+      runId: options.runId,
+      pipeline: plan.name,
+      status: "pending",
+      createdAt: options.now,
+      round: 1,
+      steps,
+    };
+    const engine = new RunEngine(plan, state);
+    for (const id of engine.#order) engine.#changed.add(id);
+    return engine;
+  }
+
+  /**
+   * Rehydrates the engine of `plan` from a persisted `state` (which it then
+   * owns and mutates).
+   *
+   * @throws {EngineStateError} when the plan's needs or order name missing
+   * steps, or the state lacks a step of the plan.
+   */
+  constructor(plan: Plan, state: RunState) {
+    this.#plan = plan;
+    this.#state = state;
+    const order = plan.order.filter((id) => id in plan.steps);
+    const seen = new Set(order);
+    for (const id of Object.keys(plan.steps)) if (!seen.has(id)) order.push(id);
+    this.#order = order;
+    order.forEach((id, index) => {
+      this.#index.set(id, index);
+      this.#dependents.set(id, []);
+    });
+    for (const id of order) {
+      if (!(id in state.steps)) {
+        throw new EngineStateError(`Expected the run state to hold step "${id}" of the plan`);
+      }
+      for (const need of plan.steps[id].needs) {
+        const dependents = this.#dependents.get(need);
+        if (!dependents) {
+          throw new EngineStateError(`Expected "${need}" (a need of "${id}") to be a step`);
+        }
+        dependents.push(id);
+      }
+    }
+    this.#rebuild();
+    if (state.status === "running") {
+      // Pending steps with every need terminal already passed their condition
+      // (a false one would have skipped them in the same event): queue them.
+      for (const id of order) {
+        if (state.steps[id].status === "pending" && this.#unmet.get(id) === 0) this.#enqueue(id);
+      }
+    }
+  }
+
+  /** The run state: plain JSON data, live (persist it, do not mutate it). */
+  get state(): RunState {
+    return this.#state;
+  }
+
+  /** Step ids whose state changed since the last call, in the order they changed. */
+  drainChanged(): string[] {
+    const changed = [...this.#changed];
+    this.#changed.clear();
+    return changed;
+  }
+
+  /** Attempts the driver should have in flight (scheduled or running), in plan order. */
+  runningAttempts(): Array<{ stepId: string; attemptId: string }> {
+    return [...this.#active]
+      .sort((a, b) => this.#index.get(a)! - this.#index.get(b)!)
+      .map((stepId) => ({ stepId, attemptId: this.#state.steps[stepId].attemptId! }));
+  }
+
+  /** Applies one event; deterministic, no I/O. A rejected event changes nothing. */
+  step(event: EngineEvent): EngineStepResult {
+    this.#effects = [];
+    const wakeBefore = this.#earliestTimer();
+    const rejected = this.#apply(event);
+    if (rejected) {
+      this.#effects = [];
+      return { effects: [], rejected };
+    }
+    this.#settle(event.now);
+    const wakeAfter = this.#earliestTimer();
+    if (
+      wakeAfter !== undefined && this.#state.status === "running" &&
+      (wakeAfter !== wakeBefore || event.type === "Tick")
+    ) {
+      this.#effects.push({ type: "WakeAt", at: wakeAfter });
+    }
+    const effects = this.#effects;
+    this.#effects = [];
+    return { effects };
+  }
+
+  #apply(event: EngineEvent): RejectionReason | undefined {
+    switch (event.type) {
+      case "Start":
+        return this.#onStart(event.now);
+      case "AttemptStarted":
+      case "AttemptExited":
+      case "AttemptLost":
+        return this.#onReport(event);
+      case "Tick":
+        return this.#onTick(event.now);
+      case "Cancel":
+        return this.#onCancel(event.now, event.reason);
+      case "Resume":
+        return this.#onResume(event.now);
+      default:
+        return "not-applicable";
+    }
+  }
+
+  #onStart(now: number): RejectionReason | undefined {
+    if (this.#state.status !== "pending") return "not-applicable";
+    this.#state.status = "running";
+    this.#state.startedAt = now;
+    for (const id of this.#order) {
+      if (this.#state.steps[id].status === "pending" && this.#unmet.get(id) === 0) {
+        this.#readyWork.push(id);
+      }
+    }
+    return undefined;
+  }
+
+  #onReport(
+    event: Extract<EngineEvent, { type: "AttemptStarted" | "AttemptExited" | "AttemptLost" }>,
+  ): RejectionReason | undefined {
+    const step = this.#state.steps[event.stepId];
+    if (!step || !(event.stepId in this.#plan.steps)) return "unknown-step";
+    if (step.attemptId === undefined || step.attemptId !== event.attemptId) return "stale-attempt";
+    const record = step.attempts[step.attempts.length - 1];
+    if (!record || record.attemptId !== event.attemptId) return "stale-attempt";
+    const ended = record.endedAt !== undefined;
+
+    if (event.type === "AttemptStarted") {
+      if (record.startedAt !== undefined) return "duplicate";
+      if (ended || step.status !== "scheduled") return "stale-attempt";
+      record.startedAt = event.now;
+      if (event.worker !== undefined) record.worker = event.worker;
+      this.#setStatus(event.stepId, "running", event.now);
+      this.#armDeadline(event.stepId);
+      return undefined;
+    }
+
+    const result: AttemptResult = event.type === "AttemptExited" ? event.result : {
+      ok: false,
+      errorClass: "infrastructure",
+      message: `Attempt lost: ${event.reason}`,
+    };
+    // A report of an attempt the engine already closed is a duplicate when it
+    // says what was recorded, and stale otherwise (the attempt was timed out,
+    // cancelled or lost before this report arrived).
+    if (ended) return sameJson(record.result, result) ? "duplicate" : "stale-attempt";
+    if (!ACTIVE.has(step.status)) return "stale-attempt";
+    this.#endAttempt(event.stepId, record, result, event.now);
+    return undefined;
+  }
+
+  #onTick(now: number): RejectionReason | undefined {
+    if (this.#state.status !== "running") return "not-applicable";
+    for (;;) {
+      const timer = this.#timers.peek();
+      if (timer === undefined || timer.at > now) break;
+      this.#timers.pop();
+      if (!this.#timerValid(timer)) continue;
+      const step = this.#state.steps[timer.stepId];
+      if (timer.attemptId === undefined) {
+        // Due: the step now waits only for a free slot. Clearing retryAt
+        // records that in the state, so a rehydrated engine queues it too.
+        delete step.retryAt;
+        this.#changed.add(timer.stepId);
+        this.#enqueue(timer.stepId);
+      } else {
+        const record = step.attempts[step.attempts.length - 1];
+        const timeoutMs = this.#plan.steps[timer.stepId].timeoutMs;
+        this.#effects.push({
+          type: "StopAttempt",
+          stepId: timer.stepId,
+          attemptId: record.attemptId,
+          reason: "timeout",
+        });
+        this.#endAttempt(timer.stepId, record, {
+          ok: false,
+          errorClass: "timeout",
+          message: `Expected the attempt to end within its timeout of ${timeoutMs} ms`,
+        }, now);
+      }
+    }
+    return undefined;
+  }
+
+  #onCancel(now: number, reason: string | undefined): RejectionReason | undefined {
+    const state = this.#state;
+    if (state.status !== "pending" && state.status !== "running") return "not-applicable";
+    // The run turns cancelled first so that no step becomes ready on the way.
+    state.status = "cancelled";
+    const why = reason ?? "run cancelled";
+    for (const id of this.#order) {
+      const step = state.steps[id];
+      if (TERMINAL.has(step.status)) continue;
+      if (ACTIVE.has(step.status)) {
+        const record = step.attempts[step.attempts.length - 1];
+        record.endedAt = now;
+        record.result = { ok: false, errorClass: "cancelled", message: `Cancelled: ${why}` };
+        this.#effects.push({
+          type: "StopAttempt",
+          stepId: id,
+          attemptId: record.attemptId,
+          reason: "cancel",
+        });
+      }
+      delete step.retryAt;
+      this.#setStatus(id, "cancelled", now, why);
+    }
+    this.#finishRun("cancelled", now);
+    this.#queue = new MinHeap<number>(numberLess);
+    this.#queued.clear();
+    this.#blocked.clear();
+    this.#timers = new MinHeap<Timer>(timerLess);
+    return undefined;
+  }
+
+  #onResume(now: number): RejectionReason | undefined {
+    const state = this.#state;
+    if (state.status !== "failed" && state.status !== "cancelled" && state.status !== "running") {
+      return "not-applicable";
+    }
+    state.round += 1;
+    state.status = "running";
+    delete state.finishedAt;
+    // Plan order is topological, so each step's needs are settled before it.
+    for (const id of this.#order) {
+      const step = state.steps[id];
+      const rerun = step.status === "failed" || step.status === "cancelled" ||
+        step.status === "skipped" ||
+        // A retrying step whose need goes back to pending waits for it again:
+        // its condition was judged on the outcome the resume discards.
+        (step.status === "retrying" &&
+          this.#plan.steps[id].needs.some((need) => !TERMINAL.has(state.steps[need].status)));
+      if (!rerun) continue;
+      step.status = "pending";
+      step.attemptsThisRound = 0;
+      delete step.reason;
+      delete step.finishedAt;
+      delete step.retryAt;
+      delete step.outputs;
+      delete step.cached;
+      this.#changed.add(id);
+      this.#effects.push({
+        type: "StepStatus",
+        stepId: id,
+        status: "pending",
+        attempt: step.attempts.length,
+        at: now,
+        reason: `resumed (round ${state.round})`,
+      });
+    }
+    this.#rebuild();
+    for (const id of this.#order) {
+      const step = state.steps[id];
+      if (step.status === "pending" && this.#unmet.get(id) === 0) this.#readyWork.push(id);
+    }
+    return undefined;
+  }
+
+  /** Evaluates steps that became ready, fills free slots, finishes the run when all is done. */
+  #settle(now: number): void {
+    if (this.#state.status !== "running") return;
+    while (this.#readyWork.length > 0) {
+      const work = this.#readyWork;
+      this.#readyWork = [];
+      for (const id of work) this.#evaluateReady(id, now);
+    }
+    this.#dispatch(now);
+    if (this.#terminalCount === this.#order.length) {
+      this.#finishRun(this.#hardFailures > 0 ? "failed" : "succeeded", now);
+    }
+  }
+
+  #evaluateReady(id: string, now: number): void {
+    const step = this.#state.steps[id];
+    if (step.status !== "pending") return;
+    const planned = this.#plan.steps[id];
+    const context = this.#conditionContext(planned);
+    let runs: boolean;
+    try {
+      runs = evaluateCondition(this.#condition(planned.when ?? DEFAULT_CONDITION), context);
+    } catch (error) {
+      const message = error instanceof Error ? error.message : String(error);
+      this.#setStatus(id, "failed", now, `condition failed to evaluate: ${message}`);
+      return;
+    }
+    if (runs) {
+      this.#enqueue(id);
+      return;
+    }
+    this.#setStatus(id, "skipped", now, this.#skipReason(planned, context));
+  }
+
+  #condition(source: string): ConditionAst {
+    let ast = this.#conditions.get(source);
+    if (ast === undefined) {
+      ast = parseCondition(source);
+      this.#conditions.set(source, ast);
+    }
+    return ast;
+  }
+
+  #conditionContext(planned: PlannedStep): ConditionContext {
+    const needs: Record<string, { outcome: StepStatus }> = {};
+    const byName: Record<string, StepStatus> = {};
+    for (const need of planned.needs) {
+      const needPlanned = this.#plan.steps[need];
+      const outcome = effectiveOutcome(needPlanned, this.#state.steps[need]);
+      needs[need] = { outcome };
+      const previous = byName[needPlanned.name];
+      if (previous === undefined || (OUTCOME_RANK[outcome] ?? 0) > (OUTCOME_RANK[previous] ?? 0)) {
+        byName[needPlanned.name] = outcome;
+      }
+    }
+    for (const [name, outcome] of Object.entries(byName)) needs[name] = { outcome };
+    const context: ConditionContext = {
+      needs,
+      runCancelled: this.#state.status === "cancelled",
+      env: { ...this.#plan.env, ...planned.env },
+    };
+    if (planned.matrix !== undefined) context.matrix = planned.matrix;
+    return context;
+  }
+
+  #skipReason(planned: PlannedStep, context: ConditionContext): string {
+    if (planned.when !== undefined) return "when was false";
+    const names = (outcome: StepStatus) => {
+      const found = new Set<string>();
+      for (const need of planned.needs) {
+        if (context.needs[need].outcome === outcome) found.add(this.#plan.steps[need].name);
+      }
+      return [...found].join(", ");
+    };
+    for (const outcome of ["failed", "cancelled", "skipped"] as const) {
+      const list = names(outcome);
+      if (list) return `needs ${outcome}: ${list}`;
+    }
+    return "when was false";
+  }
+
+  #enqueue(id: string): void {
+    if (this.#queued.has(id)) return;
+    this.#queued.add(id);
+    this.#queue.push(this.#index.get(id)!);
+  }
+
+  #dispatch(now: number): void {
+    const limit = this.#plan.concurrency;
+    while (this.#queue.size > 0) {
+      if (limit !== undefined && this.#active.size >= limit) return;
+      const id = this.#order[this.#queue.pop()!];
+      const planned = this.#plan.steps[id];
+      const nameLimit = planned.concurrency;
+      if (nameLimit !== undefined && (this.#activeByName.get(planned.name) ?? 0) >= nameLimit) {
+        let blocked = this.#blocked.get(planned.name);
+        if (!blocked) {
+          blocked = new MinHeap<number>(numberLess);
+          this.#blocked.set(planned.name, blocked);
+        }
+        blocked.push(this.#index.get(id)!);
+        continue;
+      }
+      this.#queued.delete(id);
+      this.#schedule(id, now);
+    }
+  }
+
+  #schedule(id: string, now: number): void {
+    const step = this.#state.steps[id];
+    const attempt = step.attempts.length + 1;
+    const attemptId = `${this.#state.runId}/${id}/${attempt}`;
+    step.attempts.push({ attemptId, attempt, scheduledAt: now });
+    step.attemptId = attemptId;
+    step.attemptsThisRound += 1;
+    delete step.retryAt;
+    this.#setStatus(id, "scheduled", now);
+    const deadline = this.#armDeadline(id);
+    const effect: Effect = { type: "StartAttempt", stepId: id, attemptId, attempt };
+    if (deadline !== undefined) effect.deadline = deadline;
+    this.#effects.push(effect);
+  }
+
+  /** Deadline of the step's current attempt, counted from its start (or its scheduling). */
+  #deadlineOf(id: string): number | undefined {
+    const timeoutMs = this.#plan.steps[id].timeoutMs;
+    if (timeoutMs === undefined) return undefined;
+    const step = this.#state.steps[id];
+    const record = step.attempts[step.attempts.length - 1];
+    return (record.startedAt ?? record.scheduledAt) + timeoutMs;
+  }
+
+  #armDeadline(id: string): number | undefined {
+    const at = this.#deadlineOf(id);
+    if (at !== undefined) {
+      const attemptId = this.#state.steps[id].attemptId;
+      this.#timers.push({ at, index: this.#index.get(id)!, stepId: id, attemptId });
+    }
+    return at;
+  }
+
+  #timerValid(timer: Timer): boolean {
+    const step = this.#state.steps[timer.stepId];
+    if (timer.attemptId === undefined) {
+      return step.status === "retrying" && step.retryAt === timer.at;
+    }
+    return ACTIVE.has(step.status) && step.attemptId === timer.attemptId &&
+      this.#deadlineOf(timer.stepId) === timer.at;
+  }
+
+  #earliestTimer(): number | undefined {
+    for (;;) {
+      const timer = this.#timers.peek();
+      if (timer === undefined) return undefined;
+      if (this.#timerValid(timer)) return timer.at;
+      this.#timers.pop();
+    }
+  }
+
+  #endAttempt(id: string, record: AttemptRecord, result: AttemptResult, now: number): void {
+    const step = this.#state.steps[id];
+    const planned = this.#plan.steps[id];
+    record.endedAt = now;
+    record.result = result;
+    if (result.ok) {
+      step.outputs = result.outputs;
+      if (result.cached) step.cached = true;
+      this.#setStatus(id, "succeeded", now);
+      return;
+    }
+    if (this.#unmet.get(id)! > 0) {
+      // A resume re-opened a need while this attempt ran: rather than retry
+      // on a stale judgement, wait for the need and evaluate the step afresh.
+      step.attemptsThisRound = 0;
+      this.#setStatus(id, "pending", now, "waiting for needs re-run by resume");
+      return;
+    }
+    const policy = planned.retry;
+    if (isRetryable(policy, result) && step.attemptsThisRound <= policy.max) {
+      step.retryAt = now + retryDelay(policy, {
+        retry: step.attemptsThisRound,
+        key: record.attemptId,
+      });
+      this.#setStatus(
+        id,
+        "retrying",
+        now,
+        `attempt ${record.attempt} failed (${result.errorClass})`,
+      );
+      this.#timers.push({ at: step.retryAt, index: this.#index.get(id)!, stepId: id });
+      return;
+    }
+    this.#setStatus(id, "failed", now, `${result.errorClass}: ${result.message}`);
+    const webhook = planned.onFailure ?? this.#plan.onFailure;
+    if (webhook !== undefined) {
+      const failure: FailureInfo = {
+        runId: this.#state.runId,
+        pipeline: this.#state.pipeline,
+        stepId: id,
+        step: planned.name,
+        attemptId: record.attemptId,
+        attempt: record.attempt,
+        errorClass: result.errorClass,
+        message: result.message,
+        at: now,
+      };
+      if (result.exitCode !== undefined) failure.exitCode = result.exitCode;
+      this.#effects.push({ type: "Notify", webhook, failure });
+    }
+  }
+
+  /** Changes a step's status, keeping every counter and index in step with it. */
+  #setStatus(id: string, status: StepStatus, now: number, reason?: string): void {
+    const step = this.#state.steps[id];
+    const before = step.status;
+    step.status = status;
+    if (reason === undefined) delete step.reason;
+    else step.reason = reason;
+    this.#changed.add(id);
+    const effect: Effect = {
+      type: "StepStatus",
+      stepId: id,
+      status,
+      attempt: step.attempts.length,
+      at: now,
+    };
+    if (reason !== undefined) effect.reason = reason;
+    this.#effects.push(effect);
+
+    const name = this.#plan.steps[id].name;
+    if (ACTIVE.has(before) && !ACTIVE.has(status)) {
+      this.#active.delete(id);
+      this.#activeByName.set(name, (this.#activeByName.get(name) ?? 1) - 1);
+      // One slot of this name freed: one held-back leg may compete again.
+      const next = this.#blocked.get(name)?.pop();
+      if (next !== undefined) this.#queue.push(next);
+    } else if (!ACTIVE.has(before) && ACTIVE.has(status)) {
+      this.#active.add(id);
+      this.#activeByName.set(name, (this.#activeByName.get(name) ?? 0) + 1);
+    }
+    if (TERMINAL.has(status) && !TERMINAL.has(before)) {
+      step.finishedAt = now;
+      this.#terminalCount += 1;
+      if (status === "failed" && !this.#plan.steps[id].continueOnError) this.#hardFailures += 1;
+      if (this.#state.status === "running") {
+        for (const dependent of this.#dependents.get(id)!) {
+          const unmet = this.#unmet.get(dependent)! - 1;
+          this.#unmet.set(dependent, unmet);
+          if (unmet === 0) this.#readyWork.push(dependent);
+        }
+      }
+    }
+  }
+
+  #finishRun(status: "succeeded" | "failed" | "cancelled", now: number): void {
+    this.#state.status = status;
+    this.#state.finishedAt = now;
+    this.#effects.push({ type: "RunFinished", status, at: now });
+  }
+
+  /** Recomputes every derived index from the state alone. */
+  #rebuild(): void {
+    const state = this.#state;
+    this.#queue = new MinHeap<number>(numberLess);
+    this.#queued.clear();
+    this.#blocked.clear();
+    this.#active.clear();
+    this.#activeByName.clear();
+    this.#timers = new MinHeap<Timer>(timerLess);
+    this.#terminalCount = 0;
+    this.#hardFailures = 0;
+    this.#readyWork = [];
+    const running = state.status === "running";
+    for (const id of this.#order) {
+      const step = state.steps[id];
+      const planned = this.#plan.steps[id];
+      let unmet = 0;
+      for (const need of planned.needs) if (!TERMINAL.has(state.steps[need].status)) unmet++;
+      this.#unmet.set(id, unmet);
+      if (TERMINAL.has(step.status)) {
+        this.#terminalCount += 1;
+        if (step.status === "failed" && !planned.continueOnError) this.#hardFailures += 1;
+      } else if (ACTIVE.has(step.status)) {
+        this.#active.add(id);
+        this.#activeByName.set(planned.name, (this.#activeByName.get(planned.name) ?? 0) + 1);
+        if (running) this.#armDeadline(id);
+      } else if (step.status === "retrying" && running) {
+        if (step.retryAt === undefined) this.#enqueue(id);
+        else this.#timers.push({ at: step.retryAt, index: this.#index.get(id)!, stepId: id });
+      }
+    }
+  }
+}
