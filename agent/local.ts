@@ -1,0 +1,955 @@
+/**
+ * Local mode: the embedded control plane and one agent in this process.
+ *
+ * This is a driver of the pure engine in `core/engine.ts`, in the manner of
+ * an etcd-io/raft application: feed it an event, persist the step states it
+ * changed (one store transaction), then perform the effects it returned —
+ * start an attempt on a backend, stop one, arm a timer, call a webhook.
+ * Persisting before acting is what makes a SIGKILL at any instant safe: the
+ * store never records less than what was acted upon, so `resume` can always
+ * finish the run.
+ *
+ * @module
+ */
+
+import { RunEngine } from "../core/engine.ts";
+import type {
+  ArtifactRef,
+  AttemptResult,
+  Effect,
+  EngineEvent,
+  FailureInfo,
+  Plan,
+  PlannedStep,
+  RunState,
+  RunStatus,
+  StepState,
+  StepStatus,
+  WebhookSpec,
+} from "../core/model.ts";
+import { BUSINESS_EXIT_CODE } from "../core/model.ts";
+import type { Store, TxnOp } from "../consensus/store.ts";
+import { openEmbeddedStore } from "../consensus/embedded.ts";
+import type { ArtifactStore } from "../core/artifacts/store.ts";
+import { openLocalArtifactStore } from "../core/artifacts/local.ts";
+import { getBackend } from "../backends/mod.ts";
+import type { AttemptSpec, Execution } from "../backends/backend.ts";
+import { Masker, resolveSecrets } from "../core/secrets.ts";
+import { loadPipeline } from "../core/load.ts";
+
+/** The state directory used when none is given. */
+export const DEFAULT_STATE_DIR = ".runnel";
+
+/**
+ * How long a run's owner lease lives without a keep-alive. A `resume` or a
+ * `cancel` from another process treats a run without a live owner as
+ * abandoned (its runner was killed).
+ */
+const OWNER_LEASE_TTL_MS = 6_000;
+/** Keep-alive period: a third of the TTL, so two can be missed. */
+const OWNER_KEEPALIVE_MS = OWNER_LEASE_TTL_MS / 3;
+/** How long a stopped step may take to exit before it is killed. */
+const CANCEL_GRACE_MS = 3_000;
+/** Longest the run waits, after finishing, for on-failure webhooks still in flight. */
+const WEBHOOK_DRAIN_MS = 15_000;
+
+/** Something a user interface may show while a run goes on. */
+export type RunEvent =
+  | { type: "run"; runId: string; pipeline: string; status: RunStatus; at: number; steps: string[] }
+  | {
+    type: "step";
+    runId: string;
+    stepId: string;
+    status: StepStatus;
+    attempt: number;
+    at: number;
+    reason?: string;
+    cached?: boolean;
+  }
+  | {
+    type: "log";
+    runId: string;
+    stepId: string;
+    attempt: number;
+    stream: "stdout" | "stderr";
+    text: string;
+  }
+  | { type: "webhook"; runId: string; stepId: string; ok: boolean; detail: string };
+
+/** Options of {@link runPipeline} and {@link resumeRun}. */
+export interface LocalRunOptions {
+  /** Where state, artifacts and logs live; default `.runnel`. */
+  stateDir?: string;
+  /** Overrides the pipeline's `concurrency`. */
+  concurrency?: number;
+  /** Called for every progress event, in order. */
+  onEvent?: (event: RunEvent) => void;
+  /** Aborting cancels the run: running steps are stopped, the run stays resumable. */
+  signal?: AbortSignal;
+  /** Where secrets of kind `env` are read; default `Deno.env.get`. */
+  env?: (name: string) => string | undefined;
+  /** Clock, for tests. */
+  now?: () => number;
+}
+
+/** What a finished (or cancelled) run amounts to. */
+export interface RunSummary {
+  runId: string;
+  status: RunStatus;
+  steps: Record<string, StepState>;
+  startedAt: number;
+  finishedAt: number;
+}
+
+/** The record of a run, as `runnel runs` and `runnel show` list it. */
+export interface RunRecord {
+  runId: string;
+  pipeline: string;
+  /** Absolute path of the pipeline file. */
+  file: string;
+  planDigest: string;
+  status: RunStatus;
+  createdAt: number;
+  startedAt?: number;
+  finishedAt?: number;
+  round: number;
+}
+
+/** Errors of local mode that a user can act on. */
+export class LocalRunError extends Error {
+  /** Stable code. */
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.name = "LocalRunError";
+    this.code = code;
+  }
+}
+
+/** Store keys, in one place. */
+const keys = {
+  run: (runId: string) => `/run/${runId}`,
+  runPrefix: "/run/",
+  step: (runId: string, stepId: string) => `/steps/${runId}/${stepId}`,
+  stepPrefix: (runId: string) => `/steps/${runId}/`,
+  owner: (runId: string) => `/owner/${runId}`,
+  cancel: (runId: string) => `/cancel/${runId}`,
+  cache: (key: string) => `/cache/${key}`,
+};
+
+/** Paths under the state directory. */
+export interface StatePaths {
+  root: string;
+  db: string;
+  artifacts: string;
+  logs: string;
+  work: string;
+}
+
+/** The layout of a state directory. */
+export function statePaths(stateDir: string = DEFAULT_STATE_DIR): StatePaths {
+  return {
+    root: stateDir,
+    db: `${stateDir}/state.db`,
+    artifacts: `${stateDir}/artifacts`,
+    logs: `${stateDir}/logs`,
+    work: `${stateDir}/work`,
+  };
+}
+
+/** Encodes a step id (which may hold `[`, `=`, `,`) for use as a file name. */
+export function fileSafe(id: string): string {
+  return encodeURIComponent(id).replaceAll("%", "~");
+}
+
+/** Path of the log file of one attempt. */
+export function logPath(paths: StatePaths, runId: string, stepId: string, attempt: number): string {
+  return `${paths.logs}/${runId}/${fileSafe(stepId)}.${attempt}.log`;
+}
+
+/** A new run id: sortable by creation time, unique enough for one machine. */
+export function newRunId(now: number): string {
+  const iso = new Date(now).toISOString(); // 2026-11-24T16:25:12.345Z
+  const stamp = iso.slice(0, 19).replaceAll("-", "").replaceAll(":", "").replace("T", "-");
+  const random = crypto.getRandomValues(new Uint8Array(3));
+  return `${stamp}-${[...random].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+}
+
+/** An open state directory: store and artifacts. Close it when done. */
+export interface LocalState {
+  paths: StatePaths;
+  store: Store;
+  artifacts: ArtifactStore;
+  close(): Promise<void>;
+}
+
+/** Opens (creating if needed) the state directory. */
+export async function openLocalState(stateDir: string = DEFAULT_STATE_DIR): Promise<LocalState> {
+  const paths = statePaths(stateDir);
+  await Deno.mkdir(paths.root, { recursive: true });
+  const store = openEmbeddedStore(paths.db);
+  const artifacts = openLocalArtifactStore(paths.artifacts);
+  return { paths, store, artifacts, close: () => store.close() };
+}
+
+/** Runs a pipeline to its end in this process. */
+export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Promise<RunSummary> {
+  const now = options.now ?? Date.now;
+  const state = await openLocalState(options.stateDir);
+  try {
+    const runId = newRunId(now());
+    const effectivePlan = withConcurrency(plan, options.concurrency);
+    const engine = RunEngine.start(effectivePlan, { runId, now: now() });
+    const record: RunRecord = {
+      runId,
+      pipeline: plan.name,
+      file: `${plan.baseDir}/${basename(plan.file)}`,
+      planDigest: plan.digest,
+      status: "pending",
+      createdAt: now(),
+      round: engine.state.round,
+    };
+    const driver = new LocalDriver(effectivePlan, engine, state, record, options);
+    return await driver.drive([{ type: "Start", now: now() }]);
+  } finally {
+    await state.close();
+  }
+}
+
+/**
+ * Finishes a failed, cancelled or abandoned run: steps that succeeded keep
+ * their artifacts, the rest run again. The pipeline file is loaded afresh so
+ * a fix made since the failure takes effect.
+ */
+export async function resumeRun(runId: string, options: LocalRunOptions = {}): Promise<RunSummary> {
+  const now = options.now ?? Date.now;
+  const state = await openLocalState(options.stateDir);
+  try {
+    const record = await getRunRecord(state.store, runId);
+    if (record.status === "succeeded") {
+      throw new LocalRunError("run_succeeded", `Run ${runId} already succeeded; nothing to resume`);
+    }
+    await assertNoLiveOwner(state.store, runId);
+    const plan = withConcurrency(await loadPipeline(record.file), options.concurrency);
+    const runState = await readRunState(state.store, record, plan);
+    const engine = new RunEngine(plan, runState);
+    const events: EngineEvent[] = engine.runningAttempts().map((a) => ({
+      type: "AttemptLost",
+      stepId: a.stepId,
+      attemptId: a.attemptId,
+      now: now(),
+      reason: "the runner that started this attempt stopped before it ended",
+    }));
+    events.push({ type: "Resume", now: now() });
+    // A cancel request left over from the previous round must not cancel this one.
+    await state.store.delete(keys.cancel(runId));
+    const driver = new LocalDriver(plan, engine, state, record, options);
+    return await driver.drive(events);
+  } finally {
+    await state.close();
+  }
+}
+
+/**
+ * Asks a run to stop. If its runner is alive it is told through the store
+ * and stops the running steps itself; if none is alive (it was killed), the
+ * run is marked cancelled here.
+ */
+export async function cancelRun(
+  runId: string,
+  options: { stateDir?: string; now?: () => number } = {},
+): Promise<"requested" | "cancelled" | "already-finished"> {
+  const now = options.now ?? Date.now;
+  const state = await openLocalState(options.stateDir);
+  try {
+    const record = await getRunRecord(state.store, runId);
+    if (["succeeded", "failed", "cancelled"].includes(record.status)) return "already-finished";
+    const owner = await state.store.get(keys.owner(runId));
+    if (owner) {
+      await state.store.put(keys.cancel(runId), JSON.stringify({ at: now() }));
+      return "requested";
+    }
+    const plan = await loadPipeline(record.file).catch(() => undefined);
+    if (!plan) {
+      await state.store.put(
+        keys.run(runId),
+        JSON.stringify({ ...record, status: "cancelled", finishedAt: now() }),
+      );
+      return "cancelled";
+    }
+    const engine = new RunEngine(plan, await readRunState(state.store, record, plan));
+    for (const a of engine.runningAttempts()) {
+      engine.step({
+        type: "AttemptLost",
+        stepId: a.stepId,
+        attemptId: a.attemptId,
+        now: now(),
+        reason: "runner gone",
+      });
+    }
+    engine.step({ type: "Cancel", now: now(), reason: "cancelled by user" });
+    await persist(state.store, record, engine);
+    return "cancelled";
+  } finally {
+    await state.close();
+  }
+}
+
+/** Lists runs, newest first. */
+export async function listRuns(store: Store): Promise<RunRecord[]> {
+  const { items } = await store.list(keys.runPrefix);
+  return items.map((kv) => JSON.parse(kv.value) as RunRecord).sort((a, b) =>
+    b.createdAt - a.createdAt
+  );
+}
+
+/** Reads one run record, or throws a located "no such run" error. */
+export async function getRunRecord(store: Store, runId: string): Promise<RunRecord> {
+  const kv = await store.get(keys.run(runId));
+  if (!kv) {
+    const runs = await listRuns(store);
+    const prefixed = runs.filter((r) => r.runId.startsWith(runId));
+    if (prefixed.length === 1) return prefixed[0];
+    const hint = prefixed.length > 1
+      ? ` (${prefixed.length} runs start with "${runId}"; give more of the id)`
+      : runs.length
+      ? ` (latest is ${runs[0].runId}; see "runnel runs")`
+      : " (no runs recorded yet)";
+    throw new LocalRunError("run_not_found", `No run "${runId}"${hint}`);
+  }
+  return JSON.parse(kv.value) as RunRecord;
+}
+
+/** Reads the step states of a run. */
+export async function readStepStates(
+  store: Store,
+  runId: string,
+): Promise<Record<string, StepState>> {
+  const { items } = await store.list(keys.stepPrefix(runId));
+  const steps: Record<string, StepState> = {};
+  for (const kv of items) {
+    const step = JSON.parse(kv.value) as StepState;
+    steps[step.id] = step;
+  }
+  return steps;
+}
+
+/** Watches a run's record until it is terminal; resolves with the final record. */
+export async function waitForRunEnd(
+  store: Store,
+  runId: string,
+  signal?: AbortSignal,
+): Promise<RunRecord> {
+  const record = await getRunRecord(store, runId);
+  if (isTerminalRun(record.status)) return record;
+  const { revision } = await store.list(keys.run(runId));
+  for await (const event of store.watch(keys.run(runId), { fromRevision: revision + 1, signal })) {
+    if (event.type === "put" && event.value) {
+      const next = JSON.parse(event.value) as RunRecord;
+      if (isTerminalRun(next.status)) return next;
+    }
+  }
+  return await getRunRecord(store, runId);
+}
+
+/** True for a run status that will not change without a resume. */
+export function isTerminalRun(status: RunStatus): boolean {
+  return status === "succeeded" || status === "failed" || status === "cancelled";
+}
+
+function withConcurrency(plan: Plan, concurrency: number | undefined): Plan {
+  return concurrency === undefined ? plan : { ...plan, concurrency };
+}
+
+function basename(path: string): string {
+  return path.slice(path.lastIndexOf("/") + 1);
+}
+
+async function assertNoLiveOwner(store: Store, runId: string): Promise<void> {
+  const owner = await store.get(keys.owner(runId));
+  if (owner) {
+    const { pid, host } = JSON.parse(owner.value) as { pid: number; host: string };
+    throw new LocalRunError(
+      "run_active",
+      `Run ${runId} is still being executed by process ${pid} on ${host}; cancel it first with "runnel cancel ${runId}"`,
+    );
+  }
+}
+
+async function readRunState(store: Store, record: RunRecord, plan: Plan): Promise<RunState> {
+  const stored = await readStepStates(store, record.runId);
+  const steps: Record<string, StepState> = {};
+  for (const id of plan.order) {
+    // A step added to the file since the run began starts pending; a step
+    // removed from it is dropped.
+    steps[id] = stored[id] ?? { id, status: "pending", attemptsThisRound: 0, attempts: [] };
+  }
+  return {
+    runId: record.runId,
+    pipeline: record.pipeline,
+    status: record.status,
+    createdAt: record.createdAt,
+    startedAt: record.startedAt,
+    finishedAt: record.finishedAt,
+    round: record.round,
+    steps,
+  };
+}
+
+/** Writes the run record and the changed steps in one transaction. */
+async function persist(store: Store, record: RunRecord, engine: RunEngine): Promise<void> {
+  const state = engine.state;
+  record.status = state.status;
+  record.startedAt = state.startedAt;
+  record.finishedAt = state.finishedAt;
+  record.round = state.round;
+  const ops: TxnOp[] = [{
+    type: "put",
+    key: keys.run(record.runId),
+    value: JSON.stringify(record),
+  }];
+  for (const stepId of engine.drainChanged()) {
+    ops.push({
+      type: "put",
+      key: keys.step(record.runId, stepId),
+      value: JSON.stringify(state.steps[stepId]),
+    });
+  }
+  await store.txn({ compare: [], success: ops });
+}
+
+/** One attempt in flight. */
+interface ActiveAttempt {
+  stepId: string;
+  attemptId: string;
+  execution?: Execution;
+  stopped?: "cancel" | "timeout";
+  done: Promise<void>;
+}
+
+class LocalDriver {
+  readonly #plan: Plan;
+  readonly #engine: RunEngine;
+  readonly #state: LocalState;
+  readonly #record: RunRecord;
+  readonly #options: LocalRunOptions;
+  readonly #now: () => number;
+  readonly #active = new Map<string, ActiveAttempt>();
+  readonly #webhooks = new Set<Promise<void>>();
+  #queue: Promise<void> = Promise.resolve();
+  #timer?: ReturnType<typeof setTimeout>;
+  #wakeAt = Infinity;
+  #finished?: (status: RunStatus) => void;
+  #failed?: (error: unknown) => void;
+
+  constructor(
+    plan: Plan,
+    engine: RunEngine,
+    state: LocalState,
+    record: RunRecord,
+    options: LocalRunOptions,
+  ) {
+    this.#plan = plan;
+    this.#engine = engine;
+    this.#state = state;
+    this.#record = record;
+    this.#options = options;
+    this.#now = options.now ?? Date.now;
+  }
+
+  async drive(initial: EngineEvent[]): Promise<RunSummary> {
+    const store = this.#state.store;
+    const runId = this.#record.runId;
+    const lease = await store.grantLease(OWNER_LEASE_TTL_MS);
+    await store.put(
+      keys.owner(runId),
+      JSON.stringify({ pid: Deno.pid, host: Deno.hostname(), since: this.#now() }),
+      { lease: lease.id },
+    );
+    const keepAlive = setInterval(() => {
+      store.keepAlive(lease.id).catch(() => {});
+    }, OWNER_KEEPALIVE_MS);
+    const watchAbort = new AbortController();
+    const finished = new Promise<RunStatus>((resolve, reject) => {
+      this.#finished = resolve;
+      this.#failed = reject;
+    });
+    const onAbort = () => this.#submit({ type: "Cancel", now: this.#now(), reason: "interrupted" });
+    this.#options.signal?.addEventListener("abort", onAbort, { once: true });
+    this.#watchCancelRequests(watchAbort.signal);
+    try {
+      await persist(store, this.#record, this.#engine);
+      this.#emit({
+        type: "run",
+        runId,
+        pipeline: this.#plan.name,
+        status: "running",
+        at: this.#now(),
+        steps: this.#plan.order,
+      });
+      // Only the last initial event may finish the run: an AttemptLost
+      // replayed before a Resume can end the run for a moment, and that
+      // passing end is not the outcome.
+      initial.forEach((event, i) => this.#submit(event, i < initial.length - 1));
+      if (this.#options.signal?.aborted) onAbort();
+      // A run resumed when every step is already terminal finishes at once.
+      this.#submit({ type: "Tick", now: this.#now() });
+      const status = await finished;
+      await this.#queue;
+      // Stopped steps: wait for their processes to be gone before returning.
+      await Promise.allSettled([...this.#active.values()].map((a) => a.done));
+      await this.#drainWebhooks();
+      this.#emit({
+        type: "run",
+        runId,
+        pipeline: this.#plan.name,
+        status,
+        at: this.#now(),
+        steps: this.#plan.order,
+      });
+      return {
+        runId,
+        status,
+        steps: structuredClone(this.#engine.state.steps),
+        startedAt: this.#engine.state.startedAt ?? this.#record.createdAt,
+        finishedAt: this.#engine.state.finishedAt ?? this.#now(),
+      };
+    } finally {
+      this.#options.signal?.removeEventListener("abort", onAbort);
+      watchAbort.abort();
+      clearInterval(keepAlive);
+      clearTimeout(this.#timer);
+      await store.revokeLease(lease.id).catch(() => {});
+    }
+  }
+
+  /** Queues an event: events are applied one at a time, in order. */
+  #submit(event: EngineEvent, ignoreFinish = false): void {
+    this.#queue = this.#queue.then(() => this.#apply(event, ignoreFinish)).catch((error) => {
+      this.#failed?.(error);
+    });
+  }
+
+  async #apply(event: EngineEvent, ignoreFinish: boolean): Promise<void> {
+    const { effects } = this.#engine.step(event);
+    await persist(this.#state.store, this.#record, this.#engine);
+    for (const effect of effects) {
+      if (ignoreFinish && effect.type === "RunFinished") continue;
+      this.#perform(effect);
+    }
+  }
+
+  #perform(effect: Effect): void {
+    switch (effect.type) {
+      case "StartAttempt": {
+        const active: ActiveAttempt = {
+          stepId: effect.stepId,
+          attemptId: effect.attemptId,
+          done: Promise.resolve(),
+        };
+        this.#active.set(effect.attemptId, active);
+        active.done = this.#runAttempt(active, effect.attempt).finally(() => {
+          this.#active.delete(effect.attemptId);
+        });
+        break;
+      }
+      case "StopAttempt": {
+        const active = this.#active.get(effect.attemptId);
+        if (active) {
+          active.stopped = effect.reason;
+          active.execution?.cancel(CANCEL_GRACE_MS).catch(() => {});
+        }
+        break;
+      }
+      case "WakeAt":
+        this.#arm(effect.at);
+        break;
+      case "Notify":
+        this.#notify(effect.webhook, effect.failure);
+        break;
+      case "StepStatus": {
+        const step = this.#engine.state.steps[effect.stepId];
+        this.#emit({
+          type: "step",
+          runId: this.#record.runId,
+          stepId: effect.stepId,
+          status: effect.status,
+          attempt: effect.attempt,
+          at: effect.at,
+          reason: effect.reason,
+          cached: step?.cached,
+        });
+        break;
+      }
+      case "RunFinished":
+        this.#finished?.(effect.status);
+        break;
+    }
+  }
+
+  #arm(at: number): void {
+    if (at >= this.#wakeAt) return;
+    this.#wakeAt = at;
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(() => {
+      this.#wakeAt = Infinity;
+      this.#submit({ type: "Tick", now: this.#now() });
+    }, Math.max(0, at - this.#now()));
+  }
+
+  #emit(event: RunEvent): void {
+    this.#options.onEvent?.(event);
+  }
+
+  async #watchCancelRequests(signal: AbortSignal): Promise<void> {
+    const store = this.#state.store;
+    const key = keys.cancel(this.#record.runId);
+    try {
+      const revision = await store.revision();
+      for await (const event of store.watch(key, { fromRevision: revision + 1, signal })) {
+        if (event.type === "put") {
+          this.#submit({ type: "Cancel", now: this.#now(), reason: "cancelled by user" });
+        }
+      }
+    } catch (error) {
+      if (!signal.aborted) this.#failed?.(error);
+    }
+  }
+
+  /** Runs one attempt end to end and reports what happened to the engine. */
+  async #runAttempt(active: ActiveAttempt, attempt: number): Promise<void> {
+    const step = this.#plan.steps[active.stepId];
+    const report = (result: AttemptResult) =>
+      this.#submit({
+        type: "AttemptExited",
+        stepId: step.id,
+        attemptId: active.attemptId,
+        now: this.#now(),
+        result,
+      });
+    this.#submit({
+      type: "AttemptStarted",
+      stepId: step.id,
+      attemptId: active.attemptId,
+      now: this.#now(),
+      worker: "local",
+    });
+    let logFile: Deno.FsFile | undefined;
+    try {
+      const inputs = this.#inputArtifacts(step);
+      const cacheKey = step.cache ? await cacheKeyOf(step, inputs) : undefined;
+      const paths = this.#state.paths;
+      const workDir = await Deno.realPath(
+        await mkdirp(`${paths.work}/${this.#record.runId}/${fileSafe(step.id)}/${attempt}`),
+      );
+      const inputsDir = await mkdirp(`${workDir}/in`);
+      const outputsDir = await mkdirp(`${workDir}/out`);
+      if (cacheKey && await this.#restoreFromCache(cacheKey, outputsDir)) {
+        const outputs = await this.#collectOutputs(step, active.attemptId, outputsDir);
+        return report({ ok: true, exitCode: 0, outputs, cached: true });
+      }
+      const inputPaths = await this.#materializeInputs(step, inputs, inputsDir);
+      const secrets = resolveSecrets(this.#plan.secrets, step.secrets, {
+        env: this.#options.env,
+      });
+      const masker = new Masker(Object.values(secrets));
+      const spec: AttemptSpec = {
+        runId: this.#record.runId,
+        stepId: step.id,
+        attemptId: active.attemptId,
+        attempt,
+        config: step.config,
+        baseDir: this.#plan.baseDir,
+        workDir,
+        inputs: inputPaths,
+        inputsDir,
+        outputsDir,
+        outputs: step.outputs,
+        env: { ...this.#plan.env, ...step.env, ...secrets },
+        matrix: step.matrix,
+        timeoutMs: step.timeoutMs,
+        resources: step.resources,
+      };
+      await mkdirp(`${paths.logs}/${this.#record.runId}`);
+      logFile = await Deno.open(logPath(paths, this.#record.runId, step.id, attempt), {
+        create: true,
+        append: true,
+      });
+      if (active.stopped) return;
+      const backend = getBackend(step.backend);
+      const execution = await backend.start(spec);
+      active.execution = execution;
+      if (active.stopped) await execution.cancel(CANCEL_GRACE_MS);
+      const logsDone = this.#pumpLogs(step, attempt, execution, masker, logFile);
+      const exit = await execution.wait();
+      await logsDone;
+      await execution.cleanup().catch(() => {});
+      if (active.stopped) return; // the engine already recorded the outcome
+      if (exit.exitCode !== 0 || exit.errorClass) {
+        return report({
+          ok: false,
+          errorClass: exit.errorClass ??
+            (exit.exitCode === BUSINESS_EXIT_CODE ? "business" : "application"),
+          exitCode: exit.exitCode,
+          message: masker.mask(exit.message ?? describeExit(exit.exitCode, exit.signal)),
+          usage: exit.usage,
+        });
+      }
+      const outputs = await this.#collectOutputs(step, active.attemptId, outputsDir);
+      if (cacheKey) {
+        const entry: CacheEntry = { runId: this.#record.runId, stepId: step.id, outputs };
+        await this.#state.store.put(keys.cache(cacheKey), JSON.stringify(entry));
+      }
+      report({ ok: true, exitCode: 0, outputs, usage: exit.usage });
+    } catch (error) {
+      if (active.stopped) return;
+      report({
+        ok: false,
+        errorClass: errorClassOf(error),
+        message: error instanceof Error ? error.message : String(error),
+      });
+    } finally {
+      logFile?.close();
+    }
+  }
+
+  async #pumpLogs(
+    step: PlannedStep,
+    attempt: number,
+    execution: Execution,
+    masker: Masker,
+    logFile: Deno.FsFile,
+  ): Promise<void> {
+    const encoder = new TextEncoder();
+    const decoders = { stdout: new TextDecoder(), stderr: new TextDecoder() };
+    // Per stream, hold back a partial line so a secret split across chunks
+    // is still masked and log lines are written whole.
+    const partial = { stdout: "", stderr: "" };
+    const flush = async (stream: "stdout" | "stderr", text: string) => {
+      if (!text) return;
+      const masked = masker.mask(text);
+      await logFile.write(encoder.encode(masked));
+      this.#emit({
+        type: "log",
+        runId: this.#record.runId,
+        stepId: step.id,
+        attempt,
+        stream,
+        text: masked,
+      });
+    };
+    for await (const chunk of execution.logs) {
+      const text = partial[chunk.stream] +
+        decoders[chunk.stream].decode(chunk.data, { stream: true });
+      const cut = text.lastIndexOf("\n") + 1;
+      partial[chunk.stream] = text.slice(cut);
+      await flush(chunk.stream, text.slice(0, cut));
+    }
+    for (const stream of ["stdout", "stderr"] as const) {
+      await flush(stream, partial[stream] + decoders[stream].decode());
+      partial[stream] = "";
+    }
+  }
+
+  /** The artifacts each input reads, by input name, in leg order. */
+  #inputArtifacts(step: PlannedStep): Record<string, Array<{ from: string; ref: ArtifactRef }>> {
+    const result: Record<string, Array<{ from: string; ref: ArtifactRef }>> = {};
+    for (const [name, input] of Object.entries(step.inputs)) {
+      result[name] = input.from.map((from) => {
+        const ref = this.#engine.state.steps[from]?.outputs?.[input.output];
+        if (!ref) {
+          throw new LocalRunError(
+            "input_missing",
+            `Input "${name}" of step "${step.id}" expects output "${input.output}" of step "${from}", which has none`,
+          );
+        }
+        return { from, ref };
+      });
+    }
+    return result;
+  }
+
+  async #materializeInputs(
+    step: PlannedStep,
+    inputs: Record<string, Array<{ from: string; ref: ArtifactRef }>>,
+    inputsDir: string,
+  ): Promise<Record<string, string>> {
+    const paths: Record<string, string> = {};
+    for (const [name, sources] of Object.entries(inputs)) {
+      const input = step.inputs[name];
+      const dir = await mkdirp(`${inputsDir}/${name}`);
+      for (const { from, ref } of sources) {
+        const record = await this.#state.artifacts.get(this.#record.runId, from, input.output);
+        if (!record || record.digest !== ref.digest) {
+          throw new LocalRunError(
+            "artifact_missing",
+            `Artifact "${input.output}" of step "${from}" (${ref.digest}) is not in the artifact store`,
+          );
+        }
+        const legDir = input.fanIn ? await mkdirp(`${dir}/${legKey(this.#plan, from)}`) : dir;
+        await this.#state.artifacts.materialize(record, `${legDir}/${input.output}`);
+      }
+      paths[name] = input.fanIn ? dir : `${dir}/${input.output}`;
+    }
+    return paths;
+  }
+
+  async #collectOutputs(
+    step: PlannedStep,
+    attemptId: string,
+    outputsDir: string,
+  ): Promise<Record<string, ArtifactRef>> {
+    const outputs: Record<string, ArtifactRef> = {};
+    for (const name of step.outputs) {
+      const file = `${outputsDir}/${name}`;
+      try {
+        await Deno.stat(file);
+      } catch {
+        throw new StepOutputError(`step did not write declared output "${name}"`);
+      }
+      const record = await this.#state.artifacts.put(file, {
+        run: this.#record.runId,
+        step: step.id,
+        name,
+        attemptId,
+      });
+      outputs[name] = { name, digest: record.digest, size: record.size };
+    }
+    return outputs;
+  }
+
+  /**
+   * Copies a cached success's outputs (verified) into this attempt's output
+   * directory. A cache entry whose artifacts were garbage-collected or fail
+   * their integrity check is a miss, never an error.
+   */
+  async #restoreFromCache(cacheKey: string, outputsDir: string): Promise<boolean> {
+    const kv = await this.#state.store.get(keys.cache(cacheKey));
+    if (!kv) return false;
+    const entry = JSON.parse(kv.value) as CacheEntry;
+    try {
+      for (const name of Object.keys(entry.outputs)) {
+        const record = await this.#state.artifacts.get(entry.runId, entry.stepId, name);
+        if (!record) return false;
+        await this.#state.artifacts.materialize(record, `${outputsDir}/${name}`);
+      }
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  #notify(webhook: WebhookSpec, failure: FailureInfo): void {
+    const delivery = deliverWebhook(webhook, failure).then(
+      (detail) =>
+        this.#emit({
+          type: "webhook",
+          runId: failure.runId,
+          stepId: failure.stepId,
+          ok: true,
+          detail,
+        }),
+      (error) =>
+        this.#emit({
+          type: "webhook",
+          runId: failure.runId,
+          stepId: failure.stepId,
+          ok: false,
+          detail: error instanceof Error ? error.message : String(error),
+        }),
+    );
+    this.#webhooks.add(delivery);
+    delivery.finally(() => this.#webhooks.delete(delivery));
+  }
+
+  async #drainWebhooks(): Promise<void> {
+    if (this.#webhooks.size === 0) return;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      Promise.allSettled([...this.#webhooks]),
+      new Promise((resolve) => timer = setTimeout(resolve, WEBHOOK_DRAIN_MS)),
+    ]);
+    clearTimeout(timer);
+  }
+}
+
+/** What the cache remembers of a success: where its outputs are recorded. */
+interface CacheEntry {
+  runId: string;
+  stepId: string;
+  outputs: Record<string, ArtifactRef>;
+}
+
+/** A step ran but did not produce what it promised. */
+class StepOutputError extends Error {
+  readonly code = "output_missing";
+}
+
+function errorClassOf(error: unknown): "artifact" | "application" | "infrastructure" {
+  const code = (error as { code?: string })?.code;
+  if (code === "artifact_corrupt" || code === "artifact_missing") return "artifact";
+  if (code === "output_missing") return "application";
+  return "infrastructure";
+}
+
+function describeExit(exitCode: number, signal?: string): string {
+  if (signal) return `killed by ${signal}`;
+  if (exitCode === BUSINESS_EXIT_CODE) return `business error (exit code ${exitCode})`;
+  return `exited with code ${exitCode}`;
+}
+
+/** The directory name of a matrix leg inside a fan-in input: `region=eu,size=2`. */
+function legKey(plan: Plan, stepId: string): string {
+  const matrix = plan.steps[stepId]?.matrix;
+  if (!matrix) return fileSafe(stepId);
+  return fileSafe(Object.entries(matrix).map(([k, v]) => `${k}=${v}`).join(","));
+}
+
+/** The cache key: the step's spec digest and the digests of everything it reads. */
+async function cacheKeyOf(
+  step: PlannedStep,
+  inputs: Record<string, Array<{ from: string; ref: ArtifactRef }>>,
+): Promise<string> {
+  const material = JSON.stringify([
+    step.specDigest,
+    Object.keys(inputs).sort().map((name) => [name, inputs[name].map((i) => i.ref.digest)]),
+  ]);
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(material));
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function mkdirp(path: string): Promise<string> {
+  await Deno.mkdir(path, { recursive: true });
+  return path;
+}
+
+/**
+ * POSTs the failure metadata to a webhook, retrying with exponential
+ * backoff. Runs beside the run and never holds it up.
+ */
+export async function deliverWebhook(webhook: WebhookSpec, failure: FailureInfo): Promise<string> {
+  let lastError = "";
+  for (let attempt = 0; attempt <= webhook.retries; attempt++) {
+    if (attempt > 0) {
+      await new Promise((resolve) =>
+        setTimeout(resolve, Math.min(webhook.backoffMs * 2 ** (attempt - 1), 30_000))
+      );
+    }
+    try {
+      const response = await fetch(webhook.url, {
+        method: "POST",
+        headers: { "content-type": "application/json", ...webhook.headers },
+        body: JSON.stringify({ event: "step.failed", ...failure }),
+        signal: AbortSignal.timeout(webhook.timeoutMs),
+      });
+      await response.body?.cancel();
+      if (response.ok) return `delivered to ${webhook.url} (HTTP ${response.status})`;
+      lastError = `HTTP ${response.status}`;
+      // A 4xx other than 408/429 will not change on a retry.
+      if (response.status < 500 && response.status !== 408 && response.status !== 429) break;
+    } catch (error) {
+      lastError = error instanceof Error ? error.message : String(error);
+    }
+  }
+  throw new Error(`on-failure webhook ${webhook.url} failed: ${lastError}`);
+}

@@ -1,0 +1,20 @@
+/**
+ * Every benchmark, one after another (`deno task bench`). Each prints a
+ * table with its anchor measured in the same process.
+ *
+ * @module
+ */
+
+import { benchPlan } from "./plan_bench.ts";
+import { benchDenoStep } from "./deno_step_bench.ts";
+import { benchNoopSteps, benchWindmill } from "./local_bench.ts";
+
+if (import.meta.main) {
+  console.log(
+    `runnel benchmarks · deno ${Deno.version.deno} · ${navigator.hardwareConcurrency} cores`,
+  );
+  await benchPlan();
+  await benchDenoStep();
+  await benchNoopSteps();
+  await benchWindmill();
+}
