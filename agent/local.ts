@@ -437,6 +437,10 @@ class LocalDriver {
   readonly #active = new Map<string, ActiveAttempt>();
   readonly #webhooks = new Set<Promise<void>>();
   #queue: Promise<void> = Promise.resolve();
+  readonly #pending: Array<{ event: EngineEvent; ignoreFinish: boolean }> = [];
+  #draining = false;
+  #logDirReady?: Promise<string>;
+  #workRoot?: Promise<string>;
   #timer?: ReturnType<typeof setTimeout>;
   #wakeAt = Infinity;
   #finished?: (status: RunStatus) => void;
@@ -524,18 +528,36 @@ class LocalDriver {
   }
 
   /** Queues an event: events are applied one at a time, in order. */
+  /**
+   * Queues an event. Events are applied in order, and every event that
+   * arrived while the last batch was being persisted is applied as one batch
+   * with one store transaction (group commit): fewer fsyncs, same guarantee.
+   */
   #submit(event: EngineEvent, ignoreFinish = false): void {
-    this.#queue = this.#queue.then(() => this.#apply(event, ignoreFinish)).catch((error) => {
-      this.#failed?.(error);
-    });
+    this.#pending.push({ event, ignoreFinish });
+    if (!this.#draining) this.#queue = this.#drain();
   }
 
-  async #apply(event: EngineEvent, ignoreFinish: boolean): Promise<void> {
-    const { effects } = this.#engine.step(event);
-    await persist(this.#state.store, this.#record, this.#engine);
-    for (const effect of effects) {
-      if (ignoreFinish && effect.type === "RunFinished") continue;
-      this.#perform(effect);
+  async #drain(): Promise<void> {
+    this.#draining = true;
+    try {
+      while (this.#pending.length > 0) {
+        const batch = this.#pending.splice(0);
+        const effects: Effect[] = [];
+        for (const { event, ignoreFinish } of batch) {
+          for (const effect of this.#engine.step(event).effects) {
+            if (ignoreFinish && effect.type === "RunFinished") continue;
+            effects.push(effect);
+          }
+        }
+        // Persist before acting: the store never knows less than was done.
+        await persist(this.#state.store, this.#record, this.#engine);
+        for (const effect of effects) this.#perform(effect);
+      }
+    } catch (error) {
+      this.#failed?.(error);
+    } finally {
+      this.#draining = false;
     }
   }
 
@@ -639,10 +661,8 @@ class LocalDriver {
       const inputs = this.#inputArtifacts(step);
       const cacheKey = step.cache ? await cacheKeyOf(step, inputs) : undefined;
       const paths = this.#state.paths;
-      const workDir = await Deno.realPath(
-        await mkdirp(`${paths.work}/${this.#record.runId}/${fileSafe(step.id)}/${attempt}`),
-      );
-      const inputsDir = await mkdirp(`${workDir}/in`);
+      const workDir = `${await this.#runWorkDir()}/${fileSafe(step.id)}/${attempt}`;
+      const inputsDir = `${workDir}/in`;
       const outputsDir = await mkdirp(`${workDir}/out`);
       if (cacheKey && await this.#restoreFromCache(cacheKey, outputsDir)) {
         const outputs = await this.#collectOutputs(step, active.attemptId, outputsDir);
@@ -670,7 +690,8 @@ class LocalDriver {
         timeoutMs: step.timeoutMs,
         resources: step.resources,
       };
-      await mkdirp(`${paths.logs}/${this.#record.runId}`);
+      this.#logDirReady ??= mkdirp(`${paths.logs}/${this.#record.runId}`);
+      await this.#logDirReady;
       logFile = await Deno.open(logPath(paths, this.#record.runId, step.id, attempt), {
         create: true,
         append: true,
@@ -711,6 +732,14 @@ class LocalDriver {
     } finally {
       logFile?.close();
     }
+  }
+
+  /** The run's scratch directory, absolute (backends need absolute paths). */
+  #runWorkDir(): Promise<string> {
+    this.#workRoot ??= mkdirp(`${this.#state.paths.work}/${this.#record.runId}`).then((dir) =>
+      Deno.realPath(dir)
+    );
+    return this.#workRoot;
   }
 
   async #pumpLogs(
