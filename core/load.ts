@@ -8,6 +8,7 @@
 
 import { isAlias, isMap, isScalar, isSeq, LineCounter, parseDocument, Scalar, visit } from "yaml";
 import process from "node:process";
+import { CORE_SCHEMA, load as loadYaml } from "js-yaml";
 import type { Document, Node, Pair, YAMLMap } from "yaml";
 import type { z } from "zod";
 import { dirname, resolve } from "node:path";
@@ -848,6 +849,92 @@ function fail(reporter: Reporter): never {
  * ```
  */
 export function parsePipeline(source: string, options: ParseOptions): Plan {
+  return (source.length >= FAST_PATH_MIN_CHARS ? parseFast(source, options) : undefined) ??
+    parseLocated(source, options);
+}
+
+/**
+ * Files at least this large try the fast path first. Below it the located
+ * parse costs a few milliseconds and gives exact step positions.
+ */
+const FAST_PATH_MIN_CHARS = 64 * 1024;
+
+/** An anchor or alias anywhere: such files take the located path (bounded alias expansion). */
+const ANCHOR_OR_ALIAS = /(?:^|[\s[{,:-])[&*][^\s,\]}]/m;
+
+/**
+ * The fast path for large files: a plain YAML load (js-yaml, core schema, a
+ * fraction of the time and memory of a positioned document), the same zod
+ * schema and the same checks. It only ever returns a valid plan: at the
+ * first sign of any problem it gives up, and the located path re-parses the
+ * file to report every problem with its line and column. Step positions come
+ * from a scan of the block-style `steps:` mapping.
+ */
+function parseFast(source: string, options: ParseOptions): Plan | undefined {
+  if (ANCHOR_OR_ALIAS.test(source) || source.includes("<<")) return undefined;
+  const reporter = new Reporter(new Locator(options.file, new LineCounter()));
+  if (!checkSource(source, reporter)) return undefined;
+  let raw: unknown;
+  try {
+    raw = loadYaml(source, { schema: CORE_SCHEMA, json: false });
+  } catch {
+    return undefined;
+  }
+  const parsed = PipelineSchema.safeParse(raw);
+  if (!parsed.success) return undefined;
+  const baseDir = options.baseDir ?? dirname(resolve(options.file));
+  const view: PartialView = {
+    steps: new Map(Object.entries(parsed.data.steps)),
+    secrets: new Set(Object.keys(parsed.data.secrets ?? {})),
+    startNode: parsed.data.start_node,
+    defaultBackend: parsed.data.defaults?.backend,
+  };
+  try {
+    checkSteps(view, { ...options, baseDir }, reporter);
+  } catch {
+    return undefined;
+  }
+  if (reporter.diagnostics.length > 0) return undefined;
+  const stepLines = scanStepLines(source);
+  const planned = planPipeline(parsed.data, {
+    file: options.file,
+    baseDir,
+    source,
+    locate: (path) => {
+      const name = path[0] === "steps" ? String(path[1]) : undefined;
+      return { file: options.file, ...(name && stepLines.get(name) || { line: 1, col: 1 }) };
+    },
+  });
+  return "diagnostics" in planned ? undefined : planned.plan;
+}
+
+/** Line and column of each step key of a block-style `steps:` mapping. */
+function scanStepLines(source: string): Map<string, { line: number; col: number }> {
+  const found = new Map<string, { line: number; col: number }>();
+  const lines = source.split("\n");
+  const start = lines.findIndex((line) => /^steps\s*:\s*(#.*)?$/.test(line));
+  if (start < 0) return found;
+  let indent = -1;
+  for (let i = start + 1; i < lines.length; i++) {
+    const match = /^( +)([^\s:#][^:]*?)\s*:(?:\s|$)/.exec(lines[i]);
+    if (!match) {
+      if (/^\S/.test(lines[i])) break; // the next top-level key
+      continue;
+    }
+    if (indent < 0) indent = match[1].length;
+    if (match[1].length === indent) {
+      found.set(match[2].replace(/^["']|["']$/g, ""), { line: i + 1, col: indent + 1 });
+    }
+  }
+  return found;
+}
+
+/**
+ * Parses with a positioned YAML document: every problem with its line and
+ * column, and exact step positions. {@link parsePipeline} uses it for files
+ * under 64 KiB and for any file the fast path does not accept.
+ */
+export function parseLocated(source: string, options: ParseOptions): Plan {
   const lines = new LineCounter();
   const reporter = new Reporter(new Locator(options.file, lines));
   const baseDir = options.baseDir ?? dirname(resolve(options.file));

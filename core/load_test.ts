@@ -174,3 +174,42 @@ Deno.test("loadPipeline reads files and reports unreadable ones", async () => {
   Deno.writeFileSync(`${dir}/latin1.yaml`, new Uint8Array([0x6e, 0x3a, 0x20, 0xe9, 0x0a]));
   await assert.rejects(() => loadPipeline(`${dir}/latin1.yaml`), /UTF-8/);
 });
+
+Deno.test("the fast path for large files plans exactly what the located path plans", async () => {
+  const { parseLocated } = await import("./load.ts");
+  const lines = [
+    "name: big",
+    "concurrency: 3",
+    "defaults: { retry: { max: 2, backoff: 1s }, timeout: 5m }",
+    "env: { A: '1' }",
+    "steps:",
+  ];
+  for (let i = 0; i < 1500; i++) {
+    lines.push(`  s${i}:`, "    backend: shell", `    run: echo ${i} > $RUNNEL_OUTPUT_OUT_TXT`);
+    lines.push("    outputs: [out.txt]");
+    if (i > 0) lines.push(`    needs: [s${Math.floor(i / 2)}]`);
+    if (i > 0) lines.push(`    inputs: { prev: s${i - 1}/out.txt }`);
+    if (i % 100 === 0) lines.push("    matrix: { region: [eu, us] }", "    cache: true");
+  }
+  const source = lines.join("\n") + "\n";
+  assert.ok(source.length > 64 * 1024, "large enough for the fast path");
+  const options = { file: "big.yaml", baseDir: "/tmp" };
+  const fast = parsePipeline(source, options);
+  const located = parseLocated(source, options);
+  assert.deepEqual(fast, located);
+});
+
+Deno.test("a large file with an error still gets a located diagnostic", () => {
+  const lines = ["name: big", "steps:"];
+  for (let i = 0; i < 3000; i++) lines.push(`  s${i}: { backend: shell, run: echo ${i} }`);
+  lines.push("  broken: { backend: shell, run: echo, neds: [s1] }");
+  assert.throws(
+    () => parsePipeline(lines.join("\n") + "\n", { file: "big.yaml", baseDir: "/tmp" }),
+    (error: unknown) => {
+      assert.ok(error instanceof PipelineError);
+      assert.equal(error.diagnostics[0].line, 3003);
+      assert.match(formatDiagnostic(error.diagnostics[0]), /did you mean "needs"/);
+      return true;
+    },
+  );
+});
