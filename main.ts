@@ -7,6 +7,7 @@
 import { parseArgs } from "node:util";
 import {
   cancelRun,
+  collectGarbage,
   createProgress,
   formatDiagnostic,
   getRunRecord,
@@ -142,24 +143,18 @@ async function main(argv: string[]): Promise<number> {
     case "logs":
       return await showLogs(need("a run id"), rest[1], stateDir, values.follow);
     case "gc": {
-      const retentionMs = values.retention ? parseDuration(values.retention) : undefined;
-      const state = await openLocalState(stateDir);
-      try {
-        const result = await state.artifacts.gc({
-          now: Date.now(),
-          retentionMs,
-          dryRun: values["dry-run"],
-        });
-        return print(
-          `${
-            values["dry-run"] ? "would remove" : "removed"
-          } ${result.recordsRemoved} records, ${result.blobsRemoved} blobs (${
-            formatBytes(result.bytesFreed)
-          })`,
-        );
-      } finally {
-        await state.close();
-      }
+      const result = await collectGarbage({
+        stateDir,
+        retentionMs: values.retention ? parseDuration(values.retention) : undefined,
+        dryRun: values["dry-run"],
+      });
+      return print(
+        `${
+          values["dry-run"] ? "would remove" : "removed"
+        } ${result.recordsRemoved} artifact records, ${result.blobsRemoved} blobs (${
+          formatBytes(result.bytesFreed)
+        }), scratch and logs of ${result.runsCleaned} runs`,
+      );
     }
     case "pin":
     case "unpin": {

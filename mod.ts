@@ -80,6 +80,7 @@ export { BusinessError } from "./backends/deno/context.ts";
 // Local mode.
 export {
   cancelRun,
+  collectGarbage,
   DEFAULT_STATE_DIR,
   deliverWebhook,
   getRunRecord,
@@ -95,6 +96,7 @@ export {
   waitForRunEnd,
 } from "./agent/local.ts";
 export type {
+  GcResult,
   LocalRunOptions,
   LocalState,
   RunEvent,

@@ -32,6 +32,7 @@ import type { Store, TxnOp } from "../consensus/store.ts";
 import { openEmbeddedStore } from "../consensus/embedded.ts";
 import type { ArtifactStore } from "../core/artifacts/store.ts";
 import { openLocalArtifactStore } from "../core/artifacts/local.ts";
+import { DEFAULT_RETENTION_MS } from "../core/artifacts/store.ts";
 import { getBackend } from "../backends/mod.ts";
 import type { AttemptSpec, Execution } from "../backends/backend.ts";
 import { Masker, resolveSecrets } from "../core/secrets.ts";
@@ -290,6 +291,53 @@ export async function cancelRun(
     engine.step({ type: "Cancel", now: now(), reason: "cancelled by user" });
     await persist(state.store, record, engine);
     return "cancelled";
+  } finally {
+    await state.close();
+  }
+}
+
+/** What {@link collectGarbage} removed (or would remove, in a dry run). */
+export interface GcResult {
+  recordsRemoved: number;
+  blobsRemoved: number;
+  bytesFreed: number;
+  /** Runs whose scratch directories and logs were removed. */
+  runsCleaned: number;
+}
+
+/**
+ * Removes what the retention period no longer keeps: artifacts of unpinned
+ * runs older than it (then blobs nothing references), and the scratch
+ * directories and logs of finished, unpinned runs older than it. Run
+ * records stay, so `runnel runs` still lists them.
+ */
+export async function collectGarbage(
+  options: { stateDir?: string; now?: number; retentionMs?: number; dryRun?: boolean } = {},
+): Promise<GcResult> {
+  const now = options.now ?? Date.now();
+  const retentionMs = options.retentionMs ?? DEFAULT_RETENTION_MS;
+  const state = await openLocalState(options.stateDir);
+  try {
+    const artifacts = await state.artifacts.gc({ now, retentionMs, dryRun: options.dryRun });
+    let runsCleaned = 0;
+    for (const run of await listRuns(state.store)) {
+      const ended = run.finishedAt ?? run.createdAt;
+      if (!isTerminalRun(run.status) || now - ended <= retentionMs) continue;
+      if (await state.artifacts.isPinned(run.runId)) continue;
+      const dirs = [`${state.paths.work}/${run.runId}`, `${state.paths.logs}/${run.runId}`];
+      let present = false;
+      for (const dir of dirs) {
+        try {
+          await Deno.stat(dir);
+          present = true;
+          if (!options.dryRun) await Deno.remove(dir, { recursive: true });
+        } catch (error) {
+          if (!(error instanceof Deno.errors.NotFound)) throw error;
+        }
+      }
+      if (present) runsCleaned++;
+    }
+    return { ...artifacts, runsCleaned };
   } finally {
     await state.close();
   }
@@ -666,7 +714,8 @@ class LocalDriver {
       const outputsDir = await mkdirp(`${workDir}/out`);
       if (cacheKey && await this.#restoreFromCache(cacheKey, outputsDir)) {
         const outputs = await this.#collectOutputs(step, active.attemptId, outputsDir);
-        return report({ ok: true, exitCode: 0, outputs, cached: true });
+        report({ ok: true, exitCode: 0, outputs, cached: true });
+        return await Deno.remove(workDir, { recursive: true }).catch(() => {});
       }
       const inputPaths = await this.#materializeInputs(step, inputs, inputsDir);
       const secrets = resolveSecrets(this.#plan.secrets, step.secrets, {
@@ -722,6 +771,9 @@ class LocalDriver {
         await this.#state.store.put(keys.cache(cacheKey), JSON.stringify(entry));
       }
       report({ ok: true, exitCode: 0, outputs, usage: exit.usage });
+      // The outputs are in the artifact store now; a failed attempt's scratch
+      // directory is kept for inspection until `runnel gc`.
+      await Deno.remove(workDir, { recursive: true }).catch(() => {});
     } catch (error) {
       if (active.stopped) return;
       report({

@@ -191,7 +191,8 @@ class HumanProgress implements Progress {
         );
         break;
       case "running":
-        if (!this.#options.tty) {
+        if (this.#options.tty) this.#redraw();
+        else {
           this.#print(
             `${this.#paint("running", SYMBOLS.running)} ${event.stepId} started${
               event.attempt > 1 ? ` · attempt ${event.attempt}` : ""

@@ -5,6 +5,8 @@
 
 import assert from "node:assert/strict";
 import {
+  collectGarbage,
+  createProgress,
   loadPipeline,
   openLocalState,
   readStepStates,
@@ -403,4 +405,133 @@ steps:
   const events = json.stdout.trim().split("\n").map((line) => JSON.parse(line));
   assert.equal(events.at(-1).type, "run");
   assert.equal(events.at(-1).status, "succeeded");
+});
+
+Deno.test("gc removes artifacts, scratch and logs of old unpinned runs and keeps pinned ones", async () => {
+  await using box = await sandbox();
+  const file = await box.write(
+    "pipeline.yaml",
+    `name: gc-demo
+steps:
+  make: { backend: shell, run: "echo data > $RUNNEL_OUTPUT_DATA_TXT", outputs: [data.txt] }
+  broken: { backend: shell, needs: [make], run: "exit 1" }
+`,
+  );
+  const plan = await loadPipeline(file);
+  const old = await runPipeline(plan, { stateDir: box.stateDir });
+  const pinned = await runPipeline(plan, { stateDir: box.stateDir });
+  const state = await openLocalState(box.stateDir);
+  await state.artifacts.pin(pinned.runId);
+  await state.close();
+  const later = Date.now() + 15 * 24 * 3600 * 1000;
+  const dry = await collectGarbage({ stateDir: box.stateDir, now: later, dryRun: true });
+  assert.equal(dry.recordsRemoved, 1);
+  assert.equal(dry.runsCleaned, 1);
+  await Deno.stat(`${box.stateDir}/logs/${old.runId}`); // still there after a dry run
+  const result = await collectGarbage({ stateDir: box.stateDir, now: later });
+  assert.equal(result.recordsRemoved, 1);
+  assert.equal(result.runsCleaned, 1);
+  await assert.rejects(() => Deno.stat(`${box.stateDir}/logs/${old.runId}`));
+  await assert.rejects(() => Deno.stat(`${box.stateDir}/work/${old.runId}`));
+  await Deno.stat(`${box.stateDir}/work/${pinned.runId}`); // the failed attempt's scratch, kept
+  const after = await openLocalState(box.stateDir);
+  try {
+    assert.equal(await after.artifacts.get(old.runId, "make", "data.txt"), undefined);
+    assert.ok(await after.artifacts.get(pinned.runId, "make", "data.txt"));
+  } finally {
+    await after.close();
+  }
+  const cli = await runCli(["gc", "--state-dir", box.stateDir, "--retention", "14d"], {
+    cwd: box.dir,
+  });
+  assert.equal(cli.code, 0, cli.stderr);
+  assert.match(cli.stdout, /removed 0 artifact records/);
+});
+
+Deno.test("logs --follow streams a running step's output until the run ends", async () => {
+  await using box = await sandbox();
+  const gate = `${box.dir}/gate`;
+  const file = await box.write(
+    "pipeline.yaml",
+    `name: follow
+steps:
+  talk:
+    backend: shell
+    run: |
+      echo first line
+      while [ ! -f "${gate}" ]; do sleep 0.05; done
+      echo last line
+`,
+  );
+  const { child, lines } = spawnCli(["run", file, "--state-dir", box.stateDir], { cwd: box.dir });
+  const runId = (await waitForLine(lines, (l) => l.startsWith("run "))).split(" ")[1];
+  await waitForLine(lines, (l) => l.includes("talk started"));
+  const follower = spawnCli(["logs", runId, "--follow", "--state-dir", box.stateDir], {
+    cwd: box.dir,
+  });
+  await waitForLine(follower.lines, (l) => l.includes("first line"));
+  await Deno.writeTextFile(gate, "");
+  await waitForLine(follower.lines, (l) => l.includes("last line"));
+  assert.equal((await follower.child.status).code, 0, "follow ends with the run");
+  await follower.child.stderr.cancel();
+  assert.equal((await child.status).code, 0);
+  await child.stderr.cancel();
+});
+
+Deno.test("on a terminal, progress redraws running steps in place", async () => {
+  const written: string[] = [];
+  let now = 1_000;
+  const progress = createProgress({
+    tty: true,
+    color: false,
+    write: (t) => written.push(t),
+    now: () => now,
+  });
+  progress.onEvent({
+    type: "run",
+    runId: "r1",
+    pipeline: "p",
+    status: "running",
+    at: 1_000,
+    steps: ["a"],
+  });
+  progress.onEvent({
+    type: "step",
+    runId: "r1",
+    stepId: "a",
+    status: "running",
+    attempt: 1,
+    at: 1_000,
+  });
+  progress.onEvent({
+    type: "log",
+    runId: "r1",
+    stepId: "a",
+    attempt: 1,
+    stream: "stdout",
+    text: "working\n",
+  });
+  now = 2_500;
+  progress.onEvent({
+    type: "step",
+    runId: "r1",
+    stepId: "a",
+    status: "succeeded",
+    attempt: 1,
+    at: 2_500,
+  });
+  progress.onEvent({
+    type: "run",
+    runId: "r1",
+    pipeline: "p",
+    status: "succeeded",
+    at: 2_500,
+    steps: ["a"],
+  });
+  progress.close();
+  const text = written.join("");
+  assert.match(text, /▶ a \d+ms\n/, "a live line for the running step");
+  assert.match(text, /\x1b\[\d+A\x1b\[0J/, "the live block is erased before it is redrawn");
+  assert.match(text, /✓ a 1\.5s/);
+  assert.match(text, /succeeded in 1\.5s \(1 succeeded\)/);
 });
