@@ -16,6 +16,7 @@
  */
 
 import { isRetryable, retryDelay } from "./backoff.ts";
+import { MinHeap } from "./_heap.ts";
 import {
   type ConditionAst,
   type ConditionContext,
@@ -95,57 +96,6 @@ function sameJson(a: unknown, b: unknown): boolean {
   const rightKeys = Object.keys(right).filter((key) => right[key] !== undefined);
   if (leftKeys.length !== rightKeys.length) return false;
   return leftKeys.every((key) => sameJson(left[key], right[key]));
-}
-
-/** A binary min-heap; the engine's queues and timers. */
-class MinHeap<T> {
-  readonly #items: T[] = [];
-  readonly #less: (a: T, b: T) => boolean;
-
-  constructor(less: (a: T, b: T) => boolean) {
-    this.#less = less;
-  }
-
-  get size(): number {
-    return this.#items.length;
-  }
-
-  peek(): T | undefined {
-    return this.#items[0];
-  }
-
-  push(item: T): void {
-    const items = this.#items;
-    items.push(item);
-    let i = items.length - 1;
-    while (i > 0) {
-      const parent = (i - 1) >> 1;
-      if (!this.#less(items[i], items[parent])) break;
-      [items[i], items[parent]] = [items[parent], items[i]];
-      i = parent;
-    }
-  }
-
-  pop(): T | undefined {
-    const items = this.#items;
-    const top = items[0];
-    const last = items.pop();
-    if (items.length > 0 && last !== undefined) {
-      items[0] = last;
-      let i = 0;
-      for (;;) {
-        const left = 2 * i + 1;
-        const right = left + 1;
-        let smallest = i;
-        if (left < items.length && this.#less(items[left], items[smallest])) smallest = left;
-        if (right < items.length && this.#less(items[right], items[smallest])) smallest = right;
-        if (smallest === i) break;
-        [items[i], items[smallest]] = [items[smallest], items[i]];
-        i = smallest;
-      }
-    }
-    return top;
-  }
 }
 
 /** A pending wake-up: a retry becoming due, or an attempt's deadline. */

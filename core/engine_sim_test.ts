@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { RunEngine } from "./engine.ts";
 import { planOf, type StepSpec } from "./_testing.ts";
+import { mulberry32, testSeed } from "./_random.ts";
 import type {
   AttemptResult,
   Effect,
@@ -20,25 +21,13 @@ import type {
   StepStatus,
 } from "./model.ts";
 
-const SEED = Number(Deno.env.get("RUNNEL_SEED") ?? Math.floor(Math.random() * 2 ** 31));
+const SEED = testSeed();
 /** Enough DAGs to meet every interleaving class many times, within ~10 s on 2 cores. */
 const DAGS = 1000;
 const MAX_EVENTS_PER_RUN = 400;
 const TERMINAL = new Set<StepStatus>(["succeeded", "failed", "cancelled", "skipped"]);
 const ACTIVE = new Set<StepStatus>(["scheduled", "running"]);
 const RETRY_CLASSES: ErrorClass[] = ["application", "timeout", "infrastructure", "business"];
-
-/** mulberry32: small, fast, good enough for test input. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 class Dice {
   constructor(readonly next: () => number) {}
@@ -195,7 +184,7 @@ function checkInvariants(
 }
 
 function simulate(seed: number): { events: number; statuses: string } {
-  const dice = new Dice(rng(seed));
+  const dice = new Dice(mulberry32(seed));
   const plan = randomPlan(dice);
   let engine = RunEngine.start(plan, { runId: "run", now: 0 });
   let twin = new RunEngine(plan, structuredClone(engine.state));
@@ -342,7 +331,7 @@ function simulate(seed: number): { events: number; statuses: string } {
 }
 
 Deno.test(`engine simulation over ${DAGS} random DAGs (RUNNEL_SEED=${SEED})`, () => {
-  const master = rng(SEED);
+  const master = mulberry32(SEED);
   let events = 0;
   const outcomes: Record<string, number> = {};
   for (let dag = 0; dag < DAGS; dag++) {

@@ -21,6 +21,7 @@ import {
   type WebhookSpec,
 } from "./model.ts";
 import type { OnFailureFile, PipelineFile, RetryFile, StepFile } from "./schema.ts";
+import { MinHeap } from "./_heap.ts";
 
 type Scalar = string | number | boolean;
 /** A matrix as written: key → values, plus `include`/`exclude` lists of maps. */
@@ -213,56 +214,17 @@ function resources(...specs: Array<StepFile["resources"]>): Resources {
   return out;
 }
 
-/** A min-heap of numbers, for the file-order tie break of the topological sort. */
-class MinHeap {
-  #items: number[] = [];
-  get size(): number {
-    return this.#items.length;
-  }
-  push(value: number): void {
-    const items = this.#items;
-    items.push(value);
-    let i = items.length - 1;
-    while (i > 0) {
-      const parent = (i - 1) >> 1;
-      if (items[parent] <= items[i]) break;
-      [items[parent], items[i]] = [items[i], items[parent]];
-      i = parent;
-    }
-  }
-  pop(): number {
-    const items = this.#items;
-    const top = items[0];
-    const last = items.pop()!;
-    if (items.length > 0) {
-      items[0] = last;
-      let i = 0;
-      for (;;) {
-        const left = 2 * i + 1;
-        const right = left + 1;
-        let smallest = i;
-        if (left < items.length && items[left] < items[smallest]) smallest = left;
-        if (right < items.length && items[right] < items[smallest]) smallest = right;
-        if (smallest === i) break;
-        [items[smallest], items[i]] = [items[i], items[smallest]];
-        i = smallest;
-      }
-    }
-    return top;
-  }
-}
-
 /** Topological order of instances (needs first), ties broken by file order; iterative. */
 export function topologicalOrder(steps: PlannedStep[]): string[] {
   const index = new Map(steps.map((s, i) => [s.id, i]));
   const pending = steps.map((s) => s.needs.length);
   const dependents: number[][] = steps.map(() => []);
   steps.forEach((s, i) => s.needs.forEach((need) => dependents[index.get(need)!].push(i)));
-  const heap = new MinHeap();
+  const heap = new MinHeap<number>((a, b) => a < b);
   pending.forEach((count, i) => count === 0 && heap.push(i));
   const order: string[] = [];
   while (heap.size > 0) {
-    const i = heap.pop();
+    const i = heap.pop()!;
     order.push(steps[i].id);
     for (const d of dependents[i]) if (--pending[d] === 0) heap.push(d);
   }

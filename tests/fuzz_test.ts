@@ -6,8 +6,9 @@
 import assert from "node:assert/strict";
 import { loadPipeline, parsePipeline } from "../core/load.ts";
 import { formatDiagnostic, PipelineError } from "../core/errors.ts";
+import { mulberry32, testSeed } from "../core/_random.ts";
 
-const SEED = Number(Deno.env.get("RUNNEL_SEED") ?? Math.floor(Math.random() * 2 ** 31));
+const SEED = testSeed();
 const CASES = 3000;
 /** Per-case bound: a file of a few hundred bytes parses in well under a millisecond. */
 const CASE_TIME_LIMIT_MS = 500;
@@ -43,18 +44,6 @@ steps:
     inputs: { summary: analyze/summary.json }
     continue-on-error: true
 `;
-
-/** mulberry32: small, fast, good enough for choosing mutations. */
-function random(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const WORDS = [
   "needs",
@@ -153,7 +142,7 @@ function check(source: string, label: string): void {
 }
 
 Deno.test(`fuzzed pipelines give a plan or located diagnostics (RUNNEL_SEED=${SEED})`, () => {
-  const rnd = random(SEED);
+  const rnd = mulberry32(SEED);
   check(BASE, "base");
   for (let i = 0; i < CASES; i++) {
     let text = BASE;
