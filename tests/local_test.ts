@@ -478,7 +478,7 @@ steps:
   await child.stderr.cancel();
 });
 
-Deno.test("on a terminal, progress redraws running steps in place", async () => {
+Deno.test("on a terminal, progress redraws running steps in place", () => {
   const written: string[] = [];
   let now = 1_000;
   const progress = createProgress({
@@ -531,6 +531,7 @@ Deno.test("on a terminal, progress redraws running steps in place", async () => 
   progress.close();
   const text = written.join("");
   assert.match(text, /▶ a \d+ms\n/, "a live line for the running step");
+  // deno-lint-ignore no-control-regex -- ANSI cursor-up and erase-below are the point
   assert.match(text, /\x1b\[\d+A\x1b\[0J/, "the live block is erased before it is redrawn");
   assert.match(text, /✓ a 1\.5s/);
   assert.match(text, /succeeded in 1\.5s \(1 succeeded\)/);
