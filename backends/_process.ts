@@ -39,38 +39,73 @@ export interface SpawnOptions {
   finish?: (status: ExitStatus) => ExitStatus | Promise<ExitStatus>;
 }
 
+/** Bytes read from a pipe at once; Deno's own default chunk size. */
+const READ_BUFFER_BYTES = 64 * 1024;
+
+/** Read buffers kept for later executions (two per execution in flight is plenty). */
+const MAX_POOLED_BUFFERS = 8;
+
+/** Idle read buffers, reused so that an execution does not allocate 64 KiB per pipe. */
+const bufferPool: ArrayBuffer[] = [];
+
+/** Where `setsid(1)` may live; checked once per process. */
+const SETSID_CANDIDATES = ["/usr/bin/setsid", "/bin/setsid"];
+
+/** The usable `setsid(1)` path, `null` when there is none; computed on first use. */
+let setsidPath: string | null | undefined;
+
+/** Absolute command paths known to be executable files (they rarely change). */
+const executableCommands = new Map<string, boolean>();
+
 /** Spawns a command in a new process group and wraps it as an execution. */
 export function spawnExecution(options: SpawnOptions): Execution {
-  const child = new Deno.Command(options.command, {
-    args: options.args,
+  const launcher = groupLauncher(options.command);
+  const child = new Deno.Command(launcher ?? options.command, {
+    args: launcher ? [options.command, ...options.args] : options.args,
     cwd: options.cwd,
     env: options.env,
     clearEnv: true,
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
-    // `detached` makes the child call setsid(): it leads a new process group
-    // whose id is its pid, so `kill(-pid)` reaches everything it started.
-    detached: true,
+    // The child must lead a new session and process group whose id is its
+    // pid, so that `kill(-pid)` reaches everything it started. `setsid(1)`
+    // does that and then execs the command in place (same pid); it lets Deno
+    // use posix_spawn, where `detached` needs a fork of the whole runner,
+    // which holds the runner's main thread about three times as long.
+    detached: launcher === undefined,
   }).spawn();
   const queue = new ChunkQueue();
-  const readers: ReadableStreamDefaultReader<Uint8Array>[] = [];
-  const stdoutPump = pump(child.stdout, readers, (data) => queue.push({ stream: "stdout", data }));
+  const readers: ReadableStreamBYOBReader[] = [];
+  const stdoutPump = pump(
+    child.stdout,
+    readers,
+    // The read buffer is reused: a chunk kept for the logs needs its own copy.
+    (data) => queue.push({ stream: "stdout", data: data.slice() }),
+  );
   const stderrFilter = options.markerPrefix
     ? new MarkerFilter(options.markerPrefix, options.onMarker ?? (() => {}))
     : undefined;
-  const encoder = new TextEncoder();
-  const pushStderr = (data: Uint8Array) => {
-    if (!stderrFilter) return queue.push({ stream: "stderr", data });
-    const text = stderrFilter.write(data);
-    if (text) options.onStderrText?.(text);
-    if (text) queue.push({ stream: "stderr", data: encoder.encode(text) });
+  const pushStderrText = (text: string) => {
+    if (!text) return;
+    options.onStderrText?.(text);
+    queue.push({ stream: "stderr", data: encoder.encode(text) });
   };
-  const stderrPump = pump(child.stderr, readers, pushStderr).then(() => {
-    const rest = stderrFilter?.end();
-    if (rest) options.onStderrText?.(rest);
-    if (rest) queue.push({ stream: "stderr", data: encoder.encode(rest) });
+  const stderrPump = pump(
+    child.stderr,
+    readers,
+    stderrFilter
+      ? (data) => pushStderrText(stderrFilter.write(data))
+      : (data) => queue.push({ stream: "stderr", data: data.slice() }),
+  ).then(() => {
+    if (stderrFilter) pushStderrText(stderrFilter.end());
   });
+  let pipesDrained = false;
+  const markDrained = () => {
+    pipesDrained = true;
+  };
+  const drained = Promise.all([stdoutPump, stderrPump]);
+  drained.then(markDrained, markDrained);
   let cancelled = false;
   let exited = false;
   const exitPromise = child.status.then((status) => {
@@ -82,31 +117,31 @@ export function spawnExecution(options: SpawnOptions): Execution {
     try {
       Deno.kill(-child.pid, signal);
     } catch {
-      // The group is already gone (ESRCH); nothing left to signal.
+      // No such group: either it is gone (nothing left to signal), or
+      // `setsid(1)` has not made it yet, and the child is still alone.
+      if (launcher && !exited) killProcess(child.pid, signal);
     }
   };
 
-  const waitPromise = (async (): Promise<ExitStatus> => {
-    const status = await exitPromise;
+  const waitPromise = exitPromise.then(async (status): Promise<ExitStatus> => {
     // A step's processes must not outlive it: reap what it left behind.
     killGroup("SIGKILL");
-    const drained = Promise.all([stdoutPump, stderrPump]);
-    const timedOut = await raceTimeout(drained, DRAIN_DEADLINE_MS);
-    if (timedOut) {
+    // The pipes have usually reached end-of-file by now; only wait with a
+    // deadline (and a timer) when they have not.
+    if (!pipesDrained && await raceTimeout(drained, DRAIN_DEADLINE_MS)) {
       await Promise.allSettled(readers.map((reader) => reader.cancel()));
-      await Promise.allSettled([stdoutPump, stderrPump]);
     }
+    await drained;
     queue.close();
-    let result: ExitStatus = { exitCode: status.code };
+    const result: ExitStatus = { exitCode: status.code };
     if (status.signal) result.signal = status.signal;
     if (cancelled) {
       result.errorClass = "cancelled";
       result.message = "step was cancelled";
       return result;
     }
-    if (options.finish) result = await options.finish(result);
-    return result;
-  })();
+    return options.finish ? options.finish(result) : result;
+  });
 
   return {
     handle: String(child.pid),
@@ -121,14 +156,63 @@ export function spawnExecution(options: SpawnOptions): Execution {
         await exitPromise;
       }
     },
-    async cleanup() {
+    cleanup() {
       if (!exited) {
         cancelled = true;
         killGroup("SIGKILL");
       }
-      await waitPromise;
+      return waitPromise.then(() => {});
     },
   };
+}
+
+const encoder = new TextEncoder();
+
+/**
+ * The `setsid(1)` to start `command` through, or undefined to use Deno's
+ * `detached` instead: only on Linux, only for an absolute path to an
+ * executable file (so a missing command still fails `spawn()` itself rather
+ * than becoming an exit code of `setsid`), and only with permission to run
+ * `setsid` (a sandboxed backend host is granted its command alone).
+ */
+function groupLauncher(command: string): string | undefined {
+  if (Deno.build.os !== "linux" || !command.startsWith("/")) return undefined;
+  if (setsidPath === undefined) {
+    setsidPath = SETSID_CANDIDATES.find((path) => isExecutable(path) && mayRun(path)) ?? null;
+  }
+  if (setsidPath === null) return undefined;
+  let ok = executableCommands.get(command);
+  if (ok === undefined) {
+    ok = isExecutable(command);
+    executableCommands.set(command, ok);
+  }
+  return ok ? setsidPath : undefined;
+}
+
+function isExecutable(path: string): boolean {
+  try {
+    if (Deno.permissions.querySync({ name: "read", path }).state !== "granted") return false;
+    const info = Deno.statSync(path);
+    return info.isFile && ((info.mode ?? 0) & 0o111) !== 0;
+  } catch {
+    return false;
+  }
+}
+
+function mayRun(path: string): boolean {
+  try {
+    return Deno.permissions.querySync({ name: "run", command: path }).state === "granted";
+  } catch {
+    return false;
+  }
+}
+
+function killProcess(pid: number, signal: Deno.Signal): void {
+  try {
+    Deno.kill(pid, signal);
+  } catch {
+    // Already gone.
+  }
 }
 
 /** Resolves true if `promise` has not settled within `ms`. */
@@ -144,18 +228,28 @@ async function raceTimeout(promise: Promise<unknown>, ms: number): Promise<boole
   }
 }
 
+/**
+ * Reads `stream` to its end into a pooled buffer; `onChunk` sees a view that
+ * is only valid until it returns.
+ */
 async function pump(
   stream: ReadableStream<Uint8Array>,
-  readers: ReadableStreamDefaultReader<Uint8Array>[],
+  readers: ReadableStreamBYOBReader[],
   onChunk: (data: Uint8Array) => void,
 ): Promise<void> {
-  const reader = stream.getReader();
+  const reader = stream.getReader({ mode: "byob" });
   readers.push(reader);
+  let buffer = bufferPool.pop() ?? new ArrayBuffer(READ_BUFFER_BYTES);
   try {
     while (true) {
-      const { done, value } = await reader.read();
-      if (done) return;
+      const { done, value } = await reader.read(new Uint8Array(buffer));
+      // Reading transfers the buffer; the view handed back holds it now.
+      if (value) buffer = value.buffer as ArrayBuffer;
+      if (done) break;
       if (value.byteLength > 0) onChunk(value);
+    }
+    if (buffer.byteLength === READ_BUFFER_BYTES && bufferPool.length < MAX_POOLED_BUFFERS) {
+      bufferPool.push(buffer);
     }
   } catch {
     // A cancelled reader ends the pump; what was read has been delivered.
@@ -164,34 +258,65 @@ async function pump(
   }
 }
 
+const DONE: IteratorReturnResult<undefined> = { done: true, value: undefined };
+
 /** An unbounded single-consumer queue of log chunks. */
 class ChunkQueue implements AsyncIterable<LogChunk> {
   #items: LogChunk[] = [];
-  #wake: (() => void) | undefined;
+  #head = 0;
+  #waiter: ((result: IteratorResult<LogChunk>) => void) | undefined;
   #closed = false;
 
   push(chunk: LogChunk): void {
+    const waiter = this.#waiter;
+    if (waiter) {
+      this.#waiter = undefined;
+      waiter({ done: false, value: chunk });
+      return;
+    }
     this.#items.push(chunk);
-    this.#wake?.();
   }
 
   close(): void {
     this.#closed = true;
-    this.#wake?.();
+    const waiter = this.#waiter;
+    this.#waiter = undefined;
+    waiter?.(DONE);
   }
 
-  async *[Symbol.asyncIterator](): AsyncIterator<LogChunk> {
-    while (true) {
-      if (this.#items.length > 0) {
-        yield this.#items.shift()!;
-        continue;
+  [Symbol.asyncIterator](): AsyncIterator<LogChunk> {
+    let finished = false;
+    return {
+      next: () => {
+        if (finished) return Promise.resolve(DONE);
+        const result = this.#take();
+        if (result) {
+          if (result.done) finished = true;
+          return Promise.resolve(result);
+        }
+        return new Promise((resolve) => {
+          this.#waiter = resolve;
+        });
+      },
+      return: () => {
+        finished = true;
+        return Promise.resolve(DONE);
+      },
+    };
+  }
+
+  /** The next result if one is ready now. */
+  #take(): IteratorResult<LogChunk> | undefined {
+    if (this.#head < this.#items.length) {
+      const chunk = this.#items[this.#head];
+      this.#items[this.#head++] = undefined as unknown as LogChunk;
+      if (this.#head === this.#items.length) {
+        this.#items = [];
+        this.#head = 0;
       }
-      if (this.#closed) return;
-      await new Promise<void>((resolve) => {
-        this.#wake = resolve;
-      });
-      this.#wake = undefined;
+      return { done: false, value: chunk };
     }
+    return this.#closed ? DONE : undefined;
   }
 }
 

@@ -8,6 +8,7 @@
 import { benchPlan } from "./plan_bench.ts";
 import { benchDenoStep } from "./deno_step_bench.ts";
 import { benchNoopSteps, benchWindmill } from "./local_bench.ts";
+import { benchShellBackend } from "./shell_backend_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -15,6 +16,7 @@ if (import.meta.main) {
   );
   await benchPlan();
   await benchDenoStep();
+  await benchShellBackend();
   await benchNoopSteps();
   await benchWindmill();
 }

@@ -71,7 +71,10 @@ function startShellStep(spec: AttemptSpec): Promise<Execution> {
     args: ["-e", "-c", config.run],
     cwd,
     env,
-    finish: (status) => missingOutputStatus(spec, classifyShellExit(status)),
+    // With no declared outputs there is nothing to check: stay synchronous.
+    finish: spec.outputs.length === 0
+      ? classifyShellExit
+      : (status) => missingOutputStatus(spec, classifyShellExit(status)),
   }));
 }
 

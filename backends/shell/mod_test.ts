@@ -152,3 +152,61 @@ Deno.test("shell: validate and fingerprint", async () => {
   const fingerprint = await backend.fingerprint();
   assert.equal(fingerprint.available, true);
 });
+
+Deno.test("shell: the step leads its own session and process group", async () => {
+  if (Deno.build.os !== "linux") return;
+  const spec = await scratchSpec({
+    run: 'read -r _ _ _ _ group session _ < /proc/$$/stat; echo "$$ $group $session"',
+  });
+  try {
+    const execution = await backend.start(spec);
+    const { status, stdout } = await runToEnd(execution);
+    assert.ok(isSuccess(status), JSON.stringify(status));
+    const pid = execution.handle;
+    assert.equal(stdout, `${pid} ${pid} ${pid}\n`);
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("shell: a cancel right after start still stops the step", async () => {
+  const spec = await scratchSpec({ run: "sleep 300" });
+  try {
+    for (let i = 0; i < 20; i++) {
+      const execution = await backend.start(spec);
+      await execution.cancel(5_000);
+      const status = await execution.wait();
+      assert.equal(status.errorClass, "cancelled");
+      assert.equal(status.signal, "SIGTERM");
+      await execution.cleanup();
+    }
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("shell: large and concurrent outputs arrive intact", async () => {
+  const spec = await scratchSpec({ run: "seq 1 60000; seq 1 30000 >&2" });
+  const numbers = (count: number) => Array.from({ length: count }, (_, i) => `${i + 1}\n`).join("");
+  try {
+    const results = await Promise.all(
+      [0, 1, 2].map(async () => runToEnd(await backend.start(spec))),
+    );
+    for (const { status, stdout, stderr } of results) {
+      assert.ok(isSuccess(status), JSON.stringify(status));
+      assert.equal(stdout, numbers(60000));
+      assert.equal(stderr, numbers(30000));
+    }
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("shell: a shell that does not exist fails the start", async () => {
+  const spec = await scratchSpec({ run: "true", shell: "/nonexistent/runnel-sh" });
+  try {
+    await assert.rejects(async () => await backend.start(spec), Deno.errors.NotFound);
+  } finally {
+    await spec.remove();
+  }
+});
