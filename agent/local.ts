@@ -265,8 +265,7 @@ export async function cancelRun(
   try {
     const record = await getRunRecord(state.store, runId);
     if (["succeeded", "failed", "cancelled"].includes(record.status)) return "already-finished";
-    const owner = await state.store.get(keys.owner(runId));
-    if (owner) {
+    if (await liveOwner(state.store, runId)) {
       await state.store.put(keys.cancel(runId), JSON.stringify({ at: now() }));
       return "requested";
     }
@@ -413,14 +412,57 @@ function basename(path: string): string {
   return path.slice(path.lastIndexOf("/") + 1);
 }
 
-async function assertNoLiveOwner(store: Store, runId: string): Promise<void> {
+/**
+ * The process executing a run, if one is alive. An owner recorded on this
+ * machine whose process is gone (killed) is cleared at once instead of
+ * waiting for its lease to lapse; the txn compares the revision so a new
+ * owner is never removed.
+ */
+async function liveOwner(
+  store: Store,
+  runId: string,
+): Promise<{ pid: number; host: string } | undefined> {
   const owner = await store.get(keys.owner(runId));
+  if (!owner) return undefined;
+  const found = JSON.parse(owner.value) as { pid: number; host: string };
+  if (found.host === Deno.hostname() && !(await processAlive(found.pid))) {
+    await store.txn({
+      compare: [{ key: keys.owner(runId), target: "mod", op: "==", value: owner.modRevision }],
+      success: [{ type: "delete", key: keys.owner(runId) }],
+    });
+    return undefined;
+  }
+  return found;
+}
+
+async function assertNoLiveOwner(store: Store, runId: string): Promise<void> {
+  const owner = await liveOwner(store, runId);
   if (owner) {
-    const { pid, host } = JSON.parse(owner.value) as { pid: number; host: string };
     throw new LocalRunError(
       "run_active",
-      `Run ${runId} is still being executed by process ${pid} on ${host}; cancel it first with "runnel cancel ${runId}"`,
+      `Run ${runId} is still being executed by process ${owner.pid} on ${owner.host}; cancel it first with "runnel cancel ${runId}"`,
     );
+  }
+}
+
+/**
+ * Whether a local process is alive. Deno guards other processes' /proc
+ * entries behind --allow-all, so ask `ps`; where it cannot answer, the
+ * process counts as alive and the owner lease decides.
+ */
+async function processAlive(pid: number): Promise<boolean> {
+  try {
+    const output = await new Deno.Command("ps", {
+      args: ["-p", String(pid), "-o", "stat="],
+      stdout: "piped",
+      stderr: "null",
+    }).output();
+    const state = new TextDecoder().decode(output.stdout).trim();
+    // No line: no such process. "Z": exited, not yet reaped by its parent.
+    if (state === "") return output.code !== 1;
+    return !state.startsWith("Z");
+  } catch {
+    return true;
   }
 }
 
