@@ -636,7 +636,11 @@ class LocalDriver {
         const effects: Effect[] = [];
         for (const { event, ignoreFinish } of batch) {
           for (const effect of this.#engine.step(event).effects) {
-            if (ignoreFinish && effect.type === "RunFinished") continue;
+            // Replayed losses before a resume end the run (and may fail steps)
+            // only for a moment: showing or announcing that would mislead.
+            const passing = effect.type === "RunFinished" || effect.type === "StepStatus" ||
+              effect.type === "Notify";
+            if (ignoreFinish && passing) continue;
             effects.push(effect);
           }
         }
