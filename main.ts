@@ -288,7 +288,7 @@ async function showRun(prefix: string, stateDir?: string, json?: boolean): Promi
 
 function stepRows(steps: Record<string, StepState>): string[][] {
   // In the order they ran (steps that never ran last), not the store's key order.
-  const started = (step: StepState) => step.attempts[0]?.scheduledAt ?? Infinity;
+  const started = (step: StepState) => step.attempts[0]?.scheduledAt ?? Number.MAX_SAFE_INTEGER;
   return Object.values(steps).sort((a, b) => started(a) - started(b)).map((step) => {
     const last = step.attempts.at(-1);
     const duration = last?.startedAt && last.endedAt ? formatMs(last.endedAt - last.startedAt) : "";
