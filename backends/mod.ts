@@ -26,9 +26,12 @@ export function builtinBackends(): Record<string, ExecutionBackend> {
   return Object.fromEntries(backends.map((backend) => [backend.name, backend]));
 }
 
+/** Built once: `getBackend` is called for every attempt. */
+let registry: Record<string, ExecutionBackend> | undefined;
+
 /** The built-in backend called `name`; throws {@link UnknownBackendError} for others. */
 export function getBackend(name: string): ExecutionBackend {
-  const backends = builtinBackends();
+  const backends = registry ??= builtinBackends();
   const backend = backends[name];
   if (!backend) throw new UnknownBackendError(name, Object.keys(backends));
   return backend;

@@ -10,6 +10,7 @@
 
 import { isSuccess } from "../backends/backend.ts";
 import { createDenoBackend } from "../backends/deno/mod.ts";
+import { printTable } from "./_table.ts";
 
 /** Runs per variant; 20 keeps the whole bench near ten seconds on two cores. */
 const RUNS = 20;
@@ -93,17 +94,16 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
     const anchor = summarise("bare deno run (anchor)", samples.anchor);
     const viaBackendRow = summarise("deno backend", samples.backend);
     const ratio = viaBackendRow.medianMs / anchor.medianMs;
-    console.log(`deno step, ${RUNS} runs each (ms)`);
-    console.log("| variant                | median |   min |   max | ratio |");
-    console.log("| ---------------------- | -----: | ----: | ----: | ----: |");
-    for (const row of [anchor, viaBackendRow]) {
-      const rowRatio = row.medianMs / anchor.medianMs;
-      console.log(
-        `| ${row.name.padEnd(22)} | ${fmt(row.medianMs, 6)} | ${fmt(row.minMs, 5)} | ${
-          fmt(row.maxMs, 5)
-        } | ${rowRatio.toFixed(2).padStart(5)} |`,
-      );
-    }
+    printTable(
+      `deno step, ${RUNS} runs each (ms)`,
+      [anchor, viaBackendRow].map((row) => ({
+        variant: row.name,
+        median: row.medianMs.toFixed(1),
+        min: row.minMs.toFixed(1),
+        max: row.maxMs.toFixed(1),
+        ratio: (row.medianMs / anchor.medianMs).toFixed(2),
+      })),
+    );
     console.log(`target ratio ≤ 1.30: ${ratio <= 1.3 ? "met" : "NOT met"}`);
     return { anchor, backend: viaBackendRow, ratio };
   } finally {
@@ -118,10 +118,6 @@ function summarise(name: string, samples: number[]): BenchRow {
     ? sorted[middle]
     : (sorted[middle - 1] + sorted[middle]) / 2;
   return { name, medianMs, minMs: sorted[0], maxMs: sorted[sorted.length - 1] };
-}
-
-function fmt(ms: number, width: number): string {
-  return ms.toFixed(1).padStart(width);
 }
 
 if (import.meta.main) {

@@ -16,19 +16,7 @@
  */
 
 import { parsePipeline, runPipeline, type RunSummary } from "../mod.ts";
-
-/** One row of a printed table. */
-type Row = Record<string, string | number>;
-
-/** Prints rows as an aligned table under a title. */
-export function printTable(title: string, rows: Row[]): void {
-  console.log(`\n${title}`);
-  const headers = Object.keys(rows[0] ?? {});
-  const cells = rows.map((r) => headers.map((h) => String(r[h])));
-  const widths = headers.map((h, i) => Math.max(h.length, ...cells.map((c) => c[i].length)));
-  console.log(headers.map((h, i) => h.padEnd(widths[i])).join("  "));
-  for (const c of cells) console.log(c.map((v, i) => v.padEnd(widths[i])).join("  "));
-}
+import { printTable, type Row } from "./_table.ts";
 
 async function tempDir(): Promise<string> {
   return await Deno.realPath(await Deno.makeTempDir({ prefix: "runnel-bench-" }));

@@ -9,6 +9,7 @@
 
 import { parse } from "yaml";
 import { parsePipeline } from "../core/load.ts";
+import { printTable } from "./_table.ts";
 
 /** Steps in the generated DAG (the size the planner must handle comfortably). */
 const STEPS = 10_000;
@@ -60,24 +61,21 @@ export async function benchPlan(): Promise<void> {
   const rssMb = Deno.memoryUsage().rss / 2 ** 20;
   const anchorMs = time(() => parse(source));
   if (planned !== STEPS) throw new Error(`planned ${planned} steps, expected ${STEPS}`);
-  const rows = [
-    ["case", "median ms", "ratio", "target"],
-    ["yaml parse (anchor)", anchorMs.toFixed(1), "1.00", ""],
-    [
-      `parse+validate+plan ${STEPS} steps`,
-      loadMs.toFixed(1),
-      (loadMs / anchorMs).toFixed(2),
-      `≤${TARGET_MS} ms ${loadMs <= TARGET_MS ? "ok" : "MISSED"}`,
-    ],
-    [
-      "rss after runs (MB)",
-      rssMb.toFixed(0),
-      "",
-      `≤${TARGET_RSS_MB} MB ${rssMb <= TARGET_RSS_MB ? "ok" : "MISSED"}`,
-    ],
-  ];
-  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
-  for (const row of rows) console.log(row.map((cell, c) => cell.padEnd(widths[c])).join("  "));
+  printTable(`validate + plan a generated ${STEPS}-step DAG (median of runs)`, [
+    { case: "yaml parse (anchor)", median_ms: anchorMs.toFixed(1), ratio: "1.00", target: "" },
+    {
+      case: `parse+validate+plan ${STEPS} steps`,
+      median_ms: loadMs.toFixed(1),
+      ratio: (loadMs / anchorMs).toFixed(2),
+      target: `≤${TARGET_MS} ms ${loadMs <= TARGET_MS ? "ok" : "MISSED"}`,
+    },
+    {
+      case: "rss after runs (MB)",
+      median_ms: rssMb.toFixed(0),
+      ratio: "",
+      target: `≤${TARGET_RSS_MB} MB ${rssMb <= TARGET_RSS_MB ? "ok" : "MISSED"}`,
+    },
+  ]);
   await Promise.resolve();
 }
 

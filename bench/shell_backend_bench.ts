@@ -13,6 +13,7 @@ import process from "node:process";
 import type { AttemptSpec } from "../backends/backend.ts";
 import { isSuccess } from "../backends/backend.ts";
 import { getBackend } from "../backends/mod.ts";
+import { printTable } from "./_table.ts";
 
 /** Sequential executions per variant. */
 const RUNS = 300;
@@ -106,16 +107,17 @@ export async function benchShellBackend(): Promise<ShellBackendBenchResult> {
     const anchor = summarise("raw detached spawn", samples.anchor, cpuMicros.anchor);
     const viaBackendRow = summarise("shell backend", samples.backend, cpuMicros.backend);
     const ratio = viaBackendRow.meanMs / anchor.meanMs;
-    console.log(`shell no-op, ${RUNS} sequential executions each (ms per execution)`);
-    console.log("| variant              |  mean | median |   p90 |   cpu | ratio |");
-    console.log("| -------------------- | ----: | -----: | ----: | ----: | ----: |");
-    for (const row of [anchor, viaBackendRow]) {
-      console.log(
-        `| ${row.name.padEnd(20)} | ${fmt(row.meanMs, 5)} | ${fmt(row.medianMs, 6)} | ${
-          fmt(row.p90Ms, 5)
-        } | ${fmt(row.cpuMs, 5)} | ${(row.meanMs / anchor.meanMs).toFixed(2).padStart(5)} |`,
-      );
-    }
+    printTable(
+      `shell no-op, ${RUNS} sequential executions each (ms per execution)`,
+      [anchor, viaBackendRow].map((row) => ({
+        variant: row.name,
+        mean: row.meanMs.toFixed(2),
+        median: row.medianMs.toFixed(2),
+        p90: row.p90Ms.toFixed(2),
+        cpu: row.cpuMs.toFixed(2),
+        ratio: (row.meanMs / anchor.meanMs).toFixed(2),
+      })),
+    );
     // Throughput with two executions in flight, as local mode runs them.
     const lane = async () => {
       for (let i = 0; i < RUNS / 2; i++) await viaBackend();
@@ -140,10 +142,6 @@ function summarise(name: string, samples: number[], cpuMicros: number): ShellBen
   const medianMs = sorted[Math.floor(sorted.length / 2)];
   const p90Ms = sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * 0.9))];
   return { name, meanMs, medianMs, p90Ms, cpuMs: cpuMicros / 1000 / samples.length };
-}
-
-function fmt(ms: number, width: number): string {
-  return ms.toFixed(2).padStart(width);
 }
 
 if (import.meta.main) {
