@@ -6,6 +6,7 @@
 
 import { parseArgs } from "node:util";
 import {
+  builtinPlugins,
   cancelRun,
   collectGarbage,
   createProgress,
@@ -19,6 +20,9 @@ import {
   parseDuration,
   PipelineError,
   pipelineJsonSchema,
+  pluginFromLocation,
+  PluginHostPool,
+  type PluginSource,
   readStepStates,
   renderMermaid,
   renderPlanText,
@@ -26,9 +30,12 @@ import {
   runPipeline,
   type RunSummary,
   statePaths,
+  validateStepConfigs,
   waitForRunEnd,
 } from "./mod.ts";
 import type { StepState } from "./core/model.ts";
+import { dirname, resolve } from "node:path";
+import { parse as parseYaml } from "yaml";
 
 const VERSION = "0.1.0";
 
@@ -48,6 +55,7 @@ Commands:
   resume RUN           finish a failed or cancelled run from where it stopped
   gc                   delete artifacts of unpinned runs older than --retention
   pin RUN | unpin RUN  keep (or stop keeping) a run's artifacts through gc
+  backends             list the backends and whether this host can run them
 
 Options:
   --state-dir DIR      where runs, logs and artifacts live (default .runnel)
@@ -58,6 +66,8 @@ Options:
   --follow, -f         (logs) keep printing until the run ends
   --retention D        (gc) keep artifacts younger than D (default 14d)
   --dry-run            (gc) report what would be deleted
+  --plugin NAME=WHERE  load a third-party backend from a path or URL (repeatable)
+  --config FILE        agent config (YAML): "plugins: { NAME: path-or-url }"
   -h, --help           this help
   -V, --version        print the version
 
@@ -82,6 +92,8 @@ async function main(argv: string[]): Promise<number> {
       follow: { type: "boolean", short: "f" },
       retention: { type: "string" },
       "dry-run": { type: "boolean" },
+      plugin: { type: "string", multiple: true },
+      config: { type: "string" },
       help: { type: "boolean", short: "h" },
       version: { type: "boolean", short: "V" },
     },
@@ -93,6 +105,9 @@ async function main(argv: string[]): Promise<number> {
   const concurrency = values.concurrency === undefined
     ? undefined
     : positiveInt(values.concurrency, "--concurrency");
+  const plugins = await configuredPlugins(values.plugin ?? [], values.config);
+  const load = (file: string) =>
+    loadPipeline(file, { backends: plugins.map((plugin) => plugin.name) });
   const need = (what: string) => {
     if (!rest[0]) throw new UsageError(`"runnel ${command}" needs ${what}`);
     return rest[0];
@@ -100,28 +115,39 @@ async function main(argv: string[]): Promise<number> {
 
   switch (command) {
     case "validate": {
-      const plan = await loadPipeline(need("a pipeline file"));
+      const plan = await load(need("a pipeline file"));
+      const pool = new PluginHostPool({
+        plugins: [...builtinPlugins(), ...plugins],
+        context: { scratchRoot: Deno.cwd(), agentId: "validate" },
+      });
+      try {
+        const problems = await validateStepConfigs(plan, pool);
+        if (problems.length > 0) throw new PipelineError(problems);
+      } finally {
+        await pool.close();
+      }
       return print(
         `${plan.file}: valid · pipeline "${plan.name}" · ${plan.order.length} step instances`,
       );
     }
     case "plan": {
-      const plan = await loadPipeline(need("a pipeline file"));
+      const plan = await load(need("a pipeline file"));
       return print(values.mermaid ? renderMermaid(plan) : renderPlanText(plan));
     }
     case "schema":
       return print(JSON.stringify(pipelineJsonSchema(), null, 2));
     case "run": {
-      const plan = await loadPipeline(need("a pipeline file"));
+      const plan = await load(need("a pipeline file"));
       return await execute(
-        (options) => runPipeline(plan, options),
+        (options) => runPipeline(plan, { ...options, plugins }),
         { json: values.json, logs: values.logs, stateDir, concurrency },
       );
     }
     case "resume": {
       const runId = await resolveRunId(need("a run id"), stateDir);
       return await execute(
-        (options) => resumeRun(runId, options),
+        (options) =>
+          resumeRun(runId, { ...options, plugins: plugins.length ? plugins : undefined }),
         { json: values.json, logs: values.logs, stateDir, concurrency },
       );
     }
@@ -167,8 +193,83 @@ async function main(argv: string[]): Promise<number> {
         await state.close();
       }
     }
+    case "backends":
+      return await showBackends(plugins, values.json);
     default:
       throw new UsageError(`unknown command "${command}"; see "runnel --help"`);
+  }
+}
+
+/** Third-party backends from `--plugin NAME=WHERE` flags and the `--config` file. */
+async function configuredPlugins(flags: string[], configFile?: string): Promise<PluginSource[]> {
+  const byName = new Map<string, PluginSource>();
+  if (configFile) {
+    let config: unknown;
+    try {
+      config = parseYaml(await Deno.readTextFile(configFile));
+    } catch (error) {
+      throw new UsageError(
+        `cannot read agent config ${configFile}: ${error instanceof Error ? error.message : error}`,
+      );
+    }
+    const plugins = (config as { plugins?: unknown } | null)?.plugins ?? {};
+    if (typeof plugins !== "object" || Array.isArray(plugins)) {
+      throw new UsageError(
+        `${configFile}: expected "plugins" to map backend names to paths or URLs`,
+      );
+    }
+    const baseDir = dirname(resolve(configFile));
+    for (const [name, where] of Object.entries(plugins as Record<string, unknown>)) {
+      if (typeof where !== "string") {
+        throw new UsageError(`${configFile}: expected a path or URL for plugin "${name}"`);
+      }
+      byName.set(name, pluginOrUsage(name, where, baseDir));
+    }
+  }
+  for (const flag of flags) {
+    const at = flag.indexOf("=");
+    if (at <= 0) throw new UsageError(`expected --plugin NAME=PATH-OR-URL, got "${flag}"`);
+    const name = flag.slice(0, at);
+    byName.set(name, pluginOrUsage(name, flag.slice(at + 1), Deno.cwd()));
+  }
+  for (const name of byName.keys()) {
+    if (builtinPlugins().some((plugin) => plugin.name === name)) {
+      throw new UsageError(`plugin "${name}" would replace the built-in backend of that name`);
+    }
+  }
+  return [...byName.values()];
+}
+
+function pluginOrUsage(name: string, where: string, baseDir: string): PluginSource {
+  try {
+    return pluginFromLocation(name, where, baseDir);
+  } catch (error) {
+    throw new UsageError(error instanceof Error ? error.message : String(error));
+  }
+}
+
+async function showBackends(plugins: PluginSource[], json?: boolean): Promise<number> {
+  const pool = new PluginHostPool({
+    plugins: [...builtinPlugins(), ...plugins],
+    context: { scratchRoot: Deno.cwd(), agentId: "backends" },
+  });
+  try {
+    const rows = await Promise.all(pool.names.map(async (name) => {
+      const fingerprint = await pool.backend(name).fingerprint();
+      const source = pool.source(name)!;
+      return { name, ...fingerprint, source: source.manifest ? "built-in" : source.module };
+    }));
+    if (json) return print(rows.map((row) => JSON.stringify(row)).join("\n"));
+    const width = Math.max(...rows.map((row) => row.name.length));
+    return print(
+      rows.map((row) =>
+        `${row.name.padEnd(width)}  ${
+          row.available ? "available  " : "unavailable"
+        }  ${row.detail}${row.source === "built-in" ? "" : `  (${row.source})`}`
+      ).join("\n"),
+    );
+  } finally {
+    await pool.close();
   }
 }
 

@@ -69,11 +69,23 @@ export type {
   BackendManifest,
   Execution,
   ExecutionBackend,
+  ExecutionState,
   ExitStatus,
   Fingerprint,
+  HostContext,
   LogChunk,
+  RecoveredAttempt,
+  RecoverOptions,
 } from "./backends/backend.ts";
-export { builtinBackends, getBackend } from "./backends/mod.ts";
+export {
+  builtinPlugins,
+  pluginFromLocation,
+  PluginHostPool,
+  type PluginHostPoolOptions,
+  type PluginSource,
+  type PoolMetrics,
+  validateStepConfigs,
+} from "./backends/mod.ts";
 export type { StepContext } from "./backends/deno/context.ts";
 export { BusinessError } from "./backends/deno/context.ts";
 

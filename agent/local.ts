@@ -18,6 +18,7 @@ import type {
   AttemptResult,
   Effect,
   EngineEvent,
+  ErrorClass,
   FailureInfo,
   Plan,
   PlannedStep,
@@ -27,13 +28,20 @@ import type {
   StepStatus,
   WebhookSpec,
 } from "../core/model.ts";
-import { BUSINESS_EXIT_CODE } from "../core/model.ts";
+import { BUSINESS_EXIT_CODE, ERROR_CLASSES } from "../core/model.ts";
 import type { Store, TxnOp } from "../consensus/store.ts";
 import { openEmbeddedStore } from "../consensus/embedded.ts";
 import type { ArtifactStore } from "../core/artifacts/store.ts";
 import { openLocalArtifactStore } from "../core/artifacts/local.ts";
 import { DEFAULT_RETENTION_MS } from "../core/artifacts/store.ts";
-import { getBackend } from "../backends/mod.ts";
+import {
+  builtinPlugins,
+  PluginHostPool,
+  type PluginSource,
+  type PoolMetrics,
+  validateStepConfigs,
+} from "../backends/mod.ts";
+import { PipelineError } from "../core/errors.ts";
 import type { AttemptSpec, Execution } from "../backends/backend.ts";
 import { Masker, resolveSecrets } from "../core/secrets.ts";
 import { loadPipeline } from "../core/load.ts";
@@ -91,6 +99,16 @@ export interface LocalRunOptions {
   env?: (name: string) => string | undefined;
   /** Clock, for tests. */
   now?: () => number;
+  /** Third-party backends, besides the built-in ones. */
+  plugins?: PluginSource[];
+  /**
+   * Plugin hosts to run steps in; by default the run starts its own pool and
+   * stops it at the end. A pool passed here is shared (its hosts stay warm)
+   * and must have the run's scratch root, `<stateDir>/work`, in its context.
+   */
+  pool?: PluginHostPool;
+  /** Receives plugin host diagnostics (a host's stderr, stray errors). */
+  onDiagnostic?: (backend: string, text: string) => void;
 }
 
 /** What a finished (or cancelled) run amounts to. */
@@ -98,6 +116,8 @@ export interface RunSummary {
   runId: string;
   status: RunStatus;
   steps: Record<string, StepState>;
+  /** Plugin host counters of the run's pool (cold starts, warm hits). */
+  hosts?: PoolMetrics;
   startedAt: number;
   finishedAt: number;
 }
@@ -114,6 +134,8 @@ export interface RunRecord {
   startedAt?: number;
   finishedAt?: number;
   round: number;
+  /** Third-party backends the run was started with; a resume loads them again. */
+  plugins?: Array<{ name: string; module: string; manifestModule?: string }>;
 }
 
 /** Errors of local mode that a user can act on. */
@@ -210,11 +232,45 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
       createdAt: now(),
       round: engine.state.round,
     };
-    const driver = new LocalDriver(effectivePlan, engine, state, record, options);
-    return await driver.drive([{ type: "Start", now: now() }]);
+    if (options.plugins?.length) {
+      record.plugins = options.plugins.map(({ name, module, manifestModule }) => ({
+        name,
+        module,
+        ...(manifestModule ? { manifestModule } : {}),
+      }));
+    }
+    const pool = options.pool ?? await openPool(state, options);
+    try {
+      // A step config its backend rejects fails the file, not the step.
+      const problems = await validateStepConfigs(effectivePlan, pool);
+      if (problems.length > 0) throw new PipelineError(problems);
+      const driver = new LocalDriver(effectivePlan, engine, state, record, options, pool);
+      return await driver.drive([{ type: "Start", now: now() }]);
+    } finally {
+      if (!options.pool) await pool.close();
+    }
   } finally {
     await state.close();
   }
+}
+
+/** The local runner's agent id for a run: its backends label what they start with it. */
+export function localAgentId(runId: string): string {
+  return `local-${runId}`;
+}
+
+/** A plugin host pool for a local run (built-in plus configured backends). */
+export async function openPool(
+  state: LocalState,
+  options: Pick<LocalRunOptions, "plugins" | "onDiagnostic"> & { agentId?: string } = {},
+): Promise<PluginHostPool> {
+  const scratchRoot = await Deno.realPath(await mkdirp(state.paths.work));
+  return new PluginHostPool({
+    plugins: [...builtinPlugins(), ...(options.plugins ?? [])],
+    context: { scratchRoot, agentId: options.agentId ?? "local" },
+    entryDir: `${state.paths.root}/hosts`,
+    onDiagnostic: options.onDiagnostic,
+  });
 }
 
 /**
@@ -231,24 +287,77 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
       throw new LocalRunError("run_succeeded", `Run ${runId} already succeeded; nothing to resume`);
     }
     await assertNoLiveOwner(state.store, runId);
-    const plan = withConcurrency(await loadPipeline(record.file), options.concurrency);
+    const plugins = options.plugins ?? record.plugins ?? [];
+    const plan = withConcurrency(
+      await loadPipeline(record.file, { backends: plugins.map((plugin) => plugin.name) }),
+      options.concurrency,
+    );
     const runState = await readRunState(state.store, record, plan);
     const engine = new RunEngine(plan, runState);
-    const events: EngineEvent[] = engine.runningAttempts().map((a) => ({
-      type: "AttemptLost",
-      stepId: a.stepId,
-      attemptId: a.attemptId,
-      now: now(),
-      reason: "the runner that started this attempt stopped before it ended",
-    }));
-    events.push({ type: "Resume", now: now() });
-    // A cancel request left over from the previous round must not cancel this one.
-    await state.store.delete(keys.cancel(runId));
-    const driver = new LocalDriver(plan, engine, state, record, options);
-    return await driver.drive(events);
+    const pool = options.pool ?? await openPool(state, { ...options, plugins });
+    try {
+      // Attempts the dead runner left running: a backend that can find them
+      // again (Docker, by label) re-attaches; the rest are lost and retried.
+      const recovered = await recoverAttempts(pool, plan, engine, runId, options.onDiagnostic);
+      const events: EngineEvent[] = engine.runningAttempts()
+        .filter((a) => !recovered.has(a.attemptId))
+        .map((a) => ({
+          type: "AttemptLost",
+          stepId: a.stepId,
+          attemptId: a.attemptId,
+          now: now(),
+          reason: "the runner that started this attempt stopped before it ended",
+        }));
+      events.push({ type: "Resume", now: now() });
+      // A cancel request left over from the previous round must not cancel this one.
+      await state.store.delete(keys.cancel(runId));
+      const driver = new LocalDriver(plan, engine, state, record, options, pool);
+      return await driver.drive(events, recovered);
+    } finally {
+      if (!options.pool) await pool.close();
+    }
   } finally {
     await state.close();
   }
+}
+
+/**
+ * Asks every backend the run used to recover what the run's dead runner
+ * left: running attempts it still wants come back re-attached, everything
+ * else the run started is reaped. A backend that fails to answer recovers
+ * nothing (its attempts are retried).
+ */
+async function recoverAttempts(
+  pool: PluginHostPool,
+  plan: Plan,
+  engine: RunEngine,
+  runId: string,
+  onDiagnostic?: (backend: string, text: string) => void,
+): Promise<Map<string, Execution>> {
+  const running = engine.runningAttempts();
+  const byBackend = new Map<string, string[]>();
+  for (const step of Object.values(plan.steps)) {
+    if (!pool.source(step.backend) || byBackend.has(step.backend)) continue;
+    byBackend.set(step.backend, []);
+  }
+  for (const { stepId, attemptId } of running) {
+    byBackend.get(plan.steps[stepId].backend)?.push(attemptId);
+  }
+  const recovered = new Map<string, Execution>();
+  await Promise.all([...byBackend].map(async ([name, keep]) => {
+    // Process backends cannot find anything again: skip their hosts.
+    if (name === "deno" || name === "shell") return;
+    try {
+      const found = await pool.backend(name).recover({ agentId: localAgentId(runId), keep });
+      for (const { attemptId, execution } of found) {
+        if (keep.includes(attemptId)) recovered.set(attemptId, execution);
+        else await execution.cleanup().catch(() => {});
+      }
+    } catch (error) {
+      onDiagnostic?.(name, `recover failed: ${error instanceof Error ? error.message : error}`);
+    }
+  }));
+  return recovered;
 }
 
 /**
@@ -523,6 +632,7 @@ class LocalDriver {
   readonly #state: LocalState;
   readonly #record: RunRecord;
   readonly #options: LocalRunOptions;
+  readonly #pool: PluginHostPool;
   readonly #now: () => number;
   readonly #active = new Map<string, ActiveAttempt>();
   readonly #webhooks = new Set<Promise<void>>();
@@ -542,16 +652,21 @@ class LocalDriver {
     state: LocalState,
     record: RunRecord,
     options: LocalRunOptions,
+    pool: PluginHostPool,
   ) {
     this.#plan = plan;
     this.#engine = engine;
     this.#state = state;
     this.#record = record;
     this.#options = options;
+    this.#pool = pool;
     this.#now = options.now ?? Date.now;
   }
 
-  async drive(initial: EngineEvent[]): Promise<RunSummary> {
+  async drive(
+    initial: EngineEvent[],
+    recovered: Map<string, Execution> = new Map(),
+  ): Promise<RunSummary> {
     const store = this.#state.store;
     const runId = this.#record.runId;
     const lease = await store.grantLease(OWNER_LEASE_TTL_MS);
@@ -584,6 +699,7 @@ class LocalDriver {
       // Only the last initial event may finish the run: an AttemptLost
       // replayed before a Resume can end the run for a moment, and that
       // passing end is not the outcome.
+      for (const [attemptId, execution] of recovered) this.#adopt(attemptId, execution);
       initial.forEach((event, i) => this.#submit(event, i < initial.length - 1));
       if (this.#options.signal?.aborted) onAbort();
       // A run resumed when every step is already terminal finishes at once.
@@ -605,6 +721,7 @@ class LocalDriver {
         runId,
         status,
         steps: structuredClone(this.#engine.state.steps),
+        hosts: this.#pool.metrics(),
         startedAt: this.#engine.state.startedAt ?? this.#record.createdAt,
         finishedAt: this.#engine.state.finishedAt ?? this.#now(),
       };
@@ -653,6 +770,27 @@ class LocalDriver {
     } finally {
       this.#draining = false;
     }
+  }
+
+  /** Supervises an attempt a backend re-attached after a runner restart. */
+  #adopt(attemptId: string, execution: Execution): void {
+    const running = this.#engine.runningAttempts().find((a) => a.attemptId === attemptId);
+    if (!running) {
+      execution.cleanup().catch(() => {});
+      return;
+    }
+    const active: ActiveAttempt = {
+      stepId: running.stepId,
+      attemptId,
+      execution,
+      done: Promise.resolve(),
+    };
+    this.#active.set(attemptId, active);
+    const attempt = this.#engine.state.steps[running.stepId].attempts
+      .find((record) => record.attemptId === attemptId)!.attempt;
+    active.done = this.#runAttempt(active, attempt, execution).finally(() => {
+      this.#active.delete(attemptId);
+    });
   }
 
   #perform(effect: Effect): void {
@@ -732,8 +870,12 @@ class LocalDriver {
     }
   }
 
-  /** Runs one attempt end to end and reports what happened to the engine. */
-  async #runAttempt(active: ActiveAttempt, attempt: number): Promise<void> {
+  /**
+   * Runs one attempt end to end and reports what happened to the engine;
+   * with `recovered`, supervises an execution a backend re-attached instead
+   * of starting one.
+   */
+  async #runAttempt(active: ActiveAttempt, attempt: number, recovered?: Execution): Promise<void> {
     const step = this.#plan.steps[active.stepId];
     const report = (result: AttemptResult) =>
       this.#submit({
@@ -743,58 +885,68 @@ class LocalDriver {
         now: this.#now(),
         result,
       });
-    this.#submit({
-      type: "AttemptStarted",
-      stepId: step.id,
-      attemptId: active.attemptId,
-      now: this.#now(),
-      worker: "local",
-    });
+    if (!recovered) {
+      this.#submit({
+        type: "AttemptStarted",
+        stepId: step.id,
+        attemptId: active.attemptId,
+        now: this.#now(),
+        worker: "local",
+      });
+    }
     let logFile: Deno.FsFile | undefined;
+    let execution = recovered;
     try {
-      const inputs = this.#inputArtifacts(step);
-      const cacheKey = step.cache ? await cacheKeyOf(step, inputs) : undefined;
       const paths = this.#state.paths;
       const workDir = `${await this.#runWorkDir()}/${fileSafe(step.id)}/${attempt}`;
       const inputsDir = `${workDir}/in`;
       const outputsDir = await mkdirp(`${workDir}/out`);
-      if (cacheKey && await this.#restoreFromCache(cacheKey, outputsDir)) {
-        const outputs = await this.#collectOutputs(step, active.attemptId, outputsDir);
-        report({ ok: true, exitCode: 0, outputs, cached: true });
-        return await Deno.remove(workDir, { recursive: true }).catch(() => {});
-      }
-      const inputPaths = await this.#materializeInputs(step, inputs, inputsDir);
+      let cacheKey: string | undefined;
+      let spec: AttemptSpec | undefined;
       const secrets = resolveSecrets(this.#plan.secrets, step.secrets, {
         env: this.#options.env,
       });
       const masker = new Masker(Object.values(secrets));
-      const spec: AttemptSpec = {
-        runId: this.#record.runId,
-        stepId: step.id,
-        attemptId: active.attemptId,
-        attempt,
-        config: step.config,
-        baseDir: this.#plan.baseDir,
-        workDir,
-        inputs: inputPaths,
-        inputsDir,
-        outputsDir,
-        outputs: step.outputs,
-        env: { ...this.#plan.env, ...step.env, ...secrets },
-        matrix: step.matrix,
-        timeoutMs: step.timeoutMs,
-        resources: step.resources,
-      };
+      if (!execution) {
+        const inputs = this.#inputArtifacts(step);
+        cacheKey = step.cache ? await cacheKeyOf(step, inputs) : undefined;
+        if (cacheKey && await this.#restoreFromCache(cacheKey, outputsDir)) {
+          const outputs = await this.#collectOutputs(step, active.attemptId, outputsDir);
+          report({ ok: true, exitCode: 0, outputs, cached: true });
+          return await Deno.remove(workDir, { recursive: true }).catch(() => {});
+        }
+        const inputPaths = await this.#materializeInputs(step, inputs, inputsDir);
+        spec = {
+          agentId: localAgentId(this.#record.runId),
+          scratchRoot: this.#pool.context.scratchRoot,
+          runId: this.#record.runId,
+          stepId: step.id,
+          attemptId: active.attemptId,
+          attempt,
+          config: step.config,
+          baseDir: this.#plan.baseDir,
+          workDir,
+          inputs: inputPaths,
+          inputsDir,
+          outputsDir,
+          outputs: step.outputs,
+          env: { ...this.#plan.env, ...step.env, ...secrets },
+          matrix: step.matrix,
+          timeoutMs: step.timeoutMs,
+          resources: step.resources,
+        };
+      }
       this.#logDirReady ??= mkdirp(`${paths.logs}/${this.#record.runId}`);
       await this.#logDirReady;
       logFile = await Deno.open(logPath(paths, this.#record.runId, step.id, attempt), {
         create: true,
         append: true,
       });
-      if (active.stopped) return;
-      const backend = getBackend(step.backend);
-      const execution = await backend.start(spec);
-      active.execution = execution;
+      if (!execution) {
+        if (active.stopped) return;
+        execution = await this.#pool.backend(step.backend).start(spec!);
+        active.execution = execution;
+      }
       if (active.stopped) await execution.cancel(CANCEL_GRACE_MS);
       const logsDone = this.#pumpLogs(step, attempt, execution, masker, logFile);
       const exit = await execution.wait();
@@ -1012,8 +1164,11 @@ class StepOutputError extends Error {
   readonly code = "output_missing";
 }
 
-function errorClassOf(error: unknown): "artifact" | "application" | "infrastructure" {
+function errorClassOf(error: unknown): ErrorClass {
+  const declared = (error as { errorClass?: string })?.errorClass;
+  if (ERROR_CLASSES.includes(declared as ErrorClass)) return declared as ErrorClass;
   const code = (error as { code?: string })?.code;
+  if (code === "invalid_step_config") return "application";
   if (code === "artifact_corrupt" || code === "artifact_missing") return "artifact";
   if (code === "output_missing") return "application";
   return "infrastructure";

@@ -12,8 +12,10 @@ import {
   DEFAULT_CANCEL_GRACE_MS,
   type Execution,
   type ExitStatus,
-  type LogChunk,
+  type RecoveredAttempt,
+  type RecoverOptions,
 } from "./backend.ts";
+import { LogQueue } from "./log_queue.ts";
 
 /**
  * How long output may keep arriving after the process exited before the
@@ -75,7 +77,7 @@ export function spawnExecution(options: SpawnOptions): Execution {
     // which holds the runner's main thread about three times as long.
     detached: launcher === undefined,
   }).spawn();
-  const queue = new ChunkQueue();
+  const queue = new LogQueue();
   const readers: ReadableStreamBYOBReader[] = [];
   const stdoutPump = pump(
     child.stdout,
@@ -113,19 +115,25 @@ export function spawnExecution(options: SpawnOptions): Execution {
     return status;
   });
 
-  const killGroup = (signal: Deno.Signal) => {
-    try {
-      Deno.kill(-child.pid, signal);
-    } catch {
-      // No such group: either it is gone (nothing left to signal), or
-      // `setsid(1)` has not made it yet, and the child is still alone.
-      if (launcher && !exited) killProcess(child.pid, signal);
+  const killGroup = async (signal: Deno.Signal): Promise<void> => {
+    if (await signalGroup(child.pid, signal)) return;
+    // No such group: either it is gone (nothing left to signal), or
+    // `setsid(1)` has not made it yet, and the child is still alone.
+    if (launcher && !exited) {
+      try {
+        child.kill(signal);
+      } catch {
+        // Already gone.
+      }
     }
   };
 
   const waitPromise = exitPromise.then(async (status): Promise<ExitStatus> => {
     // A step's processes must not outlive it: reap what it left behind.
-    killGroup("SIGKILL");
+    // Through kill(1) (a sandboxed host) this costs a spawn; it need not
+    // hold up the result unless something still holds the pipes.
+    const reaped = killGroup("SIGKILL");
+    if (!pipesDrained) await reaped;
     // The pipes have usually reached end-of-file by now; only wait with a
     // deadline (and a timer) when they have not.
     if (!pipesDrained && await raceTimeout(drained, DRAIN_DEADLINE_MS)) {
@@ -143,16 +151,25 @@ export function spawnExecution(options: SpawnOptions): Execution {
     return options.finish ? options.finish(result) : result;
   });
 
+  let finalStatus: ExitStatus | undefined;
+  waitPromise.then((status) => {
+    finalStatus = status;
+  }, () => {});
+
   return {
     handle: String(child.pid),
     logs: queue,
     wait: () => waitPromise,
+    status: () =>
+      Promise.resolve(
+        finalStatus ? { state: "exited", exit: finalStatus } : { state: "running" },
+      ),
     async cancel(graceMs = DEFAULT_CANCEL_GRACE_MS) {
       if (exited) return;
       cancelled = true;
-      killGroup("SIGTERM");
+      await killGroup("SIGTERM");
       if (await raceTimeout(exitPromise, graceMs)) {
-        killGroup("SIGKILL");
+        await killGroup("SIGKILL");
         await exitPromise;
       }
     },
@@ -167,6 +184,25 @@ export function spawnExecution(options: SpawnOptions): Execution {
 }
 
 const encoder = new TextEncoder();
+
+/**
+ * `recover` of the process backends: their steps cannot be found again
+ * after the agent lost them (no labels on a process), so the process groups
+ * named by `handles` (each a group leader's pid) are killed and nothing is
+ * re-attached.
+ */
+export function reapProcessGroups(options: RecoverOptions): Promise<RecoveredAttempt[]> {
+  for (const handle of options.handles ?? []) {
+    const pid = Number(handle);
+    if (!Number.isInteger(pid) || pid <= 1) continue;
+    try {
+      Deno.kill(-pid, "SIGKILL");
+    } catch {
+      // Gone already.
+    }
+  }
+  return Promise.resolve([]);
+}
 
 /**
  * The `setsid(1)` to start `command` through, or undefined to use Deno's
@@ -207,11 +243,42 @@ function mayRun(path: string): boolean {
   }
 }
 
-function killProcess(pid: number, signal: Deno.Signal): void {
+/** Where `kill(1)` may live; a sandboxed host signals groups through it. */
+export const KILL_PATHS = ["/usr/bin/kill", "/bin/kill"];
+
+/**
+ * What a sandboxed host running local processes must be able to read and
+ * run besides the command itself: `setsid(1)` and `kill(1)`.
+ */
+export const PROCESS_TOOL_PATHS = [...SETSID_CANDIDATES, ...KILL_PATHS];
+
+/** `kill(1)`'s path when `Deno.kill` is not granted; computed on first need. */
+let killCommand: string | null | undefined;
+
+/**
+ * Sends `signal` to the process group `pgid`; false when there is no such
+ * group. `Deno.kill` needs an unrestricted run grant, which a plugin host
+ * does not have: there, `kill(1)` (granted by name) does it.
+ */
+async function signalGroup(pgid: number, signal: Deno.Signal): Promise<boolean> {
   try {
-    Deno.kill(pid, signal);
+    Deno.kill(-pgid, signal);
+    return true;
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotCapable)) return false;
+  }
+  killCommand ??= KILL_PATHS.find((path) => isExecutable(path) && mayRun(path)) ?? null;
+  if (killCommand === null) return false;
+  try {
+    const { success } = await new Deno.Command(killCommand, {
+      args: ["-s", signal.replace(/^SIG/, ""), "--", `-${pgid}`],
+      stdin: "null",
+      stdout: "null",
+      stderr: "null",
+    }).output();
+    return success;
   } catch {
-    // Already gone.
+    return false;
   }
 }
 
@@ -255,68 +322,6 @@ async function pump(
     // A cancelled reader ends the pump; what was read has been delivered.
   } finally {
     reader.releaseLock();
-  }
-}
-
-const DONE: IteratorReturnResult<undefined> = { done: true, value: undefined };
-
-/** An unbounded single-consumer queue of log chunks. */
-class ChunkQueue implements AsyncIterable<LogChunk> {
-  #items: LogChunk[] = [];
-  #head = 0;
-  #waiter: ((result: IteratorResult<LogChunk>) => void) | undefined;
-  #closed = false;
-
-  push(chunk: LogChunk): void {
-    const waiter = this.#waiter;
-    if (waiter) {
-      this.#waiter = undefined;
-      waiter({ done: false, value: chunk });
-      return;
-    }
-    this.#items.push(chunk);
-  }
-
-  close(): void {
-    this.#closed = true;
-    const waiter = this.#waiter;
-    this.#waiter = undefined;
-    waiter?.(DONE);
-  }
-
-  [Symbol.asyncIterator](): AsyncIterator<LogChunk> {
-    let finished = false;
-    return {
-      next: () => {
-        if (finished) return Promise.resolve(DONE);
-        const result = this.#take();
-        if (result) {
-          if (result.done) finished = true;
-          return Promise.resolve(result);
-        }
-        return new Promise((resolve) => {
-          this.#waiter = resolve;
-        });
-      },
-      return: () => {
-        finished = true;
-        return Promise.resolve(DONE);
-      },
-    };
-  }
-
-  /** The next result if one is ready now. */
-  #take(): IteratorResult<LogChunk> | undefined {
-    if (this.#head < this.#items.length) {
-      const chunk = this.#items[this.#head];
-      this.#items[this.#head++] = undefined as unknown as LogChunk;
-      if (this.#head === this.#items.length) {
-        this.#items = [];
-        this.#head = 0;
-      }
-      return { done: false, value: chunk };
-    }
-    return this.#closed ? DONE : undefined;
   }
 }
 
@@ -383,3 +388,6 @@ export class MarkerFilter {
     return out;
   }
 }
+
+/** @deprecated Use `LogQueue` from `./log_queue.ts`. */
+export { LogQueue as ChunkQueue } from "./log_queue.ts";

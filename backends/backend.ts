@@ -22,13 +22,39 @@ export interface DenoPermissions {
   run: string[];
 }
 
-/** What a backend plugin declares about itself. */
+/**
+ * Where a backend host runs: what a manifest may grant outside any one step
+ * (fingerprint, recover).
+ */
+export interface HostContext {
+  /**
+   * The agent's scratch root (absolute): every attempt's `workDir` and
+   * `outputsDir` lie below it.
+   */
+  scratchRoot: string;
+  /** Id of the agent the host works for (labels, recovery). */
+  agentId: string;
+}
+
+/**
+ * What a backend plugin declares about itself. The runner evaluates it to
+ * decide how to start the plugin's sandboxed host; the plugin's code runs
+ * only inside that host.
+ */
 export interface BackendManifest<C> {
   /** Backend name as steps write it (`backend: deno`). */
   name: string;
+  /** Version of the plugin, shown by `runnel backends`. */
+  version?: string;
   /** Schema of the step config this backend accepts. */
   configSchema: z.ZodType<C>;
-  /** Permissions the backend itself needs to run this attempt of this step. */
+  /** Permissions the host needs for `fingerprint` and `recover` (no step involved). */
+  hostPermissions(context: HostContext): DenoPermissions;
+  /**
+   * Permissions the host needs to run this attempt of this step. Hosts are
+   * pooled per permission set, so a manifest that grants by stable roots
+   * (the pipeline directory, the scratch root) lets steps share warm hosts.
+   */
   permissions(config: C, spec: AttemptSpec): DenoPermissions;
 }
 
@@ -42,6 +68,13 @@ export interface Fingerprint {
 
 /** Everything a backend needs to run one attempt of one step. */
 export interface AttemptSpec {
+  /** Agent running the attempt (`local` in local mode); backends label what they start with it. */
+  agentId?: string;
+  /**
+   * The agent's scratch root (absolute), an ancestor of `workDir` and
+   * `outputsDir`; defaults to the parent of `workDir`.
+   */
+  scratchRoot?: string;
   runId: string;
   stepId: string;
   attemptId: string;
@@ -95,6 +128,13 @@ export interface ExitStatus {
   usage?: Usage;
 }
 
+/** Where a started attempt stands (Nomad's `InspectTask`). */
+export interface ExecutionState {
+  state: "running" | "exited";
+  /** Set once exited. */
+  exit?: ExitStatus;
+}
+
 /** A started attempt. */
 export interface Execution {
   /** Serialisable handle (a process id, a container id, …) for reattaching. */
@@ -103,10 +143,35 @@ export interface Execution {
   readonly logs: AsyncIterable<LogChunk>;
   /** Resolves when the attempt has ended and its output has been drained. */
   wait(): Promise<ExitStatus>;
+  /** Where the attempt stands now, without waiting. */
+  status(): Promise<ExecutionState>;
   /** SIGTERM to the whole process group, then SIGKILL after `graceMs` (default 5 s). */
   cancel(graceMs?: number): Promise<void>;
   /** Releases what the attempt holds (not the workDir or outputsDir, which the caller owns). */
   cleanup(): Promise<void>;
+}
+
+/** What {@link ExecutionBackend.recover} looks for. */
+export interface RecoverOptions {
+  /** The agent whose leftovers are wanted (`runnel.agent` label, for instance). */
+  agentId: string;
+  /**
+   * Attempt ids the caller wants back: one still running is re-attached, one
+   * that finished is reported. Everything else the agent left is reaped.
+   */
+  keep: string[];
+  /**
+   * Handles of executions the caller knows were lost (their plugin host
+   * died): reaped whether or not the backend can find them otherwise.
+   */
+  handles?: string[];
+}
+
+/** An attempt found by {@link ExecutionBackend.recover} and handed back. */
+export interface RecoveredAttempt {
+  attemptId: string;
+  /** The re-attached execution: logs from now on, `wait` for its end. */
+  execution: Execution;
 }
 
 /** An execution backend: a Docker daemon, an SSH host, a Deno sandbox, a shell. */
@@ -120,6 +185,12 @@ export interface ExecutionBackend {
   validate(config: Record<string, unknown>): string[];
   /** Starts one attempt; rejects only when nothing could be started. */
   start(spec: AttemptSpec): Promise<Execution>;
+  /**
+   * After an agent restart: re-attaches to the attempts in `keep` that an
+   * earlier process left, and reaps everything else it left (Nomad's
+   * `RecoverTask`). Backends that cannot find leftovers reap `handles` only.
+   */
+  recover(options: RecoverOptions): Promise<RecoveredAttempt[]>;
 }
 
 /** A step config the backend cannot run; `start` rejects with it. */
@@ -223,6 +294,13 @@ export async function missingOutputStatus(
     }
   }
   return status;
+}
+
+/** The agent's scratch root of an attempt: `spec.scratchRoot`, else the parent of its workDir. */
+export function scratchRootOf(spec: AttemptSpec): string {
+  if (spec.scratchRoot) return spec.scratchRoot;
+  const trimmed = spec.workDir.replace(/\/+$/, "");
+  return trimmed.slice(0, trimmed.lastIndexOf("/")) || "/";
 }
 
 /** Joins an absolute directory and a file name with `/`. */

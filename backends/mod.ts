@@ -1,38 +1,135 @@
 /**
- * The built-in execution backends, by name.
+ * The backends a runner can use: the built-in ones and third-party plugins
+ * named in agent config, each run in sandboxed plugin hosts
+ * ({@link PluginHostPool}). Only manifests are imported here; no backend
+ * code runs in the runner's process.
  *
  * @module
  */
 
-import type { ExecutionBackend } from "./backend.ts";
-import { createDenoBackend } from "./deno/mod.ts";
-import { createShellBackend } from "./shell/mod.ts";
+import { isAbsolute, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
+import { denoManifest } from "./deno/manifest.ts";
+import { shellManifest } from "./shell/manifest.ts";
+import type { PluginHostPool, PluginSource } from "./plugin_host.ts";
+import type { Diagnostic } from "../core/errors.ts";
+import type { Plan } from "../core/model.ts";
 
-/** A backend name no built-in backend answers to. */
-export class UnknownBackendError extends Error {
+export {
+  DEFAULT_HEARTBEAT_MS,
+  DEFAULT_HEARTBEAT_TIMEOUT_MS,
+  DEFAULT_HOST_IDLE_MS,
+  permissionFlags,
+  PluginError,
+  PluginHostError,
+  PluginHostPool,
+  type PluginHostPoolOptions,
+  PluginPermissionError,
+  type PluginSource,
+  type PoolMetrics,
+  UnknownPluginError,
+} from "./plugin_host.ts";
+
+/** The built-in backends as plugin sources (their manifests evaluated in process). */
+export function builtinPlugins(): PluginSource[] {
+  return [
+    {
+      name: "deno",
+      module: new URL("./deno/mod.ts", import.meta.url).href,
+      manifest: denoManifest,
+    },
+    {
+      name: "shell",
+      module: new URL("./shell/mod.ts", import.meta.url).href,
+      manifest: shellManifest,
+    },
+  ];
+}
+
+/** A third-party plugin source as agent config names it. */
+export class PluginSpecError extends Error {
   /** Stable error code. */
-  readonly code = "unknown_backend";
+  readonly code = "bad_plugin";
 
-  /** Builds the error from the requested name and the known ones. */
-  constructor(name: string, known: string[]) {
-    super(`Expected a backend name among ${known.map((k) => `"${k}"`).join(", ")}, got "${name}"`);
-    this.name = "UnknownBackendError";
+  /** Builds the error from a full sentence. */
+  constructor(message: string) {
+    super(message);
+    this.name = "PluginSpecError";
   }
 }
 
-/** A fresh instance of every built-in backend, keyed by name. */
-export function builtinBackends(): Record<string, ExecutionBackend> {
-  const backends = [createDenoBackend(), createShellBackend()];
-  return Object.fromEntries(backends.map((backend) => [backend.name, backend]));
+/**
+ * A third-party backend from a path (relative to `baseDir`) or a URL: a
+ * folder holding `mod.ts` and `manifest.ts`, or the `mod.ts` itself.
+ *
+ * @example
+ * ```ts
+ * import { pluginFromLocation } from "./mod.ts";
+ * const source = pluginFromLocation("http", "https://plugins.example/http/", "/srv");
+ * source.module; // "https://plugins.example/http/mod.ts"
+ * ```
+ */
+export function pluginFromLocation(name: string, location: string, baseDir: string): PluginSource {
+  if (!/^[a-z][a-z0-9_-]*$/.test(name)) {
+    throw new PluginSpecError(
+      `Expected a backend name of lower-case letters, digits, "-" or "_", got "${name}"`,
+    );
+  }
+  if (/^https?:\/\//.test(location) || location.startsWith("file:")) {
+    const url = new URL(location);
+    const module = url.pathname.endsWith(".ts") || url.pathname.endsWith(".js")
+      ? url
+      : new URL("mod.ts", url.href.endsWith("/") ? url : `${url.href}/`);
+    return { name, module: module.href };
+  }
+  const path = isAbsolute(location) ? location : resolve(baseDir, location);
+  let module = path;
+  try {
+    if (Deno.statSync(path).isDirectory) module = `${path}/mod.ts`;
+  } catch {
+    throw new PluginSpecError(`Expected backend plugin "${name}" at ${path}, found nothing`);
+  }
+  try {
+    Deno.statSync(module);
+  } catch {
+    throw new PluginSpecError(`Expected backend plugin "${name}" to have ${module}`);
+  }
+  return { name, module: pathToFileURL(module).href };
 }
 
-/** Built once: `getBackend` is called for every attempt. */
-let registry: Record<string, ExecutionBackend> | undefined;
-
-/** The built-in backend called `name`; throws {@link UnknownBackendError} for others. */
-export function getBackend(name: string): ExecutionBackend {
-  const backends = registry ??= builtinBackends();
-  const backend = backends[name];
-  if (!backend) throw new UnknownBackendError(name, Object.keys(backends));
-  return backend;
+/**
+ * Checks every step's backend config against its backend's manifest (a
+ * third-party manifest in its sandboxed host) and returns one located
+ * diagnostic per problem, at the step's position in the pipeline file.
+ * Identical configs (matrix legs) are checked once.
+ */
+export async function validateStepConfigs(
+  plan: Plan,
+  pool: PluginHostPool,
+): Promise<Diagnostic[]> {
+  const diagnostics: Diagnostic[] = [];
+  const seen = new Set<string>();
+  for (const stepId of plan.order) {
+    const step = plan.steps[stepId];
+    if (!pool.source(step.backend)) continue;
+    const key = JSON.stringify([step.name, step.backend, step.config]);
+    if (seen.has(key)) continue;
+    seen.add(key);
+    let messages: string[];
+    try {
+      messages = await pool.validate(step.backend, step.config);
+    } catch (error) {
+      messages = [
+        `its backend could not check it: ${error instanceof Error ? error.message : error}`,
+      ];
+    }
+    for (const message of messages) {
+      diagnostics.push({
+        code: "invalid_step_config",
+        message: `step "${step.name}" (backend ${step.backend}): ${message}`,
+        ...step.source,
+      });
+    }
+  }
+  return diagnostics;
 }

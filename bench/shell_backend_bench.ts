@@ -1,6 +1,6 @@
 /**
  * Per-execution overhead of the `shell` backend: a no-op step (`run: "true"`)
- * through `getBackend("shell")` — start, drain `logs`, `wait()`, `cleanup()` —
+ * through the in-process `shell` backend — start, drain `logs`, `wait()`, `cleanup()` —
  * against the anchor, a raw detached `/bin/sh -e -c true` spawn with piped
  * output whose streams are cancelled before its status is awaited.
  *
@@ -12,7 +12,7 @@
 import process from "node:process";
 import type { AttemptSpec } from "../backends/backend.ts";
 import { isSuccess } from "../backends/backend.ts";
-import { getBackend } from "../backends/mod.ts";
+import { createShellBackend } from "../backends/shell/mod.ts";
 import { printTable } from "./_table.ts";
 
 /** Sequential executions per variant. */
@@ -45,7 +45,7 @@ export interface ShellBackendBenchResult {
 export async function benchShellBackend(): Promise<ShellBackendBenchResult> {
   const root = await Deno.realPath(await Deno.makeTempDir({ prefix: "runnel_shell_bench_" }));
   try {
-    const backend = getBackend("shell");
+    const backend = createShellBackend();
     const spec: AttemptSpec = {
       runId: "bench",
       stepId: "noop",

@@ -559,12 +559,12 @@ function checkSteps(
     const at = (...path: PathSegment[]) => ["steps", name, ...path];
     const dropped = view.droppedKeys?.get(name) ?? new Set<string>();
     const backend = step.backend ?? view.defaultBackend ?? inferBackend(step);
-    if (["backend", "module", "image", "host", "run"].some((k) => dropped.has(k))) {
+    if (["backend", "module", "image", "build", "host", "run"].some((k) => dropped.has(k))) {
       // The step's backend cannot be known; its own diagnostics say why.
     } else if (backend === undefined) {
       reporter.at(
         "missing_backend",
-        `cannot tell the backend of step "${name}": expected "backend" or one of "module", "image", "host", "run"`,
+        `cannot tell the backend of step "${name}": expected "backend" or one of "module", "image", "build", "host", "run"`,
         at(),
         { onKey: true, key: "backend" },
       );
@@ -582,7 +582,7 @@ function checkSteps(
       const required: Record<string, string[]> = {
         deno: ["module"],
         shell: ["run"],
-        docker: ["image"],
+        docker: step.build === undefined ? ["image"] : [],
         ssh: ["host", "run"],
         kubernetes: ["image"],
       };

@@ -58,6 +58,7 @@ export const CONFIG_KEYS = [
   "workdir",
   "user",
   "network",
+  "build",
   "host",
   "port",
   "with",
@@ -68,6 +69,7 @@ const MATRIX_REFERENCE = /\$\{\{\s*matrix\.([A-Za-z][A-Za-z0-9_-]*)\s*\}\}/g;
 /** The backend a step implies by its keys: module→deno, image→docker, host→ssh, run→shell. */
 export function inferBackend(step: StepFile): string | undefined {
   if (step.module !== undefined) return "deno";
+  if (step.build !== undefined) return "docker";
   if (step.image !== undefined) return "docker";
   if (step.host !== undefined) return "ssh";
   if (step.run !== undefined) return "shell";

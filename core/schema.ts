@@ -140,6 +140,30 @@ const stepBackendKeys = {
     description: "Give the container a network (docker).",
     default: false,
   }),
+  build: z.strictObject({
+    from: z.string().min(1).meta({ description: "Base image (present on the host)." }),
+    context: z.string().optional().meta({
+      description: "Build context directory, relative to the pipeline file.",
+      default: ".",
+    }),
+    dependencies: z.string().optional().meta({
+      description: "Dependency file in the context, copied before the rest (its own layer).",
+    }),
+    install: z.string().optional().meta({
+      description: "Command run once the dependency file is in place.",
+    }),
+    copy: z.array(z.string()).optional().meta({
+      description: "Files or directories of the context copied into the workdir.",
+    }),
+    env: z.record(z.string(), z.string()).optional().meta({
+      description: "Environment baked into the image.",
+    }),
+    workdir: z.string().optional().meta({ description: "Working directory of the image." }),
+    entrypoint: z.array(z.string()).optional().meta({ description: "Entrypoint of the image." }),
+  }).optional().meta({
+    description: "Build the step's image from a generated Dockerfile, cached by content " +
+      "digest (docker).",
+  }),
   host: z.string().optional().meta({ description: "Remote host (ssh)." }),
   port: z.number().int().min(1).max(65535).optional().meta({
     description: "SSH port.",
@@ -154,7 +178,7 @@ const stepBackendKeys = {
 export const StepSchema = z.strictObject({
   backend: z.string().optional().meta({
     description:
-      "deno, shell, docker, ssh, kubernetes or a plugin; inferred from module/image/host/run.",
+      "deno, shell, docker, ssh, kubernetes or a plugin; inferred from module/image/build/host/run.",
   }),
   description: z.string().optional().meta({ description: "What the step does." }),
   needs: z.union([z.string(), z.array(z.string())]).optional().meta({

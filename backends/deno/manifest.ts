@@ -6,7 +6,14 @@
  */
 
 import { z } from "zod";
-import type { AttemptSpec, BackendManifest, DenoPermissions } from "../backend.ts";
+import {
+  type AttemptSpec,
+  type BackendManifest,
+  type DenoPermissions,
+  type HostContext,
+  scratchRootOf,
+} from "../backend.ts";
+import { PROCESS_TOOL_PATHS } from "../_process.ts";
 
 const pathList = z.array(z.string().min(1));
 
@@ -40,15 +47,29 @@ export type DenoConfig = z.infer<typeof denoConfigSchema>;
 export const denoManifest: BackendManifest<DenoConfig> = {
   name: "deno",
   configSchema: denoConfigSchema,
-  permissions(config: DenoConfig, spec: AttemptSpec): DenoPermissions {
-    // What the backend needs to start the sandbox: read the module, write
-    // the entry file, check outputs, spawn deno, pass declared env through.
+  hostPermissions(context: HostContext): DenoPermissions {
     return {
-      read: [spec.baseDir, spec.outputsDir, new URL(".", import.meta.url).pathname],
-      write: [spec.workDir],
+      read: [Deno.execPath(), context.scratchRoot],
+      write: [],
       net: [],
-      env: ["PATH", "HOME", "DENO_DIR", ...(config.permissions?.env ?? [])],
+      env: [],
       run: [Deno.execPath()],
     };
   },
+  permissions(config: DenoConfig, spec: AttemptSpec): DenoPermissions {
+    // What the host needs to start the sandbox: read the module, write the
+    // entry file, check outputs, spawn deno (through setsid), signal its process group (kill), and pass the
+    // declared env through. Granted by the pipeline directory and the
+    // scratch root, not per attempt, so that steps share a warm host.
+    const scratchRoot = scratchRootOf(spec);
+    return {
+      read: [spec.baseDir, scratchRoot, Deno.execPath(), ...PROCESS_TOOL_PATHS],
+      write: [scratchRoot],
+      net: [],
+      env: ["PATH", "HOME", "DENO_DIR", ...(config.permissions?.env ?? [])].sort(),
+      run: [Deno.execPath(), ...PROCESS_TOOL_PATHS],
+    };
+  },
 };
+
+export default denoManifest;

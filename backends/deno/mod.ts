@@ -26,7 +26,7 @@ import {
   missingOutputStatus,
   stepEnvironment,
 } from "../backend.ts";
-import { spawnExecution } from "../_process.ts";
+import { reapProcessGroups, spawnExecution } from "../_process.ts";
 import {
   APPLICATION_EXIT_CODE,
   ERROR_MARKER,
@@ -51,6 +51,7 @@ export function createDenoBackend(): ExecutionBackend {
     manifest: denoManifest,
     fingerprint: fingerprintDeno,
     validate: validateDenoConfig,
+    recover: reapProcessGroups,
     start: startDenoStep,
   };
 }
@@ -214,3 +215,5 @@ function parseReport(payload: string): ErrorReport | undefined {
 function unique(values: string[]): string[] {
   return [...new Set(values)];
 }
+
+export default createDenoBackend;

@@ -5,7 +5,14 @@
  */
 
 import { z } from "zod";
-import type { AttemptSpec, BackendManifest, DenoPermissions } from "../backend.ts";
+import {
+  type AttemptSpec,
+  type BackendManifest,
+  type DenoPermissions,
+  type HostContext,
+  scratchRootOf,
+} from "../backend.ts";
+import { PROCESS_TOOL_PATHS } from "../_process.ts";
 
 /** Shell used when a step does not name one. */
 export const DEFAULT_SHELL = "/bin/sh";
@@ -27,15 +34,21 @@ export type ShellConfig = z.infer<typeof shellConfigSchema>;
 export const shellManifest: BackendManifest<ShellConfig> = {
   name: "shell",
   configSchema: shellConfigSchema,
+  hostPermissions(_context: HostContext): DenoPermissions {
+    return { read: [DEFAULT_SHELL], write: [], net: [], env: [], run: [] };
+  },
   permissions(config: ShellConfig, spec: AttemptSpec): DenoPermissions {
     // The command itself is trusted and unsandboxed; these are what the
-    // backend needs to start it and to check its outputs.
+    // host needs to start it (through setsid), signal it (kill) and to check its outputs.
+    const shell = config.shell ?? DEFAULT_SHELL;
     return {
-      read: [spec.baseDir, spec.outputsDir],
+      read: [spec.baseDir, scratchRootOf(spec), shell, ...PROCESS_TOOL_PATHS],
       write: [],
       net: [],
-      env: ["PATH", "HOME", "LANG", "TERM"],
-      run: [config.shell ?? DEFAULT_SHELL],
+      env: ["HOME", "LANG", "PATH", "TERM"],
+      run: [shell, ...PROCESS_TOOL_PATHS],
     };
   },
 };
+
+export default shellManifest;

@@ -18,7 +18,7 @@ import {
   missingOutputStatus,
   stepEnvironment,
 } from "../backend.ts";
-import { spawnExecution } from "../_process.ts";
+import { reapProcessGroups, spawnExecution } from "../_process.ts";
 import { DEFAULT_SHELL, type ShellConfig, shellConfigSchema, shellManifest } from "./manifest.ts";
 
 /** Used when the runner's own environment has no `PATH`. */
@@ -31,6 +31,7 @@ export function createShellBackend(): ExecutionBackend {
     manifest: shellManifest,
     fingerprint: fingerprintShell,
     validate: validateShellConfig,
+    recover: reapProcessGroups,
     start: startShellStep,
   };
 }
@@ -93,3 +94,5 @@ export function classifyShellExit(status: ExitStatus): ExitStatus {
     : `exited with code ${status.exitCode}`;
   return { ...status, errorClass: "application", message: `step ${how}` };
 }
+
+export default createShellBackend;
