@@ -1,7 +1,9 @@
 /**
  * Overhead of the `deno` backend: a no-op step run through the backend
- * (entry file, harness, sandbox flags, log pumping, output check) against a
- * bare `deno run` of the same module, the anchor. Target: ratio ≤ 1.3.
+ * (entry file, harness, sandbox flags, log pumping, output check), in
+ * process and through a warm plugin host (as the runner does it), against
+ * a bare `deno run` of the same module, the anchor. Target: ratio ≤ 1.3
+ * through the plugin system.
  *
  * Run: `deno run --allow-read --allow-write --allow-run --allow-env bench/deno_step_bench.ts`
  *
@@ -9,13 +11,15 @@
  */
 
 import { isSuccess } from "../backends/backend.ts";
+import type { ExecutionBackend } from "../backends/backend.ts";
 import { createDenoBackend } from "../backends/deno/mod.ts";
+import { builtinPlugins, PluginHostPool } from "../backends/mod.ts";
 import { printTable } from "./_table.ts";
 
 /** Runs per variant; 20 keeps the whole bench near ten seconds on two cores. */
 const RUNS = 20;
 /** Untimed runs per variant first, so both start with a warm module cache. */
-const WARMUP_RUNS = 2;
+const WARMUP_RUNS = 10;
 
 /** Timings of one variant, in milliseconds. */
 export interface BenchRow {
@@ -25,10 +29,11 @@ export interface BenchRow {
   maxMs: number;
 }
 
-/** The bench's result: both rows and the backend-to-anchor ratio of medians. */
+/** The bench's result: the rows and the plugin-host-to-anchor ratio of medians. */
 export interface DenoStepBenchResult {
   anchor: BenchRow;
   backend: BenchRow;
+  plugin: BenchRow;
   ratio: number;
 }
 
@@ -39,10 +44,14 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
     const baseDir = `${root}/pipeline`;
     await Deno.mkdir(baseDir);
     await Deno.writeTextFile(`${baseDir}/noop.ts`, "export default () => {};\n");
-    const backend = createDenoBackend();
+    const inProcess = createDenoBackend();
+    const pool = new PluginHostPool({
+      plugins: builtinPlugins(),
+      context: { scratchRoot: root, agentId: "bench" },
+    });
     let attempt = 0;
 
-    const viaBackend = async () => {
+    const viaBackend = async (backend: ExecutionBackend) => {
       attempt++;
       const workDir = `${root}/work-${attempt}`;
       const outputsDir = `${root}/out-${attempt}`;
@@ -55,6 +64,7 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
         attemptId: `bench/noop/${attempt}`,
         attempt,
         config: { module: "noop.ts" },
+        scratchRoot: root,
         baseDir,
         workDir,
         inputs: {},
@@ -81,22 +91,27 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
       return elapsed;
     };
 
+    const viaPlugin = pool.backend("deno");
     for (let i = 0; i < WARMUP_RUNS; i++) {
       await bare();
-      await viaBackend();
+      await viaBackend(inProcess);
+      await viaBackend(viaPlugin);
     }
-    const samples = { anchor: [] as number[], backend: [] as number[] };
-    // Interleaved so that drift in machine load hits both variants alike.
+    const samples = { anchor: [] as number[], backend: [] as number[], plugin: [] as number[] };
+    // Interleaved so that drift in machine load hits every variant alike.
     for (let i = 0; i < RUNS; i++) {
       samples.anchor.push(await bare());
-      samples.backend.push(await viaBackend());
+      samples.backend.push(await viaBackend(inProcess));
+      samples.plugin.push(await viaBackend(viaPlugin));
     }
+    await pool.close();
     const anchor = summarise("bare deno run (anchor)", samples.anchor);
-    const viaBackendRow = summarise("deno backend", samples.backend);
-    const ratio = viaBackendRow.medianMs / anchor.medianMs;
+    const viaBackendRow = summarise("deno backend, in process", samples.backend);
+    const viaPluginRow = summarise("deno backend, warm plugin host", samples.plugin);
+    const ratio = viaPluginRow.medianMs / anchor.medianMs;
     printTable(
       `deno step, ${RUNS} runs each (ms)`,
-      [anchor, viaBackendRow].map((row) => ({
+      [anchor, viaBackendRow, viaPluginRow].map((row) => ({
         variant: row.name,
         median: row.medianMs.toFixed(1),
         min: row.minMs.toFixed(1),
@@ -105,7 +120,7 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
       })),
     );
     console.log(`target ratio ≤ 1.30: ${ratio <= 1.3 ? "met" : "NOT met"}`);
-    return { anchor, backend: viaBackendRow, ratio };
+    return { anchor, backend: viaBackendRow, plugin: viaPluginRow, ratio };
   } finally {
     await Deno.remove(root, { recursive: true });
   }

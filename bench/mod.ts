@@ -9,12 +9,14 @@ import { benchPlan } from "./plan_bench.ts";
 import { benchDenoStep } from "./deno_step_bench.ts";
 import { benchNoopSteps, benchWindmill } from "./local_bench.ts";
 import { benchShellBackend } from "./shell_backend_bench.ts";
+import { benchPlugins } from "./plugin_bench.ts";
 
 if (import.meta.main) {
   console.log(
     `runnel benchmarks · deno ${Deno.version.deno} · ${navigator.hardwareConcurrency} cores`,
   );
   await benchPlan();
+  await benchPlugins();
   await benchDenoStep();
   await benchShellBackend();
   await benchNoopSteps();
