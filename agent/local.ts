@@ -378,7 +378,10 @@ export async function cancelRun(
       await state.store.put(keys.cancel(runId), JSON.stringify({ at: now() }));
       return "requested";
     }
-    const plan = await loadPipeline(record.file).catch(() => undefined);
+    const plugins = record.plugins ?? [];
+    const plan = await loadPipeline(record.file, {
+      backends: plugins.map((plugin) => plugin.name),
+    }).catch(() => undefined);
     if (!plan) {
       await state.store.put(
         keys.run(runId),
@@ -398,6 +401,13 @@ export async function cancelRun(
     }
     engine.step({ type: "Cancel", now: now(), reason: "cancelled by user" });
     await persist(state.store, record, engine);
+    // What the dead runner left running (containers) is stopped and removed.
+    const pool = await openPool(state, { plugins });
+    try {
+      await recoverAttempts(pool, plan, new RunEngine(plan, engine.state), runId);
+    } finally {
+      await pool.close();
+    }
     return "cancelled";
   } finally {
     await state.close();

@@ -16,6 +16,7 @@ import {
   type RecoverOptions,
 } from "./backend.ts";
 import { LogQueue } from "./log_queue.ts";
+import { KILL_PATHS, SETSID_PATHS } from "./_tools.ts";
 
 /**
  * How long output may keep arriving after the process exited before the
@@ -49,9 +50,6 @@ const MAX_POOLED_BUFFERS = 8;
 
 /** Idle read buffers, reused so that an execution does not allocate 64 KiB per pipe. */
 const bufferPool: ArrayBuffer[] = [];
-
-/** Where `setsid(1)` may live; checked once per process. */
-const SETSID_CANDIDATES = ["/usr/bin/setsid", "/bin/setsid"];
 
 /** The usable `setsid(1)` path, `null` when there is none; computed on first use. */
 let setsidPath: string | null | undefined;
@@ -214,7 +212,7 @@ export function reapProcessGroups(options: RecoverOptions): Promise<RecoveredAtt
 function groupLauncher(command: string): string | undefined {
   if (Deno.build.os !== "linux" || !command.startsWith("/")) return undefined;
   if (setsidPath === undefined) {
-    setsidPath = SETSID_CANDIDATES.find((path) => isExecutable(path) && mayRun(path)) ?? null;
+    setsidPath = SETSID_PATHS.find((path) => isExecutable(path) && mayRun(path)) ?? null;
   }
   if (setsidPath === null) return undefined;
   let ok = executableCommands.get(command);
@@ -242,15 +240,6 @@ function mayRun(path: string): boolean {
     return false;
   }
 }
-
-/** Where `kill(1)` may live; a sandboxed host signals groups through it. */
-export const KILL_PATHS = ["/usr/bin/kill", "/bin/kill"];
-
-/**
- * What a sandboxed host running local processes must be able to read and
- * run besides the command itself: `setsid(1)` and `kill(1)`.
- */
-export const PROCESS_TOOL_PATHS = [...SETSID_CANDIDATES, ...KILL_PATHS];
 
 /** `kill(1)`'s path when `Deno.kill` is not granted; computed on first need. */
 let killCommand: string | null | undefined;
@@ -388,6 +377,3 @@ export class MarkerFilter {
     return out;
   }
 }
-
-/** @deprecated Use `LogQueue` from `./log_queue.ts`. */
-export { LogQueue as ChunkQueue } from "./log_queue.ts";

@@ -10,6 +10,7 @@
 import { isAbsolute, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { denoManifest } from "./deno/manifest.ts";
+import { dockerManifest } from "./docker/manifest.ts";
 import { shellManifest } from "./shell/manifest.ts";
 import type { PluginHostPool, PluginSource } from "./plugin_host.ts";
 import type { Diagnostic } from "../core/errors.ts";
@@ -42,6 +43,11 @@ export function builtinPlugins(): PluginSource[] {
       name: "shell",
       module: new URL("./shell/mod.ts", import.meta.url).href,
       manifest: shellManifest,
+    },
+    {
+      name: "docker",
+      module: new URL("./docker/mod.ts", import.meta.url).href,
+      manifest: dockerManifest,
     },
   ];
 }

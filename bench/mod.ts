@@ -10,6 +10,7 @@ import { benchDenoStep } from "./deno_step_bench.ts";
 import { benchNoopSteps, benchWindmill } from "./local_bench.ts";
 import { benchShellBackend } from "./shell_backend_bench.ts";
 import { benchPlugins } from "./plugin_bench.ts";
+import { benchDocker } from "./docker_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -21,4 +22,5 @@ if (import.meta.main) {
   await benchShellBackend();
   await benchNoopSteps();
   await benchWindmill();
+  await benchDocker();
 }

@@ -13,7 +13,7 @@ import {
   type HostContext,
   scratchRootOf,
 } from "../backend.ts";
-import { PROCESS_TOOL_PATHS } from "../_process.ts";
+import { PROCESS_TOOL_PATHS } from "../_tools.ts";
 
 const pathList = z.array(z.string().min(1));
 

@@ -12,7 +12,7 @@ import {
   type HostContext,
   scratchRootOf,
 } from "../backend.ts";
-import { PROCESS_TOOL_PATHS } from "../_process.ts";
+import { PROCESS_TOOL_PATHS } from "../_tools.ts";
 
 /** Shell used when a step does not name one. */
 export const DEFAULT_SHELL = "/bin/sh";
