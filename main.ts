@@ -20,7 +20,6 @@ import {
   parseDuration,
   PipelineError,
   pipelineJsonSchema,
-  pluginFromLocation,
   PluginHostPool,
   type PluginSource,
   readStepStates,
@@ -34,8 +33,7 @@ import {
   waitForRunEnd,
 } from "./mod.ts";
 import type { StepState } from "./core/model.ts";
-import { dirname, resolve } from "node:path";
-import { parse as parseYaml } from "yaml";
+import { AgentConfigError, loadAgentConfig } from "./agent/config.ts";
 
 const VERSION = "0.1.0";
 
@@ -105,7 +103,12 @@ async function main(argv: string[]): Promise<number> {
   const concurrency = values.concurrency === undefined
     ? undefined
     : positiveInt(values.concurrency, "--concurrency");
-  const plugins = await configuredPlugins(values.plugin ?? [], values.config);
+  const agentConfig = await loadAgentConfig({
+    file: values.config,
+    pluginFlags: values.plugin ?? [],
+  });
+  const plugins = agentConfig.plugins;
+  const hosts = agentConfig.hosts;
   const load = (file: string) =>
     loadPipeline(file, { backends: plugins.map((plugin) => plugin.name) });
   const need = (what: string) => {
@@ -139,7 +142,7 @@ async function main(argv: string[]): Promise<number> {
     case "run": {
       const plan = await load(need("a pipeline file"));
       return await execute(
-        (options) => runPipeline(plan, { ...options, plugins }),
+        (options) => runPipeline(plan, { ...options, plugins, hosts }),
         { json: values.json, logs: values.logs, stateDir, concurrency },
       );
     }
@@ -197,54 +200,6 @@ async function main(argv: string[]): Promise<number> {
       return await showBackends(plugins, values.json);
     default:
       throw new UsageError(`unknown command "${command}"; see "runnel --help"`);
-  }
-}
-
-/** Third-party backends from `--plugin NAME=WHERE` flags and the `--config` file. */
-async function configuredPlugins(flags: string[], configFile?: string): Promise<PluginSource[]> {
-  const byName = new Map<string, PluginSource>();
-  if (configFile) {
-    let config: unknown;
-    try {
-      config = parseYaml(await Deno.readTextFile(configFile));
-    } catch (error) {
-      throw new UsageError(
-        `cannot read agent config ${configFile}: ${error instanceof Error ? error.message : error}`,
-      );
-    }
-    const plugins = (config as { plugins?: unknown } | null)?.plugins ?? {};
-    if (typeof plugins !== "object" || Array.isArray(plugins)) {
-      throw new UsageError(
-        `${configFile}: expected "plugins" to map backend names to paths or URLs`,
-      );
-    }
-    const baseDir = dirname(resolve(configFile));
-    for (const [name, where] of Object.entries(plugins as Record<string, unknown>)) {
-      if (typeof where !== "string") {
-        throw new UsageError(`${configFile}: expected a path or URL for plugin "${name}"`);
-      }
-      byName.set(name, pluginOrUsage(name, where, baseDir));
-    }
-  }
-  for (const flag of flags) {
-    const at = flag.indexOf("=");
-    if (at <= 0) throw new UsageError(`expected --plugin NAME=PATH-OR-URL, got "${flag}"`);
-    const name = flag.slice(0, at);
-    byName.set(name, pluginOrUsage(name, flag.slice(at + 1), Deno.cwd()));
-  }
-  for (const name of byName.keys()) {
-    if (builtinPlugins().some((plugin) => plugin.name === name)) {
-      throw new UsageError(`plugin "${name}" would replace the built-in backend of that name`);
-    }
-  }
-  return [...byName.values()];
-}
-
-function pluginOrUsage(name: string, where: string, baseDir: string): PluginSource {
-  try {
-    return pluginFromLocation(name, where, baseDir);
-  } catch (error) {
-    throw new UsageError(error instanceof Error ? error.message : String(error));
   }
 }
 
@@ -518,7 +473,8 @@ function report(error: unknown): number {
   const code = (error as { code?: unknown })?.code;
   const message = error instanceof Error ? error.message : String(error);
   if (
-    error instanceof UsageError || (typeof code === "string" && code.startsWith("ERR_PARSE_ARGS"))
+    error instanceof UsageError || error instanceof AgentConfigError ||
+    (typeof code === "string" && code.startsWith("ERR_PARSE_ARGS"))
   ) {
     console.error(`error: ${message}`);
     return EXIT_BAD_INPUT;

@@ -89,6 +89,16 @@ export {
 export type { StepContext } from "./backends/deno/context.ts";
 export { BusinessError } from "./backends/deno/context.ts";
 
+// Agent config.
+export {
+  type AgentConfig,
+  AgentConfigError,
+  AgentConfigSchema,
+  type HostTuning,
+  loadAgentConfig,
+  type LoadAgentConfigOptions,
+} from "./agent/config.ts";
+
 // Local mode.
 export {
   cancelRun,

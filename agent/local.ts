@@ -37,6 +37,7 @@ import { DEFAULT_RETENTION_MS } from "../core/artifacts/store.ts";
 import {
   builtinPlugins,
   PluginHostPool,
+  type PluginHostPoolOptions,
   type PluginSource,
   type PoolMetrics,
   validateStepConfigs,
@@ -107,6 +108,8 @@ export interface LocalRunOptions {
    * and must have the run's scratch root, `<stateDir>/work`, in its context.
    */
   pool?: PluginHostPool;
+  /** Plugin host tuning (idle time, heartbeats) for the run's own pool. */
+  hosts?: Pick<PluginHostPoolOptions, "idleMs" | "heartbeatMs" | "heartbeatTimeoutMs">;
   /** Receives plugin host diagnostics (a host's stderr, stray errors). */
   onDiagnostic?: (backend: string, text: string) => void;
 }
@@ -262,7 +265,7 @@ export function localAgentId(runId: string): string {
 /** A plugin host pool for a local run (built-in plus configured backends). */
 export async function openPool(
   state: LocalState,
-  options: Pick<LocalRunOptions, "plugins" | "onDiagnostic"> & { agentId?: string } = {},
+  options: Pick<LocalRunOptions, "plugins" | "onDiagnostic" | "hosts"> & { agentId?: string } = {},
 ): Promise<PluginHostPool> {
   const scratchRoot = await Deno.realPath(await mkdirp(state.paths.work));
   return new PluginHostPool({
@@ -270,6 +273,7 @@ export async function openPool(
     context: { scratchRoot, agentId: options.agentId ?? "local" },
     entryDir: `${state.paths.root}/hosts`,
     onDiagnostic: options.onDiagnostic,
+    ...options.hosts,
   });
 }
 
@@ -906,6 +910,7 @@ class LocalDriver {
     }
     let logFile: Deno.FsFile | undefined;
     let execution = recovered;
+    let cleaned: Promise<void> | undefined;
     try {
       const paths = this.#state.paths;
       const workDir = `${await this.#runWorkDir()}/${fileSafe(step.id)}/${attempt}`;
@@ -961,7 +966,8 @@ class LocalDriver {
       const logsDone = this.#pumpLogs(step, attempt, execution, masker, logFile);
       const exit = await execution.wait();
       await logsDone;
-      await execution.cleanup().catch(() => {});
+      // Released while the outputs are collected; the attempt ends after both.
+      cleaned = execution.cleanup().catch(() => {});
       if (active.stopped) return; // the engine already recorded the outcome
       if (exit.exitCode !== 0 || exit.errorClass) {
         return report({
@@ -991,6 +997,7 @@ class LocalDriver {
       });
     } finally {
       logFile?.close();
+      await cleaned;
     }
   }
 

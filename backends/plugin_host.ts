@@ -521,6 +521,9 @@ class RemoteExecution implements Execution {
 
   constructor(readonly host: PluginHost, readonly exec: number, readonly handle: string) {
     this.logs = host.logQueue(exec, handle);
+    // Asked at once, so the answer arrives as the attempt ends instead of a
+    // round trip after the caller asks.
+    this.wait();
   }
 
   wait(): Promise<ExitStatus> {

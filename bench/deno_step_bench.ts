@@ -75,6 +75,7 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
       for await (const _ of execution.logs) { /* drain */ }
       const status = await execution.wait();
       const elapsed = performance.now() - started;
+      await execution.cleanup();
       if (!isSuccess(status)) throw new Error(`No-op step failed: ${JSON.stringify(status)}`);
       return elapsed;
     };

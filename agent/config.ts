@@ -1,0 +1,141 @@
+/**
+ * Agent config: which third-party backends to load and how plugin hosts
+ * are tuned. Read from a YAML (or JSON) file named by `--config`, plus
+ * `--plugin NAME=WHERE` flags.
+ *
+ * ```yaml
+ * plugins:
+ *   http: ./examples/backends/http        # a path (relative to this file) or a URL
+ * plugin-hosts:
+ *   idle: 60s                             # stop a host idle this long
+ *   heartbeat: 1s                         # ping a busy host this often
+ *   heartbeat-timeout: 10s                # replace a host silent this long
+ * ```
+ *
+ * @module
+ */
+
+import { dirname, resolve } from "node:path";
+import { z } from "zod";
+import { parse as parseYaml } from "yaml";
+import { builtinPlugins, pluginFromLocation, type PluginSource } from "../backends/mod.ts";
+import type { PluginHostPoolOptions } from "../backends/plugin_host.ts";
+import { parseDuration } from "../core/duration.ts";
+
+const duration = z.string().refine((text) => {
+  try {
+    return parseDuration(text) > 0;
+  } catch {
+    return false;
+  }
+}, { message: 'Expected a duration like "30s" or "2m"' });
+
+/** The agent config file's schema. */
+export const AgentConfigSchema = z.strictObject({
+  plugins: z.record(z.string(), z.string().min(1, { message: "Expected a path or URL" }))
+    .optional(),
+  "plugin-hosts": z.strictObject({
+    idle: duration.optional(),
+    heartbeat: duration.optional(),
+    "heartbeat-timeout": duration.optional(),
+  }).optional(),
+});
+
+/** Plugin host tuning, as {@link PluginHostPoolOptions} takes it. */
+export type HostTuning = Pick<
+  PluginHostPoolOptions,
+  "idleMs" | "heartbeatMs" | "heartbeatTimeoutMs"
+>;
+
+/** What an agent runs with. */
+export interface AgentConfig {
+  /** Third-party backends. */
+  plugins: PluginSource[];
+  /** Plugin host tuning (absent keys keep the defaults). */
+  hosts: HostTuning;
+}
+
+/** A config file or flag an agent cannot use. */
+export class AgentConfigError extends Error {
+  /** Stable error code. */
+  readonly code = "bad_agent_config";
+
+  /** Builds the error from a full sentence. */
+  constructor(message: string) {
+    super(message);
+    this.name = "AgentConfigError";
+  }
+}
+
+/** Options of {@link loadAgentConfig}. */
+export interface LoadAgentConfigOptions {
+  /** The config file, if any. */
+  file?: string;
+  /** `NAME=WHERE` plugin flags; they win over the file. */
+  pluginFlags?: string[];
+  /** Where flag paths resolve (default: the working directory). */
+  cwd?: string;
+}
+
+/**
+ * Reads the agent config.
+ *
+ * @example
+ * ```ts
+ * import { loadAgentConfig } from "./config.ts";
+ * const config = await loadAgentConfig({ pluginFlags: ["http=https://plugins.example/http/"] });
+ * config.plugins[0].module; // "https://plugins.example/http/mod.ts"
+ * ```
+ */
+export async function loadAgentConfig(options: LoadAgentConfigOptions = {}): Promise<AgentConfig> {
+  const byName = new Map<string, PluginSource>();
+  const hosts: HostTuning = {};
+  const file = options.file;
+  if (file) {
+    let raw: unknown;
+    try {
+      raw = parseYaml(await Deno.readTextFile(file)) ?? {};
+    } catch (error) {
+      throw new AgentConfigError(
+        `Expected a readable YAML agent config at ${file}: ${(error as Error).message}`,
+      );
+    }
+    const parsed = AgentConfigSchema.safeParse(raw);
+    if (!parsed.success) {
+      const problems = parsed.error.issues.map((issue) =>
+        `${issue.path.length ? `"${issue.path.join(".")}": ` : ""}${issue.message}`
+      );
+      throw new AgentConfigError(`${file}: ${problems.join("; ")}`);
+    }
+    const baseDir = dirname(resolve(file));
+    for (const [name, where] of Object.entries(parsed.data.plugins ?? {})) {
+      byName.set(name, plugin(name, where, baseDir, file));
+    }
+    const tuning = parsed.data["plugin-hosts"] ?? {};
+    if (tuning.idle) hosts.idleMs = parseDuration(tuning.idle);
+    if (tuning.heartbeat) hosts.heartbeatMs = parseDuration(tuning.heartbeat);
+    if (tuning["heartbeat-timeout"]) {
+      hosts.heartbeatTimeoutMs = parseDuration(tuning["heartbeat-timeout"]);
+    }
+  }
+  for (const flag of options.pluginFlags ?? []) {
+    const at = flag.indexOf("=");
+    if (at <= 0) throw new AgentConfigError(`Expected --plugin NAME=PATH-OR-URL, got "${flag}"`);
+    const name = flag.slice(0, at);
+    byName.set(name, plugin(name, flag.slice(at + 1), options.cwd ?? Deno.cwd(), "--plugin"));
+  }
+  return { plugins: [...byName.values()], hosts };
+}
+
+function plugin(name: string, where: string, baseDir: string, origin: string): PluginSource {
+  if (builtinPlugins().some((source) => source.name === name)) {
+    throw new AgentConfigError(
+      `${origin}: expected a plugin name other than "${name}", which is a built-in backend`,
+    );
+  }
+  try {
+    return pluginFromLocation(name, where, baseDir);
+  } catch (error) {
+    throw new AgentConfigError(`${origin}: ${(error as Error).message}`);
+  }
+}

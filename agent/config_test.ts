@@ -1,0 +1,57 @@
+import assert from "node:assert/strict";
+import { AgentConfigError, loadAgentConfig } from "./config.ts";
+
+const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
+
+Deno.test("agent config: plugins resolve beside the file, tuning becomes milliseconds", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "runnel_config_" });
+  try {
+    await Deno.symlink(`${ROOT}/examples/backends/http`, `${dir}/http`);
+    await Deno.writeTextFile(
+      `${dir}/agent.yaml`,
+      "plugins:\n  http: ./http\nplugin-hosts:\n  idle: 30s\n  heartbeat: 500ms\n  heartbeat-timeout: 5s\n",
+    );
+    const config = await loadAgentConfig({ file: `${dir}/agent.yaml` });
+    assert.deepEqual(config.plugins.map((p) => [p.name, p.module]), [
+      ["http", `file://${dir}/http/mod.ts`],
+    ]);
+    assert.deepEqual(config.hosts, { idleMs: 30_000, heartbeatMs: 500, heartbeatTimeoutMs: 5_000 });
+    const flagged = await loadAgentConfig({
+      file: `${dir}/agent.yaml`,
+      pluginFlags: ["http=https://plugins.example/http/"],
+    });
+    assert.equal(flagged.plugins[0].module, "https://plugins.example/http/mod.ts");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("agent config: bad files and flags get plain messages", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "runnel_config_" });
+  try {
+    const cases: Array<[string, RegExp]> = [
+      ["plugin-hosts: { idle: soon }\n", /"plugin-hosts\.idle": Expected a duration like "30s"/],
+      [
+        "plugins: { http: ./nowhere }\n",
+        /Expected backend plugin "http" at .*nowhere, found nothing/,
+      ],
+      ["plugins: { docker: ./x }\n", /expected a plugin name other than "docker"/],
+      ["plugin: {}\n", /Unrecognized key: "plugin"/],
+      ["plugins: [\n", /Expected a readable YAML agent config/],
+    ];
+    for (const [text, expected] of cases) {
+      await Deno.writeTextFile(`${dir}/agent.yaml`, text);
+      await assert.rejects(
+        loadAgentConfig({ file: `${dir}/agent.yaml` }),
+        (error: unknown) => error instanceof AgentConfigError && expected.test(error.message),
+        text,
+      );
+    }
+    await assert.rejects(
+      loadAgentConfig({ pluginFlags: ["http"] }),
+      /Expected --plugin NAME=PATH-OR-URL, got "http"/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
