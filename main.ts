@@ -263,8 +263,15 @@ async function execute(
       concurrency: options.concurrency,
       signal: interrupt.signal,
       onEvent: (event) => progress.onEvent(event),
+      // A plugin's own console output (its host's stderr) is for debugging it.
+      onDiagnostic: options.logs
+        ? (backend, text) => console.error(`[backend ${backend}] ${text}`)
+        : undefined,
     });
     progress.close();
+    if (options.json && summary.hosts) {
+      console.log(JSON.stringify({ type: "hosts", runId: summary.runId, ...summary.hosts }));
+    }
     if (summary.status === "succeeded") return 0;
     if (summary.status === "cancelled" && interrupt.signal.aborted) {
       console.error(`interrupted; "runnel resume ${summary.runId}" finishes the run`);

@@ -403,8 +403,17 @@ steps:
     cwd: box.dir,
   });
   const events = json.stdout.trim().split("\n").map((line) => JSON.parse(line));
-  assert.equal(events.at(-1).type, "run");
-  assert.equal(events.at(-1).status, "succeeded");
+  const runEvents = events.filter((event) => event.type === "run");
+  assert.equal(runEvents.at(-1).status, "succeeded");
+  // Last, the run's plugin host counters: two shell steps, one cold host.
+  assert.deepEqual(events.at(-1), {
+    type: "hosts",
+    runId: runEvents[0].runId,
+    coldStarts: 1,
+    warmHits: 1,
+    hostsAlive: 1,
+    hostsLost: 0,
+  });
 });
 
 Deno.test("gc removes artifacts, scratch and logs of old unpinned runs and keeps pinned ones", async () => {
