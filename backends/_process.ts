@@ -189,17 +189,12 @@ const encoder = new TextEncoder();
  * named by `handles` (each a group leader's pid) are killed and nothing is
  * re-attached.
  */
-export function reapProcessGroups(options: RecoverOptions): Promise<RecoveredAttempt[]> {
+export async function reapProcessGroups(options: RecoverOptions): Promise<RecoveredAttempt[]> {
   for (const handle of options.handles ?? []) {
     const pid = Number(handle);
-    if (!Number.isInteger(pid) || pid <= 1) continue;
-    try {
-      Deno.kill(-pid, "SIGKILL");
-    } catch {
-      // Gone already.
-    }
+    if (Number.isInteger(pid) && pid > 1) await signalGroup(pid, "SIGKILL");
   }
-  return Promise.resolve([]);
+  return [];
 }
 
 /**

@@ -666,8 +666,9 @@ class PluginHost {
     return host;
   }
 
+  /** True while the host takes requests (not once it is being stopped). */
   get alive(): boolean {
-    return this.#death === undefined;
+    return this.#death === undefined && !this.#stopping;
   }
 
   get pid(): number {
@@ -723,7 +724,7 @@ class PluginHost {
     op: O,
     fields: Omit<Extract<Request, { op: O }>, "id" | "op">,
   ): Promise<Results[O]> {
-    if (this.#death !== undefined) return Promise.reject(this.#lostError());
+    if (!this.alive) return Promise.reject(this.#lostError());
     const id = this.#nextId++;
     const { promise, resolve, reject } = Promise.withResolvers<Results[O]>();
     this.#pending.set(id, { op, resolve: resolve as (value: unknown) => void, reject });

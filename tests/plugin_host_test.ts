@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 import { builtinPlugins, PluginHostPool, type PluginSource } from "../backends/mod.ts";
 import { PluginHostError, PluginPermissionError } from "../backends/plugin_host.ts";
 import { isSuccess } from "../backends/backend.ts";
-import { runToEnd, scratchSpec } from "../backends/_testing.ts";
+import { processAlive, runToEnd, scratchSpec } from "../backends/_testing.ts";
 import { loadPipeline } from "../core/load.ts";
 import { runPipeline } from "../agent/local.ts";
 import { poll, ROOT, runCli, sandbox } from "./_helpers.ts";
@@ -173,6 +173,42 @@ Deno.test("plugin hosts: a crashing host fails its step as infrastructure and is
   }
 });
 
+Deno.test("plugin hosts: a host killed mid-step fails the step and its processes are reaped", async () => {
+  const spec = await scratchSpec({ run: "echo started; sleep 30" });
+  const pool = openPool(spec.root);
+  try {
+    const execution = await pool.backend("shell").start({ ...spec, scratchRoot: spec.root });
+    const stepPid = Number(execution.handle);
+    assert.ok(await processAlive(stepPid));
+    const hosts = await childPids(Deno.pid);
+    const host = hosts.find((pid) => pid !== stepPid)!;
+    Deno.kill(host, "SIGKILL");
+    const status = await execution.wait();
+    assert.equal(status.errorClass, "infrastructure");
+    assert.match(
+      status.message ?? "",
+      /backend "shell" host was killed by SIGKILL; it will be replaced/,
+    );
+    // The step's process group was reaped through a fresh host.
+    await poll(async () => (await processAlive(stepPid)) ? undefined : true, {
+      what: "the lost step's sleep to be reaped",
+    });
+    await execution.cleanup();
+    const again = await runToEnd(
+      await pool.backend("shell").start({
+        ...spec,
+        scratchRoot: spec.root,
+        config: { run: "echo ok" },
+      }),
+    );
+    assert.equal(again.stdout, "ok\n");
+    assert.equal(pool.metrics().hostsLost, 1);
+  } finally {
+    await pool.close();
+    await spec.remove();
+  }
+});
+
 Deno.test("plugin hosts: a hung host is found by its heartbeat, killed and replaced", async () => {
   const spec = await scratchSpec({ with: { act: "hang" } });
   const pool = openPool(spec.root, { heartbeatMs: 100, heartbeatTimeoutMs: 600 });
@@ -299,3 +335,12 @@ steps:
     await files.shutdown();
   }
 });
+
+/** Pids of the direct children of `pid` (plugin hosts, here). */
+async function childPids(pid: number): Promise<number[]> {
+  const { stdout } = await new Deno.Command("ps", { args: ["-o", "pid=", "--ppid", String(pid)] })
+    .output();
+  return new TextDecoder().decode(stdout).split("\n").map((line) => Number(line.trim())).filter(
+    (n) => n > 0,
+  );
+}

@@ -48,12 +48,13 @@ export const denoManifest: BackendManifest<DenoConfig> = {
   name: "deno",
   configSchema: denoConfigSchema,
   hostPermissions(context: HostContext): DenoPermissions {
+    // recover reaps the process groups of lost steps through kill(1).
     return {
-      read: [Deno.execPath(), context.scratchRoot],
+      read: [Deno.execPath(), context.scratchRoot, ...PROCESS_TOOL_PATHS],
       write: [],
       net: [],
       env: [],
-      run: [Deno.execPath()],
+      run: [Deno.execPath(), ...PROCESS_TOOL_PATHS],
     };
   },
   permissions(config: DenoConfig, spec: AttemptSpec): DenoPermissions {

@@ -35,7 +35,14 @@ export const shellManifest: BackendManifest<ShellConfig> = {
   name: "shell",
   configSchema: shellConfigSchema,
   hostPermissions(_context: HostContext): DenoPermissions {
-    return { read: [DEFAULT_SHELL], write: [], net: [], env: [], run: [] };
+    // recover reaps the process groups of lost steps through kill(1).
+    return {
+      read: [DEFAULT_SHELL, ...PROCESS_TOOL_PATHS],
+      write: [],
+      net: [],
+      env: [],
+      run: PROCESS_TOOL_PATHS,
+    };
   },
   permissions(config: ShellConfig, spec: AttemptSpec): DenoPermissions {
     // The command itself is trusted and unsandboxed; these are what the
