@@ -16,6 +16,7 @@ import {
   type RecoverOptions,
 } from "./backend.ts";
 import { LogQueue } from "./log_queue.ts";
+import { raceTimeout } from "./_async.ts";
 import { KILL_PATHS, SETSID_PATHS } from "./_tools.ts";
 
 /**
@@ -263,19 +264,6 @@ async function signalGroup(pgid: number, signal: Deno.Signal): Promise<boolean> 
     return success;
   } catch {
     return false;
-  }
-}
-
-/** Resolves true if `promise` has not settled within `ms`. */
-async function raceTimeout(promise: Promise<unknown>, ms: number): Promise<boolean> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const deadline = new Promise<boolean>((resolve) => {
-    timer = setTimeout(() => resolve(true), ms);
-  });
-  try {
-    return await Promise.race([promise.then(() => false, () => false), deadline]);
-  } finally {
-    clearTimeout(timer);
   }
 }
 

@@ -35,6 +35,7 @@ import type {
 } from "./backend.ts";
 import { configMessages, InvalidStepConfigError } from "./backend.ts";
 import { LogQueue } from "./log_queue.ts";
+import { raceTimeout } from "./_async.ts";
 import {
   type HostMessage,
   type HostRole,
@@ -145,6 +146,9 @@ export const DEFAULT_HEARTBEAT_MS = 1_000;
 export const DEFAULT_HEARTBEAT_TIMEOUT_MS = 10_000;
 /** Default deadline of a host's hello (a first start may download modules). */
 export const DEFAULT_HOST_START_TIMEOUT_MS = 60_000;
+
+/** How long a host told to stop (its stdin closed) may take to exit before it is killed. */
+const HOST_STOP_GRACE_MS = 2_000;
 
 /** How much of a host's stderr is kept to explain a crash. */
 const STDERR_TAIL_CHARS = 2_000;
@@ -754,15 +758,7 @@ class PluginHost {
     if (this.#death !== undefined) return await this.exited;
     this.#stopping = true;
     await this.#writer.close().catch(() => {});
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const lingered = await Promise.race([
-      this.exited.then(() => false),
-      new Promise<boolean>((resolve) => {
-        timer = setTimeout(() => resolve(true), 2_000);
-      }),
-    ]);
-    clearTimeout(timer);
-    if (lingered) this.kill();
+    if (await raceTimeout(this.exited, HOST_STOP_GRACE_MS)) this.kill();
     await this.exited;
   }
 

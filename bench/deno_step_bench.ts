@@ -14,7 +14,7 @@ import { isSuccess } from "../backends/backend.ts";
 import type { ExecutionBackend } from "../backends/backend.ts";
 import { createDenoBackend } from "../backends/deno/mod.ts";
 import { builtinPlugins, PluginHostPool } from "../backends/mod.ts";
-import { printTable } from "./_table.ts";
+import { median, printTable } from "./_table.ts";
 
 /** Runs per variant; 20 keeps the whole bench near ten seconds on two cores. */
 const RUNS = 20;
@@ -128,12 +128,12 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
 }
 
 function summarise(name: string, samples: number[]): BenchRow {
-  const sorted = [...samples].sort((a, b) => a - b);
-  const middle = Math.floor(sorted.length / 2);
-  const medianMs = sorted.length % 2 === 1
-    ? sorted[middle]
-    : (sorted[middle - 1] + sorted[middle]) / 2;
-  return { name, medianMs, minMs: sorted[0], maxMs: sorted[sorted.length - 1] };
+  return {
+    name,
+    medianMs: median(samples),
+    minMs: Math.min(...samples),
+    maxMs: Math.max(...samples),
+  };
 }
 
 if (import.meta.main) {

@@ -25,7 +25,7 @@ import createDockerBackend from "../backends/docker/mod.ts";
 import { dockerManifest } from "../backends/docker/manifest.ts";
 import { ensureBusyboxImage } from "../infra/images.ts";
 import { parsePipeline, runPipeline } from "../mod.ts";
-import { printTable, type Row } from "./_table.ts";
+import { median, printTable, type Row } from "./_table.ts";
 
 /** Options of {@link benchDocker}. */
 export interface DockerBenchOptions {
@@ -234,12 +234,6 @@ async function lanes(count: number, parallel: number, task: () => Promise<unknow
     }
   }));
   return performance.now() - started;
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
 }
 
 function verdict(met: boolean): string {

@@ -14,7 +14,7 @@
 
 import { createShellBackend } from "../backends/shell/mod.ts";
 import { builtinPlugins, PluginHostPool } from "../backends/mod.ts";
-import { printTable } from "./_table.ts";
+import { median, printTable } from "./_table.ts";
 
 /** Cold starts per backend. */
 const COLD_RUNS = 10;
@@ -125,12 +125,6 @@ export async function benchPlugins(): Promise<PluginBenchResult> {
   } finally {
     await Deno.remove(root, { recursive: true });
   }
-}
-
-function median(samples: number[]): number {
-  const sorted = [...samples].sort((a, b) => a - b);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
 }
 
 function fmt(ms: number, digits = 1): string {

@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { builtinPlugins, PluginHostPool, type PluginSource } from "../backends/mod.ts";
 import { PluginHostError, PluginPermissionError } from "../backends/plugin_host.ts";
-import { isSuccess } from "../backends/backend.ts";
+import { type AttemptSpec, isSuccess } from "../backends/backend.ts";
 import { processAlive, runToEnd, scratchSpec } from "../backends/_testing.ts";
 import { loadPipeline } from "../core/load.ts";
 import { runPipeline } from "../agent/local.ts";
@@ -40,9 +40,7 @@ Deno.test("plugin hosts: the first step starts a host, later ones reuse it, an i
   const pool = openPool(spec.root, { idleMs: 300 });
   try {
     for (let i = 0; i < 3; i++) {
-      const result = await runToEnd(
-        await pool.backend("shell").start({ ...spec, scratchRoot: spec.root }),
-      );
+      const result = await runOn(pool, "shell", spec);
       assert.ok(isSuccess(result.status), JSON.stringify(result));
       assert.equal(result.stdout, "warm\n");
     }
@@ -67,9 +65,7 @@ Deno.test("plugin hosts: the host gets exactly the manifest's grant and a cleare
   });
   const pool = openPool(spec.root);
   try {
-    const result = await runToEnd(
-      await pool.backend("shell").start({ ...spec, scratchRoot: spec.root }),
-    );
+    const result = await runOn(pool, "shell", spec);
     assert.ok(isSuccess(result.status), JSON.stringify(result));
     const [leak, hostCommand] = result.stdout.split("\n");
     assert.equal(leak, "none");
@@ -148,23 +144,11 @@ Deno.test("plugin hosts: a crashing host fails its step as infrastructure and is
         error instanceof PluginHostError && /exited with code 3/.test(error.message) &&
         error.errorClass === "infrastructure",
     );
-    const later = await runToEnd(
-      await pool.backend("evil").start({
-        ...spec,
-        scratchRoot: spec.root,
-        config: { with: { act: "crash-later" } },
-      }),
-    );
+    const later = await runOn(pool, "evil", spec, { with: { act: "crash-later" } });
     assert.equal(later.stdout, "about to crash\n");
     assert.equal(later.status.errorClass, "infrastructure");
     assert.match(later.status.message ?? "", /host exited with code 7; it will be replaced/);
-    const ok = await runToEnd(
-      await pool.backend("evil").start({
-        ...spec,
-        scratchRoot: spec.root,
-        config: { with: { act: "ok" } },
-      }),
-    );
+    const ok = await runOn(pool, "evil", spec, { with: { act: "ok" } });
     assert.ok(isSuccess(ok.status), JSON.stringify(ok));
     assert.equal(pool.metrics().hostsLost, 2);
   } finally {
@@ -194,13 +178,7 @@ Deno.test("plugin hosts: a host killed mid-step fails the step and its processes
       what: "the lost step's sleep to be reaped",
     });
     await execution.cleanup();
-    const again = await runToEnd(
-      await pool.backend("shell").start({
-        ...spec,
-        scratchRoot: spec.root,
-        config: { run: "echo ok" },
-      }),
-    );
+    const again = await runOn(pool, "shell", spec, { run: "echo ok" });
     assert.equal(again.stdout, "ok\n");
     assert.equal(pool.metrics().hostsLost, 1);
   } finally {
@@ -220,13 +198,7 @@ Deno.test("plugin hosts: a hung host is found by its heartbeat, killed and repla
         error instanceof PluginHostError && /stopped answering heartbeats/.test(error.message),
     );
     assert.ok(Date.now() - started < 10_000, "the hang was noticed in time");
-    const ok = await runToEnd(
-      await pool.backend("evil").start({
-        ...spec,
-        scratchRoot: spec.root,
-        config: { with: { act: "ok" } },
-      }),
-    );
+    const ok = await runOn(pool, "evil", spec, { with: { act: "ok" } });
     assert.ok(isSuccess(ok.status), JSON.stringify(ok));
   } finally {
     await pool.close();
@@ -343,4 +315,15 @@ async function childPids(pid: number): Promise<number[]> {
   return new TextDecoder().decode(stdout).split("\n").map((line) => Number(line.trim())).filter(
     (n) => n > 0,
   );
+}
+
+/** Runs one attempt of `spec` (its config replaced, if given) on a pool's backend. */
+async function runOn(
+  pool: PluginHostPool,
+  backend: string,
+  spec: AttemptSpec & { root: string },
+  config?: Record<string, unknown>,
+): ReturnType<typeof runToEnd> {
+  const attempt = { ...spec, scratchRoot: spec.root, ...(config ? { config } : {}) };
+  return await runToEnd(await pool.backend(backend).start(attempt));
 }

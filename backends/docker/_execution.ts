@@ -24,6 +24,7 @@ import {
 import type { LogQueue } from "../log_queue.ts";
 import { classifyContainerExit } from "./_container.ts";
 import { daemonMessage, ignoreGone, isConnectionError, statusCodeOf } from "./_client.ts";
+import { raceTimeout } from "../_async.ts";
 
 /**
  * How long output may keep arriving once the container has exited before
@@ -82,7 +83,7 @@ export function watchContainer(options: WatchOptions): Execution {
   const waitPromise = exitPromise.then(
     async (result): Promise<ExitStatus> => {
       exited = true;
-      if (await raceDeadline(outputEnded, DRAIN_DEADLINE_MS)) output.destroy?.();
+      if (await raceTimeout(outputEnded, DRAIN_DEADLINE_MS)) output.destroy?.();
       sampler.stop();
       queue.close();
       const exitCode = Number(result.StatusCode);
@@ -202,19 +203,6 @@ function streamEnded(stream: NodeJS.ReadableStream): Promise<void> {
     stream.once("close", resolve);
     stream.once("error", () => resolve());
   });
-}
-
-/** Resolves true if `promise` has not settled within `ms`. */
-async function raceDeadline(promise: Promise<unknown>, ms: number): Promise<boolean> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const deadline = new Promise<boolean>((resolve) => {
-    timer = setTimeout(() => resolve(true), ms);
-  });
-  try {
-    return await Promise.race([promise.then(() => false, () => false), deadline]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 /** One sample of the `docker stats` stream, the fields read here. */
