@@ -9,8 +9,8 @@
 import assert from "node:assert/strict";
 import { connectDocker } from "../backends/docker/_dockerode.ts";
 import createDockerBackend from "../backends/docker/mod.ts";
-import { ensureBusyboxImage } from "../infra/images.ts";
-import { poll, runCli, sandbox, spawnCli, waitForLine } from "./_helpers.ts";
+import { ensureBusyboxImage, ensureDenoImage } from "../infra/images.ts";
+import { poll, ROOT, runCli, sandbox, spawnCli, waitForLine } from "./_helpers.ts";
 
 const IN_CI = Deno.env.get("CI") === "true";
 const fingerprint = await createDockerBackend().fingerprint();
@@ -124,3 +124,55 @@ steps:
     assert.deepEqual(await containersOf(runId), [], "the re-attached container was removed");
   },
 );
+
+dockerTest(
+  "a secret printed by a container is masked; a step past its timeout is stopped",
+  async () => {
+    await using box = await sandbox();
+    const file = await box.write(
+      "pipeline.yaml",
+      `name: docker-secrets
+secrets:
+  TOKEN: { env: RUNNEL_TEST_DOCKER_TOKEN }
+steps:
+  leak:
+    backend: docker
+    image: ${BUSYBOX}
+    secrets: [TOKEN]
+    run: echo "token is $TOKEN"; echo "again $TOKEN" >&2
+  slow:
+    backend: docker
+    image: ${BUSYBOX}
+    timeout: 500ms
+    retry: 0
+    run: sleep 30
+`,
+    );
+    const started = Date.now();
+    const run = await runCli(["run", file, "--state-dir", box.stateDir, "--logs"], {
+      cwd: box.dir,
+      env: { RUNNEL_TEST_DOCKER_TOKEN: "hunter2-docker" },
+    });
+    assert.equal(run.code, 1, run.stderr + run.stdout);
+    assert.ok(Date.now() - started < 20_000, "the timeout stopped sleep 30");
+    assert.match(run.stdout, /leak │ token is \*\*\*/);
+    assert.match(run.stdout, /leak │ again \*\*\*/);
+    assert.doesNotMatch(run.stdout + run.stderr, /hunter2/);
+    assert.match(run.stdout, /slow failed .*timeout/);
+    const runId = /run (\S+) · docker-secrets/.exec(run.stdout)![1];
+    const logs = await runCli(["logs", runId, "--state-dir", box.stateDir], { cwd: box.dir });
+    assert.doesNotMatch(logs.stdout, /hunter2/);
+    assert.deepEqual(await containersOf(runId), [], "the stopped container was removed");
+  },
+);
+
+dockerTest("the energy example runs in containers through the CLI", async () => {
+  await ensureDenoImage();
+  await using box = await sandbox();
+  const run = await runCli(
+    ["run", `${ROOT}/examples/energy/pipeline.docker.yaml`, "--state-dir", box.stateDir],
+    { cwd: box.dir },
+  );
+  assert.equal(run.code, 0, run.stderr + run.stdout);
+  assert.match(run.stdout, /succeeded in .* \(3 succeeded\)/);
+});
