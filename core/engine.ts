@@ -69,6 +69,13 @@ export class EngineStateError extends Error {
   }
 }
 
+/**
+ * How many times a step's attempt may be lost with its worker (or runner)
+ * and rescheduled in one round without using its retry budget: enough for
+ * a rolling restart, few enough that a step that kills its workers ends.
+ */
+export const MAX_LOST_RESCHEDULES = 3;
+
 const TERMINAL = new Set<StepStatus>(["succeeded", "failed", "cancelled", "skipped"]);
 const ACTIVE = new Set<StepStatus>(["scheduled", "running"]);
 
@@ -316,6 +323,7 @@ export class RunEngine {
       ok: false,
       errorClass: "infrastructure",
       message: `Attempt lost: ${event.reason}`,
+      lost: true,
     };
     // A report of an attempt the engine already closed is a duplicate when it
     // says what was recorded, and stale otherwise (the attempt was timed out,
@@ -410,6 +418,7 @@ export class RunEngine {
       if (!rerun) continue;
       step.status = "pending";
       step.attemptsThisRound = 0;
+      delete step.lostThisRound;
       delete step.reason;
       delete step.finishedAt;
       delete step.retryAt;
@@ -608,6 +617,17 @@ export class RunEngine {
       // on a stale judgement, wait for the need and evaluate the step afresh.
       step.attemptsThisRound = 0;
       this.#setStatus(id, "pending", now, "waiting for needs re-run by resume");
+      return;
+    }
+    if (!result.ok && result.lost && (step.lostThisRound ?? 0) < MAX_LOST_RESCHEDULES) {
+      // Not the step's failure: its worker (or runner) went away. It runs
+      // again at once, without using its retry budget, a few times at most
+      // (a step that keeps killing its workers must end).
+      step.lostThisRound = (step.lostThisRound ?? 0) + 1;
+      step.attemptsThisRound -= 1;
+      step.retryAt = now;
+      this.#setStatus(id, "retrying", now, `attempt ${record.attempt} was lost; rescheduled`);
+      this.#timers.push({ at: now, index: this.#index.get(id)!, stepId: id });
       return;
     }
     const policy = planned.retry;

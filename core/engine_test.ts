@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { RunEngine } from "./engine.ts";
+import { MAX_LOST_RESCHEDULES, RunEngine } from "./engine.ts";
 import { planOf, type PlanSpec, type StepSpec } from "./_testing.ts";
 import type { AttemptResult, Effect, Plan, WebhookSpec } from "./model.ts";
 
@@ -367,11 +367,26 @@ Deno.test("resume of a running run whose driver died reschedules lost attempts",
   const revived = new RunEngine(planOf([{ id: "a" }, { id: "b" }]), persisted);
   assert.deepEqual(revived.runningAttempts(), [{ stepId: "a", attemptId: "r/a/1" }]);
   revived.step({ type: "AttemptLost", stepId: "a", attemptId: "r/a/1", now: 5, reason: "restart" });
-  assert.equal(revived.state.steps.a.status, "failed");
-  assert.equal(revived.state.status, "failed");
-  const resumed = revived.step({ type: "Resume", now: 6 });
-  assert.deepEqual(starts(resumed.effects), ["a"]);
+  // Lost is not failed: the step runs again at once, its retry budget intact.
+  assert.equal(revived.state.steps.a.status, "retrying");
+  const rescheduled = revived.step({ type: "Tick", now: 5 });
+  assert.deepEqual(starts(rescheduled.effects), ["a"]);
   assert.equal(revived.state.steps.a.attemptId, "r/a/2");
+  assert.equal(revived.state.steps.a.attemptsThisRound, 1);
+});
+
+Deno.test("a step whose attempts keep getting lost fails after MAX_LOST_RESCHEDULES", () => {
+  const { engine } = started([{ id: "a" }]);
+  for (let lost = 1; lost <= MAX_LOST_RESCHEDULES; lost++) {
+    const attemptId = engine.state.steps.a.attemptId!;
+    engine.step({ type: "AttemptLost", stepId: "a", attemptId, now: lost, reason: "gone" });
+    assert.equal(engine.state.steps.a.status, "retrying");
+    engine.step({ type: "Tick", now: lost });
+  }
+  const attemptId = engine.state.steps.a.attemptId!;
+  engine.step({ type: "AttemptLost", stepId: "a", attemptId, now: 9, reason: "gone" });
+  assert.equal(engine.state.steps.a.status, "failed");
+  assert.equal(engine.state.steps.a.attempts.length, MAX_LOST_RESCHEDULES + 1);
 });
 
 Deno.test("a rehydrated engine continues exactly like the original", () => {

@@ -233,6 +233,8 @@ export type AttemptResult =
     exitCode?: number;
     message: string;
     usage?: Usage;
+    /** The attempt was lost with its worker (or runner), not failed by the step. */
+    lost?: true;
   };
 
 /** One attempt of a step. */
@@ -257,6 +259,8 @@ export interface StepState {
   attemptId?: string;
   /** Attempts made since the run (or the last resume) began, for retry limits. */
   attemptsThisRound: number;
+  /** Attempts lost (and rescheduled) this round: capped by `MAX_LOST_RESCHEDULES`. */
+  lostThisRound?: number;
   attempts: AttemptRecord[];
   /** When a `retrying` step may start its next attempt (epoch ms). */
   retryAt?: number;

@@ -1,0 +1,136 @@
+/**
+ * The key layout of cluster mode, in one place. Servers and the scheduler
+ * talk to each other only through these keys.
+ *
+ * | key | written by | what |
+ * | --- | --- | --- |
+ * | `/run/<run>` | API, scheduler | `ClusterRunRecord` |
+ * | `/plan/<run>` | API (once) | the run's `Plan` |
+ * | `/steps/<run>/<step>` | scheduler | `StepState` |
+ * | `/workers/<agent>` | the agent's server, under a lease of 3 heartbeats | `WorkerRecord` |
+ * | `/assign/<agent>/<attempt>` | scheduler, with the step's start | `AssignmentRecord` |
+ * | `/stop/<agent>/<attempt>` | scheduler | a cancel for the agent |
+ * | `/results/<attempt>` | the agent's server (create-only) | `ResultRecord` |
+ * | `/request/<run>/cancel`, `/request/<run>/resume` | API | a user's request |
+ * | `/logs/<run>/<step>/<attempt>/<seq>` | the agent's server | a batch of masked log text |
+ * | `/election/scheduler/…` | servers | election candidates |
+ *
+ * Attempt ids hold `/` (`run/step/3`): inside keys they are URI-encoded.
+ *
+ * @module
+ */
+
+import type { AttemptResult, RunStatus } from "../core/model.ts";
+
+/** A run as the cluster records it. */
+export interface ClusterRunRecord {
+  runId: string;
+  pipeline: string;
+  /** The pipeline file as submitted (for humans; the plan is at `/plan/<run>`). */
+  file: string;
+  planDigest: string;
+  status: RunStatus;
+  createdAt: number;
+  startedAt?: number;
+  finishedAt?: number;
+  round: number;
+  /** With `affinity: pipeline`: the agent every step of the run goes to. */
+  agent?: string;
+}
+
+/** What one backend can do on a worker (its fingerprint). */
+export interface WorkerCapability {
+  backend: string;
+  available: boolean;
+  version?: string;
+  detail?: string;
+}
+
+/** A connected worker, as its server registers it. */
+export interface WorkerRecord {
+  agentId: string;
+  labels: Record<string, string>;
+  capabilities: WorkerCapability[];
+  /** Attempts it runs at once. */
+  slots: number;
+  /** The server holding its stream. */
+  server: string;
+  version?: string;
+  connectedAt: number;
+  lastHeartbeat: number;
+}
+
+/** An input of an assignment: the artifacts it reads (one per matrix leg for a fan-in). */
+export interface AssignedInput {
+  /** A directory with one sub-directory per leg, rather than one file. */
+  fanIn: boolean;
+  artifacts: Array<
+    { runId: string; stepId: string; name: string; digest: string; size: number; leg: string }
+  >;
+}
+
+/** An attempt handed to a worker. */
+export interface AssignmentRecord {
+  runId: string;
+  stepId: string;
+  attemptId: string;
+  attempt: number;
+  agentId: string;
+  backend: string;
+  /** The step's backend config, env (with secret values), outputs, limits. */
+  spec: {
+    config: Record<string, unknown>;
+    baseDir: string;
+    env: Record<string, string>;
+    outputs: string[];
+    matrix?: Record<string, string | number | boolean>;
+    timeoutMs?: number;
+    resources?: { cpu?: number; memoryBytes?: number };
+  };
+  inputs: Record<string, AssignedInput>;
+  /** Secret values the worker masks in logs. */
+  mask: string[];
+  assignedAt: number;
+}
+
+/** An attempt's end as its worker reported it. */
+export interface ResultRecord {
+  runId: string;
+  stepId: string;
+  attemptId: string;
+  agentId: string;
+  result: AttemptResult;
+  at: number;
+}
+
+/** Encodes an id (an attempt id holds `/`) for use as one key segment. */
+export function segment(id: string): string {
+  return encodeURIComponent(id);
+}
+
+/** The cluster key builders. */
+export const clusterKeys = {
+  run: (runId: string) => `/run/${runId}`,
+  runPrefix: "/run/",
+  plan: (runId: string) => `/plan/${runId}`,
+  step: (runId: string, stepId: string) => `/steps/${runId}/${segment(stepId)}`,
+  stepPrefix: (runId: string) => `/steps/${runId}/`,
+  worker: (agentId: string) => `/workers/${segment(agentId)}`,
+  workerPrefix: "/workers/",
+  assignment: (agentId: string, attemptId: string) =>
+    `/assign/${segment(agentId)}/${segment(attemptId)}`,
+  assignmentPrefix: (agentId?: string) =>
+    agentId === undefined ? "/assign/" : `/assign/${segment(agentId)}/`,
+  stop: (agentId: string, attemptId: string) => `/stop/${segment(agentId)}/${segment(attemptId)}`,
+  stopPrefix: (agentId: string) => `/stop/${segment(agentId)}/`,
+  result: (attemptId: string) => `/results/${segment(attemptId)}`,
+  resultPrefix: "/results/",
+  request: (runId: string, kind: "cancel" | "resume") => `/request/${runId}/${kind}`,
+  requestPrefix: "/request/",
+  logs: (runId: string, stepId: string, attempt: number) =>
+    `/logs/${runId}/${segment(stepId)}/${attempt}/`,
+  logsOfRun: (runId: string) => `/logs/${runId}/`,
+  logBatch: (runId: string, stepId: string, attempt: number, seq: number) =>
+    `/logs/${runId}/${segment(stepId)}/${attempt}/${String(seq).padStart(10, "0")}`,
+  electionPrefix: "/election/scheduler/",
+};

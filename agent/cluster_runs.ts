@@ -1,0 +1,141 @@
+/**
+ * The run API of cluster mode over the store: what any server does when a
+ * user submits, lists, shows, cancels or resumes a run. None of it needs the
+ * scheduler: requests are keys the scheduler watches.
+ *
+ * @module
+ */
+
+import type { Plan, RunStatus, StepState } from "../core/model.ts";
+import type { Store } from "../consensus/store.ts";
+import { clusterKeys, type ClusterRunRecord, type WorkerRecord } from "./cluster_keys.ts";
+import { newRunId } from "./local.ts";
+
+/** A run API request that cannot be honoured. */
+export class RunRequestError extends Error {
+  /** Stable error code: `run_not_found`, `run_finished`, `run_succeeded`. */
+  readonly code: string;
+
+  /** Builds the error from its code and a full sentence. */
+  constructor(code: string, message: string) {
+    super(message);
+    this.name = "RunRequestError";
+    this.code = code;
+  }
+}
+
+/** Records a new run (its plan and a pending record); the scheduler starts it. */
+export async function submitRun(
+  store: Store,
+  plan: Plan,
+  options: { file?: string; now?: number } = {},
+): Promise<ClusterRunRecord> {
+  const now = options.now ?? Date.now();
+  const record: ClusterRunRecord = {
+    runId: newRunId(now),
+    pipeline: plan.name,
+    file: options.file ?? plan.file,
+    planDigest: plan.digest,
+    status: "pending",
+    createdAt: now,
+    // As `RunEngine.start` counts rounds: the first is 1.
+    round: 1,
+  };
+  // The plan first: the scheduler reads it when it sees the record.
+  const result = await store.txn({
+    compare: [{ key: clusterKeys.run(record.runId), target: "create", op: "==", value: 0 }],
+    success: [
+      { type: "put", key: clusterKeys.plan(record.runId), value: JSON.stringify(plan) },
+      { type: "put", key: clusterKeys.run(record.runId), value: JSON.stringify(record) },
+    ],
+  });
+  if (!result.succeeded) throw new RunRequestError("run_exists", `Run ${record.runId} exists`);
+  return record;
+}
+
+/** Every run, newest first. */
+export async function listClusterRuns(store: Store): Promise<ClusterRunRecord[]> {
+  const { items } = await store.list(clusterKeys.runPrefix);
+  return items.map((kv) => JSON.parse(kv.value) as ClusterRunRecord)
+    .sort((a, b) => b.createdAt - a.createdAt);
+}
+
+/** A run found by its id or a unique prefix of it. */
+export async function getClusterRun(store: Store, idOrPrefix: string): Promise<ClusterRunRecord> {
+  const exact = await store.get(clusterKeys.run(idOrPrefix));
+  if (exact) return JSON.parse(exact.value);
+  const { items } = await store.list(clusterKeys.run(idOrPrefix));
+  if (items.length === 1) return JSON.parse(items[0].value);
+  if (items.length > 1) {
+    throw new RunRequestError(
+      "run_ambiguous",
+      `Run id prefix "${idOrPrefix}" matches several runs`,
+    );
+  }
+  throw new RunRequestError("run_not_found", `No run "${idOrPrefix}" on this cluster`);
+}
+
+/** The step states of a run, by step id. */
+export async function clusterStepStates(
+  store: Store,
+  runId: string,
+): Promise<Record<string, StepState>> {
+  const { items } = await store.list(clusterKeys.stepPrefix(runId));
+  const steps: Record<string, StepState> = {};
+  for (const kv of items) {
+    const step = JSON.parse(kv.value) as StepState;
+    steps[step.id] = step;
+  }
+  return steps;
+}
+
+const TERMINAL: RunStatus[] = ["succeeded", "failed", "cancelled"];
+
+/** Asks the scheduler to cancel a run. */
+export async function requestCancel(
+  store: Store,
+  runId: string,
+): Promise<"requested" | "finished"> {
+  const record = await getClusterRun(store, runId);
+  if (TERMINAL.includes(record.status)) return "finished";
+  await store.put(clusterKeys.request(record.runId, "cancel"), JSON.stringify({ at: Date.now() }));
+  return "requested";
+}
+
+/** Asks the scheduler to resume a failed or cancelled run. */
+export async function requestResume(store: Store, runId: string): Promise<void> {
+  const record = await getClusterRun(store, runId);
+  if (record.status === "succeeded") {
+    throw new RunRequestError("run_succeeded", `Run ${record.runId} already succeeded`);
+  }
+  await store.put(clusterKeys.request(record.runId, "resume"), JSON.stringify({ at: Date.now() }));
+}
+
+/** The registered workers (online ones: offline workers' keys expire with their lease). */
+export async function listWorkers(store: Store): Promise<WorkerRecord[]> {
+  const { items } = await store.list(clusterKeys.workerPrefix);
+  return items.map((kv) => JSON.parse(kv.value) as WorkerRecord);
+}
+
+/** Resolves once the run is finished (or the signal aborts); returns its last record. */
+export async function waitForClusterRun(
+  store: Store,
+  runId: string,
+  signal?: AbortSignal,
+): Promise<ClusterRunRecord> {
+  const first = await store.get(clusterKeys.run(runId));
+  if (!first) throw new RunRequestError("run_not_found", `No run "${runId}" on this cluster`);
+  let record = JSON.parse(first.value) as ClusterRunRecord;
+  if (TERMINAL.includes(record.status)) return record;
+  for await (
+    const event of store.watch(clusterKeys.run(runId), {
+      fromRevision: first.modRevision + 1,
+      signal,
+    })
+  ) {
+    if (event.type !== "put" || event.key !== clusterKeys.run(runId)) continue;
+    record = JSON.parse(event.value!) as ClusterRunRecord;
+    if (TERMINAL.includes(record.status)) return record;
+  }
+  return record;
+}

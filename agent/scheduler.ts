@@ -1,0 +1,659 @@
+/**
+ * The cluster scheduler: the second driver of the pure run engine (local
+ * mode is the first). Exactly one server runs it at a time, chosen by
+ * election; every write it makes carries the election's fence, so a deposed
+ * scheduler's writes fail instead of racing its successor's.
+ *
+ * It learns everything through store watches (submitted runs, results
+ * reported by any server, workers coming and going, users' cancel and
+ * resume requests) and acts only through store writes (step states and
+ * assignments, in one transaction per batch). So a scheduler that dies
+ * loses nothing: the next one lists the same keys and carries on.
+ *
+ * Placement: a ready step goes to a live worker whose labels match its
+ * `selector`, whose capabilities include its backend, and which has a free
+ * slot; with `affinity: pipeline`, every step of a run goes to the worker
+ * of its first step. A step no worker can take waits in the queue.
+ *
+ * @module
+ */
+
+import { RunEngine } from "../core/engine.ts";
+import type {
+  AttemptResult,
+  Effect,
+  EngineEvent,
+  FailureInfo,
+  Plan,
+  PlannedStep,
+  RunState,
+  StepState,
+  WebhookSpec,
+} from "../core/model.ts";
+import { resolveSecrets } from "../core/secrets.ts";
+import type { Compare, Store, TxnOp, WatchEvent } from "../consensus/store.ts";
+import {
+  type AssignedInput,
+  type AssignmentRecord,
+  clusterKeys,
+  type ClusterRunRecord,
+  type ResultRecord,
+  type WorkerRecord,
+} from "./cluster_keys.ts";
+import { deliverWebhook } from "./local.ts";
+
+/** Something the scheduler did, for metrics and logs. */
+export type SchedulerEvent =
+  | { type: "assigned"; runId: string; stepId: string; attemptId: string; agentId: string }
+  | {
+    type: "step-finished";
+    runId: string;
+    stepId: string;
+    backend: string;
+    outcome: string;
+    durationMs?: number;
+  }
+  | { type: "run-finished"; runId: string; status: string }
+  | { type: "worker-lost"; agentId: string; attempts: string[] }
+  | { type: "queue"; depth: number }
+  | { type: "webhook"; runId: string; stepId: string; ok: boolean; detail: string };
+
+/** Options of {@link runScheduler}. */
+export interface SchedulerOptions {
+  store: Store;
+  /** Compares added to every write: the election's fence. */
+  fence: Compare[];
+  /** Aborted when leadership is lost: the scheduler stops at once. */
+  signal: AbortSignal;
+  /** Where secret values of kind `env` are read (the server's env). */
+  env?: (name: string) => string | undefined;
+  now?: () => number;
+  onEvent?: (event: SchedulerEvent) => void;
+  /** Structured log line. */
+  log?: (fields: Record<string, unknown>) => void;
+}
+
+/** The scheduler's writes failed their fence: another server leads now. */
+export class DeposedError extends Error {
+  /** Stable error code. */
+  readonly code = "deposed";
+
+  /** Builds the error. */
+  constructor() {
+    super("Expected to lead the scheduler, but another server was elected: stopping");
+    this.name = "DeposedError";
+  }
+}
+
+/**
+ * Runs the scheduler until `signal` aborts (or its fence fails, which
+ * rejects with {@link DeposedError}).
+ */
+export async function runScheduler(options: SchedulerOptions): Promise<void> {
+  const scheduler = new Scheduler(options);
+  await scheduler.run();
+}
+
+interface Placement {
+  runId: string;
+  stepId: string;
+  attemptId: string;
+  attempt: number;
+}
+
+class RunDriver {
+  readonly engine: RunEngine;
+  /** StartAttempt effects waiting for a worker. */
+  readonly waiting: Placement[] = [];
+  timer: ReturnType<typeof setTimeout> | undefined;
+  wakeAt = Infinity;
+
+  constructor(readonly record: ClusterRunRecord, readonly plan: Plan, state: RunState) {
+    this.engine = new RunEngine(plan, state);
+  }
+}
+
+class Scheduler {
+  readonly #options: SchedulerOptions;
+  readonly #store: Store;
+  readonly #now: () => number;
+  readonly #runs = new Map<string, RunDriver>();
+  readonly #workers = new Map<string, WorkerRecord>();
+  /** attemptId → where it runs. */
+  readonly #assigned = new Map<string, { runId: string; stepId: string; agentId: string }>();
+  #queue: Promise<void> = Promise.resolve();
+  #failed: ((error: unknown) => void) | undefined;
+
+  constructor(options: SchedulerOptions) {
+    this.#options = options;
+    this.#store = options.store;
+    this.#now = options.now ?? Date.now;
+  }
+
+  async run(): Promise<void> {
+    const { signal } = this.#options;
+    const failure = new Promise<never>((_, reject) => {
+      this.#failed = reject;
+    });
+    failure.catch(() => {});
+    const stopped = new Promise<void>((resolve) => {
+      if (signal.aborted) resolve();
+      signal.addEventListener("abort", () => resolve(), { once: true });
+    });
+    try {
+      const revision = await this.#load();
+      const watches = [
+        clusterKeys.workerPrefix,
+        clusterKeys.runPrefix,
+        clusterKeys.resultPrefix,
+        clusterKeys.requestPrefix,
+      ].map((prefix) => this.#watch(prefix, revision + 1));
+      await Promise.race([stopped, failure, Promise.all(watches)]);
+    } finally {
+      for (const driver of this.#runs.values()) clearTimeout(driver.timer);
+    }
+  }
+
+  /** Lists what the previous scheduler left; returns the revision read at. */
+  async #load(): Promise<number> {
+    const store = this.#store;
+    const workers = await store.list(clusterKeys.workerPrefix);
+    for (const kv of workers.items) {
+      const worker = JSON.parse(kv.value) as WorkerRecord;
+      this.#workers.set(worker.agentId, worker);
+    }
+    const assignments = await store.list(clusterKeys.assignmentPrefix());
+    for (const kv of assignments.items) {
+      const assignment = JSON.parse(kv.value) as AssignmentRecord;
+      this.#assigned.set(assignment.attemptId, {
+        runId: assignment.runId,
+        stepId: assignment.stepId,
+        agentId: assignment.agentId,
+      });
+    }
+    const runs = await store.list(clusterKeys.runPrefix);
+    for (const kv of runs.items) await this.#adoptRun(JSON.parse(kv.value) as ClusterRunRecord);
+    const results = await store.list(clusterKeys.resultPrefix);
+    for (const kv of results.items) this.#enqueue(() => this.#onResult(kv.value));
+    // Attempts the engines think running whose worker is gone, or that were
+    // never handed out (the last scheduler died between two writes): lost.
+    for (const driver of this.#runs.values()) {
+      for (const { stepId, attemptId } of driver.engine.runningAttempts()) {
+        const where = this.#assigned.get(attemptId);
+        if (!where || !this.#workers.has(where.agentId)) {
+          this.#enqueue(() =>
+            this.#apply(
+              driver,
+              [{
+                type: "AttemptLost",
+                stepId,
+                attemptId,
+                now: this.#now(),
+                reason: where
+                  ? `worker ${where.agentId} went offline`
+                  : "the attempt was never handed to a worker",
+              }],
+              where
+                ? [{ type: "delete", key: clusterKeys.assignment(where.agentId, attemptId) }]
+                : [],
+            )
+          );
+        }
+      }
+      // A run submitted but never started (or submitted just now) starts.
+      const first: EngineEvent = driver.engine.state.status === "pending"
+        ? { type: "Start", now: this.#now() }
+        : { type: "Tick", now: this.#now() };
+      this.#enqueue(() => this.#apply(driver, [first]));
+    }
+    return Math.max(workers.revision, assignments.revision, runs.revision, results.revision);
+  }
+
+  async #watch(prefix: string, fromRevision: number): Promise<void> {
+    for await (
+      const event of this.#store.watch(prefix, { fromRevision, signal: this.#options.signal })
+    ) {
+      this.#enqueue(() => this.#onWatch(prefix, event));
+    }
+  }
+
+  /** Runs `work` after everything queued before it: one change at a time. */
+  #enqueue(work: () => Promise<void> | void): void {
+    this.#queue = this.#queue.then(async () => {
+      if (this.#options.signal.aborted) return;
+      try {
+        await work();
+      } catch (error) {
+        this.#failed?.(error);
+      }
+    });
+  }
+
+  async #onWatch(prefix: string, event: WatchEvent): Promise<void> {
+    switch (prefix) {
+      case clusterKeys.workerPrefix:
+        if (event.type === "put") {
+          const worker = JSON.parse(event.value!) as WorkerRecord;
+          const isNew = !this.#workers.has(worker.agentId);
+          this.#workers.set(worker.agentId, worker);
+          if (isNew) this.#log({ msg: "worker online", agent: worker.agentId });
+          await this.#placeWaiting();
+        } else {
+          await this.#onWorkerLost(decodeURIComponent(event.key.slice(prefix.length)));
+        }
+        return;
+      case clusterKeys.runPrefix:
+        if (event.type === "put") {
+          const record = JSON.parse(event.value!) as ClusterRunRecord;
+          if (!this.#runs.has(record.runId) && record.status === "pending") {
+            const driver = await this.#adoptRun(record);
+            if (driver) await this.#apply(driver, [{ type: "Start", now: this.#now() }]);
+          }
+        }
+        return;
+      case clusterKeys.resultPrefix:
+        if (event.type === "put") await this.#onResult(event.value!);
+        return;
+      case clusterKeys.requestPrefix:
+        if (event.type === "put") await this.#onRequest(event.key);
+        return;
+    }
+  }
+
+  /** Builds the engine of a run that is not finished; undefined for a finished one. */
+  async #adoptRun(record: ClusterRunRecord, finished = false): Promise<RunDriver | undefined> {
+    if (!finished && ["succeeded", "failed", "cancelled"].includes(record.status)) return undefined;
+    if (this.#runs.has(record.runId)) return this.#runs.get(record.runId);
+    const planKv = await this.#store.get(clusterKeys.plan(record.runId));
+    if (!planKv) return undefined;
+    const plan = JSON.parse(planKv.value) as Plan;
+    const stored = await this.#store.list(clusterKeys.stepPrefix(record.runId));
+    const byId = new Map<string, StepState>();
+    for (const kv of stored.items) {
+      const step = JSON.parse(kv.value) as StepState;
+      byId.set(step.id, step);
+    }
+    const steps: Record<string, StepState> = {};
+    for (const id of plan.order) {
+      steps[id] = byId.get(id) ?? { id, status: "pending", attemptsThisRound: 0, attempts: [] };
+    }
+    const state: RunState = {
+      runId: record.runId,
+      pipeline: record.pipeline,
+      status: record.status,
+      createdAt: record.createdAt,
+      startedAt: record.startedAt,
+      finishedAt: record.finishedAt,
+      round: record.round,
+      steps,
+    };
+    const driver = new RunDriver(record, plan, state);
+    this.#runs.set(record.runId, driver);
+    return driver;
+  }
+
+  async #onResult(value: string): Promise<void> {
+    const reported = JSON.parse(value) as ResultRecord;
+    const cleanup: TxnOp[] = [
+      { type: "delete", key: clusterKeys.result(reported.attemptId) },
+      { type: "delete", key: clusterKeys.assignment(reported.agentId, reported.attemptId) },
+      { type: "delete", key: clusterKeys.stop(reported.agentId, reported.attemptId) },
+    ];
+    this.#assigned.delete(reported.attemptId);
+    const driver = this.#runs.get(reported.runId);
+    if (!driver) {
+      // A late report of a run that is over: only tidy up.
+      await this.#write(cleanup);
+      return;
+    }
+    await this.#apply(driver, [{
+      type: "AttemptExited",
+      stepId: reported.stepId,
+      attemptId: reported.attemptId,
+      now: this.#now(),
+      result: reported.result,
+    }], cleanup);
+    await this.#placeWaiting();
+  }
+
+  async #onWorkerLost(agentId: string): Promise<void> {
+    this.#workers.delete(agentId);
+    const lost = [...this.#assigned].filter(([, where]) => where.agentId === agentId);
+    this.#log({ msg: "worker offline", agent: agentId, attempts: lost.length });
+    this.#options.onEvent?.({ type: "worker-lost", agentId, attempts: lost.map(([id]) => id) });
+    for (const [attemptId, where] of lost) {
+      this.#assigned.delete(attemptId);
+      const driver = this.#runs.get(where.runId);
+      const cleanup: TxnOp[] = [
+        { type: "delete", key: clusterKeys.assignment(agentId, attemptId) },
+        { type: "delete", key: clusterKeys.stop(agentId, attemptId) },
+      ];
+      if (!driver) {
+        await this.#write(cleanup);
+        continue;
+      }
+      await this.#apply(driver, [{
+        type: "AttemptLost",
+        stepId: where.stepId,
+        attemptId,
+        now: this.#now(),
+        reason: `worker ${agentId} missed 3 heartbeats and was declared offline`,
+      }], cleanup);
+    }
+    await this.#placeWaiting();
+  }
+
+  async #onRequest(key: string): Promise<void> {
+    const [runId, kind] = key.slice(clusterKeys.requestPrefix.length).split("/");
+    const consume: TxnOp[] = [{ type: "delete", key }];
+    let driver = this.#runs.get(runId);
+    if (kind === "cancel") {
+      if (!driver) return await this.#write(consume);
+      await this.#apply(
+        driver,
+        [{ type: "Cancel", now: this.#now(), reason: "cancelled by user" }],
+        consume,
+      );
+    } else if (kind === "resume") {
+      if (!driver) {
+        const kv = await this.#store.get(clusterKeys.run(runId));
+        if (!kv) return await this.#write(consume);
+        const record = JSON.parse(kv.value) as ClusterRunRecord;
+        if (record.status === "succeeded") return await this.#write(consume);
+        // A failed or cancelled run comes back to life, as it stands.
+        driver = await this.#adoptRun(record, true);
+        if (!driver) return await this.#write(consume);
+      }
+      await this.#apply(driver, [{ type: "Resume", now: this.#now() }], consume);
+    }
+  }
+
+  /**
+   * Applies events to a run's engine, persists the result (with `extra`
+   * writes) in one fenced transaction, then acts on the effects.
+   */
+  async #apply(driver: RunDriver, events: EngineEvent[], extra: TxnOp[] = []): Promise<void> {
+    const effects: Effect[] = [];
+    for (const event of events) effects.push(...driver.engine.step(event).effects);
+    // Place what can be placed now, so the start and its assignment are one write.
+    const ops: TxnOp[] = [...extra];
+    const later: Effect[] = [];
+    for (const effect of effects) {
+      if (effect.type === "StartAttempt") {
+        const placement = {
+          runId: driver.record.runId,
+          stepId: effect.stepId,
+          attemptId: effect.attemptId,
+          attempt: effect.attempt,
+        };
+        const placed = this.#place(driver, placement);
+        if (placed) {
+          later.push(...driver.engine.step(placed.started).effects);
+          ops.push(placed.op);
+        } else {
+          driver.waiting.push(placement);
+        }
+      } else if (effect.type === "StopAttempt") {
+        const waiting = driver.waiting.findIndex((p) => p.attemptId === effect.attemptId);
+        if (waiting >= 0) driver.waiting.splice(waiting, 1);
+        const where = this.#assigned.get(effect.attemptId);
+        if (where) {
+          ops.push({
+            type: "put",
+            key: clusterKeys.stop(where.agentId, effect.attemptId),
+            value: JSON.stringify({ reason: effect.reason, at: this.#now() }),
+          });
+        }
+      } else {
+        later.push(effect);
+      }
+    }
+    await this.#persist(driver, ops);
+    for (const effect of later) this.#perform(driver, effect);
+    this.#reportQueue();
+  }
+
+  /** Chooses a worker for an attempt; the engine event and the write that hand it over. */
+  #place(
+    driver: RunDriver,
+    placement: Placement,
+  ): { started: EngineEvent; op: TxnOp } | undefined {
+    const step = driver.plan.steps[placement.stepId];
+    const worker = this.#chooseWorker(driver, step);
+    if (!worker) return undefined;
+    if (driver.plan.affinity === "pipeline") driver.record.agent ??= worker.agentId;
+    const assignment = this.#assignment(driver, step, placement, worker.agentId);
+    this.#assigned.set(placement.attemptId, {
+      runId: placement.runId,
+      stepId: placement.stepId,
+      agentId: worker.agentId,
+    });
+    this.#options.onEvent?.({
+      type: "assigned",
+      runId: placement.runId,
+      stepId: placement.stepId,
+      attemptId: placement.attemptId,
+      agentId: worker.agentId,
+    });
+    return {
+      started: {
+        type: "AttemptStarted",
+        stepId: placement.stepId,
+        attemptId: placement.attemptId,
+        now: this.#now(),
+        worker: worker.agentId,
+      },
+      op: {
+        type: "put",
+        key: clusterKeys.assignment(worker.agentId, placement.attemptId),
+        value: JSON.stringify(assignment),
+      },
+    };
+  }
+
+  #chooseWorker(driver: RunDriver, step: PlannedStep): WorkerRecord | undefined {
+    const load = new Map<string, number>();
+    for (const where of this.#assigned.values()) {
+      load.set(where.agentId, (load.get(where.agentId) ?? 0) + 1);
+    }
+    const fits = (worker: WorkerRecord) =>
+      (load.get(worker.agentId) ?? 0) < worker.slots &&
+      worker.capabilities.some((c) => c.backend === step.backend && c.available) &&
+      Object.entries(step.selector).every(([key, value]) => worker.labels[key] === value);
+    if (driver.record.agent) {
+      const pinned = this.#workers.get(driver.record.agent);
+      return pinned && fits(pinned) ? pinned : undefined;
+    }
+    // The least loaded worker that fits; ties go to the lowest id, for stable tests.
+    let best: WorkerRecord | undefined;
+    for (const worker of this.#workers.values()) {
+      if (!fits(worker)) continue;
+      const better = !best ||
+        (load.get(worker.agentId) ?? 0) < (load.get(best.agentId) ?? 0) ||
+        ((load.get(worker.agentId) ?? 0) === (load.get(best.agentId) ?? 0) &&
+          worker.agentId < best.agentId);
+      if (better) best = worker;
+    }
+    return best;
+  }
+
+  #assignment(
+    driver: RunDriver,
+    step: PlannedStep,
+    placement: Placement,
+    agentId: string,
+  ): AssignmentRecord {
+    const secrets = resolveSecrets(driver.plan.secrets, step.secrets, { env: this.#options.env });
+    const inputs: Record<string, AssignedInput> = {};
+    for (const [name, input] of Object.entries(step.inputs)) {
+      inputs[name] = {
+        fanIn: input.fanIn,
+        artifacts: input.from.map((from) => {
+          const ref = driver.engine.state.steps[from]?.outputs?.[input.output];
+          if (!ref) {
+            throw new Error(
+              `Expected output "${input.output}" of step "${from}" for input "${name}" of "${step.id}"`,
+            );
+          }
+          return {
+            runId: placement.runId,
+            stepId: from,
+            name: input.output,
+            digest: ref.digest,
+            size: ref.size,
+            leg: legName(driver.plan, from),
+          };
+        }),
+      };
+    }
+    return {
+      runId: placement.runId,
+      stepId: placement.stepId,
+      attemptId: placement.attemptId,
+      attempt: placement.attempt,
+      agentId,
+      backend: step.backend,
+      spec: {
+        config: step.config,
+        baseDir: driver.plan.baseDir,
+        env: { ...driver.plan.env, ...step.env, ...secrets },
+        outputs: step.outputs,
+        matrix: step.matrix,
+        timeoutMs: step.timeoutMs,
+        resources: step.resources,
+      },
+      inputs,
+      mask: Object.values(secrets),
+      assignedAt: this.#now(),
+    };
+  }
+
+  /** Tries the queue again (a worker came, a slot freed up). */
+  async #placeWaiting(): Promise<void> {
+    for (const driver of this.#runs.values()) {
+      if (driver.waiting.length === 0) continue;
+      const placed: EngineEvent[] = [];
+      const ops: TxnOp[] = [];
+      const still: Placement[] = [];
+      for (const placement of driver.waiting.splice(0)) {
+        const result = this.#place(driver, placement);
+        if (result) {
+          placed.push(result.started);
+          ops.push(result.op);
+        } else {
+          still.push(placement);
+        }
+      }
+      driver.waiting.push(...still);
+      if (placed.length > 0) await this.#apply(driver, placed, ops);
+    }
+    this.#reportQueue();
+  }
+
+  #reportQueue(): void {
+    let depth = 0;
+    for (const driver of this.#runs.values()) depth += driver.waiting.length;
+    this.#options.onEvent?.({ type: "queue", depth });
+  }
+
+  async #persist(driver: RunDriver, extra: TxnOp[]): Promise<void> {
+    const state = driver.engine.state;
+    const record = driver.record;
+    record.status = state.status;
+    record.startedAt = state.startedAt;
+    record.finishedAt = state.finishedAt;
+    record.round = state.round;
+    const ops: TxnOp[] = [
+      { type: "put", key: clusterKeys.run(record.runId), value: JSON.stringify(record) },
+      ...driver.engine.drainChanged().map((stepId): TxnOp => ({
+        type: "put",
+        key: clusterKeys.step(record.runId, stepId),
+        value: JSON.stringify(state.steps[stepId]),
+      })),
+      ...extra,
+    ];
+    await this.#write(ops);
+  }
+
+  /** One fenced transaction; a failed fence means another scheduler leads. */
+  async #write(ops: TxnOp[]): Promise<void> {
+    const result = await this.#store.txn({ compare: this.#options.fence, success: ops });
+    if (!result.succeeded) throw new DeposedError();
+  }
+
+  #perform(driver: RunDriver, effect: Effect): void {
+    switch (effect.type) {
+      case "WakeAt":
+        if (effect.at >= driver.wakeAt) return;
+        driver.wakeAt = effect.at;
+        clearTimeout(driver.timer);
+        driver.timer = setTimeout(() => {
+          driver.wakeAt = Infinity;
+          this.#enqueue(() => this.#apply(driver, [{ type: "Tick", now: this.#now() }]));
+        }, Math.max(0, effect.at - this.#now()));
+        return;
+      case "Notify":
+        this.#notify(effect.webhook, effect.failure);
+        return;
+      case "StepStatus": {
+        const terminal = ["succeeded", "failed", "skipped", "cancelled"].includes(effect.status);
+        if (!terminal) return;
+        const step = driver.plan.steps[effect.stepId];
+        const last = driver.engine.state.steps[effect.stepId]?.attempts.at(-1);
+        this.#options.onEvent?.({
+          type: "step-finished",
+          runId: driver.record.runId,
+          stepId: effect.stepId,
+          backend: step?.backend ?? "unknown",
+          outcome: effect.status,
+          durationMs: last?.startedAt && last.endedAt ? last.endedAt - last.startedAt : undefined,
+        });
+        return;
+      }
+      case "RunFinished":
+        clearTimeout(driver.timer);
+        this.#runs.delete(driver.record.runId);
+        this.#log({ msg: "run finished", run: driver.record.runId, status: effect.status });
+        this.#options.onEvent?.({
+          type: "run-finished",
+          runId: driver.record.runId,
+          status: effect.status,
+        });
+        return;
+    }
+  }
+
+  #notify(webhook: WebhookSpec, failure: FailureInfo): void {
+    deliverWebhook(webhook, failure).then(
+      (detail) =>
+        this.#options.onEvent?.({
+          type: "webhook",
+          runId: failure.runId,
+          stepId: failure.stepId,
+          ok: true,
+          detail,
+        }),
+      (error) =>
+        this.#options.onEvent?.({
+          type: "webhook",
+          runId: failure.runId,
+          stepId: failure.stepId,
+          ok: false,
+          detail: error instanceof Error ? error.message : String(error),
+        }),
+    );
+  }
+
+  #log(fields: Record<string, unknown>): void {
+    this.#options.log?.({ component: "scheduler", ...fields });
+  }
+}
+
+/** The directory name of a matrix leg inside a fan-in input (as local mode names it). */
+function legName(plan: Plan, stepId: string): string {
+  const matrix = plan.steps[stepId]?.matrix;
+  if (!matrix) return stepId;
+  return Object.entries(matrix).map(([k, v]) => `${k}=${v}`).join(",");
+}
+
+export type { AttemptResult };

@@ -1,0 +1,185 @@
+import assert from "node:assert/strict";
+import { openMemoryStore } from "../consensus/embedded.ts";
+import type { Store } from "../consensus/store.ts";
+import { parsePipeline } from "../core/load.ts";
+import type { AttemptResult } from "../core/model.ts";
+import {
+  type AssignmentRecord,
+  clusterKeys,
+  type ResultRecord,
+  type WorkerRecord,
+} from "./cluster_keys.ts";
+import { clusterStepStates, requestCancel, submitRun, waitForClusterRun } from "./cluster_runs.ts";
+import { DeposedError, runScheduler, type SchedulerEvent } from "./scheduler.ts";
+
+const PIPELINE = `name: cluster-demo
+steps:
+  a: { backend: shell, run: "echo a", outputs: [a.txt] }
+  b: { backend: shell, run: "echo b", inputs: { a: a/a.txt }, selector: { cloud: gcp } }
+`;
+
+function worker(agentId: string, labels: Record<string, string>, slots = 2): WorkerRecord {
+  return {
+    agentId,
+    labels,
+    capabilities: [{ backend: "shell", available: true }],
+    slots,
+    server: "test",
+    connectedAt: 0,
+    lastHeartbeat: 0,
+  };
+}
+
+/** Waits for the next assignment under `/assign/`, returning it. */
+async function nextAssignment(store: Store, seen: Set<string>): Promise<AssignmentRecord> {
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    const { items } = await store.list(clusterKeys.assignmentPrefix());
+    for (const kv of items) {
+      if (seen.has(kv.key)) continue;
+      seen.add(kv.key);
+      return JSON.parse(kv.value);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  throw new Error("no assignment within 10 s");
+}
+
+async function report(store: Store, assignment: AssignmentRecord, result: AttemptResult) {
+  const record: ResultRecord = {
+    runId: assignment.runId,
+    stepId: assignment.stepId,
+    attemptId: assignment.attemptId,
+    agentId: assignment.agentId,
+    result,
+    at: Date.now(),
+  };
+  await store.put(clusterKeys.result(assignment.attemptId), JSON.stringify(record));
+}
+
+const OK_A: AttemptResult = {
+  ok: true,
+  exitCode: 0,
+  outputs: { "a.txt": { name: "a.txt", digest: `sha256:${"0".repeat(64)}`, size: 2 } },
+};
+
+Deno.test("scheduler: steps go to matching workers, results advance the run, a lost worker's step runs again elsewhere", async () => {
+  const store = openMemoryStore();
+  const stop = new AbortController();
+  const events: SchedulerEvent[] = [];
+  try {
+    await store.put(clusterKeys.worker("w-aws"), JSON.stringify(worker("w-aws", { cloud: "aws" })));
+    await store.put(clusterKeys.worker("w-gcp"), JSON.stringify(worker("w-gcp", { cloud: "gcp" })));
+    const scheduler = runScheduler({
+      store,
+      fence: [],
+      signal: stop.signal,
+      onEvent: (event) => events.push(event),
+    });
+    const plan = parsePipeline(PIPELINE, { file: "cluster.yaml", baseDir: "/tmp" });
+    const run = await submitRun(store, plan);
+    const seen = new Set<string>();
+    const first = await nextAssignment(store, seen);
+    assert.equal(first.stepId, "a");
+    await report(store, first, OK_A);
+    const second = await nextAssignment(store, seen);
+    assert.equal(second.stepId, "b");
+    assert.equal(second.agentId, "w-gcp", "the selector picks the gcp worker");
+    assert.deepEqual(second.inputs.a.artifacts.map((a) => a.digest), [
+      OK_A.outputs["a.txt"].digest,
+    ]);
+    // The gcp worker dies (its lease ran out): b gets a new attempt, which
+    // waits for a gcp worker.
+    await store.delete(clusterKeys.worker("w-gcp"));
+    await store.put(
+      clusterKeys.worker("w-gcp2"),
+      JSON.stringify(worker("w-gcp2", { cloud: "gcp" })),
+    );
+    const third = await nextAssignment(store, seen);
+    assert.equal(third.stepId, "b");
+    assert.equal(third.agentId, "w-gcp2");
+    assert.notEqual(third.attemptId, second.attemptId);
+    // The lost attempt reports late: it is not the step's outcome.
+    await report(store, second, {
+      ok: false,
+      exitCode: 1,
+      errorClass: "application",
+      message: "late",
+    });
+    await report(store, third, { ok: true, exitCode: 0, outputs: {} });
+    const done = await waitForClusterRun(store, run.runId);
+    assert.equal(done.status, "succeeded");
+    const steps = await clusterStepStates(store, run.runId);
+    assert.equal(steps.b.attempts.length, 2);
+    assert.equal(steps.b.attempts[0].result?.ok, false);
+    assert.equal(steps.b.status, "succeeded");
+    // Everything the run used is tidied away.
+    assert.equal((await store.list(clusterKeys.assignmentPrefix())).items.length, 0);
+    assert.equal((await store.list(clusterKeys.resultPrefix)).items.length, 0);
+    assert.ok(events.some((e) => e.type === "worker-lost" && e.agentId === "w-gcp"));
+    stop.abort();
+    await scheduler;
+  } finally {
+    stop.abort();
+    store.close();
+  }
+});
+
+Deno.test("scheduler: a successor picks up where a dead scheduler stopped; cancel reaches the worker", async () => {
+  const store = openMemoryStore();
+  try {
+    await store.put(clusterKeys.worker("w1"), JSON.stringify(worker("w1", {})));
+    const plan = parsePipeline(PIPELINE.replace(", selector: { cloud: gcp }", ""), {
+      file: "cluster.yaml",
+      baseDir: "/tmp",
+    });
+    const firstLeader = new AbortController();
+    const first = runScheduler({ store, fence: [], signal: firstLeader.signal });
+    const run = await submitRun(store, plan);
+    const seen = new Set<string>();
+    const a = await nextAssignment(store, seen);
+    firstLeader.abort();
+    await first;
+    // The result arrives while no scheduler runs; the next one consumes it.
+    await report(store, a, OK_A);
+    const secondLeader = new AbortController();
+    const second = runScheduler({ store, fence: [], signal: secondLeader.signal });
+    const b = await nextAssignment(store, seen);
+    assert.equal(b.stepId, "b");
+    assert.equal(await requestCancel(store, run.runId), "requested");
+    const deadline = Date.now() + 10_000;
+    while (!(await store.get(clusterKeys.stop("w1", b.attemptId)))) {
+      if (Date.now() > deadline) throw new Error("no stop request for the worker");
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    const done = await waitForClusterRun(store, run.runId);
+    assert.equal(done.status, "cancelled");
+    secondLeader.abort();
+    await second;
+  } finally {
+    store.close();
+  }
+});
+
+Deno.test("scheduler: a deposed scheduler's write fails its fence and it stops", async () => {
+  const store = openMemoryStore();
+  try {
+    await store.put("/election/epoch", "1");
+    await store.put(clusterKeys.worker("w1"), JSON.stringify(worker("w1", {})));
+    const fence = [{
+      key: "/election/epoch",
+      target: "value" as const,
+      op: "==" as const,
+      value: "1",
+    }];
+    const leader = runScheduler({ store, fence, signal: new AbortController().signal });
+    // Another server is elected: the epoch moves on.
+    await store.put("/election/epoch", "2");
+    const plan = parsePipeline(PIPELINE, { file: "cluster.yaml", baseDir: "/tmp" });
+    await submitRun(store, plan);
+    await assert.rejects(leader, DeposedError);
+    assert.equal((await store.list(clusterKeys.assignmentPrefix())).items.length, 0);
+  } finally {
+    store.close();
+  }
+});
