@@ -1,0 +1,156 @@
+/**
+ * The run API as a client sees it: what `runnel submit|runs|show|logs|cancel|
+ * resume --server URL` call. Several server URLs may be given: a call goes
+ * to the first that answers (any server accepts any call).
+ *
+ * @module
+ */
+
+import type { Diagnostic } from "../core/errors.ts";
+import { PipelineError } from "../core/errors.ts";
+import type { StepState } from "../core/model.ts";
+import type { ClusterRunRecord } from "./cluster_keys.ts";
+
+/** A server could not be reached or refused a call. */
+export class ServerRequestError extends Error {
+  /** Stable error code (the server's, or `unreachable`). */
+  readonly code: string;
+  /** HTTP status, 0 when no server answered. */
+  readonly status: number;
+
+  /** Builds the error from its parts. */
+  constructor(code: string, status: number, message: string) {
+    super(message);
+    this.name = "ServerRequestError";
+    this.code = code;
+    this.status = status;
+  }
+}
+
+/** A run API client over one or more server URLs. */
+export class RunClient {
+  readonly #servers: string[];
+
+  /** Builds a client; `servers` are base URLs such as `http://10.0.0.1:8080`. */
+  constructor(servers: string[]) {
+    if (servers.length === 0) throw new ServerRequestError("no_server", 0, "Expected --server URL");
+    this.#servers = servers.map((url) => url.replace(/\/+$/, ""));
+  }
+
+  /** Submits a pipeline's text; located diagnostics come back as a {@link PipelineError}. */
+  async submit(source: string, file: string, baseDir: string): Promise<{ runId: string }> {
+    const response = await this.#call("POST", "/api/runs", { source, file, baseDir });
+    const body = await response.json();
+    if (response.status === 400 && Array.isArray(body.diagnostics)) {
+      throw new PipelineError(body.diagnostics as Diagnostic[]);
+    }
+    if (!response.ok) throw await this.#error(response, body);
+    return body;
+  }
+
+  /** Every run, newest first. */
+  async runs(): Promise<ClusterRunRecord[]> {
+    return await this.#json("GET", "/api/runs");
+  }
+
+  /** A run and its steps. */
+  async run(id: string): Promise<{ run: ClusterRunRecord; steps: Record<string, StepState> }> {
+    return await this.#json("GET", `/api/runs/${encodeURIComponent(id)}`);
+  }
+
+  /** Asks for a cancel. */
+  async cancel(id: string): Promise<string> {
+    return (await this.#json("POST", `/api/runs/${encodeURIComponent(id)}/cancel`)).outcome;
+  }
+
+  /** Asks for a resume. */
+  async resume(id: string): Promise<void> {
+    await this.#json("POST", `/api/runs/${encodeURIComponent(id)}/resume`);
+  }
+
+  /** A run's events (`run`, `step`, `end`) as they happen, until the run ends. */
+  events(id: string, signal?: AbortSignal): AsyncIterable<{ event: string; data: unknown }> {
+    return this.#sse(`/api/runs/${encodeURIComponent(id)}/events`, signal);
+  }
+
+  /** A run's log batches; with `follow`, until the run ends. */
+  logs(
+    id: string,
+    options: { step?: string; follow?: boolean; signal?: AbortSignal } = {},
+  ): AsyncIterable<{ event: string; data: unknown }> {
+    const query = new URLSearchParams();
+    if (options.step) query.set("step", options.step);
+    if (options.follow) query.set("follow", "1");
+    return this.#sse(`/api/runs/${encodeURIComponent(id)}/logs?${query}`, options.signal);
+  }
+
+  async *#sse(path: string, signal?: AbortSignal): AsyncIterable<{ event: string; data: unknown }> {
+    const response = await this.#call("GET", path, undefined, signal);
+    if (!response.ok) throw await this.#error(response, await response.json().catch(() => ({})));
+    let buffer = "";
+    for await (const text of response.body!.pipeThrough(new TextDecoderStream())) {
+      buffer += text;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const event = /^event: (.*)$/m.exec(block)?.[1] ?? "message";
+        const data = /^data: (.*)$/m.exec(block)?.[1];
+        const parsed = data === undefined ? undefined : JSON.parse(data);
+        if (event === "error") {
+          throw new ServerRequestError(
+            "stream_failed",
+            0,
+            String(parsed?.message ?? "stream failed"),
+          );
+        }
+        yield { event, data: parsed };
+        if (event === "end") return;
+      }
+    }
+  }
+
+  async #json(method: string, path: string, body?: unknown) {
+    const response = await this.#call(method, path, body);
+    const parsed = await response.json().catch(() => ({}));
+    if (!response.ok) throw await this.#error(response, parsed);
+    return parsed;
+  }
+
+  /** Tries the servers in order; the first that answers (any status) wins. */
+  async #call(
+    method: string,
+    path: string,
+    body?: unknown,
+    signal?: AbortSignal,
+  ): Promise<Response> {
+    const problems: string[] = [];
+    for (const server of this.#servers) {
+      try {
+        return await fetch(`${server}${path}`, {
+          method,
+          signal,
+          headers: body === undefined ? {} : { "content-type": "application/json" },
+          body: body === undefined ? undefined : JSON.stringify(body),
+        });
+      } catch (error) {
+        if (signal?.aborted) throw error;
+        problems.push(`${server}: ${error instanceof Error ? error.message : error}`);
+      }
+    }
+    throw new ServerRequestError(
+      "unreachable",
+      0,
+      `No server answered (${problems.join("; ")}). Is "runnel server" running there?`,
+    );
+  }
+
+  // deno-lint-ignore require-await
+  async #error(response: Response, body: { error?: string; message?: string }) {
+    return new ServerRequestError(
+      body.error ?? "http_error",
+      response.status,
+      body.message ?? `The server answered ${response.status} ${response.statusText}`,
+    );
+  }
+}
