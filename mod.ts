@@ -62,11 +62,7 @@ export { openEmbeddedStore, openMemoryStore } from "./consensus/embedded.ts";
 export type { ArtifactRecord, ArtifactStore } from "./core/artifacts/store.ts";
 export { openLocalArtifactStore } from "./core/artifacts/local.ts";
 export type { S3ArtifactStoreOptions } from "./core/artifacts/s3.ts";
-export {
-  openS3ArtifactStore,
-  S3BucketMissingError,
-  S3ConfigError,
-} from "./core/artifacts/s3.ts";
+export { openS3ArtifactStore, S3BucketMissingError, S3ConfigError } from "./core/artifacts/s3.ts";
 export { Masker, resolveSecrets } from "./core/secrets.ts";
 
 // Backends.
