@@ -1,0 +1,188 @@
+/**
+ * What every driver does around one attempt, whichever runs it (local mode
+ * or a cluster agent): fetch its inputs from the artifact store, mask its
+ * logs line by line, turn its exit into an `AttemptResult`, and put its
+ * outputs into the store.
+ *
+ * @module
+ */
+
+import type { ArtifactStore } from "../core/artifacts/store.ts";
+import type { ArtifactRef, AttemptResult, ErrorClass } from "../core/model.ts";
+import { BUSINESS_EXIT_CODE, ERROR_CLASSES } from "../core/model.ts";
+import type { Masker } from "../core/secrets.ts";
+import type { ExitStatus, LogChunk } from "../backends/backend.ts";
+import type { ArtifactLocator, InputLocator } from "../proto/mod.ts";
+
+/** Encodes an id (a step id may hold `[`, `=`, `,`; an attempt id holds `/`) as a file name. */
+export function fileSafe(id: string): string {
+  return encodeURIComponent(id).replaceAll("%", "~");
+}
+
+/** An input as a list of artifacts, and whether it is a fan-in (a directory of legs). */
+export function inputArtifacts(
+  locator: InputLocator,
+): { fanIn: boolean; artifacts: ArtifactLocator[] } {
+  if (Array.isArray(locator)) return { fanIn: true, artifacts: locator };
+  if ("artifacts" in locator) return { fanIn: locator.fanIn, artifacts: locator.artifacts };
+  return { fanIn: false, artifacts: [locator] };
+}
+
+/** An input's artifact is not in the store (or not with the expected digest). */
+export class ArtifactMissingError extends Error {
+  /** Stable error code. */
+  readonly code = "artifact_missing";
+
+  /** Builds the error from a full sentence. */
+  constructor(message: string) {
+    super(message);
+    this.name = "ArtifactMissingError";
+  }
+}
+
+/** A step ran but did not write a declared output. */
+export class StepOutputError extends Error {
+  /** Stable error code. */
+  readonly code = "output_missing";
+
+  /** Builds the error from a full sentence. */
+  constructor(message: string) {
+    super(message);
+    this.name = "StepOutputError";
+  }
+}
+
+/**
+ * Copies every input's artifacts from the store into `inputsDir`, verifying
+ * each digest: a plain input becomes `<inputsDir>/<input>/<file>`, a fan-in
+ * `<inputsDir>/<input>/<leg>/<file>` (one directory per matrix leg). Returns
+ * the path each input name maps to (the file, or the fan-in directory).
+ */
+export async function materializeInputs(
+  store: ArtifactStore,
+  inputs: Record<string, InputLocator>,
+  inputsDir: string,
+): Promise<Record<string, string>> {
+  const paths: Record<string, string> = {};
+  for (const [name, locator] of Object.entries(inputs)) {
+    const { fanIn, artifacts } = inputArtifacts(locator);
+    if (!fanIn && artifacts.length !== 1) {
+      throw new ArtifactMissingError(
+        `Expected one artifact for input "${name}", got ${artifacts.length}`,
+      );
+    }
+    const dir = `${inputsDir}/${name}`;
+    await Deno.mkdir(dir, { recursive: true });
+    for (const artifact of artifacts) {
+      const record = await store.get(artifact.runId, artifact.stepId, artifact.name);
+      if (!record || record.digest !== artifact.digest) {
+        throw new ArtifactMissingError(
+          `Artifact "${artifact.name}" of step "${artifact.stepId}" (${artifact.digest}) ` +
+            `is not in the artifact store`,
+        );
+      }
+      const legDir = fanIn ? `${dir}/${fileSafe(artifact.leg ?? artifact.stepId)}` : dir;
+      if (fanIn) await Deno.mkdir(legDir, { recursive: true });
+      await store.materialize(record, `${legDir}/${artifact.name}`);
+    }
+    paths[name] = fanIn ? dir : `${dir}/${artifacts[0].name}`;
+  }
+  return paths;
+}
+
+/** What {@link collectOutputs} needs to know of the attempt. */
+export interface OutputsOf {
+  runId: string;
+  stepId: string;
+  attemptId: string;
+  outputsDir: string;
+  outputs: string[];
+}
+
+/** Puts every declared output of a finished attempt into the store; their references by name. */
+export async function collectOutputs(
+  store: ArtifactStore,
+  attempt: OutputsOf,
+): Promise<Record<string, ArtifactRef>> {
+  const outputs: Record<string, ArtifactRef> = {};
+  for (const name of attempt.outputs) {
+    const file = `${attempt.outputsDir}/${name}`;
+    try {
+      await Deno.stat(file);
+    } catch {
+      throw new StepOutputError(`step did not write declared output "${name}"`);
+    }
+    const record = await store.put(file, {
+      run: attempt.runId,
+      step: attempt.stepId,
+      name,
+      attemptId: attempt.attemptId,
+    });
+    outputs[name] = { name, digest: record.digest, size: record.size };
+  }
+  return outputs;
+}
+
+/**
+ * The failure an exit status amounts to, or undefined for a success. The
+ * message goes through `masker`: a backend may quote the step's output.
+ */
+export function failureOf(exit: ExitStatus, masker: Masker): AttemptResult | undefined {
+  if (exit.exitCode === 0 && !exit.errorClass) return undefined;
+  return {
+    ok: false,
+    errorClass: exit.errorClass ??
+      (exit.exitCode === BUSINESS_EXIT_CODE ? "business" : "application"),
+    exitCode: exit.exitCode,
+    message: masker.mask(exit.message ?? describeExit(exit.exitCode, exit.signal)),
+    ...(exit.usage ? { usage: exit.usage } : {}),
+  };
+}
+
+/** The error class of something thrown while preparing, starting or finishing an attempt. */
+export function errorClassOf(error: unknown): ErrorClass {
+  const declared = (error as { errorClass?: string })?.errorClass;
+  if (ERROR_CLASSES.includes(declared as ErrorClass)) return declared as ErrorClass;
+  const code = (error as { code?: string })?.code;
+  if (code === "invalid_step_config") return "application";
+  if (code === "artifact_corrupt" || code === "artifact_missing") return "artifact";
+  if (code === "output_missing") return "application";
+  return "infrastructure";
+}
+
+/** A human sentence for an exit without a message of its own. */
+export function describeExit(exitCode: number, signal?: string): string {
+  if (signal) return `killed by ${signal}`;
+  if (exitCode === BUSINESS_EXIT_CODE) return `business error (exit code ${exitCode})`;
+  return `exited with code ${exitCode}`;
+}
+
+/** A masked piece of an attempt's output: whole lines, except at the very end. */
+export interface MaskedText {
+  stream: "stdout" | "stderr";
+  text: string;
+}
+
+/**
+ * An attempt's output, decoded and masked. Per stream, a partial line is
+ * held back until its newline (or the end), so a secret split across chunks
+ * is still masked and lines arrive whole.
+ */
+export async function* maskedLogs(
+  logs: AsyncIterable<LogChunk>,
+  masker: Masker,
+): AsyncGenerator<MaskedText> {
+  const decoders = { stdout: new TextDecoder(), stderr: new TextDecoder() };
+  const partial = { stdout: "", stderr: "" };
+  for await (const chunk of logs) {
+    const text = partial[chunk.stream] +
+      decoders[chunk.stream].decode(chunk.data, { stream: true });
+    const cut = text.lastIndexOf("\n") + 1;
+    partial[chunk.stream] = text.slice(cut);
+    if (cut > 0) yield { stream: chunk.stream, text: masker.mask(text.slice(0, cut)) };
+  }
+  for (const stream of ["stdout", "stderr"] as const) {
+    const rest = partial[stream] + decoders[stream].decode();
+    if (rest) yield { stream, text: masker.mask(rest) };
+  }
+}
