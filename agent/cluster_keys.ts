@@ -131,6 +131,6 @@ export const clusterKeys = {
     `/logs/${runId}/${segment(stepId)}/${attempt}/`,
   logsOfRun: (runId: string) => `/logs/${runId}/`,
   logBatch: (runId: string, stepId: string, attempt: number, seq: number) =>
-    `/logs/${runId}/${segment(stepId)}/${attempt}/${String(seq).padStart(10, "0")}`,
+    `/logs/${runId}/${segment(stepId)}/${attempt}/${String(seq).padStart(20, "0")}`,
   electionPrefix: "/election/scheduler/",
 };

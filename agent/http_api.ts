@@ -57,11 +57,16 @@ const MAX_SOURCE_BYTES = 5 * 1024 * 1024;
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 
 /** Builds the request handler of a server. */
-export function createApiHandler(context: ApiContext): (request: Request) => Promise<Response> {
-  return async (request) => {
+export function createApiHandler(
+  context: ApiContext,
+): (request: Request, info?: Deno.ServeHandlerInfo) => Promise<Response> {
+  return async (request, info) => {
     const url = new URL(request.url);
+    // Streams stop when the client is gone: when the response is over.
+    const gone = new AbortController();
+    info?.completed?.finally(() => gone.abort());
     try {
-      return await route(context, request, url);
+      return await route(context, request, url, gone.signal);
     } catch (error) {
       if (error instanceof RunRequestError) {
         return json({ error: error.code, message: error.message }, {
@@ -76,7 +81,12 @@ export function createApiHandler(context: ApiContext): (request: Request) => Pro
   };
 }
 
-async function route(context: ApiContext, request: Request, url: URL): Promise<Response> {
+async function route(
+  context: ApiContext,
+  request: Request,
+  url: URL,
+  clientGone: AbortSignal,
+): Promise<Response> {
   const { store } = context;
   const path = url.pathname.replace(/\/+$/, "") || "/";
   const method = request.method;
@@ -138,14 +148,14 @@ async function route(context: ApiContext, request: Request, url: URL): Promise<R
       return json({ outcome: "requested" }, { status: 202 });
     }
     if (action === "events" && method === "GET") {
-      return streamEvents(store, await getClusterRun(store, id), request.signal);
+      return streamEvents(store, await getClusterRun(store, id), clientGone);
     }
     if (action === "logs" && method === "GET") {
       const run = await getClusterRun(store, id);
       return streamLogs(store, run, {
         step: url.searchParams.get("step") ?? undefined,
         follow: url.searchParams.get("follow") === "1",
-        signal: request.signal,
+        signal: clientGone,
       });
     }
   }

@@ -1,0 +1,445 @@
+/**
+ * The agent gateway of a server: the server's side of the agents' gRPC
+ * streams. It admits an agent (join token), registers it as a worker under
+ * a lease of three heartbeat intervals, pushes it the assignments and stops
+ * the scheduler writes for it, and turns what the agent reports into store
+ * writes: log batches, and results (create-only, so a result reported twice
+ * is recorded once; a result of an attempt that is no longer the agent's is
+ * refused: fencing).
+ *
+ * The gateway never talks to the scheduler directly: any server can hold
+ * any agent's stream.
+ *
+ * @module
+ */
+
+import { timingSafeEqual } from "node:crypto";
+import type { Store, TxnOp } from "../consensus/store.ts";
+import type { AgentConnection, AgentMessage, AssignmentSpec, Hello } from "../proto/mod.ts";
+import {
+  type AssignmentRecord,
+  clusterKeys,
+  type ResultRecord,
+  type WorkerRecord,
+} from "./cluster_keys.ts";
+import type { AttemptResult } from "../core/model.ts";
+
+/** The seed's rule: a worker is offline after this many missed heartbeats. */
+export const MISSED_HEARTBEATS_OFFLINE = 3;
+
+/** Default heartbeat interval of agents (the issue's 5 s). */
+export const DEFAULT_HEARTBEAT_MS = 5_000;
+
+/** How long a new stream may take to say Hello. */
+const HELLO_TIMEOUT_MS = 10_000;
+
+/** How often buffered log text is written to the store. */
+const LOG_FLUSH_MS = 200;
+
+/** Largest log batch written as one key (etcd's request limit is 1.5 MiB). */
+const LOG_BATCH_CHARS = 64 * 1024;
+
+/** Options of {@link createGateway}. */
+export interface GatewayOptions {
+  serverId: string;
+  store: Store;
+  /** The cluster's join token. */
+  token: string;
+  /** Heartbeat interval agents keep (default 5 s). */
+  heartbeatMs?: number;
+  /** gRPC addresses of every server, for the agents' failover. */
+  servers?: () => string[];
+  /** Structured log line. */
+  log?: (fields: Record<string, unknown>) => void;
+}
+
+/** A gateway: `onConnect` serves one agent stream. */
+export interface Gateway {
+  onConnect(stream: AgentConnection): Promise<void>;
+  /** Agents connected to this server now. */
+  readonly connected: number;
+}
+
+/** Builds the gateway of a server. */
+export function createGateway(options: GatewayOptions): Gateway {
+  let connected = 0;
+  return {
+    get connected() {
+      return connected;
+    },
+    async onConnect(stream) {
+      connected++;
+      try {
+        await serveAgent(options, stream);
+      } finally {
+        connected--;
+      }
+    },
+  };
+}
+
+async function serveAgent(options: GatewayOptions, stream: AgentConnection): Promise<void> {
+  const { store } = options;
+  const log = (fields: Record<string, unknown>) =>
+    options.log?.({ component: "gateway", server: options.serverId, peer: stream.peer, ...fields });
+  const heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
+  const incoming = stream[Symbol.asyncIterator]();
+  const first = await nextWithin(incoming, HELLO_TIMEOUT_MS);
+  if (!first || first.body !== "hello") {
+    log({ level: "warn", msg: "agent refused", reason: "no hello" });
+    await stream.send({ reject: { code: "bad_hello", message: "Expected Hello first" } });
+    stream.end();
+    return;
+  }
+  const hello = first.hello;
+  if (!tokenMatches(hello.token, options.token)) {
+    log({
+      level: "warn",
+      msg: "agent refused",
+      agent: hello.agentId,
+      reason: hello.token ? "wrong join token" : "missing join token",
+    });
+    await stream.send({
+      reject: {
+        code: "bad_token",
+        message: hello.token
+          ? "wrong join token (check --token against the server's)"
+          : "missing join token (pass --token)",
+      },
+    });
+    stream.end();
+    return;
+  }
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(hello.agentId)) {
+    await stream.send({
+      reject: {
+        code: "bad_hello",
+        message: `Expected an agent id of letters, digits, ".", "_" or "-", got "${hello.agentId}"`,
+      },
+    });
+    stream.end();
+    return;
+  }
+  const agentId = hello.agentId;
+  const lease = await store.grantLease(heartbeatMs * MISSED_HEARTBEATS_OFFLINE);
+  const now = Date.now();
+  const worker: WorkerRecord = {
+    agentId,
+    labels: hello.labels,
+    capabilities: hello.capabilities.map((c) => ({
+      backend: c.backend,
+      available: c.available,
+      version: c.version,
+      detail: c.detail,
+    })),
+    // A draining agent says Hello with 0 slots: it gets no new work.
+    slots: Math.max(0, hello.slots),
+    server: options.serverId,
+    version: hello.version,
+    connectedAt: now,
+    lastHeartbeat: now,
+  };
+  await store.put(clusterKeys.worker(agentId), JSON.stringify(worker), { lease: lease.id });
+  log({ msg: "agent connected", agent: agentId, labels: hello.labels, slots: worker.slots });
+  await stream.send({
+    welcome: {
+      serverId: options.serverId,
+      heartbeatIntervalMs: heartbeatMs,
+      servers: options.servers?.() ?? [],
+    },
+  });
+
+  const stop = new AbortController();
+  const logs = new LogBuffer(store, log);
+  const sent = new Set<string>(hello.runningAttemptIds);
+  const pending = new Set<string>(hello.pendingResultAttemptIds ?? []);
+  try {
+    const watchers = [
+      pushAssignments(store, agentId, stream, sent, pending, stop.signal),
+      pushStops(store, agentId, stream, stop.signal),
+    ];
+    watchers.forEach((watcher) =>
+      watcher.catch((error) => {
+        log({ level: "error", msg: "watch failed", agent: agentId, error: String(error) });
+        stream.cancel("the server lost its store watch");
+      })
+    );
+    for (;;) {
+      const next = await incoming.next();
+      if (next.done) break;
+      await handle(next.value, { options, store, stream, worker, lease: lease.id, logs, log });
+    }
+  } finally {
+    stop.abort();
+    // The agent ended its side (or it broke): end ours, so the stream closes now.
+    stream.end();
+    await logs.close();
+    // The lease is left to expire: if the agent comes back (here or on
+    // another server) within three heartbeats, it was never offline.
+    const end = await stream.closed;
+    log({ msg: "agent disconnected", agent: agentId, reason: end.reason || "stream ended" });
+  }
+}
+
+interface HandleContext {
+  options: GatewayOptions;
+  store: Store;
+  stream: AgentConnection;
+  worker: WorkerRecord;
+  lease: string;
+  logs: LogBuffer;
+  log: (fields: Record<string, unknown>) => void;
+}
+
+async function handle(message: AgentMessage, context: HandleContext): Promise<void> {
+  const { store, worker } = context;
+  switch (message.body) {
+    case "heartbeat":
+      await store.keepAlive(context.lease);
+      worker.lastHeartbeat = Date.now();
+      // A draining agent finishes what it runs and takes nothing new.
+      if (message.heartbeat.draining) worker.slots = 0;
+      await store.put(clusterKeys.worker(worker.agentId), JSON.stringify(worker), {
+        lease: context.lease,
+      });
+      return;
+    case "log":
+      context.logs.add(message.log.attemptId, message.log.text);
+      return;
+    case "started":
+      return;
+    case "result":
+      await recordResult(context, message.result.attemptId, message.result.resultJson);
+      return;
+    case "hello":
+      context.log({ level: "warn", msg: "second hello ignored", agent: worker.agentId });
+      return;
+  }
+}
+
+/**
+ * Records a result once; refuses one of an attempt that is no longer this
+ * agent's (its worker was declared offline and the step went elsewhere).
+ */
+async function recordResult(
+  context: HandleContext,
+  attemptId: string,
+  resultJson: string,
+): Promise<void> {
+  const { store, worker, stream } = context;
+  const assignmentKey = clusterKeys.assignment(worker.agentId, attemptId);
+  let result: AttemptResult;
+  try {
+    result = JSON.parse(resultJson);
+  } catch {
+    await stream.send({
+      ack: { attemptId, accepted: false, message: "Expected the result as JSON" },
+    });
+    return;
+  }
+  // Logs first: a reader who sees the result sees the whole log.
+  await context.logs.flush();
+  const [runId, stepId] = splitAttemptId(attemptId);
+  const record: ResultRecord = {
+    runId,
+    stepId,
+    attemptId,
+    agentId: worker.agentId,
+    result,
+    at: Date.now(),
+  };
+  const resultKey = clusterKeys.result(attemptId);
+  const write = await store.txn({
+    compare: [
+      { key: assignmentKey, target: "create", op: ">", value: 0 },
+      { key: resultKey, target: "create", op: "==", value: 0 },
+    ],
+    success: [{ type: "put", key: resultKey, value: JSON.stringify(record) }],
+  });
+  if (write.succeeded) {
+    await stream.send({ ack: { attemptId, accepted: true, message: "recorded" } });
+    return;
+  }
+  if (await store.get(resultKey)) {
+    // Reported before (the ack was lost with a connection): already recorded.
+    await stream.send({ ack: { attemptId, accepted: true, message: "already recorded" } });
+    return;
+  }
+  context.log({ level: "warn", msg: "stale result refused", agent: worker.agentId, attemptId });
+  await stream.send({
+    ack: {
+      attemptId,
+      accepted: false,
+      message: "this attempt is no longer current: its worker was declared offline " +
+        "and the step was rescheduled",
+    },
+  });
+}
+
+/** Pushes the agent its assignments (existing ones, then new ones). */
+async function pushAssignments(
+  store: Store,
+  agentId: string,
+  stream: AgentConnection,
+  running: Set<string>,
+  pendingResults: Set<string>,
+  signal: AbortSignal,
+): Promise<void> {
+  const prefix = clusterKeys.assignmentPrefix(agentId);
+  const listed = await store.list(prefix);
+  const wanted = new Set<string>();
+  const send = async (record: AssignmentRecord) => {
+    wanted.add(record.attemptId);
+    if (running.has(record.attemptId) || pendingResults.has(record.attemptId)) return;
+    running.add(record.attemptId);
+    const spec: AssignmentSpec = {
+      runId: record.runId,
+      stepId: record.stepId,
+      attemptId: record.attemptId,
+      attempt: record.attempt,
+      config: record.spec.config,
+      baseDir: record.spec.baseDir,
+      env: record.spec.env,
+      outputs: record.spec.outputs,
+      matrix: record.spec.matrix,
+      timeoutMs: record.spec.timeoutMs,
+      resources: record.spec.resources,
+      inputs: record.inputs,
+    };
+    await stream.send({
+      assign: {
+        attemptId: record.attemptId,
+        specJson: JSON.stringify(spec),
+        backend: record.backend,
+        mask: record.mask,
+      },
+    });
+  };
+  for (const kv of listed.items) await send(JSON.parse(kv.value) as AssignmentRecord);
+  // Attempts the agent still runs that the scheduler gave up on: stop them.
+  for (const attemptId of running) {
+    if (!wanted.has(attemptId) && !pendingResults.has(attemptId)) {
+      await stream.send({
+        cancel: { attemptId, reason: "the scheduler no longer wants this attempt" },
+      });
+    }
+  }
+  for await (const event of store.watch(prefix, { fromRevision: listed.revision + 1, signal })) {
+    if (event.type === "put") await send(JSON.parse(event.value!) as AssignmentRecord);
+    else running.delete(decodeURIComponent(event.key.slice(prefix.length)));
+  }
+}
+
+/** Pushes the agent the stops the scheduler writes for it. */
+async function pushStops(
+  store: Store,
+  agentId: string,
+  stream: AgentConnection,
+  signal: AbortSignal,
+): Promise<void> {
+  const prefix = clusterKeys.stopPrefix(agentId);
+  const listed = await store.list(prefix);
+  const cancel = (key: string, value: string) => {
+    const { reason } = JSON.parse(value) as { reason: string };
+    return stream.send({
+      cancel: { attemptId: decodeURIComponent(key.slice(prefix.length)), reason },
+    });
+  };
+  for (const kv of listed.items) await cancel(kv.key, kv.value);
+  for await (const event of store.watch(prefix, { fromRevision: listed.revision + 1, signal })) {
+    if (event.type === "put") await cancel(event.key, event.value!);
+  }
+}
+
+/** Log text per attempt, written to the store in batches. */
+class LogBuffer {
+  readonly #buffers = new Map<string, string>();
+  readonly #store: Store;
+  readonly #log: (fields: Record<string, unknown>) => void;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #flushing: Promise<void> = Promise.resolve();
+  #counter = 0;
+
+  constructor(store: Store, log: (fields: Record<string, unknown>) => void) {
+    this.#store = store;
+    this.#log = log;
+  }
+
+  add(attemptId: string, text: string): void {
+    this.#buffers.set(attemptId, (this.#buffers.get(attemptId) ?? "") + text);
+    if ((this.#buffers.get(attemptId)?.length ?? 0) >= LOG_BATCH_CHARS) {
+      this.flush();
+      return;
+    }
+    this.#timer ??= setTimeout(() => {
+      this.#timer = undefined;
+      this.flush();
+    }, LOG_FLUSH_MS);
+  }
+
+  /** Writes what is buffered; resolves once it is in the store. */
+  flush(): Promise<void> {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    const batches = [...this.#buffers];
+    this.#buffers.clear();
+    if (batches.length === 0) return this.#flushing;
+    this.#flushing = this.#flushing.then(async () => {
+      const ops: TxnOp[] = [];
+      for (const [attemptId, text] of batches) {
+        const [runId, stepId, attempt] = splitAttemptId(attemptId);
+        // Time-ordered and unique across reconnects and servers.
+        const seq = Date.now() * 1000 + (this.#counter++ % 1000);
+        for (let at = 0; at < text.length; at += LOG_BATCH_CHARS) {
+          ops.push({
+            type: "put",
+            key: clusterKeys.logBatch(runId, stepId, attempt, seq + at / LOG_BATCH_CHARS),
+            value: text.slice(at, at + LOG_BATCH_CHARS),
+          });
+        }
+      }
+      try {
+        await this.#store.txn({ compare: [], success: ops });
+      } catch (error) {
+        this.#log({ level: "warn", msg: "log batch lost", error: String(error) });
+      }
+    });
+    return this.#flushing;
+  }
+
+  async close(): Promise<void> {
+    await this.flush();
+  }
+}
+
+/** `run/step/3` → `[run, step, 3]` (run ids never hold `/`; the step is the middle). */
+export function splitAttemptId(attemptId: string): [string, string, number] {
+  const first = attemptId.indexOf("/");
+  const last = attemptId.lastIndexOf("/");
+  return [
+    attemptId.slice(0, first),
+    attemptId.slice(first + 1, last),
+    Number(attemptId.slice(last + 1)),
+  ];
+}
+
+function tokenMatches(given: string, expected: string): boolean {
+  const a = new TextEncoder().encode(given);
+  const b = new TextEncoder().encode(expected);
+  return a.length === b.length && a.length > 0 && timingSafeEqual(a, b);
+}
+
+async function nextWithin<T>(iterator: AsyncIterator<T>, ms: number): Promise<T | undefined> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const result = await Promise.race([
+      iterator.next(),
+      new Promise<undefined>((resolve) => timer = setTimeout(() => resolve(undefined), ms)),
+    ]);
+    return result && !result.done ? result.value : undefined;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+export type { Hello };

@@ -1,0 +1,258 @@
+/**
+ * `runnel server`: one member of the control plane. Every server serves
+ * the HTTP API and the agents' gRPC streams; the one that wins the election
+ * also runs the scheduler, fenced by its leadership, until it loses it.
+ *
+ * @module
+ */
+
+import type { Compare, Store } from "../consensus/store.ts";
+import { type AgentServiceServer, serveAgentService } from "../proto/mod.ts";
+import type { ServerCredentials } from "@grpc/grpc-js";
+import { createApiHandler } from "./http_api.ts";
+import { createGateway, DEFAULT_HEARTBEAT_MS } from "./gateway.ts";
+import { type RaftState, ServerMetrics } from "./metrics.ts";
+import { runScheduler, type SchedulerEvent } from "./scheduler.ts";
+import { listWorkers } from "./cluster_runs.ts";
+
+/** A won election: the fence to put in every write, and the signal of its loss. */
+export interface Leadership {
+  /** Compares that hold only while this leadership lasts. */
+  fence: Compare[];
+  /** Aborts when the leadership is lost (lease expired, resigned, deposed). */
+  lost: AbortSignal;
+  /** Gives the leadership up. */
+  resign(): Promise<void>;
+}
+
+/** Chooses the one server that runs the scheduler. */
+export interface LeaderElection {
+  /** Resolves once `candidate` leads; rejects if `signal` aborts first. */
+  campaign(candidate: string, signal: AbortSignal): Promise<Leadership>;
+  /** The current leader's id, if any. */
+  leader(): Promise<string | undefined>;
+}
+
+/**
+ * The election of a server that is alone (the embedded store is one
+ * process's): it leads at once, for as long as it runs. A cluster uses
+ * etcd's election instead.
+ */
+export function standaloneElection(): LeaderElection {
+  let leader: string | undefined;
+  return {
+    campaign(candidate, signal) {
+      if (signal.aborted) return Promise.reject(signal.reason);
+      if (leader !== undefined && leader !== candidate) {
+        return Promise.reject(
+          new Error(`Expected one server on an embedded store; ${leader} leads`),
+        );
+      }
+      leader = candidate;
+      const lost = new AbortController();
+      return Promise.resolve({
+        fence: [],
+        lost: lost.signal,
+        resign: () => {
+          leader = undefined;
+          lost.abort();
+          return Promise.resolve();
+        },
+      });
+    },
+    leader: () => Promise.resolve(leader),
+  };
+}
+
+/** Options of {@link startServer}. */
+export interface ServerOptions {
+  /** This server's id (in `/cluster-state`, logs, election). */
+  serverId: string;
+  store: Store;
+  election: LeaderElection;
+  /** The Raft status of the store member (etcd); standalone for the embedded store. */
+  raftState?: () => Promise<RaftState>;
+  /** Where the HTTP API listens. */
+  http: { hostname: string; port: number };
+  /** Where the agents' gRPC service listens (`host:port`). */
+  grpc: { address: string; credentials?: ServerCredentials };
+  /** The cluster's join token. */
+  token: string;
+  /** Heartbeat interval of agents (default 5 s; offline after 3 missed). */
+  heartbeatMs?: number;
+  /** gRPC addresses of every server, handed to agents for failover. */
+  peers?: string[];
+  /** Where secret values of kind `env` are read (default: this process's env). */
+  env?: (name: string) => string | undefined;
+  /** Structured log line (default: JSON to stderr). */
+  log?: (fields: Record<string, unknown>) => void;
+}
+
+/** A running server. */
+export interface RunningServer {
+  serverId: string;
+  httpPort: number;
+  grpcPort: number;
+  /** True while this server runs the scheduler. */
+  readonly leading: boolean;
+  metrics: ServerMetrics;
+  /** Stops serving; the scheduler (if here) stops and its leadership is resigned. */
+  close(): Promise<void>;
+}
+
+/** Starts a server; resolves once both listeners are bound. */
+export async function startServer(options: ServerOptions): Promise<RunningServer> {
+  const log = options.log ?? jsonLog;
+  const metrics = new ServerMetrics();
+  const heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
+  const store = timedStore(options.store, (ms) => metrics.observeWrite(ms));
+  const raftState = options.raftState ?? (async (): Promise<RaftState> => ({
+    node_id: options.serverId,
+    state: "standalone",
+    leader: options.serverId,
+    term: 1,
+    commit_index: await store.revision(),
+  }));
+  const gateway = createGateway({
+    serverId: options.serverId,
+    store,
+    token: options.token,
+    heartbeatMs,
+    servers: () => options.peers ?? [],
+    log,
+  });
+  const grpc: AgentServiceServer = await serveAgentService({
+    address: options.grpc.address,
+    credentials: options.grpc.credentials,
+    onConnect: (stream) => gateway.onConnect(stream),
+  });
+  const http = Deno.serve(
+    {
+      hostname: options.http.hostname,
+      port: options.http.port,
+      onListen: () => {},
+    },
+    createApiHandler({
+      serverId: options.serverId,
+      store,
+      metrics,
+      raftState,
+      schedulerLeader: () => options.election.leader(),
+      heartbeatMs,
+    }),
+  );
+
+  const closing = new AbortController();
+  let leading = false;
+  const schedulerLoop = (async () => {
+    while (!closing.signal.aborted) {
+      let leadership: Leadership;
+      try {
+        leadership = await options.election.campaign(options.serverId, closing.signal);
+      } catch (error) {
+        if (closing.signal.aborted) return;
+        log({ level: "warn", msg: "campaign failed; retrying", error: String(error) });
+        await delay(1_000, closing.signal);
+        continue;
+      }
+      leading = true;
+      metrics.setLeader(true);
+      log({ msg: "elected: running the scheduler", server: options.serverId });
+      const stop = AbortSignal.any([leadership.lost, closing.signal]);
+      try {
+        await runScheduler({
+          store,
+          fence: leadership.fence,
+          signal: stop,
+          env: options.env,
+          onEvent: (event: SchedulerEvent) => {
+            metrics.onSchedulerEvent(event);
+            if (event.type === "worker-lost") {
+              log({ msg: "worker lost", agent: event.agentId, attempts: event.attempts });
+            }
+          },
+          log,
+        });
+      } catch (error) {
+        log({ level: "warn", msg: "scheduler stopped", error: String(error) });
+      } finally {
+        leading = false;
+        metrics.setLeader(false);
+        await leadership.resign().catch(() => {});
+      }
+      if (!closing.signal.aborted) {
+        log({ msg: "no longer the scheduler", server: options.serverId });
+      }
+    }
+  })();
+
+  // Keep the worker gauge fresh even when nobody scrapes `/cluster-state`.
+  const gauges = setInterval(() => {
+    listWorkers(store).then((workers) => metrics.setWorkers(workers.length), () => {});
+    raftState().then((state) => metrics.observeRaft(state), () => {});
+  }, heartbeatMs);
+  Deno.unrefTimer(gauges);
+
+  log({
+    msg: "server started",
+    server: options.serverId,
+    http: http.addr.port,
+    grpc: grpc.port,
+  });
+  return {
+    serverId: options.serverId,
+    httpPort: http.addr.port,
+    grpcPort: grpc.port,
+    get leading() {
+      return leading;
+    },
+    metrics,
+    async close() {
+      closing.abort();
+      clearInterval(gauges);
+      await schedulerLoop;
+      await grpc.close();
+      await http.shutdown();
+    },
+  };
+}
+
+/** A store whose writes are timed (the `raft_replication_latency_ms` histogram). */
+function timedStore(store: Store, observe: (ms: number) => void): Store {
+  const timedTxn: Store["txn"] = async (request) => {
+    const started = performance.now();
+    const result = await store.txn(request);
+    observe(performance.now() - started);
+    return result;
+  };
+  const timedPut: Store["put"] = async (key, value, options) => {
+    const started = performance.now();
+    const revision = await store.put(key, value, options);
+    observe(performance.now() - started);
+    return revision;
+  };
+  // Engines keep their state in private fields: every other method is bound to the engine.
+  return new Proxy(store, {
+    get(target, property) {
+      if (property === "txn") return timedTxn;
+      if (property === "put") return timedPut;
+      const value = Reflect.get(target, property, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+}
+
+function delay(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => {
+      clearTimeout(timer);
+      resolve();
+    }, { once: true });
+  });
+}
+
+/** One JSON object per line on stderr: the structured log of a server or agent. */
+export function jsonLog(fields: Record<string, unknown>): void {
+  console.error(JSON.stringify({ time: new Date().toISOString(), level: "info", ...fields }));
+}
