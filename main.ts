@@ -34,6 +34,17 @@ import {
 } from "./mod.ts";
 import type { StepState } from "./core/model.ts";
 import { AgentConfigError, loadAgentConfig } from "./agent/config.ts";
+import {
+  agentCommand,
+  ClusterUsageError,
+  remoteCommand,
+  serverCommand,
+  type StoreFactory,
+  submitCommand,
+} from "./agent/cluster_cli.ts";
+
+/** The etcd engine, once it is wired in (issue 5). */
+const storeFactory: StoreFactory = {};
 
 const VERSION = "0.1.0";
 
@@ -55,6 +66,12 @@ Commands:
   pin RUN | unpin RUN  keep (or stop keeping) a run's artifacts through gc
   backends             list the backends and whether this host can run them
 
+Cluster mode:
+  server               serve the API and agents (--etcd URLS, or --store FILE alone)
+  agent                run steps for a cluster (--server HOST:PORT --token T --labels k=v,…)
+  submit FILE          submit a pipeline to a cluster (--server URL [--follow])
+  runs|show|logs|cancel|resume with --server URL talk to a cluster instead
+
 Options:
   --state-dir DIR      where runs, logs and artifacts live (default .runnel)
   --json               machine-readable output (events as JSON lines for run/resume)
@@ -66,6 +83,17 @@ Options:
   --dry-run            (gc) report what would be deleted
   --plugin NAME=WHERE  load a third-party backend from a path or URL (repeatable)
   --config FILE        agent config (YAML): "plugins: { NAME: path-or-url }"
+  --server URL         (cluster) a server's API URL, or for agents its gRPC HOST:PORT
+  --token T            (cluster) the join token (or RUNNEL_TOKEN)
+  --labels k=v,…       (agent) labels steps select on
+  --slots N            (agent) attempts at once (default 2)
+  --allow-shell        (agent) run trusted shell steps
+  --artifacts DIR      (agent) a shared artifact directory, or:
+  --s3-endpoint URL --s3-bucket B [--s3-region R]   (agent) S3 artifacts (AWS_* env keys)
+  --listen H:P --grpc H:P   (server) API and agent addresses (127.0.0.1:8080, :7070)
+  --etcd URLS | --store FILE   (server) the state store
+  --id NAME --peers H:P,… --heartbeat D   (server) id, agents' failover list, heartbeat
+  --tls-ca/--tls-cert/--tls-key FILE      TLS for the agents' gRPC
   -h, --help           this help
   -V, --version        print the version
 
@@ -92,6 +120,25 @@ async function main(argv: string[]): Promise<number> {
       "dry-run": { type: "boolean" },
       plugin: { type: "string", multiple: true },
       config: { type: "string" },
+      server: { type: "string", multiple: true },
+      token: { type: "string" },
+      labels: { type: "string" },
+      slots: { type: "string" },
+      "allow-shell": { type: "boolean" },
+      listen: { type: "string" },
+      grpc: { type: "string" },
+      store: { type: "string" },
+      etcd: { type: "string" },
+      id: { type: "string" },
+      peers: { type: "string" },
+      heartbeat: { type: "string" },
+      artifacts: { type: "string" },
+      "s3-endpoint": { type: "string" },
+      "s3-bucket": { type: "string" },
+      "s3-region": { type: "string" },
+      "tls-ca": { type: "string" },
+      "tls-cert": { type: "string" },
+      "tls-key": { type: "string" },
       help: { type: "boolean", short: "h" },
       version: { type: "boolean", short: "V" },
     },
@@ -116,7 +163,17 @@ async function main(argv: string[]): Promise<number> {
     return rest[0];
   };
 
+  // With --server, the run commands talk to a cluster.
+  if (values.server && ["runs", "show", "logs", "cancel", "resume"].includes(command)) {
+    return await remoteCommand(command, rest, values);
+  }
   switch (command) {
+    case "server":
+      return await serverCommand(values, storeFactory);
+    case "agent":
+      return await agentCommand(values, agentConfig);
+    case "submit":
+      return await submitCommand(need("a pipeline file"), values);
     case "validate": {
       const plan = await load(need("a pipeline file"));
       const pool = new PluginHostPool({
@@ -481,6 +538,7 @@ function report(error: unknown): number {
   const message = error instanceof Error ? error.message : String(error);
   if (
     error instanceof UsageError || error instanceof AgentConfigError ||
+    error instanceof ClusterUsageError ||
     (typeof code === "string" && code.startsWith("ERR_PARSE_ARGS"))
   ) {
     console.error(`error: ${message}`);
