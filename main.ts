@@ -34,17 +34,18 @@ import {
 } from "./mod.ts";
 import type { StepState } from "./core/model.ts";
 import { AgentConfigError, loadAgentConfig } from "./agent/config.ts";
-import {
-  agentCommand,
-  ClusterUsageError,
-  remoteCommand,
-  serverCommand,
-  type StoreFactory,
-  submitCommand,
-} from "./agent/cluster_cli.ts";
+import type { StoreFactory } from "./agent/cluster_cli.ts";
 
-/** The etcd engine, once it is wired in (issue 5). */
-const storeFactory: StoreFactory = {};
+/** `--etcd URLS`: the etcd engine, its election and Raft status. */
+const storeFactory: StoreFactory = {
+  etcd: async (endpoints, flags) =>
+    (await import("./agent/etcd_wiring.ts")).openEtcdCluster({
+      endpoints,
+      tls: flags["etcd-ca"]
+        ? { caFile: flags["etcd-ca"], certFile: flags["etcd-cert"], keyFile: flags["etcd-key"] }
+        : undefined,
+    }),
+};
 
 const VERSION = "0.1.0";
 
@@ -94,6 +95,7 @@ Options:
   --etcd URLS | --store FILE   (server) the state store
   --id NAME --peers H:P,… --heartbeat D   (server) id, agents' failover list, heartbeat
   --tls-ca/--tls-cert/--tls-key FILE      TLS for the agents' gRPC
+  --etcd-ca/--etcd-cert/--etcd-key FILE   TLS towards etcd
   -h, --help           this help
   -V, --version        print the version
 
@@ -139,6 +141,9 @@ async function main(argv: string[]): Promise<number> {
       "tls-ca": { type: "string" },
       "tls-cert": { type: "string" },
       "tls-key": { type: "string" },
+      "etcd-ca": { type: "string" },
+      "etcd-cert": { type: "string" },
+      "etcd-key": { type: "string" },
       help: { type: "boolean", short: "h" },
       version: { type: "boolean", short: "V" },
     },
@@ -164,16 +169,18 @@ async function main(argv: string[]): Promise<number> {
   };
 
   // With --server, the run commands talk to a cluster.
+  // Cluster commands load gRPC and etcd only when used: local mode starts fast.
+  const cluster = () => import("./agent/cluster_cli.ts");
   if (values.server && ["runs", "show", "logs", "cancel", "resume"].includes(command)) {
-    return await remoteCommand(command, rest, values);
+    return await (await cluster()).remoteCommand(command, rest, values);
   }
   switch (command) {
     case "server":
-      return await serverCommand(values, storeFactory);
+      return await (await cluster()).serverCommand(values, storeFactory);
     case "agent":
-      return await agentCommand(values, agentConfig);
+      return await (await cluster()).agentCommand(values, agentConfig);
     case "submit":
-      return await submitCommand(need("a pipeline file"), values);
+      return await (await cluster()).submitCommand(need("a pipeline file"), values);
     case "validate": {
       const plan = await load(need("a pipeline file"));
       const pool = new PluginHostPool({
@@ -538,7 +545,7 @@ function report(error: unknown): number {
   const message = error instanceof Error ? error.message : String(error);
   if (
     error instanceof UsageError || error instanceof AgentConfigError ||
-    error instanceof ClusterUsageError ||
+    (error instanceof Error && error.name === "ClusterUsageError") ||
     (typeof code === "string" && code.startsWith("ERR_PARSE_ARGS"))
   ) {
     console.error(`error: ${message}`);

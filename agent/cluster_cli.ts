@@ -44,6 +44,9 @@ export interface ClusterFlags {
   "tls-ca"?: string;
   "tls-cert"?: string;
   "tls-key"?: string;
+  "etcd-ca"?: string;
+  "etcd-cert"?: string;
+  "etcd-key"?: string;
   "state-dir"?: string;
   json?: boolean;
   follow?: boolean;

@@ -73,6 +73,9 @@ export interface SchedulerOptions {
   log?: (fields: Record<string, unknown>) => void;
 }
 
+/** Writes per transaction: below etcd's default `--max-txn-ops` of 128. */
+const MAX_TXN_OPS = 100;
+
 /** The scheduler's writes failed their fence: another server leads now. */
 export class DeposedError extends Error {
   /** Stable error code. */
@@ -123,6 +126,9 @@ class Scheduler {
   readonly #assigned = new Map<string, { runId: string; stepId: string; agentId: string }>();
   #queue: Promise<void> = Promise.resolve();
   #failed: ((error: unknown) => void) | undefined;
+  /** Results not yet applied, and whether a task to apply them is queued. */
+  readonly #results: ResultRecord[] = [];
+  #resultsQueued = false;
 
   constructor(options: SchedulerOptions) {
     this.#options = options;
@@ -174,7 +180,7 @@ class Scheduler {
     const runs = await store.list(clusterKeys.runPrefix);
     for (const kv of runs.items) await this.#adoptRun(JSON.parse(kv.value) as ClusterRunRecord);
     const results = await store.list(clusterKeys.resultPrefix);
-    for (const kv of results.items) this.#enqueue(() => this.#onResult(kv.value));
+    for (const kv of results.items) this.#bufferResult(kv.value);
     // Attempts the engines think running whose worker is gone, or that were
     // never handed out (the last scheduler died between two writes): lost.
     for (const driver of this.#runs.values()) {
@@ -252,7 +258,7 @@ class Scheduler {
         }
         return;
       case clusterKeys.resultPrefix:
-        if (event.type === "put") await this.#onResult(event.value!);
+        if (event.type === "put") this.#bufferResult(event.value!);
         return;
       case clusterKeys.requestPrefix:
         if (event.type === "put") await this.#onRequest(event.key);
@@ -292,27 +298,51 @@ class Scheduler {
     return driver;
   }
 
-  async #onResult(value: string): Promise<void> {
-    const reported = JSON.parse(value) as ResultRecord;
-    const cleanup: TxnOp[] = [
-      { type: "delete", key: clusterKeys.result(reported.attemptId) },
-      { type: "delete", key: clusterKeys.assignment(reported.agentId, reported.attemptId) },
-      { type: "delete", key: clusterKeys.stop(reported.agentId, reported.attemptId) },
-    ];
-    this.#assigned.delete(reported.attemptId);
-    const driver = this.#runs.get(reported.runId);
-    if (!driver) {
-      // A late report of a run that is over: only tidy up.
-      await this.#write(cleanup);
-      return;
+  /**
+   * Results are applied in batches: those that arrive while a write is in
+   * flight go out together in the next one (group commit), which is what
+   * lets many agents report at once without a transaction each.
+   */
+  #bufferResult(value: string): void {
+    this.#results.push(JSON.parse(value) as ResultRecord);
+    if (this.#resultsQueued) return;
+    this.#resultsQueued = true;
+    this.#enqueue(() => this.#applyResults());
+  }
+
+  async #applyResults(): Promise<void> {
+    this.#resultsQueued = false;
+    const batch = this.#results.splice(0);
+    const touched = new Set<RunDriver>();
+    const ops: TxnOp[] = [];
+    const later: Array<[RunDriver, Effect]> = [];
+    for (const reported of batch) {
+      const cleanup: TxnOp[] = [
+        { type: "delete", key: clusterKeys.result(reported.attemptId) },
+        { type: "delete", key: clusterKeys.assignment(reported.agentId, reported.attemptId) },
+        { type: "delete", key: clusterKeys.stop(reported.agentId, reported.attemptId) },
+      ];
+      this.#assigned.delete(reported.attemptId);
+      const driver = this.#runs.get(reported.runId);
+      if (!driver) {
+        // A late report of a run that is over: only tidy up.
+        ops.push(...cleanup);
+        continue;
+      }
+      const staged = this.#stage(driver, [{
+        type: "AttemptExited",
+        stepId: reported.stepId,
+        attemptId: reported.attemptId,
+        now: this.#now(),
+        result: reported.result,
+      }], cleanup);
+      touched.add(driver);
+      ops.push(...staged.ops);
+      for (const effect of staged.later) later.push([driver, effect]);
     }
-    await this.#apply(driver, [{
-      type: "AttemptExited",
-      stepId: reported.stepId,
-      attemptId: reported.attemptId,
-      now: this.#now(),
-      result: reported.result,
-    }], cleanup);
+    for (const driver of touched) ops.push(...this.#persistOps(driver));
+    await this.#write(ops);
+    for (const [driver, effect] of later) this.#perform(driver, effect);
     await this.#placeWaiting();
   }
 
@@ -373,6 +403,22 @@ class Scheduler {
    * writes) in one fenced transaction, then acts on the effects.
    */
   async #apply(driver: RunDriver, events: EngineEvent[], extra: TxnOp[] = []): Promise<void> {
+    const staged = this.#stage(driver, events, extra);
+    await this.#write([...this.#persistOps(driver), ...staged.ops]);
+    for (const effect of staged.later) this.#perform(driver, effect);
+    this.#reportQueue();
+  }
+
+  /**
+   * Applies events to a run's engine and places what became ready: the
+   * writes to persist (besides the run's own state) and the effects to act
+   * on once they are persisted. No I/O.
+   */
+  #stage(
+    driver: RunDriver,
+    events: EngineEvent[],
+    extra: TxnOp[] = [],
+  ): { ops: TxnOp[]; later: Effect[] } {
     const effects: Effect[] = [];
     for (const event of events) effects.push(...driver.engine.step(event).effects);
     // Place what can be placed now, so the start and its assignment are one write.
@@ -408,9 +454,7 @@ class Scheduler {
         later.push(effect);
       }
     }
-    await this.#persist(driver, ops);
-    for (const effect of later) this.#perform(driver, effect);
-    this.#reportQueue();
+    return { ops, later };
   }
 
   /** Chooses a worker for an attempt; the engine event and the write that hand it over. */
@@ -556,29 +600,39 @@ class Scheduler {
     this.#options.onEvent?.({ type: "queue", depth });
   }
 
-  async #persist(driver: RunDriver, extra: TxnOp[]): Promise<void> {
+  /** The writes of a run's record and of its steps changed since the last write. */
+  #persistOps(driver: RunDriver): TxnOp[] {
     const state = driver.engine.state;
     const record = driver.record;
     record.status = state.status;
     record.startedAt = state.startedAt;
     record.finishedAt = state.finishedAt;
     record.round = state.round;
-    const ops: TxnOp[] = [
+    return [
       { type: "put", key: clusterKeys.run(record.runId), value: JSON.stringify(record) },
       ...driver.engine.drainChanged().map((stepId): TxnOp => ({
         type: "put",
         key: clusterKeys.step(record.runId, stepId),
         value: JSON.stringify(state.steps[stepId]),
       })),
-      ...extra,
     ];
-    await this.#write(ops);
   }
 
-  /** One fenced transaction; a failed fence means another scheduler leads. */
+  /**
+   * Fenced transactions (a failed fence means another scheduler leads), in
+   * chunks that etcd accepts (`--max-txn-ops` is 128 by default). Chunks
+   * land in order before anything is acted on; a successor that finds only
+   * some of them sees attempts that were never handed out, and reschedules
+   * them.
+   */
   async #write(ops: TxnOp[]): Promise<void> {
-    const result = await this.#store.txn({ compare: this.#options.fence, success: ops });
-    if (!result.succeeded) throw new DeposedError();
+    for (let at = 0; at < ops.length || at === 0; at += MAX_TXN_OPS) {
+      const result = await this.#store.txn({
+        compare: this.#options.fence,
+        success: ops.slice(at, at + MAX_TXN_OPS),
+      });
+      if (!result.succeeded) throw new DeposedError();
+    }
   }
 
   #perform(driver: RunDriver, effect: Effect): void {

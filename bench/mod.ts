@@ -11,6 +11,8 @@ import { benchNoopSteps, benchWindmill } from "./local_bench.ts";
 import { benchShellBackend } from "./shell_backend_bench.ts";
 import { benchPlugins } from "./plugin_bench.ts";
 import { benchDocker } from "./docker_bench.ts";
+import { benchStore } from "./store_bench.ts";
+import { benchCluster } from "./cluster_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -23,4 +25,6 @@ if (import.meta.main) {
   await benchNoopSteps();
   await benchWindmill();
   await benchDocker();
+  await benchStore();
+  await benchCluster();
 }

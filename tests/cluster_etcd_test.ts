@@ -1,0 +1,236 @@
+/**
+ * Cluster mode over a real 3-member etcd (Debian's etcd 3.4) on loopback,
+ * with `runnel server` processes that are SIGKILLed: the scheduling server
+ * dies mid-run and another takes over; the etcd leader member dies mid-run.
+ * Each time the run finishes and every step has exactly one recorded
+ * result.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { openLocalArtifactStore } from "../core/artifacts/local.ts";
+import { RunClient } from "../agent/client.ts";
+import { type RunningAgent, startAgent } from "../agent/worker.ts";
+import type { StepState } from "../core/model.ts";
+import { ignoreWithoutEtcd, startEtcdCluster } from "./_etcd.ts";
+import { CLI_PERMISSIONS, MAIN, poll, sandbox } from "./_helpers.ts";
+
+const TOKEN = "etcd-cluster-token";
+const HEARTBEAT = "500ms";
+
+function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  return port;
+}
+
+interface ServerProcess {
+  id: string;
+  http: string;
+  grpc: string;
+  child: Deno.ChildProcess;
+}
+
+function spawnServer(id: string, etcd: string[], peers: string[], ports: [number, number]) {
+  const [httpPort, grpcPort] = ports;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      ...CLI_PERMISSIONS,
+      MAIN,
+      "server",
+      "--etcd",
+      etcd.join(","),
+      "--id",
+      id,
+      "--listen",
+      `127.0.0.1:${httpPort}`,
+      "--grpc",
+      `127.0.0.1:${grpcPort}`,
+      "--peers",
+      peers.join(","),
+      "--heartbeat",
+      HEARTBEAT,
+    ],
+    env: { RUNNEL_TOKEN: TOKEN, NO_COLOR: "1" },
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  return { id, http: `http://127.0.0.1:${httpPort}`, grpc: `127.0.0.1:${grpcPort}`, child };
+}
+
+async function ready(server: ServerProcess): Promise<void> {
+  await poll(async () => {
+    try {
+      const response = await fetch(`${server.http}/ready`);
+      await response.body?.cancel();
+      return response.ok ? true : undefined;
+    } catch {
+      return undefined;
+    }
+  }, { what: `${server.id} ready`, timeoutMs: 30_000 });
+}
+
+/** A chain of steps, each reading the previous one's output. */
+function chain(length: number): string {
+  const steps = Array.from({ length }, (_, i) => {
+    const input = i === 0 ? "" : `\n    inputs: { prev: s${i - 1}/out.txt }`;
+    return `  s${i}:
+    backend: shell${input}
+    run: |
+      sleep 0.3
+      echo ${i} > "$RUNNEL_OUTPUT_OUT_TXT"
+    outputs: [out.txt]`;
+  });
+  return `name: chain\nsteps:\n${steps.join("\n")}\n`;
+}
+
+function assertOneResultEach(steps: Record<string, StepState>, count: number): void {
+  assert.equal(Object.keys(steps).length, count);
+  for (const step of Object.values(steps)) {
+    assert.equal(step.status, "succeeded", `${step.id}: ${JSON.stringify(step)}`);
+    assert.equal(step.attempts.length, 1, `${step.id} ran ${step.attempts.length} times`);
+  }
+}
+
+async function startAgents(
+  dir: string,
+  servers: string[],
+  count: number,
+): Promise<RunningAgent[]> {
+  const artifacts = `${dir}/artifacts`;
+  return await Promise.all(Array.from({ length: count }, (_, i) =>
+    startAgent({
+      servers,
+      token: TOKEN,
+      agentId: `worker-${i + 1}`,
+      allowShell: true,
+      stateDir: `${dir}/worker-${i + 1}`,
+      artifacts: openLocalArtifactStore(artifacts),
+      log: () => {},
+    })));
+}
+
+Deno.test({
+  name:
+    "etcd cluster: the scheduling server is SIGKILLed mid-run; the other takes over, nothing lost or doubled",
+  ignore: ignoreWithoutEtcd(),
+  async fn() {
+    await using box = await sandbox();
+    const etcd = await startEtcdCluster({ members: 3 });
+    const ports = [[freePort(), freePort()], [freePort(), freePort()]] as [number, number][];
+    const peers = ports.map(([, grpc]) => `127.0.0.1:${grpc}`);
+    const servers = [
+      spawnServer("server-a", etcd.endpoints, peers, ports[0]),
+      spawnServer("server-b", etcd.endpoints, peers, ports[1]),
+    ];
+    let agents: RunningAgent[] = [];
+    try {
+      await Promise.all(servers.map(ready));
+      agents = await startAgents(box.dir, peers, 2);
+      const client = new RunClient(servers.map((server) => server.http));
+      const leaderId = await poll(async () => {
+        const state = await (await fetch(`${servers[0].http}/cluster-state`)).json();
+        return state.scheduler && state.workers.length === 2
+          ? state.scheduler as string
+          : undefined;
+      }, { what: "a scheduler and two workers", timeoutMs: 30_000 });
+      const leader = servers.find((server) => server.id === leaderId)!;
+      const survivor = servers.find((server) => server !== leader)!;
+      const { runId } = await client.submit(chain(8), "chain.yaml", box.dir);
+      await poll(async () => {
+        const { steps } = await client.run(runId);
+        return steps.s2?.status === "succeeded" ? true : undefined;
+      }, { what: "s2 done", timeoutMs: 30_000 });
+      leader.child.kill("SIGKILL");
+      await leader.child.status;
+      const killedAt = Date.now();
+      const survivorClient = new RunClient([survivor.http]);
+      const done = await poll(async () => {
+        const { run, steps } = await survivorClient.run(runId);
+        return ["succeeded", "failed", "cancelled"].includes(run.status)
+          ? { run, steps }
+          : undefined;
+      }, { what: "the run to finish after the failover", timeoutMs: 60_000 });
+      assert.equal(done.run.status, "succeeded");
+      assertOneResultEach(done.steps, 8);
+      // Failover: from the kill to the next step scheduled.
+      const next = Object.values(done.steps)
+        .map((step) => step.attempts[0].scheduledAt)
+        .filter((at) => at > killedAt)
+        .sort((a, b) => a - b)[0];
+      const failoverMs = next - killedAt;
+      console.log(`scheduler failover: ${failoverMs} ms from SIGKILL to the next step scheduled`);
+      assert.ok(failoverMs <= 10_000, `failover took ${failoverMs} ms`);
+      const state = await (await fetch(`${survivor.http}/cluster-state`)).json();
+      assert.equal(state.scheduler, survivor.id);
+    } finally {
+      await Promise.allSettled(agents.map((agent) => agent.stop()));
+      for (const server of servers) {
+        try {
+          server.child.kill("SIGTERM");
+        } catch {
+          // Already gone.
+        }
+        await server.child.status;
+      }
+      await etcd.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: "etcd cluster: the etcd leader member is SIGKILLed mid-run and restarted; the run finishes",
+  ignore: ignoreWithoutEtcd(),
+  async fn() {
+    await using box = await sandbox();
+    const etcd = await startEtcdCluster({ members: 3 });
+    const ports: [number, number] = [freePort(), freePort()];
+    const server = spawnServer("server-a", etcd.endpoints, [`127.0.0.1:${ports[1]}`], ports);
+    let agents: RunningAgent[] = [];
+    try {
+      await ready(server);
+      agents = await startAgents(box.dir, [server.grpc], 1);
+      const client = new RunClient([server.http]);
+      const { runId } = await client.submit(chain(6), "chain.yaml", box.dir);
+      await poll(async () => {
+        const { steps } = await client.run(runId);
+        return steps.s1?.status === "succeeded" ? true : undefined;
+      }, { what: "s1 done", timeoutMs: 30_000 });
+      const leader = await etcd.leader();
+      await etcd.kill(leader);
+      const raft = await poll(async () => {
+        try {
+          const state = await (await fetch(`${server.http}/raft-state`)).json();
+          return state.term ? state : undefined;
+        } catch {
+          return undefined;
+        }
+      }, { what: "raft state after the kill" });
+      assert.ok(["leader", "follower"].includes(raft.state));
+      await etcd.restart(leader);
+      const done = await poll(async () => {
+        const { run, steps } = await client.run(runId);
+        return ["succeeded", "failed", "cancelled"].includes(run.status)
+          ? { run, steps }
+          : undefined;
+      }, { what: "the run to finish", timeoutMs: 60_000 });
+      assert.equal(done.run.status, "succeeded");
+      assertOneResultEach(done.steps, 6);
+      const metrics = await (await fetch(`${server.http}/metrics`)).text();
+      assert.match(metrics, /^raft_term \d+$/m);
+      assert.match(metrics, /^raft_elections_total \d+$/m);
+    } finally {
+      await Promise.allSettled(agents.map((agent) => agent.stop()));
+      try {
+        server.child.kill("SIGTERM");
+      } catch {
+        // Already gone.
+      }
+      await server.child.status;
+      await etcd.stop();
+    }
+  },
+});
