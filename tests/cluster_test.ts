@@ -294,3 +294,57 @@ steps:
     await cluster.close();
   }
 });
+
+Deno.test("cluster: the server restarts under its agents; they reconnect and the run finishes once", async () => {
+  await using box = await sandbox();
+  const store = openEmbeddedStore(`${box.dir}/state.db`);
+  const options = (httpPort: number, grpcPort: number) => ({
+    serverId: "server-1",
+    store,
+    election: standaloneElection(),
+    http: { hostname: "127.0.0.1", port: httpPort },
+    grpc: { address: `127.0.0.1:${grpcPort}` },
+    token: TOKEN,
+    heartbeatMs: 1_000,
+    log: () => {},
+  });
+  let server = await startServer(options(0, 0));
+  const ports = [server.httpPort, server.grpcPort] as const;
+  const agent = await startAgent({
+    servers: [`127.0.0.1:${ports[1]}`],
+    token: TOKEN,
+    agentId: "steady",
+    allowShell: true,
+    stateDir: `${box.dir}/steady`,
+    artifacts: openLocalArtifactStore(`${box.dir}/artifacts`),
+    reconnect: { initialMs: 100, maxMs: 500 },
+    log: () => {},
+  });
+  try {
+    const client = new RunClient([`http://127.0.0.1:${ports[0]}`]);
+    const { runId } = await client.submit(
+      `name: restart
+steps:
+  first: { backend: shell, run: "sleep 1; echo one > $RUNNEL_OUTPUT_A", outputs: [a] }
+  second: { backend: shell, inputs: { a: first/a }, run: cat "$RUNNEL_INPUT_A" }
+`,
+      "restart.yaml",
+      box.dir,
+    );
+    await poll(async () => {
+      const { steps } = await client.run(runId);
+      return steps.first?.status === "running" ? true : undefined;
+    }, { what: "first running" });
+    await server.close();
+    server = await startServer(options(ports[0], ports[1]));
+    const { run, steps } = await finished(client, runId);
+    assert.equal(run.status, "succeeded");
+    assert.equal(steps.first.attempts.length, 1, "the step ran once across the restart");
+    assert.equal(steps.second.attempts.length, 1);
+    assert.ok(agent.events.some((event) => event.type === "disconnected"));
+  } finally {
+    await agent.stop();
+    await server.close();
+    await store.close();
+  }
+});
