@@ -15,6 +15,8 @@ import { type RunningServer, standaloneElection, startServer } from "../agent/se
 import { AgentRejectedError, type RunningAgent, startAgent } from "../agent/worker.ts";
 import type { StepState } from "../core/model.ts";
 import { CLI_PERMISSIONS, poll, ROOT, sandbox } from "./_helpers.ts";
+import { findAwsCli, runAws, startS3Server } from "./_s3.ts";
+import { openS3ArtifactStore } from "../core/artifacts/s3.ts";
 
 const TOKEN = "cluster-test-token";
 const HEARTBEAT_MS = 300;
@@ -346,5 +348,66 @@ steps:
     await agent.stop();
     await server.close();
     await store.close();
+  }
+});
+
+Deno.test("cluster: artifacts flow between agents through S3 (s3rver), and the aws CLI reads them", async () => {
+  await using box = await sandbox();
+  await using s3 = await startS3Server();
+  const cluster = await startCluster(box.dir);
+  const s3Store = () =>
+    openS3ArtifactStore({
+      endpoint: s3.endpoint,
+      bucket: s3.bucket,
+      region: s3.region,
+      accessKey: s3.accessKey,
+      secretKey: s3.secretKey,
+    });
+  const agents: RunningAgent[] = [];
+  try {
+    for (const [name, cloud] of [["s3-aws", "aws"], ["s3-gcp", "gcp"]]) {
+      agents.push(
+        await startAgent({
+          servers: [cluster.grpc],
+          token: TOKEN,
+          agentId: name,
+          labels: { cloud },
+          allowShell: true,
+          stateDir: `${box.dir}/${name}`,
+          artifacts: await s3Store(),
+          log: () => {},
+        }),
+      );
+    }
+    const { runId } = await cluster.client.submit(
+      PIPELINE,
+      "cluster.yaml",
+      box.dir,
+    );
+    const { run, steps } = await finished(cluster.client, runId);
+    assert.equal(run.status, "succeeded", JSON.stringify(steps, null, 2));
+    const digest = steps.make.outputs?.["data.txt"]?.digest;
+    assert.ok(digest);
+    const aws = findAwsCli();
+    if (!aws) {
+      if (Deno.env.get("CI") === "true") throw new Error("Expected the aws CLI in CI");
+      console.log("%caws CLI not found; skipping the cross-check", "color: yellow");
+      return;
+    }
+    const listed = await runAws(aws, s3, ["s3", "ls", `s3://${s3.bucket}/`, "--recursive"]);
+    assert.match(
+      new TextDecoder().decode(listed.stdout),
+      new RegExp(`blobs/sha256/${digest.slice("sha256:".length)}`),
+    );
+    const blob = await runAws(aws, s3, [
+      "s3",
+      "cp",
+      `s3://${s3.bucket}/blobs/sha256/${digest.slice("sha256:".length)}`,
+      "-",
+    ]);
+    assert.equal(new TextDecoder().decode(blob.stdout), "made on aws\n");
+  } finally {
+    await Promise.allSettled(agents.map((agent) => agent.stop()));
+    await cluster.close();
   }
 });
