@@ -371,10 +371,10 @@ interface AttemptRecordFile {
   mask: string[];
   handle?: string;
   /**
-   * When the handle is a process id: that process's start time, so that a
+   * When the handle is a process id: when that process started (epoch ms), so that a
    * restart never signals a process that merely reuses the pid.
    */
-  processStart?: string;
+  processStartMs?: number;
   assignedAt: number;
 }
 
@@ -1006,7 +1006,9 @@ class Agent implements RunningAgent {
       const execution = await this.#pool.backend(record.backend).start(spec);
       active.execution = execution;
       record.handle = execution.handle;
-      record.processStart = await processStartOf(execution.handle);
+      // When the process started guards a later reap against a reused pid
+      // (checked against ps(1) then, not spawned for now: it costs a process).
+      if (/^\d+$/.test(execution.handle)) record.processStartMs = Date.now();
       await this.#saveRecord(record);
       this.#enqueue({
         started: { attemptId: record.attemptId, handle: execution.handle, atMs: Date.now() },
@@ -1239,31 +1241,42 @@ async function writeJsonAtomic(
  * process id (process backends); undefined otherwise or when `ps` cannot
  * tell (Deno guards `/proc` behind --allow-all).
  */
-async function processStartOf(handle: string): Promise<string | undefined> {
+/** When the process `handle` (a pid) started, by ps(1), in epoch ms; undefined if it is gone. */
+async function processStartOf(handle: string): Promise<number | undefined> {
   if (!/^\d+$/.test(handle)) return undefined;
   try {
     const output = await new Deno.Command("ps", {
       args: ["-p", handle, "-o", "lstart="],
+      env: { LC_ALL: "C", TZ: "UTC" },
       stdout: "piped",
       stderr: "null",
     }).output();
-    return new TextDecoder().decode(output.stdout).trim() || undefined;
+    const text = new TextDecoder().decode(output.stdout).trim();
+    if (!text) return undefined;
+    // "Tue Nov 24 20:39:22 2026", in UTC as asked.
+    const parsed = Date.parse(`${text.replace(/\s+/g, " ")} UTC`);
+    return Number.isNaN(parsed) ? undefined : parsed;
   } catch {
     return undefined;
   }
 }
 
+/** How far ps(1)'s start time (whole seconds) may be from the recorded one. */
+const PROCESS_START_SLACK_MS = 3_000;
+
 /**
  * Whether a recorded handle may be handed to `recover` for reaping: any
  * non-process handle (a container id), or a process id that still names the
  * process the attempt started (not one that reuses the pid, after a reboot
- * say).
+ * say): its start time matches the one recorded when it was started.
  */
 async function stillOurs(record: AttemptRecordFile): Promise<boolean> {
   if (!record.handle) return false;
   if (!/^\d+$/.test(record.handle)) return true;
-  if (record.processStart === undefined) return false;
-  return (await processStartOf(record.handle)) === record.processStart;
+  if (record.processStartMs === undefined) return false;
+  const started = await processStartOf(record.handle);
+  return started !== undefined &&
+    Math.abs(started - record.processStartMs) <= PROCESS_START_SLACK_MS;
 }
 
 async function isDirectory(path: string): Promise<boolean> {
