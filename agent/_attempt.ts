@@ -7,7 +7,7 @@
  * @module
  */
 
-import type { ArtifactStore } from "../core/artifacts/store.ts";
+import { ArtifactExistsError, type ArtifactStore } from "../core/artifacts/store.ts";
 import type { ArtifactRef, AttemptResult, ErrorClass } from "../core/model.ts";
 import { BUSINESS_EXIT_CODE, ERROR_CLASSES } from "../core/model.ts";
 import type { Masker } from "../core/secrets.ts";
@@ -74,12 +74,26 @@ export async function materializeInputs(
     const dir = `${inputsDir}/${name}`;
     await Deno.mkdir(dir, { recursive: true });
     for (const artifact of artifacts) {
-      const record = await store.get(artifact.runId, artifact.stepId, artifact.name);
+      let record = await store.get(artifact.runId, artifact.stepId, artifact.name);
       if (!record || record.digest !== artifact.digest) {
-        throw new ArtifactMissingError(
-          `Artifact "${artifact.name}" of step "${artifact.stepId}" (${artifact.digest}) ` +
-            `is not in the artifact store`,
-        );
+        // The record may name another attempt's output (one that was given
+        // up yet finished first): the accepted attempt's blob is what counts.
+        if (!(await store.hasBlob(artifact.digest))) {
+          throw new ArtifactMissingError(
+            `Artifact "${artifact.name}" of step "${artifact.stepId}" (${artifact.digest}) ` +
+              `is not in the artifact store`,
+          );
+        }
+        record = {
+          run: artifact.runId,
+          step: artifact.stepId,
+          name: artifact.name,
+          digest: artifact.digest,
+          size: artifact.size ?? record?.size ?? 0,
+          contentType: record?.contentType ?? "application/octet-stream",
+          created: record?.created ?? Date.now(),
+          sourceStep: artifact.stepId,
+        };
       }
       const legDir = fanIn ? `${dir}/${fileSafe(artifact.leg ?? artifact.stepId)}` : dir;
       if (fanIn) await Deno.mkdir(legDir, { recursive: true });
@@ -112,13 +126,22 @@ export async function collectOutputs(
     } catch {
       throw new StepOutputError(`step did not write declared output "${name}"`);
     }
-    const record = await store.put(file, {
-      run: attempt.runId,
-      step: attempt.stepId,
-      name,
-      attemptId: attempt.attemptId,
-    });
-    outputs[name] = { name, digest: record.digest, size: record.size };
+    try {
+      const record = await store.put(file, {
+        run: attempt.runId,
+        step: attempt.stepId,
+        name,
+        attemptId: attempt.attemptId,
+      });
+      outputs[name] = { name, digest: record.digest, size: record.size };
+    } catch (error) {
+      if (!(error instanceof ArtifactExistsError)) throw error;
+      // An earlier attempt of the step, given up (its worker was declared
+      // offline) but finished after all, recorded this name first with other
+      // content. Records are immutable; the blob of this attempt is stored
+      // (blobs go in before records), and readers fetch by digest.
+      outputs[name] = { name, digest: error.digest, size: (await Deno.stat(file)).size };
+    }
   }
   return outputs;
 }
