@@ -15,6 +15,9 @@ import { type RunningAgent, startAgent } from "../agent/worker.ts";
 import type { StepState } from "../core/model.ts";
 import { ignoreWithoutEtcd, startEtcdCluster } from "./_etcd.ts";
 import { CLI_PERMISSIONS, MAIN, poll, sandbox } from "./_helpers.ts";
+import { mulberry32, testSeed } from "../core/_random.ts";
+
+const SEED = testSeed();
 
 const TOKEN = "etcd-cluster-token";
 const HEARTBEAT = "500ms";
@@ -230,6 +233,79 @@ Deno.test({
         // Already gone.
       }
       await server.child.status;
+      await etcd.stop();
+    }
+  },
+});
+
+Deno.test({
+  name: `etcd cluster: random faults mid-run (RUNNEL_SEED=${SEED}) leave one success per step`,
+  ignore: ignoreWithoutEtcd(),
+  async fn() {
+    const random = mulberry32(SEED);
+    await using box = await sandbox();
+    const etcd = await startEtcdCluster({ members: 3 });
+    const ports = [[freePort(), freePort()], [freePort(), freePort()]] as [number, number][];
+    const peers = ports.map(([, grpc]) => `127.0.0.1:${grpc}`);
+    const servers = [
+      spawnServer("server-a", etcd.endpoints, peers, ports[0]),
+      spawnServer("server-b", etcd.endpoints, peers, ports[1]),
+    ];
+    let agents: RunningAgent[] = [];
+    const faults: string[] = [];
+    try {
+      await Promise.all(servers.map(ready));
+      agents = await startAgents(box.dir, peers, 2);
+      const client = new RunClient(servers.map((server) => server.http));
+      const steps = 10;
+      const { runId } = await client.submit(chain(steps), "chain.yaml", box.dir);
+      // Three faults at random moments: a server, an etcd member, an agent's
+      // stream; each restarted (or reconnecting) before the next.
+      for (const fault of ["server", "etcd", "server"] as const) {
+        const waitFor = Math.floor(random() * 3);
+        await poll(async () => {
+          const { steps: states } = await client.run(runId);
+          const done = Object.values(states).filter((s) => s.status === "succeeded").length;
+          return done >= waitFor + faults.length * 2 ? true : undefined;
+        }, { what: `progress before fault ${faults.length + 1}`, timeoutMs: 60_000 });
+        if (fault === "etcd") {
+          const member = Math.floor(random() * 3);
+          faults.push(`SIGKILL etcd member ${member}`);
+          await etcd.kill(member);
+          await etcd.restart(member);
+        } else {
+          const index = Math.floor(random() * 2);
+          faults.push(`SIGKILL ${servers[index].id}`);
+          servers[index].child.kill("SIGKILL");
+          await servers[index].child.status;
+          servers[index] = spawnServer(servers[index].id, etcd.endpoints, peers, ports[index]);
+          await ready(servers[index]);
+        }
+      }
+      const done = await poll(async () => {
+        const { run, steps: states } = await client.run(runId);
+        return ["succeeded", "failed", "cancelled"].includes(run.status)
+          ? { run, steps: states }
+          : undefined;
+      }, { what: "the run to finish", timeoutMs: 90_000 });
+      assert.equal(done.run.status, "succeeded", `seed ${SEED}, faults: ${faults.join(", ")}`);
+      for (const step of Object.values(done.steps)) {
+        const successes = step.attempts.filter((attempt) => attempt.result?.ok);
+        assert.equal(successes.length, 1, `${step.id}: seed ${SEED}, ${faults.join(", ")}`);
+      }
+    } catch (error) {
+      console.error(`random faults failed with RUNNEL_SEED=${SEED}: ${faults.join(", ")}`);
+      throw error;
+    } finally {
+      await Promise.allSettled(agents.map((agent) => agent.stop()));
+      for (const server of servers) {
+        try {
+          server.child.kill("SIGTERM");
+        } catch {
+          // Already gone.
+        }
+        await server.child.status;
+      }
       await etcd.stop();
     }
   },
