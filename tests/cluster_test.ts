@@ -14,7 +14,7 @@ import { RunClient } from "../agent/client.ts";
 import { type RunningServer, standaloneElection, startServer } from "../agent/server.ts";
 import { AgentRejectedError, type RunningAgent, startAgent } from "../agent/worker.ts";
 import type { StepState } from "../core/model.ts";
-import { CLI_PERMISSIONS, poll, ROOT, sandbox } from "./_helpers.ts";
+import { CLI_PERMISSIONS, poll, ROOT, runCli, sandbox } from "./_helpers.ts";
 import { findAwsCli, runAws, startS3Server } from "./_s3.ts";
 import { openS3ArtifactStore } from "../core/artifacts/s3.ts";
 
@@ -408,6 +408,43 @@ Deno.test("cluster: artifacts flow between agents through S3 (s3rver), and the a
     assert.equal(new TextDecoder().decode(blob.stdout), "made on aws\n");
   } finally {
     await Promise.allSettled(agents.map((agent) => agent.stop()));
+    await cluster.close();
+  }
+});
+
+Deno.test("cluster CLI: submit --follow, runs, show, logs and cancel talk to a server; bad input exits 2", async () => {
+  await using box = await sandbox();
+  const cluster = await startCluster(box.dir);
+  try {
+    await cluster.agent("cli-aws", { cloud: "aws" });
+    await cluster.agent("cli-gcp", { cloud: "gcp" });
+    const file = await box.write("cluster.yaml", PIPELINE);
+    const env = { CLUSTER_SECRET: "unused-here" };
+    const submitted = await runCli(["submit", file, "--server", cluster.http, "--follow"], {
+      cwd: box.dir,
+      env,
+    });
+    assert.equal(submitted.code, 0, submitted.stderr + submitted.stdout);
+    assert.match(submitted.stdout, /succeeded make on cli-aws/);
+    assert.match(submitted.stdout, /succeeded use on cli-gcp/);
+    const runId = /^run (\S+)$/m.exec(submitted.stdout)![1];
+    const runs = await runCli(["runs", "--server", cluster.http], { cwd: box.dir });
+    assert.match(runs.stdout, new RegExp(`${runId}\\s+cluster-demo\\s+succeeded`));
+    const show = await runCli(["show", runId, "--server", cluster.http], { cwd: box.dir });
+    assert.match(show.stdout, /use\s+succeeded\s+1 attempt/);
+    const logs = await runCli(["logs", runId, "use", "--server", cluster.http], { cwd: box.dir });
+    assert.match(logs.stdout, /use │ secret is \*\*\*/);
+    const cancel = await runCli(["cancel", runId, "--server", cluster.http], { cwd: box.dir });
+    assert.match(cancel.stdout, /finished/);
+    const broken = await box.write("broken.yaml", "name: broken\nsteps:\n  a: { neds: [b] }\n");
+    const refused = await runCli(["submit", broken, "--server", cluster.http], { cwd: box.dir });
+    assert.equal(refused.code, 2);
+    assert.match(refused.stderr, /broken\.yaml:3:\d+: unknown key "neds"/);
+    const away = await runCli(["runs", "--server", "http://127.0.0.1:9"], { cwd: box.dir });
+    assert.equal(away.code, 1);
+    assert.match(away.stderr, /No server answered/);
+    assert.doesNotMatch(away.stderr + refused.stderr, /\n\s+at /);
+  } finally {
     await cluster.close();
   }
 });
