@@ -8,7 +8,7 @@
  */
 
 import { ArtifactExistsError, type ArtifactStore } from "../core/artifacts/store.ts";
-import type { ArtifactRef, AttemptResult, ErrorClass } from "../core/model.ts";
+import type { ArtifactRef, AttemptResult, ErrorClass, Plan } from "../core/model.ts";
 import { BUSINESS_EXIT_CODE, ERROR_CLASSES } from "../core/model.ts";
 import type { Masker } from "../core/secrets.ts";
 import type { ExitStatus, LogChunk } from "../backends/backend.ts";
@@ -208,4 +208,11 @@ export async function* maskedLogs(
     const rest = partial[stream] + decoders[stream].decode();
     if (rest) yield { stream, text: masker.mask(rest) };
   }
+}
+
+/** The name of a matrix leg inside a fan-in input: `region=eu,size=2` (the step id without a matrix). */
+export function legName(plan: Plan, stepId: string): string {
+  const matrix = plan.steps[stepId]?.matrix;
+  if (!matrix) return stepId;
+  return Object.entries(matrix).map(([k, v]) => `${k}=${v}`).join(",");
 }

@@ -18,7 +18,6 @@ import type {
   AttemptResult,
   Effect,
   EngineEvent,
-  ErrorClass,
   FailureInfo,
   Plan,
   PlannedStep,
@@ -28,7 +27,7 @@ import type {
   StepStatus,
   WebhookSpec,
 } from "../core/model.ts";
-import { BUSINESS_EXIT_CODE, ERROR_CLASSES } from "../core/model.ts";
+import { BUSINESS_EXIT_CODE } from "../core/model.ts";
 import type { Store, TxnOp } from "../consensus/store.ts";
 import { openEmbeddedStore } from "../consensus/embedded.ts";
 import type { ArtifactStore } from "../core/artifacts/store.ts";
@@ -45,6 +44,18 @@ import {
 import { PipelineError } from "../core/errors.ts";
 import type { AttemptSpec, Execution } from "../backends/backend.ts";
 import { Masker, resolveSecrets } from "../core/secrets.ts";
+import {
+  collectOutputs,
+  describeExit,
+  errorClassOf,
+  fileSafe,
+  legName,
+  maskedLogs,
+  materializeInputs,
+} from "./_attempt.ts";
+import type { InputLocator } from "../proto/mod.ts";
+
+export { fileSafe };
 import { loadPipeline } from "../core/load.ts";
 
 /** The state directory used when none is given. */
@@ -184,9 +195,6 @@ export function statePaths(stateDir: string = DEFAULT_STATE_DIR): StatePaths {
 }
 
 /** Encodes a step id (which may hold `[`, `=`, `,`) for use as a file name. */
-export function fileSafe(id: string): string {
-  return encodeURIComponent(id).replaceAll("%", "~");
-}
 
 /** Path of the log file of one attempt. */
 export function logPath(paths: StatePaths, runId: string, stepId: string, attempt: number): string {
@@ -1017,33 +1025,16 @@ class LocalDriver {
     logFile: Deno.FsFile,
   ): Promise<void> {
     const encoder = new TextEncoder();
-    const decoders = { stdout: new TextDecoder(), stderr: new TextDecoder() };
-    // Per stream, hold back a partial line so a secret split across chunks
-    // is still masked and log lines are written whole.
-    const partial = { stdout: "", stderr: "" };
-    const flush = async (stream: "stdout" | "stderr", text: string) => {
-      if (!text) return;
-      const masked = masker.mask(text);
-      await logFile.write(encoder.encode(masked));
+    for await (const { stream, text } of maskedLogs(execution.logs, masker)) {
+      await logFile.write(encoder.encode(text));
       this.#emit({
         type: "log",
         runId: this.#record.runId,
         stepId: step.id,
         attempt,
         stream,
-        text: masked,
+        text,
       });
-    };
-    for await (const chunk of execution.logs) {
-      const text = partial[chunk.stream] +
-        decoders[chunk.stream].decode(chunk.data, { stream: true });
-      const cut = text.lastIndexOf("\n") + 1;
-      partial[chunk.stream] = text.slice(cut);
-      await flush(chunk.stream, text.slice(0, cut));
-    }
-    for (const stream of ["stdout", "stderr"] as const) {
-      await flush(stream, partial[stream] + decoders[stream].decode());
-      partial[stream] = "";
     }
   }
 
@@ -1065,53 +1056,41 @@ class LocalDriver {
     return result;
   }
 
-  async #materializeInputs(
+  #materializeInputs(
     step: PlannedStep,
     inputs: Record<string, Array<{ from: string; ref: ArtifactRef }>>,
     inputsDir: string,
   ): Promise<Record<string, string>> {
-    const paths: Record<string, string> = {};
+    const locators: Record<string, InputLocator> = {};
     for (const [name, sources] of Object.entries(inputs)) {
       const input = step.inputs[name];
-      const dir = await mkdirp(`${inputsDir}/${name}`);
-      for (const { from, ref } of sources) {
-        const record = await this.#state.artifacts.get(this.#record.runId, from, input.output);
-        if (!record || record.digest !== ref.digest) {
-          throw new LocalRunError(
-            "artifact_missing",
-            `Artifact "${input.output}" of step "${from}" (${ref.digest}) is not in the artifact store`,
-          );
-        }
-        const legDir = input.fanIn ? await mkdirp(`${dir}/${legKey(this.#plan, from)}`) : dir;
-        await this.#state.artifacts.materialize(record, `${legDir}/${input.output}`);
-      }
-      paths[name] = input.fanIn ? dir : `${dir}/${input.output}`;
+      locators[name] = {
+        fanIn: input.fanIn,
+        artifacts: sources.map(({ from, ref }) => ({
+          runId: this.#record.runId,
+          stepId: from,
+          name: input.output,
+          digest: ref.digest,
+          size: ref.size,
+          leg: legName(this.#plan, from),
+        })),
+      };
     }
-    return paths;
+    return materializeInputs(this.#state.artifacts, locators, inputsDir);
   }
 
-  async #collectOutputs(
+  #collectOutputs(
     step: PlannedStep,
     attemptId: string,
     outputsDir: string,
   ): Promise<Record<string, ArtifactRef>> {
-    const outputs: Record<string, ArtifactRef> = {};
-    for (const name of step.outputs) {
-      const file = `${outputsDir}/${name}`;
-      try {
-        await Deno.stat(file);
-      } catch {
-        throw new StepOutputError(`step did not write declared output "${name}"`);
-      }
-      const record = await this.#state.artifacts.put(file, {
-        run: this.#record.runId,
-        step: step.id,
-        name,
-        attemptId,
-      });
-      outputs[name] = { name, digest: record.digest, size: record.size };
-    }
-    return outputs;
+    return collectOutputs(this.#state.artifacts, {
+      runId: this.#record.runId,
+      stepId: step.id,
+      attemptId,
+      outputsDir,
+      outputs: step.outputs,
+    });
   }
 
   /**
@@ -1177,32 +1156,6 @@ interface CacheEntry {
 }
 
 /** A step ran but did not produce what it promised. */
-class StepOutputError extends Error {
-  readonly code = "output_missing";
-}
-
-function errorClassOf(error: unknown): ErrorClass {
-  const declared = (error as { errorClass?: string })?.errorClass;
-  if (ERROR_CLASSES.includes(declared as ErrorClass)) return declared as ErrorClass;
-  const code = (error as { code?: string })?.code;
-  if (code === "invalid_step_config") return "application";
-  if (code === "artifact_corrupt" || code === "artifact_missing") return "artifact";
-  if (code === "output_missing") return "application";
-  return "infrastructure";
-}
-
-function describeExit(exitCode: number, signal?: string): string {
-  if (signal) return `killed by ${signal}`;
-  if (exitCode === BUSINESS_EXIT_CODE) return `business error (exit code ${exitCode})`;
-  return `exited with code ${exitCode}`;
-}
-
-/** The directory name of a matrix leg inside a fan-in input: `region=eu,size=2`. */
-function legKey(plan: Plan, stepId: string): string {
-  const matrix = plan.steps[stepId]?.matrix;
-  if (!matrix) return fileSafe(stepId);
-  return fileSafe(Object.entries(matrix).map(([k, v]) => `${k}=${v}`).join(","));
-}
 
 /** The cache key: the step's spec digest and the digests of everything it reads. */
 async function cacheKeyOf(

@@ -41,6 +41,7 @@ import {
   type WorkerRecord,
 } from "./cluster_keys.ts";
 import { deliverWebhook } from "./local.ts";
+import { legName } from "./_attempt.ts";
 
 /** Something the scheduler did, for metrics and logs. */
 export type SchedulerEvent =
@@ -701,13 +702,6 @@ class Scheduler {
   #log(fields: Record<string, unknown>): void {
     this.#options.log?.({ component: "scheduler", ...fields });
   }
-}
-
-/** The directory name of a matrix leg inside a fan-in input (as local mode names it). */
-function legName(plan: Plan, stepId: string): string {
-  const matrix = plan.steps[stepId]?.matrix;
-  if (!matrix) return stepId;
-  return Object.entries(matrix).map(([k, v]) => `${k}=${v}`).join(",");
 }
 
 export type { AttemptResult };
