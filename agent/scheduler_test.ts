@@ -9,7 +9,13 @@ import {
   type ResultRecord,
   type WorkerRecord,
 } from "./cluster_keys.ts";
-import { clusterStepStates, requestCancel, submitRun, waitForClusterRun } from "./cluster_runs.ts";
+import {
+  clusterStepStates,
+  requestCancel,
+  requestResume,
+  submitRun,
+  waitForClusterRun,
+} from "./cluster_runs.ts";
 import { DeposedError, runScheduler, type SchedulerEvent } from "./scheduler.ts";
 
 const PIPELINE = `name: cluster-demo
@@ -180,6 +186,75 @@ Deno.test("scheduler: a deposed scheduler's write fails its fence and it stops",
     await assert.rejects(leader, DeposedError);
     assert.equal((await store.list(clusterKeys.assignmentPrefix())).items.length, 0);
   } finally {
+    store.close();
+  }
+});
+
+Deno.test("scheduler: affinity pipeline keeps every step of a run on the worker of its first step", async () => {
+  const store = openMemoryStore();
+  const stop = new AbortController();
+  try {
+    for (const id of ["w1", "w2", "w3"]) {
+      await store.put(clusterKeys.worker(id), JSON.stringify(worker(id, {}, 4)));
+    }
+    const scheduler = runScheduler({ store, fence: [], signal: stop.signal });
+    const plan = parsePipeline(
+      `name: sticky
+affinity: pipeline
+steps:
+  a: { backend: shell, run: "true" }
+  b: { backend: shell, run: "true", needs: [a] }
+  c: { backend: shell, run: "true", needs: [a] }
+  d: { backend: shell, run: "true", needs: [b, c] }
+`,
+      { file: "sticky.yaml", baseDir: "/tmp" },
+    );
+    const run = await submitRun(store, plan);
+    const seen = new Set<string>();
+    const agents = new Set<string>();
+    for (let i = 0; i < 4; i++) {
+      const assignment = await nextAssignment(store, seen);
+      agents.add(assignment.agentId);
+      await report(store, assignment, { ok: true, exitCode: 0, outputs: {} });
+    }
+    assert.equal((await waitForClusterRun(store, run.runId)).status, "succeeded");
+    assert.equal(agents.size, 1, `steps went to ${[...agents].join(", ")}`);
+    stop.abort();
+    await scheduler;
+  } finally {
+    stop.abort();
+    store.close();
+  }
+});
+
+Deno.test("scheduler: a failed run resumes on request; what succeeded is kept", async () => {
+  const store = openMemoryStore();
+  const stop = new AbortController();
+  try {
+    await store.put(clusterKeys.worker("w1"), JSON.stringify(worker("w1", {})));
+    const scheduler = runScheduler({ store, fence: [], signal: stop.signal });
+    const plan = parsePipeline(PIPELINE.replace(", selector: { cloud: gcp }", ""), {
+      file: "cluster.yaml",
+      baseDir: "/tmp",
+    });
+    const run = await submitRun(store, plan);
+    const seen = new Set<string>();
+    await report(store, await nextAssignment(store, seen), OK_A);
+    const b = await nextAssignment(store, seen);
+    await report(store, b, { ok: false, exitCode: 65, errorClass: "business", message: "bad" });
+    assert.equal((await waitForClusterRun(store, run.runId)).status, "failed");
+    await requestResume(store, run.runId);
+    const again = await nextAssignment(store, seen);
+    assert.equal(again.stepId, "b", "only the failed step runs again");
+    await report(store, again, { ok: true, exitCode: 0, outputs: {} });
+    assert.equal((await waitForClusterRun(store, run.runId)).status, "succeeded");
+    const steps = await clusterStepStates(store, run.runId);
+    assert.equal(steps.a.attempts.length, 1);
+    assert.equal(steps.b.attempts.length, 2);
+    stop.abort();
+    await scheduler;
+  } finally {
+    stop.abort();
     store.close();
   }
 });
