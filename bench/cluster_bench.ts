@@ -10,12 +10,10 @@
  * @module
  */
 
-import { openLocalArtifactStore } from "../core/artifacts/local.ts";
 import { parsePipeline } from "../core/load.ts";
 import { RunClient } from "../agent/client.ts";
 import { startServer } from "../agent/server.ts";
 import { openEtcdCluster } from "../agent/etcd_wiring.ts";
-import { type RunningAgent, startAgent } from "../agent/worker.ts";
 import { runPipeline } from "../agent/local.ts";
 import { etcdInstalled, startEtcdCluster } from "../tests/_etcd.ts";
 import { median, printTable } from "./_table.ts";
@@ -53,22 +51,41 @@ export async function benchCluster(
     heartbeatMs: 1_000,
     log: () => {},
   });
-  const agents: RunningAgent[] = [];
+  // Agents are their own processes, as on real workers (`runnel agent`).
+  const agents: Deno.ChildProcess[] = [];
   try {
     for (let i = 0; i < 4; i++) {
       agents.push(
-        await startAgent({
-          servers: [`127.0.0.1:${server.grpcPort}`],
-          token: TOKEN,
-          agentId: `bench-${i}`,
-          slots: 4,
-          allowShell: true,
-          stateDir: `${dir}/agent-${i}`,
-          artifacts: openLocalArtifactStore(`${dir}/artifacts`),
-          log: () => {},
-        }),
+        new Deno.Command(Deno.execPath(), {
+          args: [
+            "run",
+            "--allow-read",
+            "--allow-write",
+            "--allow-run",
+            "--allow-env",
+            "--allow-net",
+            "--allow-sys",
+            new URL("../main.ts", import.meta.url).pathname,
+            "agent",
+            "--server",
+            `127.0.0.1:${server.grpcPort}`,
+            "--labels",
+            `bench=${i}`,
+            "--slots",
+            "4",
+            "--allow-shell",
+            "--state-dir",
+            `${dir}/agent-${i}`,
+            "--artifacts",
+            `${dir}/artifacts`,
+          ],
+          env: { RUNNEL_TOKEN: TOKEN },
+          stdout: "null",
+          stderr: "null",
+        }).spawn(),
       );
     }
+    await waitForWorkers(`http://127.0.0.1:${server.httpPort}`, 4);
     const client = new RunClient([`http://127.0.0.1:${server.httpPort}`]);
     const run = async (source: string) => {
       const started = performance.now();
@@ -131,12 +148,29 @@ export async function benchCluster(
     console.log(`target overhead ≤ 15 ms/step: ${overheadMsPerStep <= 15 ? "met" : "NOT met"}`);
     return { stepsPerSecond, localStepsPerSecond, overheadMsPerStep, localOverheadMsPerStep };
   } finally {
-    await Promise.allSettled(agents.map((agent) => agent.stop()));
+    for (const agent of agents) {
+      try {
+        agent.kill("SIGTERM");
+      } catch {
+        // Already gone.
+      }
+      await agent.status;
+    }
     await server.close();
     await opened.close();
     await etcd.stop();
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
+}
+
+async function waitForWorkers(http: string, count: number): Promise<void> {
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    const state = await (await fetch(`${http}/cluster-state`)).json();
+    if (state.workers.length >= count) return;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  throw new Error(`Expected ${count} workers within 30 s`);
 }
 
 async function rawSpawnMs(count: number): Promise<number> {
