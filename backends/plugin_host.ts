@@ -341,6 +341,7 @@ export class PluginHostPool {
       permissions,
       entry: entry.path,
       entryModule: entry.module,
+      lockFile: `${entry.path.slice(0, entry.path.lastIndexOf("/"))}/remote_plugins.lock`,
       env,
       startTimeoutMs: this.#options.startTimeoutMs ?? DEFAULT_HOST_START_TIMEOUT_MS,
       idleMs: this.#options.idleMs ?? DEFAULT_HOST_IDLE_MS,
@@ -574,6 +575,8 @@ interface SpawnHostOptions {
   source: PluginSource;
   /** The module the entry imports (the backend or its manifest). */
   entryModule: string;
+  /** The lock file of remote plugins' modules. */
+  lockFile: string;
   role: HostRole;
   permissions: DenoPermissions;
   entry: string;
@@ -618,11 +621,13 @@ class PluginHost {
     const config = new URL("deno.json", ROOT_URL);
     if (config.protocol === "file:") args.push(`--config=${config.pathname}`);
     args.push(...permissionFlags(options.permissions));
-    // A plugin loaded from a URL may import from its own server, nothing else.
+    // A plugin loaded from a URL may import from its own server, nothing
+    // else; its modules' hashes go to a lock file of the pool's, not to
+    // runnel's own.
     const origin = remoteOrigin(
       options.role === "backend" ? options.source.module : options.entryModule,
     );
-    if (origin) args.push(`--allow-import=${origin}`);
+    if (origin) args.push(`--allow-import=${origin}`, `--lock=${options.lockFile}`);
     args.push(options.entry, `--runnel-env=${options.permissions.env.join(",")}`);
     this.#child = new Deno.Command(Deno.execPath(), {
       args,
