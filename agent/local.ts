@@ -12,7 +12,7 @@
  * @module
  */
 
-import { RunEngine } from "../core/engine.ts";
+import { RunEngine, runStateOf, syncHeader } from "../core/engine.ts";
 import type {
   ArtifactRef,
   AttemptResult,
@@ -598,32 +598,13 @@ async function processAlive(pid: number): Promise<boolean> {
 }
 
 async function readRunState(store: Store, record: RunRecord, plan: Plan): Promise<RunState> {
-  const stored = await readStepStates(store, record.runId);
-  const steps: Record<string, StepState> = {};
-  for (const id of plan.order) {
-    // A step added to the file since the run began starts pending; a step
-    // removed from it is dropped.
-    steps[id] = stored[id] ?? { id, status: "pending", attemptsThisRound: 0, attempts: [] };
-  }
-  return {
-    runId: record.runId,
-    pipeline: record.pipeline,
-    status: record.status,
-    createdAt: record.createdAt,
-    startedAt: record.startedAt,
-    finishedAt: record.finishedAt,
-    round: record.round,
-    steps,
-  };
+  return runStateOf(plan, record, await readStepStates(store, record.runId));
 }
 
 /** Writes the run record and the changed steps in one transaction. */
 async function persist(store: Store, record: RunRecord, engine: RunEngine): Promise<void> {
   const state = engine.state;
-  record.status = state.status;
-  record.startedAt = state.startedAt;
-  record.finishedAt = state.finishedAt;
-  record.round = state.round;
+  syncHeader(record, state);
   const ops: TxnOp[] = [{
     type: "put",
     key: keys.run(record.runId),

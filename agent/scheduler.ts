@@ -18,7 +18,7 @@
  * @module
  */
 
-import { RunEngine } from "../core/engine.ts";
+import { RunEngine, runStateOf, syncHeader } from "../core/engine.ts";
 import type {
   AttemptResult,
   Effect,
@@ -275,25 +275,12 @@ class Scheduler {
     if (!planKv) return undefined;
     const plan = JSON.parse(planKv.value) as Plan;
     const stored = await this.#store.list(clusterKeys.stepPrefix(record.runId));
-    const byId = new Map<string, StepState>();
+    const steps: Record<string, StepState> = {};
     for (const kv of stored.items) {
       const step = JSON.parse(kv.value) as StepState;
-      byId.set(step.id, step);
+      steps[step.id] = step;
     }
-    const steps: Record<string, StepState> = {};
-    for (const id of plan.order) {
-      steps[id] = byId.get(id) ?? { id, status: "pending", attemptsThisRound: 0, attempts: [] };
-    }
-    const state: RunState = {
-      runId: record.runId,
-      pipeline: record.pipeline,
-      status: record.status,
-      createdAt: record.createdAt,
-      startedAt: record.startedAt,
-      finishedAt: record.finishedAt,
-      round: record.round,
-      steps,
-    };
+    const state = runStateOf(plan, record, steps);
     const driver = new RunDriver(record, plan, state);
     this.#runs.set(record.runId, driver);
     return driver;
@@ -605,10 +592,7 @@ class Scheduler {
   #persistOps(driver: RunDriver): TxnOp[] {
     const state = driver.engine.state;
     const record = driver.record;
-    record.status = state.status;
-    record.startedAt = state.startedAt;
-    record.finishedAt = state.finishedAt;
-    record.round = state.round;
+    syncHeader(record, state);
     return [
       { type: "put", key: clusterKeys.run(record.runId), value: JSON.stringify(record) },
       ...driver.engine.drainChanged().map((stepId): TxnOp => ({

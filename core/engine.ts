@@ -746,3 +746,43 @@ export class RunEngine {
     }
   }
 }
+
+/** The run-level fields a driver keeps in its own run record. */
+export type RunHeader = Pick<
+  RunState,
+  "runId" | "pipeline" | "status" | "createdAt" | "startedAt" | "finishedAt" | "round"
+>;
+
+/**
+ * The state to rehydrate an engine from: the stored run header and steps,
+ * fitted to `plan`. A step added to the file since the run began starts
+ * pending; a step removed from it is dropped.
+ */
+export function runStateOf(
+  plan: Plan,
+  header: RunHeader,
+  stored: Record<string, StepState>,
+): RunState {
+  const steps: Record<string, StepState> = {};
+  for (const id of plan.order) {
+    steps[id] = stored[id] ?? { id, status: "pending", attemptsThisRound: 0, attempts: [] };
+  }
+  return {
+    runId: header.runId,
+    pipeline: header.pipeline,
+    status: header.status,
+    createdAt: header.createdAt,
+    startedAt: header.startedAt,
+    finishedAt: header.finishedAt,
+    round: header.round,
+    steps,
+  };
+}
+
+/** Copies the engine's run-level fields into a driver's run record (before it is written). */
+export function syncHeader(record: RunHeader, state: RunState): void {
+  record.status = state.status;
+  record.startedAt = state.startedAt;
+  record.finishedAt = state.finishedAt;
+  record.round = state.round;
+}
