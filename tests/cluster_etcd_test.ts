@@ -90,6 +90,24 @@ function chain(length: number): string {
   return `name: chain\nsteps:\n${steps.join("\n")}\n`;
 }
 
+/** Stops agents, then servers (SIGTERM), then the etcd cluster. */
+async function tearDown(
+  agents: RunningAgent[],
+  servers: ServerProcess[],
+  etcd: { stop(): Promise<void> },
+): Promise<void> {
+  await Promise.allSettled(agents.map((agent) => agent.stop()));
+  for (const server of servers) {
+    try {
+      server.child.kill("SIGTERM");
+    } catch {
+      // Already gone.
+    }
+    await server.child.status;
+  }
+  await etcd.stop();
+}
+
 function assertOneResultEach(steps: Record<string, StepState>, count: number): void {
   assert.equal(Object.keys(steps).length, count);
   for (const step of Object.values(steps)) {
@@ -170,16 +188,7 @@ Deno.test({
       const state = await (await fetch(`${survivor.http}/cluster-state`)).json();
       assert.equal(state.scheduler, survivor.id);
     } finally {
-      await Promise.allSettled(agents.map((agent) => agent.stop()));
-      for (const server of servers) {
-        try {
-          server.child.kill("SIGTERM");
-        } catch {
-          // Already gone.
-        }
-        await server.child.status;
-      }
-      await etcd.stop();
+      await tearDown(agents, servers, etcd);
     }
   },
 });
@@ -226,14 +235,7 @@ Deno.test({
       assert.match(metrics, /^raft_term \d+$/m);
       assert.match(metrics, /^raft_elections_total \d+$/m);
     } finally {
-      await Promise.allSettled(agents.map((agent) => agent.stop()));
-      try {
-        server.child.kill("SIGTERM");
-      } catch {
-        // Already gone.
-      }
-      await server.child.status;
-      await etcd.stop();
+      await tearDown(agents, [server], etcd);
     }
   },
 });
@@ -297,16 +299,7 @@ Deno.test({
       console.error(`random faults failed with RUNNEL_SEED=${SEED}: ${faults.join(", ")}`);
       throw error;
     } finally {
-      await Promise.allSettled(agents.map((agent) => agent.stop()));
-      for (const server of servers) {
-        try {
-          server.child.kill("SIGTERM");
-        } catch {
-          // Already gone.
-        }
-        await server.child.status;
-      }
-      await etcd.stop();
+      await tearDown(agents, servers, etcd);
     }
   },
 });
