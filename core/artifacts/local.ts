@@ -29,9 +29,8 @@ import {
   digestHex,
   InvalidArtifactError,
 } from "./store.ts";
+import { compareRecords, copyHashing } from "./_io.ts";
 
-/** Read and write in 1 MiB chunks: large enough to run at disk speed. */
-const CHUNK_BYTES = 1 << 20;
 /**
  * A blob younger than this is never swept: a concurrent put may have stored
  * it and not yet written the record that references it.
@@ -119,28 +118,6 @@ async function fsyncDirectory(path: string): Promise<void> {
   } finally {
     directory.close();
   }
-}
-
-/** Copies `source` to `target` (created exclusively), hashing on the way; returns digest and size. */
-async function copyHashing(
-  source: Deno.FsFile,
-  target: Deno.FsFile | undefined,
-): Promise<{ digest: string; size: number }> {
-  const hash = createHash("sha256");
-  const buffer = new Uint8Array(CHUNK_BYTES);
-  let size = 0;
-  for (;;) {
-    const read = await source.read(buffer);
-    if (read === null) break;
-    const chunk = buffer.subarray(0, read);
-    hash.update(chunk);
-    size += read;
-    if (target) {
-      let written = 0;
-      while (written < read) written += await target.write(chunk.subarray(written));
-    }
-  }
-  return { digest: `sha256:${hash.digest("hex")}`, size };
 }
 
 class LocalArtifactStore implements ArtifactStore {
@@ -320,12 +297,7 @@ class LocalArtifactStore implements ArtifactStore {
         }
       }
     }
-    const order = (record: ArtifactRecord) => [record.run, record.step, record.name];
-    return records.sort((a, b) => {
-      const [x, y] = [order(a), order(b)];
-      for (let i = 0; i < 3; i++) if (x[i] !== y[i]) return x[i] < y[i] ? -1 : 1;
-      return 0;
-    });
+    return records.sort(compareRecords);
   }
 
   async pin(run: string): Promise<void> {

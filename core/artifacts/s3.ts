@@ -43,9 +43,8 @@ import {
   digestHex,
   InvalidArtifactError,
 } from "./store.ts";
+import { compareRecords, copyHashing, writeAll } from "./_io.ts";
 
-/** Read and write in 1 MiB chunks, as the local engine does. */
-const CHUNK_BYTES = 1 << 20;
 /**
  * A blob stored or touched more recently than this is never swept: a
  * concurrent put may have found it and not yet written the record that
@@ -268,12 +267,6 @@ async function mapLimit<T, R>(
   };
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
   return results;
-}
-
-function compareRecords(a: ArtifactRecord, b: ArtifactRecord): number {
-  const [x, y] = [[a.run, a.step, a.name], [b.run, b.step, b.name]];
-  for (let i = 0; i < 3; i++) if (x[i] !== y[i]) return x[i] < y[i] ? -1 : 1;
-  return 0;
 }
 
 interface StoreSettings {
@@ -653,30 +646,6 @@ class S3ArtifactStore implements ArtifactStore {
 function sameOrThrow(existing: ArtifactRecord, record: ArtifactRecord): ArtifactRecord {
   if (existing.digest !== record.digest) throw new ArtifactExistsError(existing, record.digest);
   return existing;
-}
-
-async function writeAll(target: Deno.FsFile, bytes: Uint8Array): Promise<void> {
-  let written = 0;
-  while (written < bytes.length) written += await target.write(bytes.subarray(written));
-}
-
-/** Copies `source` into `target` (when given), hashing on the way; returns digest and size. */
-async function copyHashing(
-  source: Deno.FsFile,
-  target: Deno.FsFile | undefined,
-): Promise<{ digest: string; size: number }> {
-  const hash = createHash("sha256");
-  const buffer = new Uint8Array(CHUNK_BYTES);
-  let size = 0;
-  for (;;) {
-    const read = await source.read(buffer);
-    if (read === null) break;
-    const chunk = buffer.subarray(0, read);
-    hash.update(chunk);
-    size += read;
-    if (target) await writeAll(target, chunk);
-  }
-  return { digest: `sha256:${hash.digest("hex")}`, size };
 }
 
 async function hashFile(file: string): Promise<{ digest: string; size: number }> {
