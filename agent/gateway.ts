@@ -23,6 +23,7 @@ import {
   type WorkerRecord,
 } from "./cluster_keys.ts";
 import type { AttemptResult } from "../core/model.ts";
+import { DEFAULT_RETENTION_MS } from "../core/artifacts/store.ts";
 
 /** The seed's rule: a worker is offline after this many missed heartbeats. */
 export const MISSED_HEARTBEATS_OFFLINE = 3;
@@ -35,6 +36,9 @@ const HELLO_TIMEOUT_MS = 10_000;
 
 /** How often buffered log text is written to the store. */
 const LOG_FLUSH_MS = 200;
+
+/** A new log lease each day (see `rollingLease`). */
+const LEASE_ROLL_MS = 24 * 60 * 60 * 1000;
 
 /** Largest log batch written as one key (etcd's request limit is 1.5 MiB). */
 const LOG_BATCH_CHARS = 64 * 1024;
@@ -51,6 +55,8 @@ export interface GatewayOptions {
   servers?: () => string[];
   /** Structured log line. */
   log?: (fields: Record<string, unknown>) => void;
+  /** How long step logs stay in the store (default 14 days, as artifacts). */
+  logRetentionMs?: number;
 }
 
 /** A gateway: `onConnect` serves one agent stream. */
@@ -63,6 +69,7 @@ export interface Gateway {
 /** Builds the gateway of a server. */
 export function createGateway(options: GatewayOptions): Gateway {
   let connected = 0;
+  const logLease = rollingLease(options.store, options.logRetentionMs ?? DEFAULT_RETENTION_MS);
   return {
     get connected() {
       return connected;
@@ -70,7 +77,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     async onConnect(stream) {
       connected++;
       try {
-        await serveAgent(options, stream);
+        await serveAgent(options, stream, logLease);
       } finally {
         connected--;
       }
@@ -78,7 +85,11 @@ export function createGateway(options: GatewayOptions): Gateway {
   };
 }
 
-async function serveAgent(options: GatewayOptions, stream: AgentConnection): Promise<void> {
+async function serveAgent(
+  options: GatewayOptions,
+  stream: AgentConnection,
+  logLease: () => Promise<string>,
+): Promise<void> {
   const { store } = options;
   const log = (fields: Record<string, unknown>) =>
     options.log?.({ component: "gateway", server: options.serverId, peer: stream.peer, ...fields });
@@ -150,7 +161,7 @@ async function serveAgent(options: GatewayOptions, stream: AgentConnection): Pro
   });
 
   const stop = new AbortController();
-  const logs = new LogBuffer(store, log);
+  const logs = new LogBuffer(store, log, logLease);
   const sent = new Set<string>(hello.runningAttemptIds);
   const pending = new Set<string>(hello.pendingResultAttemptIds ?? []);
   try {
@@ -360,9 +371,16 @@ class LogBuffer {
   #flushing: Promise<void> = Promise.resolve();
   #counter = 0;
 
-  constructor(store: Store, log: (fields: Record<string, unknown>) => void) {
+  readonly #lease: () => Promise<string>;
+
+  constructor(
+    store: Store,
+    log: (fields: Record<string, unknown>) => void,
+    lease: () => Promise<string>,
+  ) {
     this.#store = store;
     this.#log = log;
+    this.#lease = lease;
   }
 
   add(attemptId: string, text: string): void {
@@ -386,6 +404,7 @@ class LogBuffer {
     if (batches.length === 0) return this.#flushing;
     this.#flushing = this.#flushing.then(async () => {
       const ops: TxnOp[] = [];
+      const lease = await this.#lease().catch(() => undefined);
       for (const [attemptId, text] of batches) {
         const [runId, stepId, attempt] = splitAttemptId(attemptId);
         // Time-ordered and unique across reconnects and servers.
@@ -395,6 +414,7 @@ class LogBuffer {
             type: "put",
             key: clusterKeys.logBatch(runId, stepId, attempt, seq + at / LOG_BATCH_CHARS),
             value: text.slice(at, at + LOG_BATCH_CHARS),
+            ...(lease ? { lease } : {}),
           });
         }
       }
@@ -410,6 +430,27 @@ class LogBuffer {
   async close(): Promise<void> {
     await this.flush();
   }
+}
+
+/**
+ * The lease log batches are written under: one a day, each living the
+ * retention period, so a log stays between retention − 1 day and
+ * retention, and etcd deletes a day's logs at once when its lease ends.
+ */
+function rollingLease(store: Store, retentionMs: number): () => Promise<string> {
+  const rollMs = Math.min(LEASE_ROLL_MS, retentionMs);
+  let current: { id: Promise<string>; until: number } | undefined;
+  return () => {
+    const now = Date.now();
+    if (!current || now >= current.until) {
+      const id = store.grantLease(retentionMs).then((lease) => lease.id);
+      current = { id, until: now + rollMs };
+      id.catch(() => {
+        current = undefined;
+      });
+    }
+    return current.id;
+  };
 }
 
 /** `run/step/3` → `[run, step, 3]` (run ids never hold `/`; the step is the middle). */

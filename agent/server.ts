@@ -86,6 +86,8 @@ export interface ServerOptions {
   env?: (name: string) => string | undefined;
   /** Structured log line (default: JSON to stderr). */
   log?: (fields: Record<string, unknown>) => void;
+  /** How long step logs stay in the store (default 14 days, as artifacts). */
+  logRetentionMs?: number;
 }
 
 /** A running server. */
@@ -120,6 +122,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     heartbeatMs,
     servers: () => options.peers ?? [],
     log,
+    logRetentionMs: options.logRetentionMs,
   });
   const grpc: AgentServiceServer = await serveAgentService({
     address: options.grpc.address,

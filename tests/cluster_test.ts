@@ -33,7 +33,7 @@ interface Cluster {
   close(): Promise<void>;
 }
 
-async function startCluster(dir: string): Promise<Cluster> {
+async function startCluster(dir: string, logRetentionMs?: number): Promise<Cluster> {
   const store = openEmbeddedStore(`${dir}/state.db`);
   const logs: Array<Record<string, unknown>> = [];
   const server = await startServer({
@@ -46,6 +46,7 @@ async function startCluster(dir: string): Promise<Cluster> {
     heartbeatMs: HEARTBEAT_MS,
     env: (name) => name === "CLUSTER_SECRET" ? "s3cr3t-value" : undefined,
     log: (fields) => logs.push(fields),
+    logRetentionMs,
   });
   const artifactsDir = `${dir}/artifacts`;
   const agents: RunningAgent[] = [];
@@ -444,6 +445,32 @@ Deno.test("cluster CLI: submit --follow, runs, show, logs and cancel talk to a s
     assert.equal(away.code, 1);
     assert.match(away.stderr, /No server answered/);
     assert.doesNotMatch(away.stderr + refused.stderr, /\n\s+at /);
+  } finally {
+    await cluster.close();
+  }
+});
+
+Deno.test("cluster: step logs leave the store when their retention ends", async () => {
+  await using box = await sandbox();
+  const cluster = await startCluster(box.dir, 1_500);
+  try {
+    await cluster.agent("logger", { cloud: "aws" });
+    const { runId } = await cluster.client.submit(
+      "name: chatty\nsteps:\n  talk: { backend: shell, run: echo hello }\n",
+      "chatty.yaml",
+      box.dir,
+    );
+    await finished(cluster.client, runId);
+    let text = "";
+    for await (const { event, data } of cluster.client.logs(runId)) {
+      if (event === "log") text += (data as { text: string }).text;
+    }
+    assert.equal(text, "hello\n");
+    await poll(async () => {
+      let any = false;
+      for await (const { event } of cluster.client.logs(runId)) any ||= event === "log";
+      return any ? undefined : true;
+    }, { what: "the logs to expire", timeoutMs: 15_000 });
   } finally {
     await cluster.close();
   }
