@@ -17,13 +17,16 @@
  * | `POST /api/runs/:id/cancel`, `/resume` | 202 |
  * | `GET /api/runs/:id/events` | SSE: `run` and `step` records as they change, until the run ends |
  * | `GET /api/runs/:id/logs?step=S&follow=1` | SSE: `log` batches (`{step, attempt, text}`) |
+ * | `GET /api/runs/:id/mermaid` | the DAG as Mermaid, nodes coloured by status |
+ * | `GET /runs/:id` | a page drawing the DAG live (Mermaid from a CDN, SSE) |
  *
  * @module
  */
 
 import { PipelineError } from "../core/errors.ts";
 import { parsePipeline } from "../core/load.ts";
-import type { StepState } from "../core/model.ts";
+import type { Plan, StepState } from "../core/model.ts";
+import { renderMermaid } from "../core/mermaid.ts";
 import type { Store } from "../consensus/store.ts";
 import { clusterKeys, type ClusterRunRecord } from "./cluster_keys.ts";
 import {
@@ -131,9 +134,16 @@ async function route(
       headers: { "content-type": context.metrics.contentType },
     });
   }
+  const page = /^\/runs\/([^/]+)$/.exec(path);
+  if (page && method === "GET") {
+    const run = await getClusterRun(store, page[1]);
+    return new Response(runPage(run), {
+      headers: { "content-type": "text/html; charset=utf-8" },
+    });
+  }
   if (path === "/api/runs" && method === "POST") return await submit(context, request);
   if (path === "/api/runs" && method === "GET") return json(await listClusterRuns(store));
-  const match = /^\/api\/runs\/([^/]+)(?:\/(cancel|resume|events|logs))?$/.exec(path);
+  const match = /^\/api\/runs\/([^/]+)(?:\/(cancel|resume|events|logs|mermaid))?$/.exec(path);
   if (match) {
     const [, id, action] = match;
     if (!action && method === "GET") {
@@ -146,6 +156,18 @@ async function route(
     if (action === "resume" && method === "POST") {
       await requestResume(store, id);
       return json({ outcome: "requested" }, { status: 202 });
+    }
+    if (action === "mermaid" && method === "GET") {
+      const run = await getClusterRun(store, id);
+      const plan = await store.get(clusterKeys.plan(run.runId));
+      if (!plan) return json({ error: "not_found", message: "No plan" }, { status: 404 });
+      const steps = await clusterStepStates(store, run.runId);
+      const statuses = Object.fromEntries(
+        Object.values(steps).map((step) => [step.id, step.status]),
+      );
+      return new Response(renderMermaid(JSON.parse(plan.value) as Plan, statuses), {
+        headers: { "content-type": "text/plain; charset=utf-8" },
+      });
     }
     if (action === "events" && method === "GET") {
       return streamEvents(store, await getClusterRun(store, id), clientGone);
@@ -322,6 +344,40 @@ function sse(
       "x-accel-buffering": "no",
     },
   });
+}
+
+/**
+ * A page that draws a run's DAG (Mermaid, loaded by the browser) and
+ * redraws it as step events arrive: SPEC §7's live view.
+ */
+function runPage(run: ClusterRunRecord): string {
+  const id = JSON.stringify(run.runId);
+  const title = `${run.pipeline} · ${run.runId}`.replace(/[<>&"]/g, "");
+  return `<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>${title}</title>
+<style>body{font:14px system-ui,sans-serif;margin:2rem}#status{color:#555}</style></head>
+<body><h1>${title}</h1><p id="status">${run.status}</p><div id="dag"></div>
+<script type="module">
+import mermaid from "https://cdn.jsdelivr.net/npm/mermaid@11/dist/mermaid.esm.min.mjs";
+mermaid.initialize({ startOnLoad: false, securityLevel: "strict" });
+const run = ${id};
+let pending;
+async function draw() {
+  const text = await (await fetch(\`/api/runs/\${encodeURIComponent(run)}/mermaid\`)).text();
+  const { svg } = await mermaid.render("dag-svg", text);
+  document.getElementById("dag").innerHTML = svg;
+}
+function later() { clearTimeout(pending); pending = setTimeout(draw, 200); }
+const events = new EventSource(\`/api/runs/\${encodeURIComponent(run)}/events\`);
+events.addEventListener("step", later);
+events.addEventListener("run", (e) => {
+  document.getElementById("status").textContent = JSON.parse(e.data).status;
+  later();
+});
+events.addEventListener("end", () => events.close());
+draw();
+</script></body></html>
+`;
 }
 
 function json(value: unknown, init: ResponseInit = {}): Response {

@@ -143,6 +143,13 @@ Deno.test("cluster: agents register, steps run where their selector says, logs s
     assert.match(text, /made on aws/);
     assert.doesNotMatch(text, /s3cr3t/);
 
+    const dag = await (await fetch(`${cluster.http}/api/runs/${runId}/mermaid`)).text();
+    assert.match(dag, /^flowchart TD/);
+    assert.match(dag, /class s0 succeeded/);
+    const page = await (await fetch(`${cluster.http}/runs/${runId}`)).text();
+    assert.match(page, /<title>cluster-demo · /);
+    assert.match(page, /new EventSource\(`\/api\/runs\//);
+
     const raft = await (await fetch(`${cluster.http}/raft-state`)).json();
     assert.deepEqual(Object.keys(raft).sort(), [
       "commit_index",
