@@ -129,6 +129,8 @@ class Scheduler {
   #failed: ((error: unknown) => void) | undefined;
   /** Results not yet applied, and whether a task to apply them is queued. */
   readonly #results: ResultRecord[] = [];
+  /** Steps already reported as unplaceable (run/step). */
+  readonly #warned = new Set<string>();
   #resultsQueued = false;
 
   constructor(options: SchedulerOptions) {
@@ -452,7 +454,10 @@ class Scheduler {
   ): { started: EngineEvent; op: TxnOp } | undefined {
     const step = driver.plan.steps[placement.stepId];
     const worker = this.#chooseWorker(driver, step);
-    if (!worker) return undefined;
+    if (!worker) {
+      this.#warnUnplaceable(driver, step);
+      return undefined;
+    }
     if (driver.plan.affinity === "pipeline") driver.record.agent ??= worker.agentId;
     const assignment = this.#assignment(driver, step, placement, worker.agentId);
     this.#assigned.set(placement.attemptId, {
@@ -481,6 +486,30 @@ class Scheduler {
         value: JSON.stringify(assignment),
       },
     };
+  }
+
+  /**
+   * Says once, in the log, why a step waits when no live worker could ever
+   * take it (rather than all of them being busy): a selector nobody matches,
+   * a backend nobody can run.
+   */
+  #warnUnplaceable(driver: RunDriver, step: PlannedStep): void {
+    const key = `${driver.record.runId}/${step.id}`;
+    if (this.#warned.has(key)) return;
+    const could = [...this.#workers.values()].some((worker) =>
+      worker.capabilities.some((c) => c.backend === step.backend && c.available) &&
+      Object.entries(step.selector).every(([k, v]) => worker.labels[k] === v)
+    );
+    if (could) return;
+    this.#warned.add(key);
+    this.#log({
+      level: "warn",
+      msg: "step waits: no live worker can run it",
+      run: driver.record.runId,
+      step: step.id,
+      backend: step.backend,
+      selector: step.selector,
+    });
   }
 
   #chooseWorker(driver: RunDriver, step: PlannedStep): WorkerRecord | undefined {

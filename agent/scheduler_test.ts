@@ -258,3 +258,48 @@ Deno.test("scheduler: a failed run resumes on request; what succeeded is kept", 
     store.close();
   }
 });
+
+Deno.test("scheduler: a step no live worker can run waits, and the log says why once", async () => {
+  const store = openMemoryStore();
+  const stop = new AbortController();
+  const logs: Array<Record<string, unknown>> = [];
+  try {
+    await store.put(clusterKeys.worker("w-aws"), JSON.stringify(worker("w-aws", { cloud: "aws" })));
+    const scheduler = runScheduler({
+      store,
+      fence: [],
+      signal: stop.signal,
+      log: (fields) => logs.push(fields),
+    });
+    const plan = parsePipeline(
+      "name: nowhere\nsteps:\n  a: { backend: shell, run: 'true', selector: { cloud: azure } }\n",
+      { file: "nowhere.yaml", baseDir: "/tmp" },
+    );
+    const run = await submitRun(store, plan);
+    const deadline = Date.now() + 5_000;
+    while (!logs.some((line) => line.msg === "step waits: no live worker can run it")) {
+      if (Date.now() > deadline) throw new Error(`no warning in ${JSON.stringify(logs)}`);
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    const warning = logs.find((line) => line.msg === "step waits: no live worker can run it")!;
+    assert.deepEqual(warning.selector, { cloud: "azure" });
+    // An azure worker arrives: the step goes there.
+    await store.put(
+      clusterKeys.worker("w-azure"),
+      JSON.stringify(worker("w-azure", { cloud: "azure" })),
+    );
+    const assignment = await nextAssignment(store, new Set());
+    assert.equal(assignment.agentId, "w-azure");
+    await report(store, assignment, { ok: true, exitCode: 0, outputs: {} });
+    assert.equal((await waitForClusterRun(store, run.runId)).status, "succeeded");
+    assert.equal(
+      logs.filter((line) => line.msg === "step waits: no live worker can run it").length,
+      1,
+    );
+    stop.abort();
+    await scheduler;
+  } finally {
+    stop.abort();
+    store.close();
+  }
+});
