@@ -37,9 +37,23 @@ export class RunClient {
     this.#servers = servers.map((url) => url.replace(/\/+$/, ""));
   }
 
-  /** Submits a pipeline's text; located diagnostics come back as a {@link PipelineError}. */
-  async submit(source: string, file: string, baseDir: string): Promise<{ runId: string }> {
-    const response = await this.#call("POST", "/api/runs", { source, file, baseDir });
+  /**
+   * Submits a pipeline's text (and, in `files`, its directory packed as path
+   * → base64, so agents need not have it); located diagnostics come back as
+   * a {@link PipelineError}.
+   */
+  async submit(
+    source: string,
+    file: string,
+    baseDir: string,
+    files?: Record<string, string>,
+  ): Promise<{ runId: string }> {
+    const response = await this.#call("POST", "/api/runs", {
+      source,
+      file,
+      baseDir,
+      ...(files ? { files } : {}),
+    });
     const body = await response.json();
     if (response.status === 400 && Array.isArray(body.diagnostics)) {
       throw new PipelineError(body.diagnostics as Diagnostic[]);

@@ -18,6 +18,7 @@ import type { StepState } from "../core/model.ts";
 import { clientCredentials, serverCredentials } from "../proto/mod.ts";
 import type { AgentConfig } from "./config.ts";
 import { RunClient } from "./client.ts";
+import { collectBundle } from "./bundle.ts";
 import type { ClusterRunRecord } from "./cluster_keys.ts";
 import { jsonLog, type LeaderElection, standaloneElection, startServer } from "./server.ts";
 import { AgentRejectedError, startAgent } from "./worker.ts";
@@ -178,7 +179,10 @@ export async function submitCommand(file: string, flags: ClusterFlags): Promise<
   } catch (error) {
     throw new ClusterUsageError(`cannot read ${file}: ${(error as Error).message}`);
   }
-  const { runId } = await client.submit(source, file, dirname(resolve(file)));
+  // The pipeline's directory goes with it: agents run its steps from a copy.
+  const baseDir = dirname(resolve(file));
+  const bundle = await collectBundle(baseDir);
+  const { runId } = await client.submit(source, file, baseDir, bundle.files);
   if (!flags.follow) {
     console.log(flags.json ? JSON.stringify({ runId }) : `submitted ${runId}`);
     return 0;

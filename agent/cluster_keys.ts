@@ -36,6 +36,8 @@ export interface ClusterRunRecord {
   round: number;
   /** With `affinity: pipeline`: the agent every step of the run goes to. */
   agent?: string;
+  /** Digest of the pipeline directory shipped with the run (`agent/bundle.ts`). */
+  bundle?: string;
 }
 
 /** What one backend can do on a worker (its fingerprint). */
@@ -86,6 +88,8 @@ export interface AssignmentRecord {
     matrix?: Record<string, string | number | boolean>;
     timeoutMs?: number;
     resources?: { cpu?: number; memoryBytes?: number };
+    /** The run's pipeline bundle, when one was shipped. */
+    bundleDigest?: string;
   };
   inputs: Record<string, AssignedInput>;
   /** Secret values the worker masks in logs. */

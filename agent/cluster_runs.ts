@@ -10,6 +10,7 @@ import type { Plan, RunStatus, StepState } from "../core/model.ts";
 import type { Store } from "../consensus/store.ts";
 import { clusterKeys, type ClusterRunRecord, type WorkerRecord } from "./cluster_keys.ts";
 import { newRunId } from "./local.ts";
+import { checkBundle, type PipelineBundle, putBundle } from "./bundle.ts";
 
 /** A run API request that cannot be honoured. */
 export class RunRequestError extends Error {
@@ -28,8 +29,12 @@ export class RunRequestError extends Error {
 export async function submitRun(
   store: Store,
   plan: Plan,
-  options: { file?: string; now?: number } = {},
+  options: { file?: string; now?: number; bundle?: PipelineBundle } = {},
 ): Promise<ClusterRunRecord> {
+  if (options.bundle) {
+    checkBundle(options.bundle);
+    await putBundle(store, options.bundle);
+  }
   const now = options.now ?? Date.now();
   const record: ClusterRunRecord = {
     runId: newRunId(now),
@@ -40,6 +45,7 @@ export async function submitRun(
     createdAt: now,
     // As `RunEngine.start` counts rounds: the first is 1.
     round: 1,
+    ...(options.bundle ? { bundle: options.bundle.digest } : {}),
   };
   // The plan first: the scheduler reads it when it sees the record.
   const result = await store.txn({

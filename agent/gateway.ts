@@ -24,6 +24,7 @@ import {
 } from "./cluster_keys.ts";
 import type { AttemptResult } from "../core/model.ts";
 import { DEFAULT_RETENTION_MS } from "../core/artifacts/store.ts";
+import { getBundle } from "./bundle.ts";
 
 /** The seed's rule: a worker is offline after this many missed heartbeats. */
 export const MISSED_HEARTBEATS_OFFLINE = 3;
@@ -299,6 +300,8 @@ async function pushAssignments(
   const prefix = clusterKeys.assignmentPrefix(agentId);
   const listed = await store.list(prefix);
   const wanted = new Set<string>();
+  // Bundles this stream has carried: each goes once per stream.
+  const bundles = new Set<string>();
   const send = async (record: AssignmentRecord) => {
     wanted.add(record.attemptId);
     if (running.has(record.attemptId) || pendingResults.has(record.attemptId)) return;
@@ -316,13 +319,24 @@ async function pushAssignments(
       timeoutMs: record.spec.timeoutMs,
       resources: record.spec.resources,
       inputs: record.inputs,
+      ...(record.spec.bundleDigest ? { bundleDigest: record.spec.bundleDigest } : {}),
     };
+    let bundleJson = "";
+    const digest = record.spec.bundleDigest;
+    if (digest && !bundles.has(digest)) {
+      const bundle = await getBundle(store, digest);
+      if (bundle) {
+        bundleJson = JSON.stringify(bundle);
+        bundles.add(digest);
+      }
+    }
     await stream.send({
       assign: {
         attemptId: record.attemptId,
         specJson: JSON.stringify(spec),
         backend: record.backend,
         mask: record.mask,
+        bundleJson,
       },
     });
   };

@@ -11,7 +11,7 @@
  * | `GET /raft-state` | `{node_id, state, leader, term, commit_index}` |
  * | `GET /cluster-state` | workers with labels, capabilities, status, last heartbeat |
  * | `GET /metrics` | Prometheus text |
- * | `POST /api/runs` | `{source, file?, baseDir?}` → 201 `{runId}`, or 400 with located diagnostics |
+ * | `POST /api/runs` | `{source, file?, baseDir?, files?}` → 201 `{runId}`, or 400 with located diagnostics; `files` ships the pipeline directory (path → base64) |
  * | `GET /api/runs` | every run, newest first |
  * | `GET /api/runs/:id` | `{run, steps}` |
  * | `POST /api/runs/:id/cancel`, `/resume` | 202 |
@@ -40,6 +40,7 @@ import {
   submitRun,
 } from "./cluster_runs.ts";
 import type { RaftState, ServerMetrics } from "./metrics.ts";
+import { bundleDigest, bundleFile, checkBundle, type PipelineBundle } from "./bundle.ts";
 
 /** What the API needs from its server. */
 export interface ApiContext {
@@ -54,8 +55,8 @@ export interface ApiContext {
   heartbeatMs: number;
 }
 
-/** Largest pipeline a client may submit (as local mode's file limit). */
-const MAX_SOURCE_BYTES = 5 * 1024 * 1024;
+/** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
+const MAX_REQUEST_BYTES = 16 * 1024 * 1024;
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 
@@ -185,13 +186,14 @@ async function route(
 }
 
 async function submit(context: ApiContext, request: Request): Promise<Response> {
-  let body: { source?: unknown; file?: unknown; baseDir?: unknown };
+  let body: { source?: unknown; file?: unknown; baseDir?: unknown; files?: unknown };
   try {
     const text = await request.text();
-    if (text.length > MAX_SOURCE_BYTES) {
-      return json({ error: "too_large", message: "Expected a pipeline of at most 5 MiB" }, {
-        status: 413,
-      });
+    if (text.length > MAX_REQUEST_BYTES) {
+      return json({
+        error: "too_large",
+        message: "Expected a pipeline and its directory of at most 16 MiB",
+      }, { status: 413 });
     }
     body = JSON.parse(text);
   } catch {
@@ -206,9 +208,37 @@ async function submit(context: ApiContext, request: Request): Promise<Response> 
   }
   const file = typeof body.file === "string" ? body.file : "pipeline.yaml";
   const baseDir = typeof body.baseDir === "string" ? body.baseDir : "/";
+  let bundle: PipelineBundle | undefined;
+  if (body.files !== undefined) {
+    const files = body.files as Record<string, unknown>;
+    if (
+      typeof files !== "object" || files === null ||
+      Object.values(files).some((content) => typeof content !== "string")
+    ) {
+      return json({
+        error: "bad_request",
+        message: 'Expected "files" to map relative paths to base64 contents',
+      }, { status: 400 });
+    }
+    bundle = {
+      digest: bundleDigest(files as Record<string, string>),
+      files: files as Record<string, string>,
+    };
+    try {
+      checkBundle(bundle);
+    } catch (error) {
+      return json({ error: "bad_request", message: (error as Error).message }, { status: 400 });
+    }
+  }
   try {
-    const plan = parsePipeline(body.source, { file, baseDir });
-    const record = await submitRun(context.store, plan, { file });
+    // With a shipped directory, modules are checked (and digested) in it.
+    const shipped = bundle;
+    const plan = parsePipeline(body.source, {
+      file,
+      baseDir,
+      readFile: shipped ? (path) => bundleFile(shipped, baseDir, path) : undefined,
+    });
+    const record = await submitRun(context.store, plan, { file, bundle });
     return json({ runId: record.runId, pipeline: record.pipeline }, { status: 201 });
   } catch (error) {
     if (error instanceof PipelineError) {

@@ -582,6 +582,7 @@ class Scheduler {
         matrix: step.matrix,
         timeoutMs: step.timeoutMs,
         resources: step.resources,
+        ...(driver.record.bundle ? { bundleDigest: driver.record.bundle } : {}),
       },
       inputs,
       mask: Object.values(secrets),

@@ -29,6 +29,7 @@
  * @module
  */
 
+import { bundleDir, BundleError, type PipelineBundle, unpackBundle } from "./bundle.ts";
 import { retryDelay } from "../core/backoff.ts";
 import type { ArtifactStore } from "../core/artifacts/store.ts";
 import type { AttemptResult as ModelResult, ErrorClass } from "../core/model.ts";
@@ -443,6 +444,8 @@ class Agent implements RunningAgent {
   readonly done: Promise<void>;
   readonly #options: AgentOptions;
   readonly #paths: AgentPaths;
+  /** Pipeline bundles unpacked (or being unpacked) by this agent, by digest. */
+  readonly #bundles = new Map<string, Promise<string>>();
   readonly #scratchRoot: string;
   readonly #slots: number;
   readonly #pool: PluginHostPool;
@@ -923,7 +926,15 @@ class Agent implements RunningAgent {
       done: Promise.resolve(),
     };
     this.#active.set(attemptId, active);
-    active.done = this.#run(active, spec).catch((error) => this.#failed(error));
+    let bundle: PipelineBundle | undefined;
+    if (assignment.bundleJson) {
+      try {
+        bundle = JSON.parse(assignment.bundleJson) as PipelineBundle;
+      } catch {
+        // Reported below: the step finds no bundle.
+      }
+    }
+    active.done = this.#run(active, spec, bundle).catch((error) => this.#failed(error));
   }
 
   /** The agent's own disk failed it (the outbox cannot be written): say so loudly. */
@@ -984,16 +995,44 @@ class Agent implements RunningAgent {
   }
 
   /** Runs an assigned attempt: inputs, start, then {@link #finish}. */
-  async #run(active: ActiveAttempt, assigned: AssignmentSpec): Promise<void> {
+  async #run(
+    active: ActiveAttempt,
+    assigned: AssignmentSpec,
+    bundle?: PipelineBundle,
+  ): Promise<void> {
     const { record } = active;
     try {
       const spec = record.spec;
       await Deno.mkdir(spec.outputsDir, { recursive: true });
       await Deno.mkdir(spec.inputsDir!, { recursive: true });
-      // The pipeline directory is the server's; an agent on another machine
-      // may not have it. Relative paths then resolve in the attempt's work
-      // directory (a deno step's module must be there to be found).
-      if (!(await isDirectory(spec.baseDir))) spec.baseDir = spec.workDir;
+      if (assigned.bundleDigest) {
+        // The run shipped its pipeline directory: steps run in the copy
+        // unpacked here (once per digest), wherever the submitter kept it.
+        const root = `${this.#paths.root}/bundles`;
+        const dir = bundleDir(root, assigned.bundleDigest);
+        // Only the first assignment of a run on a stream carries the bundle;
+        // the others wait for its unpacking.
+        if (bundle?.digest === assigned.bundleDigest && !this.#bundles.has(bundle.digest)) {
+          const unpacking = unpackBundle(bundle, root);
+          this.#bundles.set(bundle.digest, unpacking);
+          unpacking.catch(() => this.#bundles.delete(bundle.digest));
+        }
+        const unpacking = this.#bundles.get(assigned.bundleDigest);
+        if (unpacking) {
+          spec.baseDir = await unpacking;
+        } else if (await isDirectory(dir)) {
+          spec.baseDir = dir;
+        } else {
+          throw new BundleError(
+            `Expected the pipeline bundle ${assigned.bundleDigest} from the server; it did not come`,
+          );
+        }
+      } else if (!(await isDirectory(spec.baseDir))) {
+        // The pipeline directory is the server's; an agent on another machine
+        // may not have it. Relative paths then resolve in the attempt's work
+        // directory (a deno step's module must be there to be found).
+        spec.baseDir = spec.workDir;
+      }
       spec.inputs = await materializeInputs(
         this.#options.artifacts,
         assigned.inputs ?? {},

@@ -47,6 +47,12 @@ export interface ParseOptions {
   baseDir?: string;
   /** Plugin backend names accepted besides the built-in ones. */
   backends?: string[];
+  /**
+   * Reads a step module by absolute path, for checks and cache digests;
+   * default the filesystem. A server given a pipeline's shipped directory
+   * reads from that instead. Returns undefined for a missing file.
+   */
+  readFile?: (path: string) => Uint8Array | undefined;
 }
 
 /** Options of {@link loadPipeline}. */
@@ -600,7 +606,10 @@ function checkSteps(
         }
       }
       if (backend === "deno" && step.module !== undefined && !step.module.includes("${{")) {
-        const problem = moduleProblem(resolve(options.baseDir, step.module));
+        const modulePath = resolve(options.baseDir, step.module);
+        const problem = options.readFile
+          ? (options.readFile(modulePath) ? undefined : `does not exist (looked for ${modulePath})`)
+          : moduleProblem(modulePath);
         if (problem) {
           reporter.at(
             "missing_module",
@@ -900,6 +909,7 @@ function parseFast(source: string, options: ParseOptions): Plan | undefined {
     file: options.file,
     baseDir,
     source,
+    readFile: options.readFile,
     locate: (path) => {
       const name = path[0] === "steps" ? String(path[1]) : undefined;
       return { file: options.file, ...(name && stepLines.get(name) || { line: 1, col: 1 }) };
@@ -986,6 +996,7 @@ export function parseLocated(source: string, options: ParseOptions): Plan {
     file: options.file,
     baseDir,
     source,
+    readFile: options.readFile,
     locate: (path) => ({ file: options.file, ...locator.at(path, { key: true }) }),
   });
   if ("diagnostics" in planned) {

@@ -46,6 +46,8 @@ export interface PlanOptions {
   source: string;
   /** Position of the key at a path (for `PlannedStep.source`). */
   locate: (path: Array<string | number>) => SourceLocation;
+  /** Reads a module by absolute path (default the filesystem); undefined if missing. */
+  readFile?: (path: string) => Uint8Array | undefined;
 }
 
 /** Keys of a step that configure its backend (copied into `PlannedStep.config`). */
@@ -256,7 +258,8 @@ export function planPipeline(
   const moduleDigest = (path: string): string | undefined => {
     if (!moduleDigests.has(path)) {
       try {
-        moduleDigests.set(path, sha256(Deno.readFileSync(path)));
+        const bytes = options.readFile ? options.readFile(path) : Deno.readFileSync(path);
+        moduleDigests.set(path, bytes === undefined ? undefined : sha256(bytes));
       } catch {
         moduleDigests.set(path, undefined);
       }

@@ -115,6 +115,11 @@ export interface Assignment {
   backend: string;
   /** Secret values to mask in the logs the agent sends. */
   mask: string[];
+  /**
+   * The run's pipeline directory as JSON (`agent/bundle.ts`), with the first
+   * assignment of a run on a stream; empty otherwise.
+   */
+  bundleJson: string;
 }
 
 /** Stop an attempt (cancelled run, timeout, an attempt the server no longer wants). */
@@ -233,6 +238,8 @@ export interface AssignmentSpec extends
   > {
   baseDir?: string;
   inputs: Record<string, InputLocator>;
+  /** Digest of the run's pipeline bundle: the agent runs the step in its unpacked copy. */
+  bundleDigest?: string;
 }
 
 // ---------------------------------------------------------------------------

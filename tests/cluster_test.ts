@@ -16,6 +16,7 @@ import { AgentRejectedError, type RunningAgent, startAgent } from "../agent/work
 import type { StepState } from "../core/model.ts";
 import { CLI_PERMISSIONS, poll, ROOT, runCli, sandbox } from "./_helpers.ts";
 import { findAwsCli, runAws, startS3Server } from "./_s3.ts";
+import { collectBundle } from "../agent/bundle.ts";
 import { openS3ArtifactStore } from "../core/artifacts/s3.ts";
 
 const TOKEN = "cluster-test-token";
@@ -478,6 +479,63 @@ Deno.test("cluster: step logs leave the store when their retention ends", async 
       for await (const { event } of cluster.client.logs(runId)) any ||= event === "log";
       return any ? undefined : true;
     }, { what: "the logs to expire", timeoutMs: 15_000 });
+  } finally {
+    await cluster.close();
+  }
+});
+
+Deno.test("cluster: the pipeline directory ships with the run; agents run deno steps from their copy", async () => {
+  await using box = await sandbox();
+  const cluster = await startCluster(box.dir);
+  try {
+    await cluster.agent("bundled", { cloud: "aws" });
+    const project = `${box.dir}/project`;
+    await box.write(
+      "project/steps/lib.ts",
+      "export function greeting(name: string): string { return `hello ${name}`; }\n",
+    );
+    await box.write(
+      "project/steps/hello.ts",
+      `import { greeting } from "./lib.ts";
+export default (ctx: { outputs: Record<string, string> }) => {
+  Deno.writeTextFileSync(ctx.outputs["greeting.txt"], greeting("cluster") + "\\n");
+};
+`,
+    );
+    const source = `name: shipped
+steps:
+  hello: { backend: deno, module: steps/hello.ts, outputs: [greeting.txt] }
+  show: { backend: shell, inputs: { g: hello/greeting.txt }, run: cat "$RUNNEL_INPUT_G" }
+`;
+    await box.write("project/pipeline.yaml", source);
+    const bundle = await collectBundle(project);
+    assert.deepEqual(Object.keys(bundle.files).sort(), [
+      "pipeline.yaml",
+      "steps/hello.ts",
+      "steps/lib.ts",
+    ]);
+    // The submitter's directory does not exist where the agent runs.
+    const { runId } = await cluster.client.submit(
+      source,
+      "pipeline.yaml",
+      "/nonexistent/project",
+      bundle.files,
+    );
+    const { run, steps } = await finished(cluster.client, runId);
+    assert.equal(run.status, "succeeded", JSON.stringify(steps, null, 2));
+    let text = "";
+    for await (const { event, data } of cluster.client.logs(runId, { step: "show" })) {
+      if (event === "log") text += (data as { text: string }).text;
+    }
+    assert.equal(text, "hello cluster\n");
+    const unpacked = await Array.fromAsync(Deno.readDir(`${box.dir}/bundled/bundles`));
+    assert.equal(unpacked.length, 1, "one copy per digest");
+    // A bundle whose paths leave its directory is refused with a plain message.
+    const tampered = { ...bundle.files, "../escape.ts": "" };
+    await assert.rejects(
+      cluster.client.submit(source, "pipeline.yaml", "/x", tampered),
+      /Expected relative paths inside the bundle, got "\.\.\/escape\.ts"/,
+    );
   } finally {
     await cluster.close();
   }
