@@ -16,6 +16,7 @@ import { startServer } from "../agent/server.ts";
 import { openEtcdCluster } from "../agent/etcd_wiring.ts";
 import { runPipeline } from "../agent/local.ts";
 import { etcdInstalled, startEtcdCluster } from "../tests/_etcd.ts";
+import { CLI_PERMISSIONS } from "../tests/_helpers.ts";
 import { median, printTable } from "./_table.ts";
 
 const TOKEN = "bench-token";
@@ -59,12 +60,7 @@ export async function benchCluster(
         new Deno.Command(Deno.execPath(), {
           args: [
             "run",
-            "--allow-read",
-            "--allow-write",
-            "--allow-run",
-            "--allow-env",
-            "--allow-net",
-            "--allow-sys",
+            ...CLI_PERMISSIONS,
             new URL("../main.ts", import.meta.url).pathname,
             "agent",
             "--server",

@@ -64,6 +64,17 @@ function spawnServer(id: string, etcd: string[], peers: string[], ports: [number
   return { id, http: `http://127.0.0.1:${httpPort}`, grpc: `127.0.0.1:${grpcPort}`, child };
 }
 
+/** Two servers over the same etcd, each told of both for the agents' failover. */
+function twoServers(etcd: string[]) {
+  const ports = [[freePort(), freePort()], [freePort(), freePort()]] as [number, number][];
+  const peers = ports.map(([, grpc]) => `127.0.0.1:${grpc}`);
+  const servers = [
+    spawnServer("server-a", etcd, peers, ports[0]),
+    spawnServer("server-b", etcd, peers, ports[1]),
+  ];
+  return { ports, peers, servers };
+}
+
 async function ready(server: ServerProcess): Promise<void> {
   await poll(async () => {
     try {
@@ -141,12 +152,7 @@ Deno.test({
   async fn() {
     await using box = await sandbox();
     const etcd = await startEtcdCluster({ members: 3 });
-    const ports = [[freePort(), freePort()], [freePort(), freePort()]] as [number, number][];
-    const peers = ports.map(([, grpc]) => `127.0.0.1:${grpc}`);
-    const servers = [
-      spawnServer("server-a", etcd.endpoints, peers, ports[0]),
-      spawnServer("server-b", etcd.endpoints, peers, ports[1]),
-    ];
+    const { peers, servers } = twoServers(etcd.endpoints);
     let agents: RunningAgent[] = [];
     try {
       await Promise.all(servers.map(ready));
@@ -247,12 +253,7 @@ Deno.test({
     const random = mulberry32(SEED);
     await using box = await sandbox();
     const etcd = await startEtcdCluster({ members: 3 });
-    const ports = [[freePort(), freePort()], [freePort(), freePort()]] as [number, number][];
-    const peers = ports.map(([, grpc]) => `127.0.0.1:${grpc}`);
-    const servers = [
-      spawnServer("server-a", etcd.endpoints, peers, ports[0]),
-      spawnServer("server-b", etcd.endpoints, peers, ports[1]),
-    ];
+    const { ports, peers, servers } = twoServers(etcd.endpoints);
     let agents: RunningAgent[] = [];
     const faults: string[] = [];
     try {
