@@ -1,6 +1,6 @@
 /**
  * The etcd store engine: the {@link Store} interface over an etcd v3 cluster
- * (`npm:etcd3`'s gRPC stubs; its high-level watch, lease and election
+ * (`npm:etcd3`'s generated gRPC clients; its high-level watch, lease and election
  * helpers are not used, see below).
  *
  * - Keys live under a namespace prefix, so several stores (tests, clusters of

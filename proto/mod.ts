@@ -601,7 +601,7 @@ export function openAgentStream(
         checkServerIdentity(serverName, certificate),
     });
     // Deno refuses an IP address as the TLS server name (SNI), which grpc-js
-    // passes by default: send a placeholder name instead; the certificate is
+    // passes by default: send the name "localhost" instead; the certificate is
     // still checked against the IP address above.
     channelOptions["grpc.ssl_target_name_override"] = isIP(serverName) ? "localhost" : serverName;
   }
