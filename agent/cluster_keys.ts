@@ -12,7 +12,8 @@
  * | `/stop/<agent>/<attempt>` | scheduler | a cancel for the agent |
  * | `/results/<attempt>` | the agent's server (create-only) | `ResultRecord` |
  * | `/request/<run>/cancel`, `/request/<run>/resume` | API | a user's request |
- * | `/logs/<run>/<step>/<attempt>/<seq>` | the agent's server | a batch of masked log text |
+ * | `/logs/<run>/<step>/<attempt>/<seq>` | the agent's server, under a rolling retention lease | a batch of masked log text |
+ * | `/bundle/<digest>/…` | API (once per digest) | a shipped pipeline directory, in chunks |
  * | `/election/scheduler/…` | servers | election candidates |
  *
  * Attempt ids hold `/` (`run/step/3`): inside keys they are URI-encoded.
