@@ -53,6 +53,8 @@ console.info = console.error;
 console.debug = console.error;
 
 const encoder = new TextEncoder();
+/** Bytes read from stdin at once. */
+const READ_BUFFER_BYTES = 64 * 1024;
 let outbox: string[] = [];
 let flushing = false;
 
@@ -110,8 +112,15 @@ async function serve(role: HostRole, name: string, handle: Handler): Promise<nev
       send({ id: request.id, ok: false, error: toWireError(error) });
     }
   };
-  for await (const text of Deno.stdin.readable.pipeThrough(new TextDecoderStream())) {
-    for (const line of lines.push(text)) dispatch(line);
+  // Plain reads: a stream pipeline adds latency to every message.
+  const decoder = new TextDecoder();
+  const buffer = new Uint8Array(READ_BUFFER_BYTES);
+  for (;;) {
+    const read = await Deno.stdin.read(buffer);
+    if (read === null) break;
+    for (const line of lines.push(decoder.decode(buffer.subarray(0, read), { stream: true }))) {
+      dispatch(line);
+    }
   }
   // End of stdin: the runner closed the pool or died. Executions a backend
   // started are left to its `recover`.

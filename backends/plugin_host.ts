@@ -807,9 +807,16 @@ class PluginHost {
   async #readStdout(): Promise<void> {
     const lines = new LineSplitter();
     try {
-      for await (const text of this.#child.stdout.pipeThrough(new TextDecoderStream())) {
+      // A plain reader: a decoding stream stage adds latency to every message.
+      const reader = this.#child.stdout.getReader();
+      const decoder = new TextDecoder();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
         this.#lastHeard = performance.now();
-        for (const line of lines.push(text)) this.#receive(line);
+        for (const line of lines.push(decoder.decode(value, { stream: true }))) {
+          this.#receive(line);
+        }
       }
     } catch {
       // The pipe broke with the process; the exit handler reports it.
