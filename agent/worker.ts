@@ -29,6 +29,7 @@
  * @module
  */
 
+import { DEFAULT_RETENTION_MS } from "../core/artifacts/store.ts";
 import { bundleDir, BundleError, type PipelineBundle, unpackBundle } from "./bundle.ts";
 import { retryDelay } from "../core/backoff.ts";
 import type { ArtifactStore } from "../core/artifacts/store.ts";
@@ -129,6 +130,8 @@ export interface AgentOptions {
   keepaliveMs?: number;
   /** runnel's version, sent in Hello. */
   version?: string;
+  /** Scratch directories of runs untouched this long are removed at start (default 14 days). */
+  scratchRetentionMs?: number;
 }
 
 /** Something the agent did, as its structured log and {@link RunningAgent.events} tell it. */
@@ -423,6 +426,8 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   const agentId = options.agentId ?? await loadAgentId(paths.root);
   const scratchRoot = await Deno.realPath(paths.work);
   const agent = new Agent(options, { agentId, paths, scratchRoot, slots });
+  // Failed attempts' scratch directories are kept for inspection, not forever.
+  sweepScratch(scratchRoot, options.scratchRetentionMs ?? DEFAULT_RETENTION_MS).catch(() => {});
   try {
     await agent.reconcile();
   } catch (error) {
@@ -1350,4 +1355,27 @@ function abortableDelay(ms: number, signal: AbortSignal): Promise<void> {
     const timer = setTimeout(done, ms);
     signal.addEventListener("abort", done, { once: true });
   });
+}
+
+/**
+ * Removes the scratch directories of runs (`<scratch>/<run>`) not modified
+ * within `retentionMs`: what failed attempts left for inspection. Returns
+ * the names removed.
+ */
+export async function sweepScratch(scratchRoot: string, retentionMs: number): Promise<string[]> {
+  const removed: string[] = [];
+  const cutoff = Date.now() - retentionMs;
+  for await (const entry of Deno.readDir(scratchRoot)) {
+    if (!entry.isDirectory) continue;
+    const path = `${scratchRoot}/${entry.name}`;
+    try {
+      const info = await Deno.stat(path);
+      if ((info.mtime?.getTime() ?? Date.now()) >= cutoff) continue;
+      await Deno.remove(path, { recursive: true });
+      removed.push(entry.name);
+    } catch {
+      // Gone already, or not ours to remove: the next start tries again.
+    }
+  }
+  return removed;
 }
