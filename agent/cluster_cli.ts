@@ -156,7 +156,14 @@ export async function agentCommand(flags: ClusterFlags, config: AgentConfig): Pr
     }
     throw error;
   }
-  const stopped = untilSignal().then(() => agent.stop({ drain: true }));
+  // The first SIGINT/SIGTERM drains (running steps finish, results are
+  // acknowledged); a second one stops at once (running steps are reported
+  // as infrastructure failures and retried elsewhere).
+  const stopped = untilSignal().then(() => {
+    console.error("draining: running steps finish first; signal again to stop now");
+    untilSignal().then(() => agent.stop());
+    return agent.stop({ drain: true });
+  });
   try {
     await Promise.race([agent.done, stopped]);
     await agent.done;

@@ -472,6 +472,8 @@ class Agent implements RunningAgent {
   #heartbeat: ReturnType<typeof setInterval> | undefined;
   #capabilities: { at: number; list: Capability[] } | undefined;
   #draining = false;
+  /** A stop that does not wait for running steps (a plain stop, or a second signal). */
+  #hurry = false;
   #stopping: Promise<void> | undefined;
   #shutdownDone: Promise<void> | undefined;
   readonly #abort = new AbortController();
@@ -1175,19 +1177,23 @@ class Agent implements RunningAgent {
   // Stopping.
 
   stop(options: { drain?: boolean } = {}): Promise<void> {
+    if (this.#stopping && !options.drain && this.#draining) {
+      // Asked to stop now while draining: cut the drain short.
+      this.#hurry = true;
+      this.#cancelActive();
+      this.#acked?.();
+      return this.#stopping;
+    }
     this.#stopping ??= (async () => {
       if (options.drain) {
         this.#draining = true;
         this.#beat();
       } else {
-        for (const active of this.#active.values()) {
-          if (active.stop) continue;
-          active.stop = { by: "agent", reason: "the agent stopped before the attempt ended" };
-          active.execution?.cancel(this.#graceMs()).catch(() => {});
-        }
+        this.#hurry = true;
+        this.#cancelActive();
       }
       await Promise.allSettled([...this.#active.values()].map((active) => active.done));
-      await this.#waitForAcks(options.drain ? Infinity : STOP_ACK_WAIT_MS);
+      await this.#waitForAcks(STOP_ACK_WAIT_MS);
       this.#abort.abort();
       await this.#loop;
       await this.#shutdown();
@@ -1197,10 +1203,24 @@ class Agent implements RunningAgent {
   }
 
   /** Waits until every result is acknowledged, or `ms` passed, or no server is connected. */
-  async #waitForAcks(ms: number): Promise<void> {
-    const deadline = Date.now() + ms;
-    while (this.#outbox.entries().length > 0 && this.#stream && Date.now() < deadline) {
-      const left = deadline - Date.now();
+  /** Cancels every attempt still running (reported as infrastructure failures). */
+  #cancelActive(): void {
+    for (const active of this.#active.values()) {
+      if (active.stop) continue;
+      active.stop = { by: "agent", reason: "the agent stopped before the attempt ended" };
+      active.execution?.cancel(this.#graceMs()).catch(() => {});
+    }
+  }
+
+  /**
+   * Waits for the outbox to be acknowledged: without end while draining,
+   * `hurryMs` at most once asked to stop now.
+   */
+  async #waitForAcks(hurryMs: number): Promise<void> {
+    const started = Date.now();
+    const deadline = () => this.#hurry ? started + hurryMs : Infinity;
+    while (this.#outbox.entries().length > 0 && this.#stream && Date.now() < deadline()) {
+      const left = deadline() - Date.now();
       await new Promise<void>((resolve) => {
         const timer = Number.isFinite(left) ? setTimeout(resolve, left) : undefined;
         this.#acked = () => {
@@ -1260,7 +1280,10 @@ function parseAssignmentSpec(json: string): AssignmentSpec {
 }
 
 function stoppedResult(stop: NonNullable<ActiveAttempt["stop"]>): ModelResult {
-  if (stop.by === "agent") return { ok: false, errorClass: "infrastructure", message: stop.reason };
+  if (stop.by === "agent") {
+    // Not the step's failure: it runs again elsewhere without using its retries.
+    return { ok: false, errorClass: "infrastructure", message: stop.reason, lost: true };
+  }
   const timedOut = stop.reason === "timeout";
   return {
     ok: false,

@@ -150,8 +150,19 @@ export async function benchCluster(
       } catch {
         // Already gone.
       }
-      await agent.status;
     }
+    // Drained agents exit at once; one that does not within 10 s is killed.
+    const timer = setTimeout(() => {
+      for (const agent of agents) {
+        try {
+          agent.kill("SIGKILL");
+        } catch {
+          // Already gone.
+        }
+      }
+    }, 10_000);
+    await Promise.all(agents.map((agent) => agent.status));
+    clearTimeout(timer);
     await server.close();
     await opened.close();
     await etcd.stop();
