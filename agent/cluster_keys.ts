@@ -21,20 +21,14 @@
  * @module
  */
 
-import type { AttemptResult, RunStatus } from "../core/model.ts";
+import type { AttemptResult } from "../core/model.ts";
+import type { RunHeader } from "../core/engine.ts";
 
 /** A run as the cluster records it. */
-export interface ClusterRunRecord {
-  runId: string;
-  pipeline: string;
+export interface ClusterRunRecord extends RunHeader {
   /** The pipeline file as submitted (for humans; the plan is at `/plan/<run>`). */
   file: string;
   planDigest: string;
-  status: RunStatus;
-  createdAt: number;
-  startedAt?: number;
-  finishedAt?: number;
-  round: number;
   /** With `affinity: pipeline`: the agent every step of the run goes to. */
   agent?: string;
   /** Digest of the pipeline directory shipped with the run (`agent/bundle.ts`). */

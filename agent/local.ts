@@ -12,7 +12,7 @@
  * @module
  */
 
-import { RunEngine, runStateOf, syncHeader } from "../core/engine.ts";
+import { RunEngine, type RunHeader, runStateOf, syncHeader } from "../core/engine.ts";
 import type {
   ArtifactRef,
   AttemptResult,
@@ -137,17 +137,10 @@ export interface RunSummary {
 }
 
 /** The record of a run, as `runnel runs` and `runnel show` list it. */
-export interface RunRecord {
-  runId: string;
-  pipeline: string;
+export interface RunRecord extends RunHeader {
   /** Absolute path of the pipeline file. */
   file: string;
   planDigest: string;
-  status: RunStatus;
-  createdAt: number;
-  startedAt?: number;
-  finishedAt?: number;
-  round: number;
   /** Third-party backends the run was started with; a resume loads them again. */
   plugins?: Array<{ name: string; module: string; manifestModule?: string }>;
 }
@@ -357,8 +350,6 @@ async function recoverAttempts(
   }
   const recovered = new Map<string, Execution>();
   await Promise.all([...byBackend].map(async ([name, keep]) => {
-    // Process backends cannot find anything again: skip their hosts.
-    if (name === "deno" || name === "shell") return;
     try {
       const found = await pool.backend(name).recover({ agentId: localAgentId(runId), keep });
       for (const { attemptId, execution } of found) {

@@ -125,6 +125,8 @@ class Scheduler {
   readonly #workers = new Map<string, WorkerRecord>();
   /** attemptId → where it runs. */
   readonly #assigned = new Map<string, { runId: string; stepId: string; agentId: string }>();
+  /** Attempts per worker, kept with `#assigned` (placement reads it for every step). */
+  readonly #loadOf = new Map<string, number>();
   #queue: Promise<void> = Promise.resolve();
   #failed: ((error: unknown) => void) | undefined;
   /** Results not yet applied, and whether a task to apply them is queued. */
@@ -174,7 +176,7 @@ class Scheduler {
     const assignments = await store.list(clusterKeys.assignmentPrefix());
     for (const kv of assignments.items) {
       const assignment = JSON.parse(kv.value) as AssignmentRecord;
-      this.#assigned.set(assignment.attemptId, {
+      this.#assign(assignment.attemptId, {
         runId: assignment.runId,
         stepId: assignment.stepId,
         agentId: assignment.agentId,
@@ -312,7 +314,7 @@ class Scheduler {
         { type: "delete", key: clusterKeys.assignment(reported.agentId, reported.attemptId) },
         { type: "delete", key: clusterKeys.stop(reported.agentId, reported.attemptId) },
       ];
-      this.#assigned.delete(reported.attemptId);
+      this.#unassign(reported.attemptId);
       const driver = this.#runs.get(reported.runId);
       if (!driver) {
         // A late report of a run that is over: only tidy up.
@@ -342,7 +344,7 @@ class Scheduler {
     this.#log({ msg: "worker offline", agent: agentId, attempts: lost.length });
     this.#options.onEvent?.({ type: "worker-lost", agentId, attempts: lost.map(([id]) => id) });
     for (const [attemptId, where] of lost) {
-      this.#assigned.delete(attemptId);
+      this.#unassign(attemptId);
       const driver = this.#runs.get(where.runId);
       const cleanup: TxnOp[] = [
         { type: "delete", key: clusterKeys.assignment(agentId, attemptId) },
@@ -460,7 +462,7 @@ class Scheduler {
     }
     if (driver.plan.affinity === "pipeline") driver.record.agent ??= worker.agentId;
     const assignment = this.#assignment(driver, step, placement, worker.agentId);
-    this.#assigned.set(placement.attemptId, {
+    this.#assign(placement.attemptId, {
       runId: placement.runId,
       stepId: placement.stepId,
       agentId: worker.agentId,
@@ -512,11 +514,23 @@ class Scheduler {
     });
   }
 
+  #assign(attemptId: string, where: { runId: string; stepId: string; agentId: string }): void {
+    this.#unassign(attemptId);
+    this.#assigned.set(attemptId, where);
+    this.#loadOf.set(where.agentId, (this.#loadOf.get(where.agentId) ?? 0) + 1);
+  }
+
+  #unassign(attemptId: string): void {
+    const where = this.#assigned.get(attemptId);
+    if (!where) return;
+    this.#assigned.delete(attemptId);
+    const left = (this.#loadOf.get(where.agentId) ?? 1) - 1;
+    if (left > 0) this.#loadOf.set(where.agentId, left);
+    else this.#loadOf.delete(where.agentId);
+  }
+
   #chooseWorker(driver: RunDriver, step: PlannedStep): WorkerRecord | undefined {
-    const load = new Map<string, number>();
-    for (const where of this.#assigned.values()) {
-      load.set(where.agentId, (load.get(where.agentId) ?? 0) + 1);
-    }
+    const load = this.#loadOf;
     const fits = (worker: WorkerRecord) =>
       (load.get(worker.agentId) ?? 0) < worker.slots &&
       worker.capabilities.some((c) => c.backend === step.backend && c.available) &&

@@ -9,6 +9,7 @@
  * @module
  */
 
+import { processAlive } from "../backends/_testing.ts";
 import assert from "node:assert/strict";
 import {
   type AgentOptions,
@@ -796,17 +797,6 @@ Deno.test("agent process: SIGKILLed mid shell step, the restart reaps the orphan
     await server.close();
   }
 });
-
-/** Whether a process runs (a zombie does not count). */
-async function processAlive(pid: number): Promise<boolean> {
-  const output = await new Deno.Command("ps", {
-    args: ["-p", String(pid), "-o", "stat="],
-    stdout: "piped",
-    stderr: "null",
-  }).output();
-  const state = new TextDecoder().decode(output.stdout).trim();
-  return state !== "" && !state.startsWith("Z");
-}
 
 Deno.test({
   name: "agent process: SIGKILLed mid-step, it re-attaches to its Docker step after a restart",
