@@ -16,8 +16,8 @@
  */
 
 import { dirname, resolve } from "node:path";
-import { z } from "zod";
-import { parse as parseYaml } from "yaml";
+import { z } from "npm:zod@4.6.7";
+import { parse as parseYaml } from "npm:yaml@2.9.1";
 import { builtinPlugins, pluginFromLocation, type PluginSource } from "../backends/mod.ts";
 import type { PluginHostPoolOptions } from "../backends/plugin_host.ts";
 import { parseDuration } from "../core/duration.ts";

@@ -7,7 +7,7 @@
  * @module
  */
 
-import client from "prom-client";
+import client from "npm:prom-client@15.1.3";
 import type { SchedulerEvent } from "./scheduler.ts";
 
 /** Where a server's etcd member stands, as `/raft-state` shows it. */

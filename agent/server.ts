@@ -8,7 +8,7 @@
 
 import type { Compare, Store } from "../consensus/store.ts";
 import { type AgentServiceServer, serveAgentService } from "../proto/mod.ts";
-import type { ServerCredentials } from "@grpc/grpc-js";
+import type { ServerCredentials } from "npm:@grpc/grpc-js@1.14.7";
 import { createApiHandler } from "./http_api.ts";
 import { createGateway, DEFAULT_HEARTBEAT_MS } from "./gateway.ts";
 import { type RaftState, ServerMetrics } from "./metrics.ts";

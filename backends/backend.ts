@@ -10,7 +10,7 @@
  * @module
  */
 
-import type { z } from "zod";
+import type { z } from "npm:zod@4.6.7";
 import type { ErrorClass, Usage } from "../core/model.ts";
 
 /** Deno permissions, one allow-list per permission kind (empty = not granted). */

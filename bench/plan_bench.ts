@@ -7,7 +7,7 @@
  * @module
  */
 
-import { parse } from "yaml";
+import { parse } from "npm:yaml@2.9.1";
 import { parsePipeline } from "../core/load.ts";
 import { printTable } from "./_table.ts";
 

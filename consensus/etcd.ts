@@ -46,7 +46,7 @@ import {
   type IResponseHeader,
   type IWatchRequest,
   type IWatchResponse,
-} from "etcd3";
+} from "npm:etcd3@1.1.2";
 import {
   CompactedError,
   type Compare,

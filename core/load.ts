@@ -6,11 +6,11 @@
  * @module
  */
 
-import { isAlias, isMap, isScalar, isSeq, LineCounter, parseDocument, Scalar, visit } from "yaml";
+import { isAlias, isMap, isScalar, isSeq, LineCounter, parseDocument, Scalar, visit } from "npm:yaml@2.9.1";
 import process from "node:process";
-import { CORE_SCHEMA, load as loadYaml } from "js-yaml";
-import type { Document, Node, Pair, YAMLMap } from "yaml";
-import type { z } from "zod";
+import { CORE_SCHEMA, load as loadYaml } from "npm:js-yaml@4.1.0";
+import type { Document, Node, Pair, YAMLMap } from "npm:yaml@2.9.1";
+import type { z } from "npm:zod@4.6.7";
 import { dirname, resolve } from "node:path";
 import { type Diagnostic, PipelineError, QuantityError } from "./errors.ts";
 import {

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { z } from "zod";
+import { z } from "npm:zod@4.6.7";
 import { ERROR_CLASSES } from "./model.ts";
 import { DURATION_PATTERN, MILLICPU_PATTERN, SIZE_PATTERN } from "./duration.ts";
 

@@ -18,7 +18,7 @@
 
 import { createHash } from "node:crypto";
 import { Buffer } from "node:buffer";
-import tarStream from "tar-stream";
+import tarStream from "npm:tar-stream@2.2.0";
 
 /** Tag of the busybox image. */
 export const BUSYBOX_IMAGE = "runnel/busybox:local";

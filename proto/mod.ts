@@ -44,8 +44,8 @@ import { Buffer } from "node:buffer";
 import { isIP } from "node:net";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import { fileURLToPath } from "node:url";
-import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
+import * as grpc from "npm:@grpc/grpc-js@1.14.7";
+import * as protoLoader from "npm:@grpc/proto-loader@0.8.1";
 import type { AttemptSpec } from "../backends/backend.ts";
 
 // ---------------------------------------------------------------------------

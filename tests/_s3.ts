@@ -202,7 +202,7 @@ export async function runAws(
  * tolerate a folder already gone.
  */
 async function tolerateConcurrentDeletes(): Promise<void> {
-  const { default: FilesystemStore } = await import("s3rver/lib/stores/filesystem.js");
+  const { default: FilesystemStore } = await import("npm:s3rver@3.7.1/lib/stores/filesystem.js");
   const deleteObject = FilesystemStore.prototype.deleteObject;
   FilesystemStore.prototype.deleteObject = async function (...args: unknown[]) {
     try {
@@ -216,7 +216,7 @@ async function tolerateConcurrentDeletes(): Promise<void> {
 
 if (import.meta.main) {
   const [directory, bucket] = Deno.args;
-  const { default: S3rver } = await import("s3rver");
+  const { default: S3rver } = await import("npm:s3rver@3.7.1");
   await tolerateConcurrentDeletes();
   const server = new S3rver({
     address: "127.0.0.1",

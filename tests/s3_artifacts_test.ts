@@ -12,7 +12,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { Buffer } from "node:buffer";
-import { Client } from "minio";
+import { Client } from "npm:minio@8.0.7";
 import { artifactStoreConformance, type ConformanceTarget } from "../core/artifacts/conformance.ts";
 import {
   openS3ArtifactStore,

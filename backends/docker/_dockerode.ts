@@ -10,8 +10,8 @@
  * @module
  */
 
-import Dockerode from "dockerode";
-import tarStream from "tar-stream";
+import Dockerode from "npm:dockerode@5.0.1";
+import tarStream from "npm:tar-stream@2.2.0";
 
 /** A bind mount of the create request. */
 export interface MountSettings {

@@ -12,7 +12,7 @@
  */
 
 import { resolve } from "node:path";
-import { z } from "zod";
+import { z } from "npm:zod@4.6.7";
 import {
   type AttemptSpec,
   type BackendManifest,

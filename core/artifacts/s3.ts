@@ -28,7 +28,7 @@
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { Buffer } from "node:buffer";
-import type { Client, ClientOptions } from "minio";
+import type { Client, ClientOptions } from "npm:minio@8.0.7";
 import {
   ArtifactExistsError,
   type ArtifactGcOptions,
@@ -234,12 +234,12 @@ function encodeSegment(value: string, what: string): string {
   return `${encoded.slice(0, MAX_SEGMENT - 66)}!!${hash}`;
 }
 
-type Minio = typeof import("minio");
+type Minio = typeof import("npm:minio@8.0.7");
 let minio: Promise<Minio> | undefined;
 
 /** Loads `npm:minio` once, on first use (see the module note on permissions). */
 function loadMinio(): Promise<Minio> {
-  return minio ??= import("minio");
+  return minio ??= import("npm:minio@8.0.7");
 }
 
 function errorCode(error: unknown): string | undefined {
