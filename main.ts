@@ -34,12 +34,12 @@ import {
 } from "./mod.ts";
 import type { StepState } from "./core/model.ts";
 import { AgentConfigError, loadAgentConfig } from "./agent/config.ts";
-import type { StoreFactory } from "./agent/cluster_cli.ts";
+import type { StoreFactory } from "./agent/client/cli.ts";
 
 /** `--etcd URLS`: the etcd engine, its election and Raft status. */
 const storeFactory: StoreFactory = {
   etcd: async (endpoints, flags) =>
-    (await import("./agent/etcd_wiring.ts")).openEtcdCluster({
+    (await import("./agent/server/etcd.ts")).openEtcdCluster({
       endpoints,
       tls: flags["etcd-ca"]
         ? { caFile: flags["etcd-ca"], certFile: flags["etcd-cert"], keyFile: flags["etcd-key"] }
@@ -170,7 +170,7 @@ async function main(argv: string[]): Promise<number> {
 
   // With --server, the run commands talk to a cluster.
   // Cluster commands load gRPC and etcd only when used: local mode starts fast.
-  const cluster = () => import("./agent/cluster_cli.ts");
+  const cluster = () => import("./agent/client/cli.ts");
   if (values.server && ["runs", "show", "logs", "cancel", "resume"].includes(command)) {
     return await (await cluster()).remoteCommand(command, rest, values);
   }

@@ -118,7 +118,7 @@ export {
   runPipeline,
   statePaths,
   waitForRunEnd,
-} from "./agent/local.ts";
+} from "./agent/local/mod.ts";
 export type {
   GcResult,
   LocalRunOptions,
@@ -127,6 +127,6 @@ export type {
   RunRecord,
   RunSummary,
   StatePaths,
-} from "./agent/local.ts";
-export { createProgress } from "./agent/progress.ts";
-export type { Progress, ProgressOptions } from "./agent/progress.ts";
+} from "./agent/local/mod.ts";
+export { createProgress } from "./agent/local/progress.ts";
+export type { Progress, ProgressOptions } from "./agent/local/progress.ts";

@@ -40,9 +40,14 @@ export {
   type ServerOptions,
   standaloneElection,
   startServer,
-} from "./server.ts";
-export { type AgentOptions, AgentRejectedError, type RunningAgent, startAgent } from "./worker.ts";
-export { RunClient, ServerRequestError } from "./client.ts";
-export { openEtcdCluster, schedulerElection } from "./etcd_wiring.ts";
-export { runScheduler, type SchedulerOptions } from "./scheduler.ts";
+} from "./server/mod.ts";
+export {
+  type AgentOptions,
+  AgentRejectedError,
+  type RunningAgent,
+  startAgent,
+} from "./worker/mod.ts";
+export { RunClient, ServerRequestError } from "./client/mod.ts";
+export { openEtcdCluster, schedulerElection } from "./server/etcd.ts";
+export { runScheduler, type SchedulerOptions } from "./server/scheduler.ts";
 export { clientCredentials, serverCredentials } from "../proto/mod.ts";

@@ -11,10 +11,10 @@
  */
 
 import { parsePipeline } from "../core/load.ts";
-import { RunClient } from "../agent/client.ts";
-import { startServer } from "../agent/server.ts";
-import { openEtcdCluster } from "../agent/etcd_wiring.ts";
-import { runPipeline } from "../agent/local.ts";
+import { RunClient } from "../agent/client/mod.ts";
+import { startServer } from "../agent/server/mod.ts";
+import { openEtcdCluster } from "../agent/server/etcd.ts";
+import { runPipeline } from "../agent/local/mod.ts";
 import { etcdInstalled, startEtcdCluster } from "../tests/_etcd.ts";
 import { CLI_PERMISSIONS } from "../tests/_helpers.ts";
 import { median, printTable } from "./_table.ts";

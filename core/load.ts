@@ -6,7 +6,16 @@
  * @module
  */
 
-import { isAlias, isMap, isScalar, isSeq, LineCounter, parseDocument, Scalar, visit } from "npm:yaml@2.9.1";
+import {
+  isAlias,
+  isMap,
+  isScalar,
+  isSeq,
+  LineCounter,
+  parseDocument,
+  Scalar,
+  visit,
+} from "npm:yaml@2.9.1";
 import process from "node:process";
 import { CORE_SCHEMA, load as loadYaml } from "npm:js-yaml@4.1.0";
 import type { Document, Node, Pair, YAMLMap } from "npm:yaml@2.9.1";

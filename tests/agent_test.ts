@@ -16,7 +16,7 @@ import {
   AgentRejectedError,
   type RunningAgent,
   startAgent,
-} from "../agent/worker.ts";
+} from "../agent/worker/mod.ts";
 import { openLocalArtifactStore } from "../core/artifacts/local.ts";
 import type { ArtifactStore } from "../core/artifacts/store.ts";
 import type { AttemptResult } from "../core/model.ts";

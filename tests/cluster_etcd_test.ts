@@ -10,8 +10,8 @@
 
 import assert from "node:assert/strict";
 import { openLocalArtifactStore } from "../core/artifacts/local.ts";
-import { RunClient } from "../agent/client.ts";
-import { type RunningAgent, startAgent } from "../agent/worker.ts";
+import { RunClient } from "../agent/client/mod.ts";
+import { type RunningAgent, startAgent } from "../agent/worker/mod.ts";
 import type { StepState } from "../core/model.ts";
 import { ignoreWithoutEtcd, startEtcdCluster } from "./_etcd.ts";
 import { CLI_PERMISSIONS, MAIN, poll, sandbox } from "./_helpers.ts";

@@ -10,9 +10,9 @@
 import assert from "node:assert/strict";
 import { openEmbeddedStore } from "../consensus/embedded.ts";
 import { openLocalArtifactStore } from "../core/artifacts/local.ts";
-import { RunClient } from "../agent/client.ts";
-import { type RunningServer, standaloneElection, startServer } from "../agent/server.ts";
-import { AgentRejectedError, type RunningAgent, startAgent } from "../agent/worker.ts";
+import { RunClient } from "../agent/client/mod.ts";
+import { type RunningServer, standaloneElection, startServer } from "../agent/server/mod.ts";
+import { AgentRejectedError, type RunningAgent, startAgent } from "../agent/worker/mod.ts";
 import type { StepState } from "../core/model.ts";
 import { CLI_PERMISSIONS, poll, ROOT, runCli, sandbox } from "./_helpers.ts";
 import { findAwsCli, runAws, startS3Server } from "./_s3.ts";

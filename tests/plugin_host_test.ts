@@ -12,7 +12,7 @@ import { PluginHostError, PluginPermissionError } from "../backends/plugin_host.
 import { type AttemptSpec, isSuccess } from "../backends/backend.ts";
 import { processAlive, runToEnd, scratchSpec } from "../backends/_testing.ts";
 import { loadPipeline } from "../core/load.ts";
-import { runPipeline } from "../agent/local.ts";
+import { runPipeline } from "../agent/local/mod.ts";
 import { poll, ROOT, runCli, sandbox } from "./_helpers.ts";
 
 const EVIL: PluginSource = {

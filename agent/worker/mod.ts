@@ -29,14 +29,18 @@
  * @module
  */
 
-import { DEFAULT_RETENTION_MS } from "../core/artifacts/store.ts";
-import { bundleDir, BundleError, type PipelineBundle, unpackBundle } from "./bundle.ts";
-import { retryDelay } from "../core/backoff.ts";
-import type { ArtifactStore } from "../core/artifacts/store.ts";
-import type { AttemptResult as ModelResult, ErrorClass } from "../core/model.ts";
-import { Masker } from "../core/secrets.ts";
-import { builtinPlugins, PluginHostPool, type PluginSource } from "../backends/mod.ts";
-import { type AttemptSpec, DEFAULT_CANCEL_GRACE_MS, type Execution } from "../backends/backend.ts";
+import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
+import { bundleDir, BundleError, type PipelineBundle, unpackBundle } from "../bundle.ts";
+import { retryDelay } from "../../core/backoff.ts";
+import type { ArtifactStore } from "../../core/artifacts/store.ts";
+import type { AttemptResult as ModelResult, ErrorClass } from "../../core/model.ts";
+import { Masker } from "../../core/secrets.ts";
+import { builtinPlugins, PluginHostPool, type PluginSource } from "../../backends/mod.ts";
+import {
+  type AttemptSpec,
+  DEFAULT_CANCEL_GRACE_MS,
+  type Execution,
+} from "../../backends/backend.ts";
 import {
   type AgentMessageInit,
   type AssignmentSpec,
@@ -46,9 +50,9 @@ import {
   type Reject,
   type ServerConnection,
   type Welcome,
-} from "../proto/mod.ts";
-import type * as wire from "../proto/mod.ts";
-import type { HostTuning } from "./config.ts";
+} from "../../proto/mod.ts";
+import type * as wire from "../../proto/mod.ts";
+import type { HostTuning } from "../config.ts";
 import {
   collectOutputs,
   errorClassOf,
@@ -56,7 +60,7 @@ import {
   fileSafe,
   maskedLogs,
   materializeInputs,
-} from "./_attempt.ts";
+} from "../attempt/io.ts";
 
 /** Where an agent keeps its state when none is named. */
 export const DEFAULT_AGENT_STATE_DIR = ".runnel/agent";
@@ -273,7 +277,7 @@ export function agentPaths(stateDir: string = DEFAULT_AGENT_STATE_DIR): AgentPat
  *
  * @example
  * ```ts ignore
- * import { loadAgentId } from "./worker.ts";
+ * import { loadAgentId } from "./mod.ts";
  * const id = await loadAgentId(".runnel/agent");
  * ```
  */
@@ -401,8 +405,8 @@ interface ActiveAttempt {
  *
  * @example
  * ```ts ignore
- * import { startAgent } from "./worker.ts";
- * import { openLocalArtifactStore } from "../core/artifacts/local.ts";
+ * import { startAgent } from "./mod.ts";
+ * import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
  * const agent = await startAgent({
  *   servers: ["127.0.0.1:7070"],
  *   token: Deno.env.get("RUNNEL_TOKEN")!,

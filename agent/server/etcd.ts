@@ -6,12 +6,12 @@
  * @module
  */
 
-import { createElection } from "../consensus/election.ts";
-import { type EtcdStoreOptions, openEtcdStore } from "../consensus/etcd.ts";
-import type { Store } from "../consensus/store.ts";
-import { clusterKeys } from "./cluster_keys.ts";
+import { createElection } from "../../consensus/election.ts";
+import { type EtcdStoreOptions, openEtcdStore } from "../../consensus/etcd.ts";
+import type { Store } from "../../consensus/store.ts";
+import { clusterKeys } from "./keys.ts";
 import type { RaftState } from "./metrics.ts";
-import type { LeaderElection } from "./server.ts";
+import type { LeaderElection } from "./mod.ts";
 
 /** How long a scheduling server that stopped renewing keeps the lead (its lease TTL). */
 export const SCHEDULER_LEASE_MS = 3_000;

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { agentPaths, loadAgentId, Outbox } from "./worker.ts";
+import { agentPaths, loadAgentId, Outbox } from "./mod.ts";
 import {
   errorClassOf,
   failureOf,
@@ -7,11 +7,11 @@ import {
   inputArtifacts,
   maskedLogs,
   materializeInputs,
-} from "./_attempt.ts";
-import { Masker } from "../core/secrets.ts";
-import { openLocalArtifactStore } from "../core/artifacts/local.ts";
-import type { LogChunk } from "../backends/backend.ts";
-import { PluginPermissionError } from "../backends/plugin_host.ts";
+} from "../attempt/io.ts";
+import { Masker } from "../../core/secrets.ts";
+import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
+import type { LogChunk } from "../../backends/backend.ts";
+import { PluginPermissionError } from "../../backends/plugin_host.ts";
 
 /** A temporary directory, removed when disposed. */
 async function tempDir(): Promise<{ path: string } & AsyncDisposable> {

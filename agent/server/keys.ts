@@ -21,8 +21,8 @@
  * @module
  */
 
-import type { AttemptResult } from "../core/model.ts";
-import type { RunHeader } from "../core/engine.ts";
+import type { AttemptResult } from "../../core/model.ts";
+import type { RunHeader } from "../../core/engine.ts";
 
 /** A run as the cluster records it. */
 export interface ClusterRunRecord extends RunHeader {

@@ -18,7 +18,7 @@
  * @module
  */
 
-import { RunEngine, runStateOf, syncHeader } from "../core/engine.ts";
+import { RunEngine, runStateOf, syncHeader } from "../../core/engine.ts";
 import type {
   AttemptResult,
   Effect,
@@ -29,9 +29,9 @@ import type {
   RunState,
   StepState,
   WebhookSpec,
-} from "../core/model.ts";
-import { resolveSecrets } from "../core/secrets.ts";
-import type { Compare, Store, TxnOp, WatchEvent } from "../consensus/store.ts";
+} from "../../core/model.ts";
+import { resolveSecrets } from "../../core/secrets.ts";
+import type { Compare, Store, TxnOp, WatchEvent } from "../../consensus/store.ts";
 import {
   type AssignedInput,
   type AssignmentRecord,
@@ -39,9 +39,9 @@ import {
   type ClusterRunRecord,
   type ResultRecord,
   type WorkerRecord,
-} from "./cluster_keys.ts";
-import { deliverWebhook } from "./local.ts";
-import { legName } from "./_attempt.ts";
+} from "./keys.ts";
+import { deliverWebhook } from "../local/mod.ts";
+import { legName } from "../attempt/io.ts";
 
 /** Something the scheduler did, for metrics and logs. */
 export type SchedulerEvent =

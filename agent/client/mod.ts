@@ -6,10 +6,10 @@
  * @module
  */
 
-import type { Diagnostic } from "../core/errors.ts";
-import { PipelineError } from "../core/errors.ts";
-import type { StepState } from "../core/model.ts";
-import type { ClusterRunRecord } from "./cluster_keys.ts";
+import type { Diagnostic } from "../../core/errors.ts";
+import { PipelineError } from "../../core/errors.ts";
+import type { StepState } from "../../core/model.ts";
+import type { ClusterRunRecord } from "../server/keys.ts";
 
 /** A server could not be reached or refused a call. */
 export class ServerRequestError extends Error {

@@ -6,11 +6,11 @@
  * @module
  */
 
-import type { Plan, RunStatus, StepState } from "../core/model.ts";
-import type { Store } from "../consensus/store.ts";
-import { clusterKeys, type ClusterRunRecord, type WorkerRecord } from "./cluster_keys.ts";
-import { newRunId } from "./local.ts";
-import { checkBundle, type PipelineBundle, putBundle } from "./bundle.ts";
+import type { Plan, RunStatus, StepState } from "../../core/model.ts";
+import type { Store } from "../../consensus/store.ts";
+import { clusterKeys, type ClusterRunRecord, type WorkerRecord } from "./keys.ts";
+import { newRunId } from "../local/mod.ts";
+import { checkBundle, type PipelineBundle, putBundle } from "../bundle.ts";
 
 /** A run API request that cannot be honoured. */
 export class RunRequestError extends Error {

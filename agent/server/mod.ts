@@ -6,14 +6,14 @@
  * @module
  */
 
-import type { Compare, Store } from "../consensus/store.ts";
-import { type AgentServiceServer, serveAgentService } from "../proto/mod.ts";
+import type { Compare, Store } from "../../consensus/store.ts";
+import { type AgentServiceServer, serveAgentService } from "../../proto/mod.ts";
 import type { ServerCredentials } from "npm:@grpc/grpc-js@1.14.7";
 import { createApiHandler } from "./http_api.ts";
 import { createGateway, DEFAULT_HEARTBEAT_MS } from "./gateway.ts";
 import { type RaftState, ServerMetrics } from "./metrics.ts";
 import { runScheduler, type SchedulerEvent } from "./scheduler.ts";
-import { listWorkers } from "./cluster_runs.ts";
+import { listWorkers } from "./runs.ts";
 
 /** A won election: the fence to put in every write, and the signal of its loss. */
 export interface Leadership {

@@ -23,12 +23,12 @@
  * @module
  */
 
-import { PipelineError } from "../core/errors.ts";
-import { parsePipeline } from "../core/load.ts";
-import type { Plan, StepState } from "../core/model.ts";
-import { renderMermaid } from "../core/mermaid.ts";
-import type { Store } from "../consensus/store.ts";
-import { clusterKeys, type ClusterRunRecord } from "./cluster_keys.ts";
+import { PipelineError } from "../../core/errors.ts";
+import { parsePipeline } from "../../core/load.ts";
+import type { Plan, StepState } from "../../core/model.ts";
+import { renderMermaid } from "../../core/mermaid.ts";
+import type { Store } from "../../consensus/store.ts";
+import { clusterKeys, type ClusterRunRecord } from "./keys.ts";
 import {
   clusterStepStates,
   getClusterRun,
@@ -38,9 +38,9 @@ import {
   requestResume,
   RunRequestError,
   submitRun,
-} from "./cluster_runs.ts";
+} from "./runs.ts";
 import type { RaftState, ServerMetrics } from "./metrics.ts";
-import { bundleDigest, bundleFile, checkBundle, type PipelineBundle } from "./bundle.ts";
+import { bundleDigest, bundleFile, checkBundle, type PipelineBundle } from "../bundle.ts";
 
 /** What the API needs from its server. */
 export interface ApiContext {

@@ -8,21 +8,21 @@
 
 import { dirname, resolve } from "node:path";
 import { hostname } from "node:os";
-import { parseDuration } from "../core/duration.ts";
-import { openEmbeddedStore } from "../consensus/embedded.ts";
-import type { Store } from "../consensus/store.ts";
-import { openLocalArtifactStore } from "../core/artifacts/local.ts";
-import { openS3ArtifactStore } from "../core/artifacts/s3.ts";
-import type { ArtifactStore } from "../core/artifacts/store.ts";
-import type { StepState } from "../core/model.ts";
-import { clientCredentials, serverCredentials } from "../proto/mod.ts";
-import type { AgentConfig } from "./config.ts";
-import { RunClient } from "./client.ts";
-import { collectBundle } from "./bundle.ts";
-import type { ClusterRunRecord } from "./cluster_keys.ts";
-import { jsonLog, type LeaderElection, standaloneElection, startServer } from "./server.ts";
-import { AgentRejectedError, startAgent } from "./worker.ts";
-import type { RaftState } from "./metrics.ts";
+import { parseDuration } from "../../core/duration.ts";
+import { openEmbeddedStore } from "../../consensus/embedded.ts";
+import type { Store } from "../../consensus/store.ts";
+import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
+import { openS3ArtifactStore } from "../../core/artifacts/s3.ts";
+import type { ArtifactStore } from "../../core/artifacts/store.ts";
+import type { StepState } from "../../core/model.ts";
+import { clientCredentials, serverCredentials } from "../../proto/mod.ts";
+import type { AgentConfig } from "../config.ts";
+import { RunClient } from "./mod.ts";
+import { collectBundle } from "../bundle.ts";
+import type { ClusterRunRecord } from "../server/keys.ts";
+import { jsonLog, type LeaderElection, standaloneElection, startServer } from "../server/mod.ts";
+import { AgentRejectedError, startAgent } from "../worker/mod.ts";
+import type { RaftState } from "../server/metrics.ts";
 
 /** The flags the cluster commands read (as main.ts parsed them). */
 export interface ClusterFlags {

@@ -1,21 +1,21 @@
 import assert from "node:assert/strict";
-import { openMemoryStore } from "../consensus/embedded.ts";
-import type { Store } from "../consensus/store.ts";
-import { parsePipeline } from "../core/load.ts";
-import type { AttemptResult } from "../core/model.ts";
+import { openMemoryStore } from "../../consensus/embedded.ts";
+import type { Store } from "../../consensus/store.ts";
+import { parsePipeline } from "../../core/load.ts";
+import type { AttemptResult } from "../../core/model.ts";
 import {
   type AssignmentRecord,
   clusterKeys,
   type ResultRecord,
   type WorkerRecord,
-} from "./cluster_keys.ts";
+} from "./keys.ts";
 import {
   clusterStepStates,
   requestCancel,
   requestResume,
   submitRun,
   waitForClusterRun,
-} from "./cluster_runs.ts";
+} from "./runs.ts";
 import { DeposedError, runScheduler, type SchedulerEvent } from "./scheduler.ts";
 
 const PIPELINE = `name: cluster-demo

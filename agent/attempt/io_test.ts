@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { openLocalArtifactStore } from "../core/artifacts/local.ts";
-import { collectOutputs, materializeInputs } from "./_attempt.ts";
+import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
+import { collectOutputs, materializeInputs } from "./io.ts";
 
 Deno.test("a given-up attempt that recorded an output first does not block or shadow the accepted one", async () => {
   const dir = await Deno.makeTempDir({ prefix: "runnel_attempt_" });

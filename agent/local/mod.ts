@@ -12,7 +12,7 @@
  * @module
  */
 
-import { RunEngine, type RunHeader, runStateOf, syncHeader } from "../core/engine.ts";
+import { RunEngine, type RunHeader, runStateOf, syncHeader } from "../../core/engine.ts";
 import type {
   ArtifactRef,
   AttemptResult,
@@ -26,13 +26,13 @@ import type {
   StepState,
   StepStatus,
   WebhookSpec,
-} from "../core/model.ts";
-import { BUSINESS_EXIT_CODE } from "../core/model.ts";
-import type { Store, TxnOp } from "../consensus/store.ts";
-import { openEmbeddedStore } from "../consensus/embedded.ts";
-import type { ArtifactStore } from "../core/artifacts/store.ts";
-import { openLocalArtifactStore } from "../core/artifacts/local.ts";
-import { DEFAULT_RETENTION_MS } from "../core/artifacts/store.ts";
+} from "../../core/model.ts";
+import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
+import type { Store, TxnOp } from "../../consensus/store.ts";
+import { openEmbeddedStore } from "../../consensus/embedded.ts";
+import type { ArtifactStore } from "../../core/artifacts/store.ts";
+import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
+import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import {
   builtinPlugins,
   PluginHostPool,
@@ -40,10 +40,10 @@ import {
   type PluginSource,
   type PoolMetrics,
   validateStepConfigs,
-} from "../backends/mod.ts";
-import { PipelineError } from "../core/errors.ts";
-import type { AttemptSpec, Execution } from "../backends/backend.ts";
-import { Masker, resolveSecrets } from "../core/secrets.ts";
+} from "../../backends/mod.ts";
+import { PipelineError } from "../../core/errors.ts";
+import type { AttemptSpec, Execution } from "../../backends/backend.ts";
+import { Masker, resolveSecrets } from "../../core/secrets.ts";
 import {
   collectOutputs,
   describeExit,
@@ -52,11 +52,11 @@ import {
   legName,
   maskedLogs,
   materializeInputs,
-} from "./_attempt.ts";
-import type { InputLocator } from "../proto/mod.ts";
+} from "../attempt/io.ts";
+import type { InputLocator } from "../../proto/mod.ts";
 
 export { fileSafe };
-import { loadPipeline } from "../core/load.ts";
+import { loadPipeline } from "../../core/load.ts";
 
 /** The state directory used when none is given. */
 export const DEFAULT_STATE_DIR = ".runnel";

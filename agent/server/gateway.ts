@@ -14,17 +14,17 @@
  */
 
 import { timingSafeEqual } from "node:crypto";
-import type { Store, TxnOp } from "../consensus/store.ts";
-import type { AgentConnection, AgentMessage, AssignmentSpec, Hello } from "../proto/mod.ts";
+import type { Store, TxnOp } from "../../consensus/store.ts";
+import type { AgentConnection, AgentMessage, AssignmentSpec, Hello } from "../../proto/mod.ts";
 import {
   type AssignmentRecord,
   clusterKeys,
   type ResultRecord,
   type WorkerRecord,
-} from "./cluster_keys.ts";
-import type { AttemptResult } from "../core/model.ts";
-import { DEFAULT_RETENTION_MS } from "../core/artifacts/store.ts";
-import { getBundle } from "./bundle.ts";
+} from "./keys.ts";
+import type { AttemptResult } from "../../core/model.ts";
+import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
+import { getBundle } from "../bundle.ts";
 
 /** The seed's rule: a worker is offline after this many missed heartbeats. */
 export const MISSED_HEARTBEATS_OFFLINE = 3;

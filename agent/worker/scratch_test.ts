@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { sweepScratch } from "./worker.ts";
+import { sweepScratch } from "./mod.ts";
 
 Deno.test("agent scratch: run directories untouched past the retention are swept, recent ones kept", async () => {
   const root = await Deno.makeTempDir({ prefix: "runnel_scratch_" });

@@ -5,8 +5,8 @@
  * @module
  */
 
-import type { RunEvent } from "./local.ts";
-import type { StepStatus } from "../core/model.ts";
+import type { RunEvent } from "./mod.ts";
+import type { StepStatus } from "../../core/model.ts";
 
 /** Options of {@link createProgress}. */
 export interface ProgressOptions {
