@@ -347,3 +347,28 @@ export interface Rejection {
   event: EngineEvent;
   reason: "duplicate" | "stale-attempt" | "unknown-step" | "not-applicable";
 }
+
+/** An artifact an attempt reads, in the artifact store. */
+export interface ArtifactLocator {
+  runId: string;
+  stepId: string;
+  /** The output name (`energy.csv`): the file name the step sees. */
+  name: string;
+  /** `sha256:<hex>`; checked against the store's record and on read. */
+  digest: string;
+  size?: number;
+  /** For a fan-in: the leg's directory name (`region=eu`); defaults to the step id. */
+  leg?: string;
+}
+
+/** A fan-in input: a directory holding one sub-directory per leg. */
+export interface FanInLocator {
+  fanIn: boolean;
+  artifacts: ArtifactLocator[];
+}
+
+/**
+ * An input of an attempt: one artifact (a file), a fan-in (a directory
+ * with one sub-directory per leg), or a bare list of artifacts (a fan-in).
+ */
+export type InputLocator = ArtifactLocator | FanInLocator | ArtifactLocator[];

@@ -47,6 +47,9 @@ import { fileURLToPath } from "node:url";
 import * as grpc from "npm:@grpc/grpc-js@1.14.7";
 import * as protoLoader from "npm:@grpc/proto-loader@0.8.1";
 import type { AttemptSpec } from "../backends/backend.ts";
+import type { InputLocator } from "../core/model.ts";
+
+export type { ArtifactLocator, FanInLocator, InputLocator } from "../core/model.ts";
 
 // ---------------------------------------------------------------------------
 // Messages (runnel.v1), as grpc-js hands them over with the loader options
@@ -199,31 +202,6 @@ export type ServerMessageInit = ToSend<ServerMessageBodies>;
 
 // ---------------------------------------------------------------------------
 // The JSON carried by Assignment.specJson.
-
-/** An artifact an assignment reads, in the artifact store. */
-export interface ArtifactLocator {
-  runId: string;
-  stepId: string;
-  /** The output name (`energy.csv`): the file name the step sees. */
-  name: string;
-  /** `sha256:<hex>`; checked against the store's record and on read. */
-  digest: string;
-  size?: number;
-  /** For a fan-in: the leg's directory name (`region=eu`); defaults to the step id. */
-  leg?: string;
-}
-
-/** A fan-in input: a directory holding one sub-directory per leg. */
-export interface FanInLocator {
-  fanIn: boolean;
-  artifacts: ArtifactLocator[];
-}
-
-/**
- * An input of an assignment: one artifact (a file), a fan-in (a directory
- * with one sub-directory per leg), or a bare list of artifacts (a fan-in).
- */
-export type InputLocator = ArtifactLocator | FanInLocator | ArtifactLocator[];
 
 /**
  * What `Assignment.specJson` holds: a backend `AttemptSpec` whose inputs are

@@ -12,7 +12,7 @@ import type { ArtifactRef, AttemptResult, ErrorClass, Plan } from "../../core/mo
 import { BUSINESS_EXIT_CODE, ERROR_CLASSES } from "../../core/model.ts";
 import type { Masker } from "../../core/secrets.ts";
 import type { ExitStatus, LogChunk } from "../../backends/backend.ts";
-import type { ArtifactLocator, InputLocator } from "../../proto/mod.ts";
+import type { ArtifactLocator, InputLocator } from "../../core/model.ts";
 
 /** Encodes an id (a step id may hold `[`, `=`, `,`; an attempt id holds `/`) as a file name. */
 export function fileSafe(id: string): string {

@@ -53,7 +53,7 @@ import {
   maskedLogs,
   materializeInputs,
 } from "../attempt/io.ts";
-import type { InputLocator } from "../../proto/mod.ts";
+import type { InputLocator } from "../../core/model.ts";
 
 export { fileSafe };
 import { loadPipeline } from "../../core/load.ts";
