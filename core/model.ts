@@ -200,8 +200,21 @@ export const TERMINAL_STEP_STATUSES: readonly StepStatus[] = [
   "skipped",
 ];
 
+/** Whether a step status is terminal (see {@link TERMINAL_STEP_STATUSES}). */
+export function isTerminalStepStatus(status: StepStatus): boolean {
+  return TERMINAL_STEP_STATUSES.includes(status);
+}
+
 /** Status of a run. */
 export type RunStatus = "pending" | "running" | "succeeded" | "failed" | "cancelled";
+
+/** Statuses a run never leaves without a resume. */
+export const TERMINAL_RUN_STATUSES: readonly RunStatus[] = ["succeeded", "failed", "cancelled"];
+
+/** Whether a run status is terminal (see {@link TERMINAL_RUN_STATUSES}). */
+export function isTerminalRunStatus(status: RunStatus): boolean {
+  return TERMINAL_RUN_STATUSES.includes(status);
+}
 
 /** A produced artifact as the engine sees it. */
 export interface ArtifactRef {

@@ -8,16 +8,12 @@
  */
 
 import { ArtifactExistsError, type ArtifactStore } from "../../core/artifacts/store.ts";
-import type { ArtifactRef, AttemptResult, ErrorClass, Plan } from "../../core/model.ts";
+import type { ArtifactRef, AttemptResult, ErrorClass } from "../../core/model.ts";
 import { BUSINESS_EXIT_CODE, ERROR_CLASSES } from "../../core/model.ts";
 import type { Masker } from "../../core/secrets.ts";
+import { fileSafe } from "../../core/_paths.ts";
 import type { ExitStatus, LogChunk } from "../../backends/backend.ts";
 import type { ArtifactLocator, InputLocator } from "../../core/model.ts";
-
-/** Encodes an id (a step id may hold `[`, `=`, `,`; an attempt id holds `/`) as a file name. */
-export function fileSafe(id: string): string {
-  return encodeURIComponent(id).replaceAll("%", "~");
-}
 
 /** An input as a list of artifacts, and whether it is a fan-in (a directory of legs). */
 export function inputArtifacts(
@@ -208,11 +204,4 @@ export async function* maskedLogs(
     const rest = partial[stream] + decoders[stream].decode();
     if (rest) yield { stream, text: masker.mask(rest) };
   }
-}
-
-/** The name of a matrix leg inside a fan-in input: `region=eu,size=2` (the step id without a matrix). */
-export function legName(plan: Plan, stepId: string): string {
-  const matrix = plan.steps[stepId]?.matrix;
-  if (!matrix) return stepId;
-  return Object.entries(matrix).map(([k, v]) => `${k}=${v}`).join(",");
 }

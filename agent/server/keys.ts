@@ -21,7 +21,7 @@
  * @module
  */
 
-import type { AttemptResult } from "../../core/model.ts";
+import type { AttemptResult, FanInLocator } from "../../core/model.ts";
 import type { RunHeader } from "../../core/engine.ts";
 
 /** A run as the cluster records it. */
@@ -57,15 +57,6 @@ export interface WorkerRecord {
   lastHeartbeat: number;
 }
 
-/** An input of an assignment: the artifacts it reads (one per matrix leg for a fan-in). */
-export interface AssignedInput {
-  /** A directory with one sub-directory per leg, rather than one file. */
-  fanIn: boolean;
-  artifacts: Array<
-    { runId: string; stepId: string; name: string; digest: string; size: number; leg: string }
-  >;
-}
-
 /** An attempt handed to a worker. */
 export interface AssignmentRecord {
   runId: string;
@@ -86,7 +77,8 @@ export interface AssignmentRecord {
     /** The run's pipeline bundle, when one was shipped. */
     bundleDigest?: string;
   };
-  inputs: Record<string, AssignedInput>;
+  /** What each input reads (one artifact per matrix leg for a fan-in). */
+  inputs: Record<string, FanInLocator>;
   /** Secret values the worker masks in logs. */
   mask: string[];
   assignedAt: number;

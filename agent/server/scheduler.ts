@@ -23,25 +23,23 @@ import type {
   AttemptResult,
   Effect,
   EngineEvent,
-  FailureInfo,
   Plan,
   PlannedStep,
   RunState,
   StepState,
-  WebhookSpec,
 } from "../../core/model.ts";
 import { resolveSecrets } from "../../core/secrets.ts";
 import type { Compare, Store, TxnOp, WatchEvent } from "../../consensus/store.ts";
 import {
-  type AssignedInput,
   type AssignmentRecord,
   clusterKeys,
   type ClusterRunRecord,
   type ResultRecord,
   type WorkerRecord,
 } from "./keys.ts";
-import { deliverWebhook } from "../local/mod.ts";
-import { legName } from "../attempt/io.ts";
+import { WakeTimer, WebhookNotifier } from "../effects.ts";
+import { attemptGets } from "../../core/attempt.ts";
+import { isTerminalRunStatus, isTerminalStepStatus } from "../../core/model.ts";
 
 /** Something the scheduler did, for metrics and logs. */
 export type SchedulerEvent =
@@ -109,11 +107,17 @@ class RunDriver {
   readonly engine: RunEngine;
   /** StartAttempt effects waiting for a worker. */
   readonly waiting: Placement[] = [];
-  timer: ReturnType<typeof setTimeout> | undefined;
-  wakeAt = Infinity;
+  readonly wake: WakeTimer;
 
-  constructor(readonly record: ClusterRunRecord, readonly plan: Plan, state: RunState) {
+  constructor(
+    readonly record: ClusterRunRecord,
+    readonly plan: Plan,
+    state: RunState,
+    onWake: (driver: RunDriver) => void,
+    now: () => number,
+  ) {
     this.engine = new RunEngine(plan, state);
+    this.wake = new WakeTimer(() => onWake(this), now);
   }
 }
 
@@ -134,11 +138,15 @@ class Scheduler {
   /** Steps already reported as unplaceable (run/step). */
   readonly #warned = new Set<string>();
   #resultsQueued = false;
+  readonly #webhooks: WebhookNotifier;
 
   constructor(options: SchedulerOptions) {
     this.#options = options;
     this.#store = options.store;
     this.#now = options.now ?? Date.now;
+    this.#webhooks = new WebhookNotifier((outcome) =>
+      this.#options.onEvent?.({ type: "webhook", ...outcome })
+    );
   }
 
   async run(): Promise<void> {
@@ -161,7 +169,7 @@ class Scheduler {
       ].map((prefix) => this.#watch(prefix, revision + 1));
       await Promise.race([stopped, failure, Promise.all(watches)]);
     } finally {
-      for (const driver of this.#runs.values()) clearTimeout(driver.timer);
+      for (const driver of this.#runs.values()) driver.wake.clear();
     }
   }
 
@@ -273,7 +281,7 @@ class Scheduler {
 
   /** Builds the engine of a run that is not finished; undefined for a finished one. */
   async #adoptRun(record: ClusterRunRecord, finished = false): Promise<RunDriver | undefined> {
-    if (!finished && ["succeeded", "failed", "cancelled"].includes(record.status)) return undefined;
+    if (!finished && isTerminalRunStatus(record.status)) return undefined;
     if (this.#runs.has(record.runId)) return this.#runs.get(record.runId);
     const planKv = await this.#store.get(clusterKeys.plan(record.runId));
     if (!planKv) return undefined;
@@ -285,7 +293,13 @@ class Scheduler {
       steps[step.id] = step;
     }
     const state = runStateOf(plan, record, steps);
-    const driver = new RunDriver(record, plan, state);
+    const driver = new RunDriver(
+      record,
+      plan,
+      state,
+      (driver) => this.#enqueue(() => this.#apply(driver, [{ type: "Tick", now: this.#now() }])),
+      this.#now,
+    );
     this.#runs.set(record.runId, driver);
     return driver;
   }
@@ -558,29 +572,8 @@ class Scheduler {
     placement: Placement,
     agentId: string,
   ): AssignmentRecord {
-    const secrets = resolveSecrets(driver.plan.secrets, step.secrets, { env: this.#options.env });
-    const inputs: Record<string, AssignedInput> = {};
-    for (const [name, input] of Object.entries(step.inputs)) {
-      inputs[name] = {
-        fanIn: input.fanIn,
-        artifacts: input.from.map((from) => {
-          const ref = driver.engine.state.steps[from]?.outputs?.[input.output];
-          if (!ref) {
-            throw new Error(
-              `Expected output "${input.output}" of step "${from}" for input "${name}" of "${step.id}"`,
-            );
-          }
-          return {
-            runId: placement.runId,
-            stepId: from,
-            name: input.output,
-            digest: ref.digest,
-            size: ref.size,
-            leg: legName(driver.plan, from),
-          };
-        }),
-      };
-    }
+    const gets = attemptGets(driver.plan, placement.runId, driver.engine.state.steps, step.id);
+    const secrets = resolveSecrets(driver.plan.secrets, gets.secrets, { env: this.#options.env });
     return {
       runId: placement.runId,
       stepId: placement.stepId,
@@ -591,14 +584,14 @@ class Scheduler {
       spec: {
         config: step.config,
         baseDir: driver.plan.baseDir,
-        env: { ...driver.plan.env, ...step.env, ...secrets },
+        env: { ...gets.env, ...secrets },
         outputs: step.outputs,
         matrix: step.matrix,
         timeoutMs: step.timeoutMs,
         resources: step.resources,
         ...(driver.record.bundle ? { bundleDigest: driver.record.bundle } : {}),
       },
-      inputs,
+      inputs: gets.inputs,
       mask: Object.values(secrets),
       assignedAt: this.#now(),
     };
@@ -667,20 +660,13 @@ class Scheduler {
   #perform(driver: RunDriver, effect: Effect): void {
     switch (effect.type) {
       case "WakeAt":
-        if (effect.at >= driver.wakeAt) return;
-        driver.wakeAt = effect.at;
-        clearTimeout(driver.timer);
-        driver.timer = setTimeout(() => {
-          driver.wakeAt = Infinity;
-          this.#enqueue(() => this.#apply(driver, [{ type: "Tick", now: this.#now() }]));
-        }, Math.max(0, effect.at - this.#now()));
+        driver.wake.arm(effect.at);
         return;
       case "Notify":
-        this.#notify(effect.webhook, effect.failure);
+        this.#webhooks.notify(effect.webhook, effect.failure);
         return;
       case "StepStatus": {
-        const terminal = ["succeeded", "failed", "skipped", "cancelled"].includes(effect.status);
-        if (!terminal) return;
+        if (!isTerminalStepStatus(effect.status)) return;
         const step = driver.plan.steps[effect.stepId];
         const last = driver.engine.state.steps[effect.stepId]?.attempts.at(-1);
         this.#options.onEvent?.({
@@ -694,7 +680,7 @@ class Scheduler {
         return;
       }
       case "RunFinished":
-        clearTimeout(driver.timer);
+        driver.wake.clear();
         this.#runs.delete(driver.record.runId);
         this.#log({ msg: "run finished", run: driver.record.runId, status: effect.status });
         this.#options.onEvent?.({
@@ -704,27 +690,6 @@ class Scheduler {
         });
         return;
     }
-  }
-
-  #notify(webhook: WebhookSpec, failure: FailureInfo): void {
-    deliverWebhook(webhook, failure).then(
-      (detail) =>
-        this.#options.onEvent?.({
-          type: "webhook",
-          runId: failure.runId,
-          stepId: failure.stepId,
-          ok: true,
-          detail,
-        }),
-      (error) =>
-        this.#options.onEvent?.({
-          type: "webhook",
-          runId: failure.runId,
-          stepId: failure.stepId,
-          ok: false,
-          detail: error instanceof Error ? error.message : String(error),
-        }),
-    );
   }
 
   #log(fields: Record<string, unknown>): void {

@@ -30,369 +30,61 @@
  */
 
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
-import { bundleDir, BundleError, type PipelineBundle, unpackBundle } from "../bundle.ts";
-import { retryDelay } from "../../core/backoff.ts";
-import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import type { AttemptResult as ModelResult, ErrorClass } from "../../core/model.ts";
-import { Masker } from "../../core/secrets.ts";
-import { builtinPlugins, PluginHostPool, type PluginSource } from "../../backends/mod.ts";
-import {
-  type AttemptSpec,
-  DEFAULT_CANCEL_GRACE_MS,
-  type Execution,
-} from "../../backends/backend.ts";
+import { retryDelay } from "../../core/backoff.ts";
+import { abortableDelay } from "../../core/_async.ts";
+import { builtinPlugins, PluginHostPool } from "../../backends/mod.ts";
+import type { Execution } from "../../backends/backend.ts";
 import {
   type AgentMessageInit,
   type AssignmentSpec,
   type Capability,
-  type ClientCredentials,
   openAgentStream,
   type Reject,
   type ServerConnection,
   type Welcome,
 } from "../../proto/mod.ts";
 import type * as wire from "../../proto/mod.ts";
-import type { HostTuning } from "../config.ts";
+import { bundleDir, BundleError, type PipelineBundle, unpackBundle } from "../bundle.ts";
 import {
-  collectOutputs,
-  errorClassOf,
-  failureOf,
-  fileSafe,
-  maskedLogs,
-  materializeInputs,
-} from "../attempt/io.ts";
+  type AttemptJob,
+  AttemptLifecycle,
+  type AttemptRecord,
+  type AttemptSink,
+  type RunningAttempt,
+} from "../attempt/mod.ts";
+import {
+  type AgentEvent,
+  type AgentOptions,
+  AgentOptionsError,
+  AgentRejectedError,
+  CAPABILITY_TTL_MS,
+  DEFAULT_AGENT_HEARTBEAT_MS,
+  DEFAULT_AGENT_SLOTS,
+  DEFAULT_HELLO_TIMEOUT_MS,
+  DEFAULT_RECONNECT_INITIAL_MS,
+  DEFAULT_RECONNECT_MAX_MS,
+  EVENT_HISTORY,
+  EVENT_LEVELS,
+  EVENT_MESSAGES,
+  MAX_LOG_BACKLOG_CHARS,
+  type RunningAgent,
+  STOP_ACK_WAIT_MS,
+  STOP_CLOSE_GRACE_MS,
+} from "./options.ts";
+import { type AgentPaths, agentPaths, loadAgentId } from "./identity.ts";
+import { Outbox, type OutboxEntry } from "./outbox.ts";
+import { sweepScratch } from "./scratch.ts";
 
-/** Where an agent keeps its state when none is named. */
-export const DEFAULT_AGENT_STATE_DIR = ".runnel/agent";
-/** The seed's heartbeat period, used until a server's Welcome sets its own. */
-export const DEFAULT_AGENT_HEARTBEAT_MS = 5_000;
-/** Attempts an agent runs at once unless told otherwise. */
-export const DEFAULT_AGENT_SLOTS = 2;
-/** First reconnect delay; it doubles per failed try up to {@link DEFAULT_RECONNECT_MAX_MS}. */
-export const DEFAULT_RECONNECT_INITIAL_MS = 250;
-/** Longest reconnect delay. */
-export const DEFAULT_RECONNECT_MAX_MS = 10_000;
-/** How long a server may take to answer Hello before the agent tries another. */
-export const DEFAULT_HELLO_TIMEOUT_MS = 10_000;
-/**
- * Log text kept while no server is connected. Past it, output is dropped
- * (with a marker line): an agent cut off for long must not exhaust memory.
- */
-const MAX_LOG_BACKLOG_CHARS = 4 * 1024 * 1024;
-/** Fingerprints are taken again for a Hello when older than this (Docker may have come up). */
-const CAPABILITY_TTL_MS = 60_000;
-/** Longest a stopping agent waits for the acknowledgement of its last results. */
-const STOP_ACK_WAIT_MS = 5_000;
-/** Longest a stopping agent waits for the server to end the stream after it ended its side. */
-const STOP_CLOSE_GRACE_MS = 2_000;
-/** Events kept in {@link RunningAgent.events}. */
-const EVENT_HISTORY = 1_000;
-
-/** Options of {@link startAgent}; `runnel agent` flags in brackets. */
-export interface AgentOptions {
-  /** gRPC addresses (`host:port`) of the servers, tried in order, round robin [`--server`]. */
-  servers: string[];
-  /** The cluster's join token [`--token`]. */
-  token: string;
-  /** Agent id; default: `<hostname>-<random>`, made once and kept in `<stateDir>/agent.json`. */
-  agentId?: string;
-  /** Labels the scheduler matches step selectors against, e.g. `{cloud: "gcp"}` [`--labels`]. */
-  labels?: Record<string, string>;
-  /** Attempts run at once (default {@link DEFAULT_AGENT_SLOTS}) [`--slots`]. */
-  slots?: number;
-  /**
-   * Agent state: `agent.json`, `attempts/`, `outbox/`, plugin host entry
-   * files (`hosts/`) and the scratch root `work/` (default
-   * {@link DEFAULT_AGENT_STATE_DIR}).
-   */
-  stateDir?: string;
-  /** Where inputs are fetched from and outputs put (local or S3; the caller opens it). */
-  artifacts: ArtifactStore;
-  /** Third-party backends, besides the built-in ones (`--config`, `--plugin`). */
-  plugins?: PluginSource[];
-  /** Plugin host tuning (idle time, heartbeats). */
-  hosts?: HostTuning;
-  /** TLS towards the servers ({@link clientCredentials}) [`--tls-ca`, `--tls-cert`, `--tls-key`]. */
-  credentials?: ClientCredentials;
-  /**
-   * Runs `shell` steps, which are trusted and unsandboxed: off on agents
-   * unless asked for; otherwise shell is advertised as unavailable and its
-   * assignments are refused [`--allow-shell`].
-   */
-  allowShell?: boolean;
-  /** Structured log sink; default: one JSON line per entry on stderr. */
-  log?: (fields: Record<string, unknown>) => void;
-  /** Heartbeat period until a server's Welcome sets one (default {@link DEFAULT_AGENT_HEARTBEAT_MS}). */
-  heartbeatMs?: number;
-  /** Reconnect backoff: first delay and cap, in ms. */
-  reconnect?: { initialMs?: number; maxMs?: number };
-  /** How long a server may take to answer Hello (default {@link DEFAULT_HELLO_TIMEOUT_MS}). */
-  helloTimeoutMs?: number;
-  /** Grace of a cancelled attempt before it is killed (default {@link DEFAULT_CANCEL_GRACE_MS}). */
-  cancelGraceMs?: number;
-  /** gRPC keepalive ping period (see `proto/mod.ts`). */
-  keepaliveMs?: number;
-  /** runnel's version, sent in Hello. */
-  version?: string;
-  /** Scratch directories of runs untouched this long are removed at start (default 14 days). */
-  scratchRetentionMs?: number;
-}
-
-/** Something the agent did, as its structured log and {@link RunningAgent.events} tell it. */
-export type AgentEvent =
-  | { type: "connected"; server: string; serverId: string; heartbeatMs: number }
-  | { type: "rejected"; server: string; code: string; message: string }
-  | { type: "connect_failed"; server: string; reason: string }
-  | { type: "disconnected"; server: string; reason: string }
-  | { type: "reconnecting"; server: string; afterMs: number }
-  | { type: "assignment"; attemptId: string; backend: string }
-  | { type: "refused"; attemptId: string; reason: string }
-  | { type: "started"; attemptId: string; handle: string }
-  | { type: "cancel"; attemptId: string; reason: string; known: boolean }
-  | { type: "finished"; attemptId: string; ok: boolean; errorClass?: ErrorClass }
-  | { type: "acked"; attemptId: string; accepted: boolean; message: string }
-  | { type: "recovered"; attemptId: string }
-  | { type: "lost"; attemptId: string; reason: string }
-  | { type: "diagnostic"; backend: string; text: string }
-  | { type: "stopped" };
-
-const EVENT_MESSAGES: Record<AgentEvent["type"], string> = {
-  connected: "connected",
-  rejected: "rejected",
-  connect_failed: "connection failed",
-  disconnected: "disconnected",
-  reconnecting: "reconnecting",
-  assignment: "assignment received",
-  refused: "assignment refused",
-  started: "attempt started",
-  cancel: "cancel received",
-  finished: "attempt finished",
-  acked: "result acked",
-  recovered: "attempt re-attached after a restart",
-  lost: "attempt lost in a restart",
-  diagnostic: "plugin host diagnostic",
-  stopped: "stopped",
-};
-
-const EVENT_LEVELS: Partial<Record<AgentEvent["type"], "warn" | "error">> = {
-  rejected: "error",
-  connect_failed: "warn",
-  disconnected: "warn",
-  refused: "warn",
-  lost: "warn",
-  diagnostic: "warn",
-};
-
-/** A started agent. */
-export interface RunningAgent {
-  /** Its id, as servers know it. */
-  readonly agentId: string;
-  /** Whether a server has welcomed it on the current stream. */
-  readonly connected: boolean;
-  /** The server of the current stream, when connected. */
-  readonly server: string | undefined;
-  /** Attempts running now. */
-  readonly running: string[];
-  /** Attempts whose results await a server's acknowledgement. */
-  readonly pendingResults: string[];
-  /** The latest events, oldest first (for tests and diagnostics). */
-  readonly events: readonly AgentEvent[];
-  /** Calls `listener` for every event from now on; returns the unsubscribe function. */
-  on(listener: (event: AgentEvent) => void): () => void;
-  /**
-   * Settles when the agent has stopped: resolves after {@link stop}, rejects
-   * with {@link AgentRejectedError} when a server refused its token.
-   */
-  readonly done: Promise<void>;
-  /**
-   * Stops the agent. With `drain`, it takes no new work (heartbeats say so),
-   * lets its attempts finish and waits for their results to be acknowledged;
-   * without, it cancels its attempts (reported as `infrastructure`, so they
-   * are retried elsewhere). Resolves once it has stopped.
-   */
-  stop(options?: { drain?: boolean }): Promise<void>;
-}
-
-/** A server refused the agent's join token; the agent stops instead of retrying. */
-export class AgentRejectedError extends Error {
-  /** Stable error code. */
-  readonly code = "agent_rejected";
-  /** The server's reason code (`bad_token`). */
-  readonly reason: string;
-  /** The server that refused. */
-  readonly server: string;
-
-  /** Builds the error from the server's address and its Reject. */
-  constructor(server: string, reject: Pick<Reject, "code" | "message">) {
-    super(`Server ${server} refused this agent: ${reject.message || reject.code}`);
-    this.name = "AgentRejectedError";
-    this.reason = reject.code;
-    this.server = server;
-  }
-}
-
-/** Options an agent cannot start with. */
-export class AgentOptionsError extends Error {
-  /** Stable error code. */
-  readonly code = "bad_agent_options";
-
-  /** Builds the error from a full sentence. */
-  constructor(message: string) {
-    super(message);
-    this.name = "AgentOptionsError";
-  }
-}
-
-/** Paths under an agent's state directory. */
-export interface AgentPaths {
-  root: string;
-  /** `{agentId}`. */
-  identity: string;
-  /** One JSON file per attempt in flight (its assignment and handle). */
-  attempts: string;
-  /** One JSON file per result not yet acknowledged. */
-  outbox: string;
-  /** Plugin host entry files. */
-  hosts: string;
-  /** The scratch root: `<run>/<step>/<attempt>/{in,out}`. */
-  work: string;
-}
-
-/** The layout of an agent's state directory. */
-export function agentPaths(stateDir: string = DEFAULT_AGENT_STATE_DIR): AgentPaths {
-  return {
-    root: stateDir,
-    identity: `${stateDir}/agent.json`,
-    attempts: `${stateDir}/attempts`,
-    outbox: `${stateDir}/outbox`,
-    hosts: `${stateDir}/hosts`,
-    work: `${stateDir}/work`,
-  };
-}
-
-/**
- * The agent's id: the one saved in `<stateDir>/agent.json`, or a new
- * `<hostname>-<6 hex>` saved there. A stable id lets a restarted agent find
- * what it left (Docker labels its containers with it).
- *
- * @example
- * ```ts ignore
- * import { loadAgentId } from "./mod.ts";
- * const id = await loadAgentId(".runnel/agent");
- * ```
- */
-export async function loadAgentId(stateDir: string = DEFAULT_AGENT_STATE_DIR): Promise<string> {
-  const paths = agentPaths(stateDir);
-  try {
-    const saved = JSON.parse(await Deno.readTextFile(paths.identity)) as { agentId?: unknown };
-    if (typeof saved.agentId === "string" && saved.agentId) return saved.agentId;
-  } catch (error) {
-    if (!(error instanceof Deno.errors.NotFound) && !(error instanceof SyntaxError)) throw error;
-  }
-  let host = "agent";
-  try {
-    host = Deno.hostname().toLowerCase().replace(/[^a-z0-9-]+/g, "-").replace(/^-+|-+$/g, "") ||
-      host;
-  } catch {
-    // Without --allow-sys=hostname the id is still unique, just less telling.
-  }
-  const random = [...crypto.getRandomValues(new Uint8Array(3))]
-    .map((byte) => byte.toString(16).padStart(2, "0")).join("");
-  const agentId = `${host}-${random}`;
-  await Deno.mkdir(paths.root, { recursive: true });
-  await writeJsonAtomic(paths.identity, { agentId });
-  return agentId;
-}
-
-/** A result waiting for its acknowledgement, as the outbox keeps it. */
-export interface OutboxEntry {
-  attemptId: string;
-  /** core/model.ts `AttemptResult` as JSON. */
-  resultJson: string;
-  atMs: number;
-}
-
-/**
- * The durable outbox of results: one file per result, written before it is
- * sent and removed when the server acknowledges it.
- */
-export class Outbox {
-  readonly #dir: string;
-  readonly #entries = new Map<string, OutboxEntry>();
-
-  /** An outbox in `dir`; call {@link load} before use. */
-  constructor(dir: string) {
-    this.#dir = dir;
-  }
-
-  /** Reads what an earlier process left; unreadable files are skipped. */
-  async load(): Promise<OutboxEntry[]> {
-    await Deno.mkdir(this.#dir, { recursive: true });
-    for await (const file of Deno.readDir(this.#dir)) {
-      if (!file.isFile || !file.name.endsWith(".json")) continue;
-      try {
-        const entry = JSON.parse(await Deno.readTextFile(`${this.#dir}/${file.name}`));
-        if (typeof entry?.attemptId === "string" && typeof entry.resultJson === "string") {
-          this.#entries.set(entry.attemptId, entry);
-        }
-      } catch {
-        // A torn write cannot happen (writes are atomic); anything else is not ours.
-      }
-    }
-    return this.entries();
-  }
-
-  /** Records a result durably. */
-  async add(entry: OutboxEntry): Promise<void> {
-    await writeJsonAtomic(this.#path(entry.attemptId), entry);
-    this.#entries.set(entry.attemptId, entry);
-  }
-
-  /** Forgets an acknowledged result; false when it was not there. */
-  async remove(attemptId: string): Promise<boolean> {
-    if (!this.#entries.delete(attemptId)) return false;
-    await Deno.remove(this.#path(attemptId)).catch(ignoreNotFound);
-    return true;
-  }
-
-  /** Whether a result for the attempt waits. */
-  has(attemptId: string): boolean {
-    return this.#entries.has(attemptId);
-  }
-
-  /** The results waiting, oldest first. */
-  entries(): OutboxEntry[] {
-    return [...this.#entries.values()].sort((a, b) => a.atMs - b.atMs);
-  }
-
-  #path(attemptId: string): string {
-    return `${this.#dir}/${fileSafe(attemptId)}.json`;
-  }
-}
-
-/** An attempt in flight as `<stateDir>/attempts/<id>.json` records it. */
-interface AttemptRecordFile {
-  attemptId: string;
-  backend: string;
-  /** The spec as started (paths on this agent); holds secret values, so the file is 0600. */
-  spec: AttemptSpec;
-  mask: string[];
-  handle?: string;
-  /**
-   * When the handle is a process id: when that process started (epoch ms), so that a
-   * restart never signals a process that merely reuses the pid.
-   */
-  processStartMs?: number;
-  assignedAt: number;
-}
+export * from "./options.ts";
+export * from "./identity.ts";
+export * from "./outbox.ts";
+export * from "./scratch.ts";
 
 /** One attempt this agent runs. */
 interface ActiveAttempt {
-  record: AttemptRecordFile;
-  masker: Masker;
-  execution?: Execution;
-  /** Set once a stop was asked for: by the server (cancel) or by the agent stopping. */
-  stop?: { by: "server" | "agent"; reason: string };
+  attemptId: string;
+  running: RunningAttempt;
   done: Promise<void>;
 }
 
@@ -455,7 +147,7 @@ class Agent implements RunningAgent {
   readonly #paths: AgentPaths;
   /** Pipeline bundles unpacked (or being unpacked) by this agent, by digest. */
   readonly #bundles = new Map<string, Promise<string>>();
-  readonly #scratchRoot: string;
+  readonly #lifecycle: AttemptLifecycle;
   readonly #slots: number;
   readonly #pool: PluginHostPool;
   readonly #servers: string[];
@@ -495,7 +187,6 @@ class Agent implements RunningAgent {
     this.agentId = context.agentId;
     this.#options = options;
     this.#paths = context.paths;
-    this.#scratchRoot = context.scratchRoot;
     this.#slots = context.slots;
     this.#pool = new PluginHostPool({
       plugins: [...builtinPlugins(), ...(options.plugins ?? [])],
@@ -503,6 +194,13 @@ class Agent implements RunningAgent {
       entryDir: context.paths.hosts,
       onDiagnostic: (backend, text) => this.emit({ type: "diagnostic", backend, text }),
       ...options.hosts,
+    });
+    this.#lifecycle = new AttemptLifecycle({
+      pool: this.#pool,
+      artifacts: options.artifacts,
+      recordsDir: context.paths.attempts,
+      agentId: context.agentId,
+      cancelGraceMs: options.cancelGraceMs,
     });
     this.#servers = [...options.servers];
     this.#outbox = new Outbox(context.paths.outbox);
@@ -570,63 +268,28 @@ class Agent implements RunningAgent {
    */
   async reconcile(): Promise<void> {
     await this.#outbox.load();
-    await Deno.mkdir(this.#paths.attempts, { recursive: true });
-    const left: AttemptRecordFile[] = [];
-    for await (const file of Deno.readDir(this.#paths.attempts)) {
-      if (!file.isFile || !file.name.endsWith(".json")) continue;
-      const path = `${this.#paths.attempts}/${file.name}`;
-      try {
-        const record = JSON.parse(await Deno.readTextFile(path)) as AttemptRecordFile;
-        // Finished before the restart: its result is in the outbox.
-        if (this.#outbox.has(record.attemptId)) await Deno.remove(path).catch(ignoreNotFound);
-        else left.push(record);
-      } catch {
-        await Deno.remove(path).catch(ignoreNotFound);
-      }
+    const left: AttemptRecord[] = [];
+    for (const record of await this.#lifecycle.records()) {
+      // Finished before the restart: its result is in the outbox.
+      if (this.#outbox.has(record.attemptId)) await this.#lifecycle.forget(record.attemptId);
+      else left.push(record);
     }
-    const byBackend = new Map<string, AttemptRecordFile[]>();
-    for (const record of left) {
-      if (!this.#pool.source(record.backend)) continue;
-      byBackend.set(record.backend, [...(byBackend.get(record.backend) ?? []), record]);
+    const { reattached, lost } = await this.#lifecycle.recover({
+      agentId: this.agentId,
+      records: left,
+      onDiagnostic: (backend, text) => this.emit({ type: "diagnostic", backend, text }),
+    });
+    for (const { record, execution } of reattached) {
+      this.emit({ type: "recovered", attemptId: record.attemptId });
+      this.#supervise(record, execution);
     }
-    const recovered = new Map<string, Execution>();
-    await Promise.all([...byBackend].map(async ([backend, records]) => {
-      const keep = records.map((record) => record.attemptId);
-      // Handles let the process backends, which cannot find their steps
-      // again, kill the process groups the dead agent left.
-      const handles: string[] = [];
-      for (const record of records) {
-        if (await stillOurs(record)) handles.push(record.handle!);
-      }
-      try {
-        const found = await this.#pool.backend(backend).recover({
-          agentId: this.agentId,
-          keep,
-          handles,
-        });
-        for (const { attemptId, execution } of found) {
-          if (keep.includes(attemptId) && !recovered.has(attemptId)) {
-            recovered.set(attemptId, execution);
-          } else await execution.cleanup().catch(() => {});
-        }
-      } catch (error) {
-        this.emit({ type: "diagnostic", backend, text: `recover failed: ${messageOf(error)}` });
-      }
-    }));
-    for (const record of left) {
-      const execution = recovered.get(record.attemptId);
-      if (execution) {
-        this.emit({ type: "recovered", attemptId: record.attemptId });
-        this.#supervise(record, execution);
-      } else {
-        // The server learns of it from Hello, which does not list it.
-        await Deno.remove(this.#recordPath(record.attemptId)).catch(ignoreNotFound);
-        this.emit({
-          type: "lost",
-          attemptId: record.attemptId,
-          reason: "its backend could not re-attach to it after the agent restarted",
-        });
-      }
+    for (const record of lost) {
+      // The server learns of it from Hello, which does not list it.
+      this.emit({
+        type: "lost",
+        attemptId: record.attemptId,
+        reason: "its backend could not re-attach to it after the agent restarted",
+      });
     }
   }
 
@@ -924,28 +587,91 @@ class Agent implements RunningAgent {
         .catch((error) => this.#failed(error));
       return;
     }
-    const record: AttemptRecordFile = {
-      attemptId,
-      backend,
-      spec: this.#attemptSpec(attemptId, spec),
-      mask: assignment.mask,
-      assignedAt: Date.now(),
-    };
-    const active: ActiveAttempt = {
-      record,
-      masker: new Masker(assignment.mask),
-      done: Promise.resolve(),
-    };
-    this.#active.set(attemptId, active);
     let bundle: PipelineBundle | undefined;
     if (assignment.bundleJson) {
       try {
         bundle = JSON.parse(assignment.bundleJson) as PipelineBundle;
       } catch {
-        // Reported below: the step finds no bundle.
+        // Reported when the step looks for it: it finds no bundle.
       }
     }
-    active.done = this.#run(active, spec, bundle).catch((error) => this.#failed(error));
+    const job: AttemptJob = {
+      runId: spec.runId,
+      stepId: spec.stepId,
+      attemptId,
+      attempt: spec.attempt,
+      backend,
+      config: spec.config ?? {},
+      baseDir: spec.baseDir ?? "",
+      inputs: spec.inputs ?? {},
+      outputs: spec.outputs ?? [],
+      env: spec.env ?? {},
+      mask: assignment.mask,
+      matrix: spec.matrix ?? {},
+      ...(spec.timeoutMs !== undefined ? { timeoutMs: spec.timeoutMs } : {}),
+      ...(spec.resources ? { resources: spec.resources } : {}),
+    };
+    const running = this.#lifecycle.run(job, this.#sink(attemptId), {
+      resolveBaseDir: () => this.#baseDir(job, spec.bundleDigest, bundle),
+    });
+    this.#track(running);
+  }
+
+  /** Keeps an attempt as running until its result is delivered. */
+  #track(running: RunningAttempt): void {
+    const active: ActiveAttempt = {
+      attemptId: running.attemptId,
+      running,
+      done: Promise.resolve(),
+    };
+    this.#active.set(running.attemptId, active);
+    active.done = running.result
+      .then((result) => this.#deliver(running.attemptId, result))
+      .catch((error) => this.#failed(error));
+  }
+
+  /** Where an attempt's start and masked output go: the stream to the server. */
+  #sink(attemptId: string): AttemptSink {
+    return {
+      onStarted: (handle) => {
+        this.#enqueue({ started: { attemptId, handle, atMs: Date.now() } });
+        this.emit({ type: "started", attemptId, handle });
+      },
+      onLog: ({ stream, text }) => this.#enqueue({ log: { attemptId, stream, text } }),
+    };
+  }
+
+  /**
+   * The directory an attempt runs in. A run that shipped its pipeline
+   * directory runs in the copy unpacked here (once per digest), wherever
+   * the submitter kept it; otherwise in the server's pipeline directory if
+   * this machine has it, else in the attempt's own work directory (a deno
+   * step's module must then be there to be found).
+   */
+  async #baseDir(
+    job: AttemptJob,
+    bundleDigest: string | undefined,
+    bundle: PipelineBundle | undefined,
+  ): Promise<string> {
+    if (bundleDigest) {
+      const root = `${this.#paths.root}/bundles`;
+      // Only the first assignment of a run on a stream carries the bundle;
+      // the others wait for its unpacking.
+      if (bundle?.digest === bundleDigest && !this.#bundles.has(bundle.digest)) {
+        const unpacking = unpackBundle(bundle, root);
+        this.#bundles.set(bundle.digest, unpacking);
+        unpacking.catch(() => this.#bundles.delete(bundle.digest));
+      }
+      const unpacking = this.#bundles.get(bundleDigest);
+      if (unpacking) return await unpacking;
+      const dir = bundleDir(root, bundleDigest);
+      if (await isDirectory(dir)) return dir;
+      throw new BundleError(
+        `Expected the pipeline bundle ${bundleDigest} from the server; it did not come`,
+      );
+    }
+    if (job.baseDir && await isDirectory(job.baseDir)) return job.baseDir;
+    return this.#lifecycle.workDirOf(job);
   }
 
   /** The agent's own disk failed it (the outbox cannot be written): say so loudly. */
@@ -983,155 +709,9 @@ class Agent implements RunningAgent {
     return undefined;
   }
 
-  /** The backend spec of an assignment, with this agent's scratch paths filled in. */
-  #attemptSpec(attemptId: string, spec: AssignmentSpec): AttemptSpec {
-    const workDir = `${this.#scratchRoot}/${fileSafe(spec.runId)}/${fileSafe(spec.stepId)}/${
-      fileSafe(String(spec.attempt))
-    }`;
-    return {
-      ...spec,
-      attemptId,
-      agentId: this.agentId,
-      scratchRoot: this.#scratchRoot,
-      baseDir: spec.baseDir ?? workDir,
-      workDir,
-      inputsDir: `${workDir}/in`,
-      outputsDir: `${workDir}/out`,
-      // Filled in once the artifacts are fetched.
-      inputs: {},
-      config: spec.config ?? {},
-      outputs: spec.outputs ?? [],
-      env: spec.env ?? {},
-    };
-  }
-
-  /** Runs an assigned attempt: inputs, start, then {@link #finish}. */
-  async #run(
-    active: ActiveAttempt,
-    assigned: AssignmentSpec,
-    bundle?: PipelineBundle,
-  ): Promise<void> {
-    const { record } = active;
-    try {
-      const spec = record.spec;
-      await Deno.mkdir(spec.outputsDir, { recursive: true });
-      await Deno.mkdir(spec.inputsDir!, { recursive: true });
-      if (assigned.bundleDigest) {
-        // The run shipped its pipeline directory: steps run in the copy
-        // unpacked here (once per digest), wherever the submitter kept it.
-        const root = `${this.#paths.root}/bundles`;
-        const dir = bundleDir(root, assigned.bundleDigest);
-        // Only the first assignment of a run on a stream carries the bundle;
-        // the others wait for its unpacking.
-        if (bundle?.digest === assigned.bundleDigest && !this.#bundles.has(bundle.digest)) {
-          const unpacking = unpackBundle(bundle, root);
-          this.#bundles.set(bundle.digest, unpacking);
-          unpacking.catch(() => this.#bundles.delete(bundle.digest));
-        }
-        const unpacking = this.#bundles.get(assigned.bundleDigest);
-        if (unpacking) {
-          spec.baseDir = await unpacking;
-        } else if (await isDirectory(dir)) {
-          spec.baseDir = dir;
-        } else {
-          throw new BundleError(
-            `Expected the pipeline bundle ${assigned.bundleDigest} from the server; it did not come`,
-          );
-        }
-      } else if (!(await isDirectory(spec.baseDir))) {
-        // The pipeline directory is the server's; an agent on another machine
-        // may not have it. Relative paths then resolve in the attempt's work
-        // directory (a deno step's module must be there to be found).
-        spec.baseDir = spec.workDir;
-      }
-      spec.inputs = await materializeInputs(
-        this.#options.artifacts,
-        assigned.inputs ?? {},
-        spec.inputsDir!,
-      );
-      if (active.stop) return await this.#deliver(record.attemptId, stoppedResult(active.stop));
-      // Recorded before anything starts: a restarted agent then knows
-      // every execution it may have left behind.
-      await this.#saveRecord(record);
-      const execution = await this.#pool.backend(record.backend).start(spec);
-      active.execution = execution;
-      record.handle = execution.handle;
-      // When the process started guards a later reap against a reused pid
-      // (checked against ps(1) then, not spawned for now: it costs a process).
-      if (/^\d+$/.test(execution.handle)) record.processStartMs = Date.now();
-      await this.#saveRecord(record);
-      this.#enqueue({
-        started: { attemptId: record.attemptId, handle: execution.handle, atMs: Date.now() },
-      });
-      this.emit({ type: "started", attemptId: record.attemptId, handle: execution.handle });
-      if (active.stop) execution.cancel(this.#graceMs()).catch(() => {});
-      await this.#finish(active, execution);
-    } catch (error) {
-      await this.#deliver(record.attemptId, {
-        ok: false,
-        errorClass: errorClassOf(error),
-        message: active.masker.mask(messageOf(error)),
-      });
-    }
-  }
-
   /** Supervises an execution a backend re-attached after a restart. */
-  #supervise(record: AttemptRecordFile, execution: Execution): void {
-    const active: ActiveAttempt = {
-      record,
-      masker: new Masker(record.mask),
-      execution,
-      done: Promise.resolve(),
-    };
-    this.#active.set(record.attemptId, active);
-    active.done = this.#finish(active, execution).catch(async (error) => {
-      await this.#deliver(record.attemptId, {
-        ok: false,
-        errorClass: errorClassOf(error),
-        message: active.masker.mask(messageOf(error)),
-      });
-    }).catch((error) => this.#failed(error));
-  }
-
-  /** Streams an execution's logs, waits for its end, stores its outputs and reports. */
-  async #finish(active: ActiveAttempt, execution: Execution): Promise<void> {
-    const { record } = active;
-    const attemptId = record.attemptId;
-    let cleaned: Promise<void> | undefined;
-    try {
-      const logsDone = (async () => {
-        for await (const { stream, text } of maskedLogs(execution.logs, active.masker)) {
-          this.#enqueue({ log: { attemptId, stream, text } });
-        }
-      })();
-      const exit = await execution.wait();
-      await logsDone;
-      // Released while the outputs are stored; the attempt ends after both.
-      cleaned = execution.cleanup().catch(() => {});
-      const failure = failureOf(exit, active.masker);
-      if (failure && active.stop) {
-        return await this.#deliver(attemptId, {
-          ...stoppedResult(active.stop),
-          ...(exit.usage ? { usage: exit.usage } : {}),
-        });
-      }
-      if (failure) return await this.#deliver(attemptId, failure);
-      const outputs = await collectOutputs(this.#options.artifacts, {
-        ...record.spec,
-        attemptId,
-      });
-      await this.#deliver(attemptId, {
-        ok: true,
-        exitCode: 0,
-        outputs,
-        ...(exit.usage ? { usage: exit.usage } : {}),
-      });
-      // The outputs are in the artifact store now; a failed attempt's
-      // scratch directory is kept for inspection.
-      await Deno.remove(record.spec.workDir, { recursive: true }).catch(() => {});
-    } finally {
-      await cleaned;
-    }
+  #supervise(record: AttemptRecord, execution: Execution): void {
+    this.#track(this.#lifecycle.adopt(record, execution, this.#sink(record.attemptId)));
   }
 
   /**
@@ -1141,7 +721,7 @@ class Agent implements RunningAgent {
   async #deliver(attemptId: string, result: ModelResult): Promise<void> {
     const entry: OutboxEntry = { attemptId, resultJson: JSON.stringify(result), atMs: Date.now() };
     await this.#outbox.add(entry);
-    await Deno.remove(this.#recordPath(attemptId)).catch(ignoreNotFound);
+    await this.#lifecycle.forget(attemptId);
     this.#active.delete(attemptId);
     this.emit({
       type: "finished",
@@ -1160,21 +740,11 @@ class Agent implements RunningAgent {
       reason: cancel.reason,
       known: active !== undefined,
     });
-    if (!active || active.stop) return;
-    active.stop = { by: "server", reason: cancel.reason || "cancelled by the server" };
-    active.execution?.cancel(this.#graceMs()).catch(() => {});
-  }
-
-  #graceMs(): number {
-    return this.#options.cancelGraceMs ?? DEFAULT_CANCEL_GRACE_MS;
-  }
-
-  async #saveRecord(record: AttemptRecordFile): Promise<void> {
-    await writeJsonAtomic(this.#recordPath(record.attemptId), record, { mode: 0o600 });
-  }
-
-  #recordPath(attemptId: string): string {
-    return `${this.#paths.attempts}/${fileSafe(attemptId)}.json`;
+    active?.running.stop(
+      cancel.reason === "timeout"
+        ? { kind: "timeout" }
+        : { kind: "cancel", message: cancel.reason || "cancelled by the server" },
+    );
   }
 
   // -------------------------------------------------------------------------
@@ -1210,9 +780,10 @@ class Agent implements RunningAgent {
   /** Cancels every attempt still running (reported as infrastructure failures). */
   #cancelActive(): void {
     for (const active of this.#active.values()) {
-      if (active.stop) continue;
-      active.stop = { by: "agent", reason: "the agent stopped before the attempt ended" };
-      active.execution?.cancel(this.#graceMs()).catch(() => {});
+      active.running.stop({
+        kind: "shutdown",
+        message: "the agent stopped before the attempt ended",
+      });
     }
   }
 
@@ -1283,73 +854,6 @@ function parseAssignmentSpec(json: string): AssignmentSpec {
   return spec;
 }
 
-function stoppedResult(stop: NonNullable<ActiveAttempt["stop"]>): ModelResult {
-  if (stop.by === "agent") {
-    // Not the step's failure: it runs again elsewhere without using its retries.
-    return { ok: false, errorClass: "infrastructure", message: stop.reason, lost: true };
-  }
-  const timedOut = stop.reason === "timeout";
-  return {
-    ok: false,
-    errorClass: timedOut ? "timeout" : "cancelled",
-    message: timedOut ? "the step ran past its timeout" : `cancelled: ${stop.reason}`,
-  };
-}
-
-/** Writes JSON to a temporary file and renames it over `path`: readers never see half a file. */
-async function writeJsonAtomic(
-  path: string,
-  value: unknown,
-  options: { mode?: number } = {},
-): Promise<void> {
-  const temporary = `${path}.${crypto.randomUUID().slice(0, 8)}.tmp`;
-  await Deno.writeTextFile(temporary, JSON.stringify(value), { mode: options.mode });
-  await Deno.rename(temporary, path);
-}
-
-/**
- * The start time of the process a handle names, when the handle is a
- * process id (process backends); undefined otherwise or when `ps` cannot
- * tell (Deno guards `/proc` behind --allow-all).
- */
-/** When the process `handle` (a pid) started, by ps(1), in epoch ms; undefined if it is gone. */
-async function processStartOf(handle: string): Promise<number | undefined> {
-  if (!/^\d+$/.test(handle)) return undefined;
-  try {
-    const output = await new Deno.Command("ps", {
-      args: ["-p", handle, "-o", "lstart="],
-      env: { LC_ALL: "C", TZ: "UTC" },
-      stdout: "piped",
-      stderr: "null",
-    }).output();
-    const text = new TextDecoder().decode(output.stdout).trim();
-    if (!text) return undefined;
-    // "Tue Nov 24 20:39:22 2026", in UTC as asked.
-    const parsed = Date.parse(`${text.replace(/\s+/g, " ")} UTC`);
-    return Number.isNaN(parsed) ? undefined : parsed;
-  } catch {
-    return undefined;
-  }
-}
-
-/** How far ps(1)'s start time (whole seconds) may be from the recorded one. */
-const PROCESS_START_SLACK_MS = 3_000;
-
-/**
- * Whether a recorded handle may be handed to `recover` for reaping: any
- * non-process handle (a container id), or a process id that still names the
- * process the attempt started (not one that reuses the pid, after a reboot
- * say): its start time matches the one recorded when it was started.
- */
-async function stillOurs(record: AttemptRecordFile): Promise<boolean> {
-  if (!record.handle) return false;
-  if (!/^\d+$/.test(record.handle)) return true;
-  if (record.processStartMs === undefined) return false;
-  const started = await processStartOf(record.handle);
-  return started !== undefined &&
-    Math.abs(started - record.processStartMs) <= PROCESS_START_SLACK_MS;
-}
-
 async function isDirectory(path: string): Promise<boolean> {
   try {
     return (await Deno.stat(path)).isDirectory;
@@ -1358,51 +862,10 @@ async function isDirectory(path: string): Promise<boolean> {
   }
 }
 
-function ignoreNotFound(error: unknown): void {
-  if (!(error instanceof Deno.errors.NotFound)) throw error;
-}
-
 function messageOf(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
 function printJsonLine(fields: Record<string, unknown>): void {
   console.error(JSON.stringify(fields));
-}
-
-/** Resolves after `ms`, or at once when `signal` aborts. */
-function abortableDelay(ms: number, signal: AbortSignal): Promise<void> {
-  if (signal.aborted) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    signal.addEventListener("abort", done, { once: true });
-  });
-}
-
-/**
- * Removes the scratch directories of runs (`<scratch>/<run>`) not modified
- * within `retentionMs`: what failed attempts left for inspection. Returns
- * the names removed.
- */
-export async function sweepScratch(scratchRoot: string, retentionMs: number): Promise<string[]> {
-  const removed: string[] = [];
-  const cutoff = Date.now() - retentionMs;
-  for await (const entry of Deno.readDir(scratchRoot)) {
-    if (!entry.isDirectory) continue;
-    const path = `${scratchRoot}/${entry.name}`;
-    try {
-      const info = await Deno.stat(path);
-      if ((info.mtime?.getTime() ?? Date.now()) >= cutoff) continue;
-      await Deno.remove(path, { recursive: true });
-      removed.push(entry.name);
-    } catch {
-      // Gone already, or not ours to remove: the next start tries again.
-    }
-  }
-  return removed;
 }

@@ -3,12 +3,12 @@ import { agentPaths, loadAgentId, Outbox } from "./mod.ts";
 import {
   errorClassOf,
   failureOf,
-  fileSafe,
   inputArtifacts,
   maskedLogs,
   materializeInputs,
 } from "../attempt/io.ts";
 import { Masker } from "../../core/secrets.ts";
+import { fileSafe } from "../../core/_paths.ts";
 import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
 import type { LogChunk } from "../../backends/backend.ts";
 import { PluginPermissionError } from "../../backends/plugin_host.ts";

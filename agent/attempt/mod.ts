@@ -1,0 +1,438 @@
+/**
+ * The one attempt lifecycle, whichever driver runs it (local mode or a
+ * cluster agent):
+ *
+ * 1. make the attempt's scratch directories and fetch its inputs from the
+ *    artifact store (digests verified);
+ * 2. record it durably (`<stateDir>/attempts/<id>.json`), start it on its
+ *    backend, and record the backend's handle;
+ * 3. stream its output, masked line by line, to the driver;
+ * 4. wait for its end, release what the backend holds, put its outputs into
+ *    the store and turn all of it into one `AttemptResult`.
+ *
+ * The record is what makes a killed runner safe: whoever starts next asks
+ * the backends to {@link AttemptLifecycle.recover} every recorded attempt —
+ * re-attach what can be re-attached, reap the rest — so an attempt's side
+ * effects never run twice beside each other. A driver {@link forget}s an
+ * attempt once its result is durable on the driver's side.
+ *
+ * What differs between the drivers stays with them: local mode's cache and
+ * log files, the agent's outbox and stream.
+ *
+ * @module
+ */
+
+import type { ArtifactStore } from "../../core/artifacts/store.ts";
+import type { AttemptResult, InputLocator, Resources } from "../../core/model.ts";
+import { Masker } from "../../core/secrets.ts";
+import { fileSafe } from "../../core/_paths.ts";
+import type { PluginHostPool } from "../../backends/mod.ts";
+import {
+  type AttemptSpec,
+  DEFAULT_CANCEL_GRACE_MS,
+  type Execution,
+} from "../../backends/backend.ts";
+import {
+  collectOutputs,
+  errorClassOf,
+  failureOf,
+  maskedLogs,
+  type MaskedText,
+  materializeInputs,
+} from "./io.ts";
+
+/** Everything a driver decides about an attempt before it runs. */
+export interface AttemptJob {
+  runId: string;
+  stepId: string;
+  attemptId: string;
+  /** 1-based attempt number. */
+  attempt: number;
+  backend: string;
+  config: Record<string, unknown>;
+  /** Pipeline directory (absolute); resolved by `resolveBaseDir` when the driver must fetch it. */
+  baseDir: string;
+  inputs: Record<string, InputLocator>;
+  outputs: string[];
+  /** Env including resolved secret values. */
+  env: Record<string, string>;
+  /** Secret values, masked in every log line and message. */
+  mask: string[];
+  matrix: Record<string, string | number | boolean>;
+  timeoutMs?: number;
+  resources?: Resources;
+}
+
+/** Why a driver stops an attempt; it decides the result the attempt ends with. */
+export type StopReason =
+  /** The run's engine timed the step out. */
+  | { kind: "timeout" }
+  /** A user (or the engine, for a cancelled run) cancelled it. */
+  | { kind: "cancel"; message: string }
+  /** The runner itself goes away: not the step's fault, it runs again without using a retry. */
+  | { kind: "shutdown"; message: string };
+
+/** What a driver hears of a running attempt. */
+export interface AttemptSink {
+  /** The backend started it; `handle` is the backend's own (opaque) name for it. */
+  onStarted?(handle: string): void;
+  /** A masked piece of its output: whole lines, except at the very end. */
+  onLog(text: MaskedText): void | Promise<void>;
+}
+
+/** An attempt in flight. */
+export interface RunningAttempt {
+  readonly attemptId: string;
+  /** Settles with the attempt's result; never rejects. */
+  readonly result: Promise<AttemptResult>;
+  /** Stops it: the backend gets a cancel, and the result says why (see {@link StopReason}). */
+  stop(reason: StopReason): void;
+  /** Whether a stop was asked for. */
+  readonly stopped: boolean;
+}
+
+/** An attempt as `<stateDir>/attempts/<id>.json` records it. */
+export interface AttemptRecord {
+  attemptId: string;
+  backend: string;
+  /** The spec as started (paths on this host); holds secret values, so the file is 0600. */
+  spec: AttemptSpec;
+  mask: string[];
+  /** The backend's handle, once started; opaque here, read only by its backend. */
+  handle?: string;
+  recordedAt: number;
+}
+
+/** Options of {@link AttemptLifecycle}. */
+export interface AttemptLifecycleOptions {
+  /** Backends, in their sandboxed plugin hosts. */
+  pool: PluginHostPool;
+  /** Where inputs are fetched from and outputs put. */
+  artifacts: ArtifactStore;
+  /** Directory of the attempt records (created if missing). */
+  recordsDir: string;
+  /** Agent id the backends label what they start with (`local-<run>` in local mode). */
+  agentId: string | ((job: AttemptJob) => string);
+  /** Grace of a stopped attempt before it is killed (default {@link DEFAULT_CANCEL_GRACE_MS}). */
+  cancelGraceMs?: number;
+}
+
+/** What {@link AttemptLifecycle.recover} found. */
+export interface RecoveredAttempts {
+  /** Attempts their backend re-attached: supervise them with {@link AttemptLifecycle.adopt}. */
+  reattached: Array<{ record: AttemptRecord; execution: Execution }>;
+  /** Attempts whose processes are gone or were reaped: run them again. */
+  lost: AttemptRecord[];
+}
+
+/**
+ * Runs attempts end to end on the backends of one plugin host pool, and
+ * recovers what an earlier runner recorded.
+ */
+export class AttemptLifecycle {
+  readonly #options: AttemptLifecycleOptions;
+  readonly #recordsDir: string;
+  #recordsReady: Promise<void> | undefined;
+
+  /** A lifecycle over `options.pool` and `options.artifacts`. */
+  constructor(options: AttemptLifecycleOptions) {
+    this.#options = options;
+    this.#recordsDir = options.recordsDir;
+  }
+
+  /** The pool's scratch root: every attempt's work directory lies below it. */
+  get scratchRoot(): string {
+    return this.#options.pool.context.scratchRoot;
+  }
+
+  /** The attempt's scratch directory: `<scratch>/<run>/<step>/<attempt>`. */
+  workDirOf(job: Pick<AttemptJob, "runId" | "stepId" | "attempt">): string {
+    return `${this.scratchRoot}/${fileSafe(job.runId)}/${fileSafe(job.stepId)}/${job.attempt}`;
+  }
+
+  /**
+   * Starts an attempt. `resolveBaseDir`, when given, is awaited first and
+   * its answer replaces `job.baseDir` (an agent unpacking the run's
+   * pipeline directory, say).
+   */
+  run(
+    job: AttemptJob,
+    sink: AttemptSink,
+    options: { resolveBaseDir?: () => Promise<string> } = {},
+  ): RunningAttempt {
+    const attempt = new Attempt(this.#graceMs(), new Masker(job.mask));
+    attempt.result = this.#run(attempt, job, sink, options.resolveBaseDir)
+      .catch((error) => attempt.failure(error));
+    return attempt.handle(job.attemptId);
+  }
+
+  /** Supervises an execution a backend re-attached after a restart. */
+  adopt(record: AttemptRecord, execution: Execution, sink: AttemptSink): RunningAttempt {
+    const attempt = new Attempt(this.#graceMs(), new Masker(record.mask));
+    attempt.execution = execution;
+    attempt.result = this.#finish(attempt, record.spec, execution, sink)
+      .catch((error) => attempt.failure(error));
+    return attempt.handle(record.attemptId);
+  }
+
+  /**
+   * Reads every attempt record, and asks each backend with records (and
+   * each of `alsoAsk`, which may have left attempts no record names, like a
+   * container started just before a crash) to recover: attempts in `keep`
+   * that are still running come back re-attached; everything else the
+   * backend finds of `agentId` is reaped, and so are the recorded handles
+   * it cannot re-attach (a process group left by a killed runner). A
+   * backend that fails to answer recovers nothing; its attempts count as
+   * lost. Records of lost attempts are removed.
+   */
+  async recover(options: {
+    agentId: string;
+    records: AttemptRecord[];
+    /** Attempts wanted back; default: every record. */
+    keep?: string[];
+    alsoAsk?: string[];
+    onDiagnostic?: (backend: string, text: string) => void;
+  }): Promise<RecoveredAttempts> {
+    const pool = this.#options.pool;
+    const keep = new Set(options.keep ?? options.records.map((record) => record.attemptId));
+    const byBackend = new Map<string, AttemptRecord[]>();
+    for (const name of options.alsoAsk ?? []) {
+      if (pool.source(name)) byBackend.set(name, []);
+    }
+    for (const record of options.records) {
+      if (!pool.source(record.backend)) continue;
+      byBackend.set(record.backend, [...(byBackend.get(record.backend) ?? []), record]);
+    }
+    const reattached = new Map<string, Execution>();
+    await Promise.all([...byBackend].map(async ([backend, records]) => {
+      try {
+        const found = await pool.backend(backend).recover({
+          agentId: options.agentId,
+          keep: records.map((record) => record.attemptId).filter((id) => keep.has(id)),
+          handles: records.flatMap((record) => record.handle ? [record.handle] : []),
+        });
+        for (const { attemptId, execution } of found) {
+          if (keep.has(attemptId) && !reattached.has(attemptId)) {
+            reattached.set(attemptId, execution);
+          } else await execution.cleanup().catch(() => {});
+        }
+      } catch (error) {
+        options.onDiagnostic?.(backend, `recover failed: ${messageOf(error)}`);
+      }
+    }));
+    const result: RecoveredAttempts = { reattached: [], lost: [] };
+    for (const record of options.records) {
+      const execution = reattached.get(record.attemptId);
+      if (execution) result.reattached.push({ record, execution });
+      else {
+        await this.forget(record.attemptId);
+        result.lost.push(record);
+      }
+    }
+    return result;
+  }
+
+  /** The attempt records left in the records directory (unreadable ones are removed). */
+  async records(filter?: (record: AttemptRecord) => boolean): Promise<AttemptRecord[]> {
+    await this.#ensureRecordsDir();
+    const records: AttemptRecord[] = [];
+    for await (const file of Deno.readDir(this.#recordsDir)) {
+      if (!file.isFile || !file.name.endsWith(".json")) continue;
+      const path = `${this.#recordsDir}/${file.name}`;
+      try {
+        const record = JSON.parse(await Deno.readTextFile(path)) as AttemptRecord;
+        if (typeof record?.attemptId !== "string" || typeof record.backend !== "string") {
+          throw new Error("not an attempt record");
+        }
+        if (!filter || filter(record)) records.push(record);
+      } catch {
+        // Writes are atomic: what does not parse is not ours.
+        await Deno.remove(path).catch(() => {});
+      }
+    }
+    return records.sort((a, b) => a.recordedAt - b.recordedAt);
+  }
+
+  /** Removes an attempt's record: call once its result is durable on the driver's side. */
+  async forget(attemptId: string): Promise<void> {
+    await Deno.remove(this.#recordPath(attemptId)).catch((error) => {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+    });
+  }
+
+  async #run(
+    attempt: Attempt,
+    job: AttemptJob,
+    sink: AttemptSink,
+    resolveBaseDir?: () => Promise<string>,
+  ): Promise<AttemptResult> {
+    const workDir = this.workDirOf(job);
+    const inputsDir = `${workDir}/in`;
+    const outputsDir = `${workDir}/out`;
+    await Deno.mkdir(outputsDir, { recursive: true });
+    const baseDir = resolveBaseDir ? await resolveBaseDir() : job.baseDir;
+    const inputs = await materializeInputs(this.#options.artifacts, job.inputs, inputsDir);
+    if (attempt.stopReason) return stoppedResult(attempt.stopReason);
+    const agentId = typeof this.#options.agentId === "function"
+      ? this.#options.agentId(job)
+      : this.#options.agentId;
+    const spec: AttemptSpec = {
+      agentId,
+      scratchRoot: this.scratchRoot,
+      runId: job.runId,
+      stepId: job.stepId,
+      attemptId: job.attemptId,
+      attempt: job.attempt,
+      config: job.config,
+      baseDir,
+      workDir,
+      inputs,
+      inputsDir,
+      outputsDir,
+      outputs: job.outputs,
+      env: job.env,
+      matrix: job.matrix,
+      ...(job.timeoutMs !== undefined ? { timeoutMs: job.timeoutMs } : {}),
+      ...(job.resources ? { resources: job.resources } : {}),
+    };
+    // Recorded before anything starts: a runner that dies from here on
+    // leaves a record that names the backend (and, once known, the handle).
+    const record: AttemptRecord = {
+      attemptId: job.attemptId,
+      backend: job.backend,
+      spec,
+      mask: job.mask,
+      recordedAt: Date.now(),
+    };
+    await this.#save(record);
+    const execution = await this.#options.pool.backend(job.backend).start(spec);
+    attempt.execution = execution;
+    record.handle = execution.handle;
+    await this.#save(record);
+    sink.onStarted?.(execution.handle);
+    if (attempt.stopReason) attempt.cancel();
+    return await this.#finish(attempt, spec, execution, sink);
+  }
+
+  /** Streams an execution's logs, waits for its end, stores its outputs: its result. */
+  async #finish(
+    attempt: Attempt,
+    spec: AttemptSpec,
+    execution: Execution,
+    sink: AttemptSink,
+  ): Promise<AttemptResult> {
+    let released: Promise<void> | undefined;
+    try {
+      const logsDone = (async () => {
+        for await (const text of maskedLogs(execution.logs, attempt.masker)) await sink.onLog(text);
+      })();
+      const exit = await execution.wait();
+      await logsDone;
+      // Released while the outputs are stored; the attempt ends after both.
+      released = execution.cleanup().catch(() => {});
+      const failure = failureOf(exit, attempt.masker);
+      if (failure && attempt.stopReason) {
+        return {
+          ...stoppedResult(attempt.stopReason),
+          ...(exit.usage ? { usage: exit.usage } : {}),
+        };
+      }
+      if (failure) return failure;
+      const outputs = await collectOutputs(this.#options.artifacts, spec);
+      // The outputs are in the artifact store now; a failed attempt's
+      // scratch directory is kept for inspection (swept after the retention period).
+      await Deno.remove(spec.workDir, { recursive: true }).catch(() => {});
+      return { ok: true, exitCode: 0, outputs, ...(exit.usage ? { usage: exit.usage } : {}) };
+    } finally {
+      await released;
+    }
+  }
+
+  #graceMs(): number {
+    return this.#options.cancelGraceMs ?? DEFAULT_CANCEL_GRACE_MS;
+  }
+
+  async #save(record: AttemptRecord): Promise<void> {
+    await this.#ensureRecordsDir();
+    await writeJsonAtomic(this.#recordPath(record.attemptId), record, { mode: 0o600 });
+  }
+
+  #ensureRecordsDir(): Promise<void> {
+    this.#recordsReady ??= Deno.mkdir(this.#recordsDir, { recursive: true });
+    return this.#recordsReady;
+  }
+
+  #recordPath(attemptId: string): string {
+    return `${this.#recordsDir}/${fileSafe(attemptId)}.json`;
+  }
+}
+
+/** The state of one attempt in flight, shared by its run and its handle. */
+class Attempt {
+  execution: Execution | undefined;
+  stopReason: StopReason | undefined;
+  result!: Promise<AttemptResult>;
+
+  constructor(readonly graceMs: number, readonly masker: Masker) {}
+
+  cancel(): void {
+    this.execution?.cancel(this.graceMs).catch(() => {});
+  }
+
+  /** The result of something thrown while preparing, starting or finishing. */
+  failure(error: unknown): AttemptResult {
+    if (this.stopReason) return stoppedResult(this.stopReason);
+    return {
+      ok: false,
+      errorClass: errorClassOf(error),
+      message: this.masker.mask(messageOf(error)),
+    };
+  }
+
+  handle(attemptId: string): RunningAttempt {
+    // deno-lint-ignore no-this-alias
+    const attempt = this;
+    return {
+      attemptId,
+      result: attempt.result,
+      get stopped() {
+        return attempt.stopReason !== undefined;
+      },
+      stop(reason: StopReason) {
+        if (attempt.stopReason) return;
+        attempt.stopReason = reason;
+        attempt.cancel();
+      },
+    };
+  }
+}
+
+/** The result of an attempt stopped on purpose. */
+export function stoppedResult(reason: StopReason): AttemptResult {
+  switch (reason.kind) {
+    case "shutdown":
+      // Not the step's failure: it runs again elsewhere without using its retries.
+      return { ok: false, errorClass: "infrastructure", message: reason.message, lost: true };
+    case "timeout":
+      return { ok: false, errorClass: "timeout", message: "the step ran past its timeout" };
+    case "cancel":
+      return { ok: false, errorClass: "cancelled", message: `cancelled: ${reason.message}` };
+  }
+}
+
+/** Writes JSON to a temporary file and renames it over `path`: readers never see half a file. */
+export async function writeJsonAtomic(
+  path: string,
+  value: unknown,
+  options: { mode?: number } = {},
+): Promise<void> {
+  const temporary = `${path}.${crypto.randomUUID().slice(0, 8)}.tmp`;
+  await Deno.writeTextFile(temporary, JSON.stringify(value), { mode: options.mode });
+  await Deno.rename(temporary, path);
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+export type { MaskedText };

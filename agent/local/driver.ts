@@ -1,0 +1,451 @@
+/**
+ * Local mode's driver of the pure engine, in the manner of an etcd-io/raft
+ * application: feed it an event, persist the step states it changed (one
+ * store transaction), then perform the effects it returned — start an
+ * attempt (through the shared {@link AttemptLifecycle}), stop one, arm a
+ * timer, call a webhook. Persisting before acting is what makes a SIGKILL at
+ * any instant safe: the store never records less than what was acted upon,
+ * so `resume` can always finish the run.
+ *
+ * What is local mode's own: the step cache and the log files.
+ *
+ * @module
+ */
+
+import type { RunEngine } from "../../core/engine.ts";
+import type {
+  AttemptResult,
+  Effect,
+  EngineEvent,
+  Plan,
+  RunStatus,
+  StepState,
+  StepStatus,
+} from "../../core/model.ts";
+import { attemptGets } from "../../core/attempt.ts";
+import { resolveSecrets } from "../../core/secrets.ts";
+import type { PluginHostPool, PoolMetrics } from "../../backends/mod.ts";
+import type {
+  AttemptLifecycle,
+  AttemptRecord,
+  AttemptSink,
+  RunningAttempt,
+  StopReason,
+} from "../attempt/mod.ts";
+import { errorClassOf } from "../attempt/io.ts";
+import type { Execution } from "../../backends/backend.ts";
+import { WakeTimer, WebhookNotifier } from "../effects.ts";
+import { cacheKeyOf, restoreFromCache, saveToCache } from "./cache.ts";
+import {
+  claimRun,
+  localKeys,
+  type LocalState,
+  logPath,
+  persistRun,
+  type RunRecord,
+} from "./state.ts";
+
+/** Longest the run waits, after finishing, for on-failure webhooks still in flight. */
+const WEBHOOK_DRAIN_MS = 15_000;
+
+/** Something a user interface may show while a run goes on. */
+export type RunEvent =
+  | { type: "run"; runId: string; pipeline: string; status: RunStatus; at: number; steps: string[] }
+  | {
+    type: "step";
+    runId: string;
+    stepId: string;
+    status: StepStatus;
+    attempt: number;
+    at: number;
+    reason?: string;
+    cached?: boolean;
+  }
+  | {
+    type: "log";
+    runId: string;
+    stepId: string;
+    attempt: number;
+    stream: "stdout" | "stderr";
+    text: string;
+  }
+  | { type: "webhook"; runId: string; stepId: string; ok: boolean; detail: string };
+
+/** What a finished (or cancelled) run amounts to. */
+export interface RunSummary {
+  runId: string;
+  status: RunStatus;
+  steps: Record<string, StepState>;
+  /** Plugin host counters of the run's pool (cold starts, warm hits). */
+  hosts?: PoolMetrics;
+  startedAt: number;
+  finishedAt: number;
+}
+
+/** What the driver needs besides the plan and the engine. */
+export interface LocalDriverContext {
+  state: LocalState;
+  record: RunRecord;
+  pool: PluginHostPool;
+  lifecycle: AttemptLifecycle;
+  now: () => number;
+  onEvent?: (event: RunEvent) => void;
+  signal?: AbortSignal;
+  /** Where secrets of kind `env` are read. */
+  env?: (name: string) => string | undefined;
+}
+
+/** One attempt in flight. */
+interface ActiveAttempt {
+  stepId: string;
+  attempt: number;
+  /** Set once the engine stopped it: the engine already recorded its outcome. */
+  stopped?: "cancel" | "timeout";
+  running?: RunningAttempt;
+  done: Promise<void>;
+}
+
+/** Drives one run of the engine to its end in this process. */
+export class LocalDriver {
+  readonly #plan: Plan;
+  readonly #engine: RunEngine;
+  readonly #context: LocalDriverContext;
+  readonly #now: () => number;
+  readonly #active = new Map<string, ActiveAttempt>();
+  readonly #wake: WakeTimer;
+  readonly #webhooks: WebhookNotifier;
+  #queue: Promise<void> = Promise.resolve();
+  readonly #pending: Array<{ event: EngineEvent; ignoreFinish: boolean }> = [];
+  #draining = false;
+  #logDirReady?: Promise<unknown>;
+  #finished?: (status: RunStatus) => void;
+  #failed?: (error: unknown) => void;
+
+  /** A driver of `engine` for `plan`. */
+  constructor(plan: Plan, engine: RunEngine, context: LocalDriverContext) {
+    this.#plan = plan;
+    this.#engine = engine;
+    this.#context = context;
+    this.#now = context.now;
+    this.#wake = new WakeTimer(() => this.#submit({ type: "Tick", now: this.#now() }), this.#now);
+    this.#webhooks = new WebhookNotifier((outcome) => this.#emit({ type: "webhook", ...outcome }));
+  }
+
+  /**
+   * Applies `initial` (a Start, or the losses and the Resume of a resumed
+   * run), supervises the attempts a backend re-attached, and drives the run
+   * to its end.
+   */
+  async drive(
+    initial: EngineEvent[],
+    reattached: Array<{ record: AttemptRecord; execution: Execution }> = [],
+  ): Promise<RunSummary> {
+    const { state, record, signal } = this.#context;
+    const store = state.store;
+    const runId = record.runId;
+    const release = await claimRun(store, runId, this.#now());
+    const watchAbort = new AbortController();
+    const finished = new Promise<RunStatus>((resolve, reject) => {
+      this.#finished = resolve;
+      this.#failed = reject;
+    });
+    const onAbort = () => this.#submit({ type: "Cancel", now: this.#now(), reason: "interrupted" });
+    signal?.addEventListener("abort", onAbort, { once: true });
+    this.#watchCancelRequests(watchAbort.signal);
+    try {
+      await persistRun(store, record, this.#engine);
+      this.#emitRun("running");
+      for (const { record, execution } of reattached) this.#adopt(record, execution);
+      // Only the last initial event may finish the run: an AttemptLost
+      // replayed before a Resume can end the run for a moment, and that
+      // passing end is not the outcome.
+      initial.forEach((event, i) => this.#submit(event, i < initial.length - 1));
+      if (signal?.aborted) onAbort();
+      // A run resumed when every step is already terminal finishes at once.
+      this.#submit({ type: "Tick", now: this.#now() });
+      const status = await finished;
+      await this.#queue;
+      // Stopped steps: wait for their processes to be gone before returning.
+      await Promise.allSettled([...this.#active.values()].map((a) => a.done));
+      await this.#webhooks.drain(WEBHOOK_DRAIN_MS);
+      this.#emitRun(status);
+      return {
+        runId,
+        status,
+        steps: structuredClone(this.#engine.state.steps),
+        hosts: this.#context.pool.metrics(),
+        startedAt: this.#engine.state.startedAt ?? record.createdAt,
+        finishedAt: this.#engine.state.finishedAt ?? this.#now(),
+      };
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      watchAbort.abort();
+      this.#wake.clear();
+      await release();
+    }
+  }
+
+  /**
+   * Queues an event. Events are applied in order, and every event that
+   * arrived while the last batch was being persisted is applied as one batch
+   * with one store transaction (group commit): fewer fsyncs, same guarantee.
+   */
+  #submit(event: EngineEvent, ignoreFinish = false): void {
+    this.#pending.push({ event, ignoreFinish });
+    if (!this.#draining) this.#queue = this.#drain();
+  }
+
+  async #drain(): Promise<void> {
+    this.#draining = true;
+    try {
+      while (this.#pending.length > 0) {
+        const batch = this.#pending.splice(0);
+        const effects: Effect[] = [];
+        for (const { event, ignoreFinish } of batch) {
+          for (const effect of this.#engine.step(event).effects) {
+            // Replayed losses before a resume end the run (and may fail steps)
+            // only for a moment: showing or announcing that would mislead.
+            const passing = effect.type === "RunFinished" || effect.type === "StepStatus" ||
+              effect.type === "Notify";
+            if (ignoreFinish && passing) continue;
+            effects.push(effect);
+          }
+        }
+        // Persist before acting: the store never knows less than was done.
+        await persistRun(this.#context.state.store, this.#context.record, this.#engine);
+        for (const effect of effects) this.#perform(effect);
+      }
+    } catch (error) {
+      this.#failed?.(error);
+    } finally {
+      this.#draining = false;
+    }
+  }
+
+  #perform(effect: Effect): void {
+    switch (effect.type) {
+      case "StartAttempt":
+        this.#track(effect.attemptId, effect.stepId, effect.attempt, (active) => {
+          this.#submit({
+            type: "AttemptStarted",
+            stepId: effect.stepId,
+            attemptId: effect.attemptId,
+            now: this.#now(),
+            worker: "local",
+          });
+          return this.#start(active, effect.attemptId);
+        });
+        break;
+      case "StopAttempt": {
+        const active = this.#active.get(effect.attemptId);
+        if (active && !active.stopped) {
+          active.stopped = effect.reason;
+          active.running?.stop(stopReasonOf(effect.reason));
+        }
+        break;
+      }
+      case "WakeAt":
+        this.#wake.arm(effect.at);
+        break;
+      case "Notify":
+        this.#webhooks.notify(effect.webhook, effect.failure);
+        break;
+      case "StepStatus": {
+        const step = this.#engine.state.steps[effect.stepId];
+        this.#emit({
+          type: "step",
+          runId: this.#context.record.runId,
+          stepId: effect.stepId,
+          status: effect.status,
+          attempt: effect.attempt,
+          at: effect.at,
+          reason: effect.reason,
+          cached: step?.cached,
+        });
+        break;
+      }
+      case "RunFinished":
+        this.#finished?.(effect.status);
+        break;
+    }
+  }
+
+  /** Keeps `work` as the attempt's life until it settles. */
+  #track(
+    attemptId: string,
+    stepId: string,
+    attempt: number,
+    work: (active: ActiveAttempt) => Promise<void>,
+  ): void {
+    const active: ActiveAttempt = { stepId, attempt, done: Promise.resolve() };
+    this.#active.set(attemptId, active);
+    active.done = work(active)
+      .catch((error) => this.#failed?.(error))
+      .finally(() => this.#active.delete(attemptId));
+  }
+
+  /** Supervises an attempt a backend re-attached after a runner restart. */
+  #adopt(record: AttemptRecord, execution: Execution): void {
+    const running = this.#engine.runningAttempts().find((a) => a.attemptId === record.attemptId);
+    if (!running) {
+      execution.cleanup().catch(() => {});
+      this.#context.lifecycle.forget(record.attemptId).catch(() => {});
+      return;
+    }
+    this.#track(record.attemptId, running.stepId, record.spec.attempt, async (active) => {
+      const log = await this.#openLog(active);
+      try {
+        active.running = this.#context.lifecycle.adopt(record, execution, log);
+        if (active.stopped) active.running.stop(stopReasonOf(active.stopped));
+        this.#report(active, record.attemptId, await active.running.result);
+      } finally {
+        log.close();
+      }
+    });
+  }
+
+  /** Runs a new attempt: from the cache when it can, on its backend otherwise. */
+  async #start(active: ActiveAttempt, attemptId: string): Promise<void> {
+    const plan = this.#plan;
+    const step = plan.steps[active.stepId];
+    const runId = this.#context.record.runId;
+    const lifecycle = this.#context.lifecycle;
+    let result: AttemptResult;
+    let cacheKey: string | undefined;
+    let log: LogFile | undefined;
+    try {
+      const gets = attemptGets(plan, runId, this.#engine.state.steps, step.id);
+      const secrets = resolveSecrets(plan.secrets, gets.secrets, { env: this.#context.env });
+      if (step.cache) {
+        cacheKey = await cacheKeyOf(step, gets.inputs);
+        const outputs = await restoreFromCache(this.#context.state, cacheKey, {
+          runId,
+          stepId: step.id,
+          attemptId,
+          outputs: step.outputs,
+          dir: `${lifecycle.workDirOf({ runId, stepId: step.id, attempt: active.attempt })}.cached`,
+        });
+        if (outputs) {
+          return this.#report(active, attemptId, { ok: true, exitCode: 0, outputs, cached: true });
+        }
+      }
+      log = await this.#openLog(active);
+      if (active.stopped) return;
+      active.running = lifecycle.run({
+        runId,
+        stepId: step.id,
+        attemptId,
+        attempt: active.attempt,
+        backend: step.backend,
+        config: step.config,
+        baseDir: plan.baseDir,
+        inputs: gets.inputs,
+        outputs: step.outputs,
+        env: { ...gets.env, ...secrets },
+        mask: Object.values(secrets),
+        matrix: step.matrix ?? {},
+        ...(step.timeoutMs !== undefined ? { timeoutMs: step.timeoutMs } : {}),
+        resources: step.resources,
+      }, log);
+      result = await active.running.result;
+    } catch (error) {
+      result = {
+        ok: false,
+        errorClass: errorClassOf(error),
+        message: error instanceof Error ? error.message : String(error),
+      };
+    } finally {
+      log?.close();
+    }
+    if (result.ok && cacheKey && !active.stopped) {
+      await saveToCache(this.#context.state, cacheKey, {
+        runId,
+        stepId: step.id,
+        outputs: result.outputs ?? {},
+      });
+    }
+    this.#report(active, attemptId, result);
+  }
+
+  /** Hands an attempt's result to the engine (unless it stopped it) and forgets its record. */
+  #report(active: ActiveAttempt, attemptId: string, result: AttemptResult): void {
+    // A stopped attempt's outcome is the engine's already.
+    if (!active.stopped) {
+      this.#submit({
+        type: "AttemptExited",
+        stepId: active.stepId,
+        attemptId,
+        now: this.#now(),
+        result,
+      });
+    }
+    this.#context.lifecycle.forget(attemptId).catch(() => {});
+  }
+
+  /** The attempt's log file; its sink writes there and to the run's events. */
+  async #openLog(active: ActiveAttempt): Promise<LogFile> {
+    const { state, record } = this.#context;
+    const { stepId, attempt } = active;
+    this.#logDirReady ??= Deno.mkdir(`${state.paths.logs}/${record.runId}`, { recursive: true });
+    await this.#logDirReady;
+    const file = await Deno.open(logPath(state.paths, record.runId, stepId, attempt), {
+      create: true,
+      append: true,
+    });
+    const encoder = new TextEncoder();
+    let closed = false;
+    return {
+      onLog: async ({ stream, text }) => {
+        if (closed) return;
+        await file.write(encoder.encode(text));
+        this.#emit({ type: "log", runId: record.runId, stepId, attempt, stream, text });
+      },
+      close: () => {
+        if (closed) return;
+        closed = true;
+        file.close();
+      },
+    };
+  }
+
+  #emitRun(status: RunStatus): void {
+    this.#emit({
+      type: "run",
+      runId: this.#context.record.runId,
+      pipeline: this.#plan.name,
+      status,
+      at: this.#now(),
+      steps: this.#plan.order,
+    });
+  }
+
+  #emit(event: RunEvent): void {
+    this.#context.onEvent?.(event);
+  }
+
+  async #watchCancelRequests(signal: AbortSignal): Promise<void> {
+    const store = this.#context.state.store;
+    const key = localKeys.cancel(this.#context.record.runId);
+    try {
+      const revision = await store.revision();
+      for await (const event of store.watch(key, { fromRevision: revision + 1, signal })) {
+        if (event.type === "put") {
+          this.#submit({ type: "Cancel", now: this.#now(), reason: "cancelled by user" });
+        }
+      }
+    } catch (error) {
+      if (!signal.aborted) this.#failed?.(error);
+    }
+  }
+}
+
+/** An attempt's log file as a sink; close it once the attempt has ended. */
+interface LogFile extends AttemptSink {
+  close(): void;
+}
+
+function stopReasonOf(reason: "cancel" | "timeout"): StopReason {
+  return reason === "timeout"
+    ? { kind: "timeout" }
+    : { kind: "cancel", message: "cancelled by user" };
+}

@@ -1,0 +1,69 @@
+/**
+ * An agent's state directory and its id: the id is made once and kept, so
+ * a restarted agent finds what it left (Docker labels its containers with it).
+ *
+ * @module
+ */
+
+import { randomHex } from "../../core/_bytes.ts";
+import { writeJsonAtomic } from "../attempt/mod.ts";
+import { DEFAULT_AGENT_STATE_DIR } from "./options.ts";
+
+/** Paths under an agent's state directory. */
+export interface AgentPaths {
+  root: string;
+  /** `{agentId}`. */
+  identity: string;
+  /** One JSON file per attempt in flight (its assignment and handle). */
+  attempts: string;
+  /** One JSON file per result not yet acknowledged. */
+  outbox: string;
+  /** Plugin host entry files. */
+  hosts: string;
+  /** The scratch root: `<run>/<step>/<attempt>/{in,out}`. */
+  work: string;
+}
+
+/** The layout of an agent's state directory. */
+export function agentPaths(stateDir: string = DEFAULT_AGENT_STATE_DIR): AgentPaths {
+  return {
+    root: stateDir,
+    identity: `${stateDir}/agent.json`,
+    attempts: `${stateDir}/attempts`,
+    outbox: `${stateDir}/outbox`,
+    hosts: `${stateDir}/hosts`,
+    work: `${stateDir}/work`,
+  };
+}
+
+/**
+ * The agent's id: the one saved in `<stateDir>/agent.json`, or a new
+ * `<hostname>-<6 hex>` saved there. A stable id lets a restarted agent find
+ * what it left (Docker labels its containers with it).
+ *
+ * @example
+ * ```ts ignore
+ * import { loadAgentId } from "./mod.ts";
+ * const id = await loadAgentId(".runnel/agent");
+ * ```
+ */
+export async function loadAgentId(stateDir: string = DEFAULT_AGENT_STATE_DIR): Promise<string> {
+  const paths = agentPaths(stateDir);
+  try {
+    const saved = JSON.parse(await Deno.readTextFile(paths.identity)) as { agentId?: unknown };
+    if (typeof saved.agentId === "string" && saved.agentId) return saved.agentId;
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound) && !(error instanceof SyntaxError)) throw error;
+  }
+  let host = "agent";
+  try {
+    host = Deno.hostname().toLowerCase().replace(/[^a-z0-9-]+/g, "-").replace(/^-+|-+$/g, "") ||
+      host;
+  } catch {
+    // Without --allow-sys=hostname the id is still unique, just less telling.
+  }
+  const agentId = `${host}-${randomHex(3)}`;
+  await Deno.mkdir(paths.root, { recursive: true });
+  await writeJsonAtomic(paths.identity, { agentId });
+  return agentId;
+}

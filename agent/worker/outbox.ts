@@ -1,0 +1,78 @@
+/**
+ * The agent's durable outbox of results.
+ *
+ * @module
+ */
+
+import { fileSafe } from "../../core/_paths.ts";
+import { writeJsonAtomic } from "../attempt/mod.ts";
+
+/** A result waiting for its acknowledgement, as the outbox keeps it. */
+export interface OutboxEntry {
+  attemptId: string;
+  /** core/model.ts `AttemptResult` as JSON. */
+  resultJson: string;
+  atMs: number;
+}
+
+/**
+ * The durable outbox of results: one file per result, written before it is
+ * sent and removed when the server acknowledges it.
+ */
+export class Outbox {
+  readonly #dir: string;
+  readonly #entries = new Map<string, OutboxEntry>();
+
+  /** An outbox in `dir`; call {@link load} before use. */
+  constructor(dir: string) {
+    this.#dir = dir;
+  }
+
+  /** Reads what an earlier process left; unreadable files are skipped. */
+  async load(): Promise<OutboxEntry[]> {
+    await Deno.mkdir(this.#dir, { recursive: true });
+    for await (const file of Deno.readDir(this.#dir)) {
+      if (!file.isFile || !file.name.endsWith(".json")) continue;
+      try {
+        const entry = JSON.parse(await Deno.readTextFile(`${this.#dir}/${file.name}`));
+        if (typeof entry?.attemptId === "string" && typeof entry.resultJson === "string") {
+          this.#entries.set(entry.attemptId, entry);
+        }
+      } catch {
+        // A torn write cannot happen (writes are atomic); anything else is not ours.
+      }
+    }
+    return this.entries();
+  }
+
+  /** Records a result durably. */
+  async add(entry: OutboxEntry): Promise<void> {
+    await writeJsonAtomic(this.#path(entry.attemptId), entry);
+    this.#entries.set(entry.attemptId, entry);
+  }
+
+  /** Forgets an acknowledged result; false when it was not there. */
+  async remove(attemptId: string): Promise<boolean> {
+    if (!this.#entries.delete(attemptId)) return false;
+    await Deno.remove(this.#path(attemptId)).catch(ignoreNotFound);
+    return true;
+  }
+
+  /** Whether a result for the attempt waits. */
+  has(attemptId: string): boolean {
+    return this.#entries.has(attemptId);
+  }
+
+  /** The results waiting, oldest first. */
+  entries(): OutboxEntry[] {
+    return [...this.#entries.values()].sort((a, b) => a.atMs - b.atMs);
+  }
+
+  #path(attemptId: string): string {
+    return `${this.#dir}/${fileSafe(attemptId)}.json`;
+  }
+}
+
+function ignoreNotFound(error: unknown): void {
+  if (!(error instanceof Deno.errors.NotFound)) throw error;
+}

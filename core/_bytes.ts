@@ -1,0 +1,46 @@
+/**
+ * Bytes as text, in one place: lower-case hex and sha256 digests.
+ *
+ * @module
+ */
+
+/**
+ * Lower-case hex of `bytes`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { toHex } from "./_bytes.ts";
+ * assert.equal(toHex(new Uint8Array([0, 15, 255])), "000fff");
+ * ```
+ */
+export function toHex(bytes: Uint8Array): string {
+  let hex = "";
+  for (const byte of bytes) hex += HEX[byte];
+  return hex;
+}
+
+/** `n` random bytes as hex (`2n` characters). */
+export function randomHex(n: number): string {
+  return toHex(crypto.getRandomValues(new Uint8Array(n)));
+}
+
+/**
+ * The sha256 of `data` (text is UTF-8 encoded) as hex.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { sha256Hex } from "./_bytes.ts";
+ * assert.equal(
+ *   await sha256Hex("abc"),
+ *   "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+ * );
+ * ```
+ */
+export async function sha256Hex(data: string | Uint8Array): Promise<string> {
+  const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+  return toHex(new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as BufferSource)));
+}
+
+const HEX = Array.from({ length: 256 }, (_, byte) => byte.toString(16).padStart(2, "0"));
