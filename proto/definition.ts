@@ -1,6 +1,7 @@
 /**
  * The protocol's definition, `proto/runnel.proto`, and how its messages are
- * decoded.
+ * decoded: what both grpc-js (at run time) and `proto/_gen.ts` (writing the
+ * message interfaces) read.
  *
  * @module
  */
@@ -14,7 +15,8 @@ export const PROTO_FILE: string = fileURLToPath(new URL("./runnel.proto", import
 /**
  * How messages are decoded: camelCase fields, int64 as number, enums by
  * name, every field present with its default, and a virtual field naming
- * the member of each oneof: the shapes `messages.ts` describes.
+ * the member of each oneof. `proto/_gen.ts` writes the message interfaces
+ * for exactly these options.
  */
 export const LOADER_OPTIONS: protoLoader.Options = {
   keepCase: false,

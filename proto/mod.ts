@@ -9,7 +9,9 @@
  * finish, `cancel` to break it, and `closed` saying how it ended.
  *
  * By concern:
- * - `messages.ts`: the messages and the JSON some of them carry;
+ * - `messages.ts`: the messages, their interfaces written from the .proto
+ *   into `_messages.ts` by `deno task proto` (`_gen.ts`), and the JSON some
+ *   of them carry;
  * - `stream.ts`: {@link MessageStream} over a grpc-js call;
  * - `server.ts` and `client.ts`: {@link serveAgentService} and
  *   {@link openAgentStream}, over `definition.ts` and `service.ts` (the
