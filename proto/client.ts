@@ -27,11 +27,17 @@ export interface OpenAgentStreamOptions {
  * connection is made on first use; a server that cannot be reached shows as
  * a stream that closes with `UNAVAILABLE`.
  *
- * @example
- * ```ts ignore
- * import { openAgentStream } from "./mod.ts";
- * const stream = openAgentStream("127.0.0.1:7070");
+ * @example A server that is not there
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { GrpcStatus, openAgentStream } from "./mod.ts";
+ *
+ * // Nothing listens on port 1.
+ * const stream = openAgentStream("grpc://127.0.0.1:1");
  * await stream.send({ hello: { agentId: "a1", token: "secret", slots: 2 } });
+ * assert.deepEqual(await Array.fromAsync(stream), []); // nothing comes
+ * assert.equal((await stream.closed).code, GrpcStatus.UNAVAILABLE);
+ * assert.equal(stream.open, false);
  * ```
  */
 export function openAgentStream(

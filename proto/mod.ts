@@ -21,23 +21,32 @@
  * grpc-js is pinned to 1.14.7: 1.13.0 cannot connect under Deno
  * (denoland/deno#28566). `proto/mod_test.ts` opens a real stream.
  *
- * @example
- * ```ts ignore
- * import { openAgentStream, serveAgentService } from "./mod.ts";
+ * @example An agent says Hello, the server answers Welcome, both end
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { openAgentStream, serveAgentService, type Welcome } from "./mod.ts";
+ *
  * const server = await serveAgentService({
  *   address: "127.0.0.1:0",
  *   async onConnect(agent) {
  *     for await (const message of agent) {
  *       if (message.body === "hello") {
- *         await agent.send({ welcome: { serverId: "s1", heartbeatIntervalMs: 5000 } });
+ *         await agent.send({ welcome: { serverId: "s1", heartbeatIntervalMs: 5_000 } });
  *       }
  *     }
+ *     agent.end();
  *   },
  * });
  * const stream = openAgentStream(`127.0.0.1:${server.port}`);
  * await stream.send({ hello: { agentId: "a1", token: "secret" } });
- * for await (const message of stream) if (message.body === "welcome") break;
- * stream.end();
+ * const welcomes: Welcome[] = [];
+ * for await (const message of stream) {
+ *   if (message.body === "welcome") welcomes.push(message.welcome);
+ *   stream.end();
+ * }
+ * // Fields the server left out arrive with their defaults.
+ * assert.deepEqual(welcomes, [{ serverId: "s1", heartbeatIntervalMs: 5_000, servers: [] }]);
+ * assert.equal((await stream.closed).ok, true);
  * await server.close();
  * ```
  *

@@ -40,14 +40,20 @@ export interface AgentServiceServer {
 /**
  * Serves `AgentService.Connect` on `options.address`.
  *
- * @example
- * ```ts ignore
- * import { serveAgentService } from "./mod.ts";
+ * @example A server that turns every agent away
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { openAgentStream, serveAgentService } from "./mod.ts";
+ *
  * const server = await serveAgentService({
  *   address: "127.0.0.1:0",
- *   onConnect: (agent) => agent.end(),
+ *   onConnect: (agent) => agent.cancel("no agents wanted"),
  * });
- * console.log(server.port);
+ * assert.notEqual(server.port, 0); // port 0 picked a free one
+ * const stream = openAgentStream(`127.0.0.1:${server.port}`);
+ * await stream.send({ hello: { agentId: "a1" } });
+ * assert.deepEqual(await Array.fromAsync(stream), []); // nothing comes
+ * assert.equal((await stream.closed).reason, "no agents wanted");
  * await server.close();
  * ```
  */

@@ -34,10 +34,17 @@ export class TlsConfigError extends Error {
  * TLS credentials for `serveAgentService`, from PEM file paths. With
  * `ca`, the server asks agents for a client certificate signed by it.
  *
- * @example
- * ```ts ignore
- * import { serverCredentials } from "./mod.ts";
- * const credentials = serverCredentials({ cert: "server.pem", key: "server-key.pem" });
+ * @example A file missing, as `runnel server --tls-cert --tls-key` reports it
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { serverCredentials, TlsConfigError } from "./mod.ts";
+ *
+ * assert.throws(
+ *   () => serverCredentials({ cert: "/nonexistent/server.pem", key: "/nonexistent/key.pem" }),
+ *   (error) =>
+ *     error instanceof TlsConfigError && error.code === "bad_tls_config" &&
+ *     error.message.startsWith("Expected a readable PEM file for --tls-cert at /nonexistent/"),
+ * );
  * ```
  */
 export function serverCredentials(files: ServerTlsFiles): grpc.ServerCredentials {
@@ -77,10 +84,20 @@ export interface ClientCredentials {
 /**
  * TLS settings for `openAgentStream`, from PEM file paths.
  *
- * @example
- * ```ts ignore
+ * @example A server whose certificate chains to the system's roots
+ * ```ts
+ * import assert from "node:assert/strict";
  * import { clientCredentials } from "./mod.ts";
- * const credentials = clientCredentials({ ca: "ca.pem" });
+ *
+ * // No file to read: the certificate must carry the name "runnel.example".
+ * assert.deepEqual(clientCredentials({ serverName: "runnel.example" }), {
+ *   serverName: "runnel.example",
+ * });
+ * // A client certificate needs its key.
+ * assert.throws(
+ *   () => clientCredentials({ cert: "agent.pem" }),
+ *   /Expected both a client certificate and its key/,
+ * );
  * ```
  */
 export function clientCredentials(files: ClientTlsFiles): ClientCredentials {
