@@ -34,6 +34,7 @@ import {
   type WatchEvent,
   type WatchOptions,
 } from "./store.ts";
+import { randomHex } from "../core/_bytes.ts";
 
 /** Options of {@link openEmbeddedStore} and {@link openMemoryStore}. */
 export interface EmbeddedStoreOptions {
@@ -223,8 +224,7 @@ function checkKey(key: string): void {
 }
 
 function newLeaseId(): string {
-  const bytes = crypto.getRandomValues(new Uint8Array(8));
-  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+  return randomHex(8);
 }
 
 class SqliteStore implements EmbeddedStore {

@@ -67,6 +67,8 @@ import {
   type WatchEvent,
   type WatchOptions,
 } from "./store.ts";
+import { abortableDelay } from "../core/_async.ts";
+import { toHex } from "../core/_bytes.ts";
 
 /** Client certificates for an etcd cluster served over TLS. */
 export interface EtcdTlsOptions {
@@ -273,7 +275,7 @@ function newLeaseId(): string {
   const bytes = crypto.getRandomValues(new Uint8Array(8));
   bytes[0] &= 0x7f;
   bytes[7] |= 0x01;
-  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+  return toHex(bytes);
 }
 
 function hexId(id: string): string {
@@ -308,10 +310,6 @@ function isTransient(error: unknown): boolean {
 function closeStream(stream: { end(): void; cancel(): void }): void {
   stream.end();
   stream.cancel();
-}
-
-function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /** How a call may be retried after a transient error. */
@@ -427,7 +425,7 @@ class EtcdEngine implements EtcdStore {
       } catch (error) {
         lastError = error;
         this.#rotate(index);
-        await delay(Math.min(delayMs, Math.max(0, deadline - Date.now())));
+        await abortableDelay(Math.min(delayMs, Math.max(0, deadline - Date.now())));
         delayMs = Math.min(delayMs * 2, RETRY_MAX_DELAY_MS);
       }
     }
@@ -699,7 +697,7 @@ class EtcdEngine implements EtcdStore {
             error,
           );
         }
-        await delay(delayMs);
+        await abortableDelay(delayMs);
         delayMs = Math.min(delayMs * 2, RETRY_MAX_DELAY_MS);
         if (this.#closed) throw new StoreClosedError();
       }
@@ -1015,7 +1013,7 @@ class EtcdEngine implements EtcdStore {
         if (this.#closed || signal?.aborted) return;
         if (error instanceof StoreError || !isTransient(error)) throw error;
         this.#rotate(index);
-        await delay(delayMs);
+        await abortableDelay(delayMs);
         delayMs = Math.min(delayMs * 2, RETRY_MAX_DELAY_MS);
       } finally {
         this.#watchStops.delete(stop);

@@ -14,6 +14,7 @@ import { createGateway, DEFAULT_HEARTBEAT_MS } from "./gateway.ts";
 import { type RaftState, ServerMetrics } from "./metrics.ts";
 import { runScheduler, type SchedulerEvent } from "./scheduler.ts";
 import { listWorkers } from "./runs.ts";
+import { abortableDelay } from "../../core/_async.ts";
 
 /** A won election: the fence to put in every write, and the signal of its loss. */
 export interface Leadership {
@@ -155,7 +156,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       } catch (error) {
         if (closing.signal.aborted) return;
         log({ level: "warn", msg: "campaign failed; retrying", error: String(error) });
-        await delay(1_000, closing.signal);
+        await abortableDelay(1_000, closing.signal);
         continue;
       }
       leading = true;
@@ -242,16 +243,6 @@ function timedStore(store: Store, observe: (ms: number) => void): Store {
       const value = Reflect.get(target, property, target);
       return typeof value === "function" ? value.bind(target) : value;
     },
-  });
-}
-
-function delay(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => {
-      clearTimeout(timer);
-      resolve();
-    }, { once: true });
   });
 }
 
