@@ -3,17 +3,37 @@
  * store and election, the server, the worker agent and the API client. Kept
  * apart from the main entry so that local mode does not load gRPC and etcd.
  *
- * @example
- * ```ts ignore
- * import { openEtcdCluster, startServer } from "@runnel/runnel/cluster";
- * const etcd = await openEtcdCluster({ endpoints: ["http://127.0.0.1:2379"] });
+ * @example A server on an embedded store, and an agent that joins it
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { openMemoryStore } from "../mod.ts";
+ * import { openLocalArtifactStore } from "../core/artifacts/local.ts";
+ * import { RunClient, standaloneElection, startAgent, startServer } from "./mod.ts";
+ *
+ * const dir = await Deno.makeTempDir();
  * const server = await startServer({
  *   serverId: "cp-1",
- *   ...etcd,
- *   http: { hostname: "127.0.0.1", port: 8080 },
- *   grpc: { address: "127.0.0.1:7070" },
- *   token: Deno.env.get("RUNNEL_TOKEN")!,
+ *   store: openMemoryStore(),
+ *   election: standaloneElection(),
+ *   http: { hostname: "127.0.0.1", port: 0 },
+ *   grpc: { address: "127.0.0.1:0" },
+ *   token: "s3cret",
+ *   log: () => {},
  * });
+ * const agent = await startAgent({
+ *   servers: [`127.0.0.1:${server.grpcPort}`],
+ *   token: "s3cret",
+ *   labels: { cloud: "gcp" },
+ *   stateDir: `${dir}/agent`,
+ *   artifacts: openLocalArtifactStore(`${dir}/artifacts`),
+ *   log: () => {},
+ * });
+ * assert.ok(agent.connected);
+ * const client = new RunClient([`http://127.0.0.1:${server.httpPort}`]);
+ * assert.deepEqual(await client.runs(), []);
+ * await agent.stop();
+ * await server.close();
+ * await Deno.remove(dir, { recursive: true });
  * ```
  *
  * @module

@@ -42,9 +42,14 @@ export function agentPaths(stateDir: string = DEFAULT_AGENT_STATE_DIR): AgentPat
  * what it left (Docker labels its containers with it).
  *
  * @example
- * ```ts ignore
- * import { loadAgentId } from "./mod.ts";
- * const id = await loadAgentId(".runnel/agent");
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { loadAgentId } from "./identity.ts";
+ * const dir = await Deno.makeTempDir();
+ * const id = await loadAgentId(dir);
+ * assert.match(id, /-[0-9a-f]{6}$/);
+ * assert.equal(await loadAgentId(dir), id, "kept once made");
+ * await Deno.remove(dir, { recursive: true });
  * ```
  */
 export async function loadAgentId(stateDir: string = DEFAULT_AGENT_STATE_DIR): Promise<string> {

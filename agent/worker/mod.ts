@@ -95,18 +95,23 @@ interface ActiveAttempt {
  * tried without an answer (it keeps trying in the background); rejects with
  * {@link AgentRejectedError} when a server refuses its join token.
  *
- * @example
- * ```ts ignore
+ * @example With no server answering, it keeps trying in the background
+ * ```ts
+ * import assert from "node:assert/strict";
  * import { startAgent } from "./mod.ts";
  * import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
+ * const dir = await Deno.makeTempDir();
  * const agent = await startAgent({
- *   servers: ["127.0.0.1:7070"],
- *   token: Deno.env.get("RUNNEL_TOKEN")!,
- *   labels: { cloud: "gcp", region: "us-east1" },
- *   artifacts: openLocalArtifactStore(".runnel/artifacts"),
+ *   servers: ["127.0.0.1:1"], // nobody listens there
+ *   token: "s3cret",
+ *   stateDir: `${dir}/agent`,
+ *   artifacts: openLocalArtifactStore(`${dir}/artifacts`),
+ *   log: () => {},
  * });
- * Deno.addSignalListener("SIGTERM", () => agent.stop({ drain: true }));
- * await agent.done;
+ * assert.equal(agent.connected, false);
+ * assert.ok(agent.events.some((event) => event.type === "connect_failed"));
+ * await agent.stop();
+ * await Deno.remove(dir, { recursive: true });
  * ```
  */
 export async function startAgent(options: AgentOptions): Promise<RunningAgent> {

@@ -1,17 +1,6 @@
 import assert from "node:assert/strict";
 import { agentPaths, loadAgentId, Outbox } from "./mod.ts";
-import {
-  errorClassOf,
-  failureOf,
-  inputArtifacts,
-  maskedLogs,
-  materializeInputs,
-} from "../attempt/io.ts";
-import { Masker } from "../../core/secrets.ts";
 import { fileSafe } from "../../core/_paths.ts";
-import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
-import type { LogChunk } from "../../backends/backend.ts";
-import { PluginPermissionError } from "../../backends/plugin_host.ts";
 
 /** A temporary directory, removed when disposed. */
 async function tempDir(): Promise<{ path: string } & AsyncDisposable> {
@@ -57,90 +46,4 @@ Deno.test("the outbox keeps results across processes until removed", async () =>
   assert.ok(
     [...Deno.readDirSync(`${dir}/outbox`)].some((f) => f.name === `${fileSafe("r/a[x=1]/1")}.json`),
   );
-});
-
-Deno.test("inputs: one artifact is a file, a fan-in a directory per leg", async () => {
-  await using temp = await tempDir();
-  const dir = temp.path;
-  const store = openLocalArtifactStore(`${dir}/artifacts`);
-  const put = async (step: string, name: string, text: string) => {
-    await Deno.writeTextFile(`${dir}/upload`, text);
-    const record = await store.put(`${dir}/upload`, { run: "r", step, name });
-    return { runId: "r", stepId: step, name, digest: record.digest };
-  };
-  const data = await put("gen", "data.csv", "a,b\n");
-  const eu = { ...await put("convert[region=eu]", "part.csv", "eu\n"), leg: "region=eu" };
-  const us = await put("convert[region=us]", "part.csv", "us\n");
-  assert.deepEqual(inputArtifacts(data), { fanIn: false, artifacts: [data] });
-  assert.deepEqual(inputArtifacts([eu, us]), { fanIn: true, artifacts: [eu, us] });
-
-  const paths = await materializeInputs(
-    store,
-    { data, parts: { fanIn: true, artifacts: [eu, us] } },
-    `${dir}/in`,
-  );
-  assert.deepEqual(paths, { data: `${dir}/in/data/data.csv`, parts: `${dir}/in/parts` });
-  assert.equal(await Deno.readTextFile(paths.data), "a,b\n");
-  assert.equal(
-    await Deno.readTextFile(`${dir}/in/parts/${fileSafe("region=eu")}/part.csv`),
-    "eu\n",
-  );
-  // Without a leg name, the step id names the directory.
-  assert.equal(
-    await Deno.readTextFile(`${dir}/in/parts/${fileSafe("convert[region=us]")}/part.csv`),
-    "us\n",
-  );
-
-  await assert.rejects(
-    materializeInputs(store, { data: { ...data, digest: `sha256:${"1".repeat(64)}` } }, `${dir}/x`),
-    (error: Error & { code?: string }) =>
-      error.code === "artifact_missing" && errorClassOf(error) === "artifact",
-  );
-});
-
-Deno.test("masked logs: whole lines, a secret split across chunks still masked", async () => {
-  const encoder = new TextEncoder();
-  async function* chunks(): AsyncGenerator<LogChunk> {
-    yield { stream: "stdout", data: encoder.encode("key: hunt") };
-    yield { stream: "stderr", data: encoder.encode("warn\n") };
-    yield { stream: "stdout", data: encoder.encode("er2\nnext hunter2 line\npartial") };
-  }
-  const pieces = [];
-  for await (const piece of maskedLogs(chunks(), new Masker(["hunter2"]))) pieces.push(piece);
-  assert.deepEqual(pieces, [
-    { stream: "stderr", text: "warn\n" },
-    { stream: "stdout", text: "key: ***\nnext *** line\n" },
-    { stream: "stdout", text: "partial" },
-  ]);
-});
-
-Deno.test("exits and errors become results with the local mode's classes", () => {
-  const masker = new Masker(["topsecret"]);
-  assert.equal(failureOf({ exitCode: 0 }, masker), undefined);
-  assert.deepEqual(failureOf({ exitCode: 65 }, masker), {
-    ok: false,
-    errorClass: "business",
-    exitCode: 65,
-    message: "business error (exit code 65)",
-  });
-  assert.deepEqual(
-    failureOf({ exitCode: 1, message: "bad topsecret", usage: { cpuMs: 5 } }, masker),
-    {
-      ok: false,
-      errorClass: "application",
-      exitCode: 1,
-      message: "bad ***",
-      usage: { cpuMs: 5 },
-    },
-  );
-  assert.equal(failureOf({ exitCode: 0, errorClass: "timeout" }, masker)?.ok, false);
-  assert.equal(
-    errorClassOf(new PluginPermissionError("deno", "Requires read access")),
-    "permission",
-  );
-  assert.equal(
-    errorClassOf(Object.assign(new Error("x"), { code: "invalid_step_config" })),
-    "application",
-  );
-  assert.equal(errorClassOf(new Error("socket closed")), "infrastructure");
 });
