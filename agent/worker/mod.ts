@@ -36,7 +36,6 @@ import { abortableDelay } from "../../core/_async.ts";
 import { builtinPlugins, PluginHostPool } from "../../backends/mod.ts";
 import type { Execution } from "../../backends/backend.ts";
 import {
-  type AgentMessageInit,
   type AssignmentSpec,
   type Capability,
   openAgentStream,
@@ -67,7 +66,6 @@ import {
   EVENT_HISTORY,
   EVENT_LEVELS,
   EVENT_MESSAGES,
-  MAX_LOG_BACKLOG_CHARS,
   type RunningAgent,
   STOP_ACK_WAIT_MS,
   STOP_CLOSE_GRACE_MS,
@@ -75,6 +73,7 @@ import {
 import { type AgentPaths, agentPaths, loadAgentId } from "./identity.ts";
 import { Outbox, type OutboxEntry } from "./outbox.ts";
 import { sweepScratch } from "./scratch.ts";
+import { SendQueue } from "./send_queue.ts";
 
 export * from "./options.ts";
 export * from "./identity.ts";
@@ -162,11 +161,7 @@ class Agent implements RunningAgent {
   readonly #listeners = new Set<(event: AgentEvent) => void>();
   readonly #log: (fields: Record<string, unknown>) => void;
   /** What waits to be sent: started, log and result messages, in order. */
-  readonly #queue: AgentMessageInit[] = [];
-  #queuedLogChars = 0;
-  /** Attempts whose output was dropped during this disconnection (one marker line each). */
-  readonly #droppedLogs = new Set<string>();
-  #pumping = false;
+  readonly #outgoing = new SendQueue((error) => this.#failed(error));
   #stream: ServerConnection | undefined;
   #server: string | undefined;
   #heartbeatMs: number;
@@ -474,20 +469,6 @@ class Agent implements RunningAgent {
       if (other && !this.#servers.includes(other)) this.#servers.push(other);
     }
     if (welcome.heartbeatIntervalMs > 0) this.#heartbeatMs = welcome.heartbeatIntervalMs;
-    // Results the server has not acknowledged, in the order they ended,
-    // unless already queued behind their logs.
-    for (const entry of this.#outbox.entries()) {
-      const queued = this.#queue.some((message) =>
-        "result" in message && message.result.attemptId === entry.attemptId
-      );
-      if (!queued) this.#queue.push({ result: entry });
-    }
-    for (const attemptId of this.#droppedLogs) {
-      this.#queue.push({
-        log: { attemptId, stream: "stderr", text: DROPPED_LOG_MARKER },
-      });
-    }
-    this.#droppedLogs.clear();
     this.#stream = stream;
     this.#server = server;
     clearInterval(this.#heartbeat);
@@ -499,18 +480,14 @@ class Agent implements RunningAgent {
       heartbeatMs: this.#heartbeatMs,
     });
     this.#answered();
-    this.#pump().catch((error) => this.#failed(error));
+    this.#outgoing.attach(stream, this.#outbox.entries());
   }
 
   #detach(): void {
     this.#stream = undefined;
     clearInterval(this.#heartbeat);
     this.#heartbeat = undefined;
-    // Results handed to the broken stream are resent from the outbox after
-    // the next Welcome; drop their queued copies so they go once per stream.
-    for (let i = this.#queue.length - 1; i >= 0; i--) {
-      if ("result" in this.#queue[i]) this.#queue.splice(i, 1);
-    }
+    this.#outgoing.detach();
   }
 
   #beat(): void {
@@ -521,45 +498,6 @@ class Agent implements RunningAgent {
         draining: this.#draining,
       },
     }).catch((error) => this.#failed(error));
-  }
-
-  /** Queues a message for the server; it goes at once when connected. */
-  #enqueue(message: AgentMessageInit): void {
-    if ("log" in message) {
-      const size = message.log.text?.length ?? 0;
-      if (this.#queuedLogChars + size > MAX_LOG_BACKLOG_CHARS) {
-        this.#droppedLogs.add(message.log.attemptId ?? "");
-        return;
-      }
-      this.#queuedLogChars += size;
-    }
-    this.#queue.push(message);
-    this.#pump().catch((error) => this.#failed(error));
-  }
-
-  /** Sends what is queued, in order, while a stream is up. */
-  async #pump(): Promise<void> {
-    if (this.#pumping) return;
-    this.#pumping = true;
-    let broken: ServerConnection | undefined;
-    try {
-      // The stream is read anew on every turn: a Welcome on a new stream
-      // while a send on the old one was pending carries on with the new one.
-      while (this.#stream && this.#stream !== broken && this.#queue.length > 0) {
-        const stream = this.#stream;
-        const message = this.#queue[0];
-        if (!(await stream.send(message))) {
-          // Not taken by the transport: it stays queued for the next stream.
-          broken = stream;
-          continue;
-        }
-        // A result may have been taken out of the queue meanwhile (#detach).
-        if (this.#queue[0] === message) this.#queue.shift();
-        if ("log" in message) this.#queuedLogChars -= message.log.text?.length ?? 0;
-      }
-    } finally {
-      this.#pumping = false;
-    }
   }
 
   async #acknowledged(ack: wire.ResultAck): Promise<void> {
@@ -639,10 +577,10 @@ class Agent implements RunningAgent {
   #sink(attemptId: string): AttemptSink {
     return {
       onStarted: (handle) => {
-        this.#enqueue({ started: { attemptId, handle, atMs: Date.now() } });
+        this.#outgoing.push({ started: { attemptId, handle, atMs: Date.now() } });
         this.emit({ type: "started", attemptId, handle });
       },
-      onLog: ({ stream, text }) => this.#enqueue({ log: { attemptId, stream, text } }),
+      onLog: ({ stream, text }) => this.#outgoing.push({ log: { attemptId, stream, text } }),
     };
   }
 
@@ -734,7 +672,7 @@ class Agent implements RunningAgent {
       ok: result.ok,
       ...(result.ok ? {} : { errorClass: result.errorClass }),
     });
-    this.#enqueue({ result: entry });
+    this.#outgoing.push({ result: entry });
   }
 
   #cancelled(cancel: wire.CancelAttempt): void {
@@ -834,10 +772,6 @@ class Agent implements RunningAgent {
 /** Sentence of a shell capability (and refusal) on an agent that does not run shell steps. */
 const SHELL_OFF =
   "shell steps are off on agents (they run unsandboxed); start the agent with --allow-shell to run them";
-
-/** Stands for the output an agent could not keep while no server was connected. */
-const DROPPED_LOG_MARKER =
-  "[runnel agent: output dropped while no server was connected (backlog full)]\n";
 
 /** Reads `Assignment.specJson`; throws a plain error for anything but an assignment spec. */
 function parseAssignmentSpec(json: string): AssignmentSpec {
