@@ -25,6 +25,7 @@
 
 import { PipelineError } from "../../core/errors.ts";
 import { parsePipeline } from "../../core/load.ts";
+import { isTerminalRunStatus } from "../../core/model.ts";
 import type { Plan, StepState } from "../../core/model.ts";
 import { renderMermaid } from "../../core/mermaid.ts";
 import type { Store } from "../../consensus/store.ts";
@@ -57,8 +58,6 @@ export interface ApiContext {
 
 /** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
 const MAX_REQUEST_BYTES = 16 * 1024 * 1024;
-
-const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 
 /** Builds the request handler of a server. */
 export function createApiHandler(
@@ -261,7 +260,7 @@ function streamEvents(store: Store, run: ClusterRunRecord, signal: AbortSignal):
     let record = current ? JSON.parse(current.value) as ClusterRunRecord : run;
     send("run", record);
     for (const kv of listed.items) send("step", JSON.parse(kv.value) as StepState);
-    if (TERMINAL.has(record.status)) return;
+    if (isTerminalRunStatus(record.status)) return;
     const watches = [clusterKeys.run(run.runId), clusterKeys.stepPrefix(run.runId)];
     await Promise.race(watches.map(async (prefix) => {
       for await (const event of store.watch(prefix, { fromRevision: revision + 1, signal: stop })) {
@@ -270,7 +269,7 @@ function streamEvents(store: Store, run: ClusterRunRecord, signal: AbortSignal):
           if (event.key !== prefix) continue;
           record = JSON.parse(event.value!) as ClusterRunRecord;
           send("run", record);
-          if (TERMINAL.has(record.status)) return;
+          if (isTerminalRunStatus(record.status)) return;
         } else {
           send("step", JSON.parse(event.value!) as StepState);
         }
@@ -300,7 +299,7 @@ function streamLogs(
       const where = wanted(kv.key);
       if (where) send("log", { ...where, text: kv.value });
     }
-    if (!options.follow || TERMINAL.has(run.status)) return;
+    if (!options.follow || isTerminalRunStatus(run.status)) return;
     const ended = (async () => {
       for await (
         const event of store.watch(clusterKeys.run(run.runId), {
@@ -310,7 +309,7 @@ function streamLogs(
       ) {
         if (event.type === "put" && event.key === clusterKeys.run(run.runId)) {
           const record = JSON.parse(event.value!) as ClusterRunRecord;
-          if (TERMINAL.has(record.status)) return;
+          if (isTerminalRunStatus(record.status)) return;
         }
       }
     })();

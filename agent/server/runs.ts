@@ -6,11 +6,12 @@
  * @module
  */
 
-import type { Plan, RunStatus, StepState } from "../../core/model.ts";
+import type { Plan, StepState } from "../../core/model.ts";
 import type { Store } from "../../consensus/store.ts";
 import { clusterKeys, type ClusterRunRecord, type WorkerRecord } from "./keys.ts";
 import { newRunId } from "../local/mod.ts";
 import { checkBundle, type PipelineBundle, putBundle } from "../bundle.ts";
+import { isTerminalRunStatus } from "../../core/model.ts";
 
 /** A run API request that cannot be honoured. */
 export class RunRequestError extends Error {
@@ -95,15 +96,13 @@ export async function clusterStepStates(
   return steps;
 }
 
-const TERMINAL: RunStatus[] = ["succeeded", "failed", "cancelled"];
-
 /** Asks the scheduler to cancel a run. */
 export async function requestCancel(
   store: Store,
   runId: string,
 ): Promise<"requested" | "finished"> {
   const record = await getClusterRun(store, runId);
-  if (TERMINAL.includes(record.status)) return "finished";
+  if (isTerminalRunStatus(record.status)) return "finished";
   await store.put(clusterKeys.request(record.runId, "cancel"), JSON.stringify({ at: Date.now() }));
   return "requested";
 }
@@ -132,7 +131,7 @@ export async function waitForClusterRun(
   const first = await store.get(clusterKeys.run(runId));
   if (!first) throw new RunRequestError("run_not_found", `No run "${runId}" on this cluster`);
   let record = JSON.parse(first.value) as ClusterRunRecord;
-  if (TERMINAL.includes(record.status)) return record;
+  if (isTerminalRunStatus(record.status)) return record;
   for await (
     const event of store.watch(clusterKeys.run(runId), {
       fromRevision: first.modRevision + 1,
@@ -141,7 +140,7 @@ export async function waitForClusterRun(
   ) {
     if (event.type !== "put" || event.key !== clusterKeys.run(runId)) continue;
     record = JSON.parse(event.value!) as ClusterRunRecord;
-    if (TERMINAL.includes(record.status)) return record;
+    if (isTerminalRunStatus(record.status)) return record;
   }
   return record;
 }
