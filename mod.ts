@@ -14,7 +14,10 @@
  *   name: "hello",
  *   steps: {
  *     greet: { run: 'echo hello > "$RUNNEL_OUTPUT_GREETING_TXT"', outputs: ["greeting.txt"] },
- *     shout: { run: 'tr a-z A-Z < "$RUNNEL_INPUT_GREETING"', inputs: { greeting: "greet/greeting.txt" } },
+ *     shout: {
+ *       run: 'tr a-z A-Z < "$RUNNEL_INPUT_GREETING"',
+ *       inputs: { greeting: "greet/greeting.txt" },
+ *     },
  *   },
  * });
  * const stateDir = await Deno.makeTempDir();

@@ -57,13 +57,13 @@ export interface DefineOptions {
  * import { formatDiagnostic, PipelineError } from "./errors.ts";
  *
  * assert.throws(
- *   () => definePipeline({ name: "report", steps: { publish: { run: "true", needs: ["generat"] } } }),
+ *   () => definePipeline({ name: "report", steps: { publish: { run: "true", needs: ["gen"] } } }),
  *   (error: unknown) => {
  *     assert.ok(error instanceof PipelineError);
  *     assert.equal(error.diagnostics[0].path, "steps.publish.needs[0]");
  *     assert.equal(
  *       formatDiagnostic(error.diagnostics[0]),
- *       'report: steps.publish.needs[0]: step "publish" needs unknown step "generat"',
+ *       'report: steps.publish.needs[0]: step "publish" needs unknown step "gen"',
  *     );
  *     return true;
  *   },

@@ -131,11 +131,19 @@ function numberLess(a: number, b: number): boolean {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { RunEngine } from "./engine.ts";
  * import { planOf } from "./_testing.ts";
+ *
  * const engine = RunEngine.start(planOf([{ id: "build" }]), { runId: "r1", now: 0 });
  * const { effects } = engine.step({ type: "Start", now: 0 });
- * effects.some((effect) => effect.type === "StartAttempt"); // true
+ * const start = effects.find((effect) => effect.type === "StartAttempt");
+ * assert.deepEqual(start, {
+ *   type: "StartAttempt",
+ *   stepId: "build",
+ *   attemptId: "r1/build/1",
+ *   attempt: 1,
+ * });
  * ```
  */
 export class RunEngine {

@@ -40,12 +40,12 @@ export interface Diagnostic {
  * import { formatDiagnostic } from "./errors.ts";
  *
  * assert.equal(
- *   formatDiagnostic({ code: "x", message: "bad", file: "p.yaml", line: 1, col: 2, hint: "fix it" }),
- *   "p.yaml:1:2: bad — fix it",
+ *   formatDiagnostic({ code: "x", message: "bad", file: "p.yaml", line: 1, col: 2, hint: "fix" }),
+ *   "p.yaml:1:2: bad — fix",
  * );
  * assert.equal(
- *   formatDiagnostic({ code: "x", message: "bad", file: "demo", line: 0, col: 0, path: "steps.a" }),
- *   "demo: steps.a: bad",
+ *   formatDiagnostic({ code: "x", message: "bad", file: "demo", line: 0, col: 0, path: "a.b" }),
+ *   "demo: a.b: bad",
  * );
  * ```
  */
