@@ -242,7 +242,7 @@ Deno.test("a project of its own imports runnel by path and by URL and runs a pip
     await Deno.writeTextFile(join(project, "main_url.ts"), mainModule(byUrl));
 
     const permissions = (stateDir: string) => [
-      `--allow-read=${project},${stateDir},${ROOT},${Deno.execPath()}`,
+      `--allow-read=${project},${stateDir}`,
       `--allow-write=${stateDir}`,
       `--allow-run=${Deno.execPath()}`,
       "--allow-env",
