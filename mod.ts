@@ -2,30 +2,56 @@
  * runnel — a pipeline step runner with sandboxed, pluggable execution
  * backends, a replicated state store and content-addressed artifacts.
  *
- * Load, validate and plan a pipeline, then run it in local mode:
+ * Load, validate and plan a pipeline — from a YAML file or defined in
+ * TypeScript — then run it in local mode:
  *
- * @example Run a pipeline file
- * ```ts ignore
- * import { loadPipeline, runPipeline } from "./mod.ts";
+ * @example Define a pipeline in code and run it
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { definePipeline, runPipeline } from "./mod.ts";
  *
- * const plan = await loadPipeline("examples/energy/pipeline.yaml");
- * const summary = await runPipeline(plan, { onEvent: (e) => console.log(e.type) });
- * console.log(summary.status); // "succeeded"
+ * const plan = definePipeline({
+ *   name: "hello",
+ *   steps: {
+ *     greet: { run: 'echo hello > "$RUNNEL_OUTPUT_GREETING_TXT"', outputs: ["greeting.txt"] },
+ *     shout: {
+ *       run: 'tr a-z A-Z < "$RUNNEL_INPUT_GREETING"',
+ *       inputs: { greeting: "greet/greeting.txt" },
+ *     },
+ *   },
+ * });
+ * const stateDir = await Deno.makeTempDir();
+ * const summary = await runPipeline(plan, { stateDir });
+ * assert.equal(summary.status, "succeeded");
+ * assert.equal(summary.steps.greet.outputs?.["greeting.txt"].size, "hello\n".length);
+ * await Deno.remove(stateDir, { recursive: true });
+ * ```
+ *
+ * @example Load a pipeline file
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { fileURLToPath } from "node:url";
+ * import { loadPipeline } from "./mod.ts";
+ *
+ * const file = fileURLToPath(new URL("./examples/energy/pipeline.yaml", import.meta.url));
+ * const plan = await loadPipeline(file);
+ * assert.deepEqual(plan.order, ["generate", "analyze", "report"]);
+ * assert.equal(plan.steps.analyze.backend, "deno");
  * ```
  *
  * @example Validate a pipeline held in memory
  * ```ts
+ * import assert from "node:assert/strict";
  * import { formatDiagnostic, parsePipeline, PipelineError } from "./mod.ts";
  *
- * try {
- *   parsePipeline("name: demo\nsteps:\n  a: { backend: shell, run: echo hi, neds: [b] }\n", {
- *     file: "demo.yaml",
- *   });
- * } catch (error) {
- *   if (error instanceof PipelineError) {
- *     console.log(error.diagnostics.map(formatDiagnostic).join("\n"));
- *   }
- * }
+ * const source = "name: demo\nsteps:\n  a: { backend: shell, run: echo hi, neds: [b] }\n";
+ * assert.throws(() => parsePipeline(source, { file: "demo.yaml" }), (error: unknown) => {
+ *   assert.ok(error instanceof PipelineError);
+ *   assert.deepEqual(error.diagnostics.map(formatDiagnostic), [
+ *     'demo.yaml:3:38: unknown key "neds" in step "a" — did you mean "needs"?',
+ *   ]);
+ *   return true;
+ * });
  * ```
  *
  * @module
@@ -33,6 +59,8 @@
 
 // The pipeline language.
 export { loadPipeline, parsePipeline } from "./core/load.ts";
+export { definePipeline } from "./core/define.ts";
+export type { DefineOptions } from "./core/define.ts";
 export type { Diagnostic } from "./core/errors.ts";
 export { formatDiagnostic, PipelineError } from "./core/errors.ts";
 export { parseByteSize, parseDuration } from "./core/duration.ts";

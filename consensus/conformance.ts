@@ -35,11 +35,21 @@ export interface ConformanceOptions {
 /**
  * Registers the conformance tests for a store engine with `Deno.test`.
  *
- * @example
- * ```ts ignore
+ * @example The test module of an engine
+ * ```ts
+ * import assert from "node:assert/strict";
  * import { storeConformance } from "./conformance.ts";
  * import { openMemoryStore } from "./embedded.ts";
- * storeConformance("memory", () => Promise.resolve(openMemoryStore()));
+ *
+ * // A short lease TTL keeps the lease tests quick on an engine with a real clock.
+ * storeConformance("memory", () => Promise.resolve(openMemoryStore()), { leaseTtlMs: 200 });
+ *
+ * // What only this engine can check sits beside the shared tests.
+ * Deno.test("memory: a fresh store is empty", async () => {
+ *   const store = openMemoryStore();
+ *   assert.equal(await store.get("runs/1"), undefined);
+ *   await store.close();
+ * });
  * ```
  */
 export function storeConformance(

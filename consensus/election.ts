@@ -134,13 +134,23 @@ const KEEPALIVE_RETRY_MS = 50;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { openMemoryStore } from "./embedded.ts";
  * import { createElection } from "./election.ts";
+ *
  * const store = openMemoryStore();
  * const election = createElection(store, { prefix: "election/", candidate: "server-1" });
  * const leadership = await election.campaign();
- * await leadership.txn({ compare: [], success: [{ type: "put", key: "state", value: "1" }] });
+ * assert.equal(leadership.isLeader, true);
+ * // Written only while this candidate still leads (the txn carries its fence).
+ * const result = await leadership.txn({
+ *   compare: [],
+ *   success: [{ type: "put", key: "state", value: "1" }],
+ * });
+ * assert.equal(result.succeeded, true);
+ * assert.equal((await store.get("state"))?.value, "1");
  * await leadership.resign();
+ * assert.equal(leadership.isLeader, false);
  * await store.close();
  * ```
  */

@@ -120,10 +120,18 @@ interface Waker {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { openEmbeddedStore } from "./embedded.ts";
- * const store = openEmbeddedStore(await Deno.makeTempFile({ suffix: ".db" }));
+ *
+ * const dir = await Deno.makeTempDir();
+ * const store = openEmbeddedStore(`${dir}/state.db`);
  * await store.put("runs/1", "{}");
  * await store.close();
+ * // Durable: a store opened again on the file finds what was written.
+ * const reopened = openEmbeddedStore(`${dir}/state.db`);
+ * assert.equal((await reopened.get("runs/1"))?.value, "{}");
+ * await reopened.close();
+ * await Deno.remove(dir, { recursive: true });
  * ```
  */
 export function openEmbeddedStore(path: string, options: EmbeddedStoreOptions = {}): EmbeddedStore {
@@ -135,9 +143,12 @@ export function openEmbeddedStore(path: string, options: EmbeddedStoreOptions = 
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { openMemoryStore } from "./embedded.ts";
+ *
  * const store = openMemoryStore();
  * await store.put("a", "1");
+ * assert.equal((await store.get("a"))?.value, "1");
  * await store.close();
  * ```
  */

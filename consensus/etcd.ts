@@ -169,8 +169,10 @@ const MIN_HEARTBEAT_MS = 10;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { etcdTimingForRtt } from "./etcd.ts";
- * etcdTimingForRtt(125); // { heartbeatMs: 125, electionMs: 1250 }
+ *
+ * assert.deepEqual(etcdTimingForRtt(125), { heartbeatMs: 125, electionMs: 1250 });
  * ```
  */
 export function etcdTimingForRtt(rttMs: number): EtcdTiming {
@@ -212,11 +214,21 @@ const TRANSIENT =
  * Opens a store on an etcd cluster, once a member answers.
  *
  * @example
- * ```ts ignore
+ * ```ts
+ * import assert from "node:assert/strict";
  * import { openEtcdStore } from "./etcd.ts";
- * const store = await openEtcdStore({ endpoints: ["http://127.0.0.1:2379"], namespace: "runnel/" });
- * await store.put("runs/1", "{}");
- * await store.close();
+ *
+ * // The cluster etcdctl would talk to; without one the example is only type-checked.
+ * const endpoints = Deno.env.get("ETCDCTL_ENDPOINTS")?.split(",");
+ * if (endpoints) {
+ *   const store = await openEtcdStore({ endpoints, namespace: "runnel-example/" });
+ *   try {
+ *     await store.put("runs/1", "{}");
+ *     assert.equal((await store.get("runs/1"))?.value, "{}");
+ *   } finally {
+ *     await store.close();
+ *   }
+ * }
  * ```
  */
 export async function openEtcdStore(options: EtcdStoreOptions): Promise<EtcdStore> {

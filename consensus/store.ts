@@ -217,8 +217,10 @@ export class InvalidStoreArgumentError extends StoreError {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { prefixEnd } from "./store.ts";
- * prefixEnd("runs/"); // "runs0"
+ *
+ * assert.equal(prefixEnd("runs/"), "runs0");
  * ```
  */
 export function prefixEnd(prefix: string): string | undefined {

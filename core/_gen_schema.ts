@@ -83,8 +83,12 @@ function rows(schema: JsonSchema, prefix: string, out: string[][]): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { generateSchemaFiles } from "./_gen_schema.ts";
- * generateSchemaFiles().schemaJson.startsWith("{"); // true
+ *
+ * const { schemaJson, reference } = generateSchemaFiles();
+ * assert.equal(JSON.parse(schemaJson).title, "runnel pipeline");
+ * assert.match(reference, /\| `steps` /);
  * ```
  */
 export function generateSchemaFiles(): { schemaJson: string; reference: string } {

@@ -79,9 +79,11 @@ export function stepOf(spec: StepSpec): PlannedStep {
  * @throws {TestPlanError} when a need names a missing step or the needs form a cycle.
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { planOf } from "./_testing.ts";
+ *
  * const plan = planOf([{ id: "build" }, { id: "test", needs: ["build"] }]);
- * plan.order; // ["build", "test"]
+ * assert.deepEqual(plan.order, ["build", "test"]);
  * ```
  */
 export function planOf(steps: StepSpec[], options: PlanSpec = {}): Plan {

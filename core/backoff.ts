@@ -31,8 +31,12 @@ export interface RetryDelayOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { jitterFraction } from "./backoff.ts";
- * jitterFraction("run-1/build/1") === jitterFraction("run-1/build/1"); // true
+ *
+ * const fraction = jitterFraction("run-1/build/1");
+ * assert.equal(jitterFraction("run-1/build/1"), fraction);
+ * assert.ok(fraction >= 0 && fraction < 1);
  * ```
  */
 export function jitterFraction(key: string): number {
@@ -56,9 +60,11 @@ export function jitterFraction(key: string): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { retryDelay } from "./backoff.ts";
+ *
  * const policy = { backoffMs: 1000, maxBackoffMs: 60_000, factor: 2, jitter: 0 };
- * retryDelay(policy, { retry: 3, key: "r/s/3" }); // 4000
+ * assert.equal(retryDelay(policy, { retry: 3, key: "r/s/3" }), 4000);
  * ```
  */
 export function retryDelay(
@@ -80,9 +86,12 @@ export function retryDelay(
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { isRetryable } from "./backoff.ts";
+ *
  * const policy = { onClasses: ["application" as const], onExitCodes: [] };
- * isRetryable(policy, { errorClass: "application", exitCode: 1 }); // true
+ * assert.equal(isRetryable(policy, { errorClass: "application", exitCode: 1 }), true);
+ * assert.equal(isRetryable(policy, { errorClass: "business", exitCode: 65 }), false);
  * ```
  */
 export function isRetryable(

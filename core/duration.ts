@@ -62,8 +62,11 @@ export function isDuration(text: string): boolean {
  * @throws {QuantityError} `Expected a duration like "10m" for "timeout", got "ten minutes"`.
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { parseDuration } from "./duration.ts";
- * parseDuration("1h30m"); // 5_400_000
+ *
+ * assert.equal(parseDuration("1h30m"), 5_400_000);
+ * assert.throws(() => parseDuration("ten minutes"), /Expected a duration like "10m"/);
  * ```
  */
 export function parseDuration(text: string, options: QuantityOptions = {}): number {
@@ -84,8 +87,11 @@ export function parseDuration(text: string, options: QuantityOptions = {}): numb
  * @throws {QuantityError} when the text is not a size.
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { parseByteSize } from "./duration.ts";
- * parseByteSize("64Mi"); // 67_108_864
+ *
+ * assert.equal(parseByteSize("64Mi"), 67_108_864);
+ * assert.equal(parseByteSize("1G"), 1_000_000_000);
  * ```
  */
 export function parseByteSize(value: string | number, options: QuantityOptions = {}): number {
@@ -106,8 +112,11 @@ export function parseByteSize(value: string | number, options: QuantityOptions =
  * @throws {QuantityError} when the value is not a CPU count.
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { parseCpu } from "./duration.ts";
- * parseCpu("500m"); // 0.5
+ *
+ * assert.equal(parseCpu("500m"), 0.5);
+ * assert.equal(parseCpu(2), 2);
  * ```
  */
 export function parseCpu(value: string | number, options: QuantityOptions = {}): number {

@@ -35,6 +35,7 @@ import type {
   StepState,
   StepStatus,
 } from "./model.ts";
+import { isTerminalStepStatus } from "./model.ts";
 
 /** The condition of a step that does not say `when`. */
 export const DEFAULT_CONDITION = "success()";
@@ -76,7 +77,6 @@ export class EngineStateError extends Error {
  */
 export const MAX_LOST_RESCHEDULES = 3;
 
-const TERMINAL = new Set<StepStatus>(["succeeded", "failed", "cancelled", "skipped"]);
 const ACTIVE = new Set<StepStatus>(["scheduled", "running"]);
 
 /** Status whose dependents see it as its outcome, after `continue-on-error`. */
@@ -131,11 +131,19 @@ function numberLess(a: number, b: number): boolean {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { RunEngine } from "./engine.ts";
  * import { planOf } from "./_testing.ts";
+ *
  * const engine = RunEngine.start(planOf([{ id: "build" }]), { runId: "r1", now: 0 });
  * const { effects } = engine.step({ type: "Start", now: 0 });
- * effects.some((effect) => effect.type === "StartAttempt"); // true
+ * const start = effects.find((effect) => effect.type === "StartAttempt");
+ * assert.deepEqual(start, {
+ *   type: "StartAttempt",
+ *   stepId: "build",
+ *   attemptId: "r1/build/1",
+ *   attempt: 1,
+ * });
  * ```
  */
 export class RunEngine {
@@ -375,7 +383,7 @@ export class RunEngine {
     const why = reason ?? "run cancelled";
     for (const id of this.#order) {
       const step = state.steps[id];
-      if (TERMINAL.has(step.status)) continue;
+      if (isTerminalStepStatus(step.status)) continue;
       if (ACTIVE.has(step.status)) {
         const record = step.attempts[step.attempts.length - 1];
         record.endedAt = now;
@@ -414,7 +422,9 @@ export class RunEngine {
         // A retrying step whose need goes back to pending waits for it again:
         // its condition was judged on the outcome the resume discards.
         (step.status === "retrying" &&
-          this.#plan.steps[id].needs.some((need) => !TERMINAL.has(state.steps[need].status)));
+          this.#plan.steps[id].needs.some((need) =>
+            !isTerminalStepStatus(state.steps[need].status)
+          ));
       if (!rerun) continue;
       step.status = "pending";
       step.attemptsThisRound = 0;
@@ -693,7 +703,7 @@ export class RunEngine {
       this.#active.add(id);
       this.#activeByName.set(name, (this.#activeByName.get(name) ?? 0) + 1);
     }
-    if (TERMINAL.has(status) && !TERMINAL.has(before)) {
+    if (isTerminalStepStatus(status) && !isTerminalStepStatus(before)) {
       step.finishedAt = now;
       this.#terminalCount += 1;
       if (status === "failed" && !this.#plan.steps[id].continueOnError) this.#hardFailures += 1;
@@ -730,9 +740,11 @@ export class RunEngine {
       const step = state.steps[id];
       const planned = this.#plan.steps[id];
       let unmet = 0;
-      for (const need of planned.needs) if (!TERMINAL.has(state.steps[need].status)) unmet++;
+      for (const need of planned.needs) {
+        if (!isTerminalStepStatus(state.steps[need].status)) unmet++;
+      }
       this.#unmet.set(id, unmet);
-      if (TERMINAL.has(step.status)) {
+      if (isTerminalStepStatus(step.status)) {
         this.#terminalCount += 1;
         if (step.status === "failed" && !planned.continueOnError) this.#hardFailures += 1;
       } else if (ACTIVE.has(step.status)) {

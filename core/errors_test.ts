@@ -19,3 +19,23 @@ Deno.test("formatDiagnostic renders file:line:col, message and hint", () => {
   assert.match(error.message, /1 problem:\npipeline\.yaml:7:14/);
   assert.equal(new ConditionSyntaxError("x", 3).offset, 3);
 });
+
+Deno.test("formatDiagnostic locates a problem without a position by its key path", () => {
+  const diagnostic = {
+    code: "unknown_step",
+    message: 'step "analyze" needs unknown step "generat"',
+    file: "demo",
+    line: 0,
+    col: 0,
+    path: "steps.analyze.needs[0]",
+    hint: 'did you mean "generate"?',
+  };
+  assert.equal(
+    formatDiagnostic(diagnostic),
+    'demo: steps.analyze.needs[0]: step "analyze" needs unknown step "generat" — did you mean "generate"?',
+  );
+  assert.equal(
+    formatDiagnostic({ ...diagnostic, path: undefined, hint: undefined }),
+    `demo: ${diagnostic.message}`,
+  );
+});

@@ -323,8 +323,20 @@ function describe(token: Token): string {
  * @throws {ConditionSyntaxError} with the 0-based offset of the problem.
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { parseCondition } from "./expr.ts";
- * parseCondition("${{ success() && matrix.os == 'linux' }}");
+ *
+ * assert.deepEqual(parseCondition("${{ success() && matrix.os == 'linux' }}"), {
+ *   kind: "logical",
+ *   op: "&&",
+ *   left: { kind: "call", name: "success" },
+ *   right: {
+ *     kind: "compare",
+ *     op: "==",
+ *     left: { kind: "path", root: "matrix", name: "os" },
+ *     right: { kind: "literal", value: "linux" },
+ *   },
+ * });
  * ```
  */
 export function parseCondition(src: string): ConditionAst {
@@ -431,12 +443,13 @@ function evaluate(ast: ConditionAst, ctx: ConditionContext): ConditionValue {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { evaluateCondition } from "./expr.ts";
- * evaluateCondition("steps.build.outcome == 'failed'", {
- *   needs: { build: { outcome: "failed" } },
- *   runCancelled: false,
- *   env: {},
- * }); // true
+ *
+ * const needs = { build: { outcome: "failed" as const } };
+ * const context = { needs, runCancelled: false, env: {} };
+ * assert.equal(evaluateCondition("steps.build.outcome == 'failed'", context), true);
+ * assert.equal(evaluateCondition("success()", context), false);
  * ```
  */
 export function evaluateCondition(

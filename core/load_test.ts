@@ -55,6 +55,7 @@ Deno.test("unknown key is located at the key with did-you-mean", () => {
   assert.deepEqual(lines(source), [
     'pipeline.yaml:9:5: unknown key "neds" in step "analyze" — did you mean "needs"?',
   ]);
+  assert.equal(problems(source)[0].path, "steps.analyze.neds");
 });
 
 Deno.test("every problem of the file is reported, in source order", () => {
@@ -88,6 +89,16 @@ steps:
     'pipeline.yaml:14:18: input "x" of step "b" names output "missing.txt" that step "a" does not declare',
     'pipeline.yaml:16:14: unknown backend "dockr" for step "c" — did you mean "docker"?',
     'pipeline.yaml:18:3: missing required key "module" in step "d" (backend deno)',
+  ]);
+  assert.deepEqual(problems(source).map((d) => d.path), [
+    "steps.a",
+    "steps.a.timeout",
+    "steps.a.needs[1]",
+    "steps.a.secrets[0]",
+    "steps.a.when",
+    "steps.b.inputs.x",
+    "steps.c.backend",
+    "steps.d.module",
   ]);
 });
 

@@ -26,10 +26,14 @@ function label(text: string): string {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { parsePipeline } from "./load.ts";
  * import { renderMermaid } from "./mermaid.ts";
+ *
  * const plan = parsePipeline("name: x\nsteps:\n  a: { run: 'true' }\n", { file: "x.yaml" });
- * renderMermaid(plan, { a: "running" });
+ * const chart = renderMermaid(plan, { a: "running" });
+ * assert.match(chart, /^flowchart TD\n/);
+ * assert.match(chart, /class s0 running/);
  * ```
  */
 export function renderMermaid(plan: Plan, statuses?: Record<string, StepStatus>): string {

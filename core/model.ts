@@ -200,20 +200,48 @@ export const TERMINAL_STEP_STATUSES: readonly StepStatus[] = [
   "skipped",
 ];
 
-/** Whether a step status is terminal (see {@link TERMINAL_STEP_STATUSES}). */
+const TERMINAL_STEP_SET: ReadonlySet<string> = new Set(TERMINAL_STEP_STATUSES);
+
+/**
+ * True for a step status the step never leaves except through an explicit
+ * resume (one of {@link TERMINAL_STEP_STATUSES}).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { isTerminalStepStatus } from "./model.ts";
+ *
+ * assert.equal(isTerminalStepStatus("skipped"), true);
+ * assert.equal(isTerminalStepStatus("retrying"), false);
+ * ```
+ */
 export function isTerminalStepStatus(status: StepStatus): boolean {
-  return TERMINAL_STEP_STATUSES.includes(status);
+  return TERMINAL_STEP_SET.has(status);
 }
 
 /** Status of a run. */
 export type RunStatus = "pending" | "running" | "succeeded" | "failed" | "cancelled";
 
-/** Statuses a run never leaves without a resume. */
+/** Statuses a run never leaves (except through an explicit resume). */
 export const TERMINAL_RUN_STATUSES: readonly RunStatus[] = ["succeeded", "failed", "cancelled"];
 
-/** Whether a run status is terminal (see {@link TERMINAL_RUN_STATUSES}). */
+const TERMINAL_RUN_SET: ReadonlySet<string> = new Set(TERMINAL_RUN_STATUSES);
+
+/**
+ * True for a run status the run never leaves except through an explicit
+ * resume (one of {@link TERMINAL_RUN_STATUSES}).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { isTerminalRunStatus } from "./model.ts";
+ *
+ * assert.equal(isTerminalRunStatus("cancelled"), true);
+ * assert.equal(isTerminalRunStatus("running"), false);
+ * ```
+ */
 export function isTerminalRunStatus(status: RunStatus): boolean {
-  return TERMINAL_RUN_STATUSES.includes(status);
+  return TERMINAL_RUN_SET.has(status);
 }
 
 /** A produced artifact as the engine sees it. */

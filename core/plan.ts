@@ -85,8 +85,12 @@ export function inferBackend(step: StepFile): string | undefined {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { expandMatrix } from "./plan.ts";
- * expandMatrix({ os: ["linux", "mac"], exclude: [{ os: "mac" }] }); // [{ os: "linux" }]
+ *
+ * assert.deepEqual(expandMatrix({ os: ["linux", "mac"], exclude: [{ os: "mac" }] }), [
+ *   { os: "linux" },
+ * ]);
  * ```
  */
 export function expandMatrix(matrix: MatrixFile): Array<Record<string, Scalar>> {
@@ -409,9 +413,15 @@ export function planWaves(plan: Plan): Map<string, number> {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { parsePipeline } from "./load.ts";
  * import { renderPlanText } from "./plan.ts";
- * console.log(renderPlanText(parsePipeline("name: x\nsteps:\n  a: { run: 'true' }\n", { file: "x.yaml" })));
+ *
+ * const source = "name: x\nsteps:\n  a: { run: 'true' }\n  b: { run: 'true', needs: [a] }\n";
+ * assert.equal(
+ *   renderPlanText(parsePipeline(source, { file: "x.yaml" })),
+ *   "pipeline x: 2 steps in 2 waves\nwave 1\n  a [shell]\nwave 2\n  b [shell]  ← a\n",
+ * );
  * ```
  */
 export function renderPlanText(plan: Plan): string {

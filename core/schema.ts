@@ -278,8 +278,12 @@ export const STEP_KEYS: readonly string[] = Object.keys(StepSchema.shape);
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { pipelineJsonSchema } from "./schema.ts";
- * pipelineJsonSchema().title; // "runnel pipeline"
+ *
+ * const schema = pipelineJsonSchema();
+ * assert.equal(schema.title, "runnel pipeline");
+ * assert.deepEqual(schema.required, ["name", "steps"]);
  * ```
  */
 export function pipelineJsonSchema(): Record<string, unknown> {

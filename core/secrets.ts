@@ -49,13 +49,15 @@ export interface ResolveSecretsOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { resolveSecrets } from "./secrets.ts";
+ *
  * const values = resolveSecrets(
  *   { API_KEY: { env: "MY_API_KEY" } },
  *   ["API_KEY"],
  *   { env: (name) => (name === "MY_API_KEY" ? "s3cret" : undefined) },
  * );
- * values.API_KEY; // "s3cret"
+ * assert.deepEqual(values, { API_KEY: "s3cret" });
  * ```
  */
 export function resolveSecrets(
@@ -114,8 +116,10 @@ export function resolveSecrets(
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { Masker } from "./secrets.ts";
- * new Masker(["hunter2"]).mask("password: hunter2"); // "password: ***"
+ *
+ * assert.equal(new Masker(["hunter2"]).mask("password: hunter2"), "password: ***");
  * ```
  */
 export class Masker {

@@ -354,16 +354,49 @@ const CASES: Case[] = [
 /**
  * Registers the shared artifact store tests, named `NAME: behaviour`.
  *
- * @example
- * ```ts ignore
+ * @example The test module of an engine
+ * ```ts
+ * import assert from "node:assert/strict";
  * import { artifactStoreConformance } from "./conformance.ts";
  * import { openLocalArtifactStore } from "./local.ts";
+ * import { digestHex } from "./store.ts";
+ *
+ * // The target reaches the engine's blobs behind its back: here, files under `root`.
  * artifactStoreConformance("local", {
  *   async open({ clock }) {
- *     const dir = await Deno.makeTempDir();
- *     const store = openLocalArtifactStore(dir, { clock });
- *     // ...blobDigests, overwriteBlob, deleteBlob reading `dir` directly
+ *     const root = await Deno.makeTempDir();
+ *     const shards = `${root}/blobs/sha256`;
+ *     const blob = (digest: string) => {
+ *       const hex = digestHex(digest);
+ *       return `${shards}/${hex.slice(0, 2)}/${hex.slice(2)}`;
+ *     };
+ *     return {
+ *       store: openLocalArtifactStore(root, { clock }),
+ *       async blobDigests() {
+ *         const digests: string[] = [];
+ *         const shardNames = await Array.fromAsync(Deno.readDir(shards)).catch(() => []);
+ *         for (const shard of shardNames) {
+ *           for await (const file of Deno.readDir(`${shards}/${shard.name}`)) {
+ *             digests.push(`sha256:${shard.name}${file.name}`);
+ *           }
+ *         }
+ *         return digests.sort();
+ *       },
+ *       async overwriteBlob(digest, bytes) {
+ *         await Deno.chmod(blob(digest), 0o644); // blobs are read-only
+ *         await Deno.writeFile(blob(digest), bytes);
+ *       },
+ *       deleteBlob: (digest) => Deno.remove(blob(digest)),
+ *       [Symbol.asyncDispose]: () => Deno.remove(root, { recursive: true }),
+ *     };
  *   },
+ * });
+ *
+ * // What only this engine can check sits beside the shared tests.
+ * Deno.test("local: a fresh store lists nothing", async () => {
+ *   const root = await Deno.makeTempDir();
+ *   assert.deepEqual(await openLocalArtifactStore(root).list(), []);
+ *   await Deno.remove(root, { recursive: true });
  * });
  * ```
  */

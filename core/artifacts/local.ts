@@ -50,9 +50,15 @@ export interface LocalArtifactStoreOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { openLocalArtifactStore } from "./local.ts";
- * const store = openLocalArtifactStore(await Deno.makeTempDir());
- * await store.isPinned("run-1"); // false
+ *
+ * const root = await Deno.makeTempDir();
+ * const store = openLocalArtifactStore(root);
+ * assert.equal(await store.isPinned("run-1"), false);
+ * await store.pin("run-1");
+ * assert.equal(await store.isPinned("run-1"), true);
+ * await Deno.remove(root, { recursive: true });
  * ```
  */
 export function openLocalArtifactStore(

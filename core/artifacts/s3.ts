@@ -141,15 +141,23 @@ export class S3BucketMissingError extends Error {
  *
  * @example
  * ```ts
- * import { openS3ArtifactStore } from "./s3.ts";
- * const store = openS3ArtifactStore({
+ * import assert from "node:assert/strict";
+ * import { openS3ArtifactStore, S3ConfigError } from "./s3.ts";
+ *
+ * const options = {
  *   endpoint: "http://127.0.0.1:9000",
  *   bucket: "artifacts",
  *   accessKey: "minioadmin",
  *   secretKey: "minioadmin",
  *   prefix: "runnel",
- * });
- * typeof store.put; // "function"
+ * };
+ * // Opening connects to nothing (the first request does), but checks the options.
+ * const store = openS3ArtifactStore(options);
+ * assert.equal(typeof store.put, "function");
+ * assert.throws(
+ *   () => openS3ArtifactStore({ ...options, endpoint: "127.0.0.1:9000/artifacts" }),
+ *   S3ConfigError,
+ * );
  * ```
  */
 export function openS3ArtifactStore(options: S3ArtifactStoreOptions): ArtifactStore {

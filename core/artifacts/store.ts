@@ -192,8 +192,11 @@ const CONTENT_TYPES: Record<string, string> = {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { contentTypeFor } from "./store.ts";
- * contentTypeFor("energy.csv"); // "text/csv"
+ *
+ * assert.equal(contentTypeFor("energy.csv"), "text/csv");
+ * assert.equal(contentTypeFor("model.bin"), "application/octet-stream");
  * ```
  */
 export function contentTypeFor(name: string): string {
@@ -209,8 +212,11 @@ const DIGEST_PATTERN = /^sha256:[0-9a-f]{64}$/;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { digestHex } from "./store.ts";
- * digestHex("sha256:" + "0".repeat(64));
+ *
+ * assert.equal(digestHex("sha256:" + "0".repeat(64)), "0".repeat(64));
+ * assert.throws(() => digestHex("md5:0"), /Expected a digest like "sha256:<64 hex>"/);
  * ```
  */
 export function digestHex(digest: string): string {

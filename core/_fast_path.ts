@@ -1,0 +1,89 @@
+/**
+ * The fast path for large pipeline files: a plain YAML load (js-yaml, core
+ * schema, a fraction of the time and memory of a positioned document), the
+ * same zod schema and the same checks. It only ever returns a valid plan: at
+ * the first sign of any problem it gives up, and the located path re-parses
+ * the file to report every problem with its line and column. Step
+ * positions come from a scan of the block-style `steps:` mapping.
+ *
+ * @module
+ */
+
+import { CORE_SCHEMA, load as loadYaml } from "npm:js-yaml@4.1.0";
+import { LineCounter } from "npm:yaml@2.9.1";
+import type { Plan } from "./model.ts";
+import { PipelineSchema } from "./schema.ts";
+import { type CheckOptions, checkSteps, planValidated, viewOf } from "./validate.ts";
+import { Reporter } from "./_diagnostics.ts";
+import { Locator, type PathSegment, type Position, type Positions } from "./_locator.ts";
+import { checkSource } from "./_yaml.ts";
+
+/**
+ * Files at least this large try the fast path first. Below it the located
+ * parse costs a few milliseconds and gives exact step positions.
+ */
+export const FAST_PATH_MIN_CHARS = 64 * 1024;
+
+/** An anchor or alias anywhere: such files take the located path (bounded alias expansion). */
+const ANCHOR_OR_ALIAS = /(?:^|[\s[{,:-])[&*][^\s,\]}]/m;
+
+/** Options of {@link parseFast}. */
+export interface FastPathOptions extends CheckOptions {
+  /** Path of the file as the user named it. */
+  file: string;
+}
+
+/** The plan of a valid file, or undefined for the located path to report on. */
+export function parseFast(source: string, options: FastPathOptions): Plan | undefined {
+  if (ANCHOR_OR_ALIAS.test(source) || source.includes("<<")) return undefined;
+  const counter = new Locator(options.file, new LineCounter());
+  if (!checkSource(source, new Reporter(counter), counter)) return undefined;
+  let raw: unknown;
+  try {
+    raw = loadYaml(source, { schema: CORE_SCHEMA, json: false });
+  } catch {
+    return undefined;
+  }
+  const parsed = PipelineSchema.safeParse(raw);
+  if (!parsed.success) return undefined;
+  const reporter = new Reporter(scannedPositions(options.file, source));
+  try {
+    checkSteps(viewOf(parsed.data), options, reporter);
+  } catch {
+    return undefined;
+  }
+  if (reporter.diagnostics.length > 0) return undefined;
+  const plan = planValidated(parsed.data, { ...options, source }, reporter);
+  return reporter.diagnostics.length > 0 ? undefined : plan;
+}
+
+/** Positions of the steps only (from a scan of the text); 1:1 for anything else. */
+function scannedPositions(file: string, source: string): Positions {
+  const stepLines = scanStepLines(source);
+  const at = (path: readonly PathSegment[]): Position => {
+    const name = path[0] === "steps" ? String(path[1]) : undefined;
+    return { ...(name && stepLines.get(name) || { line: 1, col: 1 }) };
+  };
+  return { file, at, inString: at };
+}
+
+/** Line and column of each step key of a block-style `steps:` mapping. */
+function scanStepLines(source: string): Map<string, Position> {
+  const found = new Map<string, Position>();
+  const lines = source.split("\n");
+  const start = lines.findIndex((line) => /^steps\s*:\s*(#.*)?$/.test(line));
+  if (start < 0) return found;
+  let indent = -1;
+  for (let i = start + 1; i < lines.length; i++) {
+    const match = /^( +)([^\s:#][^:]*?)\s*:(?:\s|$)/.exec(lines[i]);
+    if (!match) {
+      if (/^\S/.test(lines[i])) break; // the next top-level key
+      continue;
+    }
+    if (indent < 0) indent = match[1].length;
+    if (match[1].length === indent) {
+      found.set(match[2].replace(/^["']|["']$/g, ""), { line: i + 1, col: indent + 1 });
+    }
+  }
+  return found;
+}

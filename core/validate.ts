@@ -1,0 +1,460 @@
+/**
+ * Validation of a pipeline, whether it was written in YAML or built in
+ * code: the zod schema, then the checks that span steps (backends,
+ * references, conditions, matrices, the graph), then planning. Problems are
+ * collected in a {@link Reporter}, which locates them by line and column or
+ * by key path, so one file reports every problem at once.
+ *
+ * @module
+ */
+
+import { resolve } from "node:path";
+import type { z } from "npm:zod@4.6.7";
+import { ConditionSyntaxError, parseCondition } from "./expr.ts";
+import type { Plan } from "./model.ts";
+import { expandMatrix, inferBackend, planPipeline, stepEdges } from "./plan.ts";
+import {
+  BUILTIN_BACKENDS,
+  type PipelineFile,
+  PipelineSchema,
+  type StepFile,
+  StepSchema,
+} from "./schema.ts";
+import { didYouMean } from "./_did_you_mean.ts";
+import { type Reporter, typeName } from "./_diagnostics.ts";
+import type { PathSegment } from "./_locator.ts";
+import { reportZodIssues } from "./_zod_issues.ts";
+
+/** Options of the checks of {@link validatePipeline} and {@link checkSteps}. */
+export interface CheckOptions {
+  /** Absolute directory module paths resolve against. */
+  baseDir: string;
+  /** Plugin backend names accepted besides the built-in ones. */
+  backends?: string[];
+  /**
+   * Reads a step module by absolute path; default the filesystem. Returns
+   * undefined for a missing file.
+   */
+  readFile?: (path: string) => Uint8Array | undefined;
+}
+
+/**
+ * Validates a parsed pipeline against the schema and the cross-step checks,
+ * reporting every problem. Returns the typed pipeline when it has none.
+ */
+export function validatePipeline(
+  raw: unknown,
+  options: CheckOptions,
+  reporter: Reporter,
+): PipelineFile | undefined {
+  if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
+    reporter.at("invalid_type", `expected a mapping at the top level, got ${typeName(raw)}`, []);
+    return undefined;
+  }
+  const before = reporter.diagnostics.length;
+  const parsed = PipelineSchema.safeParse(raw);
+  if (!parsed.success) reportZodIssues(parsed.error.issues, raw, reporter);
+  const view = parsed.success ? viewOf(parsed.data) : salvageView(raw as Record<string, unknown>);
+  checkSteps(view, options, reporter);
+  return parsed.success && reporter.diagnostics.length === before ? parsed.data : undefined;
+}
+
+/** The view of a pipeline that passed the schema. */
+export function viewOf(pipeline: PipelineFile): PipelineView {
+  return {
+    steps: new Map(Object.entries(pipeline.steps)),
+    secrets: new Set(Object.keys(pipeline.secrets ?? {})),
+    startNode: pipeline.start_node,
+    defaultBackend: pipeline.defaults?.backend,
+  };
+}
+
+/** Options of {@link planValidated}. */
+export interface PlanValidatedOptions extends CheckOptions {
+  /** Path of the file as the user named it (or the name of a pipeline defined in code). */
+  file: string;
+  /** Source text, hashed into `Plan.digest`. */
+  source: string;
+}
+
+/**
+ * Plans a validated pipeline. The problems only planning finds (unknown
+ * matrix keys after interpolation, modules that cannot be read) are
+ * reported, and then undefined is returned.
+ */
+export function planValidated(
+  pipeline: PipelineFile,
+  options: PlanValidatedOptions,
+  reporter: Reporter,
+): Plan | undefined {
+  const positions = reporter.positions;
+  const planned = planPipeline(pipeline, {
+    file: options.file,
+    baseDir: options.baseDir,
+    source: options.source,
+    readFile: options.readFile,
+    locate: (path) => ({ file: options.file, ...positions.at(path, { key: true }) }),
+  });
+  if ("plan" in planned) return planned.plan;
+  for (const d of planned.diagnostics) {
+    reporter.at(d.code, d.message, d.path, { onKey: d.onKey, key: d.key });
+  }
+  return undefined;
+}
+
+/**
+ * What the cross-step checks see: every step of a valid pipeline, or, when
+ * parts of it failed validation, what could be salvaged of them.
+ */
+export interface PipelineView {
+  steps: Map<string, StepFile | undefined>;
+  /** Steps whose `outputs` did not validate, so inputs naming them are not checked. */
+  uncertainOutputs?: Set<string>;
+  /** Keys of each step that did not validate (checks depending on them are skipped). */
+  droppedKeys?: Map<string, Set<string>>;
+  secrets?: Set<string>;
+  startNode?: string;
+  defaultBackend?: string;
+}
+
+/**
+ * Parses what can be parsed of an invalid object: drops the top-level keys
+ * zod complained about until the rest parses, so cross-step checks still
+ * see (and report on) the valid parts.
+ */
+function salvage<T>(
+  schema: z.ZodType<T>,
+  raw: unknown,
+  dropped = new Set<string>(),
+): T | undefined {
+  if (raw === null || typeof raw !== "object" || Array.isArray(raw)) {
+    const parsed = schema.safeParse(raw);
+    return parsed.success ? parsed.data : undefined;
+  }
+  const copy: Record<string, unknown> = { ...raw as Record<string, unknown> };
+  for (let round = 0; round < 4; round++) {
+    const parsed = schema.safeParse(copy);
+    if (parsed.success) return parsed.data;
+    for (const issue of parsed.error.issues) {
+      if (issue.path.length > 0) {
+        dropped.add(String(issue.path[0]));
+        delete copy[String(issue.path[0])];
+      } else if (issue.code === "unrecognized_keys") {
+        for (const key of issue.keys) delete copy[key];
+      } else return undefined;
+    }
+  }
+  return undefined;
+}
+
+/** The view of a pipeline that failed validation: what could be salvaged of each step. */
+export function salvageView(raw: Record<string, unknown>): PipelineView {
+  const steps = new Map<string, StepFile | undefined>();
+  const uncertainOutputs = new Set<string>();
+  const droppedKeys = new Map<string, Set<string>>();
+  const rawSteps = raw.steps;
+  if (rawSteps && typeof rawSteps === "object" && !Array.isArray(rawSteps)) {
+    for (const [name, step] of Object.entries(rawSteps)) {
+      const dropped = new Set<string>();
+      steps.set(name, salvage(StepSchema, step, dropped));
+      if (dropped.has("outputs")) uncertainOutputs.add(name);
+      if (dropped.size > 0) droppedKeys.set(name, dropped);
+    }
+  }
+  const shape = PipelineSchema.shape;
+  const secrets = shape.secrets.safeParse(raw.secrets);
+  const start = shape.start_node.safeParse(raw.start_node);
+  const defaults = salvage(shape.defaults, raw.defaults);
+  return {
+    steps,
+    uncertainOutputs,
+    droppedKeys,
+    secrets: secrets.success ? new Set(Object.keys(secrets.data ?? {})) : undefined,
+    startNode: start.success ? start.data : undefined,
+    defaultBackend: defaults?.backend,
+  };
+}
+
+/**
+ * The checks zod cannot make because they span steps or reach outside the
+ * pipeline: each step's backend is known and has its required keys, a deno
+ * step's module exists, every `needs`, `next_node`, input, secret and
+ * `start_node` names something declared, conditions parse, matrices expand,
+ * and the graph has no cycle and no step unreachable from `start_node`.
+ */
+export function checkSteps(
+  view: PipelineView,
+  options: CheckOptions,
+  reporter: Reporter,
+): void {
+  const names = [...view.steps.keys()];
+  const known = new Set(names);
+  const backends = new Set<string>([...BUILTIN_BACKENDS, ...(options.backends ?? [])]);
+  let reportedDefaultBackend = false;
+  for (const [name, step] of view.steps) {
+    if (!step) continue;
+    const at = (...path: PathSegment[]) => ["steps", name, ...path];
+    const dropped = view.droppedKeys?.get(name) ?? new Set<string>();
+    const backend = step.backend ?? view.defaultBackend ?? inferBackend(step);
+    if (["backend", "module", "image", "build", "host", "run"].some((k) => dropped.has(k))) {
+      // The step's backend cannot be known; its own diagnostics say why.
+    } else if (backend === undefined) {
+      reporter.at(
+        "missing_backend",
+        `cannot tell the backend of step "${name}": expected "backend" or one of "module", "image", "build", "host", "run"`,
+        at(),
+        { onKey: true, key: "backend" },
+      );
+    } else if (!backends.has(backend)) {
+      const path = step.backend ? at("backend") : ["defaults", "backend"];
+      if (step.backend || !reportedDefaultBackend) {
+        reportedDefaultBackend ||= !step.backend;
+        reporter.at("unknown_backend", `unknown backend "${backend}" for step "${name}"`, path, {
+          key: "backend",
+          expected: [...backends].join(", "),
+          hint: didYouMean(backend, backends),
+        });
+      }
+    } else {
+      const required: Record<string, string[]> = {
+        deno: ["module"],
+        shell: ["run"],
+        docker: step.build === undefined ? ["image"] : [],
+        ssh: ["host", "run"],
+        kubernetes: ["image"],
+      };
+      for (const key of required[backend] ?? []) {
+        if (step[key as keyof StepFile] === undefined) {
+          reporter.at(
+            "missing_key",
+            `missing required key "${key}" in step "${name}" (backend ${backend})`,
+            at(),
+            { onKey: true, key, keyPath: at(key) },
+          );
+        }
+      }
+      if (backend === "deno" && step.module !== undefined && !step.module.includes("${{")) {
+        const modulePath = resolve(options.baseDir, step.module);
+        const problem = options.readFile
+          ? (options.readFile(modulePath) ? undefined : `does not exist (looked for ${modulePath})`)
+          : moduleProblem(modulePath);
+        if (problem) {
+          reporter.at(
+            "missing_module",
+            `module "${step.module}" of step "${name}" ${problem}`,
+            at("module"),
+            {
+              key: "module",
+            },
+          );
+        }
+      }
+    }
+    const needs = step.needs === undefined
+      ? []
+      : Array.isArray(step.needs)
+      ? step.needs
+      : [step.needs];
+    needs.forEach((need, i) => {
+      if (!known.has(need)) {
+        const path = Array.isArray(step.needs) ? at("needs", i) : at("needs");
+        reporter.at("unknown_step", `step "${name}" needs unknown step "${need}"`, path, {
+          key: "needs",
+          hint: didYouMean(need, names),
+        });
+      }
+    });
+    if (step.next_node !== undefined && !known.has(step.next_node)) {
+      reporter.at(
+        "unknown_step",
+        `"next_node" of step "${name}" names unknown step "${step.next_node}"`,
+        at("next_node"),
+        {
+          key: "next_node",
+          hint: didYouMean(step.next_node, names),
+        },
+      );
+    }
+    for (const [input, ref] of Object.entries(step.inputs ?? {})) {
+      const [from, output] = ref.split("/");
+      const source = view.steps.get(from);
+      if (!known.has(from)) {
+        reporter.at(
+          "unknown_step",
+          `input "${input}" of step "${name}" names unknown step "${from}"`,
+          at("inputs", input),
+          {
+            key: input,
+            hint: didYouMean(from, names),
+          },
+        );
+      } else if (
+        source && !view.uncertainOutputs?.has(from) && !(source.outputs ?? []).includes(output)
+      ) {
+        reporter.at(
+          "unknown_output",
+          `input "${input}" of step "${name}" names output "${output}" that step "${from}" does not declare`,
+          at("inputs", input),
+          {
+            key: input,
+            expected: (source.outputs ?? []).join(", "),
+            hint: didYouMean(output, source.outputs ?? []),
+          },
+        );
+      }
+    }
+    if (view.secrets) {
+      (step.secrets ?? []).forEach((secret, i) => {
+        if (!view.secrets!.has(secret)) {
+          reporter.at(
+            "unknown_secret",
+            `step "${name}" uses undeclared secret "${secret}"`,
+            at("secrets", i),
+            {
+              key: "secrets",
+              hint: didYouMean(secret, view.secrets!) ?? 'declare it under the top-level "secrets"',
+            },
+          );
+        }
+      });
+    }
+    if (step.when !== undefined) {
+      try {
+        parseCondition(step.when);
+      } catch (error) {
+        if (!(error instanceof ConditionSyntaxError)) throw error;
+        reporter.add(
+          "condition_syntax",
+          `invalid condition in "when" of step "${name}": ${error.message}`,
+          reporter.positions.inString(at("when"), error.offset),
+          { key: "when", path: at("when") },
+        );
+      }
+    }
+    if (step.matrix) checkMatrix(name, step.matrix, reporter);
+  }
+  if (view.startNode !== undefined && !known.has(view.startNode)) {
+    reporter.at("unknown_step", `"start_node" names unknown step "${view.startNode}"`, [
+      "start_node",
+    ], {
+      key: "start_node",
+      hint: didYouMean(view.startNode, names),
+    });
+  }
+  checkGraph(view, reporter);
+}
+
+/** Why a module path cannot be used, or undefined if it is a readable file. */
+function moduleProblem(path: string): string | undefined {
+  try {
+    const info = Deno.statSync(path);
+    return info.isFile ? undefined : "is not a file";
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return `does not exist (looked for ${path})`;
+    if (error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied) {
+      return `cannot be read (${(error as Error).message})`;
+    }
+    return `cannot be read (${String(error)})`;
+  }
+}
+
+/** A matrix's values have the right types and expand to at least one leg. */
+function checkMatrix(name: string, matrix: Record<string, unknown[]>, reporter: Reporter): void {
+  const at = (...path: PathSegment[]) => ["steps", name, "matrix", ...path];
+  let valid = true;
+  for (const [key, values] of Object.entries(matrix)) {
+    const special = key === "include" || key === "exclude";
+    const wrong = values.findIndex((v) =>
+      special ? v === null || typeof v !== "object" : typeof v === "object"
+    );
+    if (wrong >= 0) {
+      const expected = special ? "a list of mappings" : "a list of strings, numbers or booleans";
+      reporter.at(
+        "invalid_type",
+        `expected ${expected} for matrix key "${key}" of step "${name}"`,
+        at(key, wrong),
+        {
+          key,
+          expected,
+        },
+      );
+      valid = false;
+    } else if (!special && values.length === 0) {
+      reporter.at("empty_matrix", `matrix key "${key}" of step "${name}" has no values`, at(key), {
+        key,
+      });
+      valid = false;
+    }
+  }
+  if (valid && expandMatrix(matrix as Parameters<typeof expandMatrix>[0]).length === 0) {
+    reporter.at(
+      "empty_matrix",
+      `matrix of step "${name}" expands to no legs (every combination is excluded)`,
+      at(),
+      {
+        onKey: true,
+        key: "matrix",
+      },
+    );
+  }
+}
+
+/** No cycle among the steps, and every step reachable from `start_node` when there is one. */
+function checkGraph(view: PipelineView, reporter: Reporter): void {
+  const edges = stepEdges(view.steps);
+  const names = [...view.steps.keys()];
+  // Kahn on step names; whatever is left over sits on or behind a cycle.
+  const pending = new Map(names.map((n) => [n, edges.needs.get(n)!.size]));
+  const queue = names.filter((n) => pending.get(n) === 0);
+  for (let i = 0; i < queue.length; i++) {
+    for (const dependent of edges.dependents.get(queue[i]) ?? []) {
+      const left = pending.get(dependent)! - 1;
+      pending.set(dependent, left);
+      if (left === 0) queue.push(dependent);
+    }
+  }
+  if (queue.length < names.length) {
+    const remaining = new Set(names.filter((n) => pending.get(n)! > 0));
+    const start = names.find((n) => remaining.has(n))!;
+    const seen = new Map<string, number>();
+    const walk: string[] = [];
+    let current = start;
+    while (!seen.has(current)) {
+      seen.set(current, walk.length);
+      walk.push(current);
+      current = [...edges.needs.get(current)!].find((n) => remaining.has(n))!;
+    }
+    const cycle = walk.slice(seen.get(current)!).reverse();
+    cycle.push(cycle[0]);
+    const first = cycle.at(-2)!;
+    reporter.at("cycle", `cycle between steps: ${cycle.join(" → ")}`, ["steps", first], {
+      onKey: true,
+      hint: "remove one of these needs",
+    });
+  }
+  if (view.startNode !== undefined && view.steps.has(view.startNode)) {
+    const reached = new Set([view.startNode]);
+    const stack = [view.startNode];
+    while (stack.length > 0) {
+      for (const next of edges.dependents.get(stack.pop()!) ?? []) {
+        if (!reached.has(next)) {
+          reached.add(next);
+          stack.push(next);
+        }
+      }
+    }
+    for (const name of names) {
+      if (!reached.has(name)) {
+        reporter.at(
+          "unreachable",
+          `step "${name}" is unreachable from start_node "${view.startNode}"`,
+          ["steps", name],
+          {
+            onKey: true,
+            hint: `add it to a "next_node" or "needs" chain starting at "${view.startNode}"`,
+          },
+        );
+      }
+    }
+  }
+}
