@@ -12,7 +12,7 @@ import {
   createProgress,
   formatDiagnostic,
   getRunRecord,
-  isTerminalRun,
+  isTerminalRunStatus,
   listRuns,
   loadPipeline,
   logPath,
@@ -487,7 +487,7 @@ async function showLogs(
       await dump();
     }
     const final = await getRunRecord(state.store, record.runId);
-    if (!isTerminalRun(final.status) && !follow) {
+    if (!isTerminalRunStatus(final.status) && !follow) {
       console.error(`(run ${final.runId} is ${final.status}; --follow streams until it ends)`);
     }
     return 0;

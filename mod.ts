@@ -136,7 +136,6 @@ export {
   DEFAULT_STATE_DIR,
   deliverWebhook,
   getRunRecord,
-  isTerminalRun,
   listRuns,
   LocalRunError,
   logPath,

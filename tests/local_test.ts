@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import {
   collectGarbage,
   createProgress,
+  definePipeline,
   loadPipeline,
   openLocalState,
   readStepStates,
@@ -544,4 +545,21 @@ Deno.test("on a terminal, progress redraws running steps in place", () => {
   assert.match(text, /\x1b\[\d+A\x1b\[0J/, "the live block is erased before it is redrawn");
   assert.match(text, /✓ a 1\.5s/);
   assert.match(text, /succeeded in 1\.5s \(1 succeeded\)/);
+});
+
+Deno.test("a pipeline defined in code resumes from its stored plan (it has no file)", async () => {
+  await using box = await sandbox();
+  const flag = `${box.dir}/fixed`;
+  const plan = definePipeline({
+    name: "in-code",
+    steps: {
+      flaky: { backend: "shell", run: `test -f "${flag}"`, retry: { max: 0 } },
+    },
+  }, { baseDir: box.dir });
+  const failed = await runPipeline(plan, { stateDir: box.stateDir });
+  assert.equal(failed.status, "failed");
+  await Deno.writeTextFile(flag, "");
+  const resumed = await resumeRun(failed.runId, { stateDir: box.stateDir });
+  assert.equal(resumed.status, "succeeded");
+  assert.equal(resumed.steps.flaky.attempts.length, 2);
 });

@@ -39,7 +39,6 @@ import {
 export {
   DEFAULT_STATE_DIR,
   getRunRecord,
-  isTerminalRun,
   listRuns,
   LocalRunError,
   type LocalState,
@@ -104,6 +103,11 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
       createdAt: now(),
       round: engine.state.round,
     };
+    if (!(await isFile(record.file))) {
+      // Defined in code: a resume takes the plan from the store.
+      record.planStored = true;
+      await state.store.put(localKeys.plan(runId), JSON.stringify(effectivePlan));
+    }
     if (options.plugins?.length) {
       record.plugins = options.plugins.map(({ name, module, manifestModule }) => ({
         name,
@@ -172,10 +176,7 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
     }
     await assertNoLiveOwner(state.store, record.runId);
     const plugins = options.plugins ?? record.plugins ?? [];
-    const plan = withConcurrency(
-      await loadPipeline(record.file, { backends: plugins.map((plugin) => plugin.name) }),
-      options.concurrency,
-    );
+    const plan = withConcurrency(await planOf(state, record, plugins), options.concurrency);
     const engine = new RunEngine(plan, await readRunState(state.store, record, plan));
     const pool = options.pool ?? await openPool(state, { ...options, plugins });
     try {
@@ -227,9 +228,7 @@ export async function cancelRun(
       return "requested";
     }
     const plugins = record.plugins ?? [];
-    const plan = await loadPipeline(record.file, {
-      backends: plugins.map((plugin) => plugin.name),
-    }).catch(() => undefined);
+    const plan = await planOf(state, record, plugins).catch(() => undefined);
     const pool = await openPool(state, { plugins });
     try {
       const lifecycle = lifecycleOf(state, pool, record.runId);
@@ -310,6 +309,32 @@ function driverContext(
     signal: options.signal,
     env: options.env,
   };
+}
+
+/**
+ * The plan of a recorded run: its pipeline file loaded afresh (so that a
+ * fix made since the failure takes effect), or the stored plan of a
+ * pipeline defined in code.
+ */
+async function planOf(
+  state: LocalState,
+  record: RunRecord,
+  plugins: Array<{ name: string }>,
+): Promise<Plan> {
+  if (record.planStored) {
+    const kv = await state.store.get(localKeys.plan(record.runId));
+    if (!kv) throw new LocalRunError("plan_missing", `Run ${record.runId} has no stored plan`);
+    return JSON.parse(kv.value) as Plan;
+  }
+  return await loadPipeline(record.file, { backends: plugins.map((plugin) => plugin.name) });
+}
+
+async function isFile(path: string): Promise<boolean> {
+  try {
+    return (await Deno.stat(path)).isFile;
+  } catch {
+    return false;
+  }
 }
 
 function withConcurrency(plan: Plan, concurrency: number | undefined): Plan {

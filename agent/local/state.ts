@@ -8,7 +8,7 @@
 
 import { type RunHeader, runStateOf, syncHeader } from "../../core/engine.ts";
 import type { RunEngine } from "../../core/engine.ts";
-import type { Plan, RunState, RunStatus, StepState } from "../../core/model.ts";
+import type { Plan, RunState, StepState } from "../../core/model.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import type { Store, TxnOp } from "../../consensus/store.ts";
 import { openEmbeddedStore } from "../../consensus/embedded.ts";
@@ -32,6 +32,11 @@ export interface RunRecord extends RunHeader {
   /** Absolute path of the pipeline file. */
   file: string;
   planDigest: string;
+  /**
+   * The plan is kept in the store (`/plan/<run>`) rather than read again
+   * from `file`: a pipeline defined in code has no file.
+   */
+  planStored?: boolean;
   /** Third-party backends the run was started with; a resume loads them again. */
   plugins?: Array<{ name: string; module: string; manifestModule?: string }>;
 }
@@ -57,6 +62,7 @@ export const localKeys = {
   owner: (runId: string) => `/owner/${runId}`,
   cancel: (runId: string) => `/cancel/${runId}`,
   cache: (key: string) => `/cache/${key}`,
+  plan: (runId: string) => `/plan/${runId}`,
 };
 
 /** Paths under the state directory. */
@@ -180,11 +186,6 @@ export async function waitForRunEnd(
     }
   }
   return await getRunRecord(store, runId);
-}
-
-/** True for a run status that will not change without a resume. */
-export function isTerminalRun(status: RunStatus): boolean {
-  return isTerminalRunStatus(status);
 }
 
 /** Writes the run record and the changed steps in one transaction. */
