@@ -11,7 +11,7 @@
  */
 
 import type { z } from "npm:zod@4.6.7";
-import type { ErrorClass, Usage } from "../core/model.ts";
+import { BUSINESS_EXIT_CODE, type ErrorClass, type Usage } from "../core/model.ts";
 
 /** Deno permissions, one allow-list per permission kind (empty = not granted). */
 export interface DenoPermissions {
@@ -220,6 +220,66 @@ export function configMessages(schema: z.ZodType, config: unknown): string[] {
 
 /** Grace period between SIGTERM and SIGKILL on cancel, after `docker stop`'s default. */
 export const DEFAULT_CANCEL_GRACE_MS = 5_000;
+
+/** Options of {@link classifyExit}. */
+export interface ClassifyExitOptions {
+  /**
+   * Why the attempt failed, as the backend learnt it besides the exit code
+   * (the `deno` harness's report, say). Used only for a failed exit; a
+   * backend passes only what it trusts: never a claim read from step output.
+   */
+  report?: { errorClass: ErrorClass; message: string };
+}
+
+/**
+ * Gives an attempt's exit its error class, the same way for every backend:
+ * a clean exit 0 succeeds; a failed exit takes the class of
+ * `options.report` when there is one; else a process killed by a signal is
+ * an `application` error, exit {@link BUSINESS_EXIT_CODE} a `business`
+ * error, and any other code an `application` error.
+ *
+ * A status that already has an error class (cancelled, a container killed
+ * for its memory limit, a missing output) passes through unchanged, so a
+ * driver may call it again on any backend's status.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { classifyExit } from "./backend.ts";
+ *
+ * assert.deepEqual(classifyExit({ exitCode: 0 }), { exitCode: 0 });
+ * assert.deepEqual(classifyExit({ exitCode: 65 }), {
+ *   exitCode: 65,
+ *   errorClass: "business",
+ *   message: "step reported a business error (exit code 65)",
+ * });
+ * const killed = classifyExit({ exitCode: 143, signal: "SIGTERM" });
+ * assert.equal(killed.message, "step was killed by SIGTERM");
+ * // Idempotent: a classified status passes through.
+ * assert.deepEqual(classifyExit(killed), killed);
+ * ```
+ */
+export function classifyExit(status: ExitStatus, options: ClassifyExitOptions = {}): ExitStatus {
+  if (status.errorClass !== undefined) return status;
+  if (status.exitCode === 0 && !status.signal) return status;
+  const { report } = options;
+  if (report) return { ...status, errorClass: report.errorClass, message: report.message };
+  if (status.signal) {
+    return { ...status, errorClass: "application", message: `step was killed by ${status.signal}` };
+  }
+  if (status.exitCode === BUSINESS_EXIT_CODE) {
+    return {
+      ...status,
+      errorClass: "business",
+      message: `step reported a business error (exit code ${BUSINESS_EXIT_CODE})`,
+    };
+  }
+  return {
+    ...status,
+    errorClass: "application",
+    message: `step exited with code ${status.exitCode}`,
+  };
+}
 
 /** True when an attempt ended well: exit code 0 and no error class. */
 export function isSuccess(status: ExitStatus): boolean {

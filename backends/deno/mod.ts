@@ -12,14 +12,13 @@
  */
 
 import { resolve } from "node:path";
-import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import {
   type AttemptSpec,
+  classifyExit,
   configMessages,
   type DenoPermissions,
   type Execution,
   type ExecutionBackend,
-  type ExitStatus,
   type Fingerprint,
   InvalidStepConfigError,
   joinPath,
@@ -27,13 +26,7 @@ import {
   stepEnvironment,
 } from "../backend.ts";
 import { reapProcessGroups, spawnExecution } from "../_process.ts";
-import {
-  APPLICATION_EXIT_CODE,
-  ERROR_MARKER,
-  type ErrorReport,
-  type HarnessContext,
-  PERMISSION_EXIT_CODE,
-} from "./_harness.ts";
+import { ERROR_MARKER, type ErrorReport, type HarnessContext } from "./_harness.ts";
 import { type DenoConfig, denoConfigSchema, denoManifest } from "./manifest.ts";
 
 /** Name of the generated entry file inside the attempt's workDir. */
@@ -173,31 +166,9 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
       const fallback = denoError
         ? { errorClass: "application" as const, message: denoError }
         : undefined;
-      return missingOutputStatus(spec, classifyDenoExit(status, report ?? fallback));
+      return missingOutputStatus(spec, classifyExit(status, { report: report ?? fallback }));
     },
   });
-}
-
-/** Gives a step subprocess's exit its error class, from the harness report when there is one. */
-export function classifyDenoExit(status: ExitStatus, report?: ErrorReport): ExitStatus {
-  if (status.exitCode === 0 && !status.signal) return status;
-  if (report) return { ...status, errorClass: report.errorClass, message: report.message };
-  if (status.signal) {
-    return { ...status, errorClass: "application", message: `step was killed by ${status.signal}` };
-  }
-  switch (status.exitCode) {
-    case BUSINESS_EXIT_CODE:
-      return { ...status, errorClass: "business", message: "step reported a business error" };
-    case PERMISSION_EXIT_CODE:
-      return { ...status, errorClass: "permission", message: "step was denied a permission" };
-    case APPLICATION_EXIT_CODE:
-    default:
-      return {
-        ...status,
-        errorClass: "application",
-        message: `step exited with code ${status.exitCode} (see its log)`,
-      };
-  }
 }
 
 function parseReport(payload: string): ErrorReport | undefined {

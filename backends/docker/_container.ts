@@ -8,8 +8,7 @@
 
 import { createHash } from "node:crypto";
 import type { ContainerCreateOptions, HostConfig, MountSettings } from "./_dockerode.ts";
-import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
-import { type AttemptSpec, type ExitStatus, stepEnvironment } from "../backend.ts";
+import { type AttemptSpec, classifyExit, type ExitStatus, stepEnvironment } from "../backend.ts";
 import type { DockerConfig } from "./manifest.ts";
 
 /** Where inputs are mounted in the container, read-only, one entry per input name. */
@@ -160,10 +159,9 @@ export interface ContainerExit {
 }
 
 /**
- * Gives a container exit its error class, as the shell backend does for a
- * process: 0 succeeds, {@link BUSINESS_EXIT_CODE} is a business error, an
- * OOM kill (or a SIGKILL under a memory limit) an application error naming
- * the limit, a cancel `cancelled`, anything else an application error.
+ * Gives a container exit its error class: a cancel is `cancelled`, an OOM
+ * kill (or a SIGKILL under a memory limit) an application error naming the
+ * limit; everything else as {@link classifyExit} says for every backend.
  */
 export function classifyContainerExit(exit: ContainerExit): ExitStatus {
   const status: ExitStatus = { exitCode: exit.exitCode };
@@ -181,19 +179,7 @@ export function classifyContainerExit(exit: ContainerExit): ExitStatus {
       message: `killed: memory limit${limit} exceeded`,
     };
   }
-  if (exit.exitCode === 0) return status;
-  if (exit.exitCode === BUSINESS_EXIT_CODE) {
-    return {
-      ...status,
-      errorClass: "business",
-      message: `step reported a business error (exit code ${BUSINESS_EXIT_CODE})`,
-    };
-  }
-  return {
-    ...status,
-    errorClass: "application",
-    message: `step exited with code ${exit.exitCode}`,
-  };
+  return classifyExit(status);
 }
 
 /** Bytes in binary units as limits are usually written: `64 MiB`, `1.5 GiB`, `512 B`. */
