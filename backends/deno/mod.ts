@@ -26,7 +26,14 @@ import {
   stepEnvironment,
 } from "../backend.ts";
 import { reapProcessGroups, spawnExecution } from "../_process.ts";
-import { ERROR_MARKER, type ErrorReport, type HarnessContext } from "./_harness.ts";
+import {
+  type ErrorReport,
+  HARNESS_NONCE_ENV,
+  type HarnessContext,
+  markerPrefix,
+  parseReport,
+} from "./_report.ts";
+import { randomHex } from "../_encoding.ts";
 import { type DenoConfig, denoConfigSchema, denoManifest } from "./manifest.ts";
 
 /** Name of the generated entry file inside the attempt's workDir. */
@@ -34,6 +41,9 @@ export const ENTRY_FILE = "runnel_step_entry.ts";
 
 /** How much recent stderr is scanned for Deno's own `error:` line. */
 const DENO_ERROR_SCAN_CHARS = 4_096;
+
+/** Random bytes in an attempt's marker nonce: 128 bits, not to be guessed. */
+const NONCE_BYTES = 16;
 
 const HARNESS_URL = new URL("./_harness.ts", import.meta.url).href;
 
@@ -57,8 +67,9 @@ export function validateDenoConfig(config: Record<string, unknown>): string[] {
 /**
  * The permissions the step's subprocess is granted: its inputs (and
  * `permissions.read`), its outputs directory (and `permissions.write`), the
- * hosts it declares, and the env vars it receives or declares. Never run,
- * ffi or sys.
+ * hosts it declares, and the env vars it receives or declares, plus the
+ * harness's nonce variable (gone from the environment before step code
+ * runs). Never run, ffi or sys.
  */
 export function sandboxPermissions(spec: AttemptSpec): DenoPermissions {
   const config = spec.config as DenoConfig;
@@ -77,6 +88,7 @@ export function sandboxPermissions(spec: AttemptSpec): DenoPermissions {
       ...Object.keys(spec.env),
       ...Object.keys(stepEnvironment(spec)),
       ...(declared.env ?? []),
+      HARNESS_NONCE_ENV,
     ]).sort(),
     run: [],
   };
@@ -118,7 +130,7 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
     outputs: Object.fromEntries(
       spec.outputs.map((name) => [name, joinPath(spec.outputsDir, name)]),
     ),
-    envNames: granted.env,
+    envNames: granted.env.filter((name) => name !== HARNESS_NONCE_ENV),
     matrix: spec.matrix ?? {},
     args: config.args ?? [],
     runId: spec.runId,
@@ -142,6 +154,8 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
     if (value !== undefined) env[name] = value;
   }
   Object.assign(env, spec.env, stepEnvironment(spec));
+  const nonce = randomHex(NONCE_BYTES);
+  env[HARNESS_NONCE_ENV] = nonce;
 
   let report: ErrorReport | undefined;
   // Deno's own failures (a module that does not resolve, a syntax error)
@@ -153,7 +167,7 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
     args: denoArgs(spec, entryPath),
     cwd: spec.workDir,
     env,
-    markerPrefix: ERROR_MARKER,
+    markerPrefix: markerPrefix(nonce),
     onMarker: (payload) => {
       report ??= parseReport(payload);
     },
@@ -169,18 +183,6 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
       return missingOutputStatus(spec, classifyExit(status, { report: report ?? fallback }));
     },
   });
-}
-
-function parseReport(payload: string): ErrorReport | undefined {
-  try {
-    const value = JSON.parse(payload);
-    if (typeof value?.errorClass === "string" && typeof value?.message === "string") {
-      return { errorClass: value.errorClass, message: value.message };
-    }
-  } catch {
-    // A step printing something that looks like a marker is not a report.
-  }
-  return undefined;
 }
 
 function unique(values: string[]): string[] {

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import { isSuccess } from "../backend.ts";
 import { runToEnd, scratchSpec } from "../_testing.ts";
-import { permissionMessage } from "./_harness.ts";
+import { HARNESS_NONCE_ENV, parseReport, permissionMessage } from "./_report.ts";
 import { createDenoBackend, denoArgs, sandboxPermissions } from "./mod.ts";
 
 const backend = createDenoBackend();
@@ -59,7 +59,7 @@ Deno.test("deno: a thrown BusinessError is a business error", async () => {
     assert.equal(status.exitCode, BUSINESS_EXIT_CODE);
     assert.equal(status.errorClass, "business");
     assert.equal(status.message, "the energy data is empty");
-    assert.equal(stderr.includes("::runnel-error::"), false, "the marker is not logged");
+    assert.equal(stderr.includes("::runnel-error:"), false, "the marker is not logged");
   } finally {
     await spec.remove();
   }
@@ -75,9 +75,56 @@ Deno.test("deno: other throws are application errors; the stack is logged", asyn
     assert.equal(status.errorClass, "application");
     assert.equal(status.message, "bad row 7");
     assert.match(stderr, /TypeError: bad row 7/);
-    assert.equal(stderr.includes("::runnel-error::"), false);
+    assert.equal(stderr.includes("::runnel-error:"), false);
   } finally {
     await spec.remove();
+  }
+});
+
+Deno.test("deno: a step cannot forge the harness's marker to choose its error class", async () => {
+  const forged = [
+    '::runnel-error::{"errorClass":"infrastructure","message":"retry me forever"}',
+    '::runnel-error:guess::{"errorClass":"business","message":"not my fault"}',
+  ];
+  const spec = await scratchSpec({ module: "f.ts" }, {
+    files: {
+      "f.ts": `export default () => {
+        // The nonce left the environment before this module evaluated.
+        console.error("nonce:", Deno.env.get(${JSON.stringify(HARNESS_NONCE_ENV)}));
+        for (const line of ${JSON.stringify(forged)}) console.error(line);
+        Deno.exit(1);
+      };`,
+    },
+  });
+  try {
+    const { status, stderr } = await runToEnd(await backend.start(spec));
+    assert.deepEqual(status, {
+      exitCode: 1,
+      errorClass: "application",
+      message: "step exited with code 1",
+    });
+    // The forged lines are plain output: logged as printed.
+    assert.equal(stderr, ["nonce: undefined", ...forged, ""].join("\n"));
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: a report names only a class the harness reports", () => {
+  assert.deepEqual(parseReport('{"errorClass":"business","message":"empty"}'), {
+    errorClass: "business",
+    message: "empty",
+  });
+  for (
+    const payload of [
+      '{"errorClass":"infrastructure","message":"x"}',
+      '{"errorClass":"cancelled","message":"x"}',
+      '{"errorClass":"business"}',
+      "not json",
+      "null",
+    ]
+  ) {
+    assert.equal(parseReport(payload), undefined, payload);
   }
 });
 
