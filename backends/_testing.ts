@@ -38,6 +38,8 @@ export async function scratchSpec(
     await Deno.writeTextFile(inputs[name], text);
   }
   return {
+    agentId: "test",
+    scratchRoot: root,
     runId: "run1",
     stepId: "step",
     attemptId: "run1/step/1",
@@ -50,6 +52,7 @@ export async function scratchSpec(
     outputsDir,
     outputs: [],
     env: {},
+    matrix: {},
     ...options.spec,
     root,
     remove: () => Deno.remove(root, { recursive: true }),

@@ -69,18 +69,18 @@ export interface Fingerprint {
 /** Everything a backend needs to run one attempt of one step. */
 export interface AttemptSpec {
   /** Agent running the attempt (`local` in local mode); backends label what they start with it. */
-  agentId?: string;
+  agentId: string;
   /**
    * The agent's scratch root (absolute), an ancestor of `workDir` and
-   * `outputsDir`; defaults to the parent of `workDir`.
+   * `outputsDir`: manifests grant by it, so that attempts share warm hosts.
    */
-  scratchRoot?: string;
+  scratchRoot: string;
   runId: string;
   stepId: string;
   attemptId: string;
   /** 1-based attempt number. */
   attempt: number;
-  /** Backend-specific step config (validated by the backend). */
+  /** Backend-specific step config (validated against the manifest's schema). */
   config: Record<string, unknown>;
   /** Pipeline directory (absolute): relative modules and workdirs resolve against it. */
   baseDir: string;
@@ -88,18 +88,16 @@ export interface AttemptSpec {
   workDir: string;
   /** Input name → absolute path: a file, or a directory for fan-in inputs. */
   inputs: Record<string, string>;
-  /**
-   * Directory holding the inputs, exposed as `RUNNEL_INPUTS`; defaults to
-   * the common parent of the input paths.
-   */
-  inputsDir?: string;
+  /** Directory (absolute) holding the inputs, exposed as `RUNNEL_INPUTS`. */
+  inputsDir: string;
   /** Directory (absolute) where each declared output is written as a file named after it; it exists. */
   outputsDir: string;
   /** Declared output file names. */
   outputs: string[];
   /** Step env plus resolved secret values. */
   env: Record<string, string>;
-  matrix?: Record<string, string | number | boolean>;
+  /** This leg's matrix values; `{}` for a plain step. */
+  matrix: Record<string, string | number | boolean>;
   /** Informational: the caller enforces it through {@link Execution.cancel}. */
   timeoutMs?: number;
   resources?: { cpu?: number; memoryBytes?: number };
@@ -300,13 +298,25 @@ export function envVarSuffix(name: string): string {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { stepEnvironment } from "./backend.ts";
+ *
  * const env = stepEnvironment({
- *   runId: "r1", stepId: "analyze", attemptId: "r1/analyze/1", attempt: 1, config: {},
- *   baseDir: "/p", workDir: "/w", inputs: { data: "/in/data.csv" }, outputsDir: "/out",
- *   outputs: ["summary.json"], env: {},
+ *   agentId: "local", scratchRoot: "/w", runId: "r1", stepId: "analyze",
+ *   attemptId: "r1/analyze/1", attempt: 1, config: {}, baseDir: "/p", workDir: "/w/1",
+ *   inputs: { data: "/w/1/in/data.csv" }, inputsDir: "/w/1/in", outputsDir: "/w/1/out",
+ *   outputs: ["summary.json"], env: {}, matrix: { region: "eu" },
  * });
- * env.RUNNEL_OUTPUT_SUMMARY_JSON; // "/out/summary.json"
+ * assert.deepEqual(env, {
+ *   RUNNEL_RUN_ID: "r1",
+ *   RUNNEL_STEP: "analyze",
+ *   RUNNEL_ATTEMPT: "1",
+ *   RUNNEL_INPUTS: "/w/1/in",
+ *   RUNNEL_OUTPUTS: "/w/1/out",
+ *   RUNNEL_INPUT_DATA: "/w/1/in/data.csv",
+ *   RUNNEL_OUTPUT_SUMMARY_JSON: "/w/1/out/summary.json",
+ *   RUNNEL_MATRIX_REGION: "eu",
+ * });
  * ```
  */
 export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
@@ -314,7 +324,7 @@ export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
     RUNNEL_RUN_ID: spec.runId,
     RUNNEL_STEP: spec.stepId,
     RUNNEL_ATTEMPT: String(spec.attempt),
-    RUNNEL_INPUTS: spec.inputsDir ?? commonParent(Object.values(spec.inputs)) ?? spec.workDir,
+    RUNNEL_INPUTS: spec.inputsDir,
     RUNNEL_OUTPUTS: spec.outputsDir,
   };
   for (const [name, path] of Object.entries(spec.inputs)) {
@@ -323,7 +333,7 @@ export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
   for (const name of spec.outputs) {
     env[`RUNNEL_OUTPUT_${envVarSuffix(name)}`] = joinPath(spec.outputsDir, name);
   }
-  for (const [key, value] of Object.entries(spec.matrix ?? {})) {
+  for (const [key, value] of Object.entries(spec.matrix)) {
     env[`RUNNEL_MATRIX_${envVarSuffix(key)}`] = String(value);
   }
   return env;
@@ -334,7 +344,7 @@ export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
  * declared output missing from `outputsDir`; other statuses pass through.
  */
 export async function missingOutputStatus(
-  spec: AttemptSpec,
+  spec: Pick<AttemptSpec, "outputsDir" | "outputs">,
   status: ExitStatus,
 ): Promise<ExitStatus> {
   if (!isSuccess(status)) return status;
@@ -356,26 +366,7 @@ export async function missingOutputStatus(
   return status;
 }
 
-/** The agent's scratch root of an attempt: `spec.scratchRoot`, else the parent of its workDir. */
-export function scratchRootOf(spec: AttemptSpec): string {
-  if (spec.scratchRoot) return spec.scratchRoot;
-  const trimmed = spec.workDir.replace(/\/+$/, "");
-  return trimmed.slice(0, trimmed.lastIndexOf("/")) || "/";
-}
-
 /** Joins an absolute directory and a file name with `/`. */
 export function joinPath(dir: string, name: string): string {
   return dir.endsWith("/") ? dir + name : `${dir}/${name}`;
-}
-
-function commonParent(paths: string[]): string | undefined {
-  if (paths.length === 0) return undefined;
-  const parents = paths.map((path) => path.replace(/\/+$/, "").split("/").slice(0, -1));
-  const common: string[] = [];
-  for (let index = 0; index < parents[0].length; index++) {
-    const part = parents[0][index];
-    if (parents.every((segments) => segments[index] === part)) common.push(part);
-    else break;
-  }
-  return common.join("/") || "/";
 }

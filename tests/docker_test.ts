@@ -459,9 +459,11 @@ dockerTest("the energy pipeline runs in containers built from its build: section
           baseDir: plan.baseDir,
           workDir,
           inputs,
+          inputsDir: `${workDir}/in`,
           outputsDir,
           outputs: step.outputs,
           env: step.env,
+          matrix: step.matrix ?? {},
           resources: step.resources,
         });
         const { status, stdout, stderr } = await runToEnd(execution);

@@ -926,7 +926,7 @@ class LocalDriver {
           outputsDir,
           outputs: step.outputs,
           env: { ...this.#plan.env, ...step.env, ...secrets },
-          matrix: step.matrix,
+          matrix: step.matrix ?? {},
           timeoutMs: step.timeoutMs,
           resources: step.resources,
         };

@@ -1002,6 +1002,7 @@ class Agent implements RunningAgent {
       config: spec.config ?? {},
       outputs: spec.outputs ?? [],
       env: spec.env ?? {},
+      matrix: spec.matrix ?? {},
     };
   }
 

@@ -6,13 +6,7 @@
  */
 
 import { z } from "npm:zod@4.6.7";
-import {
-  type AttemptSpec,
-  type BackendManifest,
-  type DenoPermissions,
-  type HostContext,
-  scratchRootOf,
-} from "../backend.ts";
+import type { AttemptSpec, BackendManifest, DenoPermissions, HostContext } from "../backend.ts";
 import { PROCESS_TOOL_PATHS } from "../_tools.ts";
 
 const pathList = z.array(z.string().min(1));
@@ -62,7 +56,7 @@ export const denoManifest: BackendManifest<DenoConfig> = {
     // entry file, check outputs, spawn deno (through setsid), signal its process group (kill), and pass the
     // declared env through. Granted by the pipeline directory and the
     // scratch root, not per attempt, so that steps share a warm host.
-    const scratchRoot = scratchRootOf(spec);
+    const { scratchRoot } = spec;
     return {
       read: [spec.baseDir, scratchRoot, Deno.execPath(), ...PROCESS_TOOL_PATHS],
       write: [scratchRoot],

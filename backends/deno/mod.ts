@@ -131,7 +131,7 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
       spec.outputs.map((name) => [name, joinPath(spec.outputsDir, name)]),
     ),
     envNames: granted.env.filter((name) => name !== HARNESS_NONCE_ENV),
-    matrix: spec.matrix ?? {},
+    matrix: spec.matrix,
     args: config.args ?? [],
     runId: spec.runId,
     stepId: spec.stepId,

@@ -26,9 +26,6 @@ export const LABELS = {
   agent: "runnel.agent",
 } as const;
 
-/** Agent id of attempts started without one (local mode). */
-export const LOCAL_AGENT_ID = "local";
-
 /** Exit code of a container whose main process was killed by SIGKILL (128 + 9). */
 const SIGKILL_EXIT_CODE = 137;
 
@@ -54,7 +51,7 @@ export function containerLabels(spec: AttemptSpec): Record<string, string> {
     [LABELS.step]: spec.stepId,
     [LABELS.attempt]: String(spec.attempt),
     [LABELS.attemptId]: spec.attemptId,
-    [LABELS.agent]: spec.agentId ?? LOCAL_AGENT_ID,
+    [LABELS.agent]: spec.agentId,
   };
 }
 

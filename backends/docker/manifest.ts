@@ -13,13 +13,7 @@
 
 import { resolve } from "node:path";
 import { z } from "npm:zod@4.6.7";
-import {
-  type AttemptSpec,
-  type BackendManifest,
-  type DenoPermissions,
-  type HostContext,
-  scratchRootOf,
-} from "../backend.ts";
+import type { AttemptSpec, BackendManifest, DenoPermissions, HostContext } from "../backend.ts";
 
 /** The daemon's socket when `DOCKER_HOST` does not name another one. */
 export const DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock";
@@ -187,7 +181,7 @@ export const dockerManifest: BackendManifest<DockerConfig> = {
   },
   permissions(config: DockerConfig, spec: AttemptSpec): DenoPermissions {
     const daemon = daemonPermissions(dockerEndpoint());
-    const scratchRoot = scratchRootOf(spec);
+    const { scratchRoot } = spec;
     const read = [...daemon.read, spec.baseDir, scratchRoot];
     // A build context outside the pipeline directory is a stable root too.
     const context = config.build?.context;

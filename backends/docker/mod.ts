@@ -320,11 +320,13 @@ async function reattach(client: DockerClient, id: string): Promise<Execution | u
 }
 
 /**
- * Enough of the original spec to check the declared outputs of a recovered
- * container: the outputs directory from its mounts, the names from its
- * `RUNNEL_OUTPUT_*` variables.
+ * What the declared outputs check of a recovered container needs: the
+ * outputs directory from its mounts, the names from its `RUNNEL_OUTPUT_*`
+ * variables.
  */
-function recoveredOutputs(info: ContainerInspectInfo): AttemptSpec | undefined {
+function recoveredOutputs(
+  info: ContainerInspectInfo,
+): Pick<AttemptSpec, "outputsDir" | "outputs"> | undefined {
   const outputsDir = info.Mounts?.find((mount) => mount.Destination === CONTAINER_OUTPUTS_DIR)
     ?.Source;
   const prefix = `${CONTAINER_OUTPUTS_DIR}/`;
@@ -334,20 +336,7 @@ function recoveredOutputs(info: ContainerInspectInfo): AttemptSpec | undefined {
     .filter((value) => value.startsWith(prefix))
     .map((value) => value.slice(prefix.length));
   if (!outputsDir || outputs.length === 0) return undefined;
-  const labels = info.Config?.Labels ?? {};
-  return {
-    runId: labels[LABELS.run] ?? "",
-    stepId: labels[LABELS.step] ?? "",
-    attemptId: labels[LABELS.attemptId] ?? "",
-    attempt: Number(labels[LABELS.attempt] ?? 0),
-    config: {},
-    baseDir: outputsDir,
-    workDir: outputsDir,
-    inputs: {},
-    outputsDir,
-    outputs,
-    env: {},
-  };
+  return { outputsDir, outputs };
 }
 
 /** The backend factory, as plugin hosts load it (a module's default export). */

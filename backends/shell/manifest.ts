@@ -5,13 +5,7 @@
  */
 
 import { z } from "npm:zod@4.6.7";
-import {
-  type AttemptSpec,
-  type BackendManifest,
-  type DenoPermissions,
-  type HostContext,
-  scratchRootOf,
-} from "../backend.ts";
+import type { AttemptSpec, BackendManifest, DenoPermissions, HostContext } from "../backend.ts";
 import { PROCESS_TOOL_PATHS } from "../_tools.ts";
 
 /** Shell used when a step does not name one. */
@@ -49,7 +43,7 @@ export const shellManifest: BackendManifest<ShellConfig> = {
     // host needs to start it (through setsid), signal it (kill) and to check its outputs.
     const shell = config.shell ?? DEFAULT_SHELL;
     return {
-      read: [spec.baseDir, scratchRootOf(spec), shell, ...PROCESS_TOOL_PATHS],
+      read: [spec.baseDir, spec.scratchRoot, shell, ...PROCESS_TOOL_PATHS],
       write: [],
       net: [],
       env: ["HOME", "LANG", "PATH", "TERM"],

@@ -50,7 +50,7 @@ export const httpManifest: BackendManifest<HttpConfig> = {
     return {
       read: [],
       // Only to write the response body into the declared output.
-      write: config.with.output ? [spec.scratchRoot ?? spec.outputsDir] : [],
+      write: config.with.output ? [spec.scratchRoot] : [],
       net: [`${url.hostname}:${port}`],
       env: [],
       run: [],
