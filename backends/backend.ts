@@ -135,7 +135,11 @@ export interface ExecutionState {
 
 /** A started attempt. */
 export interface Execution {
-  /** Serialisable handle (a process id, a container id, …) for reattaching. */
+  /**
+   * Opaque to everyone but the backend (a container id; `<pid>@<startMs>`
+   * for a process): the caller records it and hands it back to
+   * {@link ExecutionBackend.recover} after a restart, however stale by then.
+   */
   readonly handle: string;
   /** Live output; iterate it once. Output is buffered until it is read. */
   readonly logs: AsyncIterable<LogChunk>;
@@ -159,8 +163,10 @@ export interface RecoverOptions {
    */
   keep: string[];
   /**
-   * Handles of executions the caller knows were lost (their plugin host
-   * died): reaped whether or not the backend can find them otherwise.
+   * Handles of executions the caller recorded and lost (their plugin host
+   * or the runner died): reaped whether or not the backend can find them
+   * otherwise. Any handle may come back: the backend checks that it still
+   * names what it started (a reused pid does not) and ignores the rest.
    */
   handles?: string[];
 }

@@ -11,6 +11,7 @@ import { builtinPlugins, PluginHostPool, type PluginSource } from "../backends/m
 import { PluginHostError, PluginPermissionError } from "../backends/plugin_host.ts";
 import { type AttemptSpec, isSuccess } from "../backends/backend.ts";
 import { processAlive, runToEnd, scratchSpec } from "../backends/_testing.ts";
+import { parseProcessHandle } from "../backends/_process.ts";
 import { loadPipeline } from "../core/load.ts";
 import { runPipeline } from "../agent/local/mod.ts";
 import { poll, ROOT, runCli, sandbox } from "./_helpers.ts";
@@ -162,7 +163,7 @@ Deno.test("plugin hosts: a host killed mid-step fails the step and its processes
   const pool = openPool(spec.root);
   try {
     const execution = await pool.backend("shell").start({ ...spec, scratchRoot: spec.root });
-    const stepPid = Number(execution.handle);
+    const stepPid = parseProcessHandle(execution.handle)!.pid;
     assert.ok(await processAlive(stepPid));
     const hosts = await childPids(Deno.pid);
     const host = hosts.find((pid) => pid !== stepPid)!;
@@ -182,6 +183,27 @@ Deno.test("plugin hosts: a host killed mid-step fails the step and its processes
     assert.equal(again.stdout, "ok\n");
     assert.equal(pool.metrics().hostsLost, 1);
   } finally {
+    await pool.close();
+    await spec.remove();
+  }
+});
+
+Deno.test("plugin hosts: a sandboxed recover checks a handle's process before killing it", async () => {
+  const spec = await scratchSpec({ run: "echo started; sleep 30" });
+  const pool = openPool(spec.root);
+  const execution = await pool.backend("shell").start(spec);
+  try {
+    const { pid, startMs } = parseProcessHandle(execution.handle)!;
+    const recover = (handles: string[]) =>
+      pool.backend("shell").recover({ agentId: "plugin-test", keep: [], handles });
+    // Through a host granted only ps(1) and kill(1) besides the shell.
+    assert.deepEqual(await recover([`${pid}@${startMs - 3_600_000}`, String(pid), "x"]), []);
+    assert.equal(await processAlive(pid), true, "a stale handle is left alone");
+    assert.deepEqual(await recover([execution.handle]), []);
+    assert.equal((await execution.wait()).signal, "SIGKILL");
+    assert.equal(await processAlive(pid), false);
+  } finally {
+    await execution.cleanup();
     await pool.close();
     await spec.remove();
   }

@@ -42,7 +42,7 @@ export const denoManifest: BackendManifest<DenoConfig> = {
   name: "deno",
   configSchema: denoConfigSchema,
   hostPermissions(context: HostContext): DenoPermissions {
-    // recover reaps the process groups of lost steps through kill(1).
+    // recover checks a lost step's process by ps(1), then kills its group by kill(1).
     return {
       read: [Deno.execPath(), context.scratchRoot, ...PROCESS_TOOL_PATHS],
       write: [],

@@ -29,7 +29,7 @@ export const shellManifest: BackendManifest<ShellConfig> = {
   name: "shell",
   configSchema: shellConfigSchema,
   hostPermissions(_context: HostContext): DenoPermissions {
-    // recover reaps the process groups of lost steps through kill(1).
+    // recover checks a lost step's process by ps(1), then kills its group by kill(1).
     return {
       read: [DEFAULT_SHELL, ...PROCESS_TOOL_PATHS],
       write: [],

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import { isSuccess } from "../backend.ts";
 import { processAlive, runToEnd, scratchSpec, waitUntil } from "../_testing.ts";
+import { parseProcessHandle } from "../_process.ts";
 import { createShellBackend } from "./mod.ts";
 
 const backend = createShellBackend();
@@ -162,7 +163,7 @@ Deno.test("shell: the step leads its own session and process group", async () =>
     const execution = await backend.start(spec);
     const { status, stdout } = await runToEnd(execution);
     assert.ok(isSuccess(status), JSON.stringify(status));
-    const pid = execution.handle;
+    const { pid } = parseProcessHandle(execution.handle)!;
     assert.equal(stdout, `${pid} ${pid} ${pid}\n`);
   } finally {
     await spec.remove();
@@ -206,6 +207,41 @@ Deno.test("shell: a shell that does not exist fails the start", async () => {
   const spec = await scratchSpec({ run: "true", shell: "/nonexistent/runnel-sh" });
   try {
     await assert.rejects(async () => await backend.start(spec), Deno.errors.NotFound);
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("shell: recover kills a handle's group only while its pid is the process started then", async () => {
+  const spec = await scratchSpec({ run: "sleep 30 & sleep 30" });
+  try {
+    const execution = await backend.start(spec);
+    const { pid, startMs } = parseProcessHandle(execution.handle)!;
+    assert.ok(Math.abs(startMs - Date.now()) < 5_000, execution.handle);
+    const recover = (handles: string[]) => backend.recover({ agentId: "test", keep: [], handles });
+    // Stale handles: the pid now names a process started at another time
+    // (as a reused pid would), a bare pid that proves nothing, garbage.
+    const stale = [
+      `${pid}@${startMs - 60_000}`,
+      `${pid}@${startMs + 60_000}`,
+      String(pid),
+      `${Deno.pid}@0`,
+      "1@0",
+      "0@0",
+      `-${pid}@${startMs}`,
+      "",
+      "garbage",
+      "4e3@1",
+    ];
+    assert.deepEqual(await recover(stale), []);
+    assert.equal(await processAlive(pid), true, "a stale handle is not killed");
+    assert.equal((await execution.status()).state, "running");
+
+    assert.deepEqual(await recover([execution.handle]), []);
+    const status = await execution.wait();
+    assert.equal(status.signal, "SIGKILL");
+    assert.equal(await processAlive(pid), false, "a live handle's group is killed");
+    await execution.cleanup();
   } finally {
     await spec.remove();
   }
