@@ -2,8 +2,11 @@
  * The contract between the runner and an execution backend.
  *
  * Shaped after Nomad task drivers and GitLab Runner executors: a backend
- * fingerprints the host, validates a step's config, and starts an attempt;
- * the returned {@link Execution} streams logs, waits, cancels and cleans up.
+ * declares what it can do, fingerprints the host, starts an attempt, and
+ * recovers what an earlier runner left; the returned {@link Execution}
+ * streams logs, waits, cancels and cleans up. What a plugin declares about
+ * itself without running (its config schema, its permissions) is its
+ * {@link BackendManifest}.
  * Everything that crosses this boundary is plain data (paths, strings,
  * numbers) so that a later plugin host can carry it over a message protocol.
  *
@@ -37,6 +40,23 @@ export interface HostContext {
 }
 
 /**
+ * What a backend can do beyond running an attempt, declared as data (after
+ * Nomad's driver `Capabilities`), so that a runner need not guess from its
+ * name.
+ */
+export interface BackendCapabilities {
+  /**
+   * `recover` re-attaches to an attempt still running (or finished) after
+   * the runner restarted, instead of only reaping it (docker: its
+   * containers outlive the runner; a process backend's steps cannot be
+   * watched again).
+   */
+  readonly reattach: boolean;
+  /** Exit statuses carry resource usage ({@link ExitStatus.usage}). */
+  readonly usage: boolean;
+}
+
+/**
  * What a backend plugin declares about itself. The runner evaluates it to
  * decide how to start the plugin's sandboxed host; the plugin's code runs
  * only inside that host.
@@ -46,7 +66,12 @@ export interface BackendManifest<C> {
   name: string;
   /** Version of the plugin, shown by `runnel backends`. */
   version?: string;
-  /** Schema of the step config this backend accepts. */
+  /**
+   * What the backend can do; its `ExecutionBackend.capabilities` must say
+   * the same (a plugin host whose backend says otherwise is refused).
+   */
+  capabilities: BackendCapabilities;
+  /** Schema of the step config this backend accepts (`runnel validate` checks steps against it). */
   configSchema: z.ZodType<C>;
   /** Permissions the host needs for `fingerprint` and `recover` (no step involved). */
   hostPermissions(context: HostContext): DenoPermissions;
@@ -178,21 +203,25 @@ export interface RecoveredAttempt {
   execution: Execution;
 }
 
-/** An execution backend: a Docker daemon, an SSH host, a Deno sandbox, a shell. */
+/**
+ * An execution backend: a Docker daemon, an SSH host, a Deno sandbox, a
+ * shell. A step's config is checked against the manifest's `configSchema`
+ * before `start` is called; `start` may check it again.
+ */
 export interface ExecutionBackend {
+  /** Backend name as steps write it. */
   readonly name: string;
-  // deno-lint-ignore no-explicit-any
-  readonly manifest: BackendManifest<any>;
+  /** What it can do; the same as its manifest declares. */
+  readonly capabilities: BackendCapabilities;
   /** Tells whether this host can run steps on this backend. */
   fingerprint(): Promise<Fingerprint>;
-  /** Checks a step config; returns human messages, empty when valid. */
-  validate(config: Record<string, unknown>): string[];
   /** Starts one attempt; rejects only when nothing could be started. */
   start(spec: AttemptSpec): Promise<Execution>;
   /**
    * After an agent restart: re-attaches to the attempts in `keep` that an
-   * earlier process left, and reaps everything else it left (Nomad's
-   * `RecoverTask`). Backends that cannot find leftovers reap `handles` only.
+   * earlier process left (with {@link BackendCapabilities.reattach}), and
+   * reaps everything else it left (Nomad's `RecoverTask`). Backends that
+   * cannot find leftovers reap `handles` only.
    */
   recover(options: RecoverOptions): Promise<RecoveredAttempt[]>;
 }

@@ -22,6 +22,7 @@
 
 import type {
   AttemptSpec,
+  BackendCapabilities,
   BackendManifest,
   DenoPermissions,
   Execution,
@@ -179,6 +180,8 @@ export class PluginHostPool {
   readonly #hosts = new Map<string, PluginHost>();
   readonly #starting = new Map<string, Promise<PluginHost>>();
   readonly #manifests = new Map<string, Promise<RemoteManifest>>();
+  /** Capabilities the sandboxed manifests of third-party backends declared. */
+  readonly #described = new Map<string, BackendCapabilities>();
   #entryDir: Promise<string> | undefined;
   #ownsEntryDir = false;
   #heartbeat: ReturnType<typeof setInterval> | undefined;
@@ -220,6 +223,17 @@ export class PluginHostPool {
     return backend;
   }
 
+  /**
+   * What a backend declares it can do: a built-in's from its manifest; a
+   * third-party one's once its sandboxed manifest has been read (by any
+   * call of the backend, or {@link validate}); none before that.
+   */
+  capabilities(name: string): BackendCapabilities {
+    const source = this.#sources.get(name);
+    if (!source) throw new UnknownPluginError(name, this.names);
+    return source.manifest?.capabilities ?? this.#described.get(name) ?? NO_CAPABILITIES;
+  }
+
   /** Checks a step config with the backend's manifest; human messages, empty when valid. */
   async validate(name: string, config: Record<string, unknown>): Promise<string[]> {
     const source = this.#sources.get(name);
@@ -250,9 +264,11 @@ export class PluginHostPool {
     if (source.manifest) return new LocalManifest(source.manifest);
     let remote = this.#manifests.get(source.name);
     if (!remote) {
-      remote = this.#spawnHost(source, "manifest", EMPTY_PERMISSIONS).then((host) =>
-        new RemoteManifest(host)
-      );
+      remote = this.#spawnHost(source, "manifest", EMPTY_PERMISSIONS).then(async (host) => {
+        const { capabilities } = await host.request("describe", {});
+        this.#described.set(source.name, capabilities);
+        return new RemoteManifest(host, capabilities);
+      });
       this.#manifests.set(source.name, remote);
       remote.catch(() => this.#manifests.delete(source.name));
     }
@@ -276,7 +292,16 @@ export class PluginHostPool {
     }
     let starting = this.#starting.get(key);
     if (!starting) {
-      starting = this.#spawnHost(source, "backend", permissions).then((host) => {
+      starting = this.#spawnHost(source, "backend", permissions).then(async (host) => {
+        const declared = (await this.manifestOf(source)).capabilities;
+        if (!sameCapabilities(host.capabilities, declared)) {
+          await host.stop();
+          throw new PluginHostError(
+            `backend "${source.name}" declares capabilities ${
+              JSON.stringify(host.capabilities)
+            } but its manifest ${JSON.stringify(declared)}: expected the same`,
+          );
+        }
         this.#hosts.set(key, host);
         host.exited.then(() => {
           if (this.#hosts.get(key) === host) this.#hosts.delete(key);
@@ -418,8 +443,16 @@ export class UnknownPluginError extends Error {
 
 const EMPTY_PERMISSIONS: DenoPermissions = { read: [], write: [], net: [], env: [], run: [] };
 
+/** What a backend is taken to be able to do before it has said. */
+const NO_CAPABILITIES: BackendCapabilities = { reattach: false, usage: false };
+
+function sameCapabilities(a: BackendCapabilities | undefined, b: BackendCapabilities): boolean {
+  return a !== undefined && a.reattach === b.reattach && a.usage === b.usage;
+}
+
 /** What the runner asks of a manifest, wherever it is evaluated. */
 interface ManifestAccess {
+  readonly capabilities: BackendCapabilities;
   validate(config: Record<string, unknown>): Promise<string[]>;
   permissions(config: Record<string, unknown>, spec: AttemptSpec): Promise<DenoPermissions>;
   hostPermissions(context: HostContext): Promise<DenoPermissions>;
@@ -428,6 +461,10 @@ interface ManifestAccess {
 class LocalManifest implements ManifestAccess {
   // deno-lint-ignore no-explicit-any
   constructor(readonly manifest: BackendManifest<any>) {}
+
+  get capabilities(): BackendCapabilities {
+    return this.manifest.capabilities;
+  }
 
   validate(config: Record<string, unknown>): Promise<string[]> {
     return Promise.resolve(configMessages(this.manifest.configSchema, config));
@@ -443,7 +480,7 @@ class LocalManifest implements ManifestAccess {
 }
 
 class RemoteManifest implements ManifestAccess {
-  constructor(readonly host: PluginHost) {}
+  constructor(readonly host: PluginHost, readonly capabilities: BackendCapabilities) {}
 
   validate(config: Record<string, unknown>): Promise<string[]> {
     return this.host.request("validate", { config });
@@ -466,12 +503,8 @@ class RemoteBackend implements ExecutionBackend {
     this.name = source.name;
   }
 
-  // deno-lint-ignore no-explicit-any
-  get manifest(): BackendManifest<any> {
-    if (!this.source.manifest) {
-      throw new Error(`Expected a built-in backend; "${this.name}" has a sandboxed manifest`);
-    }
-    return this.source.manifest;
+  get capabilities(): BackendCapabilities {
+    return this.pool.capabilities(this.name);
   }
 
   async fingerprint(): Promise<Fingerprint> {
@@ -483,11 +516,6 @@ class RemoteBackend implements ExecutionBackend {
     } catch (error) {
       return { available: false, detail: errorMessage(error) };
     }
-  }
-
-  validate(config: Record<string, unknown>): string[] {
-    if (!this.source.manifest) return [];
-    return configMessages(this.source.manifest.configSchema, config);
   }
 
   async start(spec: AttemptSpec): Promise<Execution> {
@@ -612,6 +640,8 @@ class PluginHost {
   #stopping = false;
   #death: string | undefined;
   #hello: PromiseWithResolvers<void> = Promise.withResolvers();
+  /** What the served backend declared in its hello (backend role). */
+  capabilities: BackendCapabilities | undefined;
   /** Resolves once the subprocess has exited. */
   readonly exited: Promise<void>;
 
@@ -869,6 +899,7 @@ class PluginHost {
         this.kill();
         return;
       }
+      this.capabilities = message.hello.capabilities;
       this.#hello.resolve();
     } else if ("stray" in message) {
       this.#options.onDiagnostic(`unhandled error in plugin: ${message.stray.message}`);

@@ -19,6 +19,7 @@ import { runToEnd, type ScratchOptions, scratchSpec } from "../backends/_testing
 import createDockerBackend, {
   DuplicateAttemptError,
   ImageMissingError,
+  validateDockerConfig,
 } from "../backends/docker/mod.ts";
 import { ensureBusyboxImage, ensureDenoImage } from "../infra/images.ts";
 import { ROOT } from "./_helpers.ts";
@@ -432,7 +433,7 @@ dockerTest("the energy pipeline runs in containers built from its build: section
   assert.deepEqual(plan.order, ["generate", "analyze", "report"]);
   for (const id of plan.order) {
     assert.equal(plan.steps[id].backend, "docker");
-    assert.deepEqual(backend.validate(plan.steps[id].config), [], id);
+    assert.deepEqual(validateDockerConfig(plan.steps[id].config), [], id);
   }
   await ensureDenoImage();
   const agentId = newAgent();

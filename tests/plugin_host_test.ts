@@ -20,6 +20,10 @@ const EVIL: PluginSource = {
   name: "evil",
   module: new URL("./fixtures/plugins/evil/mod.ts", import.meta.url).href,
 };
+const LIAR: PluginSource = {
+  name: "liar",
+  module: new URL("./fixtures/plugins/liar/mod.ts", import.meta.url).href,
+};
 const HTTP: PluginSource = {
   name: "http",
   module: new URL("../examples/backends/http/mod.ts", import.meta.url).href,
@@ -30,7 +34,7 @@ function openPool(
   options: Partial<ConstructorParameters<typeof PluginHostPool>[0]> = {},
 ) {
   return new PluginHostPool({
-    plugins: [...builtinPlugins(), EVIL, HTTP],
+    plugins: [...builtinPlugins(), EVIL, LIAR, HTTP],
     context: { scratchRoot, agentId: "plugin-test" },
     ...options,
   });
@@ -204,6 +208,30 @@ Deno.test("plugin hosts: a sandboxed recover checks a handle's process before ki
     assert.equal(await processAlive(pid), false);
   } finally {
     await execution.cleanup();
+    await pool.close();
+    await spec.remove();
+  }
+});
+
+Deno.test("plugin hosts: a backend's declared capabilities cross the protocol, checked", async () => {
+  const spec = await scratchSpec({});
+  const pool = openPool(spec.root);
+  try {
+    assert.deepEqual(pool.backend("docker").capabilities, { reattach: true, usage: true });
+    assert.deepEqual(pool.backend("shell").capabilities, { reattach: false, usage: false });
+    // A third-party backend's come from its sandboxed manifest, once read.
+    const evil = pool.backend("evil");
+    assert.deepEqual(evil.capabilities, { reattach: false, usage: false });
+    assert.equal((await evil.fingerprint()).available, true);
+    assert.deepEqual(evil.capabilities, { reattach: false, usage: true });
+    // A backend whose code claims what its manifest does not is refused.
+    const liar = await pool.backend("liar").fingerprint();
+    assert.equal(liar.available, false);
+    assert.match(
+      liar.detail,
+      /backend "liar" declares capabilities \{"reattach":true,"usage":false\} but its manifest \{"reattach":false,"usage":false\}/,
+    );
+  } finally {
     await pool.close();
     await spec.remove();
   }

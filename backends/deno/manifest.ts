@@ -40,6 +40,8 @@ export type DenoConfig = z.infer<typeof denoConfigSchema>;
 /** The `deno` backend's manifest. */
 export const denoManifest: BackendManifest<DenoConfig> = {
   name: "deno",
+  // A step's process cannot be watched again once its runner is gone: recover only reaps.
+  capabilities: { reattach: false, usage: false },
   configSchema: denoConfigSchema,
   hostPermissions(context: HostContext): DenoPermissions {
     // recover checks a lost step's process by ps(1), then kills its group by kill(1).

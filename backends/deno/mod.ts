@@ -51,11 +51,10 @@ const HARNESS_URL = new URL("./_harness.ts", import.meta.url).href;
 export function createDenoBackend(): ExecutionBackend {
   return {
     name: "deno",
-    manifest: denoManifest,
+    capabilities: denoManifest.capabilities,
     fingerprint: fingerprintDeno,
-    validate: validateDenoConfig,
-    recover: reapProcessGroups,
     start: startDenoStep,
+    recover: reapProcessGroups,
   };
 }
 

@@ -3,7 +3,7 @@ import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import { isSuccess } from "../backend.ts";
 import { runToEnd, scratchSpec } from "../_testing.ts";
 import { HARNESS_NONCE_ENV, parseReport, permissionMessage } from "./_report.ts";
-import { createDenoBackend, denoArgs, sandboxPermissions } from "./mod.ts";
+import { createDenoBackend, denoArgs, sandboxPermissions, validateDenoConfig } from "./mod.ts";
 
 const backend = createDenoBackend();
 const CONTEXT_URL = new URL("./context.ts", import.meta.url).href;
@@ -271,11 +271,12 @@ Deno.test("deno: permission messages say what to declare", () => {
   );
 });
 
-Deno.test("deno: validate and fingerprint", async () => {
-  assert.deepEqual(backend.validate({ module: "a.ts" }), []);
-  assert.match(backend.validate({}).join(), /module/);
-  assert.match(backend.validate({ module: "a.ts", permissions: { run: ["x"] } }).join(), /run/);
-  assert.match(backend.validate({ module: "a.ts", permissions: { env: ["A-B"] } }).join(), /env/);
+Deno.test("deno: validate, capabilities and fingerprint", async () => {
+  assert.deepEqual(backend.capabilities, { reattach: false, usage: false });
+  assert.deepEqual(validateDenoConfig({ module: "a.ts" }), []);
+  assert.match(validateDenoConfig({}).join(), /module/);
+  assert.match(validateDenoConfig({ module: "a.ts", permissions: { run: ["x"] } }).join(), /run/);
+  assert.match(validateDenoConfig({ module: "a.ts", permissions: { env: ["A-B"] } }).join(), /env/);
   const fingerprint = await backend.fingerprint();
   assert.equal(fingerprint.available, true);
   assert.equal(fingerprint.version, Deno.version.deno);

@@ -172,6 +172,8 @@ function daemonPermissions(endpoint: DockerEndpoint): DenoPermissions {
 export const dockerManifest: BackendManifest<DockerConfig> = {
   name: "docker",
   version: "0.1.0",
+  // Containers outlive the runner and are found again by label; docker stats gives usage.
+  capabilities: { reattach: true, usage: true },
   configSchema: dockerConfigSchema,
   hostPermissions(context: HostContext): DenoPermissions {
     // Recovery reads the outputs of attempts that finished while no agent

@@ -77,9 +77,8 @@ export function createDockerBackend(): ExecutionBackend {
   const builds = new Map<string, Promise<void>>();
   return {
     name: "docker",
-    manifest: dockerManifest,
+    capabilities: dockerManifest.capabilities,
     fingerprint: () => fingerprintDocker(client),
-    validate: validateDockerConfig,
     start: (spec) => startContainer(client, builds, spec),
     recover: (options) => recoverContainers(client, options),
   };

@@ -27,6 +27,8 @@ export type ShellConfig = z.infer<typeof shellConfigSchema>;
 /** The `shell` backend's manifest. */
 export const shellManifest: BackendManifest<ShellConfig> = {
   name: "shell",
+  // A step's process cannot be watched again once its runner is gone: recover only reaps.
+  capabilities: { reattach: false, usage: false },
   configSchema: shellConfigSchema,
   hostPermissions(_context: HostContext): DenoPermissions {
     // recover checks a lost step's process by ps(1), then kills its group by kill(1).

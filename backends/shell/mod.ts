@@ -27,11 +27,10 @@ const FALLBACK_PATH = "/usr/local/bin:/usr/bin:/bin";
 export function createShellBackend(): ExecutionBackend {
   return {
     name: "shell",
-    manifest: shellManifest,
+    capabilities: shellManifest.capabilities,
     fingerprint: fingerprintShell,
-    validate: validateShellConfig,
-    recover: reapProcessGroups,
     start: startShellStep,
+    recover: reapProcessGroups,
   };
 }
 

@@ -3,7 +3,7 @@ import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import { isSuccess } from "../backend.ts";
 import { processAlive, runToEnd, scratchSpec, waitUntil } from "../_testing.ts";
 import { parseProcessHandle } from "../_process.ts";
-import { createShellBackend } from "./mod.ts";
+import { createShellBackend, validateShellConfig } from "./mod.ts";
 
 const backend = createShellBackend();
 
@@ -142,10 +142,11 @@ Deno.test("shell: a background process left behind does not hold the attempt ope
   }
 });
 
-Deno.test("shell: validate and fingerprint", async () => {
-  assert.deepEqual(backend.validate({ run: "echo" }), []);
-  assert.equal(backend.validate({}).length, 1);
-  assert.match(backend.validate({ run: "x", extra: 1 }).join(), /extra/);
+Deno.test("shell: validate, capabilities and fingerprint", async () => {
+  assert.deepEqual(backend.capabilities, { reattach: false, usage: false });
+  assert.deepEqual(validateShellConfig({ run: "echo" }), []);
+  assert.equal(validateShellConfig({}).length, 1);
+  assert.match(validateShellConfig({ run: "x", extra: 1 }).join(), /extra/);
   await assert.rejects(
     () => backend.start({ config: {} } as never),
     /Expected a valid "shell" step config/,

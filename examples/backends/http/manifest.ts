@@ -40,6 +40,8 @@ export type HttpConfig = z.infer<typeof httpConfigSchema>;
 export const httpManifest: BackendManifest<HttpConfig> = {
   name: "http",
   version: "0.1.0",
+  // A request does not outlive its host: nothing to re-attach, no usage figures.
+  capabilities: { reattach: false, usage: false },
   configSchema: httpConfigSchema,
   hostPermissions(_context: HostContext): DenoPermissions {
     return { read: [], write: [], net: [], env: [], run: [] };
