@@ -7,8 +7,13 @@
  */
 
 import assert from "node:assert/strict";
-import { builtinPlugins, PluginHostPool, type PluginSource } from "../backends/mod.ts";
-import { PluginHostError, PluginPermissionError } from "../backends/plugin_host.ts";
+import {
+  builtinPlugins,
+  PluginHostError,
+  PluginHostPool,
+  PluginPermissionError,
+  type PluginSource,
+} from "../backends/mod.ts";
 import { type AttemptSpec, isSuccess } from "../backends/backend.ts";
 import { processAlive, runToEnd, scratchSpec } from "../backends/_testing.ts";
 import { parseProcessHandle } from "../backends/_process.ts";

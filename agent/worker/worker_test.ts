@@ -11,7 +11,7 @@ import {
 import { Masker } from "../../core/secrets.ts";
 import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
 import type { LogChunk } from "../../backends/backend.ts";
-import { PluginPermissionError } from "../../backends/plugin_host.ts";
+import { PluginPermissionError } from "../../backends/mod.ts";
 
 /** A temporary directory, removed when disposed. */
 async function tempDir(): Promise<{ path: string } & AsyncDisposable> {

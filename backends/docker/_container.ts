@@ -6,9 +6,9 @@
  * @module
  */
 
-import { createHash } from "node:crypto";
 import type { ContainerCreateOptions, HostConfig, MountSettings } from "./_dockerode.ts";
 import { type AttemptSpec, classifyExit, type ExitStatus, stepEnvironment } from "../backend.ts";
+import { fileSafe, sha256Hex } from "../_encoding.ts";
 import type { DockerConfig } from "./manifest.ts";
 
 /** Where inputs are mounted in the container, read-only, one entry per input name. */
@@ -38,8 +38,8 @@ const MAX_NAME_LENGTH = 100;
  * alike). Starting the same attempt twice therefore meets a name conflict.
  */
 export function containerName(attemptId: string): string {
-  const readable = attemptId.replace(/[^A-Za-z0-9_.-]+/g, "_").slice(0, MAX_NAME_LENGTH);
-  const digest = createHash("sha256").update(attemptId).digest("hex").slice(0, 8);
+  const readable = fileSafe(attemptId).slice(0, MAX_NAME_LENGTH);
+  const digest = sha256Hex(attemptId).slice(0, 8);
   return `runnel-${readable}-${digest}`;
 }
 

@@ -23,7 +23,7 @@ import type {
   Fingerprint,
   HostContext,
   RecoverOptions,
-} from "./backend.ts";
+} from "../backend.ts";
 
 /** Version of this protocol, sent in the host's hello. */
 export const PROTOCOL_VERSION = 2;

@@ -21,8 +21,8 @@ import type {
   BackendManifest,
   Execution,
   ExecutionBackend,
-} from "./backend.ts";
-import { configMessages } from "./backend.ts";
+} from "../backend.ts";
+import { configMessages } from "../backend.ts";
 import {
   type HostMessage,
   type HostRole,
