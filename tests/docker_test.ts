@@ -392,7 +392,8 @@ dockerTest("recover re-attaches kept attempts and reaps the rest", async () => {
     const recovered = await restarted.recover({
       agentId,
       keep: [running.spec.attemptId, exited.spec.attemptId, "never/started/1"],
-      handles: [lost.execution.handle],
+      // Garbage from a damaged record must not reach the daemon's URL paths.
+      handles: [lost.execution.handle, "", "../../containers/x", "a/b?c"],
     });
     assert.deepEqual(
       recovered.map((r) => r.attemptId).sort(),

@@ -67,6 +67,9 @@ const FINGERPRINT_TIMEOUT_MS = 5_000;
 /** Exit code of a container whose command the runtime could not execute (as `docker run`). */
 const NOT_STARTED_EXIT_CODE = 127;
 
+/** A container id or name as Docker allows them (`[a-zA-Z0-9][a-zA-Z0-9_.-]+`). */
+const CONTAINER_REFERENCE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$/;
+
 /** Exit code reported for a build that failed before any container existed. */
 const BUILD_FAILED_EXIT_CODE = 1;
 
@@ -249,7 +252,10 @@ async function recoverContainers(
     })
   );
   const leftovers: Leftover[] = listed.map((info) => ({ id: info.Id, labels: info.Labels ?? {} }));
-  for (const handle of options.handles ?? []) {
+  // A handle is a container id or name; anything else (a stale record's
+  // garbage) would reach the daemon's URL paths, so it is left alone.
+  const handles = (options.handles ?? []).filter((handle) => CONTAINER_REFERENCE.test(handle));
+  for (const handle of handles) {
     if (leftovers.some((leftover) => leftover.id.startsWith(handle))) continue;
     const info = await client.docker.getContainer(handle).inspect().catch((error) => {
       if (statusCodeOf(error) === 404) return undefined;
