@@ -15,7 +15,12 @@ import { describeEndpoint, dockerEndpoint } from "../backends/docker/manifest.ts
 import { BUSINESS_EXIT_CODE } from "../core/model.ts";
 import { loadPipeline } from "../core/load.ts";
 import { type AttemptSpec, type Execution, isSuccess } from "../backends/backend.ts";
-import { runToEnd, type ScratchOptions, scratchSpec } from "../backends/_testing.ts";
+import {
+  checkBackendConformance,
+  runToEnd,
+  type ScratchOptions,
+  scratchSpec,
+} from "../backends/testing.ts";
 import createDockerBackend, {
   DuplicateAttemptError,
   ImageMissingError,
@@ -362,6 +367,15 @@ dockerTest(
     assert.match(stderr, /installing/);
   },
 );
+
+dockerTest("keeps the backend contract, re-attaching after a restart", async () => {
+  const report = await checkBackendConformance({
+    backend: createDockerBackend,
+    echo: { config: { image: BUSYBOX, run: "echo hello" }, stdout: "hello\n" },
+    long: { config: { image: BUSYBOX, run: "sleep 60" } },
+  });
+  assert.deepEqual(report.skipped, [], "docker declares reattach: every check applies");
+});
 
 /** Starts a step without ever cleaning it up: what a dead agent leaves behind. */
 async function abandon(agentId: string, run: string): Promise<{

@@ -14,8 +14,9 @@ import {
   PluginPermissionError,
   type PluginSource,
 } from "../backends/mod.ts";
-import { type AttemptSpec, isSuccess } from "../backends/backend.ts";
-import { processAlive, runToEnd, scratchSpec } from "../backends/_testing.ts";
+import { isSuccess } from "../backends/backend.ts";
+import { processAlive } from "../backends/_testing.ts";
+import { runToEnd, type ScratchAttempt, scratchSpec } from "../backends/testing.ts";
 import { parseProcessHandle } from "../backends/_process.ts";
 import { loadPipeline } from "../core/load.ts";
 import { runPipeline } from "../agent/local/mod.ts";
@@ -149,7 +150,7 @@ Deno.test("plugin hosts: a crashing host fails its step as infrastructure and is
   const pool = openPool(spec.root);
   try {
     await assert.rejects(
-      pool.backend("evil").start({ ...spec, scratchRoot: spec.root }),
+      pool.backend("evil").start(spec),
       (error: unknown) =>
         error instanceof PluginHostError && /exited with code 3/.test(error.message) &&
         error.errorClass === "infrastructure",
@@ -171,7 +172,7 @@ Deno.test("plugin hosts: a host killed mid-step fails the step and its processes
   const spec = await scratchSpec({ run: "echo started; sleep 30" });
   const pool = openPool(spec.root);
   try {
-    const execution = await pool.backend("shell").start({ ...spec, scratchRoot: spec.root });
+    const execution = await pool.backend("shell").start(spec);
     const stepPid = parseProcessHandle(execution.handle)!.pid;
     assert.ok(await processAlive(stepPid));
     const hosts = await childPids(Deno.pid);
@@ -248,7 +249,7 @@ Deno.test("plugin hosts: a hung host is found by its heartbeat, killed and repla
   try {
     const started = Date.now();
     await assert.rejects(
-      pool.backend("evil").start({ ...spec, scratchRoot: spec.root }),
+      pool.backend("evil").start(spec),
       (error: unknown) =>
         error instanceof PluginHostError && /stopped answering heartbeats/.test(error.message),
     );
@@ -266,7 +267,7 @@ Deno.test("plugin hosts: a third-party manifest runs in a host granted nothing",
   const pool = openPool(spec.root);
   try {
     await assert.rejects(
-      pool.backend("evil").start({ ...spec, scratchRoot: spec.root }),
+      pool.backend("evil").start(spec),
       (error: unknown) =>
         error instanceof PluginPermissionError &&
         /read access to "\/etc\/hostname"/.test(error.message),
@@ -376,9 +377,9 @@ async function childPids(pid: number): Promise<number[]> {
 async function runOn(
   pool: PluginHostPool,
   backend: string,
-  spec: AttemptSpec & { root: string },
+  spec: ScratchAttempt,
   config?: Record<string, unknown>,
 ): ReturnType<typeof runToEnd> {
-  const attempt = { ...spec, scratchRoot: spec.root, ...(config ? { config } : {}) };
+  const attempt = config ? { ...spec, config } : spec;
   return await runToEnd(await pool.backend(backend).start(attempt));
 }

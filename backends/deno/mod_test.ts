@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import { isSuccess } from "../backend.ts";
-import { runToEnd, scratchSpec } from "../_testing.ts";
+import { checkBackendConformance, runToEnd, scratchSpec } from "../testing.ts";
 import { HARNESS_NONCE_ENV, parseReport, permissionMessage } from "./_report.ts";
 import { createDenoBackend, denoArgs, sandboxPermissions, validateDenoConfig } from "./mod.ts";
 
@@ -280,4 +280,18 @@ Deno.test("deno: validate, capabilities and fingerprint", async () => {
   const fingerprint = await backend.fingerprint();
   assert.equal(fingerprint.available, true);
   assert.equal(fingerprint.version, Deno.version.deno);
+});
+
+Deno.test("deno: keeps the backend contract", async () => {
+  const report = await checkBackendConformance({
+    backend: createDenoBackend,
+    files: {
+      "echo.ts": `export default (ctx) => ctx.log("hello");`,
+      // A pending promise alone would end the process; a timer keeps it up.
+      "long.ts": "export default () => new Promise(() => setInterval(() => {}, 1_000));",
+    },
+    echo: { config: { module: "echo.ts" }, stdout: "hello\n" },
+    long: { config: { module: "long.ts" } },
+  });
+  assert.deepEqual(report.skipped, ["re-attaches after a restart"]);
 });

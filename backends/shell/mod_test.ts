@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import { isSuccess } from "../backend.ts";
-import { processAlive, runToEnd, scratchSpec, waitUntil } from "../_testing.ts";
+import { processAlive, waitUntil } from "../_testing.ts";
+import { checkBackendConformance, runToEnd, scratchSpec } from "../testing.ts";
 import { parseProcessHandle } from "../_process.ts";
 import { createShellBackend, validateShellConfig } from "./mod.ts";
 
@@ -246,4 +247,13 @@ Deno.test("shell: recover kills a handle's group only while its pid is the proce
   } finally {
     await spec.remove();
   }
+});
+
+Deno.test("shell: keeps the backend contract", async () => {
+  const report = await checkBackendConformance({
+    backend: createShellBackend,
+    echo: { config: { run: "echo hello" }, stdout: "hello\n" },
+    long: { config: { run: "sleep 60" } },
+  });
+  assert.deepEqual(report.skipped, ["re-attaches after a restart"]);
 });
