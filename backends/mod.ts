@@ -72,9 +72,13 @@ export class PluginSpecError extends Error {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { pluginFromLocation } from "./mod.ts";
- * const source = pluginFromLocation("http", "https://plugins.example/http/", "/srv");
- * source.module; // "https://plugins.example/http/mod.ts"
+ *
+ * assert.deepEqual(pluginFromLocation("http", "https://plugins.example/http/", "/srv"), {
+ *   name: "http",
+ *   module: "https://plugins.example/http/mod.ts",
+ * });
  * ```
  */
 export function pluginFromLocation(name: string, location: string, baseDir: string): PluginSource {

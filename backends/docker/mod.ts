@@ -9,10 +9,15 @@
  * behind (`recover`) and a second start of one attempt is refused.
  *
  * @example
- * ```ts ignore
+ * ```ts
+ * import assert from "node:assert/strict";
  * import createDockerBackend from "./mod.ts";
+ *
  * const backend = createDockerBackend();
- * console.log((await backend.fingerprint()).detail);
+ * assert.deepEqual(backend.capabilities, { reattach: true, usage: true });
+ * // Available when a daemon answers; otherwise the detail says how to start one.
+ * const { available, detail } = await backend.fingerprint();
+ * assert.match(detail, available ? /^Docker \S+ at / : /^Docker is not running/);
  * ```
  *
  * @module
