@@ -258,8 +258,9 @@ export const DEFAULT_CANCEL_GRACE_MS = 5_000;
 export interface ClassifyExitOptions {
   /**
    * Why the attempt failed, as the backend learnt it besides the exit code
-   * (the `deno` harness's report, say). Used only for a failed exit; a
-   * backend passes only what it trusts: never a claim read from step output.
+   * (the `deno` harness's nonce-bearing report, say). Used only for a
+   * failed exit. Its error class must be the backend's own finding, never a
+   * claim a step could print: step output is not a trusted channel.
    */
   report?: { errorClass: ErrorClass; message: string };
 }
