@@ -96,7 +96,9 @@ export { Masker, resolveSecrets } from "./core/secrets.ts";
 // Backends.
 export type {
   AttemptSpec,
+  BackendCapabilities,
   BackendManifest,
+  ClassifyExitOptions,
   Execution,
   ExecutionBackend,
   ExecutionState,
@@ -107,6 +109,7 @@ export type {
   RecoveredAttempt,
   RecoverOptions,
 } from "./backends/backend.ts";
+export { classifyExit } from "./backends/backend.ts";
 export {
   builtinPlugins,
   pluginFromLocation,

@@ -18,8 +18,12 @@
 import { dirname, resolve } from "node:path";
 import { z } from "npm:zod@4.6.7";
 import { parse as parseYaml } from "npm:yaml@2.9.1";
-import { builtinPlugins, pluginFromLocation, type PluginSource } from "../backends/mod.ts";
-import type { PluginHostPoolOptions } from "../backends/plugin_host.ts";
+import {
+  builtinPlugins,
+  pluginFromLocation,
+  type PluginHostPoolOptions,
+  type PluginSource,
+} from "../backends/mod.ts";
 import { parseDuration } from "../core/duration.ts";
 
 const duration = z.string().refine((text) => {

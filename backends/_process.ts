@@ -3,6 +3,11 @@
  * cancel reaches grandchildren), live log chunks, and an optional marker
  * line on stderr through which a cooperating child reports why it failed.
  *
+ * Its handle is `<pid>@<start time in epoch ms>`: a pid alone cannot tell
+ * the step's process from a later one that reuses the number (after a
+ * reboot, say), so `recover` kills a group only while its leader is still
+ * the process started then.
+ *
  * Shared by the `deno` and `shell` backends; internal to `backends/`.
  *
  * @module
@@ -17,7 +22,7 @@ import {
 } from "./backend.ts";
 import { LogQueue } from "./log_queue.ts";
 import { raceTimeout } from "./_async.ts";
-import { KILL_PATHS, SETSID_PATHS } from "./_tools.ts";
+import { KILL_PATHS, PS_PATHS, SETSID_PATHS } from "./_tools.ts";
 
 /**
  * How long output may keep arriving after the process exited before the
@@ -42,6 +47,12 @@ export interface SpawnOptions {
   /** Refines the status once the process has ended and its output is drained. */
   finish?: (status: ExitStatus) => ExitStatus | Promise<ExitStatus>;
 }
+
+/**
+ * How far ps(1)'s start time of a process may be from the one recorded at
+ * spawn: ps prints whole seconds, computed from the boot time.
+ */
+const PROCESS_START_SLACK_MS = 3_000;
 
 /** Bytes read from a pipe at once; Deno's own default chunk size. */
 const READ_BUFFER_BYTES = 64 * 1024;
@@ -76,6 +87,7 @@ export function spawnExecution(options: SpawnOptions): Execution {
     // which holds the runner's main thread about three times as long.
     detached: launcher === undefined,
   }).spawn();
+  const startMs = Date.now();
   const queue = new LogQueue();
   const readers: ReadableStreamBYOBReader[] = [];
   const stdoutPump = pump(
@@ -156,7 +168,7 @@ export function spawnExecution(options: SpawnOptions): Execution {
   }, () => {});
 
   return {
-    handle: String(child.pid),
+    handle: processHandle(child.pid, startMs),
     logs: queue,
     wait: () => waitPromise,
     status: () =>
@@ -184,18 +196,72 @@ export function spawnExecution(options: SpawnOptions): Execution {
 
 const encoder = new TextEncoder();
 
+/** The handle of a process execution: `<pid>@<start time in epoch ms>`. */
+export function processHandle(pid: number, startMs: number): string {
+  return `${pid}@${startMs}`;
+}
+
+/** The pid and start time a process handle names; undefined for anything else. */
+export function parseProcessHandle(handle: string): { pid: number; startMs: number } | undefined {
+  const match = /^(\d{1,10})@(\d{1,15})$/.exec(handle);
+  if (!match) return undefined;
+  const pid = Number(match[1]);
+  // Never pid 0 or 1: kill(-1) would signal every process it may.
+  if (pid <= 1) return undefined;
+  return { pid, startMs: Number(match[2]) };
+}
+
 /**
  * `recover` of the process backends: their steps cannot be found again
- * after the agent lost them (no labels on a process), so the process groups
- * named by `handles` (each a group leader's pid) are killed and nothing is
- * re-attached.
+ * after the runner lost them (no labels on a process), so nothing is
+ * re-attached; the process group of each handle is killed, but only while
+ * its leader is still the process started then. Any recorded handle may
+ * come back, however stale: a gone or reused pid, or a handle that is not
+ * a process handle at all, is left alone.
  */
 export async function reapProcessGroups(options: RecoverOptions): Promise<RecoveredAttempt[]> {
   for (const handle of options.handles ?? []) {
-    const pid = Number(handle);
-    if (Number.isInteger(pid) && pid > 1) await signalGroup(pid, "SIGKILL");
+    const process = parseProcessHandle(handle);
+    if (process && await isStartedAt(process.pid, process.startMs)) {
+      await signalGroup(process.pid, "SIGKILL");
+    }
   }
   return [];
+}
+
+/** True while `pid` names a process that started at `startMs` (give or take ps's precision). */
+async function isStartedAt(pid: number, startMs: number): Promise<boolean> {
+  const started = await processStartMs(pid);
+  return started !== undefined && Math.abs(started - startMs) <= PROCESS_START_SLACK_MS;
+}
+
+/** `ps(1)`'s path; computed on first need. */
+let psCommand: string | null | undefined;
+
+/**
+ * When the process `pid` started, in epoch ms, by ps(1) (Deno reads `/proc`
+ * only under --allow-all); undefined when there is no such process.
+ */
+async function processStartMs(pid: number): Promise<number | undefined> {
+  psCommand ??= PS_PATHS.find((path) => isExecutable(path) && mayRun(path)) ?? null;
+  if (psCommand === null) return undefined;
+  try {
+    const { stdout } = await new Deno.Command(psCommand, {
+      args: ["-p", String(pid), "-o", "lstart="],
+      // "Thu Dec  3 06:53:59 2026", in English and in UTC as asked.
+      env: { LC_ALL: "C", TZ: "UTC" },
+      clearEnv: true,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "null",
+    }).output();
+    const text = new TextDecoder().decode(stdout).trim();
+    if (!text) return undefined;
+    const parsed = Date.parse(`${text.replace(/\s+/g, " ")} UTC`);
+    return Number.isNaN(parsed) ? undefined : parsed;
+  } catch {
+    return undefined;
+  }
 }
 
 /**

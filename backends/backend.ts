@@ -2,8 +2,11 @@
  * The contract between the runner and an execution backend.
  *
  * Shaped after Nomad task drivers and GitLab Runner executors: a backend
- * fingerprints the host, validates a step's config, and starts an attempt;
- * the returned {@link Execution} streams logs, waits, cancels and cleans up.
+ * declares what it can do, fingerprints the host, starts an attempt, and
+ * recovers what an earlier runner left; the returned {@link Execution}
+ * streams logs, waits, cancels and cleans up. What a plugin declares about
+ * itself without running (its config schema, its permissions) is its
+ * {@link BackendManifest}.
  * Everything that crosses this boundary is plain data (paths, strings,
  * numbers) so that a later plugin host can carry it over a message protocol.
  *
@@ -11,7 +14,7 @@
  */
 
 import type { z } from "npm:zod@4.6.7";
-import type { ErrorClass, Usage } from "../core/model.ts";
+import { BUSINESS_EXIT_CODE, type ErrorClass, type Usage } from "../core/model.ts";
 
 /** Deno permissions, one allow-list per permission kind (empty = not granted). */
 export interface DenoPermissions {
@@ -37,6 +40,23 @@ export interface HostContext {
 }
 
 /**
+ * What a backend can do beyond running an attempt, declared as data (after
+ * Nomad's driver `Capabilities`), so that a runner need not guess from its
+ * name.
+ */
+export interface BackendCapabilities {
+  /**
+   * `recover` re-attaches to an attempt still running (or finished) after
+   * the runner restarted, instead of only reaping it (docker: its
+   * containers outlive the runner; a process backend's steps cannot be
+   * watched again).
+   */
+  readonly reattach: boolean;
+  /** Exit statuses carry resource usage ({@link ExitStatus.usage}). */
+  readonly usage: boolean;
+}
+
+/**
  * What a backend plugin declares about itself. The runner evaluates it to
  * decide how to start the plugin's sandboxed host; the plugin's code runs
  * only inside that host.
@@ -46,7 +66,12 @@ export interface BackendManifest<C> {
   name: string;
   /** Version of the plugin, shown by `runnel backends`. */
   version?: string;
-  /** Schema of the step config this backend accepts. */
+  /**
+   * What the backend can do; its `ExecutionBackend.capabilities` must say
+   * the same (a plugin host whose backend says otherwise is refused).
+   */
+  capabilities: BackendCapabilities;
+  /** Schema of the step config this backend accepts (`runnel validate` checks steps against it). */
   configSchema: z.ZodType<C>;
   /** Permissions the host needs for `fingerprint` and `recover` (no step involved). */
   hostPermissions(context: HostContext): DenoPermissions;
@@ -69,18 +94,18 @@ export interface Fingerprint {
 /** Everything a backend needs to run one attempt of one step. */
 export interface AttemptSpec {
   /** Agent running the attempt (`local` in local mode); backends label what they start with it. */
-  agentId?: string;
+  agentId: string;
   /**
    * The agent's scratch root (absolute), an ancestor of `workDir` and
-   * `outputsDir`; defaults to the parent of `workDir`.
+   * `outputsDir`: manifests grant by it, so that attempts share warm hosts.
    */
-  scratchRoot?: string;
+  scratchRoot: string;
   runId: string;
   stepId: string;
   attemptId: string;
   /** 1-based attempt number. */
   attempt: number;
-  /** Backend-specific step config (validated by the backend). */
+  /** Backend-specific step config (validated against the manifest's schema). */
   config: Record<string, unknown>;
   /** Pipeline directory (absolute): relative modules and workdirs resolve against it. */
   baseDir: string;
@@ -88,18 +113,16 @@ export interface AttemptSpec {
   workDir: string;
   /** Input name → absolute path: a file, or a directory for fan-in inputs. */
   inputs: Record<string, string>;
-  /**
-   * Directory holding the inputs, exposed as `RUNNEL_INPUTS`; defaults to
-   * the common parent of the input paths.
-   */
-  inputsDir?: string;
+  /** Directory (absolute) holding the inputs, exposed as `RUNNEL_INPUTS`. */
+  inputsDir: string;
   /** Directory (absolute) where each declared output is written as a file named after it; it exists. */
   outputsDir: string;
   /** Declared output file names. */
   outputs: string[];
   /** Step env plus resolved secret values. */
   env: Record<string, string>;
-  matrix?: Record<string, string | number | boolean>;
+  /** This leg's matrix values; `{}` for a plain step. */
+  matrix: Record<string, string | number | boolean>;
   /** Informational: the caller enforces it through {@link Execution.cancel}. */
   timeoutMs?: number;
   resources?: { cpu?: number; memoryBytes?: number };
@@ -137,7 +160,11 @@ export interface ExecutionState {
 
 /** A started attempt. */
 export interface Execution {
-  /** Serialisable handle (a process id, a container id, …) for reattaching. */
+  /**
+   * Opaque to everyone but the backend (a container id; `<pid>@<startMs>`
+   * for a process): the caller records it and hands it back to
+   * {@link ExecutionBackend.recover} after a restart, however stale by then.
+   */
   readonly handle: string;
   /** Live output; iterate it once. Output is buffered until it is read. */
   readonly logs: AsyncIterable<LogChunk>;
@@ -161,8 +188,10 @@ export interface RecoverOptions {
    */
   keep: string[];
   /**
-   * Handles of executions the caller knows were lost (their plugin host
-   * died): reaped whether or not the backend can find them otherwise.
+   * Handles of executions the caller recorded and lost (their plugin host
+   * or the runner died): reaped whether or not the backend can find them
+   * otherwise. Any handle may come back: the backend checks that it still
+   * names what it started (a reused pid does not) and ignores the rest.
    */
   handles?: string[];
 }
@@ -174,21 +203,25 @@ export interface RecoveredAttempt {
   execution: Execution;
 }
 
-/** An execution backend: a Docker daemon, an SSH host, a Deno sandbox, a shell. */
+/**
+ * An execution backend: a Docker daemon, an SSH host, a Deno sandbox, a
+ * shell. A step's config is checked against the manifest's `configSchema`
+ * before `start` is called; `start` may check it again.
+ */
 export interface ExecutionBackend {
+  /** Backend name as steps write it. */
   readonly name: string;
-  // deno-lint-ignore no-explicit-any
-  readonly manifest: BackendManifest<any>;
+  /** What it can do; the same as its manifest declares. */
+  readonly capabilities: BackendCapabilities;
   /** Tells whether this host can run steps on this backend. */
   fingerprint(): Promise<Fingerprint>;
-  /** Checks a step config; returns human messages, empty when valid. */
-  validate(config: Record<string, unknown>): string[];
   /** Starts one attempt; rejects only when nothing could be started. */
   start(spec: AttemptSpec): Promise<Execution>;
   /**
    * After an agent restart: re-attaches to the attempts in `keep` that an
-   * earlier process left, and reaps everything else it left (Nomad's
-   * `RecoverTask`). Backends that cannot find leftovers reap `handles` only.
+   * earlier process left (with {@link BackendCapabilities.reattach}), and
+   * reaps everything else it left (Nomad's `RecoverTask`). Backends that
+   * cannot find leftovers reap `handles` only.
    */
   recover(options: RecoverOptions): Promise<RecoveredAttempt[]>;
 }
@@ -221,6 +254,67 @@ export function configMessages(schema: z.ZodType, config: unknown): string[] {
 /** Grace period between SIGTERM and SIGKILL on cancel, after `docker stop`'s default. */
 export const DEFAULT_CANCEL_GRACE_MS = 5_000;
 
+/** Options of {@link classifyExit}. */
+export interface ClassifyExitOptions {
+  /**
+   * Why the attempt failed, as the backend learnt it besides the exit code
+   * (the `deno` harness's nonce-bearing report, say). Used only for a
+   * failed exit. Its error class must be the backend's own finding, never a
+   * claim a step could print: step output is not a trusted channel.
+   */
+  report?: { errorClass: ErrorClass; message: string };
+}
+
+/**
+ * Gives an attempt's exit its error class, the same way for every backend:
+ * a clean exit 0 succeeds; a failed exit takes the class of
+ * `options.report` when there is one; else a process killed by a signal is
+ * an `application` error, exit {@link BUSINESS_EXIT_CODE} a `business`
+ * error, and any other code an `application` error.
+ *
+ * A status that already has an error class (cancelled, a container killed
+ * for its memory limit, a missing output) passes through unchanged, so a
+ * driver may call it again on any backend's status.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { classifyExit } from "./backend.ts";
+ *
+ * assert.deepEqual(classifyExit({ exitCode: 0 }), { exitCode: 0 });
+ * assert.deepEqual(classifyExit({ exitCode: 65 }), {
+ *   exitCode: 65,
+ *   errorClass: "business",
+ *   message: "step reported a business error (exit code 65)",
+ * });
+ * const killed = classifyExit({ exitCode: 143, signal: "SIGTERM" });
+ * assert.equal(killed.message, "step was killed by SIGTERM");
+ * // Idempotent: a classified status passes through.
+ * assert.deepEqual(classifyExit(killed), killed);
+ * ```
+ */
+export function classifyExit(status: ExitStatus, options: ClassifyExitOptions = {}): ExitStatus {
+  if (status.errorClass !== undefined) return status;
+  if (status.exitCode === 0 && !status.signal) return status;
+  const { report } = options;
+  if (report) return { ...status, errorClass: report.errorClass, message: report.message };
+  if (status.signal) {
+    return { ...status, errorClass: "application", message: `step was killed by ${status.signal}` };
+  }
+  if (status.exitCode === BUSINESS_EXIT_CODE) {
+    return {
+      ...status,
+      errorClass: "business",
+      message: `step reported a business error (exit code ${BUSINESS_EXIT_CODE})`,
+    };
+  }
+  return {
+    ...status,
+    errorClass: "application",
+    message: `step exited with code ${status.exitCode}`,
+  };
+}
+
 /** True when an attempt ended well: exit code 0 and no error class. */
 export function isSuccess(status: ExitStatus): boolean {
   return status.exitCode === 0 && status.errorClass === undefined;
@@ -240,13 +334,25 @@ export function envVarSuffix(name: string): string {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { stepEnvironment } from "./backend.ts";
+ *
  * const env = stepEnvironment({
- *   runId: "r1", stepId: "analyze", attemptId: "r1/analyze/1", attempt: 1, config: {},
- *   baseDir: "/p", workDir: "/w", inputs: { data: "/in/data.csv" }, outputsDir: "/out",
- *   outputs: ["summary.json"], env: {},
+ *   agentId: "local", scratchRoot: "/w", runId: "r1", stepId: "analyze",
+ *   attemptId: "r1/analyze/1", attempt: 1, config: {}, baseDir: "/p", workDir: "/w/1",
+ *   inputs: { data: "/w/1/in/data.csv" }, inputsDir: "/w/1/in", outputsDir: "/w/1/out",
+ *   outputs: ["summary.json"], env: {}, matrix: { region: "eu" },
  * });
- * env.RUNNEL_OUTPUT_SUMMARY_JSON; // "/out/summary.json"
+ * assert.deepEqual(env, {
+ *   RUNNEL_RUN_ID: "r1",
+ *   RUNNEL_STEP: "analyze",
+ *   RUNNEL_ATTEMPT: "1",
+ *   RUNNEL_INPUTS: "/w/1/in",
+ *   RUNNEL_OUTPUTS: "/w/1/out",
+ *   RUNNEL_INPUT_DATA: "/w/1/in/data.csv",
+ *   RUNNEL_OUTPUT_SUMMARY_JSON: "/w/1/out/summary.json",
+ *   RUNNEL_MATRIX_REGION: "eu",
+ * });
  * ```
  */
 export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
@@ -254,7 +360,7 @@ export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
     RUNNEL_RUN_ID: spec.runId,
     RUNNEL_STEP: spec.stepId,
     RUNNEL_ATTEMPT: String(spec.attempt),
-    RUNNEL_INPUTS: spec.inputsDir ?? commonParent(Object.values(spec.inputs)) ?? spec.workDir,
+    RUNNEL_INPUTS: spec.inputsDir,
     RUNNEL_OUTPUTS: spec.outputsDir,
   };
   for (const [name, path] of Object.entries(spec.inputs)) {
@@ -263,7 +369,7 @@ export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
   for (const name of spec.outputs) {
     env[`RUNNEL_OUTPUT_${envVarSuffix(name)}`] = joinPath(spec.outputsDir, name);
   }
-  for (const [key, value] of Object.entries(spec.matrix ?? {})) {
+  for (const [key, value] of Object.entries(spec.matrix)) {
     env[`RUNNEL_MATRIX_${envVarSuffix(key)}`] = String(value);
   }
   return env;
@@ -274,7 +380,7 @@ export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
  * declared output missing from `outputsDir`; other statuses pass through.
  */
 export async function missingOutputStatus(
-  spec: AttemptSpec,
+  spec: Pick<AttemptSpec, "outputsDir" | "outputs">,
   status: ExitStatus,
 ): Promise<ExitStatus> {
   if (!isSuccess(status)) return status;
@@ -296,26 +402,7 @@ export async function missingOutputStatus(
   return status;
 }
 
-/** The agent's scratch root of an attempt: `spec.scratchRoot`, else the parent of its workDir. */
-export function scratchRootOf(spec: AttemptSpec): string {
-  if (spec.scratchRoot) return spec.scratchRoot;
-  const trimmed = spec.workDir.replace(/\/+$/, "");
-  return trimmed.slice(0, trimmed.lastIndexOf("/")) || "/";
-}
-
 /** Joins an absolute directory and a file name with `/`. */
 export function joinPath(dir: string, name: string): string {
   return dir.endsWith("/") ? dir + name : `${dir}/${name}`;
-}
-
-function commonParent(paths: string[]): string | undefined {
-  if (paths.length === 0) return undefined;
-  const parents = paths.map((path) => path.replace(/\/+$/, "").split("/").slice(0, -1));
-  const common: string[] = [];
-  for (let index = 0; index < parents[0].length; index++) {
-    const part = parents[0][index];
-    if (parents.every((segments) => segments[index] === part)) common.push(part);
-    else break;
-  }
-  return common.join("/") || "/";
 }

@@ -15,11 +15,18 @@ const DONE: IteratorReturnResult<undefined> = { done: true, value: undefined };
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { LogQueue } from "./log_queue.ts";
+ *
  * const logs = new LogQueue();
  * logs.push({ stream: "stdout", data: new TextEncoder().encode("hi\n") });
+ * logs.push({ stream: "stderr", data: new TextEncoder().encode("oops\n") });
  * logs.close();
- * for await (const chunk of logs) console.log(chunk.stream);
+ * const seen: string[] = [];
+ * for await (const chunk of logs) {
+ *   seen.push(`${chunk.stream}: ${new TextDecoder().decode(chunk.data)}`);
+ * }
+ * assert.deepEqual(seen, ["stdout: hi\n", "stderr: oops\n"]);
  * ```
  */
 export class LogQueue implements AsyncIterable<LogChunk> {

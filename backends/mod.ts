@@ -12,7 +12,7 @@ import { pathToFileURL } from "node:url";
 import { denoManifest } from "./deno/manifest.ts";
 import { dockerManifest } from "./docker/manifest.ts";
 import { shellManifest } from "./shell/manifest.ts";
-import type { PluginHostPool, PluginSource } from "./plugin_host.ts";
+import type { PluginHostPool, PluginSource } from "./plugin_host/pool.ts";
 import type { Diagnostic } from "../core/errors.ts";
 import type { Plan } from "../core/model.ts";
 
@@ -20,16 +20,18 @@ export {
   DEFAULT_HEARTBEAT_MS,
   DEFAULT_HEARTBEAT_TIMEOUT_MS,
   DEFAULT_HOST_IDLE_MS,
-  permissionFlags,
-  PluginError,
-  PluginHostError,
   PluginHostPool,
   type PluginHostPoolOptions,
-  PluginPermissionError,
   type PluginSource,
   type PoolMetrics,
+} from "./plugin_host/pool.ts";
+export {
+  PluginError,
+  PluginHostError,
+  PluginPermissionError,
   UnknownPluginError,
-} from "./plugin_host.ts";
+} from "./plugin_host/errors.ts";
+export { permissionFlags } from "./plugin_host/_host_process.ts";
 
 /** The built-in backends as plugin sources (their manifests evaluated in process). */
 export function builtinPlugins(): PluginSource[] {
@@ -70,9 +72,13 @@ export class PluginSpecError extends Error {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { pluginFromLocation } from "./mod.ts";
- * const source = pluginFromLocation("http", "https://plugins.example/http/", "/srv");
- * source.module; // "https://plugins.example/http/mod.ts"
+ *
+ * assert.deepEqual(pluginFromLocation("http", "https://plugins.example/http/", "/srv"), {
+ *   name: "http",
+ *   module: "https://plugins.example/http/mod.ts",
+ * });
  * ```
  */
 export function pluginFromLocation(name: string, location: string, baseDir: string): PluginSource {

@@ -59,6 +59,7 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
       await Deno.mkdir(outputsDir);
       const started = performance.now();
       const execution = await backend.start({
+        agentId: "bench",
         runId: "bench",
         stepId: "noop",
         attemptId: `bench/noop/${attempt}`,
@@ -68,9 +69,11 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
         baseDir,
         workDir,
         inputs: {},
+        inputsDir: workDir,
         outputsDir,
         outputs: [],
         env: {},
+        matrix: {},
       });
       for await (const _ of execution.logs) { /* drain */ }
       const status = await execution.wait();

@@ -100,6 +100,7 @@ export async function benchDocker(
     await Deno.mkdir(`${workDir}/out`, { recursive: true });
     const spec: AttemptSpec = {
       agentId: "docker-bench-direct",
+      scratchRoot: dir,
       runId: "bench",
       stepId: "echo",
       attemptId: `${crypto.randomUUID()}/echo/1`,
@@ -108,9 +109,11 @@ export async function benchDocker(
       baseDir: dir,
       workDir,
       inputs: {},
+      inputsDir: workDir,
       outputsDir: `${workDir}/out`,
       outputs: [],
       env: {},
+      matrix: {},
     };
     const started = performance.now();
     const execution = await backend.start(spec);

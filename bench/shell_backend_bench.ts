@@ -47,6 +47,8 @@ export async function benchShellBackend(): Promise<ShellBackendBenchResult> {
   try {
     const backend = createShellBackend();
     const spec: AttemptSpec = {
+      agentId: "bench",
+      scratchRoot: root,
       runId: "bench",
       stepId: "noop",
       attemptId: "bench/noop/1",
@@ -55,9 +57,11 @@ export async function benchShellBackend(): Promise<ShellBackendBenchResult> {
       baseDir: root,
       workDir: root,
       inputs: {},
+      inputsDir: root,
       outputsDir: root,
       outputs: [],
       env: {},
+      matrix: {},
     };
     const viaBackend = async () => {
       const started = performance.now();

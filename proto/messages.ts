@@ -54,9 +54,18 @@ export type RejectCode = "bad_token" | "bad_hello" | "duplicate_agent";
 export interface AssignmentSpec extends
   Omit<
     AttemptSpec,
-    "agentId" | "scratchRoot" | "workDir" | "inputsDir" | "outputsDir" | "inputs" | "baseDir"
+    | "agentId"
+    | "scratchRoot"
+    | "workDir"
+    | "inputsDir"
+    | "outputsDir"
+    | "inputs"
+    | "baseDir"
+    | "matrix"
   > {
   baseDir?: string;
+  /** This leg's matrix values; absent for a plain step (the agent passes `{}`). */
+  matrix?: Record<string, string | number | boolean>;
   inputs: Record<string, InputLocator>;
   /** Digest of the run's pipeline bundle: the agent runs the step in its unpacked copy. */
   bundleDigest?: string;

@@ -394,7 +394,7 @@ Deno.test("agent: an assignment runs: inputs fetched, outputs stored, logs maske
 
     // Started with its handle, logs masked (also across chunks), stderr apart.
     assert.equal(server.started.length, 1);
-    assert.match(server.started[0].handle, /^\d+$/);
+    assert.match(server.started[0].handle, /^\d+@\d+$/);
     const stdout = server.logText(spec.attemptId);
     assert.equal(stdout, "token: ***\nagain ***\n");
     assert.equal(server.logText(spec.attemptId, "stderr"), "to stderr\n");
@@ -772,7 +772,8 @@ Deno.test("agent process: SIGKILLed mid shell step, the restart reaps the orphan
     await poll(() => server.logText(spec.attemptId).includes("started") || undefined, {
       what: "the step's first line",
     });
-    const pid = Number(server.started[0].handle);
+    // A process backend's handle: `<pid>@<startMs>`.
+    const pid = Number(server.started[0].handle.split("@")[0]);
     assert.equal(await processAlive(pid), true);
 
     await agent.kill();

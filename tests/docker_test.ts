@@ -15,10 +15,16 @@ import { describeEndpoint, dockerEndpoint } from "../backends/docker/manifest.ts
 import { BUSINESS_EXIT_CODE } from "../core/model.ts";
 import { loadPipeline } from "../core/load.ts";
 import { type AttemptSpec, type Execution, isSuccess } from "../backends/backend.ts";
-import { runToEnd, type ScratchOptions, scratchSpec } from "../backends/_testing.ts";
+import {
+  checkBackendConformance,
+  runToEnd,
+  type ScratchOptions,
+  scratchSpec,
+} from "../backends/testing.ts";
 import createDockerBackend, {
   DuplicateAttemptError,
   ImageMissingError,
+  validateDockerConfig,
 } from "../backends/docker/mod.ts";
 import { ensureBusyboxImage, ensureDenoImage } from "../infra/images.ts";
 import { ROOT } from "./_helpers.ts";
@@ -362,6 +368,15 @@ dockerTest(
   },
 );
 
+dockerTest("keeps the backend contract, re-attaching after a restart", async () => {
+  const report = await checkBackendConformance({
+    backend: createDockerBackend,
+    echo: { config: { image: BUSYBOX, run: "echo hello" }, stdout: "hello\n" },
+    long: { config: { image: BUSYBOX, run: "sleep 60" } },
+  });
+  assert.deepEqual(report.skipped, [], "docker declares reattach: every check applies");
+});
+
 /** Starts a step without ever cleaning it up: what a dead agent leaves behind. */
 async function abandon(agentId: string, run: string): Promise<{
   spec: AttemptSpec & { remove(): Promise<void> };
@@ -391,7 +406,8 @@ dockerTest("recover re-attaches kept attempts and reaps the rest", async () => {
     const recovered = await restarted.recover({
       agentId,
       keep: [running.spec.attemptId, exited.spec.attemptId, "never/started/1"],
-      handles: [lost.execution.handle],
+      // Garbage from a damaged record must not reach the daemon's URL paths.
+      handles: [lost.execution.handle, "", "../../containers/x", "a/b?c"],
     });
     assert.deepEqual(
       recovered.map((r) => r.attemptId).sort(),
@@ -432,7 +448,7 @@ dockerTest("the energy pipeline runs in containers built from its build: section
   assert.deepEqual(plan.order, ["generate", "analyze", "report"]);
   for (const id of plan.order) {
     assert.equal(plan.steps[id].backend, "docker");
-    assert.deepEqual(backend.validate(plan.steps[id].config), [], id);
+    assert.deepEqual(validateDockerConfig(plan.steps[id].config), [], id);
   }
   await ensureDenoImage();
   const agentId = newAgent();
@@ -459,9 +475,11 @@ dockerTest("the energy pipeline runs in containers built from its build: section
           baseDir: plan.baseDir,
           workDir,
           inputs,
+          inputsDir: `${workDir}/in`,
           outputsDir,
           outputs: step.outputs,
           env: step.env,
+          matrix: step.matrix ?? {},
           resources: step.resources,
         });
         const { status, stdout, stderr } = await runToEnd(execution);

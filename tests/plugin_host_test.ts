@@ -7,10 +7,17 @@
  */
 
 import assert from "node:assert/strict";
-import { builtinPlugins, PluginHostPool, type PluginSource } from "../backends/mod.ts";
-import { PluginHostError, PluginPermissionError } from "../backends/plugin_host.ts";
-import { type AttemptSpec, isSuccess } from "../backends/backend.ts";
-import { processAlive, runToEnd, scratchSpec } from "../backends/_testing.ts";
+import {
+  builtinPlugins,
+  PluginHostError,
+  PluginHostPool,
+  PluginPermissionError,
+  type PluginSource,
+} from "../backends/mod.ts";
+import { isSuccess } from "../backends/backend.ts";
+import { processAlive } from "../backends/_testing.ts";
+import { runToEnd, type ScratchAttempt, scratchSpec } from "../backends/testing.ts";
+import { parseProcessHandle } from "../backends/_process.ts";
 import { loadPipeline } from "../core/load.ts";
 import { runPipeline } from "../agent/local/mod.ts";
 import { poll, ROOT, runCli, sandbox } from "./_helpers.ts";
@@ -18,6 +25,10 @@ import { poll, ROOT, runCli, sandbox } from "./_helpers.ts";
 const EVIL: PluginSource = {
   name: "evil",
   module: new URL("./fixtures/plugins/evil/mod.ts", import.meta.url).href,
+};
+const LIAR: PluginSource = {
+  name: "liar",
+  module: new URL("./fixtures/plugins/liar/mod.ts", import.meta.url).href,
 };
 const HTTP: PluginSource = {
   name: "http",
@@ -29,7 +40,7 @@ function openPool(
   options: Partial<ConstructorParameters<typeof PluginHostPool>[0]> = {},
 ) {
   return new PluginHostPool({
-    plugins: [...builtinPlugins(), EVIL, HTTP],
+    plugins: [...builtinPlugins(), EVIL, LIAR, HTTP],
     context: { scratchRoot, agentId: "plugin-test" },
     ...options,
   });
@@ -139,7 +150,7 @@ Deno.test("plugin hosts: a crashing host fails its step as infrastructure and is
   const pool = openPool(spec.root);
   try {
     await assert.rejects(
-      pool.backend("evil").start({ ...spec, scratchRoot: spec.root }),
+      pool.backend("evil").start(spec),
       (error: unknown) =>
         error instanceof PluginHostError && /exited with code 3/.test(error.message) &&
         error.errorClass === "infrastructure",
@@ -161,8 +172,8 @@ Deno.test("plugin hosts: a host killed mid-step fails the step and its processes
   const spec = await scratchSpec({ run: "echo started; sleep 30" });
   const pool = openPool(spec.root);
   try {
-    const execution = await pool.backend("shell").start({ ...spec, scratchRoot: spec.root });
-    const stepPid = Number(execution.handle);
+    const execution = await pool.backend("shell").start(spec);
+    const stepPid = parseProcessHandle(execution.handle)!.pid;
     assert.ok(await processAlive(stepPid));
     const hosts = await childPids(Deno.pid);
     const host = hosts.find((pid) => pid !== stepPid)!;
@@ -187,13 +198,58 @@ Deno.test("plugin hosts: a host killed mid-step fails the step and its processes
   }
 });
 
+Deno.test("plugin hosts: a sandboxed recover checks a handle's process before killing it", async () => {
+  const spec = await scratchSpec({ run: "echo started; sleep 30" });
+  const pool = openPool(spec.root);
+  const execution = await pool.backend("shell").start(spec);
+  try {
+    const { pid, startMs } = parseProcessHandle(execution.handle)!;
+    const recover = (handles: string[]) =>
+      pool.backend("shell").recover({ agentId: "plugin-test", keep: [], handles });
+    // Through a host granted only ps(1) and kill(1) besides the shell.
+    assert.deepEqual(await recover([`${pid}@${startMs - 3_600_000}`, String(pid), "x"]), []);
+    assert.equal(await processAlive(pid), true, "a stale handle is left alone");
+    assert.deepEqual(await recover([execution.handle]), []);
+    assert.equal((await execution.wait()).signal, "SIGKILL");
+    assert.equal(await processAlive(pid), false);
+  } finally {
+    await execution.cleanup();
+    await pool.close();
+    await spec.remove();
+  }
+});
+
+Deno.test("plugin hosts: a backend's declared capabilities cross the protocol, checked", async () => {
+  const spec = await scratchSpec({});
+  const pool = openPool(spec.root);
+  try {
+    assert.deepEqual(pool.backend("docker").capabilities, { reattach: true, usage: true });
+    assert.deepEqual(pool.backend("shell").capabilities, { reattach: false, usage: false });
+    // A third-party backend's come from its sandboxed manifest, once read.
+    const evil = pool.backend("evil");
+    assert.deepEqual(evil.capabilities, { reattach: false, usage: false });
+    assert.equal((await evil.fingerprint()).available, true);
+    assert.deepEqual(evil.capabilities, { reattach: false, usage: true });
+    // A backend whose code claims what its manifest does not is refused.
+    const liar = await pool.backend("liar").fingerprint();
+    assert.equal(liar.available, false);
+    assert.match(
+      liar.detail,
+      /backend "liar" declares capabilities \{"reattach":true,"usage":false\} but its manifest \{"reattach":false,"usage":false\}/,
+    );
+  } finally {
+    await pool.close();
+    await spec.remove();
+  }
+});
+
 Deno.test("plugin hosts: a hung host is found by its heartbeat, killed and replaced", async () => {
   const spec = await scratchSpec({ with: { act: "hang" } });
   const pool = openPool(spec.root, { heartbeatMs: 100, heartbeatTimeoutMs: 600 });
   try {
     const started = Date.now();
     await assert.rejects(
-      pool.backend("evil").start({ ...spec, scratchRoot: spec.root }),
+      pool.backend("evil").start(spec),
       (error: unknown) =>
         error instanceof PluginHostError && /stopped answering heartbeats/.test(error.message),
     );
@@ -211,7 +267,7 @@ Deno.test("plugin hosts: a third-party manifest runs in a host granted nothing",
   const pool = openPool(spec.root);
   try {
     await assert.rejects(
-      pool.backend("evil").start({ ...spec, scratchRoot: spec.root }),
+      pool.backend("evil").start(spec),
       (error: unknown) =>
         error instanceof PluginPermissionError &&
         /read access to "\/etc\/hostname"/.test(error.message),
@@ -321,9 +377,9 @@ async function childPids(pid: number): Promise<number[]> {
 async function runOn(
   pool: PluginHostPool,
   backend: string,
-  spec: AttemptSpec & { root: string },
+  spec: ScratchAttempt,
   config?: Record<string, unknown>,
 ): ReturnType<typeof runToEnd> {
-  const attempt = { ...spec, scratchRoot: spec.root, ...(config ? { config } : {}) };
+  const attempt = config ? { ...spec, config } : spec;
   return await runToEnd(await pool.backend(backend).start(attempt));
 }

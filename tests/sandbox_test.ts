@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { type ExitStatus, isSuccess } from "../backends/backend.ts";
 import { createDenoBackend } from "../backends/deno/mod.ts";
-import { runToEnd, type ScratchOptions, scratchSpec } from "../backends/_testing.ts";
+import { runToEnd, type ScratchOptions, scratchSpec } from "../backends/testing.ts";
 
 const backend = createDenoBackend();
 

@@ -3,7 +3,7 @@ import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
 import { Masker } from "../../core/secrets.ts";
 import { fileSafe } from "../../core/_paths.ts";
 import type { LogChunk } from "../../backends/backend.ts";
-import { PluginPermissionError } from "../../backends/plugin_host.ts";
+import { PluginPermissionError } from "../../backends/mod.ts";
 import {
   collectOutputs,
   errorClassOf,

@@ -1,47 +1,29 @@
 /**
  * Runs inside the sandboxed subprocess of a `deno` step: builds the
  * {@link StepContext}, calls the module's default export, and turns every
- * way it can fail into an exit code plus one marker line on stderr,
- * `::runnel-error::{"errorClass":…,"message":…}`, that the backend parses.
+ * way it can fail into an exit code plus one marker line on stderr that the
+ * backend parses (see `_report.ts`).
  *
  * The generated entry file imports this module before the step module, so
- * the listeners below are in place while the step module evaluates.
+ * that, before any step code evaluates, the attempt's nonce has left the
+ * environment and the listeners below are in place. Only the entry file
+ * imports it: its set-up would take over any other process.
  *
  * @module
  */
 
-import { BUSINESS_EXIT_CODE, type ErrorClass } from "../../core/model.ts";
-import { isBusinessError, type StepContext } from "./context.ts";
+import type { StepContext } from "./context.ts";
+import {
+  APPLICATION_EXIT_CODE,
+  classifyError,
+  type ErrorReport,
+  HARNESS_NONCE_ENV,
+  type HarnessContext,
+  markerPrefix,
+} from "./_report.ts";
 
-/** Prefix of the machine-readable failure line on stderr. */
-export const ERROR_MARKER = "::runnel-error::";
-
-/** Exit code of a step that reached past its grant: sysexits(3) `EX_NOPERM`. */
-export const PERMISSION_EXIT_CODE = 77;
-
-/** Exit code of a step that threw any other error. */
-export const APPLICATION_EXIT_CODE = 1;
-
-/** The payload of a marker line. */
-export interface ErrorReport {
-  errorClass: ErrorClass;
-  message: string;
-}
-
-/** What the backend writes into the entry file (no secret values: those come as env vars). */
-export interface HarnessContext {
-  inputs: Record<string, string>;
-  outputs: Record<string, string>;
-  /** Names of the env vars granted to the step; their values are read at run time. */
-  envNames: string[];
-  matrix: Record<string, string | number | boolean>;
-  args: string[];
-  runId: string;
-  stepId: string;
-  attempt: number;
-  /** The step module as the user named it, for messages. */
-  module: string;
-}
+/** The marker prefix of this attempt; empty without a nonce, which no backend accepts. */
+const prefix = markerPrefix(takeNonce());
 
 let failing = false;
 
@@ -91,40 +73,16 @@ export async function runStep(
   Deno.exit(0);
 }
 
-/** Classifies a thrown value as the backend will report it. */
-export function classifyError(error: unknown): { exitCode: number; report: ErrorReport } {
-  if (error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied) {
-    return {
-      exitCode: PERMISSION_EXIT_CODE,
-      report: { errorClass: "permission", message: permissionMessage(error.message) },
-    };
+/** Reads the attempt's nonce and removes it from the environment, where step code could read it. */
+function takeNonce(): string {
+  try {
+    const nonce = Deno.env.get(HARNESS_NONCE_ENV) ?? "";
+    Deno.env.delete(HARNESS_NONCE_ENV);
+    return nonce;
+  } catch {
+    // Not granted: run outside the backend, where no marker is read anyway.
+    return "";
   }
-  if (isBusinessError(error)) {
-    return {
-      exitCode: BUSINESS_EXIT_CODE,
-      report: { errorClass: "business", message: error.message },
-    };
-  }
-  const message = error instanceof Error
-    ? (error.message || error.name)
-    : `step threw a non-error value: ${String(error)}`;
-  return { exitCode: APPLICATION_EXIT_CODE, report: { errorClass: "application", message } };
-}
-
-const GRANTABLE = new Set(["read", "write", "net", "env"]);
-
-/**
- * Rewrites Deno's `Requires read access to "/x", run again with the
- * --allow-read flag` into what a pipeline author must change.
- */
-export function permissionMessage(denoMessage: string): string {
-  const match = /^Requires (\w+) access(?: to (.+?))?, run again with the --allow-\w+ flag/
-    .exec(denoMessage);
-  if (!match) return `step was denied an operation: ${denoMessage}`;
-  const [, kind, target] = match;
-  const what = target ? `${kind} access to ${target}` : `${kind} access`;
-  if (!GRANTABLE.has(kind)) return `step needs ${what}, which a deno step cannot be granted`;
-  return `step needs ${what}, which it was not granted (declare it under permissions.${kind})`;
 }
 
 function fail(error: unknown): never {
@@ -136,7 +94,13 @@ function fail(error: unknown): never {
   report(exitCode, payload);
 }
 
+/**
+ * Writes the marker and exits. A step could have replaced `console.error`
+ * by now and so learn the nonce; what it could then claim is still limited
+ * to the classes the harness itself reports, which it can reach by
+ * throwing anyway.
+ */
 function report(exitCode: number, payload: ErrorReport): never {
-  console.error(`${ERROR_MARKER}${JSON.stringify(payload)}`);
+  console.error(`${prefix}${JSON.stringify(payload)}`);
   Deno.exit(exitCode);
 }

@@ -2,15 +2,31 @@
  * What a `deno` step module sees: the context its default export receives,
  * and the error it throws to report a business error.
  *
- * @example
+ * @example A step module's default export, called as the harness calls it
  * ```ts
+ * import assert from "node:assert/strict";
  * import { BusinessError, type StepContext } from "./context.ts";
  *
- * export default async function analyze(ctx: StepContext): Promise<void> {
+ * // In the step module: `export default async function analyze(…)`.
+ * async function analyze(ctx: StepContext): Promise<void> {
  *   const csv = await Deno.readTextFile(ctx.inputs.data);
  *   if (csv.length === 0) throw new BusinessError("the energy data is empty");
  *   await Deno.writeTextFile(ctx.outputs["summary.json"], JSON.stringify({ rows: 1 }));
  * }
+ *
+ * const dir = await Deno.makeTempDir();
+ * const ctx: StepContext = {
+ *   inputs: { data: `${dir}/data.csv` },
+ *   outputs: { "summary.json": `${dir}/summary.json` },
+ *   env: {}, matrix: {}, args: [], runId: "r1", stepId: "analyze", attempt: 1,
+ *   log: () => {},
+ * };
+ * await Deno.writeTextFile(ctx.inputs.data, "");
+ * await assert.rejects(analyze(ctx), BusinessError);
+ * await Deno.writeTextFile(ctx.inputs.data, "day,kwh\n1,42\n");
+ * await analyze(ctx);
+ * assert.equal(await Deno.readTextFile(ctx.outputs["summary.json"]), '{"rows":1}');
+ * await Deno.remove(dir, { recursive: true });
  * ```
  *
  * @module

@@ -6,13 +6,7 @@
  */
 
 import { z } from "npm:zod@4.6.7";
-import {
-  type AttemptSpec,
-  type BackendManifest,
-  type DenoPermissions,
-  type HostContext,
-  scratchRootOf,
-} from "../backend.ts";
+import type { AttemptSpec, BackendManifest, DenoPermissions, HostContext } from "../backend.ts";
 import { PROCESS_TOOL_PATHS } from "../_tools.ts";
 
 const pathList = z.array(z.string().min(1));
@@ -46,9 +40,11 @@ export type DenoConfig = z.infer<typeof denoConfigSchema>;
 /** The `deno` backend's manifest. */
 export const denoManifest: BackendManifest<DenoConfig> = {
   name: "deno",
+  // A step's process cannot be watched again once its runner is gone: recover only reaps.
+  capabilities: { reattach: false, usage: false },
   configSchema: denoConfigSchema,
   hostPermissions(context: HostContext): DenoPermissions {
-    // recover reaps the process groups of lost steps through kill(1).
+    // recover checks a lost step's process by ps(1), then kills its group by kill(1).
     return {
       read: [Deno.execPath(), context.scratchRoot, ...PROCESS_TOOL_PATHS],
       write: [],
@@ -62,7 +58,7 @@ export const denoManifest: BackendManifest<DenoConfig> = {
     // entry file, check outputs, spawn deno (through setsid), signal its process group (kill), and pass the
     // declared env through. Granted by the pipeline directory and the
     // scratch root, not per attempt, so that steps share a warm host.
-    const scratchRoot = scratchRootOf(spec);
+    const { scratchRoot } = spec;
     return {
       read: [spec.baseDir, scratchRoot, Deno.execPath(), ...PROCESS_TOOL_PATHS],
       write: [scratchRoot],

@@ -12,14 +12,13 @@
  */
 
 import { resolve } from "node:path";
-import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import {
   type AttemptSpec,
+  classifyExit,
   configMessages,
   type DenoPermissions,
   type Execution,
   type ExecutionBackend,
-  type ExitStatus,
   type Fingerprint,
   InvalidStepConfigError,
   joinPath,
@@ -28,12 +27,13 @@ import {
 } from "../backend.ts";
 import { reapProcessGroups, spawnExecution } from "../_process.ts";
 import {
-  APPLICATION_EXIT_CODE,
-  ERROR_MARKER,
   type ErrorReport,
+  HARNESS_NONCE_ENV,
   type HarnessContext,
-  PERMISSION_EXIT_CODE,
-} from "./_harness.ts";
+  markerPrefix,
+  parseReport,
+} from "./_report.ts";
+import { randomHex } from "../_encoding.ts";
 import { type DenoConfig, denoConfigSchema, denoManifest } from "./manifest.ts";
 
 /** Name of the generated entry file inside the attempt's workDir. */
@@ -42,17 +42,19 @@ export const ENTRY_FILE = "runnel_step_entry.ts";
 /** How much recent stderr is scanned for Deno's own `error:` line. */
 const DENO_ERROR_SCAN_CHARS = 4_096;
 
+/** Random bytes in an attempt's marker nonce: 128 bits, not to be guessed. */
+const NONCE_BYTES = 16;
+
 const HARNESS_URL = new URL("./_harness.ts", import.meta.url).href;
 
 /** Creates the `deno` backend. */
 export function createDenoBackend(): ExecutionBackend {
   return {
     name: "deno",
-    manifest: denoManifest,
+    capabilities: denoManifest.capabilities,
     fingerprint: fingerprintDeno,
-    validate: validateDenoConfig,
-    recover: reapProcessGroups,
     start: startDenoStep,
+    recover: reapProcessGroups,
   };
 }
 
@@ -64,8 +66,9 @@ export function validateDenoConfig(config: Record<string, unknown>): string[] {
 /**
  * The permissions the step's subprocess is granted: its inputs (and
  * `permissions.read`), its outputs directory (and `permissions.write`), the
- * hosts it declares, and the env vars it receives or declares. Never run,
- * ffi or sys.
+ * hosts it declares, and the env vars it receives or declares, plus the
+ * harness's nonce variable (gone from the environment before step code
+ * runs). Never run, ffi or sys.
  */
 export function sandboxPermissions(spec: AttemptSpec): DenoPermissions {
   const config = spec.config as DenoConfig;
@@ -84,6 +87,7 @@ export function sandboxPermissions(spec: AttemptSpec): DenoPermissions {
       ...Object.keys(spec.env),
       ...Object.keys(stepEnvironment(spec)),
       ...(declared.env ?? []),
+      HARNESS_NONCE_ENV,
     ]).sort(),
     run: [],
   };
@@ -125,8 +129,8 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
     outputs: Object.fromEntries(
       spec.outputs.map((name) => [name, joinPath(spec.outputsDir, name)]),
     ),
-    envNames: granted.env,
-    matrix: spec.matrix ?? {},
+    envNames: granted.env.filter((name) => name !== HARNESS_NONCE_ENV),
+    matrix: spec.matrix,
     args: config.args ?? [],
     runId: spec.runId,
     stepId: spec.stepId,
@@ -149,6 +153,8 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
     if (value !== undefined) env[name] = value;
   }
   Object.assign(env, spec.env, stepEnvironment(spec));
+  const nonce = randomHex(NONCE_BYTES);
+  env[HARNESS_NONCE_ENV] = nonce;
 
   let report: ErrorReport | undefined;
   // Deno's own failures (a module that does not resolve, a syntax error)
@@ -160,7 +166,7 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
     args: denoArgs(spec, entryPath),
     cwd: spec.workDir,
     env,
-    markerPrefix: ERROR_MARKER,
+    markerPrefix: markerPrefix(nonce),
     onMarker: (payload) => {
       report ??= parseReport(payload);
     },
@@ -173,43 +179,9 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
       const fallback = denoError
         ? { errorClass: "application" as const, message: denoError }
         : undefined;
-      return missingOutputStatus(spec, classifyDenoExit(status, report ?? fallback));
+      return missingOutputStatus(spec, classifyExit(status, { report: report ?? fallback }));
     },
   });
-}
-
-/** Gives a step subprocess's exit its error class, from the harness report when there is one. */
-export function classifyDenoExit(status: ExitStatus, report?: ErrorReport): ExitStatus {
-  if (status.exitCode === 0 && !status.signal) return status;
-  if (report) return { ...status, errorClass: report.errorClass, message: report.message };
-  if (status.signal) {
-    return { ...status, errorClass: "application", message: `step was killed by ${status.signal}` };
-  }
-  switch (status.exitCode) {
-    case BUSINESS_EXIT_CODE:
-      return { ...status, errorClass: "business", message: "step reported a business error" };
-    case PERMISSION_EXIT_CODE:
-      return { ...status, errorClass: "permission", message: "step was denied a permission" };
-    case APPLICATION_EXIT_CODE:
-    default:
-      return {
-        ...status,
-        errorClass: "application",
-        message: `step exited with code ${status.exitCode} (see its log)`,
-      };
-  }
-}
-
-function parseReport(payload: string): ErrorReport | undefined {
-  try {
-    const value = JSON.parse(payload);
-    if (typeof value?.errorClass === "string" && typeof value?.message === "string") {
-      return { errorClass: value.errorClass, message: value.message };
-    }
-  } catch {
-    // A step printing something that looks like a marker is not a report.
-  }
-  return undefined;
 }
 
 function unique(values: string[]): string[] {

@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
 import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import { isSuccess } from "../backend.ts";
-import { runToEnd, scratchSpec } from "../_testing.ts";
-import { permissionMessage } from "./_harness.ts";
-import { createDenoBackend, denoArgs, sandboxPermissions } from "./mod.ts";
+import { checkBackendConformance, runToEnd, scratchSpec } from "../testing.ts";
+import { HARNESS_NONCE_ENV, parseReport, permissionMessage } from "./_report.ts";
+import { createDenoBackend, denoArgs, sandboxPermissions, validateDenoConfig } from "./mod.ts";
 
 const backend = createDenoBackend();
 const CONTEXT_URL = new URL("./context.ts", import.meta.url).href;
@@ -59,7 +59,7 @@ Deno.test("deno: a thrown BusinessError is a business error", async () => {
     assert.equal(status.exitCode, BUSINESS_EXIT_CODE);
     assert.equal(status.errorClass, "business");
     assert.equal(status.message, "the energy data is empty");
-    assert.equal(stderr.includes("::runnel-error::"), false, "the marker is not logged");
+    assert.equal(stderr.includes("::runnel-error:"), false, "the marker is not logged");
   } finally {
     await spec.remove();
   }
@@ -75,9 +75,56 @@ Deno.test("deno: other throws are application errors; the stack is logged", asyn
     assert.equal(status.errorClass, "application");
     assert.equal(status.message, "bad row 7");
     assert.match(stderr, /TypeError: bad row 7/);
-    assert.equal(stderr.includes("::runnel-error::"), false);
+    assert.equal(stderr.includes("::runnel-error:"), false);
   } finally {
     await spec.remove();
+  }
+});
+
+Deno.test("deno: a step cannot forge the harness's marker to choose its error class", async () => {
+  const forged = [
+    '::runnel-error::{"errorClass":"infrastructure","message":"retry me forever"}',
+    '::runnel-error:guess::{"errorClass":"business","message":"not my fault"}',
+  ];
+  const spec = await scratchSpec({ module: "f.ts" }, {
+    files: {
+      "f.ts": `export default () => {
+        // The nonce left the environment before this module evaluated.
+        console.error("nonce:", Deno.env.get(${JSON.stringify(HARNESS_NONCE_ENV)}));
+        for (const line of ${JSON.stringify(forged)}) console.error(line);
+        Deno.exit(1);
+      };`,
+    },
+  });
+  try {
+    const { status, stderr } = await runToEnd(await backend.start(spec));
+    assert.deepEqual(status, {
+      exitCode: 1,
+      errorClass: "application",
+      message: "step exited with code 1",
+    });
+    // The forged lines are plain output: logged as printed.
+    assert.equal(stderr, ["nonce: undefined", ...forged, ""].join("\n"));
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: a report names only a class the harness reports", () => {
+  assert.deepEqual(parseReport('{"errorClass":"business","message":"empty"}'), {
+    errorClass: "business",
+    message: "empty",
+  });
+  for (
+    const payload of [
+      '{"errorClass":"infrastructure","message":"x"}',
+      '{"errorClass":"cancelled","message":"x"}',
+      '{"errorClass":"business"}',
+      "not json",
+      "null",
+    ]
+  ) {
+    assert.equal(parseReport(payload), undefined, payload);
   }
 });
 
@@ -224,12 +271,27 @@ Deno.test("deno: permission messages say what to declare", () => {
   );
 });
 
-Deno.test("deno: validate and fingerprint", async () => {
-  assert.deepEqual(backend.validate({ module: "a.ts" }), []);
-  assert.match(backend.validate({}).join(), /module/);
-  assert.match(backend.validate({ module: "a.ts", permissions: { run: ["x"] } }).join(), /run/);
-  assert.match(backend.validate({ module: "a.ts", permissions: { env: ["A-B"] } }).join(), /env/);
+Deno.test("deno: validate, capabilities and fingerprint", async () => {
+  assert.deepEqual(backend.capabilities, { reattach: false, usage: false });
+  assert.deepEqual(validateDenoConfig({ module: "a.ts" }), []);
+  assert.match(validateDenoConfig({}).join(), /module/);
+  assert.match(validateDenoConfig({ module: "a.ts", permissions: { run: ["x"] } }).join(), /run/);
+  assert.match(validateDenoConfig({ module: "a.ts", permissions: { env: ["A-B"] } }).join(), /env/);
   const fingerprint = await backend.fingerprint();
   assert.equal(fingerprint.available, true);
   assert.equal(fingerprint.version, Deno.version.deno);
+});
+
+Deno.test("deno: keeps the backend contract", async () => {
+  const report = await checkBackendConformance({
+    backend: createDenoBackend,
+    files: {
+      "echo.ts": `export default (ctx) => ctx.log("hello");`,
+      // A pending promise alone would end the process; a timer keeps it up.
+      "long.ts": "export default () => new Promise(() => setInterval(() => {}, 1_000));",
+    },
+    echo: { config: { module: "echo.ts" }, stdout: "hello\n" },
+    long: { config: { module: "long.ts" } },
+  });
+  assert.deepEqual(report.skipped, ["re-attaches after a restart"]);
 });

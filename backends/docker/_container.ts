@@ -6,10 +6,9 @@
  * @module
  */
 
-import { createHash } from "node:crypto";
 import type { ContainerCreateOptions, HostConfig, MountSettings } from "./_dockerode.ts";
-import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
-import { type AttemptSpec, type ExitStatus, stepEnvironment } from "../backend.ts";
+import { type AttemptSpec, classifyExit, type ExitStatus, stepEnvironment } from "../backend.ts";
+import { fileSafe, sha256Hex } from "../_encoding.ts";
 import type { DockerConfig } from "./manifest.ts";
 
 /** Where inputs are mounted in the container, read-only, one entry per input name. */
@@ -27,9 +26,6 @@ export const LABELS = {
   agent: "runnel.agent",
 } as const;
 
-/** Agent id of attempts started without one (local mode). */
-export const LOCAL_AGENT_ID = "local";
-
 /** Exit code of a container whose main process was killed by SIGKILL (128 + 9). */
 const SIGKILL_EXIT_CODE = 137;
 
@@ -42,8 +38,8 @@ const MAX_NAME_LENGTH = 100;
  * alike). Starting the same attempt twice therefore meets a name conflict.
  */
 export function containerName(attemptId: string): string {
-  const readable = attemptId.replace(/[^A-Za-z0-9_.-]+/g, "_").slice(0, MAX_NAME_LENGTH);
-  const digest = createHash("sha256").update(attemptId).digest("hex").slice(0, 8);
+  const readable = fileSafe(attemptId).slice(0, MAX_NAME_LENGTH);
+  const digest = sha256Hex(attemptId).slice(0, 8);
   return `runnel-${readable}-${digest}`;
 }
 
@@ -55,7 +51,7 @@ export function containerLabels(spec: AttemptSpec): Record<string, string> {
     [LABELS.step]: spec.stepId,
     [LABELS.attempt]: String(spec.attempt),
     [LABELS.attemptId]: spec.attemptId,
-    [LABELS.agent]: spec.agentId ?? LOCAL_AGENT_ID,
+    [LABELS.agent]: spec.agentId,
   };
 }
 
@@ -160,10 +156,9 @@ export interface ContainerExit {
 }
 
 /**
- * Gives a container exit its error class, as the shell backend does for a
- * process: 0 succeeds, {@link BUSINESS_EXIT_CODE} is a business error, an
- * OOM kill (or a SIGKILL under a memory limit) an application error naming
- * the limit, a cancel `cancelled`, anything else an application error.
+ * Gives a container exit its error class: a cancel is `cancelled`, an OOM
+ * kill (or a SIGKILL under a memory limit) an application error naming the
+ * limit; everything else as {@link classifyExit} says for every backend.
  */
 export function classifyContainerExit(exit: ContainerExit): ExitStatus {
   const status: ExitStatus = { exitCode: exit.exitCode };
@@ -181,19 +176,7 @@ export function classifyContainerExit(exit: ContainerExit): ExitStatus {
       message: `killed: memory limit${limit} exceeded`,
     };
   }
-  if (exit.exitCode === 0) return status;
-  if (exit.exitCode === BUSINESS_EXIT_CODE) {
-    return {
-      ...status,
-      errorClass: "business",
-      message: `step reported a business error (exit code ${BUSINESS_EXIT_CODE})`,
-    };
-  }
-  return {
-    ...status,
-    errorClass: "application",
-    message: `step exited with code ${exit.exitCode}`,
-  };
+  return classifyExit(status);
 }
 
 /** Bytes in binary units as limits are usually written: `64 MiB`, `1.5 GiB`, `512 B`. */

@@ -52,9 +52,13 @@ export function contextEntries(build: DockerBuild): string[] {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { generateDockerfile } from "./_dockerfile.ts";
- * generateDockerfile({ from: "runnel/deno:local", copy: ["steps"] });
- * // "FROM runnel/deno:local\nCOPY [\"steps\", \"./steps\"]\n"
+ *
+ * assert.equal(
+ *   generateDockerfile({ from: "runnel/deno:local", copy: ["steps"] }),
+ *   'FROM runnel/deno:local\nCOPY ["steps", "./steps"]\n',
+ * );
  * ```
  */
 export function generateDockerfile(build: DockerBuild): string {

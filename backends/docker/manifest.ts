@@ -13,13 +13,7 @@
 
 import { resolve } from "node:path";
 import { z } from "npm:zod@4.6.7";
-import {
-  type AttemptSpec,
-  type BackendManifest,
-  type DenoPermissions,
-  type HostContext,
-  scratchRootOf,
-} from "../backend.ts";
+import type { AttemptSpec, BackendManifest, DenoPermissions, HostContext } from "../backend.ts";
 
 /** The daemon's socket when `DOCKER_HOST` does not name another one. */
 export const DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock";
@@ -178,6 +172,8 @@ function daemonPermissions(endpoint: DockerEndpoint): DenoPermissions {
 export const dockerManifest: BackendManifest<DockerConfig> = {
   name: "docker",
   version: "0.1.0",
+  // Containers outlive the runner and are found again by label; docker stats gives usage.
+  capabilities: { reattach: true, usage: true },
   configSchema: dockerConfigSchema,
   hostPermissions(context: HostContext): DenoPermissions {
     // Recovery reads the outputs of attempts that finished while no agent
@@ -187,7 +183,7 @@ export const dockerManifest: BackendManifest<DockerConfig> = {
   },
   permissions(config: DockerConfig, spec: AttemptSpec): DenoPermissions {
     const daemon = daemonPermissions(dockerEndpoint());
-    const scratchRoot = scratchRootOf(spec);
+    const { scratchRoot } = spec;
     const read = [...daemon.read, spec.baseDir, scratchRoot];
     // A build context outside the pipeline directory is a stable root too.
     const context = config.build?.context;

@@ -9,10 +9,15 @@
  * behind (`recover`) and a second start of one attempt is refused.
  *
  * @example
- * ```ts ignore
+ * ```ts
+ * import assert from "node:assert/strict";
  * import createDockerBackend from "./mod.ts";
+ *
  * const backend = createDockerBackend();
- * console.log((await backend.fingerprint()).detail);
+ * assert.deepEqual(backend.capabilities, { reattach: true, usage: true });
+ * // Available when a daemon answers; otherwise the detail says how to start one.
+ * const { available, detail } = await backend.fingerprint();
+ * assert.match(detail, available ? /^Docker \S+ at / : /^Docker is not running/);
  * ```
  *
  * @module
@@ -67,6 +72,9 @@ const FINGERPRINT_TIMEOUT_MS = 5_000;
 /** Exit code of a container whose command the runtime could not execute (as `docker run`). */
 const NOT_STARTED_EXIT_CODE = 127;
 
+/** A container id or name as Docker allows them (`[a-zA-Z0-9][a-zA-Z0-9_.-]+`). */
+const CONTAINER_REFERENCE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$/;
+
 /** Exit code reported for a build that failed before any container existed. */
 const BUILD_FAILED_EXIT_CODE = 1;
 
@@ -77,9 +85,8 @@ export function createDockerBackend(): ExecutionBackend {
   const builds = new Map<string, Promise<void>>();
   return {
     name: "docker",
-    manifest: dockerManifest,
+    capabilities: dockerManifest.capabilities,
     fingerprint: () => fingerprintDocker(client),
-    validate: validateDockerConfig,
     start: (spec) => startContainer(client, builds, spec),
     recover: (options) => recoverContainers(client, options),
   };
@@ -250,7 +257,10 @@ async function recoverContainers(
     })
   );
   const leftovers: Leftover[] = listed.map((info) => ({ id: info.Id, labels: info.Labels ?? {} }));
-  for (const handle of options.handles ?? []) {
+  // A handle is a container id or name; anything else (a stale record's
+  // garbage) would reach the daemon's URL paths, so it is left alone.
+  const handles = (options.handles ?? []).filter((handle) => CONTAINER_REFERENCE.test(handle));
+  for (const handle of handles) {
     if (leftovers.some((leftover) => leftover.id.startsWith(handle))) continue;
     const info = await client.docker.getContainer(handle).inspect().catch((error) => {
       if (statusCodeOf(error) === 404) return undefined;
@@ -320,11 +330,13 @@ async function reattach(client: DockerClient, id: string): Promise<Execution | u
 }
 
 /**
- * Enough of the original spec to check the declared outputs of a recovered
- * container: the outputs directory from its mounts, the names from its
- * `RUNNEL_OUTPUT_*` variables.
+ * What the declared outputs check of a recovered container needs: the
+ * outputs directory from its mounts, the names from its `RUNNEL_OUTPUT_*`
+ * variables.
  */
-function recoveredOutputs(info: ContainerInspectInfo): AttemptSpec | undefined {
+function recoveredOutputs(
+  info: ContainerInspectInfo,
+): Pick<AttemptSpec, "outputsDir" | "outputs"> | undefined {
   const outputsDir = info.Mounts?.find((mount) => mount.Destination === CONTAINER_OUTPUTS_DIR)
     ?.Source;
   const prefix = `${CONTAINER_OUTPUTS_DIR}/`;
@@ -334,20 +346,7 @@ function recoveredOutputs(info: ContainerInspectInfo): AttemptSpec | undefined {
     .filter((value) => value.startsWith(prefix))
     .map((value) => value.slice(prefix.length));
   if (!outputsDir || outputs.length === 0) return undefined;
-  const labels = info.Config?.Labels ?? {};
-  return {
-    runId: labels[LABELS.run] ?? "",
-    stepId: labels[LABELS.step] ?? "",
-    attemptId: labels[LABELS.attemptId] ?? "",
-    attempt: Number(labels[LABELS.attempt] ?? 0),
-    config: {},
-    baseDir: outputsDir,
-    workDir: outputsDir,
-    inputs: {},
-    outputsDir,
-    outputs,
-    env: {},
-  };
+  return { outputsDir, outputs };
 }
 
 /** The backend factory, as plugin hosts load it (a module's default export). */

@@ -18,6 +18,8 @@ const MiB = 1024 * 1024;
 
 function spec(overrides: Partial<AttemptSpec> = {}): AttemptSpec {
   return {
+    agentId: "local",
+    scratchRoot: "/scratch",
     runId: "r1",
     stepId: "analyze",
     attemptId: "r1/analyze/2",
@@ -26,9 +28,11 @@ function spec(overrides: Partial<AttemptSpec> = {}): AttemptSpec {
     baseDir: "/pipelines/energy",
     workDir: "/scratch/r1/analyze-2",
     inputs: { data: "/scratch/r1/analyze-2/in/data", "all parts": "/scratch/r1/analyze-2/in/p" },
+    inputsDir: "/scratch/r1/analyze-2/in",
     outputsDir: "/scratch/r1/analyze-2/out",
     outputs: ["summary.json"],
     env: { GREETING: "hello", RUNNEL_STEP: "spoofed" },
+    matrix: {},
     ...overrides,
   };
 }
@@ -85,7 +89,7 @@ Deno.test("docker manifest: grants the socket and stable roots, DOCKER_HOST only
   try {
     const permissions = dockerManifest.permissions(
       { image: "alpine", build: { from: "x", context: "../shared" } },
-      spec({ scratchRoot: "/scratch" }),
+      spec(),
     );
     assert.deepEqual(permissions, {
       read: ["/var/run/docker.sock", "/pipelines/energy", "/scratch", "/pipelines/shared"],
@@ -95,9 +99,9 @@ Deno.test("docker manifest: grants the socket and stable roots, DOCKER_HOST only
       run: [],
     });
     assert.deepEqual(
-      dockerManifest.permissions({ image: "alpine" }, spec()).read,
+      dockerManifest.permissions({ image: "alpine" }, spec({ scratchRoot: "/scratch/r1" })).read,
       ["/var/run/docker.sock", "/pipelines/energy", "/scratch/r1"],
-      "the scratch root defaults to the parent of the workDir",
+      "granted by the scratch root, not per attempt",
     );
     Deno.env.set("DOCKER_HOST", "unix:///run/user/1000/docker.sock");
     const host = dockerManifest.hostPermissions({ scratchRoot: "/scratch", agentId: "a1" });

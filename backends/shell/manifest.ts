@@ -5,13 +5,7 @@
  */
 
 import { z } from "npm:zod@4.6.7";
-import {
-  type AttemptSpec,
-  type BackendManifest,
-  type DenoPermissions,
-  type HostContext,
-  scratchRootOf,
-} from "../backend.ts";
+import type { AttemptSpec, BackendManifest, DenoPermissions, HostContext } from "../backend.ts";
 import { PROCESS_TOOL_PATHS } from "../_tools.ts";
 
 /** Shell used when a step does not name one. */
@@ -33,9 +27,11 @@ export type ShellConfig = z.infer<typeof shellConfigSchema>;
 /** The `shell` backend's manifest. */
 export const shellManifest: BackendManifest<ShellConfig> = {
   name: "shell",
+  // A step's process cannot be watched again once its runner is gone: recover only reaps.
+  capabilities: { reattach: false, usage: false },
   configSchema: shellConfigSchema,
   hostPermissions(_context: HostContext): DenoPermissions {
-    // recover reaps the process groups of lost steps through kill(1).
+    // recover checks a lost step's process by ps(1), then kills its group by kill(1).
     return {
       read: [DEFAULT_SHELL, ...PROCESS_TOOL_PATHS],
       write: [],
@@ -49,7 +45,7 @@ export const shellManifest: BackendManifest<ShellConfig> = {
     // host needs to start it (through setsid), signal it (kill) and to check its outputs.
     const shell = config.shell ?? DEFAULT_SHELL;
     return {
-      read: [spec.baseDir, scratchRootOf(spec), shell, ...PROCESS_TOOL_PATHS],
+      read: [spec.baseDir, spec.scratchRoot, shell, ...PROCESS_TOOL_PATHS],
       write: [],
       net: [],
       env: ["HOME", "LANG", "PATH", "TERM"],

@@ -6,13 +6,12 @@
  */
 
 import { resolve } from "node:path";
-import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import {
   type AttemptSpec,
+  classifyExit,
   configMessages,
   type Execution,
   type ExecutionBackend,
-  type ExitStatus,
   type Fingerprint,
   InvalidStepConfigError,
   missingOutputStatus,
@@ -28,11 +27,10 @@ const FALLBACK_PATH = "/usr/local/bin:/usr/bin:/bin";
 export function createShellBackend(): ExecutionBackend {
   return {
     name: "shell",
-    manifest: shellManifest,
+    capabilities: shellManifest.capabilities,
     fingerprint: fingerprintShell,
-    validate: validateShellConfig,
-    recover: reapProcessGroups,
     start: startShellStep,
+    recover: reapProcessGroups,
   };
 }
 
@@ -74,25 +72,9 @@ function startShellStep(spec: AttemptSpec): Promise<Execution> {
     env,
     // With no declared outputs there is nothing to check: stay synchronous.
     finish: spec.outputs.length === 0
-      ? classifyShellExit
-      : (status) => missingOutputStatus(spec, classifyShellExit(status)),
+      ? (status) => classifyExit(status)
+      : (status) => missingOutputStatus(spec, classifyExit(status)),
   }));
-}
-
-/** Gives a shell exit its error class: {@link BUSINESS_EXIT_CODE} is a business error. */
-export function classifyShellExit(status: ExitStatus): ExitStatus {
-  if (status.exitCode === 0 && !status.signal) return status;
-  if (status.exitCode === BUSINESS_EXIT_CODE) {
-    return {
-      ...status,
-      errorClass: "business",
-      message: `step reported a business error (exit code ${BUSINESS_EXIT_CODE})`,
-    };
-  }
-  const how = status.signal
-    ? `was killed by ${status.signal}`
-    : `exited with code ${status.exitCode}`;
-  return { ...status, errorClass: "application", message: `step ${how}` };
 }
 
 export default createShellBackend;

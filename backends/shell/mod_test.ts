@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
 import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import { isSuccess } from "../backend.ts";
-import { processAlive, runToEnd, scratchSpec, waitUntil } from "../_testing.ts";
-import { createShellBackend } from "./mod.ts";
+import { processAlive, waitUntil } from "../_testing.ts";
+import { checkBackendConformance, runToEnd, scratchSpec } from "../testing.ts";
+import { parseProcessHandle } from "../_process.ts";
+import { createShellBackend, validateShellConfig } from "./mod.ts";
 
 const backend = createShellBackend();
 
@@ -141,10 +143,11 @@ Deno.test("shell: a background process left behind does not hold the attempt ope
   }
 });
 
-Deno.test("shell: validate and fingerprint", async () => {
-  assert.deepEqual(backend.validate({ run: "echo" }), []);
-  assert.equal(backend.validate({}).length, 1);
-  assert.match(backend.validate({ run: "x", extra: 1 }).join(), /extra/);
+Deno.test("shell: validate, capabilities and fingerprint", async () => {
+  assert.deepEqual(backend.capabilities, { reattach: false, usage: false });
+  assert.deepEqual(validateShellConfig({ run: "echo" }), []);
+  assert.equal(validateShellConfig({}).length, 1);
+  assert.match(validateShellConfig({ run: "x", extra: 1 }).join(), /extra/);
   await assert.rejects(
     () => backend.start({ config: {} } as never),
     /Expected a valid "shell" step config/,
@@ -162,7 +165,7 @@ Deno.test("shell: the step leads its own session and process group", async () =>
     const execution = await backend.start(spec);
     const { status, stdout } = await runToEnd(execution);
     assert.ok(isSuccess(status), JSON.stringify(status));
-    const pid = execution.handle;
+    const { pid } = parseProcessHandle(execution.handle)!;
     assert.equal(stdout, `${pid} ${pid} ${pid}\n`);
   } finally {
     await spec.remove();
@@ -209,4 +212,48 @@ Deno.test("shell: a shell that does not exist fails the start", async () => {
   } finally {
     await spec.remove();
   }
+});
+
+Deno.test("shell: recover kills a handle's group only while its pid is the process started then", async () => {
+  const spec = await scratchSpec({ run: "sleep 30 & sleep 30" });
+  try {
+    const execution = await backend.start(spec);
+    const { pid, startMs } = parseProcessHandle(execution.handle)!;
+    assert.ok(Math.abs(startMs - Date.now()) < 5_000, execution.handle);
+    const recover = (handles: string[]) => backend.recover({ agentId: "test", keep: [], handles });
+    // Stale handles: the pid now names a process started at another time
+    // (as a reused pid would), a bare pid that proves nothing, garbage.
+    const stale = [
+      `${pid}@${startMs - 60_000}`,
+      `${pid}@${startMs + 60_000}`,
+      String(pid),
+      `${Deno.pid}@0`,
+      "1@0",
+      "0@0",
+      `-${pid}@${startMs}`,
+      "",
+      "garbage",
+      "4e3@1",
+    ];
+    assert.deepEqual(await recover(stale), []);
+    assert.equal(await processAlive(pid), true, "a stale handle is not killed");
+    assert.equal((await execution.status()).state, "running");
+
+    assert.deepEqual(await recover([execution.handle]), []);
+    const status = await execution.wait();
+    assert.equal(status.signal, "SIGKILL");
+    assert.equal(await processAlive(pid), false, "a live handle's group is killed");
+    await execution.cleanup();
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("shell: keeps the backend contract", async () => {
+  const report = await checkBackendConformance({
+    backend: createShellBackend,
+    echo: { config: { run: "echo hello" }, stdout: "hello\n" },
+    long: { config: { run: "sleep 60" } },
+  });
+  assert.deepEqual(report.skipped, ["re-attaches after a restart"]);
 });

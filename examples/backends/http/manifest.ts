@@ -40,6 +40,8 @@ export type HttpConfig = z.infer<typeof httpConfigSchema>;
 export const httpManifest: BackendManifest<HttpConfig> = {
   name: "http",
   version: "0.1.0",
+  // A request does not outlive its host: nothing to re-attach, no usage figures.
+  capabilities: { reattach: false, usage: false },
   configSchema: httpConfigSchema,
   hostPermissions(_context: HostContext): DenoPermissions {
     return { read: [], write: [], net: [], env: [], run: [] };
@@ -50,7 +52,7 @@ export const httpManifest: BackendManifest<HttpConfig> = {
     return {
       read: [],
       // Only to write the response body into the declared output.
-      write: config.with.output ? [spec.scratchRoot ?? spec.outputsDir] : [],
+      write: config.with.output ? [spec.scratchRoot] : [],
       net: [`${url.hostname}:${port}`],
       env: [],
       run: [],

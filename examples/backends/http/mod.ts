@@ -30,10 +30,9 @@ const encoder = new TextEncoder();
 export function createHttpBackend(): ExecutionBackend {
   return {
     name: "http",
-    manifest: httpManifest,
+    capabilities: httpManifest.capabilities,
     fingerprint: (): Promise<Fingerprint> =>
       Promise.resolve({ available: true, detail: "fetch is built in", version: "0.1.0" }),
-    validate: (config) => configMessages(httpConfigSchema, config),
     start: startRequest,
     // Nothing survives a host: there is never anything to re-attach or reap.
     recover: (): Promise<RecoveredAttempt[]> => Promise.resolve([]),

@@ -1,18 +1,42 @@
 import assert from "node:assert/strict";
 import { isSuccess } from "../../../backends/backend.ts";
-import { runToEnd, scratchSpec } from "../../../backends/_testing.ts";
+import { checkBackendConformance, runToEnd, scratchSpec } from "../../../backends/testing.ts";
 import { PluginHostPool } from "../../../backends/mod.ts";
 import createHttpBackend from "./mod.ts";
 import { httpManifest } from "./manifest.ts";
 
-/** A server on loopback answering every path with a greeting, 503 on /down. */
+/**
+ * A server on loopback answering every path with a greeting, 503 on /down;
+ * /slow answers only once the client gives up.
+ */
 function serve(): Deno.HttpServer<Deno.NetAddr> {
   return Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, (request) => {
     const path = new URL(request.url).pathname;
     if (path === "/down") return new Response("busy", { status: 503 });
+    if (path === "/slow") {
+      return new Promise<Response>((resolve) =>
+        request.signal.addEventListener("abort", () => resolve(new Response("too late")))
+      );
+    }
     return new Response(`${request.method} ${path}\n`);
   });
 }
+
+Deno.test("http: keeps the backend contract", async () => {
+  const server = serve();
+  const base = `http://127.0.0.1:${server.addr.port}`;
+  try {
+    const report = await checkBackendConformance({
+      backend: createHttpBackend,
+      echo: { config: { with: { url: `${base}/hello` } }, stdout: "GET /hello\n" },
+      long: { config: { with: { url: `${base}/slow` } } },
+    });
+    // A request does not outlive its host: nothing to re-attach.
+    assert.deepEqual(report.skipped, ["re-attaches after a restart"]);
+  } finally {
+    await server.shutdown();
+  }
+});
 
 Deno.test("http: the body goes to the declared output, the status line to the log", async () => {
   const server = serve();
@@ -88,11 +112,11 @@ Deno.test("http: through a plugin host, a redirect to an undeclared host is refu
   });
   const pool = new PluginHostPool({
     plugins: [{ name: "http", module: new URL("./mod.ts", import.meta.url).href }],
-    context: { scratchRoot: spec.root, agentId: "http-test" },
+    context: { scratchRoot: spec.scratchRoot, agentId: "http-test" },
   });
   try {
     const result = await runToEnd(
-      await pool.backend("http").start({ ...spec, scratchRoot: spec.root }),
+      await pool.backend("http").start(spec),
     );
     assert.equal(result.status.errorClass, "permission", JSON.stringify(result.status));
     assert.match(result.status.message ?? "", /denied net access to "localhost:\d+"/);

@@ -16,16 +16,17 @@
 
 import type {
   AttemptSpec,
+  BackendCapabilities,
   DenoPermissions,
   ExecutionState,
   ExitStatus,
   Fingerprint,
   HostContext,
   RecoverOptions,
-} from "./backend.ts";
+} from "../backend.ts";
 
 /** Version of this protocol, sent in the host's hello. */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
 /** What a host serves: a backend's code, or (sandboxed, no grants) a third-party manifest. */
 export type HostRole = "backend" | "manifest";
@@ -34,7 +35,6 @@ export type HostRole = "backend" | "manifest";
 export type Request =
   | { id: number; op: "ping" }
   | { id: number; op: "fingerprint" }
-  | { id: number; op: "validate"; config: Record<string, unknown> }
   | { id: number; op: "start"; spec: AttemptSpec }
   | { id: number; op: "wait"; exec: number }
   | { id: number; op: "status"; exec: number }
@@ -43,6 +43,7 @@ export type Request =
   | { id: number; op: "recover"; options: RecoverOptions }
   // Manifest role only.
   | { id: number; op: "describe" }
+  | { id: number; op: "validate"; config: Record<string, unknown> }
   | { id: number; op: "permissions"; config: Record<string, unknown>; spec: AttemptSpec }
   | { id: number; op: "hostPermissions"; context: HostContext };
 
@@ -60,7 +61,7 @@ export interface Results {
   cancel: Record<string, never>;
   cleanup: Record<string, never>;
   recover: Array<{ attemptId: string; exec: number; handle: string }>;
-  describe: { name: string; version?: string };
+  describe: { name: string; version?: string; capabilities: BackendCapabilities };
   permissions: DenoPermissions;
   hostPermissions: DenoPermissions;
 }
@@ -75,13 +76,28 @@ export interface WireError {
 
 /** A message from the host. */
 export type HostMessage =
-  | { hello: { protocol: number; role: HostRole; backend: string; pid: number } }
+  | {
+    hello: {
+      protocol: number;
+      role: HostRole;
+      backend: string;
+      pid: number;
+      /** What the served backend declares it can do (backend role). */
+      capabilities?: BackendCapabilities;
+    };
+  }
   | { id: number; ok: true; result: unknown }
   | { id: number; ok: false; error: WireError }
   | { log: number; stream: "stdout" | "stderr"; text: string }
   | { logEnd: number }
   /** An error no request was waiting for (an unhandled rejection in plugin code). */
   | { stray: WireError };
+
+/** True for a well-formed {@link BackendCapabilities} (from plugin code, so checked). */
+export function isCapabilities(value: unknown): value is BackendCapabilities {
+  const { reattach, usage } = (value ?? {}) as Record<string, unknown>;
+  return typeof reattach === "boolean" && typeof usage === "boolean";
+}
 
 /** Turns anything thrown into its wire form. */
 export function toWireError(error: unknown): WireError {

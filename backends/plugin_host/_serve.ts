@@ -16,11 +16,17 @@
  */
 
 import process from "node:process";
-import type { BackendManifest, Execution, ExecutionBackend } from "./backend.ts";
-import { configMessages } from "./backend.ts";
+import type {
+  BackendCapabilities,
+  BackendManifest,
+  Execution,
+  ExecutionBackend,
+} from "../backend.ts";
+import { configMessages } from "../backend.ts";
 import {
   type HostMessage,
   type HostRole,
+  isCapabilities,
   LineSplitter,
   PROTOCOL_VERSION,
   type Request,
@@ -94,8 +100,13 @@ globalThis.addEventListener("error", (event) => {
 
 type Handler = (request: Request) => unknown;
 
-async function serve(role: HostRole, name: string, handle: Handler): Promise<never> {
-  send({ hello: { protocol: PROTOCOL_VERSION, role, backend: name, pid: Deno.pid } });
+async function serve(
+  role: HostRole,
+  name: string,
+  handle: Handler,
+  capabilities?: BackendCapabilities,
+): Promise<never> {
+  send({ hello: { protocol: PROTOCOL_VERSION, role, backend: name, pid: Deno.pid, capabilities } });
   const lines = new LineSplitter();
   const dispatch = async (line: string) => {
     if (!line) return;
@@ -146,6 +157,11 @@ export function serveBackend(module: Record<string, unknown>, name: string): Pro
       `Expected backend module "${name}" to export a default backend factory, got ${typeof exported}`,
     );
   }
+  if (!isCapabilities(backend.capabilities)) {
+    throw new Error(
+      `Expected backend "${name}" to declare its capabilities as { reattach, usage } booleans`,
+    );
+  }
   const executions = new Map<number, Served>();
   let nextExec = 1;
   const adopt = (execution: Execution): number => {
@@ -164,8 +180,6 @@ export function serveBackend(module: Record<string, unknown>, name: string): Pro
         return {};
       case "fingerprint":
         return await backend.fingerprint();
-      case "validate":
-        return backend.validate(request.config);
       case "start": {
         const execution = await backend.start(request.spec);
         return { exec: adopt(execution), handle: execution.handle };
@@ -199,7 +213,7 @@ export function serveBackend(module: Record<string, unknown>, name: string): Pro
       default:
         throw new Error(`Expected a backend operation, got "${request.op}"`);
     }
-  });
+  }, backend.capabilities);
 }
 
 /** Serves a manifest module (default export, or `manifest`) in a host granted nothing. */
@@ -208,12 +222,21 @@ export function serveManifest(module: Record<string, unknown>, name: string): Pr
   if (!manifest || typeof manifest.permissions !== "function") {
     throw new Error(`Expected manifest module "${name}" to export a default manifest`);
   }
+  if (!isCapabilities(manifest.capabilities)) {
+    throw new Error(
+      `Expected manifest "${name}" to declare its capabilities as { reattach, usage } booleans`,
+    );
+  }
   return serve("manifest", name, (request) => {
     switch (request.op) {
       case "ping":
         return {};
       case "describe":
-        return { name: manifest.name, version: manifest.version };
+        return {
+          name: manifest.name,
+          version: manifest.version,
+          capabilities: manifest.capabilities,
+        };
       case "validate":
         return configMessages(manifest.configSchema, request.config);
       case "permissions": {
