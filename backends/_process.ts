@@ -21,7 +21,7 @@ import {
   type RecoverOptions,
 } from "./backend.ts";
 import { LogQueue } from "./log_queue.ts";
-import { raceTimeout } from "./_async.ts";
+import { raceTimeout } from "../core/_async.ts";
 import { KILL_PATHS, PS_PATHS, SETSID_PATHS } from "./_tools.ts";
 
 /**

@@ -29,7 +29,7 @@
 import assert from "node:assert/strict";
 import type { AttemptSpec, Execution, ExecutionBackend, ExitStatus } from "./backend.ts";
 import { isSuccess } from "./backend.ts";
-import { raceTimeout } from "./_async.ts";
+import { raceTimeout } from "../core/_async.ts";
 
 /** Options of {@link scratchSpec}. */
 export interface ScratchOptions {

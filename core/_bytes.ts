@@ -1,8 +1,11 @@
 /**
- * Bytes as text, in one place: lower-case hex and sha256 digests.
+ * Bytes as text, in one place: lower-case hex, random nonces and sha256
+ * digests.
  *
  * @module
  */
+
+import { createHash } from "node:crypto";
 
 /**
  * Lower-case hex of `bytes`.
@@ -20,7 +23,7 @@ export function toHex(bytes: Uint8Array): string {
   return hex;
 }
 
-/** `n` random bytes as hex (`2n` characters). */
+/** `n` random bytes from the system's CSPRNG as hex (`2n` characters): a nonce, an id. */
 export function randomHex(n: number): string {
   return toHex(crypto.getRandomValues(new Uint8Array(n)));
 }
@@ -33,14 +36,13 @@ export function randomHex(n: number): string {
  * import assert from "node:assert/strict";
  * import { sha256Hex } from "./_bytes.ts";
  * assert.equal(
- *   await sha256Hex("abc"),
+ *   sha256Hex("abc"),
  *   "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
  * );
  * ```
  */
-export async function sha256Hex(data: string | Uint8Array): Promise<string> {
-  const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
-  return toHex(new Uint8Array(await crypto.subtle.digest("SHA-256", bytes as BufferSource)));
+export function sha256Hex(data: string | Uint8Array): string {
+  return createHash("sha256").update(data).digest("hex");
 }
 
 const HEX = Array.from({ length: 256 }, (_, byte) => byte.toString(16).padStart(2, "0"));

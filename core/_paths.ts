@@ -1,6 +1,8 @@
 /**
- * Names that become paths, in one place: ids (a step id may hold `[`, `=`,
- * `,`; an attempt id holds `/`) encoded as single file names.
+ * Names that become paths or resource names, in one place: ids (a step id
+ * may hold `[`, `=`, `,`; an attempt id holds `/`) encoded as single file
+ * names, reversibly; and readable names for resources whose names allow
+ * only a few characters (a container, a host entry file).
  *
  * @module
  */
@@ -18,4 +20,21 @@
  */
 export function fileSafe(id: string): string {
   return encodeURIComponent(id).replaceAll("%", "~");
+}
+
+/**
+ * A readable name made safe for a file or container name: every run of
+ * characters other than letters, digits, `_`, `.` and `-` becomes one `_`.
+ * Lossy: distinct names may map alike, so callers that need them apart add
+ * a digest.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { readableName } from "./_paths.ts";
+ * assert.equal(readableName("convert[region=eu]"), "convert_region_eu_");
+ * ```
+ */
+export function readableName(name: string): string {
+  return name.replace(/[^A-Za-z0-9_.-]+/g, "_");
 }

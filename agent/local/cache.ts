@@ -20,10 +20,7 @@ interface CacheEntry {
 }
 
 /** The cache key: the step's spec digest and the digests of everything it reads. */
-export function cacheKeyOf(
-  step: PlannedStep,
-  inputs: Record<string, FanInLocator>,
-): Promise<string> {
+export function cacheKeyOf(step: PlannedStep, inputs: Record<string, FanInLocator>): string {
   return sha256Hex(JSON.stringify([
     step.specDigest,
     Object.keys(inputs).sort().map((name) => [

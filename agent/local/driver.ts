@@ -317,7 +317,7 @@ export class LocalDriver {
       const gets = attemptGets(plan, runId, this.#engine.state.steps, step.id);
       const secrets = resolveSecrets(plan.secrets, gets.secrets, { env: this.#context.env });
       if (step.cache) {
-        cacheKey = await cacheKeyOf(step, gets.inputs);
+        cacheKey = cacheKeyOf(step, gets.inputs);
         const outputs = await restoreFromCache(this.#context.state, cacheKey, {
           runId,
           stepId: step.id,

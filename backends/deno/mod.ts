@@ -33,7 +33,7 @@ import {
   markerPrefix,
   parseReport,
 } from "./_report.ts";
-import { randomHex } from "../_encoding.ts";
+import { randomHex } from "../../core/_bytes.ts";
 import { type DenoConfig, denoConfigSchema, denoManifest } from "./manifest.ts";
 
 /** Name of the generated entry file inside the attempt's workDir. */

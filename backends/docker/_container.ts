@@ -8,7 +8,8 @@
 
 import type { ContainerCreateOptions, HostConfig, MountSettings } from "./_dockerode.ts";
 import { type AttemptSpec, classifyExit, type ExitStatus, stepEnvironment } from "../backend.ts";
-import { fileSafe, sha256Hex } from "../_encoding.ts";
+import { sha256Hex } from "../../core/_bytes.ts";
+import { readableName } from "../../core/_paths.ts";
 import type { DockerConfig } from "./manifest.ts";
 
 /** Where inputs are mounted in the container, read-only, one entry per input name. */
@@ -38,7 +39,7 @@ const MAX_NAME_LENGTH = 100;
  * alike). Starting the same attempt twice therefore meets a name conflict.
  */
 export function containerName(attemptId: string): string {
-  const readable = fileSafe(attemptId).slice(0, MAX_NAME_LENGTH);
+  const readable = readableName(attemptId).slice(0, MAX_NAME_LENGTH);
   const digest = sha256Hex(attemptId).slice(0, 8);
   return `runnel-${readable}-${digest}`;
 }

@@ -24,7 +24,7 @@ import {
 import type { LogQueue } from "../log_queue.ts";
 import { classifyContainerExit } from "./_container.ts";
 import { daemonMessage, ignoreGone, isConnectionError, statusCodeOf } from "./_client.ts";
-import { raceTimeout } from "../_async.ts";
+import { raceTimeout } from "../../core/_async.ts";
 
 /**
  * How long output may keep arriving once the container has exited before

@@ -10,8 +10,9 @@
 import type { BackendCapabilities, DenoPermissions } from "../backend.ts";
 import { InvalidStepConfigError } from "../backend.ts";
 import { LogQueue } from "../log_queue.ts";
-import { raceTimeout } from "../_async.ts";
-import { fileSafe, sha256Hex } from "../_encoding.ts";
+import { raceTimeout } from "../../core/_async.ts";
+import { sha256Hex } from "../../core/_bytes.ts";
+import { readableName } from "../../core/_paths.ts";
 import {
   type HostMessage,
   type HostRole,
@@ -58,7 +59,7 @@ export async function writeHostEntry(dir: string, entry: HostEntry): Promise<str
     "",
   ].join("\n");
   const digest = sha256Hex(text).slice(0, 16);
-  const path = `${dir}/${entry.role}_${fileSafe(entry.name)}_${digest}.ts`;
+  const path = `${dir}/${entry.role}_${readableName(entry.name)}_${digest}.ts`;
   try {
     if (await Deno.readTextFile(path) === text) return path;
   } catch {
