@@ -9,10 +9,10 @@
 
 import { ArtifactExistsError, type ArtifactStore } from "../../core/artifacts/store.ts";
 import type { ArtifactRef, AttemptResult, ErrorClass } from "../../core/model.ts";
-import { BUSINESS_EXIT_CODE, ERROR_CLASSES } from "../../core/model.ts";
+import { ERROR_CLASSES } from "../../core/model.ts";
 import type { Masker } from "../../core/secrets.ts";
 import { fileSafe } from "../../core/_paths.ts";
-import type { ExitStatus, LogChunk } from "../../backends/backend.ts";
+import { classifyExit, type ExitStatus, type LogChunk } from "../../backends/backend.ts";
 import type { ArtifactLocator, InputLocator } from "../../core/model.ts";
 
 /** An input as a list of artifacts, and whether it is a fan-in (a directory of legs). */
@@ -144,17 +144,22 @@ export async function collectOutputs(
 
 /**
  * The failure an exit status amounts to, or undefined for a success. The
- * message goes through `masker`: a backend may quote the step's output.
+ * class comes from the backends' one {@link classifyExit} (a third-party
+ * backend may leave it to us); the message goes through `masker`, since a
+ * backend may quote the step's output.
  */
 export function failureOf(exit: ExitStatus, masker: Masker): AttemptResult | undefined {
-  if (exit.exitCode === 0 && !exit.errorClass) return undefined;
+  const classified = classifyExit(exit);
+  if (classified.errorClass === undefined) return undefined;
   return {
     ok: false,
-    errorClass: exit.errorClass ??
-      (exit.exitCode === BUSINESS_EXIT_CODE ? "business" : "application"),
-    exitCode: exit.exitCode,
-    message: masker.mask(exit.message ?? describeExit(exit.exitCode, exit.signal)),
-    ...(exit.usage ? { usage: exit.usage } : {}),
+    errorClass: classified.errorClass,
+    exitCode: classified.exitCode,
+    // A backend's own sentence wins over the generic one.
+    message: masker.mask(
+      exit.message ?? classified.message ?? `step exited with code ${classified.exitCode}`,
+    ),
+    ...(classified.usage ? { usage: classified.usage } : {}),
   };
 }
 
@@ -167,13 +172,6 @@ export function errorClassOf(error: unknown): ErrorClass {
   if (code === "artifact_corrupt" || code === "artifact_missing") return "artifact";
   if (code === "output_missing") return "application";
   return "infrastructure";
-}
-
-/** A human sentence for an exit without a message of its own. */
-export function describeExit(exitCode: number, signal?: string): string {
-  if (signal) return `killed by ${signal}`;
-  if (exitCode === BUSINESS_EXIT_CODE) return `business error (exit code ${exitCode})`;
-  return `exited with code ${exitCode}`;
 }
 
 /** A masked piece of an attempt's output: whole lines, except at the very end. */

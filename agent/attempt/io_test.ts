@@ -110,14 +110,14 @@ Deno.test("masked logs: whole lines, a secret split across chunks still masked",
   ]);
 });
 
-Deno.test("exits and errors become results with the local mode's classes", () => {
+Deno.test("exits and errors become results, classified by the backends' classifyExit", () => {
   const masker = new Masker(["topsecret"]);
   assert.equal(failureOf({ exitCode: 0 }, masker), undefined);
   assert.deepEqual(failureOf({ exitCode: 65 }, masker), {
     ok: false,
     errorClass: "business",
     exitCode: 65,
-    message: "business error (exit code 65)",
+    message: "step reported a business error (exit code 65)",
   });
   assert.deepEqual(
     failureOf({ exitCode: 1, message: "bad topsecret", usage: { cpuMs: 5 } }, masker),
