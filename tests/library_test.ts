@@ -269,14 +269,8 @@ Deno.test("a project of its own imports runnel by path and by URL and runs a pip
       assert.equal(report.greeting, "hello from shell");
     });
 
-    // Known defect of the deno backend (backends/deno/mod.ts): when runnel
-    // itself is loaded over http, a step's generated entry file imports the
-    // harness by its http URL, but `denoArgs` grants the step no
-    // `--allow-import`, so the step fails with `Requires import access to
-    // "127.0.0.1:PORT"`. Granting import from the harness's origin fixes it.
     await t.step({
       name: "by http URL, with a deno step that imports BusinessError by path",
-      ignore: true,
       fn: async () => {
         const stateDir = join(states, "by-url-deno");
         assertReport(

@@ -47,6 +47,30 @@ const NONCE_BYTES = 16;
 
 const HARNESS_URL = new URL("./_harness.ts", import.meta.url).href;
 
+/**
+ * Hosts Deno lets a program import from when `--allow-import` is not
+ * given (Deno's documented default list). A step granted the harness's
+ * origin keeps them: granting one host must not take the others away.
+ */
+const DEFAULT_IMPORT_HOSTS = [
+  "deno.land:443",
+  "jsr.io:443",
+  "esm.sh:443",
+  "cdn.jsdelivr.net:443",
+  "raw.githubusercontent.com:443",
+  "user.githubusercontent.com:443",
+];
+
+/**
+ * `host:port` of the harness when runnel itself was loaded over http(s)
+ * (imported by URL): the step's entry file imports the harness from there.
+ */
+const HARNESS_IMPORT_HOST = (() => {
+  const url = new URL(HARNESS_URL);
+  if (url.protocol !== "http:" && url.protocol !== "https:") return undefined;
+  return `${url.hostname}:${url.port || (url.protocol === "https:" ? "443" : "80")}`;
+})();
+
 /** Creates the `deno` backend. */
 export function createDenoBackend(): ExecutionBackend {
   return {
@@ -100,6 +124,9 @@ export function denoArgs(spec: AttemptSpec, entryPath: string): string[] {
   for (const kind of ["read", "write", "net", "env"] as const) {
     // An empty `--allow-read=` would be rejected; leaving it out denies all.
     if (granted[kind].length > 0) args.push(`--allow-${kind}=${granted[kind].join(",")}`);
+  }
+  if (HARNESS_IMPORT_HOST && !DEFAULT_IMPORT_HOSTS.includes(HARNESS_IMPORT_HOST)) {
+    args.push(`--allow-import=${[...DEFAULT_IMPORT_HOSTS, HARNESS_IMPORT_HOST].join(",")}`);
   }
   args.push(entryPath, ...((spec.config as DenoConfig).args ?? []));
   return args;
