@@ -166,8 +166,11 @@ export class AttemptLifecycle {
     return attempt.handle(job.attemptId);
   }
 
-  /** Supervises an execution a backend re-attached after a restart. */
-  adopt(record: AttemptRecord, execution: Execution, sink: AttemptSink): RunningAttempt {
+  /** Supervises an attempt a backend re-attached after a restart (see {@link recover}). */
+  adopt(
+    { record, execution }: { record: AttemptRecord; execution: Execution },
+    sink: AttemptSink,
+  ): RunningAttempt {
     const attempt = new Attempt(this.#graceMs(), new Masker(record.mask));
     attempt.execution = execution;
     attempt.result = this.#finish(attempt, record.spec, execution, sink)

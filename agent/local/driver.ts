@@ -295,7 +295,7 @@ export class LocalDriver {
     this.#track(record.attemptId, running.stepId, record.spec.attempt, async (active) => {
       const log = await this.#openLog(active);
       try {
-        active.running = this.#context.lifecycle.adopt(record, execution, log);
+        active.running = this.#context.lifecycle.adopt({ record, execution }, log);
         if (active.stopped) active.running.stop(stopReasonOf(active.stopped));
         this.#report(active, record.attemptId, await active.running.result);
       } finally {

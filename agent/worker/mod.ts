@@ -654,7 +654,7 @@ class Agent implements RunningAgent {
 
   /** Supervises an execution a backend re-attached after a restart. */
   #supervise(record: AttemptRecord, execution: Execution): void {
-    this.#track(this.#lifecycle.adopt(record, execution, this.#sink(record.attemptId)));
+    this.#track(this.#lifecycle.adopt({ record, execution }, this.#sink(record.attemptId)));
   }
 
   /**
