@@ -3,18 +3,13 @@
  * `N passed, N failed, N skipped`, for people and for CI. Extra arguments
  * are passed to `deno test` (e.g. a path filter).
  *
+ * The tests get the permission set `deno.json` declares under
+ * `test.permissions` (`deno test -P`), the same as a plain `deno test -P`.
+ *
  * @module
  */
 
 const JUNIT_PATH = ".runnel/test-results.xml";
-const PERMISSIONS = [
-  "--allow-read",
-  "--allow-write",
-  "--allow-run",
-  "--allow-env",
-  "--allow-net",
-  "--allow-sys",
-];
 
 /** Counts test cases in a JUnit XML report. */
 export function countJunit(xml: string): { passed: number; failed: number; skipped: number } {
@@ -35,7 +30,7 @@ if (import.meta.main) {
   await Deno.remove(JUNIT_PATH).catch(() => {});
   const args = Deno.args.length ? Deno.args : ["."];
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["test", ...PERMISSIONS, "--doc", `--junit-path=${JUNIT_PATH}`, ...args],
+    args: ["test", "-P", "--doc", `--junit-path=${JUNIT_PATH}`, ...args],
     stdout: "inherit",
     stderr: "inherit",
   }).spawn();
