@@ -4,12 +4,14 @@
  * are passed to `deno test` (e.g. a path filter).
  *
  * The tests get the permission set `deno.json` declares under
- * `test.permissions` (`deno test -P`), the same as a plain `deno test -P`.
+ * `test.permissions` (`deno test -P`), the same as a plain `deno test -P`,
+ * and resolve npm packages through `deno.lock`, as every task does.
  *
  * @module
  */
 
 const JUNIT_PATH = ".runnel/test-results.xml";
+const LOCK_PATH = new URL("../deno.lock", import.meta.url).pathname;
 
 /** Counts test cases in a JUnit XML report. */
 export function countJunit(xml: string): { passed: number; failed: number; skipped: number } {
@@ -30,7 +32,7 @@ if (import.meta.main) {
   await Deno.remove(JUNIT_PATH).catch(() => {});
   const args = Deno.args.length ? Deno.args : ["."];
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["test", "-P", "--doc", `--junit-path=${JUNIT_PATH}`, ...args],
+    args: ["test", "-P", `--lock=${LOCK_PATH}`, "--doc", `--junit-path=${JUNIT_PATH}`, ...args],
     stdout: "inherit",
     stderr: "inherit",
   }).spawn();
