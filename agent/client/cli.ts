@@ -1,7 +1,8 @@
 /**
  * The cluster commands of the `runnel` CLI: `server`, `agent`, `submit`,
  * and `runs|show|logs|cancel|resume --server URL`. main.ts parses the flags
- * (`flags.ts`) and calls these.
+ * (`flags.ts`) and calls these; they print a run as local mode does
+ * (`render.ts`).
  *
  * @module
  */
@@ -32,6 +33,7 @@ import {
   positiveInt,
   UsageError,
 } from "./flags.ts";
+import { artifactsOfSteps, renderRun, renderRunList } from "./render.ts";
 
 /** `runnel server`: serves until SIGINT/SIGTERM. */
 export async function serverCommand(flags: CliFlags): Promise<number> {
@@ -175,12 +177,13 @@ export async function remoteCommand(
       const runs = await client.runs();
       if (flags.json) return print(JSON.stringify(runs, null, 2));
       if (runs.length === 0) return print("no runs on this cluster yet");
-      return print(runs.map((run) => `${run.runId}  ${run.pipeline}  ${run.status}`).join("\n"));
+      return print(renderRunList(runs));
     }
     case "show": {
       const { run, steps } = await client.run(id());
-      if (flags.json) return print(JSON.stringify({ ...run, steps }, null, 2));
-      return print(describeRun(run, steps));
+      const artifacts = artifactsOfSteps(steps);
+      if (flags.json) return print(JSON.stringify({ ...run, steps, artifacts }, null, 2));
+      return print(renderRun({ run, steps, artifacts }));
     }
     case "logs": {
       for await (
@@ -228,30 +231,6 @@ async function followRun(client: RunClient, runId: string, flags: CliFlags): Pro
   const status = last?.status ?? "unknown";
   if (!flags.json) console.log(`${status} · runnel show ${runId} --server …`);
   return status === "succeeded" ? 0 : 1;
-}
-
-function describeRun(run: ClusterRunRecord, steps: Record<string, StepState>): string {
-  const lines = [
-    `run       ${run.runId}`,
-    `pipeline  ${run.pipeline} (${run.file})`,
-    `status    ${run.status}`,
-    "",
-  ];
-  for (const step of Object.values(steps)) {
-    lines.push(
-      `${step.id.padEnd(24)} ${step.status.padEnd(10)} ${step.attempts.length} attempt(s)`,
-    );
-    for (const attempt of step.attempts) {
-      const result = attempt.result;
-      const outcome = !result
-        ? "running"
-        : result.ok
-        ? "ok"
-        : `${result.errorClass}: ${result.message}`;
-      lines.push(`  #${attempt.attempt} ${attempt.worker ?? "-"}  ${outcome}`);
-    }
-  }
-  return lines.join("\n");
 }
 
 function clientOf(flags: CliFlags): RunClient {

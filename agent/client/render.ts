@@ -1,7 +1,8 @@
 /**
- * How the `runnel` command line prints runs (`runnel runs`, `runnel show`):
- * steps in the order they ran, their attempts, durations and the run's
- * artifacts.
+ * How the `runnel` command line prints runs: one renderer for a run of
+ * local mode (`runnel show RUN`) and of a cluster (`runnel show RUN
+ * --server URL`), so both read the same — steps in the order they ran,
+ * their attempts, durations, where they ran, and the run's artifacts.
  *
  * @module
  */
@@ -61,15 +62,22 @@ export function renderRun(view: RunView): string {
   }
   lines.push(
     "",
-    table(["STEP", "STATUS", "ATTEMPTS", "DURATION", "DETAIL"], stepRows(view.steps)),
+    table(["STEP", "STATUS", "ATTEMPTS", "DURATION", "WORKER", "DETAIL"], stepRows(view.steps)),
   );
   if (view.artifacts.length) {
-    const rows = view.artifacts.map((a) => [
-      `${a.step}/${a.name}`,
-      formatBytes(a.size),
-      a.digest.slice(0, 19),
-    ]);
-    lines.push("", table(["ARTIFACT", "SIZE", "DIGEST"], rows));
+    // By the step that made them, in the steps' order, then by name.
+    const position = new Map(orderSteps(view.steps).map((step, index) => [step.id, index]));
+    const rank = (row: ArtifactRow) => position.get(row.step) ?? position.size;
+    const artifacts = [...view.artifacts].sort((a, b) =>
+      rank(a) - rank(b) || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0)
+    );
+    lines.push(
+      "",
+      table(
+        ["ARTIFACT", "SIZE", "DIGEST"],
+        artifacts.map((a) => [`${a.step}/${a.name}`, formatBytes(a.size), a.digest.slice(0, 19)]),
+      ),
+    );
   }
   return lines.join("\n");
 }
@@ -82,6 +90,18 @@ export function orderSteps(steps: Record<string, StepState>): StepState[] {
   const started = (step: StepState) => step.attempts[0]?.scheduledAt ?? Number.MAX_SAFE_INTEGER;
   return Object.values(steps).sort((a, b) =>
     started(a) - started(b) || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0)
+  );
+}
+
+/** A cluster's artifacts, from its steps' outputs (a cluster run lists no artifact store). */
+export function artifactsOfSteps(steps: Record<string, StepState>): ArtifactRow[] {
+  return Object.values(steps).flatMap((step) =>
+    Object.values(step.outputs ?? {}).map((ref) => ({
+      step: step.id,
+      name: ref.name,
+      size: ref.size,
+      digest: ref.digest,
+    }))
   );
 }
 
@@ -122,7 +142,14 @@ function stepRows(steps: Record<string, StepState>): string[][] {
       usage?.memoryPeakBytes ? `mem ${formatBytes(usage.memoryPeakBytes)}` : "",
       usage?.cpuMs ? `cpu ${formatMs(usage.cpuMs)}` : "",
     ].filter(Boolean).join(" · ");
-    return [step.id, step.status, String(step.attempts.length), duration, detail];
+    return [
+      step.id,
+      step.status,
+      String(step.attempts.length),
+      duration,
+      last?.worker ?? "",
+      detail,
+    ];
   });
 }
 
