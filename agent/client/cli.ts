@@ -20,7 +20,13 @@ import type { AgentConfig } from "../config.ts";
 import { RunClient } from "./mod.ts";
 import { collectBundle } from "../bundle.ts";
 import type { ClusterRunRecord } from "../server/keys.ts";
-import { jsonLog, type LeaderElection, standaloneElection, startServer } from "../server/mod.ts";
+import {
+  jsonLog,
+  type LeaderElection,
+  ServerListenError,
+  standaloneElection,
+  startServer,
+} from "../server/mod.ts";
 import { AgentRejectedError, startAgent } from "../worker/mod.ts";
 import type { RaftState } from "../server/metrics.ts";
 import {
@@ -34,6 +40,9 @@ import {
   UsageError,
 } from "./flags.ts";
 import { artifactsOfSteps, renderRun, renderRunList } from "./render.ts";
+
+/** The flag that sets each of a server's listeners, for messages. */
+const LISTENER_FLAG = { http: "--listen", grpc: "--grpc" } as const;
 
 /** `runnel server`: serves until SIGINT/SIGTERM. */
 export async function serverCommand(flags: CliFlags): Promise<number> {
@@ -65,17 +74,33 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
     election = standaloneElection();
     closeStore = () => embedded.close();
   }
-  const server = await startServer({
-    serverId: flags.id ?? `${hostname()}-${portHttp}`,
-    store,
-    election,
-    raftState,
-    http: { hostname: hostnameHttp, port: portHttp },
-    grpc: { address: grpcAddress, credentials: serverTls(flags) },
-    token,
-    heartbeatMs,
-    peers: commaList(flags.peers),
-  });
+  let server;
+  try {
+    server = await startServer({
+      serverId: flags.id ?? `${hostname()}-${portHttp}`,
+      store,
+      election,
+      raftState,
+      http: { hostname: hostnameHttp, port: portHttp },
+      grpc: { address: grpcAddress, credentials: serverTls(flags) },
+      token,
+      heartbeatMs,
+      peers: commaList(flags.peers),
+    });
+  } catch (error) {
+    await closeStore();
+    if (!(error instanceof ServerListenError)) throw error;
+    const flag = LISTENER_FLAG[error.listener];
+    const given = error.listener === "http" ? flags.listen ?? "127.0.0.1:8080" : grpcAddress;
+    console.error(
+      error.code === "address_in_use"
+        ? `error: ${flag} ${given} is already in use (another runnel server?); choose a free address with ${flag} HOST:PORT`
+        : `error: ${flag} ${given} cannot be listened on: ${
+          error.cause instanceof Error ? error.cause.message : String(error.cause)
+        }`,
+    );
+    return EXIT_BAD_INPUT;
+  }
   console.error(
     `runnel server ${server.serverId}: API http://${hostnameHttp}:${server.httpPort} · agents ${
       grpcAddress.replace(/:\d+$/, "")
