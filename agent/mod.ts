@@ -57,6 +57,8 @@ export {
 export {
   type LeaderElection,
   type RunningServer,
+  type ServerListener,
+  ServerListenError,
   type ServerOptions,
   standaloneElection,
   startServer,

@@ -6,9 +6,11 @@
  *   `Deno.Command("true")` spawns (target ≥ 250 steps/s at concurrency 2).
  * - Windmill's published protocol: 400 sequential light tasks (naive
  *   `fibo(10)`) and 10 sequential long ones (`fibo(33)`), with `deno` and
- *   with `shell` steps, reported as Windmill reports them: total,
- *   assignment, execution and transition time (target: orchestration
- *   overhead ≤ 5 ms per step).
+ *   with `shell` steps. Execution is the task's own work, anchored by a bare
+ *   `deno run` of the same script on this machine; orchestration overhead
+ *   is everything else per step (target ≤ 5 ms), split into the engine's
+ *   share (assignment and transition, between attempts) and the attempt's
+ *   (work directory, plugin host, spawn, logs and outputs around the task).
  *
  * Run with `deno task bench` (or this file alone).
  *
@@ -16,7 +18,7 @@
  */
 
 import { parsePipeline, runPipeline, type RunSummary } from "../mod.ts";
-import { printTable, type Row } from "./_table.ts";
+import { median, printTable, type Row } from "./_table.ts";
 
 async function tempDir(): Promise<string> {
   return await Deno.realPath(await Deno.makeTempDir({ prefix: "runnel-bench-" }));
@@ -90,31 +92,48 @@ const fibo = (k) => k <= 1 ? k : fibo(k - 1) + fibo(k - 2);
 fibo(n);
 `;
 
-/** Windmill's breakdown of a sequential flow, from the recorded attempts. */
-function windmillBreakdown(summary: RunSummary, order: string[], wallMs: number) {
+/**
+ * Windmill's breakdown of a sequential flow. `executionMs` is the task's own
+ * work (a bare run of it); an attempt's recorded span is not: local mode
+ * marks an attempt started before it prepares the work directory and the
+ * backend, and ended after it has stored the outputs.
+ */
+function windmillBreakdown(
+  summary: RunSummary,
+  order: string[],
+  wallMs: number,
+  executionMs: number,
+) {
   let assignment = 0;
-  let execution = 0;
+  let attempts = 0;
   let transition = 0;
   let previousEnd: number | undefined;
   for (const id of order) {
     const attempt = summary.steps[id].attempts.at(-1)!;
     assignment += attempt.startedAt! - attempt.scheduledAt;
-    execution += attempt.endedAt! - attempt.startedAt!;
+    attempts += attempt.endedAt! - attempt.startedAt!;
     if (previousEnd !== undefined) transition += attempt.scheduledAt - previousEnd;
     previousEnd = attempt.endedAt!;
   }
   const n = order.length;
+  const perStep = wallMs / n;
   return {
     total_s: (wallMs / 1000).toFixed(2),
-    assignment_ms: (assignment / n).toFixed(2),
-    execution_ms: (execution / n).toFixed(2),
-    transition_ms: (transition / n).toFixed(2),
-    overhead_per_step_ms: ((wallMs - execution) / n).toFixed(2),
+    per_step_ms: perStep.toFixed(2),
+    execution_ms: executionMs.toFixed(2),
+    overhead_ms: (perStep - executionMs).toFixed(2),
+    engine_ms: ((assignment + transition) / n).toFixed(2),
+    in_attempt_ms: (attempts / n - executionMs).toFixed(2),
   };
 }
 
 /** Runs one sequential fibo flow and returns Windmill's breakdown. */
-async function fiboFlow(backend: "deno" | "shell", tasks: number, n: number) {
+async function fiboFlow(
+  backend: "deno" | "shell",
+  tasks: number,
+  n: number,
+  executionMs: number,
+) {
   const dir = await tempDir();
   try {
     await Deno.writeTextFile(`${dir}/fibo.ts`, FIBO_MODULE);
@@ -137,25 +156,27 @@ async function fiboFlow(backend: "deno" | "shell", tasks: number, n: number) {
     const summary = await runPipeline(plan, { stateDir: `${dir}/.runnel` });
     const wallMs = performance.now() - started;
     if (summary.status !== "succeeded") throw new Error(`fibo flow ${summary.status}`);
-    return windmillBreakdown(summary, plan.order, wallMs);
+    return windmillBreakdown(summary, plan.order, wallMs, executionMs);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
 }
 
-/** A bare `deno run` of the fibo script, the per-task execution anchor. */
+/** A bare `deno run` of the fibo script: the task's own work, the execution anchor (median). */
 async function bareDenoRun(n: number, times: number): Promise<number> {
   const dir = await tempDir();
   try {
     await Deno.writeTextFile(`${dir}/fibo.js`, FIBO_SCRIPT);
-    const started = performance.now();
+    const samples: number[] = [];
     for (let i = 0; i < times; i++) {
+      const started = performance.now();
       await new Deno.Command(Deno.execPath(), {
         args: ["run", "--quiet", `${dir}/fibo.js`, String(n)],
         stdout: "null",
       }).output();
+      samples.push(performance.now() - started);
     }
-    return (performance.now() - started) / times;
+    return median(samples);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -163,32 +184,38 @@ async function bareDenoRun(n: number, times: number): Promise<number> {
 
 /** Windmill's protocol: 400 light and 10 long sequential tasks. */
 export async function benchWindmill(lightTasks = 400, longTasks = 10): Promise<void> {
-  const bareLight = await bareDenoRun(10, 20);
-  const bareLong = await bareDenoRun(33, 3);
+  const bareLight = await bareDenoRun(10, 21);
+  const bareLong = await bareDenoRun(33, 5);
   const rows: Row[] = [];
+  const lightOverheads: number[] = [];
   for (const backend of ["deno", "shell"] as const) {
-    rows.push({
-      flow: `${lightTasks} × fibo(10)`,
-      backend,
-      ...await fiboFlow(backend, lightTasks, 10),
-    });
+    const light = await fiboFlow(backend, lightTasks, 10, bareLight);
+    lightOverheads.push(Number(light.overhead_ms));
+    rows.push({ flow: `${lightTasks} × fibo(10)`, backend, ...light });
     rows.push({
       flow: `${longTasks} × fibo(33)`,
       backend,
-      ...await fiboFlow(backend, longTasks, 33),
+      ...await fiboFlow(backend, longTasks, 33, bareLong),
     });
   }
   printTable("Windmill protocol, sequential flows, local mode (per-step averages)", rows);
   printTable("Anchors", [
-    { what: "bare deno run fibo(10), per task (this machine)", ms: bareLight.toFixed(1) },
-    { what: "bare deno run fibo(33), per task (this machine)", ms: bareLong.toFixed(1) },
+    { what: "bare deno run fibo(10), per task (execution)", ms: bareLight.toFixed(1) },
+    { what: "bare deno run fibo(33), per task (execution)", ms: bareLong.toFixed(1) },
     { what: "Windmill, 400 × fibo(10) total (m4.large, published)", ms: "19700" },
     { what: "Temporal, 400 × fibo(10) total (published)", ms: "39000" },
     { what: "Hatchet, 400 × fibo(10) total (published)", ms: "35800" },
     { what: "Windmill 2026 per-step overhead (published)", ms: "34" },
   ]);
   console.log(
-    "execution = the step process's lifetime (deno start-up included); overhead = (total − execution) / steps",
+    "execution = a bare deno run of the task (start-up included); overhead = total / steps − execution" +
+      " = engine (assignment + transition) + in_attempt (runnel's work around the task) + run setup",
+  );
+  const worst = Math.max(...lightOverheads);
+  console.log(
+    `target overhead ≤ 5 ms/step (light flows): ${worst <= 5 ? "met" : "NOT met"} (${
+      worst.toFixed(2)
+    } ms)`,
   );
 }
 

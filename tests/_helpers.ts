@@ -9,8 +9,12 @@
 export const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 /** Absolute path of the CLI entry. */
 export const MAIN = `${ROOT}/main.ts`;
-/** The permissions the `runnel` task grants. */
+/**
+ * The flags of the `runnel` task: its lock file (`deno.json` turns the lock
+ * off for `deno task`, see the README) and the permissions it grants.
+ */
 export const CLI_PERMISSIONS = [
+  `--lock=${ROOT}/deno.lock`,
   "--allow-read",
   "--allow-write",
   "--allow-run",

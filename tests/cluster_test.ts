@@ -440,7 +440,7 @@ Deno.test("cluster CLI: submit --follow, runs, show, logs and cancel talk to a s
     const runs = await runCli(["runs", "--server", cluster.http], { cwd: box.dir });
     assert.match(runs.stdout, new RegExp(`${runId}\\s+cluster-demo\\s+succeeded`));
     const show = await runCli(["show", runId, "--server", cluster.http], { cwd: box.dir });
-    assert.match(show.stdout, /use\s+succeeded\s+1 attempt/);
+    assert.match(show.stdout, /use\s+succeeded\s+1\s+\S+\s+cli-gcp/);
     const logs = await runCli(["logs", runId, "use", "--server", cluster.http], { cwd: box.dir });
     assert.match(logs.stdout, /use │ secret is \*\*\*/);
     const cancel = await runCli(["cancel", runId, "--server", cluster.http], { cwd: box.dir });

@@ -1,7 +1,12 @@
 /**
  * runnel is imported by path or URL from projects that have no import map
  * of ours: every import in its code is fully qualified (`npm:zod@4.6.7`),
- * and every package has one version, the one `deno.json` pins.
+ * and every package has one version, the one `deno.lock` records.
+ *
+ * `deno.json` lists no npm packages under "imports" on purpose: `deno task`
+ * installs every package listed there (and every package of the lock file
+ * it is given) before it runs a task, so the quick start would download the
+ * cluster's and the tests' packages too.
  */
 
 import assert from "node:assert/strict";
@@ -46,13 +51,23 @@ Deno.test("every import is relative, node:, npm:NAME@VERSION or a URL (no bare s
   assert.deepEqual(bare, [], `bare specifiers resolve only through runnel's own import map`);
 });
 
-Deno.test("every npm package has one version, the one deno.json pins", async () => {
-  const config = JSON.parse(await Deno.readTextFile(new URL("deno.json", ROOT)));
+Deno.test("every npm package has one version, the one deno.lock records", async () => {
+  const lock = JSON.parse(await Deno.readTextFile(new URL("deno.lock", ROOT)));
   const pinned = new Map<string, string>();
-  for (const specifier of Object.values(config.imports as Record<string, string>)) {
+  for (const specifier of Object.keys(lock.specifiers as Record<string, string>)) {
     const found = npmPackage(specifier);
-    if (found) pinned.set(found.name, found.version);
+    if (!found) continue;
+    const other = pinned.get(found.name);
+    assert.ok(other === undefined, `deno.lock holds ${found.name}@${other} and @${found.version}`);
+    pinned.set(found.name, found.version);
   }
+  const config = JSON.parse(await Deno.readTextFile(new URL("deno.json", ROOT)));
+  const mapped = Object.values(config.imports ?? {}).filter((to) => String(to).startsWith("npm:"));
+  assert.deepEqual(
+    mapped,
+    [],
+    "npm packages in deno.json imports are installed by every deno task",
+  );
   const wrong: string[] = [];
   for (const file of await sourceFiles()) {
     const text = await Deno.readTextFile(new URL(file, ROOT));
@@ -65,7 +80,7 @@ Deno.test("every npm package has one version, the one deno.json pins", async () 
       const version = pinned.get(found.name);
       if (version !== found.version) {
         wrong.push(
-          `${file}: ${found.name}@${found.version}, deno.json pins ${version ?? "nothing"}`,
+          `${file}: ${found.name}@${found.version}, deno.lock records ${version ?? "nothing"}`,
         );
       }
     }

@@ -34,6 +34,13 @@ function sharedCluster(): Promise<EtcdCluster> {
   return shared;
 }
 
+// Teardown is a hook, not a test: it is not counted, and it runs however
+// the tests were filtered. `stop` kills each member through its process
+// handle (by pid) and waits for it to exit.
+Deno.test.afterAll(async () => {
+  if (shared) await (await shared).stop();
+});
+
 async function openShared(): Promise<EtcdStore> {
   const cluster = await sharedCluster();
   return await openEtcdStore({
@@ -196,14 +203,6 @@ Deno.test({
     } finally {
       await store.close();
     }
-  },
-});
-
-Deno.test({
-  ...etcdTest,
-  name: "etcd: stop the shared cluster",
-  async fn() {
-    if (shared) await (await shared).stop();
   },
 });
 

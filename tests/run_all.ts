@@ -3,18 +3,42 @@
  * `N passed, N failed, N skipped`, for people and for CI. Extra arguments
  * are passed to `deno test` (e.g. a path filter).
  *
+ * The tests get the permission set `deno.json` declares under
+ * `test.permissions`, the one a plain `deno test -P` grants, spelled as
+ * `--allow-*` flags: `-P` would make Deno open every run with a warning that
+ * permissions in the config file are experimental. npm packages resolve
+ * through `deno.lock`, as in every task.
+ *
  * @module
  */
 
+const ROOT = new URL("../", import.meta.url);
 const JUNIT_PATH = ".runnel/test-results.xml";
-const PERMISSIONS = [
-  "--allow-read",
-  "--allow-write",
-  "--allow-run",
-  "--allow-env",
-  "--allow-net",
-  "--allow-sys",
-];
+const LOCK_PATH = new URL("deno.lock", ROOT).pathname;
+
+/** A permission of a `deno.json` permission set: all, none, or a list of names. */
+export type PermissionValue = boolean | string[];
+
+/**
+ * The `--allow-*` flags that grant a `deno.json` permission set, such as
+ * `{ "read": true, "sys": ["hostname"] }` → `--allow-read --allow-sys=hostname`.
+ */
+export function permissionFlags(set: Record<string, PermissionValue>): string[] {
+  const flags: string[] = [];
+  for (const [name, value] of Object.entries(set)) {
+    if (value === true) flags.push(`--allow-${name}`);
+    else if (Array.isArray(value) && value.length > 0) {
+      flags.push(`--allow-${name}=${value.join(",")}`);
+    } else if (value !== false && !Array.isArray(value)) {
+      throw new Error(
+        `Expected true, false or a list for "${name}" in deno.json test.permissions, got ${
+          JSON.stringify(value)
+        }`,
+      );
+    }
+  }
+  return flags;
+}
 
 /** Counts test cases in a JUnit XML report. */
 export function countJunit(xml: string): { passed: number; failed: number; skipped: number } {
@@ -31,11 +55,20 @@ export function countJunit(xml: string): { passed: number; failed: number; skipp
 }
 
 if (import.meta.main) {
+  const config = JSON.parse(await Deno.readTextFile(new URL("deno.json", ROOT)));
+  const permissions = permissionFlags(config.test.permissions);
   await Deno.mkdir(".runnel", { recursive: true });
   await Deno.remove(JUNIT_PATH).catch(() => {});
   const args = Deno.args.length ? Deno.args : ["."];
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["test", ...PERMISSIONS, "--doc", `--junit-path=${JUNIT_PATH}`, ...args],
+    args: [
+      "test",
+      ...permissions,
+      `--lock=${LOCK_PATH}`,
+      "--doc",
+      `--junit-path=${JUNIT_PATH}`,
+      ...args,
+    ],
     stdout: "inherit",
     stderr: "inherit",
   }).spawn();

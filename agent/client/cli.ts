@@ -1,14 +1,14 @@
 /**
  * The cluster commands of the `runnel` CLI: `server`, `agent`, `submit`,
  * and `runs|show|logs|cancel|resume --server URL`. main.ts parses the flags
- * and calls these.
+ * (`flags.ts`) and calls these; they print a run as local mode does
+ * (`render.ts`).
  *
  * @module
  */
 
 import { dirname, resolve } from "node:path";
 import { hostname } from "node:os";
-import { parseDuration } from "../../core/duration.ts";
 import { openEmbeddedStore } from "../../consensus/embedded.ts";
 import type { Store } from "../../consensus/store.ts";
 import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
@@ -20,78 +20,50 @@ import type { AgentConfig } from "../config.ts";
 import { RunClient } from "./mod.ts";
 import { collectBundle } from "../bundle.ts";
 import type { ClusterRunRecord } from "../server/keys.ts";
-import { jsonLog, type LeaderElection, standaloneElection, startServer } from "../server/mod.ts";
+import {
+  jsonLog,
+  type LeaderElection,
+  ServerListenError,
+  standaloneElection,
+  startServer,
+} from "../server/mod.ts";
 import { AgentRejectedError, startAgent } from "../worker/mod.ts";
 import type { RaftState } from "../server/metrics.ts";
+import {
+  type CliFlags,
+  commaList,
+  durationFlag,
+  EXIT_BAD_INPUT,
+  hostPort,
+  parseLabels,
+  positiveInt,
+  UsageError,
+} from "./flags.ts";
+import { artifactsOfSteps, renderRun, renderRunList } from "./render.ts";
 
-/** The flags the cluster commands read (as main.ts parsed them). */
-export interface ClusterFlags {
-  server?: string[];
-  token?: string;
-  labels?: string;
-  slots?: string;
-  "allow-shell"?: boolean;
-  listen?: string;
-  grpc?: string;
-  store?: string;
-  etcd?: string;
-  id?: string;
-  peers?: string;
-  heartbeat?: string;
-  artifacts?: string;
-  "s3-endpoint"?: string;
-  "s3-bucket"?: string;
-  "s3-region"?: string;
-  "tls-ca"?: string;
-  "tls-cert"?: string;
-  "tls-key"?: string;
-  "etcd-ca"?: string;
-  "etcd-cert"?: string;
-  "etcd-key"?: string;
-  "state-dir"?: string;
-  json?: boolean;
-  follow?: boolean;
-  logs?: boolean;
-}
-
-/** A flag a cluster command cannot use; main.ts reports it as bad input (exit 2). */
-export class ClusterUsageError extends Error {
-  /** Stable error code. */
-  readonly code = "usage";
-
-  /** Builds the error from a full sentence. */
-  constructor(message: string) {
-    super(message);
-    this.name = "ClusterUsageError";
-  }
-}
-
-/** How a cluster store is opened: main.ts wires the etcd engine in. */
-export interface StoreFactory {
-  /** Opens the etcd engine and its election (`--etcd URLS`). */
-  etcd?(endpoints: string[], flags: ClusterFlags): Promise<{
-    store: Store;
-    election: LeaderElection;
-    raftState: () => Promise<RaftState>;
-    close(): Promise<void>;
-  }>;
-}
+/** The flag that sets each of a server's listeners, for messages. */
+const LISTENER_FLAG = { http: "--listen", grpc: "--grpc" } as const;
 
 /** `runnel server`: serves until SIGINT/SIGTERM. */
-export async function serverCommand(flags: ClusterFlags, factory: StoreFactory): Promise<number> {
+export async function serverCommand(flags: CliFlags): Promise<number> {
   const token = joinToken(flags);
   const [hostnameHttp, portHttp] = hostPort(flags.listen ?? "127.0.0.1:8080", "--listen");
   const grpcAddress = flags.grpc ?? "127.0.0.1:7070";
   hostPort(grpcAddress, "--grpc");
-  const heartbeatMs = flags.heartbeat ? duration(flags.heartbeat, "--heartbeat") : undefined;
+  const heartbeatMs = flags.heartbeat ? durationFlag(flags.heartbeat, "--heartbeat") : undefined;
   let store: Store;
   let election: LeaderElection;
   let raftState: (() => Promise<RaftState>) | undefined;
   let closeStore: () => Promise<void>;
   if (flags.etcd) {
-    if (!factory.etcd) throw new ClusterUsageError("this build cannot reach etcd");
-    const endpoints = flags.etcd.split(",").map((url) => url.trim()).filter(Boolean);
-    const opened = await factory.etcd(endpoints, flags);
+    // Only a server on etcd loads the etcd client.
+    const { openEtcdCluster } = await import("../server/etcd.ts");
+    const opened = await openEtcdCluster({
+      endpoints: commaList(flags.etcd),
+      tls: flags["etcd-ca"]
+        ? { caFile: flags["etcd-ca"], certFile: flags["etcd-cert"], keyFile: flags["etcd-key"] }
+        : undefined,
+    });
     ({ store, election, raftState } = opened);
     closeStore = () => opened.close();
   } else {
@@ -102,17 +74,33 @@ export async function serverCommand(flags: ClusterFlags, factory: StoreFactory):
     election = standaloneElection();
     closeStore = () => embedded.close();
   }
-  const server = await startServer({
-    serverId: flags.id ?? `${hostname()}-${portHttp}`,
-    store,
-    election,
-    raftState,
-    http: { hostname: hostnameHttp, port: portHttp },
-    grpc: { address: grpcAddress, credentials: serverTls(flags) },
-    token,
-    heartbeatMs,
-    peers: flags.peers?.split(",").map((peer) => peer.trim()).filter(Boolean),
-  });
+  let server;
+  try {
+    server = await startServer({
+      serverId: flags.id ?? `${hostname()}-${portHttp}`,
+      store,
+      election,
+      raftState,
+      http: { hostname: hostnameHttp, port: portHttp },
+      grpc: { address: grpcAddress, credentials: serverTls(flags) },
+      token,
+      heartbeatMs,
+      peers: commaList(flags.peers),
+    });
+  } catch (error) {
+    await closeStore();
+    if (!(error instanceof ServerListenError)) throw error;
+    const flag = LISTENER_FLAG[error.listener];
+    const given = error.listener === "http" ? flags.listen ?? "127.0.0.1:8080" : grpcAddress;
+    console.error(
+      error.code === "address_in_use"
+        ? `error: ${flag} ${given} is already in use (another runnel server?); choose a free address with ${flag} HOST:PORT`
+        : `error: ${flag} ${given} cannot be listened on: ${
+          error.cause instanceof Error ? error.cause.message : String(error.cause)
+        }`,
+    );
+    return EXIT_BAD_INPUT;
+  }
   console.error(
     `runnel server ${server.serverId}: API http://${hostnameHttp}:${server.httpPort} · agents ${
       grpcAddress.replace(/:\d+$/, "")
@@ -125,11 +113,12 @@ export async function serverCommand(flags: ClusterFlags, factory: StoreFactory):
 }
 
 /** `runnel agent`: runs until SIGINT/SIGTERM (which drain it). */
-export async function agentCommand(flags: ClusterFlags, config: AgentConfig): Promise<number> {
-  const servers = (flags.server ?? []).flatMap((list) => list.split(","))
-    .map((server) => server.trim().replace(/^(grpcs?|https?):\/\//, "")).filter(Boolean);
+export async function agentCommand(flags: CliFlags, config: AgentConfig): Promise<number> {
+  const servers = commaList(flags.server).map((server) =>
+    server.replace(/^(grpcs?|https?):\/\//, "")
+  );
   if (servers.length === 0) {
-    throw new ClusterUsageError('"runnel agent" needs --server HOST:PORT (the servers\' gRPC)');
+    throw new UsageError('"runnel agent" needs --server HOST:PORT (the servers\' gRPC)');
   }
   const stateDir = flags["state-dir"] ?? ".runnel/agent";
   let agent;
@@ -138,7 +127,7 @@ export async function agentCommand(flags: ClusterFlags, config: AgentConfig): Pr
       servers,
       token: joinToken(flags),
       labels: parseLabels(flags.labels),
-      slots: flags.slots ? positive(flags.slots, "--slots") : undefined,
+      slots: flags.slots ? positiveInt(flags.slots, "--slots") : undefined,
       allowShell: flags["allow-shell"],
       stateDir,
       artifacts: await openArtifacts(flags, stateDir),
@@ -152,7 +141,7 @@ export async function agentCommand(flags: ClusterFlags, config: AgentConfig): Pr
   } catch (error) {
     if (error instanceof AgentRejectedError) {
       console.error(`error: ${error.message}`);
-      return 2;
+      return EXIT_BAD_INPUT;
     }
     throw error;
   }
@@ -171,20 +160,20 @@ export async function agentCommand(flags: ClusterFlags, config: AgentConfig): Pr
   } catch (error) {
     if (error instanceof AgentRejectedError) {
       console.error(`error: ${error.message}`);
-      return 2;
+      return EXIT_BAD_INPUT;
     }
     throw error;
   }
 }
 
 /** `runnel submit FILE --server URL [--follow]`. */
-export async function submitCommand(file: string, flags: ClusterFlags): Promise<number> {
+export async function submitCommand(file: string, flags: CliFlags): Promise<number> {
   const client = clientOf(flags);
   let source: string;
   try {
     source = await Deno.readTextFile(file);
   } catch (error) {
-    throw new ClusterUsageError(`cannot read ${file}: ${(error as Error).message}`);
+    throw new UsageError(`Expected a readable pipeline file, ${file}: ${(error as Error).message}`);
   }
   // The pipeline's directory goes with it: agents run its steps from a copy.
   const baseDir = dirname(resolve(file));
@@ -201,11 +190,11 @@ export async function submitCommand(file: string, flags: ClusterFlags): Promise<
 export async function remoteCommand(
   command: string,
   args: string[],
-  flags: ClusterFlags,
+  flags: CliFlags,
 ): Promise<number> {
   const client = clientOf(flags);
   const id = () => {
-    if (!args[0]) throw new ClusterUsageError(`"runnel ${command}" needs a run id`);
+    if (!args[0]) throw new UsageError(`"runnel ${command}" needs a run id`);
     return args[0];
   };
   switch (command) {
@@ -213,12 +202,13 @@ export async function remoteCommand(
       const runs = await client.runs();
       if (flags.json) return print(JSON.stringify(runs, null, 2));
       if (runs.length === 0) return print("no runs on this cluster yet");
-      return print(runs.map((run) => `${run.runId}  ${run.pipeline}  ${run.status}`).join("\n"));
+      return print(renderRunList(runs));
     }
     case "show": {
       const { run, steps } = await client.run(id());
-      if (flags.json) return print(JSON.stringify({ ...run, steps }, null, 2));
-      return print(describeRun(run, steps));
+      const artifacts = artifactsOfSteps(steps);
+      if (flags.json) return print(JSON.stringify({ ...run, steps, artifacts }, null, 2));
+      return print(renderRun({ run, steps, artifacts }));
     }
     case "logs": {
       for await (
@@ -241,10 +231,10 @@ export async function remoteCommand(
       if (!flags.follow) return print(`${id()}: resume requested`);
       return await followRun(client, (await client.run(id())).run.runId, flags);
   }
-  throw new ClusterUsageError(`"runnel ${command}" cannot talk to a server`);
+  throw new UsageError(`"runnel ${command}" cannot talk to a server`);
 }
 
-async function followRun(client: RunClient, runId: string, flags: ClusterFlags): Promise<number> {
+async function followRun(client: RunClient, runId: string, flags: CliFlags): Promise<number> {
   const seen = new Map<string, string>();
   let last: ClusterRunRecord | undefined;
   if (!flags.json) console.log(`run ${runId}`);
@@ -268,47 +258,22 @@ async function followRun(client: RunClient, runId: string, flags: ClusterFlags):
   return status === "succeeded" ? 0 : 1;
 }
 
-function describeRun(run: ClusterRunRecord, steps: Record<string, StepState>): string {
-  const lines = [
-    `run       ${run.runId}`,
-    `pipeline  ${run.pipeline} (${run.file})`,
-    `status    ${run.status}`,
-    "",
-  ];
-  for (const step of Object.values(steps)) {
-    lines.push(
-      `${step.id.padEnd(24)} ${step.status.padEnd(10)} ${step.attempts.length} attempt(s)`,
-    );
-    for (const attempt of step.attempts) {
-      const result = attempt.result;
-      const outcome = !result
-        ? "running"
-        : result.ok
-        ? "ok"
-        : `${result.errorClass}: ${result.message}`;
-      lines.push(`  #${attempt.attempt} ${attempt.worker ?? "-"}  ${outcome}`);
-    }
-  }
-  return lines.join("\n");
-}
-
-function clientOf(flags: ClusterFlags): RunClient {
-  const servers = (flags.server ?? []).flatMap((list) => list.split(","))
-    .map((server) => server.trim()).filter(Boolean)
+function clientOf(flags: CliFlags): RunClient {
+  const servers = commaList(flags.server)
     .map((server) => /^https?:\/\//.test(server) ? server : `http://${server}`);
-  if (servers.length === 0) throw new ClusterUsageError("Expected --server URL");
+  if (servers.length === 0) throw new UsageError("Expected --server URL");
   return new RunClient(servers);
 }
 
-async function openArtifacts(flags: ClusterFlags, stateDir: string): Promise<ArtifactStore> {
+async function openArtifacts(flags: CliFlags, stateDir: string): Promise<ArtifactStore> {
   if (flags["s3-endpoint"] || flags["s3-bucket"]) {
     if (!flags["s3-endpoint"] || !flags["s3-bucket"]) {
-      throw new ClusterUsageError("Expected both --s3-endpoint and --s3-bucket");
+      throw new UsageError("Expected both --s3-endpoint and --s3-bucket");
     }
     const accessKey = Deno.env.get("AWS_ACCESS_KEY_ID");
     const secretKey = Deno.env.get("AWS_SECRET_ACCESS_KEY");
     if (!accessKey || !secretKey) {
-      throw new ClusterUsageError(
+      throw new UsageError(
         "Expected AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment for --s3-endpoint",
       );
     }
@@ -323,57 +288,22 @@ async function openArtifacts(flags: ClusterFlags, stateDir: string): Promise<Art
   return openLocalArtifactStore(flags.artifacts ?? `${stateDir}/artifacts`);
 }
 
-function serverTls(flags: ClusterFlags) {
+function serverTls(flags: CliFlags) {
   if (!flags["tls-cert"] && !flags["tls-key"]) return undefined;
   if (!flags["tls-cert"] || !flags["tls-key"]) {
-    throw new ClusterUsageError("Expected both --tls-cert and --tls-key");
+    throw new UsageError("Expected both --tls-cert and --tls-key");
   }
   return serverCredentials({ ca: flags["tls-ca"], cert: flags["tls-cert"], key: flags["tls-key"] });
 }
 
-function joinToken(flags: ClusterFlags): string {
+function joinToken(flags: CliFlags): string {
   const token = flags.token ?? Deno.env.get("RUNNEL_TOKEN");
   if (!token) {
-    throw new ClusterUsageError(
+    throw new UsageError(
       "Expected a join token: --token T or RUNNEL_TOKEN in the environment",
     );
   }
   return token;
-}
-
-/** `cloud=gcp,region=us-east1` → `{cloud: "gcp", region: "us-east1"}`. */
-export function parseLabels(text?: string): Record<string, string> {
-  const labels: Record<string, string> = {};
-  for (const pair of (text ?? "").split(",").map((part) => part.trim()).filter(Boolean)) {
-    const at = pair.indexOf("=");
-    if (at <= 0) throw new ClusterUsageError(`Expected --labels key=value,…, got "${pair}"`);
-    labels[pair.slice(0, at)] = pair.slice(at + 1);
-  }
-  return labels;
-}
-
-function hostPort(text: string, flag: string): [string, number] {
-  const match = /^(.*):(\d+)$/.exec(text);
-  if (!match || Number(match[2]) > 65535) {
-    throw new ClusterUsageError(`Expected ${flag} HOST:PORT, got "${text}"`);
-  }
-  return [match[1] || "0.0.0.0", Number(match[2])];
-}
-
-function duration(text: string, flag: string): number {
-  try {
-    return parseDuration(text);
-  } catch {
-    throw new ClusterUsageError(`Expected a duration like "5s" for ${flag}, got "${text}"`);
-  }
-}
-
-function positive(text: string, flag: string): number {
-  const value = Number(text);
-  if (!Number.isInteger(value) || value <= 0) {
-    throw new ClusterUsageError(`Expected a positive integer for ${flag}, got "${text}"`);
-  }
-  return value;
 }
 
 function untilSignal(): Promise<void> {

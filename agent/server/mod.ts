@@ -103,7 +103,44 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
-/** Starts a server; resolves once both listeners are bound. */
+/** Which of a server's two listeners an address belongs to. */
+export type ServerListener = "http" | "grpc";
+
+/**
+ * A listener of the server could not bind its address: taken by another
+ * process (`code` `address_in_use`) or refused by the system (`listen_failed`).
+ */
+export class ServerListenError extends Error {
+  /** `address_in_use` or `listen_failed`. */
+  readonly code: "address_in_use" | "listen_failed";
+  /** The HTTP API's listener or the agents' gRPC one. */
+  readonly listener: ServerListener;
+  /** The address as given (`host:port`). */
+  readonly address: string;
+
+  /** Builds the error from the listener, its address and the system's refusal. */
+  constructor(listener: ServerListener, address: string, cause: unknown) {
+    const detail = cause instanceof Error ? cause.message : String(cause);
+    const inUse = cause instanceof Deno.errors.AddrInUse || /EADDRINUSE/.test(detail);
+    const what = listener === "http" ? "the HTTP API" : "the agents' gRPC service";
+    super(
+      inUse
+        ? `${address} is already in use: ${what} cannot listen there`
+        : `${what} cannot listen on ${address}: ${detail}`,
+      { cause },
+    );
+    this.name = "ServerListenError";
+    this.code = inUse ? "address_in_use" : "listen_failed";
+    this.listener = listener;
+    this.address = address;
+  }
+}
+
+/**
+ * Starts a server; resolves once both listeners are bound. An address that
+ * cannot be bound rejects with a {@link ServerListenError}, and neither
+ * listener is left open.
+ */
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
   const log = options.log ?? jsonLog;
   const metrics = new ServerMetrics();
@@ -125,26 +162,41 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     log,
     logRetentionMs: options.logRetentionMs,
   });
-  const grpc: AgentServiceServer = await serveAgentService({
-    address: options.grpc.address,
-    credentials: options.grpc.credentials,
-    onConnect: (stream) => gateway.onConnect(stream),
-  });
-  const http = Deno.serve(
-    {
-      hostname: options.http.hostname,
-      port: options.http.port,
-      onListen: () => {},
-    },
-    createApiHandler({
-      serverId: options.serverId,
-      store,
-      metrics,
-      raftState,
-      schedulerLeader: () => options.election.leader(),
-      heartbeatMs,
-    }),
-  );
+  let grpc: AgentServiceServer;
+  try {
+    grpc = await serveAgentService({
+      address: options.grpc.address,
+      credentials: options.grpc.credentials,
+      onConnect: (stream) => gateway.onConnect(stream),
+    });
+  } catch (error) {
+    throw new ServerListenError("grpc", options.grpc.address, error);
+  }
+  let http: Deno.HttpServer<Deno.NetAddr>;
+  try {
+    http = Deno.serve(
+      {
+        hostname: options.http.hostname,
+        port: options.http.port,
+        onListen: () => {},
+      },
+      createApiHandler({
+        serverId: options.serverId,
+        store,
+        metrics,
+        raftState,
+        schedulerLeader: () => options.election.leader(),
+        heartbeatMs,
+      }),
+    );
+  } catch (error) {
+    await grpc.close();
+    throw new ServerListenError(
+      "http",
+      `${options.http.hostname}:${options.http.port}`,
+      error,
+    );
+  }
 
   const closing = new AbortController();
   let leading = false;

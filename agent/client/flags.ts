@@ -1,0 +1,215 @@
+/**
+ * The `runnel` command line's flags, parsed once for every command (local
+ * and cluster), the parsers of their values, and the one error a bad
+ * command line raises.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { parseDuration } from "../../core/duration.ts";
+import denoConfig from "../../deno.json" with { type: "json" };
+
+/** runnel's version, as `deno.json` (the package's manifest) gives it. */
+export const VERSION: string = denoConfig.version;
+
+/** Exit code for bad input (usage or pipeline file), in the spirit of BSD's EX_USAGE. */
+export const EXIT_BAD_INPUT = 2;
+/** Conventional exit code after SIGINT (128 + 2). */
+export const EXIT_INTERRUPTED = 130;
+
+/** The help text of `runnel --help`. */
+export const USAGE = `runnel ${VERSION} — a pipeline step runner
+
+Usage: runnel <command> [options]
+
+Commands:
+  run FILE             run a pipeline locally (embedded store, local agent)
+  validate FILE        check a pipeline file and report every problem
+  plan FILE            print the execution plan (--mermaid for a Mermaid graph)
+  schema               print the JSON Schema of pipeline files
+  runs                 list runs, newest first
+  show RUN             show a run's steps, attempts, artifacts and timings
+  logs RUN [STEP]      print step logs (--follow to stream until the run ends)
+  cancel RUN           stop a running run (it stays resumable)
+  resume RUN           finish a failed or cancelled run from where it stopped
+  gc                   delete artifacts of unpinned runs older than --retention
+  pin RUN | unpin RUN  keep (or stop keeping) a run's artifacts through gc
+  backends             list the backends and whether this host can run them
+
+Cluster mode:
+  server               serve the API and agents (--etcd URLS, or --store FILE alone)
+  agent                run steps for a cluster (--server HOST:PORT --token T --labels k=v,…)
+  submit FILE          submit a pipeline to a cluster (--server URL [--follow])
+  runs|show|logs|cancel|resume with --server URL talk to a cluster instead
+
+Options:
+  --state-dir DIR      where runs, logs and artifacts live (default .runnel)
+  --json               machine-readable output (events as JSON lines for run/resume)
+  --logs               print step log lines while running
+  --concurrency N      override the pipeline's concurrency
+  --mermaid            (plan) print a Mermaid flowchart
+  --follow, -f         (logs) keep printing until the run ends
+  --retention D        (gc) keep artifacts younger than D (default 14d)
+  --dry-run            (gc) report what would be deleted
+  --plugin NAME=WHERE  load a third-party backend from a path or URL (repeatable)
+  --config FILE        agent config (YAML): "plugins: { NAME: path-or-url }"
+  --server URL         (cluster) a server's API URL, or for agents its gRPC HOST:PORT
+  --token T            (cluster) the join token (or RUNNEL_TOKEN)
+  --labels k=v,…       (agent) labels steps select on
+  --slots N            (agent) attempts at once (default 2)
+  --allow-shell        (agent) run trusted shell steps
+  --artifacts DIR      (agent) a shared artifact directory, or:
+  --s3-endpoint URL --s3-bucket B [--s3-region R]   (agent) S3 artifacts (AWS_* env keys)
+  --listen H:P --grpc H:P   (server) API and agent addresses (127.0.0.1:8080, :7070)
+  --etcd URLS | --store FILE   (server) the state store
+  --id NAME --peers H:P,… --heartbeat D   (server) id, agents' failover list, heartbeat
+  --tls-ca/--tls-cert/--tls-key FILE      TLS for the agents' gRPC
+  --etcd-ca/--etcd-cert/--etcd-key FILE   TLS towards etcd
+  -h, --help           this help
+  -V, --version        print the version
+
+Exit codes: 0 every step succeeded · 1 the run failed · 2 bad input · 130 interrupted`;
+
+/** Every flag of every command: one table, so a flag means the same everywhere. */
+const OPTIONS = {
+  "state-dir": { type: "string" },
+  json: { type: "boolean" },
+  logs: { type: "boolean" },
+  concurrency: { type: "string" },
+  mermaid: { type: "boolean" },
+  follow: { type: "boolean", short: "f" },
+  retention: { type: "string" },
+  "dry-run": { type: "boolean" },
+  plugin: { type: "string", multiple: true },
+  config: { type: "string" },
+  server: { type: "string", multiple: true },
+  token: { type: "string" },
+  labels: { type: "string" },
+  slots: { type: "string" },
+  "allow-shell": { type: "boolean" },
+  listen: { type: "string" },
+  grpc: { type: "string" },
+  store: { type: "string" },
+  etcd: { type: "string" },
+  id: { type: "string" },
+  peers: { type: "string" },
+  heartbeat: { type: "string" },
+  artifacts: { type: "string" },
+  "s3-endpoint": { type: "string" },
+  "s3-bucket": { type: "string" },
+  "s3-region": { type: "string" },
+  "tls-ca": { type: "string" },
+  "tls-cert": { type: "string" },
+  "tls-key": { type: "string" },
+  "etcd-ca": { type: "string" },
+  "etcd-cert": { type: "string" },
+  "etcd-key": { type: "string" },
+  help: { type: "boolean", short: "h" },
+  version: { type: "boolean", short: "V" },
+} as const;
+
+/** The flags of a command line, by long name (absent when not given). */
+export type CliFlags = ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>["values"];
+
+/** A command line, parsed. */
+export interface CommandLine {
+  /** The command (`run`, `show`, `server`…), absent for a bare `runnel`. */
+  command?: string;
+  /** The positional arguments after the command. */
+  args: string[];
+  /** The flags. */
+  flags: CliFlags;
+}
+
+/** A command line runnel cannot act on; reported as bad input (exit 2), never as a crash. */
+export class UsageError extends Error {
+  /** Stable error code. */
+  readonly code = "usage";
+
+  /** Builds the error from a full sentence saying what was expected. */
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+/**
+ * Parses `argv` (without the program name) against the one flag table.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { parseCommandLine } from "./flags.ts";
+ * const line = parseCommandLine(["show", "20260101", "--json"]);
+ * assert.deepEqual([line.command, line.args, line.flags.json], ["show", ["20260101"], true]);
+ * ```
+ */
+export function parseCommandLine(argv: string[]): CommandLine {
+  try {
+    const { values, positionals } = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      strict: true,
+      options: OPTIONS,
+    });
+    const [command, ...args] = positionals;
+    return { command, args, flags: values };
+  } catch (error) {
+    // node:util's messages already name the flag; they become usage errors.
+    if (String((error as { code?: unknown }).code).startsWith("ERR_PARSE_ARGS")) {
+      throw new UsageError((error as Error).message);
+    }
+    throw error;
+  }
+}
+
+/** The value of a flag that takes a positive integer, such as `--slots 4`. */
+export function positiveInt(text: string, flag: string): number {
+  const value = Number(text);
+  if (!Number.isInteger(value) || value < 1) {
+    throw new UsageError(`Expected a positive integer for ${flag}, got "${text}"`);
+  }
+  return value;
+}
+
+/** The value of a flag that takes a duration, such as `--heartbeat 5s`, in milliseconds. */
+export function durationFlag(text: string, flag: string): number {
+  try {
+    return parseDuration(text);
+  } catch {
+    throw new UsageError(`Expected a duration like "5s" for ${flag}, got "${text}"`);
+  }
+}
+
+/**
+ * The value of a flag that takes an address, such as `--listen 127.0.0.1:8080`;
+ * an empty host (`:8080`) means every interface.
+ */
+export function hostPort(text: string, flag: string): [hostname: string, port: number] {
+  const match = /^(.*):(\d+)$/.exec(text);
+  if (!match || Number(match[2]) > 65535) {
+    throw new UsageError(`Expected ${flag} HOST:PORT, got "${text}"`);
+  }
+  return [match[1] || "0.0.0.0", Number(match[2])];
+}
+
+/** `--labels cloud=gcp,region=us-east1` → `{cloud: "gcp", region: "us-east1"}`. */
+export function parseLabels(text?: string): Record<string, string> {
+  const labels: Record<string, string> = {};
+  for (const pair of commaList(text)) {
+    const at = pair.indexOf("=");
+    if (at <= 0) throw new UsageError(`Expected --labels key=value,…, got "${pair}"`);
+    labels[pair.slice(0, at)] = pair.slice(at + 1);
+  }
+  return labels;
+}
+
+/**
+ * The items of a comma-separated flag, trimmed, empty ones dropped; a
+ * repeatable flag (`--server a --server b,c`) gives them all.
+ */
+export function commaList(values?: string | string[]): string[] {
+  return [values ?? []].flat().flatMap((value) => value.split(","))
+    .map((item) => item.trim()).filter(Boolean);
+}
