@@ -132,6 +132,12 @@ export class PluginHost {
     // runnel's own.
     const origin = remoteOrigin(options.module);
     if (origin) args.push(`--allow-import=${origin}`, `--lock=${options.lockFile}`);
+    else if (config.protocol === "file:" && options.module.startsWith(ROOT_URL.href)) {
+      // runnel's own backends: their npm packages are checked against runnel's
+      // lock (deno.json says `"lock": false`, so that only what a command
+      // loads is downloaded; see deno.json).
+      args.push(`--lock=${new URL("deno.lock", ROOT_URL).pathname}`);
+    }
     args.push(options.entry, `--runnel-env=${options.permissions.env.join(",")}`);
     this.#child = new Deno.Command(Deno.execPath(), {
       args,
