@@ -8,6 +8,8 @@
  * @module
  */
 
+import { poll } from "./_helpers.ts";
+
 /** Options of {@link startEtcdCluster}. */
 export interface EtcdClusterOptions {
   /** Number of members. Default 3. */
@@ -118,23 +120,6 @@ function freePorts(count: number): number[] {
   return ports;
 }
 
-/** Polls `check` until it returns a value, or fails after the deadline. */
-async function pollFor<T>(
-  what: string,
-  timeoutMs: number,
-  check: () => Promise<T | undefined>,
-): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  let delayMs = 10;
-  while (Date.now() < deadline) {
-    const value = await check().catch(() => undefined);
-    if (value !== undefined) return value;
-    await new Promise((resolve) => setTimeout(resolve, delayMs));
-    delayMs = Math.min(delayMs * 2, 100);
-  }
-  throw new Error(`Expected ${what} within ${timeoutMs} ms`);
-}
-
 async function fetchText(url: string): Promise<string> {
   const response = await fetch(url, { signal: AbortSignal.timeout(2_000) });
   return await response.text();
@@ -217,10 +202,12 @@ async function makeCertificates(
  * Starts an etcd cluster and waits until every member is healthy.
  *
  * @example
- * ```ts ignore
+ * ```ts
+ * import assert from "node:assert/strict";
  * import { startEtcdCluster } from "./_etcd.ts";
- * await using cluster = await startEtcdCluster({ members: 3 });
- * console.log(cluster.endpoints, await cluster.leader());
+ * await using cluster = await startEtcdCluster({ members: 1 });
+ * assert.equal(cluster.endpoints.length, 1);
+ * assert.equal(await cluster.leader(), 0);
  * ```
  */
 export async function startEtcdCluster(options: EtcdClusterOptions = {}): Promise<EtcdCluster> {
@@ -295,12 +282,16 @@ export async function startEtcdCluster(options: EtcdClusterOptions = {}): Promis
   }
 
   async function waitHealthy(indexes: number[]): Promise<void> {
-    await pollFor(`etcd members ${indexes.join(", ")} healthy`, startTimeoutMs, async () => {
+    await poll(async () => {
       for (const index of indexes) {
         if (processes[index] === undefined) throw new Error(`member ${index} is not running`);
         if (!(await healthy(index))) return undefined;
       }
       return true;
+    }, {
+      what: `etcd members ${indexes.join(", ")} healthy`,
+      timeoutMs: startTimeoutMs,
+      retryOnError: true,
     });
   }
 
@@ -361,7 +352,7 @@ export async function startEtcdCluster(options: EtcdClusterOptions = {}): Promis
     },
     running: (index) => processes[index] !== undefined,
     leader(timeoutMs = startTimeoutMs) {
-      return pollFor("an etcd leader all running members agree on", timeoutMs, async () => {
+      return poll(async () => {
         const running = members.map((_, index) => index).filter((index) => processes[index]);
         const leaders = [];
         for (const index of running) {
@@ -369,7 +360,7 @@ export async function startEtcdCluster(options: EtcdClusterOptions = {}): Promis
           if ((await metric(index, "etcd_server_is_leader")) === 1) leaders.push(index);
         }
         return leaders.length === 1 ? leaders[0] : undefined;
-      });
+      }, { what: "an etcd leader all running members agree on", timeoutMs, retryOnError: true });
     },
     log: (index) => Deno.readTextFile(`${dir}/${members[index].name}.log`),
     stop,

@@ -132,15 +132,21 @@ export async function waitForLine(
   }
 }
 
-/** Polls `check` until it returns a value, or fails after the deadline. */
+/**
+ * Polls `check` until it returns a value, or fails after the deadline.
+ * With `retryOnError`, a check that throws counts as "not yet" (a server
+ * still starting).
+ */
 export async function poll<T>(
   check: () => Promise<T | undefined> | T | undefined,
-  options: { timeoutMs?: number; what?: string } = {},
+  options: { timeoutMs?: number; what?: string; retryOnError?: boolean } = {},
 ): Promise<T> {
   const deadline = Date.now() + (options.timeoutMs ?? 20_000);
   let delay = 5;
   while (Date.now() < deadline) {
-    const value = await check();
+    const value = options.retryOnError
+      ? await Promise.resolve().then(check).catch(() => undefined)
+      : await check();
     if (value !== undefined) return value;
     await new Promise((resolve) => setTimeout(resolve, delay));
     delay = Math.min(delay * 2, 100);
