@@ -43,8 +43,19 @@ export function schedulerElection(store: Store, ttlMs = SCHEDULER_LEASE_MS): Lea
   };
 }
 
+/** What {@link openEtcdCluster} opens: the parts of a server's options etcd provides, and a close. */
+export interface EtcdCluster {
+  store: Store;
+  election: LeaderElection;
+  raftState: () => Promise<RaftState>;
+  /** Closes the store's connections. */
+  close(): Promise<void>;
+}
+
 /** Opens the etcd store, its election and its Raft status for a server. */
-export async function openEtcdCluster(options: EtcdStoreOptions & { electionTtlMs?: number }) {
+export async function openEtcdCluster(
+  options: EtcdStoreOptions & { electionTtlMs?: number },
+): Promise<EtcdCluster> {
   const store = await openEtcdStore(options);
   return {
     store: store as Store,
