@@ -153,3 +153,25 @@ export async function poll<T>(
   }
   throw new Error(`timed out waiting for ${options.what ?? "a condition"}`);
 }
+
+/**
+ * Live processes whose command line mentions `text`, as `pid` and its
+ * command line (zombies excluded). Asks ps(1): Deno guards other
+ * processes' /proc entries behind --allow-all.
+ */
+export async function processesMentioning(
+  text: string,
+): Promise<Array<{ pid: number; args: string }>> {
+  const output = await new Deno.Command("ps", {
+    args: ["-eo", "pid=,stat=,args="],
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  const found: Array<{ pid: number; args: string }> = [];
+  for (const line of new TextDecoder().decode(output.stdout).split("\n")) {
+    const match = /^\s*(\d+)\s+(\S+)\s+(.*)$/.exec(line);
+    if (!match || match[2].startsWith("Z") || !match[3].includes(text)) continue;
+    found.push({ pid: Number(match[1]), args: match[3] });
+  }
+  return found;
+}

@@ -16,6 +16,7 @@
 
 import assert from "node:assert/strict";
 import { join, resolve, sep } from "node:path";
+import { processesMentioning } from "./_helpers.ts";
 
 /** Absolute path of the repository root (no trailing slash). */
 const ROOT = resolve(new URL("..", import.meta.url).pathname);
@@ -148,22 +149,6 @@ interface ConsumerReport {
   shouted?: string;
 }
 
-/** Pids of processes whose command line mentions `text` (Linux; none elsewhere). */
-async function processesMentioning(text: string): Promise<number[]> {
-  if (Deno.build.os !== "linux") return [];
-  const found: number[] = [];
-  for await (const entry of Deno.readDir("/proc")) {
-    if (!/^\d+$/.test(entry.name)) continue;
-    try {
-      const cmdline = await Deno.readTextFile(`/proc/${entry.name}/cmdline`);
-      if (cmdline.includes(text)) found.push(Number(entry.name));
-    } catch {
-      // Gone, or not ours to read.
-    }
-  }
-  return found;
-}
-
 /** Sends SIGKILL to a process (or, negative, a process group) that may be gone already. */
 function killIfAlive(pid: number): void {
   try {
@@ -202,7 +187,7 @@ async function runConsumer(
     killIfAlive(-child.pid);
     // Steps lead process groups of their own; none may outlive the run.
     const left = await processesMentioning(stateDir);
-    for (const pid of left) killIfAlive(pid);
+    for (const { pid } of left) killIfAlive(pid);
     assert.deepEqual(left, [], "processes of the run outlived it");
   }
   const stdout = new TextDecoder().decode(output.stdout);

@@ -6,7 +6,7 @@
  */
 
 import assert from "node:assert/strict";
-import { poll, runCli, sandbox, spawnCli, waitForLine } from "./_helpers.ts";
+import { poll, processesMentioning, runCli, sandbox, spawnCli, waitForLine } from "./_helpers.ts";
 import { openLocalState, readStepStates } from "../agent/local/mod.ts";
 
 /** Whether a process is alive (a zombie counts as gone). */
@@ -18,17 +18,6 @@ async function alive(pid: number): Promise<boolean> {
   }).output();
   const stat = new TextDecoder().decode(output.stdout).trim();
   return stat !== "" && !stat.startsWith("Z");
-}
-
-/** Pids of live processes whose command line mentions `text`. */
-async function processesMentioning(text: string): Promise<string[]> {
-  const output = await new Deno.Command("ps", {
-    args: ["-eo", "pid=,stat=,args="],
-    stdout: "piped",
-  }).output();
-  return new TextDecoder().decode(output.stdout).split("\n")
-    .filter((line) => line.includes(text) && !/^\s*\d+\s+Z/.test(line))
-    .map((line) => line.trim());
 }
 
 async function readPid(path: string): Promise<number | undefined> {
@@ -123,7 +112,8 @@ Deno.test("SIGKILL of runnel run mid-step: resume reaps the dead runner's shell 
       async () => (await processesMentioning(box.dir)).length === 0 ? true : undefined,
       { what: "every process of the run to end" },
     ).catch(async (error) => {
-      throw new Error(`${error.message}: ${(await processesMentioning(box.dir)).join("; ")}`);
+      const left = await processesMentioning(box.dir);
+      throw new Error(`${error.message}: ${left.map((p) => `${p.pid} ${p.args}`).join("; ")}`);
     });
   } finally {
     killAll([shellPid, denoPid]);
