@@ -70,53 +70,25 @@ export default async function (ctx) {
 `;
 }
 
-Deno.test("SIGKILL of runnel run mid-step: resume reaps the dead runner's shell and deno steps before running them again", async () => {
-  await using box = await sandbox();
+/** A run whose runner was SIGKILLed while both steps ran their first attempt. */
+interface CrashedRun extends AsyncDisposable {
+  dir: string;
+  stateDir: string;
+  runId: string;
+  shellPid: number;
+  denoPid: number;
+}
+
+/** Starts `runnel run`, waits until both steps run, and SIGKILLs the runner. */
+async function crashMidStep(): Promise<CrashedRun> {
+  const box = await sandbox();
   await Deno.mkdir(`${box.dir}/pids`);
   const file = await box.write("pipeline.yaml", PIPELINE);
   await box.write("wait.ts", waitModule(`${box.dir}/pids`));
   const { child, lines } = spawnCli(["run", file, "--state-dir", box.stateDir], { cwd: box.dir });
-  let shellPid: number | undefined;
-  let denoPid: number | undefined;
-  try {
-    const header = await waitForLine(lines, (l) => l.startsWith("run "));
-    const runId = header.split(" ")[1];
-    shellPid = await poll(() => readPid(`${box.dir}/pids/shell.1`), { what: "the shell step" });
-    denoPid = await poll(() => readPid(`${box.dir}/pids/deno.1`), { what: "the deno step" });
-    child.kill("SIGKILL");
-    await child.status;
-    await child.stderr.cancel();
-    // The defect this guards against: both steps outlive their runner.
-    assert.ok(await alive(shellPid), "the shell step outlived its runner");
-    assert.ok(await alive(denoPid), "the deno step outlived its runner");
-
-    const resumed = await runCli(["resume", runId, "--state-dir", box.stateDir], { cwd: box.dir });
-    const shown = await runCli(["show", runId, "--state-dir", box.stateDir], { cwd: box.dir });
-    assert.equal(resumed.code, 0, resumed.stderr + resumed.stdout + shown.stdout);
-    assert.equal(await alive(shellPid), false, "the old shell attempt was reaped");
-    assert.equal(await alive(denoPid), false, "the old deno attempt was reaped");
-    const attempts = (await Deno.readTextFile(`${box.dir}/pids/shell.attempts`)).trim();
-    assert.equal(attempts, "1\n2", "the side effect ran once per attempt, one at a time");
-
-    const state = await openLocalState(box.stateDir);
-    try {
-      const steps = await readStepStates(state.store, runId);
-      assert.equal(steps["side-effect"].status, "succeeded");
-      assert.equal(steps.sandboxed.status, "succeeded");
-      assert.equal(steps["side-effect"].attempts.length, 2);
-    } finally {
-      await state.close();
-    }
-    // Nothing of the dead runner remains: not its steps, not its plugin hosts.
-    await poll(
-      async () => (await processesMentioning(box.dir)).length === 0 ? true : undefined,
-      { what: "every process of the run to end" },
-    ).catch(async (error) => {
-      const left = await processesMentioning(box.dir);
-      throw new Error(`${error.message}: ${left.map((p) => `${p.pid} ${p.args}`).join("; ")}`);
-    });
-  } finally {
-    killAll([shellPid, denoPid]);
+  const pids: Array<number | undefined> = [];
+  const dispose = async () => {
+    killAll(pids);
     try {
       child.kill("SIGKILL");
       await child.status;
@@ -124,44 +96,73 @@ Deno.test("SIGKILL of runnel run mid-step: resume reaps the dead runner's shell 
     } catch {
       // Ended already.
     }
+    await box[Symbol.asyncDispose]();
+  };
+  try {
+    const header = await waitForLine(lines, (l) => l.startsWith("run "));
+    const runId = header.split(" ")[1];
+    const shellPid = await poll(() => readPid(`${box.dir}/pids/shell.1`), { what: "shell step" });
+    pids.push(shellPid);
+    const denoPid = await poll(() => readPid(`${box.dir}/pids/deno.1`), { what: "deno step" });
+    pids.push(denoPid);
+    child.kill("SIGKILL");
+    await child.status;
+    await child.stderr.cancel();
+    return {
+      dir: box.dir,
+      stateDir: box.stateDir,
+      runId,
+      shellPid,
+      denoPid,
+      [Symbol.asyncDispose]: dispose,
+    };
+  } catch (error) {
+    await dispose();
+    throw error;
   }
+}
+
+Deno.test("SIGKILL of runnel run mid-step: resume reaps the dead runner's shell and deno steps before running them again", async () => {
+  await using run = await crashMidStep();
+  const { dir, stateDir, runId, shellPid, denoPid } = run;
+  // The defect this guards against: both steps outlive their runner.
+  assert.ok(await alive(shellPid), "the shell step outlived its runner");
+  assert.ok(await alive(denoPid), "the deno step outlived its runner");
+
+  const resumed = await runCli(["resume", runId, "--state-dir", stateDir], { cwd: dir });
+  const shown = await runCli(["show", runId, "--state-dir", stateDir], { cwd: dir });
+  assert.equal(resumed.code, 0, resumed.stderr + resumed.stdout + shown.stdout);
+  assert.equal(await alive(shellPid), false, "the old shell attempt was reaped");
+  assert.equal(await alive(denoPid), false, "the old deno attempt was reaped");
+  const attempts = (await Deno.readTextFile(`${dir}/pids/shell.attempts`)).trim();
+  assert.equal(attempts, "1\n2", "the side effect ran once per attempt, one at a time");
+
+  const state = await openLocalState(stateDir);
+  try {
+    const steps = await readStepStates(state.store, runId);
+    assert.equal(steps["side-effect"].status, "succeeded");
+    assert.equal(steps.sandboxed.status, "succeeded");
+    assert.equal(steps["side-effect"].attempts.length, 2);
+  } finally {
+    await state.close();
+  }
+  // Nothing of the dead runner remains: not its steps, not its plugin hosts.
+  await poll(
+    async () => (await processesMentioning(dir)).length === 0 ? true : undefined,
+    { what: "every process of the run to end" },
+  ).catch(async (error) => {
+    const left = await processesMentioning(dir);
+    throw new Error(`${error.message}: ${left.map((p) => `${p.pid} ${p.args}`).join("; ")}`);
+  });
 });
 
 Deno.test("runnel cancel of a run whose runner was SIGKILLed reaps its steps' processes", async () => {
-  await using box = await sandbox();
-  await Deno.mkdir(`${box.dir}/pids`);
-  const file = await box.write("pipeline.yaml", PIPELINE);
-  await box.write("wait.ts", waitModule(`${box.dir}/pids`));
-  const { child, lines } = spawnCli(["run", file, "--state-dir", box.stateDir], { cwd: box.dir });
-  let shellPid: number | undefined;
-  let denoPid: number | undefined;
-  try {
-    const header = await waitForLine(lines, (l) => l.startsWith("run "));
-    const runId = header.split(" ")[1];
-    shellPid = await poll(() => readPid(`${box.dir}/pids/shell.1`), { what: "the shell step" });
-    denoPid = await poll(() => readPid(`${box.dir}/pids/deno.1`), { what: "the deno step" });
-    child.kill("SIGKILL");
-    await child.status;
-    await child.stderr.cancel();
-
-    const cancelled = await runCli(["cancel", runId, "--state-dir", box.stateDir], {
-      cwd: box.dir,
-    });
-    assert.equal(cancelled.code, 0, cancelled.stderr + cancelled.stdout);
-    assert.equal(await alive(shellPid), false, "the shell step was reaped");
-    assert.equal(await alive(denoPid), false, "the deno step was reaped");
-    const show = await runCli(["show", runId, "--state-dir", box.stateDir, "--json"], {
-      cwd: box.dir,
-    });
-    assert.equal(JSON.parse(show.stdout).status, "cancelled");
-  } finally {
-    killAll([shellPid, denoPid]);
-    try {
-      child.kill("SIGKILL");
-      await child.status;
-      await child.stderr.cancel();
-    } catch {
-      // Ended already.
-    }
-  }
+  await using run = await crashMidStep();
+  const { dir, stateDir, runId, shellPid, denoPid } = run;
+  const cancelled = await runCli(["cancel", runId, "--state-dir", stateDir], { cwd: dir });
+  assert.equal(cancelled.code, 0, cancelled.stderr + cancelled.stdout);
+  assert.equal(await alive(shellPid), false, "the shell step was reaped");
+  assert.equal(await alive(denoPid), false, "the deno step was reaped");
+  const show = await runCli(["show", runId, "--state-dir", stateDir, "--json"], { cwd: dir });
+  assert.equal(JSON.parse(show.stdout).status, "cancelled");
 });
