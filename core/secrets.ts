@@ -111,32 +111,97 @@ export function resolveSecrets(
 }
 
 /**
- * Replaces secret values with {@link MASK}, longest first, in whole texts or
- * in streams where a value may be split across chunks.
+ * A line this long with no newline yet is passed on in pieces rather than
+ * held whole (its secrets are still masked): a step printing a progress bar
+ * with `\r` must not fill the runner's memory.
+ */
+export const MAX_HELD_LINE_CHARS = 64 * 1024;
+
+/**
+ * What a secret may look like in output besides itself: each line of a
+ * multi-line secret (a step that prints a key line by line, or JSON-escapes
+ * it), and its base64 encoding. A secret inside a longer base64 text is
+ * encoded differently at each of the three byte alignments, so for each the
+ * characters that depend on the secret alone are taken, in the standard and
+ * the URL-safe alphabet (GitHub Actions' runner masks the same three shifts).
+ * Base64 wrapped over lines (`base64` without `-w0` past 57 bytes) is not
+ * recognised.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { secretVariants } from "./secrets.ts";
+ *
+ * assert.ok(secretVariants("hunter2-SECRET").includes(btoa("hunter2-SECRET").slice(0, 16)));
+ * assert.ok(secretVariants("line one\nline two").includes("line two"));
+ * ```
+ */
+export function secretVariants(secret: string): string[] {
+  const variants = new Set<string>([secret]);
+  if (/[\r\n]/.test(secret)) {
+    for (const line of secret.split(/\r?\n|\r/)) variants.add(line);
+  }
+  const bytes = new TextEncoder().encode(secret);
+  for (let shift = 0; shift < 3; shift++) {
+    const shifted = new Uint8Array(shift + bytes.length);
+    shifted.set(bytes, shift);
+    const encoded = encodeBase64(shifted);
+    // A character depends on the bytes before the secret up to `shift`
+    // characters in, and on those after it in the last, partial group.
+    const core = encoded.slice(shift === 0 ? 0 : shift + 1, Math.floor(shifted.length / 3) * 4);
+    variants.add(core);
+    variants.add(core.replaceAll("+", "-").replaceAll("/", "_"));
+  }
+  return [...variants].filter((variant) => variant.length >= MIN_MASKED_SECRET_LENGTH);
+}
+
+/** Options of {@link Masker.stream}. */
+export interface MaskingStreamOptions {
+  /**
+   * Pass text on in whole lines only (the rest at the end, or once a line
+   * grows past {@link MAX_HELD_LINE_CHARS}); default false.
+   */
+  wholeLines?: boolean;
+}
+
+/** One stream of text being masked: pieces in, masked text out. */
+export interface MaskingStream {
+  /** Takes the next piece; returns the masked text that is now decided (maybe ""). */
+  push(text: string): string;
+  /** Ends the stream; returns the masked rest. */
+  end(): string;
+}
+
+/**
+ * Replaces secret values (and their {@link secretVariants}) with
+ * {@link MASK}, longest first, in whole texts or in streams where a value
+ * may be split across chunks and lines.
  *
  * @example
  * ```ts
  * import assert from "node:assert/strict";
  * import { Masker } from "./secrets.ts";
  *
- * assert.equal(new Masker(["hunter2"]).mask("password: hunter2"), "password: ***");
+ * const masker = new Masker(["hunter2"]);
+ * assert.equal(masker.mask("password: hunter2"), "password: ***");
+ * const stream = masker.stream({ wholeLines: true });
+ * assert.equal(stream.push("password: hun"), "");
+ * assert.equal(stream.push("ter2\nnext"), "password: ***\n");
+ * assert.equal(stream.end(), "next");
  * ```
  */
 export class Masker {
   readonly #pattern: RegExp | undefined;
-  /** Longest masked value; a stream holds back one less than this. */
-  readonly #maxLength: number;
+  readonly #values: string[];
 
   /** Builds a masker; values shorter than {@link MIN_MASKED_SECRET_LENGTH} are ignored. */
   constructor(secrets: string[]) {
-    const masked = [...new Set(secrets)]
-      .filter((secret) => secret.length >= MIN_MASKED_SECRET_LENGTH)
-      // Longest first: the regex alternation takes the first that matches at
-      // a position, so `abcd` wins over its prefix `abc`.
-      .sort((a, b) => b.length - a.length);
-    this.#maxLength = masked[0]?.length ?? 0;
-    this.#pattern = masked.length > 0
-      ? new RegExp(masked.map(escapeRegExp).join("|"), "g")
+    const values = new Set(secrets.flatMap(secretVariants));
+    // Longest first: the regex alternation takes the first that matches at
+    // a position, so `abcd` wins over its prefix `abc`.
+    this.#values = [...values].sort((a, b) => b.length - a.length);
+    this.#pattern = this.#values.length > 0
+      ? new RegExp(this.#values.map(escapeRegExp).join("|"), "g")
       : undefined;
   }
 
@@ -146,51 +211,119 @@ export class Masker {
   }
 
   /**
+   * Masks a stream of text pieces. Text is held back only from the first
+   * position where a secret may begin but has not yet been seen whole (a
+   * tail that is a prefix of a secret), so a secret split across pieces or
+   * lines is masked and everything else passes on at once.
+   */
+  stream(options: MaskingStreamOptions = {}): MaskingStream {
+    let carry = "";
+    return {
+      push: (text) => {
+        const [out, rest] = this.#decide(carry + text, false, options.wholeLines ?? false);
+        carry = rest;
+        return out;
+      },
+      end: () => {
+        const [out] = this.#decide(carry, true, false);
+        carry = "";
+        return out;
+      },
+    };
+  }
+
+  /**
    * A stream that masks what flows through it, bytes (UTF-8) or strings in,
-   * strings out. It holds back at most the longest secret's length − 1
-   * characters, so a secret split across chunks is still masked, and
-   * everything else passes on at once.
+   * strings out (see {@link stream}).
    */
   createStream(): TransformStream<Uint8Array | string, string> {
-    const pattern = this.#pattern;
-    const holdBack = Math.max(0, this.#maxLength - 1);
     const decoder = new TextDecoder();
-    let carry = "";
-    const emit = (
-      text: string,
-      final: boolean,
-      controller: TransformStreamDefaultController<string>,
-    ) => {
-      if (!pattern) {
-        if (text) controller.enqueue(text);
-        return;
-      }
-      // Positions before `safeEnd` have every secret that could start there
-      // entirely in `text`, so they are decided exactly as `mask` would.
-      let safeEnd = final ? text.length : Math.max(0, text.length - holdBack);
-      let out = "";
-      let last = 0;
-      pattern.lastIndex = 0;
-      for (let match = pattern.exec(text); match; match = pattern.exec(text)) {
-        if (match.index >= safeEnd) break;
-        out += text.slice(last, match.index) + MASK;
-        last = match.index + match[0].length;
-        safeEnd = Math.max(safeEnd, last);
-      }
-      out += text.slice(last, safeEnd);
-      carry = text.slice(safeEnd);
-      if (out) controller.enqueue(out);
-    };
+    const masking = this.stream();
     return new TransformStream<Uint8Array | string, string>({
       transform(chunk, controller) {
         const text = typeof chunk === "string" ? chunk : decoder.decode(chunk, { stream: true });
-        emit(carry + text, false, controller);
+        const out = masking.push(text);
+        if (out) controller.enqueue(out);
       },
       flush(controller) {
-        emit(carry + decoder.decode(), true, controller);
+        const out = masking.push(decoder.decode()) + masking.end();
+        if (out) controller.enqueue(out);
       },
     });
   }
+
+  /** Splits `text` into its masked decided part and the raw rest to hold back. */
+  #decide(text: string, final: boolean, wholeLines: boolean): [string, string] {
+    // Every secret that starts before `safeEnd` is entirely in `text` or
+    // cannot match there, so those positions are decided exactly as `mask`
+    // decides them.
+    let safeEnd = final ? text.length : this.#heldFrom(text);
+    const matches: Array<[number, number]> = [];
+    const pattern = this.#pattern;
+    if (pattern) {
+      pattern.lastIndex = 0;
+      for (let match = pattern.exec(text); match; match = pattern.exec(text)) {
+        if (match.index >= safeEnd) break;
+        const end = match.index + match[0].length;
+        matches.push([match.index, end]);
+        safeEnd = Math.max(safeEnd, end);
+      }
+    }
+    let cut = safeEnd;
+    if (wholeLines && !final) {
+      cut = lineStart(text, safeEnd);
+      // Never inside a masked value (a multi-line secret spans newlines).
+      for (let i = matches.length - 1; i >= 0 && cut > 0; i--) {
+        const [start, end] = matches[i];
+        if (end <= cut) break;
+        if (start < cut) cut = lineStart(text, start);
+      }
+      if (cut === 0 && safeEnd > MAX_HELD_LINE_CHARS) cut = safeEnd;
+    }
+    // A surrogate pair stays whole (a cut at a match's end never splits one).
+    if (!final && cut > 0 && cut < text.length && isHighSurrogate(text.charCodeAt(cut - 1))) {
+      if (!matches.some(([, end]) => end === cut)) cut--;
+    }
+    let out = "";
+    let last = 0;
+    for (const [start, end] of matches) {
+      if (end > cut) break;
+      out += text.slice(last, start) + MASK;
+      last = end;
+    }
+    out += text.slice(last, cut);
+    return [out, text.slice(cut)];
+  }
+
+  /** The first position of `text` whose rest is a proper prefix of a masked value. */
+  #heldFrom(text: string): number {
+    let from = text.length;
+    for (const value of this.#values) {
+      for (let at = Math.max(0, text.length - value.length + 1); at < from; at++) {
+        if (text.charCodeAt(at) === value.charCodeAt(0) && value.startsWith(text.slice(at))) {
+          from = at;
+          break;
+        }
+      }
+    }
+    return from;
+  }
+}
+
+/** Where the line holding position `before - 1` starts: just after the last newline before `before`. */
+function lineStart(text: string, before: number): number {
+  // lastIndexOf reads a negative start as 0, which would find a newline at 0.
+  return before > 0 ? text.lastIndexOf("\n", before - 1) + 1 : 0;
+}
+
+function isHighSurrogate(code: number): boolean {
+  return code >= 0xd800 && code <= 0xdbff;
+}
+
+function encodeBase64(bytes: Uint8Array): string {
+  let binary = "";
+  for (const byte of bytes) binary += String.fromCharCode(byte);
+  return btoa(binary);
 }
 
 function escapeRegExp(text: string): string {

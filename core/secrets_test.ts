@@ -1,10 +1,14 @@
 import assert from "node:assert/strict";
 import {
+  MASK,
   Masker,
+  MAX_HELD_LINE_CHARS,
   MIN_MASKED_SECRET_LENGTH,
   resolveSecrets,
   SecretNotFoundError,
+  secretVariants,
 } from "./secrets.ts";
+import { mulberry32, testSeed } from "./_random.ts";
 
 Deno.test("resolveSecrets reads env and file references", () => {
   const values = resolveSecrets(
@@ -77,32 +81,57 @@ Deno.test("Masker stream masks secrets split across chunks", async () => {
   assert.equal((await streamed(masker, split)).join(""), "é *** é");
 });
 
-Deno.test("Masker stream passes text on without waiting for the end", async () => {
+Deno.test("Masker stream holds back only what may start a secret", async () => {
   const masker = new Masker(["secret"]);
   const stream = masker.createStream();
   const writer = stream.writable.getWriter();
   const reader = stream.readable.getReader();
-  void writer.write("line one of the log\n");
+  void writer.write("line one of the log\nsec");
   const first = await reader.read();
-  // Only the last len("secret") - 1 characters may be held back.
-  assert.equal(first.value, "line one of the");
+  // "sec" may begin the secret: only it waits.
+  assert.equal(first.value, "line one of the log\n");
+  void writer.write("ond line");
+  assert.equal((await reader.read()).value, "second line");
   void writer.close();
-  const rest = await reader.read();
-  assert.equal(rest.value, " log\n");
+  assert.equal((await reader.read()).done, true);
 });
 
-Deno.test("Masker stream equals mask() for random chunkings (seeded)", async () => {
-  const seed = Number(Deno.env.get("RUNNEL_SEED") ?? Math.floor(Math.random() * 2 ** 31));
-  let state = seed >>> 0;
-  const random = () => {
-    // mulberry32: small, seedable, good enough to vary chunk boundaries.
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const alphabet = "abc-";
+Deno.test("Masker masks each line of a multi-line secret and its base64", () => {
+  const key = "-----BEGIN KEY-----\nMIIEowIBAAKCAQEA\n-----END KEY-----";
+  const masker = new Masker([key]);
+  assert.equal(masker.mask(`key:\n${key}\n`), "key:\n***\n");
+  assert.equal(masker.mask("second: MIIEowIBAAKCAQEA only"), "second: *** only");
+  assert.equal(masker.mask(JSON.stringify({ key })), `{"key":"***\\n***\\n***"}`);
+  const token = "hunter2-SECRET";
+  const tokenMasker = new Masker([token]);
+  for (const prefix of ["", "a", "ab", "user:"]) {
+    const encoded = btoa(`${prefix}${token}!`);
+    const masked = tokenMasker.mask(`auth ${encoded}`);
+    assert.match(masked, /\*\*\*/, `base64 of ${prefix}${token}`);
+    assert.ok(masked.length < `auth ${encoded}`.length - 8, masked);
+  }
+  const urlSafe = btoa("\xfb\xff" + token).replaceAll("+", "-").replaceAll("/", "_");
+  assert.match(tokenMasker.mask(urlSafe), /\*\*\*/);
+  assert.ok(secretVariants(token).every((variant) => variant.length >= MIN_MASKED_SECRET_LENGTH));
+});
+
+Deno.test("Masker stream masks a multi-line secret whose lines arrive in separate chunks", () => {
+  const secret = "first-line-abc\nsecond-line-xyz";
+  const masker = new Masker([secret]);
+  const stream = masker.stream({ wholeLines: true });
+  let out = stream.push("before\nfirst-line-abc\n");
+  out += stream.push("second-line-xyz\nafter\n");
+  out += stream.end();
+  assert.equal(out, "before\n***\nafter\n");
+  // A long line with no newline is not held whole.
+  const long = masker.stream({ wholeLines: true });
+  assert.equal(long.push("x".repeat(MAX_HELD_LINE_CHARS + 1)).length, MAX_HELD_LINE_CHARS + 1);
+});
+
+Deno.test("Masker stream equals mask() for random secrets and chunkings (seeded)", async () => {
+  const seed = testSeed();
+  const random = mulberry32(seed);
+  const alphabet = "abc-\n";
   const word = (min: number, max: number) => {
     const length = min + Math.floor(random() * (max - min + 1));
     let text = "";
@@ -110,22 +139,40 @@ Deno.test("Masker stream equals mask() for random chunkings (seeded)", async () 
     return text;
   };
   try {
-    for (let round = 0; round < 200; round++) {
-      const secrets = Array.from({ length: 1 + Math.floor(random() * 3) }, () => word(1, 6));
+    for (let round = 0; round < 400; round++) {
+      const secrets = Array.from({ length: 1 + Math.floor(random() * 3) }, () => word(1, 9));
       const masker = new Masker(secrets);
-      const text = word(0, 60);
+      // Output that holds the secrets (and their lines) among random text.
+      let text = "";
+      for (let i = Math.floor(random() * 6); i >= 0; i--) {
+        text += word(0, 12) +
+          (random() < 0.6 ? secrets[Math.floor(random() * secrets.length)] : "");
+      }
       const chunks: string[] = [];
       for (let at = 0; at < text.length;) {
         const size = 1 + Math.floor(random() * 8);
         chunks.push(text.slice(at, at + size));
         at += size;
       }
-      const out = (await streamed(masker, chunks)).join("");
-      assert.equal(
-        out,
-        masker.mask(text),
-        `secrets ${JSON.stringify(secrets)}, chunks ${JSON.stringify(chunks)}`,
-      );
+      const context = `secrets ${JSON.stringify(secrets)}, chunks ${JSON.stringify(chunks)}`;
+      const expected = masker.mask(text);
+      assert.equal((await streamed(masker, chunks)).join(""), expected, context);
+      const lines = masker.stream({ wholeLines: true });
+      const pieces = chunks.map((chunk) => lines.push(chunk));
+      pieces.push(lines.end());
+      assert.equal(pieces.join(""), expected, context);
+      // Every piece but the last ends a line (maybe a masked one's newline).
+      for (const piece of pieces.slice(0, -1)) {
+        assert.ok(
+          piece === "" || piece.endsWith("\n") || piece.endsWith(MASK),
+          `${context}: piece ${JSON.stringify(piece)}`,
+        );
+      }
+      for (const secret of secrets) {
+        if (secret.trim().length >= MIN_MASKED_SECRET_LENGTH && !secret.includes("\n")) {
+          assert.ok(!expected.includes(secret), `${context}: ${JSON.stringify(secret)} leaked`);
+        }
+      }
     }
   } catch (error) {
     console.error(`Masker property test failed with RUNNEL_SEED=${seed}`);

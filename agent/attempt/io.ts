@@ -181,25 +181,27 @@ export interface MaskedText {
 }
 
 /**
- * An attempt's output, decoded and masked. Per stream, a partial line is
- * held back until its newline (or the end), so a secret split across chunks
- * is still masked and lines arrive whole.
+ * An attempt's output, decoded and masked. Per stream, text passes on in
+ * whole lines; a line (or lines) that may still turn out to hold a secret
+ * split across chunks, a multi-line one too, is held back until it is
+ * decided (see `Masker.stream`).
  */
 export async function* maskedLogs(
   logs: AsyncIterable<LogChunk>,
   masker: Masker,
 ): AsyncGenerator<MaskedText> {
   const decoders = { stdout: new TextDecoder(), stderr: new TextDecoder() };
-  const partial = { stdout: "", stderr: "" };
+  const masking = {
+    stdout: masker.stream({ wholeLines: true }),
+    stderr: masker.stream({ wholeLines: true }),
+  };
   for await (const chunk of logs) {
-    const text = partial[chunk.stream] +
-      decoders[chunk.stream].decode(chunk.data, { stream: true });
-    const cut = text.lastIndexOf("\n") + 1;
-    partial[chunk.stream] = text.slice(cut);
-    if (cut > 0) yield { stream: chunk.stream, text: masker.mask(text.slice(0, cut)) };
+    const text = decoders[chunk.stream].decode(chunk.data, { stream: true });
+    const decided = masking[chunk.stream].push(text);
+    if (decided) yield { stream: chunk.stream, text: decided };
   }
   for (const stream of ["stdout", "stderr"] as const) {
-    const rest = partial[stream] + decoders[stream].decode();
-    if (rest) yield { stream, text: masker.mask(rest) };
+    const rest = masking[stream].push(decoders[stream].decode()) + masking[stream].end();
+    if (rest) yield { stream, text: rest };
   }
 }

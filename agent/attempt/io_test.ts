@@ -110,6 +110,20 @@ Deno.test("masked logs: whole lines, a secret split across chunks still masked",
   ]);
 });
 
+Deno.test("masked logs: a multi-line secret whose lines arrive in separate chunks", async () => {
+  const encoder = new TextEncoder();
+  const secret = "line-one-of-it\nline-two-of-it";
+  async function* chunks(): AsyncGenerator<LogChunk> {
+    yield { stream: "stdout", data: encoder.encode("start\nline-one-of-it\n") };
+    yield { stream: "stdout", data: encoder.encode("line-two-of-it\n") };
+    yield { stream: "stdout", data: encoder.encode(`alone: line-two-of-it ${btoa(secret)}\n`) };
+  }
+  let text = "";
+  for await (const piece of maskedLogs(chunks(), new Masker([secret]))) text += piece.text;
+  // Of the base64, only the last group (which also encodes what follows) is left.
+  assert.match(text, /^start\n\*{3}\nalone: \*{3} \*{3}\S{0,4}\n$/);
+});
+
 Deno.test("exits and errors become results, classified by the backends' classifyExit", () => {
   const masker = new Masker(["topsecret"]);
   assert.equal(failureOf({ exitCode: 0 }, masker), undefined);
