@@ -31,8 +31,12 @@ async function main(line: CommandLine): Promise<number> {
     if (!args[0]) throw new UsageError(`"runnel ${command}" needs ${what}`);
     return args[0];
   };
-  const config = await loadAgentConfig({ file: flags.config, pluginFlags: flags.plugin ?? [] });
-  const { plugins, hosts } = config;
+  const config = await loadAgentConfig({
+    file: flags.config,
+    pluginFlags: flags.plugin ?? [],
+    secretsFile: flags.secrets,
+  });
+  const { plugins, hosts, secrets } = config;
   const stateDir = flags["state-dir"];
   const json = flags.json;
   const execute = {
@@ -44,6 +48,7 @@ async function main(line: CommandLine): Promise<number> {
       : positiveInt(flags.concurrency, "--concurrency"),
     plugins,
     hosts,
+    secrets,
   };
 
   const cluster = () => import("./agent/client/cli.ts");
@@ -58,7 +63,7 @@ async function main(line: CommandLine): Promise<number> {
     case "submit":
       return await (await cluster()).submitCommand(need("a pipeline file"), flags);
     case "validate":
-      return await local.validateCommand(need("a pipeline file"), plugins);
+      return await local.validateCommand(need("a pipeline file"), plugins, secrets);
     case "plan":
       return await local.planCommand(need("a pipeline file"), { plugins, mermaid: flags.mermaid });
     case "schema":

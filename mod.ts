@@ -91,7 +91,15 @@ export type { ArtifactRecord, ArtifactStore } from "./core/artifacts/store.ts";
 export { openLocalArtifactStore } from "./core/artifacts/local.ts";
 export type { S3ArtifactStoreOptions } from "./core/artifacts/s3.ts";
 export { openS3ArtifactStore, S3BucketMissingError, S3ConfigError } from "./core/artifacts/s3.ts";
-export { Masker, resolveSecrets } from "./core/secrets.ts";
+export {
+  loadSecretsFile,
+  Masker,
+  resolveSecrets,
+  SecretNotFoundError,
+  SecretsFileError,
+  SecretStore,
+} from "./core/secrets.ts";
+export type { SecretPolicy, SecretReaders, SecretSource } from "./core/secrets.ts";
 
 // Backends.
 export type {

@@ -10,7 +10,14 @@
  *   idle: 60s                             # stop a host idle this long
  *   heartbeat: 1s                         # ping a busy host this often
  *   heartbeat-timeout: 10s                # replace a host silent this long
+ * secrets:                                # secrets this host's operator declares, by name
+ *   db-password: { env: DB_PASSWORD }     # an env var of the agent
+ *   deploy-key: { file: ./deploy-key }    # a file (relative to this file)
  * ```
+ *
+ * Steps naming a secret of `secrets:` (`DB_PASSWORD: db-password` in the
+ * pipeline) get its value from this agent, never from a server; a
+ * `--secrets FILE` flag adds (and overrides) names the same way.
  *
  * @module
  */
@@ -25,6 +32,13 @@ import {
   type PluginSource,
 } from "../backends/mod.ts";
 import { parseDuration } from "../core/duration.ts";
+import { SecretSourcesSchema } from "../core/schema.ts";
+import {
+  loadSecretsFile,
+  parseSecretSources,
+  SecretsFileError,
+  type SecretSource,
+} from "../core/secrets.ts";
 
 const duration = z.string().refine((text) => {
   try {
@@ -43,6 +57,7 @@ export const AgentConfigSchema = z.strictObject({
     heartbeat: duration.optional(),
     "heartbeat-timeout": duration.optional(),
   }).optional(),
+  secrets: SecretSourcesSchema.optional(),
 });
 
 /** Plugin host tuning, as {@link PluginHostPoolOptions} takes it. */
@@ -57,6 +72,8 @@ export interface AgentConfig {
   plugins: PluginSource[];
   /** Plugin host tuning (absent keys keep the defaults). */
   hosts: HostTuning;
+  /** Secrets this host's operator declares: name → env var or file (absolute paths). */
+  secrets: Record<string, SecretSource>;
 }
 
 /** A config file or flag an agent cannot use. */
@@ -79,6 +96,8 @@ export interface LoadAgentConfigOptions {
   pluginFlags?: string[];
   /** Where flag paths resolve (default: the working directory). */
   cwd?: string;
+  /** A secrets file (`--secrets`); its names win over the config's `secrets:`. */
+  secretsFile?: string;
 }
 
 /**
@@ -94,6 +113,7 @@ export interface LoadAgentConfigOptions {
 export async function loadAgentConfig(options: LoadAgentConfigOptions = {}): Promise<AgentConfig> {
   const byName = new Map<string, PluginSource>();
   const hosts: HostTuning = {};
+  let secrets: Record<string, SecretSource> = {};
   const file = options.file;
   if (file) {
     let raw: unknown;
@@ -121,6 +141,15 @@ export async function loadAgentConfig(options: LoadAgentConfigOptions = {}): Pro
     if (tuning["heartbeat-timeout"]) {
       hosts.heartbeatTimeoutMs = parseDuration(tuning["heartbeat-timeout"]);
     }
+    secrets = parseSecretSources(parsed.data.secrets, { baseDir, origin: file });
+  }
+  if (options.secretsFile) {
+    try {
+      secrets = { ...secrets, ...await loadSecretsFile(options.secretsFile) };
+    } catch (error) {
+      if (!(error instanceof SecretsFileError)) throw error;
+      throw new AgentConfigError(error.message);
+    }
   }
   for (const flag of options.pluginFlags ?? []) {
     const at = flag.indexOf("=");
@@ -128,7 +157,7 @@ export async function loadAgentConfig(options: LoadAgentConfigOptions = {}): Pro
     const name = flag.slice(0, at);
     byName.set(name, plugin(name, flag.slice(at + 1), options.cwd ?? Deno.cwd(), "--plugin"));
   }
-  return { plugins: [...byName.values()], hosts };
+  return { plugins: [...byName.values()], hosts, secrets };
 }
 
 function plugin(name: string, where: string, baseDir: string, origin: string): PluginSource {

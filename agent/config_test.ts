@@ -55,3 +55,41 @@ Deno.test("agent config: bad files and flags get plain messages", async () => {
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("agent config: secrets are declared by name; a --secrets file adds and overrides", async () => {
+  const dir = await Deno.realPath(await Deno.makeTempDir({ prefix: "runnel_config_" }));
+  try {
+    await Deno.writeTextFile(
+      `${dir}/agent.yaml`,
+      "secrets:\n  db-password: { env: DB_PASSWORD }\n  deploy-key: { file: keys/deploy }\n",
+    );
+    await Deno.writeTextFile(
+      `${dir}/more.yaml`,
+      "deploy-key: { file: /etc/key }\napi: { env: A }\n",
+    );
+    const config = await loadAgentConfig({ file: `${dir}/agent.yaml` });
+    assert.deepEqual(config.secrets, {
+      "db-password": { env: "DB_PASSWORD" },
+      "deploy-key": { file: `${dir}/keys/deploy` },
+    });
+    const both = await loadAgentConfig({
+      file: `${dir}/agent.yaml`,
+      secretsFile: `${dir}/more.yaml`,
+    });
+    assert.deepEqual(both.secrets, {
+      "db-password": { env: "DB_PASSWORD" },
+      "deploy-key": { file: "/etc/key" },
+      api: { env: "A" },
+    });
+    await Deno.writeTextFile(`${dir}/bad.yaml`, "db-password: hunter2\n");
+    await assert.rejects(
+      loadAgentConfig({ secretsFile: `${dir}/bad.yaml` }),
+      (error: unknown) =>
+        error instanceof AgentConfigError &&
+        error.message.startsWith(`${dir}/bad.yaml: expected`) &&
+        !error.message.includes("hunter2"),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

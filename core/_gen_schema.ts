@@ -78,6 +78,41 @@ function rows(schema: JsonSchema, prefix: string, out: string[][]): void {
   }
 }
 
+/** How secrets are named and where their values come from, after the key table. */
+const SECRETS_SECTION = [
+  "## Secrets",
+  "",
+  "A pipeline never holds a secret's value. Under `secrets:` it maps the env var a step sees to the",
+  "name of a secret the operator declared, and each step lists the env names it is given:",
+  "",
+  "```yaml",
+  "secrets:",
+  "  DB_PASSWORD: db-password # env name → the operator's secret name",
+  "steps:",
+  "  migrate:",
+  "    run: ./migrate.sh # reads $DB_PASSWORD",
+  "    secrets: [DB_PASSWORD]",
+  "```",
+  "",
+  "The operator declares names, each backed by an env var or a file of the process that resolves it, in",
+  "a secrets file (`runnel server --secrets FILE`, `runnel agent --secrets FILE`,",
+  "`runnel run --secrets FILE`) or under `secrets:` in an agent's `--config` file:",
+  "",
+  "```yaml",
+  "db-password: { env: DB_PASSWORD }",
+  "deploy-key: { file: /etc/runnel/deploy-key } # a relative path is relative to this file",
+  "```",
+  "",
+  "In a cluster a step gets the value from the agent that runs it when the agent's config declares the",
+  "name, else from the server the agent is connected to. A server refuses, with the line and column, a",
+  "submitted pipeline naming a secret that neither it nor a connected agent declares, and every",
+  "`{ env: … }` or `{ file: … }` reference: a pipeline cannot read the server's environment or files.",
+  "In local mode you are the operator: a pipeline may also read `{ env: VAR }` or `{ file: path }`",
+  "itself. Values are masked as `***` in every log (each line of a multi-line secret and its base64",
+  "too) and are never written to the state store, attempt records or bundles.",
+  "",
+];
+
 /**
  * Generates the JSON Schema file and the Markdown key reference.
  *
@@ -117,6 +152,7 @@ export function generateSchemaFiles(): { schemaJson: string; reference: string }
     "",
     ...tableLines,
     "",
+    ...SECRETS_SECTION,
   ].join("\n");
   return { schemaJson, reference };
 }

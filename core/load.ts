@@ -14,6 +14,7 @@
 
 import { dirname, resolve } from "node:path";
 import type { Plan } from "./model.ts";
+import type { SecretPolicy } from "./secrets.ts";
 import { planValidated, validatePipeline } from "./validate.ts";
 import { FAST_PATH_MIN_CHARS, parseFast } from "./_fast_path.ts";
 import { readPipelineText } from "./_read.ts";
@@ -38,12 +39,16 @@ export interface ParseOptions {
    * reads from that instead. Returns undefined for a missing file.
    */
   readFile?: (path: string) => Uint8Array | undefined;
+  /** What the operator declared of secrets (see `CheckOptions.secrets`); absent: local mode. */
+  secrets?: SecretPolicy;
 }
 
 /** Options of {@link loadPipeline}. */
 export interface LoadOptions {
   /** Plugin backend names accepted besides the built-in ones. */
   backends?: string[];
+  /** What the operator declared of secrets (see `CheckOptions.secrets`); absent: local mode. */
+  secrets?: SecretPolicy;
 }
 
 /**
@@ -76,7 +81,12 @@ export function parsePipeline(source: string, options: ParseOptions): Plan {
 export function parseLocated(source: string, options: ParseOptions): Plan {
   const baseDir = options.baseDir ?? dirname(resolve(options.file));
   const { raw, reporter } = readYaml(source, options.file);
-  const checks = { baseDir, backends: options.backends, readFile: options.readFile };
+  const checks = {
+    baseDir,
+    backends: options.backends,
+    readFile: options.readFile,
+    secrets: options.secrets,
+  };
   const pipeline = validatePipeline(raw, checks, reporter);
   const plan = pipeline &&
     planValidated(pipeline, { ...checks, file: options.file, source }, reporter);
@@ -106,5 +116,6 @@ export async function loadPipeline(path: string, options: LoadOptions = {}): Pro
     file: path,
     baseDir: dirname(resolve(path)),
     backends: options.backends,
+    secrets: options.secrets,
   });
 }

@@ -79,11 +79,13 @@ export interface RetryPolicy {
   onExitCodes: number[];
 }
 
-/** A reference to a secret value; the value itself is never stored. */
+/** A reference to a secret value (exactly one field); the value itself is never stored. */
 export interface SecretRef {
-  /** Name of an environment variable of the runner that holds the value. */
+  /** Name of a secret the operator declared (a server's or agent's secret store). */
+  secret?: string;
+  /** Local mode only: an environment variable of the runner that holds the value. */
   env?: string;
-  /** Path of a file whose contents (trailing newline trimmed) is the value. */
+  /** Local mode only: a file whose contents (trailing newline trimmed) is the value. */
   file?: string;
 }
 

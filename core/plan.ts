@@ -385,7 +385,9 @@ export function planPipeline(
     order: topologicalOrder(planned),
     env: stringMap(pipeline.env),
     secrets: Object.fromEntries(
-      Object.entries(pipeline.secrets ?? {}).map(([k, v]) => [k, { ...v }]),
+      Object.entries(pipeline.secrets ?? {}).map((
+        [k, v],
+      ) => [k, typeof v === "string" ? { secret: v } : { ...v }]),
     ),
     digest: sha256(options.source),
   };

@@ -98,12 +98,40 @@ export const OnFailureSchema = z.strictObject({
   }),
 }).meta({ description: "Failure handler: a webhook called with the failure metadata." });
 
-const SecretSchema = z.union([
+/** Pattern of a secret name an operator declares: `db-password`, `deploy.key`, `GCP_SA`. */
+export const SECRET_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
+
+/**
+ * Where a secret's value is read: an env var or a file of the process that
+ * resolves it. An operator declares these (a server's `--secrets` file, an
+ * agent config's `secrets:`); a pipeline only in local mode.
+ */
+export const SecretSourceSchema = z.union([
   z.strictObject({
-    env: z.string().min(1).meta({ description: "Runner env var holding the value." }),
+    env: z.string().min(1).meta({ description: "Env var of the runner holding the value." }),
   }),
-  z.strictObject({ file: z.string().min(1).meta({ description: "File holding the value." }) }),
-]).meta({ description: "Where a secret's value is found (never the value itself)." });
+  z.strictObject({
+    file: z.string().min(1).meta({ description: "File of the runner holding the value." }),
+  }),
+]);
+
+/** An operator's secrets: name → source (a server's `--secrets` file, an agent config's `secrets:`). */
+export const SecretSourcesSchema = z.record(
+  z.string().regex(SECRET_NAME_PATTERN, {
+    message: "Expected a secret name of letters, digits, '_', '.' or '-'",
+  }),
+  SecretSourceSchema,
+);
+
+const SecretSchema = z.union([
+  z.string().regex(SECRET_NAME_PATTERN).meta({
+    description: "Name of a secret the operator declared (server `--secrets` file, agent " +
+      "config `secrets:`, or locally `--secrets`/`--config`).",
+  }),
+  SecretSourceSchema.meta({ description: "Local mode only: an env var or file of the runner." }),
+]).meta({
+  description: "A secret's operator name, or (local mode only) `{ env: VAR }` or `{ file: path }`.",
+});
 
 const MatrixSchema = z.record(
   z.string().regex(STEP_NAME_PATTERN),
@@ -196,7 +224,7 @@ export const StepSchema = z.strictObject({
   }),
   env: EnvSchema.optional(),
   secrets: z.array(z.string()).optional().meta({
-    description: "Pipeline secrets exposed as env vars.",
+    description: "Pipeline secrets (their env names) the step is given, masked in its logs.",
   }),
   resources: ResourcesSchema.optional(),
   timeout: DurationSchema.optional().meta({ description: "Time limit of one attempt." }),
@@ -239,7 +267,8 @@ export const PipelineSchema = z.strictObject({
   defaults: DefaultsSchema.optional(),
   env: EnvSchema.optional(),
   secrets: z.record(z.string(), SecretSchema).optional().meta({
-    description: "Secret name → `{ env: VAR }` or `{ file: path }`.",
+    description: "Env var a step sees → the operator's secret name (`DB_PASSWORD: db-password`); " +
+      "`{ env: VAR }` or `{ file: path }` in local mode only. Never the value.",
   }),
   concurrency: z.number().int().positive().optional().meta({
     description: "Max step instances running at once.",

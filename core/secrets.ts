@@ -1,15 +1,23 @@
 /**
- * Secrets: resolving a step's secret references to values, and masking
- * those values in every log line.
+ * Secrets: the operator's secret store, resolving a step's secret
+ * references to values, and masking those values in every log line.
  *
- * A secret is referenced in the pipeline (an env var or a file of the
- * runner), never inlined; its value exists only in the step's environment
- * and is replaced by `***` wherever it would reach a log.
+ * A pipeline never holds a value. It maps the env var a step sees to the
+ * name of a secret the operator declared (`DB_PASSWORD: db-password`); the
+ * operator's store says where each name's value is read (an env var or a
+ * file of the process that resolves it: a server, an agent, or the local
+ * runner). Only in local mode, where the user is the operator, may the
+ * pipeline point at an env var or file itself. Values live in memory only
+ * and are replaced by `***` wherever they would reach a log.
  *
  * @module
  */
 
+import { dirname, isAbsolute, resolve } from "node:path";
+import type { z } from "npm:zod@4.6.7";
+import { parse as parseYaml } from "npm:yaml@2.9.1";
 import type { SecretRef } from "./model.ts";
+import { type SecretSourceSchema, SecretSourcesSchema } from "./schema.ts";
 
 /** What a masked secret is replaced with. */
 export const MASK = "***";
@@ -21,11 +29,16 @@ export const MASK = "***";
  */
 export const MIN_MASKED_SECRET_LENGTH = 3;
 
+/** Where an operator keeps a secret's value: `{ env: VAR }` or `{ file: path }`. */
+export type SecretSource = z.infer<typeof SecretSourceSchema>;
+
 /** A secret that names no value, or whose value cannot be read. */
 export class SecretNotFoundError extends Error {
   /** Stable error code. */
   readonly code = "secret_not_found";
-  /** The secret's name in the pipeline. */
+  /** Attempts fail with this class: trying again would not make the secret appear. */
+  readonly errorClass = "permission";
+  /** The secret's name (the env name in the pipeline, or the operator's name). */
   readonly secret: string;
 
   /** Builds the error for secret `secret` with the sentence saying what is missing. */
@@ -36,28 +49,96 @@ export class SecretNotFoundError extends Error {
   }
 }
 
-/** Options of {@link resolveSecrets}: where values come from (injectable for tests). */
-export interface ResolveSecretsOptions {
-  /** Reads an env var of the runner (default `Deno.env.get`). */
+/** A secrets file (or config section) an operator wrote that cannot be used. */
+export class SecretsFileError extends Error {
+  /** Stable error code. */
+  readonly code = "bad_secrets_file";
+
+  /** Builds the error from a full sentence. */
+  constructor(message: string) {
+    super(message);
+    this.name = "SecretsFileError";
+  }
+}
+
+/** Where values are read (injectable for tests). */
+export interface SecretReaders {
+  /** Reads an env var of this process (default `Deno.env.get`). */
   env?: (name: string) => string | undefined;
   /** Reads a file as text (default `Deno.readTextFileSync`). */
   readFile?: (path: string) => string;
 }
 
 /**
- * Resolves the secrets named by a step to their values.
+ * The secrets an operator declared, by name, and where each value is read.
+ * Values are read when asked for, never kept: a rotated file takes effect at
+ * the next attempt.
  *
  * @example
  * ```ts
  * import assert from "node:assert/strict";
- * import { resolveSecrets } from "./secrets.ts";
+ * import { SecretStore } from "./secrets.ts";
  *
+ * const store = new SecretStore({ "db-password": { env: "DB_PASSWORD" } }, {
+ *   env: (name) => (name === "DB_PASSWORD" ? "hunter2" : undefined),
+ * });
+ * assert.deepEqual(store.names, ["db-password"]);
+ * assert.equal(store.read("db-password"), "hunter2");
+ * ```
+ */
+export class SecretStore {
+  readonly #sources: Map<string, SecretSource>;
+  readonly #readers: SecretReaders;
+
+  /** A store of `sources` (name → env var or file), read through `readers`. */
+  constructor(sources: Record<string, SecretSource> = {}, readers: SecretReaders = {}) {
+    this.#sources = new Map(Object.entries(sources));
+    this.#readers = readers;
+  }
+
+  /** The declared names, sorted. */
+  get names(): string[] {
+    return [...this.#sources.keys()].sort();
+  }
+
+  /** Whether `name` is declared. */
+  has(name: string): boolean {
+    return this.#sources.has(name);
+  }
+
+  /** Reads the value of a declared secret. Throws {@link SecretNotFoundError}. */
+  read(name: string): string {
+    const source = this.#sources.get(name);
+    if (!source) {
+      throw new SecretNotFoundError(name, `Secret "${name}" is not declared here`);
+    }
+    return readSource(`Secret "${name}"`, name, source, this.#readers);
+  }
+}
+
+/** Options of {@link resolveSecrets}. */
+export interface ResolveSecretsOptions extends SecretReaders {
+  /** The operator's secrets, which named references resolve through. */
+  store?: SecretStore;
+}
+
+/**
+ * Resolves the secrets a step is given (their env names) to their values,
+ * as the local runner does: named references through the operator's
+ * `store`, and `{ env }`/`{ file }` references (local mode only) directly.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { resolveSecrets, SecretStore } from "./secrets.ts";
+ *
+ * const readers = { env: (name: string) => ({ A: "from-env", B: "named" })[name] };
  * const values = resolveSecrets(
- *   { API_KEY: { env: "MY_API_KEY" } },
- *   ["API_KEY"],
- *   { env: (name) => (name === "MY_API_KEY" ? "s3cret" : undefined) },
+ *   { API_KEY: { env: "A" }, DB: { secret: "db-password" } },
+ *   ["API_KEY", "DB"],
+ *   { ...readers, store: new SecretStore({ "db-password": { env: "B" } }, readers) },
  * );
- * assert.deepEqual(values, { API_KEY: "s3cret" });
+ * assert.deepEqual(values, { API_KEY: "from-env", DB: "named" });
  * ```
  */
 export function resolveSecrets(
@@ -65,8 +146,6 @@ export function resolveSecrets(
   names: string[],
   options: ResolveSecretsOptions = {},
 ): Record<string, string> {
-  const readEnv = options.env ?? ((name: string) => Deno.env.get(name));
-  const readFile = options.readFile ?? ((path: string) => Deno.readTextFileSync(path));
   const values: Record<string, string> = {};
   for (const name of names) {
     const ref = Object.hasOwn(refs, name) ? refs[name] : undefined;
@@ -75,39 +154,134 @@ export function resolveSecrets(
       const among = known.length > 0 ? `; defined: ${known.map((k) => `"${k}"`).join(", ")}` : "";
       throw new SecretNotFoundError(
         name,
-        `secret "${name}" is not defined under the pipeline's secrets${among}`,
+        `Secret "${name}" is not defined under the pipeline's secrets${among}`,
       );
     }
-    if (ref.env !== undefined) {
-      const value = readEnv(ref.env);
-      if (value === undefined) {
+    if (ref.secret !== undefined) {
+      if (!options.store?.has(ref.secret)) {
         throw new SecretNotFoundError(
           name,
-          `secret "${name}" references env var "${ref.env}", which is not set`,
+          `Secret "${name}" names "${ref.secret}", which the operator did not declare ` +
+            `(declare it in a secrets file: --secrets FILE, or "secrets:" in the --config file)`,
         );
       }
-      values[name] = value;
-    } else if (ref.file !== undefined) {
-      let text: string;
-      try {
-        text = readFile(ref.file);
-      } catch (error) {
-        throw new SecretNotFoundError(
-          name,
-          `secret "${name}" references file "${ref.file}", which cannot be read: ${
-            (error as Error).message
-          }`,
-        );
-      }
-      values[name] = text.replace(/\r?\n$/, "");
+      values[name] = options.store.read(ref.secret);
     } else {
-      throw new SecretNotFoundError(
-        name,
-        `secret "${name}" must reference an env var ("env") or a file ("file")`,
-      );
+      values[name] = readSource(`Secret "${name}"`, name, ref, options);
     }
   }
   return values;
+}
+
+/** The value a source holds; `what` starts the error sentence. */
+function readSource(
+  what: string,
+  name: string,
+  source: SecretRef,
+  readers: SecretReaders,
+): string {
+  if (source.env !== undefined) {
+    const value = (readers.env ?? ((key: string) => Deno.env.get(key)))(source.env);
+    if (value === undefined) {
+      throw new SecretNotFoundError(
+        name,
+        `${what} reads env var "${source.env}", which is not set`,
+      );
+    }
+    return value;
+  }
+  if (source.file !== undefined) {
+    try {
+      const text = (readers.readFile ?? ((path: string) => Deno.readTextFileSync(path)))(
+        source.file,
+      );
+      return text.replace(/\r?\n$/, "");
+    } catch (error) {
+      throw new SecretNotFoundError(
+        name,
+        `${what} reads file "${source.file}", which cannot be read: ${(error as Error).message}`,
+      );
+    }
+  }
+  throw new SecretNotFoundError(name, `${what} must name a secret, an env var or a file`);
+}
+
+/**
+ * An operator's secret sources as written (in a secrets file or an agent
+ * config's `secrets:`), checked, with relative file paths resolved against
+ * `baseDir` (the directory of the file they were written in).
+ */
+export function parseSecretSources(
+  raw: unknown,
+  options: { baseDir: string; origin: string },
+): Record<string, SecretSource> {
+  const parsed = SecretSourcesSchema.safeParse(raw ?? {});
+  if (!parsed.success) {
+    const problems = parsed.error.issues.map((issue) =>
+      `${issue.path.length ? `"${issue.path.join(".")}": ` : ""}${issue.message}`
+    );
+    throw new SecretsFileError(
+      `${options.origin}: expected secret name → { env: VAR } or { file: path }; ` +
+        problems.join("; "),
+    );
+  }
+  return Object.fromEntries(
+    Object.entries(parsed.data).map(([name, source]) => [
+      name,
+      "file" in source && !isAbsolute(source.file)
+        ? { file: resolve(options.baseDir, source.file) }
+        : source,
+    ]),
+  );
+}
+
+/**
+ * Reads an operator's secrets file (YAML or JSON): secret name → where its
+ * value is read. Relative file paths are relative to the secrets file.
+ *
+ * ```yaml
+ * db-password: { env: DB_PASSWORD }
+ * deploy-key: { file: /etc/runnel/deploy-key }
+ * ```
+ *
+ * @throws {SecretsFileError} when the file cannot be read or is not such a map.
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { loadSecretsFile } from "./secrets.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.writeTextFile(`${dir}/secrets.yaml`, "deploy-key: { file: key.txt }\n");
+ * const sources = await loadSecretsFile(`${dir}/secrets.yaml`);
+ * assert.deepEqual(sources, { "deploy-key": { file: `${dir}/key.txt` } });
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export async function loadSecretsFile(path: string): Promise<Record<string, SecretSource>> {
+  let raw: unknown;
+  try {
+    raw = parseYaml(await Deno.readTextFile(path));
+  } catch (error) {
+    throw new SecretsFileError(
+      `Expected a readable YAML secrets file at ${path}: ${(error as Error).message}`,
+    );
+  }
+  return parseSecretSources(raw, { baseDir: dirname(resolve(path)), origin: path });
+}
+
+/** What validation knows of the operator's secrets (see `CheckOptions.secrets`). */
+export interface SecretPolicy {
+  /**
+   * The secret names the operator declared: a pipeline naming another is
+   * refused. Absent: names are not checked.
+   */
+  names?: Iterable<string>;
+  /**
+   * Whether a pipeline may read env vars and files of the runner itself
+   * (`{ env }`, `{ file }`): yes in local mode, where the user is the
+   * operator; never for a cluster. Default true.
+   */
+  allowSources?: boolean;
 }
 
 /**

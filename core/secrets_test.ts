@@ -4,11 +4,16 @@ import {
   Masker,
   MAX_HELD_LINE_CHARS,
   MIN_MASKED_SECRET_LENGTH,
+  parseSecretSources,
   resolveSecrets,
   SecretNotFoundError,
+  SecretsFileError,
+  SecretStore,
   secretVariants,
 } from "./secrets.ts";
 import { mulberry32, testSeed } from "./_random.ts";
+import { PipelineError } from "./errors.ts";
+import { parsePipeline } from "./load.ts";
 
 Deno.test("resolveSecrets reads env and file references", () => {
   const values = resolveSecrets(
@@ -28,11 +33,9 @@ Deno.test("resolveSecrets names an unset env var", () => {
     (error: unknown) => {
       assert.ok(error instanceof SecretNotFoundError);
       assert.equal(error.code, "secret_not_found");
+      assert.equal(error.errorClass, "permission");
       assert.equal(error.secret, "API_KEY");
-      assert.equal(
-        error.message,
-        'secret "API_KEY" references env var "API_KEY", which is not set',
-      );
+      assert.equal(error.message, 'Secret "API_KEY" reads env var "API_KEY", which is not set');
       return true;
     },
   );
@@ -46,13 +49,54 @@ Deno.test("resolveSecrets names an unreadable file and an undefined secret", () 
           throw new Deno.errors.NotFound("No such file");
         },
       }),
-    /secret "T" references file "\/x", which cannot be read: No such file/,
+    /Secret "T" reads file "\/x", which cannot be read: No such file/,
   );
   assert.throws(
     () => resolveSecrets({ A: { env: "A" } }, ["B"], { env: () => "v" }),
-    /secret "B" is not defined under the pipeline's secrets; defined: "A"/,
+    /Secret "B" is not defined under the pipeline's secrets; defined: "A"/,
   );
-  assert.throws(() => resolveSecrets({ A: {} }, ["A"]), /must reference an env var/);
+  assert.throws(() => resolveSecrets({ A: {} }, ["A"]), /must name a secret, an env var or a file/);
+});
+
+Deno.test("resolveSecrets resolves named references through the operator's store only", () => {
+  const readers = {
+    env: (name: string) => ({ DB_PASSWORD: "db-value" } as Record<string, string>)[name],
+    readFile: (path: string) => path === "/run/key" ? "key-value\n" : "",
+  };
+  const store = new SecretStore({
+    "db-password": { env: "DB_PASSWORD" },
+    "deploy-key": { file: "/run/key" },
+  }, readers);
+  assert.deepEqual(store.names, ["db-password", "deploy-key"]);
+  const refs = { DB: { secret: "db-password" }, KEY: { secret: "deploy-key" } };
+  assert.deepEqual(resolveSecrets(refs, ["DB", "KEY"], { ...readers, store }), {
+    DB: "db-value",
+    KEY: "key-value",
+  });
+  assert.throws(
+    () => resolveSecrets({ X: { secret: "nope" } }, ["X"], { store }),
+    /Secret "X" names "nope", which the operator did not declare \(declare it in a secrets file/,
+  );
+  assert.throws(() => store.read("nope"), SecretNotFoundError);
+});
+
+Deno.test("parseSecretSources checks names and sources, resolving relative files", () => {
+  assert.deepEqual(
+    parseSecretSources({ a: { env: "A" }, "b.key": { file: "k" }, c: { file: "/abs" } }, {
+      baseDir: "/etc/runnel",
+      origin: "s.yaml",
+    }),
+    { a: { env: "A" }, "b.key": { file: "/etc/runnel/k" }, c: { file: "/abs" } },
+  );
+  assert.throws(
+    () => parseSecretSources({ "../x": { env: "A" } }, { baseDir: "/", origin: "s.yaml" }),
+    (error: unknown) =>
+      error instanceof SecretsFileError && /^s\.yaml: .*"\.\.\/x"/.test(error.message),
+  );
+  assert.throws(
+    () => parseSecretSources({ a: "hunter2" }, { baseDir: "/", origin: "s.yaml" }),
+    /expected secret name → \{ env: VAR \} or \{ file: path \}/,
+  );
 });
 
 Deno.test("Masker masks every occurrence, longest first", () => {
@@ -178,4 +222,53 @@ Deno.test("Masker stream equals mask() for random secrets and chunkings (seeded)
     console.error(`Masker property test failed with RUNNEL_SEED=${seed}`);
     throw error;
   }
+});
+
+Deno.test("validation: a pipeline names declared secrets; a cluster refuses env and file references", () => {
+  const source = `name: p
+secrets:
+  DB: db-pasword
+  TOK: { env: RUNNEL_TOKEN }
+  SHADOW: { file: /etc/shadow }
+steps:
+  a: { run: echo, secrets: [DB, TOK, SHADOW] }
+`;
+  // Local mode, no operator names known: references as written.
+  const plan = parsePipeline(source, { file: "p.yaml" });
+  assert.deepEqual(plan.secrets, {
+    DB: { secret: "db-pasword" },
+    TOK: { env: "RUNNEL_TOKEN" },
+    SHADOW: { file: "/etc/shadow" },
+  });
+  assert.throws(
+    () =>
+      parsePipeline(source, {
+        file: "p.yaml",
+        secrets: { names: ["db-password"], allowSources: false },
+      }),
+    (error: unknown) => {
+      assert.ok(error instanceof PipelineError);
+      assert.deepEqual(
+        error.diagnostics.map((d) => [d.code, d.line, d.col]),
+        [["undeclared_secret", 3, 7], ["secret_source_refused", 4, 8], [
+          "secret_source_refused",
+          5,
+          11,
+        ]],
+      );
+      assert.match(error.diagnostics[0].message, /names "db-pasword", which the operator did not/);
+      assert.equal(error.diagnostics[0].hint, 'did you mean "db-password"?');
+      assert.match(
+        error.diagnostics[1].message,
+        /reads env var "RUNNEL_TOKEN" of the server or agent: a cluster resolves only/,
+      );
+      assert.match(error.diagnostics[1].hint ?? "", /write TOK: <its name>/);
+      return true;
+    },
+  );
+  // Local mode with declared names: a typo is located, env and files stay allowed.
+  assert.throws(
+    () => parsePipeline(source, { file: "p.yaml", secrets: { names: [] } }),
+    /p\.yaml:3:7: secret "DB" names "db-pasword", which the operator did not declare/,
+  );
 });

@@ -24,6 +24,7 @@ import { didYouMean } from "./_did_you_mean.ts";
 import { type Reporter, typeName } from "./_diagnostics.ts";
 import type { PathSegment } from "./_locator.ts";
 import { reportZodIssues } from "./_zod_issues.ts";
+import type { SecretPolicy } from "./secrets.ts";
 
 /** Options of the checks of {@link validatePipeline} and {@link checkSteps}. */
 export interface CheckOptions {
@@ -36,6 +37,12 @@ export interface CheckOptions {
    * undefined for a missing file.
    */
   readFile?: (path: string) => Uint8Array | undefined;
+  /**
+   * What the operator declared of secrets: the names a pipeline may use,
+   * and whether it may read env vars and files itself. Absent: any name,
+   * and env and file references (local mode).
+   */
+  secrets?: SecretPolicy;
 }
 
 /**
@@ -64,6 +71,7 @@ export function viewOf(pipeline: PipelineFile): PipelineView {
   return {
     steps: new Map(Object.entries(pipeline.steps)),
     secrets: new Set(Object.keys(pipeline.secrets ?? {})),
+    secretRefs: pipeline.secrets,
     startNode: pipeline.start_node,
     defaultBackend: pipeline.defaults?.backend,
   };
@@ -113,6 +121,8 @@ export interface PipelineView {
   /** Keys of each step that did not validate (checks depending on them are skipped). */
   droppedKeys?: Map<string, Set<string>>;
   secrets?: Set<string>;
+  /** The pipeline's secrets as written: env name → operator name, or (local) env var or file. */
+  secretRefs?: PipelineFile["secrets"];
   startNode?: string;
   defaultBackend?: string;
 }
@@ -170,6 +180,7 @@ export function salvageView(raw: Record<string, unknown>): PipelineView {
     uncertainOutputs,
     droppedKeys,
     secrets: secrets.success ? new Set(Object.keys(secrets.data ?? {})) : undefined,
+    secretRefs: secrets.success ? secrets.data : undefined,
     startNode: start.success ? start.data : undefined,
     defaultBackend: defaults?.backend,
   };
@@ -341,7 +352,48 @@ export function checkSteps(
       hint: didYouMean(view.startNode, names),
     });
   }
+  if (options.secrets) checkSecretRefs(view, options.secrets, reporter);
   checkGraph(view, reporter);
+}
+
+/**
+ * The pipeline's secrets name only what the operator declared (when the
+ * names are known), and read no env var or file of the runner unless the
+ * user is the operator (local mode).
+ */
+function checkSecretRefs(view: PipelineView, policy: SecretPolicy, reporter: Reporter): void {
+  const declared = policy.names ? new Set(policy.names) : undefined;
+  for (const [env, ref] of Object.entries(view.secretRefs ?? {})) {
+    if (typeof ref === "string") {
+      if (declared && !declared.has(ref)) {
+        reporter.at(
+          "undeclared_secret",
+          `secret "${env}" names "${ref}", which the operator did not declare`,
+          ["secrets", env],
+          {
+            key: env,
+            expected: [...declared].sort().join(", ") || "a declared secret (none are)",
+            hint: didYouMean(ref, declared) ??
+              "ask the operator to declare it (runnel server --secrets FILE, or an agent " +
+                "config's secrets:)",
+          },
+        );
+      }
+    } else if (policy.allowSources === false) {
+      const [kind, where] = "env" in ref ? ["env var", ref.env] : ["file", ref.file];
+      reporter.at(
+        "secret_source_refused",
+        `secret "${env}" reads ${kind} "${where}" of the server or agent: a cluster resolves ` +
+          "only secrets its operator declared",
+        ["secrets", env],
+        {
+          key: env,
+          hint: `have the operator declare it (runnel server --secrets FILE, or an agent ` +
+            `config's secrets:) and write ${env}: <its name>`,
+        },
+      );
+    }
+  }
 }
 
 /** Why a module path cannot be used, or undefined if it is a readable file. */

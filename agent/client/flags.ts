@@ -53,7 +53,9 @@ Options:
   --retention D        (gc) keep artifacts younger than D (default 14d)
   --dry-run            (gc) report what would be deleted
   --plugin NAME=WHERE  load a third-party backend from a path or URL (repeatable)
-  --config FILE        agent config (YAML): "plugins: { NAME: path-or-url }"
+  --config FILE        agent config (YAML): "plugins: { NAME: path-or-url }", "secrets: {…}"
+  --secrets FILE       secrets you declare as the operator (server, agent, local run):
+                       "NAME: { env: VAR }" or "NAME: { file: PATH }" per line
   --server URL         (cluster) a server's API URL, or for agents its gRPC HOST:PORT
   --token T            (cluster) the join token (or RUNNEL_TOKEN)
   --labels k=v,…       (agent) labels steps select on
@@ -83,6 +85,7 @@ const OPTIONS = {
   "dry-run": { type: "boolean" },
   plugin: { type: "string", multiple: true },
   config: { type: "string" },
+  secrets: { type: "string" },
   server: { type: "string", multiple: true },
   token: { type: "string" },
   labels: { type: "string" },

@@ -28,6 +28,7 @@ import {
   resumeRun,
   runPipeline,
   type RunSummary,
+  type SecretSource,
   statePaths,
   validateStepConfigs,
   waitForRunEnd,
@@ -53,11 +54,20 @@ export interface ExecuteOptions extends StateOptions {
   plugins: PluginSource[];
   /** Plugin host tuning (`--config`). */
   hosts?: HostTuning;
+  /** The secrets the user declares (`--secrets`, the `--config` file's `secrets:`). */
+  secrets?: Record<string, SecretSource>;
 }
 
 /** `runnel validate FILE`: every problem at once, or one line saying it is valid. */
-export async function validateCommand(file: string, plugins: PluginSource[]): Promise<number> {
-  const plan = await loadPipeline(file, { backends: plugins.map((plugin) => plugin.name) });
+export async function validateCommand(
+  file: string,
+  plugins: PluginSource[],
+  secrets: Record<string, SecretSource> = {},
+): Promise<number> {
+  const plan = await loadPipeline(file, {
+    backends: plugins.map((plugin) => plugin.name),
+    secrets: { names: Object.keys(secrets) },
+  });
   const pool = new PluginHostPool({
     plugins: [...builtinPlugins(), ...plugins],
     context: { scratchRoot: Deno.cwd(), agentId: "validate" },
@@ -91,10 +101,16 @@ export function schemaCommand(): number {
 export async function runCommand(file: string, options: ExecuteOptions): Promise<number> {
   const plan = await loadPipeline(file, {
     backends: options.plugins.map((plugin) => plugin.name),
+    secrets: { names: Object.keys(options.secrets ?? {}) },
   });
   return await execute(
     (runOptions) =>
-      runPipeline(plan, { ...runOptions, plugins: options.plugins, hosts: options.hosts }),
+      runPipeline(plan, {
+        ...runOptions,
+        plugins: options.plugins,
+        hosts: options.hosts,
+        secrets: options.secrets,
+      }),
     options,
   );
 }
@@ -107,6 +123,7 @@ export async function resumeCommand(prefix: string, options: ExecuteOptions): Pr
       resumeRun(runId, {
         ...runOptions,
         plugins: options.plugins.length ? options.plugins : undefined,
+        secrets: options.secrets,
       }),
     options,
   );

@@ -23,7 +23,7 @@ import type {
   StepStatus,
 } from "../../core/model.ts";
 import { attemptGets } from "../../core/attempt.ts";
-import { resolveSecrets } from "../../core/secrets.ts";
+import { resolveSecrets, type SecretStore } from "../../core/secrets.ts";
 import type { PluginHostPool, PoolMetrics } from "../../backends/mod.ts";
 import type {
   AttemptLifecycle,
@@ -91,8 +91,10 @@ export interface LocalDriverContext {
   now: () => number;
   onEvent?: (event: RunEvent) => void;
   signal?: AbortSignal;
-  /** Where secrets of kind `env` are read. */
+  /** Where the pipeline's `{ env }` secret references are read. */
   env?: (name: string) => string | undefined;
+  /** The user's declared secrets, which the pipeline's named references resolve through. */
+  secrets?: SecretStore;
 }
 
 /** One attempt in flight. */
@@ -315,7 +317,10 @@ export class LocalDriver {
     let log: LogFile | undefined;
     try {
       const gets = attemptGets(plan, runId, this.#engine.state.steps, step.id);
-      const secrets = resolveSecrets(plan.secrets, gets.secrets, { env: this.#context.env });
+      const secrets = resolveSecrets(plan.secrets, gets.secrets, {
+        env: this.#context.env,
+        store: this.#context.secrets,
+      });
       if (step.cache) {
         cacheKey = cacheKeyOf(step, gets.inputs);
         const outputs = await restoreFromCache(this.#context.state, cacheKey, {

@@ -13,6 +13,7 @@ import type { EngineEvent, Plan } from "../../core/model.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import { PipelineError } from "../../core/errors.ts";
 import { loadPipeline } from "../../core/load.ts";
+import { type SecretSource, SecretStore } from "../../core/secrets.ts";
 import {
   builtinPlugins,
   PluginHostPool,
@@ -65,7 +66,13 @@ export interface LocalRunOptions {
   onEvent?: (event: RunEvent) => void;
   /** Aborting cancels the run: running steps are stopped, the run stays resumable. */
   signal?: AbortSignal;
-  /** Where secrets of kind `env` are read; default `Deno.env.get`. */
+  /**
+   * The secrets the user declares as the operator (a `--secrets` file, the
+   * `--config` file's `secrets:`): name → env var or file. The pipeline's
+   * named references (`DB_PASSWORD: db-password`) resolve through them.
+   */
+  secrets?: Record<string, SecretSource>;
+  /** Where env vars of secrets are read (the pipeline's `{ env }` and declared ones); default `Deno.env.get`. */
   env?: (name: string) => string | undefined;
   /** Clock, for tests. */
   now?: () => number;
@@ -176,7 +183,10 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
     }
     await assertNoLiveOwner(state.store, record.runId);
     const plugins = options.plugins ?? record.plugins ?? [];
-    const plan = withConcurrency(await planOf(state, record, plugins), options.concurrency);
+    const plan = withConcurrency(
+      await planOf(state, record, plugins, options.secrets),
+      options.concurrency,
+    );
     const engine = new RunEngine(plan, await readRunState(state.store, record, plan));
     const pool = options.pool ?? await openPool(state, { ...options, plugins });
     try {
@@ -308,6 +318,7 @@ function driverContext(
     onEvent: options.onEvent,
     signal: options.signal,
     env: options.env,
+    secrets: new SecretStore(options.secrets, { env: options.env }),
   };
 }
 
@@ -320,13 +331,17 @@ async function planOf(
   state: LocalState,
   record: RunRecord,
   plugins: Array<{ name: string }>,
+  secrets?: Record<string, SecretSource>,
 ): Promise<Plan> {
   if (record.planStored) {
     const kv = await state.store.get(localKeys.plan(record.runId));
     if (!kv) throw new LocalRunError("plan_missing", `Run ${record.runId} has no stored plan`);
     return JSON.parse(kv.value) as Plan;
   }
-  return await loadPipeline(record.file, { backends: plugins.map((plugin) => plugin.name) });
+  return await loadPipeline(record.file, {
+    backends: plugins.map((plugin) => plugin.name),
+    ...(secrets ? { secrets: { names: Object.keys(secrets) } } : {}),
+  });
 }
 
 async function isFile(path: string): Promise<boolean> {
