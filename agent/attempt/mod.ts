@@ -4,8 +4,9 @@
  *
  * 1. make the attempt's scratch directories and fetch its inputs from the
  *    artifact store (digests verified);
- * 2. record it durably (`<stateDir>/attempts/<id>.json`), start it on its
- *    backend, and record the backend's handle;
+ * 2. record it durably (`<stateDir>/attempts/<id>.json`: its spec and the
+ *    names of its secrets, never their values), start it on its backend,
+ *    and record the backend's handle;
  * 3. stream its output, masked line by line, to the driver;
  * 4. wait for its end, release what the backend holds, put its outputs into
  *    the store and turn all of it into one `AttemptResult`.
@@ -54,10 +55,13 @@ export interface AttemptJob {
   baseDir: string;
   inputs: Record<string, InputLocator>;
   outputs: string[];
-  /** Env including resolved secret values. */
+  /** Env without secrets. */
   env: Record<string, string>;
-  /** Secret values, masked in every log line and message. */
-  mask: string[];
+  /**
+   * Secret env vars: env name → value, masked in every log line and
+   * message. Kept in memory only: the attempt record names them.
+   */
+  secrets: Record<string, string>;
   matrix: Record<string, string | number | boolean>;
   timeoutMs?: number;
   resources?: Resources;
@@ -91,13 +95,17 @@ export interface RunningAttempt {
   readonly stopped: boolean;
 }
 
-/** An attempt as `<stateDir>/attempts/<id>.json` records it. */
+/** An attempt as `<stateDir>/attempts/<id>.json` records it (mode 0600). */
 export interface AttemptRecord {
   attemptId: string;
   backend: string;
-  /** The spec as started (paths on this host); holds secret values, so the file is 0600. */
+  /** The spec as started (paths on this host), its env without the secrets. */
   spec: AttemptSpec;
-  mask: string[];
+  /**
+   * Env names of the attempt's secrets. Their values are never written
+   * down: whoever adopts the attempt after a restart resolves them again.
+   */
+  secrets: string[];
   /** The backend's handle, once started; opaque here, read only by its backend. */
   handle?: string;
   recordedAt: number;
@@ -160,21 +168,34 @@ export class AttemptLifecycle {
     sink: AttemptSink,
     options: { resolveBaseDir?: () => Promise<string> } = {},
   ): RunningAttempt {
-    const attempt = new Attempt(this.#graceMs(), new Masker(job.mask));
+    const attempt = new Attempt(this.#graceMs(), new Masker(Object.values(job.secrets)));
     attempt.result = this.#run(attempt, job, sink, options.resolveBaseDir)
       .catch((error) => attempt.failure(error));
     return attempt.handle(job.attemptId);
   }
 
-  /** Supervises an attempt a backend re-attached after a restart (see {@link recover}). */
+  /**
+   * Supervises an attempt a backend re-attached after a restart (see
+   * {@link recover}). `options.secrets` are the values of the record's
+   * secrets, resolved again by the driver (maybe later: its output waits
+   * for them); when they cannot be had (undefined, or some missing), the
+   * attempt's output is withheld rather than passed on unmasked.
+   */
   adopt(
     { record, execution }: { record: AttemptRecord; execution: Execution },
     sink: AttemptSink,
+    options: { secrets?: SecretValues | Promise<SecretValues | undefined> } = {},
   ): RunningAttempt {
-    const attempt = new Attempt(this.#graceMs(), new Masker(record.mask));
+    const attempt = new Attempt(this.#graceMs(), new Masker([]));
     attempt.execution = execution;
-    attempt.result = this.#finish(attempt, record.spec, execution, sink)
-      .catch((error) => attempt.failure(error));
+    attempt.result = (async () => {
+      const names = record.secrets ?? [];
+      const values = names.length > 0 ? await options.secrets : {};
+      if (values && names.every((name) => values[name] !== undefined)) {
+        attempt.masker = new Masker(Object.values(values));
+      } else attempt.withheld = true;
+      return await this.#finish(attempt, record.spec, execution, sink);
+    })().catch((error) => attempt.failure(error));
     return attempt.handle(record.attemptId);
   }
 
@@ -293,7 +314,7 @@ export class AttemptLifecycle {
       inputsDir,
       outputsDir,
       outputs: job.outputs,
-      env: job.env,
+      env: { ...job.env, ...job.secrets },
       matrix: job.matrix,
       ...(job.timeoutMs !== undefined ? { timeoutMs: job.timeoutMs } : {}),
       ...(job.resources ? { resources: job.resources } : {}),
@@ -303,8 +324,8 @@ export class AttemptLifecycle {
     const record: AttemptRecord = {
       attemptId: job.attemptId,
       backend: job.backend,
-      spec,
-      mask: job.mask,
+      spec: { ...spec, env: job.env },
+      secrets: Object.keys(job.secrets),
       recordedAt: Date.now(),
     };
     await this.#save(record);
@@ -327,6 +348,13 @@ export class AttemptLifecycle {
     let released: Promise<void> | undefined;
     try {
       const logsDone = (async () => {
+        if (attempt.withheld) {
+          await sink.onLog({ stream: "stderr", text: `${WITHHELD}\n` });
+          for await (const _ of execution.logs) {
+            // Drained unread: without the secrets it could not be masked.
+          }
+          return;
+        }
         for await (const text of maskedLogs(execution.logs, attempt.masker)) await sink.onLog(text);
       })();
       const exit = await execution.wait();
@@ -334,6 +362,7 @@ export class AttemptLifecycle {
       // Released while the outputs are stored; the attempt ends after both.
       released = execution.cleanup().catch(() => {});
       const failure = failureOf(exit, attempt.masker);
+      if (failure && !failure.ok && attempt.withheld) failure.message = WITHHELD;
       if (failure && attempt.stopReason) {
         return {
           ...stoppedResult(attempt.stopReason),
@@ -370,13 +399,22 @@ export class AttemptLifecycle {
   }
 }
 
+/** Secret values by env name. */
+export type SecretValues = Record<string, string>;
+
+/** What stands for the output of an adopted attempt whose secrets could not be had again. */
+const WITHHELD = "[runnel] output withheld: the runner restarted and could not get this " +
+  "attempt's secret values again to mask it";
+
 /** The state of one attempt in flight, shared by its run and its handle. */
 class Attempt {
   execution: Execution | undefined;
   stopReason: StopReason | undefined;
   result!: Promise<AttemptResult>;
+  /** Its secrets are unknown: nothing it prints is passed on. */
+  withheld = false;
 
-  constructor(readonly graceMs: number, readonly masker: Masker) {}
+  constructor(readonly graceMs: number, public masker: Masker) {}
 
   cancel(): void {
     this.execution?.cancel(this.graceMs).catch(() => {});
@@ -388,7 +426,7 @@ class Attempt {
     return {
       ok: false,
       errorClass: errorClassOf(error),
-      message: this.masker.mask(messageOf(error)),
+      message: this.withheld ? WITHHELD : this.masker.mask(messageOf(error)),
     };
   }
 

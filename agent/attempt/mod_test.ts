@@ -1,7 +1,9 @@
 import assert from "node:assert/strict";
 import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
 import { builtinPlugins, PluginHostPool } from "../../backends/mod.ts";
-import { type AttemptJob, AttemptLifecycle, type MaskedText } from "./mod.ts";
+import { type AttemptJob, AttemptLifecycle, type AttemptRecord, type MaskedText } from "./mod.ts";
+import { LogQueue } from "../../backends/log_queue.ts";
+import type { Execution, ExitStatus } from "../../backends/backend.ts";
 
 /** A lifecycle over the built-in backends in a temporary directory; disposed with it. */
 async function lifecycle() {
@@ -43,7 +45,7 @@ function shellJob(run: string, extra: Partial<AttemptJob> = {}): AttemptJob {
     inputs: {},
     outputs: [],
     env: {},
-    mask: [],
+    secrets: {},
     matrix: {},
     ...extra,
   };
@@ -56,8 +58,7 @@ Deno.test("lifecycle: a success stores its outputs, masks its logs, removes its 
   const running = box.attempts.run(
     shellJob('echo "token=$TOKEN"; echo 42 > "$RUNNEL_OUTPUT_ANSWER_TXT"', {
       outputs: ["answer.txt"],
-      env: { TOKEN: "hunter2" },
-      mask: ["hunter2"],
+      secrets: { TOKEN: "hunter2" },
     }),
     { onStarted: (h) => handle = h, onLog: (text) => void logs.push(text) },
   );
@@ -71,7 +72,10 @@ Deno.test("lifecycle: a success stores its outputs, masks its logs, removes its 
   const [kept] = await box.attempts.records();
   assert.equal(kept.attemptId, "r1/s/1");
   assert.equal(kept.handle, handle, "the handle is recorded for recovery");
-  assert.equal(kept.spec.env.TOKEN, "hunter2");
+  // The record names the secret; its value is nowhere on disk.
+  assert.deepEqual(kept.secrets, ["TOKEN"]);
+  assert.equal(kept.spec.env.TOKEN, undefined);
+  assert.ok(!(await Deno.readTextFile(`${box.dir}/attempts/r1~2Fs~2F1.json`)).includes("hunter2"));
   assert.equal((await Deno.stat(`${box.dir}/attempts/r1~2Fs~2F1.json`)).mode! & 0o777, 0o600);
   await box.attempts.forget("r1/s/1");
   assert.deepEqual(await box.attempts.records(), []);
@@ -140,4 +144,89 @@ Deno.test("lifecycle: recover reaps a recorded process group a dead runner left 
   assert.deepEqual(await box.attempts.records(), [], "a lost attempt's record is removed");
   const result = await running.result;
   assert.equal(result.ok, false, "the process group was killed");
+});
+
+/** An execution standing for one a backend re-attached: logs pushed by the test, then an exit. */
+function reattached(): { execution: Execution; logs: LogQueue; exit(status: ExitStatus): void } {
+  const logs = new LogQueue();
+  let exit!: (status: ExitStatus) => void;
+  const exited = new Promise<ExitStatus>((resolve) => exit = resolve);
+  return {
+    logs,
+    exit: (status) => {
+      logs.close();
+      exit(status);
+    },
+    execution: {
+      handle: "fake",
+      logs,
+      wait: () => exited,
+      status: () => Promise.resolve({ state: "running" }),
+      cancel: () => Promise.resolve(),
+      cleanup: () => Promise.resolve(),
+    },
+  };
+}
+
+function recordOf(attemptId: string, secrets: string[]): AttemptRecord {
+  return {
+    attemptId,
+    backend: "shell",
+    secrets,
+    recordedAt: 0,
+    spec: {
+      agentId: "test",
+      scratchRoot: "/nonexistent",
+      runId: "r1",
+      stepId: "s",
+      attemptId,
+      attempt: 1,
+      config: {},
+      baseDir: "/",
+      workDir: "/nonexistent/w",
+      inputs: {},
+      inputsDir: "/nonexistent/w/in",
+      outputsDir: "/nonexistent/w/out",
+      outputs: [],
+      env: {},
+      matrix: {},
+    },
+  };
+}
+
+Deno.test("lifecycle: an adopted attempt's output waits for its secrets, and is withheld without them", async () => {
+  await using box = await lifecycle();
+  const encoder = new TextEncoder();
+  // The values come later (a server re-sends them): the output waits and is masked.
+  let give!: (values: Record<string, string> | undefined) => void;
+  const later = new Promise<Record<string, string> | undefined>((resolve) => give = resolve);
+  const first = reattached();
+  const seen: string[] = [];
+  const adopted = box.attempts.adopt(
+    { record: recordOf("r1/s/1", ["TOKEN"]), execution: first.execution },
+    { onLog: ({ text }) => void seen.push(text) },
+    { secrets: later },
+  );
+  first.logs.push({ stream: "stdout", data: encoder.encode("token=hunter2-SECRET\n") });
+  first.exit({ exitCode: 0 });
+  give({ TOKEN: "hunter2-SECRET" });
+  assert.equal((await adopted.result).ok, true);
+  assert.deepEqual(seen, ["token=***\n"]);
+
+  // Never had again: nothing the attempt printed is passed on, its failure says why.
+  const second = reattached();
+  const withheld: string[] = [];
+  const blind = box.attempts.adopt(
+    { record: recordOf("r1/s/2", ["TOKEN"]), execution: second.execution },
+    { onLog: ({ text }) => void withheld.push(text) },
+    { secrets: Promise.resolve(undefined) },
+  );
+  second.logs.push({ stream: "stdout", data: encoder.encode("token=hunter2-SECRET\n") });
+  second.exit({ exitCode: 1, message: "failed with hunter2-SECRET" });
+  const result = await blind.result;
+  assert.equal(result.ok, false);
+  assert.match(result.ok ? "" : result.message ?? "", /^\[runnel\] output withheld/);
+  assert.equal(withheld.length, 1);
+  assert.match(withheld[0], /^\[runnel\] output withheld: the runner restarted/);
+  assert.ok(!JSON.stringify([withheld, result]).includes("hunter2"));
 });

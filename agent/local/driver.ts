@@ -297,7 +297,17 @@ export class LocalDriver {
     this.#track(record.attemptId, running.stepId, record.spec.attempt, async (active) => {
       const log = await this.#openLog(active);
       try {
-        active.running = this.#context.lifecycle.adopt({ record, execution }, log);
+        // The record names the secrets; their values are resolved again here.
+        let secrets: Record<string, string> | undefined;
+        try {
+          secrets = resolveSecrets(this.#plan.secrets, record.secrets ?? [], {
+            env: this.#context.env,
+            store: this.#context.secrets,
+          });
+        } catch {
+          secrets = undefined;
+        }
+        active.running = this.#context.lifecycle.adopt({ record, execution }, log, { secrets });
         if (active.stopped) active.running.stop(stopReasonOf(active.stopped));
         this.#report(active, record.attemptId, await active.running.result);
       } finally {
@@ -346,8 +356,8 @@ export class LocalDriver {
         baseDir: plan.baseDir,
         inputs: gets.inputs,
         outputs: step.outputs,
-        env: { ...gets.env, ...secrets },
-        mask: Object.values(secrets),
+        env: gets.env,
+        secrets,
         matrix: step.matrix ?? {},
         ...(step.timeoutMs !== undefined ? { timeoutMs: step.timeoutMs } : {}),
         resources: step.resources,

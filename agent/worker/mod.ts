@@ -548,8 +548,12 @@ class Agent implements RunningAgent {
       baseDir: spec.baseDir ?? "",
       inputs: spec.inputs ?? {},
       outputs: spec.outputs ?? [],
-      env: spec.env ?? {},
-      mask: assignment.mask,
+      env: Object.fromEntries(
+        Object.entries(spec.env ?? {}).filter(([, value]) => !assignment.mask.includes(value)),
+      ),
+      secrets: Object.fromEntries(
+        Object.entries(spec.env ?? {}).filter(([, value]) => assignment.mask.includes(value)),
+      ),
       matrix: spec.matrix ?? {},
       ...(spec.timeoutMs !== undefined ? { timeoutMs: spec.timeoutMs } : {}),
       ...(spec.resources ? { resources: spec.resources } : {}),
