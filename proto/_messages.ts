@@ -55,6 +55,12 @@ export interface Hello {
    * the attempts lost because they are missing from the running ones.
    */
   pendingResultAttemptIds: string[];
+  /**
+   * Names of the secrets the agent's own config declares (never their
+   * values): a step naming one gets its value from the agent, and the
+   * server sends none.
+   */
+  secretNames: string[];
 }
 
 /** What the agent can run: one per backend, from its fingerprint. */
@@ -97,7 +103,11 @@ export interface Heartbeat {
   draining: boolean;
 }
 
-/** An attempt handed to the agent. */
+/**
+ * An attempt handed to the agent. The server sends it again for every
+ * attempt a Hello lists as running: an agent that restarted and re-attached
+ * one has only its secrets' names, and needs their values to mask its logs.
+ */
 export interface Assignment {
   attemptId: string;
   /**
@@ -107,17 +117,23 @@ export interface Assignment {
    * {fanIn: true, artifacts: [{runId, stepId, name, digest, leg}]} for a
    * matrix fan-in (a directory with one sub-directory per leg). The agent
    * fetches them from the artifact store into its scratch space and fills
-   * in workDir, inputsDir, outputsDir and scratchRoot itself.
+   * in workDir, inputsDir, outputsDir and scratchRoot itself. Its `secrets`
+   * maps env names to secret names, never values.
    */
   specJson: string;
   backend: string;
-  /** Secret values to mask in the logs the agent sends (also in spec env). */
-  mask: string[];
   /**
    * The run's pipeline directory (agent/bundle.ts `PipelineBundle` as JSON),
    * sent with the first assignment of a run on each stream; empty after.
    */
   bundleJson: string;
+  /**
+   * Values of the attempt's secrets this server resolved (env name →
+   * value), for the names the agent does not declare itself. Sent only on
+   * this stream, never stored; the agent keeps them in memory, sets them in
+   * the step's env and masks them in every log line it sends.
+   */
+  secrets: Record<string, string>;
 }
 
 /**

@@ -17,7 +17,7 @@
  */
 
 import type { AttemptSpec } from "../backends/backend.ts";
-import type { InputLocator } from "../core/model.ts";
+import type { InputLocator, SecretRef } from "../core/model.ts";
 import type { AgentMessageBodies, ServerMessageBodies } from "./_messages.ts";
 
 export type * from "./_messages.ts";
@@ -69,4 +69,9 @@ export interface AssignmentSpec extends
   inputs: Record<string, InputLocator>;
   /** Digest of the run's pipeline bundle: the agent runs the step in its unpacked copy. */
   bundleDigest?: string;
+  /**
+   * The step's secrets: env name → the operator's secret name. Their values
+   * come from the agent's own config, else in `Assignment.secrets`.
+   */
+  secrets?: Record<string, SecretRef>;
 }

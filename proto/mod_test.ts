@@ -107,6 +107,7 @@ Deno.test("a bidi stream on loopback: Hello, Welcome, many messages both ways, a
       runningAttemptIds: ["r/a/1"],
       slots: 2,
       pendingResultAttemptIds: [],
+      secretNames: [],
     });
     assert.equal(received.length, count + 1);
   } finally {

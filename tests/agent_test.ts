@@ -110,9 +110,14 @@ class FakeServer {
     assert.equal(await this.#current.send(message), true);
   }
 
-  async assign(spec: AssignmentSpec, backend: string, mask: string[] = []): Promise<void> {
+  /** Sends an assignment, with the values of its secrets as a server resolves them. */
+  async assign(
+    spec: AssignmentSpec,
+    backend: string,
+    secrets: Record<string, string> = {},
+  ): Promise<void> {
     await this.send({
-      assign: { attemptId: spec.attemptId, backend, specJson: JSON.stringify(spec), mask },
+      assign: { attemptId: spec.attemptId, backend, specJson: JSON.stringify(spec), secrets },
     });
   }
 
@@ -368,10 +373,10 @@ Deno.test("agent: an assignment runs: inputs fetched, outputs stored, logs maske
     }, {
       inputs: { data, parts: { fanIn: true, artifacts: legs } },
       outputs: ["out.txt", "parts.txt"],
-      env: { TOKEN: secret },
+      secrets: { TOKEN: { secret: "token" } },
       baseDir: dir,
     });
-    await server.assign(spec, "shell", [secret]);
+    await server.assign(spec, "shell", { TOKEN: secret });
     const result = await resultOf(server, spec.attemptId);
     assert.equal(result.ok, true, JSON.stringify(result));
     assert.ok(result.ok);
@@ -415,6 +420,54 @@ Deno.test("agent: an assignment runs: inputs fetched, outputs stored, logs maske
   }
 });
 
+Deno.test("agent: its own secrets come from its config, the rest from the server; neither fails as permission", async () => {
+  const server = await FakeServer.start();
+  const keyDir = await Deno.makeTempDir({ prefix: "runnel_agent_key_" });
+  try {
+    await Deno.writeTextFile(`${keyDir}/deploy`, "agent-side-KEY-value\n");
+    await using fixture = await withAgent([server], {
+      secrets: { "deploy-key": { file: `${keyDir}/deploy` } },
+    });
+    assert.deepEqual(server.hellos[0].secretNames, ["deploy-key"]);
+    const spec = assignmentSpec("use", {
+      run: 'echo "key $KEY"; echo "db $DB"',
+    }, {
+      baseDir: fixture.dir,
+      secrets: { KEY: { secret: "deploy-key" }, DB: { secret: "db-password" } },
+    });
+    // The server sends what it resolves; a value it sends for the agent's own name loses.
+    await server.assign(spec, "shell", { DB: "server-side-DB-value", KEY: "not-this" });
+    const result = await resultOf(server, spec.attemptId);
+    assert.equal(result.ok, true, JSON.stringify(result));
+    assert.equal(server.logText(spec.attemptId), "key ***\ndb ***\n");
+    const attempts = await listDir(`${fixture.stateDir}/attempts`);
+    assert.deepEqual(attempts, []);
+
+    const orphan = assignmentSpec("orphan", { run: "true" }, {
+      baseDir: fixture.dir,
+      secrets: { TOKEN: { secret: "nobody-has-it" } },
+    });
+    await server.assign(orphan, "shell");
+    const refused = await resultOf(server, orphan.attemptId);
+    assert.equal(!refused.ok && refused.errorClass, "permission");
+    assert.match(
+      !refused.ok ? refused.message : "",
+      /Secret "TOKEN" names "nobody-has-it", which neither agent \S+'s config nor its server/,
+    );
+    const raw = assignmentSpec("raw", { run: "true" }, {
+      baseDir: fixture.dir,
+      secrets: { TOKEN: { env: "RUNNEL_TOKEN" } },
+    });
+    await server.assign(raw, "shell");
+    const rawResult = await resultOf(server, raw.attemptId);
+    assert.equal(!rawResult.ok && rawResult.errorClass, "permission");
+    assert.match(!rawResult.ok ? rawResult.message : "", /a cluster resolves only secrets/);
+  } finally {
+    await server.close();
+    await Deno.remove(keyDir, { recursive: true });
+  }
+});
+
 Deno.test("agent: a deno step in its sandbox; a missing input artifact fails as artifact", async () => {
   const server = await FakeServer.start();
   try {
@@ -438,9 +491,9 @@ Deno.test("agent: a deno step in its sandbox; a missing input artifact fails as 
       baseDir: dir,
       inputs: { words },
       outputs: ["count.json"],
-      env: { NAME: "Ada Lovelace" },
+      secrets: { NAME: { secret: "name" } },
     });
-    await server.assign(spec, "deno", ["Ada Lovelace"]);
+    await server.assign(spec, "deno", { NAME: "Ada Lovelace" });
     const missing = assignmentSpec("count", { module: "count.ts" }, {
       baseDir: dir,
       inputs: { words: { ...words, digest: `sha256:${"0".repeat(64)}` } },
@@ -818,12 +871,14 @@ Deno.test({
       agentId = server.hellos[0].agentId;
       // The step waits for a file the test drops into its outputs directory
       // (bind-mounted from the agent's scratch space).
+      // It prints a secret before and after the agent's restart.
+      const secret = "hunter2-CONTAINED";
       const spec = assignmentSpec("contained", {
         image,
-        run: `echo before; while [ ! -f /runnel/out/go ]; do sleep 0.1; done; ` +
-          `echo after; echo done > "$RUNNEL_OUTPUT_RESULT_TXT"`,
-      }, { baseDir: box.dir, outputs: ["result.txt"] });
-      await server.assign(spec, "docker");
+        run: `echo "before $TOKEN"; while [ ! -f /runnel/out/go ]; do sleep 0.1; done; ` +
+          `echo "after $TOKEN"; echo done > "$RUNNEL_OUTPUT_RESULT_TXT"`,
+      }, { baseDir: box.dir, outputs: ["result.txt"], secrets: { TOKEN: { secret: "token" } } });
+      await server.assign(spec, "docker", { TOKEN: secret });
       await poll(() => server.logText(spec.attemptId).includes("before") || undefined, {
         what: "the container's first line",
         timeoutMs: 60_000,
@@ -836,6 +891,7 @@ Deno.test({
         handle: string;
       };
       assert.equal(record.handle, server.started[0].handle);
+      assert.ok(!JSON.stringify(record).includes(secret), "no secret value in the record");
 
       await agent.kill();
       agent = new AgentProcess(config);
@@ -845,12 +901,14 @@ Deno.test({
       });
       assert.deepEqual(server.hellos[1].runningAttemptIds, [spec.attemptId]);
       assert.deepEqual(server.hellos[1].pendingResultAttemptIds, []);
+      // As a server does for an attempt Hello lists as running: it carries the values again.
+      await server.assign(spec, "docker", { TOKEN: secret });
 
       await Deno.writeTextFile(`${record.spec.outputsDir}/go`, "");
       const result = await resultOf(server, spec.attemptId, 60_000);
       assert.equal(result.ok, true, JSON.stringify(result));
       assert.equal(server.results(spec.attemptId).length, 1);
-      assert.match(server.logText(spec.attemptId), /after\n/);
+      assert.equal(server.logText(spec.attemptId), "before ***\nafter ***\n");
       await poll(async () => (await listDir(`${box.dir}/agent/outbox`)).length === 0 || undefined, {
         what: "the ack",
       });

@@ -45,6 +45,7 @@ async function startCluster(dir: string, logRetentionMs?: number): Promise<Clust
     grpc: { address: "127.0.0.1:0" },
     token: TOKEN,
     heartbeatMs: HEARTBEAT_MS,
+    secrets: { "cluster-secret": { env: "CLUSTER_SECRET" } },
     env: (name) => name === "CLUSTER_SECRET" ? "s3cr3t-value" : undefined,
     log: (fields) => logs.push(fields),
     logRetentionMs,
@@ -91,7 +92,7 @@ async function finished(client: RunClient, runId: string) {
 
 const PIPELINE = `name: cluster-demo
 secrets:
-  TOKEN: { env: CLUSTER_SECRET }
+  TOKEN: cluster-secret
 steps:
   make:
     backend: shell

@@ -15,6 +15,7 @@ import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
 import { openS3ArtifactStore } from "../../core/artifacts/s3.ts";
 import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import type { StepState } from "../../core/model.ts";
+import { loadSecretsFile, SecretsFileError, type SecretSource } from "../../core/secrets.ts";
 import { clientCredentials, serverCredentials } from "../../proto/mod.ts";
 import type { AgentConfig } from "../config.ts";
 import { RunClient } from "./mod.ts";
@@ -51,6 +52,7 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
   const grpcAddress = flags.grpc ?? "127.0.0.1:7070";
   hostPort(grpcAddress, "--grpc");
   const heartbeatMs = flags.heartbeat ? durationFlag(flags.heartbeat, "--heartbeat") : undefined;
+  const secrets = flags.secrets ? await operatorSecrets(flags.secrets) : undefined;
   let store: Store;
   let election: LeaderElection;
   let raftState: (() => Promise<RaftState>) | undefined;
@@ -86,6 +88,7 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
       token,
       heartbeatMs,
       peers: commaList(flags.peers),
+      secrets,
     });
   } catch (error) {
     await closeStore();
@@ -133,6 +136,7 @@ export async function agentCommand(flags: CliFlags, config: AgentConfig): Promis
       artifacts: await openArtifacts(flags, stateDir),
       plugins: config.plugins,
       hosts: config.hosts,
+      secrets: config.secrets,
       credentials: flags["tls-ca"] || flags["tls-cert"]
         ? clientCredentials({ ca: flags["tls-ca"], cert: flags["tls-cert"], key: flags["tls-key"] })
         : undefined,
@@ -162,6 +166,16 @@ export async function agentCommand(flags: CliFlags, config: AgentConfig): Promis
       console.error(`error: ${error.message}`);
       return EXIT_BAD_INPUT;
     }
+    throw error;
+  }
+}
+
+/** A server's `--secrets FILE`; a bad file is bad input. */
+async function operatorSecrets(file: string): Promise<Record<string, SecretSource>> {
+  try {
+    return await loadSecretsFile(file);
+  } catch (error) {
+    if (error instanceof SecretsFileError) throw new UsageError(error.message);
     throw error;
   }
 }

@@ -7,6 +7,11 @@
  * is recorded once; a result of an attempt that is no longer the agent's is
  * refused: fencing).
  *
+ * Secret values are resolved here, as an assignment is pushed: the store
+ * names a step's secrets, and the values of those the agent does not declare
+ * itself are read from this server's secret store and sent on the agent's
+ * stream only.
+ *
  * The gateway never talks to the scheduler directly: any server can hold
  * any agent's stream.
  *
@@ -25,6 +30,8 @@ import {
 import type { AttemptResult } from "../../core/model.ts";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import { getBundle } from "../bundle.ts";
+import type { SecretStore } from "../../core/secrets.ts";
+import { SECRET_NAME_PATTERN } from "../../core/schema.ts";
 
 /** The seed's rule: a worker is offline after this many missed heartbeats. */
 export const MISSED_HEARTBEATS_OFFLINE = 3;
@@ -50,6 +57,8 @@ export interface GatewayOptions {
   store: Store;
   /** The cluster's join token. */
   token: string;
+  /** The secrets this server's operator declares; their values go to agents as assignments do. */
+  secrets?: SecretStore;
   /** Heartbeat interval agents keep (default 5 s). */
   heartbeatMs?: number;
   /** gRPC addresses of every server, for the agents' failover. */
@@ -133,6 +142,9 @@ async function serveAgent(
     return;
   }
   const agentId = hello.agentId;
+  const agentSecrets = new Set(
+    (hello.secretNames ?? []).filter((name) => SECRET_NAME_PATTERN.test(name)),
+  );
   const lease = await store.grantLease(heartbeatMs * MISSED_HEARTBEATS_OFFLINE);
   const now = Date.now();
   const worker: WorkerRecord = {
@@ -147,6 +159,7 @@ async function serveAgent(
     // A draining agent says Hello with 0 slots: it gets no new work.
     slots: Math.max(0, hello.slots),
     server: options.serverId,
+    secrets: [...new Set([...agentSecrets, ...(options.secrets?.names ?? [])])].sort(),
     version: hello.version,
     connectedAt: now,
     lastHeartbeat: now,
@@ -166,8 +179,10 @@ async function serveAgent(
   const sent = new Set<string>(hello.runningAttemptIds);
   const pending = new Set<string>(hello.pendingResultAttemptIds ?? []);
   try {
+    const secretsOf = (record: AssignmentRecord) =>
+      secretValues(record, agentSecrets, options.secrets, log);
     const watchers = [
-      pushAssignments(store, agentId, stream, sent, pending, stop.signal),
+      pushAssignments(store, agentId, stream, sent, pending, secretsOf, stop.signal),
       pushStops(store, agentId, stream, stop.signal),
     ];
     watchers.forEach((watcher) =>
@@ -295,6 +310,7 @@ async function pushAssignments(
   stream: AgentConnection,
   running: Set<string>,
   pendingResults: Set<string>,
+  secretsOf: (record: AssignmentRecord) => Record<string, string>,
   signal: AbortSignal,
 ): Promise<void> {
   const prefix = clusterKeys.assignmentPrefix(agentId);
@@ -304,7 +320,10 @@ async function pushAssignments(
   const bundles = new Set<string>();
   const send = async (record: AssignmentRecord) => {
     wanted.add(record.attemptId);
-    if (running.has(record.attemptId) || pendingResults.has(record.attemptId)) return;
+    if (pendingResults.has(record.attemptId)) return;
+    // One the agent runs already is sent again (it ignores the repeat): if
+    // it restarted, its secret values were in memory only.
+    const again = running.has(record.attemptId);
     running.add(record.attemptId);
     const spec: AssignmentSpec = {
       runId: record.runId,
@@ -320,10 +339,11 @@ async function pushAssignments(
       resources: record.spec.resources,
       inputs: record.inputs,
       ...(record.spec.bundleDigest ? { bundleDigest: record.spec.bundleDigest } : {}),
+      secrets: record.secrets ?? {},
     };
     let bundleJson = "";
     const digest = record.spec.bundleDigest;
-    if (digest && !bundles.has(digest)) {
+    if (digest && !again && !bundles.has(digest)) {
       const bundle = await getBundle(store, digest);
       if (bundle) {
         bundleJson = JSON.stringify(bundle);
@@ -335,8 +355,8 @@ async function pushAssignments(
         attemptId: record.attemptId,
         specJson: JSON.stringify(spec),
         backend: record.backend,
-        mask: record.mask,
         bundleJson,
+        secrets: secretsOf(record),
       },
     });
   };
@@ -353,6 +373,37 @@ async function pushAssignments(
     if (event.type === "put") await send(JSON.parse(event.value!) as AssignmentRecord);
     else running.delete(decodeURIComponent(event.key.slice(prefix.length)));
   }
+}
+
+/**
+ * The values of an assignment's secrets that this server resolves: those
+ * named in its store and not declared by the agent itself (whose own value
+ * wins). One it cannot read is left out and logged (never its value): the
+ * agent then fails the attempt, naming the secret.
+ */
+function secretValues(
+  record: AssignmentRecord,
+  agentSecrets: Set<string>,
+  secrets: SecretStore | undefined,
+  log: (fields: Record<string, unknown>) => void,
+): Record<string, string> {
+  const values: Record<string, string> = {};
+  for (const [env, ref] of Object.entries(record.secrets ?? {})) {
+    const name = ref.secret;
+    if (name === undefined || agentSecrets.has(name) || !secrets?.has(name)) continue;
+    try {
+      values[env] = secrets.read(name);
+    } catch (error) {
+      log({
+        level: "error",
+        msg: "secret not readable",
+        secret: name,
+        attemptId: record.attemptId,
+        error: (error as Error).message,
+      });
+    }
+  }
+  return values;
 }
 
 /** Pushes the agent the stops the scheduler writes for it. */

@@ -54,6 +54,8 @@ export interface ApiContext {
   schedulerLeader(): Promise<string | undefined>;
   /** Heartbeat interval of workers (a worker is offline after 3 missed ones). */
   heartbeatMs: number;
+  /** Secret names a submitted pipeline may use (this server's and connected agents'). */
+  secretNames?: () => Promise<string[]>;
 }
 
 /** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
@@ -236,6 +238,8 @@ async function submit(context: ApiContext, request: Request): Promise<Response> 
       file,
       baseDir,
       readFile: shipped ? (path) => bundleFile(shipped, baseDir, path) : undefined,
+      // Declared names only: never an env var or file of this server.
+      secrets: { names: await context.secretNames?.(), allowSources: false },
     });
     const record = await submitRun(context.store, plan, { file, bundle });
     return json({ runId: record.runId, pipeline: record.pipeline }, { status: 201 });

@@ -18,10 +18,14 @@
  *
  * Attempt ids hold `/` (`run/step/3`): inside keys they are URI-encoded.
  *
+ * No key holds a secret's value: a run's plan and its assignments name
+ * secrets; the agent's server resolves the values when it pushes an
+ * assignment, and they travel only on the agent's stream.
+ *
  * @module
  */
 
-import type { AttemptResult, FanInLocator } from "../../core/model.ts";
+import type { AttemptResult, FanInLocator, SecretRef } from "../../core/model.ts";
 import type { RunHeader } from "../../core/engine.ts";
 
 /** A run as the cluster records it. */
@@ -52,6 +56,11 @@ export interface WorkerRecord {
   slots: number;
   /** The server holding its stream. */
   server: string;
+  /**
+   * Names of the secrets a step on this worker can be given: those its
+   * agent's config declares and those its server's `--secrets` declares.
+   */
+  secrets?: string[];
   version?: string;
   connectedAt: number;
   lastHeartbeat: number;
@@ -65,7 +74,7 @@ export interface AssignmentRecord {
   attempt: number;
   agentId: string;
   backend: string;
-  /** The step's backend config, env (with secret values), outputs, limits. */
+  /** The step's backend config, env (without secrets), outputs, limits. */
   spec: {
     config: Record<string, unknown>;
     baseDir: string;
@@ -79,8 +88,12 @@ export interface AssignmentRecord {
   };
   /** What each input reads (one artifact per matrix leg for a fan-in). */
   inputs: Record<string, FanInLocator>;
-  /** Secret values the worker masks in logs. */
-  mask: string[];
+  /**
+   * The step's secrets: env name → reference (an operator's secret name).
+   * Never their values: the agent's server resolves them as it pushes the
+   * assignment, unless the agent declares the name itself.
+   */
+  secrets: Record<string, SecretRef>;
   assignedAt: number;
 }
 

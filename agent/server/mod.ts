@@ -15,6 +15,7 @@ import { type RaftState, ServerMetrics } from "./metrics.ts";
 import { runScheduler, type SchedulerEvent } from "./scheduler.ts";
 import { listWorkers } from "./runs.ts";
 import { abortableDelay } from "../../core/_async.ts";
+import { type SecretSource, SecretStore } from "../../core/secrets.ts";
 
 /** A won election: the fence to put in every write, and the signal of its loss. */
 export interface Leadership {
@@ -83,7 +84,14 @@ export interface ServerOptions {
   heartbeatMs?: number;
   /** gRPC addresses of every server, handed to agents for failover. */
   peers?: string[];
-  /** Where secret values of kind `env` are read (default: this process's env). */
+  /**
+   * The secrets this server's operator declares (`--secrets FILE`): name →
+   * env var or file of this process. Submitted pipelines may name these (or
+   * those a connected agent declares) and nothing else; the values are read
+   * when an assignment is pushed to its agent, and never stored.
+   */
+  secrets?: Record<string, SecretSource>;
+  /** Where the env vars of `secrets` are read (default: this process's env). */
   env?: (name: string) => string | undefined;
   /** Structured log line (default: JSON to stderr). */
   log?: (fields: Record<string, unknown>) => void;
@@ -153,9 +161,11 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     term: 1,
     commit_index: await store.revision(),
   }));
+  const secrets = new SecretStore(options.secrets, { env: options.env });
   const gateway = createGateway({
     serverId: options.serverId,
     store,
+    secrets,
     token: options.token,
     heartbeatMs,
     servers: () => options.peers ?? [],
@@ -187,6 +197,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         raftState,
         schedulerLeader: () => options.election.leader(),
         heartbeatMs,
+        secretNames: async () => [
+          ...secrets.names,
+          ...(await listWorkers(store)).flatMap((worker) => worker.secrets ?? []),
+        ],
       }),
     );
   } catch (error) {
@@ -220,7 +234,6 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
           store,
           fence: leadership.fence,
           signal: stop,
-          env: options.env,
           onEvent: (event: SchedulerEvent) => {
             metrics.onSchedulerEvent(event);
             if (event.type === "worker-lost") {

@@ -28,7 +28,6 @@ import type {
   RunState,
   StepState,
 } from "../../core/model.ts";
-import { resolveSecrets } from "../../core/secrets.ts";
 import type { Compare, Store, TxnOp, WatchEvent } from "../../consensus/store.ts";
 import {
   type AssignmentRecord,
@@ -64,8 +63,6 @@ export interface SchedulerOptions {
   fence: Compare[];
   /** Aborted when leadership is lost: the scheduler stops at once. */
   signal: AbortSignal;
-  /** Where secret values of kind `env` are read (the server's env). */
-  env?: (name: string) => string | undefined;
   now?: () => number;
   onEvent?: (event: SchedulerEvent) => void;
   /** Structured log line. */
@@ -573,7 +570,10 @@ class Scheduler {
     agentId: string,
   ): AssignmentRecord {
     const gets = attemptGets(driver.plan, placement.runId, driver.engine.state.steps, step.id);
-    const secrets = resolveSecrets(driver.plan.secrets, gets.secrets, { env: this.#options.env });
+    // Names only: the agent's server resolves the values as it pushes this.
+    const secrets = Object.fromEntries(
+      gets.secrets.map((env) => [env, { ...driver.plan.secrets[env] }]),
+    );
     return {
       runId: placement.runId,
       stepId: placement.stepId,
@@ -584,7 +584,7 @@ class Scheduler {
       spec: {
         config: step.config,
         baseDir: driver.plan.baseDir,
-        env: { ...gets.env, ...secrets },
+        env: gets.env,
         outputs: step.outputs,
         matrix: step.matrix,
         timeoutMs: step.timeoutMs,
@@ -592,7 +592,7 @@ class Scheduler {
         ...(driver.record.bundle ? { bundleDigest: driver.record.bundle } : {}),
       },
       inputs: gets.inputs,
-      mask: Object.values(secrets),
+      secrets,
       assignedAt: this.#now(),
     };
   }

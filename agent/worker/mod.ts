@@ -8,6 +8,12 @@
  * masked logs, puts their outputs into the artifact store and reports each
  * result until the server acknowledges it.
  *
+ * Secret values are never written down: an assignment names its secrets;
+ * the agent reads those its own config declares and takes the rest from the
+ * assignment as its server sent them, in memory only. After a restart, a
+ * re-attached attempt's output waits until a server sends its assignment
+ * again (it does for every attempt a Hello lists as running).
+ *
  * Three promises hold whatever happens to the stream:
  * - **Results are never dropped.** A result is written to a durable outbox
  *   (`<stateDir>/outbox/`) before it is sent, and resent after every
@@ -30,7 +36,8 @@
  */
 
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
-import type { AttemptResult as ModelResult, ErrorClass } from "../../core/model.ts";
+import type { AttemptResult as ModelResult, ErrorClass, SecretRef } from "../../core/model.ts";
+import { SecretNotFoundError, SecretStore } from "../../core/secrets.ts";
 import { retryDelay } from "../../core/backoff.ts";
 import { abortableDelay } from "../../core/_async.ts";
 import { builtinPlugins, PluginHostPool } from "../../backends/mod.ts";
@@ -51,6 +58,7 @@ import {
   type AttemptRecord,
   type AttemptSink,
   type RunningAttempt,
+  type SecretValues,
 } from "../attempt/mod.ts";
 import {
   type AgentEvent,
@@ -157,6 +165,10 @@ class Agent implements RunningAgent {
   readonly #servers: string[];
   readonly #outbox: Outbox;
   readonly #active = new Map<string, ActiveAttempt>();
+  /** The secrets this host's operator declares. */
+  readonly #secrets: SecretStore;
+  /** Re-attached attempts waiting for their assignment again, to learn their secrets. */
+  readonly #awaitingSecrets = new Map<string, (values: SecretValues | undefined) => void>();
   readonly #events: AgentEvent[] = [];
   readonly #listeners = new Set<(event: AgentEvent) => void>();
   readonly #log: (fields: Record<string, unknown>) => void;
@@ -203,6 +215,7 @@ class Agent implements RunningAgent {
       cancelGraceMs: options.cancelGraceMs,
     });
     this.#servers = [...options.servers];
+    this.#secrets = new SecretStore(options.secrets);
     this.#outbox = new Outbox(context.paths.outbox);
     this.#heartbeatMs = options.heartbeatMs ?? DEFAULT_AGENT_HEARTBEAT_MS;
     this.#log = options.log ?? printJsonLine;
@@ -281,7 +294,13 @@ class Agent implements RunningAgent {
     });
     for (const { record, execution } of reattached) {
       this.emit({ type: "recovered", attemptId: record.attemptId });
-      this.#supervise(record, execution);
+      // Its secrets' values come with its assignment, sent again after Hello.
+      const secrets = (record.secrets ?? []).length === 0
+        ? undefined
+        : new Promise<SecretValues | undefined>((resolve) =>
+          this.#awaitingSecrets.set(record.attemptId, resolve)
+        );
+      this.#supervise(record, execution, secrets);
     }
     for (const record of lost) {
       // The server learns of it from Hello, which does not list it.
@@ -434,6 +453,7 @@ class Agent implements RunningAgent {
       // With slots 0 a draining agent's Hello asks for nothing.
       slots: this.#draining ? 0 : this.#slots,
       pendingResultAttemptIds: this.pendingResults,
+      secretNames: this.#secrets.names,
     };
   }
 
@@ -513,7 +533,10 @@ class Agent implements RunningAgent {
     const { attemptId, backend } = assignment;
     this.emit({ type: "assignment", attemptId, backend });
     // Repeated (a resent assignment): the attempt runs, or its result is on its way.
-    if (this.#active.has(attemptId) || this.#outbox.has(attemptId)) return;
+    if (this.#active.has(attemptId) || this.#outbox.has(attemptId)) {
+      this.#secretsCame(assignment);
+      return;
+    }
     const refusal = this.#refusal(assignment);
     if (refusal) {
       this.emit({ type: "refused", attemptId, reason: refusal.message });
@@ -521,12 +544,15 @@ class Agent implements RunningAgent {
       return;
     }
     let spec: AssignmentSpec;
+    let secrets: SecretValues;
     try {
       spec = parseAssignmentSpec(assignment.specJson);
+      secrets = this.#secretValues(spec.secrets ?? {}, assignment.secrets ?? {});
     } catch (error) {
       const message = messageOf(error);
+      const errorClass = error instanceof SecretNotFoundError ? error.errorClass : "infrastructure";
       this.emit({ type: "refused", attemptId, reason: message });
-      this.#deliver(attemptId, { ok: false, errorClass: "infrastructure", message })
+      this.#deliver(attemptId, { ok: false, errorClass, message })
         .catch((error) => this.#failed(error));
       return;
     }
@@ -548,12 +574,8 @@ class Agent implements RunningAgent {
       baseDir: spec.baseDir ?? "",
       inputs: spec.inputs ?? {},
       outputs: spec.outputs ?? [],
-      env: Object.fromEntries(
-        Object.entries(spec.env ?? {}).filter(([, value]) => !assignment.mask.includes(value)),
-      ),
-      secrets: Object.fromEntries(
-        Object.entries(spec.env ?? {}).filter(([, value]) => assignment.mask.includes(value)),
-      ),
+      env: spec.env ?? {},
+      secrets,
       matrix: spec.matrix ?? {},
       ...(spec.timeoutMs !== undefined ? { timeoutMs: spec.timeoutMs } : {}),
       ...(spec.resources ? { resources: spec.resources } : {}),
@@ -562,6 +584,61 @@ class Agent implements RunningAgent {
       resolveBaseDir: () => this.#baseDir(job, spec.bundleDigest, bundle),
     });
     this.#track(running);
+  }
+
+  /**
+   * The values of an assignment's secrets: read from this agent's own store
+   * when it declares the name, else as the server sent them. Throws
+   * {@link SecretNotFoundError} for one neither has.
+   */
+  #secretValues(refs: Record<string, SecretRef>, sent: Record<string, string>): SecretValues {
+    const values: SecretValues = {};
+    for (const [env, ref] of Object.entries(refs)) {
+      if (ref.secret === undefined) {
+        throw new SecretNotFoundError(
+          env,
+          `Secret "${env}" reads an env var or file of the runner; a cluster resolves only ` +
+            "secrets its operator declared",
+        );
+      }
+      if (this.#secrets.has(ref.secret)) values[env] = this.#secrets.read(ref.secret);
+      else if (Object.hasOwn(sent, env)) values[env] = sent[env];
+      else {
+        throw new SecretNotFoundError(
+          env,
+          `Secret "${env}" names "${ref.secret}", which neither agent ${this.agentId}'s config ` +
+            `nor its server (${this.#server ?? "unknown"}) declares`,
+        );
+      }
+    }
+    return values;
+  }
+
+  /** A re-attached attempt's assignment came again: its output can be masked now. */
+  #secretsCame(assignment: wire.Assignment): void {
+    const give = this.#awaitingSecrets.get(assignment.attemptId);
+    if (!give) return;
+    this.#awaitingSecrets.delete(assignment.attemptId);
+    try {
+      const spec = parseAssignmentSpec(assignment.specJson);
+      give(this.#secretValues(spec.secrets ?? {}, assignment.secrets ?? {}));
+    } catch (error) {
+      this.emit({
+        type: "diagnostic",
+        backend: "agent",
+        text: `attempt ${assignment.attemptId}: its output is withheld: ${messageOf(error)}`,
+      });
+      give(undefined);
+    }
+  }
+
+  /** No secrets will come for a re-attached attempt (stopped): its output is withheld. */
+  #giveUpSecrets(attemptId?: string): void {
+    for (const [id, give] of this.#awaitingSecrets) {
+      if (attemptId !== undefined && id !== attemptId) continue;
+      this.#awaitingSecrets.delete(id);
+      give(undefined);
+    }
   }
 
   /** Keeps an attempt as running until its result is delivered. */
@@ -657,8 +734,14 @@ class Agent implements RunningAgent {
   }
 
   /** Supervises an execution a backend re-attached after a restart. */
-  #supervise(record: AttemptRecord, execution: Execution): void {
-    this.#track(this.#lifecycle.adopt({ record, execution }, this.#sink(record.attemptId)));
+  #supervise(
+    record: AttemptRecord,
+    execution: Execution,
+    secrets: Promise<SecretValues | undefined> | undefined,
+  ): void {
+    this.#track(
+      this.#lifecycle.adopt({ record, execution }, this.#sink(record.attemptId), { secrets }),
+    );
   }
 
   /**
@@ -692,6 +775,7 @@ class Agent implements RunningAgent {
         ? { kind: "timeout" }
         : { kind: "cancel", message: cancel.reason || "cancelled by the server" },
     );
+    this.#giveUpSecrets(cancel.attemptId);
   }
 
   // -------------------------------------------------------------------------
@@ -732,6 +816,7 @@ class Agent implements RunningAgent {
         message: "the agent stopped before the attempt ended",
       });
     }
+    this.#giveUpSecrets();
   }
 
   /**

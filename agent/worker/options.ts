@@ -8,6 +8,7 @@
 
 import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import type { ErrorClass } from "../../core/model.ts";
+import type { SecretSource } from "../../core/secrets.ts";
 import type { PluginSource } from "../../backends/mod.ts";
 import type { ClientCredentials, Reject } from "../../proto/mod.ts";
 import type { HostTuning } from "../config.ts";
@@ -62,6 +63,12 @@ export interface AgentOptions {
   plugins?: PluginSource[];
   /** Plugin host tuning (idle time, heartbeats). */
   hosts?: HostTuning;
+  /**
+   * Secrets this host's operator declares (`--config` `secrets:`,
+   * `--secrets`): name → env var or file of the agent. A step naming one
+   * gets its value from here, never from a server; Hello sends the names.
+   */
+  secrets?: Record<string, SecretSource>;
   /** TLS towards the servers ({@link clientCredentials}) [`--tls-ca`, `--tls-cert`, `--tls-key`]. */
   credentials?: ClientCredentials;
   /**
