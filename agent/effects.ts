@@ -50,7 +50,7 @@ export interface WebhookOutcome {
   runId: string;
   stepId: string;
   ok: boolean;
-  /** `delivered to URL (HTTP 200)`, or why it failed. */
+  /** `delivered to host:port (HTTP 200)`, or why it failed (never the URL's path: it may hold a secret). */
   detail: string;
 }
 
@@ -186,17 +186,18 @@ export async function deliverWebhook(
         redirect: options.allow ? "manual" : "follow",
       });
       await response.body?.cancel();
-      if (response.ok) return `delivered to ${webhook.url} (HTTP ${response.status})`;
+      if (response.ok) return `delivered to ${webhookHost(webhook.url)} (HTTP ${response.status})`;
       lastError = response.status >= 300 && response.status < 400
         ? `HTTP ${response.status} (redirects are not followed)`
         : `HTTP ${response.status}`;
       // A 4xx other than 408/429 will not change on a retry.
       if (response.status < 500 && response.status !== 408 && response.status !== 429) break;
     } catch (error) {
-      lastError = error instanceof Error ? error.message : String(error);
+      // fetch's messages quote the URL; only its host goes further.
+      lastError = withoutUrl(error instanceof Error ? error.message : String(error), webhook.url);
     }
   }
-  throw new Error(`on-failure webhook ${webhook.url} failed: ${lastError}`);
+  throw new Error(`on-failure webhook ${webhookHost(webhook.url)} failed: ${lastError}`);
 }
 
 /** `host:port` of a webhook URL, for messages (its path and query may hold secrets). */
@@ -207,4 +208,15 @@ export function webhookHost(url: string): string {
   } catch {
     return "(not a URL)";
   }
+}
+
+function withoutUrl(message: string, url: string): string {
+  const host = webhookHost(url);
+  let href = url;
+  try {
+    href = new URL(url).href;
+  } catch {
+    // Not a URL: nothing else to strip.
+  }
+  return message.split(url).join(host).split(href).join(host);
 }

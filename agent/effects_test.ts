@@ -49,3 +49,19 @@ Deno.test("webhook delivery: a host off the list is refused before anything is s
   );
   assert.equal(hits, 1);
 });
+
+Deno.test("webhook delivery: a failure names host:port, never the URL's path", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  const url = `http://127.0.0.1:${port}/services/T000/B000/secret-path-token`;
+  await assert.rejects(
+    deliverWebhook(
+      { url, headers: {}, retries: 0, backoffMs: 0, timeoutMs: 2_000 },
+      { runId: "r", stepId: "s" } as FailureInfo,
+    ),
+    (error: Error) =>
+      error.message.startsWith(`on-failure webhook 127.0.0.1:${port} failed:`) &&
+      !error.message.includes("secret-path-token"),
+  );
+});
