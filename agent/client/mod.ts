@@ -220,7 +220,7 @@ export class RunClient {
         });
       } catch (error) {
         if (signal?.aborted) throw error;
-        problems.push(`${server}: ${error instanceof Error ? error.message : error}`);
+        problems.push(`${server}: ${describeFailure(error)}`);
       }
     }
     throw new ServerRequestError(
@@ -238,4 +238,16 @@ export class RunClient {
       body.message ?? `The server answered ${response.status} ${response.statusText}`,
     );
   }
+}
+
+/** Why a fetch failed: Deno puts the reason (refused, TLS…) in the error's cause. */
+function describeFailure(error: unknown): string {
+  if (!(error instanceof Error)) return String(error);
+  const cause = error.cause instanceof Error ? error.cause.message : undefined;
+  const reason = cause && !error.message.includes(cause)
+    ? `${error.message}: ${cause}`
+    : error.message;
+  return /certificate/i.test(reason)
+    ? `${reason} (trust the server's CA with --tls-ca FILE)`
+    : reason;
 }
