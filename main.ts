@@ -57,6 +57,8 @@ async function main(line: CommandLine): Promise<number> {
       return await (await cluster()).agentCommand(flags, config);
     case "submit":
       return await (await cluster()).submitCommand(need("a pipeline file"), flags);
+    case "token":
+      return await (await cluster()).tokenCommand(args, flags);
     case "validate":
       return await local.validateCommand(need("a pipeline file"), plugins);
     case "plan":
