@@ -100,6 +100,12 @@ export interface ApiContext {
   auth: Authenticator;
   /** Whether `/metrics` answers without a token. */
   metricsPublic: boolean;
+  /**
+   * Whether this server takes the one-time bootstrap; not when it has an
+   * admin token file (which also closes the bootstrap in the store, for the
+   * servers that have none).
+   */
+  bootstrapOpen: boolean;
   /** The hosts `on-failure` webhooks may reach; a pipeline naming another is refused. */
   webhookAllow: WebhookAllowList;
   /** Structured log line: audit lines and internal errors go here. */
@@ -672,6 +678,12 @@ function refusedWebhooks(
 
 async function bootstrap({ context, request, audit }: Call): Promise<Response> {
   await request.body?.cancel().catch(() => {});
+  if (!context.bootstrapOpen) {
+    throw new TokenRequestError(
+      "bootstrap_done",
+      "This server takes its admin token from --admin-token-file: the ACL bootstrap is closed",
+    );
+  }
   const { token, info } = await bootstrapAcl(context.store);
   audit.created = { id: info.id, name: info.name, role: info.role };
   return json({ token, ...info }, { status: 201 });

@@ -210,6 +210,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         heartbeatMs,
         auth,
         metricsPublic: options.metricsPublic ?? false,
+        bootstrapOpen: options.adminToken === undefined,
         webhookAllow,
         log,
       }),

@@ -297,6 +297,20 @@ Deno.test("bootstrap: once only, and of concurrent calls exactly one wins", asyn
   assert.ok(!JSON.stringify(api.logs).includes(admin.split("_")[2]));
 });
 
+Deno.test("bootstrap: a server given an admin token file closes it for the servers without one", async () => {
+  await using box = await sandbox();
+  await using withFile = await apiServer(box.dir);
+  await poll(async () => (await withFile.store.get("/acl/bootstrap")) ? true : undefined, {
+    what: "the bootstrap closed in the store",
+  });
+  // Another server on the same store, without the file.
+  await using other = await apiServer(box.dir, { serverId: "sec-2", adminToken: undefined });
+  const refused = await other.call("POST", "/api/acl/bootstrap");
+  assert.equal(refused.status, 409);
+  assert.match(refused.json.message as string, /a server was given --admin-token-file/);
+  assert.equal((await other.store.list("/acl/tokens/")).items.length, 0);
+});
+
 Deno.test({
   name: "bootstrap: race-safe on etcd, across clients of different servers",
   ignore: ignoreWithoutEtcd(),
@@ -616,7 +630,10 @@ Deno.test("API: a huge body is refused as it streams in, chunked or declared; th
       cwd: box.dir,
     });
     assert.equal(bootstrap.code, 1);
-    assert.match(bootstrap.stderr, /^error: The ACL bootstrap was done already/m);
+    assert.match(
+      bootstrap.stderr,
+      /^error: This server takes its admin token from --admin-token-file/m,
+    );
   } finally {
     await server.stop();
   }
