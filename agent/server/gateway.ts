@@ -1,11 +1,12 @@
 /**
  * The agent gateway of a server: the server's side of the agents' gRPC
- * streams. It admits an agent (join token), registers it as a worker under
- * a lease of three heartbeat intervals, pushes it the assignments and stops
- * the scheduler writes for it, and turns what the agent reports into store
- * writes: log batches, and results (create-only, so a result reported twice
- * is recorded once; a result of an attempt that is no longer the agent's is
- * refused: fencing).
+ * streams. It admits an agent (join token, then the identity the servers
+ * issued it, one live connection per agent id: `identity.ts`), registers it
+ * as a worker under a lease of three heartbeat intervals, pushes it the
+ * assignments and stops the scheduler writes for it, and turns what the
+ * agent reports into store writes: log batches, and results (create-only,
+ * so a result reported twice is recorded once; a result of an attempt that
+ * is no longer the agent's is refused: fencing).
  *
  * The gateway never talks to the scheduler directly: any server can hold
  * any agent's stream.
@@ -15,13 +16,22 @@
 
 import { timingSafeEqual } from "node:crypto";
 import type { Store, TxnOp } from "../../consensus/store.ts";
-import type { AgentConnection, AgentMessage, AssignmentSpec, Hello } from "../../proto/mod.ts";
+import type {
+  AgentConnection,
+  AgentMessage,
+  AssignmentSpec,
+  Hello,
+  RejectCode,
+} from "../../proto/mod.ts";
 import {
+  type AgentConnectionRecord,
+  type AgentIdentityRecord,
   type AssignmentRecord,
   clusterKeys,
   type ResultRecord,
   type WorkerRecord,
 } from "./keys.ts";
+import { admitAgent } from "./identity.ts";
 import type { AttemptResult } from "../../core/model.ts";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import { getBundle } from "../bundle.ts";
@@ -96,41 +106,36 @@ async function serveAgent(
     options.log?.({ component: "gateway", server: options.serverId, peer: stream.peer, ...fields });
   const heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
   const incoming = stream[Symbol.asyncIterator]();
+  const refuseHello = async (
+    code: RejectCode,
+    message: string,
+    fields: Record<string, unknown>,
+    retryAfterMs = 0,
+  ) => {
+    log({ level: "warn", msg: "agent refused", code, ...fields });
+    await stream.send({ reject: { code, message, retryAfterMs } });
+    stream.end();
+  };
   const first = await nextWithin(incoming, HELLO_TIMEOUT_MS);
   if (!first || first.body !== "hello") {
-    log({ level: "warn", msg: "agent refused", reason: "no hello" });
-    await stream.send({ reject: { code: "bad_hello", message: "Expected Hello first" } });
-    stream.end();
-    return;
+    return await refuseHello("bad_hello", "Expected Hello first", { reason: "no hello" });
   }
   const hello = first.hello;
   if (!tokenMatches(hello.token, options.token)) {
-    log({
-      level: "warn",
-      msg: "agent refused",
-      agent: hello.agentId,
-      reason: hello.token ? "wrong join token" : "missing join token",
-    });
-    await stream.send({
-      reject: {
-        code: "bad_token",
-        message: hello.token
-          ? "wrong join token (check --token against the server's)"
-          : "missing join token (pass --token)",
-      },
-    });
-    stream.end();
-    return;
+    return await refuseHello(
+      "bad_token",
+      hello.token
+        ? "wrong join token (check --token against the server's)"
+        : "missing join token (pass --token)",
+      { agent: hello.agentId, reason: hello.token ? "wrong join token" : "missing join token" },
+    );
   }
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(hello.agentId)) {
-    await stream.send({
-      reject: {
-        code: "bad_hello",
-        message: `Expected an agent id of letters, digits, ".", "_" or "-", got "${hello.agentId}"`,
-      },
-    });
-    stream.end();
-    return;
+    return await refuseHello(
+      "bad_hello",
+      `Expected an agent id of letters, digits, ".", "_" or "-", got "${hello.agentId}"`,
+      { reason: "bad agent id" },
+    );
   }
   const agentId = hello.agentId;
   const lease = await store.grantLease(heartbeatMs * MISSED_HEARTBEATS_OFFLINE);
@@ -151,13 +156,42 @@ async function serveAgent(
     connectedAt: now,
     lastHeartbeat: now,
   };
-  await store.put(clusterKeys.worker(agentId), JSON.stringify(worker), { lease: lease.id });
-  log({ msg: "agent connected", agent: agentId, labels: hello.labels, slots: worker.slots });
+  const admission = await admitAgent(
+    { agentId, credential: hello.credential, session: hello.session },
+    {
+      store,
+      serverId: options.serverId,
+      lease: lease.id,
+      heartbeatMs,
+      alsoWrite: () => [workerPut(worker, lease.id)],
+    },
+  );
+  if (!admission.ok) {
+    await store.revokeLease(lease.id).catch(() => {});
+    return await refuseHello(
+      admission.code,
+      admission.message,
+      { agent: agentId, reason: admission.message },
+      admission.retryAfterMs,
+    );
+  }
+  const connection: LiveConnection = {
+    record: admission.connection,
+    revision: admission.revision,
+    credentialHash: admission.credentialHash,
+  };
+  log({
+    msg: admission.issued ? "agent registered: credential issued" : "agent connected",
+    agent: agentId,
+    labels: hello.labels,
+    slots: worker.slots,
+  });
   await stream.send({
     welcome: {
       serverId: options.serverId,
       heartbeatIntervalMs: heartbeatMs,
       servers: options.servers?.() ?? [],
+      credential: admission.issued ?? "",
     },
   });
 
@@ -176,10 +210,31 @@ async function serveAgent(
         stream.cancel("the server lost its store watch");
       })
     );
+    watchConnection(store, agentId, connection, stop.signal).then(async (cut) => {
+      if (!cut) return;
+      log({ level: "warn", msg: "agent connection cut", agent: agentId, reason: cut.reason });
+      // A revoked (or forgotten) agent is offline at once: its claim and
+      // worker key go, and its attempts are rescheduled.
+      if (cut.identity) await store.revokeLease(lease.id).catch(() => {});
+      stream.cancel(cut.reason);
+    }, (error) => {
+      log({ level: "error", msg: "watch failed", agent: agentId, error: String(error) });
+      stream.cancel("the server lost its store watch");
+    });
+    const context: HandleContext = {
+      options,
+      store,
+      stream,
+      worker,
+      lease: lease.id,
+      connection,
+      logs,
+      log,
+    };
     for (;;) {
       const next = await incoming.next();
       if (next.done) break;
-      await handle(next.value, { options, store, stream, worker, lease: lease.id, logs, log });
+      await handle(next.value, context);
     }
   } finally {
     stop.abort();
@@ -193,12 +248,22 @@ async function serveAgent(
   }
 }
 
+/** The stream's hold on its agent's live-connection claim. */
+interface LiveConnection {
+  record: AgentConnectionRecord;
+  /** Revision of this stream's last write of the claim. */
+  revision: number;
+  /** The identity's credential hash when the agent was admitted. */
+  credentialHash: string;
+}
+
 interface HandleContext {
   options: GatewayOptions;
   store: Store;
   stream: AgentConnection;
   worker: WorkerRecord;
   lease: string;
+  connection: LiveConnection;
   logs: LogBuffer;
   log: (fields: Record<string, unknown>) => void;
 }
@@ -206,15 +271,30 @@ interface HandleContext {
 async function handle(message: AgentMessage, context: HandleContext): Promise<void> {
   const { store, worker } = context;
   switch (message.body) {
-    case "heartbeat":
+    case "heartbeat": {
       await store.keepAlive(context.lease);
       worker.lastHeartbeat = Date.now();
       // A draining agent finishes what it runs and takes nothing new.
       if (message.heartbeat.draining) worker.slots = 0;
-      await store.put(clusterKeys.worker(worker.agentId), JSON.stringify(worker), {
-        lease: context.lease,
+      const connection = context.connection;
+      const claim = { ...connection.record, heartbeatAt: worker.lastHeartbeat };
+      const key = clusterKeys.agentConnection(worker.agentId);
+      const write = await store.txn({
+        // Only while this stream holds the agent's claim.
+        compare: [{ key, target: "mod", op: "==", value: connection.revision }],
+        success: [
+          { type: "put", key, value: JSON.stringify(claim), lease: context.lease },
+          workerPut(worker, context.lease),
+        ],
       });
+      if (write.succeeded) {
+        connection.record = claim;
+        connection.revision = write.revision;
+      } else {
+        context.stream.cancel(`another connection of agent ${worker.agentId} took over`);
+      }
       return;
+    }
     case "log":
       context.logs.add(message.log.attemptId, message.log.text);
       return;
@@ -230,6 +310,58 @@ async function handle(message: AgentMessage, context: HandleContext): Promise<vo
 }
 
 /**
+ * Resolves with a reason to cut the stream: another connection took the
+ * agent's claim over, its lease ended, or (`identity`) an operator revoked
+ * or deleted its identity. Resolves undefined when `signal` aborts.
+ */
+async function watchConnection(
+  store: Store,
+  agentId: string,
+  connection: LiveConnection,
+  signal: AbortSignal,
+): Promise<{ reason: string; identity?: true } | undefined> {
+  const claimKey = clusterKeys.agentConnection(agentId);
+  const identityKey = clusterKeys.agentIdentity(agentId);
+  for await (
+    const event of store.watch(clusterKeys.agentPrefix(agentId), {
+      fromRevision: connection.revision + 1,
+      signal,
+    })
+  ) {
+    if (event.key === claimKey) {
+      if (event.type === "delete") {
+        return { reason: "the agent's connection lease ended (missed heartbeats)" };
+      }
+      const claim = JSON.parse(event.value!) as AgentConnectionRecord;
+      if (claim.connectionId !== connection.record.connectionId) {
+        return { reason: `another connection of agent ${agentId} took over (${claim.server})` };
+      }
+    } else if (event.key === identityKey) {
+      if (event.type === "delete") {
+        return { reason: `the identity of agent ${agentId} was deleted`, identity: true };
+      }
+      const identity = JSON.parse(event.value!) as AgentIdentityRecord;
+      if (identity.revokedAt !== undefined) {
+        return { reason: `agent ${agentId} was revoked`, identity: true };
+      }
+      if (identity.credentialHash !== connection.credentialHash) {
+        return { reason: `agent ${agentId} was issued another credential`, identity: true };
+      }
+    }
+  }
+  return undefined;
+}
+
+function workerPut(worker: WorkerRecord, lease: string): TxnOp {
+  return {
+    type: "put",
+    key: clusterKeys.worker(worker.agentId),
+    value: JSON.stringify(worker),
+    lease,
+  };
+}
+
+/**
  * Records a result once; refuses one of an attempt that is no longer this
  * agent's (its worker was declared offline and the step went elsewhere).
  */
@@ -240,6 +372,7 @@ async function recordResult(
 ): Promise<void> {
   const { store, worker, stream } = context;
   const assignmentKey = clusterKeys.assignment(worker.agentId, attemptId);
+  const resultKey = clusterKeys.result(attemptId);
   let result: AttemptResult;
   try {
     result = JSON.parse(resultJson);
@@ -260,7 +393,6 @@ async function recordResult(
     result,
     at: Date.now(),
   };
-  const resultKey = clusterKeys.result(attemptId);
   const write = await store.txn({
     compare: [
       { key: assignmentKey, target: "create", op: ">", value: 0 },

@@ -70,7 +70,14 @@ import {
   STOP_ACK_WAIT_MS,
   STOP_CLOSE_GRACE_MS,
 } from "./options.ts";
-import { type AgentPaths, agentPaths, loadAgentId } from "./identity.ts";
+import {
+  type AgentPaths,
+  agentPaths,
+  loadAgentId,
+  loadCredential,
+  saveCredential,
+} from "./identity.ts";
+import { randomHex } from "../../core/_bytes.ts";
 import { Outbox, type OutboxEntry } from "./outbox.ts";
 import { sweepScratch } from "./scratch.ts";
 import { SendQueue } from "./send_queue.ts";
@@ -124,8 +131,9 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   const paths = agentPaths(options.stateDir);
   await Deno.mkdir(paths.work, { recursive: true });
   const agentId = options.agentId ?? await loadAgentId(paths.root);
+  const credential = await loadCredential(paths.root, agentId);
   const scratchRoot = await Deno.realPath(paths.work);
-  const agent = new Agent(options, { agentId, paths, scratchRoot, slots });
+  const agent = new Agent(options, { agentId, credential, paths, scratchRoot, slots });
   // Failed attempts' scratch directories are kept for inspection, not forever.
   sweepScratch(scratchRoot, options.scratchRetentionMs ?? DEFAULT_RETENTION_MS).catch(() => {});
   try {
@@ -139,6 +147,8 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
 
 interface AgentContext {
   agentId: string;
+  /** The credential a server issued to the id ("" before its first registration). */
+  credential: string;
   paths: AgentPaths;
   scratchRoot: string;
   slots: number;
@@ -149,6 +159,13 @@ class Agent implements RunningAgent {
   readonly done: Promise<void>;
   readonly #options: AgentOptions;
   readonly #paths: AgentPaths;
+  #credential: string;
+  /**
+   * A random id of this process, sent in every Hello: servers let a
+   * reconnect of the process that holds the id's live connection take it
+   * over, and refuse any other process while that connection lives.
+   */
+  readonly #sessionId = randomHex(16);
   /** Pipeline bundles unpacked (or being unpacked) by this agent, by digest. */
   readonly #bundles = new Map<string, Promise<string>>();
   readonly #lifecycle: AttemptLifecycle;
@@ -187,6 +204,7 @@ class Agent implements RunningAgent {
     this.agentId = context.agentId;
     this.#options = options;
     this.#paths = context.paths;
+    this.#credential = context.credential;
     this.#slots = context.slots;
     this.#pool = new PluginHostPool({
       plugins: [...builtinPlugins(), ...(options.plugins ?? [])],
@@ -327,7 +345,8 @@ class Agent implements RunningAgent {
         this.emit({ type: "connect_failed", server, reason: messageOf(error) });
         outcome = { welcomed: false };
       }
-      if (outcome.rejected?.code === "bad_token") {
+      // A wrong join token or identity will not get better by trying again.
+      if (outcome.rejected?.code === "bad_token" || outcome.rejected?.code === "bad_identity") {
         const error = new AgentRejectedError(server, outcome.rejected);
         await this.#shutdown(error);
         this.#rejectDone(error);
@@ -337,16 +356,22 @@ class Agent implements RunningAgent {
       tries++;
       if (tries >= this.#servers.length) this.#answered();
       failures = outcome.welcomed ? 0 : failures + 1;
-      index++;
-      const delay = retryDelay(
-        {
-          backoffMs: this.#options.reconnect?.initialMs ?? DEFAULT_RECONNECT_INITIAL_MS,
-          maxBackoffMs: this.#options.reconnect?.maxMs ?? DEFAULT_RECONNECT_MAX_MS,
-          factor: 2,
-          jitter: 0.5,
-        },
-        { retry: failures + 1, key: `${this.agentId}/${tries}` },
-      );
+      // Another process holds this id's connection: the same server says
+      // when it would give it up (if that process is gone by then).
+      const duplicate = outcome.rejected?.code === "duplicate_agent";
+      if (!duplicate) index++;
+      const maxMs = this.#options.reconnect?.maxMs ?? DEFAULT_RECONNECT_MAX_MS;
+      const delay = duplicate && outcome.rejected!.retryAfterMs > 0
+        ? Math.min(outcome.rejected!.retryAfterMs, maxMs) + Math.floor(Math.random() * 100)
+        : retryDelay(
+          {
+            backoffMs: this.#options.reconnect?.initialMs ?? DEFAULT_RECONNECT_INITIAL_MS,
+            maxBackoffMs: maxMs,
+            factor: 2,
+            jitter: 0.5,
+          },
+          { retry: failures + 1, key: `${this.agentId}/${tries}` },
+        );
       this.emit({
         type: "reconnecting",
         server: this.#servers[index % this.#servers.length],
@@ -387,6 +412,7 @@ class Agent implements RunningAgent {
         switch (message.body) {
           case "welcome":
             clearTimeout(helloTimer);
+            if (message.welcome.credential) await this.#keepCredential(message.welcome.credential);
             welcomed = true;
             this.#welcomed(stream, server, message.welcome);
             break;
@@ -434,7 +460,24 @@ class Agent implements RunningAgent {
       // With slots 0 a draining agent's Hello asks for nothing.
       slots: this.#draining ? 0 : this.#slots,
       pendingResultAttemptIds: this.pendingResults,
+      credential: this.#credential,
+      session: this.#sessionId,
     };
+  }
+
+  /**
+   * Keeps the credential a server issued at registration, before anything
+   * else: a later Hello without it is refused. Should the file not be
+   * written, this process still has it (and a server issues it anew to this
+   * process's session), but a restart would be refused: said loudly.
+   */
+  async #keepCredential(credential: string): Promise<void> {
+    this.#credential = credential;
+    try {
+      await saveCredential(this.#paths.root, { agentId: this.agentId, credential });
+    } catch (error) {
+      this.#failed(error);
+    }
   }
 
   /** The fingerprint of every backend of the pool; shell is off unless allowed. */
