@@ -6,7 +6,9 @@
  * assignments and stops the scheduler writes for it, and turns what the
  * agent reports into store writes: log batches, and results (create-only,
  * so a result reported twice is recorded once; a result of an attempt that
- * is no longer the agent's is refused: fencing).
+ * is no longer the agent's is refused: fencing). It accepts what an agent
+ * says only of the attempts assigned to it: anything else is counted,
+ * logged and dropped.
  *
  * The gateway never talks to the scheduler directly: any server can hold
  * any agent's stream.
@@ -68,7 +70,18 @@ export interface GatewayOptions {
   log?: (fields: Record<string, unknown>) => void;
   /** How long step logs stay in the store (default 14 days, as artifacts). */
   logRetentionMs?: number;
+  /**
+   * Counts an agent refused at Hello (its `RejectCode`) or a message dropped
+   * because it spoke of an attempt that is not the sender's (its kind).
+   */
+  onRefused?: (what: RejectCode | RefusedKind) => void;
 }
+
+/** What an agent sent about an attempt that is not its own. */
+export type RefusedKind = "log" | "started" | "result" | "bundle";
+
+/** Refused messages logged per stream (all are counted): a flood must not flood the log. */
+const MAX_REFUSALS_LOGGED = 100;
 
 /** A gateway: `onConnect` serves one agent stream. */
 export interface Gateway {
@@ -112,6 +125,7 @@ async function serveAgent(
     fields: Record<string, unknown>,
     retryAfterMs = 0,
   ) => {
+    options.onRefused?.(code);
     log({ level: "warn", msg: "agent refused", code, ...fields });
     await stream.send({ reject: { code, message, retryAfterMs } });
     stream.end();
@@ -199,13 +213,15 @@ async function serveAgent(
   const logs = new LogBuffer(store, log, logLease);
   const sent = new Set<string>(hello.runningAttemptIds);
   const pending = new Set<string>(hello.pendingResultAttemptIds ?? []);
+  const own = new OwnAssignments();
   try {
     const watchers = [
-      pushAssignments(store, agentId, stream, sent, pending, stop.signal),
+      pushAssignments(store, agentId, stream, sent, pending, own, stop.signal),
       pushStops(store, agentId, stream, stop.signal),
     ];
     watchers.forEach((watcher) =>
       watcher.catch((error) => {
+        own.fail();
         log({ level: "error", msg: "watch failed", agent: agentId, error: String(error) });
         stream.cancel("the server lost its store watch");
       })
@@ -228,6 +244,8 @@ async function serveAgent(
       worker,
       lease: lease.id,
       connection,
+      own,
+      refused: new Set(),
       logs,
       log,
     };
@@ -238,6 +256,7 @@ async function serveAgent(
     }
   } finally {
     stop.abort();
+    own.fail();
     // The agent ended its side (or it broke): end ours, so the stream closes now.
     stream.end();
     await logs.close();
@@ -264,12 +283,15 @@ interface HandleContext {
   worker: WorkerRecord;
   lease: string;
   connection: LiveConnection;
+  own: OwnAssignments;
+  /** Kinds and attempts already logged as refused (each is logged once per stream). */
+  refused: Set<string>;
   logs: LogBuffer;
   log: (fields: Record<string, unknown>) => void;
 }
 
 async function handle(message: AgentMessage, context: HandleContext): Promise<void> {
-  const { store, worker } = context;
+  const { store, worker, own } = context;
   switch (message.body) {
     case "heartbeat": {
       await store.keepAlive(context.lease);
@@ -296,17 +318,61 @@ async function handle(message: AgentMessage, context: HandleContext): Promise<vo
       return;
     }
     case "log":
-      context.logs.add(message.log.attemptId, message.log.text);
+      if (await own.owns(message.log.attemptId)) {
+        context.logs.add(message.log.attemptId, message.log.text);
+      } else refuse(context, "log", message.log.attemptId);
       return;
     case "started":
+      if (!(await own.owns(message.started.attemptId))) {
+        refuse(context, "started", message.started.attemptId);
+      }
       return;
     case "result":
       await recordResult(context, message.result.attemptId, message.result.resultJson);
+      return;
+    case "bundleRequest":
+      await sendBundle(context, message.bundleRequest.digest);
       return;
     case "hello":
       context.log({ level: "warn", msg: "second hello ignored", agent: worker.agentId });
       return;
   }
+}
+
+/**
+ * Drops a message about an attempt that is not the sender's: counted, and
+ * logged once per stream and attempt.
+ */
+function refuse(context: HandleContext, kind: RefusedKind, attemptId: string): void {
+  context.options.onRefused?.(kind);
+  const key = `${kind} ${attemptId}`;
+  if (context.refused.has(key) || context.refused.size >= MAX_REFUSALS_LOGGED) return;
+  context.refused.add(key);
+  context.log({
+    level: "warn",
+    msg: "agent message refused: not its assignment",
+    agent: context.worker.agentId,
+    kind,
+    attemptId,
+  });
+}
+
+/** Sends a bundle the agent asked for, if one of its assignments uses it. */
+async function sendBundle(context: HandleContext, digest: string): Promise<void> {
+  const { stream, worker } = context;
+  if (!(await context.own.usesBundle(digest))) {
+    refuse(context, "bundle", digest);
+    await stream.send({
+      bundle: { digest, message: `No assignment of agent ${worker.agentId} uses bundle ${digest}` },
+    });
+    return;
+  }
+  const bundle = await getBundle(context.store, digest);
+  await stream.send({
+    bundle: bundle
+      ? { digest, bundleJson: JSON.stringify(bundle) }
+      : { digest, message: `The store holds no bundle ${digest}` },
+  });
 }
 
 /**
@@ -352,6 +418,49 @@ async function watchConnection(
   return undefined;
 }
 
+/**
+ * The attempts assigned to the agent of a stream (with the bundle each
+ * uses), as its assignment watch sees them: kept before each is pushed, so
+ * the agent cannot speak of an assignment the gateway does not know yet.
+ */
+class OwnAssignments {
+  readonly #bundles = new Map<string, string | undefined>();
+  readonly #listed: Promise<void>;
+  #resolveListed!: () => void;
+
+  constructor() {
+    this.#listed = new Promise((resolve) => this.#resolveListed = resolve);
+  }
+
+  add(record: AssignmentRecord): void {
+    this.#bundles.set(record.attemptId, record.spec.bundleDigest);
+  }
+
+  delete(attemptId: string): void {
+    this.#bundles.delete(attemptId);
+  }
+
+  /** The first listing is in (or the watch failed: then nothing is owned). */
+  listed(): void {
+    this.#resolveListed();
+  }
+
+  fail(): void {
+    this.#bundles.clear();
+    this.#resolveListed();
+  }
+
+  async owns(attemptId: string): Promise<boolean> {
+    await this.#listed;
+    return this.#bundles.has(attemptId);
+  }
+
+  async usesBundle(digest: string): Promise<boolean> {
+    await this.#listed;
+    return [...this.#bundles.values()].includes(digest);
+  }
+}
+
 function workerPut(worker: WorkerRecord, lease: string): TxnOp {
   return {
     type: "put",
@@ -373,6 +482,24 @@ async function recordResult(
   const { store, worker, stream } = context;
   const assignmentKey = clusterKeys.assignment(worker.agentId, attemptId);
   const resultKey = clusterKeys.result(attemptId);
+  if (!(await context.own.owns(attemptId))) {
+    const recorded = await store.get(resultKey);
+    if (recorded && (JSON.parse(recorded.value) as ResultRecord).agentId === worker.agentId) {
+      // Reported before (the ack was lost with a connection): already recorded.
+      await stream.send({ ack: { attemptId, accepted: true, message: "already recorded" } });
+      return;
+    }
+    refuse(context, "result", attemptId);
+    await stream.send({
+      ack: {
+        attemptId,
+        accepted: false,
+        message: `attempt ${attemptId} is not assigned to agent ${worker.agentId} ` +
+          "(or no longer: its worker was declared offline and the step was rescheduled)",
+      },
+    });
+    return;
+  }
   let result: AttemptResult;
   try {
     result = JSON.parse(resultJson);
@@ -427,6 +554,7 @@ async function pushAssignments(
   stream: AgentConnection,
   running: Set<string>,
   pendingResults: Set<string>,
+  own: OwnAssignments,
   signal: AbortSignal,
 ): Promise<void> {
   const prefix = clusterKeys.assignmentPrefix(agentId);
@@ -435,6 +563,7 @@ async function pushAssignments(
   // Bundles this stream has carried: each goes once per stream.
   const bundles = new Set<string>();
   const send = async (record: AssignmentRecord) => {
+    own.add(record);
     wanted.add(record.attemptId);
     if (running.has(record.attemptId) || pendingResults.has(record.attemptId)) return;
     running.add(record.attemptId);
@@ -472,6 +601,8 @@ async function pushAssignments(
       },
     });
   };
+  for (const kv of listed.items) own.add(JSON.parse(kv.value) as AssignmentRecord);
+  own.listed();
   for (const kv of listed.items) await send(JSON.parse(kv.value) as AssignmentRecord);
   // Attempts the agent still runs that the scheduler gave up on: stop them.
   for (const attemptId of running) {
@@ -483,7 +614,11 @@ async function pushAssignments(
   }
   for await (const event of store.watch(prefix, { fromRevision: listed.revision + 1, signal })) {
     if (event.type === "put") await send(JSON.parse(event.value!) as AssignmentRecord);
-    else running.delete(decodeURIComponent(event.key.slice(prefix.length)));
+    else {
+      const attemptId = decodeURIComponent(event.key.slice(prefix.length));
+      running.delete(attemptId);
+      own.delete(attemptId);
+    }
   }
 }
 
