@@ -77,6 +77,7 @@ import {
   loadCredential,
   saveCredential,
 } from "./identity.ts";
+import { lockStateDir, type StateDirLock } from "./lock.ts";
 import { randomHex } from "../../core/_bytes.ts";
 import { Outbox, type OutboxEntry } from "./outbox.ts";
 import { sweepScratch } from "./scratch.ts";
@@ -84,6 +85,7 @@ import { SendQueue } from "./send_queue.ts";
 
 export * from "./options.ts";
 export * from "./identity.ts";
+export * from "./lock.ts";
 export * from "./outbox.ts";
 export * from "./scratch.ts";
 
@@ -129,11 +131,20 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     throw new AgentOptionsError(`Expected a whole number of slots of 1 or more, got ${slots}`);
   }
   const paths = agentPaths(options.stateDir);
-  await Deno.mkdir(paths.work, { recursive: true });
-  const agentId = options.agentId ?? await loadAgentId(paths.root);
-  const credential = await loadCredential(paths.root, agentId);
-  const scratchRoot = await Deno.realPath(paths.work);
-  const agent = new Agent(options, { agentId, credential, paths, scratchRoot, slots });
+  // Before anything in it is read or written: one agent per state dir.
+  const lock = await lockStateDir(paths.root);
+  let agent: Agent;
+  let scratchRoot: string;
+  try {
+    await Deno.mkdir(paths.work, { recursive: true });
+    const agentId = options.agentId ?? await loadAgentId(paths.root);
+    const credential = await loadCredential(paths.root, agentId);
+    scratchRoot = await Deno.realPath(paths.work);
+    agent = new Agent(options, { agentId, credential, lock, paths, scratchRoot, slots });
+  } catch (error) {
+    lock.release();
+    throw error;
+  }
   // Failed attempts' scratch directories are kept for inspection, not forever.
   sweepScratch(scratchRoot, options.scratchRetentionMs ?? DEFAULT_RETENTION_MS).catch(() => {});
   try {
@@ -149,6 +160,7 @@ interface AgentContext {
   agentId: string;
   /** The credential a server issued to the id ("" before its first registration). */
   credential: string;
+  lock: StateDirLock;
   paths: AgentPaths;
   scratchRoot: string;
   slots: number;
@@ -159,6 +171,7 @@ class Agent implements RunningAgent {
   readonly done: Promise<void>;
   readonly #options: AgentOptions;
   readonly #paths: AgentPaths;
+  readonly #lock: StateDirLock;
   #credential: string;
   /**
    * A random id of this process, sent in every Hello: servers let a
@@ -204,6 +217,7 @@ class Agent implements RunningAgent {
     this.agentId = context.agentId;
     this.#options = options;
     this.#paths = context.paths;
+    this.#lock = context.lock;
     this.#credential = context.credential;
     this.#slots = context.slots;
     this.#pool = new PluginHostPool({
@@ -805,6 +819,7 @@ class Agent implements RunningAgent {
       clearInterval(this.#heartbeat);
       this.#stream?.end();
       await this.#pool.close();
+      this.#lock.release();
       this.#answered(error);
       this.emit({ type: "stopped" });
     })();

@@ -58,7 +58,8 @@ export interface AgentOptions {
   /**
    * Agent state: `agent.json`, `credential.json`, `attempts/`, `outbox/`,
    * plugin host entry files (`hosts/`), `bundles/` and the scratch root
-   * `work/` (default {@link DEFAULT_AGENT_STATE_DIR}).
+   * `work/` (default {@link DEFAULT_AGENT_STATE_DIR}). Locked while the
+   * agent runs (`agent.lock`): a second agent on it refuses to start.
    */
   stateDir?: string;
   /** Where inputs are fetched from and outputs put (local or S3; the caller opens it). */
