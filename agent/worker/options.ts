@@ -35,6 +35,12 @@ export const CAPABILITY_TTL_MS = 60_000;
 export const STOP_ACK_WAIT_MS = 5_000;
 /** Longest a stopping agent waits for the server to end the stream after it ended its side. */
 export const STOP_CLOSE_GRACE_MS = 2_000;
+/**
+ * How long an attempt waits for its run's pipeline bundle, asked of the
+ * servers, before it is given back as lost (the agent's worker is declared
+ * offline long before, if no server answers at all).
+ */
+export const BUNDLE_WAIT_MS = 60_000;
 /** Events kept in {@link RunningAgent.events}. */
 export const EVENT_HISTORY = 1_000;
 
