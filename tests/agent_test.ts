@@ -34,6 +34,7 @@ import {
 } from "../proto/mod.ts";
 import type * as wire from "../proto/mod.ts";
 import { CLI_PERMISSIONS, poll, ROOT, sandbox } from "./_helpers.ts";
+import { bundleDigest } from "../agent/bundle.ts";
 
 const TOKEN = "s3cret-join-token";
 const IN_CI = Deno.env.get("CI") === "true";
@@ -83,6 +84,11 @@ class FakeServer {
 
   get heartbeats(): wire.Heartbeat[] {
     return this.messages.flatMap((m) => m.body === "heartbeat" ? [m.heartbeat] : []);
+  }
+
+  /** Digests of the bundles agents asked for. */
+  bundleRequests(): string[] {
+    return this.messages.flatMap((m) => m.body === "bundleRequest" ? [m.bundleRequest.digest] : []);
   }
 
   get started(): wire.AttemptStarted[] {
@@ -481,6 +487,8 @@ Deno.test("agent: a cancel stops the step and reports it cancelled; a full agent
     const refused = await resultOf(server, extra.attemptId);
     assert.equal(!refused.ok && refused.errorClass, "infrastructure");
     assert.match(!refused.ok ? refused.message : "", /has no free slot \(1 of 1 busy\)/);
+    // The scheduler's miscount, not the step's failure: it runs again without using retries.
+    assert.equal(!refused.ok && refused.lost, true);
 
     const before = Date.now();
     await server.send({ cancel: { attemptId: spec.attemptId, reason: "cancelled by user" } });
@@ -489,6 +497,39 @@ Deno.test("agent: a cancel stops the step and reports it cancelled; a full agent
     assert.equal(!result.ok && result.errorClass, "cancelled");
     assert.equal(!result.ok && result.message, "cancelled: cancelled by user");
     assert.equal(server.results(spec.attemptId).length, 1);
+  } finally {
+    await server.close();
+  }
+});
+
+Deno.test("agent: a run's bundle that did not come is asked for; a refusal gives the attempt back as lost", async () => {
+  const server = await FakeServer.start();
+  try {
+    await using _agent = await withAgent([server]);
+    const files = { "data.txt": btoa("from the bundle\n") };
+    const bundle = { digest: bundleDigest(files), files };
+    // Its first assignment (with the bundle) went to a server that died.
+    const spec = assignmentSpec("reads", { run: "cat data.txt" }, { bundleDigest: bundle.digest });
+    await server.assign(spec, "shell");
+    await poll(() => server.bundleRequests().includes(bundle.digest) || undefined, {
+      what: "the bundle asked for",
+    });
+    await server.send({ bundle: { digest: bundle.digest, bundleJson: JSON.stringify(bundle) } });
+    const result = await resultOf(server, spec.attemptId);
+    assert.equal(result.ok, true, JSON.stringify(result));
+    assert.equal(server.logText(spec.attemptId), "from the bundle\n");
+
+    const unknown = `sha256:${"0".repeat(64)}`;
+    const orphan = assignmentSpec("orphan", { run: "true" }, { bundleDigest: unknown });
+    await server.assign(orphan, "shell");
+    await poll(() => server.bundleRequests().includes(unknown) || undefined, {
+      what: "the other bundle asked for",
+    });
+    await server.send({ bundle: { digest: unknown, message: "no assignment uses it" } });
+    const lost = await resultOf(server, orphan.attemptId);
+    assert.equal(!lost.ok && lost.errorClass, "infrastructure");
+    assert.equal(!lost.ok && lost.lost, true);
+    assert.match(!lost.ok ? lost.message : "", /no assignment uses it/);
   } finally {
     await server.close();
   }

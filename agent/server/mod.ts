@@ -181,6 +181,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     servers: () => options.peers ?? [],
     log,
     logRetentionMs: options.logRetentionMs,
+    onRefused: (what) => metrics.onAgentRefused(what),
   });
   let grpc: AgentServiceServer;
   try {
