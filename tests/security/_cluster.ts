@@ -11,6 +11,24 @@ import { CLI_PERMISSIONS, MAIN, poll, ROOT } from "../_helpers.ts";
 
 /** The join token of the test clusters. */
 export const TOKEN = "security-test-join-token";
+/** The API's admin token, as the servers' `--admin-token-file` holds it. */
+export const ADMIN_TOKEN = "security-test-admin-token-0123456789";
+/** `Authorization` for the API as the admin. */
+export const AS_ADMIN = { headers: { authorization: `Bearer ${ADMIN_TOKEN}` } };
+
+/** The admin token file every test server is started with (removed when the module unloads). */
+const ADMIN_TOKEN_FILE = (() => {
+  const path = Deno.makeTempFileSync({ prefix: "runnel-admin-token-" });
+  Deno.writeTextFileSync(path, ADMIN_TOKEN, { mode: 0o600 });
+  globalThis.addEventListener("unload", () => {
+    try {
+      Deno.removeSync(path);
+    } catch {
+      // Gone already.
+    }
+  });
+  return path;
+})();
 
 /** A free TCP port on loopback (closed again: the server binds it). */
 export function freePort(): number {
@@ -112,6 +130,8 @@ export class ServerProcess extends Child {
       options.peers.join(","),
       "--heartbeat",
       options.heartbeat,
+      "--admin-token-file",
+      ADMIN_TOKEN_FILE,
     ], { RUNNEL_TOKEN: TOKEN });
     this.id = options.id;
     this.http = `http://127.0.0.1:${options.ports.http}`;
@@ -131,12 +151,12 @@ export class ServerProcess extends Child {
   async clusterState(): Promise<
     { scheduler?: string; workers: Array<{ agentId: string; server: string }> }
   > {
-    return await (await fetch(`${this.http}/cluster-state`)).json();
+    return await (await fetch(`${this.http}/cluster-state`, AS_ADMIN)).json();
   }
 
   /** The value of a counter in `/metrics`, 0 when absent. */
   async metric(name: string, labels: string): Promise<number> {
-    const text = await (await fetch(`${this.http}/metrics`)).text();
+    const text = await (await fetch(`${this.http}/metrics`, AS_ADMIN)).text();
     const line = text.split("\n").find((line) => line.startsWith(`${name}{${labels}}`));
     return line ? Number(line.split(" ").at(-1)) : 0;
   }

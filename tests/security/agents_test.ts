@@ -32,7 +32,7 @@ import {
 } from "../../proto/mod.ts";
 import { ignoreWithoutEtcd, startEtcdCluster } from "../_etcd.ts";
 import { poll, sandbox } from "../_helpers.ts";
-import { AgentProcess, freePort, ServerProcess, TOKEN } from "./_cluster.ts";
+import { ADMIN_TOKEN, AgentProcess, freePort, ServerProcess, TOKEN } from "./_cluster.ts";
 
 const HEARTBEAT_MS = 500;
 const INJECTED = "INJECTED-BY-ROGUE: all good, deploy approved";
@@ -156,7 +156,7 @@ Deno.test({
       assert.match(credential.credential, /^[0-9a-f]{64}$/);
       assert.equal((await Deno.stat(`${victimDir}/credential.json`)).mode! & 0o777, 0o600);
 
-      const client = new RunClient([servers[0].http]);
+      const client = new RunClient([servers[0].http], { token: ADMIN_TOKEN });
       const release = `${box.dir}/release`;
       const { runId } = await client.submit(pipeline(release), "pipeline.yaml", box.dir);
       const attemptId = await poll(async () => {

@@ -19,7 +19,7 @@ import type { StepState } from "../../core/model.ts";
 import { mulberry32, testSeed } from "../../core/_random.ts";
 import { ignoreWithoutEtcd, startEtcdCluster } from "../_etcd.ts";
 import { poll, sandbox } from "../_helpers.ts";
-import { AgentProcess, freePort, ServerProcess, TOKEN } from "./_cluster.ts";
+import { ADMIN_TOKEN, AgentProcess, freePort, ServerProcess, TOKEN } from "./_cluster.ts";
 
 const SEED = testSeed();
 const TRIALS = Number(Deno.env.get("RUNNEL_FAILOVER_TRIALS") ?? 20);
@@ -98,7 +98,7 @@ Deno.test({
       });
     const servers = [spawn(0), spawn(1)];
     const agents: AgentProcess[] = [];
-    const client = new RunClient(servers.map((server) => server.http));
+    const client = new RunClient(servers.map((server) => server.http), { token: ADMIN_TOKEN });
     const trials: string[] = [];
     try {
       await Promise.all(servers.map((server) => server.ready()));
@@ -145,7 +145,7 @@ Deno.test({
         trials.push(`trial ${trial}: killed ${victim.id} after ${handedOut} steps`);
         servers[leader] = spawn(leader);
         const survivor = servers[1 - leader];
-        const survivorClient = new RunClient([survivor.http]);
+        const survivorClient = new RunClient([survivor.http], { token: ADMIN_TOKEN });
         const done = await poll(async () => {
           const { run, steps } = await survivorClient.run(runId);
           return ["succeeded", "failed", "cancelled"].includes(run.status)
