@@ -6,12 +6,13 @@
 
 import assert from "node:assert/strict";
 import { parsePipeline } from "./load.ts";
+import { definePipeline } from "./define.ts";
 import { type Diagnostic, PipelineError } from "./errors.ts";
 import { ENV_NAME_PATTERN, SAFE_NAME_PATTERN } from "./schema.ts";
 
-function problems(source: string) {
+function problems(source: string, options: { hostPaths?: { read?: string[] } } = {}) {
   try {
-    parsePipeline(source, { file: "p.yaml", baseDir: "/srv/pipeline" });
+    parsePipeline(source, { file: "p.yaml", baseDir: "/srv/pipeline", ...options });
   } catch (error) {
     if (error instanceof PipelineError) return error.diagnostics;
     throw error;
@@ -58,4 +59,57 @@ Deno.test("names: the patterns", () => {
     assert.ok(!SAFE_NAME_PATTERN.test(name), name);
   }
   assert.ok(ENV_NAME_PATTERN.test("API_KEY") && !ENV_NAME_PATTERN.test("1X"));
+});
+
+Deno.test("paths: a deno module or permission path outside the pipeline directory is located", () => {
+  const source = `name: p
+steps:
+  a:
+    module: ../evil.ts
+    permissions: { read: ["/etc", data, "x/../../up", /data/shared/in], write: [out/../.., "\${{ matrix.d }}"] }
+    matrix: { d: [x] }
+  b:
+    module: /etc/passwd
+`;
+  const found = problems(source);
+  assert.deepEqual(found.map((d) => `${d.line}:${d.col} ${d.code} ${d.path}`), [
+    "4:13 path_escape steps.a.module",
+    "5:27 path_escape steps.a.permissions.read[0]",
+    "5:41 path_escape steps.a.permissions.read[2]",
+    "5:55 path_escape steps.a.permissions.read[3]",
+    "5:81 path_escape steps.a.permissions.write[0]",
+    "8:13 path_escape steps.b.module",
+  ]);
+  assert.equal(
+    found[1].message,
+    'deno read path "/etc" of step "a" is outside the pipeline directory',
+  );
+  assert.equal(
+    found[1].hint,
+    "an operator allows a host path with policy.deno.read in the agent config",
+  );
+  // The runner's policy may allow a host path; the module never leaves.
+  const allowed = problems(source, { hostPaths: { read: ["/data/shared"] } });
+  assert.deepEqual(allowed.map((d) => d.path), [
+    "steps.a.module",
+    "steps.a.permissions.read[0]",
+    "steps.a.permissions.read[2]",
+    "steps.a.permissions.write[0]",
+    "steps.b.module",
+  ]);
+});
+
+Deno.test("paths: the same checks for a pipeline defined in code", () => {
+  assert.throws(
+    () =>
+      definePipeline({
+        name: "p",
+        steps: { a: { backend: "deno", module: "step.ts", permissions: { write: ["/tmp"] } } },
+      }, { baseDir: "/srv/pipeline" }),
+    (error: unknown) =>
+      error instanceof PipelineError &&
+      error.diagnostics.some((d) =>
+        d.code === "path_escape" && d.path === "steps.a.permissions.write[0]"
+      ),
+  );
 });
