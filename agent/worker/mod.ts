@@ -52,6 +52,7 @@ import {
   type AttemptSink,
   type RunningAttempt,
 } from "../attempt/mod.ts";
+import { agentPolicy } from "../attempt/policy.ts";
 import {
   type AgentEvent,
   type AgentOptions,
@@ -201,6 +202,8 @@ class Agent implements RunningAgent {
       recordsDir: context.paths.attempts,
       agentId: context.agentId,
       cancelGraceMs: options.cancelGraceMs,
+      policy: options.policy ??
+        agentPolicy({}, { plugins: (options.plugins ?? []).map((plugin) => plugin.name) }),
     });
     this.#servers = [...options.servers];
     this.#outbox = new Outbox(context.paths.outbox);
@@ -452,6 +455,8 @@ class Agent implements RunningAgent {
           detail: SHELL_OFF,
         };
       }
+      const refused = this.#lifecycle.backendRefusal(backend);
+      if (refused) return { backend, available: false, version: "", detail: refused };
       const found = await this.#pool.backend(backend).fingerprint();
       return {
         backend,
