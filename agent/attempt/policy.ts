@@ -295,11 +295,13 @@ async function placesOf(attempt: PolicyAttempt): Promise<Places> {
 type Place = "pipeline" | "allowed" | "state" | "scratch" | "outside";
 
 /**
- * Where `path` (absolute, normalised) lies; a path inside the state
- * directory or the scratch root is theirs, and so is one containing them
- * unless `covering` is false (a build context, of which only the entries
- * named are read). Judged as written and again with links resolved: the
- * worse answer wins.
+ * Where `path` (absolute, normalised) lies. In the pipeline directory it is
+ * the pipeline's, unless it overlaps (lies in, or contains) the state
+ * directory or scratch root where they lie inside it (local mode's
+ * `.runnel`); an agent keeps its pipeline copies inside its state
+ * directory, which is therefore the runner's only outside them. A build
+ * context is not `covering`: only the entries named are read from it.
+ * Judged as written and again with links resolved: the worse answer wins.
  */
 async function placeOf(
   path: string,
@@ -308,11 +310,14 @@ async function placeOf(
   covering = true,
 ): Promise<Place> {
   const judge = (candidate: string): Place => {
-    const overlaps = (dirs: string[]) =>
-      dirs.some((dir) => isInside(candidate, dir) || (covering && isInside(dir, candidate)));
-    if (overlaps(places.stateDirs)) return "state";
-    if (overlaps(places.scratchRoots)) return "scratch";
-    if (places.baseDirs.some((dir) => isInside(candidate, dir))) return "pipeline";
+    const overlaps = (dir: string) =>
+      isInside(candidate, dir) || (covering && isInside(dir, candidate));
+    const base = places.baseDirs.find((dir) => isInside(candidate, dir));
+    const within = (dirs: string[]) =>
+      dirs.some((dir) => (!base || (dir !== base && isInside(dir, base))) && overlaps(dir));
+    if (within(places.stateDirs)) return "state";
+    if (within(places.scratchRoots)) return "scratch";
+    if (base) return "pipeline";
     if (allowed.some((root) => isAbsolute(root) && isInside(candidate, resolve(root)))) {
       return "allowed";
     }

@@ -220,3 +220,28 @@ Deno.test("agent policy: backends are the defaults, the plugins the config names
     "docker",
   ]);
 });
+
+Deno.test("agent policy: a pipeline copy inside the agent's state directory is the pipeline's", async () => {
+  await using box = await host();
+  const bundle = `${box.root}/state/bundles/abc`;
+  await Deno.mkdir(`${bundle}/steps`, { recursive: true });
+  await Deno.mkdir(`${box.root}/state/bundles/other`);
+  const layout = { baseDir: bundle };
+  assert.deepEqual(
+    await problems(agentPolicy(), box.root, "deno", {
+      module: "steps/hello.ts",
+      permissions: { read: ["."], write: ["steps"] },
+    }, layout),
+    [],
+  );
+  assert.deepEqual(
+    await problems(agentPolicy(), box.root, "deno", {
+      module: "steps/hello.ts",
+      permissions: { read: ["../other", ".."] },
+    }, layout),
+    [
+      `deno read "../other" reaches into the runner's state directory; grant a path that does not cover it`,
+      `deno read ".." reaches into the runner's state directory; grant a path that does not cover it`,
+    ],
+  );
+});
