@@ -14,6 +14,8 @@
  *   heartbeat-timeout: 10s                # replace a host silent this long
  * policy:                                 # absent keys keep the defaults (agent / local)
  *   backends: [deno, docker]              # agent default: deno, shell (with --allow-shell), plugins
+ *   pipeline-dirs: [/srv/pipelines]       # where a plan's own pipeline directory may be (agent
+ *                                         # default: only the bundles it was sent)
  *   deno:
  *     read: [/srv/shared]                 # host paths a deno step may be granted (default none)
  *     write: []
@@ -55,6 +57,7 @@ const hostPath = z.string().min(1, { message: "Expected a path" });
 export const PolicySchema = z.strictObject({
   backends: z.array(z.string().regex(/^[a-z][a-z0-9_-]*$/, { message: "Expected a backend name" }))
     .optional(),
+  "pipeline-dirs": z.array(hostPath).optional(),
   deno: z.strictObject({
     read: z.array(hostPath).optional(),
     write: z.array(hostPath).optional(),
@@ -190,6 +193,7 @@ function policyOverrides(
   const paths = (list: string[] | undefined) => list?.map((path) => resolve(baseDir, path));
   const overrides: PolicyOverrides = {};
   if (section.backends) overrides.backends = section.backends;
+  if (section["pipeline-dirs"]) overrides.pipelineDirs = paths(section["pipeline-dirs"]);
   if (section.deno) {
     const { read, write, net, env } = section.deno;
     overrides.deno = {

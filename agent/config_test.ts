@@ -64,6 +64,7 @@ Deno.test("agent config: the policy section becomes overrides, host paths made a
       [
         "policy:",
         "  backends: [deno, docker]",
+        "  pipeline-dirs: [/srv/pipelines]",
         "  deno: { read: [/srv/shared, ./data], net: [api.example.com:443, '*'], env: [AWS_REGION] }",
         "  docker: { network: true, build-contexts: [../contexts] }",
         "",
@@ -73,6 +74,7 @@ Deno.test("agent config: the policy section becomes overrides, host paths made a
     assert.equal(config.file, `${dir}/agent.yaml`);
     assert.deepEqual(config.policy, {
       backends: ["deno", "docker"],
+      pipelineDirs: ["/srv/pipelines"],
       deno: {
         read: ["/srv/shared", `${dir}/data`],
         net: ["api.example.com:443", "*"],

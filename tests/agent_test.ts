@@ -421,7 +421,11 @@ Deno.test("agent: an assignment runs: inputs fetched, outputs stored, logs maske
 Deno.test("agent: a deno step in its sandbox; a missing input artifact fails as artifact", async () => {
   const server = await FakeServer.start();
   try {
-    await using fixture = await withAgent([server]);
+    // The fake server names a directory of this machine as the pipeline's (no bundle),
+    // as a server sharing the agent's filesystem would; the agent's policy must list it.
+    await using fixture = await withAgent([server], {
+      policy: agentPolicy({ pipelineDirs: ["/"] }),
+    });
     const { artifacts, dir } = fixture;
     await Deno.writeTextFile(
       `${dir}/count.ts`,

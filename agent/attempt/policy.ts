@@ -40,6 +40,15 @@ export interface AttemptPolicy {
   configHint: string;
   /** Backends steps may use; undefined: every backend the runner has. */
   backends?: string[];
+  /**
+   * Where a pipeline directory may be besides the runner's state directory
+   * (where an agent unpacks the bundles it is sent and keeps its work
+   * directories); undefined: anywhere (local mode, where the user names
+   * it). A deno step is confined to its pipeline directory, so a plan that
+   * names `/` as one must not be believed. Not checked for shell steps
+   * (trusted) and docker steps without a build (they use none).
+   */
+  pipelineDirs?: string[];
   /** What a `deno` step may be granted besides its pipeline directory. */
   deno: {
     /** Host paths (absolute) outside the pipeline directory it may read. */
@@ -65,6 +74,7 @@ export interface AttemptPolicy {
 /** What an operator's config may change of a policy (`policy:` in agent.yaml). */
 export interface PolicyOverrides {
   backends?: string[];
+  pipelineDirs?: string[];
   deno?: Partial<AttemptPolicy["deno"]>;
   docker?: Partial<AttemptPolicy["docker"]>;
 }
@@ -103,6 +113,7 @@ export function agentPolicy(
     name: "agent policy",
     configHint: options.configFile ?? "agent.yaml",
     backends: [...AGENT_DEFAULT_BACKENDS, ...(options.plugins ?? [])],
+    pipelineDirs: [],
     deno: { read: [], write: [], net: [], env: [] },
     docker: { network: false, root: false, buildContexts: [] },
   }, overrides);
@@ -125,6 +136,7 @@ function withOverrides(base: AttemptPolicy, overrides: PolicyOverrides): Attempt
   return {
     ...base,
     ...(overrides.backends ? { backends: [...overrides.backends] } : {}),
+    ...(overrides.pipelineDirs ? { pipelineDirs: [...overrides.pipelineDirs] } : {}),
     deno: { ...base.deno, ...overrides.deno },
     docker: { ...base.docker, ...overrides.docker },
   };
@@ -172,12 +184,33 @@ export function backendRefusal(policy: AttemptPolicy, backend: string): string |
 export async function checkAttempt(policy: AttemptPolicy, attempt: PolicyAttempt): Promise<void> {
   const refused = backendRefusal(policy, attempt.backend);
   if (refused) throw new PolicyError(policy.name, [refused.slice(policy.name.length + 2)]);
+  const unheld = await pipelineDirProblem(policy, attempt);
+  if (unheld) throw new PolicyError(policy.name, [unheld]);
   const problems = attempt.backend === "deno"
     ? await denoProblems(policy, attempt)
     : attempt.backend === "docker"
     ? await dockerProblems(policy, attempt)
     : [];
   if (problems.length > 0) throw new PolicyError(policy.name, problems);
+}
+
+/** Why the attempt's pipeline directory cannot be believed, if it cannot. */
+async function pipelineDirProblem(
+  policy: AttemptPolicy,
+  attempt: PolicyAttempt,
+): Promise<string | undefined> {
+  if (!policy.pipelineDirs || attempt.backend === "shell") return undefined;
+  if (attempt.backend === "docker" && !(attempt.config as { build?: unknown }).build) {
+    return undefined;
+  }
+  const real = await realPath(attempt.baseDir);
+  for (const dir of [attempt.stateDir, ...policy.pipelineDirs.filter(isAbsolute)]) {
+    for (const root of new Set([dir, await realPath(dir)])) {
+      if (isInside(attempt.baseDir, root) && isInside(real, root)) return undefined;
+    }
+  }
+  return `the pipeline directory "${attempt.baseDir}" is not one this host was sent; allow it ` +
+    `with policy.pipeline-dirs in ${policy.configHint}`;
 }
 
 async function denoProblems(policy: AttemptPolicy, attempt: PolicyAttempt): Promise<string[]> {

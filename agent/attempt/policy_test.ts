@@ -44,7 +44,8 @@ async function problems(
 
 Deno.test("agent policy: a deno step gets its pipeline directory, no host path, host or env var", async () => {
   await using box = await host();
-  const policy = agentPolicy();
+  // The test's pipeline directory stands for one the agent was sent.
+  const policy = agentPolicy({ pipelineDirs: [`${box.root}/pipeline`] });
   assert.deepEqual(
     await problems(policy, box.root, "deno", {
       module: "./steps/x.ts",
@@ -76,6 +77,7 @@ Deno.test("agent policy: a deno step gets its pipeline directory, no host path, 
 Deno.test("agent policy: what the operator allows, and nothing that covers the runner's own files", async () => {
   await using box = await host();
   const policy = agentPolicy({
+    pipelineDirs: [`${box.root}/pipeline`],
     deno: { read: [`${box.root}/shared`, "/"], net: ["api.example.com"], env: ["AWS_REGION"] },
   }, { configFile: "/etc/runnel/agent.yaml" });
   assert.deepEqual(
@@ -122,7 +124,7 @@ Deno.test("policy: a link out of the pipeline directory is judged where it leads
   await Deno.symlink("/etc", `${box.root}/pipeline/etc`);
   await Deno.symlink(`${box.root}/state`, `${box.root}/pipeline/state`);
   assert.deepEqual(
-    await problems(agentPolicy(), box.root, "deno", {
+    await problems(agentPolicy({ pipelineDirs: [box.root] }), box.root, "deno", {
       module: "etc/passwd",
       permissions: { read: ["etc", "etc/not-there", "state"] },
     }),
@@ -143,7 +145,10 @@ Deno.test("agent policy: docker is off unless listed; no network, no root, build
       "docker steps are off here; allow them with policy.backends in agent.yaml",
     ],
   );
-  const policy = agentPolicy({ backends: ["deno", "docker"] });
+  const policy = agentPolicy({
+    backends: ["deno", "docker"],
+    pipelineDirs: [`${box.root}/pipeline`],
+  });
   assert.deepEqual(
     await problems(policy, box.root, "docker", {
       image: "x",
@@ -243,5 +248,46 @@ Deno.test("agent policy: a pipeline copy inside the agent's state directory is t
       `deno read "../other" reaches into the runner's state directory; grant a path that does not cover it`,
       `deno read ".." reaches into the runner's state directory; grant a path that does not cover it`,
     ],
+  );
+});
+
+Deno.test("agent policy: a pipeline directory a plan names is believed only where the agent keeps them", async () => {
+  await using box = await host();
+  const bundle = `${box.root}/state/bundles/abc`;
+  await Deno.mkdir(bundle, { recursive: true });
+  await Deno.symlink("/", `${box.root}/state/bundles/root`);
+  const policy = agentPolicy({ backends: ["deno", "shell", "docker"] });
+  const deno = { module: "etc/passwd", permissions: { read: ["etc"] } };
+  for (const baseDir of ["/", `${box.root}/pipeline`, `${box.root}/state/bundles/root`]) {
+    assert.deepEqual(await problems(policy, box.root, "deno", deno, { baseDir }), [
+      `the pipeline directory "${baseDir}" is not one this host was sent; allow it with policy.pipeline-dirs in agent.yaml`,
+    ]);
+  }
+  assert.deepEqual(
+    await problems(policy, box.root, "deno", { module: "x.ts" }, { baseDir: bundle }),
+    [],
+  );
+  assert.deepEqual(
+    await problems(
+      agentPolicy({ pipelineDirs: [`${box.root}/pipeline`] }),
+      box.root,
+      "deno",
+      { module: "x.ts" },
+    ),
+    [],
+  );
+  // Shell steps are trusted; a docker step without a build uses no pipeline directory.
+  assert.deepEqual(
+    await problems(policy, box.root, "shell", { run: "true" }, { baseDir: "/" }),
+    [],
+  );
+  assert.deepEqual(
+    await problems(policy, box.root, "docker", { image: "x", user: "1" }, { baseDir: "/" }),
+    [],
+  );
+  // Local mode: the user names the pipeline directory.
+  assert.deepEqual(
+    await problems(localPolicy(), box.root, "deno", { module: "x.ts" }, { baseDir: "/srv/p" }),
+    [],
   );
 });

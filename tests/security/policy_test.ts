@@ -362,7 +362,12 @@ Deno.test({
     const agentDir = `${box.dir}/agent`;
     const artifactsDir = `${box.dir}/artifacts`;
     const config = `${box.dir}/agent.yaml`;
-    await Deno.writeTextFile(config, "policy:\n  backends: [deno, shell, docker]\n");
+    // The fake server sends no bundle: it names a directory of this machine, which the
+    // policy lists as a shared-filesystem operator would.
+    await Deno.writeTextFile(
+      config,
+      `policy:\n  backends: [deno, shell, docker]\n  pipeline-dirs: [${pipeline}]\n`,
+    );
     await Deno.writeTextFile(`${pipeline}/ok.ts`, "export default () => {};\n");
     await Deno.writeTextFile(
       `${pipeline}/import.ts`,
@@ -426,7 +431,15 @@ Deno.test({
       );
       assert.equal(await Deno.lstat(`${box.dir}/planted`).then(() => true, () => false), false);
 
-      // Item 1b: host paths, hosts and env vars the agent does not allow.
+      // Item 1b: a pipeline directory the agent was not sent, host paths, hosts and env vars
+      // it does not allow.
+      assert.equal(
+        await refusal(
+          spec("root", { module: "etc/passwd", permissions: { read: ["etc"] } }, { baseDir: "/" }),
+          "deno",
+        ),
+        `agent policy: the pipeline directory "/" is not one this host was sent; allow it with policy.pipeline-dirs in ${config}`,
+      );
       assert.equal(
         await refusal(
           spec("read", {
