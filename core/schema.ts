@@ -135,10 +135,19 @@ const stepBackendKeys = {
     description: "Arguments passed to the module or command.",
   }),
   permissions: z.strictObject({
-    net: z.array(z.string()).optional(),
-    env: z.array(z.string()).optional(),
-    read: z.array(z.string()).optional(),
-    write: z.array(z.string()).optional(),
+    net: z.array(z.string()).optional().meta({
+      description:
+        "Hosts (`host` or `host:port`) the step may reach, if the runner's policy allows.",
+    }),
+    env: z.array(z.string()).optional().meta({
+      description: "Runner env vars the step may read, if the runner's policy allows.",
+    }),
+    read: z.array(z.string()).optional().meta({
+      description: "Paths inside the pipeline directory the step may read (relative, no `..`).",
+    }),
+    write: z.array(z.string()).optional().meta({
+      description: "Paths inside the pipeline directory the step may write (relative, no `..`).",
+    }),
   }).optional().meta({ description: "Extra Deno permissions (deno)." }),
   image: z.string().optional().meta({ description: "Container image (docker, kubernetes)." }),
   workdir: z.string().optional().meta({
