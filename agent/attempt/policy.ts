@@ -14,9 +14,11 @@
  * - **agent** ({@link agentPolicy}): whoever may submit a run is not the
  *   host's operator. `deno` and `shell` (which the agent still runs only
  *   with `--allow-shell`) and the plugins its config names; `docker` only
- *   when listed. A deno step gets paths of its pipeline directory only, no
- *   host, no env var of the agent. A docker step gets no network, does not
- *   run as root, and builds from its pipeline directory only.
+ *   when listed. A pipeline directory is one the agent was sent (a bundle
+ *   it unpacked) unless `pipeline-dirs` lists others. A deno step gets
+ *   paths of its pipeline directory only, no host, no env var of the
+ *   agent. A docker step gets no network, does not run as root, and builds
+ *   from its pipeline directory only.
  * - **local** ({@link localPolicy}): the user is the operator. Every
  *   backend; deno steps reach the hosts and env vars they declare; docker
  *   steps may have a network, run as root and build from anywhere. A deno
