@@ -7,7 +7,13 @@
  * @module
  */
 
-import { AgentConfigError, formatDiagnostic, loadAgentConfig, PipelineError } from "./mod.ts";
+import {
+  AgentConfigError,
+  formatDiagnostic,
+  loadAgentConfig,
+  localPolicy,
+  PipelineError,
+} from "./mod.ts";
 import {
   type CommandLine,
   durationFlag,
@@ -33,6 +39,7 @@ async function main(line: CommandLine): Promise<number> {
   };
   const config = await loadAgentConfig({ file: flags.config, pluginFlags: flags.plugin ?? [] });
   const { plugins, hosts } = config;
+  const policy = localPolicy(config.policy, { configFile: config.file });
   const stateDir = flags["state-dir"];
   const json = flags.json;
   const execute = {
@@ -44,6 +51,7 @@ async function main(line: CommandLine): Promise<number> {
       : positiveInt(flags.concurrency, "--concurrency"),
     plugins,
     hosts,
+    policy,
   };
 
   const cluster = () => import("./agent/client/cli.ts");
@@ -60,9 +68,13 @@ async function main(line: CommandLine): Promise<number> {
     case "token":
       return await (await cluster()).tokenCommand(args, flags);
     case "validate":
-      return await local.validateCommand(need("a pipeline file"), plugins);
+      return await local.validateCommand(need("a pipeline file"), { plugins, policy });
     case "plan":
-      return await local.planCommand(need("a pipeline file"), { plugins, mermaid: flags.mermaid });
+      return await local.planCommand(need("a pipeline file"), {
+        plugins,
+        policy,
+        mermaid: flags.mermaid,
+      });
     case "schema":
       return local.schemaCommand();
     case "run":

@@ -14,7 +14,7 @@
 
 import { dirname, resolve } from "node:path";
 import type { Plan } from "./model.ts";
-import { planValidated, validatePipeline } from "./validate.ts";
+import { type CheckOptions, planValidated, validatePipeline } from "./validate.ts";
 import { FAST_PATH_MIN_CHARS, parseFast } from "./_fast_path.ts";
 import { readPipelineText } from "./_read.ts";
 import { readYaml } from "./_yaml.ts";
@@ -38,12 +38,16 @@ export interface ParseOptions {
    * reads from that instead. Returns undefined for a missing file.
    */
   readFile?: (path: string) => Uint8Array | undefined;
+  /** Host paths deno steps may be granted here (see `CheckOptions.hostPaths`). */
+  hostPaths?: CheckOptions["hostPaths"];
 }
 
 /** Options of {@link loadPipeline}. */
 export interface LoadOptions {
   /** Plugin backend names accepted besides the built-in ones. */
   backends?: string[];
+  /** Host paths deno steps may be granted here (see `CheckOptions.hostPaths`). */
+  hostPaths?: CheckOptions["hostPaths"];
 }
 
 /**
@@ -76,7 +80,12 @@ export function parsePipeline(source: string, options: ParseOptions): Plan {
 export function parseLocated(source: string, options: ParseOptions): Plan {
   const baseDir = options.baseDir ?? dirname(resolve(options.file));
   const { raw, reporter } = readYaml(source, options.file);
-  const checks = { baseDir, backends: options.backends, readFile: options.readFile };
+  const checks = {
+    baseDir,
+    backends: options.backends,
+    readFile: options.readFile,
+    hostPaths: options.hostPaths,
+  };
   const pipeline = validatePipeline(raw, checks, reporter);
   const plan = pipeline &&
     planValidated(pipeline, { ...checks, file: options.file, source }, reporter);
@@ -106,5 +115,6 @@ export async function loadPipeline(path: string, options: LoadOptions = {}): Pro
     file: path,
     baseDir: dirname(resolve(path)),
     backends: options.backends,
+    hostPaths: options.hostPaths,
   });
 }

@@ -23,6 +23,7 @@ import type { AttemptResult } from "../core/model.ts";
 import type { AttemptSpec } from "../backends/backend.ts";
 import createDockerBackend from "../backends/docker/mod.ts";
 import { ensureBusyboxImage } from "../infra/images.ts";
+import { agentPolicy } from "../agent/attempt/policy.ts";
 import {
   type AgentConnection,
   type AgentMessage,
@@ -315,7 +316,9 @@ Deno.test("agent: Hello carries its id, labels, slots and fingerprints; shell is
     assert.equal(capabilities.deno.version, Deno.version.deno);
     assert.equal(capabilities.shell.available, false);
     assert.match(capabilities.shell.detail, /--allow-shell/);
-    assert.equal(capabilities.docker.available, docker.available);
+    // Docker is off on an agent unless its policy lists it.
+    assert.equal(capabilities.docker.available, false);
+    assert.match(capabilities.docker.detail, /allow them with policy\.backends/);
 
     // A shell step is refused, as a permission failure, and never started.
     const spec = assignmentSpec("script", { run: "echo hi" });
@@ -424,7 +427,11 @@ Deno.test("agent: an assignment runs: inputs fetched, outputs stored, logs maske
 Deno.test("agent: a deno step in its sandbox; a missing input artifact fails as artifact", async () => {
   const server = await FakeServer.start();
   try {
-    await using fixture = await withAgent([server]);
+    // The fake server names a directory of this machine as the pipeline's (no bundle),
+    // as a server sharing the agent's filesystem would; the agent's policy must list it.
+    await using fixture = await withAgent([server], {
+      policy: agentPolicy({ pipelineDirs: ["/"] }),
+    });
     const { artifacts, dir } = fixture;
     await Deno.writeTextFile(
       `${dir}/count.ts`,
@@ -848,7 +855,9 @@ Deno.test({
     const image = await ensureBusyboxImage();
     const server = await FakeServer.start();
     await using box = await sandbox();
-    const config = await agentConfig(box.dir, [server]);
+    const config = await agentConfig(box.dir, [server], {
+      policy: agentPolicy({ backends: ["deno", "shell", "docker"], docker: { root: true } }),
+    });
     let agent = new AgentProcess(config);
     let agentId: string | undefined;
     try {

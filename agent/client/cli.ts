@@ -18,6 +18,7 @@ import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import type { StepState } from "../../core/model.ts";
 import { clientCredentials, serverCredentials } from "../../proto/mod.ts";
 import type { AgentConfig } from "../config.ts";
+import { agentPolicy } from "../attempt/policy.ts";
 import { RunClient } from "./mod.ts";
 import { collectBundle } from "../bundle.ts";
 import type { ClusterRunRecord } from "../server/keys.ts";
@@ -152,6 +153,10 @@ export async function agentCommand(flags: CliFlags, config: AgentConfig): Promis
       artifacts: await openArtifacts(flags, stateDir),
       plugins: config.plugins,
       hosts: config.hosts,
+      policy: agentPolicy(config.policy, {
+        configFile: config.file,
+        plugins: config.plugins.map((plugin) => plugin.name),
+      }),
       credentials: flags["tls-ca"] || flags["tls-cert"]
         ? clientCredentials({ ca: flags["tls-ca"], cert: flags["tls-cert"], key: flags["tls-key"] })
         : undefined,

@@ -7,6 +7,7 @@
  */
 
 import {
+  type AttemptPolicy,
   builtinPlugins,
   cancelRun,
   collectGarbage,
@@ -53,11 +54,25 @@ export interface ExecuteOptions extends StateOptions {
   plugins: PluginSource[];
   /** Plugin host tuning (`--config`). */
   hosts?: HostTuning;
+  /** What a pipeline may ask of this host: `localPolicy` with the `--config` file's `policy`. */
+  policy?: AttemptPolicy;
+}
+
+/** Options of the commands that load a pipeline file without running it. */
+export interface LoadCommandOptions {
+  /** Third-party backends (`--plugin`, `--config`). */
+  plugins: PluginSource[];
+  /** The policy whose host paths deno steps may name (`--config`). */
+  policy?: AttemptPolicy;
 }
 
 /** `runnel validate FILE`: every problem at once, or one line saying it is valid. */
-export async function validateCommand(file: string, plugins: PluginSource[]): Promise<number> {
-  const plan = await loadPipeline(file, { backends: plugins.map((plugin) => plugin.name) });
+export async function validateCommand(file: string, options: LoadCommandOptions): Promise<number> {
+  const { plugins } = options;
+  const plan = await loadPipeline(file, {
+    backends: plugins.map((plugin) => plugin.name),
+    hostPaths: options.policy?.deno,
+  });
   const pool = new PluginHostPool({
     plugins: [...builtinPlugins(), ...plugins],
     context: { scratchRoot: Deno.cwd(), agentId: "validate" },
@@ -76,9 +91,12 @@ export async function validateCommand(file: string, plugins: PluginSource[]): Pr
 /** `runnel plan FILE [--mermaid]`. */
 export async function planCommand(
   file: string,
-  options: { plugins: PluginSource[]; mermaid?: boolean },
+  options: LoadCommandOptions & { mermaid?: boolean },
 ): Promise<number> {
-  const plan = await loadPipeline(file, { backends: options.plugins.map((plugin) => plugin.name) });
+  const plan = await loadPipeline(file, {
+    backends: options.plugins.map((plugin) => plugin.name),
+    hostPaths: options.policy?.deno,
+  });
   return print(options.mermaid ? renderMermaid(plan) : renderPlanText(plan));
 }
 
@@ -91,10 +109,16 @@ export function schemaCommand(): number {
 export async function runCommand(file: string, options: ExecuteOptions): Promise<number> {
   const plan = await loadPipeline(file, {
     backends: options.plugins.map((plugin) => plugin.name),
+    hostPaths: options.policy?.deno,
   });
   return await execute(
     (runOptions) =>
-      runPipeline(plan, { ...runOptions, plugins: options.plugins, hosts: options.hosts }),
+      runPipeline(plan, {
+        ...runOptions,
+        plugins: options.plugins,
+        hosts: options.hosts,
+        policy: options.policy,
+      }),
     options,
   );
 }
@@ -107,6 +131,7 @@ export async function resumeCommand(prefix: string, options: ExecuteOptions): Pr
       resumeRun(runId, {
         ...runOptions,
         plugins: options.plugins.length ? options.plugins : undefined,
+        policy: options.policy,
       }),
     options,
   );

@@ -21,6 +21,7 @@ import {
   validateStepConfigs,
 } from "../../backends/mod.ts";
 import { AttemptLifecycle, type AttemptRecord } from "../attempt/mod.ts";
+import type { AttemptPolicy } from "../attempt/policy.ts";
 import { LocalDriver, type RunEvent, type RunSummary } from "./driver.ts";
 import {
   assertNoLiveOwner,
@@ -81,6 +82,8 @@ export interface LocalRunOptions {
   hosts?: Pick<PluginHostPoolOptions, "idleMs" | "heartbeatMs" | "heartbeatTimeoutMs">;
   /** Receives plugin host diagnostics (a host's stderr, stray errors). */
   onDiagnostic?: (backend: string, text: string) => void;
+  /** What the pipeline may ask of this host; default `localPolicy()`. */
+  policy?: AttemptPolicy;
 }
 
 /** How long a stopped step may take to exit before it is killed. */
@@ -176,7 +179,10 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
     }
     await assertNoLiveOwner(state.store, record.runId);
     const plugins = options.plugins ?? record.plugins ?? [];
-    const plan = withConcurrency(await planOf(state, record, plugins), options.concurrency);
+    const plan = withConcurrency(
+      await planOf(state, record, plugins, options.policy),
+      options.concurrency,
+    );
     const engine = new RunEngine(plan, await readRunState(state.store, record, plan));
     const pool = options.pool ?? await openPool(state, { ...options, plugins });
     try {
@@ -283,8 +289,14 @@ function recoverRun(
     );
 }
 
-function lifecycleOf(state: LocalState, pool: PluginHostPool, runId: string): AttemptLifecycle {
+function lifecycleOf(
+  state: LocalState,
+  pool: PluginHostPool,
+  runId: string,
+  policy?: AttemptPolicy,
+): AttemptLifecycle {
   return new AttemptLifecycle({
+    policy,
     pool,
     artifacts: state.artifacts,
     recordsDir: state.paths.attempts,
@@ -303,7 +315,7 @@ function driverContext(
     state,
     record,
     pool,
-    lifecycle: lifecycleOf(state, pool, record.runId),
+    lifecycle: lifecycleOf(state, pool, record.runId, options.policy),
     now: options.now ?? Date.now,
     onEvent: options.onEvent,
     signal: options.signal,
@@ -320,13 +332,17 @@ async function planOf(
   state: LocalState,
   record: RunRecord,
   plugins: Array<{ name: string }>,
+  policy?: AttemptPolicy,
 ): Promise<Plan> {
   if (record.planStored) {
     const kv = await state.store.get(localKeys.plan(record.runId));
     if (!kv) throw new LocalRunError("plan_missing", `Run ${record.runId} has no stored plan`);
     return JSON.parse(kv.value) as Plan;
   }
-  return await loadPipeline(record.file, { backends: plugins.map((plugin) => plugin.name) });
+  return await loadPipeline(record.file, {
+    backends: plugins.map((plugin) => plugin.name),
+    hostPaths: policy?.deno,
+  });
 }
 
 async function isFile(path: string): Promise<boolean> {

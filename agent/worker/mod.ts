@@ -52,6 +52,7 @@ import {
   type AttemptSink,
   type RunningAttempt,
 } from "../attempt/mod.ts";
+import { agentPolicy } from "../attempt/policy.ts";
 import {
   type AgentEvent,
   type AgentOptions,
@@ -242,6 +243,8 @@ class Agent implements RunningAgent {
       recordsDir: context.paths.attempts,
       agentId: context.agentId,
       cancelGraceMs: options.cancelGraceMs,
+      policy: options.policy ??
+        agentPolicy({}, { plugins: (options.plugins ?? []).map((plugin) => plugin.name) }),
     });
     this.#servers = [...options.servers];
     this.#outbox = new Outbox(context.paths.outbox);
@@ -521,6 +524,8 @@ class Agent implements RunningAgent {
           detail: SHELL_OFF,
         };
       }
+      const refused = this.#lifecycle.backendRefusal(backend);
+      if (refused) return { backend, available: false, version: "", detail: refused };
       const found = await this.#pool.backend(backend).fingerprint();
       return {
         backend,

@@ -11,6 +11,7 @@ import type { ErrorClass } from "../../core/model.ts";
 import type { PluginSource } from "../../backends/mod.ts";
 import type { ClientCredentials, Reject } from "../../proto/mod.ts";
 import type { HostTuning } from "../config.ts";
+import type { AttemptPolicy } from "../attempt/policy.ts";
 
 /** Where an agent keeps its state when none is named. */
 export const DEFAULT_AGENT_STATE_DIR = ".runnel/agent";
@@ -82,6 +83,11 @@ export interface AgentOptions {
    * assignments are refused [`--allow-shell`].
    */
   allowShell?: boolean;
+  /**
+   * What a submitted pipeline may ask of this host; default `agentPolicy()`
+   * over the built-in backends and `plugins` (docker off) [`--config`].
+   */
+  policy?: AttemptPolicy;
   /** Structured log sink; default: one JSON line per entry on stderr. */
   log?: (fields: Record<string, unknown>) => void;
   /** Heartbeat period until a server's Welcome sets one (default {@link DEFAULT_AGENT_HEARTBEAT_MS}). */
