@@ -7,7 +7,13 @@
  * @module
  */
 
-import { AgentConfigError, formatDiagnostic, loadAgentConfig, PipelineError } from "./mod.ts";
+import {
+  AgentConfigError,
+  formatDiagnostic,
+  loadAgentConfig,
+  localPolicy,
+  PipelineError,
+} from "./mod.ts";
 import {
   type CommandLine,
   durationFlag,
@@ -37,6 +43,7 @@ async function main(line: CommandLine): Promise<number> {
     secretsFile: flags.secrets,
   });
   const { plugins, hosts, secrets } = config;
+  const policy = localPolicy(config.policy, { configFile: config.file });
   const stateDir = flags["state-dir"];
   const json = flags.json;
   const execute = {
@@ -48,6 +55,7 @@ async function main(line: CommandLine): Promise<number> {
       : positiveInt(flags.concurrency, "--concurrency"),
     plugins,
     hosts,
+    policy,
     secrets,
   };
 
@@ -62,10 +70,16 @@ async function main(line: CommandLine): Promise<number> {
       return await (await cluster()).agentCommand(flags, config);
     case "submit":
       return await (await cluster()).submitCommand(need("a pipeline file"), flags);
+    case "token":
+      return await (await cluster()).tokenCommand(args, flags);
     case "validate":
-      return await local.validateCommand(need("a pipeline file"), plugins, secrets);
+      return await local.validateCommand(need("a pipeline file"), { plugins, policy, secrets });
     case "plan":
-      return await local.planCommand(need("a pipeline file"), { plugins, mermaid: flags.mermaid });
+      return await local.planCommand(need("a pipeline file"), {
+        plugins,
+        policy,
+        mermaid: flags.mermaid,
+      });
     case "schema":
       return local.schemaCommand();
     case "run":

@@ -138,7 +138,16 @@ export {
   type HostTuning,
   loadAgentConfig,
   type LoadAgentConfigOptions,
+  PolicySchema,
 } from "./agent/config.ts";
+export {
+  agentPolicy,
+  type AttemptPolicy,
+  localPolicy,
+  PolicyError,
+  type PolicyOptions,
+  type PolicyOverrides,
+} from "./agent/attempt/policy.ts";
 
 // Local mode.
 export {

@@ -1,7 +1,9 @@
 /**
- * Agent config: which third-party backends to load and how plugin hosts
- * are tuned. Read from a YAML (or JSON) file named by `--config`, plus
- * `--plugin NAME=WHERE` flags.
+ * Agent config: which third-party backends to load, how plugin hosts are
+ * tuned, and what a submitted pipeline may ask of this host (its policy,
+ * see `attempt/policy.ts`). Read from a YAML (or JSON) file named by
+ * `--config`, plus `--plugin NAME=WHERE` flags. `runnel run` reads the same
+ * file: its `policy` then adds to local mode's defaults.
  *
  * ```yaml
  * plugins:
@@ -10,6 +12,19 @@
  *   idle: 60s                             # stop a host idle this long
  *   heartbeat: 1s                         # ping a busy host this often
  *   heartbeat-timeout: 10s                # replace a host silent this long
+ * policy:                                 # absent keys keep the defaults (agent / local)
+ *   backends: [deno, docker]              # agent default: deno, shell (with --allow-shell), plugins
+ *   pipeline-dirs: [/srv/pipelines]       # where a plan's own pipeline directory may be (agent
+ *                                         # default: only the bundles it was sent)
+ *   deno:
+ *     read: [/srv/shared]                 # host paths a deno step may be granted (default none)
+ *     write: []
+ *     net: [api.example.com:443]          # hosts it may reach; "*" any (agent default none)
+ *     env: [AWS_REGION]                   # agent env vars it may read; "*" any (agent default none)
+ *   docker:
+ *     network: false                      # may a docker step have a network (agent default false)
+ *     root: false                         # may it run as root (agent default false)
+ *     build-contexts: []                  # host dirs a build context may be outside its pipeline
  * secrets:                                # secrets this host's operator declares, by name
  *   db-password: { env: DB_PASSWORD }     # an env var of the agent
  *   deploy-key: { file: ./deploy-key }    # a file (relative to this file)
@@ -39,6 +54,7 @@ import {
   SecretsFileError,
   type SecretSource,
 } from "../core/secrets.ts";
+import type { PolicyOverrides } from "./attempt/policy.ts";
 
 const duration = z.string().refine((text) => {
   try {
@@ -47,6 +63,34 @@ const duration = z.string().refine((text) => {
     return false;
   }
 }, { message: 'Expected a duration like "30s" or "2m"' });
+
+/** A host path: absolute, or relative to the config file. */
+const hostPath = z.string().min(1, { message: "Expected a path" });
+
+/** The `policy` section: what a submitted pipeline may ask of this host. */
+export const PolicySchema = z.strictObject({
+  backends: z.array(z.string().regex(/^[a-z][a-z0-9_-]*$/, { message: "Expected a backend name" }))
+    .optional(),
+  "pipeline-dirs": z.array(hostPath).optional(),
+  deno: z.strictObject({
+    read: z.array(hostPath).optional(),
+    write: z.array(hostPath).optional(),
+    net: z.array(
+      z.string().regex(/^(\*|[^\s,/]+)$/, { message: 'Expected a host, host:port or "*"' }),
+    )
+      .optional(),
+    env: z.array(
+      z.string().regex(/^(\*|[A-Za-z_][A-Za-z0-9_]*)$/, {
+        message: 'Expected an env var name or "*"',
+      }),
+    ).optional(),
+  }).optional(),
+  docker: z.strictObject({
+    network: z.boolean().optional(),
+    root: z.boolean().optional(),
+    "build-contexts": z.array(hostPath).optional(),
+  }).optional(),
+});
 
 /** The agent config file's schema. */
 export const AgentConfigSchema = z.strictObject({
@@ -58,6 +102,7 @@ export const AgentConfigSchema = z.strictObject({
     "heartbeat-timeout": duration.optional(),
   }).optional(),
   secrets: SecretSourcesSchema.optional(),
+  policy: PolicySchema.optional(),
 });
 
 /** Plugin host tuning, as {@link PluginHostPoolOptions} takes it. */
@@ -74,6 +119,13 @@ export interface AgentConfig {
   hosts: HostTuning;
   /** Secrets this host's operator declares: name → env var or file (absolute paths). */
   secrets: Record<string, SecretSource>;
+  /**
+   * The file's `policy`, paths made absolute (absent keys keep the
+   * defaults of the mode: `agentPolicy` or `localPolicy`).
+   */
+  policy: PolicyOverrides;
+  /** The config file, if any (refusals of its policy name it). */
+  file?: string;
 }
 
 /** A config file or flag an agent cannot use. */
@@ -114,6 +166,7 @@ export async function loadAgentConfig(options: LoadAgentConfigOptions = {}): Pro
   const byName = new Map<string, PluginSource>();
   const hosts: HostTuning = {};
   let secrets: Record<string, SecretSource> = {};
+  let policy: PolicyOverrides = {};
   const file = options.file;
   if (file) {
     let raw: unknown;
@@ -141,6 +194,7 @@ export async function loadAgentConfig(options: LoadAgentConfigOptions = {}): Pro
     if (tuning["heartbeat-timeout"]) {
       hosts.heartbeatTimeoutMs = parseDuration(tuning["heartbeat-timeout"]);
     }
+    policy = policyOverrides(parsed.data.policy ?? {}, baseDir);
     secrets = parseSecretSources(parsed.data.secrets, { baseDir, origin: file });
   }
   if (options.secretsFile) {
@@ -157,7 +211,43 @@ export async function loadAgentConfig(options: LoadAgentConfigOptions = {}): Pro
     const name = flag.slice(0, at);
     byName.set(name, plugin(name, flag.slice(at + 1), options.cwd ?? Deno.cwd(), "--plugin"));
   }
-  return { plugins: [...byName.values()], hosts, secrets };
+  return {
+    plugins: [...byName.values()],
+    hosts,
+    policy,
+    secrets,
+    ...(file ? { file } : {}),
+  };
+}
+
+/** The `policy` section as overrides, its paths resolved against the config file's directory. */
+function policyOverrides(
+  section: z.infer<typeof PolicySchema>,
+  baseDir: string,
+): PolicyOverrides {
+  const paths = (list: string[] | undefined) => list?.map((path) => resolve(baseDir, path));
+  const overrides: PolicyOverrides = {};
+  if (section.backends) overrides.backends = section.backends;
+  if (section["pipeline-dirs"]) overrides.pipelineDirs = paths(section["pipeline-dirs"]);
+  if (section.deno) {
+    const { read, write, net, env } = section.deno;
+    overrides.deno = {
+      ...(read ? { read: paths(read) } : {}),
+      ...(write ? { write: paths(write) } : {}),
+      ...(net ? { net } : {}),
+      ...(env ? { env } : {}),
+    };
+  }
+  if (section.docker) {
+    const { network, root } = section.docker;
+    const contexts = section.docker["build-contexts"];
+    overrides.docker = {
+      ...(network !== undefined ? { network } : {}),
+      ...(root !== undefined ? { root } : {}),
+      ...(contexts ? { buildContexts: paths(contexts) } : {}),
+    };
+  }
+  return overrides;
 }
 
 function plugin(name: string, where: string, baseDir: string, origin: string): PluginSource {

@@ -93,3 +93,49 @@ Deno.test("agent config: secrets are declared by name; a --secrets file adds and
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("agent config: the policy section becomes overrides, host paths made absolute", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "runnel_config_" });
+  try {
+    await Deno.writeTextFile(
+      `${dir}/agent.yaml`,
+      [
+        "policy:",
+        "  backends: [deno, docker]",
+        "  pipeline-dirs: [/srv/pipelines]",
+        "  deno: { read: [/srv/shared, ./data], net: [api.example.com:443, '*'], env: [AWS_REGION] }",
+        "  docker: { network: true, build-contexts: [../contexts] }",
+        "",
+      ].join("\n"),
+    );
+    const config = await loadAgentConfig({ file: `${dir}/agent.yaml` });
+    assert.equal(config.file, `${dir}/agent.yaml`);
+    assert.deepEqual(config.policy, {
+      backends: ["deno", "docker"],
+      pipelineDirs: ["/srv/pipelines"],
+      deno: {
+        read: ["/srv/shared", `${dir}/data`],
+        net: ["api.example.com:443", "*"],
+        env: ["AWS_REGION"],
+      },
+      docker: { network: true, buildContexts: [`${dir.slice(0, dir.lastIndexOf("/"))}/contexts`] },
+    });
+    assert.deepEqual((await loadAgentConfig()).policy, {});
+    const cases: Array<[string, RegExp]> = [
+      ["policy: { deno: { env: [A-B] } }\n", /"policy\.deno\.env\.0": Expected an env var name/],
+      ["policy: { docker: { privileged: true } }\n", /Unrecognized key: "privileged"/],
+      ["policy: { backends: [Docker] }\n", /"policy\.backends\.0": Expected a backend name/],
+      ["policy: { deno: { net: [a/b] } }\n", /Expected a host, host:port or "\*"/],
+    ];
+    for (const [text, expected] of cases) {
+      await Deno.writeTextFile(`${dir}/agent.yaml`, text);
+      await assert.rejects(
+        loadAgentConfig({ file: `${dir}/agent.yaml` }),
+        (error: unknown) => error instanceof AgentConfigError && expected.test(error.message),
+        text,
+      );
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

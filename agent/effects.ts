@@ -2,7 +2,10 @@
  * Engine effects both drivers (local mode and the cluster scheduler)
  * perform the same way: the one timer that wakes a run's engine (`WakeAt`),
  * and `on-failure` webhooks (`Notify`), delivered beside the run with
- * retries and never holding it up.
+ * retries and never holding it up. In a cluster a webhook goes only to a
+ * host the server's allow-list names (`--webhook-allow`): the server checks
+ * at submit, and delivery checks again, in case a run was stored before the
+ * list changed. Local mode (the user's own machine) allows any URL.
  *
  * @module
  */
@@ -47,22 +50,83 @@ export interface WebhookOutcome {
   runId: string;
   stepId: string;
   ok: boolean;
-  /** `delivered to URL (HTTP 200)`, or why it failed. */
+  /** `delivered to host:port (HTTP 200)`, or why it failed (never the URL's path: it may hold a secret). */
   detail: string;
+}
+
+/**
+ * The hosts webhooks may reach: entries `host`, `host:port` or `*.domain`
+ * (any subdomain). An entry without a port allows the scheme's default port
+ * (80 for http, 443 for https) only.
+ */
+export class WebhookAllowList {
+  readonly #entries: Array<{ host: string; port?: number; subdomains: boolean }>;
+
+  /**
+   * Parses the entries of `--webhook-allow`.
+   *
+   * @throws {TypeError} for an entry that is not `host[:port]`.
+   */
+  constructor(readonly entries: readonly string[]) {
+    this.#entries = entries.map((entry) => {
+      const match = /^(\*\.)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?$/.exec(
+        entry.trim(),
+      );
+      const port = match?.[3] === undefined ? undefined : Number(match[3]);
+      if (!match || (port !== undefined && (port < 1 || port > 65535))) {
+        throw new TypeError(
+          `Expected a webhook host like "hooks.example.com", "10.0.0.5:8443" or ` +
+            `"*.example.com", got "${entry}"`,
+        );
+      }
+      return { host: match[2].toLowerCase(), port, subdomains: match[1] !== undefined };
+    });
+  }
+
+  /** Whether a webhook to `url` may be delivered. */
+  allows(url: string): boolean {
+    let parsed: URL;
+    try {
+      parsed = new URL(url);
+    } catch {
+      return false;
+    }
+    if (parsed.protocol !== "http:" && parsed.protocol !== "https:") return false;
+    const host = parsed.hostname.toLowerCase();
+    const port = Number(parsed.port || (parsed.protocol === "https:" ? 443 : 80));
+    return this.#entries.some((entry) =>
+      (entry.subdomains ? host.endsWith(`.${entry.host}`) : host === entry.host) &&
+      port === (entry.port ?? (parsed.protocol === "https:" ? 443 : 80))
+    );
+  }
+
+  /** The list for a message: `hooks.example.com, *.corp` or `none`. */
+  describe(): string {
+    return this.entries.length === 0 ? "none" : this.entries.join(", ");
+  }
 }
 
 /** Delivers webhooks in the background and can wait for those in flight. */
 export class WebhookNotifier {
   readonly #inFlight = new Set<Promise<void>>();
+  readonly #allow: WebhookAllowList | undefined;
 
-  /** Calls `onOutcome` once per delivery, when it succeeded or gave up. */
-  constructor(readonly onOutcome: (outcome: WebhookOutcome) => void = () => {}) {}
+  /**
+   * Calls `onOutcome` once per delivery, when it succeeded or gave up; with
+   * `allow`, delivers only to the hosts it names (cluster mode).
+   */
+  constructor(
+    readonly onOutcome: (outcome: WebhookOutcome) => void = () => {},
+    allow?: WebhookAllowList,
+  ) {
+    this.#allow = allow;
+  }
 
   /** Starts delivering `failure` to `webhook`. */
   notify(webhook: WebhookSpec, failure: FailureInfo): void {
     const outcome = (ok: boolean, detail: string) =>
       this.onOutcome({ runId: failure.runId, stepId: failure.stepId, ok, detail });
-    const delivery = deliverWebhook(webhook, failure).then(
+    const delivery = deliverWebhook(webhook, failure, { allow: this.#allow }).then(
       (detail) => outcome(true, detail),
       (error) => outcome(false, error instanceof Error ? error.message : String(error)),
     );
@@ -82,12 +146,30 @@ export class WebhookNotifier {
   }
 }
 
+/** Options of {@link deliverWebhook}. */
+export interface DeliverOptions {
+  /** The hosts it may go to (default: any, as in local mode). */
+  allow?: WebhookAllowList;
+}
+
 /**
  * POSTs the failure metadata to a webhook, retrying with exponential
  * backoff; resolves with a sentence saying where it was delivered, rejects
- * with one saying why it was not.
+ * with one saying why it was not. With an allow-list, a URL outside it is
+ * refused before anything is sent, and redirects are not followed (they
+ * could lead anywhere).
  */
-export async function deliverWebhook(webhook: WebhookSpec, failure: FailureInfo): Promise<string> {
+export async function deliverWebhook(
+  webhook: WebhookSpec,
+  failure: FailureInfo,
+  options: DeliverOptions = {},
+): Promise<string> {
+  if (options.allow && !options.allow.allows(webhook.url)) {
+    throw new Error(
+      `on-failure webhook ${webhookHost(webhook.url)} refused: not a host this server ` +
+        `allows (--webhook-allow: ${options.allow.describe()})`,
+    );
+  }
   let lastError = "";
   for (let attempt = 0; attempt <= webhook.retries; attempt++) {
     if (attempt > 0) {
@@ -101,15 +183,40 @@ export async function deliverWebhook(webhook: WebhookSpec, failure: FailureInfo)
         headers: { "content-type": "application/json", ...webhook.headers },
         body: JSON.stringify({ event: "step.failed", ...failure }),
         signal: AbortSignal.timeout(webhook.timeoutMs),
+        redirect: options.allow ? "manual" : "follow",
       });
       await response.body?.cancel();
-      if (response.ok) return `delivered to ${webhook.url} (HTTP ${response.status})`;
-      lastError = `HTTP ${response.status}`;
+      if (response.ok) return `delivered to ${webhookHost(webhook.url)} (HTTP ${response.status})`;
+      lastError = response.status >= 300 && response.status < 400
+        ? `HTTP ${response.status} (redirects are not followed)`
+        : `HTTP ${response.status}`;
       // A 4xx other than 408/429 will not change on a retry.
       if (response.status < 500 && response.status !== 408 && response.status !== 429) break;
     } catch (error) {
-      lastError = error instanceof Error ? error.message : String(error);
+      // fetch's messages quote the URL; only its host goes further.
+      lastError = withoutUrl(error instanceof Error ? error.message : String(error), webhook.url);
     }
   }
-  throw new Error(`on-failure webhook ${webhook.url} failed: ${lastError}`);
+  throw new Error(`on-failure webhook ${webhookHost(webhook.url)} failed: ${lastError}`);
+}
+
+/** `host:port` of a webhook URL, for messages (its path and query may hold secrets). */
+export function webhookHost(url: string): string {
+  try {
+    const parsed = new URL(url);
+    return `${parsed.hostname}:${parsed.port || (parsed.protocol === "https:" ? 443 : 80)}`;
+  } catch {
+    return "(not a URL)";
+  }
+}
+
+function withoutUrl(message: string, url: string): string {
+  const host = webhookHost(url);
+  let href = url;
+  try {
+    href = new URL(url).href;
+  } catch {
+    // Not a URL: nothing else to strip.
+  }
+  return message.split(url).join(host).split(href).join(host);
 }

@@ -3,14 +3,21 @@
  * store and election, the server, the worker agent and the API client. Kept
  * apart from the main entry so that local mode does not load gRPC and etcd.
  *
- * @example A server on an embedded store, and an agent that joins it
+ * @example A server on an embedded store, an agent that joins it, API tokens
  * ```ts
  * import assert from "node:assert/strict";
  * import { openMemoryStore } from "../mod.ts";
  * import { openLocalArtifactStore } from "../core/artifacts/local.ts";
- * import { RunClient, standaloneElection, startAgent, startServer } from "./mod.ts";
+ * import {
+ *   RunClient,
+ *   ServerRequestError,
+ *   standaloneElection,
+ *   startAgent,
+ *   startServer,
+ * } from "./mod.ts";
  *
  * const dir = await Deno.makeTempDir();
+ * const admin = crypto.randomUUID(); // what --admin-token-file would hold
  * const server = await startServer({
  *   serverId: "cp-1",
  *   store: openMemoryStore(),
@@ -18,6 +25,7 @@
  *   http: { hostname: "127.0.0.1", port: 0 },
  *   grpc: { address: "127.0.0.1:0" },
  *   token: "s3cret",
+ *   adminToken: admin,
  *   log: () => {},
  * });
  * const agent = await startAgent({
@@ -29,8 +37,15 @@
  *   log: () => {},
  * });
  * assert.ok(agent.connected);
- * const client = new RunClient([`http://127.0.0.1:${server.httpPort}`]);
+ * const api = `http://127.0.0.1:${server.httpPort}`;
+ * const { token } = await new RunClient([api], { token: admin })
+ *   .createToken({ name: "ci", role: "submit" });
+ * const client = new RunClient([api], { token });
  * assert.deepEqual(await client.runs(), []);
+ * await assert.rejects(
+ *   new RunClient([api]).runs(),
+ *   (error) => error instanceof ServerRequestError && error.status === 401,
+ * );
  * await agent.stop();
  * await server.close();
  * await Deno.remove(dir, { recursive: true });
@@ -69,7 +84,24 @@ export {
   type RunningAgent,
   startAgent,
 } from "./worker/mod.ts";
-export { RunClient, ServerRequestError } from "./client/mod.ts";
+export {
+  type IssuedToken,
+  RunClient,
+  type RunClientOptions,
+  ServerRequestError,
+} from "./client/mod.ts";
+export {
+  type Caller,
+  type CreatedToken,
+  createToken,
+  type CreateTokenOptions,
+  listTokens,
+  revokeToken,
+  type Role,
+  ROLES,
+  type TokenInfo,
+} from "./server/auth.ts";
+export { WebhookAllowList } from "./effects.ts";
 export { openEtcdCluster, schedulerElection } from "./server/etcd.ts";
 export { runScheduler, type SchedulerOptions } from "./server/scheduler.ts";
 export { clientCredentials, serverCredentials } from "../proto/mod.ts";

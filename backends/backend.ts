@@ -15,6 +15,7 @@
 
 import type { z } from "npm:zod@4.6.7";
 import { BUSINESS_EXIT_CODE, type ErrorClass, type Usage } from "../core/model.ts";
+import { SAFE_NAME_PATTERN } from "../core/schema.ts";
 
 /** Deno permissions, one allow-list per permission kind (empty = not granted). */
 export interface DenoPermissions {
@@ -376,8 +377,9 @@ export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
 }
 
 /**
- * Turns a successful status into an `application` failure naming the first
- * declared output missing from `outputsDir`; other statuses pass through.
+ * Turns a successful status into a failure naming the first declared output
+ * that cannot be taken from `outputsDir` (see {@link outputProblem}); other
+ * statuses pass through.
  */
 export async function missingOutputStatus(
   spec: Pick<AttemptSpec, "outputsDir" | "outputs">,
@@ -385,21 +387,66 @@ export async function missingOutputStatus(
 ): Promise<ExitStatus> {
   if (!isSuccess(status)) return status;
   for (const name of spec.outputs) {
-    let isFile = false;
-    try {
-      isFile = (await Deno.stat(joinPath(spec.outputsDir, name))).isFile;
-    } catch {
-      isFile = false;
-    }
-    if (!isFile) {
-      return {
-        ...status,
-        errorClass: "application",
-        message: `step did not write declared output "${name}"`,
-      };
-    }
+    const problem = await outputProblem(spec.outputsDir, name);
+    if (problem) return { ...status, ...problem };
   }
   return status;
+}
+
+/** Why a declared output cannot be stored, as the attempt's failure says it. */
+export interface OutputProblem {
+  /** `application` for an output the step did not write as a file; `permission` for a link. */
+  errorClass: ErrorClass;
+  message: string;
+}
+
+/**
+ * Why the declared output `name` cannot be taken from `outputsDir`, or
+ * undefined when it is a regular file there. Nothing is followed: not a
+ * name that would leave the directory, not the directory if it became a
+ * link, not an output that is a symbolic link (a step that links its output
+ * to `/etc/shadow` or the runner's state db must not get that file stored
+ * as its artifact). Whoever then reads the file must make sure it is still
+ * the same one (the attempt lifecycle moves it out of the step's reach
+ * first).
+ */
+export async function outputProblem(
+  outputsDir: string,
+  name: string,
+): Promise<OutputProblem | undefined> {
+  if (!SAFE_NAME_PATTERN.test(name)) {
+    return {
+      errorClass: "permission",
+      message: `declared output "${name}" is not a plain file name`,
+    };
+  }
+  let info: Deno.FileInfo;
+  try {
+    const dir = await Deno.lstat(outputsDir);
+    if (!dir.isDirectory) {
+      return {
+        errorClass: "permission",
+        message: `the outputs directory was replaced by something that is not a directory`,
+      };
+    }
+    info = await Deno.lstat(joinPath(outputsDir, name));
+  } catch {
+    return { errorClass: "application", message: `step did not write declared output "${name}"` };
+  }
+  if (info.isFile) return undefined;
+  if (info.isSymlink) {
+    return {
+      errorClass: "permission",
+      message:
+        `declared output "${name}" is a symbolic link; an output must be a regular file, and links are not followed`,
+    };
+  }
+  return {
+    errorClass: "application",
+    message: `declared output "${name}" is ${
+      info.isDirectory ? "a directory" : "not a regular file"
+    }; an output must be a regular file`,
+  };
 }
 
 /** Joins an absolute directory and a file name with `/`. */

@@ -20,6 +20,8 @@ import { CLI_PERMISSIONS } from "../tests/_helpers.ts";
 import { median, printTable } from "./_table.ts";
 
 const TOKEN = "bench-token";
+/** The API's admin token (as `--admin-token-file` would hold it). */
+const ADMIN_TOKEN = "cluster-bench-admin-token-0123456789";
 
 /** Figures of the cluster bench. */
 export interface ClusterBenchResult {
@@ -49,6 +51,7 @@ export async function benchCluster(
     http: { hostname: "127.0.0.1", port: 0 },
     grpc: { address: "127.0.0.1:0" },
     token: TOKEN,
+    adminToken: ADMIN_TOKEN,
     heartbeatMs: 1_000,
     log: () => {},
   });
@@ -82,7 +85,9 @@ export async function benchCluster(
       );
     }
     await waitForWorkers(`http://127.0.0.1:${server.httpPort}`, 4);
-    const client = new RunClient([`http://127.0.0.1:${server.httpPort}`]);
+    const client = new RunClient([`http://127.0.0.1:${server.httpPort}`], {
+      token: ADMIN_TOKEN,
+    });
     const run = async (source: string) => {
       const started = performance.now();
       const { runId } = await client.submit(source, "bench.yaml", dir);
@@ -173,7 +178,9 @@ export async function benchCluster(
 async function waitForWorkers(http: string, count: number): Promise<void> {
   const deadline = Date.now() + 30_000;
   while (Date.now() < deadline) {
-    const state = await (await fetch(`${http}/cluster-state`)).json();
+    const state = await (await fetch(`${http}/cluster-state`, {
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+    })).json();
     if (state.workers.length >= count) return;
     await new Promise((resolve) => setTimeout(resolve, 50));
   }

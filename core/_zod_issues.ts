@@ -78,13 +78,26 @@ function quantityMessage(pattern: string, value: unknown, key: string): string |
   return undefined;
 }
 
-/** What a key's pattern asks for, in words, by the key (or the mapping it is in). */
+/** A name that becomes a file name, in words (see `SAFE_NAME_PATTERN`). */
+const SAFE_NAME = "letters, digits, _ . - not starting with . or - ([A-Za-z0-9_][A-Za-z0-9_.-]*)";
+/** An env var name, in words (see `ENV_NAME_PATTERN`). */
+const ENV_NAME = "letters, digits, _ not starting with a digit ([A-Za-z_][A-Za-z0-9_]*)";
+
+/** What a value's pattern asks for, in words, by the key (or the mapping it is in). */
 const PATTERN_NAMES: Record<string, string> = {
   name: "a pipeline name of letters, digits, _ . -",
   inputs: 'a reference "step/output"',
-  outputs: "a plain file name (no / and not . or ..)",
+  outputs: `a file name of ${SAFE_NAME}`,
+  secrets: `a secret name of ${ENV_NAME}`,
   matrix: "a matrix key of letters, digits, _ -, starting with a letter",
   steps: "a step name of letters, digits, _ -, starting with a letter",
+};
+
+/** What the keys of a mapping must look like, in words, by the mapping. */
+const KEY_PATTERN_NAMES: Record<string, string> = {
+  inputs: `an input name of ${SAFE_NAME}`,
+  env: `an env var name of ${ENV_NAME}`,
+  secrets: `a secret name of ${ENV_NAME}`,
 };
 
 /**
@@ -169,7 +182,8 @@ export function reportZodIssues(
       }
       case "invalid_key": {
         const badKey = key;
-        const expected = PATTERN_NAMES[String(path.at(-2))] ?? "a valid key";
+        const expected = KEY_PATTERN_NAMES[String(path.at(-2))] ??
+          PATTERN_NAMES[String(path.at(-2))] ?? "a valid key";
         const message = `invalid key "${badKey}" ${
           describePath(path.slice(0, -1))
         }: expected ${expected}`;

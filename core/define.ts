@@ -11,7 +11,7 @@ import { resolve } from "node:path";
 import type { Plan } from "./model.ts";
 import { canonicalJson } from "./plan.ts";
 import type { PipelineFile } from "./schema.ts";
-import { planValidated, validatePipeline } from "./validate.ts";
+import { type CheckOptions, planValidated, validatePipeline } from "./validate.ts";
 import { describePath, joinPath, keyPath, Reporter } from "./_diagnostics.ts";
 import { type PathSegment, unlocated } from "./_locator.ts";
 
@@ -26,6 +26,8 @@ export interface DefineOptions {
   name?: string;
   /** Plugin backend names accepted besides the built-in ones. */
   backends?: string[];
+  /** Host paths deno steps may be granted here (see `CheckOptions.hostPaths`). */
+  hostPaths?: CheckOptions["hostPaths"];
 }
 
 /**
@@ -78,7 +80,11 @@ export function definePipeline(pipeline: PipelineFile, options: DefineOptions = 
   const order = new Map<string, number>();
   const raw = jsonData(pipeline, [], { reporter, order, ancestors: [] });
   if (reporter.diagnostics.length === 0) {
-    const checks = { baseDir: resolve(options.baseDir ?? Deno.cwd()), backends: options.backends };
+    const checks = {
+      baseDir: resolve(options.baseDir ?? Deno.cwd()),
+      backends: options.backends,
+      hostPaths: options.hostPaths,
+    };
     const valid = validatePipeline(raw, checks, reporter);
     // The canonical JSON stands in for source text: equal definitions have equal digests.
     const plan = valid &&

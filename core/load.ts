@@ -15,7 +15,7 @@
 import { dirname, resolve } from "node:path";
 import type { Plan } from "./model.ts";
 import type { SecretPolicy } from "./secrets.ts";
-import { planValidated, validatePipeline } from "./validate.ts";
+import { type CheckOptions, planValidated, validatePipeline } from "./validate.ts";
 import { FAST_PATH_MIN_CHARS, parseFast } from "./_fast_path.ts";
 import { readPipelineText } from "./_read.ts";
 import { readYaml } from "./_yaml.ts";
@@ -39,6 +39,8 @@ export interface ParseOptions {
    * reads from that instead. Returns undefined for a missing file.
    */
   readFile?: (path: string) => Uint8Array | undefined;
+  /** Host paths deno steps may be granted here (see `CheckOptions.hostPaths`). */
+  hostPaths?: CheckOptions["hostPaths"];
   /** What the operator declared of secrets (see `CheckOptions.secrets`); absent: local mode. */
   secrets?: SecretPolicy;
 }
@@ -47,6 +49,8 @@ export interface ParseOptions {
 export interface LoadOptions {
   /** Plugin backend names accepted besides the built-in ones. */
   backends?: string[];
+  /** Host paths deno steps may be granted here (see `CheckOptions.hostPaths`). */
+  hostPaths?: CheckOptions["hostPaths"];
   /** What the operator declared of secrets (see `CheckOptions.secrets`); absent: local mode. */
   secrets?: SecretPolicy;
 }
@@ -85,6 +89,7 @@ export function parseLocated(source: string, options: ParseOptions): Plan {
     baseDir,
     backends: options.backends,
     readFile: options.readFile,
+    hostPaths: options.hostPaths,
     secrets: options.secrets,
   };
   const pipeline = validatePipeline(raw, checks, reporter);
@@ -116,6 +121,7 @@ export async function loadPipeline(path: string, options: LoadOptions = {}): Pro
     file: path,
     baseDir: dirname(resolve(path)),
     backends: options.backends,
+    hostPaths: options.hostPaths,
     secrets: options.secrets,
   });
 }

@@ -18,6 +18,15 @@ import { DURATION_PATTERN, MILLICPU_PATTERN, SIZE_PATTERN } from "./duration.ts"
 export const PIPELINE_NAME_PATTERN = /^[A-Za-z0-9_.-]+$/;
 /** Pattern of a step name (also used for matrix keys). */
 export const STEP_NAME_PATTERN = /^[A-Za-z][A-Za-z0-9_-]*$/;
+/**
+ * Pattern of a name that becomes a file or directory name on an agent: an
+ * input, an output (artifact) name. Letters, digits, `_`, `.` and `-`, not
+ * starting with `.` or `-` (so never `.`, `..` or a hidden file), at most
+ * 128 characters: it cannot leave the directory it is joined to.
+ */
+export const SAFE_NAME_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/;
+/** Pattern of an env var name (also a secret's name, which becomes one). */
+export const ENV_NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** Backends built into runnel; plugins add more through load options. */
 export const BUILTIN_BACKENDS = ["deno", "shell", "docker", "ssh", "kubernetes"] as const;
 /** Error classes a `retry.on` list may name (business and cancelled are never retried). */
@@ -32,7 +41,7 @@ export const DurationSchema = z.string().regex(DURATION_PATTERN).meta({
   description: 'Duration such as "500ms", "2s", "10m", "1h30m", "1d".',
 });
 
-const EnvSchema = z.record(z.string(), scalar).meta({
+const EnvSchema = z.record(z.string().regex(ENV_NAME_PATTERN), scalar).meta({
   description: "Environment variables (values are strings; numbers and booleans are converted).",
 });
 
@@ -154,10 +163,19 @@ const stepBackendKeys = {
     description: "Arguments passed to the module or command.",
   }),
   permissions: z.strictObject({
-    net: z.array(z.string()).optional(),
-    env: z.array(z.string()).optional(),
-    read: z.array(z.string()).optional(),
-    write: z.array(z.string()).optional(),
+    net: z.array(z.string()).optional().meta({
+      description:
+        "Hosts (`host` or `host:port`) the step may reach, if the runner's policy allows.",
+    }),
+    env: z.array(z.string()).optional().meta({
+      description: "Runner env vars the step may read, if the runner's policy allows.",
+    }),
+    read: z.array(z.string()).optional().meta({
+      description: "Paths inside the pipeline directory the step may read (relative, no `..`).",
+    }),
+    write: z.array(z.string()).optional().meta({
+      description: "Paths inside the pipeline directory the step may write (relative, no `..`).",
+    }),
   }).optional().meta({ description: "Extra Deno permissions (deno)." }),
   image: z.string().optional().meta({ description: "Container image (docker, kubernetes)." }),
   workdir: z.string().optional().meta({
@@ -216,14 +234,16 @@ export const StepSchema = z.strictObject({
     description: "Seed sugar: the named step needs this one.",
   }),
   ...stepBackendKeys,
-  inputs: z.record(z.string(), z.string().regex(/^[^/]+\/[^/]+$/)).optional().meta({
-    description: 'Input name → "step/output"; implies a `needs` edge.',
-  }),
-  outputs: z.array(z.string().regex(/^(?!\.\.?$)[^/\\]+$/)).optional().meta({
-    description: "File names the step writes (no `/`, no `..`).",
+  inputs: z.record(z.string().regex(SAFE_NAME_PATTERN), z.string().regex(/^[^/]+\/[^/]+$/))
+    .optional().meta({
+      description:
+        'Input name ([A-Za-z0-9_][A-Za-z0-9_.-]*) → "step/output"; implies a `needs` edge.',
+    }),
+  outputs: z.array(z.string().regex(SAFE_NAME_PATTERN)).optional().meta({
+    description: "File names the step writes ([A-Za-z0-9_][A-Za-z0-9_.-]*).",
   }),
   env: EnvSchema.optional(),
-  secrets: z.array(z.string()).optional().meta({
+  secrets: z.array(z.string().regex(ENV_NAME_PATTERN)).optional().meta({
     description: "Pipeline secrets (their env names) the step is given, masked in its logs.",
   }),
   resources: ResourcesSchema.optional(),
@@ -266,7 +286,7 @@ export const PipelineSchema = z.strictObject({
   description: z.string().optional().meta({ description: "What the pipeline does." }),
   defaults: DefaultsSchema.optional(),
   env: EnvSchema.optional(),
-  secrets: z.record(z.string(), SecretSchema).optional().meta({
+  secrets: z.record(z.string().regex(ENV_NAME_PATTERN), SecretSchema).optional().meta({
     description: "Env var a step sees → the operator's secret name (`DB_PASSWORD: db-password`); " +
       "`{ env: VAR }` or `{ file: path }` in local mode only. Never the value.",
   }),

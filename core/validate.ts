@@ -8,7 +8,7 @@
  * @module
  */
 
-import { resolve } from "node:path";
+import { isAbsolute, resolve } from "node:path";
 import type { z } from "npm:zod@4.6.7";
 import { ConditionSyntaxError, parseCondition } from "./expr.ts";
 import type { Plan } from "./model.ts";
@@ -37,6 +37,13 @@ export interface CheckOptions {
    * undefined for a missing file.
    */
   readFile?: (path: string) => Uint8Array | undefined;
+  /**
+   * Host paths outside the pipeline directory that deno steps may be
+   * granted here (the runner's policy: `policy.deno.read` and `write` of the
+   * agent config). Any other absolute path, or a `..` leaving the pipeline
+   * directory, under a deno step's `permissions.read` or `write` is an error.
+   */
+  hostPaths?: { read?: string[]; write?: string[] };
   /**
    * What the operator declared of secrets: the names a pipeline may use,
    * and whether it may read env vars and files itself. Absent: any name,
@@ -244,7 +251,11 @@ export function checkSteps(
           );
         }
       }
-      if (backend === "deno" && step.module !== undefined && !step.module.includes("${{")) {
+      if (backend === "deno") checkDenoPaths(name, step, options, reporter);
+      if (
+        backend === "deno" && step.module !== undefined && !step.module.includes("${{") &&
+        !leavesDir(step.module, options.baseDir)
+      ) {
         const modulePath = resolve(options.baseDir, step.module);
         const problem = options.readFile
           ? (options.readFile(modulePath) ? undefined : `does not exist (looked for ${modulePath})`)
@@ -354,6 +365,64 @@ export function checkSteps(
   }
   if (options.secrets) checkSecretRefs(view, options.secrets, reporter);
   checkGraph(view, reporter);
+}
+
+/**
+ * A deno step's paths stay in its pipeline directory: its module always,
+ * its `permissions.read` and `write` unless the runner's policy allows the
+ * host path ({@link CheckOptions.hostPaths}). Interpolated paths are left
+ * to the agent, which checks every attempt again.
+ */
+function checkDenoPaths(
+  name: string,
+  step: StepFile,
+  options: CheckOptions,
+  reporter: Reporter,
+): void {
+  const at = (...path: PathSegment[]) => ["steps", name, ...path];
+  if (
+    step.module !== undefined && !step.module.includes("${{") &&
+    leavesDir(step.module, options.baseDir)
+  ) {
+    reporter.at(
+      "path_escape",
+      `module "${step.module}" of step "${name}" is outside the pipeline directory`,
+      at("module"),
+      {
+        key: "module",
+        expected: "a path inside the pipeline directory, like ./steps/analyze.ts",
+      },
+    );
+  }
+  for (const kind of ["read", "write"] as const) {
+    (step.permissions?.[kind] ?? []).forEach((path, i) => {
+      if (path.includes("${{") || !leavesDir(path, options.baseDir)) return;
+      const hostPath = resolve(options.baseDir, path);
+      if ((options.hostPaths?.[kind] ?? []).some((root) => isInside(hostPath, resolve(root)))) {
+        return;
+      }
+      reporter.at(
+        "path_escape",
+        `deno ${kind} path "${path}" of step "${name}" is outside the pipeline directory`,
+        at("permissions", kind, i),
+        {
+          key: kind,
+          expected: "a path relative to the pipeline directory, without a leading / or ..",
+          hint: `an operator allows a host path with policy.deno.${kind} in the agent config`,
+        },
+      );
+    });
+  }
+}
+
+/** Whether a pipeline path is absolute or leaves `baseDir` through `..`. */
+function leavesDir(path: string, baseDir: string): boolean {
+  return isAbsolute(path) || !isInside(resolve(baseDir, path), resolve(baseDir));
+}
+
+/** Whether `path` is `dir` or lies below it (both absolute and normalised). */
+function isInside(path: string, dir: string): boolean {
+  return path === dir || path.startsWith(dir.endsWith("/") ? dir : `${dir}/`);
 }
 
 /**

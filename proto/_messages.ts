@@ -18,6 +18,7 @@ export interface AgentMessageBodies {
   log: LogChunk;
   started: AttemptStarted;
   result: AttemptResult;
+  bundleRequest: BundleRequest;
 }
 
 /**
@@ -31,6 +32,7 @@ export interface ServerMessageBodies {
   assign: Assignment;
   cancel: CancelAttempt;
   ack: ResultAck;
+  bundle: Bundle;
 }
 
 /** First message of every stream, from the agent. */
@@ -56,6 +58,19 @@ export interface Hello {
    */
   pendingResultAttemptIds: string[];
   /**
+   * The credential a server issued to this agent id (Welcome.credential);
+   * empty at its first registration. A Hello for a registered id without
+   * the right one is refused ("bad_identity").
+   */
+  credential: string;
+  /**
+   * A random id of this agent process, the same on every stream it opens:
+   * a reconnect of the process holding the id's live connection takes it
+   * over; another process is refused ("duplicate_agent"). Also lets a
+   * process whose Welcome was lost be issued a credential again.
+   */
+  session: string;
+  /**
    * Names of the secrets the agent's own config declares (never their
    * values): a step naming one gets its value from the agent, and the
    * server sends none.
@@ -78,17 +93,30 @@ export interface Welcome {
   heartbeatIntervalMs: number;
   /** Other servers the agent may fail over to (their gRPC addresses). */
   servers: string[];
+  /**
+   * A credential issued at the agent's first registration (else empty): the
+   * agent keeps it (its state dir, mode 0600) and presents it in every later
+   * Hello. The server keeps only its hash.
+   */
+  credential: string;
 }
 
 /** The server refused the agent; it closes the stream after this. */
 export interface Reject {
   /**
    * A stable code (`RejectCode`): "bad_token", "bad_hello",
-   * "duplicate_agent".
+   * "bad_identity" (the id is registered and the Hello lacks its credential,
+   * or the id was revoked), "duplicate_agent" (another process holds the
+   * id's live connection).
    */
   code: string;
   /** Human sentence, shown to the agent's operator. */
   message: string;
+  /**
+   * With "duplicate_agent": when to try again (the live connection is
+   * declared gone once it misses its heartbeats).
+   */
+  retryAfterMs: number;
 }
 
 /** Liveness of the agent, every heartbeat interval. */
@@ -137,6 +165,27 @@ export interface Assignment {
 }
 
 /**
+ * The agent lacks a run's pipeline bundle (the assignment that carried it
+ * went to a server that died, say): any server answers with Bundle.
+ */
+export interface BundleRequest {
+  /** `sha256:<hex>`, as in the assignment's spec. */
+  digest: string;
+}
+
+/**
+ * A pipeline bundle the agent asked for. Only for runs with an assignment
+ * for the agent.
+ */
+export interface Bundle {
+  digest: string;
+  /** agent/bundle.ts `PipelineBundle` as JSON; empty when refused. */
+  bundleJson: string;
+  /** Why it is empty. */
+  message: string;
+}
+
+/**
  * Stop an attempt (a cancelled run, a timeout, an attempt the server no
  * longer wants).
  */
@@ -153,7 +202,10 @@ export interface AttemptStarted {
   atMs: number;
 }
 
-/** A piece of an attempt's output. */
+/**
+ * A piece of an attempt's output (accepted only for the agent's own
+ * assignments).
+ */
 export interface LogChunk {
   attemptId: string;
   /** `stdout` or `stderr`. */
@@ -176,7 +228,10 @@ export interface AttemptResult {
 /** The server recorded (or refused, for a stale attempt) a result. */
 export interface ResultAck {
   attemptId: string;
-  /** False when the result was rejected (a stale attempt). */
+  /**
+   * False when the result was rejected (a stale attempt, or one that is not
+   * assigned to this agent).
+   */
   accepted: boolean;
   message: string;
 }

@@ -43,7 +43,7 @@ export type ServerMessage = Received<ServerMessageBodies>;
 export type ServerMessageInit = ToSend<ServerMessageBodies>;
 
 /** Stable codes of `Reject.code`. */
-export type RejectCode = "bad_token" | "bad_hello" | "duplicate_agent";
+export type RejectCode = "bad_token" | "bad_hello" | "bad_identity" | "duplicate_agent";
 
 /**
  * What `Assignment.specJson` holds: a backend `AttemptSpec` whose inputs are

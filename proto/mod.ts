@@ -45,7 +45,9 @@
  *   stream.end();
  * }
  * // Fields the server left out arrive with their defaults.
- * assert.deepEqual(welcomes, [{ serverId: "s1", heartbeatIntervalMs: 5_000, servers: [] }]);
+ * assert.deepEqual(welcomes, [
+ *   { serverId: "s1", heartbeatIntervalMs: 5_000, servers: [], credential: "" },
+ * ]);
  * assert.equal((await stream.closed).ok, true);
  * await server.close();
  * ```

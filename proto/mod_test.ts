@@ -90,6 +90,7 @@ Deno.test("a bidi stream on loopback: Hello, Welcome, many messages both ways, a
       serverId: "s1",
       heartbeatIntervalMs: 5_000, // int64 as a number
       servers: ["127.0.0.1:1"],
+      credential: "", // left out: its default
     });
     assert.deepEqual(
       acks.map((m) => m.body === "ack" ? m.ack.attemptId : m.body),
@@ -107,6 +108,8 @@ Deno.test("a bidi stream on loopback: Hello, Welcome, many messages both ways, a
       runningAttemptIds: ["r/a/1"],
       slots: 2,
       pendingResultAttemptIds: [],
+      credential: "",
+      session: "",
       secretNames: [],
     });
     assert.equal(received.length, count + 1);

@@ -23,6 +23,7 @@ import type { AttemptResult } from "../core/model.ts";
 import type { AttemptSpec } from "../backends/backend.ts";
 import createDockerBackend from "../backends/docker/mod.ts";
 import { ensureBusyboxImage } from "../infra/images.ts";
+import { agentPolicy } from "../agent/attempt/policy.ts";
 import {
   type AgentConnection,
   type AgentMessage,
@@ -34,6 +35,7 @@ import {
 } from "../proto/mod.ts";
 import type * as wire from "../proto/mod.ts";
 import { CLI_PERMISSIONS, poll, ROOT, sandbox } from "./_helpers.ts";
+import { bundleDigest } from "../agent/bundle.ts";
 
 const TOKEN = "s3cret-join-token";
 const IN_CI = Deno.env.get("CI") === "true";
@@ -83,6 +85,11 @@ class FakeServer {
 
   get heartbeats(): wire.Heartbeat[] {
     return this.messages.flatMap((m) => m.body === "heartbeat" ? [m.heartbeat] : []);
+  }
+
+  /** Digests of the bundles agents asked for. */
+  bundleRequests(): string[] {
+    return this.messages.flatMap((m) => m.body === "bundleRequest" ? [m.bundleRequest.digest] : []);
   }
 
   get started(): wire.AttemptStarted[] {
@@ -314,7 +321,9 @@ Deno.test("agent: Hello carries its id, labels, slots and fingerprints; shell is
     assert.equal(capabilities.deno.version, Deno.version.deno);
     assert.equal(capabilities.shell.available, false);
     assert.match(capabilities.shell.detail, /--allow-shell/);
-    assert.equal(capabilities.docker.available, docker.available);
+    // Docker is off on an agent unless its policy lists it.
+    assert.equal(capabilities.docker.available, false);
+    assert.match(capabilities.docker.detail, /allow them with policy\.backends/);
 
     // A shell step is refused, as a permission failure, and never started.
     const spec = assignmentSpec("script", { run: "echo hi" });
@@ -471,7 +480,11 @@ Deno.test("agent: its own secrets come from its config, the rest from the server
 Deno.test("agent: a deno step in its sandbox; a missing input artifact fails as artifact", async () => {
   const server = await FakeServer.start();
   try {
-    await using fixture = await withAgent([server]);
+    // The fake server names a directory of this machine as the pipeline's (no bundle),
+    // as a server sharing the agent's filesystem would; the agent's policy must list it.
+    await using fixture = await withAgent([server], {
+      policy: agentPolicy({ pipelineDirs: ["/"] }),
+    });
     const { artifacts, dir } = fixture;
     await Deno.writeTextFile(
       `${dir}/count.ts`,
@@ -534,6 +547,8 @@ Deno.test("agent: a cancel stops the step and reports it cancelled; a full agent
     const refused = await resultOf(server, extra.attemptId);
     assert.equal(!refused.ok && refused.errorClass, "infrastructure");
     assert.match(!refused.ok ? refused.message : "", /has no free slot \(1 of 1 busy\)/);
+    // The scheduler's miscount, not the step's failure: it runs again without using retries.
+    assert.equal(!refused.ok && refused.lost, true);
 
     const before = Date.now();
     await server.send({ cancel: { attemptId: spec.attemptId, reason: "cancelled by user" } });
@@ -542,6 +557,39 @@ Deno.test("agent: a cancel stops the step and reports it cancelled; a full agent
     assert.equal(!result.ok && result.errorClass, "cancelled");
     assert.equal(!result.ok && result.message, "cancelled: cancelled by user");
     assert.equal(server.results(spec.attemptId).length, 1);
+  } finally {
+    await server.close();
+  }
+});
+
+Deno.test("agent: a run's bundle that did not come is asked for; a refusal gives the attempt back as lost", async () => {
+  const server = await FakeServer.start();
+  try {
+    await using _agent = await withAgent([server]);
+    const files = { "data.txt": btoa("from the bundle\n") };
+    const bundle = { digest: bundleDigest(files), files };
+    // Its first assignment (with the bundle) went to a server that died.
+    const spec = assignmentSpec("reads", { run: "cat data.txt" }, { bundleDigest: bundle.digest });
+    await server.assign(spec, "shell");
+    await poll(() => server.bundleRequests().includes(bundle.digest) || undefined, {
+      what: "the bundle asked for",
+    });
+    await server.send({ bundle: { digest: bundle.digest, bundleJson: JSON.stringify(bundle) } });
+    const result = await resultOf(server, spec.attemptId);
+    assert.equal(result.ok, true, JSON.stringify(result));
+    assert.equal(server.logText(spec.attemptId), "from the bundle\n");
+
+    const unknown = `sha256:${"0".repeat(64)}`;
+    const orphan = assignmentSpec("orphan", { run: "true" }, { bundleDigest: unknown });
+    await server.assign(orphan, "shell");
+    await poll(() => server.bundleRequests().includes(unknown) || undefined, {
+      what: "the other bundle asked for",
+    });
+    await server.send({ bundle: { digest: unknown, message: "no assignment uses it" } });
+    const lost = await resultOf(server, orphan.attemptId);
+    assert.equal(!lost.ok && lost.errorClass, "infrastructure");
+    assert.equal(!lost.ok && lost.lost, true);
+    assert.match(!lost.ok ? lost.message : "", /no assignment uses it/);
   } finally {
     await server.close();
   }
@@ -860,7 +908,9 @@ Deno.test({
     const image = await ensureBusyboxImage();
     const server = await FakeServer.start();
     await using box = await sandbox();
-    const config = await agentConfig(box.dir, [server]);
+    const config = await agentConfig(box.dir, [server], {
+      policy: agentPolicy({ backends: ["deno", "shell", "docker"], docker: { root: true } }),
+    });
     let agent = new AgentProcess(config);
     let agentId: string | undefined;
     try {

@@ -20,6 +20,10 @@ import { mulberry32, testSeed } from "../core/_random.ts";
 const SEED = testSeed();
 
 const TOKEN = "etcd-cluster-token";
+/** The API's admin token; each server reads it from `--admin-token-file`. */
+const ADMIN_TOKEN = "etcd-cluster-admin-token-0123456789";
+/** Headers of a raw API call as the admin. */
+const AS_ADMIN = { headers: { authorization: `Bearer ${ADMIN_TOKEN}` } };
 const HEARTBEAT = "500ms";
 
 function freePort(): number {
@@ -36,7 +40,20 @@ interface ServerProcess {
   child: Deno.ChildProcess;
 }
 
-function spawnServer(id: string, etcd: string[], peers: string[], ports: [number, number]) {
+/** Writes the admin token file the servers of a test read (mode 0600). */
+async function adminTokenFile(dir: string): Promise<string> {
+  const path = `${dir}/admin.token`;
+  await Deno.writeTextFile(path, `${ADMIN_TOKEN}\n`, { mode: 0o600 });
+  return path;
+}
+
+function spawnServer(
+  id: string,
+  etcd: string[],
+  peers: string[],
+  ports: [number, number],
+  adminToken: string,
+) {
   const [httpPort, grpcPort] = ports;
   const child = new Deno.Command(Deno.execPath(), {
     args: [
@@ -56,6 +73,8 @@ function spawnServer(id: string, etcd: string[], peers: string[], ports: [number
       peers.join(","),
       "--heartbeat",
       HEARTBEAT,
+      "--admin-token-file",
+      adminToken,
     ],
     env: { RUNNEL_TOKEN: TOKEN, NO_COLOR: "1" },
     stdout: "null",
@@ -65,14 +84,14 @@ function spawnServer(id: string, etcd: string[], peers: string[], ports: [number
 }
 
 /** Two servers over the same etcd, each told of both for the agents' failover. */
-function twoServers(etcd: string[]) {
+function twoServers(etcd: string[], adminToken: string) {
   const ports = [[freePort(), freePort()], [freePort(), freePort()]] as [number, number][];
   const peers = ports.map(([, grpc]) => `127.0.0.1:${grpc}`);
   const servers = [
-    spawnServer("server-a", etcd, peers, ports[0]),
-    spawnServer("server-b", etcd, peers, ports[1]),
+    spawnServer("server-a", etcd, peers, ports[0], adminToken),
+    spawnServer("server-b", etcd, peers, ports[1], adminToken),
   ];
-  return { ports, peers, servers };
+  return { ports, peers, servers, adminToken };
 }
 
 async function ready(server: ServerProcess): Promise<void> {
@@ -152,14 +171,14 @@ Deno.test({
   async fn() {
     await using box = await sandbox();
     const etcd = await startEtcdCluster({ members: 3 });
-    const { peers, servers } = twoServers(etcd.endpoints);
+    const { peers, servers } = twoServers(etcd.endpoints, await adminTokenFile(box.dir));
     let agents: RunningAgent[] = [];
     try {
       await Promise.all(servers.map(ready));
       agents = await startAgents(box.dir, peers, 2);
-      const client = new RunClient(servers.map((server) => server.http));
+      const client = new RunClient(servers.map((server) => server.http), { token: ADMIN_TOKEN });
       const leaderId = await poll(async () => {
-        const state = await (await fetch(`${servers[0].http}/cluster-state`)).json();
+        const state = await (await fetch(`${servers[0].http}/cluster-state`, AS_ADMIN)).json();
         return state.scheduler && state.workers.length === 2
           ? state.scheduler as string
           : undefined;
@@ -174,7 +193,7 @@ Deno.test({
       leader.child.kill("SIGKILL");
       await leader.child.status;
       const killedAt = Date.now();
-      const survivorClient = new RunClient([survivor.http]);
+      const survivorClient = new RunClient([survivor.http], { token: ADMIN_TOKEN });
       const done = await poll(async () => {
         const { run, steps } = await survivorClient.run(runId);
         return ["succeeded", "failed", "cancelled"].includes(run.status)
@@ -191,7 +210,7 @@ Deno.test({
       const failoverMs = next - killedAt;
       console.log(`scheduler failover: ${failoverMs} ms from SIGKILL to the next step scheduled`);
       assert.ok(failoverMs <= 10_000, `failover took ${failoverMs} ms`);
-      const state = await (await fetch(`${survivor.http}/cluster-state`)).json();
+      const state = await (await fetch(`${survivor.http}/cluster-state`, AS_ADMIN)).json();
       assert.equal(state.scheduler, survivor.id);
     } finally {
       await tearDown(agents, servers, etcd);
@@ -206,12 +225,18 @@ Deno.test({
     await using box = await sandbox();
     const etcd = await startEtcdCluster({ members: 3 });
     const ports: [number, number] = [freePort(), freePort()];
-    const server = spawnServer("server-a", etcd.endpoints, [`127.0.0.1:${ports[1]}`], ports);
+    const server = spawnServer(
+      "server-a",
+      etcd.endpoints,
+      [`127.0.0.1:${ports[1]}`],
+      ports,
+      await adminTokenFile(box.dir),
+    );
     let agents: RunningAgent[] = [];
     try {
       await ready(server);
       agents = await startAgents(box.dir, [server.grpc], 1);
-      const client = new RunClient([server.http]);
+      const client = new RunClient([server.http], { token: ADMIN_TOKEN });
       const { runId } = await client.submit(chain(6), "chain.yaml", box.dir);
       await poll(async () => {
         const { steps } = await client.run(runId);
@@ -221,7 +246,7 @@ Deno.test({
       await etcd.kill(leader);
       const raft = await poll(async () => {
         try {
-          const state = await (await fetch(`${server.http}/raft-state`)).json();
+          const state = await (await fetch(`${server.http}/raft-state`, AS_ADMIN)).json();
           return state.term ? state : undefined;
         } catch {
           return undefined;
@@ -237,7 +262,7 @@ Deno.test({
       }, { what: "the run to finish", timeoutMs: 60_000 });
       assert.equal(done.run.status, "succeeded");
       assertOneResultEach(done.steps, 6);
-      const metrics = await (await fetch(`${server.http}/metrics`)).text();
+      const metrics = await (await fetch(`${server.http}/metrics`, AS_ADMIN)).text();
       assert.match(metrics, /^raft_term \d+$/m);
       assert.match(metrics, /^raft_elections_total \d+$/m);
     } finally {
@@ -253,13 +278,16 @@ Deno.test({
     const random = mulberry32(SEED);
     await using box = await sandbox();
     const etcd = await startEtcdCluster({ members: 3 });
-    const { ports, peers, servers } = twoServers(etcd.endpoints);
+    const { ports, peers, servers, adminToken } = twoServers(
+      etcd.endpoints,
+      await adminTokenFile(box.dir),
+    );
     let agents: RunningAgent[] = [];
     const faults: string[] = [];
     try {
       await Promise.all(servers.map(ready));
       agents = await startAgents(box.dir, peers, 2);
-      const client = new RunClient(servers.map((server) => server.http));
+      const client = new RunClient(servers.map((server) => server.http), { token: ADMIN_TOKEN });
       const steps = 10;
       const { runId } = await client.submit(chain(steps), "chain.yaml", box.dir);
       // Three faults at random moments: a server, an etcd member, an agent's
@@ -281,7 +309,13 @@ Deno.test({
           faults.push(`SIGKILL ${servers[index].id}`);
           servers[index].child.kill("SIGKILL");
           await servers[index].child.status;
-          servers[index] = spawnServer(servers[index].id, etcd.endpoints, peers, ports[index]);
+          servers[index] = spawnServer(
+            servers[index].id,
+            etcd.endpoints,
+            peers,
+            ports[index],
+            adminToken,
+          );
           await ready(servers[index]);
         }
       }

@@ -20,6 +20,10 @@ import { collectBundle } from "../agent/bundle.ts";
 import { openS3ArtifactStore } from "../core/artifacts/s3.ts";
 
 const TOKEN = "cluster-test-token";
+/** The API's admin token, as `--admin-token-file` would hold it. */
+const ADMIN_TOKEN = "cluster-test-admin-token-0123456789";
+/** Headers of a raw API call as the admin. */
+const AS_ADMIN = { headers: { authorization: `Bearer ${ADMIN_TOKEN}` } };
 const HEARTBEAT_MS = 300;
 
 interface Cluster {
@@ -44,6 +48,7 @@ async function startCluster(dir: string, logRetentionMs?: number): Promise<Clust
     http: { hostname: "127.0.0.1", port: 0 },
     grpc: { address: "127.0.0.1:0" },
     token: TOKEN,
+    adminToken: ADMIN_TOKEN,
     heartbeatMs: HEARTBEAT_MS,
     secrets: { "cluster-secret": { env: "CLUSTER_SECRET" } },
     env: (name) => name === "CLUSTER_SECRET" ? "s3cr3t-value" : undefined,
@@ -56,7 +61,7 @@ async function startCluster(dir: string, logRetentionMs?: number): Promise<Clust
   const grpc = `127.0.0.1:${server.grpcPort}`;
   return {
     server,
-    client: new RunClient([http]),
+    client: new RunClient([http], { token: ADMIN_TOKEN }),
     grpc,
     http,
     artifactsDir,
@@ -116,7 +121,7 @@ Deno.test("cluster: agents register, steps run where their selector says, logs s
     await cluster.agent("worker-aws-1", { cloud: "aws", region: "us-east-1" });
     await cluster.agent("worker-gcp-1", { cloud: "gcp", region: "us-east1" });
     const state = await poll(async () => {
-      const body = await (await fetch(`${cluster.http}/cluster-state`)).json();
+      const body = await (await fetch(`${cluster.http}/cluster-state`, AS_ADMIN)).json();
       return body.workers.length === 2 ? body : undefined;
     }, { what: "two workers online" });
     assert.equal(state.scheduler, "server-1");
@@ -145,14 +150,14 @@ Deno.test("cluster: agents register, steps run where their selector says, logs s
     assert.match(text, /made on aws/);
     assert.doesNotMatch(text, /s3cr3t/);
 
-    const dag = await (await fetch(`${cluster.http}/api/runs/${runId}/mermaid`)).text();
+    const dag = await (await fetch(`${cluster.http}/api/runs/${runId}/mermaid`, AS_ADMIN)).text();
     assert.match(dag, /^flowchart TD/);
     assert.match(dag, /class s0 succeeded/);
-    const page = await (await fetch(`${cluster.http}/runs/${runId}`)).text();
+    const page = await (await fetch(`${cluster.http}/runs/${runId}`, AS_ADMIN)).text();
     assert.match(page, /<title>cluster-demo · /);
     assert.match(page, /new EventSource\(`\/api\/runs\//);
 
-    const raft = await (await fetch(`${cluster.http}/raft-state`)).json();
+    const raft = await (await fetch(`${cluster.http}/raft-state`, AS_ADMIN)).json();
     assert.deepEqual(Object.keys(raft).sort(), [
       "commit_index",
       "leader",
@@ -160,7 +165,7 @@ Deno.test("cluster: agents register, steps run where their selector says, logs s
       "state",
       "term",
     ]);
-    const metrics = await (await fetch(`${cluster.http}/metrics`)).text();
+    const metrics = await (await fetch(`${cluster.http}/metrics`, AS_ADMIN)).text();
     assert.match(metrics, /^runnel_steps_total\{backend="shell",outcome="succeeded"\} 2$/m);
     assert.match(metrics, /^runnel_workers_online 2$/m);
     assert.match(metrics, /^raft_term 1$/m);
@@ -222,7 +227,7 @@ Deno.test("cluster: a wrong join token is refused with a clear message and logge
         line.reason === "wrong join token"
       ),
     );
-    const state = await (await fetch(`${cluster.http}/cluster-state`)).json();
+    const state = await (await fetch(`${cluster.http}/cluster-state`, AS_ADMIN)).json();
     assert.deepEqual(state.workers, []);
   } finally {
     await cluster.close();
@@ -254,7 +259,7 @@ Deno.test("cluster: an agent SIGKILLed mid-step goes offline after 3 heartbeats;
       stderr: "null",
     }).spawn();
     await poll(async () => {
-      const body = await (await fetch(`${cluster.http}/cluster-state`)).json();
+      const body = await (await fetch(`${cluster.http}/cluster-state`, AS_ADMIN)).json();
       return body.workers.length === 1 ? true : undefined;
     }, { what: "the victim online" });
     const { runId } = await cluster.client.submit(
@@ -317,6 +322,7 @@ Deno.test("cluster: the server restarts under its agents; they reconnect and the
     http: { hostname: "127.0.0.1", port: httpPort },
     grpc: { address: `127.0.0.1:${grpcPort}` },
     token: TOKEN,
+    adminToken: ADMIN_TOKEN,
     heartbeatMs: 1_000,
     log: () => {},
   });
@@ -333,7 +339,7 @@ Deno.test("cluster: the server restarts under its agents; they reconnect and the
     log: () => {},
   });
   try {
-    const client = new RunClient([`http://127.0.0.1:${ports[0]}`]);
+    const client = new RunClient([`http://127.0.0.1:${ports[0]}`], { token: ADMIN_TOKEN });
     const { runId } = await client.submit(
       `name: restart
 steps:
@@ -429,7 +435,14 @@ Deno.test("cluster CLI: submit --follow, runs, show, logs and cancel talk to a s
     await cluster.agent("cli-aws", { cloud: "aws" });
     await cluster.agent("cli-gcp", { cloud: "gcp" });
     const file = await box.write("cluster.yaml", PIPELINE);
-    const env = { CLUSTER_SECRET: "unused-here" };
+    // The admin makes a submit token; the rest of the session uses that.
+    const created = await runCli(
+      ["token", "create", "--role", "submit", "--name", "cli-test", "--server", cluster.http],
+      { cwd: box.dir, env: { RUNNEL_API_TOKEN: ADMIN_TOKEN } },
+    );
+    assert.equal(created.code, 0, created.stderr);
+    const submitToken = /^token\s+(rnl_\S+)$/m.exec(created.stdout)![1];
+    const env = { CLUSTER_SECRET: "unused-here", RUNNEL_API_TOKEN: submitToken };
     const submitted = await runCli(["submit", file, "--server", cluster.http, "--follow"], {
       cwd: box.dir,
       env,
@@ -438,16 +451,22 @@ Deno.test("cluster CLI: submit --follow, runs, show, logs and cancel talk to a s
     assert.match(submitted.stdout, /succeeded make on cli-aws/);
     assert.match(submitted.stdout, /succeeded use on cli-gcp/);
     const runId = /^run (\S+)$/m.exec(submitted.stdout)![1];
-    const runs = await runCli(["runs", "--server", cluster.http], { cwd: box.dir });
+    const runs = await runCli(["runs", "--server", cluster.http], { cwd: box.dir, env });
     assert.match(runs.stdout, new RegExp(`${runId}\\s+cluster-demo\\s+succeeded`));
-    const show = await runCli(["show", runId, "--server", cluster.http], { cwd: box.dir });
+    const show = await runCli(["show", runId, "--server", cluster.http], { cwd: box.dir, env });
     assert.match(show.stdout, /use\s+succeeded\s+1\s+\S+\s+cli-gcp/);
-    const logs = await runCli(["logs", runId, "use", "--server", cluster.http], { cwd: box.dir });
+    const logs = await runCli(["logs", runId, "use", "--server", cluster.http], {
+      cwd: box.dir,
+      env,
+    });
     assert.match(logs.stdout, /use │ secret is \*\*\*/);
-    const cancel = await runCli(["cancel", runId, "--server", cluster.http], { cwd: box.dir });
+    const cancel = await runCli(["cancel", runId, "--server", cluster.http], { cwd: box.dir, env });
     assert.match(cancel.stdout, /finished/);
     const broken = await box.write("broken.yaml", "name: broken\nsteps:\n  a: { neds: [b] }\n");
-    const refused = await runCli(["submit", broken, "--server", cluster.http], { cwd: box.dir });
+    const refused = await runCli(["submit", broken, "--server", cluster.http], {
+      cwd: box.dir,
+      env,
+    });
     assert.equal(refused.code, 2);
     assert.match(refused.stderr, /broken\.yaml:3:\d+: unknown key "neds"/);
     const away = await runCli(["runs", "--server", "http://127.0.0.1:9"], { cwd: box.dir });

@@ -221,7 +221,8 @@ Deno.test("a project of its own imports runnel by path and by URL and runs a pip
     // Its own configuration: no import map entry for runnel or its packages.
     await Deno.writeTextFile(join(project, "deno.json"), JSON.stringify({ imports: {} }) + "\n");
     await Deno.mkdir(join(project, "steps"));
-    // The step imports runnel by path either way: it runs in a sandbox without network.
+    // A step imports runnel from where its runner has it: a sandbox loads files of its
+    // pipeline directory, runnel's own files, and modules from the runner's origin.
     await Deno.writeTextFile(join(project, "steps", "shout.ts"), stepModule(byPath));
     await Deno.writeTextFile(join(project, "main_path.ts"), mainModule(byPath));
     await Deno.writeTextFile(join(project, "main_url.ts"), mainModule(byUrl));
@@ -255,9 +256,10 @@ Deno.test("a project of its own imports runnel by path and by URL and runs a pip
     });
 
     await t.step({
-      name: "by http URL, with a deno step that imports BusinessError by path",
+      name: "by http URL, with a deno step that imports BusinessError from that URL",
       fn: async () => {
         const stateDir = join(states, "by-url-deno");
+        await Deno.writeTextFile(join(project, "steps", "shout.ts"), stepModule(byUrl));
         assertReport(
           await runConsumer(project, "main_url.ts", [stateDir], [
             ...permissions(stateDir),

@@ -80,3 +80,41 @@ for (const [flag, other] of [["--listen", "--grpc"], ["--grpc", "--listen"]] as 
     }
   });
 }
+
+Deno.test("runnel server: bad security settings are named and stop it before it listens", async () => {
+  await using box = await sandbox();
+  const short = await box.write("short.token", "hunter2\n");
+  const cases: Array<[string[], RegExp]> = [
+    [
+      ["--admin-token-file", short],
+      /^error: --admin-token-file \S+short\.token: Expected an admin token of at least 24 characters/m,
+    ],
+    [
+      ["--admin-token-file", `${box.dir}/missing.token`],
+      /^error: Expected a readable file for --admin-token-file/m,
+    ],
+    [
+      ["--webhook-allow", "http://hooks.example.com/x"],
+      /^error: --webhook-allow: Expected a webhook host like/m,
+    ],
+    [["--http-tls-cert", short], /^error: Expected both --http-tls-cert and --http-tls-key/m],
+  ];
+  for (const [flags, message] of cases) {
+    const result = await runToExit(
+      [
+        "server",
+        "--store",
+        `${box.dir}/server.db`,
+        "--listen",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+        ...flags,
+      ],
+      box.dir,
+    );
+    assert.equal(result.code, 2, result.stderr);
+    assert.match(result.stderr, message);
+    assert.doesNotMatch(result.stderr, /hunter2|internal error|\n\s+at /);
+  }
+});

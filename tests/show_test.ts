@@ -14,6 +14,8 @@ import { startAgent } from "../agent/worker/mod.ts";
 import { runCli, sandbox } from "./_helpers.ts";
 
 const TOKEN = "show-test-token";
+/** The API's admin token, as `--admin-token-file` would hold it. */
+const ADMIN_TOKEN = "show-test-admin-token-0123456789";
 
 /** Its DAG order (zeta → alpha → mid) is not its alphabetical order. */
 const PIPELINE = `name: show-shape
@@ -72,6 +74,7 @@ Deno.test("runnel show: a local run and a cluster run print the same shape", asy
     http: { hostname: "127.0.0.1", port: 0 },
     grpc: { address: "127.0.0.1:0" },
     token: TOKEN,
+    adminToken: ADMIN_TOKEN,
     log: () => {},
   });
   const agent = await startAgent({
@@ -85,12 +88,17 @@ Deno.test("runnel show: a local run and a cluster run print the same shape", asy
   });
   try {
     const http = `http://127.0.0.1:${server.httpPort}`;
+    const env = { RUNNEL_API_TOKEN: ADMIN_TOKEN };
     const submitted = await runCli(["submit", file, "--server", http, "--follow"], {
       cwd: box.dir,
+      env,
     });
     assert.equal(submitted.code, 0, submitted.stderr + submitted.stdout);
     const clusterRunId = /^run (\S+)$/m.exec(submitted.stdout)![1];
-    const clusterShow = await runCli(["show", clusterRunId, "--server", http], { cwd: box.dir });
+    const clusterShow = await runCli(["show", clusterRunId, "--server", http], {
+      cwd: box.dir,
+      env,
+    });
     assert.equal(clusterShow.code, 0, clusterShow.stderr);
 
     const localShape = shape(localShow.stdout);

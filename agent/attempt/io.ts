@@ -7,12 +7,19 @@
  * @module
  */
 
+import { dirname } from "node:path";
 import { ArtifactExistsError, type ArtifactStore } from "../../core/artifacts/store.ts";
 import type { ArtifactRef, AttemptResult, ErrorClass } from "../../core/model.ts";
 import { ERROR_CLASSES } from "../../core/model.ts";
 import type { Masker } from "../../core/secrets.ts";
+import { SAFE_NAME_PATTERN } from "../../core/schema.ts";
 import { fileSafe } from "../../core/_paths.ts";
-import { classifyExit, type ExitStatus, type LogChunk } from "../../backends/backend.ts";
+import {
+  classifyExit,
+  type ExitStatus,
+  type LogChunk,
+  outputProblem,
+} from "../../backends/backend.ts";
 import type { ArtifactLocator, InputLocator } from "../../core/model.ts";
 
 /** An input as a list of artifacts, and whether it is a fan-in (a directory of legs). */
@@ -36,16 +43,61 @@ export class ArtifactMissingError extends Error {
   }
 }
 
-/** A step ran but did not write a declared output. */
+/** A step ran but did not write a declared output as a regular file. */
 export class StepOutputError extends Error {
   /** Stable error code. */
   readonly code = "output_missing";
+  /** `application` for a missing output; `permission` for a link or a name that leaves. */
+  readonly errorClass: ErrorClass;
+
+  /** Builds the error from a full sentence. */
+  constructor(message: string, errorClass: ErrorClass = "application") {
+    super(message);
+    this.name = "StepOutputError";
+    this.errorClass = errorClass;
+  }
+}
+
+/**
+ * A name from a plan (an input, an artifact, a matrix leg) would make a
+ * path outside its directory. Validation refuses such names; a plan that
+ * reached an agent another way (the cluster stores plans as JSON) is not
+ * trusted either.
+ */
+export class UnsafeNameError extends Error {
+  /** Stable error code. */
+  readonly code = "unsafe_name";
+  /** Not retried: the same plan would ask again. */
+  readonly errorClass = "permission";
 
   /** Builds the error from a full sentence. */
   constructor(message: string) {
     super(message);
-    this.name = "StepOutputError";
+    this.name = "UnsafeNameError";
   }
+}
+
+/**
+ * `<dir>/<name>` for a name that stays in `dir`: one plain path segment
+ * (no `/`, `\`, NUL, not empty, `.` or `..`); `what` names it in the error.
+ */
+export function childPath(dir: string, name: string, what: string): string {
+  if (name === "" || name === "." || name === ".." || /[/\\\0]/.test(name)) {
+    throw new UnsafeNameError(
+      `Expected ${what} "${name}" to be a plain name; refusing a path that leaves ${dir}`,
+    );
+  }
+  return `${dir}/${name}`;
+}
+
+/** Checks a name against `SAFE_NAME_PATTERN` (what validation lets through). */
+function safeName(name: string, what: string): string {
+  if (!SAFE_NAME_PATTERN.test(name)) {
+    throw new UnsafeNameError(
+      `Expected ${what} "${name}" to match ${SAFE_NAME_PATTERN.source}; refusing to make a path of it`,
+    );
+  }
+  return name;
 }
 
 /**
@@ -67,9 +119,10 @@ export async function materializeInputs(
         `Expected one artifact for input "${name}", got ${artifacts.length}`,
       );
     }
-    const dir = `${inputsDir}/${name}`;
+    const dir = childPath(inputsDir, safeName(name, "input name"), "input name");
     await Deno.mkdir(dir, { recursive: true });
     for (const artifact of artifacts) {
+      safeName(artifact.name, "artifact name");
       let record = await store.get(artifact.runId, artifact.stepId, artifact.name);
       if (!record || record.digest !== artifact.digest) {
         // The record may name another attempt's output (one that was given
@@ -91,9 +144,11 @@ export async function materializeInputs(
           sourceStep: artifact.stepId,
         };
       }
-      const legDir = fanIn ? `${dir}/${fileSafe(artifact.leg ?? artifact.stepId)}` : dir;
+      const legDir = fanIn
+        ? childPath(dir, fileSafe(artifact.leg ?? artifact.stepId), "fan-in leg name")
+        : dir;
       if (fanIn) await Deno.mkdir(legDir, { recursive: true });
-      await store.materialize(record, `${legDir}/${artifact.name}`);
+      await store.materialize(record, childPath(legDir, artifact.name, "artifact name"));
     }
     paths[name] = fanIn ? dir : `${dir}/${artifacts[0].name}`;
   }
@@ -109,35 +164,60 @@ export interface OutputsOf {
   outputs: string[];
 }
 
-/** Puts every declared output of a finished attempt into the store; their references by name. */
+/**
+ * Puts every declared output of a finished attempt into the store; their
+ * references by name. Each must be a regular file (see `outputProblem`):
+ * a symbolic link is refused, never followed. To read exactly the file
+ * that was checked, each output is first moved (renamed, which follows
+ * nothing) into a directory beside `outputsDir` that no step can reach,
+ * and checked again there: a process of the step still writing cannot swap
+ * a link in between.
+ */
 export async function collectOutputs(
   store: ArtifactStore,
   attempt: OutputsOf,
 ): Promise<Record<string, ArtifactRef>> {
   const outputs: Record<string, ArtifactRef> = {};
+  if (attempt.outputs.length === 0) return outputs;
   for (const name of attempt.outputs) {
-    const file = `${attempt.outputsDir}/${name}`;
-    try {
-      await Deno.stat(file);
-    } catch {
-      throw new StepOutputError(`step did not write declared output "${name}"`);
+    const problem = await outputProblem(attempt.outputsDir, name);
+    if (problem) throw new StepOutputError(problem.message, problem.errorClass);
+  }
+  const holding = await Deno.makeTempDir({
+    dir: dirname(attempt.outputsDir),
+    prefix: ".collecting-",
+  });
+  try {
+    for (const name of attempt.outputs) {
+      const file = childPath(holding, name, "output name");
+      await Deno.rename(childPath(attempt.outputsDir, name, "output name"), file);
+      const info = await Deno.lstat(file);
+      if (!info.isFile) {
+        throw new StepOutputError(
+          `declared output "${name}" changed into something else than a regular file ` +
+            "while it was collected",
+          "permission",
+        );
+      }
+      try {
+        const record = await store.put(file, {
+          run: attempt.runId,
+          step: attempt.stepId,
+          name,
+          attemptId: attempt.attemptId,
+        });
+        outputs[name] = { name, digest: record.digest, size: record.size };
+      } catch (error) {
+        if (!(error instanceof ArtifactExistsError)) throw error;
+        // An earlier attempt of the step, given up (its worker was declared
+        // offline) but finished after all, recorded this name first with other
+        // content. Records are immutable; the blob of this attempt is stored
+        // (blobs go in before records), and readers fetch by digest.
+        outputs[name] = { name, digest: error.digest, size: info.size };
+      }
     }
-    try {
-      const record = await store.put(file, {
-        run: attempt.runId,
-        step: attempt.stepId,
-        name,
-        attemptId: attempt.attemptId,
-      });
-      outputs[name] = { name, digest: record.digest, size: record.size };
-    } catch (error) {
-      if (!(error instanceof ArtifactExistsError)) throw error;
-      // An earlier attempt of the step, given up (its worker was declared
-      // offline) but finished after all, recorded this name first with other
-      // content. Records are immutable; the blob of this attempt is stored
-      // (blobs go in before records), and readers fetch by digest.
-      outputs[name] = { name, digest: error.digest, size: (await Deno.stat(file)).size };
-    }
+  } finally {
+    await Deno.remove(holding, { recursive: true }).catch(() => {});
   }
   return outputs;
 }

@@ -2,8 +2,9 @@
  * The one attempt lifecycle, whichever driver runs it (local mode or a
  * cluster agent):
  *
- * 1. make the attempt's scratch directories and fetch its inputs from the
- *    artifact store (digests verified);
+ * 1. check what it asks against the host's {@link AttemptPolicy} (refused:
+ *    a `permission` failure, nothing started), make its scratch directories
+ *    and fetch its inputs from the artifact store (digests verified);
  * 2. record it durably (`<stateDir>/attempts/<id>.json`: its spec and the
  *    names of its secrets, never their values), start it on its backend,
  *    and record the backend's handle;
@@ -23,6 +24,7 @@
  * @module
  */
 
+import { dirname } from "node:path";
 import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import type { AttemptResult, InputLocator, Resources } from "../../core/model.ts";
 import { Masker } from "../../core/secrets.ts";
@@ -34,6 +36,7 @@ import {
   type Execution,
 } from "../../backends/backend.ts";
 import {
+  childPath,
   collectOutputs,
   errorClassOf,
   failureOf,
@@ -41,6 +44,7 @@ import {
   type MaskedText,
   materializeInputs,
 } from "./io.ts";
+import { type AttemptPolicy, backendRefusal, checkAttempt, localPolicy } from "./policy.ts";
 
 /** Everything a driver decides about an attempt before it runs. */
 export interface AttemptJob {
@@ -117,8 +121,16 @@ export interface AttemptLifecycleOptions {
   pool: PluginHostPool;
   /** Where inputs are fetched from and outputs put. */
   artifacts: ArtifactStore;
-  /** Directory of the attempt records (created if missing). */
+  /**
+   * Directory of the attempt records (created if missing). Its parent is
+   * the runner's state directory, which no step may be granted.
+   */
   recordsDir: string;
+  /**
+   * What a pipeline may ask of this host; default {@link localPolicy} (the
+   * user is the operator). An agent passes its own (`agentPolicy`).
+   */
+  policy?: AttemptPolicy;
   /** Agent id the backends label what they start with (`local-<run>` in local mode). */
   agentId: string | ((job: AttemptJob) => string);
   /** Grace of a stopped attempt before it is killed (default {@link DEFAULT_CANCEL_GRACE_MS}). */
@@ -140,12 +152,22 @@ export interface RecoveredAttempts {
 export class AttemptLifecycle {
   readonly #options: AttemptLifecycleOptions;
   readonly #recordsDir: string;
+  readonly #policy: AttemptPolicy;
   #recordsReady: Promise<void> | undefined;
 
   /** A lifecycle over `options.pool` and `options.artifacts`. */
   constructor(options: AttemptLifecycleOptions) {
     this.#options = options;
     this.#recordsDir = options.recordsDir;
+    this.#policy = options.policy ?? localPolicy();
+  }
+
+  /**
+   * Why this host's policy refuses every step of `backend` (for a
+   * fingerprint to say so), or undefined.
+   */
+  backendRefusal(backend: string): string | undefined {
+    return backendRefusal(this.#policy, backend);
   }
 
   /** The pool's scratch root: every attempt's work directory lies below it. */
@@ -153,9 +175,15 @@ export class AttemptLifecycle {
     return this.#options.pool.context.scratchRoot;
   }
 
-  /** The attempt's scratch directory: `<scratch>/<run>/<step>/<attempt>`. */
+  /**
+   * The attempt's scratch directory: `<scratch>/<run>/<step>/<attempt>`.
+   * Throws for ids that would leave the scratch root (`..`: a plan that did
+   * not come through validation).
+   */
   workDirOf(job: Pick<AttemptJob, "runId" | "stepId" | "attempt">): string {
-    return `${this.scratchRoot}/${fileSafe(job.runId)}/${fileSafe(job.stepId)}/${job.attempt}`;
+    const runDir = childPath(this.scratchRoot, fileSafe(job.runId), "run id");
+    const stepDir = childPath(runDir, fileSafe(job.stepId), "step id");
+    return childPath(stepDir, String(job.attempt), "attempt number");
   }
 
   /**
@@ -295,6 +323,13 @@ export class AttemptLifecycle {
     const outputsDir = `${workDir}/out`;
     await Deno.mkdir(outputsDir, { recursive: true });
     const baseDir = resolveBaseDir ? await resolveBaseDir() : job.baseDir;
+    await checkAttempt(this.#policy, {
+      backend: job.backend,
+      config: job.config,
+      baseDir,
+      scratchRoot: this.scratchRoot,
+      stateDir: dirname(this.#recordsDir),
+    });
     const inputs = await materializeInputs(this.#options.artifacts, job.inputs, inputsDir);
     if (attempt.stopReason) return stoppedResult(attempt.stopReason);
     const agentId = typeof this.#options.agentId === "function"

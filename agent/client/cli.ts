@@ -1,8 +1,9 @@
 /**
  * The cluster commands of the `runnel` CLI: `server`, `agent`, `submit`,
- * and `runs|show|logs|cancel|resume --server URL`. main.ts parses the flags
- * (`flags.ts`) and calls these; they print a run as local mode does
- * (`render.ts`).
+ * `token`, and `runs|show|logs|cancel|resume --server URL`. main.ts parses
+ * the flags (`flags.ts`) and calls these; they print a run as local mode
+ * does (`render.ts`). The commands that call the API present a token and
+ * trust a CA as `credentials.ts` finds them.
  *
  * @module
  */
@@ -18,6 +19,7 @@ import type { StepState } from "../../core/model.ts";
 import { loadSecretsFile, SecretsFileError, type SecretSource } from "../../core/secrets.ts";
 import { clientCredentials, serverCredentials } from "../../proto/mod.ts";
 import type { AgentConfig } from "../config.ts";
+import { agentPolicy } from "../attempt/policy.ts";
 import { RunClient } from "./mod.ts";
 import { collectBundle } from "../bundle.ts";
 import type { ClusterRunRecord } from "../server/keys.ts";
@@ -41,6 +43,9 @@ import {
   UsageError,
 } from "./flags.ts";
 import { artifactsOfSteps, renderRun, renderRunList } from "./render.ts";
+import { apiCredentials, sendsTokenInClear } from "./credentials.ts";
+import { AdminTokenError, checkAdminToken, isRole, ROLES } from "../server/auth.ts";
+import { WebhookAllowList } from "../effects.ts";
 
 /** The flag that sets each of a server's listeners, for messages. */
 const LISTENER_FLAG = { http: "--listen", grpc: "--grpc" } as const;
@@ -52,6 +57,16 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
   const grpcAddress = flags.grpc ?? "127.0.0.1:7070";
   hostPort(grpcAddress, "--grpc");
   const heartbeatMs = flags.heartbeat ? durationFlag(flags.heartbeat, "--heartbeat") : undefined;
+  const httpTls = await httpTlsOf(flags);
+  const adminToken = flags["admin-token-file"]
+    ? await adminTokenOf(flags["admin-token-file"])
+    : undefined;
+  const webhookAllow = commaList(flags["webhook-allow"]);
+  try {
+    new WebhookAllowList(webhookAllow);
+  } catch (error) {
+    throw new UsageError(`--webhook-allow: ${(error as Error).message}`);
+  }
   const secrets = flags.secrets ? await operatorSecrets(flags.secrets) : undefined;
   let store: Store;
   let election: LeaderElection;
@@ -83,12 +98,15 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
       store,
       election,
       raftState,
-      http: { hostname: hostnameHttp, port: portHttp },
+      http: { hostname: hostnameHttp, port: portHttp, tls: httpTls },
       grpc: { address: grpcAddress, credentials: serverTls(flags) },
       token,
       heartbeatMs,
       peers: commaList(flags.peers),
       secrets,
+      adminToken,
+      metricsPublic: flags["metrics-public"],
+      webhookAllow,
     });
   } catch (error) {
     await closeStore();
@@ -105,7 +123,9 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
     return EXIT_BAD_INPUT;
   }
   console.error(
-    `runnel server ${server.serverId}: API http://${hostnameHttp}:${server.httpPort} · agents ${
+    `runnel server ${server.serverId}: API ${
+      httpTls ? "https" : "http"
+    }://${hostnameHttp}:${server.httpPort} · agents ${
       grpcAddress.replace(/:\d+$/, "")
     }:${server.grpcPort}`,
   );
@@ -137,6 +157,10 @@ export async function agentCommand(flags: CliFlags, config: AgentConfig): Promis
       plugins: config.plugins,
       hosts: config.hosts,
       secrets: config.secrets,
+      policy: agentPolicy(config.policy, {
+        configFile: config.file,
+        plugins: config.plugins.map((plugin) => plugin.name),
+      }),
       credentials: flags["tls-ca"] || flags["tls-cert"]
         ? clientCredentials({ ca: flags["tls-ca"], cert: flags["tls-cert"], key: flags["tls-key"] })
         : undefined,
@@ -182,7 +206,7 @@ async function operatorSecrets(file: string): Promise<Record<string, SecretSourc
 
 /** `runnel submit FILE --server URL [--follow]`. */
 export async function submitCommand(file: string, flags: CliFlags): Promise<number> {
-  const client = clientOf(flags);
+  using client = await clientOf(flags);
   let source: string;
   try {
     source = await Deno.readTextFile(file);
@@ -206,7 +230,7 @@ export async function remoteCommand(
   args: string[],
   flags: CliFlags,
 ): Promise<number> {
-  const client = clientOf(flags);
+  using client = await clientOf(flags);
   const id = () => {
     if (!args[0]) throw new UsageError(`"runnel ${command}" needs a run id`);
     return args[0];
@@ -272,11 +296,135 @@ async function followRun(client: RunClient, runId: string, flags: CliFlags): Pro
   return status === "succeeded" ? 0 : 1;
 }
 
-function clientOf(flags: CliFlags): RunClient {
+/**
+ * `runnel token bootstrap|create|revoke|list --server URL`: the cluster's
+ * API tokens. A token's secret is printed once, when it is made.
+ */
+export async function tokenCommand(args: string[], flags: CliFlags): Promise<number> {
+  using client = await clientOf(flags);
+  const [action, id] = args;
+  switch (action) {
+    case "bootstrap":
+      return printIssued(await client.bootstrap(), flags);
+    case "create": {
+      if (!flags.name) throw new UsageError('"runnel token create" needs --name NAME');
+      if (!isRole(flags.role)) {
+        throw new UsageError(
+          `"runnel token create" needs --role ${ROLES.join("|")}` +
+            (flags.role ? `, got "${flags.role}"` : ""),
+        );
+      }
+      return printIssued(await client.createToken({ name: flags.name, role: flags.role }), flags);
+    }
+    case "revoke": {
+      if (!id) throw new UsageError('"runnel token revoke" needs a token id');
+      const revoked = await client.revokeToken(id);
+      if (flags.json) return print(JSON.stringify(revoked));
+      return print(`revoked ${revoked.id} (${revoked.name}, ${revoked.role})`);
+    }
+    case "list": {
+      const tokens = await client.listTokens();
+      if (flags.json) return print(JSON.stringify(tokens, null, 2));
+      if (tokens.length === 0) return print("no API tokens yet");
+      const rows = [["ID", "NAME", "ROLE", "CREATED", "CREATED BY"]].concat(
+        tokens.map((token) => [
+          token.id,
+          token.name,
+          token.role,
+          new Date(token.createdAt).toISOString().slice(0, 19) + "Z",
+          token.createdBy,
+        ]),
+      );
+      const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)));
+      return print(
+        rows.map((row) => row.map((cell, i) => cell.padEnd(widths[i])).join("  ").trimEnd())
+          .join("\n"),
+      );
+    }
+  }
+  throw new UsageError(
+    `"runnel token" needs bootstrap, create --role R --name N, revoke ID or list` +
+      (action ? `; got "${action}"` : ""),
+  );
+}
+
+function printIssued(
+  issued: { token: string; id: string; name: string; role: string },
+  flags: CliFlags,
+) {
+  if (flags.json) return print(JSON.stringify(issued));
+  console.log(
+    `token  ${issued.token}\nid     ${issued.id}\nname   ${issued.name}\nrole   ${issued.role}`,
+  );
+  console.error("Keep the token secret: it is shown only this once.");
+  return 0;
+}
+
+async function clientOf(flags: CliFlags): Promise<RunClient> {
   const servers = commaList(flags.server)
     .map((server) => /^https?:\/\//.test(server) ? server : `http://${server}`);
   if (servers.length === 0) throw new UsageError("Expected --server URL");
-  return new RunClient(servers);
+  const credentials = await apiCredentials(flags);
+  if (credentials.token && servers.some(sendsTokenInClear)) {
+    console.error(
+      "warning: sending the API token over plain http to another host; " +
+        "serve the API with TLS (--http-tls-cert) and use https://",
+    );
+  }
+  return new RunClient(servers, credentials);
+}
+
+/** The HTTP API's certificate and key: its own flags, else the gRPC ones. */
+async function httpTlsOf(flags: CliFlags): Promise<{ cert: string; key: string } | undefined> {
+  const own = flags["http-tls-cert"] !== undefined || flags["http-tls-key"] !== undefined;
+  const [certFlag, keyFlag] = own ? ["http-tls-cert", "http-tls-key"] as const : [
+    "tls-cert",
+    "tls-key",
+  ] as const;
+  const cert = flags[certFlag];
+  const key = flags[keyFlag];
+  if (cert === undefined && key === undefined) return undefined;
+  if (cert === undefined || key === undefined) {
+    throw new UsageError(`Expected both --${certFlag} and --${keyFlag}`);
+  }
+  const read = async (path: string, flag: string) => {
+    try {
+      return await Deno.readTextFile(path);
+    } catch (error) {
+      throw new UsageError(
+        `Expected a readable PEM file for --${flag} at ${path}: ${(error as Error).message}`,
+      );
+    }
+  };
+  return { cert: await read(cert, certFlag), key: await read(key, keyFlag) };
+}
+
+/** The admin token in an operator's file (never printed), warning if others can read it. */
+async function adminTokenOf(path: string): Promise<string> {
+  let text: string;
+  try {
+    const { mode } = await Deno.stat(path);
+    if (mode !== null && (mode & 0o077) !== 0) {
+      console.error(
+        `warning: --admin-token-file ${path} can be read by other users (mode ${
+          (mode & 0o777).toString(8)
+        }); run "chmod 600 ${path}"`,
+      );
+    }
+    text = await Deno.readTextFile(path);
+  } catch (error) {
+    throw new UsageError(
+      `Expected a readable file for --admin-token-file at ${path}: ${(error as Error).message}`,
+    );
+  }
+  try {
+    return checkAdminToken(text);
+  } catch (error) {
+    if (error instanceof AdminTokenError) {
+      throw new UsageError(`--admin-token-file ${path}: ${error.message}`);
+    }
+    throw error;
+  }
 }
 
 async function openArtifacts(flags: CliFlags, stateDir: string): Promise<ArtifactStore> {

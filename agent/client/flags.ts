@@ -42,6 +42,8 @@ Cluster mode:
   agent                run steps for a cluster (--server HOST:PORT --token T --labels k=v,…)
   submit FILE          submit a pipeline to a cluster (--server URL [--follow])
   runs|show|logs|cancel|resume with --server URL talk to a cluster instead
+  token bootstrap      make the cluster's first admin API token (once; --server URL)
+  token create|revoke ID|list   API tokens (--role read|submit|admin --name N; admin only)
 
 Options:
   --state-dir DIR      where runs, logs and artifacts live (default .runnel)
@@ -57,7 +59,9 @@ Options:
   --secrets FILE       secrets you declare as the operator (server, agent, local run):
                        "NAME: { env: VAR }" or "NAME: { file: PATH }" per line
   --server URL         (cluster) a server's API URL, or for agents its gRPC HOST:PORT
-  --token T            (cluster) the join token (or RUNNEL_TOKEN)
+  --token T            (server, agent) the join token (or RUNNEL_TOKEN);
+                       (API commands) the API token (or RUNNEL_API_TOKEN, or "token:" in
+                       $RUNNEL_CONFIG or ~/.config/runnel/cli.yaml, mode 0600)
   --labels k=v,…       (agent) labels steps select on
   --slots N            (agent) attempts at once (default 2)
   --allow-shell        (agent) run trusted shell steps
@@ -66,7 +70,13 @@ Options:
   --listen H:P --grpc H:P   (server) API and agent addresses (127.0.0.1:8080, :7070)
   --etcd URLS | --store FILE   (server) the state store
   --id NAME --peers H:P,… --heartbeat D   (server) id, agents' failover list, heartbeat
-  --tls-ca/--tls-cert/--tls-key FILE      TLS for the agents' gRPC
+  --tls-ca/--tls-cert/--tls-key FILE      TLS for the agents' gRPC (and the API without
+                                          --http-tls-*); (API commands) --tls-ca trusts a CA
+  --http-tls-cert/--http-tls-key FILE     (server) serve the HTTP API over TLS
+  --admin-token-file FILE  (server) a token accepted as admin; closes the bootstrap
+  --metrics-public     (server) serve /metrics without a token (default: read role)
+  --webhook-allow H[:P],…  (server) hosts on-failure webhooks may reach (default none)
+  --role R --name N    (token create) the new token's role and name
   --etcd-ca/--etcd-cert/--etcd-key FILE   TLS towards etcd
   -h, --help           this help
   -V, --version        print the version
@@ -108,6 +118,13 @@ const OPTIONS = {
   "etcd-ca": { type: "string" },
   "etcd-cert": { type: "string" },
   "etcd-key": { type: "string" },
+  "http-tls-cert": { type: "string" },
+  "http-tls-key": { type: "string" },
+  "admin-token-file": { type: "string" },
+  "metrics-public": { type: "boolean" },
+  "webhook-allow": { type: "string", multiple: true },
+  role: { type: "string" },
+  name: { type: "string" },
   help: { type: "boolean", short: "h" },
   version: { type: "boolean", short: "V" },
 } as const;

@@ -7,6 +7,7 @@
  */
 
 import {
+  type AttemptPolicy,
   builtinPlugins,
   cancelRun,
   collectGarbage,
@@ -54,19 +55,29 @@ export interface ExecuteOptions extends StateOptions {
   plugins: PluginSource[];
   /** Plugin host tuning (`--config`). */
   hosts?: HostTuning;
+  /** What a pipeline may ask of this host: `localPolicy` with the `--config` file's `policy`. */
+  policy?: AttemptPolicy;
   /** The secrets the user declares (`--secrets`, the `--config` file's `secrets:`). */
   secrets?: Record<string, SecretSource>;
 }
 
+/** Options of the commands that load a pipeline file without running it. */
+export interface LoadCommandOptions {
+  /** Third-party backends (`--plugin`, `--config`). */
+  plugins: PluginSource[];
+  /** The policy whose host paths deno steps may name (`--config`). */
+  policy?: AttemptPolicy;
+  /** The secrets the user declares: a pipeline naming another is refused (`validate`). */
+  secrets?: Record<string, SecretSource>;
+}
+
 /** `runnel validate FILE`: every problem at once, or one line saying it is valid. */
-export async function validateCommand(
-  file: string,
-  plugins: PluginSource[],
-  secrets: Record<string, SecretSource> = {},
-): Promise<number> {
+export async function validateCommand(file: string, options: LoadCommandOptions): Promise<number> {
+  const { plugins } = options;
   const plan = await loadPipeline(file, {
     backends: plugins.map((plugin) => plugin.name),
-    secrets: { names: Object.keys(secrets) },
+    hostPaths: options.policy?.deno,
+    secrets: { names: Object.keys(options.secrets ?? {}) },
   });
   const pool = new PluginHostPool({
     plugins: [...builtinPlugins(), ...plugins],
@@ -86,9 +97,12 @@ export async function validateCommand(
 /** `runnel plan FILE [--mermaid]`. */
 export async function planCommand(
   file: string,
-  options: { plugins: PluginSource[]; mermaid?: boolean },
+  options: LoadCommandOptions & { mermaid?: boolean },
 ): Promise<number> {
-  const plan = await loadPipeline(file, { backends: options.plugins.map((plugin) => plugin.name) });
+  const plan = await loadPipeline(file, {
+    backends: options.plugins.map((plugin) => plugin.name),
+    hostPaths: options.policy?.deno,
+  });
   return print(options.mermaid ? renderMermaid(plan) : renderPlanText(plan));
 }
 
@@ -101,6 +115,7 @@ export function schemaCommand(): number {
 export async function runCommand(file: string, options: ExecuteOptions): Promise<number> {
   const plan = await loadPipeline(file, {
     backends: options.plugins.map((plugin) => plugin.name),
+    hostPaths: options.policy?.deno,
     secrets: { names: Object.keys(options.secrets ?? {}) },
   });
   return await execute(
@@ -109,6 +124,7 @@ export async function runCommand(file: string, options: ExecuteOptions): Promise
         ...runOptions,
         plugins: options.plugins,
         hosts: options.hosts,
+        policy: options.policy,
         secrets: options.secrets,
       }),
     options,
@@ -123,6 +139,7 @@ export async function resumeCommand(prefix: string, options: ExecuteOptions): Pr
       resumeRun(runId, {
         ...runOptions,
         plugins: options.plugins.length ? options.plugins : undefined,
+        policy: options.policy,
         secrets: options.secrets,
       }),
     options,

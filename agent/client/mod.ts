@@ -1,7 +1,9 @@
 /**
  * The run API as a client sees it: what `runnel submit|runs|show|logs|cancel|
- * resume --server URL` call. Several server URLs may be given: a call goes
- * to the first that answers (any server accepts any call).
+ * resume|token --server URL` call. Several server URLs may be given: a call
+ * goes to the first that answers (any server accepts any call). Calls carry
+ * an API token (`Authorization: Bearer`); an `https://` server's
+ * certificate may chain to a CA of the caller's (`caCerts`).
  *
  * @module
  */
@@ -10,6 +12,23 @@ import type { Diagnostic } from "../../core/errors.ts";
 import { PipelineError } from "../../core/errors.ts";
 import type { StepState } from "../../core/model.ts";
 import type { ClusterRunRecord } from "../server/keys.ts";
+import type { Role, TokenInfo } from "../server/auth.ts";
+
+export type { Role, TokenInfo } from "../server/auth.ts";
+
+/** Options of {@link RunClient}. */
+export interface RunClientOptions {
+  /** The API token sent with every call (`rnl_…`, or an admin token file's content). */
+  token?: string;
+  /** PEM CA certificates an `https://` server's certificate may chain to (besides the system's). */
+  caCerts?: string[];
+}
+
+/** A token as the server hands it out once: its secret and its record. */
+export interface IssuedToken extends TokenInfo {
+  /** The secret form, `rnl_<id>_<secret>`: the server never shows it again. */
+  token: string;
+}
 
 /** A server could not be reached or refused a call. */
 export class ServerRequestError extends Error {
@@ -27,14 +46,62 @@ export class ServerRequestError extends Error {
   }
 }
 
-/** A run API client over one or more server URLs. */
+/**
+ * A run API client over one or more server URLs.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { RunClient, ServerRequestError } from "./mod.ts";
+ *
+ * const client = new RunClient(["http://127.0.0.1:9"], { token: "rnl_example" });
+ * await assert.rejects(client.runs(), (error) => error instanceof ServerRequestError);
+ * client.close();
+ * ```
+ */
 export class RunClient {
   readonly #servers: string[];
+  readonly #token: string | undefined;
+  readonly #http: Deno.HttpClient | undefined;
 
-  /** Builds a client; `servers` are base URLs such as `http://10.0.0.1:8080`. */
-  constructor(servers: string[]) {
+  /** Builds a client; `servers` are base URLs such as `https://10.0.0.1:8080`. */
+  constructor(servers: string[], options: RunClientOptions = {}) {
     if (servers.length === 0) throw new ServerRequestError("no_server", 0, "Expected --server URL");
     this.#servers = servers.map((url) => url.replace(/\/+$/, ""));
+    this.#token = options.token;
+    this.#http = options.caCerts?.length
+      ? Deno.createHttpClient({ caCerts: options.caCerts })
+      : undefined;
+  }
+
+  /** Releases the TLS client made for `caCerts`, if any. */
+  close(): void {
+    this.#http?.close();
+  }
+
+  /** {@link close}, for `using`. */
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  /** Makes the cluster's first admin token; refused once any admin exists. */
+  async bootstrap(): Promise<IssuedToken> {
+    return await this.#json("POST", "/api/acl/bootstrap");
+  }
+
+  /** Makes a token (admin only); its secret is in the answer, and only there. */
+  async createToken(options: { name: string; role: Role }): Promise<IssuedToken> {
+    return await this.#json("POST", "/api/tokens", options);
+  }
+
+  /** Revokes a token by id (admin only). */
+  async revokeToken(id: string): Promise<TokenInfo> {
+    return (await this.#json("DELETE", `/api/tokens/${encodeURIComponent(id)}`)).revoked;
+  }
+
+  /** Every token, without secrets (admin only). */
+  async listTokens(): Promise<TokenInfo[]> {
+    return await this.#json("GET", "/api/tokens");
   }
 
   /**
@@ -54,7 +121,7 @@ export class RunClient {
       baseDir,
       ...(files ? { files } : {}),
     });
-    const body = await response.json();
+    const body = await response.json().catch(() => ({}));
     if (response.status === 400 && Array.isArray(body.diagnostics)) {
       throw new PipelineError(body.diagnostics as Diagnostic[]);
     }
@@ -141,15 +208,19 @@ export class RunClient {
     const problems: string[] = [];
     for (const server of this.#servers) {
       try {
+        const headers: Record<string, string> = {};
+        if (body !== undefined) headers["content-type"] = "application/json";
+        if (this.#token !== undefined) headers.authorization = `Bearer ${this.#token}`;
         return await fetch(`${server}${path}`, {
           method,
           signal,
-          headers: body === undefined ? {} : { "content-type": "application/json" },
+          headers,
           body: body === undefined ? undefined : JSON.stringify(body),
+          ...(this.#http ? { client: this.#http } : {}),
         });
       } catch (error) {
         if (signal?.aborted) throw error;
-        problems.push(`${server}: ${error instanceof Error ? error.message : error}`);
+        problems.push(`${server}: ${describeFailure(error)}`);
       }
     }
     throw new ServerRequestError(
@@ -167,4 +238,16 @@ export class RunClient {
       body.message ?? `The server answered ${response.status} ${response.statusText}`,
     );
   }
+}
+
+/** Why a fetch failed: Deno puts the reason (refused, TLS…) in the error's cause. */
+function describeFailure(error: unknown): string {
+  if (!(error instanceof Error)) return String(error);
+  const cause = error.cause instanceof Error ? error.cause.message : undefined;
+  const reason = cause && !error.message.includes(cause)
+    ? `${error.message}: ${cause}`
+    : error.message;
+  return /certificate/i.test(reason)
+    ? `${reason} (trust the server's CA with --tls-ca FILE)`
+    : reason;
 }

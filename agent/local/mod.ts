@@ -22,6 +22,7 @@ import {
   validateStepConfigs,
 } from "../../backends/mod.ts";
 import { AttemptLifecycle, type AttemptRecord } from "../attempt/mod.ts";
+import type { AttemptPolicy } from "../attempt/policy.ts";
 import { LocalDriver, type RunEvent, type RunSummary } from "./driver.ts";
 import {
   assertNoLiveOwner,
@@ -88,6 +89,8 @@ export interface LocalRunOptions {
   hosts?: Pick<PluginHostPoolOptions, "idleMs" | "heartbeatMs" | "heartbeatTimeoutMs">;
   /** Receives plugin host diagnostics (a host's stderr, stray errors). */
   onDiagnostic?: (backend: string, text: string) => void;
+  /** What the pipeline may ask of this host; default `localPolicy()`. */
+  policy?: AttemptPolicy;
 }
 
 /** How long a stopped step may take to exit before it is killed. */
@@ -184,7 +187,7 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
     await assertNoLiveOwner(state.store, record.runId);
     const plugins = options.plugins ?? record.plugins ?? [];
     const plan = withConcurrency(
-      await planOf(state, record, plugins, options.secrets),
+      await planOf(state, record, plugins, { policy: options.policy, secrets: options.secrets }),
       options.concurrency,
     );
     const engine = new RunEngine(plan, await readRunState(state.store, record, plan));
@@ -293,8 +296,14 @@ function recoverRun(
     );
 }
 
-function lifecycleOf(state: LocalState, pool: PluginHostPool, runId: string): AttemptLifecycle {
+function lifecycleOf(
+  state: LocalState,
+  pool: PluginHostPool,
+  runId: string,
+  policy?: AttemptPolicy,
+): AttemptLifecycle {
   return new AttemptLifecycle({
+    policy,
     pool,
     artifacts: state.artifacts,
     recordsDir: state.paths.attempts,
@@ -313,7 +322,7 @@ function driverContext(
     state,
     record,
     pool,
-    lifecycle: lifecycleOf(state, pool, record.runId),
+    lifecycle: lifecycleOf(state, pool, record.runId, options.policy),
     now: options.now ?? Date.now,
     onEvent: options.onEvent,
     signal: options.signal,
@@ -331,7 +340,7 @@ async function planOf(
   state: LocalState,
   record: RunRecord,
   plugins: Array<{ name: string }>,
-  secrets?: Record<string, SecretSource>,
+  options: { policy?: AttemptPolicy; secrets?: Record<string, SecretSource> } = {},
 ): Promise<Plan> {
   if (record.planStored) {
     const kv = await state.store.get(localKeys.plan(record.runId));
@@ -340,7 +349,8 @@ async function planOf(
   }
   return await loadPipeline(record.file, {
     backends: plugins.map((plugin) => plugin.name),
-    ...(secrets ? { secrets: { names: Object.keys(secrets) } } : {}),
+    hostPaths: options.policy?.deno,
+    ...(options.secrets ? { secrets: { names: Object.keys(options.secrets) } } : {}),
   });
 }
 

@@ -1,11 +1,14 @@
 /**
  * The agent gateway of a server: the server's side of the agents' gRPC
- * streams. It admits an agent (join token), registers it as a worker under
- * a lease of three heartbeat intervals, pushes it the assignments and stops
- * the scheduler writes for it, and turns what the agent reports into store
- * writes: log batches, and results (create-only, so a result reported twice
- * is recorded once; a result of an attempt that is no longer the agent's is
- * refused: fencing).
+ * streams. It admits an agent (join token, then the identity the servers
+ * issued it, one live connection per agent id: `identity.ts`), registers it
+ * as a worker under a lease of three heartbeat intervals, pushes it the
+ * assignments and stops the scheduler writes for it, and turns what the
+ * agent reports into store writes: log batches, and results (create-only,
+ * so a result reported twice is recorded once; a result of an attempt that
+ * is no longer the agent's is refused: fencing). It accepts what an agent
+ * says only of the attempts assigned to it: anything else is counted,
+ * logged and dropped.
  *
  * Secret values are resolved here, as an assignment is pushed: the store
  * names a step's secrets, and the values of those the agent does not declare
@@ -20,13 +23,22 @@
 
 import { timingSafeEqual } from "node:crypto";
 import type { Store, TxnOp } from "../../consensus/store.ts";
-import type { AgentConnection, AgentMessage, AssignmentSpec, Hello } from "../../proto/mod.ts";
+import type {
+  AgentConnection,
+  AgentMessage,
+  AssignmentSpec,
+  Hello,
+  RejectCode,
+} from "../../proto/mod.ts";
 import {
+  type AgentConnectionRecord,
+  type AgentIdentityRecord,
   type AssignmentRecord,
   clusterKeys,
   type ResultRecord,
   type WorkerRecord,
 } from "./keys.ts";
+import { admitAgent } from "./identity.ts";
 import type { AttemptResult } from "../../core/model.ts";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import { getBundle } from "../bundle.ts";
@@ -67,7 +79,18 @@ export interface GatewayOptions {
   log?: (fields: Record<string, unknown>) => void;
   /** How long step logs stay in the store (default 14 days, as artifacts). */
   logRetentionMs?: number;
+  /**
+   * Counts an agent refused at Hello (its `RejectCode`) or a message dropped
+   * because it spoke of an attempt that is not the sender's (its kind).
+   */
+  onRefused?: (what: RejectCode | RefusedKind) => void;
 }
+
+/** What an agent sent about an attempt that is not its own. */
+export type RefusedKind = "log" | "started" | "result" | "bundle";
+
+/** Refused messages logged per stream (all are counted): a flood must not flood the log. */
+const MAX_REFUSALS_LOGGED = 100;
 
 /** A gateway: `onConnect` serves one agent stream. */
 export interface Gateway {
@@ -105,41 +128,37 @@ async function serveAgent(
     options.log?.({ component: "gateway", server: options.serverId, peer: stream.peer, ...fields });
   const heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
   const incoming = stream[Symbol.asyncIterator]();
+  const refuseHello = async (
+    code: RejectCode,
+    message: string,
+    fields: Record<string, unknown>,
+    retryAfterMs = 0,
+  ) => {
+    options.onRefused?.(code);
+    log({ level: "warn", msg: "agent refused", code, ...fields });
+    await stream.send({ reject: { code, message, retryAfterMs } });
+    stream.end();
+  };
   const first = await nextWithin(incoming, HELLO_TIMEOUT_MS);
   if (!first || first.body !== "hello") {
-    log({ level: "warn", msg: "agent refused", reason: "no hello" });
-    await stream.send({ reject: { code: "bad_hello", message: "Expected Hello first" } });
-    stream.end();
-    return;
+    return await refuseHello("bad_hello", "Expected Hello first", { reason: "no hello" });
   }
   const hello = first.hello;
   if (!tokenMatches(hello.token, options.token)) {
-    log({
-      level: "warn",
-      msg: "agent refused",
-      agent: hello.agentId,
-      reason: hello.token ? "wrong join token" : "missing join token",
-    });
-    await stream.send({
-      reject: {
-        code: "bad_token",
-        message: hello.token
-          ? "wrong join token (check --token against the server's)"
-          : "missing join token (pass --token)",
-      },
-    });
-    stream.end();
-    return;
+    return await refuseHello(
+      "bad_token",
+      hello.token
+        ? "wrong join token (check --token against the server's)"
+        : "missing join token (pass --token)",
+      { agent: hello.agentId, reason: hello.token ? "wrong join token" : "missing join token" },
+    );
   }
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(hello.agentId)) {
-    await stream.send({
-      reject: {
-        code: "bad_hello",
-        message: `Expected an agent id of letters, digits, ".", "_" or "-", got "${hello.agentId}"`,
-      },
-    });
-    stream.end();
-    return;
+    return await refuseHello(
+      "bad_hello",
+      `Expected an agent id of letters, digits, ".", "_" or "-", got "${hello.agentId}"`,
+      { reason: "bad agent id" },
+    );
   }
   const agentId = hello.agentId;
   const agentSecrets = new Set(
@@ -164,13 +183,42 @@ async function serveAgent(
     connectedAt: now,
     lastHeartbeat: now,
   };
-  await store.put(clusterKeys.worker(agentId), JSON.stringify(worker), { lease: lease.id });
-  log({ msg: "agent connected", agent: agentId, labels: hello.labels, slots: worker.slots });
+  const admission = await admitAgent(
+    { agentId, credential: hello.credential, session: hello.session },
+    {
+      store,
+      serverId: options.serverId,
+      lease: lease.id,
+      heartbeatMs,
+      alsoWrite: () => [workerPut(worker, lease.id)],
+    },
+  );
+  if (!admission.ok) {
+    await store.revokeLease(lease.id).catch(() => {});
+    return await refuseHello(
+      admission.code,
+      admission.message,
+      { agent: agentId, reason: admission.message },
+      admission.retryAfterMs,
+    );
+  }
+  const connection: LiveConnection = {
+    record: admission.connection,
+    revision: admission.revision,
+    credentialHash: admission.credentialHash,
+  };
+  log({
+    msg: admission.issued ? "agent registered: credential issued" : "agent connected",
+    agent: agentId,
+    labels: hello.labels,
+    slots: worker.slots,
+  });
   await stream.send({
     welcome: {
       serverId: options.serverId,
       heartbeatIntervalMs: heartbeatMs,
       servers: options.servers?.() ?? [],
+      credential: admission.issued ?? "",
     },
   });
 
@@ -178,26 +226,52 @@ async function serveAgent(
   const logs = new LogBuffer(store, log, logLease);
   const sent = new Set<string>(hello.runningAttemptIds);
   const pending = new Set<string>(hello.pendingResultAttemptIds ?? []);
+  const own = new OwnAssignments();
   try {
     const secretsOf = (record: AssignmentRecord) =>
       secretValues(record, agentSecrets, options.secrets, log);
     const watchers = [
-      pushAssignments(store, agentId, stream, sent, pending, secretsOf, stop.signal),
+      pushAssignments(store, agentId, stream, sent, pending, own, secretsOf, stop.signal),
       pushStops(store, agentId, stream, stop.signal),
     ];
     watchers.forEach((watcher) =>
       watcher.catch((error) => {
+        own.fail();
         log({ level: "error", msg: "watch failed", agent: agentId, error: String(error) });
         stream.cancel("the server lost its store watch");
       })
     );
+    watchConnection(store, agentId, connection, stop.signal).then(async (cut) => {
+      if (!cut) return;
+      log({ level: "warn", msg: "agent connection cut", agent: agentId, reason: cut.reason });
+      // A revoked (or forgotten) agent is offline at once: its claim and
+      // worker key go, and its attempts are rescheduled.
+      if (cut.identity) await store.revokeLease(lease.id).catch(() => {});
+      stream.cancel(cut.reason);
+    }, (error) => {
+      log({ level: "error", msg: "watch failed", agent: agentId, error: String(error) });
+      stream.cancel("the server lost its store watch");
+    });
+    const context: HandleContext = {
+      options,
+      store,
+      stream,
+      worker,
+      lease: lease.id,
+      connection,
+      own,
+      refused: new Set(),
+      logs,
+      log,
+    };
     for (;;) {
       const next = await incoming.next();
       if (next.done) break;
-      await handle(next.value, { options, store, stream, worker, lease: lease.id, logs, log });
+      await handle(next.value, context);
     }
   } finally {
     stop.abort();
+    own.fail();
     // The agent ended its side (or it broke): end ours, so the stream closes now.
     stream.end();
     await logs.close();
@@ -208,40 +282,207 @@ async function serveAgent(
   }
 }
 
+/** The stream's hold on its agent's live-connection claim. */
+interface LiveConnection {
+  record: AgentConnectionRecord;
+  /** Revision of this stream's last write of the claim. */
+  revision: number;
+  /** The identity's credential hash when the agent was admitted. */
+  credentialHash: string;
+}
+
 interface HandleContext {
   options: GatewayOptions;
   store: Store;
   stream: AgentConnection;
   worker: WorkerRecord;
   lease: string;
+  connection: LiveConnection;
+  own: OwnAssignments;
+  /** Kinds and attempts already logged as refused (each is logged once per stream). */
+  refused: Set<string>;
   logs: LogBuffer;
   log: (fields: Record<string, unknown>) => void;
 }
 
 async function handle(message: AgentMessage, context: HandleContext): Promise<void> {
-  const { store, worker } = context;
+  const { store, worker, own } = context;
   switch (message.body) {
-    case "heartbeat":
+    case "heartbeat": {
       await store.keepAlive(context.lease);
       worker.lastHeartbeat = Date.now();
       // A draining agent finishes what it runs and takes nothing new.
       if (message.heartbeat.draining) worker.slots = 0;
-      await store.put(clusterKeys.worker(worker.agentId), JSON.stringify(worker), {
-        lease: context.lease,
+      const connection = context.connection;
+      const claim = { ...connection.record, heartbeatAt: worker.lastHeartbeat };
+      const key = clusterKeys.agentConnection(worker.agentId);
+      const write = await store.txn({
+        // Only while this stream holds the agent's claim.
+        compare: [{ key, target: "mod", op: "==", value: connection.revision }],
+        success: [
+          { type: "put", key, value: JSON.stringify(claim), lease: context.lease },
+          workerPut(worker, context.lease),
+        ],
       });
+      if (write.succeeded) {
+        connection.record = claim;
+        connection.revision = write.revision;
+      } else {
+        context.stream.cancel(`another connection of agent ${worker.agentId} took over`);
+      }
       return;
+    }
     case "log":
-      context.logs.add(message.log.attemptId, message.log.text);
+      if (await own.owns(message.log.attemptId)) {
+        context.logs.add(message.log.attemptId, message.log.text);
+      } else refuse(context, "log", message.log.attemptId);
       return;
     case "started":
+      if (!(await own.owns(message.started.attemptId))) {
+        refuse(context, "started", message.started.attemptId);
+      }
       return;
     case "result":
       await recordResult(context, message.result.attemptId, message.result.resultJson);
+      return;
+    case "bundleRequest":
+      await sendBundle(context, message.bundleRequest.digest);
       return;
     case "hello":
       context.log({ level: "warn", msg: "second hello ignored", agent: worker.agentId });
       return;
   }
+}
+
+/**
+ * Drops a message about an attempt that is not the sender's: counted, and
+ * logged once per stream and attempt.
+ */
+function refuse(context: HandleContext, kind: RefusedKind, attemptId: string): void {
+  context.options.onRefused?.(kind);
+  const key = `${kind} ${attemptId}`;
+  if (context.refused.has(key) || context.refused.size >= MAX_REFUSALS_LOGGED) return;
+  context.refused.add(key);
+  context.log({
+    level: "warn",
+    msg: "agent message refused: not its assignment",
+    agent: context.worker.agentId,
+    kind,
+    attemptId,
+  });
+}
+
+/** Sends a bundle the agent asked for, if one of its assignments uses it. */
+async function sendBundle(context: HandleContext, digest: string): Promise<void> {
+  const { stream, worker } = context;
+  if (!(await context.own.usesBundle(digest))) {
+    refuse(context, "bundle", digest);
+    await stream.send({
+      bundle: { digest, message: `No assignment of agent ${worker.agentId} uses bundle ${digest}` },
+    });
+    return;
+  }
+  const bundle = await getBundle(context.store, digest);
+  await stream.send({
+    bundle: bundle
+      ? { digest, bundleJson: JSON.stringify(bundle) }
+      : { digest, message: `The store holds no bundle ${digest}` },
+  });
+}
+
+/**
+ * Resolves with a reason to cut the stream: another connection took the
+ * agent's claim over, its lease ended, or (`identity`) an operator revoked
+ * or deleted its identity. Resolves undefined when `signal` aborts.
+ */
+async function watchConnection(
+  store: Store,
+  agentId: string,
+  connection: LiveConnection,
+  signal: AbortSignal,
+): Promise<{ reason: string; identity?: true } | undefined> {
+  const claimKey = clusterKeys.agentConnection(agentId);
+  const identityKey = clusterKeys.agentIdentity(agentId);
+  for await (
+    const event of store.watch(clusterKeys.agentPrefix(agentId), {
+      fromRevision: connection.revision + 1,
+      signal,
+    })
+  ) {
+    if (event.key === claimKey) {
+      if (event.type === "delete") {
+        return { reason: "the agent's connection lease ended (missed heartbeats)" };
+      }
+      const claim = JSON.parse(event.value!) as AgentConnectionRecord;
+      if (claim.connectionId !== connection.record.connectionId) {
+        return { reason: `another connection of agent ${agentId} took over (${claim.server})` };
+      }
+    } else if (event.key === identityKey) {
+      if (event.type === "delete") {
+        return { reason: `the identity of agent ${agentId} was deleted`, identity: true };
+      }
+      const identity = JSON.parse(event.value!) as AgentIdentityRecord;
+      if (identity.revokedAt !== undefined) {
+        return { reason: `agent ${agentId} was revoked`, identity: true };
+      }
+      if (identity.credentialHash !== connection.credentialHash) {
+        return { reason: `agent ${agentId} was issued another credential`, identity: true };
+      }
+    }
+  }
+  return undefined;
+}
+
+/**
+ * The attempts assigned to the agent of a stream (with the bundle each
+ * uses), as its assignment watch sees them: kept before each is pushed, so
+ * the agent cannot speak of an assignment the gateway does not know yet.
+ */
+class OwnAssignments {
+  readonly #bundles = new Map<string, string | undefined>();
+  readonly #listed: Promise<void>;
+  #resolveListed!: () => void;
+
+  constructor() {
+    this.#listed = new Promise((resolve) => this.#resolveListed = resolve);
+  }
+
+  add(record: AssignmentRecord): void {
+    this.#bundles.set(record.attemptId, record.spec.bundleDigest);
+  }
+
+  delete(attemptId: string): void {
+    this.#bundles.delete(attemptId);
+  }
+
+  /** The first listing is in (or the watch failed: then nothing is owned). */
+  listed(): void {
+    this.#resolveListed();
+  }
+
+  fail(): void {
+    this.#bundles.clear();
+    this.#resolveListed();
+  }
+
+  async owns(attemptId: string): Promise<boolean> {
+    await this.#listed;
+    return this.#bundles.has(attemptId);
+  }
+
+  async usesBundle(digest: string): Promise<boolean> {
+    await this.#listed;
+    return [...this.#bundles.values()].includes(digest);
+  }
+}
+
+function workerPut(worker: WorkerRecord, lease: string): TxnOp {
+  return {
+    type: "put",
+    key: clusterKeys.worker(worker.agentId),
+    value: JSON.stringify(worker),
+    lease,
+  };
 }
 
 /**
@@ -255,6 +496,25 @@ async function recordResult(
 ): Promise<void> {
   const { store, worker, stream } = context;
   const assignmentKey = clusterKeys.assignment(worker.agentId, attemptId);
+  const resultKey = clusterKeys.result(attemptId);
+  if (!(await context.own.owns(attemptId))) {
+    const recorded = await store.get(resultKey);
+    if (recorded && (JSON.parse(recorded.value) as ResultRecord).agentId === worker.agentId) {
+      // Reported before (the ack was lost with a connection): already recorded.
+      await stream.send({ ack: { attemptId, accepted: true, message: "already recorded" } });
+      return;
+    }
+    refuse(context, "result", attemptId);
+    await stream.send({
+      ack: {
+        attemptId,
+        accepted: false,
+        message: `attempt ${attemptId} is not assigned to agent ${worker.agentId} ` +
+          "(or no longer: its worker was declared offline and the step was rescheduled)",
+      },
+    });
+    return;
+  }
   let result: AttemptResult;
   try {
     result = JSON.parse(resultJson);
@@ -275,7 +535,6 @@ async function recordResult(
     result,
     at: Date.now(),
   };
-  const resultKey = clusterKeys.result(attemptId);
   const write = await store.txn({
     compare: [
       { key: assignmentKey, target: "create", op: ">", value: 0 },
@@ -310,6 +569,7 @@ async function pushAssignments(
   stream: AgentConnection,
   running: Set<string>,
   pendingResults: Set<string>,
+  own: OwnAssignments,
   secretsOf: (record: AssignmentRecord) => Record<string, string>,
   signal: AbortSignal,
 ): Promise<void> {
@@ -319,6 +579,7 @@ async function pushAssignments(
   // Bundles this stream has carried: each goes once per stream.
   const bundles = new Set<string>();
   const send = async (record: AssignmentRecord) => {
+    own.add(record);
     wanted.add(record.attemptId);
     if (pendingResults.has(record.attemptId)) return;
     // One the agent runs already is sent again (it ignores the repeat): if
@@ -360,6 +621,8 @@ async function pushAssignments(
       },
     });
   };
+  for (const kv of listed.items) own.add(JSON.parse(kv.value) as AssignmentRecord);
+  own.listed();
   for (const kv of listed.items) await send(JSON.parse(kv.value) as AssignmentRecord);
   // Attempts the agent still runs that the scheduler gave up on: stop them.
   for (const attemptId of running) {
@@ -371,7 +634,11 @@ async function pushAssignments(
   }
   for await (const event of store.watch(prefix, { fromRevision: listed.revision + 1, signal })) {
     if (event.type === "put") await send(JSON.parse(event.value!) as AssignmentRecord);
-    else running.delete(decodeURIComponent(event.key.slice(prefix.length)));
+    else {
+      const attemptId = decodeURIComponent(event.key.slice(prefix.length));
+      running.delete(attemptId);
+      own.delete(attemptId);
+    }
   }
 }
 

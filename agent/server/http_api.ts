@@ -1,34 +1,56 @@
 /**
  * The HTTP face of every server: health, readiness, `/raft-state`,
- * `/cluster-state`, `/metrics`, and the run API (submit, list, get, cancel,
- * resume, live logs and step events as server-sent events). Any server
- * answers any call: everything is read from, or written to, the store.
+ * `/cluster-state`, `/metrics`, the run API (submit, list, get, cancel,
+ * resume, live logs and step events as server-sent events) and the token
+ * API. Any server answers any call: everything is read from, or written to,
+ * the store.
  *
- * | method and path | answer |
- * | --- | --- |
- * | `GET /health` | 200 while the process serves |
- * | `GET /ready` | 200 once the store answers, else 503 |
- * | `GET /raft-state` | `{node_id, state, leader, term, commit_index}` |
- * | `GET /cluster-state` | workers with labels, capabilities, status, last heartbeat |
- * | `GET /metrics` | Prometheus text |
- * | `POST /api/runs` | `{source, file?, baseDir?, files?}` → 201 `{runId}`, or 400 with located diagnostics; `files` ships the pipeline directory (path → base64) |
- * | `GET /api/runs` | every run, newest first |
- * | `GET /api/runs/:id` | `{run, steps}` |
- * | `POST /api/runs/:id/cancel`, `/resume` | 202 |
- * | `GET /api/runs/:id/events` | SSE: `run` and `step` records as they change, until the run ends |
- * | `GET /api/runs/:id/logs?step=S&follow=1` | SSE: `log` batches (`{step, attempt, text}`) |
- * | `GET /api/runs/:id/mermaid` | the DAG as Mermaid, nodes coloured by status |
- * | `GET /runs/:id` | a page drawing the DAG live (Mermaid from a CDN, SSE) |
+ * Every call but `/health`, `/ready` and the one-time bootstrap presents an
+ * API token (`Authorization: Bearer <token>`, see `auth.ts`) whose role is
+ * at least the one in the table: 401 without a valid token, 403 with one
+ * too weak. A browser may send the token as the password of HTTP Basic
+ * credentials for `GET`s only (the run page and its live updates cannot set
+ * headers; a browser replays Basic credentials on its own, so they must
+ * never be able to change anything). Submit, cancel, resume and every token
+ * change leave an audit line (`component: "audit"`) with the token's name
+ * and id, never its secret.
+ *
+ * | method and path | role | answer |
+ * | --- | --- | --- |
+ * | `GET /health` | none | 200 while the process serves |
+ * | `GET /ready` | none | 200 once the store answers, else 503 |
+ * | `GET /raft-state` | read | `{node_id, state, leader, term, commit_index}` |
+ * | `GET /cluster-state` | read | workers with labels, capabilities, status, last heartbeat |
+ * | `GET /metrics` | read, or none with `metricsPublic` | Prometheus text |
+ * | `POST /api/runs` | submit | `{source, file?, baseDir?, files?}` → 201 `{runId}`, or 400 with located diagnostics; `files` ships the pipeline directory (path → base64) |
+ * | `GET /api/runs` | read | every run, newest first |
+ * | `GET /api/runs/:id` | read | `{run, steps}` |
+ * | `POST /api/runs/:id/cancel`, `/resume` | submit | 202 |
+ * | `GET /api/runs/:id/events` | read | SSE: `run` and `step` records as they change, until the run ends |
+ * | `GET /api/runs/:id/logs?step=S&follow=1` | read | SSE: `log` batches (`{step, attempt, text}`) |
+ * | `GET /api/runs/:id/mermaid` | read | the DAG as Mermaid, nodes coloured by status |
+ * | `GET /runs/:id` | read | a page drawing the DAG live (Mermaid from a CDN, SSE) |
+ * | `POST /api/acl/bootstrap` | none, once | 201 `{token, id, name, role}`: the first admin token; 409 after |
+ * | `GET /api/tokens` | admin | every token (id, name, role, created at/by; no secrets) |
+ * | `POST /api/tokens` | admin | `{name, role}` → 201 `{token, id, …}`: the secret, shown this once |
+ * | `DELETE /api/tokens/:id` | admin | 200 `{revoked}` |
+ *
+ * Every error is a JSON body `{error, message}`; a body that is too large,
+ * not JSON or not of the expected shape is a 4xx naming what was expected,
+ * never a 500.
  *
  * @module
  */
 
+import { Buffer } from "node:buffer";
+import { LineCounter, parseDocument } from "npm:yaml@2.9.1";
+import type { Diagnostic } from "../../core/errors.ts";
 import { PipelineError } from "../../core/errors.ts";
-import { parsePipeline } from "../../core/load.ts";
+import { Locator, parsePipeline } from "../../core/load.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import type { Plan, StepState } from "../../core/model.ts";
 import { renderMermaid } from "../../core/mermaid.ts";
-import type { Store } from "../../consensus/store.ts";
+import { type Store, StoreError } from "../../consensus/store.ts";
 import { clusterKeys, type ClusterRunRecord } from "./keys.ts";
 import {
   clusterStepStates,
@@ -41,7 +63,27 @@ import {
   submitRun,
 } from "./runs.ts";
 import type { RaftState, ServerMetrics } from "./metrics.ts";
-import { bundleDigest, bundleFile, checkBundle, type PipelineBundle } from "../bundle.ts";
+import {
+  bundleDigest,
+  bundleFile,
+  checkBundle,
+  MAX_BUNDLE_BYTES,
+  MAX_BUNDLE_FILES,
+  type PipelineBundle,
+} from "../bundle.ts";
+import {
+  type Authenticator,
+  bootstrapAcl,
+  type Caller,
+  createToken,
+  isRole,
+  listTokens,
+  revokeToken,
+  type Role,
+  roleAllows,
+  TokenRequestError,
+} from "./auth.ts";
+import { type WebhookAllowList, webhookHost } from "../effects.ts";
 
 /** What the API needs from its server. */
 export interface ApiContext {
@@ -56,10 +98,136 @@ export interface ApiContext {
   heartbeatMs: number;
   /** Secret names a submitted pipeline may use (this server's and connected agents'). */
   secretNames?: () => Promise<string[]>;
+  /** Checks the tokens callers present. */
+  auth: Authenticator;
+  /** Whether `/metrics` answers without a token. */
+  metricsPublic: boolean;
+  /**
+   * Whether this server takes the one-time bootstrap; not when it has an
+   * admin token file (which also closes the bootstrap in the store, for the
+   * servers that have none).
+   */
+  bootstrapOpen: boolean;
+  /** The hosts `on-failure` webhooks may reach; a pipeline naming another is refused. */
+  webhookAllow: WebhookAllowList;
+  /** Structured log line: audit lines and internal errors go here. */
+  log: (fields: Record<string, unknown>) => void;
 }
 
 /** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
-const MAX_REQUEST_BYTES = 16 * 1024 * 1024;
+export const MAX_REQUEST_BYTES = 16 * 1024 * 1024;
+/** Largest body of a token call: a name and a role. */
+const MAX_TOKEN_REQUEST_BYTES = 16 * 1024;
+
+/** Who may call a route: anyone, or a token of at least this role. */
+type Access = Role | "anyone";
+
+/** One call as a route handler sees it. */
+interface Call {
+  context: ApiContext;
+  request: Request;
+  url: URL;
+  /** The route's captured path parts (a run or token id). */
+  params: string[];
+  /** The token's owner; absent on routes open to anyone. */
+  caller?: Caller;
+  /** Fields the audit line of this call adds (run id, token made…). */
+  audit: Record<string, unknown>;
+  /** Aborts when the client is gone (the response is over). */
+  clientGone: AbortSignal;
+}
+
+interface Route {
+  method: string;
+  path: RegExp;
+  access: (context: ApiContext) => Access;
+  /** The audit action: calls of this route are audited, allowed or not. */
+  audit?: string;
+  handle(call: Call): Promise<Response> | Response;
+}
+
+const anyone = (): Access => "anyone";
+const needs = (role: Role) => (): Access => role;
+
+const ROUTES: Route[] = [
+  { method: "GET", path: /^\/health$/, access: anyone, handle: health },
+  { method: "GET", path: /^\/ready$/, access: anyone, handle: ready },
+  { method: "GET", path: /^\/raft-state$/, access: needs("read"), handle: raftStateOf },
+  { method: "GET", path: /^\/cluster-state$/, access: needs("read"), handle: clusterState },
+  {
+    method: "GET",
+    path: /^\/metrics$/,
+    access: (context) => context.metricsPublic ? "anyone" : "read",
+    handle: metrics,
+  },
+  { method: "GET", path: /^\/runs\/([^/]+)$/, access: needs("read"), handle: page },
+  {
+    method: "POST",
+    path: /^\/api\/runs$/,
+    access: needs("submit"),
+    audit: "run.submit",
+    handle: submit,
+  },
+  {
+    method: "GET",
+    path: /^\/api\/runs$/,
+    access: needs("read"),
+    handle: async ({ context }) => json(await listClusterRuns(context.store)),
+  },
+  { method: "GET", path: /^\/api\/runs\/([^/]+)$/, access: needs("read"), handle: runOf },
+  {
+    method: "POST",
+    path: /^\/api\/runs\/([^/]+)\/cancel$/,
+    access: needs("submit"),
+    audit: "run.cancel",
+    handle: cancel,
+  },
+  {
+    method: "POST",
+    path: /^\/api\/runs\/([^/]+)\/resume$/,
+    access: needs("submit"),
+    audit: "run.resume",
+    handle: resume,
+  },
+  {
+    method: "GET",
+    path: /^\/api\/runs\/([^/]+)\/mermaid$/,
+    access: needs("read"),
+    handle: mermaid,
+  },
+  { method: "GET", path: /^\/api\/runs\/([^/]+)\/events$/, access: needs("read"), handle: events },
+  { method: "GET", path: /^\/api\/runs\/([^/]+)\/logs$/, access: needs("read"), handle: logs },
+  {
+    method: "POST",
+    path: /^\/api\/acl\/bootstrap$/,
+    access: anyone,
+    audit: "token.bootstrap",
+    handle: bootstrap,
+  },
+  {
+    method: "GET",
+    path: /^\/api\/tokens$/,
+    access: needs("admin"),
+    handle: async ({ context }) => json(await listTokens(context.store)),
+  },
+  {
+    method: "POST",
+    path: /^\/api\/tokens$/,
+    access: needs("admin"),
+    audit: "token.create",
+    handle: tokenCreate,
+  },
+  {
+    method: "DELETE",
+    path: /^\/api\/tokens\/([^/]+)$/,
+    access: needs("admin"),
+    audit: "token.revoke",
+    handle: tokenRevoke,
+  },
+];
+
+/** The challenge of a 401: bearer tokens for programs, Basic for a browser's reads. */
+const CHALLENGE = 'Bearer realm="runnel", Basic realm="runnel"';
 
 /** Builds the request handler of a server. */
 export function createApiHandler(
@@ -70,181 +238,356 @@ export function createApiHandler(
     // Streams stop when the client is gone: when the response is over.
     const gone = new AbortController();
     info?.completed?.finally(() => gone.abort());
-    try {
-      return await route(context, request, url, gone.signal);
-    } catch (error) {
-      if (error instanceof RunRequestError) {
-        return json({ error: error.code, message: error.message }, {
-          status: error.code === "run_not_found" ? 404 : 409,
-        });
+    const path = url.pathname.replace(/\/+$/, "") || "/";
+    const remote = info?.remoteAddr
+      ? `${(info.remoteAddr as Deno.NetAddr).hostname}:${(info.remoteAddr as Deno.NetAddr).port}`
+      : undefined;
+    let route: Route | undefined;
+    let params: string[] = [];
+    for (const candidate of ROUTES) {
+      const match = candidate.method === request.method ? candidate.path.exec(path) : null;
+      if (match) {
+        route = candidate;
+        params = match.slice(1).map(decodeSegment);
+        break;
       }
-      return json({
-        error: "internal",
-        message: error instanceof Error ? error.message : String(error),
-      }, { status: 500 });
     }
+    if (!route) {
+      await request.body?.cancel().catch(() => {});
+      return json({ error: "not_found", message: `No route for ${request.method} ${path}` }, {
+        status: 404,
+      });
+    }
+    const call: Call = { context, request, url, params, audit: {}, clientGone: gone.signal };
+    let response: Response;
+    try {
+      const refused = await authorize(call, route.access(context));
+      response = refused ?? await route.handle(call);
+    } catch (error) {
+      response = errorResponse(context, error, { method: request.method, path });
+    }
+    if (response.status >= 400) await request.body?.cancel().catch(() => {});
+    if (route.audit) {
+      context.log({
+        component: "audit",
+        msg: route.audit,
+        action: route.audit,
+        outcome: response.status < 400
+          ? "allowed"
+          : response.status === 401 || response.status === 403
+          ? "denied"
+          : "failed",
+        status: response.status,
+        token: call.caller ? { id: call.caller.tokenId, name: call.caller.tokenName } : null,
+        role: call.caller?.role ?? null,
+        remote: remote ?? null,
+        server: context.serverId,
+        ...(params[0] !== undefined && route.audit !== "token.revoke" ? { runId: params[0] } : {}),
+        ...call.audit,
+      });
+    }
+    return response;
   };
 }
 
-async function route(
-  context: ApiContext,
-  request: Request,
-  url: URL,
-  clientGone: AbortSignal,
-): Promise<Response> {
-  const { store } = context;
-  const path = url.pathname.replace(/\/+$/, "") || "/";
-  const method = request.method;
-  if (method === "GET" && path === "/health") {
-    return json({ status: "ok", server: context.serverId });
-  }
-  if (method === "GET" && path === "/ready") {
-    try {
-      await store.revision();
-      return json({ status: "ready", server: context.serverId });
-    } catch (error) {
-      return json({ status: "unavailable", message: String(error) }, { status: 503 });
-    }
-  }
-  if (method === "GET" && path === "/raft-state") {
-    const state = await context.raftState();
-    context.metrics.observeRaft(state);
-    return json(state);
-  }
-  if (method === "GET" && path === "/cluster-state") {
-    const workers = await listWorkers(store);
-    context.metrics.setWorkers(workers.length);
-    const now = Date.now();
-    return json({
-      server: context.serverId,
-      scheduler: (await context.schedulerLeader()) ?? null,
-      workers: workers.map((worker) => ({
-        ...worker,
-        // A worker's key outlives its last heartbeat by at most 3 intervals.
-        status: now - worker.lastHeartbeat > context.heartbeatMs * 1.5 ? "late" : "online",
-      })),
-    });
-  }
-  if (method === "GET" && path === "/metrics") {
-    try {
-      context.metrics.observeRaft(await context.raftState());
-      context.metrics.setWorkers((await listWorkers(store)).length);
-    } catch {
-      // The store is unreachable: serve what was measured last.
-    }
-    return new Response(await context.metrics.render(), {
-      headers: { "content-type": context.metrics.contentType },
-    });
-  }
-  const page = /^\/runs\/([^/]+)$/.exec(path);
-  if (page && method === "GET") {
-    const run = await getClusterRun(store, page[1]);
-    return new Response(runPage(run), {
-      headers: { "content-type": "text/html; charset=utf-8" },
-    });
-  }
-  if (path === "/api/runs" && method === "POST") return await submit(context, request);
-  if (path === "/api/runs" && method === "GET") return json(await listClusterRuns(store));
-  const match = /^\/api\/runs\/([^/]+)(?:\/(cancel|resume|events|logs|mermaid))?$/.exec(path);
-  if (match) {
-    const [, id, action] = match;
-    if (!action && method === "GET") {
-      const run = await getClusterRun(store, id);
-      return json({ run, steps: await clusterStepStates(store, run.runId) });
-    }
-    if (action === "cancel" && method === "POST") {
-      return json({ outcome: await requestCancel(store, id) }, { status: 202 });
-    }
-    if (action === "resume" && method === "POST") {
-      await requestResume(store, id);
-      return json({ outcome: "requested" }, { status: 202 });
-    }
-    if (action === "mermaid" && method === "GET") {
-      const run = await getClusterRun(store, id);
-      const plan = await store.get(clusterKeys.plan(run.runId));
-      if (!plan) return json({ error: "not_found", message: "No plan" }, { status: 404 });
-      const steps = await clusterStepStates(store, run.runId);
-      const statuses = Object.fromEntries(
-        Object.values(steps).map((step) => [step.id, step.status]),
+/** Finds the caller of a call that needs a role; a response when it is refused. */
+async function authorize(call: Call, access: Access): Promise<Response | undefined> {
+  if (access === "anyone") return undefined;
+  const header = call.request.headers.get("authorization") ?? "";
+  const [scheme, credentials = ""] = header.trim().split(/\s+/, 2);
+  let token: string | undefined;
+  if (/^bearer$/i.test(scheme)) {
+    token = credentials;
+  } else if (/^basic$/i.test(scheme)) {
+    if (call.request.method !== "GET") {
+      return unauthorized(
+        access,
+        "Basic credentials are accepted for reading only; send Authorization: Bearer <token>",
       );
-      return new Response(renderMermaid(JSON.parse(plan.value) as Plan, statuses), {
-        headers: { "content-type": "text/plain; charset=utf-8" },
-      });
     }
-    if (action === "events" && method === "GET") {
-      return streamEvents(store, await getClusterRun(store, id), clientGone);
-    }
-    if (action === "logs" && method === "GET") {
-      const run = await getClusterRun(store, id);
-      return streamLogs(store, run, {
-        step: url.searchParams.get("step") ?? undefined,
-        follow: url.searchParams.get("follow") === "1",
-        signal: clientGone,
-      });
-    }
+    // `anything:token`: the password is the token (a browser prompts for both).
+    const decoded = Buffer.from(credentials, "base64").toString("utf8");
+    token = decoded.slice(decoded.indexOf(":") + 1);
   }
-  return json({ error: "not_found", message: `No route for ${method} ${path}` }, { status: 404 });
+  if (!token) {
+    return unauthorized(
+      access,
+      `This call needs an API token with the ${access} role: send ` +
+        `"Authorization: Bearer <token>" (runnel: --token, RUNNEL_API_TOKEN or the CLI config file)`,
+    );
+  }
+  const caller = await call.context.auth.authenticate(token);
+  if (!caller) {
+    return unauthorized(
+      access,
+      `The API token presented is not valid (unknown, revoked or malformed); this call needs ` +
+        `one with the ${access} role`,
+    );
+  }
+  call.caller = caller;
+  if (!roleAllows(caller.role, access)) {
+    return json({
+      error: "forbidden",
+      message: `This call needs a token with the ${access} role; token "${caller.tokenName}" ` +
+        `(${caller.tokenId}) has the ${caller.role} role`,
+      needed: access,
+      role: caller.role,
+    }, { status: 403 });
+  }
+  return undefined;
 }
 
-async function submit(context: ApiContext, request: Request): Promise<Response> {
-  let body: { source?: unknown; file?: unknown; baseDir?: unknown; files?: unknown };
-  try {
-    const text = await request.text();
-    if (text.length > MAX_REQUEST_BYTES) {
-      return json({
-        error: "too_large",
-        message: "Expected a pipeline and its directory of at most 16 MiB",
-      }, { status: 413 });
+function unauthorized(needed: Role, message: string): Response {
+  return json({ error: "unauthorized", message, needed }, {
+    status: 401,
+    headers: { "www-authenticate": CHALLENGE },
+  });
+}
+
+/** A request whose body cannot be used; answered with its status, never a 500. */
+class RequestBodyError extends Error {
+  /** Stable error code: `too_large` or `bad_request`. */
+  readonly code: "too_large" | "bad_request";
+  /** 413 or 400. */
+  readonly status: number;
+
+  /** Builds the error from its code and a full sentence. */
+  constructor(code: "too_large" | "bad_request", message: string) {
+    super(message);
+    this.name = "RequestBodyError";
+    this.code = code;
+    this.status = code === "too_large" ? 413 : 400;
+  }
+}
+
+/** An error as an answer: the caller's mistakes by their code, the server's own as a 500 without details. */
+function errorResponse(
+  context: ApiContext,
+  error: unknown,
+  where: { method: string; path: string },
+): Response {
+  if (error instanceof RequestBodyError) {
+    return json({ error: error.code, message: error.message }, { status: error.status });
+  }
+  if (error instanceof RunRequestError) {
+    return json({ error: error.code, message: error.message }, {
+      status: error.code === "run_not_found" ? 404 : 409,
+    });
+  }
+  if (error instanceof TokenRequestError) {
+    const status = { bad_request: 400, token_not_found: 404, bootstrap_done: 409 }[error.code];
+    return json({ error: error.code, message: error.message }, { status });
+  }
+  if (error instanceof StoreError && error.code === "unavailable") {
+    return json({ error: "unavailable", message: "The state store is unavailable; try again" }, {
+      status: 503,
+    });
+  }
+  // The message of an unexpected error may name paths or internals: it goes
+  // to the server's log, the caller gets an id to quote.
+  const requestId = crypto.randomUUID();
+  context.log({
+    level: "error",
+    msg: "API call failed",
+    requestId,
+    method: where.method,
+    path: where.path,
+    error: error instanceof Error ? error.message : String(error),
+  });
+  return json({
+    error: "internal",
+    message: `The server could not answer this call (request ${requestId} in its log)`,
+  }, { status: 500 });
+}
+
+/**
+ * A request's body, read as a stream and given up as soon as it passes
+ * `limit` bytes: a large body (with or without a Content-Length) is never
+ * held in memory.
+ */
+async function readBody(request: Request, limit: number): Promise<Uint8Array> {
+  const tooLarge = () =>
+    new RequestBodyError(
+      "too_large",
+      `Expected a request body of at most ${formatBytes(limit)}`,
+    );
+  const declared = Number(request.headers.get("content-length") ?? "0");
+  if (declared > limit) throw tooLarge();
+  if (!request.body) return new Uint8Array();
+  const reader = request.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  while (true) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.byteLength;
+    if (size > limit) {
+      await reader.cancel().catch(() => {});
+      throw tooLarge();
     }
-    body = JSON.parse(text);
+    chunks.push(value);
+  }
+  const body = new Uint8Array(size);
+  let at = 0;
+  for (const chunk of chunks) {
+    body.set(chunk, at);
+    at += chunk.byteLength;
+  }
+  return body;
+}
+
+/** A request's body as a JSON object, or a 400 saying what was expected. */
+async function readJsonObject(
+  request: Request,
+  limit: number,
+  shape: string,
+): Promise<Record<string, unknown>> {
+  const bytes = await readBody(request, limit);
+  let value: unknown;
+  try {
+    value = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
   } catch {
-    return json({ error: "bad_request", message: 'Expected JSON: {"source": "<pipeline yaml>"}' }, {
-      status: 400,
-    });
+    throw new RequestBodyError("bad_request", `Expected a JSON body: ${shape}`);
   }
-  if (typeof body.source !== "string") {
-    return json({ error: "bad_request", message: 'Expected "source" to hold the pipeline text' }, {
-      status: 400,
-    });
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new RequestBodyError("bad_request", `Expected a JSON object: ${shape}`);
   }
-  const file = typeof body.file === "string" ? body.file : "pipeline.yaml";
-  const baseDir = typeof body.baseDir === "string" ? body.baseDir : "/";
-  let bundle: PipelineBundle | undefined;
-  if (body.files !== undefined) {
-    const files = body.files as Record<string, unknown>;
-    if (
-      typeof files !== "object" || files === null ||
-      Object.values(files).some((content) => typeof content !== "string")
-    ) {
-      return json({
-        error: "bad_request",
-        message: 'Expected "files" to map relative paths to base64 contents',
-      }, { status: 400 });
-    }
-    bundle = {
-      digest: bundleDigest(files as Record<string, string>),
-      files: files as Record<string, string>,
-    };
-    try {
-      checkBundle(bundle);
-    } catch (error) {
-      return json({ error: "bad_request", message: (error as Error).message }, { status: 400 });
-    }
-  }
+  return value as Record<string, unknown>;
+}
+
+function health({ context }: Call): Response {
+  return json({ status: "ok", server: context.serverId });
+}
+
+async function ready({ context }: Call): Promise<Response> {
   try {
-    // With a shipped directory, modules are checked (and digested) in it.
-    const shipped = bundle;
-    const plan = parsePipeline(body.source, {
+    await context.store.revision();
+    return json({ status: "ready", server: context.serverId });
+  } catch {
+    return json({ status: "unavailable", message: "The state store does not answer" }, {
+      status: 503,
+    });
+  }
+}
+
+async function raftStateOf({ context }: Call): Promise<Response> {
+  const state = await context.raftState();
+  context.metrics.observeRaft(state);
+  return json(state);
+}
+
+async function clusterState({ context }: Call): Promise<Response> {
+  const workers = await listWorkers(context.store);
+  context.metrics.setWorkers(workers.length);
+  const now = Date.now();
+  return json({
+    server: context.serverId,
+    scheduler: (await context.schedulerLeader()) ?? null,
+    workers: workers.map((worker) => ({
+      ...worker,
+      // A worker's key outlives its last heartbeat by at most 3 intervals.
+      status: now - worker.lastHeartbeat > context.heartbeatMs * 1.5 ? "late" : "online",
+    })),
+  });
+}
+
+async function metrics({ context }: Call): Promise<Response> {
+  try {
+    context.metrics.observeRaft(await context.raftState());
+    context.metrics.setWorkers((await listWorkers(context.store)).length);
+  } catch {
+    // The store is unreachable: serve what was measured last.
+  }
+  return new Response(await context.metrics.render(), {
+    headers: { "content-type": context.metrics.contentType },
+  });
+}
+
+async function page({ context, params }: Call): Promise<Response> {
+  const run = await getClusterRun(context.store, params[0]);
+  return new Response(runPage(run), {
+    headers: { "content-type": "text/html; charset=utf-8" },
+  });
+}
+
+async function runOf({ context, params }: Call): Promise<Response> {
+  const run = await getClusterRun(context.store, params[0]);
+  return json({ run, steps: await clusterStepStates(context.store, run.runId) });
+}
+
+async function cancel({ context, params, audit }: Call): Promise<Response> {
+  const outcome = await requestCancel(context.store, params[0]);
+  audit.result = outcome;
+  return json({ outcome }, { status: 202 });
+}
+
+async function resume({ context, params }: Call): Promise<Response> {
+  await requestResume(context.store, params[0]);
+  return json({ outcome: "requested" }, { status: 202 });
+}
+
+async function mermaid({ context, params }: Call): Promise<Response> {
+  const run = await getClusterRun(context.store, params[0]);
+  const plan = await context.store.get(clusterKeys.plan(run.runId));
+  if (!plan) return json({ error: "not_found", message: "No plan" }, { status: 404 });
+  const steps = await clusterStepStates(context.store, run.runId);
+  const statuses = Object.fromEntries(
+    Object.values(steps).map((step) => [step.id, step.status]),
+  );
+  return new Response(renderMermaid(JSON.parse(plan.value) as Plan, statuses), {
+    headers: { "content-type": "text/plain; charset=utf-8" },
+  });
+}
+
+async function events({ context, params, clientGone }: Call): Promise<Response> {
+  return streamEvents(context.store, await getClusterRun(context.store, params[0]), clientGone);
+}
+
+async function logs({ context, params, url, clientGone }: Call): Promise<Response> {
+  const run = await getClusterRun(context.store, params[0]);
+  return streamLogs(context.store, run, {
+    step: url.searchParams.get("step") ?? undefined,
+    follow: url.searchParams.get("follow") === "1",
+    signal: clientGone,
+  });
+}
+
+const SUBMIT_SHAPE = '{"source": "<pipeline yaml>", "file"?: "…", "baseDir"?: "/…", ' +
+  '"files"?: {"<relative path>": "<base64>"}}';
+
+/** Strict base64 (RFC 4648 §4, padded), as `runnel submit` packs files. */
+const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+
+async function submit({ context, request, audit }: Call): Promise<Response> {
+  const body = await readJsonObject(request, MAX_REQUEST_BYTES, SUBMIT_SHAPE);
+  if (typeof body.source !== "string") {
+    throw new RequestBodyError("bad_request", 'Expected "source" to hold the pipeline text');
+  }
+  for (const key of ["file", "baseDir"] as const) {
+    if (body[key] !== undefined && typeof body[key] !== "string") {
+      throw new RequestBodyError("bad_request", `Expected "${key}" to be a string`);
+    }
+  }
+  const file = (body.file as string | undefined) ?? "pipeline.yaml";
+  const baseDir = (body.baseDir as string | undefined) ?? "/";
+  audit.file = file;
+  const bundle = body.files === undefined ? undefined : bundleOf(body.files);
+  let plan: Plan;
+  try {
+    plan = parsePipeline(body.source, {
       file,
       baseDir,
-      readFile: shipped ? (path) => bundleFile(shipped, baseDir, path) : undefined,
+      // Step modules are read from the shipped directory, and never from
+      // this server's own disk: a caller may not probe the server's files.
+      readFile: bundle ? (path) => bundleFile(bundle, baseDir, path) : () => undefined,
       // Declared names only: never an env var or file of this server.
       secrets: { names: await context.secretNames?.(), allowSources: false },
     });
-    const record = await submitRun(context.store, plan, { file, bundle });
-    return json({ runId: record.runId, pipeline: record.pipeline }, { status: 201 });
+    const refused = refusedWebhooks(plan, body.source, file, context.webhookAllow);
+    if (refused.length > 0) throw new PipelineError(refused);
   } catch (error) {
     if (error instanceof PipelineError) {
+      audit.problems = error.diagnostics.length;
       return json({
         error: "invalid_pipeline",
         message: error.message,
@@ -253,6 +596,144 @@ async function submit(context: ApiContext, request: Request): Promise<Response> 
     }
     throw error;
   }
+  const record = await submitRun(context.store, plan, { file, bundle });
+  audit.runId = record.runId;
+  audit.pipeline = record.pipeline;
+  return json({ runId: record.runId, pipeline: record.pipeline }, { status: 201 });
+}
+
+/** The shipped directory of a submission, checked: paths, base64, counts, sizes. */
+function bundleOf(files: unknown): PipelineBundle {
+  if (typeof files !== "object" || files === null || Array.isArray(files)) {
+    throw new RequestBodyError(
+      "bad_request",
+      'Expected "files" to map relative paths to base64 contents',
+    );
+  }
+  const entries = Object.entries(files as Record<string, unknown>);
+  if (entries.length > MAX_BUNDLE_FILES) {
+    throw new RequestBodyError(
+      "too_large",
+      `Expected at most ${MAX_BUNDLE_FILES} files in "files", got ${entries.length}`,
+    );
+  }
+  let bytes = 0;
+  for (const [path, content] of entries) {
+    if (typeof content !== "string" || !BASE64.test(content)) {
+      throw new RequestBodyError(
+        "bad_request",
+        `Expected the content of "files" entry ${JSON.stringify(path)} to be base64`,
+      );
+    }
+    bytes += content.length / 4 * 3 - (content.endsWith("==") ? 2 : content.endsWith("=") ? 1 : 0);
+  }
+  if (bytes > MAX_BUNDLE_BYTES) {
+    throw new RequestBodyError(
+      "too_large",
+      `Expected the files of a pipeline to hold at most ${formatBytes(MAX_BUNDLE_BYTES)}`,
+    );
+  }
+  const checked = files as Record<string, string>;
+  const bundle = { digest: bundleDigest(checked), files: checked };
+  try {
+    checkBundle(bundle);
+  } catch (error) {
+    throw new RequestBodyError("bad_request", (error as Error).message);
+  }
+  return bundle;
+}
+
+/**
+ * The `on-failure` webhooks of a plan this server may not call, each
+ * located at its `webhook` key in the source (parsed again only when one
+ * is refused).
+ */
+function refusedWebhooks(
+  plan: Plan,
+  source: string,
+  file: string,
+  allow: WebhookAllowList,
+): Diagnostic[] {
+  const targets: Array<{ url: string; path: string[] }> = [];
+  if (plan.onFailure) targets.push({ url: plan.onFailure.url, path: ["on-failure", "webhook"] });
+  const seen = new Set<string>();
+  for (const step of Object.values(plan.steps)) {
+    // Matrix legs share their step's key: one problem per step.
+    if (!step.onFailure || seen.has(step.name)) continue;
+    seen.add(step.name);
+    targets.push({ url: step.onFailure.url, path: ["steps", step.name, "on-failure", "webhook"] });
+  }
+  const refused = targets.filter((target) => !allow.allows(target.url));
+  if (refused.length === 0) return [];
+  const lines = new LineCounter();
+  const locator = new Locator(file, lines, parseDocument(source, { lineCounter: lines }));
+  return refused.map((target) => ({
+    code: "webhook_not_allowed",
+    message: `Expected an on-failure webhook on a host this cluster allows ` +
+      `(--webhook-allow: ${allow.describe()}), got ${webhookHost(target.url)}`,
+    file,
+    ...locator.at(target.path, { key: true }),
+    path: target.path.join("."),
+    key: "webhook",
+    expected: "a host in the server's --webhook-allow list",
+    hint: "ask the cluster's operator to allow the host, or remove the webhook",
+  }));
+}
+
+async function bootstrap({ context, request, audit }: Call): Promise<Response> {
+  await request.body?.cancel().catch(() => {});
+  if (!context.bootstrapOpen) {
+    throw new TokenRequestError(
+      "bootstrap_done",
+      "This server takes its admin token from --admin-token-file: the ACL bootstrap is closed",
+    );
+  }
+  const { token, info } = await bootstrapAcl(context.store);
+  audit.created = { id: info.id, name: info.name, role: info.role };
+  return json({ token, ...info }, { status: 201 });
+}
+
+async function tokenCreate({ context, request, caller, audit }: Call): Promise<Response> {
+  const body = await readJsonObject(
+    request,
+    MAX_TOKEN_REQUEST_BYTES,
+    '{"name": "ci", "role": "read" | "submit" | "admin"}',
+  );
+  if (typeof body.name !== "string" || !isRole(body.role)) {
+    throw new TokenRequestError(
+      "bad_request",
+      'Expected {"name": "<name>", "role": "read" | "submit" | "admin"}',
+    );
+  }
+  const { token, info } = await createToken(context.store, {
+    name: body.name,
+    role: body.role,
+    createdBy: caller!.tokenId,
+  });
+  audit.created = { id: info.id, name: info.name, role: info.role };
+  return json({ token, ...info }, { status: 201 });
+}
+
+async function tokenRevoke({ context, params, audit }: Call): Promise<Response> {
+  const revoked = await revokeToken(context.store, params[0]);
+  audit.revoked = { id: revoked.id, name: revoked.name, role: revoked.role };
+  return json({ revoked });
+}
+
+function decodeSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    return segment;
+  }
+}
+
+function formatBytes(bytes: number): string {
+  return bytes % (1024 * 1024) === 0
+    ? `${bytes / 1024 / 1024} MiB`
+    : bytes % 1024 === 0
+    ? `${bytes / 1024} KiB`
+    : `${bytes} bytes`;
 }
 
 /** SSE of a run's record and step states as they change, ending with the run. */

@@ -8,6 +8,8 @@
  * | `/plan/<run>` | API (once) | the run's `Plan` |
  * | `/steps/<run>/<step>` | scheduler | `StepState` |
  * | `/workers/<agent>` | the agent's server, under a lease of 3 heartbeats | `WorkerRecord` |
+ * | `/agents/<agent>/identity` | the server it first registered with | `AgentIdentityRecord` |
+ * | `/agents/<agent>/connection` | the agent's server, under the worker's lease | `AgentConnectionRecord` |
  * | `/assign/<agent>/<attempt>` | scheduler, with the step's start | `AssignmentRecord` |
  * | `/stop/<agent>/<attempt>` | scheduler | a cancel for the agent |
  * | `/results/<attempt>` | the agent's server (create-only) | `ResultRecord` |
@@ -66,6 +68,39 @@ export interface WorkerRecord {
   lastHeartbeat: number;
 }
 
+/**
+ * The identity a server issued to an agent at its first registration. Only
+ * the credential's hash is kept: the credential is 32 random bytes, so a
+ * plain sha256 cannot be reversed by guessing.
+ */
+export interface AgentIdentityRecord {
+  agentId: string;
+  /** `sha256:<hex>` of the credential. */
+  credentialHash: string;
+  /** `sha256:<hex>` of the session (agent process) it was issued to. */
+  sessionHash: string;
+  /** The server that issued it. */
+  issuedBy: string;
+  issuedAt: number;
+  /** Set by an operator: every Hello for this id is refused until the key is deleted. */
+  revokedAt?: number;
+}
+
+/**
+ * The agent's live connection: one at a time per agent id, across
+ * servers. Under the worker's lease, so it ends with it.
+ */
+export interface AgentConnectionRecord {
+  /** Unique per stream. */
+  connectionId: string;
+  /** `sha256:<hex>` of the session (agent process) holding it. */
+  sessionHash: string;
+  server: string;
+  connectedAt: number;
+  /** Renewed at every heartbeat (the server's clock). */
+  heartbeatAt: number;
+}
+
 /** An attempt handed to a worker. */
 export interface AssignmentRecord {
   runId: string;
@@ -121,6 +156,9 @@ export const clusterKeys = {
   stepPrefix: (runId: string) => `/steps/${runId}/`,
   worker: (agentId: string) => `/workers/${segment(agentId)}`,
   workerPrefix: "/workers/",
+  agentIdentity: (agentId: string) => `/agents/${segment(agentId)}/identity`,
+  agentConnection: (agentId: string) => `/agents/${segment(agentId)}/connection`,
+  agentPrefix: (agentId: string) => `/agents/${segment(agentId)}/`,
   assignment: (agentId: string, attemptId: string) =>
     `/assign/${segment(agentId)}/${segment(attemptId)}`,
   assignmentPrefix: (agentId?: string) =>

@@ -32,6 +32,7 @@ export class ServerMetrics {
   readonly #queueDepth: client.Gauge;
   readonly #workersOnline: client.Gauge;
   readonly #schedulerLeader: client.Gauge;
+  readonly #agentRefusals: client.Counter;
   #lastTerm = 0;
 
   /** Registers every metric. */
@@ -86,6 +87,18 @@ export class ServerMetrics {
       help: "1 on the server that runs the scheduler, 0 elsewhere.",
       registers,
     });
+    this.#agentRefusals = new client.Counter({
+      name: "runnel_agent_refusals_total",
+      help: "Agents refused at Hello (by Reject code) and agent messages dropped because " +
+        "they spoke of an attempt that is not the sender's (by message kind).",
+      labelNames: ["what"],
+      registers,
+    });
+  }
+
+  /** Counts an agent refused (a Reject code) or an agent message dropped (its kind). */
+  onAgentRefused(what: string): void {
+    this.#agentRefusals.inc({ what });
   }
 
   /** Records a Raft status reading. */

@@ -16,6 +16,8 @@ import { runScheduler, type SchedulerEvent } from "./scheduler.ts";
 import { listWorkers } from "./runs.ts";
 import { abortableDelay } from "../../core/_async.ts";
 import { type SecretSource, SecretStore } from "../../core/secrets.ts";
+import { closeBootstrap, createAuthenticator } from "./auth.ts";
+import { WebhookAllowList } from "../effects.ts";
 
 /** A won election: the fence to put in every write, and the signal of its loss. */
 export interface Leadership {
@@ -74,8 +76,8 @@ export interface ServerOptions {
   election: LeaderElection;
   /** The Raft status of the store member (etcd); standalone for the embedded store. */
   raftState?: () => Promise<RaftState>;
-  /** Where the HTTP API listens. */
-  http: { hostname: string; port: number };
+  /** Where the HTTP API listens; with `tls` (PEM texts) it serves HTTPS only. */
+  http: { hostname: string; port: number; tls?: { cert: string; key: string } };
   /** Where the agents' gRPC service listens (`host:port`). */
   grpc: { address: string; credentials?: ServerCredentials };
   /** The cluster's join token. */
@@ -97,6 +99,21 @@ export interface ServerOptions {
   log?: (fields: Record<string, unknown>) => void;
   /** How long step logs stay in the store (default 14 days, as artifacts). */
   logRetentionMs?: number;
+  /**
+   * A token the API accepts as admin besides the stored ones (the content of
+   * `--admin-token-file`, at least 24 characters). Giving one closes the
+   * one-time bootstrap for the whole cluster: with an admin at hand, an open
+   * bootstrap is only a race an attacker could win.
+   */
+  adminToken?: string;
+  /** Whether `/metrics` answers without a token (default: it needs the read role). */
+  metricsPublic?: boolean;
+  /**
+   * Hosts `on-failure` webhooks may reach: `host` (its scheme's default
+   * port), `host:port` or `*.domain`. Default none: a pipeline naming a
+   * webhook is refused at submit.
+   */
+  webhookAllow?: string[];
 }
 
 /** A running server. */
@@ -151,6 +168,9 @@ export class ServerListenError extends Error {
  */
 export async function startServer(options: ServerOptions): Promise<RunningServer> {
   const log = options.log ?? jsonLog;
+  // Bad settings fail before anything listens.
+  const auth = createAuthenticator(options.store, { adminToken: options.adminToken });
+  const webhookAllow = new WebhookAllowList(options.webhookAllow ?? []);
   const metrics = new ServerMetrics();
   const heartbeatMs = options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
   const store = timedStore(options.store, (ms) => metrics.observeWrite(ms));
@@ -171,6 +191,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     servers: () => options.peers ?? [],
     log,
     logRetentionMs: options.logRetentionMs,
+    onRefused: (what) => metrics.onAgentRefused(what),
   });
   let grpc: AgentServiceServer;
   try {
@@ -188,6 +209,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       {
         hostname: options.http.hostname,
         port: options.http.port,
+        ...(options.http.tls ?? {}),
         onListen: () => {},
       },
       createApiHandler({
@@ -201,6 +223,11 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
           ...secrets.names,
           ...(await listWorkers(store)).flatMap((worker) => worker.secrets ?? []),
         ],
+        auth,
+        metricsPublic: options.metricsPublic ?? false,
+        bootstrapOpen: options.adminToken === undefined,
+        webhookAllow,
+        log,
       }),
     );
   } catch (error) {
@@ -213,6 +240,9 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   }
 
   const closing = new AbortController();
+  const bootstrapClosed = options.adminToken === undefined
+    ? Promise.resolve()
+    : closeBootstrapWhenReachable(store, options.serverId, closing.signal, log);
   let leading = false;
   const schedulerLoop = (async () => {
     while (!closing.signal.aborted) {
@@ -234,10 +264,20 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
           store,
           fence: leadership.fence,
           signal: stop,
+          webhookAllow,
           onEvent: (event: SchedulerEvent) => {
             metrics.onSchedulerEvent(event);
             if (event.type === "worker-lost") {
               log({ msg: "worker lost", agent: event.agentId, attempts: event.attempts });
+            }
+            if (event.type === "webhook" && !event.ok) {
+              log({
+                level: "warn",
+                msg: "on-failure webhook not delivered",
+                runId: event.runId,
+                stepId: event.stepId,
+                detail: event.detail,
+              });
             }
           },
           log,
@@ -266,7 +306,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     msg: "server started",
     server: options.serverId,
     http: http.addr.port,
+    https: options.http.tls !== undefined,
     grpc: grpc.port,
+    metricsPublic: options.metricsPublic ?? false,
+    webhookAllow: webhookAllow.describe(),
   });
   return {
     serverId: options.serverId,
@@ -279,11 +322,35 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     async close() {
       closing.abort();
       clearInterval(gauges);
+      await bootstrapClosed;
       await schedulerLoop;
       await grpc.close();
       await http.shutdown();
     },
   };
+}
+
+/**
+ * Closes the ACL bootstrap, retrying while the store does not answer: until
+ * it does, no bootstrap can succeed either.
+ */
+async function closeBootstrapWhenReachable(
+  store: Store,
+  serverId: string,
+  signal: AbortSignal,
+  log: (fields: Record<string, unknown>) => void,
+): Promise<void> {
+  for (let warned = false; !signal.aborted; warned = true) {
+    try {
+      await closeBootstrap(store, { serverId });
+      return;
+    } catch (error) {
+      if (!warned) {
+        log({ level: "warn", msg: "cannot close the ACL bootstrap yet", error: String(error) });
+      }
+      await abortableDelay(1_000, signal);
+    }
+  }
 }
 
 /** A store whose writes are timed (the `raft_replication_latency_ms` histogram). */

@@ -36,7 +36,7 @@ import {
   type ResultRecord,
   type WorkerRecord,
 } from "./keys.ts";
-import { WakeTimer, WebhookNotifier } from "../effects.ts";
+import { WakeTimer, WebhookAllowList, WebhookNotifier } from "../effects.ts";
 import { attemptGets } from "../../core/attempt.ts";
 import { isTerminalRunStatus, isTerminalStepStatus } from "../../core/model.ts";
 
@@ -67,6 +67,11 @@ export interface SchedulerOptions {
   onEvent?: (event: SchedulerEvent) => void;
   /** Structured log line. */
   log?: (fields: Record<string, unknown>) => void;
+  /**
+   * Hosts `on-failure` webhooks may reach (`--webhook-allow`); default none.
+   * The API refuses other hosts at submit; this is the second check.
+   */
+  webhookAllow?: WebhookAllowList;
 }
 
 /** Writes per transaction: below etcd's default `--max-txn-ops` of 128. */
@@ -141,8 +146,9 @@ class Scheduler {
     this.#options = options;
     this.#store = options.store;
     this.#now = options.now ?? Date.now;
-    this.#webhooks = new WebhookNotifier((outcome) =>
-      this.#options.onEvent?.({ type: "webhook", ...outcome })
+    this.#webhooks = new WebhookNotifier(
+      (outcome) => this.#options.onEvent?.({ type: "webhook", ...outcome }),
+      options.webhookAllow ?? new WebhookAllowList([]),
     );
   }
 

@@ -60,11 +60,13 @@ import {
   type RunningAttempt,
   type SecretValues,
 } from "../attempt/mod.ts";
+import { agentPolicy } from "../attempt/policy.ts";
 import {
   type AgentEvent,
   type AgentOptions,
   AgentOptionsError,
   AgentRejectedError,
+  BUNDLE_WAIT_MS,
   CAPABILITY_TTL_MS,
   DEFAULT_AGENT_HEARTBEAT_MS,
   DEFAULT_AGENT_SLOTS,
@@ -78,15 +80,30 @@ import {
   STOP_ACK_WAIT_MS,
   STOP_CLOSE_GRACE_MS,
 } from "./options.ts";
-import { type AgentPaths, agentPaths, loadAgentId } from "./identity.ts";
+import {
+  type AgentPaths,
+  agentPaths,
+  loadAgentId,
+  loadCredential,
+  saveCredential,
+} from "./identity.ts";
+import { lockStateDir, type StateDirLock } from "./lock.ts";
+import { randomHex } from "../../core/_bytes.ts";
 import { Outbox, type OutboxEntry } from "./outbox.ts";
 import { sweepScratch } from "./scratch.ts";
 import { SendQueue } from "./send_queue.ts";
 
 export * from "./options.ts";
 export * from "./identity.ts";
+export * from "./lock.ts";
 export * from "./outbox.ts";
 export * from "./scratch.ts";
+
+/** An attempt waiting for its run's bundle from a server. */
+interface BundleWait {
+  resolve(unpacking: Promise<string>): void;
+  reject(error: Error): void;
+}
 
 /** One attempt this agent runs. */
 interface ActiveAttempt {
@@ -130,10 +147,20 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     throw new AgentOptionsError(`Expected a whole number of slots of 1 or more, got ${slots}`);
   }
   const paths = agentPaths(options.stateDir);
-  await Deno.mkdir(paths.work, { recursive: true });
-  const agentId = options.agentId ?? await loadAgentId(paths.root);
-  const scratchRoot = await Deno.realPath(paths.work);
-  const agent = new Agent(options, { agentId, paths, scratchRoot, slots });
+  // Before anything in it is read or written: one agent per state dir.
+  const lock = await lockStateDir(paths.root);
+  let agent: Agent;
+  let scratchRoot: string;
+  try {
+    await Deno.mkdir(paths.work, { recursive: true });
+    const agentId = options.agentId ?? await loadAgentId(paths.root);
+    const credential = await loadCredential(paths.root, agentId);
+    scratchRoot = await Deno.realPath(paths.work);
+    agent = new Agent(options, { agentId, credential, lock, paths, scratchRoot, slots });
+  } catch (error) {
+    lock.release();
+    throw error;
+  }
   // Failed attempts' scratch directories are kept for inspection, not forever.
   sweepScratch(scratchRoot, options.scratchRetentionMs ?? DEFAULT_RETENTION_MS).catch(() => {});
   try {
@@ -147,6 +174,9 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
 
 interface AgentContext {
   agentId: string;
+  /** The credential a server issued to the id ("" before its first registration). */
+  credential: string;
+  lock: StateDirLock;
   paths: AgentPaths;
   scratchRoot: string;
   slots: number;
@@ -157,8 +187,18 @@ class Agent implements RunningAgent {
   readonly done: Promise<void>;
   readonly #options: AgentOptions;
   readonly #paths: AgentPaths;
+  readonly #lock: StateDirLock;
+  #credential: string;
+  /**
+   * A random id of this process, sent in every Hello: servers let a
+   * reconnect of the process that holds the id's live connection take it
+   * over, and refuse any other process while that connection lives.
+   */
+  readonly #sessionId = randomHex(16);
   /** Pipeline bundles unpacked (or being unpacked) by this agent, by digest. */
   readonly #bundles = new Map<string, Promise<string>>();
+  /** Attempts waiting for a bundle asked of the servers: digest → attempt id → wait. */
+  readonly #bundleWaits = new Map<string, Map<string, BundleWait>>();
   readonly #lifecycle: AttemptLifecycle;
   readonly #slots: number;
   readonly #pool: PluginHostPool;
@@ -199,6 +239,8 @@ class Agent implements RunningAgent {
     this.agentId = context.agentId;
     this.#options = options;
     this.#paths = context.paths;
+    this.#lock = context.lock;
+    this.#credential = context.credential;
     this.#slots = context.slots;
     this.#pool = new PluginHostPool({
       plugins: [...builtinPlugins(), ...(options.plugins ?? [])],
@@ -213,6 +255,8 @@ class Agent implements RunningAgent {
       recordsDir: context.paths.attempts,
       agentId: context.agentId,
       cancelGraceMs: options.cancelGraceMs,
+      policy: options.policy ??
+        agentPolicy({}, { plugins: (options.plugins ?? []).map((plugin) => plugin.name) }),
     });
     this.#servers = [...options.servers];
     this.#secrets = new SecretStore(options.secrets);
@@ -346,7 +390,8 @@ class Agent implements RunningAgent {
         this.emit({ type: "connect_failed", server, reason: messageOf(error) });
         outcome = { welcomed: false };
       }
-      if (outcome.rejected?.code === "bad_token") {
+      // A wrong join token or identity will not get better by trying again.
+      if (outcome.rejected?.code === "bad_token" || outcome.rejected?.code === "bad_identity") {
         const error = new AgentRejectedError(server, outcome.rejected);
         await this.#shutdown(error);
         this.#rejectDone(error);
@@ -356,16 +401,22 @@ class Agent implements RunningAgent {
       tries++;
       if (tries >= this.#servers.length) this.#answered();
       failures = outcome.welcomed ? 0 : failures + 1;
-      index++;
-      const delay = retryDelay(
-        {
-          backoffMs: this.#options.reconnect?.initialMs ?? DEFAULT_RECONNECT_INITIAL_MS,
-          maxBackoffMs: this.#options.reconnect?.maxMs ?? DEFAULT_RECONNECT_MAX_MS,
-          factor: 2,
-          jitter: 0.5,
-        },
-        { retry: failures + 1, key: `${this.agentId}/${tries}` },
-      );
+      // Another process holds this id's connection: the same server says
+      // when it would give it up (if that process is gone by then).
+      const duplicate = outcome.rejected?.code === "duplicate_agent";
+      if (!duplicate) index++;
+      const maxMs = this.#options.reconnect?.maxMs ?? DEFAULT_RECONNECT_MAX_MS;
+      const delay = duplicate && outcome.rejected!.retryAfterMs > 0
+        ? Math.min(outcome.rejected!.retryAfterMs, maxMs) + Math.floor(Math.random() * 100)
+        : retryDelay(
+          {
+            backoffMs: this.#options.reconnect?.initialMs ?? DEFAULT_RECONNECT_INITIAL_MS,
+            maxBackoffMs: maxMs,
+            factor: 2,
+            jitter: 0.5,
+          },
+          { retry: failures + 1, key: `${this.agentId}/${tries}` },
+        );
       this.emit({
         type: "reconnecting",
         server: this.#servers[index % this.#servers.length],
@@ -406,6 +457,7 @@ class Agent implements RunningAgent {
         switch (message.body) {
           case "welcome":
             clearTimeout(helloTimer);
+            if (message.welcome.credential) await this.#keepCredential(message.welcome.credential);
             welcomed = true;
             this.#welcomed(stream, server, message.welcome);
             break;
@@ -423,6 +475,9 @@ class Agent implements RunningAgent {
             break;
           case "ack":
             await this.#acknowledged(message.ack);
+            break;
+          case "bundle":
+            this.#bundleArrived(message.bundle);
             break;
         }
       }
@@ -453,8 +508,25 @@ class Agent implements RunningAgent {
       // With slots 0 a draining agent's Hello asks for nothing.
       slots: this.#draining ? 0 : this.#slots,
       pendingResultAttemptIds: this.pendingResults,
+      credential: this.#credential,
+      session: this.#sessionId,
       secretNames: this.#secrets.names,
     };
+  }
+
+  /**
+   * Keeps the credential a server issued at registration, before anything
+   * else: a later Hello without it is refused. Should the file not be
+   * written, this process still has it (and a server issues it anew to this
+   * process's session), but a restart would be refused: said loudly.
+   */
+  async #keepCredential(credential: string): Promise<void> {
+    this.#credential = credential;
+    try {
+      await saveCredential(this.#paths.root, { agentId: this.agentId, credential });
+    } catch (error) {
+      this.#failed(error);
+    }
   }
 
   /** The fingerprint of every backend of the pool; shell is off unless allowed. */
@@ -472,6 +544,8 @@ class Agent implements RunningAgent {
           detail: SHELL_OFF,
         };
       }
+      const refused = this.#lifecycle.backendRefusal(backend);
+      if (refused) return { backend, available: false, version: "", detail: refused };
       const found = await this.#pool.backend(backend).fingerprint();
       return {
         backend,
@@ -501,6 +575,7 @@ class Agent implements RunningAgent {
     });
     this.#answered();
     this.#outgoing.attach(stream, this.#outbox.entries());
+    for (const digest of this.#bundleWaits.keys()) this.#askForBundle(digest);
   }
 
   #detach(): void {
@@ -532,6 +607,8 @@ class Agent implements RunningAgent {
   #assigned(assignment: wire.Assignment): void {
     const { attemptId, backend } = assignment;
     this.emit({ type: "assignment", attemptId, backend });
+    // Kept whatever becomes of this assignment: the run's later ones count on it.
+    if (assignment.bundleJson) this.#receiveBundle(assignment.bundleJson);
     // Repeated (a resent assignment): the attempt runs, or its result is on its way.
     if (this.#active.has(attemptId) || this.#outbox.has(attemptId)) {
       this.#secretsCame(assignment);
@@ -556,14 +633,6 @@ class Agent implements RunningAgent {
         .catch((error) => this.#failed(error));
       return;
     }
-    let bundle: PipelineBundle | undefined;
-    if (assignment.bundleJson) {
-      try {
-        bundle = JSON.parse(assignment.bundleJson) as PipelineBundle;
-      } catch {
-        // Reported when the step looks for it: it finds no bundle.
-      }
-    }
     const job: AttemptJob = {
       runId: spec.runId,
       stepId: spec.stepId,
@@ -581,7 +650,7 @@ class Agent implements RunningAgent {
       ...(spec.resources ? { resources: spec.resources } : {}),
     };
     const running = this.#lifecycle.run(job, this.#sink(attemptId), {
-      resolveBaseDir: () => this.#baseDir(job, spec.bundleDigest, bundle),
+      resolveBaseDir: () => this.#baseDir(job, spec.bundleDigest),
     });
     this.#track(running);
   }
@@ -672,30 +741,117 @@ class Agent implements RunningAgent {
    * this machine has it, else in the attempt's own work directory (a deno
    * step's module must then be there to be found).
    */
-  async #baseDir(
-    job: AttemptJob,
-    bundleDigest: string | undefined,
-    bundle: PipelineBundle | undefined,
-  ): Promise<string> {
+  async #baseDir(job: AttemptJob, bundleDigest: string | undefined): Promise<string> {
     if (bundleDigest) {
-      const root = `${this.#paths.root}/bundles`;
-      // Only the first assignment of a run on a stream carries the bundle;
-      // the others wait for its unpacking.
-      if (bundle?.digest === bundleDigest && !this.#bundles.has(bundle.digest)) {
-        const unpacking = unpackBundle(bundle, root);
-        this.#bundles.set(bundle.digest, unpacking);
-        unpacking.catch(() => this.#bundles.delete(bundle.digest));
-      }
+      // The first assignment of a run on a stream carries the bundle; the
+      // others wait for its unpacking.
       const unpacking = this.#bundles.get(bundleDigest);
       if (unpacking) return await unpacking;
-      const dir = bundleDir(root, bundleDigest);
+      const dir = bundleDir(this.#bundleRoot, bundleDigest);
       if (await isDirectory(dir)) return dir;
-      throw new BundleError(
-        `Expected the pipeline bundle ${bundleDigest} from the server; it did not come`,
-      );
+      // The assignment that carried it went to a server that died: ask.
+      return await this.#fetchBundle(job.attemptId, bundleDigest);
     }
     if (job.baseDir && await isDirectory(job.baseDir)) return job.baseDir;
     return this.#lifecycle.workDirOf(job);
+  }
+
+  get #bundleRoot(): string {
+    return `${this.#paths.root}/bundles`;
+  }
+
+  /** Unpacks a bundle a server sent (once per digest); wakes the attempts waiting for it. */
+  #receiveBundle(json: string): Promise<string> | undefined {
+    let bundle: PipelineBundle;
+    try {
+      bundle = JSON.parse(json);
+      if (typeof bundle?.digest !== "string") throw new Error("no digest");
+    } catch (error) {
+      this.#failed(new BundleError(`Expected a pipeline bundle as JSON: ${messageOf(error)}`));
+      return undefined;
+    }
+    let unpacking = this.#bundles.get(bundle.digest);
+    if (!unpacking) {
+      unpacking = unpackBundle(bundle, this.#bundleRoot);
+      this.#bundles.set(bundle.digest, unpacking);
+      unpacking.catch(() => this.#bundles.delete(bundle.digest));
+    }
+    for (const wait of this.#bundleWaits.get(bundle.digest)?.values() ?? []) {
+      wait.resolve(unpacking);
+    }
+    return unpacking;
+  }
+
+  /**
+   * Asks the servers for a bundle (again after each reconnect) and waits
+   * for it. An attempt that cannot get it is given back as lost: the
+   * control plane failed it, not the step, so it runs again without using
+   * the step's retries.
+   */
+  async #fetchBundle(attemptId: string, digest: string): Promise<string> {
+    // It came while this attempt looked on disk.
+    const unpacking = this.#bundles.get(digest);
+    if (unpacking) return await unpacking;
+    const waits = this.#bundleWaits.get(digest) ?? new Map<string, BundleWait>();
+    this.#bundleWaits.set(digest, waits);
+    const asked = waits.size > 0;
+    const arrived = new Promise<string>((resolve, reject) => {
+      const timer = setTimeout(
+        () =>
+          reject(
+            new BundleError(
+              `Expected the pipeline bundle ${digest} from a server within ` +
+                `${BUNDLE_WAIT_MS / 1000} s; none sent it`,
+            ),
+          ),
+        BUNDLE_WAIT_MS,
+      );
+      waits.set(attemptId, {
+        resolve: (unpacking) => {
+          clearTimeout(timer);
+          resolve(unpacking);
+        },
+        reject: (error) => {
+          clearTimeout(timer);
+          reject(error);
+        },
+      });
+    });
+    if (!asked) this.#askForBundle(digest);
+    try {
+      return await arrived;
+    } catch (error) {
+      this.#active.get(attemptId)?.running.stop({ kind: "shutdown", message: messageOf(error) });
+      throw error;
+    } finally {
+      waits.delete(attemptId);
+      if (waits.size === 0 && this.#bundleWaits.get(digest) === waits) {
+        this.#bundleWaits.delete(digest);
+      }
+    }
+  }
+
+  #askForBundle(digest: string): void {
+    this.#stream?.send({ bundleRequest: { digest } }).catch((error) => this.#failed(error));
+  }
+
+  /** A server's answer to a bundle request. */
+  #bundleArrived(answer: wire.Bundle): void {
+    if (answer.bundleJson && this.#receiveBundle(answer.bundleJson)) return;
+    const error = new BundleError(
+      `Expected the pipeline bundle ${answer.digest} from the server: ` +
+        (answer.message || "it sent none"),
+    );
+    for (const wait of this.#bundleWaits.get(answer.digest)?.values() ?? []) wait.reject(error);
+  }
+
+  /** Stops waiting for bundles: for one attempt, or for all. */
+  #stopBundleWaits(reason: string, attemptId?: string): void {
+    for (const waits of this.#bundleWaits.values()) {
+      for (const [waiting, wait] of waits) {
+        if (attemptId === undefined || waiting === attemptId) wait.reject(new Error(reason));
+      }
+    }
   }
 
   /** The agent's own disk failed it (the outbox cannot be written): say so loudly. */
@@ -710,9 +866,15 @@ class Agent implements RunningAgent {
   /** Why an assignment cannot run here, as the failure reported for it. */
   #refusal(
     assignment: wire.Assignment,
-  ): { errorClass: ErrorClass; message: string } | undefined {
+  ): { errorClass: ErrorClass; message: string; lost?: true } | undefined {
+    // Refusals that are no fault of the step's come back as lost: the step
+    // runs again without using its retries.
     if (this.#draining || this.#stopping) {
-      return { errorClass: "infrastructure", message: `agent ${this.agentId} is stopping` };
+      return {
+        errorClass: "infrastructure",
+        message: `agent ${this.agentId} is stopping`,
+        lost: true,
+      };
     }
     if (assignment.backend === "shell" && !this.#options.allowShell) {
       return { errorClass: "permission", message: `agent ${this.agentId}: ${SHELL_OFF}` };
@@ -724,10 +886,12 @@ class Agent implements RunningAgent {
       };
     }
     if (this.#active.size >= this.#slots) {
+      // The scheduler counted a slot free that is not (yet): a control plane race.
       return {
         errorClass: "infrastructure",
         message:
           `agent ${this.agentId} has no free slot (${this.#active.size} of ${this.#slots} busy)`,
+        lost: true,
       };
     }
     return undefined;
@@ -775,6 +939,7 @@ class Agent implements RunningAgent {
         ? { kind: "timeout" }
         : { kind: "cancel", message: cancel.reason || "cancelled by the server" },
     );
+    this.#stopBundleWaits("cancelled", cancel.attemptId);
     this.#giveUpSecrets(cancel.attemptId);
   }
 
@@ -816,6 +981,7 @@ class Agent implements RunningAgent {
         message: "the agent stopped before the attempt ended",
       });
     }
+    this.#stopBundleWaits("the agent stopped");
     this.#giveUpSecrets();
   }
 
@@ -851,6 +1017,7 @@ class Agent implements RunningAgent {
       clearInterval(this.#heartbeat);
       this.#stream?.end();
       await this.#pool.close();
+      this.#lock.release();
       this.#answered(error);
       this.emit({ type: "stopped" });
     })();

@@ -12,6 +12,7 @@ import type { SecretSource } from "../../core/secrets.ts";
 import type { PluginSource } from "../../backends/mod.ts";
 import type { ClientCredentials, Reject } from "../../proto/mod.ts";
 import type { HostTuning } from "../config.ts";
+import type { AttemptPolicy } from "../attempt/policy.ts";
 
 /** Where an agent keeps its state when none is named. */
 export const DEFAULT_AGENT_STATE_DIR = ".runnel/agent";
@@ -36,6 +37,12 @@ export const CAPABILITY_TTL_MS = 60_000;
 export const STOP_ACK_WAIT_MS = 5_000;
 /** Longest a stopping agent waits for the server to end the stream after it ended its side. */
 export const STOP_CLOSE_GRACE_MS = 2_000;
+/**
+ * How long an attempt waits for its run's pipeline bundle, asked of the
+ * servers, before it is given back as lost (the agent's worker is declared
+ * offline long before, if no server answers at all).
+ */
+export const BUNDLE_WAIT_MS = 60_000;
 /** Events kept in {@link RunningAgent.events}. */
 export const EVENT_HISTORY = 1_000;
 
@@ -45,16 +52,22 @@ export interface AgentOptions {
   servers: string[];
   /** The cluster's join token [`--token`]. */
   token: string;
-  /** Agent id; default: `<hostname>-<random>`, made once and kept in `<stateDir>/agent.json`. */
+  /**
+   * Agent id; default: `<hostname>-<random>`, made once and kept in
+   * `<stateDir>/agent.json`. The first server to welcome it issues it a
+   * credential, kept in `<stateDir>/credential.json` (mode 0600) and
+   * required in every later Hello for the id.
+   */
   agentId?: string;
   /** Labels the scheduler matches step selectors against, e.g. `{cloud: "gcp"}` [`--labels`]. */
   labels?: Record<string, string>;
   /** Attempts run at once (default {@link DEFAULT_AGENT_SLOTS}) [`--slots`]. */
   slots?: number;
   /**
-   * Agent state: `agent.json`, `attempts/`, `outbox/`, plugin host entry
-   * files (`hosts/`) and the scratch root `work/` (default
-   * {@link DEFAULT_AGENT_STATE_DIR}).
+   * Agent state: `agent.json`, `credential.json`, `attempts/`, `outbox/`,
+   * plugin host entry files (`hosts/`), `bundles/` and the scratch root
+   * `work/` (default {@link DEFAULT_AGENT_STATE_DIR}). Locked while the
+   * agent runs (`agent.lock`): a second agent on it refuses to start.
    */
   stateDir?: string;
   /** Where inputs are fetched from and outputs put (local or S3; the caller opens it). */
@@ -77,6 +90,11 @@ export interface AgentOptions {
    * assignments are refused [`--allow-shell`].
    */
   allowShell?: boolean;
+  /**
+   * What a submitted pipeline may ask of this host; default `agentPolicy()`
+   * over the built-in backends and `plugins` (docker off) [`--config`].
+   */
+  policy?: AttemptPolicy;
   /** Structured log sink; default: one JSON line per entry on stderr. */
   log?: (fields: Record<string, unknown>) => void;
   /** Heartbeat period until a server's Welcome sets one (default {@link DEFAULT_AGENT_HEARTBEAT_MS}). */
@@ -158,7 +176,8 @@ export interface RunningAgent {
   on(listener: (event: AgentEvent) => void): () => void;
   /**
    * Settles when the agent has stopped: resolves after {@link stop}, rejects
-   * with {@link AgentRejectedError} when a server refused its token.
+   * with {@link AgentRejectedError} when a server refused its token or its
+   * identity.
    */
   readonly done: Promise<void>;
   /**
@@ -170,11 +189,14 @@ export interface RunningAgent {
   stop(options?: { drain?: boolean }): Promise<void>;
 }
 
-/** A server refused the agent's join token; the agent stops instead of retrying. */
+/**
+ * A server refused the agent's join token or its identity; the agent stops
+ * instead of retrying.
+ */
 export class AgentRejectedError extends Error {
   /** Stable error code. */
   readonly code = "agent_rejected";
-  /** The server's reason code (`bad_token`). */
+  /** The server's reason code (`bad_token`, `bad_identity`). */
   readonly reason: string;
   /** The server that refused. */
   readonly server: string;

@@ -1,6 +1,14 @@
 import assert from "node:assert/strict";
-import { agentPaths, loadAgentId, Outbox } from "./mod.ts";
+import {
+  type AgentOptions,
+  agentPaths,
+  loadAgentId,
+  Outbox,
+  startAgent,
+  StateDirLockedError,
+} from "./mod.ts";
 import { fileSafe } from "../../core/_paths.ts";
+import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
 
 /** A temporary directory, removed when disposed. */
 async function tempDir(): Promise<{ path: string } & AsyncDisposable> {
@@ -46,4 +54,25 @@ Deno.test("the outbox keeps results across processes until removed", async () =>
   assert.ok(
     [...Deno.readDirSync(`${dir}/outbox`)].some((f) => f.name === `${fileSafe("r/a[x=1]/1")}.json`),
   );
+});
+
+Deno.test("a second agent on one state dir refuses to start, naming the dir and the pid", async () => {
+  await using temp = await tempDir();
+  const options: AgentOptions = {
+    servers: ["127.0.0.1:1"], // nobody listens there
+    token: "join-token",
+    stateDir: `${temp.path}/agent`,
+    artifacts: openLocalArtifactStore(`${temp.path}/artifacts`),
+    log: () => {},
+  };
+  const first = await startAgent(options);
+  await assert.rejects(startAgent(options), (error: unknown) => {
+    assert.ok(error instanceof StateDirLockedError);
+    assert.equal(error.pid, Deno.pid);
+    assert.match(error.message, new RegExp(`state dir ${options.stateDir} .* pid ${Deno.pid}`));
+    return true;
+  });
+  await first.stop();
+  // Released with the agent: the next one starts.
+  await (await startAgent(options)).stop();
 });

@@ -19,6 +19,7 @@ import {
   type DenoPermissions,
   type Execution,
   type ExecutionBackend,
+  type ExitStatus,
   type Fingerprint,
   InvalidStepConfigError,
   joinPath,
@@ -26,12 +27,15 @@ import {
   stepEnvironment,
 } from "../backend.ts";
 import { reapProcessGroups, spawnExecution } from "../_process.ts";
+import { LogQueue } from "../log_queue.ts";
+import { checkModuleGraph, type GraphRefusal } from "./_imports.ts";
 import {
   type ErrorReport,
   HARNESS_NONCE_ENV,
   type HarnessContext,
   markerPrefix,
   parseReport,
+  PERMISSION_EXIT_CODE,
 } from "./_report.ts";
 import { randomHex } from "../../core/_bytes.ts";
 import { type DenoConfig, denoConfigSchema, denoManifest } from "./manifest.ts";
@@ -42,24 +46,26 @@ export const ENTRY_FILE = "runnel_step_entry.ts";
 /** How much recent stderr is scanned for Deno's own `error:` line. */
 const DENO_ERROR_SCAN_CHARS = 4_096;
 
+/** Exit code reported for an attempt refused before it started (sysexits' `EX_NOPERM`). */
+const REFUSED_EXIT_CODE = PERMISSION_EXIT_CODE;
+
 /** Random bytes in an attempt's marker nonce: 128 bits, not to be guessed. */
 const NONCE_BYTES = 16;
 
 const HARNESS_URL = new URL("./_harness.ts", import.meta.url).href;
 
+/** runnel's library entry: a step may import the step API (`BusinessError`) from it. */
+const LIBRARY_URL = new URL("../../mod.ts", import.meta.url).href;
+
 /**
- * Hosts Deno lets a program import from when `--allow-import` is not
- * given (Deno's documented default list). A step granted the harness's
- * origin keeps them: granting one host must not take the others away.
+ * Env vars that configure the Deno runtime, the dynamic linker or the
+ * network stack of the step's process rather than the step: set by a
+ * pipeline (`env:`, a secret's name), they would reach around the sandbox
+ * (`LD_PRELOAD` of an input file, a `DENO_DIR` or `XDG_CACHE_HOME` full of
+ * forged code caches, `DENO_V8_FLAGS`, a proxy). Case-insensitive.
  */
-const DEFAULT_IMPORT_HOSTS = [
-  "deno.land:443",
-  "jsr.io:443",
-  "esm.sh:443",
-  "cdn.jsdelivr.net:443",
-  "raw.githubusercontent.com:443",
-  "user.githubusercontent.com:443",
-];
+const RUNTIME_ENV =
+  /^(LD_\w*|DENO_\w*|NODE_\w*|NPM_CONFIG_\w*|RUST_\w*|XDG_\w*|V8_\w*|MALLOC_\w*|GLIBC_TUNABLES|SSL_CERT_\w*|HOME|PATH|(HTTPS?|ALL|NO)_PROXY)$/i;
 
 /**
  * `host:port` of the harness when runnel itself was loaded over http(s)
@@ -125,11 +131,25 @@ export function denoArgs(spec: AttemptSpec, entryPath: string): string[] {
     // An empty `--allow-read=` would be rejected; leaving it out denies all.
     if (granted[kind].length > 0) args.push(`--allow-${kind}=${granted[kind].join(",")}`);
   }
-  if (HARNESS_IMPORT_HOST && !DEFAULT_IMPORT_HOSTS.includes(HARNESS_IMPORT_HOST)) {
-    args.push(`--allow-import=${[...DEFAULT_IMPORT_HOSTS, HARNESS_IMPORT_HOST].join(",")}`);
-  }
+  args.push(...importFlags(granted.net));
   args.push(entryPath, ...((spec.config as DenoConfig).args ?? []));
   return args;
+}
+
+/**
+ * Where a step may load modules from besides its pipeline directory: the
+ * hosts it is granted (and the harness's, when runnel itself was imported
+ * by URL). Without a flag Deno would import from its default hosts
+ * (deno.land, esm.sh…), a way out for a step granted nothing
+ * (`import("https://esm.sh/" + secret)`); such a step fetches nothing at
+ * all, not even an npm package (its name would reach the registry), and
+ * loads only what is cached (runnel's own npm dependencies, say).
+ */
+export function importFlags(grantedNet: string[]): string[] {
+  const hosts = unique([...grantedNet, ...(HARNESS_IMPORT_HOST ? [HARNESS_IMPORT_HOST] : [])]);
+  const flags = hosts.length > 0 ? [`--allow-import=${hosts.join(",")}`] : ["--no-remote"];
+  if (grantedNet.length === 0) flags.push("--cached-only");
+  return flags;
 }
 
 async function fingerprintDeno(): Promise<Fingerprint> {
@@ -149,6 +169,14 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
   const messages = validateDenoConfig(spec.config);
   if (messages.length > 0) throw new InvalidStepConfigError("deno", messages);
   const config = spec.config as DenoConfig;
+  const runtimeEnv = Object.keys(spec.env).filter((name) => RUNTIME_ENV.test(name));
+  if (runtimeEnv.length > 0) {
+    return refusedExecution(spec, {
+      errorClass: "permission",
+      message: `a deno step cannot set ${runtimeEnv.map((name) => `"${name}"`).join(", ")}: ` +
+        "it configures the Deno runtime or the process, not the step",
+    });
+  }
   const modulePath = resolve(spec.baseDir, config.module);
   const granted = sandboxPermissions(spec);
   const context: HarnessContext = {
@@ -173,9 +201,31 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
   ].join("\n");
   const entryPath = joinPath(spec.workDir, ENTRY_FILE);
   await Deno.writeTextFile(entryPath, entry);
+  const runtime: Record<string, string> = {};
+  for (const name of ["PATH", "HOME", "DENO_DIR"]) {
+    const value = Deno.env.get(name);
+    if (value !== undefined) runtime[name] = value;
+  }
+  const refusal = await checkModuleGraph(modulePath, {
+    entryPath,
+    harnessUrl: HARNESS_URL,
+    libraryUrl: LIBRARY_URL,
+    baseDir: spec.baseDir,
+    scratchRoot: spec.scratchRoot,
+    cwd: spec.workDir,
+    // Remote modules cannot import local files, and the run's own flags
+    // bound them: only the harness's origin is fetched from (into the cache
+    // a step granted no host loads from), npm packages not at all.
+    flags: [
+      HARNESS_IMPORT_HOST ? `--allow-import=${HARNESS_IMPORT_HOST}` : "--no-remote",
+      "--no-npm",
+    ],
+    env: runtime,
+  });
+  if (refusal) return refusedExecution(spec, refusal);
 
-  const env: Record<string, string> = { NO_COLOR: "1" };
-  for (const name of ["PATH", "HOME", "DENO_DIR", ...(config.permissions?.env ?? [])]) {
+  const env: Record<string, string> = { NO_COLOR: "1", ...runtime };
+  for (const name of config.permissions?.env ?? []) {
     const value = Deno.env.get(name);
     if (value !== undefined) env[name] = value;
   }
@@ -209,6 +259,26 @@ async function startDenoStep(spec: AttemptSpec): Promise<Execution> {
       return missingOutputStatus(spec, classifyExit(status, { report: report ?? fallback }));
     },
   });
+}
+
+/**
+ * An attempt refused before anything started: its status says why, and so
+ * does one line of its log.
+ */
+function refusedExecution(spec: AttemptSpec, refusal: GraphRefusal): Execution {
+  const status: ExitStatus = { exitCode: REFUSED_EXIT_CODE, ...refusal };
+  const logs = new LogQueue();
+  logs.push({ stream: "stderr", data: new TextEncoder().encode(`runnel: ${refusal.message}\n`) });
+  logs.close();
+  return {
+    // Names no process: recover ignores it.
+    handle: `refused:${spec.attemptId}`,
+    logs,
+    wait: () => Promise.resolve(status),
+    status: () => Promise.resolve({ state: "exited", exit: status }),
+    cancel: () => Promise.resolve(),
+    cleanup: () => Promise.resolve(),
+  };
 }
 
 function unique(values: string[]): string[] {

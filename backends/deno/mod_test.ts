@@ -3,7 +3,13 @@ import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import { isSuccess } from "../backend.ts";
 import { checkBackendConformance, runToEnd, scratchSpec } from "../testing.ts";
 import { HARNESS_NONCE_ENV, parseReport, permissionMessage } from "./_report.ts";
-import { createDenoBackend, denoArgs, sandboxPermissions, validateDenoConfig } from "./mod.ts";
+import {
+  createDenoBackend,
+  denoArgs,
+  importFlags,
+  sandboxPermissions,
+  validateDenoConfig,
+} from "./mod.ts";
 
 const backend = createDenoBackend();
 const CONTEXT_URL = new URL("./context.ts", import.meta.url).href;
@@ -294,4 +300,101 @@ Deno.test("deno: keeps the backend contract", async () => {
     long: { config: { module: "long.ts" } },
   });
   assert.deepEqual(report.skipped, ["re-attaches after a restart"]);
+});
+
+Deno.test("deno: a step module loads only files of its pipeline directory, never their content in a message", async () => {
+  const secret = "root:$6$hunter2-SECRET:19000:0:99999:7:::";
+  const spec = await scratchSpec({ module: "steps/step.ts" }, {
+    files: {
+      "steps/lib.ts": "export const ok = 1;",
+      "data.json": '{"fine": true}',
+      ".runnel/state.db": secret,
+    },
+  });
+  await Deno.writeTextFile(`${spec.root}/secret.txt`, secret);
+  await Deno.writeTextFile(`${spec.root}/secret.json`, JSON.stringify({ secret }));
+  await Deno.symlink(`${spec.root}/secret.txt`, `${spec.baseDir}/link.txt`);
+  const attempt = async (source: string) => {
+    await Deno.writeTextFile(`${spec.baseDir}/steps/step.ts`, source);
+    const result = await runToEnd(await backend.start(spec));
+    assert.ok(!JSON.stringify(result).includes("hunter2"), JSON.stringify(result));
+    return result;
+  };
+  try {
+    // What the pipeline holds loads, runnel's own step API too.
+    const fine = await attempt(`import { ok } from "./lib.ts";
+      import data from "../data.json" with { type: "json" };
+      import { BusinessError } from ${JSON.stringify(CONTEXT_URL)};
+      export default (ctx) => ctx.log(ok, data.fine, typeof BusinessError);`);
+    assert.ok(isSuccess(fine.status), JSON.stringify(fine));
+    assert.equal(fine.stdout, "1 true function\n");
+    const refused: Array<[string, string]> = [
+      [
+        `import t from ${JSON.stringify(`${spec.root}/secret.txt`)} with { type: "text" };`,
+        `"steps/step.ts" imports "${spec.root}/secret.txt", which is outside the pipeline directory`,
+      ],
+      [
+        `import j from "../../secret.json" with { type: "json" };`,
+        `"steps/step.ts" imports "${spec.root}/secret.json", which is outside the pipeline directory`,
+      ],
+      [
+        `import db from "../.runnel/state.db" with { type: "text" };`,
+        `"steps/step.ts" imports ".runnel/state.db", which is a hidden entry of the pipeline directory`,
+      ],
+      [
+        `import t from "../link.txt" with { type: "text" };`,
+        `"steps/step.ts" imports "link.txt", which is outside the pipeline directory (through a link)`,
+      ],
+      // Its first line would be quoted by the syntax error of the import.
+      [`import "/etc/passwd";`, `"steps/step.ts" imports "/etc/passwd", which is outside`],
+      [`import "./lib.ts"; import "file:///etc/hostname";`, `imports "/etc/hostname"`],
+    ];
+    for (const [line, expected] of refused) {
+      const { status, stdout, stderr } = await attempt(`${line}\nexport default () => {};`);
+      assert.equal(status.errorClass, "permission", line);
+      assert.equal(status.exitCode, 77);
+      assert.ok(status.message!.includes(expected), `${status.message}\n${expected}`);
+      assert.match(
+        status.message!,
+        /a deno step may load only the files of its pipeline directory/,
+      );
+      assert.equal(stdout, "");
+      assert.equal(stderr, `runnel: ${status.message}\n`);
+      assert.ok(!stderr.includes("root:x:0:0"), "no line of /etc/passwd");
+    }
+    // A module fixed after a refusal runs (the cached check follows the files).
+    const again = await attempt(`import { ok } from "./lib.ts"; export default (c) => c.log(ok);`);
+    assert.ok(isSuccess(again.status), JSON.stringify(again));
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: a step module outside the pipeline directory, or runtime env vars, are refused", async () => {
+  const spec = await scratchSpec({ module: "../evil.ts" }, { files: {} });
+  await Deno.writeTextFile(`${spec.root}/evil.ts`, "export default () => {};");
+  try {
+    const outside = await runToEnd(await backend.start(spec));
+    assert.equal(outside.status.errorClass, "permission");
+    assert.match(
+      outside.status.message!,
+      new RegExp(`^step module "${spec.root}/evil.ts" is outside the pipeline directory`),
+    );
+    await Deno.writeTextFile(`${spec.baseDir}/ok.ts`, "export default () => {};");
+    spec.config = { module: "ok.ts" };
+    spec.env = { LD_PRELOAD: `${spec.root}/evil.so`, deno_dir: "/tmp/x", GREETING: "hi" };
+    const env = await runToEnd(await backend.start(spec));
+    assert.equal(env.status.errorClass, "permission");
+    assert.equal(
+      env.status.message,
+      'a deno step cannot set "LD_PRELOAD", "deno_dir": it configures the Deno runtime or the process, not the step',
+    );
+  } finally {
+    await spec.remove();
+  }
+});
+
+Deno.test("deno: remote modules load only from granted hosts; a step granted none fetches nothing", () => {
+  assert.deepEqual(importFlags([]), ["--no-remote", "--cached-only"]);
+  assert.deepEqual(importFlags(["api.example.com:443"]), ["--allow-import=api.example.com:443"]);
 });

@@ -228,7 +228,9 @@ async function prepareMounts(spec: AttemptSpec, config: DockerConfig): Promise<v
 
 async function makeReadable(path: string): Promise<void> {
   try {
-    const info = await Deno.stat(path);
+    // lstat: chmod follows links, and a link is never ours to open up.
+    const info = await Deno.lstat(path);
+    if (info.isSymlink) return;
     const mode = (info.mode ?? 0) & 0o7777;
     const wanted = info.isDirectory ? mode | 0o555 : mode | 0o444;
     if (wanted !== mode) await Deno.chmod(path, wanted);

@@ -23,11 +23,12 @@ import {
   CLI_PERMISSIONS,
   MAIN,
   poll,
-  runCli,
+  runCli as runCliAs,
   sandbox,
   spawnCli,
   waitForLine,
 } from "../_helpers.ts";
+import { ADMIN_TOKEN, AS_ADMIN, freePort } from "./_cluster.ts";
 
 const TOKEN = "security-join-token-4f2c";
 const HEARTBEAT = "500ms";
@@ -44,8 +45,13 @@ const AGENT_TOKEN = "agent-side-SECRET-9Zk";
 
 /** What must appear nowhere: each value, each line of it, its base64 at every alignment. */
 const FORBIDDEN = [
-  ...new Set([DB_PASSWORD, DEPLOY_KEY, AGENT_TOKEN, TOKEN].flatMap(secretVariants)),
+  ...new Set([DB_PASSWORD, DEPLOY_KEY, AGENT_TOKEN, TOKEN, ADMIN_TOKEN].flatMap(secretVariants)),
 ].filter((variant) => variant.length >= 8);
+
+/** The CLI, calling the API as the admin. */
+function runCli(args: string[], options: { cwd: string; env?: Record<string, string> }) {
+  return runCliAs(args, { ...options, env: { RUNNEL_API_TOKEN: ADMIN_TOKEN, ...options.env } });
+}
 
 /** The forbidden strings `text` holds. */
 function leaksIn(text: string): string[] {
@@ -91,17 +97,22 @@ function sqliteDump(path: string): { text: string; tables: string[] } {
   }
 }
 
-/** The operator's side: a secrets file for servers, a key file, an agent config. */
+/** The operator's side: a secrets file for servers, a key file, an agent config, the admin token. */
 async function operatorFiles(dir: string) {
+  await Deno.writeTextFile(`${dir}/admin.token`, ADMIN_TOKEN, { mode: 0o600 });
   await Deno.writeTextFile(`${dir}/deploy.key`, `${DEPLOY_KEY}\n`, { mode: 0o600 });
   await Deno.writeTextFile(`${dir}/agent.token`, AGENT_TOKEN, { mode: 0o600 });
   await Deno.writeTextFile(
     `${dir}/secrets.yaml`,
     "db-password: { env: RUNNEL_TEST_DB_PASSWORD }\ndeploy-key: { file: deploy.key }\n",
   );
-  await Deno.writeTextFile(`${dir}/agent.yaml`, "secrets:\n  agent-token: { file: agent.token }\n");
+  await Deno.writeTextFile(
+    `${dir}/agent.yaml`,
+    "secrets:\n  agent-token: { file: agent.token }\npolicy:\n  backends: [shell, docker]\n",
+  );
   return {
     secrets: `${dir}/secrets.yaml`,
+    adminToken: `${dir}/admin.token`,
     agentConfig: `${dir}/agent.yaml`,
     env: { RUNNEL_TOKEN: TOKEN, RUNNEL_TEST_DB_PASSWORD: DB_PASSWORD },
   };
@@ -176,13 +187,6 @@ class Runnel {
   }
 }
 
-function freePort(): number {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (listener.addr as Deno.NetAddr).port;
-  listener.close();
-  return port;
-}
-
 async function ready(http: string): Promise<void> {
   await poll(async () => {
     const response = await fetch(`${http}/ready`);
@@ -194,7 +198,7 @@ async function ready(http: string): Promise<void> {
 /** Waits until `count` workers are online; returns them. */
 async function workers(http: string, count: number): Promise<Array<{ secrets?: string[] }>> {
   return await poll(async () => {
-    const state = await (await fetch(`${http}/cluster-state`)).json();
+    const state = await (await fetch(`${http}/cluster-state`, AS_ADMIN)).json();
     return state.workers.length === count ? state.workers : undefined;
   }, { what: `${count} worker(s) online`, timeoutMs: 30_000 });
 }
@@ -228,6 +232,7 @@ Deno.test({
         ...["--etcd", etcd.endpoints.join(","), "--id", `server-${i + 1}`],
         ...["--listen", `127.0.0.1:${http}`, "--grpc", `127.0.0.1:${port}`],
         ...["--peers", grpc.join(","), "--heartbeat", HEARTBEAT, "--secrets", operator.secrets],
+        ...["--admin-token-file", operator.adminToken],
       ], operator.env)
     );
     const http = ports.map(([port]) => `http://127.0.0.1:${port}`);
@@ -321,6 +326,7 @@ secrets: { DB_PASSWORD: db-password, AGENT_TOKEN: agent-token }
 steps:
   contained:
     image: ${image}
+    user: "65534"
     secrets: [DB_PASSWORD, AGENT_TOKEN]
     run: |
       echo "before $DB_PASSWORD"
@@ -335,6 +341,7 @@ steps:
     const server = new Runnel([
       "server",
       ...["--store", `${box.dir}/server/server.db`, "--secrets", operator.secrets],
+      ...["--admin-token-file", operator.adminToken],
       // The default heartbeat (5 s): the agent restarts well within its lease.
       ...["--listen", `127.0.0.1:${httpPort}`, "--grpc", `127.0.0.1:${grpcPort}`],
     ], operator.env);
@@ -383,7 +390,7 @@ steps:
       }, { what: "the attempt's outputs directory" });
       await Deno.writeTextFile(`${outputs}/go`, "");
       const { steps } = await poll(async () => {
-        const body = await (await fetch(`${http}/api/runs/${runId}`)).json();
+        const body = await (await fetch(`${http}/api/runs/${runId}`, AS_ADMIN)).json();
         return body.run.status === "succeeded" ? body : undefined;
       }, { what: "the run to succeed", timeoutMs: 60_000 });
       assert.equal(steps.contained.attempts.length, 1, "re-attached, not run again");
