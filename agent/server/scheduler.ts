@@ -515,10 +515,7 @@ class Scheduler {
   #warnUnplaceable(driver: RunDriver, step: PlannedStep): void {
     const key = `${driver.record.runId}/${step.id}`;
     if (this.#warned.has(key)) return;
-    const could = [...this.#workers.values()].some((worker) =>
-      worker.capabilities.some((c) => c.backend === step.backend && c.available) &&
-      Object.entries(step.selector).every(([k, v]) => worker.labels[k] === v)
-    );
+    const could = [...this.#workers.values()].some((worker) => canRun(worker, step, driver.plan));
     if (could) return;
     this.#warned.add(key);
     this.#log({
@@ -528,6 +525,7 @@ class Scheduler {
       step: step.id,
       backend: step.backend,
       selector: step.selector,
+      secrets: secretNamesOf(step, driver.plan),
     });
   }
 
@@ -549,9 +547,7 @@ class Scheduler {
   #chooseWorker(driver: RunDriver, step: PlannedStep): WorkerRecord | undefined {
     const load = this.#loadOf;
     const fits = (worker: WorkerRecord) =>
-      (load.get(worker.agentId) ?? 0) < worker.slots &&
-      worker.capabilities.some((c) => c.backend === step.backend && c.available) &&
-      Object.entries(step.selector).every(([key, value]) => worker.labels[key] === value);
+      (load.get(worker.agentId) ?? 0) < worker.slots && canRun(worker, step, driver.plan);
     if (driver.record.agent) {
       const pinned = this.#workers.get(driver.record.agent);
       return pinned && fits(pinned) ? pinned : undefined;
@@ -704,3 +700,28 @@ class Scheduler {
 }
 
 export type { AttemptResult };
+
+/**
+ * Whether a worker could ever run a step: it runs the step's backend, its
+ * labels match the step's selector, and it (or its server) declares every
+ * secret the step is given — otherwise the step would fail there as a
+ * `permission` error instead of waiting for a worker that can.
+ */
+function canRun(worker: WorkerRecord, step: PlannedStep, plan: Plan): boolean {
+  if (!worker.capabilities.some((c) => c.backend === step.backend && c.available)) return false;
+  if (!Object.entries(step.selector).every(([key, value]) => worker.labels[key] === value)) {
+    return false;
+  }
+  // A worker that does not say which secrets it can be given (an older agent) is not second-guessed.
+  if (worker.secrets === undefined) return true;
+  const declared = new Set(worker.secrets);
+  return secretNamesOf(step, plan).every((name) => declared.has(name));
+}
+
+/** The operator's names of the secrets a step is given. */
+function secretNamesOf(step: PlannedStep, plan: Plan): string[] {
+  return step.secrets.flatMap((env) => {
+    const name = plan.secrets[env]?.secret;
+    return name === undefined ? [] : [name];
+  });
+}

@@ -303,3 +303,40 @@ Deno.test("scheduler: a step no live worker can run waits, and the log says why 
     store.close();
   }
 });
+
+Deno.test("scheduler: a step goes only to a worker that declares the secrets it is given", async () => {
+  const store = openMemoryStore();
+  const stop = new AbortController();
+  try {
+    // The least-loaded tie goes to the lowest id: "w-a" would win if secrets did not count.
+    await store.put(
+      clusterKeys.worker("w-a"),
+      JSON.stringify({ ...worker("w-a", {}), secrets: [] }),
+    );
+    await store.put(
+      clusterKeys.worker("w-b"),
+      JSON.stringify({ ...worker("w-b", {}), secrets: ["db-password"] }),
+    );
+    const scheduler = runScheduler({ store, fence: [], signal: stop.signal });
+    const plan = parsePipeline(
+      `name: secret-placement
+secrets: { DB_PASSWORD: db-password }
+steps:
+  migrate: { backend: shell, run: "true", secrets: [DB_PASSWORD] }
+`,
+      {
+        file: "secrets.yaml",
+        baseDir: "/tmp",
+        secrets: { allowSources: false, names: ["db-password"] },
+      },
+    );
+    await submitRun(store, plan);
+    const assigned = await nextAssignment(store, new Set());
+    assert.equal(assigned.agentId, "w-b");
+    stop.abort();
+    await scheduler;
+  } finally {
+    stop.abort();
+    await store.close();
+  }
+});
