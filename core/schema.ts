@@ -35,6 +35,13 @@ export const RETRYABLE_CLASSES = ERROR_CLASSES.filter((c) =>
   c !== "business" && c !== "cancelled"
 ) as [string, ...string[]];
 
+/**
+ * Most retries of a step or deliveries of a webhook. Every attempt stays in
+ * the step's record, which is written again at each change: a step retried
+ * without end would grow it, and the writes, without end.
+ */
+export const MAX_RETRIES = 100;
+
 const scalar = z.union([z.string(), z.number(), z.boolean()]);
 
 /** A duration string such as `"500ms"`, `"10m"` or `"1h30m"`. */
@@ -87,10 +94,10 @@ export const ResourcesSchema = z.strictObject({
 
 /** Retry policy, or an integer shorthand for `max`. */
 export const RetrySchema = z.union([
-  z.number().int().nonnegative(),
+  z.number().int().nonnegative().max(MAX_RETRIES),
   z.strictObject({
-    max: z.number().int().nonnegative().optional().meta({
-      description: "Attempts after the first.",
+    max: z.number().int().nonnegative().max(MAX_RETRIES).optional().meta({
+      description: `Attempts after the first (at most ${MAX_RETRIES}).`,
       default: 0,
     }),
     backoff: DelaySchema.optional().meta({
@@ -120,8 +127,8 @@ export const RetrySchema = z.union([
 export const OnFailureSchema = z.strictObject({
   webhook: z.url().meta({ description: "URL that receives the failure metadata as JSON (POST)." }),
   headers: z.record(z.string(), z.string()).optional().meta({ description: "Extra HTTP headers." }),
-  retries: z.number().int().nonnegative().optional().meta({
-    description: "Delivery attempts after the first.",
+  retries: z.number().int().nonnegative().max(MAX_RETRIES).optional().meta({
+    description: `Delivery attempts after the first (at most ${MAX_RETRIES}).`,
     default: 3,
   }),
   backoff: DelaySchema.optional().meta({
