@@ -8,6 +8,7 @@
  */
 
 import { resolve } from "node:path";
+import type { PipelineLimits } from "./limits.ts";
 import type { Plan } from "./model.ts";
 import { canonicalJson } from "./plan.ts";
 import type { PipelineFile } from "./schema.ts";
@@ -26,6 +27,8 @@ export interface DefineOptions {
   name?: string;
   /** Plugin backend names accepted besides the built-in ones. */
   backends?: string[];
+  /** Limits on what the pipeline may expand to; each one not given keeps its default. */
+  limits?: Partial<PipelineLimits>;
 }
 
 /**
@@ -78,7 +81,11 @@ export function definePipeline(pipeline: PipelineFile, options: DefineOptions = 
   const order = new Map<string, number>();
   const raw = jsonData(pipeline, [], { reporter, order, ancestors: [] });
   if (reporter.diagnostics.length === 0) {
-    const checks = { baseDir: resolve(options.baseDir ?? Deno.cwd()), backends: options.backends };
+    const checks = {
+      baseDir: resolve(options.baseDir ?? Deno.cwd()),
+      backends: options.backends,
+      limits: options.limits,
+    };
     const valid = validatePipeline(raw, checks, reporter);
     // The canonical JSON stands in for source text: equal definitions have equal digests.
     const plan = valid &&

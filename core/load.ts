@@ -13,6 +13,7 @@
  */
 
 import { dirname, resolve } from "node:path";
+import type { PipelineLimits } from "./limits.ts";
 import type { Plan } from "./model.ts";
 import { planValidated, validatePipeline } from "./validate.ts";
 import { FAST_PATH_MIN_CHARS, parseFast } from "./_fast_path.ts";
@@ -23,6 +24,17 @@ export { didYouMean, editDistance } from "./_did_you_mean.ts";
 export { MAX_DIAGNOSTICS } from "./_diagnostics.ts";
 export { Locator } from "./_locator.ts";
 export { MAX_ALIAS_COUNT, MAX_PIPELINE_BYTES } from "./_yaml.ts";
+export {
+  DEFAULT_PIPELINE_LIMITS,
+  LIMIT_NAMES,
+  MAX_DEPENDENCIES,
+  MAX_MATRIX_LEGS,
+  MAX_PLAN_BYTES,
+  MAX_STEP_INSTANCES,
+  parseLimit,
+  type PipelineLimits,
+  pipelineLimits,
+} from "./limits.ts";
 
 /** Options of {@link parsePipeline}. */
 export interface ParseOptions {
@@ -38,12 +50,20 @@ export interface ParseOptions {
    * reads from that instead. Returns undefined for a missing file.
    */
   readFile?: (path: string) => Uint8Array | undefined;
+  /**
+   * Limits on what the pipeline may expand to (matrix legs, step instances,
+   * dependencies, plan size); each one not given keeps its default
+   * ({@link DEFAULT_PIPELINE_LIMITS}).
+   */
+  limits?: Partial<PipelineLimits>;
 }
 
 /** Options of {@link loadPipeline}. */
 export interface LoadOptions {
   /** Plugin backend names accepted besides the built-in ones. */
   backends?: string[];
+  /** Limits on what the pipeline may expand to (see {@link ParseOptions.limits}). */
+  limits?: Partial<PipelineLimits>;
 }
 
 /**
@@ -76,7 +96,12 @@ export function parsePipeline(source: string, options: ParseOptions): Plan {
 export function parseLocated(source: string, options: ParseOptions): Plan {
   const baseDir = options.baseDir ?? dirname(resolve(options.file));
   const { raw, reporter } = readYaml(source, options.file);
-  const checks = { baseDir, backends: options.backends, readFile: options.readFile };
+  const checks = {
+    baseDir,
+    backends: options.backends,
+    readFile: options.readFile,
+    limits: options.limits,
+  };
   const pipeline = validatePipeline(raw, checks, reporter);
   const plan = pipeline &&
     planValidated(pipeline, { ...checks, file: options.file, source }, reporter);
@@ -106,5 +131,6 @@ export async function loadPipeline(path: string, options: LoadOptions = {}): Pro
     file: path,
     baseDir: dirname(resolve(path)),
     backends: options.backends,
+    limits: options.limits,
   });
 }

@@ -11,6 +11,7 @@
 import { resolve } from "node:path";
 import type { z } from "npm:zod@4.6.7";
 import { ConditionSyntaxError, parseCondition } from "./expr.ts";
+import { checkPipelineSize, type PipelineLimits, pipelineLimits } from "./limits.ts";
 import type { Plan } from "./model.ts";
 import { expandMatrix, inferBackend, planPipeline, stepEdges } from "./plan.ts";
 import {
@@ -36,6 +37,8 @@ export interface CheckOptions {
    * undefined for a missing file.
    */
   readFile?: (path: string) => Uint8Array | undefined;
+  /** Limits on what the pipeline may expand to; default `DEFAULT_PIPELINE_LIMITS`. */
+  limits?: Partial<PipelineLimits>;
 }
 
 /**
@@ -66,7 +69,13 @@ export function viewOf(pipeline: PipelineFile): PipelineView {
     secrets: new Set(Object.keys(pipeline.secrets ?? {})),
     startNode: pipeline.start_node,
     defaultBackend: pipeline.defaults?.backend,
+    inheritedSize: inheritedSize(pipeline.defaults, pipeline.selector),
   };
+}
+
+/** Characters every step instance inherits from the `defaults` block and the selector. */
+function inheritedSize(defaults: unknown, selector: unknown): number {
+  return JSON.stringify({ defaults, selector }).length;
 }
 
 /** Options of {@link planValidated}. */
@@ -115,6 +124,8 @@ export interface PipelineView {
   secrets?: Set<string>;
   startNode?: string;
   defaultBackend?: string;
+  /** Characters every step instance inherits (see {@link checkPipelineSize}). */
+  inheritedSize?: number;
 }
 
 /**
@@ -172,6 +183,7 @@ export function salvageView(raw: Record<string, unknown>): PipelineView {
     secrets: secrets.success ? new Set(Object.keys(secrets.data ?? {})) : undefined,
     startNode: start.success ? start.data : undefined,
     defaultBackend: defaults?.backend,
+    inheritedSize: inheritedSize(raw.defaults, raw.selector),
   };
 }
 
@@ -191,6 +203,11 @@ export function checkSteps(
   const known = new Set(names);
   const backends = new Set<string>([...BUILTIN_BACKENDS, ...(options.backends ?? [])]);
   let reportedDefaultBackend = false;
+  // Before anything expands a matrix: a small file can describe a million legs.
+  const sized = checkPipelineSize(view.steps, {
+    limits: pipelineLimits(options.limits),
+    inheritedSize: view.inheritedSize,
+  }, reporter);
   for (const [name, step] of view.steps) {
     if (!step) continue;
     const at = (...path: PathSegment[]) => ["steps", name, ...path];
@@ -331,7 +348,7 @@ export function checkSteps(
         );
       }
     }
-    if (step.matrix) checkMatrix(name, step.matrix, reporter);
+    if (step.matrix) checkMatrix(name, step.matrix, reporter, sized);
   }
   if (view.startNode !== undefined && !known.has(view.startNode)) {
     reporter.at("unknown_step", `"start_node" names unknown step "${view.startNode}"`, [
@@ -358,8 +375,16 @@ function moduleProblem(path: string): string | undefined {
   }
 }
 
-/** A matrix's values have the right types and expand to at least one leg. */
-function checkMatrix(name: string, matrix: Record<string, unknown[]>, reporter: Reporter): void {
+/**
+ * A matrix's values have the right types and expand to at least one leg
+ * (expanded only when `expand`: the pipeline keeps its size limits).
+ */
+function checkMatrix(
+  name: string,
+  matrix: Record<string, unknown[]>,
+  reporter: Reporter,
+  expand: boolean,
+): void {
   const at = (...path: PathSegment[]) => ["steps", name, "matrix", ...path];
   let valid = true;
   for (const [key, values] of Object.entries(matrix)) {
@@ -386,7 +411,9 @@ function checkMatrix(name: string, matrix: Record<string, unknown[]>, reporter: 
       valid = false;
     }
   }
-  if (valid && expandMatrix(matrix as Parameters<typeof expandMatrix>[0]).length === 0) {
+  if (
+    valid && expand && expandMatrix(matrix as Parameters<typeof expandMatrix>[0]).length === 0
+  ) {
     reporter.at(
       "empty_matrix",
       `matrix of step "${name}" expands to no legs (every combination is excluded)`,
