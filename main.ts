@@ -12,6 +12,7 @@ import {
   type CommandLine,
   durationFlag,
   EXIT_BAD_INPUT,
+  limitsFlag,
   parseCommandLine,
   positiveInt,
   USAGE,
@@ -35,6 +36,7 @@ async function main(line: CommandLine): Promise<number> {
   const { plugins, hosts } = config;
   const stateDir = flags["state-dir"];
   const json = flags.json;
+  const limits = limitsFlag(flags.limit);
   const execute = {
     stateDir,
     json,
@@ -44,6 +46,7 @@ async function main(line: CommandLine): Promise<number> {
       : positiveInt(flags.concurrency, "--concurrency"),
     plugins,
     hosts,
+    limits,
   };
 
   const cluster = () => import("./agent/client/cli.ts");
@@ -58,9 +61,13 @@ async function main(line: CommandLine): Promise<number> {
     case "submit":
       return await (await cluster()).submitCommand(need("a pipeline file"), flags);
     case "validate":
-      return await local.validateCommand(need("a pipeline file"), plugins);
+      return await local.validateCommand(need("a pipeline file"), { plugins, limits });
     case "plan":
-      return await local.planCommand(need("a pipeline file"), { plugins, mermaid: flags.mermaid });
+      return await local.planCommand(need("a pipeline file"), {
+        plugins,
+        mermaid: flags.mermaid,
+        limits,
+      });
     case "schema":
       return local.schemaCommand();
     case "run":

@@ -35,6 +35,7 @@ import {
   durationFlag,
   EXIT_BAD_INPUT,
   hostPort,
+  limitsFlag,
   parseLabels,
   positiveInt,
   UsageError,
@@ -86,6 +87,7 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
       token,
       heartbeatMs,
       peers: commaList(flags.peers),
+      pipelineLimits: limitsFlag(flags.limit),
     });
   } catch (error) {
     await closeStore();

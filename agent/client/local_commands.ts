@@ -20,6 +20,7 @@ import {
   openLocalState,
   PipelineError,
   pipelineJsonSchema,
+  type PipelineLimits,
   PluginHostPool,
   type PluginSource,
   readStepStates,
@@ -53,11 +54,17 @@ export interface ExecuteOptions extends StateOptions {
   plugins: PluginSource[];
   /** Plugin host tuning (`--config`). */
   hosts?: HostTuning;
+  /** Limits on what the pipeline may expand to (`--limit`). */
+  limits?: Partial<PipelineLimits>;
 }
 
 /** `runnel validate FILE`: every problem at once, or one line saying it is valid. */
-export async function validateCommand(file: string, plugins: PluginSource[]): Promise<number> {
-  const plan = await loadPipeline(file, { backends: plugins.map((plugin) => plugin.name) });
+export async function validateCommand(
+  file: string,
+  options: { plugins: PluginSource[]; limits?: Partial<PipelineLimits> },
+): Promise<number> {
+  const { plugins, limits } = options;
+  const plan = await loadPipeline(file, { backends: plugins.map((plugin) => plugin.name), limits });
   const pool = new PluginHostPool({
     plugins: [...builtinPlugins(), ...plugins],
     context: { scratchRoot: Deno.cwd(), agentId: "validate" },
@@ -76,9 +83,12 @@ export async function validateCommand(file: string, plugins: PluginSource[]): Pr
 /** `runnel plan FILE [--mermaid]`. */
 export async function planCommand(
   file: string,
-  options: { plugins: PluginSource[]; mermaid?: boolean },
+  options: { plugins: PluginSource[]; mermaid?: boolean; limits?: Partial<PipelineLimits> },
 ): Promise<number> {
-  const plan = await loadPipeline(file, { backends: options.plugins.map((plugin) => plugin.name) });
+  const plan = await loadPipeline(file, {
+    backends: options.plugins.map((plugin) => plugin.name),
+    limits: options.limits,
+  });
   return print(options.mermaid ? renderMermaid(plan) : renderPlanText(plan));
 }
 
@@ -91,6 +101,7 @@ export function schemaCommand(): number {
 export async function runCommand(file: string, options: ExecuteOptions): Promise<number> {
   const plan = await loadPipeline(file, {
     backends: options.plugins.map((plugin) => plugin.name),
+    limits: options.limits,
   });
   return await execute(
     (runOptions) =>
@@ -107,6 +118,7 @@ export async function resumeCommand(prefix: string, options: ExecuteOptions): Pr
       resumeRun(runId, {
         ...runOptions,
         plugins: options.plugins.length ? options.plugins : undefined,
+        limits: options.limits,
       }),
     options,
   );

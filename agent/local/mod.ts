@@ -10,6 +10,7 @@
 
 import { RunEngine } from "../../core/engine.ts";
 import type { EngineEvent, Plan } from "../../core/model.ts";
+import type { PipelineLimits } from "../../core/limits.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import { PipelineError } from "../../core/errors.ts";
 import { loadPipeline } from "../../core/load.ts";
@@ -81,6 +82,8 @@ export interface LocalRunOptions {
   hosts?: Pick<PluginHostPoolOptions, "idleMs" | "heartbeatMs" | "heartbeatTimeoutMs">;
   /** Receives plugin host diagnostics (a host's stderr, stray errors). */
   onDiagnostic?: (backend: string, text: string) => void;
+  /** Limits a resume loads the pipeline file again with (default: the defaults). */
+  limits?: Partial<PipelineLimits>;
 }
 
 /** How long a stopped step may take to exit before it is killed. */
@@ -176,7 +179,10 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
     }
     await assertNoLiveOwner(state.store, record.runId);
     const plugins = options.plugins ?? record.plugins ?? [];
-    const plan = withConcurrency(await planOf(state, record, plugins), options.concurrency);
+    const plan = withConcurrency(
+      await planOf(state, record, plugins, options.limits),
+      options.concurrency,
+    );
     const engine = new RunEngine(plan, await readRunState(state.store, record, plan));
     const pool = options.pool ?? await openPool(state, { ...options, plugins });
     try {
@@ -320,13 +326,17 @@ async function planOf(
   state: LocalState,
   record: RunRecord,
   plugins: Array<{ name: string }>,
+  limits?: Partial<PipelineLimits>,
 ): Promise<Plan> {
   if (record.planStored) {
     const kv = await state.store.get(localKeys.plan(record.runId));
     if (!kv) throw new LocalRunError("plan_missing", `Run ${record.runId} has no stored plan`);
     return JSON.parse(kv.value) as Plan;
   }
-  return await loadPipeline(record.file, { backends: plugins.map((plugin) => plugin.name) });
+  return await loadPipeline(record.file, {
+    backends: plugins.map((plugin) => plugin.name),
+    limits,
+  });
 }
 
 async function isFile(path: string): Promise<boolean> {

@@ -24,7 +24,7 @@
  */
 
 import { PipelineError } from "../../core/errors.ts";
-import { parsePipeline } from "../../core/load.ts";
+import { parsePipeline, type PipelineLimits } from "../../core/load.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import type { Plan, StepState } from "../../core/model.ts";
 import { renderMermaid } from "../../core/mermaid.ts";
@@ -54,6 +54,8 @@ export interface ApiContext {
   schedulerLeader(): Promise<string | undefined>;
   /** Heartbeat interval of workers (a worker is offline after 3 missed ones). */
   heartbeatMs: number;
+  /** Limits on what a submitted pipeline may expand to (default: the defaults). */
+  pipelineLimits?: Partial<PipelineLimits>;
 }
 
 /** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
@@ -236,6 +238,7 @@ async function submit(context: ApiContext, request: Request): Promise<Response> 
       file,
       baseDir,
       readFile: shipped ? (path) => bundleFile(shipped, baseDir, path) : undefined,
+      limits: context.pipelineLimits,
     });
     const record = await submitRun(context.store, plan, { file, bundle });
     return json({ runId: record.runId, pipeline: record.pipeline }, { status: 201 });

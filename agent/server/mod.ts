@@ -6,6 +6,7 @@
  * @module
  */
 
+import type { PipelineLimits } from "../../core/limits.ts";
 import type { Compare, Store } from "../../consensus/store.ts";
 import { type AgentServiceServer, serveAgentService } from "../../proto/mod.ts";
 import type { ServerCredentials } from "npm:@grpc/grpc-js@1.14.7";
@@ -89,6 +90,8 @@ export interface ServerOptions {
   log?: (fields: Record<string, unknown>) => void;
   /** How long step logs stay in the store (default 14 days, as artifacts). */
   logRetentionMs?: number;
+  /** Limits on what a submitted pipeline may expand to (default: the defaults). */
+  pipelineLimits?: Partial<PipelineLimits>;
 }
 
 /** A running server. */
@@ -187,6 +190,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         raftState,
         schedulerLeader: () => options.election.leader(),
         heartbeatMs,
+        pipelineLimits: options.pipelineLimits,
       }),
     );
   } catch (error) {
