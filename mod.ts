@@ -143,6 +143,7 @@ export {
   cancelRun,
   collectGarbage,
   DEFAULT_STATE_DIR,
+  defaultConcurrency,
   deliverWebhook,
   getRunRecord,
   listRuns,

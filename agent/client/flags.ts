@@ -48,7 +48,7 @@ Options:
   --state-dir DIR      where runs, logs and artifacts live (default .runnel)
   --json               machine-readable output (events as JSON lines for run/resume)
   --logs               print step log lines while running
-  --concurrency N      override the pipeline's concurrency
+  --concurrency N      override the pipeline's concurrency (local default: 2 × CPUs, 4 to 64)
   --limit NAME=N       raise or lower a pipeline limit (repeatable): matrix-legs (10000),
                        step-instances (100000), dependencies (1000000), plan-bytes (64Mi)
   --mermaid            (plan) print a Mermaid flowchart

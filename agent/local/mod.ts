@@ -60,7 +60,10 @@ export { deliverWebhook } from "../effects.ts";
 export interface LocalRunOptions {
   /** Where state, artifacts and logs live; default `.runnel`. */
   stateDir?: string;
-  /** Overrides the pipeline's `concurrency`. */
+  /**
+   * Overrides the pipeline's `concurrency`. When neither says, steps beyond
+   * {@link defaultConcurrency} wait for a free slot.
+   */
   concurrency?: number;
   /** Called for every progress event, in order. */
   onEvent?: (event: RunEvent) => void;
@@ -89,6 +92,34 @@ export interface LocalRunOptions {
 /** How long a stopped step may take to exit before it is killed. */
 const CANCEL_GRACE_MS = 3_000;
 
+/**
+ * Bounds of the default concurrency. Each running step holds a process, its
+ * pipes and a log file: 1,000 started at once exhausted the open files (889
+ * failed), while a step that waits for a slot costs nothing.
+ */
+const MIN_DEFAULT_CONCURRENCY = 4;
+const MAX_DEFAULT_CONCURRENCY = 64;
+
+/**
+ * Steps a local run starts at once when neither the pipeline's
+ * `concurrency` nor `--concurrency` says: twice the CPUs (steps often wait
+ * on I/O), at least 4 and at most 64.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { defaultConcurrency } from "./mod.ts";
+ *
+ * assert.equal(defaultConcurrency(2), 4);
+ * assert.equal(defaultConcurrency(8), 16);
+ * assert.equal(defaultConcurrency(128), 64);
+ * ```
+ */
+export function defaultConcurrency(cpus: number = navigator.hardwareConcurrency): number {
+  const doubled = Number.isFinite(cpus) && cpus > 0 ? 2 * Math.floor(cpus) : 0;
+  return Math.min(MAX_DEFAULT_CONCURRENCY, Math.max(MIN_DEFAULT_CONCURRENCY, doubled));
+}
+
 /** Runs a pipeline to its end in this process. */
 export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Promise<RunSummary> {
   const now = options.now ?? Date.now;
@@ -96,7 +127,9 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
   try {
     const runId = newRunId(now());
     const effectivePlan = withConcurrency(plan, options.concurrency);
-    const engine = RunEngine.start(effectivePlan, { runId, now: now() });
+    // The stored plan keeps what was asked; this machine's default is for this runner alone.
+    const runPlan = withDefaultConcurrency(effectivePlan);
+    const engine = RunEngine.start(runPlan, { runId, now: now() });
     const record: RunRecord = {
       runId,
       pipeline: plan.name,
@@ -124,7 +157,7 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
       const problems = await validateStepConfigs(effectivePlan, pool);
       if (problems.length > 0) throw new PipelineError(problems);
       const driver = new LocalDriver(
-        effectivePlan,
+        runPlan,
         engine,
         driverContext(state, record, pool, options),
       );
@@ -179,10 +212,10 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
     }
     await assertNoLiveOwner(state.store, record.runId);
     const plugins = options.plugins ?? record.plugins ?? [];
-    const plan = withConcurrency(
+    const plan = withDefaultConcurrency(withConcurrency(
       await planOf(state, record, plugins, options.limits),
       options.concurrency,
-    );
+    ));
     const engine = new RunEngine(plan, await readRunState(state.store, record, plan));
     const pool = options.pool ?? await openPool(state, { ...options, plugins });
     try {
@@ -349,6 +382,10 @@ async function isFile(path: string): Promise<boolean> {
 
 function withConcurrency(plan: Plan, concurrency: number | undefined): Plan {
   return concurrency === undefined ? plan : { ...plan, concurrency };
+}
+
+function withDefaultConcurrency(plan: Plan): Plan {
+  return plan.concurrency === undefined ? { ...plan, concurrency: defaultConcurrency() } : plan;
 }
 
 function basename(path: string): string {
