@@ -32,6 +32,7 @@ import type {
   RunningAttempt,
   StopReason,
 } from "../attempt/mod.ts";
+import { exhaustedResult, isResourceExhaustion } from "../attempt/mod.ts";
 import { errorClassOf } from "../attempt/io.ts";
 import type { Execution } from "../../backends/backend.ts";
 import { WakeTimer, WebhookNotifier } from "../effects.ts";
@@ -101,6 +102,10 @@ interface ActiveAttempt {
   attempt: number;
   /** Set once the engine stopped it: the engine already recorded its outcome. */
   stopped?: "cancel" | "timeout";
+  /** Its backend started it: it holds processes, pipes, files until it ends. */
+  started?: boolean;
+  /** It could not start for want of a resource (and was reported lost). */
+  starved?: boolean;
   running?: RunningAttempt;
   done: Promise<void>;
 }
@@ -116,6 +121,18 @@ export class LocalDriver {
   readonly #webhooks: WebhookNotifier;
   #queue: Promise<void> = Promise.resolve();
   readonly #pending: Array<{ event: EngineEvent; ignoreFinish: boolean }> = [];
+  /**
+   * How many attempts may be in flight: unbounded (the engine's concurrency
+   * decides) until one cannot start for want of a resource; then as many as
+   * held resources at that moment, growing by one after as many successes,
+   * in the manner of TCP's congestion window.
+   */
+  #admitLimit = Infinity;
+  #successesSinceGrowth = 0;
+  /** Attempts whose work is not over. */
+  #inFlight = 0;
+  /** Attempts the engine started that wait for the admission limit, in order. */
+  readonly #admission = new Map<string, () => void>();
   #draining = false;
   #logDirReady?: Promise<unknown>;
   #finished?: (status: RunStatus) => void;
@@ -225,18 +242,25 @@ export class LocalDriver {
   #perform(effect: Effect): void {
     switch (effect.type) {
       case "StartAttempt":
-        this.#track(effect.attemptId, effect.stepId, effect.attempt, (active) => {
-          this.#submit({
-            type: "AttemptStarted",
-            stepId: effect.stepId,
-            attemptId: effect.attemptId,
-            now: this.#now(),
-            worker: "local",
-          });
-          return this.#start(active, effect.attemptId);
-        });
+        this.#admission.set(
+          effect.attemptId,
+          () =>
+            this.#track(effect.attemptId, effect.stepId, effect.attempt, (active) => {
+              this.#submit({
+                type: "AttemptStarted",
+                stepId: effect.stepId,
+                attemptId: effect.attemptId,
+                now: this.#now(),
+                worker: "local",
+              });
+              return this.#start(active, effect.attemptId);
+            }),
+        );
+        this.#admit();
         break;
       case "StopAttempt": {
+        // Stopped before it was admitted: nothing of it runs.
+        if (this.#admission.delete(effect.attemptId)) break;
         const active = this.#active.get(effect.attemptId);
         if (active && !active.stopped) {
           active.stopped = effect.reason;
@@ -279,9 +303,31 @@ export class LocalDriver {
   ): void {
     const active: ActiveAttempt = { stepId, attempt, done: Promise.resolve() };
     this.#active.set(attemptId, active);
+    this.#inFlight += 1;
     active.done = work(active)
       .catch((error) => this.#failed?.(error))
-      .finally(() => this.#active.delete(attemptId));
+      .finally(() => {
+        this.#active.delete(attemptId);
+        this.#inFlight -= 1;
+        if (active.started && !active.starved && Number.isFinite(this.#admitLimit)) {
+          this.#successesSinceGrowth += 1;
+          if (this.#successesSinceGrowth >= this.#admitLimit) {
+            this.#successesSinceGrowth = 0;
+            this.#admitLimit += 1;
+          }
+        }
+        this.#admit();
+      });
+  }
+
+  /** Starts the attempts waiting for admission, in order, while the limit allows. */
+  #admit(): void {
+    for (const [attemptId, start] of this.#admission) {
+      // One at least: with nothing in flight, waiting frees nothing.
+      if (this.#inFlight > 0 && this.#inFlight >= this.#admitLimit) return;
+      this.#admission.delete(attemptId);
+      start();
+    }
   }
 
   /** Supervises an attempt a backend re-attached after a runner restart. */
@@ -293,6 +339,7 @@ export class LocalDriver {
       return;
     }
     this.#track(record.attemptId, running.stepId, record.spec.attempt, async (active) => {
+      active.started = true;
       const log = await this.#openLog(active);
       try {
         active.running = this.#context.lifecycle.adopt({ record, execution }, log);
@@ -331,6 +378,12 @@ export class LocalDriver {
       }
       log = await this.#openLog(active);
       if (active.stopped) return;
+      const sink = {
+        onLog: log.onLog,
+        onStarted: () => {
+          active.started = true;
+        },
+      };
       active.running = lifecycle.run({
         runId,
         stepId: step.id,
@@ -346,13 +399,14 @@ export class LocalDriver {
         matrix: step.matrix ?? {},
         ...(step.timeoutMs !== undefined ? { timeoutMs: step.timeoutMs } : {}),
         resources: step.resources,
-      }, log);
+      }, sink);
       result = await active.running.result;
     } catch (error) {
-      result = {
+      const message = error instanceof Error ? error.message : String(error);
+      result = isResourceExhaustion(error) ? exhaustedResult(message) : {
         ok: false,
         errorClass: errorClassOf(error),
-        message: error instanceof Error ? error.message : String(error),
+        message,
       };
     } finally {
       log?.close();
@@ -367,8 +421,21 @@ export class LocalDriver {
     this.#report(active, attemptId, result);
   }
 
-  /** Hands an attempt's result to the engine (unless it stopped it) and forgets its record. */
+  /**
+   * Hands an attempt's result to the engine (unless it stopped it) and
+   * forgets its record. The runner is alive, so an attempt lost here could
+   * not start for want of a resource (open files, processes): the engine
+   * runs it again without using a retry, and from now on no more attempts
+   * start at once than held resources when it starved.
+   */
   #report(active: ActiveAttempt, attemptId: string, result: AttemptResult): void {
+    if (!result.ok && result.lost && !active.stopped) {
+      active.starved = true;
+      let holding = 0;
+      for (const other of this.#active.values()) if (other.started) holding++;
+      this.#admitLimit = Math.max(1, holding);
+      this.#successesSinceGrowth = 0;
+    }
     // A stopped attempt's outcome is the engine's already.
     if (!active.stopped) {
       this.#submit({

@@ -5,11 +5,16 @@
  * - 9: a 971-byte file describing a million matrix legs is refused at its
  *   `matrix` key in milliseconds, by `runnel validate` and by a server,
  *   whose `/health` keeps answering; `--limit` raises the limit.
+ * - 11: 1,000 no-op shell steps on a runner allowed 256 open files all
+ *   succeed: by default a few run at once, and with `--concurrency 1000`
+ *   the attempts that find no file descriptor are lost and run again, never
+ *   failed.
  *
  * @module
  */
 
 import assert from "node:assert/strict";
+import { defaultConcurrency } from "../../mod.ts";
 import { CLI_PERMISSIONS, MAIN, runCli, sandbox } from "../_helpers.ts";
 
 /** The matrix of the report: 3 keys × 100 values, 10^6 legs, in under 1 KiB. */
@@ -147,4 +152,82 @@ Deno.test("9: a server refuses the matrix bomb with a located 400 and stays heal
     await server.status;
     await drained;
   }
+});
+
+/** `runnel ARGS` in `cwd` with at most `files` open files (`ulimit -n`), to its end. */
+async function runCliWithOpenFiles(args: string[], cwd: string, files: number) {
+  const command = [Deno.execPath(), "run", ...CLI_PERMISSIONS, MAIN, ...args]
+    .map((word) => `'${word.replaceAll("'", `'\\''`)}'`).join(" ");
+  const output = await new Deno.Command("sh", {
+    args: ["-c", `ulimit -n ${files} && exec ${command}`],
+    cwd,
+    env: { NO_COLOR: "1" },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const decoder = new TextDecoder();
+  return {
+    code: output.code,
+    stdout: decoder.decode(output.stdout),
+    stderr: decoder.decode(output.stderr),
+  };
+}
+
+/** From `--json` events: each step's last status, the most steps active at once, the losses. */
+function summarize(jsonLines: string) {
+  const status = new Map<string, string>();
+  const active = (s?: string) => s === "scheduled" || s === "running";
+  let current = 0;
+  let peak = 0;
+  let lost = 0;
+  for (const line of jsonLines.split("\n")) {
+    if (!line.startsWith("{")) continue;
+    const event = JSON.parse(line);
+    if (event.type !== "step") continue;
+    const before = status.get(event.stepId);
+    status.set(event.stepId, event.status);
+    if (active(event.status) && !active(before)) current++;
+    if (!active(event.status) && active(before)) current--;
+    peak = Math.max(peak, current);
+    if (/was lost; rescheduled/.test(event.reason ?? "")) lost++;
+  }
+  const succeeded = [...status.values()].filter((s) => s === "succeeded").length;
+  return { succeeded, peak, lost };
+}
+
+/** What a failed run said: its failed steps and the end of its stderr. */
+function failures(result: { stdout: string; stderr: string }): string {
+  const failed = result.stdout.split("\n").filter((line) => line.includes('"status":"failed"'));
+  return [...failed.slice(0, 5), result.stderr.slice(-2_000)].join("\n");
+}
+
+function noopSteps(count: number): string {
+  const lines = ["name: noop", "steps:"];
+  for (let i = 0; i < count; i++) lines.push(`  s${i}: { run: "true" }`);
+  return lines.join("\n") + "\n";
+}
+
+Deno.test("11: 1,000 no-op shell steps all succeed; by default a few run at once", async () => {
+  await using box = await sandbox();
+  await box.write("noop.yaml", noopSteps(1_000));
+  const args = ["run", "noop.yaml", "--json", "--state-dir", box.stateDir];
+  const result = await runCliWithOpenFiles(args, box.dir, 256);
+  assert.equal(result.code, 0, failures(result));
+  const { succeeded, peak } = summarize(result.stdout);
+  assert.equal(succeeded, 1_000);
+  assert.ok(peak <= defaultConcurrency(), `${peak} steps ran at once`);
+});
+
+Deno.test("11: with --concurrency 1000, attempts short of open files are lost and run again", async () => {
+  await using box = await sandbox();
+  await box.write("noop.yaml", noopSteps(1_000));
+  const args = ["run", "noop.yaml", "--json", "--concurrency", "1000", "--state-dir", box.stateDir];
+  const result = await runCliWithOpenFiles(args, box.dir, 256);
+  // 889 of them failed with "Too many open files" before.
+  assert.equal(result.code, 0, failures(result));
+  const { succeeded, lost } = summarize(result.stdout);
+  assert.equal(succeeded, 1_000);
+  assert.doesNotMatch(result.stdout, /"status":"failed"/);
+  // 256 descriptors cannot hold 1,000 steps: the losses show the limit was met.
+  assert.ok(lost > 0, "no attempt ran short of open files");
 });
