@@ -9,6 +9,9 @@
  *   succeed: by default a few run at once, and with `--concurrency 1000`
  *   the attempts that find no file descriptor are lost and run again, never
  *   failed.
+ * - 12: a 30-day timeout, a zero timeout and a 99999999-day backoff are
+ *   refused where they are written; the longest accepted ones run without
+ *   a single `TimeoutOverflowWarning`.
  *
  * @module
  */
@@ -230,4 +233,54 @@ Deno.test("11: with --concurrency 1000, attempts short of open files are lost an
   assert.doesNotMatch(result.stdout, /"status":"failed"/);
   // 256 descriptors cannot hold 1,000 steps: the losses show the limit was met.
   assert.ok(lost > 0, "no attempt ran short of open files");
+});
+
+Deno.test("12: durations past their bounds are refused where they are written", async () => {
+  await using box = await sandbox();
+  await box.write(
+    "durations.yaml",
+    [
+      "name: durations",
+      "steps:",
+      "  long: { run: 'true', timeout: 30d }",
+      "  zero: { run: 'true', timeout: 0s }",
+      "  never:",
+      "    run: 'true'",
+      "    retry: { max: 1, backoff: 99999999d, max-backoff: 99999999d }",
+      "",
+    ].join("\n"),
+  );
+  const result = await runCli(["validate", "durations.yaml"], { cwd: box.dir });
+  assert.equal(result.code, 2);
+  for (
+    const line of [
+      'durations.yaml:3:33: expected a duration from 1ms to 7d for "timeout" in step "long", got the string "30d"',
+      'durations.yaml:4:33: expected a duration from 1ms to 7d for "timeout" in step "zero", got the string "0s"',
+      'durations.yaml:7:31: expected a duration from 0s to 7d for "backoff" in "retry" of step "never", got the string "99999999d"',
+      'durations.yaml:7:55: expected a duration from 0s to 7d for "max-backoff" in "retry" of step "never", got the string "99999999d"',
+    ]
+  ) assert.ok(result.stderr.includes(line), `${line}\n---\n${result.stderr}`);
+});
+
+Deno.test("12: the longest timeout and backoff run without overflowing a timer", async () => {
+  await using box = await sandbox();
+  await box.write(
+    "week.yaml",
+    [
+      "name: week",
+      "defaults: { timeout: 7d }",
+      "steps:",
+      "  flaky:",
+      // Fails once, then succeeds: the retry waits the capped backoff of 1s.
+      `    run: test -e "${box.dir}/again" || { touch "${box.dir}/again"; exit 1; }`,
+      "    retry: { max: 1, backoff: 7d, max-backoff: 1s, jitter: 0 }",
+      "",
+    ].join("\n"),
+  );
+  const result = await runCli(["run", "week.yaml", "--state-dir", box.stateDir], {
+    cwd: box.dir,
+  });
+  assert.equal(result.code, 0, result.stderr);
+  // 744 of them in 2 s before: a 30-day wait overflowed into a 1 ms loop.
+  assert.doesNotMatch(result.stderr, /TimeoutOverflowWarning/);
 });
