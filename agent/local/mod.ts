@@ -235,7 +235,9 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
           now: now(),
           reason: "the runner that started this attempt stopped before it ended",
         }));
-      events.push({ type: "Resume", now: now() });
+      // A run recorded before it started (its runner stopped, or found the disk
+      // full, right after the first write) starts now.
+      events.push({ type: engine.state.status === "pending" ? "Start" : "Resume", now: now() });
       // A cancel request left over from the previous round must not cancel this one.
       await state.store.delete(localKeys.cancel(record.runId));
       return await new LocalDriver(plan, engine, context).drive(events, reattached);
