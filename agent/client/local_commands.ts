@@ -139,7 +139,8 @@ export async function cancelCommand(prefix: string, options: StateOptions): Prom
 
 /** `runnel runs`: newest first. */
 export async function runsCommand(options: StateOptions): Promise<number> {
-  const state = await openLocalState(options.stateDir);
+  // Read-only: on a full disk the runs can still be seen.
+  const state = await openLocalState(options.stateDir, { readOnly: true });
   try {
     const runs = await listRuns(state.store);
     if (options.json) return print(JSON.stringify(runs, null, 2));
@@ -152,7 +153,7 @@ export async function runsCommand(options: StateOptions): Promise<number> {
 
 /** `runnel show RUN`: the same view as `runnel show RUN --server URL`. */
 export async function showCommand(prefix: string, options: StateOptions): Promise<number> {
-  const state = await openLocalState(options.stateDir);
+  const state = await openLocalState(options.stateDir, { readOnly: true });
   try {
     const record = await getRunRecord(state.store, prefix);
     const steps = await readStepStates(state.store, record.runId);
@@ -173,7 +174,7 @@ export async function logsCommand(
   options: { step?: string; stateDir?: string; follow?: boolean },
 ): Promise<number> {
   const { step: stepId, stateDir, follow } = options;
-  const state = await openLocalState(stateDir);
+  const state = await openLocalState(stateDir, { readOnly: true });
   try {
     const record = await getRunRecord(state.store, prefix);
     const paths = statePaths(stateDir);
@@ -340,7 +341,7 @@ async function execute(
 }
 
 async function resolveRunId(prefix: string, stateDir?: string): Promise<string> {
-  const state = await openLocalState(stateDir);
+  const state = await openLocalState(stateDir, { readOnly: true });
   try {
     return (await getRunRecord(state.store, prefix)).runId;
   } finally {

@@ -25,7 +25,9 @@ import { AttemptLifecycle, type AttemptRecord } from "../attempt/mod.ts";
 import { LocalDriver, type RunEvent, type RunSummary } from "./driver.ts";
 import {
   assertNoLiveOwner,
+  diskFullError,
   getRunRecord,
+  isDiskFull,
   liveOwner,
   localKeys,
   LocalRunError,
@@ -165,9 +167,18 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
     } finally {
       if (!options.pool) await pool.close();
     }
+  } catch (error) {
+    // The driver names the run once it is recorded; before that there is none to resume.
+    throw sayDiskFull(state, error);
   } finally {
     await state.close();
   }
+}
+
+/** An error of a full disk as one that says so, naming the run it left resumable. */
+function sayDiskFull(state: LocalState, error: unknown, runId?: string): unknown {
+  if (error instanceof LocalRunError || !isDiskFull(error)) return error;
+  return diskFullError(state.paths, error, runId);
 }
 
 /**
@@ -244,6 +255,8 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
     } finally {
       if (!options.pool) await pool.close();
     }
+  } catch (error) {
+    throw sayDiskFull(state, error, runId);
   } finally {
     await state.close();
   }
@@ -260,6 +273,15 @@ export async function cancelRun(
   options: { stateDir?: string; now?: () => number } = {},
 ): Promise<"requested" | "cancelled" | "already-finished"> {
   const now = options.now ?? Date.now;
+  // A finished run needs no write: say so even when the disk is full.
+  const reader = await openLocalState(options.stateDir, { readOnly: true });
+  try {
+    if (isTerminalRunStatus((await getRunRecord(reader.store, runId)).status)) {
+      return "already-finished";
+    }
+  } finally {
+    await reader.close();
+  }
   const state = await openLocalState(options.stateDir);
   try {
     const record = await getRunRecord(state.store, runId);
@@ -297,6 +319,8 @@ export async function cancelRun(
     } finally {
       await pool.close();
     }
+  } catch (error) {
+    throw sayDiskFull(state, error);
   } finally {
     await state.close();
   }

@@ -12,6 +12,12 @@
  * - 12: a 30-day timeout, a zero timeout and a 99999999-day backoff are
  *   refused where they are written; the longest accepted ones run without
  *   a single `TimeoutOverflowWarning`.
+ * - 13: with the state directory on a 4 MiB tmpfs, a step that fills it with
+ *   output fails as `infrastructure` and the run is recorded as failed;
+ *   `runs`, `show`, `logs` and `cancel` answer on the full disk; a run that
+ *   cannot be recorded ends with a clear message and stays resumable; once
+ *   there is space, `resume` finishes every run. Mounting needs root: where
+ *   it is refused the test is skipped and says why, except under `CI=true`.
  *
  * @module
  */
@@ -283,4 +289,140 @@ Deno.test("12: the longest timeout and backoff run without overflowing a timer",
   assert.equal(result.code, 0, result.stderr);
   // 744 of them in 2 s before: a 30-day wait overflowed into a 1 ms loop.
   assert.doesNotMatch(result.stderr, /TimeoutOverflowWarning/);
+});
+
+/** Why a tmpfs cannot be mounted here, or undefined when it can (tried once, at load). */
+function tmpfsRefusal(): string | undefined {
+  const dir = Deno.makeTempDirSync({ prefix: "runnel-tmpfs-probe-" });
+  try {
+    const mounted = new Deno.Command("mount", {
+      args: ["-t", "tmpfs", "-o", "size=1m", "tmpfs", dir],
+      stdout: "null",
+      stderr: "piped",
+    }).outputSync();
+    if (!mounted.success) return new TextDecoder().decode(mounted.stderr).trim() || "mount failed";
+    new Deno.Command("umount", { args: [dir] }).outputSync();
+    return undefined;
+  } catch (error) {
+    return error instanceof Error ? error.message : String(error);
+  } finally {
+    Deno.removeSync(dir);
+  }
+}
+
+const TMPFS_REFUSAL = tmpfsRefusal();
+const SKIP_DISK_FULL = TMPFS_REFUSAL !== undefined && Deno.env.get("CI") !== "true";
+if (SKIP_DISK_FULL) {
+  console.warn(`skipping the disk-full replay (13): cannot mount a tmpfs: ${TMPFS_REFUSAL}`);
+}
+
+/** A pipeline whose first step prints `bytes` of output; `after` needs it. */
+function loudPipeline(bytes: number): string {
+  return [
+    "name: loud",
+    "steps:",
+    "  loud:",
+    `    run: head -c ${bytes} /dev/zero | tr '\\0' x | fold -w 100`,
+    "  after:",
+    "    run: echo after",
+    "    needs: loud",
+    "",
+  ].join("\n");
+}
+
+Deno.test({
+  name: "13: a full disk fails the step, records the run, keeps reads working; resume finishes",
+  ignore: SKIP_DISK_FULL,
+  async fn() {
+    await using box = await sandbox();
+    const disk = `${box.dir}/disk`;
+    await Deno.mkdir(disk);
+    const mount = await new Deno.Command("mount", {
+      args: ["-t", "tmpfs", "-o", "size=4m", "tmpfs", disk],
+    }).output();
+    assert.ok(mount.success, `cannot mount a tmpfs (CI=true does not skip): ${TMPFS_REFUSAL}`);
+    const state = ["--state-dir", `${disk}/.runnel`];
+    const cli = (...args: string[]) => runCli([...args, ...state], { cwd: box.dir });
+    const filler = `${disk}/filler`;
+    /** Fills the disk but for `spareKiB`. */
+    const fill = async (spareKiB: number) => {
+      await Deno.remove(filler).catch(() => {});
+      const df = await new Deno.Command("df", { args: ["--output=avail", "-k", disk] }).output();
+      const availableKiB = Number(new TextDecoder().decode(df.stdout).trim().split("\n").pop());
+      const size = Math.max(0, availableKiB - spareKiB) * 1024;
+      const file = await Deno.open(filler, { create: true, write: true });
+      try {
+        await file.write(new Uint8Array(size)).catch(() => 0);
+      } finally {
+        file.close();
+      }
+    };
+    const runIds = async () => {
+      const listed = await cli("runs", "--json");
+      assert.equal(listed.code, 0, listed.stderr);
+      return (JSON.parse(listed.stdout) as Array<{ runId: string; status: string }>);
+    };
+    try {
+      await box.write("loud.yaml", loudPipeline(8_000_000));
+
+      // The step's output fills the disk: it fails, and the run is recorded as failed.
+      const first = await cli("run", "loud.yaml");
+      assert.equal(first.code, 1, first.stderr);
+      assert.doesNotMatch(first.stderr, /internal error|^\s+at /m);
+      const [failed] = await runIds();
+      assert.equal(failed.status, "failed");
+
+      // On a disk with no byte left, the read commands still answer.
+      await fill(0);
+      const show = await cli("show", failed.runId, "--json");
+      assert.equal(show.code, 0, show.stderr);
+      const steps = JSON.parse(show.stdout).steps;
+      assert.equal(steps.loud.status, "failed");
+      assert.match(steps.loud.reason, /^infrastructure: .*No space left on device/);
+      assert.equal(steps.after.status, "skipped");
+      const logs = await cli("logs", failed.runId, "loud");
+      assert.equal(logs.code, 0, logs.stderr);
+      assert.match(logs.stdout, /^x{100}$/m);
+      const cancel = await cli("cancel", failed.runId);
+      assert.equal(cancel.code, 0, cancel.stderr);
+      assert.match(cancel.stdout, /has already finished/);
+      // A write cannot happen: it says so, and what still works.
+      const refused = await cli("resume", failed.runId);
+      assert.equal(refused.code, 1);
+      assert.match(
+        refused.stderr,
+        /^error: Expected to write the state in .*, but its disk is full/m,
+      );
+      assert.match(refused.stderr, /"runnel runs", "show" and "logs" still work/);
+
+      // Room to start, none to finish (no reserve left): a clear message, a resumable run.
+      await Deno.remove(`${disk}/.runnel/reserve`).catch(() => {});
+      await fill(100);
+      const stuck = await cli("run", "loud.yaml");
+      assert.equal(stuck.code, 1);
+      const message =
+        /^error: Expected to write the state in .*, but its disk is full .*Run (\S+) stays resumable: free some space, then "runnel resume \1"/m
+          .exec(stuck.stderr);
+      assert.ok(message, stuck.stderr);
+      assert.doesNotMatch(stuck.stderr, /internal error|^\s+at /m);
+      const listed = await runIds();
+      // Recorded, not finished: pending or running, as far as the disk allowed.
+      assert.match(
+        listed.find((run) => run.runId === message[1])?.status ?? "",
+        /^(pending|running)$/,
+      );
+
+      // Space is back and the step is fixed: resume finishes both runs.
+      await Deno.remove(filler);
+      await Deno.remove(`${disk}/.runnel/logs`, { recursive: true });
+      await box.write("loud.yaml", loudPipeline(1_000));
+      for (const runId of [failed.runId, message[1]]) {
+        const resumed = await cli("resume", runId);
+        assert.equal(resumed.code, 0, resumed.stderr);
+      }
+      assert.deepEqual((await runIds()).map((run) => run.status), ["succeeded", "succeeded"]);
+    } finally {
+      await new Deno.Command("umount", { args: [disk] }).output();
+    }
+  },
 });
