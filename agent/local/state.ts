@@ -212,7 +212,7 @@ export function diskFullError(paths: StatePaths, error: unknown, runId?: string)
   return new LocalRunError(
     "disk_full",
     `Expected to write the state in ${paths.root}, but its disk is full (${detail}).${run} ` +
-      `"runnel runs", "show" and "logs" still work.`,
+      `"runnel runs", "show", "logs" and "gc" (which frees what old runs left) still work.`,
   );
 }
 

@@ -393,7 +393,7 @@ Deno.test({
         refused.stderr,
         /^error: Expected to write the state in .*, but its disk is full/m,
       );
-      assert.match(refused.stderr, /"runnel runs", "show" and "logs" still work/);
+      assert.match(refused.stderr, /"runnel runs", "show", "logs" and "gc" .* still work/);
 
       // Room to start, none to finish (no reserve left): a clear message, a resumable run.
       await Deno.remove(`${disk}/.runnel/reserve`).catch(() => {});
@@ -412,9 +412,13 @@ Deno.test({
         /^(pending|running)$/,
       );
 
+      // gc answers on the full disk, and frees what the finished run left.
+      const gc = await cli("gc", "--retention", "0s");
+      assert.equal(gc.code, 0, gc.stderr);
+      assert.match(gc.stdout, /scratch and logs of 1 runs/);
+
       // Space is back and the step is fixed: resume finishes both runs.
       await Deno.remove(filler);
-      await Deno.remove(`${disk}/.runnel/logs`, { recursive: true });
       await box.write("loud.yaml", loudPipeline(1_000));
       for (const runId of [failed.runId, message[1]]) {
         const resumed = await cli("resume", runId);
