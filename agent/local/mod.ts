@@ -216,8 +216,10 @@ export async function openPool(
 export async function resumeRun(runId: string, options: LocalRunOptions = {}): Promise<RunSummary> {
   const now = options.now ?? Date.now;
   const state = await openLocalState(options.stateDir);
+  let resumable: string | undefined;
   try {
     const record = await getRunRecord(state.store, runId);
+    resumable = record.runId;
     if (record.status === "succeeded") {
       throw new LocalRunError("run_succeeded", `Run ${runId} already succeeded; nothing to resume`);
     }
@@ -256,7 +258,7 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
       if (!options.pool) await pool.close();
     }
   } catch (error) {
-    throw sayDiskFull(state, error, runId);
+    throw sayDiskFull(state, error, resumable);
   } finally {
     await state.close();
   }
