@@ -115,10 +115,11 @@ export interface LocalState {
 }
 
 /**
- * Room the state directory keeps for its store (1 MiB: a few hundred
- * transactions of a run's records). Given up when a write finds the disk
- * full, it lets the runner record the run as failed instead of leaving it
- * running; taken again by the next runner that finds the space.
+ * Room the state directory keeps for its store: 1 MiB, 256 pages of the
+ * WAL, a hundred or so transactions of a run's records. Given up when a
+ * write finds the disk full, it lets the runner record the run as failed
+ * instead of leaving it running; taken again by the next runner that finds
+ * the space.
  */
 export const RESERVE_BYTES = 1024 * 1024;
 
