@@ -162,3 +162,16 @@ Deno.test("limits parse from NAME=VALUE and refuse what is not a positive intege
   }
   assert.throws(() => pipelineLimits({ maxDependencies: -1 }), /positive integer/);
 });
+
+Deno.test("an alias bomb in a file large enough for the fast path is refused as well", () => {
+  const lines = ["name: bomb", "a: &a [x, x, x, x, x, x, x, x, x, x]"];
+  for (let i = 0, previous = "a"; i < 9; i++, previous = `l${i - 1}`) {
+    lines.push(`l${i}: &l${i} [${Array(10).fill(`*${previous}`).join(", ")}]`);
+  }
+  lines.push("steps:", "  s: { run: 'true' }", `# ${"padding ".repeat(10_000)}`, "");
+  const source = lines.join("\n");
+  assert.ok(source.length > 64 * 1024);
+  const started = performance.now();
+  assert.deepEqual(problems(source, { file: "bomb.yaml" }).map((d) => d.code), ["yaml_aliases"]);
+  assert.ok(performance.now() - started < 2_000);
+});
