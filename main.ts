@@ -18,6 +18,7 @@ import {
   type CommandLine,
   durationFlag,
   EXIT_BAD_INPUT,
+  limitsFlag,
   parseCommandLine,
   positiveInt,
   USAGE,
@@ -46,6 +47,7 @@ async function main(line: CommandLine): Promise<number> {
   const policy = localPolicy(config.policy, { configFile: config.file });
   const stateDir = flags["state-dir"];
   const json = flags.json;
+  const limits = limitsFlag(flags.limit);
   const execute = {
     stateDir,
     json,
@@ -57,6 +59,7 @@ async function main(line: CommandLine): Promise<number> {
     hosts,
     policy,
     secrets,
+    limits,
   };
 
   const cluster = () => import("./agent/client/cli.ts");
@@ -73,12 +76,18 @@ async function main(line: CommandLine): Promise<number> {
     case "token":
       return await (await cluster()).tokenCommand(args, flags);
     case "validate":
-      return await local.validateCommand(need("a pipeline file"), { plugins, policy, secrets });
+      return await local.validateCommand(need("a pipeline file"), {
+        plugins,
+        policy,
+        secrets,
+        limits,
+      });
     case "plan":
       return await local.planCommand(need("a pipeline file"), {
         plugins,
         policy,
         mermaid: flags.mermaid,
+        limits,
       });
     case "schema":
       return local.schemaCommand();

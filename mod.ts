@@ -64,6 +64,12 @@ export type { DefineOptions } from "./core/define.ts";
 export type { Diagnostic } from "./core/errors.ts";
 export { formatDiagnostic, PipelineError } from "./core/errors.ts";
 export { parseByteSize, parseDuration } from "./core/duration.ts";
+export {
+  DEFAULT_PIPELINE_LIMITS,
+  parseLimit,
+  type PipelineLimits,
+  pipelineLimits,
+} from "./core/limits.ts";
 export { pipelineJsonSchema, PipelineSchema } from "./core/schema.ts";
 export type { PipelineFile, StepFile } from "./core/schema.ts";
 export { renderPlanText } from "./core/plan.ts";
@@ -154,6 +160,7 @@ export {
   cancelRun,
   collectGarbage,
   DEFAULT_STATE_DIR,
+  defaultConcurrency,
   deliverWebhook,
   getRunRecord,
   listRuns,

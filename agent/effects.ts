@@ -17,8 +17,15 @@ import { abortableDelay } from "../core/_async.ts";
 const WEBHOOK_MAX_BACKOFF_MS = 30_000;
 
 /**
+ * Longest delay one `setTimeout` can wait (2^31-1 ms, 24.8 days): a longer
+ * one overflows and fires after 1 ms, which turned a far wake into a 1 ms loop.
+ */
+export const MAX_TIMER_DELAY_MS = 2 ** 31 - 1;
+
+/**
  * One timer per run, armed for the earliest `WakeAt` the engine asked for:
- * a later wake never postpones an earlier one.
+ * a later wake never postpones an earlier one. A wake further away than a
+ * timer can wait is reached in steps of {@link MAX_TIMER_DELAY_MS}.
  */
 export class WakeTimer {
   #timer: ReturnType<typeof setTimeout> | undefined;
@@ -29,19 +36,27 @@ export class WakeTimer {
 
   /** Arms the timer for `at`, if that is earlier than the wake already armed. */
   arm(at: number): void {
-    if (at >= this.#at) return;
+    // Written so that NaN is refused too.
+    if (!(at < this.#at)) return;
     this.#at = at;
-    clearTimeout(this.#timer);
-    this.#timer = setTimeout(() => {
-      this.#at = Infinity;
-      this.wake();
-    }, Math.max(0, at - this.now()));
+    this.#schedule();
   }
 
   /** Disarms it. */
   clear(): void {
     clearTimeout(this.#timer);
     this.#at = Infinity;
+  }
+
+  #schedule(): void {
+    clearTimeout(this.#timer);
+    const wait = Math.max(0, this.#at - this.now());
+    const partial = wait > MAX_TIMER_DELAY_MS;
+    this.#timer = setTimeout(() => {
+      if (partial) return this.#schedule();
+      this.#at = Infinity;
+      this.wake();
+    }, partial ? MAX_TIMER_DELAY_MS : wait);
   }
 }
 

@@ -44,6 +44,26 @@ export interface EmbeddedStoreOptions {
   pollIntervalMs?: number;
   /** How long a write waits for another process's transaction. Default 10 s. */
   busyTimeoutMs?: number;
+  /**
+   * Only look: the file must exist, nothing is created or written, leases
+   * are not expired (a read does not delete their keys), and every write is
+   * refused with a {@link ReadOnlyStoreError}. On a full disk, where the
+   * WAL's shared-memory index cannot be made, the file is read under an
+   * exclusive lock with the index in this process's memory.
+   */
+  readOnly?: boolean;
+}
+
+/** A write to a store opened with `readOnly`. */
+export class ReadOnlyStoreError extends Error {
+  /** Stable error code. */
+  readonly code = "store_read_only";
+
+  /** Builds the error naming the store's file. */
+  constructor(path: string) {
+    super(`Expected a store open for writing; ${path} was opened read-only`);
+    this.name = "ReadOnlyStoreError";
+  }
 }
 
 /** A {@link Store} backed by a SQLite file. */
@@ -238,9 +258,44 @@ function newLeaseId(): string {
   return randomHex(8);
 }
 
+/**
+ * Opens an existing database for reading only (see
+ * `EmbeddedStoreOptions.readOnly`). node:sqlite's own read-only mode cannot
+ * open a WAL database whose shared-memory file it cannot create, so the
+ * handle is a read-write one that SQLite itself keeps from writing
+ * (`query_only`).
+ */
+function openForReading(path: string, busyTimeoutMs: number): DatabaseSync {
+  // A missing file is an error, not a new database. (Not SQLite's `mode=rw`:
+  // Deno's node:sqlite takes URI file names as paths when permissions are granular.)
+  Deno.statSync(path);
+  const open = (exclusive: boolean) => {
+    const db = new DatabaseSync(path);
+    try {
+      db.exec(`PRAGMA busy_timeout = ${Math.trunc(busyTimeoutMs)}`);
+      db.exec("PRAGMA query_only = 1");
+      // Before the first read: the WAL index then lives in this process.
+      if (exclusive) db.exec("PRAGMA locking_mode = EXCLUSIVE");
+      db.prepare("SELECT value FROM meta WHERE name = 'revision'").get();
+      return db;
+    } catch (error) {
+      db.close();
+      throw error;
+    }
+  };
+  try {
+    return open(false);
+  } catch (error) {
+    // SQLITE_IOERR_SHMSIZE and friends: the shared-memory file cannot grow.
+    if (!/disk I\/O error|database or disk is full/.test(String(error))) throw error;
+    return open(true);
+  }
+}
+
 class SqliteStore implements EmbeddedStore {
   readonly path: string;
   readonly #db: DatabaseSync;
+  readonly #readOnly: boolean;
   readonly #clock: () => number;
   readonly #wakers = new Set<Waker>();
   readonly #timer: ReturnType<typeof setInterval>;
@@ -251,12 +306,17 @@ class SqliteStore implements EmbeddedStore {
   constructor(path: string, options: EmbeddedStoreOptions) {
     this.path = path;
     this.#clock = options.clock ?? Date.now;
-    this.#db = new DatabaseSync(path);
     const busyTimeoutMs = options.busyTimeoutMs ?? DEFAULT_BUSY_TIMEOUT_MS;
-    this.#db.exec(`PRAGMA busy_timeout = ${Math.trunc(busyTimeoutMs)}`);
-    if (path !== ":memory:") this.#db.exec("PRAGMA journal_mode = WAL");
-    this.#db.exec("PRAGMA synchronous = FULL");
-    this.#immediate(() => this.#db.exec(SCHEMA));
+    this.#readOnly = options.readOnly === true && path !== ":memory:";
+    if (this.#readOnly) {
+      this.#db = openForReading(path, busyTimeoutMs);
+    } else {
+      this.#db = new DatabaseSync(path);
+      this.#db.exec(`PRAGMA busy_timeout = ${Math.trunc(busyTimeoutMs)}`);
+      if (path !== ":memory:") this.#db.exec("PRAGMA journal_mode = WAL");
+      this.#db.exec("PRAGMA synchronous = FULL");
+      this.#immediate(() => this.#db.exec(SCHEMA));
+    }
     const prepare = (sql: string) => this.#db.prepare(sql);
     this.#sql = {
       revision: prepare("SELECT value FROM meta WHERE name = 'revision'"),
@@ -462,6 +522,7 @@ class SqliteStore implements EmbeddedStore {
 
   /** Runs `body` in a write transaction that takes the file's write lock up front. */
   #immediate<T>(body: () => T): T {
+    if (this.#readOnly) throw new ReadOnlyStoreError(this.path);
     this.#db.exec("BEGIN IMMEDIATE");
     try {
       const result = body();
@@ -559,6 +620,8 @@ class SqliteStore implements EmbeddedStore {
 
   /** Ends every lease past its expiry, deleting its keys in one revision. */
   #expireLeases(): void {
+    // A reader only looks: the next writer expires them.
+    if (this.#readOnly) return;
     const now = this.#clock();
     if (this.#sql.anyExpired.get(now) === undefined) return;
     this.#write((revision) => {

@@ -178,6 +178,41 @@ Deno.test("embedded: reopening a file keeps keys, revision and compaction", asyn
   });
 });
 
+Deno.test("embedded: a read-only store reads, sees a writer's changes, expires nothing and writes nothing", async () => {
+  await withTempDir(async (dir) => {
+    const path = `${dir}/state.db`;
+    let now = 1_000;
+    const writer = openEmbeddedStore(path, { clock: () => now });
+    const lease = await writer.grantLease(1_000);
+    await writer.put("owner", "me", { lease: lease.id });
+    await writer.put("run", "1");
+    now += 5_000;
+    const reader = openEmbeddedStore(path, { clock: () => now, readOnly: true });
+    try {
+      // Only a writer expires leases: a read must not need the disk.
+      assert.equal((await reader.get("owner"))?.value, "me");
+      const revision = await writer.put("run", "2");
+      assert.equal((await reader.get("run"))?.value, "2");
+      assert.equal(await reader.revision(), revision);
+      await assert.rejects(() => reader.put("run", "3"), { code: "store_read_only" });
+      await assert.rejects(() => reader.grantLease(1_000), { code: "store_read_only" });
+      await assert.rejects(
+        () => reader.txn({ compare: [], success: [{ type: "delete", key: "run" }] }),
+        { code: "store_read_only" },
+      );
+      assert.equal(await writer.get("owner"), undefined, "the writer expires it");
+    } finally {
+      await reader.close();
+      await writer.close();
+    }
+    assert.throws(
+      () => openEmbeddedStore(`${dir}/missing.db`, { readOnly: true }),
+      Deno.errors.NotFound,
+    );
+    await assert.rejects(() => Deno.stat(`${dir}/missing.db`), Deno.errors.NotFound);
+  });
+});
+
 /** Child-process entry points for the cross-process tests above. */
 async function childMain(args: string[]): Promise<void> {
   const [command, path, ...rest] = args;

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { formatDuration, MAX_DURATION_MS } from "./duration.ts";
+import { DEFAULT_PIPELINE_LIMITS } from "./limits.ts";
 import { pipelineJsonSchema } from "./schema.ts";
 
 type JsonSchema = {
@@ -128,6 +130,9 @@ const SECRETS_SECTION = [
  */
 export function generateSchemaFiles(): { schemaJson: string; reference: string } {
   const schema = pipelineJsonSchema() as JsonSchema;
+  const limits = DEFAULT_PIPELINE_LIMITS;
+  const count = (n: number) => n.toLocaleString("en-US");
+  const mib = limits.maxPlanBytes / 2 ** 20;
   const schemaJson = JSON.stringify(schema, null, 2) + "\n";
   const table: string[][] = [["key", "type", "required", "default", "description"]];
   rows(schema, "", table);
@@ -149,6 +154,17 @@ export function generateSchemaFiles(): { schemaJson: string; reference: string }
     '`"500ms"`, `"2s"`, `"10m"`, `"1h30m"`, `"1d"`; memory like `"64Mi"`, `"1G"` or a byte count; CPU as',
     'a number or millicores (`"500m"`). Strings in a matrix step may use `${{ matrix.<key> }}`. Editors',
     "can validate the file with [`pipeline.schema.json`](../pipeline.schema.json).",
+    "",
+    // Wrapped as `deno fmt` wraps Markdown prose at the default limits.
+    `Timeouts and delays are at most \`${
+      formatDuration(MAX_DURATION_MS)
+    }\`. A pipeline expands to at ` +
+    `most ${count(limits.maxMatrixLegs)} legs per matrix, ${count(limits.maxStepInstances)}`,
+    `step instances, ${
+      count(limits.maxDependencies)
+    } dependencies between instances and ${mib} MiB of step definitions written out`,
+    "per leg; these are counted from the matrix sizes before anything expands, and whoever runs runnel",
+    "may change them (`--limit NAME=N`, the `limits` option of `parsePipeline`).",
     "",
     ...tableLines,
     "",

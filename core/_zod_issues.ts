@@ -206,8 +206,11 @@ export function reportZodIssues(
       }
       default: {
         const text = issue.message.charAt(0).toLowerCase() + issue.message.slice(1);
+        const got = (issue as { params?: { showValue?: boolean } }).params?.showValue
+          ? `, got ${typeName(value)}`
+          : "";
         const message = issue.code === "custom"
-          ? `expected ${text} for "${key}" ${where}`
+          ? `expected ${text} for "${key}" ${where}${got}`
           : `${text} for "${key}" ${where}`;
         reporter.at("invalid_value", message, path, { key });
       }

@@ -8,6 +8,7 @@
  */
 
 import { resolve } from "node:path";
+import type { PipelineLimits } from "./limits.ts";
 import type { Plan } from "./model.ts";
 import { canonicalJson } from "./plan.ts";
 import type { PipelineFile } from "./schema.ts";
@@ -28,6 +29,8 @@ export interface DefineOptions {
   backends?: string[];
   /** Host paths deno steps may be granted here (see `CheckOptions.hostPaths`). */
   hostPaths?: CheckOptions["hostPaths"];
+  /** Limits on what the pipeline may expand to; each one not given keeps its default. */
+  limits?: Partial<PipelineLimits>;
 }
 
 /**
@@ -84,6 +87,7 @@ export function definePipeline(pipeline: PipelineFile, options: DefineOptions = 
       baseDir: resolve(options.baseDir ?? Deno.cwd()),
       backends: options.backends,
       hostPaths: options.hostPaths,
+      limits: options.limits,
     };
     const valid = validatePipeline(raw, checks, reporter);
     // The canonical JSON stands in for source text: equal definitions have equal digests.

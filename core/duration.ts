@@ -14,6 +14,13 @@ export const SIZE_PATTERN = /^\d+(?:\.\d+)?(?:[kKMGTP]i?|[kKMGTP]B|B)?$/;
 /** Pattern of a CPU quantity written in millicores. */
 export const MILLICPU_PATTERN = /^\d+m$/;
 
+/**
+ * Longest timeout or delay a pipeline may ask for: 7 days. Far above any
+ * step's real need, and far below the 2^31-1 ms (24.8 days) a `setTimeout`
+ * can wait: a longer wait overflows and fires after 1 ms.
+ */
+export const MAX_DURATION_MS = 7 * 86_400_000;
+
 const DURATION_UNITS_MS: Record<string, number> = {
   ms: 1,
   s: 1_000,
@@ -51,15 +58,25 @@ export interface QuantityOptions {
   key?: string;
 }
 
+/** Options of {@link parseDuration}: what is parsed, and the bounds it must keep. */
+export interface DurationOptions extends QuantityOptions {
+  /** Shortest duration accepted, in ms (included); default 0. */
+  minMs?: number;
+  /** Longest duration accepted, in ms (included); default unbounded. */
+  maxMs?: number;
+}
+
 /** True when `text` is a valid duration. */
 export function isDuration(text: string): boolean {
   return DURATION_PATTERN.test(text);
 }
 
 /**
- * Parses a duration like `"1h30m"` into milliseconds.
+ * Parses a duration like `"1h30m"` into milliseconds, within the bounds
+ * `options` gives.
  *
- * @throws {QuantityError} `Expected a duration like "10m" for "timeout", got "ten minutes"`.
+ * @throws {QuantityError} `Expected a duration like "10m" for "timeout", got "ten minutes"`,
+ * or `Expected a duration from 1ms to 7d for "timeout", got "30d"`.
  * @example
  * ```ts
  * import assert from "node:assert/strict";
@@ -67,18 +84,70 @@ export function isDuration(text: string): boolean {
  *
  * assert.equal(parseDuration("1h30m"), 5_400_000);
  * assert.throws(() => parseDuration("ten minutes"), /Expected a duration like "10m"/);
+ * assert.throws(
+ *   () => parseDuration("30d", { key: "timeout", minMs: 1, maxMs: 7 * 86_400_000 }),
+ *   /Expected a duration from 1ms to 7d for "timeout", got "30d"/,
+ * );
  * ```
  */
-export function parseDuration(text: string, options: QuantityOptions = {}): number {
+export function parseDuration(text: string, options: DurationOptions = {}): number {
+  const key = options.key ? ` for "${options.key}"` : "";
   if (!isDuration(text)) {
-    const key = options.key ? ` for "${options.key}"` : "";
     throw new QuantityError(`Expected a duration like "10m"${key}, got ${JSON.stringify(text)}`);
   }
   let total = 0;
   for (const part of text.matchAll(/(\d+(?:\.\d+)?)(ms|s|m|h|d)/g)) {
     total += Number(part[1]) * DURATION_UNITS_MS[part[2]];
   }
-  return Math.round(total);
+  const ms = Math.round(total);
+  if (!durationWithin(ms, options)) {
+    throw new QuantityError(
+      `Expected ${describeDurationBounds(options)}${key}, got ${JSON.stringify(text)}`,
+    );
+  }
+  return ms;
+}
+
+/** Whether `ms` (a parsed duration) keeps the bounds; `Infinity` never does. */
+export function durationWithin(
+  ms: number,
+  bounds: Pick<DurationOptions, "minMs" | "maxMs">,
+): boolean {
+  return Number.isFinite(ms) && ms >= (bounds.minMs ?? 0) && ms <= (bounds.maxMs ?? Infinity);
+}
+
+/** The bounds of a duration in words: `a duration from 1ms to 7d`. */
+export function describeDurationBounds(bounds: Pick<DurationOptions, "minMs" | "maxMs">): string {
+  const min = bounds.minMs ?? 0;
+  if (bounds.maxMs === undefined) return `a duration of at least ${formatDuration(min)}`;
+  return `a duration from ${formatDuration(min)} to ${formatDuration(bounds.maxMs)}`;
+}
+
+/**
+ * Writes milliseconds as the shortest duration text that parses back to
+ * them: `"7d"`, `"1h30m"`, `"1ms"`, `"0s"`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { formatDuration, parseDuration } from "./duration.ts";
+ *
+ * assert.equal(formatDuration(5_400_000), "1h30m");
+ * assert.equal(parseDuration(formatDuration(90_061_001)), 90_061_001);
+ * ```
+ */
+export function formatDuration(ms: number): string {
+  if (ms === 0) return "0s";
+  let rest = Math.round(ms);
+  let text = "";
+  for (const unit of ["d", "h", "m", "s", "ms"]) {
+    const size = DURATION_UNITS_MS[unit];
+    if (rest >= size) {
+      text += `${Math.floor(rest / size)}${unit}`;
+      rest %= size;
+    }
+  }
+  return text;
 }
 
 /**

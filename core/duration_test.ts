@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { parseByteSize, parseCpu, parseDuration } from "./duration.ts";
+import { formatDuration, parseByteSize, parseCpu, parseDuration } from "./duration.ts";
 import { QuantityError } from "./errors.ts";
 
 Deno.test("durations", () => {
@@ -28,4 +28,19 @@ Deno.test("sizes and cpus", () => {
   assert.equal(parseCpu(2), 2);
   assert.throws(() => parseCpu("two"), QuantityError);
   assert.throws(() => parseCpu(0), QuantityError);
+});
+
+Deno.test("durations keep their bounds; the message names them", () => {
+  const bounds = { key: "timeout", minMs: 1, maxMs: 7 * 86_400_000 };
+  assert.equal(parseDuration("7d", bounds), 7 * 86_400_000);
+  assert.equal(parseDuration("1ms", bounds), 1);
+  for (const text of ["0s", "7d1ms", "30d", "99999999d", `${"9".repeat(400)}d`]) {
+    assert.throws(() => parseDuration(text, bounds), {
+      name: "QuantityError",
+      message: `Expected a duration from 1ms to 7d for "timeout", got "${text}"`,
+    });
+  }
+  assert.equal(formatDuration(0), "0s");
+  assert.equal(formatDuration(7 * 86_400_000), "7d");
+  assert.equal(formatDuration(3_723_004), "1h2m3s4ms");
 });

@@ -13,6 +13,7 @@
  */
 
 import { dirname, resolve } from "node:path";
+import type { PipelineLimits } from "./limits.ts";
 import type { Plan } from "./model.ts";
 import type { SecretPolicy } from "./secrets.ts";
 import { type CheckOptions, planValidated, validatePipeline } from "./validate.ts";
@@ -24,6 +25,17 @@ export { didYouMean, editDistance } from "./_did_you_mean.ts";
 export { MAX_DIAGNOSTICS } from "./_diagnostics.ts";
 export { Locator } from "./_locator.ts";
 export { MAX_ALIAS_COUNT, MAX_PIPELINE_BYTES } from "./_yaml.ts";
+export {
+  DEFAULT_PIPELINE_LIMITS,
+  LIMIT_NAMES,
+  MAX_DEPENDENCIES,
+  MAX_MATRIX_LEGS,
+  MAX_PLAN_BYTES,
+  MAX_STEP_INSTANCES,
+  parseLimit,
+  type PipelineLimits,
+  pipelineLimits,
+} from "./limits.ts";
 
 /** Options of {@link parsePipeline}. */
 export interface ParseOptions {
@@ -43,6 +55,12 @@ export interface ParseOptions {
   hostPaths?: CheckOptions["hostPaths"];
   /** What the operator declared of secrets (see `CheckOptions.secrets`); absent: local mode. */
   secrets?: SecretPolicy;
+  /**
+   * Limits on what the pipeline may expand to (matrix legs, step instances,
+   * dependencies, plan size); each one not given keeps its default
+   * ({@link DEFAULT_PIPELINE_LIMITS}).
+   */
+  limits?: Partial<PipelineLimits>;
 }
 
 /** Options of {@link loadPipeline}. */
@@ -53,6 +71,8 @@ export interface LoadOptions {
   hostPaths?: CheckOptions["hostPaths"];
   /** What the operator declared of secrets (see `CheckOptions.secrets`); absent: local mode. */
   secrets?: SecretPolicy;
+  /** Limits on what the pipeline may expand to (see {@link ParseOptions.limits}). */
+  limits?: Partial<PipelineLimits>;
 }
 
 /**
@@ -91,6 +111,7 @@ export function parseLocated(source: string, options: ParseOptions): Plan {
     readFile: options.readFile,
     hostPaths: options.hostPaths,
     secrets: options.secrets,
+    limits: options.limits,
   };
   const pipeline = validatePipeline(raw, checks, reporter);
   const plan = pipeline &&
@@ -123,5 +144,6 @@ export async function loadPipeline(path: string, options: LoadOptions = {}): Pro
     backends: options.backends,
     hostPaths: options.hostPaths,
     secrets: options.secrets,
+    limits: options.limits,
   });
 }

@@ -117,6 +117,64 @@ export function expandMatrix(matrix: MatrixFile): Array<Record<string, Scalar>> 
   });
 }
 
+/**
+ * The most legs a matrix can expand to, counted without expanding it: the
+ * product of its keys' value counts (the factors), plus its `include`
+ * entries; `exclude` and duplicates only take legs away.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { matrixLegBound } from "./plan.ts";
+ *
+ * const matrix = { a: [1, 2, 3], b: ["x", "y"], include: [{ a: 9 }] };
+ * assert.deepEqual(matrixLegBound(matrix), { legs: 7, factors: [3, 2] });
+ * ```
+ */
+export function matrixLegBound(matrix: MatrixFile): { legs: number; factors: number[] } {
+  const factors = Object.keys(matrix)
+    .filter((key) => key !== "include" && key !== "exclude")
+    .map((key) => matrix[key].length);
+  const product = factors.length === 0 ? 0 : factors.reduce((a, b) => a * b, 1);
+  const included =
+    (matrix.include ?? []).filter((entry) =>
+      entry !== null && typeof entry === "object" && Object.keys(entry).length > 0
+    ).length;
+  return { legs: product + included, factors };
+}
+
+/**
+ * The most characters one leg of a step can take once planned: its
+ * definition without the matrix, each `${{ matrix.x }}` replaced by the
+ * longest value of `x`, and the leg's own values. Counted without
+ * expanding the matrix.
+ */
+export function legSizeBound(step: StepFile): number {
+  const { matrix, ...rest } = step;
+  const text = JSON.stringify(rest);
+  if (!matrix) return text.length;
+  const longest = new Map<string, number>();
+  const see = (key: string, value: unknown) =>
+    longest.set(key, Math.max(longest.get(key) ?? 0, String(value).length));
+  for (const [key, values] of Object.entries(matrix)) {
+    if (key === "include") {
+      for (const entry of values) {
+        if (entry && typeof entry === "object") {
+          for (const [k, v] of Object.entries(entry)) see(k, v);
+        }
+      }
+    } else if (key !== "exclude") {
+      for (const value of values) see(key, value);
+    }
+  }
+  let size = text.length;
+  for (const [key, length] of longest) size += key.length + length + 6;
+  if (text.includes("${{")) {
+    for (const match of text.matchAll(MATRIX_REFERENCE)) size += longest.get(match[1]) ?? 0;
+  }
+  return size;
+}
+
 function legSuffix(leg: Record<string, Scalar>): string {
   return Object.entries(leg).map(([k, v]) => `${k}=${v}`).join(",");
 }

@@ -12,7 +12,17 @@
 
 import { z } from "npm:zod@4.6.7";
 import { ERROR_CLASSES } from "./model.ts";
-import { DURATION_PATTERN, MILLICPU_PATTERN, SIZE_PATTERN } from "./duration.ts";
+import {
+  describeDurationBounds,
+  DURATION_PATTERN,
+  durationWithin,
+  formatDuration,
+  isDuration,
+  MAX_DURATION_MS,
+  MILLICPU_PATTERN,
+  parseDuration,
+  SIZE_PATTERN,
+} from "./duration.ts";
 
 /** Pattern of a pipeline name. */
 export const PIPELINE_NAME_PATTERN = /^[A-Za-z0-9_.-]+$/;
@@ -34,11 +44,44 @@ export const RETRYABLE_CLASSES = ERROR_CLASSES.filter((c) =>
   c !== "business" && c !== "cancelled"
 ) as [string, ...string[]];
 
+/**
+ * Most retries of a step or deliveries of a webhook. Every attempt stays in
+ * the step's record, which is written again at each change: a step retried
+ * without end would grow it, and the writes, without end.
+ */
+export const MAX_RETRIES = 100;
+
 const scalar = z.union([z.string(), z.number(), z.boolean()]);
 
 /** A duration string such as `"500ms"`, `"10m"` or `"1h30m"`. */
 export const DurationSchema = z.string().regex(DURATION_PATTERN).meta({
   description: 'Duration such as "500ms", "2s", "10m", "1h30m", "1d".',
+});
+
+/**
+ * A duration from `minMs` to {@link MAX_DURATION_MS}, checked when the file
+ * is validated: a longer one would overflow the engine's timers.
+ */
+function boundedDuration(minMs: number) {
+  const bounds = { minMs, maxMs: MAX_DURATION_MS };
+  return z.string().regex(DURATION_PATTERN).refine(
+    (text) => !isDuration(text) || durationWithin(parseDuration(text), bounds),
+    // The renderer adds ", got <value>" for a custom issue with showValue.
+    { message: describeDurationBounds(bounds), params: { showValue: true } },
+  );
+}
+
+/** The longest duration, as descriptions write it. */
+const LONGEST = formatDuration(MAX_DURATION_MS);
+
+/** A time limit: from 1ms (a zero timeout would fail every attempt) to 7 days. */
+export const TimeoutSchema = boundedDuration(1).meta({
+  description: `Duration such as "30s", "10m", "1h30m", from 1ms to ${LONGEST}.`,
+});
+
+/** A delay: from 0s to 7 days. */
+export const DelaySchema = boundedDuration(0).meta({
+  description: `Duration such as "500ms", "2s", "10m", at most ${LONGEST}.`,
 });
 
 const EnvSchema = z.record(z.string().regex(ENV_NAME_PATTERN), scalar).meta({
@@ -60,18 +103,18 @@ export const ResourcesSchema = z.strictObject({
 
 /** Retry policy, or an integer shorthand for `max`. */
 export const RetrySchema = z.union([
-  z.number().int().nonnegative(),
+  z.number().int().nonnegative().max(MAX_RETRIES),
   z.strictObject({
-    max: z.number().int().nonnegative().optional().meta({
-      description: "Attempts after the first.",
+    max: z.number().int().nonnegative().max(MAX_RETRIES).optional().meta({
+      description: `Attempts after the first (at most ${MAX_RETRIES}).`,
       default: 0,
     }),
-    backoff: DurationSchema.optional().meta({
-      description: "Delay before the first retry.",
+    backoff: DelaySchema.optional().meta({
+      description: `Delay before the first retry (at most ${LONGEST}).`,
       default: "1s",
     }),
-    "max-backoff": DurationSchema.optional().meta({
-      description: "Cap of any delay.",
+    "max-backoff": DelaySchema.optional().meta({
+      description: `Cap of any delay (at most ${LONGEST}).`,
       default: "60s",
     }),
     factor: z.number().min(1).optional().meta({
@@ -93,16 +136,16 @@ export const RetrySchema = z.union([
 export const OnFailureSchema = z.strictObject({
   webhook: z.url().meta({ description: "URL that receives the failure metadata as JSON (POST)." }),
   headers: z.record(z.string(), z.string()).optional().meta({ description: "Extra HTTP headers." }),
-  retries: z.number().int().nonnegative().optional().meta({
-    description: "Delivery attempts after the first.",
+  retries: z.number().int().nonnegative().max(MAX_RETRIES).optional().meta({
+    description: `Delivery attempts after the first (at most ${MAX_RETRIES}).`,
     default: 3,
   }),
-  backoff: DurationSchema.optional().meta({
-    description: "Delay between deliveries.",
+  backoff: DelaySchema.optional().meta({
+    description: `Delay between deliveries (at most ${LONGEST}).`,
     default: "1s",
   }),
-  timeout: DurationSchema.optional().meta({
-    description: "Timeout of one delivery.",
+  timeout: TimeoutSchema.optional().meta({
+    description: `Timeout of one delivery (1ms to ${LONGEST}).`,
     default: "10s",
   }),
 }).meta({ description: "Failure handler: a webhook called with the failure metadata." });
@@ -247,7 +290,9 @@ export const StepSchema = z.strictObject({
     description: "Pipeline secrets (their env names) the step is given, masked in its logs.",
   }),
   resources: ResourcesSchema.optional(),
-  timeout: DurationSchema.optional().meta({ description: "Time limit of one attempt." }),
+  timeout: TimeoutSchema.optional().meta({
+    description: `Time limit of one attempt (1ms to ${LONGEST}).`,
+  }),
   retry: RetrySchema.optional(),
   when: z.string().optional().meta({
     description: "Condition, e.g. `${{ failure() }}`; default success().",
@@ -271,7 +316,7 @@ export const StepSchema = z.strictObject({
 /** The `defaults` block: values every step inherits. */
 export const DefaultsSchema = z.strictObject({
   backend: z.string().optional().meta({ description: "Backend of steps that name none." }),
-  timeout: DurationSchema.optional(),
+  timeout: TimeoutSchema.optional(),
   retry: RetrySchema.optional(),
   env: EnvSchema.optional(),
   resources: ResourcesSchema.optional(),

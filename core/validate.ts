@@ -11,6 +11,7 @@
 import { isAbsolute, resolve } from "node:path";
 import type { z } from "npm:zod@4.6.7";
 import { ConditionSyntaxError, parseCondition } from "./expr.ts";
+import { checkPipelineSize, type PipelineLimits, pipelineLimits } from "./limits.ts";
 import type { Plan } from "./model.ts";
 import { expandMatrix, inferBackend, planPipeline, stepEdges } from "./plan.ts";
 import {
@@ -50,6 +51,8 @@ export interface CheckOptions {
    * and env and file references (local mode).
    */
   secrets?: SecretPolicy;
+  /** Limits on what the pipeline may expand to; default `DEFAULT_PIPELINE_LIMITS`. */
+  limits?: Partial<PipelineLimits>;
 }
 
 /**
@@ -81,7 +84,13 @@ export function viewOf(pipeline: PipelineFile): PipelineView {
     secretRefs: pipeline.secrets,
     startNode: pipeline.start_node,
     defaultBackend: pipeline.defaults?.backend,
+    inheritedSize: inheritedSize(pipeline.defaults, pipeline.selector),
   };
+}
+
+/** Characters every step instance inherits from the `defaults` block and the selector. */
+function inheritedSize(defaults: unknown, selector: unknown): number {
+  return JSON.stringify({ defaults, selector }).length;
 }
 
 /** Options of {@link planValidated}. */
@@ -132,6 +141,8 @@ export interface PipelineView {
   secretRefs?: PipelineFile["secrets"];
   startNode?: string;
   defaultBackend?: string;
+  /** Characters every step instance inherits (see {@link checkPipelineSize}). */
+  inheritedSize?: number;
 }
 
 /**
@@ -190,6 +201,7 @@ export function salvageView(raw: Record<string, unknown>): PipelineView {
     secretRefs: secrets.success ? secrets.data : undefined,
     startNode: start.success ? start.data : undefined,
     defaultBackend: defaults?.backend,
+    inheritedSize: inheritedSize(raw.defaults, raw.selector),
   };
 }
 
@@ -209,6 +221,11 @@ export function checkSteps(
   const known = new Set(names);
   const backends = new Set<string>([...BUILTIN_BACKENDS, ...(options.backends ?? [])]);
   let reportedDefaultBackend = false;
+  // Before anything expands a matrix: a small file can describe a million legs.
+  const sized = checkPipelineSize(view.steps, {
+    limits: pipelineLimits(options.limits),
+    inheritedSize: view.inheritedSize,
+  }, reporter);
   for (const [name, step] of view.steps) {
     if (!step) continue;
     const at = (...path: PathSegment[]) => ["steps", name, ...path];
@@ -353,7 +370,7 @@ export function checkSteps(
         );
       }
     }
-    if (step.matrix) checkMatrix(name, step.matrix, reporter);
+    if (step.matrix) checkMatrix(name, step.matrix, reporter, sized);
   }
   if (view.startNode !== undefined && !known.has(view.startNode)) {
     reporter.at("unknown_step", `"start_node" names unknown step "${view.startNode}"`, [
@@ -479,8 +496,16 @@ function moduleProblem(path: string): string | undefined {
   }
 }
 
-/** A matrix's values have the right types and expand to at least one leg. */
-function checkMatrix(name: string, matrix: Record<string, unknown[]>, reporter: Reporter): void {
+/**
+ * A matrix's values have the right types and expand to at least one leg
+ * (expanded only when `expand`: the pipeline keeps its size limits).
+ */
+function checkMatrix(
+  name: string,
+  matrix: Record<string, unknown[]>,
+  reporter: Reporter,
+  expand: boolean,
+): void {
   const at = (...path: PathSegment[]) => ["steps", name, "matrix", ...path];
   let valid = true;
   for (const [key, values] of Object.entries(matrix)) {
@@ -507,7 +532,9 @@ function checkMatrix(name: string, matrix: Record<string, unknown[]>, reporter: 
       valid = false;
     }
   }
-  if (valid && expandMatrix(matrix as Parameters<typeof expandMatrix>[0]).length === 0) {
+  if (
+    valid && expand && expandMatrix(matrix as Parameters<typeof expandMatrix>[0]).length === 0
+  ) {
     reporter.at(
       "empty_matrix",
       `matrix of step "${name}" expands to no legs (every combination is excluded)`,

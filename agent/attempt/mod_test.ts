@@ -230,3 +230,37 @@ Deno.test("lifecycle: an adopted attempt's output waits for its secrets, and is 
   assert.match(withheld[0], /^\[runnel\] output withheld: the runner restarted/);
   assert.ok(!JSON.stringify([withheld, result]).includes("hunter2"));
 });
+
+Deno.test("lifecycle: an attempt that cannot start for want of open files is lost, not failed; a full disk fails it", async () => {
+  const dir = await Deno.realPath(await Deno.makeTempDir({ prefix: "runnel_lifecycle_" }));
+  let refusal = "";
+  // A pool whose backend refuses to start, as the shell backend did with 1,000 steps at once.
+  const pool = {
+    context: { scratchRoot: dir, agentId: "test" },
+    source: () => ({}),
+    backend: () => ({ start: () => Promise.reject(new Error(refusal)) }),
+  } as unknown as PluginHostPool;
+  const attempts = new AttemptLifecycle({
+    pool,
+    artifacts: openLocalArtifactStore(`${dir}/artifacts`),
+    recordsDir: `${dir}/attempts`,
+    agentId: "test",
+  });
+  try {
+    refusal = "Failed to spawn '/usr/bin/setsid': Too many open files (os error 24)";
+    const starved = await attempts.run(shellJob("true"), { onLog: () => {} }).result;
+    assert.deepEqual(starved, {
+      ok: false,
+      errorClass: "infrastructure",
+      message: `The machine ran out of resources to start the attempt: ${refusal}`,
+      lost: true,
+    });
+    refusal = "No space left on device (os error 28)";
+    const full = await attempts.run(shellJob("true", { attemptId: "r1/s/2", attempt: 2 }), {
+      onLog: () => {},
+    }).result;
+    assert.deepEqual(full, { ok: false, errorClass: "infrastructure", message: refusal });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

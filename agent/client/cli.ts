@@ -38,6 +38,7 @@ import {
   durationFlag,
   EXIT_BAD_INPUT,
   hostPort,
+  limitsFlag,
   parseLabels,
   positiveInt,
   UsageError,
@@ -107,6 +108,7 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
       adminToken,
       metricsPublic: flags["metrics-public"],
       webhookAllow,
+      pipelineLimits: limitsFlag(flags.limit),
     });
   } catch (error) {
     await closeStore();

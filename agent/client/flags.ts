@@ -8,6 +8,7 @@
 
 import { parseArgs } from "node:util";
 import { parseDuration } from "../../core/duration.ts";
+import { parseLimit, type PipelineLimits } from "../../core/limits.ts";
 import denoConfig from "../../deno.json" with { type: "json" };
 
 /** runnel's version, as `deno.json` (the package's manifest) gives it. */
@@ -49,7 +50,9 @@ Options:
   --state-dir DIR      where runs, logs and artifacts live (default .runnel)
   --json               machine-readable output (events as JSON lines for run/resume)
   --logs               print step log lines while running
-  --concurrency N      override the pipeline's concurrency
+  --concurrency N      override the pipeline's concurrency (local default: 2 × CPUs, 4 to 64)
+  --limit NAME=N       raise or lower a pipeline limit (repeatable): matrix-legs (10000),
+                       step-instances (100000), dependencies (1000000), plan-bytes (64Mi)
   --mermaid            (plan) print a Mermaid flowchart
   --follow, -f         (logs) keep printing until the run ends
   --retention D        (gc) keep artifacts younger than D (default 14d)
@@ -89,6 +92,7 @@ const OPTIONS = {
   json: { type: "boolean" },
   logs: { type: "boolean" },
   concurrency: { type: "string" },
+  limit: { type: "string", multiple: true },
   mermaid: { type: "boolean" },
   follow: { type: "boolean", short: "f" },
   retention: { type: "string" },
@@ -199,6 +203,15 @@ export function durationFlag(text: string, flag: string): number {
     return parseDuration(text);
   } catch {
     throw new UsageError(`Expected a duration like "5s" for ${flag}, got "${text}"`);
+  }
+}
+
+/** The values of `--limit NAME=N` (repeatable), as load options take them. */
+export function limitsFlag(values: string[] | undefined): Partial<PipelineLimits> {
+  try {
+    return Object.assign({}, ...(values ?? []).map(parseLimit));
+  } catch (error) {
+    throw new UsageError(`${(error as Error).message} (--limit)`);
   }
 }
 

@@ -21,6 +21,7 @@ import {
   openLocalState,
   PipelineError,
   pipelineJsonSchema,
+  type PipelineLimits,
   PluginHostPool,
   type PluginSource,
   readStepStates,
@@ -59,6 +60,8 @@ export interface ExecuteOptions extends StateOptions {
   policy?: AttemptPolicy;
   /** The secrets the user declares (`--secrets`, the `--config` file's `secrets:`). */
   secrets?: Record<string, SecretSource>;
+  /** Limits on what the pipeline may expand to (`--limit`). */
+  limits?: Partial<PipelineLimits>;
 }
 
 /** Options of the commands that load a pipeline file without running it. */
@@ -69,6 +72,8 @@ export interface LoadCommandOptions {
   policy?: AttemptPolicy;
   /** The secrets the user declares: a pipeline naming another is refused (`validate`). */
   secrets?: Record<string, SecretSource>;
+  /** Limits on what the pipeline may expand to (`--limit`). */
+  limits?: Partial<PipelineLimits>;
 }
 
 /** `runnel validate FILE`: every problem at once, or one line saying it is valid. */
@@ -78,6 +83,7 @@ export async function validateCommand(file: string, options: LoadCommandOptions)
     backends: plugins.map((plugin) => plugin.name),
     hostPaths: options.policy?.deno,
     secrets: { names: Object.keys(options.secrets ?? {}) },
+    limits: options.limits,
   });
   const pool = new PluginHostPool({
     plugins: [...builtinPlugins(), ...plugins],
@@ -102,6 +108,7 @@ export async function planCommand(
   const plan = await loadPipeline(file, {
     backends: options.plugins.map((plugin) => plugin.name),
     hostPaths: options.policy?.deno,
+    limits: options.limits,
   });
   return print(options.mermaid ? renderMermaid(plan) : renderPlanText(plan));
 }
@@ -117,6 +124,7 @@ export async function runCommand(file: string, options: ExecuteOptions): Promise
     backends: options.plugins.map((plugin) => plugin.name),
     hostPaths: options.policy?.deno,
     secrets: { names: Object.keys(options.secrets ?? {}) },
+    limits: options.limits,
   });
   return await execute(
     (runOptions) =>
@@ -141,6 +149,7 @@ export async function resumeCommand(prefix: string, options: ExecuteOptions): Pr
         plugins: options.plugins.length ? options.plugins : undefined,
         policy: options.policy,
         secrets: options.secrets,
+        limits: options.limits,
       }),
     options,
   );
@@ -161,7 +170,8 @@ export async function cancelCommand(prefix: string, options: StateOptions): Prom
 
 /** `runnel runs`: newest first. */
 export async function runsCommand(options: StateOptions): Promise<number> {
-  const state = await openLocalState(options.stateDir);
+  // Read-only: on a full disk the runs can still be seen.
+  const state = await openLocalState(options.stateDir, { readOnly: true });
   try {
     const runs = await listRuns(state.store);
     if (options.json) return print(JSON.stringify(runs, null, 2));
@@ -174,7 +184,7 @@ export async function runsCommand(options: StateOptions): Promise<number> {
 
 /** `runnel show RUN`: the same view as `runnel show RUN --server URL`. */
 export async function showCommand(prefix: string, options: StateOptions): Promise<number> {
-  const state = await openLocalState(options.stateDir);
+  const state = await openLocalState(options.stateDir, { readOnly: true });
   try {
     const record = await getRunRecord(state.store, prefix);
     const steps = await readStepStates(state.store, record.runId);
@@ -195,7 +205,7 @@ export async function logsCommand(
   options: { step?: string; stateDir?: string; follow?: boolean },
 ): Promise<number> {
   const { step: stepId, stateDir, follow } = options;
-  const state = await openLocalState(stateDir);
+  const state = await openLocalState(stateDir, { readOnly: true });
   try {
     const record = await getRunRecord(state.store, prefix);
     const paths = statePaths(stateDir);
@@ -362,7 +372,7 @@ async function execute(
 }
 
 async function resolveRunId(prefix: string, stateDir?: string): Promise<string> {
-  const state = await openLocalState(stateDir);
+  const state = await openLocalState(stateDir, { readOnly: true });
   try {
     return (await getRunRecord(state.store, prefix)).runId;
   } finally {

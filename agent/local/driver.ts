@@ -32,16 +32,20 @@ import type {
   RunningAttempt,
   StopReason,
 } from "../attempt/mod.ts";
+import { exhaustedResult, isResourceExhaustion } from "../attempt/mod.ts";
 import { errorClassOf } from "../attempt/io.ts";
 import type { Execution } from "../../backends/backend.ts";
 import { WakeTimer, WebhookNotifier } from "../effects.ts";
 import { cacheKeyOf, restoreFromCache, saveToCache } from "./cache.ts";
 import {
   claimRun,
+  diskFullError,
+  isDiskFull,
   localKeys,
   type LocalState,
   logPath,
   persistRun,
+  releaseReserve,
   type RunRecord,
 } from "./state.ts";
 
@@ -103,6 +107,10 @@ interface ActiveAttempt {
   attempt: number;
   /** Set once the engine stopped it: the engine already recorded its outcome. */
   stopped?: "cancel" | "timeout";
+  /** Its backend started it: it holds processes, pipes, files until it ends. */
+  started?: boolean;
+  /** It could not start for want of a resource (and was reported lost). */
+  starved?: boolean;
   running?: RunningAttempt;
   done: Promise<void>;
 }
@@ -118,6 +126,22 @@ export class LocalDriver {
   readonly #webhooks: WebhookNotifier;
   #queue: Promise<void> = Promise.resolve();
   readonly #pending: Array<{ event: EngineEvent; ignoreFinish: boolean }> = [];
+  /**
+   * How many attempts may be in flight: unbounded (the engine's concurrency
+   * decides) until one cannot start for want of a resource; then as many as
+   * held resources at that moment, growing by one after as many successes,
+   * in the manner of TCP's congestion window.
+   */
+  #admitLimit = Infinity;
+  #successesSinceGrowth = 0;
+  /** Attempts whose work is not over. */
+  #inFlight = 0;
+  /** Why the store could not take the run's state (no write is tried after that). */
+  #unrecorded: unknown;
+  /** The store holds the run: a resume can finish it. */
+  #recorded: boolean;
+  /** Attempts the engine started that wait for the admission limit, in order. */
+  readonly #admission = new Map<string, () => void>();
   #draining = false;
   #logDirReady?: Promise<unknown>;
   #finished?: (status: RunStatus) => void;
@@ -129,6 +153,7 @@ export class LocalDriver {
     this.#engine = engine;
     this.#context = context;
     this.#now = context.now;
+    this.#recorded = engine.state.status !== "pending";
     this.#wake = new WakeTimer(() => this.#submit({ type: "Tick", now: this.#now() }), this.#now);
     this.#webhooks = new WebhookNotifier((outcome) => this.#emit({ type: "webhook", ...outcome }));
   }
@@ -145,7 +170,9 @@ export class LocalDriver {
     const { state, record, signal } = this.#context;
     const store = state.store;
     const runId = record.runId;
-    const release = await claimRun(store, runId, this.#now());
+    const release = await claimRun(store, runId, this.#now()).catch((error) => {
+      throw isDiskFull(error) ? this.#diskFull(error) : error;
+    });
     const watchAbort = new AbortController();
     const finished = new Promise<RunStatus>((resolve, reject) => {
       this.#finished = resolve;
@@ -155,7 +182,7 @@ export class LocalDriver {
     signal?.addEventListener("abort", onAbort, { once: true });
     this.#watchCancelRequests(watchAbort.signal);
     try {
-      await persistRun(store, record, this.#engine);
+      await this.#persist();
       this.#emitRun("running");
       for (const { record, execution } of reattached) this.#adopt(record, execution);
       // Only the last initial event may finish the run: an AttemptLost
@@ -165,7 +192,16 @@ export class LocalDriver {
       if (signal?.aborted) onAbort();
       // A run resumed when every step is already terminal finishes at once.
       this.#submit({ type: "Tick", now: this.#now() });
-      const status = await finished;
+      const status = await finished.catch(async (error) => {
+        // Nothing more can be recorded: stop what runs, so that nothing keeps
+        // writing; the store still says they run, so a resume runs them again.
+        const stopping = [...this.#active.values()];
+        for (const active of stopping) {
+          active.running?.stop({ kind: "shutdown", message: "the runner stopped" });
+        }
+        await Promise.allSettled(stopping.map((a) => a.done));
+        throw error;
+      });
       await this.#queue;
       // Stopped steps: wait for their processes to be gone before returning.
       await Promise.allSettled([...this.#active.values()].map((a) => a.done));
@@ -214,7 +250,7 @@ export class LocalDriver {
           }
         }
         // Persist before acting: the store never knows less than was done.
-        await persistRun(this.#context.state.store, this.#context.record, this.#engine);
+        await this.#persist();
         for (const effect of effects) this.#perform(effect);
       }
     } catch (error) {
@@ -224,21 +260,64 @@ export class LocalDriver {
     }
   }
 
+  /**
+   * Writes the run record and the changed steps. On a full disk the state
+   * directory's reserve is given up for one more try: a step that filled
+   * the disk then fails and the run is recorded as failed. Without room, the
+   * run stays as last recorded (resumable) and the error says so.
+   */
+  async #persist(): Promise<void> {
+    const { state, record } = this.#context;
+    // After a write failed for good, the store keeps the last state it took whole.
+    if (this.#unrecorded) throw this.#unrecorded;
+    try {
+      await persistRun(state.store, record, this.#engine);
+      this.#recorded = true;
+    } catch (error) {
+      this.#unrecorded = error;
+      if (!isDiskFull(error)) throw error;
+      this.#unrecorded = this.#diskFull(error);
+      if (!(await releaseReserve(state.paths))) throw this.#unrecorded;
+      try {
+        // The failed write drained the changed steps: write them all.
+        await persistRun(state.store, record, this.#engine, { all: true });
+      } catch (again) {
+        if (!isDiskFull(again)) this.#unrecorded = again;
+        throw this.#unrecorded;
+      }
+      this.#unrecorded = undefined;
+      this.#recorded = true;
+    }
+  }
+
+  /** The error of a full disk, naming the run when a resume can finish it. */
+  #diskFull(error: unknown): Error {
+    const { state, record } = this.#context;
+    return diskFullError(state.paths, error, this.#recorded ? record.runId : undefined);
+  }
+
   #perform(effect: Effect): void {
     switch (effect.type) {
       case "StartAttempt":
-        this.#track(effect.attemptId, effect.stepId, effect.attempt, (active) => {
-          this.#submit({
-            type: "AttemptStarted",
-            stepId: effect.stepId,
-            attemptId: effect.attemptId,
-            now: this.#now(),
-            worker: "local",
-          });
-          return this.#start(active, effect.attemptId);
-        });
+        this.#admission.set(
+          effect.attemptId,
+          () =>
+            this.#track(effect.attemptId, effect.stepId, effect.attempt, (active) => {
+              this.#submit({
+                type: "AttemptStarted",
+                stepId: effect.stepId,
+                attemptId: effect.attemptId,
+                now: this.#now(),
+                worker: "local",
+              });
+              return this.#start(active, effect.attemptId);
+            }),
+        );
+        this.#admit();
         break;
       case "StopAttempt": {
+        // Stopped before it was admitted: nothing of it runs.
+        if (this.#admission.delete(effect.attemptId)) break;
         const active = this.#active.get(effect.attemptId);
         if (active && !active.stopped) {
           active.stopped = effect.reason;
@@ -281,9 +360,31 @@ export class LocalDriver {
   ): void {
     const active: ActiveAttempt = { stepId, attempt, done: Promise.resolve() };
     this.#active.set(attemptId, active);
+    this.#inFlight += 1;
     active.done = work(active)
       .catch((error) => this.#failed?.(error))
-      .finally(() => this.#active.delete(attemptId));
+      .finally(() => {
+        this.#active.delete(attemptId);
+        this.#inFlight -= 1;
+        if (active.started && !active.starved && Number.isFinite(this.#admitLimit)) {
+          this.#successesSinceGrowth += 1;
+          if (this.#successesSinceGrowth >= this.#admitLimit) {
+            this.#successesSinceGrowth = 0;
+            this.#admitLimit += 1;
+          }
+        }
+        this.#admit();
+      });
+  }
+
+  /** Starts the attempts waiting for admission, in order, while the limit allows. */
+  #admit(): void {
+    for (const [attemptId, start] of this.#admission) {
+      // One at least: with nothing in flight, waiting frees nothing.
+      if (this.#inFlight > 0 && this.#inFlight >= this.#admitLimit) return;
+      this.#admission.delete(attemptId);
+      start();
+    }
   }
 
   /** Supervises an attempt a backend re-attached after a runner restart. */
@@ -295,6 +396,7 @@ export class LocalDriver {
       return;
     }
     this.#track(record.attemptId, running.stepId, record.spec.attempt, async (active) => {
+      active.started = true;
       const log = await this.#openLog(active);
       try {
         // The record names the secrets; their values are resolved again here.
@@ -309,7 +411,8 @@ export class LocalDriver {
         }
         active.running = this.#context.lifecycle.adopt({ record, execution }, log, { secrets });
         if (active.stopped) active.running.stop(stopReasonOf(active.stopped));
-        this.#report(active, record.attemptId, await active.running.result);
+        const result = await active.running.result;
+        this.#report(active, record.attemptId, log.failure ?? result);
       } finally {
         log.close();
       }
@@ -346,6 +449,12 @@ export class LocalDriver {
       }
       log = await this.#openLog(active);
       if (active.stopped) return;
+      const sink = {
+        onLog: log.onLog,
+        onStarted: () => {
+          active.started = true;
+        },
+      };
       active.running = lifecycle.run({
         runId,
         stepId: step.id,
@@ -361,29 +470,47 @@ export class LocalDriver {
         matrix: step.matrix ?? {},
         ...(step.timeoutMs !== undefined ? { timeoutMs: step.timeoutMs } : {}),
         resources: step.resources,
-      }, log);
+      }, sink);
       result = await active.running.result;
     } catch (error) {
-      result = {
+      const message = error instanceof Error ? error.message : String(error);
+      result = isResourceExhaustion(error) ? exhaustedResult(message) : {
         ok: false,
         errorClass: errorClassOf(error),
-        message: error instanceof Error ? error.message : String(error),
+        message,
       };
     } finally {
       log?.close();
     }
+    if (log?.failure) result = log.failure;
     if (result.ok && cacheKey && !active.stopped) {
+      // The cache saves time; a full disk that refuses it fails nothing.
       await saveToCache(this.#context.state, cacheKey, {
         runId,
         stepId: step.id,
         outputs: result.outputs ?? {},
+      }).catch((error) => {
+        if (!isDiskFull(error)) throw error;
       });
     }
     this.#report(active, attemptId, result);
   }
 
-  /** Hands an attempt's result to the engine (unless it stopped it) and forgets its record. */
+  /**
+   * Hands an attempt's result to the engine (unless it stopped it) and
+   * forgets its record. The runner is alive, so an attempt lost here could
+   * not start for want of a resource (open files, processes): the engine
+   * runs it again without using a retry, and from now on no more attempts
+   * start at once than held resources when it starved.
+   */
   #report(active: ActiveAttempt, attemptId: string, result: AttemptResult): void {
+    if (!result.ok && result.lost && !active.stopped) {
+      active.starved = true;
+      let holding = 0;
+      for (const other of this.#active.values()) if (other.started) holding++;
+      this.#admitLimit = Math.max(1, holding);
+      this.#successesSinceGrowth = 0;
+    }
     // A stopped attempt's outcome is the engine's already.
     if (!active.stopped) {
       this.#submit({
@@ -397,23 +524,44 @@ export class LocalDriver {
     this.#context.lifecycle.forget(attemptId).catch(() => {});
   }
 
-  /** The attempt's log file; its sink writes there and to the run's events. */
+  /**
+   * The attempt's log file; its sink writes there and to the run's events.
+   * A write that fails (a full disk) stops the attempt, whose output can no
+   * longer be kept: it fails as `infrastructure` (the sink's `failure`).
+   */
   async #openLog(active: ActiveAttempt): Promise<LogFile> {
     const { state, record } = this.#context;
     const { stepId, attempt } = active;
-    this.#logDirReady ??= Deno.mkdir(`${state.paths.logs}/${record.runId}`, { recursive: true });
+    this.#logDirReady ??= Deno.mkdir(`${state.paths.logs}/${record.runId}`, { recursive: true })
+      .catch((error) => {
+        this.#logDirReady = undefined;
+        throw error;
+      });
     await this.#logDirReady;
-    const file = await Deno.open(logPath(state.paths, record.runId, stepId, attempt), {
-      create: true,
-      append: true,
-    });
+    const path = logPath(state.paths, record.runId, stepId, attempt);
+    const file = await Deno.open(path, { create: true, append: true });
     const encoder = new TextEncoder();
     let closed = false;
-    return {
+    const sink: LogFile = {
       onLog: async ({ stream, text }) => {
         if (closed) return;
-        await file.write(encoder.encode(text));
         this.#emit({ type: "log", runId: record.runId, stepId, attempt, stream, text });
+        if (sink.failure) return;
+        try {
+          const bytes = encoder.encode(text);
+          // A nearly full disk takes part of a write before it refuses the rest.
+          for (let written = 0; written < bytes.length;) {
+            written += await file.write(bytes.subarray(written));
+          }
+        } catch (error) {
+          const reason = error instanceof Error ? error.message : String(error);
+          sink.failure = {
+            ok: false,
+            errorClass: "infrastructure",
+            message: `Expected to keep the step's output in ${path}, but: ${reason}`,
+          };
+          active.running?.stop({ kind: "cancel", message: "its output could not be kept" });
+        }
       },
       close: () => {
         if (closed) return;
@@ -421,6 +569,7 @@ export class LocalDriver {
         file.close();
       },
     };
+    return sink;
   }
 
   #emitRun(status: RunStatus): void {
@@ -457,6 +606,8 @@ export class LocalDriver {
 /** An attempt's log file as a sink; close it once the attempt has ended. */
 interface LogFile extends AttemptSink {
   close(): void;
+  /** Set when a write failed: what the attempt amounts to, whatever its exit. */
+  failure?: AttemptResult;
 }
 
 function stopReasonOf(reason: "cancel" | "timeout"): StopReason {

@@ -28,7 +28,8 @@ export async function collectGarbage(
 ): Promise<GcResult> {
   const now = options.now ?? Date.now();
   const retentionMs = options.retentionMs ?? DEFAULT_RETENTION_MS;
-  const state = await openLocalState(options.stateDir);
+  // The store is only read: gc is what frees a full disk.
+  const state = await openLocalState(options.stateDir, { readOnly: true });
   try {
     const artifacts = await state.artifacts.gc({ now, retentionMs, dryRun: options.dryRun });
     let runsCleaned = 0;

@@ -10,6 +10,7 @@
 
 import { RunEngine } from "../../core/engine.ts";
 import type { EngineEvent, Plan } from "../../core/model.ts";
+import type { PipelineLimits } from "../../core/limits.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import { PipelineError } from "../../core/errors.ts";
 import { loadPipeline } from "../../core/load.ts";
@@ -26,7 +27,9 @@ import type { AttemptPolicy } from "../attempt/policy.ts";
 import { LocalDriver, type RunEvent, type RunSummary } from "./driver.ts";
 import {
   assertNoLiveOwner,
+  diskFullError,
   getRunRecord,
+  isDiskFull,
   liveOwner,
   localKeys,
   LocalRunError,
@@ -61,7 +64,10 @@ export { deliverWebhook } from "../effects.ts";
 export interface LocalRunOptions {
   /** Where state, artifacts and logs live; default `.runnel`. */
   stateDir?: string;
-  /** Overrides the pipeline's `concurrency`. */
+  /**
+   * Overrides the pipeline's `concurrency`. When neither says, steps beyond
+   * {@link defaultConcurrency} wait for a free slot.
+   */
   concurrency?: number;
   /** Called for every progress event, in order. */
   onEvent?: (event: RunEvent) => void;
@@ -91,10 +97,40 @@ export interface LocalRunOptions {
   onDiagnostic?: (backend: string, text: string) => void;
   /** What the pipeline may ask of this host; default `localPolicy()`. */
   policy?: AttemptPolicy;
+  /** Limits a resume loads the pipeline file again with (default: the defaults). */
+  limits?: Partial<PipelineLimits>;
 }
 
 /** How long a stopped step may take to exit before it is killed. */
 const CANCEL_GRACE_MS = 3_000;
+
+/**
+ * Bounds of the default concurrency. Each running step holds a process, its
+ * pipes and a log file: 1,000 started at once exhausted the open files (889
+ * failed), while a step that waits for a slot costs nothing.
+ */
+const MIN_DEFAULT_CONCURRENCY = 4;
+const MAX_DEFAULT_CONCURRENCY = 64;
+
+/**
+ * Steps a local run starts at once when neither the pipeline's
+ * `concurrency` nor `--concurrency` says: twice the CPUs (steps often wait
+ * on I/O), at least 4 and at most 64.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { defaultConcurrency } from "./mod.ts";
+ *
+ * assert.equal(defaultConcurrency(2), 4);
+ * assert.equal(defaultConcurrency(8), 16);
+ * assert.equal(defaultConcurrency(128), 64);
+ * ```
+ */
+export function defaultConcurrency(cpus: number = navigator.hardwareConcurrency): number {
+  const doubled = Number.isFinite(cpus) && cpus > 0 ? 2 * Math.floor(cpus) : 0;
+  return Math.min(MAX_DEFAULT_CONCURRENCY, Math.max(MIN_DEFAULT_CONCURRENCY, doubled));
+}
 
 /** Runs a pipeline to its end in this process. */
 export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Promise<RunSummary> {
@@ -103,7 +139,9 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
   try {
     const runId = newRunId(now());
     const effectivePlan = withConcurrency(plan, options.concurrency);
-    const engine = RunEngine.start(effectivePlan, { runId, now: now() });
+    // The stored plan keeps what was asked; this machine's default is for this runner alone.
+    const runPlan = withDefaultConcurrency(effectivePlan);
+    const engine = RunEngine.start(runPlan, { runId, now: now() });
     const record: RunRecord = {
       runId,
       pipeline: plan.name,
@@ -131,7 +169,7 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
       const problems = await validateStepConfigs(effectivePlan, pool);
       if (problems.length > 0) throw new PipelineError(problems);
       const driver = new LocalDriver(
-        effectivePlan,
+        runPlan,
         engine,
         driverContext(state, record, pool, options),
       );
@@ -139,9 +177,18 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
     } finally {
       if (!options.pool) await pool.close();
     }
+  } catch (error) {
+    // The driver names the run once it is recorded; before that there is none to resume.
+    throw sayDiskFull(state, error);
   } finally {
     await state.close();
   }
+}
+
+/** An error of a full disk as one that says so, naming the run it left resumable. */
+function sayDiskFull(state: LocalState, error: unknown, runId?: string): unknown {
+  if (error instanceof LocalRunError || !isDiskFull(error)) return error;
+  return diskFullError(state.paths, error, runId);
 }
 
 /**
@@ -179,17 +226,23 @@ export async function openPool(
 export async function resumeRun(runId: string, options: LocalRunOptions = {}): Promise<RunSummary> {
   const now = options.now ?? Date.now;
   const state = await openLocalState(options.stateDir);
+  let resumable: string | undefined;
   try {
     const record = await getRunRecord(state.store, runId);
+    resumable = record.runId;
     if (record.status === "succeeded") {
       throw new LocalRunError("run_succeeded", `Run ${runId} already succeeded; nothing to resume`);
     }
     await assertNoLiveOwner(state.store, record.runId);
     const plugins = options.plugins ?? record.plugins ?? [];
-    const plan = withConcurrency(
-      await planOf(state, record, plugins, { policy: options.policy, secrets: options.secrets }),
+    const plan = withDefaultConcurrency(withConcurrency(
+      await planOf(state, record, plugins, {
+        policy: options.policy,
+        secrets: options.secrets,
+        limits: options.limits,
+      }),
       options.concurrency,
-    );
+    ));
     const engine = new RunEngine(plan, await readRunState(state.store, record, plan));
     const pool = options.pool ?? await openPool(state, { ...options, plugins });
     try {
@@ -209,13 +262,17 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
           now: now(),
           reason: "the runner that started this attempt stopped before it ended",
         }));
-      events.push({ type: "Resume", now: now() });
+      // A run recorded before it started (its runner stopped, or found the disk
+      // full, right after the first write) starts now.
+      events.push({ type: engine.state.status === "pending" ? "Start" : "Resume", now: now() });
       // A cancel request left over from the previous round must not cancel this one.
       await state.store.delete(localKeys.cancel(record.runId));
       return await new LocalDriver(plan, engine, context).drive(events, reattached);
     } finally {
       if (!options.pool) await pool.close();
     }
+  } catch (error) {
+    throw sayDiskFull(state, error, resumable);
   } finally {
     await state.close();
   }
@@ -232,6 +289,15 @@ export async function cancelRun(
   options: { stateDir?: string; now?: () => number } = {},
 ): Promise<"requested" | "cancelled" | "already-finished"> {
   const now = options.now ?? Date.now;
+  // A finished run needs no write: say so even when the disk is full.
+  const reader = await openLocalState(options.stateDir, { readOnly: true });
+  try {
+    if (isTerminalRunStatus((await getRunRecord(reader.store, runId)).status)) {
+      return "already-finished";
+    }
+  } finally {
+    await reader.close();
+  }
   const state = await openLocalState(options.stateDir);
   try {
     const record = await getRunRecord(state.store, runId);
@@ -269,6 +335,8 @@ export async function cancelRun(
     } finally {
       await pool.close();
     }
+  } catch (error) {
+    throw sayDiskFull(state, error);
   } finally {
     await state.close();
   }
@@ -340,7 +408,11 @@ async function planOf(
   state: LocalState,
   record: RunRecord,
   plugins: Array<{ name: string }>,
-  options: { policy?: AttemptPolicy; secrets?: Record<string, SecretSource> } = {},
+  options: {
+    policy?: AttemptPolicy;
+    secrets?: Record<string, SecretSource>;
+    limits?: Partial<PipelineLimits>;
+  } = {},
 ): Promise<Plan> {
   if (record.planStored) {
     const kv = await state.store.get(localKeys.plan(record.runId));
@@ -351,6 +423,7 @@ async function planOf(
     backends: plugins.map((plugin) => plugin.name),
     hostPaths: options.policy?.deno,
     ...(options.secrets ? { secrets: { names: Object.keys(options.secrets) } } : {}),
+    limits: options.limits,
   });
 }
 
@@ -364,6 +437,10 @@ async function isFile(path: string): Promise<boolean> {
 
 function withConcurrency(plan: Plan, concurrency: number | undefined): Plan {
   return concurrency === undefined ? plan : { ...plan, concurrency };
+}
+
+function withDefaultConcurrency(plan: Plan): Plan {
+  return plan.concurrency === undefined ? { ...plan, concurrency: defaultConcurrency() } : plan;
 }
 
 function basename(path: string): string {

@@ -11,7 +11,7 @@ import type { RunEngine } from "../../core/engine.ts";
 import type { Plan, RunState, StepState } from "../../core/model.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import type { Store, TxnOp } from "../../consensus/store.ts";
-import { openEmbeddedStore } from "../../consensus/embedded.ts";
+import { openEmbeddedStore, openMemoryStore } from "../../consensus/embedded.ts";
 import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
 import { fileSafe } from "../../core/_paths.ts";
@@ -69,6 +69,8 @@ export const localKeys = {
 export interface StatePaths {
   root: string;
   db: string;
+  /** Space held back for the store: given up when the disk is full, so the run can be recorded. */
+  reserve: string;
   artifacts: string;
   logs: string;
   work: string;
@@ -83,6 +85,7 @@ export function statePaths(stateDir: string = DEFAULT_STATE_DIR): StatePaths {
   return {
     root: stateDir,
     db: `${stateDir}/state.db`,
+    reserve: `${stateDir}/reserve`,
     artifacts: `${stateDir}/artifacts`,
     logs: `${stateDir}/logs`,
     work: `${stateDir}/work`,
@@ -111,13 +114,107 @@ export interface LocalState {
   close(): Promise<void>;
 }
 
+/**
+ * Room the state directory keeps for its store: 1 MiB, 256 pages of the
+ * WAL, a hundred or so transactions of a run's records. Given up when a
+ * write finds the disk full, it lets the runner record the run as failed
+ * instead of leaving it running; taken again by the next runner that finds
+ * the space.
+ */
+export const RESERVE_BYTES = 1024 * 1024;
+
+/** Options of {@link openLocalState}. */
+export interface OpenStateOptions {
+  /**
+   * Only read (`runs`, `show`, `logs`): nothing is created, and a full disk
+   * does not stop it. A directory without a store reads as empty.
+   */
+  readOnly?: boolean;
+}
+
 /** Opens (creating if needed) the state directory. */
-export async function openLocalState(stateDir: string = DEFAULT_STATE_DIR): Promise<LocalState> {
+export async function openLocalState(
+  stateDir: string = DEFAULT_STATE_DIR,
+  options: OpenStateOptions = {},
+): Promise<LocalState> {
   const paths = statePaths(stateDir);
-  await Deno.mkdir(paths.root, { recursive: true });
-  const store = openEmbeddedStore(paths.db);
+  let store: Store;
+  if (options.readOnly) {
+    store = await exists(paths.db)
+      ? openEmbeddedStore(paths.db, { readOnly: true })
+      : openMemoryStore();
+  } else {
+    try {
+      await Deno.mkdir(paths.root, { recursive: true });
+      store = openEmbeddedStore(paths.db);
+    } catch (error) {
+      throw isDiskFull(error) ? diskFullError(paths, error) : error;
+    }
+    await keepReserve(paths);
+  }
   const artifacts = openLocalArtifactStore(paths.artifacts);
   return { paths, store, artifacts, close: () => store.close() };
+}
+
+/** Writes the reserve if it is missing; without the space, goes on without it. */
+async function keepReserve(paths: StatePaths): Promise<void> {
+  if (await exists(paths.reserve)) return;
+  try {
+    await Deno.writeFile(paths.reserve, new Uint8Array(RESERVE_BYTES));
+  } catch {
+    await Deno.remove(paths.reserve).catch(() => {});
+  }
+}
+
+/**
+ * Gives up the reserve (see {@link RESERVE_BYTES}); says whether there was
+ * one to give.
+ */
+export async function releaseReserve(paths: StatePaths): Promise<boolean> {
+  try {
+    await Deno.remove(paths.reserve);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Whether an error says the disk is full: a write that found no space
+ * (ENOSPC, a quota), or SQLite unable to grow its files on it.
+ */
+export function isDiskFull(error: unknown): boolean {
+  const code = (error as { code?: unknown })?.code;
+  const text = `${error instanceof Error ? error.message : String(error)} ${
+    typeof code === "string" ? code : ""
+  }`;
+  return /no space left on device|os error (?:28|122)\b|\bENOSPC\b|\bEDQUOT\b|disk quota exceeded|database or disk is full|disk I\/O error/i
+    .test(text);
+}
+
+/**
+ * The error of a command that cannot write the state directory because its
+ * disk is full; `runId` names a run left resumable.
+ */
+export function diskFullError(paths: StatePaths, error: unknown, runId?: string): LocalRunError {
+  const detail = error instanceof Error ? error.message : String(error);
+  const run = runId
+    ? ` Run ${runId} stays resumable: free some space, then "runnel resume ${runId}".`
+    : " Free some space, then try again.";
+  return new LocalRunError(
+    "disk_full",
+    `Expected to write the state in ${paths.root}, but its disk is full (${detail}).${run} ` +
+      `"runnel runs", "show", "logs" and "gc" (which frees what old runs left) still work.`,
+  );
 }
 
 /** Lists runs, newest first. */
@@ -188,11 +285,15 @@ export async function waitForRunEnd(
   return await getRunRecord(store, runId);
 }
 
-/** Writes the run record and the changed steps in one transaction. */
+/**
+ * Writes the run record and the changed steps in one transaction; with
+ * `all`, every step (after a failed write, whose changes were drained).
+ */
 export async function persistRun(
   store: Store,
   record: RunRecord,
   engine: RunEngine,
+  options: { all?: boolean } = {},
 ): Promise<void> {
   const state = engine.state;
   syncHeader(record, state);
@@ -201,7 +302,8 @@ export async function persistRun(
     key: localKeys.run(record.runId),
     value: JSON.stringify(record),
   }];
-  for (const stepId of engine.drainChanged()) {
+  const changed = engine.drainChanged();
+  for (const stepId of options.all ? Object.keys(state.steps) : changed) {
     ops.push({
       type: "put",
       key: localKeys.step(record.runId, stepId),

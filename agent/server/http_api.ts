@@ -46,7 +46,7 @@ import { Buffer } from "node:buffer";
 import { LineCounter, parseDocument } from "npm:yaml@2.9.1";
 import type { Diagnostic } from "../../core/errors.ts";
 import { PipelineError } from "../../core/errors.ts";
-import { Locator, parsePipeline } from "../../core/load.ts";
+import { Locator, parsePipeline, type PipelineLimits } from "../../core/load.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import type { Plan, StepState } from "../../core/model.ts";
 import { renderMermaid } from "../../core/mermaid.ts";
@@ -112,6 +112,8 @@ export interface ApiContext {
   webhookAllow: WebhookAllowList;
   /** Structured log line: audit lines and internal errors go here. */
   log: (fields: Record<string, unknown>) => void;
+  /** Limits on what a submitted pipeline may expand to (default: the defaults). */
+  pipelineLimits?: Partial<PipelineLimits>;
 }
 
 /** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
@@ -582,6 +584,7 @@ async function submit({ context, request, audit }: Call): Promise<Response> {
       readFile: bundle ? (path) => bundleFile(bundle, baseDir, path) : () => undefined,
       // Declared names only: never an env var or file of this server.
       secrets: { names: await context.secretNames?.(), allowSources: false },
+      limits: context.pipelineLimits,
     });
     const refused = refusedWebhooks(plan, body.source, file, context.webhookAllow);
     if (refused.length > 0) throw new PipelineError(refused);

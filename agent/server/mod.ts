@@ -6,6 +6,7 @@
  * @module
  */
 
+import type { PipelineLimits } from "../../core/limits.ts";
 import type { Compare, Store } from "../../consensus/store.ts";
 import { type AgentServiceServer, serveAgentService } from "../../proto/mod.ts";
 import type { ServerCredentials } from "npm:@grpc/grpc-js@1.14.7";
@@ -114,6 +115,8 @@ export interface ServerOptions {
    * webhook is refused at submit.
    */
   webhookAllow?: string[];
+  /** Limits on what a submitted pipeline may expand to (default: the defaults). */
+  pipelineLimits?: Partial<PipelineLimits>;
 }
 
 /** A running server. */
@@ -228,6 +231,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         bootstrapOpen: options.adminToken === undefined,
         webhookAllow,
         log,
+        pipelineLimits: options.pipelineLimits,
       }),
     );
   } catch (error) {
