@@ -16,10 +16,13 @@
  * import assert from "node:assert/strict";
  * import { fileSafe } from "./_paths.ts";
  * assert.equal(fileSafe("r1/convert[region=eu]/1"), "r1~2Fconvert~5Bregion~3Deu~5D~2F1");
+ * assert.equal(fileSafe(".."), "~2E~2E");
  * ```
  */
 export function fileSafe(id: string): string {
-  return encodeURIComponent(id).replaceAll("%", "~");
+  const name = encodeURIComponent(id).replaceAll("%", "~");
+  // "." and ".." are names of directories, not of files: spell their dots out.
+  return name === "." || name === ".." ? name.replaceAll(".", "~2E") : name;
 }
 
 /**

@@ -90,6 +90,18 @@ export function childPath(dir: string, name: string, what: string): string {
   return `${dir}/${name}`;
 }
 
+/**
+ * A fan-in leg's directory name before encoding; `.` and `..` (which no
+ * validated plan makes: a leg is `key=value,…`) are refused by name.
+ */
+function legOf(artifact: { leg?: string; stepId: string }): string {
+  const leg = artifact.leg ?? artifact.stepId;
+  if (leg === "." || leg === "..") {
+    throw new UnsafeNameError(`Expected fan-in leg name "${leg}" to be a plain name`);
+  }
+  return leg;
+}
+
 /** Checks a name against `SAFE_NAME_PATTERN` (what validation lets through). */
 function safeName(name: string, what: string): string {
   if (!SAFE_NAME_PATTERN.test(name)) {
@@ -144,9 +156,7 @@ export async function materializeInputs(
           sourceStep: artifact.stepId,
         };
       }
-      const legDir = fanIn
-        ? childPath(dir, fileSafe(artifact.leg ?? artifact.stepId), "fan-in leg name")
-        : dir;
+      const legDir = fanIn ? childPath(dir, fileSafe(legOf(artifact)), "fan-in leg name") : dir;
       if (fanIn) await Deno.mkdir(legDir, { recursive: true });
       await store.materialize(record, childPath(legDir, artifact.name, "artifact name"));
     }

@@ -542,8 +542,14 @@ export async function writeJsonAtomic(
   options: { mode?: number } = {},
 ): Promise<void> {
   const temporary = `${path}.${crypto.randomUUID().slice(0, 8)}.tmp`;
-  await Deno.writeTextFile(temporary, JSON.stringify(value), { mode: options.mode });
-  await Deno.rename(temporary, path);
+  try {
+    await Deno.writeTextFile(temporary, JSON.stringify(value), { mode: options.mode });
+    await Deno.rename(temporary, path);
+  } catch (error) {
+    // A full disk leaves a partial temporary file: it is nobody's.
+    await Deno.remove(temporary).catch(() => {});
+    throw error;
+  }
 }
 
 function messageOf(error: unknown): string {

@@ -37,6 +37,7 @@ import {
   commaList,
   durationFlag,
   EXIT_BAD_INPUT,
+  HEARTBEAT_BOUNDS,
   hostPort,
   limitsFlag,
   parseLabels,
@@ -57,7 +58,9 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
   const [hostnameHttp, portHttp] = hostPort(flags.listen ?? "127.0.0.1:8080", "--listen");
   const grpcAddress = flags.grpc ?? "127.0.0.1:7070";
   hostPort(grpcAddress, "--grpc");
-  const heartbeatMs = flags.heartbeat ? durationFlag(flags.heartbeat, "--heartbeat") : undefined;
+  const heartbeatMs = flags.heartbeat
+    ? durationFlag(flags.heartbeat, "--heartbeat", HEARTBEAT_BOUNDS)
+    : undefined;
   const httpTls = await httpTlsOf(flags);
   const adminToken = flags["admin-token-file"]
     ? await adminTokenOf(flags["admin-token-file"])

@@ -7,7 +7,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { parseDuration } from "../../core/duration.ts";
+import { isDuration, parseDuration } from "../../core/duration.ts";
 import { parseLimit, type PipelineLimits } from "../../core/limits.ts";
 import denoConfig from "../../deno.json" with { type: "json" };
 
@@ -198,13 +198,24 @@ export function positiveInt(text: string, flag: string): number {
 }
 
 /** The value of a flag that takes a duration, such as `--heartbeat 5s`, in milliseconds. */
-export function durationFlag(text: string, flag: string): number {
+export function durationFlag(
+  text: string,
+  flag: string,
+  bounds: { minMs?: number; maxMs?: number } = {},
+): number {
   try {
-    return parseDuration(text);
-  } catch {
-    throw new UsageError(`Expected a duration like "5s" for ${flag}, got "${text}"`);
+    return parseDuration(text, bounds);
+  } catch (error) {
+    const detail = isDuration(text) ? `: ${(error as Error).message}` : "";
+    throw new UsageError(`Expected a duration like "5s" for ${flag}, got "${text}"${detail}`);
   }
 }
+
+/**
+ * Bounds of `--heartbeat`: agents beat this often and are declared offline
+ * after 3 missed beats, so it must fit a timer and leave the lease room.
+ */
+export const HEARTBEAT_BOUNDS = { minMs: 50, maxMs: 10 * 60_000 };
 
 /** The values of `--limit NAME=N` (repeatable), as load options take them. */
 export function limitsFlag(values: string[] | undefined): Partial<PipelineLimits> {
