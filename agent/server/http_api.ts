@@ -373,7 +373,7 @@ function errorResponse(
   }
   if (error instanceof RunRequestError) {
     return json({ error: error.code, message: error.message }, {
-      status: error.code === "run_not_found" ? 404 : 409,
+      status: error.code === "run_not_found" ? 404 : error.code === "plan_too_large" ? 413 : 409,
     });
   }
   if (error instanceof TokenRequestError) {

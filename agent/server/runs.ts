@@ -15,7 +15,7 @@ import { isTerminalRunStatus } from "../../core/model.ts";
 
 /** A run API request that cannot be honoured. */
 export class RunRequestError extends Error {
-  /** Stable error code: `run_not_found`, `run_finished`, `run_succeeded`. */
+  /** Stable error code: `run_not_found`, `run_finished`, `run_succeeded`, `plan_too_large`. */
   readonly code: string;
 
   /** Builds the error from its code and a full sentence. */
@@ -26,12 +26,28 @@ export class RunRequestError extends Error {
   }
 }
 
+/**
+ * The largest plan a run may store, as JSON. The plan is one value of the
+ * store, and etcd refuses a request over 1.5 MiB (`--max-request-bytes`);
+ * its record and the transaction's framing need the rest.
+ */
+export const MAX_PLAN_JSON_BYTES = 1024 * 1024;
+
 /** Records a new run (its plan and a pending record); the scheduler starts it. */
 export async function submitRun(
   store: Store,
   plan: Plan,
   options: { file?: string; now?: number; bundle?: PipelineBundle } = {},
 ): Promise<ClusterRunRecord> {
+  const planJson = JSON.stringify(plan);
+  const planBytes = new TextEncoder().encode(planJson).length;
+  if (planBytes > MAX_PLAN_JSON_BYTES) {
+    throw new RunRequestError(
+      "plan_too_large",
+      `Expected a plan of at most ${MAX_PLAN_JSON_BYTES} bytes for a cluster run, got ${planBytes} ` +
+        `(${Object.keys(plan.steps).length} step instances): split the pipeline or shrink its matrices`,
+    );
+  }
   if (options.bundle) {
     checkBundle(options.bundle);
     await putBundle(store, options.bundle);
@@ -52,7 +68,7 @@ export async function submitRun(
   const result = await store.txn({
     compare: [{ key: clusterKeys.run(record.runId), target: "create", op: "==", value: 0 }],
     success: [
-      { type: "put", key: clusterKeys.plan(record.runId), value: JSON.stringify(plan) },
+      { type: "put", key: clusterKeys.plan(record.runId), value: planJson },
       { type: "put", key: clusterKeys.run(record.runId), value: JSON.stringify(record) },
     ],
   });

@@ -716,3 +716,25 @@ Deno.test({
     }
   },
 });
+
+Deno.test("API: a plan too large for one store value is a 413 naming the limit, not a 500", async () => {
+  await using box = await sandbox();
+  await using api = await apiServer(box.dir);
+  // 4,000 legs, each with a long command: within the pipeline limits, past what etcd stores at once.
+  const command = "x".repeat(400);
+  const source = `name: wide
+steps:
+  wide:
+    backend: shell
+    matrix: { i: [${Array.from({ length: 4_000 }, (_, i) => i).join(", ")}] }
+    run: "echo ${command} \${{ matrix.i }}"
+`;
+  const refused = await api.call("POST", "/api/runs", {
+    token: ADMIN_TOKEN,
+    body: JSON.stringify({ source, file: "wide.yaml" }),
+  });
+  assert.equal(refused.status, 413, refused.text);
+  assert.equal(refused.json.error, "plan_too_large");
+  assert.match(String(refused.json.message), /at most 1048576 bytes.*4000 step instances/);
+  assert.doesNotMatch(await dumpStore(api.store), /\/plan\//, "nothing was stored");
+});
