@@ -42,10 +42,11 @@ export async function submitRun(
   const planJson = JSON.stringify(plan);
   const planBytes = new TextEncoder().encode(planJson).length;
   if (planBytes > MAX_PLAN_JSON_BYTES) {
+    const instances = Object.keys(plan.steps).length;
     throw new RunRequestError(
       "plan_too_large",
       `Expected a plan of at most ${MAX_PLAN_JSON_BYTES} bytes for a cluster run, got ${planBytes} ` +
-        `(${Object.keys(plan.steps).length} step instances): split the pipeline or shrink its matrices`,
+        `(${instances} step instances): split the pipeline or shrink its matrices`,
     );
   }
   if (options.bundle) {
