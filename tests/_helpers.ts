@@ -59,10 +59,20 @@ export interface CliResult {
 /** Runs `runnel ARGS` to completion in `cwd`. */
 export async function runCli(
   args: string[],
-  options: { cwd: string; env?: Record<string, string> },
+  options: {
+    cwd: string;
+    env?: Record<string, string>;
+    /** At most this many open files (`ulimit -n`), for runs on a starved machine. */
+    openFiles?: number;
+  },
 ): Promise<CliResult> {
-  const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", ...CLI_PERMISSIONS, MAIN, ...args],
+  const argv = [Deno.execPath(), "run", ...CLI_PERMISSIONS, MAIN, ...args];
+  const quoted = argv.map((word) => `'${word.replaceAll("'", `'\\''`)}'`).join(" ");
+  const [command, ...rest] = options.openFiles === undefined
+    ? argv
+    : ["sh", "-c", `ulimit -n ${options.openFiles} && exec ${quoted}`];
+  const output = await new Deno.Command(command, {
+    args: rest,
     cwd: options.cwd,
     env: { NO_COLOR: "1", ...options.env },
     stdout: "piped",

@@ -141,7 +141,7 @@ export function denoArgs(spec: AttemptSpec, entryPath: string): string[] {
  * hosts it is granted (and the harness's, when runnel itself was imported
  * by URL). Without a flag Deno would import from its default hosts
  * (deno.land, esm.sh…), a way out for a step granted nothing
- * (`import("https://esm.sh/" + secret)`); such a step fetches nothing at
+ * (an import of a URL whose path is a secret); such a step fetches nothing at
  * all, not even an npm package (its name would reach the registry), and
  * loads only what is cached (runnel's own npm dependencies, say).
  */

@@ -167,25 +167,6 @@ Deno.test("9: a server refuses the matrix bomb with a located 400 and stays heal
   }
 });
 
-/** `runnel ARGS` in `cwd` with at most `files` open files (`ulimit -n`), to its end. */
-async function runCliWithOpenFiles(args: string[], cwd: string, files: number) {
-  const command = [Deno.execPath(), "run", ...CLI_PERMISSIONS, MAIN, ...args]
-    .map((word) => `'${word.replaceAll("'", `'\\''`)}'`).join(" ");
-  const output = await new Deno.Command("sh", {
-    args: ["-c", `ulimit -n ${files} && exec ${command}`],
-    cwd,
-    env: { NO_COLOR: "1" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decoder = new TextDecoder();
-  return {
-    code: output.code,
-    stdout: decoder.decode(output.stdout),
-    stderr: decoder.decode(output.stderr),
-  };
-}
-
 /** From `--json` events: each step's last status, the most steps active at once, the losses. */
 function summarize(jsonLines: string) {
   const status = new Map<string, string>();
@@ -224,7 +205,7 @@ Deno.test("11: 1,000 no-op shell steps all succeed; by default a few run at once
   await using box = await sandbox();
   await box.write("noop.yaml", noopSteps(1_000));
   const args = ["run", "noop.yaml", "--json", "--state-dir", box.stateDir];
-  const result = await runCliWithOpenFiles(args, box.dir, 256);
+  const result = await runCli(args, { cwd: box.dir, openFiles: 256 });
   assert.equal(result.code, 0, failures(result));
   const { succeeded, peak } = summarize(result.stdout);
   assert.equal(succeeded, 1_000);
@@ -235,7 +216,7 @@ Deno.test("11: with --concurrency 1000, attempts short of open files are lost an
   await using box = await sandbox();
   await box.write("noop.yaml", noopSteps(1_000));
   const args = ["run", "noop.yaml", "--json", "--concurrency", "1000", "--state-dir", box.stateDir];
-  const result = await runCliWithOpenFiles(args, box.dir, 256);
+  const result = await runCli(args, { cwd: box.dir, openFiles: 256 });
   // 889 of them failed with "Too many open files" before.
   assert.equal(result.code, 0, failures(result));
   const { succeeded, lost } = summarize(result.stdout);
