@@ -5,6 +5,8 @@
  * @module
  */
 
+import type { AssignmentSpec } from "./messages.ts";
+
 /** PEM files of a test CA, a server certificate for 127.0.0.1/localhost, and a client one. */
 export interface TestCertificates {
   dir: string;
@@ -84,4 +86,29 @@ async function openssl(command: string, options: string[], files: string[]): Pro
       `Expected openssl ${command} to succeed: ${new TextDecoder().decode(output.stderr)}`,
     );
   }
+}
+
+let assignedRuns = 0;
+
+/**
+ * An assignment spec of a fresh run (`run1`, `run2`, …), for tests that
+ * hand an agent assignments as a server would.
+ */
+export function assignmentSpec(
+  stepId: string,
+  config: Record<string, unknown>,
+  extra: Partial<AssignmentSpec> = {},
+): AssignmentSpec {
+  const runId = `run${++assignedRuns}`;
+  return {
+    runId,
+    stepId,
+    attemptId: `${runId}/${stepId}/1`,
+    attempt: 1,
+    config,
+    inputs: {},
+    outputs: [],
+    env: {},
+    ...extra,
+  };
 }

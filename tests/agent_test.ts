@@ -10,6 +10,7 @@
  */
 
 import { processAlive } from "../backends/_testing.ts";
+import { assignmentSpec } from "../proto/_testing.ts";
 import assert from "node:assert/strict";
 import {
   type AgentOptions,
@@ -208,28 +209,6 @@ async function withAgent(
       await agent.stop();
       await box[Symbol.asyncDispose]();
     },
-  };
-}
-
-let attemptCounter = 0;
-
-/** An assignment spec of a fresh run. */
-function assignmentSpec(
-  stepId: string,
-  config: Record<string, unknown>,
-  extra: Partial<AssignmentSpec> = {},
-): AssignmentSpec {
-  const runId = `run${++attemptCounter}`;
-  return {
-    runId,
-    stepId,
-    attemptId: `${runId}/${stepId}/1`,
-    attempt: 1,
-    config,
-    inputs: {},
-    outputs: [],
-    env: {},
-    ...extra,
   };
 }
 

@@ -22,6 +22,7 @@ import {
 } from "../../proto/mod.ts";
 import type { AttemptResult } from "../../core/model.ts";
 import { CLI_PERMISSIONS, MAIN, poll, runCli, sandbox } from "../_helpers.ts";
+import { assignmentSpec } from "../../proto/_testing.ts";
 
 const IN_CI = Deno.env.get("CI") === "true";
 const dockerFingerprint = await createDockerBackend().fingerprint();
@@ -327,26 +328,6 @@ function startAgentProcess(args: string[], cwd: string, env: Record<string, stri
   };
 }
 
-let runs = 0;
-function spec(
-  stepId: string,
-  config: Record<string, unknown>,
-  extra: Partial<AssignmentSpec> = {},
-): AssignmentSpec {
-  const runId = `attack${++runs}`;
-  return {
-    runId,
-    stepId,
-    attemptId: `${runId}/${stepId}/1`,
-    attempt: 1,
-    config,
-    inputs: {},
-    outputs: [],
-    env: {},
-    ...extra,
-  };
-}
-
 Deno.test({
   name:
     "agent: assignments that skipped validation are refused by the agent's policy, nothing leaks (items 1b, 3, 4, 5)",
@@ -414,7 +395,7 @@ Deno.test({
       const planted = `../../../../../../../../../..${box.dir}/planted`;
       assert.match(
         await refusal(
-          spec("use", { run: "true" }, {
+          assignmentSpec("use", { run: "true" }, {
             baseDir: pipeline,
             inputs: {
               [planted]: {
@@ -435,14 +416,16 @@ Deno.test({
       // it does not allow.
       assert.equal(
         await refusal(
-          spec("root", { module: "etc/passwd", permissions: { read: ["etc"] } }, { baseDir: "/" }),
+          assignmentSpec("root", { module: "etc/passwd", permissions: { read: ["etc"] } }, {
+            baseDir: "/",
+          }),
           "deno",
         ),
         `agent policy: the pipeline directory "/" is not one this host was sent; allow it with policy.pipeline-dirs in ${config}`,
       );
       assert.equal(
         await refusal(
-          spec("read", {
+          assignmentSpec("read", {
             module: "ok.ts",
             permissions: {
               read: ["/etc"],
@@ -461,16 +444,22 @@ Deno.test({
         ].join("; "),
       );
       assert.match(
-        await refusal(spec("evil", { module: "../host/shadow" }, { baseDir: pipeline }), "deno"),
+        await refusal(
+          assignmentSpec("evil", { module: "../host/shadow" }, { baseDir: pipeline }),
+          "deno",
+        ),
         /^agent policy: deno module "\.\.\/host\/shadow" is outside the pipeline directory/,
       );
       assert.equal(
-        await refusal(spec("root", { image: BUSYBOX, run: "id" }, { baseDir: pipeline }), "docker"),
+        await refusal(
+          assignmentSpec("root", { image: BUSYBOX, run: "id" }, { baseDir: pipeline }),
+          "docker",
+        ),
         `agent policy: docker step would run as root (no "user"); set a user such as "65534", or allow it with policy.docker.root in ${config}`,
       );
       assert.match(
         await refusal(
-          spec("net", { image: BUSYBOX, run: "true", user: "65534", network: true }, {
+          assignmentSpec("net", { image: BUSYBOX, run: "true", user: "65534", network: true }, {
             baseDir: pipeline,
           }),
           "docker",
@@ -480,14 +469,17 @@ Deno.test({
 
       // Item 5: a static import of a host file.
       assert.match(
-        await refusal(spec("import", { module: "import.ts" }, { baseDir: pipeline }), "deno"),
+        await refusal(
+          assignmentSpec("import", { module: "import.ts" }, { baseDir: pipeline }),
+          "deno",
+        ),
         new RegExp(`^"import\\.ts" imports "${host}/shadow", which is outside the pipeline`),
       );
 
       // Item 4: outputs made links to a host file, by a shell step and a container.
       assert.match(
         await refusal(
-          spec("link", { run: `ln -s ${host}/shadow "$RUNNEL_OUTPUT_OUT_TXT"` }, {
+          assignmentSpec("link", { run: `ln -s ${host}/shadow "$RUNNEL_OUTPUT_OUT_TXT"` }, {
             baseDir: pipeline,
             outputs: ["out.txt"],
           }),
@@ -498,7 +490,7 @@ Deno.test({
       if (dockerFingerprint.available) {
         assert.match(
           await refusal(
-            spec("contained", {
+            assignmentSpec("contained", {
               image: BUSYBOX,
               user: "65534",
               run: `ln -s ${host}/shadow /runnel/out/out.txt`,
