@@ -72,6 +72,8 @@ import {
   type PipelineBundle,
 } from "../bundle.ts";
 import {
+  aclKeys,
+  ADMIN_FILE_TOKEN_ID,
   type Authenticator,
   bootstrapAcl,
   type Caller,
@@ -541,17 +543,45 @@ async function mermaid({ context, params }: Call): Promise<Response> {
   });
 }
 
-async function events({ context, params, clientGone }: Call): Promise<Response> {
-  return streamEvents(context.store, await getClusterRun(context.store, params[0]), clientGone);
+async function events(call: Call): Promise<Response> {
+  const { context, params } = call;
+  const run = await getClusterRun(context.store, params[0]);
+  return streamEvents(context.store, run, whileAllowed(call));
 }
 
-async function logs({ context, params, url, clientGone }: Call): Promise<Response> {
+async function logs(call: Call): Promise<Response> {
+  const { context, params, url } = call;
   const run = await getClusterRun(context.store, params[0]);
   return streamLogs(context.store, run, {
     step: url.searchParams.get("step") ?? undefined,
     follow: url.searchParams.get("follow") === "1",
-    signal: clientGone,
+    signal: whileAllowed(call),
   });
+}
+
+/**
+ * Aborts when the client goes away or the caller's token is revoked: a
+ * stream opened with a token must not outlive it (Kubernetes cuts watches
+ * the same way). A token from the admin token file has no record to revoke.
+ */
+function whileAllowed({ context, caller, clientGone }: Call): AbortSignal {
+  if (!caller || caller.tokenId === ADMIN_FILE_TOKEN_ID) return clientGone;
+  const revoked = new AbortController();
+  const stop = AbortSignal.any([clientGone, revoked.signal]);
+  (async () => {
+    const key = aclKeys.token(caller.tokenId);
+    const current = await context.store.get(key);
+    if (!current) return revoked.abort();
+    for await (
+      const event of context.store.watch(key, {
+        fromRevision: current.modRevision + 1,
+        signal: stop,
+      })
+    ) {
+      if (event.type === "delete") return revoked.abort();
+    }
+  })().catch(() => revoked.abort());
+  return stop;
 }
 
 const SUBMIT_SHAPE = '{"source": "<pipeline yaml>", "file"?: "…", "baseDir"?: "/…", ' +

@@ -738,3 +738,29 @@ steps:
   assert.match(String(refused.json.message), /at most 1048576 bytes.*4000 step instances/);
   assert.doesNotMatch(await dumpStore(api.store), /\/plan\//, "nothing was stored");
 });
+
+Deno.test("API: a stream opened with a token ends when the token is revoked", async () => {
+  await using box = await sandbox();
+  await using api = await apiServer(box.dir);
+  const viewer = await tokenOf(api, "viewer", "read");
+  const { runId } = await new RunClient([api.http], { token: ADMIN_TOKEN })
+    .submit("name: waits\nsteps:\n  a: { backend: shell, run: 'true' }\n", "p.yaml", "/");
+  // No agent: the run stays pending, so a followed stream would go on for ever.
+  const response = await fetch(`${api.http}/api/runs/${runId}/logs?follow=1`, {
+    headers: { authorization: `Bearer ${viewer}` },
+  });
+  assert.equal(response.status, 200);
+  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+  const viewerId = viewer.split("_")[1];
+  const revoked = await api.call("DELETE", `/api/tokens/${viewerId}`, { token: ADMIN_TOKEN });
+  assert.equal(revoked.status, 200, revoked.text);
+  let text = "";
+  const deadline = AbortSignal.timeout(10_000);
+  while (!deadline.aborted) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    text += value;
+  }
+  assert.ok(!deadline.aborted, "the stream ended after the revocation");
+  assert.doesNotMatch(text, /event: log/, "nothing more was sent");
+});
