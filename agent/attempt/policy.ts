@@ -235,6 +235,15 @@ async function denoProblems(policy: AttemptPolicy, attempt: PolicyAttempt): Prom
   for (const kind of ["read", "write"] as const) {
     for (const path of strings(permissions[kind])) {
       const where = await placeOf(resolve(attempt.baseDir, path), places, policy.deno[kind]);
+      if (kind === "write" && where === "pipeline" && isSharedBundle(policy, attempt)) {
+        // An agent unpacks a pipeline once per digest and every run of it
+        // runs there: a step writing into it would change what later runs read.
+        problems.push(
+          `deno write "${path}" is inside the pipeline copy that every run of this pipeline ` +
+            "shares on this agent; write the step's outputs instead",
+        );
+        continue;
+      }
       if (where === "pipeline" || where === "allowed") continue;
       problems.push(
         where === "outside"
@@ -261,6 +270,12 @@ async function denoProblems(policy: AttemptPolicy, attempt: PolicyAttempt): Prom
     }
   }
   return problems;
+}
+
+/** Whether the attempt runs in a pipeline copy an agent keeps for every run of it (its bundles). */
+function isSharedBundle(policy: AttemptPolicy, attempt: PolicyAttempt): boolean {
+  return policy.pipelineDirs !== undefined &&
+    isInside(attempt.baseDir, `${attempt.stateDir}/bundles`);
 }
 
 async function dockerProblems(policy: AttemptPolicy, attempt: PolicyAttempt): Promise<string[]> {

@@ -235,9 +235,20 @@ Deno.test("agent policy: a pipeline copy inside the agent's state directory is t
   assert.deepEqual(
     await problems(agentPolicy(), box.root, "deno", {
       module: "steps/hello.ts",
-      permissions: { read: ["."], write: ["steps"] },
+      permissions: { read: ["."] },
     }, layout),
     [],
+  );
+  // Every run of the pipeline shares the copy: one run may not change what the next reads.
+  assert.deepEqual(
+    await problems(agentPolicy(), box.root, "deno", {
+      module: "steps/hello.ts",
+      permissions: { write: ["steps"] },
+    }, layout),
+    [
+      `deno write "steps" is inside the pipeline copy that every run of this pipeline shares ` +
+      "on this agent; write the step's outputs instead",
+    ],
   );
   assert.deepEqual(
     await problems(agentPolicy(), box.root, "deno", {
