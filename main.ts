@@ -75,6 +75,8 @@ async function main(line: CommandLine): Promise<number> {
       return await (await cluster()).submitCommand(need("a pipeline file"), flags);
     case "token":
       return await (await cluster()).tokenCommand(args, flags);
+    case "agents":
+      return await (await cluster()).agentsCommand(args, flags);
     case "validate":
       return await local.validateCommand(need("a pipeline file"), {
         plugins,

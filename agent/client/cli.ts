@@ -353,6 +353,30 @@ export async function tokenCommand(args: string[], flags: CliFlags): Promise<num
   );
 }
 
+/**
+ * `runnel agents revoke|forget ID --server URL`: an agent's identity. A
+ * revoked agent is cut off at once and refused; a forgotten one may
+ * register again with the join token (and gets a new credential).
+ */
+export async function agentsCommand(args: string[], flags: CliFlags): Promise<number> {
+  using client = await clientOf(flags);
+  const [action, id] = args;
+  if ((action === "revoke" || action === "forget") && !id) {
+    throw new UsageError(`"runnel agents ${action}" needs an agent id (see /cluster-state)`);
+  }
+  switch (action) {
+    case "revoke":
+      await client.revokeAgent(id);
+      return print(flags.json ? JSON.stringify({ revoked: id }) : `revoked agent ${id}`);
+    case "forget":
+      await client.forgetAgent(id);
+      return print(flags.json ? JSON.stringify({ forgotten: id }) : `forgot agent ${id}`);
+  }
+  throw new UsageError(
+    `"runnel agents" needs revoke ID or forget ID` + (action ? `; got "${action}"` : ""),
+  );
+}
+
 function printIssued(
   issued: { token: string; id: string; name: string; role: string },
   flags: CliFlags,

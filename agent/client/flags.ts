@@ -45,6 +45,7 @@ Cluster mode:
   runs|show|logs|cancel|resume with --server URL talk to a cluster instead
   token bootstrap      make the cluster's first admin API token (once; --server URL)
   token create|revoke ID|list   API tokens (--role read|submit|admin --name N; admin only)
+  agents revoke|forget ID       an agent's identity: cut it off, or let it register again (admin)
 
 Options:
   --state-dir DIR      where runs, logs and artifacts live (default .runnel)

@@ -99,6 +99,19 @@ export class RunClient {
     return (await this.#json("DELETE", `/api/tokens/${encodeURIComponent(id)}`)).revoked;
   }
 
+  /**
+   * Revokes an agent's identity (admin only): it is cut off, its worker goes
+   * offline, and its id is refused until forgotten.
+   */
+  async revokeAgent(agentId: string): Promise<void> {
+    await this.#json("POST", `/api/agents/${encodeURIComponent(agentId)}/revoke`);
+  }
+
+  /** Forgets an agent's identity (admin only): the id may register again. */
+  async forgetAgent(agentId: string): Promise<void> {
+    await this.#json("DELETE", `/api/agents/${encodeURIComponent(agentId)}/identity`);
+  }
+
   /** Every token, without secrets (admin only). */
   async listTokens(): Promise<TokenInfo[]> {
     return await this.#json("GET", "/api/tokens");

@@ -85,6 +85,7 @@ import {
   roleAllows,
   TokenRequestError,
 } from "./auth.ts";
+import { forgetAgent, revokeAgent } from "./identity.ts";
 import { type WebhookAllowList, webhookHost } from "../effects.ts";
 
 /** What the API needs from its server. */
@@ -201,6 +202,20 @@ const ROUTES: Route[] = [
   },
   { method: "GET", path: /^\/api\/runs\/([^/]+)\/events$/, access: needs("read"), handle: events },
   { method: "GET", path: /^\/api\/runs\/([^/]+)\/logs$/, access: needs("read"), handle: logs },
+  {
+    method: "POST",
+    path: /^\/api\/agents\/([^/]+)\/revoke$/,
+    access: needs("admin"),
+    audit: "agent.revoke",
+    handle: agentRevoke,
+  },
+  {
+    method: "DELETE",
+    path: /^\/api\/agents\/([^/]+)\/identity$/,
+    access: needs("admin"),
+    audit: "agent.forget",
+    handle: agentForget,
+  },
   {
     method: "POST",
     path: /^\/api\/acl\/bootstrap$/,
@@ -751,6 +766,29 @@ async function tokenRevoke({ context, params, audit }: Call): Promise<Response> 
   const revoked = await revokeToken(context.store, params[0]);
   audit.revoked = { id: revoked.id, name: revoked.name, role: revoked.role };
   return json({ revoked });
+}
+
+/**
+ * Revokes an agent's identity: its connection is cut, its worker goes
+ * offline (its steps run elsewhere), and its id is refused until forgotten.
+ */
+async function agentRevoke({ context, params, audit }: Call): Promise<Response> {
+  const agentId = decodeSegment(params[0]);
+  audit.agent = agentId;
+  if (!(await revokeAgent(context.store, agentId))) {
+    return json({ error: "agent_not_found", message: `No agent "${agentId}" has registered` }, {
+      status: 404,
+    });
+  }
+  return json({ revoked: agentId });
+}
+
+/** Forgets an agent's identity: the id may register again (with a new credential). */
+async function agentForget({ context, params, audit }: Call): Promise<Response> {
+  const agentId = decodeSegment(params[0]);
+  audit.agent = agentId;
+  await forgetAgent(context.store, agentId);
+  return json({ forgotten: agentId });
 }
 
 function decodeSegment(segment: string): string {

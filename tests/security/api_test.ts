@@ -18,6 +18,7 @@ import { parsePipeline } from "../../core/load.ts";
 import { RunClient } from "../../agent/client/mod.ts";
 import { type ServerOptions, standaloneElection, startServer } from "../../agent/server/mod.ts";
 import { submitRun } from "../../agent/server/runs.ts";
+import { clusterKeys } from "../../agent/server/keys.ts";
 import { bootstrapAcl } from "../../agent/server/auth.ts";
 import { startAgent } from "../../agent/worker/mod.ts";
 import { makeTestCertificates, opensslMissing } from "../../proto/_testing.ts";
@@ -763,4 +764,30 @@ Deno.test("API: a stream opened with a token ends when the token is revoked", as
   }
   assert.ok(!deadline.aborted, "the stream ended after the revocation");
   assert.doesNotMatch(text, /event: log/, "nothing more was sent");
+});
+
+Deno.test("API: an admin revokes or forgets an agent's identity; a weaker token may not; both are audited", async () => {
+  await using box = await sandbox();
+  await using api = await apiServer(box.dir);
+  const identity = clusterKeys.agentIdentity("worker-1");
+  await api.store.put(identity, JSON.stringify({ agentId: "worker-1", credential: "sha256:00" }));
+  const viewer = await tokenOf(api, "viewer", "read");
+  const weak = await api.call("POST", "/api/agents/worker-1/revoke", { token: viewer });
+  assert.equal(weak.status, 403, weak.text);
+  assert.equal(JSON.parse((await api.store.get(identity))!.value).revokedAt, undefined);
+
+  using client = new RunClient([api.http], { token: ADMIN_TOKEN });
+  await client.revokeAgent("worker-1");
+  assert.equal(typeof JSON.parse((await api.store.get(identity))!.value).revokedAt, "number");
+  await assert.rejects(client.revokeAgent("nobody"), /No agent "nobody"/);
+  await client.forgetAgent("worker-1");
+  assert.equal(await api.store.get(identity), undefined);
+  const audited = api.logs.filter((line) => line.component === "audit")
+    .map((line) => [line.action, line.agent, line.outcome]);
+  assert.deepEqual(audited.filter(([action]) => String(action).startsWith("agent.")), [
+    ["agent.revoke", undefined, "denied"],
+    ["agent.revoke", "worker-1", "allowed"],
+    ["agent.revoke", "nobody", "failed"],
+    ["agent.forget", "worker-1", "allowed"],
+  ]);
 });
