@@ -46,7 +46,7 @@ import { Buffer } from "node:buffer";
 import { LineCounter, parseDocument } from "npm:yaml@2.9.1";
 import type { Diagnostic } from "../../core/errors.ts";
 import { PipelineError } from "../../core/errors.ts";
-import { Locator, parsePipeline, type PipelineLimits } from "../../core/load.ts";
+import { Locator, type PipelineLimits } from "../../core/load.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import type { Plan, StepState } from "../../core/model.ts";
 import { renderMermaid } from "../../core/mermaid.ts";
@@ -65,7 +65,6 @@ import {
 import type { RaftState, ServerMetrics } from "./metrics.ts";
 import {
   bundleDigest,
-  bundleFile,
   checkBundle,
   MAX_BUNDLE_BYTES,
   MAX_BUNDLE_FILES,
@@ -85,6 +84,7 @@ import {
   roleAllows,
   TokenRequestError,
 } from "./auth.ts";
+import { ParseTimeoutError, type PipelineParser } from "./parse_worker.ts";
 import { forgetAgent, revokeAgent } from "./identity.ts";
 import { type WebhookAllowList, webhookHost } from "../effects.ts";
 
@@ -117,6 +117,8 @@ export interface ApiContext {
   log: (fields: Record<string, unknown>) => void;
   /** Limits on what a submitted pipeline may expand to (default: the defaults). */
   pipelineLimits?: Partial<PipelineLimits>;
+  /** Parses submitted pipelines off the event loop. */
+  parser: PipelineParser;
 }
 
 /** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
@@ -388,6 +390,9 @@ function errorResponse(
   if (error instanceof RequestBodyError) {
     return json({ error: error.code, message: error.message }, { status: error.status });
   }
+  if (error instanceof ParseTimeoutError) {
+    return json({ error: error.code, message: error.message }, { status: 400 });
+  }
   if (error instanceof RunRequestError) {
     return json({ error: error.code, message: error.message }, {
       status: error.code === "run_not_found" ? 404 : error.code === "plan_too_large" ? 413 : 409,
@@ -621,14 +626,13 @@ async function submit({ context, request, audit }: Call): Promise<Response> {
   const bundle = body.files === undefined ? undefined : bundleOf(body.files);
   let plan: Plan;
   try {
-    plan = parsePipeline(body.source, {
+    // Off the event loop: a large file is seconds of CPU (see parse_worker.ts).
+    plan = await context.parser.parse({
+      source: body.source,
       file,
       baseDir,
-      // Step modules are read from the shipped directory, and never from
-      // this server's own disk: a caller may not probe the server's files.
-      readFile: bundle ? (path) => bundleFile(bundle, baseDir, path) : () => undefined,
-      // Declared names only: never an env var or file of this server.
-      secrets: { names: await context.secretNames?.(), allowSources: false },
+      bundle,
+      secretNames: await context.secretNames?.(),
       limits: context.pipelineLimits,
     });
     const refused = refusedWebhooks(plan, body.source, file, context.webhookAllow);

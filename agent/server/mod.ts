@@ -11,6 +11,7 @@ import type { Compare, Store } from "../../consensus/store.ts";
 import { type AgentServiceServer, serveAgentService } from "../../proto/mod.ts";
 import type { ServerCredentials } from "npm:@grpc/grpc-js@1.14.7";
 import { createApiHandler } from "./http_api.ts";
+import { PipelineParser } from "./parse_worker.ts";
 import { createGateway, DEFAULT_HEARTBEAT_MS } from "./gateway.ts";
 import { type RaftState, ServerMetrics } from "./metrics.ts";
 import { runScheduler, type SchedulerEvent } from "./scheduler.ts";
@@ -185,6 +186,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     commit_index: await store.revision(),
   }));
   const secrets = new SecretStore(options.secrets, { env: options.env });
+  const parser = new PipelineParser();
   const gateway = createGateway({
     serverId: options.serverId,
     store,
@@ -232,6 +234,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         webhookAllow,
         log,
         pipelineLimits: options.pipelineLimits,
+        parser,
       }),
     );
   } catch (error) {
@@ -330,6 +333,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       await schedulerLoop;
       await grpc.close();
       await http.shutdown();
+      parser.close();
     },
   };
 }
