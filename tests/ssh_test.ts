@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { startSshd, type TestSshd } from "./_sshd.ts";
 import createSshBackend from "../backends/ssh/mod.ts";
 import { checkBackendConformance, runToEnd, scratchSpec } from "../backends/testing.ts";
+import { builtinPlugins, PluginHostPool } from "../backends/mod.ts";
 
 let runs = 0;
 
@@ -44,6 +45,26 @@ Deno.test("ssh backend", { sanitizeOps: false, sanitizeResources: false }, async
     assert.deepEqual(report.skipped, ["re-attaches after a restart"]);
     assert.equal(report.passed.length, 5);
     assert.equal(await remoteLeftovers(sshd, "sleep 61"), "");
+  });
+
+  await t.step("passes them in a sandboxed plugin host granted only its manifest", async () => {
+    const scratchRoot = await Deno.realPath(await Deno.makeTempDir());
+    const pool = new PluginHostPool({
+      plugins: builtinPlugins(),
+      context: { scratchRoot, agentId: "ssh-conformance" },
+    });
+    try {
+      const report = await checkBackendConformance({
+        backend: () => pool.backend("ssh"),
+        echo: { config: configOf(sshd, { run: "echo hello" }), stdout: "hello\n" },
+        long: { config: configOf(sshd, { run: "sleep 62" }) },
+      });
+      assert.equal(report.passed.length, 5);
+      assert.equal(await remoteLeftovers(sshd, "sleep 62"), "");
+    } finally {
+      await pool.close();
+      await Deno.remove(scratchRoot, { recursive: true });
+    }
   });
 
   await t.step("inputs up, outputs down, RUNNEL_* set remotely, remote dir removed", async () => {
