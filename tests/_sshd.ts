@@ -24,6 +24,8 @@ export interface TestSshd extends AsyncDisposable {
   stop(): Promise<void>;
   /** Starts the server again after `stop()`. */
   start(): Promise<void>;
+  /** Pids of the server and of every process below it (sessions, the steps they run). */
+  pids(): Promise<number[]>;
   /** Runs a shell command on the test host (the same machine), returns its stdout. */
   sh(command: string): Promise<string>;
 }
@@ -55,7 +57,9 @@ async function keygen(path: string): Promise<void> {
 export async function startSshd(): Promise<TestSshd> {
   // sshd run as root insists on its privilege separation directory, which
   // the distribution's service manager normally creates (an empty dir).
-  if (Deno.uid() === 0) await Deno.mkdir(PRIVSEP_DIR, { recursive: true, mode: 0o755 });
+  if ((await run("id", ["-u"])).trim() === "0") {
+    await Deno.mkdir(PRIVSEP_DIR, { recursive: true, mode: 0o755 });
+  }
   const dir = await Deno.realPath(await Deno.makeTempDir({ prefix: "runnel_sshd_" }));
   const port = freePort();
   const user = (await run("id", ["-un"])).trim();
@@ -137,6 +141,15 @@ export async function startSshd(): Promise<TestSshd> {
     fingerprint,
     stop,
     start,
+    async pids() {
+      if (!child) return [];
+      const all = [child.pid];
+      for (let i = 0; i < all.length; i++) {
+        const out = await run("ps", ["-o", "pid=", "--ppid", String(all[i])]).catch(() => "");
+        all.push(...out.split(/\s+/).filter(Boolean).map(Number));
+      }
+      return all;
+    },
     sh: (command) => run("sh", ["-c", command]),
     async [Symbol.asyncDispose]() {
       await stop();

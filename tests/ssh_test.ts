@@ -8,6 +8,7 @@ import { startSshd, type TestSshd } from "./_sshd.ts";
 import createSshBackend from "../backends/ssh/mod.ts";
 import { checkBackendConformance, runToEnd, scratchSpec } from "../backends/testing.ts";
 import { builtinPlugins, PluginHostPool } from "../backends/mod.ts";
+import { runCli, sandbox } from "./_helpers.ts";
 
 let runs = 0;
 
@@ -80,7 +81,7 @@ Deno.test("ssh backend", { sanitizeOps: false, sanitizeResources: false }, async
     assert.equal(result.stderr, "oops\n");
     const remoteDir = `${sshd.dir}/remote/${spec.runId}/step/1`;
     assert.equal(result.stdout.trim(), remoteDir);
-    await assert.rejects(Deno.stat(remoteDir), Deno.errors.NotFound);
+    await assert.rejects(Deno.stat(`${sshd.dir}/remote/${spec.runId}`), Deno.errors.NotFound);
   });
 
   await t.step("a missing output fails the step; exit codes classify", async () => {
@@ -187,4 +188,82 @@ Deno.test("ssh backend", { sanitizeOps: false, sanitizeResources: false }, async
       for (const spec of specs) await spec.remove();
     }
   });
+
+  await t.step(
+    "a dead connection fails the attempt as infrastructure; the next one reconnects",
+    async () => {
+      await using spec = await attempt(configOf(sshd, { run: "sleep 63" }));
+      const execution = await backend.start(spec);
+      await new Promise((resolve) => setTimeout(resolve, 800));
+      // Freeze every process of the server: no FIN, no RST, only silence, as
+      // when a network path dies; keepalives must notice.
+      const frozen = await sshd.pids();
+      await sshd.sh(`kill -STOP ${frozen.join(" ")}`);
+      const began = Date.now();
+      try {
+        const result = await runToEnd(execution);
+        assert.equal(result.status.errorClass, "infrastructure", JSON.stringify(result.status));
+        assert.match(result.status.message!, /lost the connection/);
+        assert.ok(Date.now() - began < 12_000, `noticed after ${Date.now() - began} ms`);
+      } finally {
+        await sshd.sh(`kill -CONT ${frozen.join(" ")}`);
+      }
+      // The orphan a dead connection leaves (no PTY: nothing kills it) is ended here.
+      await sshd.sh(`pkill -f -- '^sleep 63$' || true`);
+      await using again = await attempt(configOf(sshd, { run: "echo back" }));
+      assert.equal((await runToEnd(await backend.start(again))).stdout, "back\n");
+    },
+  );
+
+  await t.step(
+    "runnel run: a pipeline over ssh, artifacts between steps, secrets masked",
+    async () => {
+      await using box = await sandbox();
+      const file = await box.write(
+        "pipeline.yaml",
+        `name: ssh-demo
+secrets:
+  TOKEN: { env: RUNNEL_TEST_TOKEN }
+steps:
+  analyze:
+    host: ${sshd.host}
+    port: ${sshd.port}
+    user: ${sshd.user}
+    with:
+      identity: ${sshd.identity}
+      known-hosts: ${sshd.knownHosts}
+      work-root: ${sshd.dir}/remote
+    run: |
+      echo '{"kwh": 42}' > "$RUNNEL_OUTPUT_OUTPUT1_JSON"
+    outputs: [output1.json]
+  report:
+    host: ${sshd.host}
+    port: ${sshd.port}
+    user: ${sshd.user}
+    with:
+      identity: ${sshd.identity}
+      host-key: "${sshd.fingerprint}"
+      work-root: ${sshd.dir}/remote
+    secrets: [TOKEN]
+    inputs: { summary: analyze/output1.json }
+    run: |
+      echo "token is $TOKEN"
+      csv="$RUNNEL_OUTPUT_ENERGY_REPORT_CSV"
+      echo region,kwh > "$csv"
+      grep -o '[0-9][0-9]*' "$RUNNEL_INPUT_SUMMARY" | sed 's/^/all,/' >> "$csv"
+      cat "$csv"
+    outputs: [energy_report.csv]
+`,
+      );
+      const secret = "s3cr3t-" + crypto.randomUUID();
+      const result = await runCli(["run", file, "--state-dir", box.stateDir, "--logs"], {
+        cwd: box.dir,
+        env: { RUNNEL_TEST_TOKEN: secret },
+      });
+      assert.equal(result.code, 0, result.stderr + result.stdout);
+      assert.match(result.stdout, /report │ token is \*\*\*/);
+      assert.match(result.stdout, /report │ all,42/);
+      assert.ok(!result.stdout.includes(secret) && !result.stderr.includes(secret));
+    },
+  );
 });

@@ -257,7 +257,7 @@ async function startRemote(pool: ConnectionPool, spec: AttemptSpec): Promise<Exe
       sftp.writeFile(`${remoteDir}/wrapper.sh`, WRAPPER, { mode: 0o600 }, cb)
     );
   } catch (error) {
-    await connection.run(`rm -rf -- ${shellQuote(remoteDir)}`).catch(() => {});
+    await connection.run(removeCommand(remoteDir)).catch(() => {});
     return failedExecution(
       handle,
       error instanceof ConnectionError || connection.closed ? statusOfError(error) : {
@@ -397,11 +397,20 @@ function watchRemote(options: WatchOptions): Execution {
         const status = await waitPromise;
         if (connection.closed) return;
         if (config["keep-on-failure"] && status.errorClass !== undefined) return;
-        await connection.run(`rm -rf -- ${shellQuote(remoteDir)}`).catch(() => {});
+        await connection.run(removeCommand(remoteDir)).catch(() => {});
       })();
       return cleaning;
     },
   };
+}
+
+/** Removes an attempt's remote dir, then its step and run dirs when they are left empty. */
+function removeCommand(remoteDir: string): string {
+  const step = remoteDir.slice(0, remoteDir.lastIndexOf("/"));
+  const run = step.slice(0, step.lastIndexOf("/"));
+  return `rm -rf -- ${shellQuote(remoteDir)}; rmdir -- ${shellQuote(step)} ${
+    shellQuote(run)
+  } 2>/dev/null; true`;
 }
 
 /** Downloads each declared output that exists, its SHA-256 checked against the remote file's. */
