@@ -29,6 +29,14 @@ function configOf(sshd: TestSshd, extra: Record<string, unknown> = {}) {
   };
 }
 
+async function waitFor(check: () => Promise<boolean>, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`Expected the condition within ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+}
+
 async function remoteLeftovers(sshd: TestSshd, marker: string): Promise<string> {
   return (await sshd.sh(`pgrep -af -- '${marker}' | grep -v pgrep || true`)).trim();
 }
@@ -208,8 +216,9 @@ Deno.test("ssh backend", { sanitizeOps: false, sanitizeResources: false }, async
       } finally {
         await sshd.sh(`kill -CONT ${frozen.join(" ")}`);
       }
-      // The orphan a dead connection leaves (no PTY: nothing kills it) is ended here.
-      await sshd.sh(`pkill -f -- '^sleep 63$' || true`);
+      // Without a PTY nothing would end the step; the wrapper's watchdog does,
+      // once the thawed server notices the connection is gone.
+      await waitFor(async () => await remoteLeftovers(sshd, "^sleep 63$") === "", 20_000);
       await using again = await attempt(configOf(sshd, { run: "echo back" }));
       assert.equal((await runToEnd(await backend.start(again))).stdout, "back\n");
     },
@@ -266,4 +275,37 @@ steps:
       assert.ok(!result.stdout.includes(secret) && !result.stderr.includes(secret));
     },
   );
+
+  await t.step("a runner SIGKILLed mid-step leaves no remote process behind", async () => {
+    await using spec = await attempt(configOf(sshd, { run: "sleep 65 & sleep 64" }));
+    const script = `${sshd.dir}/runner.ts`;
+    await Deno.writeTextFile(
+      script,
+      `import createSshBackend from "${new URL("../backends/ssh/mod.ts", import.meta.url).href}";
+const spec = JSON.parse(Deno.args[0]);
+const execution = await createSshBackend().start(spec);
+console.log("started " + execution.handle);
+await execution.wait();
+`,
+    );
+    const runner = new Deno.Command(Deno.execPath(), {
+      args: ["run", "--lock=deno.lock", "-A", script, JSON.stringify(spec)],
+      cwd: new URL("..", import.meta.url).pathname,
+      stdout: "piped",
+      stderr: "null",
+    }).spawn();
+    const reader = runner.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    let seen = "";
+    while (!seen.includes("started")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      seen += value;
+    }
+    assert.match(seen, /started/);
+    await waitFor(async () => await remoteLeftovers(sshd, "^sleep 64$") !== "", 10_000);
+    runner.kill("SIGKILL");
+    await runner.status;
+    await reader.cancel().catch(() => {});
+    await waitFor(async () => await remoteLeftovers(sshd, "^sleep 6[45]$") === "", 20_000);
+  });
 });

@@ -9,6 +9,9 @@
  * own session (`setsid -w`), records its pgid (its own `$$`) and, at the
  * end, the exit code, then ends what the step left in its process group,
  * so a backgrounded child holding stdout does not keep the step open.
+ * A watchdog in the wrapper ends the group once the SSH session that
+ * started it is gone (a runner killed, a dead connection), since without a
+ * PTY nothing else would.
  * Cancel sends `kill -TERM -PGID`, then `kill -KILL -PGID`, over a second
  * channel (signals over a channel are unreliable: ssh2's `signal()` is a
  * no-op once stdin has ended).
@@ -102,6 +105,17 @@ export const WRAPPER = [
   // the exit and so `setsid -w` has nothing to complain about.
   "trap 'true' TERM",
   "echo $$ > pgid.tmp && mv pgid.tmp pgid",
+  // The watchdog: without a PTY, a lost connection (a runner killed, a dead
+  // network) leaves the step running; once the SSH session process that
+  // started this attempt is gone, the whole group is ended.
+  "session=$PPID",
+  'if [ "$(ps -o comm= -p "$session" 2>/dev/null)" = setsid ]; then',
+  '  session=$(ps -o ppid= -p "$session" 2>/dev/null | tr -d " ")',
+  "fi",
+  'if [ -n "$session" ] && [ "$session" -gt 1 ]; then',
+  '  (while kill -0 "$session" 2>/dev/null; do sleep 1; done',
+  "   kill -TERM -$$; sleep 5; kill -KILL -$$) </dev/null >/dev/null 2>&1 &",
+  "fi",
   "set -a",
   ". ./env",
   "set +a",
