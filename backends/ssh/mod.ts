@@ -153,11 +153,6 @@ function sftpCall<T>(
   );
 }
 
-async function mkdirs(connection: Connection, path: string): Promise<void> {
-  // One remote `mkdir -p` beats an SFTP round trip per level; the path is quoted.
-  await connection.run(`mkdir -p -m 700 -- ${shellQuote(path)}`);
-}
-
 async function upload(sftp: Sftp, local: string, remote: string): Promise<void> {
   const info = await Deno.lstat(local);
   if (info.isSymlink) return;
@@ -236,18 +231,20 @@ async function startRemote(pool: ConnectionPool, spec: AttemptSpec): Promise<Exe
   let sftp: Sftp;
   try {
     sftp = await connection.sftp();
-    await mkdirs(connection, `${remoteDir}/in`);
-    await mkdirs(connection, `${remoteDir}/out`);
-    await sftpCall<void>((cb) =>
-      sftp.writeFile(`${remoteDir}/agent`, `${spec.agentId}\n`, { mode: 0o600 }, cb)
-    );
+    // One exec makes the directories and learns where they are (each channel
+    // costs a round trip and a remote fork); the SFTP writes go in parallel.
+    const dir = shellQuote(remoteDir);
+    const pwd =
+      (await connection.run(`mkdir -p -m 700 -- ${dir}/in ${dir}/out && cd ${dir} && pwd`))
+        .trim();
+    const write = (name: string, text: string) =>
+      sftpCall<void>((cb) => sftp.writeFile(`${remoteDir}/${name}`, text, { mode: 0o600 }, cb));
     const remoteInputs: Record<string, string> = {};
-    for (const [name, path] of Object.entries(spec.inputs)) {
+    const uploads = Object.entries(spec.inputs).map(([name, path]) => {
       const target = `${remoteDir}/in/${segment(name)}`;
-      await upload(sftp, path, target);
       remoteInputs[name] = target;
-    }
-    const pwd = (await connection.run(`cd ${shellQuote(remoteDir)} && pwd`)).trim();
+      return upload(sftp, path, target);
+    });
     const absolute = (path: string) => `${pwd}/${path.slice(remoteDir.length + 1)}`;
     const env = {
       ...stepEnvironment({
@@ -263,13 +260,13 @@ async function startRemote(pool: ConnectionPool, spec: AttemptSpec): Promise<Exe
     const envText = Object.entries(env)
       .filter(([name]) => ENV_NAME.test(name))
       .map(([name, value]) => `${name}=${shellQuote(value)}\n`).join("");
-    await sftpCall<void>((cb) => sftp.writeFile(`${remoteDir}/env`, envText, { mode: 0o600 }, cb));
-    await sftpCall<void>((cb) =>
-      sftp.writeFile(`${remoteDir}/run.sh`, config.run, { mode: 0o600 }, cb)
-    );
-    await sftpCall<void>((cb) =>
-      sftp.writeFile(`${remoteDir}/wrapper.sh`, WRAPPER, { mode: 0o600 }, cb)
-    );
+    await Promise.all([
+      ...uploads,
+      write("agent", `${spec.agentId}\n`),
+      write("env", envText),
+      write("run.sh", config.run),
+      write("wrapper.sh", WRAPPER),
+    ]);
   } catch (error) {
     await connection.run(removeCommand(remoteDir)).catch(() => {});
     return failedExecution(
