@@ -52,6 +52,7 @@ interface Client {
   connect(options: Record<string, unknown>): void;
   exec(command: string, cb: (error: Error | undefined, channel: Channel) => void): void;
   sftp(cb: (error: Error | undefined, sftp: Sftp) => void): void;
+  setNoDelay(noDelay: boolean): void;
   end(): void;
 }
 
@@ -140,6 +141,8 @@ export class Connection {
       let ready = false;
       client.on("ready", () => {
         ready = true;
+        // Small requests (channel opens, SFTP calls) must not wait for Nagle.
+        client.setNoDelay(true);
         resolve(connection);
       });
       client.on("error", (error: Error & { level?: string }) => {
