@@ -12,6 +12,7 @@ import { pathToFileURL } from "node:url";
 import { denoManifest } from "./deno/manifest.ts";
 import { dockerManifest } from "./docker/manifest.ts";
 import { shellManifest } from "./shell/manifest.ts";
+import { sshManifest } from "./ssh/manifest.ts";
 import type { PluginHostPool, PluginSource } from "./plugin_host/pool.ts";
 import type { Diagnostic } from "../core/errors.ts";
 import type { Plan } from "../core/model.ts";
@@ -50,6 +51,11 @@ export function builtinPlugins(): PluginSource[] {
       name: "docker",
       module: new URL("./docker/mod.ts", import.meta.url).href,
       manifest: dockerManifest,
+    },
+    {
+      name: "ssh",
+      module: new URL("./ssh/mod.ts", import.meta.url).href,
+      manifest: sshManifest,
     },
   ];
 }

@@ -295,7 +295,7 @@ Deno.test("agent: Hello carries its id, labels, slots and fingerprints; shell is
     assert.match(agent.agentId, /^[a-z0-9-]+-[0-9a-f]{6}$/);
 
     const capabilities = Object.fromEntries(hello.capabilities.map((c) => [c.backend, c]));
-    assert.deepEqual(Object.keys(capabilities).sort(), ["deno", "docker", "shell"]);
+    assert.deepEqual(Object.keys(capabilities).sort(), ["deno", "docker", "shell", "ssh"]);
     assert.equal(capabilities.deno.available, true);
     assert.equal(capabilities.deno.version, Deno.version.deno);
     assert.equal(capabilities.shell.available, false);

@@ -1,0 +1,457 @@
+/**
+ * The `ssh` backend: runs each attempt on a remote host over SSH, in a
+ * per-attempt remote work directory (`<work-root>/<run>/<step>/<attempt>/`)
+ * where its inputs are uploaded over SFTP and from where its outputs are
+ * downloaded, their SHA-256 checked against the remote file's.
+ *
+ * Nothing secret reaches a remote command line: the environment is written
+ * over SFTP into a 0600 file the wrapper sources. The wrapper runs in its
+ * own session (`setsid -w`), records its pgid (its own `$$`) and, at the
+ * end, the exit code, then ends what the step left in its process group,
+ * so a backgrounded child holding stdout does not keep the step open.
+ * A watchdog in the wrapper ends the group once the SSH session that
+ * started it is gone (a runner killed, a dead connection), since without a
+ * PTY nothing else would.
+ * Cancel sends `kill -TERM -PGID`, then `kill -KILL -PGID`, over a second
+ * channel (signals over a channel are unreliable: ssh2's `signal()` is a
+ * no-op once stdin has ended).
+ *
+ * @module
+ */
+
+import { createHash } from "node:crypto";
+import { basename } from "node:path";
+import {
+  type AttemptSpec,
+  classifyExit,
+  configMessages,
+  DEFAULT_CANCEL_GRACE_MS,
+  type Execution,
+  type ExecutionBackend,
+  type ExitStatus,
+  type Fingerprint,
+  InvalidStepConfigError,
+  type LogChunk,
+  missingOutputStatus,
+  type RecoveredAttempt,
+  stepEnvironment,
+} from "../backend.ts";
+import { LogQueue } from "../log_queue.ts";
+import {
+  AuthError,
+  type Channel,
+  type Connection,
+  ConnectionError,
+  ConnectionPool,
+  type Sftp,
+} from "./_connection.ts";
+import { HostKeyError, type HostTrust } from "./_hostkey.ts";
+import { localFile, normalizeSshConfig, type SshConfig, sshConfigSchema } from "./manifest.ts";
+
+export { AuthError, ConnectionError } from "./_connection.ts";
+export { HostKeyError } from "./_hostkey.ts";
+
+/** How long output may keep arriving after the wrapper exited before the channel is closed. */
+const DRAIN_DEADLINE_MS = 2_000;
+/** Exit code reported when the end could not be learnt. */
+const UNKNOWN_EXIT_CODE = -1;
+/** Environment variable names a POSIX shell accepts. */
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+
+const encoder = new TextEncoder();
+
+/** Creates the `ssh` backend; each instance keeps its own connections. */
+export function createSshBackend(): ExecutionBackend {
+  const pool = new ConnectionPool();
+  return {
+    name: "ssh",
+    capabilities: { reattach: false, usage: false },
+    fingerprint: fingerprintSsh,
+    start: (spec) => startRemote(pool, spec),
+    // A handle names no credentials: nothing can be reached again from it yet.
+    recover: (): Promise<RecoveredAttempt[]> => Promise.resolve([]),
+  };
+}
+
+/** Checks an `ssh` step config; returns human messages, empty when valid. */
+export function validateSshConfig(config: Record<string, unknown>): string[] {
+  return configMessages(sshConfigSchema, config);
+}
+
+async function fingerprintSsh(): Promise<Fingerprint> {
+  try {
+    await import("npm:ssh2@1.17.0");
+    return { available: true, version: "1.17.0", detail: "ssh2 1.17.0 (pure-JS crypto)" };
+  } catch (error) {
+    return { available: false, detail: `ssh2 does not load: ${(error as Error).message}` };
+  }
+}
+
+/** Quotes a string for a POSIX shell. */
+export function shellQuote(value: string): string {
+  return `'${value.replaceAll("'", `'\\''`)}'`;
+}
+
+/** A path segment safe on any remote shell: everything else becomes `_`. */
+function segment(value: string): string {
+  const safe = value.replace(/[^A-Za-z0-9_.-]/g, "_");
+  return safe === "" || /^\.+$/.test(safe) ? "_" : safe;
+}
+
+/** The wrapper run in the remote work directory (its cwd). */
+export const WRAPPER = [
+  // A handler, not an ignore: the step must still get the TERM a cancel sends
+  // (an ignored signal would be inherited), while this shell lives to record
+  // the exit and so `setsid -w` has nothing to complain about.
+  "trap 'true' TERM",
+  "echo $$ > pgid.tmp && mv pgid.tmp pgid",
+  // The watchdog: without a PTY, a lost connection (a runner killed, a dead
+  // network) leaves the step running; once the SSH session process that
+  // started this attempt is gone, the whole group is ended.
+  "session=$PPID",
+  'if [ "$(ps -o comm= -p "$session" 2>/dev/null)" = setsid ]; then',
+  '  session=$(ps -o ppid= -p "$session" 2>/dev/null | tr -d " ")',
+  "fi",
+  'if [ -n "$session" ] && [ "$session" -gt 1 ]; then',
+  '  (while kill -0 "$session" 2>/dev/null; do sleep 1; done',
+  "   kill -TERM -$$; sleep 5; kill -KILL -$$) </dev/null >/dev/null 2>&1 &",
+  "fi",
+  "set -a",
+  ". ./env",
+  "set +a",
+  "/bin/sh ./run.sh </dev/null",
+  "code=$?",
+  "echo $code > exit.tmp && mv exit.tmp exit",
+  // End what the step left in its group (backgrounded children), not this shell.
+  "trap '' TERM",
+  "kill -TERM -$$ 2>/dev/null",
+  "exit $code",
+  "",
+].join("\n");
+
+function trustOf(config: SshConfig, baseDir: string, home: string | undefined): HostTrust {
+  if (config["host-key"]) return { fingerprint: config["host-key"] };
+  const path = localFile(config["known-hosts"]!, baseDir, home);
+  return { knownHosts: Deno.readTextFileSync(path), path };
+}
+
+function homeValue(): string | undefined {
+  try {
+    return Deno.permissions.querySync({ name: "env", variable: "HOME" }).state === "granted"
+      ? Deno.env.get("HOME")
+      : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function sftpCall<T>(
+  body: (cb: (error: Error | undefined, value?: T) => void) => void,
+): Promise<T> {
+  return new Promise((resolve, reject) =>
+    body((error, value) => error ? reject(error) : resolve(value as T))
+  );
+}
+
+async function upload(sftp: Sftp, local: string, remote: string): Promise<void> {
+  const info = await Deno.lstat(local);
+  if (info.isSymlink) return;
+  if (info.isDirectory) {
+    await sftpCall<void>((cb) => sftp.mkdir(remote, { mode: 0o700 }, cb));
+    for await (const entry of Deno.readDir(local)) {
+      await upload(sftp, `${local}/${entry.name}`, `${remote}/${entry.name}`);
+    }
+    return;
+  }
+  await sftpCall<void>((cb) => sftp.fastPut(local, remote, cb));
+}
+
+async function sha256File(path: string): Promise<string> {
+  const hash = createHash("sha256");
+  using file = await Deno.open(path);
+  for await (const chunk of file.readable) hash.update(chunk);
+  return hash.digest("hex");
+}
+
+/** An execution that ended before anything ran remotely. */
+function failedExecution(handle: string, status: ExitStatus): Execution {
+  const queue = new LogQueue();
+  queue.push({ stream: "stderr", data: encoder.encode(`runnel: ${status.message}\n`) });
+  queue.close();
+  return {
+    handle,
+    logs: queue,
+    wait: () => Promise.resolve(status),
+    status: () => Promise.resolve({ state: "exited", exit: status }),
+    cancel: () => Promise.resolve(),
+    cleanup: () => Promise.resolve(),
+  };
+}
+
+function statusOfError(error: unknown): ExitStatus {
+  const message = error instanceof Error ? error.message : String(error);
+  if (error instanceof HostKeyError || error instanceof AuthError) {
+    return { exitCode: UNKNOWN_EXIT_CODE, errorClass: "permission", message };
+  }
+  return { exitCode: UNKNOWN_EXIT_CODE, errorClass: "infrastructure", message };
+}
+
+async function startRemote(pool: ConnectionPool, spec: AttemptSpec): Promise<Execution> {
+  const messages = validateSshConfig(spec.config);
+  if (messages.length > 0) throw new InvalidStepConfigError("ssh", messages);
+  const config = normalizeSshConfig(spec.config) as SshConfig;
+  const home = homeValue();
+  const remoteDir = [
+    config["work-root"],
+    segment(spec.runId),
+    segment(spec.stepId),
+    segment(String(spec.attempt)),
+  ].join("/");
+  const handle = `${config.user}@${config.host}:${config.port}:${remoteDir}`;
+  let connection: Connection;
+  try {
+    connection = await pool.get({
+      host: config.host,
+      port: config.port,
+      user: config.user,
+      privateKey: await Deno.readTextFile(localFile(config.identity!, spec.baseDir, home)),
+      trust: trustOf(config, spec.baseDir, home),
+    });
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) {
+      return failedExecution(handle, {
+        exitCode: UNKNOWN_EXIT_CODE,
+        errorClass: "permission",
+        message: `cannot read a key or known_hosts file: ${error.message}`,
+      });
+    }
+    return failedExecution(handle, statusOfError(error));
+  }
+  const where = connection.where;
+  let sftp: Sftp;
+  try {
+    sftp = await connection.sftp();
+    // One exec makes the directories and learns where they are (each channel
+    // costs a round trip and a remote fork); the SFTP writes go in parallel.
+    const dir = shellQuote(remoteDir);
+    const pwd =
+      (await connection.run(`mkdir -p -m 700 -- ${dir}/in ${dir}/out && cd ${dir} && pwd`))
+        .trim();
+    const write = (name: string, text: string) =>
+      sftpCall<void>((cb) => sftp.writeFile(`${remoteDir}/${name}`, text, { mode: 0o600 }, cb));
+    const remoteInputs: Record<string, string> = {};
+    const uploads = Object.entries(spec.inputs).map(([name, path]) => {
+      const target = `${remoteDir}/in/${segment(name)}`;
+      remoteInputs[name] = target;
+      return upload(sftp, path, target);
+    });
+    const absolute = (path: string) => `${pwd}/${path.slice(remoteDir.length + 1)}`;
+    const env = {
+      ...stepEnvironment({
+        ...spec,
+        inputsDir: absolute(`${remoteDir}/in`),
+        outputsDir: absolute(`${remoteDir}/out`),
+        inputs: Object.fromEntries(
+          Object.entries(remoteInputs).map(([name, path]) => [name, absolute(path)]),
+        ),
+      }),
+      ...spec.env,
+    };
+    const envText = Object.entries(env)
+      .filter(([name]) => ENV_NAME.test(name))
+      .map(([name, value]) => `${name}=${shellQuote(value)}\n`).join("");
+    await Promise.all([
+      ...uploads,
+      write("agent", `${spec.agentId}\n`),
+      write("env", envText),
+      write("run.sh", config.run),
+      write("wrapper.sh", WRAPPER),
+    ]);
+  } catch (error) {
+    await connection.run(removeCommand(remoteDir)).catch(() => {});
+    return failedExecution(
+      handle,
+      error instanceof ConnectionError || connection.closed ? statusOfError(error) : {
+        exitCode: UNKNOWN_EXIT_CODE,
+        errorClass: "infrastructure",
+        message: `cannot prepare ${remoteDir} on ${where}: ${(error as Error).message}`,
+      },
+    );
+  }
+  let channel: Channel;
+  try {
+    channel = await connection.exec(
+      `cd ${shellQuote(remoteDir)} && exec setsid -w /bin/sh ./wrapper.sh`,
+    );
+  } catch (error) {
+    return failedExecution(handle, statusOfError(error));
+  }
+  return watchRemote({ connection, sftp, channel, remoteDir, handle, spec, config });
+}
+
+interface WatchOptions {
+  connection: Connection;
+  sftp: Sftp;
+  channel: Channel;
+  remoteDir: string;
+  handle: string;
+  spec: AttemptSpec;
+  config: SshConfig;
+}
+
+function watchRemote(options: WatchOptions): Execution {
+  const { connection, sftp, channel, remoteDir, spec, config } = options;
+  const queue = new LogQueue();
+  const push = (stream: LogChunk["stream"]) => (data: Uint8Array) => {
+    if (data.byteLength > 0) queue.push({ stream, data: new Uint8Array(data) });
+  };
+  channel.on("data", push("stdout"));
+  channel.stderr.on("data", push("stderr"));
+  let cancelled = false;
+  let exited = false;
+  let final: ExitStatus | undefined;
+
+  const ended = new Promise<{ code: number | null; signal?: string; lost: boolean }>((resolve) => {
+    let exit: { code: number | null; signal?: string } | undefined;
+    channel.on("exit", (code, signal) => {
+      exit = { code, signal };
+      // A child the step left may hold the channel open: give it a moment, then close it.
+      setTimeout(() => {
+        try {
+          channel.close();
+        } catch { /* closed */ }
+      }, DRAIN_DEADLINE_MS);
+    });
+    channel.on(
+      "close",
+      () => resolve(exit ? { ...exit, lost: false } : { code: null, lost: true }),
+    );
+    connection.onClose(() => resolve(exit ? { ...exit, lost: false } : { code: null, lost: true }));
+  });
+
+  const readPgid = async (): Promise<number | undefined> => {
+    try {
+      const data = await sftpCall<Uint8Array>((cb) => sftp.readFile(`${remoteDir}/pgid`, cb));
+      const pgid = Number(new TextDecoder().decode(data).trim());
+      return Number.isInteger(pgid) && pgid > 1 ? pgid : undefined;
+    } catch {
+      return undefined;
+    }
+  };
+
+  const kill = async (signal: "TERM" | "KILL") => {
+    const pgid = await readPgid();
+    // Never a group of 1 or below: `kill -TERM -1` means every process of the user.
+    if (pgid === undefined) return;
+    await connection.run(`kill -${signal} -${pgid} 2>/dev/null; true`).catch(() => {});
+  };
+
+  const finish = async (): Promise<ExitStatus> => {
+    const end = await ended;
+    exited = true;
+    queue.close();
+    if (end.lost) {
+      if (cancelled) {
+        return {
+          exitCode: UNKNOWN_EXIT_CODE,
+          errorClass: "cancelled",
+          message: "step was cancelled",
+        };
+      }
+      return {
+        exitCode: UNKNOWN_EXIT_CODE,
+        errorClass: "infrastructure",
+        message: `lost the connection to ${connection.where}: ${connection.closeReason}`,
+      };
+    }
+    let exitCode = end.code ?? UNKNOWN_EXIT_CODE;
+    const recorded = await sftpCall<Uint8Array>((cb) => sftp.readFile(`${remoteDir}/exit`, cb))
+      .then((data) => Number(new TextDecoder().decode(data).trim()), () => undefined);
+    if (recorded !== undefined && Number.isInteger(recorded)) exitCode = recorded;
+    if (cancelled) {
+      return { exitCode, errorClass: "cancelled", message: "step was cancelled" };
+    }
+    let status = classifyExit(end.signal ? { exitCode, signal: `SIG${end.signal}` } : { exitCode });
+    if (exitCode === 0 && spec.outputs.length > 0) {
+      try {
+        await downloadOutputs(connection, sftp, remoteDir, spec);
+      } catch (error) {
+        return statusOfError(error);
+      }
+      status = await missingOutputStatus(spec, status);
+    }
+    return status;
+  };
+  const waitPromise = finish().then((status) => final = status);
+
+  let cleaning: Promise<void> | undefined;
+  return {
+    handle: options.handle,
+    logs: queue,
+    wait: () => waitPromise,
+    status: () => Promise.resolve(final ? { state: "exited", exit: final } : { state: "running" }),
+    async cancel(graceMs = DEFAULT_CANCEL_GRACE_MS) {
+      if (exited) return;
+      cancelled = true;
+      await kill("TERM");
+      const timer = setTimeout(() => kill("KILL"), graceMs);
+      await ended;
+      clearTimeout(timer);
+      await waitPromise;
+    },
+    cleanup() {
+      cleaning ??= (async () => {
+        if (!exited) {
+          cancelled = true;
+          await kill("KILL");
+        }
+        const status = await waitPromise;
+        if (connection.closed) return;
+        if (config["keep-on-failure"] && status.errorClass !== undefined) return;
+        await connection.run(removeCommand(remoteDir)).catch(() => {});
+      })();
+      return cleaning;
+    },
+  };
+}
+
+/** Removes an attempt's remote dir, then its step and run dirs when they are left empty. */
+function removeCommand(remoteDir: string): string {
+  const step = remoteDir.slice(0, remoteDir.lastIndexOf("/"));
+  const run = step.slice(0, step.lastIndexOf("/"));
+  return `rm -rf -- ${shellQuote(remoteDir)}; rmdir -- ${shellQuote(step)} ${
+    shellQuote(run)
+  } 2>/dev/null; true`;
+}
+
+/** Downloads each declared output that exists, its SHA-256 checked against the remote file's. */
+async function downloadOutputs(
+  connection: Connection,
+  sftp: Sftp,
+  remoteDir: string,
+  spec: AttemptSpec,
+): Promise<void> {
+  for (const name of spec.outputs) {
+    const remote = `${remoteDir}/out/${basename(name)}`;
+    const stats = await sftpCall<{ isFile(): boolean }>((cb) => sftp.lstat(remote, cb)).catch(() =>
+      undefined
+    );
+    // Missing, a directory or a link: left for the outputs check to name.
+    if (!stats?.isFile()) continue;
+    const local = `${spec.outputsDir}/${basename(name)}`;
+    await sftpCall<void>((cb) => sftp.fastGet(remote, local, cb));
+    const remoteDigest =
+      (await connection.run(`sha256sum -- ${shellQuote(remote)}`)).split(/\s/)[0];
+    const localDigest = await sha256File(local);
+    if (remoteDigest !== localDigest) {
+      await Deno.remove(local).catch(() => {});
+      throw new ConnectionError(
+        `output "${name}" arrived corrupted from ${connection.where}: sha256 ${localDigest}, ` +
+          `remote ${remoteDigest}`,
+      );
+    }
+  }
+}
+
+/** The backend factory, as plugin hosts load it (a module's default export). */
+export default createSshBackend;
