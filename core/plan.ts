@@ -63,6 +63,11 @@ export const CONFIG_KEYS = [
   "build",
   "host",
   "port",
+  "identity",
+  "known-hosts",
+  "host-key",
+  "work-root",
+  "keep-on-failure",
   "with",
 ] as const;
 

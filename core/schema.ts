@@ -196,6 +196,18 @@ const MatrixSchema = z.record(
 });
 
 const stepBackendKeys = {
+  identity: z.string().optional().meta({ description: "Private key file (ssh)." }),
+  "known-hosts": z.string().optional().meta({ description: "known_hosts file (ssh)." }),
+  "host-key": z.string().optional().meta({
+    description: "Pinned host key, SHA256:… (ssh).",
+  }),
+  "work-root": z.string().optional().meta({
+    description: "Remote root of attempt dirs (ssh).",
+    default: ".runnel/work",
+  }),
+  "keep-on-failure": z.boolean().optional().meta({
+    description: "Keep the remote dir of a failed attempt (ssh).",
+  }),
   run: z.string().optional().meta({
     description: "Command line (shell, docker, ssh, kubernetes).",
   }),
