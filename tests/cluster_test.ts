@@ -9,6 +9,7 @@
 
 import assert from "node:assert/strict";
 import { openEmbeddedStore } from "../consensus/embedded.ts";
+import { startTestServer } from "./_server.ts";
 import { openLocalArtifactStore } from "../core/artifacts/local.ts";
 import { RunClient } from "../agent/client/mod.ts";
 import { type RunningServer, standaloneElection, startServer } from "../agent/server/mod.ts";
@@ -39,14 +40,9 @@ interface Cluster {
 }
 
 async function startCluster(dir: string, logRetentionMs?: number): Promise<Cluster> {
-  const store = openEmbeddedStore(`${dir}/state.db`);
   const logs: Array<Record<string, unknown>> = [];
-  const server = await startServer({
+  const { server, store } = await startTestServer(`${dir}/state.db`, {
     serverId: "server-1",
-    store,
-    election: standaloneElection(),
-    http: { hostname: "127.0.0.1", port: 0 },
-    grpc: { address: "127.0.0.1:0" },
     token: TOKEN,
     adminToken: ADMIN_TOKEN,
     heartbeatMs: HEARTBEAT_MS,

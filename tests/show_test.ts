@@ -7,9 +7,8 @@
  */
 
 import assert from "node:assert/strict";
-import { openEmbeddedStore } from "../consensus/embedded.ts";
 import { openLocalArtifactStore } from "../core/artifacts/local.ts";
-import { standaloneElection, startServer } from "../agent/server/mod.ts";
+import { startTestServer } from "./_server.ts";
 import { startAgent } from "../agent/worker/mod.ts";
 import { runCli, sandbox } from "./_helpers.ts";
 
@@ -66,16 +65,10 @@ Deno.test("runnel show: a local run and a cluster run print the same shape", asy
   });
   assert.equal(localShow.code, 0, localShow.stderr);
 
-  const store = openEmbeddedStore(`${box.dir}/server.db`);
-  const server = await startServer({
+  const { server, store } = await startTestServer(`${box.dir}/server.db`, {
     serverId: "show-server",
-    store,
-    election: standaloneElection(),
-    http: { hostname: "127.0.0.1", port: 0 },
-    grpc: { address: "127.0.0.1:0" },
     token: TOKEN,
     adminToken: ADMIN_TOKEN,
-    log: () => {},
   });
   const agent = await startAgent({
     servers: [`127.0.0.1:${server.grpcPort}`],

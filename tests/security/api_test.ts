@@ -11,13 +11,13 @@
 
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
-import { openEmbeddedStore } from "../../consensus/embedded.ts";
 import type { Store } from "../../consensus/store.ts";
 import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
 import { parsePipeline } from "../../core/load.ts";
 import { RunClient } from "../../agent/client/mod.ts";
 import { type ServerOptions, standaloneElection, startServer } from "../../agent/server/mod.ts";
 import { submitRun } from "../../agent/server/runs.ts";
+import { startTestServer } from "../_server.ts";
 import { clusterKeys } from "../../agent/server/keys.ts";
 import { bootstrapAcl } from "../../agent/server/auth.ts";
 import { startAgent } from "../../agent/worker/mod.ts";
@@ -50,21 +50,16 @@ interface ApiServer extends AsyncDisposable {
 }
 
 async function apiServer(dir: string, options: Partial<ServerOptions> = {}): Promise<ApiServer> {
-  const store = openEmbeddedStore(`${dir}/state.db`);
   const logs: Array<Record<string, unknown>> = [];
-  const server = await startServer({
+  const started = await startTestServer(`${dir}/state.db`, {
     serverId: "sec-1",
-    store,
-    election: standaloneElection(),
-    http: { hostname: "127.0.0.1", port: 0 },
-    grpc: { address: "127.0.0.1:0" },
     token: JOIN_TOKEN,
     adminToken: ADMIN_TOKEN,
     heartbeatMs: 300,
     log: (fields) => logs.push(fields),
     ...options,
   });
-  const http = `http://127.0.0.1:${server.httpPort}`;
+  const { server, store, http } = started;
   return {
     http,
     port: server.httpPort,
@@ -88,10 +83,7 @@ async function apiServer(dir: string, options: Partial<ServerOptions> = {}): Pro
       }
       return { status: response.status, headers: response.headers, text, json };
     },
-    async [Symbol.asyncDispose]() {
-      await server.close();
-      await store.close();
-    },
+    [Symbol.asyncDispose]: () => started[Symbol.asyncDispose](),
   };
 }
 
