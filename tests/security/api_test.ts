@@ -15,7 +15,7 @@ import type { Store } from "../../consensus/store.ts";
 import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
 import { parsePipeline } from "../../core/load.ts";
 import { RunClient } from "../../agent/client/mod.ts";
-import { type ServerOptions, standaloneElection, startServer } from "../../agent/server/mod.ts";
+import type { ServerOptions } from "../../agent/server/mod.ts";
 import { submitRun } from "../../agent/server/runs.ts";
 import { startTestServer } from "../_server.ts";
 import { clusterKeys } from "../../agent/server/keys.ts";
