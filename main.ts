@@ -43,7 +43,7 @@ async function main(line: CommandLine): Promise<number> {
     pluginFlags: flags.plugin ?? [],
     secretsFile: flags.secrets,
   });
-  const { plugins, hosts, secrets } = config;
+  const { plugins, hosts, secrets, settings } = config;
   const policy = localPolicy(config.policy, { configFile: config.file });
   const stateDir = flags["state-dir"];
   const json = flags.json;
@@ -59,6 +59,7 @@ async function main(line: CommandLine): Promise<number> {
     hosts,
     policy,
     secrets,
+    settings,
     limits,
   };
 
@@ -80,6 +81,7 @@ async function main(line: CommandLine): Promise<number> {
     case "validate":
       return await local.validateCommand(need("a pipeline file"), {
         plugins,
+        settings,
         policy,
         secrets,
         limits,
@@ -98,7 +100,7 @@ async function main(line: CommandLine): Promise<number> {
     case "resume":
       return await local.resumeCommand(need("a run id"), execute);
     case "cancel":
-      return await local.cancelCommand(need("a run id"), { stateDir });
+      return await local.cancelCommand(need("a run id"), { stateDir, settings });
     case "runs":
       return await local.runsCommand({ stateDir, json });
     case "show":
@@ -119,7 +121,7 @@ async function main(line: CommandLine): Promise<number> {
     case "unpin":
       return await local.pinCommand(need("a run id"), { pin: command === "pin", stateDir });
     case "backends":
-      return await local.backendsCommand(plugins, json);
+      return await local.backendsCommand(plugins, json, settings);
     default:
       throw new UsageError(`unknown command "${command}"; see "runnel --help"`);
   }

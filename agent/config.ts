@@ -25,6 +25,16 @@
  *     network: false                      # may a docker step have a network (agent default false)
  *     root: false                         # may it run as root (agent default false)
  *     build-contexts: []                  # host dirs a build context may be outside its pipeline
+ *   ssh:
+ *     inline-hosts: false                 # may a step name its own host and key files (agent
+ *                                         # default false: only the aliases of ssh.hosts)
+ * ssh:
+ *   hosts:                                # aliases a step names as its `host:`
+ *     reports:
+ *       host: reports.internal
+ *       user: runner
+ *       identity: keys/reports_ed25519    # relative to this file; or agent: true (SSH_AUTH_SOCK)
+ *       known-hosts: known_hosts          # or host-key: "SHA256:…"
  * secrets:                                # secrets this host's operator declares, by name
  *   db-password: { env: DB_PASSWORD }     # an env var of the agent
  *   deploy-key: { file: ./deploy-key }    # a file (relative to this file)
@@ -48,6 +58,7 @@ import {
 } from "../backends/mod.ts";
 import { parseDuration } from "../core/duration.ts";
 import { SecretSourcesSchema } from "../core/schema.ts";
+import { absoluteSettings, sshSettingsSchema } from "../backends/ssh/manifest.ts";
 import {
   loadSecretsFile,
   parseSecretSources,
@@ -90,6 +101,9 @@ export const PolicySchema = z.strictObject({
     root: z.boolean().optional(),
     "build-contexts": z.array(hostPath).optional(),
   }).optional(),
+  ssh: z.strictObject({
+    "inline-hosts": z.boolean().optional(),
+  }).optional(),
 });
 
 /** The agent config file's schema. */
@@ -103,6 +117,7 @@ export const AgentConfigSchema = z.strictObject({
   }).optional(),
   secrets: SecretSourcesSchema.optional(),
   policy: PolicySchema.optional(),
+  ssh: sshSettingsSchema.optional(),
 });
 
 /** Plugin host tuning, as {@link PluginHostPoolOptions} takes it. */
@@ -126,6 +141,11 @@ export interface AgentConfig {
   policy: PolicyOverrides;
   /** The config file, if any (refusals of its policy name it). */
   file?: string;
+  /**
+   * Each built-in backend's section of the file (`ssh:` with its host
+   * aliases, local paths absolute), as plugin hosts get it.
+   */
+  settings: Record<string, unknown>;
 }
 
 /** A config file or flag an agent cannot use. */
@@ -167,6 +187,7 @@ export async function loadAgentConfig(options: LoadAgentConfigOptions = {}): Pro
   const hosts: HostTuning = {};
   let secrets: Record<string, SecretSource> = {};
   let policy: PolicyOverrides = {};
+  const settings: Record<string, unknown> = {};
   const file = options.file;
   if (file) {
     let raw: unknown;
@@ -195,6 +216,11 @@ export async function loadAgentConfig(options: LoadAgentConfigOptions = {}): Pro
       hosts.heartbeatTimeoutMs = parseDuration(tuning["heartbeat-timeout"]);
     }
     policy = policyOverrides(parsed.data.policy ?? {}, baseDir);
+    if (parsed.data.ssh) {
+      const ssh = absoluteSettings(parsed.data.ssh, baseDir);
+      settings.ssh = ssh;
+      policy.ssh = { ...policy.ssh, hosts: Object.keys(ssh.hosts ?? {}) };
+    }
     secrets = parseSecretSources(parsed.data.secrets, { baseDir, origin: file });
   }
   if (options.secretsFile) {
@@ -216,6 +242,7 @@ export async function loadAgentConfig(options: LoadAgentConfigOptions = {}): Pro
     hosts,
     policy,
     secrets,
+    settings,
     ...(file ? { file } : {}),
   };
 }
@@ -246,6 +273,9 @@ function policyOverrides(
       ...(root !== undefined ? { root } : {}),
       ...(contexts ? { buildContexts: paths(contexts) } : {}),
     };
+  }
+  if (section.ssh?.["inline-hosts"] !== undefined) {
+    overrides.ssh = { inlineHosts: section.ssh["inline-hosts"] };
   }
   return overrides;
 }

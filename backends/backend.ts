@@ -38,6 +38,12 @@ export interface HostContext {
   scratchRoot: string;
   /** Id of the agent the host works for (labels, recovery). */
   agentId: string;
+  /**
+   * Each backend's section of the agent config, by backend name (`ssh:`
+   * with its host aliases, say), as the config file gave it: a manifest
+   * reads only its own and checks it.
+   */
+  settings?: Record<string, unknown>;
 }
 
 /**
@@ -55,6 +61,13 @@ export interface BackendCapabilities {
   readonly reattach: boolean;
   /** Exit statuses carry resource usage ({@link ExitStatus.usage}). */
   readonly usage: boolean;
+  /**
+   * What an attempt started can be reached again only with that attempt's
+   * own grant (an SSH host the step named, not the agent): the runner
+   * recovers recorded attempts in hosts granted each one's permissions,
+   * passing their specs ({@link RecoverOptions.attempts}).
+   */
+  readonly recoverPerAttempt?: boolean;
 }
 
 /**
@@ -82,6 +95,12 @@ export interface BackendManifest<C> {
    * (the pipeline directory, the scratch root) lets steps share warm hosts.
    */
   permissions(config: C, spec: AttemptSpec): DenoPermissions;
+  /**
+   * The step's config as this host runs it, before it is checked: an SSH
+   * host alias replaced by the connection the agent config names for it,
+   * say. Absent: the config as written.
+   */
+  resolveConfig?(config: Record<string, unknown>, context: HostContext): Record<string, unknown>;
 }
 
 /** Whether, and which version of, a backend can run on this host. */
@@ -195,6 +214,15 @@ export interface RecoverOptions {
    * names what it started (a reused pid does not) and ignores the rest.
    */
   handles?: string[];
+  /**
+   * The recorded attempts behind `handles`, with the spec each was started
+   * with (its secrets' values left out), for backends that can reach an
+   * attempt again only from its step's config
+   * ({@link BackendCapabilities.recoverPerAttempt}).
+   */
+  attempts?: Array<{ attemptId: string; handle: string; spec: AttemptSpec }>;
+  /** The host context's settings (see {@link HostContext.settings}). */
+  settings?: Record<string, unknown>;
 }
 
 /** An attempt found by {@link ExecutionBackend.recover} and handed back. */
@@ -214,8 +242,11 @@ export interface ExecutionBackend {
   readonly name: string;
   /** What it can do; the same as its manifest declares. */
   readonly capabilities: BackendCapabilities;
-  /** Tells whether this host can run steps on this backend. */
-  fingerprint(): Promise<Fingerprint>;
+  /**
+   * Tells whether this host can run steps on this backend; `context`
+   * carries the agent config's settings (the SSH hosts to probe, say).
+   */
+  fingerprint(context?: HostContext): Promise<Fingerprint>;
   /** Starts one attempt; rejects only when nothing could be started. */
   start(spec: AttemptSpec): Promise<Execution>;
   /**

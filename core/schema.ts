@@ -201,6 +201,18 @@ const stepBackendKeys = {
   "host-key": z.string().optional().meta({
     description: "Pinned host key, SHA256:… (ssh).",
   }),
+  agent: z.boolean().optional().meta({
+    description: "Authenticate with the ssh-agent at SSH_AUTH_SOCK (ssh).",
+  }),
+  "passphrase-secret": z.string().optional().meta({
+    description: "One of the step's secrets: the key's passphrase, never sent remotely (ssh).",
+  }),
+  "password-secret": z.string().optional().meta({
+    description: "One of the step's secrets: the login password, never sent remotely (ssh).",
+  }),
+  "trust-on-first-use": z.boolean().optional().meta({
+    description: "Trust an unknown host key once and record it in known-hosts (ssh).",
+  }),
   "work-root": z.string().optional().meta({
     description: "Remote root of attempt dirs (ssh).",
     default: ".runnel/work",

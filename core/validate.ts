@@ -269,6 +269,20 @@ export function checkSteps(
         }
       }
       if (backend === "deno") checkDenoPaths(name, step, options, reporter);
+      if (backend === "ssh") {
+        for (const key of ["passphrase-secret", "password-secret"] as const) {
+          const secret = step[key];
+          if (typeof secret === "string" && !(step.secrets ?? []).includes(secret)) {
+            reporter.at(
+              "unknown_secret",
+              `step "${name}" takes its ${key.split("-")[0]} from secret "${secret}", ` +
+                `which is not one of its secrets`,
+              at(key),
+              { key, expected: `a name listed in the step's "secrets"` },
+            );
+          }
+        }
+      }
       if (
         backend === "deno" && step.module !== undefined && !step.module.includes("${{") &&
         !leavesDir(step.module, options.baseDir)

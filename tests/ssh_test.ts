@@ -177,7 +177,7 @@ Deno.test("ssh backend", { sanitizeOps: false, sanitizeResources: false }, async
     );
     const result = await runToEnd(await createSshBackend().start(spec));
     assert.equal(result.status.errorClass, "permission");
-    assert.match(result.status.message!, /refused the key/);
+    assert.match(result.status.message!, /refused the login \(tried publickey \(key file\)\)/);
   });
 
   await t.step("20 concurrent steps share one connection", async () => {

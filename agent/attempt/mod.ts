@@ -262,6 +262,11 @@ export class AttemptLifecycle {
           agentId: options.agentId,
           keep: records.map((record) => record.attemptId).filter((id) => keep.has(id)),
           handles: records.flatMap((record) => record.handle ? [record.handle] : []),
+          attempts: records.flatMap((record) =>
+            record.handle
+              ? [{ attemptId: record.attemptId, handle: record.handle, spec: record.spec }]
+              : []
+          ),
         });
         for (const { attemptId, execution } of found) {
           if (keep.has(attemptId) && !reattached.has(attemptId)) {

@@ -71,6 +71,16 @@ export interface AttemptPolicy {
     /** Host directories outside the pipeline directory a build context may be; `/`: any. */
     buildContexts: string[];
   };
+  /** What an `ssh` step may name. */
+  ssh: {
+    /**
+     * A host (and its key files) the step names itself, rather than an
+     * alias of the agent config's `ssh.hosts`.
+     */
+    inlineHosts: boolean;
+    /** The aliases of the agent config's `ssh.hosts`. */
+    hosts: string[];
+  };
 }
 
 /** What an operator's config may change of a policy (`policy:` in agent.yaml). */
@@ -79,6 +89,7 @@ export interface PolicyOverrides {
   pipelineDirs?: string[];
   deno?: Partial<AttemptPolicy["deno"]>;
   docker?: Partial<AttemptPolicy["docker"]>;
+  ssh?: Partial<AttemptPolicy["ssh"]>;
 }
 
 /** Options of {@link agentPolicy} and {@link localPolicy}. */
@@ -118,6 +129,7 @@ export function agentPolicy(
     pipelineDirs: [],
     deno: { read: [], write: [], net: [], env: [] },
     docker: { network: false, root: false, buildContexts: [] },
+    ssh: { inlineHosts: false, hosts: [] },
   }, overrides);
 }
 
@@ -131,6 +143,7 @@ export function localPolicy(
     configHint: options.configFile ?? "a --config file",
     deno: { read: [], write: [], net: ["*"], env: ["*"] },
     docker: { network: true, root: true, buildContexts: ["/"] },
+    ssh: { inlineHosts: true, hosts: [] },
   }, overrides);
 }
 
@@ -141,6 +154,7 @@ function withOverrides(base: AttemptPolicy, overrides: PolicyOverrides): Attempt
     ...(overrides.pipelineDirs ? { pipelineDirs: [...overrides.pipelineDirs] } : {}),
     deno: { ...base.deno, ...overrides.deno },
     docker: { ...base.docker, ...overrides.docker },
+    ssh: { ...base.ssh, ...overrides.ssh },
   };
 }
 
@@ -192,6 +206,8 @@ export async function checkAttempt(policy: AttemptPolicy, attempt: PolicyAttempt
     ? await denoProblems(policy, attempt)
     : attempt.backend === "docker"
     ? await dockerProblems(policy, attempt)
+    : attempt.backend === "ssh"
+    ? sshProblems(policy, attempt)
     : [];
   if (problems.length > 0) throw new PolicyError(policy.name, problems);
 }
@@ -276,6 +292,26 @@ async function denoProblems(policy: AttemptPolicy, attempt: PolicyAttempt): Prom
 function isSharedBundle(policy: AttemptPolicy, attempt: PolicyAttempt): boolean {
   return policy.pipelineDirs !== undefined &&
     isInside(attempt.baseDir, `${attempt.stateDir}/bundles`);
+}
+
+/**
+ * An ssh step names an alias of the agent config, unless inline hosts are
+ * allowed: a pipeline must not point the operator's keys at a host of its
+ * choosing, nor read a key file of the agent by naming its path.
+ */
+function sshProblems(policy: AttemptPolicy, attempt: PolicyAttempt): string[] {
+  if (policy.ssh.inlineHosts) return [];
+  const config = attempt.config as { host?: unknown; with?: { host?: unknown } };
+  const host = config.host ?? config.with?.host;
+  if (typeof host === "string" && policy.ssh.hosts.includes(host)) return [];
+  const known = policy.ssh.hosts.length > 0
+    ? `its ssh hosts are ${policy.ssh.hosts.map((name) => `"${name}"`).join(", ")}`
+    : "it has none";
+  return [
+    `ssh step names host "${String(host)}", which is not one of this host's ssh.hosts ` +
+    `(${known}); add it to ssh.hosts, or allow inline hosts with policy.ssh.inline-hosts, ` +
+    `in ${policy.configHint}`,
+  ];
 }
 
 async function dockerProblems(policy: AttemptPolicy, attempt: PolicyAttempt): Promise<string[]> {

@@ -161,6 +161,7 @@ export async function agentCommand(flags: CliFlags, config: AgentConfig): Promis
       artifacts: await openArtifacts(flags, stateDir),
       plugins: config.plugins,
       hosts: config.hosts,
+      settings: config.settings,
       secrets: config.secrets,
       policy: agentPolicy(config.policy, {
         configFile: config.file,

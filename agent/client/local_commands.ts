@@ -56,6 +56,8 @@ export interface ExecuteOptions extends StateOptions {
   plugins: PluginSource[];
   /** Plugin host tuning (`--config`). */
   hosts?: HostTuning;
+  /** Backends' settings of the `--config` file (ssh host aliases). */
+  settings?: Record<string, unknown>;
   /** What a pipeline may ask of this host: `localPolicy` with the `--config` file's `policy`. */
   policy?: AttemptPolicy;
   /** The secrets the user declares (`--secrets`, the `--config` file's `secrets:`). */
@@ -68,6 +70,8 @@ export interface ExecuteOptions extends StateOptions {
 export interface LoadCommandOptions {
   /** Third-party backends (`--plugin`, `--config`). */
   plugins: PluginSource[];
+  /** Backends' settings of the `--config` file (ssh host aliases). */
+  settings?: Record<string, unknown>;
   /** The policy whose host paths deno steps may name (`--config`). */
   policy?: AttemptPolicy;
   /** The secrets the user declares: a pipeline naming another is refused (`validate`). */
@@ -87,7 +91,7 @@ export async function validateCommand(file: string, options: LoadCommandOptions)
   });
   const pool = new PluginHostPool({
     plugins: [...builtinPlugins(), ...plugins],
-    context: { scratchRoot: Deno.cwd(), agentId: "validate" },
+    context: { scratchRoot: Deno.cwd(), agentId: "validate", settings: options.settings },
   });
   try {
     const problems = await validateStepConfigs(plan, pool);
@@ -132,6 +136,7 @@ export async function runCommand(file: string, options: ExecuteOptions): Promise
         ...runOptions,
         plugins: options.plugins,
         hosts: options.hosts,
+        settings: options.settings,
         policy: options.policy,
         secrets: options.secrets,
       }),
@@ -147,6 +152,8 @@ export async function resumeCommand(prefix: string, options: ExecuteOptions): Pr
       resumeRun(runId, {
         ...runOptions,
         plugins: options.plugins.length ? options.plugins : undefined,
+        hosts: options.hosts,
+        settings: options.settings,
         policy: options.policy,
         secrets: options.secrets,
         limits: options.limits,
@@ -156,9 +163,15 @@ export async function resumeCommand(prefix: string, options: ExecuteOptions): Pr
 }
 
 /** `runnel cancel RUN`. */
-export async function cancelCommand(prefix: string, options: StateOptions): Promise<number> {
+export async function cancelCommand(
+  prefix: string,
+  options: StateOptions & { settings?: Record<string, unknown> },
+): Promise<number> {
   const runId = await resolveRunId(prefix, options.stateDir);
-  const outcome = await cancelRun(runId, { stateDir: options.stateDir });
+  const outcome = await cancelRun(runId, {
+    stateDir: options.stateDir,
+    settings: options.settings,
+  });
   return print(
     outcome === "requested"
       ? `cancel requested: the runner of ${runId} is stopping its steps`
@@ -293,10 +306,14 @@ export async function pinCommand(
 }
 
 /** `runnel backends`: which backends this host can run. */
-export async function backendsCommand(plugins: PluginSource[], json?: boolean): Promise<number> {
+export async function backendsCommand(
+  plugins: PluginSource[],
+  json?: boolean,
+  settings?: Record<string, unknown>,
+): Promise<number> {
   const pool = new PluginHostPool({
     plugins: [...builtinPlugins(), ...plugins],
-    context: { scratchRoot: Deno.cwd(), agentId: "backends" },
+    context: { scratchRoot: Deno.cwd(), agentId: "backends", settings },
   });
   try {
     const rows = await Promise.all(pool.names.map(async (name) => {

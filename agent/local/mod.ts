@@ -91,6 +91,8 @@ export interface LocalRunOptions {
    * and must have the run's scratch root, `<stateDir>/work`, in its context.
    */
   pool?: PluginHostPool;
+  /** Backends' settings of the `--config` file (ssh host aliases), for the run's own pool. */
+  settings?: Record<string, unknown>;
   /** Plugin host tuning (idle time, heartbeats) for the run's own pool. */
   hosts?: Pick<PluginHostPoolOptions, "idleMs" | "heartbeatMs" | "heartbeatTimeoutMs">;
   /** Receives plugin host diagnostics (a host's stderr, stray errors). */
@@ -202,13 +204,15 @@ export function localAgentId(runId: string): string {
 /** A plugin host pool for a local run (built-in plus configured backends). */
 export async function openPool(
   state: LocalState,
-  options: Pick<LocalRunOptions, "plugins" | "onDiagnostic" | "hosts"> & { agentId?: string } = {},
+  options: Pick<LocalRunOptions, "plugins" | "onDiagnostic" | "hosts" | "settings"> & {
+    agentId?: string;
+  } = {},
 ): Promise<PluginHostPool> {
   await Deno.mkdir(state.paths.work, { recursive: true });
   const scratchRoot = await Deno.realPath(state.paths.work);
   return new PluginHostPool({
     plugins: [...builtinPlugins(), ...(options.plugins ?? [])],
-    context: { scratchRoot, agentId: options.agentId ?? "local" },
+    context: { scratchRoot, agentId: options.agentId ?? "local", settings: options.settings },
     entryDir: state.paths.hosts,
     onDiagnostic: options.onDiagnostic,
     ...options.hosts,
@@ -286,7 +290,7 @@ export async function resumeRun(runId: string, options: LocalRunOptions = {}): P
  */
 export async function cancelRun(
   runId: string,
-  options: { stateDir?: string; now?: () => number } = {},
+  options: { stateDir?: string; now?: () => number; settings?: Record<string, unknown> } = {},
 ): Promise<"requested" | "cancelled" | "already-finished"> {
   const now = options.now ?? Date.now;
   // A finished run needs no write: say so even when the disk is full.
@@ -308,7 +312,7 @@ export async function cancelRun(
     }
     const plugins = record.plugins ?? [];
     const plan = await planOf(state, record, plugins).catch(() => undefined);
-    const pool = await openPool(state, { plugins });
+    const pool = await openPool(state, { plugins, settings: options.settings });
     try {
       const lifecycle = lifecycleOf(state, pool, record.runId);
       await recoverRun(lifecycle, plan, record.runId, { keep: [] });

@@ -244,7 +244,11 @@ class Agent implements RunningAgent {
     this.#slots = context.slots;
     this.#pool = new PluginHostPool({
       plugins: [...builtinPlugins(), ...(options.plugins ?? [])],
-      context: { scratchRoot: context.scratchRoot, agentId: context.agentId },
+      context: {
+        scratchRoot: context.scratchRoot,
+        agentId: context.agentId,
+        settings: options.settings,
+      },
       entryDir: context.paths.hosts,
       onDiagnostic: (backend, text) => this.emit({ type: "diagnostic", backend, text }),
       ...options.hosts,

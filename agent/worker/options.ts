@@ -76,6 +76,8 @@ export interface AgentOptions {
   plugins?: PluginSource[];
   /** Plugin host tuning (idle time, heartbeats). */
   hosts?: HostTuning;
+  /** Backends' settings of the agent config (`ssh:` host aliases), as plugin hosts get them. */
+  settings?: Record<string, unknown>;
   /**
    * Secrets this host's operator declares (`--config` `secrets:`,
    * `--secrets`): name → env var or file of the agent. A step naming one

@@ -21,6 +21,8 @@ export interface ManifestAccess {
   validate(config: Record<string, unknown>): Promise<string[]>;
   permissions(config: Record<string, unknown>, spec: AttemptSpec): Promise<DenoPermissions>;
   hostPermissions(context: HostContext): Promise<DenoPermissions>;
+  /** The step config as this host runs it (see {@link BackendManifest.resolveConfig}). */
+  resolve(config: Record<string, unknown>, context: HostContext): Record<string, unknown>;
 }
 
 /** A built-in manifest, evaluated in the runner's process (it is the runner's own code). */
@@ -43,6 +45,10 @@ export class LocalManifest implements ManifestAccess {
   hostPermissions(context: HostContext): Promise<DenoPermissions> {
     return Promise.resolve(this.manifest.hostPermissions(context));
   }
+
+  resolve(config: Record<string, unknown>, context: HostContext): Record<string, unknown> {
+    return this.manifest.resolveConfig?.(config, context) ?? config;
+  }
 }
 
 /** A third-party manifest, evaluated in a host granted nothing. */
@@ -59,5 +65,10 @@ export class RemoteManifest implements ManifestAccess {
 
   hostPermissions(context: HostContext): Promise<DenoPermissions> {
     return this.host.request("hostPermissions", { context });
+  }
+
+  /** Third-party configs run as written (their settings are theirs to read at start). */
+  resolve(config: Record<string, unknown>): Record<string, unknown> {
+    return config;
   }
 }

@@ -34,7 +34,7 @@ export type HostRole = "backend" | "manifest";
 /** A request from the runner. */
 export type Request =
   | { id: number; op: "ping" }
-  | { id: number; op: "fingerprint" }
+  | { id: number; op: "fingerprint"; context?: HostContext }
   | { id: number; op: "start"; spec: AttemptSpec }
   | { id: number; op: "wait"; exec: number }
   | { id: number; op: "status"; exec: number }

@@ -51,14 +51,15 @@ export class RemoteBackend implements ExecutionBackend {
       const manifest = await this.hosts.manifest();
       const permissions = await manifest.hostPermissions(this.hosts.context);
       const host = await this.hosts.acquire(permissions);
-      return await host.use(() => host.request("fingerprint", {}));
+      return await host.use(() => host.request("fingerprint", { context: this.hosts.context }));
     } catch (error) {
       return { available: false, detail: errorMessage(error) };
     }
   }
 
-  async start(spec: AttemptSpec): Promise<Execution> {
+  async start(written: AttemptSpec): Promise<Execution> {
     const manifest = await this.hosts.manifest();
+    const spec = { ...written, config: manifest.resolve(written.config, this.hosts.context) };
     const messages = await manifest.validate(spec.config);
     if (messages.length > 0) throw new InvalidStepConfigError(this.name, messages);
     const permissions = await manifest.permissions(spec.config, spec);
@@ -75,13 +76,71 @@ export class RemoteBackend implements ExecutionBackend {
 
   async recover(options: RecoverOptions): Promise<RecoveredAttempt[]> {
     const manifest = await this.hosts.manifest();
-    const permissions = await manifest.hostPermissions(this.hosts.context);
-    const host = await this.hosts.acquire(permissions);
-    const found = await host.use(() => host.request("recover", { options }));
-    return found.map(({ attemptId, exec, handle }) => {
-      host.retain();
-      return { attemptId, execution: new RemoteExecution(host, exec, handle) };
+    const context = this.hosts.context;
+    const settings = context.settings;
+    const asks: Array<{ permissions: DenoPermissions; options: RecoverOptions }> = [];
+    const { attempts = [], ...common } = options;
+    let byHost = common;
+    if (this.capabilities.recoverPerAttempt && attempts.length > 0) {
+      // Each recorded attempt is reached again with its own step's grant;
+      // attempts of the same grant share one host.
+      const groups = new Map<string, { permissions: DenoPermissions; attempts: typeof attempts }>();
+      for (const attempt of attempts) {
+        const spec = { ...attempt.spec, config: manifest.resolve(attempt.spec.config, context) };
+        let permissions: DenoPermissions;
+        try {
+          if ((await manifest.validate(spec.config)).length > 0) continue;
+          permissions = await manifest.permissions(spec.config, spec);
+        } catch {
+          continue;
+        }
+        const key = JSON.stringify(permissions);
+        const group = groups.get(key) ?? { permissions, attempts: [] };
+        group.attempts.push({ ...attempt, spec });
+        groups.set(key, group);
+      }
+      const handled = new Set<string>();
+      for (const group of groups.values()) {
+        const ids = new Set(group.attempts.map((attempt) => attempt.attemptId));
+        group.attempts.forEach((attempt) => handled.add(attempt.handle));
+        asks.push({
+          permissions: group.permissions,
+          options: {
+            agentId: options.agentId,
+            keep: options.keep.filter((id) => ids.has(id)),
+            handles: group.attempts.map((attempt) => attempt.handle),
+            attempts: group.attempts,
+            settings,
+          },
+        });
+      }
+      byHost = {
+        ...common,
+        keep: options.keep.filter((id) => !attempts.some((a) => a.attemptId === id)),
+        handles: (options.handles ?? []).filter((handle) => !handled.has(handle)),
+      };
+    }
+    asks.push({
+      permissions: await manifest.hostPermissions(context),
+      options: { ...byHost, settings },
     });
+    const found: RecoveredAttempt[] = [];
+    const errors: unknown[] = [];
+    for (const ask of asks) {
+      try {
+        const host = await this.hosts.acquire(ask.permissions);
+        const answers = await host.use(() => host.request("recover", { options: ask.options }));
+        for (const { attemptId, exec, handle } of answers) {
+          host.retain();
+          found.push({ attemptId, execution: new RemoteExecution(host, exec, handle) });
+        }
+      } catch (error) {
+        errors.push(error);
+      }
+    }
+    // What was found is handed back even when another grant failed to answer.
+    if (found.length === 0 && errors.length > 0) throw errors[0];
+    return found;
   }
 }
 

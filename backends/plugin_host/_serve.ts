@@ -179,7 +179,7 @@ export function serveBackend(module: Record<string, unknown>, name: string): Pro
       case "ping":
         return {};
       case "fingerprint":
-        return await backend.fingerprint();
+        return await backend.fingerprint(request.context);
       case "start": {
         const execution = await backend.start(request.spec);
         return { exec: adopt(execution), handle: execution.handle };

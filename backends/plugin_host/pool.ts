@@ -188,11 +188,15 @@ export class PluginHostPool {
     return source.manifest?.capabilities ?? this.#described.get(name) ?? NO_CAPABILITIES;
   }
 
-  /** Checks a step config with the backend's manifest; human messages, empty when valid. */
+  /**
+   * Checks a step config with the backend's manifest, as this host would
+   * run it (host aliases resolved); human messages, empty when valid.
+   */
   async validate(name: string, config: Record<string, unknown>): Promise<string[]> {
     const source = this.#sources.get(name);
     if (!source) throw new UnknownPluginError(name, this.names);
-    return await (await this.#manifestOf(source)).validate(config);
+    const manifest = await this.#manifestOf(source);
+    return await manifest.validate(manifest.resolve(config, this.#options.context));
   }
 
   /** Stops every host and removes a temporary entry directory. */

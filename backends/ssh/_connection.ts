@@ -90,7 +90,13 @@ export interface Target {
   port: number;
   user: string;
   /** Private key text. */
-  privateKey: string;
+  privateKey?: string;
+  /** The private key's passphrase (a secret of the step). */
+  passphrase?: string;
+  /** Path of the ssh-agent socket to authenticate with. */
+  agent?: string;
+  /** Login password (a secret of the step). */
+  password?: string;
   trust: HostTrust;
 }
 
@@ -149,9 +155,17 @@ export class Connection {
         if (!ready) {
           if (hostKeyError) return reject(hostKeyError);
           if (error.level === "client-authentication") {
+            const methods = [
+              target.privateKey ? "publickey (key file)" : "",
+              target.agent ? "publickey (ssh-agent)" : "",
+              target.password ? "password" : "",
+            ].filter(Boolean).join(", ");
             return reject(
-              new AuthError(`${where} refused the key (publickey authentication failed)`),
+              new AuthError(`${where} refused the login (tried ${methods || "nothing"})`),
             );
+          }
+          if (error.level === "agent") {
+            return reject(new AuthError(`cannot use the ssh-agent for ${where}: ${error.message}`));
           }
           return reject(new ConnectionError(`cannot connect to ${where}: ${error.message}`));
         }
@@ -169,7 +183,10 @@ export class Connection {
           host: target.host,
           port: target.port,
           username: target.user,
-          privateKey: target.privateKey,
+          ...(target.privateKey ? { privateKey: target.privateKey } : {}),
+          ...(target.passphrase !== undefined ? { passphrase: target.passphrase } : {}),
+          ...(target.agent ? { agent: target.agent } : {}),
+          ...(target.password !== undefined ? { password: target.password } : {}),
           readyTimeout: READY_TIMEOUT_MS,
           keepaliveInterval: KEEPALIVE_INTERVAL_MS,
           keepaliveCountMax: KEEPALIVE_COUNT_MAX,
@@ -276,7 +293,16 @@ export class ConnectionPool {
     const trust = "fingerprint" in target.trust
       ? target.trust.fingerprint
       : target.trust.knownHosts;
-    const key = JSON.stringify([target.host, target.port, target.user, target.privateKey, trust]);
+    const key = JSON.stringify([
+      target.host,
+      target.port,
+      target.user,
+      target.privateKey,
+      target.passphrase,
+      target.agent,
+      target.password,
+      trust,
+    ]);
     const existing = this.#connections.get(key);
     if (existing) {
       const connection = await existing.catch(() => undefined);

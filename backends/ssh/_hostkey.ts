@@ -89,8 +89,30 @@ export function checkKnownHosts(
   return trusted ? "trusted" : known ? "changed" : "unknown";
 }
 
-/** How a step trusts its host. */
-export type HostTrust = { knownHosts: string; path: string } | { fingerprint: string };
+/**
+ * How a step trusts its host: a known_hosts file (whose unknown hosts are
+ * trusted and recorded on first use only when `firstUse` is set), or a
+ * pinned fingerprint.
+ */
+export type HostTrust =
+  | { knownHosts: string; path: string; firstUse?: boolean }
+  | { fingerprint: string };
+
+/** The key type a host key blob names (its first SSH string, `ssh-ed25519`, say). */
+export function keyTypeOf(blob: Uint8Array): string {
+  const length = new DataView(blob.buffer, blob.byteOffset, blob.byteLength).getUint32(0);
+  const type = new TextDecoder().decode(blob.subarray(4, 4 + length));
+  if (!/^[a-z0-9@.-]+$/.test(type)) throw new HostKeyError("The offered host key is malformed");
+  return type;
+}
+
+/** Appends `blob` for `host:port` to a known_hosts file (trust on first use). */
+export function recordHostKey(path: string, host: string, port: number, blob: Uint8Array): void {
+  const line = `${knownHostsName(host, port)} ${keyTypeOf(blob)} ${
+    Buffer.from(blob).toString("base64")
+  }\n`;
+  Deno.writeTextFileSync(path, line, { append: true, create: true, mode: 0o600 });
+}
 
 /**
  * Throws a {@link HostKeyError} unless `blob` is trusted; the message
@@ -115,6 +137,11 @@ export function verifyHostKey(
   }
   const verdict = checkKnownHosts(trust.knownHosts, host, port, blob);
   if (verdict === "trusted") return;
+  if (verdict === "unknown" && trust.firstUse) {
+    // Explicitly configured only; a changed or revoked key is still refused.
+    recordHostKey(trust.path, host, port, blob);
+    return;
+  }
   if (verdict === "revoked") {
     throw new HostKeyError(`Host key ${offered} of ${where} is marked @revoked in ${trust.path}`);
   }

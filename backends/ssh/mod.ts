@@ -30,10 +30,12 @@ import {
   type ExecutionBackend,
   type ExitStatus,
   type Fingerprint,
+  type HostContext,
   InvalidStepConfigError,
   type LogChunk,
   missingOutputStatus,
   type RecoveredAttempt,
+  type RecoverOptions,
   stepEnvironment,
 } from "../backend.ts";
 import { LogQueue } from "../log_queue.ts";
@@ -46,7 +48,16 @@ import {
   type Sftp,
 } from "./_connection.ts";
 import { HostKeyError, type HostTrust } from "./_hostkey.ts";
-import { localFile, normalizeSshConfig, type SshConfig, sshConfigSchema } from "./manifest.ts";
+import {
+  agentSocket,
+  configuredHosts,
+  connectionProblems,
+  DEFAULT_WORK_ROOT,
+  localFile,
+  normalizeSshConfig,
+  type SshConfig,
+  sshConfigSchema,
+} from "./manifest.ts";
 
 export { AuthError, ConnectionError } from "./_connection.ts";
 export { HostKeyError } from "./_hostkey.ts";
@@ -65,11 +76,10 @@ export function createSshBackend(): ExecutionBackend {
   const pool = new ConnectionPool();
   return {
     name: "ssh",
-    capabilities: { reattach: false, usage: false },
-    fingerprint: fingerprintSsh,
+    capabilities: { reattach: false, usage: false, recoverPerAttempt: true },
+    fingerprint: (context) => fingerprintSsh(context),
     start: (spec) => startRemote(pool, spec),
-    // A handle names no credentials: nothing can be reached again from it yet.
-    recover: (): Promise<RecoveredAttempt[]> => Promise.resolve([]),
+    recover: (options) => recoverRemote(options),
   };
 }
 
@@ -78,13 +88,204 @@ export function validateSshConfig(config: Record<string, unknown>): string[] {
   return configMessages(sshConfigSchema, config);
 }
 
-async function fingerprintSsh(): Promise<Fingerprint> {
+/** How long `runnel backends` waits for each configured host. */
+const PROBE_TIMEOUT_MS = 5_000;
+
+async function fingerprintSsh(context?: HostContext): Promise<Fingerprint> {
+  // Probes use connections of their own, closed after: never a step's.
+  await using pool = disposablePool();
   try {
     await import("npm:ssh2@1.17.0");
-    return { available: true, version: "1.17.0", detail: "ssh2 1.17.0 (pure-JS crypto)" };
   } catch (error) {
     return { available: false, detail: `ssh2 does not load: ${(error as Error).message}` };
   }
+  const hosts = Object.entries(configuredHosts(context));
+  const probes = await Promise.all(hosts.map(async ([alias, entry]) => {
+    const config = normalizeSshConfig({ ...entry, run: "true" }) as SshConfig;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      const connection = await Promise.race([
+        connect(pool, config, { baseDir: "/", env: {} }),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new Error("no answer within 5 s")), PROBE_TIMEOUT_MS);
+        }),
+      ]);
+      await connection.run("true");
+      return `${alias} (${connection.where}) answers`;
+    } catch (error) {
+      return `${alias} (${config.user}@${config.host}:${config.port}) does not answer: ${
+        (error as Error).message
+      }`;
+    } finally {
+      clearTimeout(timer);
+    }
+  }));
+  const detail = "ssh2 1.17.0 (pure-JS crypto)" +
+    (probes.length > 0 ? `; hosts: ${probes.join("; ")}` : "; no hosts in the agent config");
+  return { available: true, version: "1.17.0", detail };
+}
+
+/** A connection pool closed when disposed of. */
+function disposablePool(): ConnectionPool & AsyncDisposable {
+  const pool = new ConnectionPool() as ConnectionPool & AsyncDisposable;
+  pool[Symbol.asyncDispose] = () => pool.close();
+  return pool;
+}
+
+/** The step's secrets the connection uses: never part of the remote environment. */
+function credentialNames(config: SshConfig): string[] {
+  return [config["passphrase-secret"], config["password-secret"]].filter((name): name is string =>
+    name !== undefined
+  );
+}
+
+/**
+ * A live connection for a resolved config; its secrets (passphrase,
+ * password) come from `env`, the step's environment. Missing files and
+ * unreadable keys reject with a permission-class error.
+ */
+async function connect(
+  pool: ConnectionPool,
+  config: SshConfig,
+  step: { baseDir: string; env: Record<string, string> },
+): Promise<Connection> {
+  const problems = connectionProblems(config as unknown as Record<string, unknown>);
+  if (problems.length > 0) {
+    throw new AuthError(
+      `host "${config.host}" is not one of this host's ssh.hosts and the step does not say ` +
+        `how to reach it: ${problems.map((problem) => problem.text).join("; ")}`,
+    );
+  }
+  const home = homeValue();
+  const secret = (name: string | undefined, what: string): string | undefined => {
+    if (name === undefined) return undefined;
+    const value = step.env[name];
+    if (value === undefined) {
+      throw new AuthError(`the ${what} secret "${name}" is not one of the step's secrets`);
+    }
+    return value;
+  };
+  let privateKey: string | undefined;
+  let trust: HostTrust;
+  try {
+    if (config.identity) {
+      privateKey = await Deno.readTextFile(localFile(config.identity, step.baseDir, home));
+    }
+    trust = trustOf(config, step.baseDir, home);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound || error instanceof Deno.errors.NotCapable) {
+      throw new AuthError(`cannot read a key or known_hosts file: ${error.message}`);
+    }
+    throw error;
+  }
+  let agent: string | undefined;
+  if (config.agent) {
+    agent = agentSocket();
+    if (!agent) throw new AuthError("agent: true, but SSH_AUTH_SOCK names no ssh-agent here");
+  }
+  return await pool.get({
+    host: config.host,
+    port: config.port,
+    user: config.user,
+    privateKey,
+    passphrase: secret(config["passphrase-secret"], "passphrase"),
+    password: secret(config["password-secret"], "password"),
+    agent,
+    trust,
+  });
+}
+
+/** The remote work directory of an attempt. */
+function remoteDirOf(
+  config: SshConfig,
+  spec: Pick<AttemptSpec, "runId" | "stepId" | "attempt">,
+): string {
+  return [
+    config["work-root"],
+    segment(spec.runId),
+    segment(spec.stepId),
+    segment(String(spec.attempt)),
+  ].join("/");
+}
+
+/**
+ * Ends what an attempt left in `remoteDir` (its process group, TERM then
+ * KILL) and removes the directory, if it is this agent's. One exec.
+ */
+function reapCommand(remoteDir: string, agentId: string, graceSeconds: number): string {
+  const dir = shellQuote(remoteDir);
+  return [
+    `cd ${dir} 2>/dev/null || exit 0`,
+    `[ "$(cat agent 2>/dev/null)" = ${shellQuote(agentId)} ] || exit 0`,
+    'pg=$(cat pgid 2>/dev/null); case "$pg" in ""|*[!0-9]*) pg=0;; esac',
+    // Never a group of 1 or below; only a group that still has members.
+    'if [ "$pg" -gt 1 ] && pgrep -g "$pg" >/dev/null 2>&1; then',
+    '  kill -TERM -"$pg" 2>/dev/null',
+    `  i=0; while [ $i -lt ${graceSeconds * 10} ] && pgrep -g "$pg" >/dev/null 2>&1; do`,
+    "    sleep 0.1; i=$((i+1)); done",
+    '  kill -KILL -"$pg" 2>/dev/null',
+    "fi",
+    "echo reaped",
+    `cd / && ${removeCommand(remoteDir)}`,
+  ].join("\n");
+}
+
+/** A run of the sweep: this agent's attempt directories below a work root. */
+function sweepCommand(workRoot: string, agentId: string): string {
+  return [
+    `cd ${shellQuote(workRoot)} 2>/dev/null || exit 0`,
+    "for marker in */*/*/agent; do",
+    '  [ -f "$marker" ] || continue',
+    `  [ "$(cat "$marker")" = ${shellQuote(agentId)} ] && echo "\${marker%/agent}"`,
+    "done",
+    "true",
+  ].join("\n");
+}
+
+/**
+ * After a restart: every recorded attempt is reaped on its host (its group
+ * ended, its directory removed), and so is anything else this agent left
+ * below the work roots of the agent config's hosts. Nothing is re-attached:
+ * the wrapper's watchdog has already ended a step whose session died.
+ */
+async function recoverRemote(options: RecoverOptions): Promise<RecoveredAttempt[]> {
+  await using pool = disposablePool();
+  const errors: string[] = [];
+  for (const attempt of options.attempts ?? []) {
+    const config = normalizeSshConfig(attempt.spec.config) as SshConfig;
+    const remoteDir = remoteDirOf(config, attempt.spec);
+    if (!attempt.handle.endsWith(`:${remoteDir}`)) continue;
+    try {
+      const connection = await connect(pool, config, attempt.spec);
+      await connection.run(reapCommand(remoteDir, options.agentId, 5));
+    } catch (error) {
+      errors.push(`${attempt.handle}: ${(error as Error).message}`);
+    }
+  }
+  // The agent config's hosts are swept only by a runner's startup recovery
+  // (it passes the settings): a lost plugin host's reaping names its handles.
+  if (options.settings) {
+    for (
+      const entry of Object.values(
+        configuredHosts({ scratchRoot: "/", agentId: "", settings: options.settings }),
+      )
+    ) {
+      const config = normalizeSshConfig({ ...entry, run: "true" }) as SshConfig;
+      try {
+        const connection = await connect(pool, config, { baseDir: "/", env: {} });
+        const root = config["work-root"] ?? DEFAULT_WORK_ROOT;
+        const dirs = (await connection.run(sweepCommand(root, options.agentId))).split("\n")
+          .filter((line) => /^[^/]+\/[^/]+\/[^/]+$/.test(line));
+        for (const dir of dirs) {
+          await connection.run(reapCommand(`${root}/${dir}`, options.agentId, 5));
+        }
+      } catch (error) {
+        errors.push(`${config.user}@${config.host}:${config.port}: ${(error as Error).message}`);
+      }
+    }
+  }
+  if (errors.length > 0) throw new ConnectionError(`cannot reap on ${errors.join("; ")}`);
+  return [];
 }
 
 /** Quotes a string for a POSIX shell. */
@@ -200,31 +401,12 @@ async function startRemote(pool: ConnectionPool, spec: AttemptSpec): Promise<Exe
   const messages = validateSshConfig(spec.config);
   if (messages.length > 0) throw new InvalidStepConfigError("ssh", messages);
   const config = normalizeSshConfig(spec.config) as SshConfig;
-  const home = homeValue();
-  const remoteDir = [
-    config["work-root"],
-    segment(spec.runId),
-    segment(spec.stepId),
-    segment(String(spec.attempt)),
-  ].join("/");
+  const remoteDir = remoteDirOf(config, spec);
   const handle = `${config.user}@${config.host}:${config.port}:${remoteDir}`;
   let connection: Connection;
   try {
-    connection = await pool.get({
-      host: config.host,
-      port: config.port,
-      user: config.user,
-      privateKey: await Deno.readTextFile(localFile(config.identity!, spec.baseDir, home)),
-      trust: trustOf(config, spec.baseDir, home),
-    });
+    connection = await connect(pool, config, spec);
   } catch (error) {
-    if (error instanceof Deno.errors.NotFound) {
-      return failedExecution(handle, {
-        exitCode: UNKNOWN_EXIT_CODE,
-        errorClass: "permission",
-        message: `cannot read a key or known_hosts file: ${error.message}`,
-      });
-    }
     return failedExecution(handle, statusOfError(error));
   }
   const where = connection.where;
@@ -257,6 +439,8 @@ async function startRemote(pool: ConnectionPool, spec: AttemptSpec): Promise<Exe
       }),
       ...spec.env,
     };
+    // The connection's own secrets stay on this side.
+    for (const name of credentialNames(config)) delete env[name];
     const envText = Object.entries(env)
       .filter(([name]) => ENV_NAME.test(name))
       .map(([name, value]) => `${name}=${shellQuote(value)}\n`).join("");
