@@ -180,9 +180,9 @@ Deno.test("ssh backend", { sanitizeOps: false, sanitizeResources: false }, async
     assert.match(result.status.message!, /refused the login \(tried publickey \(key file\)\)/);
   });
 
-  await t.step("20 concurrent steps share one connection", async () => {
+  await t.step("50 concurrent steps share one connection", async () => {
     const specs = await Promise.all(
-      Array.from({ length: 20 }, (_, i) =>
+      Array.from({ length: 50 }, (_, i) =>
         scratchSpec(configOf(sshd, { run: `echo ${i}` }), {
           spec: { runId: `many${i}` },
         })),

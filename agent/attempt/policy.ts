@@ -217,7 +217,10 @@ async function pipelineDirProblem(
   policy: AttemptPolicy,
   attempt: PolicyAttempt,
 ): Promise<string | undefined> {
-  if (!policy.pipelineDirs || attempt.backend === "shell") return undefined;
+  // Shell steps are trusted; an ssh step runs nothing of its pipeline directory here.
+  if (!policy.pipelineDirs || attempt.backend === "shell" || attempt.backend === "ssh") {
+    return undefined;
+  }
   if (attempt.backend === "docker" && !(attempt.config as { build?: unknown }).build) {
     return undefined;
   }

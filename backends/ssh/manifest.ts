@@ -339,7 +339,7 @@ export function resolveSshConfig(
 function connectionGrant(
   entry: Record<string, unknown>,
   baseDir: string,
-): { read: string[]; write: string[]; env: string[] } {
+): { read: string[]; write: string[]; env: string[]; net: string[] } {
   const read: string[] = [];
   const write: string[] = [];
   const env: string[] = [];
@@ -351,15 +351,18 @@ function connectionGrant(
     read.push(local);
     if (key === "known-hosts" && entry["trust-on-first-use"] === true) write.push(local);
   }
+  const net: string[] = [];
   if (entry.agent === true) {
     env.push("SSH_AUTH_SOCK");
     const socket = agentSocket();
     if (socket) {
+      // node:net's unix sockets under Deno ask for all three.
+      net.push(`unix:${socket}`);
       read.push(socket);
       write.push(socket);
     }
   }
-  return { read, write, env };
+  return { read, write, env, net };
 }
 
 /** The ssh-agent socket of this process's environment, when it may be read. */
@@ -389,6 +392,7 @@ export const sshManifest: BackendManifest<SshStepConfig> = {
     for (const entry of Object.values(configuredHosts(context))) {
       net.push(`${entry.host}:${entry.port ?? 22}`);
       const grant = connectionGrant({ ...entry, "trust-on-first-use": false }, "/");
+      net.push(...grant.net);
       read.push(...grant.read);
       write.push(...grant.write);
       env.push(...grant.env);
@@ -407,7 +411,7 @@ export const sshManifest: BackendManifest<SshStepConfig> = {
     return {
       read: [spec.scratchRoot, ...grant.read],
       write: [spec.scratchRoot, ...grant.write],
-      net: [`${merged.host}:${merged.port}`],
+      net: [`${merged.host}:${merged.port}`, ...grant.net],
       env: [...new Set(grant.env)],
       run: [],
     };

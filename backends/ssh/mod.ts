@@ -257,7 +257,7 @@ async function recoverRemote(options: RecoverOptions): Promise<RecoveredAttempt[
     if (!attempt.handle.endsWith(`:${remoteDir}`)) continue;
     try {
       const connection = await connect(pool, config, attempt.spec);
-      await connection.run(reapCommand(remoteDir, options.agentId, 5));
+      await connection.run(reapCommand(remoteDir, options.agentId, 2));
     } catch (error) {
       errors.push(`${attempt.handle}: ${(error as Error).message}`);
     }
@@ -277,7 +277,7 @@ async function recoverRemote(options: RecoverOptions): Promise<RecoveredAttempt[
         const dirs = (await connection.run(sweepCommand(root, options.agentId))).split("\n")
           .filter((line) => /^[^/]+\/[^/]+\/[^/]+$/.test(line));
         for (const dir of dirs) {
-          await connection.run(reapCommand(`${root}/${dir}`, options.agentId, 5));
+          await connection.run(reapCommand(`${root}/${dir}`, options.agentId, 2));
         }
       } catch (error) {
         errors.push(`${config.user}@${config.host}:${config.port}: ${(error as Error).message}`);
@@ -333,7 +333,11 @@ export const WRAPPER = [
 function trustOf(config: SshConfig, baseDir: string, home: string | undefined): HostTrust {
   if (config["host-key"]) return { fingerprint: config["host-key"] };
   const path = localFile(config["known-hosts"]!, baseDir, home);
-  return { knownHosts: Deno.readTextFileSync(path), path };
+  return {
+    knownHosts: Deno.readTextFileSync(path),
+    path,
+    firstUse: config["trust-on-first-use"] === true,
+  };
 }
 
 function homeValue(): string | undefined {
