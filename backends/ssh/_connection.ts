@@ -28,7 +28,10 @@ export interface Channel {
   on(event: "exit", listener: (code: number | null, signal?: string) => void): this;
   on(event: "close", listener: () => void): this;
   on(event: string, listener: (...args: never[]) => void): this;
-  stderr: { on(event: "data", listener: (data: Uint8Array) => void): void };
+  stderr: {
+    on(event: "data", listener: (data: Uint8Array) => void): void;
+    on(event: "end", listener: () => void): void;
+  };
   end(): void;
   close(): void;
 }
@@ -36,14 +39,34 @@ export interface Channel {
 /** The SFTP session, as far as it is used. */
 export interface Sftp {
   mkdir(path: string, attrs: { mode: number }, cb: (error?: Error) => void): void;
-  fastPut(local: string, remote: string, cb: (error?: Error) => void): void;
-  fastGet(remote: string, local: string, cb: (error?: Error) => void): void;
+  fastPut(
+    local: string,
+    remote: string,
+    options: { chunkSize: number; concurrency: number },
+    cb: (error?: Error) => void,
+  ): void;
+  fastGet(
+    remote: string,
+    local: string,
+    options: { chunkSize: number; concurrency: number },
+    cb: (error?: Error) => void,
+  ): void;
   writeFile(path: string, data: string, options: { mode: number }, cb: (e?: Error) => void): void;
   readFile(path: string, cb: (error: Error | undefined, data: Uint8Array) => void): void;
   lstat(
     path: string,
     cb: (error: Error | undefined, stats: { isFile(): boolean; size: number }) => void,
   ): void;
+  realpath(path: string, cb: (error: Error | undefined, absolute: string) => void): void;
+  readdir(
+    path: string,
+    cb: (
+      error: Error | undefined,
+      entries: Array<{ filename: string; attrs: { isDirectory(): boolean } }>,
+    ) => void,
+  ): void;
+  unlink(path: string, cb: (error?: Error) => void): void;
+  rmdir(path: string, cb: (error?: Error) => void): void;
   end(): void;
 }
 
