@@ -259,6 +259,76 @@ steps:
     assert.match(refused.status.message!, /cannot use the key/);
   });
 
+  await t.step("RSA and ECDSA keys work as ed25519 ones do", async () => {
+    for (const type of ["rsa", "ecdsa"]) {
+      const key = `${sshd.dir}/user_${type}`;
+      await sshd.sh(`ssh-keygen -q -t ${type} -N '' -f ${key}`);
+      await sshd.sh(`cat ${key}.pub >> ${sshd.dir}/authorized_keys`);
+      await using spec = await attempt(configOf(sshd, { identity: key, run: `echo ${type}` }));
+      const result = await runToEnd(await createSshBackend().start(spec));
+      assert.equal(result.stdout, `${type}\n`, JSON.stringify(result.status));
+    }
+  });
+
+  await t.step(
+    "sshd killed mid-step: the attempt fails as infrastructure, and the retry succeeds once sshd is back",
+    async () => {
+      await using box = await sandbox();
+      const file = await box.write(
+        "p.yaml",
+        `name: ssh-retry
+steps:
+  flaky:
+    backend: ssh
+    host: ${sshd.host}
+    port: ${sshd.port}
+    user: ${sshd.user}
+    identity: ${sshd.identity}
+    known-hosts: ${sshd.knownHosts}
+    work-root: ${sshd.dir}/remote
+    retry: { max: 5, backoff: 500ms }
+    run: |
+      if [ "$RUNNEL_ATTEMPT" = 1 ]; then sleep 69; fi
+      echo "attempt $RUNNEL_ATTEMPT done"
+`,
+      );
+      const { child, lines } = spawnCli(["run", file, "--state-dir", box.stateDir, "--logs"], {
+        cwd: box.dir,
+      });
+      let runId: string;
+      try {
+        runId = (await waitForLine(lines, (l) => l.startsWith("run "))).split(" ")[1];
+        await poll(async () => (await remote(sshd, "^sleep 69$")) !== "" || undefined, {
+          what: "attempt 1 running remotely",
+        });
+        // The server and every session it runs, at once: the connection drops.
+        const pids = await sshd.pids();
+        await sshd.stop();
+        await sshd.sh(`kill -KILL ${pids.join(" ")} 2>/dev/null || true`);
+        await sshd.start();
+        const status = await child.status;
+        const out = [...(await Array.fromAsync(lines))];
+        assert.equal(status.code, 0, out.join("\n"));
+      } finally {
+        try {
+          child.kill("SIGKILL");
+        } catch { /* ended */ }
+        await child.stderr.cancel().catch(() => {});
+      }
+      const shown = JSON.parse(
+        (await runCli(["show", runId, "--state-dir", box.stateDir, "--json"], { cwd: box.dir }))
+          .stdout,
+      );
+      const attempts = shown.steps.flaky.attempts;
+      assert.equal(shown.status, "succeeded");
+      assert.equal(attempts[0].result.errorClass, "infrastructure", JSON.stringify(attempts[0]));
+      assert.equal(attempts.at(-1).result.ok, true);
+      await poll(async () => (await remote(sshd, "^sleep 69$")) === "" || undefined, {
+        what: "the dead session's step ended by its watchdog",
+      });
+    },
+  );
+
   await t.step("a password is only ever a secret: inline it is a located error", async () => {
     await using box = await sandbox();
     const file = await box.write(

@@ -123,6 +123,62 @@ export interface Target {
   trust: HostTrust;
 }
 
+/**
+ * The private key as ssh2 can sign with it here. ssh2 turns an OpenSSH-format
+ * ECDSA key into an SEC1 PEM whose private scalar keeps the SSH mpint's
+ * sign byte (33 bytes for P-256 when its high bit is set); OpenSSL accepts
+ * that, Deno's node:crypto does not, so about half of such keys would fail
+ * to sign. Those are handed over re-encoded (decrypted in memory, if they
+ * had a passphrase); every other key as it was.
+ */
+export function usableKey(
+  text: string,
+  passphrase: string | undefined,
+): { privateKey: string; passphrase?: string } {
+  let parsed:
+    | Error
+    | { type: string; getPrivatePEM(): string }
+    | Array<{ type: string; getPrivatePEM(): string }>;
+  try {
+    parsed = ssh2.utils.parseKey(text, passphrase);
+  } catch (error) {
+    // ECDSA P-521: Deno's node:crypto has no ECDH on that curve.
+    parsed = new Error(
+      `${(error as Error).message} (ed25519, RSA and ECDSA P-256/P-384 keys are supported)`,
+    );
+  }
+  if (parsed instanceof Error) {
+    throw new AuthError(`cannot use the key: ${parsed.message}`);
+  }
+  const key = Array.isArray(parsed) ? parsed[0] : parsed;
+  if (!key?.type.startsWith("ecdsa-")) {
+    return passphrase === undefined ? { privateKey: text } : { privateKey: text, passphrase };
+  }
+  return { privateKey: withoutSignByte(key.getPrivatePEM()) };
+}
+
+/** Drops the mpint sign byte from an SEC1 EC private key's scalar, if it has one. */
+function withoutSignByte(pem: string): string {
+  const body = pem.split("\n").filter((line) => line && !line.startsWith("-----")).join("");
+  const der = Uint8Array.from(atob(body), (char) => char.charCodeAt(0));
+  // SEQUENCE { INTEGER 1, OCTET STRING d, ... }, the outer length short or long form.
+  const lengthBytes = der[1] & 0x80 ? der[1] & 0x7f : 0;
+  const version = 2 + lengthBytes;
+  const octet = version + 3;
+  if (der[0] !== 0x30 || der[version] !== 0x02 || der[octet] !== 0x04) return pem;
+  const length = der[octet + 1];
+  if (der[octet + 2] !== 0x00 || (der[octet + 3] & 0x80) === 0) return pem;
+  const fixed = new Uint8Array(der.length - 1);
+  fixed.set(der.subarray(0, octet + 2));
+  fixed.set(der.subarray(octet + 3), octet + 2);
+  fixed[octet + 1] = length - 1;
+  const outer = (lengthBytes === 0 ? der[1] : der[2 + lengthBytes - 1]) - 1;
+  if (lengthBytes === 0) fixed[1] = outer;
+  else fixed[2 + lengthBytes - 1] = outer;
+  const base64 = btoa(String.fromCharCode(...fixed)).replace(/(.{64})/g, "$1\n").trim();
+  return `-----BEGIN EC PRIVATE KEY-----\n${base64}\n-----END EC PRIVATE KEY-----\n`;
+}
+
 /** A counting semaphore. */
 class Slots {
   #free: number;
@@ -206,8 +262,7 @@ export class Connection {
           host: target.host,
           port: target.port,
           username: target.user,
-          ...(target.privateKey ? { privateKey: target.privateKey } : {}),
-          ...(target.passphrase !== undefined ? { passphrase: target.passphrase } : {}),
+          ...(target.privateKey ? usableKey(target.privateKey, target.passphrase) : {}),
           ...(target.agent ? { agent: target.agent } : {}),
           ...(target.password !== undefined ? { password: target.password } : {}),
           readyTimeout: READY_TIMEOUT_MS,
