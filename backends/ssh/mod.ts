@@ -309,8 +309,12 @@ export const WRAPPER = [
   // The watchdog: without a PTY, a lost connection (a runner killed, a dead
   // network) leaves the step running; once the SSH session process that
   // started this attempt is gone, the whole group is ended.
+  // (/proc when there is one: no fork; ps elsewhere.)
   "session=$PPID",
-  'if [ "$(ps -o comm= -p "$session" 2>/dev/null)" = setsid ]; then',
+  'if [ -r "/proc/$session/stat" ]; then',
+  '  read -r _ comm _ parent _ < "/proc/$session/stat"',
+  '  [ "$comm" = "(setsid)" ] && session=$parent',
+  'elif [ "$(ps -o comm= -p "$session" 2>/dev/null)" = setsid ]; then',
   '  session=$(ps -o ppid= -p "$session" 2>/dev/null | tr -d " ")',
   "fi",
   'if [ -n "$session" ] && [ "$session" -gt 1 ]; then',
@@ -324,14 +328,15 @@ export const WRAPPER = [
   "code=$?",
   // The declared outputs' digests, computed where they were written (no
   // second channel to ask for them): checked against what arrives.
-  'if [ "$code" = 0 ]; then',
+  // Read once the wrapper has exited: no need for a rename.
+  'if [ "$code" = 0 ] && [ -s outputs ]; then',
   "  while IFS= read -r name; do",
   '    [ -f "out/$name" ] && [ ! -L "out/$name" ] || continue',
   '    if command -v sha256sum >/dev/null 2>&1; then sha256sum -- "out/$name"',
   '    else shasum -a 256 -- "out/$name"; fi',
-  "  done < outputs > digests.tmp 2>/dev/null; mv digests.tmp digests",
+  "  done < outputs > digests 2>/dev/null",
   "fi",
-  "echo $code > exit.tmp && mv exit.tmp exit",
+  "echo $code > exit",
   // End what the step left in its group (backgrounded children), not this shell.
   "trap '' TERM",
   "kill -TERM -$$ 2>/dev/null",
