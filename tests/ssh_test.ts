@@ -92,6 +92,23 @@ Deno.test("ssh backend", { sanitizeOps: false, sanitizeResources: false }, async
     await assert.rejects(Deno.stat(`${sshd.dir}/remote/${spec.runId}`), Deno.errors.NotFound);
   });
 
+  await t.step(
+    "keep-on-failure keeps a failed attempt's remote dir, and only a failed one's",
+    async () => {
+      await using failed = await attempt(
+        configOf(sshd, { run: "echo kept > out/x; exit 4", "keep-on-failure": true }),
+      );
+      const result = await runToEnd(await backend.start(failed));
+      assert.equal(result.status.exitCode, 4);
+      const kept = `${sshd.dir}/remote/${failed.runId}/step/1`;
+      assert.equal(await Deno.readTextFile(`${kept}/out/x`), "kept\n");
+      await Deno.remove(`${sshd.dir}/remote/${failed.runId}`, { recursive: true });
+      await using ok = await attempt(configOf(sshd, { run: "true", "keep-on-failure": true }));
+      assert.deepEqual((await runToEnd(await backend.start(ok))).status, { exitCode: 0 });
+      await assert.rejects(Deno.stat(`${sshd.dir}/remote/${ok.runId}`), Deno.errors.NotFound);
+    },
+  );
+
   await t.step("a missing output fails the step; exit codes classify", async () => {
     await using spec = await attempt(configOf(sshd, { run: "true" }), {
       spec: { outputs: ["never.txt"] },
