@@ -338,6 +338,9 @@ class Agent implements RunningAgent {
     const { reattached, lost } = await this.#lifecycle.recover({
       agentId: this.agentId,
       records: left,
+      // The SSH hosts of its config may hold directories no record names
+      // (an attempt started just before a crash): they are swept too.
+      alsoAsk: this.#options.settings?.ssh ? ["ssh"] : [],
       onDiagnostic: (backend, text) => this.emit({ type: "diagnostic", backend, text }),
     });
     for (const { record, execution } of reattached) {
