@@ -19,6 +19,7 @@ import {
   durationFlag,
   EXIT_BAD_INPUT,
   limitsFlag,
+  paramsFlag,
   parseCommandLine,
   positiveInt,
   USAGE,
@@ -48,6 +49,7 @@ async function main(line: CommandLine): Promise<number> {
   const stateDir = flags["state-dir"];
   const json = flags.json;
   const limits = limitsFlag(flags.limit);
+  const params = await paramsFlag(flags.param, flags["params-file"]);
   const execute = {
     stateDir,
     json,
@@ -61,6 +63,7 @@ async function main(line: CommandLine): Promise<number> {
     secrets,
     settings,
     limits,
+    params: params ?? {},
   };
 
   const cluster = () => import("./agent/client/cli.ts");
@@ -85,6 +88,7 @@ async function main(line: CommandLine): Promise<number> {
         policy,
         secrets,
         limits,
+        params,
       });
     case "plan":
       return await local.planCommand(need("a pipeline file"), {
@@ -92,6 +96,7 @@ async function main(line: CommandLine): Promise<number> {
         policy,
         mermaid: flags.mermaid,
         limits,
+        params,
       });
     case "schema":
       return local.schemaCommand();

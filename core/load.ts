@@ -61,6 +61,8 @@ export interface ParseOptions {
    * ({@link DEFAULT_PIPELINE_LIMITS}).
    */
   limits?: Partial<PipelineLimits>;
+  /** The run's parameter values as given (see `CheckOptions.params`). */
+  params?: Record<string, unknown>;
 }
 
 /** Options of {@link loadPipeline}. */
@@ -73,6 +75,8 @@ export interface LoadOptions {
   secrets?: SecretPolicy;
   /** Limits on what the pipeline may expand to (see {@link ParseOptions.limits}). */
   limits?: Partial<PipelineLimits>;
+  /** The run's parameter values as given (see {@link ParseOptions.params}). */
+  params?: Record<string, unknown>;
 }
 
 /**
@@ -112,6 +116,7 @@ export function parseLocated(source: string, options: ParseOptions): Plan {
     hostPaths: options.hostPaths,
     secrets: options.secrets,
     limits: options.limits,
+    params: options.params,
   };
   const pipeline = validatePipeline(raw, checks, reporter);
   const plan = pipeline &&
@@ -145,5 +150,6 @@ export async function loadPipeline(path: string, options: LoadOptions = {}): Pro
     hostPaths: options.hostPaths,
     secrets: options.secrets,
     limits: options.limits,
+    params: options.params,
   });
 }

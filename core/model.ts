@@ -181,6 +181,8 @@ export interface Plan {
   onFailure?: WebhookSpec;
   /** sha256 (hex) of the source text. */
   digest: string;
+  /** The run's parameter values (declared ones, defaults applied); absent: it declares none. */
+  params?: Record<string, string | number | boolean>;
 }
 
 /** Status of a step instance. */

@@ -337,6 +337,24 @@ export const StepSchema = z.strictObject({
   "on-failure": OnFailureSchema.optional(),
 });
 
+/** A run parameter's declaration (see `core/params.ts`). */
+export const ParamSchema = z.strictObject({
+  type: z.enum(["string", "number", "boolean", "enum"]).meta({
+    description: "string, number, boolean, or enum (one of `values`).",
+  }),
+  values: z.array(z.union([z.string(), z.number()])).optional().meta({
+    description: "The values an enum parameter may take.",
+  }),
+  default: z.union([z.string(), z.number(), z.boolean()]).optional().meta({
+    description: "Its value when a run gives none.",
+  }),
+  description: z.string().optional().meta({ description: "What it is for (shown by --help)." }),
+  required: z.boolean().optional().meta({
+    description: "A run must give it (no default).",
+    default: false,
+  }),
+}).meta({ description: "A run parameter, used as `${{ params.NAME }}`." });
+
 /** The `defaults` block: values every step inherits. */
 export const DefaultsSchema = z.strictObject({
   backend: z.string().optional().meta({ description: "Backend of steps that name none." }),
@@ -353,6 +371,10 @@ export const PipelineSchema = z.strictObject({
     description: "Pipeline name ([A-Za-z0-9_.-]+).",
   }),
   description: z.string().optional().meta({ description: "What the pipeline does." }),
+  params: z.record(z.string().regex(/^[A-Za-z][A-Za-z0-9_]*$/), ParamSchema).optional().meta({
+    description: "Run parameters by name ([A-Za-z][A-Za-z0-9_]*): `--param NAME=VALUE` at run " +
+      "time, `${{ params.NAME }}` in a step's strings (in `run`, an env var reference).",
+  }),
   defaults: DefaultsSchema.optional(),
   env: EnvSchema.optional(),
   secrets: z.record(z.string().regex(ENV_NAME_PATTERN), SecretSchema).optional().meta({

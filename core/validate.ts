@@ -25,6 +25,7 @@ import { didYouMean } from "./_did_you_mean.ts";
 import { type Reporter, typeName } from "./_diagnostics.ts";
 import type { PathSegment } from "./_locator.ts";
 import { reportZodIssues } from "./_zod_issues.ts";
+import { applyParams, checkDeclarations, checkReferences, resolveParams } from "./params.ts";
 import type { SecretPolicy } from "./secrets.ts";
 
 /** Options of the checks of {@link validatePipeline} and {@link checkSteps}. */
@@ -53,6 +54,12 @@ export interface CheckOptions {
   secrets?: SecretPolicy;
   /** Limits on what the pipeline may expand to; default `DEFAULT_PIPELINE_LIMITS`. */
   limits?: Partial<PipelineLimits>;
+  /**
+   * The run's parameter values as given (`--param`, a params file, an API
+   * body): checked against the `params` section, defaults applied. Absent:
+   * no run is being started (`validate`), so required ones may be missing.
+   */
+  params?: Record<string, unknown>;
 }
 
 /**
@@ -112,14 +119,33 @@ export function planValidated(
   reporter: Reporter,
 ): Plan | undefined {
   const positions = reporter.positions;
-  const planned = planPipeline(pipeline, {
+  const problems = [
+    ...checkDeclarations(pipeline.params ?? {}),
+    ...checkReferences(pipeline),
+  ];
+  const { values, problems: valueProblems } = resolveParams(
+    pipeline.params ?? {},
+    options.params,
+  );
+  problems.push(...valueProblems);
+  for (const problem of problems) {
+    reporter.at(problem.code, problem.message, problem.path, {
+      key: problem.key,
+      ...(problem.expected ? { expected: problem.expected } : {}),
+    });
+  }
+  if (problems.length > 0) return undefined;
+  const planned = planPipeline(applyParams(pipeline, values), {
     file: options.file,
     baseDir: options.baseDir,
     source: options.source,
     readFile: options.readFile,
     locate: (path) => ({ file: options.file, ...positions.at(path, { key: true }) }),
   });
-  if ("plan" in planned) return planned.plan;
+  if ("plan" in planned) {
+    if (pipeline.params) planned.plan.params = values;
+    return planned.plan;
+  }
   for (const d of planned.diagnostics) {
     reporter.at(d.code, d.message, d.path, { onKey: d.onKey, key: d.key });
   }

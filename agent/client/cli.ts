@@ -40,6 +40,7 @@ import {
   HEARTBEAT_BOUNDS,
   hostPort,
   limitsFlag,
+  paramsFlag,
   parseLabels,
   positiveInt,
   UsageError,
@@ -222,7 +223,8 @@ export async function submitCommand(file: string, flags: CliFlags): Promise<numb
   // The pipeline's directory goes with it: agents run its steps from a copy.
   const baseDir = dirname(resolve(file));
   const bundle = await collectBundle(baseDir);
-  const { runId } = await client.submit(source, file, baseDir, bundle.files);
+  const params = await paramsFlag(flags.param, flags["params-file"]);
+  const { runId } = await client.submit(source, file, baseDir, bundle.files, params);
   if (!flags.follow) {
     console.log(flags.json ? JSON.stringify({ runId }) : `submitted ${runId}`);
     return 0;

@@ -7,6 +7,7 @@
  */
 
 import { parseArgs } from "node:util";
+import { parse as parseYaml } from "npm:yaml@2.9.1";
 import { isDuration, parseDuration } from "../../core/duration.ts";
 import { parseLimit, type PipelineLimits } from "../../core/limits.ts";
 import denoConfig from "../../deno.json" with { type: "json" };
@@ -54,6 +55,8 @@ Options:
   --concurrency N      override the pipeline's concurrency (local default: 2 × CPUs, 4 to 64)
   --limit NAME=N       raise or lower a pipeline limit (repeatable): matrix-legs (10000),
                        step-instances (100000), dependencies (1000000), plan-bytes (64Mi)
+  --param NAME=VALUE   a run parameter (repeatable; run, resume-less submit, validate, plan)
+  --params-file FILE   run parameters from a YAML or JSON map (--param wins)
   --mermaid            (plan) print a Mermaid flowchart
   --follow, -f         (logs) keep printing until the run ends
   --retention D        (gc) keep artifacts younger than D (default 14d)
@@ -94,6 +97,8 @@ const OPTIONS = {
   logs: { type: "boolean" },
   concurrency: { type: "string" },
   limit: { type: "string", multiple: true },
+  param: { type: "string", multiple: true },
+  "params-file": { type: "string" },
   mermaid: { type: "boolean" },
   follow: { type: "boolean", short: "f" },
   retention: { type: "string" },
@@ -225,6 +230,48 @@ export function limitsFlag(values: string[] | undefined): Partial<PipelineLimits
   } catch (error) {
     throw new UsageError(`${(error as Error).message} (--limit)`);
   }
+}
+
+/**
+ * The run parameters of `--params-file FILE` (a YAML or JSON map of scalars)
+ * and `--param NAME=VALUE` (repeatable, winning over the file); undefined
+ * when neither is given.
+ */
+export async function paramsFlag(
+  values: string[] | undefined,
+  file: string | undefined,
+): Promise<Record<string, unknown> | undefined> {
+  if (!values?.length && file === undefined) return undefined;
+  const params: Record<string, unknown> = {};
+  if (file !== undefined) {
+    let parsed: unknown;
+    try {
+      parsed = parseYaml(await Deno.readTextFile(file));
+    } catch (error) {
+      throw new UsageError(
+        `Expected a readable YAML map of parameters in ${file}: ${
+          (error as Error).message
+        } (--params-file)`,
+      );
+    }
+    if (!parsed || typeof parsed !== "object" || Array.isArray(parsed)) {
+      throw new UsageError(`Expected a map of NAME: VALUE in ${file} (--params-file)`);
+    }
+    for (const [name, value] of Object.entries(parsed)) {
+      if (!["string", "number", "boolean"].includes(typeof value)) {
+        throw new UsageError(
+          `Expected a string, number or boolean for "${name}" in ${file} (--params-file)`,
+        );
+      }
+      params[name] = value;
+    }
+  }
+  for (const value of values ?? []) {
+    const at = value.indexOf("=");
+    if (at <= 0) throw new UsageError(`Expected --param NAME=VALUE, got "${value}"`);
+    params[value.slice(0, at)] = value.slice(at + 1);
+  }
+  return params;
 }
 
 /**

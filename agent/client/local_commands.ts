@@ -64,6 +64,8 @@ export interface ExecuteOptions extends StateOptions {
   secrets?: Record<string, SecretSource>;
   /** Limits on what the pipeline may expand to (`--limit`). */
   limits?: Partial<PipelineLimits>;
+  /** Run parameters (`--param`, `--params-file`). */
+  params?: Record<string, unknown>;
 }
 
 /** Options of the commands that load a pipeline file without running it. */
@@ -78,6 +80,8 @@ export interface LoadCommandOptions {
   secrets?: Record<string, SecretSource>;
   /** Limits on what the pipeline may expand to (`--limit`). */
   limits?: Partial<PipelineLimits>;
+  /** Run parameters (`--param`, `--params-file`). */
+  params?: Record<string, unknown>;
 }
 
 /** `runnel validate FILE`: every problem at once, or one line saying it is valid. */
@@ -88,6 +92,7 @@ export async function validateCommand(file: string, options: LoadCommandOptions)
     hostPaths: options.policy?.deno,
     secrets: { names: Object.keys(options.secrets ?? {}) },
     limits: options.limits,
+    params: options.params,
   });
   const pool = new PluginHostPool({
     plugins: [...builtinPlugins(), ...plugins],
@@ -113,6 +118,7 @@ export async function planCommand(
     backends: options.plugins.map((plugin) => plugin.name),
     hostPaths: options.policy?.deno,
     limits: options.limits,
+    params: options.params,
   });
   return print(options.mermaid ? renderMermaid(plan) : renderPlanText(plan));
 }
@@ -129,6 +135,7 @@ export async function runCommand(file: string, options: ExecuteOptions): Promise
     hostPaths: options.policy?.deno,
     secrets: { names: Object.keys(options.secrets ?? {}) },
     limits: options.limits,
+    params: options.params,
   });
   return await execute(
     (runOptions) =>

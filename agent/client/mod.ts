@@ -127,12 +127,14 @@ export class RunClient {
     file: string,
     baseDir: string,
     files?: Record<string, string>,
+    params?: Record<string, unknown>,
   ): Promise<{ runId: string }> {
     const response = await this.#call("POST", "/api/runs", {
       source,
       file,
       baseDir,
       ...(files ? { files } : {}),
+      ...(params ? { params } : {}),
     });
     const body = await response.json().catch(() => ({}));
     if (response.status === 400 && Array.isArray(body.diagnostics)) {

@@ -14,6 +14,8 @@ import type { StepState } from "../../core/model.ts";
 export interface RunSummaryRecord extends RunHeader {
   /** The pipeline file (absolute path locally, as submitted on a cluster). */
   file: string;
+  /** The run's parameter values. */
+  params?: Record<string, string | number | boolean>;
 }
 
 /** An artifact a run produced, as `runnel show` lists it. */
@@ -59,6 +61,18 @@ export function renderRun(view: RunView): string {
   ];
   if (run.startedAt && run.finishedAt) {
     lines.push(`duration  ${formatMs(run.finishedAt - run.startedAt)}`);
+  }
+  const params = Object.entries(run.params ?? {});
+  if (params.length > 0) {
+    lines.push(
+      `params    ${
+        params.map(([name, value]) =>
+          `${name}=${
+            typeof value === "string" && /[\s"]|^$/.test(value) ? JSON.stringify(value) : value
+          }`
+        ).join(" ")
+      }`,
+    );
   }
   lines.push(
     "",

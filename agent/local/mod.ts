@@ -153,6 +153,7 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
       createdAt: now(),
       round: engine.state.round,
     };
+    if (plan.params) record.params = plan.params;
     if (!(await isFile(record.file))) {
       // Defined in code: a resume takes the plan from the store.
       record.planStored = true;
@@ -428,6 +429,8 @@ async function planOf(
     hostPaths: options.policy?.deno,
     ...(options.secrets ? { secrets: { names: Object.keys(options.secrets) } } : {}),
     limits: options.limits,
+    // The values it started with, whatever a resume is given.
+    params: record.params ?? {},
   });
 }
 

@@ -14,7 +14,7 @@ import { bundleFile } from "../bundle.ts";
 import type { ParseRequest, ParseResponse } from "./parse_worker.ts";
 
 self.onmessage = (event: MessageEvent<ParseRequest>) => {
-  const { id, source, file, baseDir, bundle, secretNames, limits } = event.data;
+  const { id, source, file, baseDir, bundle, secretNames, limits, params } = event.data;
   let response: ParseResponse;
   try {
     const plan = parsePipeline(source, {
@@ -26,6 +26,7 @@ self.onmessage = (event: MessageEvent<ParseRequest>) => {
       // Declared names only: never an env var or file of the server.
       secrets: { names: secretNames, allowSources: false },
       limits,
+      params: params ?? {},
     });
     response = { id, plan };
   } catch (error) {

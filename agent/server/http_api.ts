@@ -22,7 +22,7 @@
  * | `GET /raft-state` | read | `{node_id, state, leader, term, commit_index}` |
  * | `GET /cluster-state` | read | workers with labels, capabilities, status, last heartbeat |
  * | `GET /metrics` | read, or none with `metricsPublic` | Prometheus text |
- * | `POST /api/runs` | submit | `{source, file?, baseDir?, files?}` → 201 `{runId}`, or 400 with located diagnostics; `files` ships the pipeline directory (path → base64) |
+ * | `POST /api/runs` | submit | `{source, file?, baseDir?, files?, params?}` → 201 `{runId}`, or 400 with located diagnostics; `files` ships the pipeline directory (path → base64); `params` the run's parameter values |
  * | `GET /api/runs` | read | every run, newest first |
  * | `GET /api/runs/:id` | read | `{run, steps}` |
  * | `POST /api/runs/:id/cancel`, `/resume` | submit | 202 |
@@ -605,7 +605,24 @@ function whileAllowed({ context, caller, clientGone }: Call): AbortSignal {
 }
 
 const SUBMIT_SHAPE = '{"source": "<pipeline yaml>", "file"?: "…", "baseDir"?: "/…", ' +
-  '"files"?: {"<relative path>": "<base64>"}}';
+  '"files"?: {"<relative path>": "<base64>"}, "params"?: {"<name>": <string|number|boolean>}}';
+
+/** The `params` of a submission: a map of scalars, checked against the pipeline by the parser. */
+function paramsOf(params: unknown): Record<string, unknown> | undefined {
+  if (params === undefined) return undefined;
+  if (typeof params !== "object" || params === null || Array.isArray(params)) {
+    throw new RequestBodyError("bad_request", 'Expected "params" to map names to values');
+  }
+  for (const [name, value] of Object.entries(params)) {
+    if (!["string", "number", "boolean"].includes(typeof value)) {
+      throw new RequestBodyError(
+        "bad_request",
+        `Expected "params.${name}" to be a string, number or boolean`,
+      );
+    }
+  }
+  return params as Record<string, unknown>;
+}
 
 /** Strict base64 (RFC 4648 §4, padded), as `runnel submit` packs files. */
 const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
@@ -634,6 +651,7 @@ async function submit({ context, request, audit }: Call): Promise<Response> {
       bundle,
       secretNames: await context.secretNames?.(),
       limits: context.pipelineLimits,
+      params: paramsOf(body.params),
     });
     const refused = refusedWebhooks(plan, body.source, file, context.webhookAllow);
     if (refused.length > 0) throw new PipelineError(refused);

@@ -39,6 +39,8 @@ export interface ClusterRunRecord extends RunHeader {
   agent?: string;
   /** Digest of the pipeline directory shipped with the run (`agent/bundle.ts`). */
   bundle?: string;
+  /** The run's parameter values (also in its plan). */
+  params?: Record<string, string | number | boolean>;
 }
 
 /** What one backend can do on a worker (its fingerprint). */

@@ -25,6 +25,8 @@ export interface ParseRequest {
   bundle?: PipelineBundle;
   secretNames?: string[];
   limits?: Partial<PipelineLimits>;
+  /** The run's parameter values as submitted. */
+  params?: Record<string, unknown>;
 }
 
 /** What the worker answers: a plan, the pipeline's problems, or an error. */

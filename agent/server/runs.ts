@@ -64,6 +64,7 @@ export async function submitRun(
     // As `RunEngine.start` counts rounds: the first is 1.
     round: 1,
     ...(options.bundle ? { bundle: options.bundle.digest } : {}),
+    ...(plan.params ? { params: plan.params } : {}),
   };
   // The plan first: the scheduler reads it when it sees the record.
   const result = await store.txn({
