@@ -31,6 +31,8 @@ export interface DefineOptions {
   hostPaths?: CheckOptions["hostPaths"];
   /** Limits on what the pipeline may expand to; each one not given keeps its default. */
   limits?: Partial<PipelineLimits>;
+  /** The run's parameter values (see `CheckOptions.params`). */
+  params?: Record<string, unknown>;
 }
 
 /**
@@ -88,6 +90,7 @@ export function definePipeline(pipeline: PipelineFile, options: DefineOptions = 
       backends: options.backends,
       hostPaths: options.hostPaths,
       limits: options.limits,
+      params: options.params,
     };
     const valid = validatePipeline(raw, checks, reporter);
     // The canonical JSON stands in for source text: equal definitions have equal digests.

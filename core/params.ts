@@ -234,6 +234,16 @@ export function resolveParams(
   return { values, problems };
 }
 
+/**
+ * Parameters a plan still names unresolved: it was planned without values
+ * (a `validate`) for parameters that are required. Such a plan must not run.
+ */
+export function unresolvedParams(steps: unknown): string[] {
+  const text = JSON.stringify(steps);
+  if (!text.includes("${{")) return [];
+  return [...new Set([...text.matchAll(PARAM_REFERENCE)].map((match) => match[1]))];
+}
+
 /** Replaces references in a string by their values (those without one are left as written). */
 function substitute(text: string, values: Record<string, ParamValue>): string {
   return text.includes("${{")

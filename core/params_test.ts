@@ -119,3 +119,12 @@ Deno.test("params: coercion of text and JSON values", () => {
   assert.deepEqual(coerceParam("e", { type: "enum", values: [1, 2] }, "2"), { value: 2 });
   assert.ok("problem" in coerceParam("s", { type: "string" }, { a: 1 }));
 });
+
+Deno.test("params: a plan made without a required value names it, and does not run", async () => {
+  const { unresolvedParams } = await import("./params.ts");
+  const { runPipeline } = await import("../agent/local/mod.ts");
+  const planned = plan();
+  assert.deepEqual(unresolvedParams(planned.steps), ["target"]);
+  assert.deepEqual(unresolvedParams(plan({ target: "x" }).steps), []);
+  await assert.rejects(runPipeline(planned), /required parameters "target"/);
+});

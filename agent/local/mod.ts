@@ -14,6 +14,7 @@ import type { PipelineLimits } from "../../core/limits.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import { PipelineError } from "../../core/errors.ts";
 import { loadPipeline } from "../../core/load.ts";
+import { unresolvedParams } from "../../core/params.ts";
 import { type SecretSource, SecretStore } from "../../core/secrets.ts";
 import {
   builtinPlugins,
@@ -136,6 +137,14 @@ export function defaultConcurrency(cpus: number = navigator.hardwareConcurrency)
 
 /** Runs a pipeline to its end in this process. */
 export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Promise<RunSummary> {
+  const unset = unresolvedParams(plan.steps);
+  if (unset.length > 0) {
+    throw new LocalRunError(
+      "params_unset",
+      `Expected values for the required parameters ${unset.map((n) => `"${n}"`).join(", ")} ` +
+        `of ${plan.file}: plan it with loadPipeline(file, { params }) (--param on the command line)`,
+    );
+  }
   const now = options.now ?? Date.now;
   const state = await openLocalState(options.stateDir);
   try {
