@@ -77,6 +77,14 @@ async function main(line: CommandLine): Promise<number> {
       return await (await cluster()).agentCommand(flags, config);
     case "submit":
       return await (await cluster()).submitCommand(need("a pipeline file"), flags);
+    case "apply":
+      return await (await cluster()).applyCommand(need("a pipeline file"), flags);
+    case "pipelines":
+      return await (await cluster()).pipelinesCommand(args, flags);
+    case "trigger":
+      return await (await cluster()).triggerCommand(need("a pipeline name"), flags);
+    case "delete-pipeline":
+      return await (await cluster()).deletePipelineCommand(need("a pipeline name"), flags);
     case "token":
       return await (await cluster()).tokenCommand(args, flags);
     case "agents":

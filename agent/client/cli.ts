@@ -45,7 +45,7 @@ import {
   positiveInt,
   UsageError,
 } from "./flags.ts";
-import { artifactsOfSteps, renderRun, renderRunList } from "./render.ts";
+import { artifactsOfSteps, renderRun, renderRunList, table } from "./render.ts";
 import { apiCredentials, sendsTokenInClear } from "./credentials.ts";
 import { AdminTokenError, checkAdminToken, isRole, ROLES } from "../server/auth.ts";
 import { WebhookAllowList } from "../effects.ts";
@@ -230,6 +230,88 @@ export async function submitCommand(file: string, flags: CliFlags): Promise<numb
     return 0;
   }
   return await followRun(client, runId, flags);
+}
+
+/** `runnel apply FILE --server URL`: registers the pipeline (and its directory) under its name. */
+export async function applyCommand(file: string, flags: CliFlags): Promise<number> {
+  using client = await clientOf(flags);
+  let source: string;
+  try {
+    source = await Deno.readTextFile(file);
+  } catch (error) {
+    throw new UsageError(`Expected a readable pipeline file, ${file}: ${(error as Error).message}`);
+  }
+  const baseDir = dirname(resolve(file));
+  const bundle = await collectBundle(baseDir);
+  const applied = await client.apply(source, file, baseDir, bundle.files);
+  if (flags.json) return print(JSON.stringify(applied));
+  return print(
+    applied.unchanged
+      ? `${applied.name} unchanged (version ${applied.version})`
+      : `${applied.name} version ${applied.version} applied`,
+  );
+}
+
+/** `runnel pipelines [NAME] --server URL`: the registered pipelines, or one's versions. */
+export async function pipelinesCommand(args: string[], flags: CliFlags): Promise<number> {
+  using client = await clientOf(flags);
+  if (args[0]) {
+    const { pipeline, versions } = await client.pipeline(args[0]);
+    if (flags.json) return print(JSON.stringify({ pipeline, versions }, null, 2));
+    return print(
+      [
+        `pipeline  ${pipeline.name} (current version ${pipeline.current})`,
+        "",
+        table(
+          ["VERSION", "APPLIED", "BY", "DIGEST"],
+          versions.map((v) => [
+            `${v.version}${v.version === pipeline.current ? " *" : ""}`,
+            new Date(v.createdAt).toISOString().replace("T", " ").slice(0, 19),
+            v.createdBy ?? "",
+            v.digest.slice(0, 12),
+          ]),
+        ),
+      ].join("\n"),
+    );
+  }
+  const pipelines = await client.pipelines();
+  if (flags.json) return print(JSON.stringify(pipelines, null, 2));
+  if (pipelines.length === 0) return print("no pipelines registered on this cluster yet");
+  return print(table(
+    ["PIPELINE", "CURRENT", "VERSIONS", "UPDATED", "BY"],
+    pipelines.map((p) => [
+      p.name,
+      String(p.current),
+      String(p.latest),
+      new Date(p.updatedAt).toISOString().replace("T", " ").slice(0, 19),
+      p.updatedBy ?? "",
+    ]),
+  ));
+}
+
+/** `runnel trigger NAME [--pipeline-version N] [--param k=v …] [--follow] --server URL`. */
+export async function triggerCommand(name: string, flags: CliFlags): Promise<number> {
+  using client = await clientOf(flags);
+  const version = flags["pipeline-version"] === undefined
+    ? undefined
+    : positiveInt(flags["pipeline-version"], "--pipeline-version");
+  const params = await paramsFlag(flags.param, flags["params-file"]);
+  const started = await client.trigger(name, { params, version });
+  if (!flags.follow) {
+    return print(
+      flags.json
+        ? JSON.stringify(started)
+        : `triggered ${started.runId} (${started.pipeline} version ${started.version}) ${started.url}`,
+    );
+  }
+  return await followRun(client, started.runId, flags);
+}
+
+/** `runnel delete-pipeline NAME --server URL` (admin). */
+export async function deletePipelineCommand(name: string, flags: CliFlags): Promise<number> {
+  using client = await clientOf(flags);
+  await client.deletePipeline(name);
+  return print(`${name} deleted (its runs stay)`);
 }
 
 /** `runnel runs|show|logs|cancel|resume --server URL`. */

@@ -42,7 +42,11 @@ Commands:
 Cluster mode:
   server               serve the API and agents (--etcd URLS, or --store FILE alone)
   agent                run steps for a cluster (--server HOST:PORT --token T --labels k=v,…)
-  submit FILE          submit a pipeline to a cluster (--server URL [--follow])
+  submit FILE          submit a pipeline to a cluster (--server URL [--follow] [--param k=v])
+  apply FILE           register a pipeline (and its directory) under its name, as a new version
+  pipelines [NAME]     the registered pipelines, or one's versions
+  trigger NAME         run a registered pipeline (--param k=v, --pipeline-version N, --follow)
+  delete-pipeline NAME remove a registered pipeline and its versions (admin; its runs stay)
   runs|show|logs|cancel|resume with --server URL talk to a cluster instead
   token bootstrap      make the cluster's first admin API token (once; --server URL)
   token create|revoke ID|list   API tokens (--role read|submit|admin --name N; admin only)
@@ -99,6 +103,7 @@ const OPTIONS = {
   limit: { type: "string", multiple: true },
   param: { type: "string", multiple: true },
   "params-file": { type: "string" },
+  "pipeline-version": { type: "string" },
   mermaid: { type: "boolean" },
   follow: { type: "boolean", short: "f" },
   retention: { type: "string" },

@@ -8,6 +8,7 @@
  * @module
  */
 
+import type { PipelineMeta, PipelineVersion } from "../server/pipelines.ts";
 import type { Diagnostic } from "../../core/errors.ts";
 import { PipelineError } from "../../core/errors.ts";
 import type { StepState } from "../../core/model.ts";
@@ -142,6 +143,68 @@ export class RunClient {
     }
     if (!response.ok) throw await this.#error(response, body);
     return body;
+  }
+
+  /**
+   * Registers a pipeline under its name (`runnel apply`): a new version
+   * unless the current one holds the same source and directory.
+   */
+  async apply(
+    source: string,
+    file: string,
+    baseDir: string,
+    files?: Record<string, string>,
+  ): Promise<{ name: string; version: number; unchanged: boolean }> {
+    const response = await this.#call("POST", "/api/pipelines", {
+      source,
+      file,
+      baseDir,
+      ...(files ? { files } : {}),
+    });
+    const body = await response.json().catch(() => ({}));
+    if (response.status === 400 && Array.isArray(body.diagnostics)) {
+      throw new PipelineError(body.diagnostics as Diagnostic[]);
+    }
+    if (!response.ok) throw await this.#error(response, body);
+    return body;
+  }
+
+  /** The registered pipelines. */
+  async pipelines(): Promise<PipelineMeta[]> {
+    return await this.#json("GET", "/api/pipelines");
+  }
+
+  /** A registered pipeline and its versions, newest first. */
+  async pipeline(
+    name: string,
+  ): Promise<{ pipeline: PipelineMeta; versions: Array<Omit<PipelineVersion, "source">> }> {
+    return await this.#json("GET", `/api/pipelines/${encodeURIComponent(name)}`);
+  }
+
+  /** Starts a run of a registered pipeline (its current version unless `version` says). */
+  async trigger(
+    name: string,
+    options: { params?: Record<string, unknown>; version?: number } = {},
+  ): Promise<{ runId: string; pipeline: string; version: number; url: string }> {
+    const response = await this.#call(
+      "POST",
+      `/api/pipelines/${encodeURIComponent(name)}/trigger`,
+      {
+        ...(options.params ? { params: options.params } : {}),
+        ...(options.version !== undefined ? { version: options.version } : {}),
+      },
+    );
+    const body = await response.json().catch(() => ({}));
+    if (response.status === 400 && Array.isArray(body.diagnostics)) {
+      throw new PipelineError(body.diagnostics as Diagnostic[]);
+    }
+    if (!response.ok) throw await this.#error(response, body);
+    return body;
+  }
+
+  /** Removes a registered pipeline and its versions (admin). */
+  async deletePipeline(name: string): Promise<void> {
+    await this.#json("DELETE", `/api/pipelines/${encodeURIComponent(name)}`);
   }
 
   /** Every run, newest first. */

@@ -16,6 +16,8 @@ export interface RunSummaryRecord extends RunHeader {
   file: string;
   /** The run's parameter values. */
   params?: Record<string, string | number | boolean>;
+  /** The registered pipeline version it runs (cluster, `runnel trigger`). */
+  registered?: { name: string; version: number };
 }
 
 /** An artifact a run produced, as `runnel show` lists it. */
@@ -55,7 +57,9 @@ export function renderRun(view: RunView): string {
   const { run } = view;
   const lines = [
     `run       ${run.runId}${view.pinned ? " (pinned)" : ""}`,
-    `pipeline  ${run.pipeline} (${run.file})`,
+    `pipeline  ${run.pipeline} (${run.file})${
+      run.registered ? ` · registered version ${run.registered.version}` : ""
+    }`,
     `status    ${run.status}`,
     `created   ${new Date(run.createdAt).toISOString()}`,
   ];

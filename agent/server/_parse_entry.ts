@@ -26,7 +26,8 @@ self.onmessage = (event: MessageEvent<ParseRequest>) => {
       // Declared names only: never an env var or file of the server.
       secrets: { names: secretNames, allowSources: false },
       limits,
-      params: params ?? {},
+      // Absent for an apply: its required parameters come with each trigger.
+      params,
     });
     response = { id, plan };
   } catch (error) {

@@ -23,6 +23,10 @@
  * | `GET /cluster-state` | read | workers with labels, capabilities, status, last heartbeat |
  * | `GET /metrics` | read, or none with `metricsPublic` | Prometheus text |
  * | `POST /api/runs` | submit | `{source, file?, baseDir?, files?, params?}` → 201 `{runId}`, or 400 with located diagnostics; `files` ships the pipeline directory (path → base64); `params` the run's parameter values |
+ * | `POST /api/pipelines` | submit | as `POST /api/runs` without `params` → 201 `{name, version}` (200 and `unchanged` when the current version holds the same) |
+ * | `GET /api/pipelines`, `GET /api/pipelines/:name` | read | registered pipelines; one with its versions |
+ * | `DELETE /api/pipelines/:name` | admin | removes it and its versions (its runs stay) |
+ * | `POST /api/pipelines/:name/trigger` | submit | `{params?, version?}` → 201 `{runId, pipeline, version, url}` |
  * | `GET /api/runs` | read | every run, newest first |
  * | `GET /api/runs/:id` | read | `{run, steps}` |
  * | `POST /api/runs/:id/cancel`, `/resume` | submit | 202 |
@@ -64,8 +68,18 @@ import {
 } from "./runs.ts";
 import type { RaftState, ServerMetrics } from "./metrics.ts";
 import {
+  applyPipeline,
+  deletePipeline,
+  getPipeline,
+  listPipelines,
+  listVersions,
+  PipelineRegistryError,
+  versionToRun,
+} from "./pipelines.ts";
+import {
   bundleDigest,
   checkBundle,
+  getBundle,
   MAX_BUNDLE_BYTES,
   MAX_BUNDLE_FILES,
   type PipelineBundle,
@@ -204,6 +218,47 @@ const ROUTES: Route[] = [
   },
   { method: "GET", path: /^\/api\/runs\/([^/]+)\/events$/, access: needs("read"), handle: events },
   { method: "GET", path: /^\/api\/runs\/([^/]+)\/logs$/, access: needs("read"), handle: logs },
+  {
+    method: "POST",
+    path: /^\/api\/pipelines$/,
+    access: needs("submit"),
+    audit: "pipeline.apply",
+    handle: apply,
+  },
+  {
+    method: "GET",
+    path: /^\/api\/pipelines$/,
+    access: needs("read"),
+    handle: async ({ context }) => json(await listPipelines(context.store)),
+  },
+  {
+    method: "GET",
+    path: /^\/api\/pipelines\/([^/]+)$/,
+    access: needs("read"),
+    handle: async ({ context, params }) =>
+      json({
+        pipeline: await getPipeline(context.store, params[0]),
+        versions: await listVersions(context.store, params[0]),
+      }),
+  },
+  {
+    method: "DELETE",
+    path: /^\/api\/pipelines\/([^/]+)$/,
+    access: needs("admin"),
+    audit: "pipeline.delete",
+    handle: async ({ context, params, audit }) => {
+      audit.pipeline = params[0];
+      await deletePipeline(context.store, params[0]);
+      return json({ deleted: params[0] });
+    },
+  },
+  {
+    method: "POST",
+    path: /^\/api\/pipelines\/([^/]+)\/trigger$/,
+    access: needs("submit"),
+    audit: "pipeline.trigger",
+    handle: trigger,
+  },
   {
     method: "POST",
     path: /^\/api\/agents\/([^/]+)\/revoke$/,
@@ -396,6 +451,11 @@ function errorResponse(
   if (error instanceof RunRequestError) {
     return json({ error: error.code, message: error.message }, {
       status: error.code === "run_not_found" ? 404 : error.code === "plan_too_large" ? 413 : 409,
+    });
+  }
+  if (error instanceof PipelineRegistryError) {
+    return json({ error: error.code, message: error.message }, {
+      status: error.code === "not_found" ? 404 : 409,
     });
   }
   if (error instanceof TokenRequestError) {
@@ -627,8 +687,15 @@ function paramsOf(params: unknown): Record<string, unknown> | undefined {
 /** Strict base64 (RFC 4648 §4, padded), as `runnel submit` packs files. */
 const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
 
-async function submit({ context, request, audit }: Call): Promise<Response> {
-  const body = await readJsonObject(request, MAX_REQUEST_BYTES, SUBMIT_SHAPE);
+/** What a submission (or an apply) ships: the pipeline's text, where it came from, its directory. */
+interface Submission {
+  source: string;
+  file: string;
+  baseDir: string;
+  bundle?: PipelineBundle;
+}
+
+function submissionOf(body: Record<string, unknown>): Submission {
   if (typeof body.source !== "string") {
     throw new RequestBodyError("bad_request", 'Expected "source" to hold the pipeline text');
   }
@@ -637,24 +704,40 @@ async function submit({ context, request, audit }: Call): Promise<Response> {
       throw new RequestBodyError("bad_request", `Expected "${key}" to be a string`);
     }
   }
-  const file = (body.file as string | undefined) ?? "pipeline.yaml";
-  const baseDir = (body.baseDir as string | undefined) ?? "/";
-  audit.file = file;
-  const bundle = body.files === undefined ? undefined : bundleOf(body.files);
-  let plan: Plan;
+  return {
+    source: body.source,
+    file: (body.file as string | undefined) ?? "pipeline.yaml",
+    baseDir: (body.baseDir as string | undefined) ?? "/",
+    bundle: body.files === undefined ? undefined : bundleOf(body.files),
+  };
+}
+
+/** Plans a submission off the event loop; its problems as a 400 with located diagnostics. */
+async function planSubmission(
+  context: ApiContext,
+  submission: Submission,
+  params: Record<string, unknown> | undefined,
+  audit: Record<string, unknown>,
+): Promise<Plan | Response> {
   try {
     // Off the event loop: a large file is seconds of CPU (see parse_worker.ts).
-    plan = await context.parser.parse({
-      source: body.source,
-      file,
-      baseDir,
-      bundle,
+    const plan = await context.parser.parse({
+      source: submission.source,
+      file: submission.file,
+      baseDir: submission.baseDir,
+      bundle: submission.bundle,
       secretNames: await context.secretNames?.(),
       limits: context.pipelineLimits,
-      params: paramsOf(body.params),
+      params,
     });
-    const refused = refusedWebhooks(plan, body.source, file, context.webhookAllow);
+    const refused = refusedWebhooks(
+      plan,
+      submission.source,
+      submission.file,
+      context.webhookAllow,
+    );
     if (refused.length > 0) throw new PipelineError(refused);
+    return plan;
   } catch (error) {
     if (error instanceof PipelineError) {
       audit.problems = error.diagnostics.length;
@@ -666,10 +749,86 @@ async function submit({ context, request, audit }: Call): Promise<Response> {
     }
     throw error;
   }
-  const record = await submitRun(context.store, plan, { file, bundle });
+}
+
+async function submit({ context, request, audit }: Call): Promise<Response> {
+  const body = await readJsonObject(request, MAX_REQUEST_BYTES, SUBMIT_SHAPE);
+  const submission = submissionOf(body);
+  audit.file = submission.file;
+  const plan = await planSubmission(context, submission, paramsOf(body.params) ?? {}, audit);
+  if (plan instanceof Response) return plan;
+  const record = await submitRun(context.store, plan, {
+    file: submission.file,
+    bundle: submission.bundle,
+  });
   audit.runId = record.runId;
   audit.pipeline = record.pipeline;
   return json({ runId: record.runId, pipeline: record.pipeline }, { status: 201 });
+}
+
+/** `POST /api/pipelines`: registers the pipeline under its name, as a new version if it changed. */
+async function apply({ context, request, audit, caller }: Call): Promise<Response> {
+  const body = await readJsonObject(request, MAX_REQUEST_BYTES, SUBMIT_SHAPE);
+  const submission = submissionOf(body);
+  audit.file = submission.file;
+  // Checked as a run would be, without values: required parameters come with each trigger.
+  const plan = await planSubmission(context, submission, undefined, audit);
+  if (plan instanceof Response) return plan;
+  const { version, unchanged } = await applyPipeline(context.store, {
+    name: plan.name,
+    source: submission.source,
+    file: submission.file,
+    baseDir: submission.baseDir,
+    digest: plan.digest,
+    ...(submission.bundle ? { bundle: submission.bundle.digest } : {}),
+    ...(caller ? { createdBy: caller.tokenName } : {}),
+  }, { bundle: submission.bundle });
+  audit.pipeline = plan.name;
+  audit.version = version;
+  return json({ name: plan.name, version, unchanged }, { status: unchanged ? 200 : 201 });
+}
+
+const TRIGGER_SHAPE = '{"params"?: {"<name>": <string|number|boolean>}, "version"?: <number>}';
+
+/** `POST /api/pipelines/:name/trigger`: a run of the current (or a named) version. */
+async function trigger({ context, request, params, audit, url }: Call): Promise<Response> {
+  const body = await readJsonObject(request, MAX_TOKEN_REQUEST_BYTES, TRIGGER_SHAPE);
+  if (
+    body.version !== undefined &&
+    !(typeof body.version === "number" && Number.isInteger(body.version) && body.version > 0)
+  ) {
+    throw new RequestBodyError("bad_request", 'Expected "version" to be a positive integer');
+  }
+  const name = params[0];
+  audit.pipeline = name;
+  const version = await versionToRun(context.store, name, body.version as number | undefined);
+  audit.version = version.version;
+  const bundle = version.bundle ? await getBundle(context.store, version.bundle) : undefined;
+  if (version.bundle && !bundle) {
+    throw new PipelineRegistryError(
+      "conflict",
+      `The shipped directory of "${name}" version ${version.version} is gone; apply it again`,
+    );
+  }
+  const plan = await planSubmission(
+    context,
+    { source: version.source, file: version.file, baseDir: version.baseDir, bundle },
+    paramsOf(body.params) ?? {},
+    audit,
+  );
+  if (plan instanceof Response) return plan;
+  const record = await submitRun(context.store, plan, {
+    file: version.file,
+    bundle,
+    registered: { name, version: version.version },
+  });
+  audit.runId = record.runId;
+  return json({
+    runId: record.runId,
+    pipeline: name,
+    version: version.version,
+    url: `${url.origin}/runs/${record.runId}`,
+  }, { status: 201 });
 }
 
 /** The shipped directory of a submission, checked: paths, base64, counts, sizes. */

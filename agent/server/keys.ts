@@ -16,6 +16,7 @@
  * | `/request/<run>/cancel`, `/request/<run>/resume` | API | a user's request |
  * | `/logs/<run>/<step>/<attempt>/<seq>` | the agent's server, under a rolling retention lease | a batch of masked log text |
  * | `/bundle/<digest>/…` | API (once per digest) | a shipped pipeline directory, in chunks |
+ * | `/pipelines/<name>/…` | API | registered pipelines and their versions (`pipelines.ts`) |
  * | `/election/scheduler/…` | servers | election candidates |
  *
  * Attempt ids hold `/` (`run/step/3`): inside keys they are URI-encoded.
@@ -41,6 +42,8 @@ export interface ClusterRunRecord extends RunHeader {
   bundle?: string;
   /** The run's parameter values (also in its plan). */
   params?: Record<string, string | number | boolean>;
+  /** The registered pipeline and version it runs, when triggered (`agent/server/pipelines.ts`). */
+  registered?: { name: string; version: number };
 }
 
 /** What one backend can do on a worker (its fingerprint). */

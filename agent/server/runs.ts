@@ -37,7 +37,13 @@ export const MAX_PLAN_JSON_BYTES = 1024 * 1024;
 export async function submitRun(
   store: Store,
   plan: Plan,
-  options: { file?: string; now?: number; bundle?: PipelineBundle } = {},
+  options: {
+    file?: string;
+    now?: number;
+    bundle?: PipelineBundle;
+    /** The registered pipeline and version it runs (`runnel trigger`). */
+    registered?: { name: string; version: number };
+  } = {},
 ): Promise<ClusterRunRecord> {
   const planJson = JSON.stringify(plan);
   const planBytes = new TextEncoder().encode(planJson).length;
@@ -65,6 +71,7 @@ export async function submitRun(
     round: 1,
     ...(options.bundle ? { bundle: options.bundle.digest } : {}),
     ...(plan.params ? { params: plan.params } : {}),
+    ...(options.registered ? { registered: options.registered } : {}),
   };
   // The plan first: the scheduler reads it when it sees the record.
   const result = await store.txn({

@@ -1,0 +1,125 @@
+/**
+ * Registered pipelines on a cluster: `runnel apply` (versions, unchanged
+ * applies), `runnel pipelines`, `runnel trigger` with parameters and a
+ * named version, `runnel delete-pipeline`, each with and without the role
+ * it needs, against a real server and agent.
+ */
+
+import assert from "node:assert/strict";
+import { RunClient } from "../agent/client/mod.ts";
+import { startAgent } from "../agent/worker/mod.ts";
+import { openLocalArtifactStore } from "../core/artifacts/local.ts";
+import { runCli, sandbox } from "./_helpers.ts";
+import { startTestServer } from "./_server.ts";
+
+const ADMIN = "pipelines-admin-token-0123456789";
+const JOIN = "pipelines-join-token-0123456789";
+
+const PIPELINE = `name: greet
+params:
+  who: { type: string, required: true }
+steps:
+  hello:
+    run: echo "hello \${{ params.who }} from v1"
+`;
+
+async function tokenOf(http: string, role: string): Promise<string> {
+  const response = await fetch(`${http}/api/tokens`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${ADMIN}` },
+    body: JSON.stringify({ name: `${role}-user`, role }),
+  });
+  assert.equal(response.status, 201);
+  return (await response.json()).token;
+}
+
+async function finished(client: RunClient, runId: string) {
+  for await (const _ of client.events(runId)) { /* until the run ends */ }
+  return await client.run(runId);
+}
+
+Deno.test("registered pipelines: apply, list, trigger with parameters and versions, delete; roles", async () => {
+  await using box = await sandbox();
+  await using server = await startTestServer(`${box.dir}/state.db`, {
+    token: JOIN,
+    adminToken: ADMIN,
+  });
+  const agent = await startAgent({
+    servers: [`127.0.0.1:${server.server.grpcPort}`],
+    token: JOIN,
+    agentId: "worker-1",
+    slots: 2,
+    allowShell: true,
+    stateDir: `${box.dir}/agent`,
+    artifacts: openLocalArtifactStore(`${box.dir}/artifacts`),
+    log: () => {},
+  });
+  try {
+    const submitter = await tokenOf(server.http, "submit");
+    const reader = await tokenOf(server.http, "read");
+    const cli = (args: string[], token = submitter) =>
+      runCli([...args, "--server", server.http, "--token", token], { cwd: box.dir });
+    const file = await box.write("greet/pipeline.yaml", PIPELINE);
+
+    const first = await cli(["apply", file]);
+    assert.equal(first.code, 0, first.stderr);
+    assert.equal(first.stdout.trim(), "greet version 1 applied");
+    assert.equal((await cli(["apply", file])).stdout.trim(), "greet unchanged (version 1)");
+    const refused = await cli(["apply", file], reader);
+    assert.notEqual(refused.code, 0);
+    assert.match(refused.stderr, /403|submit/);
+    await Deno.writeTextFile(file, PIPELINE.replace("from v1", "from v2"));
+    assert.equal((await cli(["apply", file])).stdout.trim(), "greet version 2 applied");
+
+    const listed = await cli(["pipelines"], reader);
+    assert.match(listed.stdout, /^greet\s+2\s+2\s+/m);
+    const versions = await cli(["pipelines", "greet"], reader);
+    assert.match(versions.stdout, /^2 \*\s/m);
+    assert.match(versions.stdout, /^1\s+\d{4}-/m);
+
+    // A trigger needs its required parameters, checked before anything runs.
+    const missing = await cli(["trigger", "greet"]);
+    assert.equal(missing.code, 2, missing.stdout + missing.stderr);
+    assert.match(missing.stderr, /parameter "who" is required/);
+    const triggered = await cli(["trigger", "greet", "--param", "who=world", "--json"]);
+    assert.equal(triggered.code, 0, triggered.stderr);
+    const started = JSON.parse(triggered.stdout);
+    assert.equal(started.version, 2);
+    assert.match(started.url, new RegExp(`/runs/${started.runId}$`));
+    const client = new RunClient([server.http], { token: ADMIN });
+    const { run, steps } = await finished(client, started.runId);
+    assert.equal(run.status, "succeeded", JSON.stringify(steps));
+    assert.deepEqual(run.registered, { name: "greet", version: 2 });
+    assert.deepEqual(run.params, { who: "world" });
+    const shown = await cli(["show", started.runId], reader);
+    assert.match(shown.stdout, /registered version 2/);
+    assert.match(shown.stdout, /^params {4}who=world$/m);
+
+    const old = await client.trigger("greet", { version: 1, params: { who: "past" } });
+    assert.equal(old.version, 1);
+    const logs: string[] = [];
+    await finished(client, old.runId);
+    for await (const { event, data } of client.logs(old.runId, {})) {
+      if (event === "log") logs.push((data as { text: string }).text);
+    }
+    assert.match(logs.join(""), /hello past from v1/);
+    await assert.rejects(client.trigger("greet", { version: 9 }), /no version 9/);
+    assert.equal((await cli(["trigger", "greet", "--param", "who=x"], reader)).code !== 0, true);
+
+    // Deleting is an admin's: a submitter may not; afterwards a trigger is a 404.
+    assert.notEqual((await cli(["delete-pipeline", "greet"])).code, 0);
+    const deleted = await cli(["delete-pipeline", "greet"], ADMIN);
+    assert.equal(deleted.code, 0, deleted.stderr);
+    const gone = await fetch(`${server.http}/api/pipelines/greet/trigger`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${submitter}` },
+      body: "{}",
+    });
+    assert.equal(gone.status, 404);
+    assert.match((await gone.json()).message, /No pipeline "greet" is registered/);
+    // Its runs stay.
+    assert.equal((await client.run(started.runId)).run.status, "succeeded");
+  } finally {
+    await agent.stop();
+  }
+});
