@@ -11,6 +11,8 @@
  * @module
  */
 
+import type { ScheduleSpec } from "./schedule.ts";
+
 /** Where something is in a source file; lines and columns count from 1. */
 export interface SourceLocation {
   /** Path of the file as the user named it. */
@@ -183,6 +185,8 @@ export interface Plan {
   digest: string;
   /** The run's parameter values (declared ones, defaults applied); absent: it declares none. */
   params?: Record<string, string | number | boolean>;
+  /** When a registered pipeline of it runs by itself (cluster, `runnel apply`). */
+  schedule?: ScheduleSpec;
 }
 
 /** Status of a step instance. */

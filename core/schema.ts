@@ -355,6 +355,36 @@ export const ParamSchema = z.strictObject({
   }),
 }).meta({ description: "A run parameter, used as `${{ params.NAME }}`." });
 
+/** When a registered pipeline runs by itself (see `core/schedule.ts`). */
+export const ScheduleSchema = z.strictObject({
+  cron: z.string().min(1).meta({
+    description: 'Cron expression: 5 fields, or 6 with seconds first ("0 3 * * *").',
+  }),
+  timezone: z.string().optional().meta({
+    description: "IANA time zone the expression is read in (default UTC).",
+  }),
+  params: z.record(z.string(), scalar).optional().meta({
+    description: "Parameter values of the runs it starts.",
+  }),
+  concurrency: z.enum(["allow", "forbid", "replace"]).optional().meta({
+    description: "While its last run is still going: start another (allow), skip the tick " +
+      "(forbid), or cancel it and start (replace).",
+    default: "allow",
+  }),
+  "starting-deadline": DelaySchema.optional().meta({
+    description: "A tick missed by more than this (the cluster was down) is skipped; " +
+      "default: a missed tick runs once when the cluster is back.",
+  }),
+  suspend: z.boolean().optional().meta({
+    description: "Registered but not firing.",
+    default: false,
+  }),
+  "history-limit": z.number().int().min(1).max(1000).optional().meta({
+    description: "Runs it started that `runnel schedules` remembers.",
+    default: 10,
+  }),
+}).meta({ description: "Run a registered pipeline on a cron schedule (cluster, `runnel apply`)." });
+
 /** The `defaults` block: values every step inherits. */
 export const DefaultsSchema = z.strictObject({
   backend: z.string().optional().meta({ description: "Backend of steps that name none." }),
@@ -375,6 +405,7 @@ export const PipelineSchema = z.strictObject({
     description: "Run parameters by name ([A-Za-z][A-Za-z0-9_]*): `--param NAME=VALUE` at run " +
       "time, `${{ params.NAME }}` in a step's strings (in `run`, an env var reference).",
   }),
+  schedule: ScheduleSchema.optional(),
   defaults: DefaultsSchema.optional(),
   env: EnvSchema.optional(),
   secrets: z.record(z.string().regex(ENV_NAME_PATTERN), SecretSchema).optional().meta({
@@ -432,3 +463,6 @@ export function pipelineJsonSchema(): Record<string, unknown> {
     unknown
   >;
 }
+
+/** A pipeline file's `schedule:` section. */
+export type ScheduleFile = z.infer<typeof ScheduleSchema>;

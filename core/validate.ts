@@ -26,6 +26,7 @@ import { type Reporter, typeName } from "./_diagnostics.ts";
 import type { PathSegment } from "./_locator.ts";
 import { reportZodIssues } from "./_zod_issues.ts";
 import { applyParams, checkDeclarations, checkReferences, resolveParams } from "./params.ts";
+import { scheduleProblem, scheduleSpec } from "./schedule.ts";
 import type { SecretPolicy } from "./secrets.ts";
 
 /** Options of the checks of {@link validatePipeline} and {@link checkSteps}. */
@@ -128,6 +129,26 @@ export function planValidated(
     options.params,
   );
   problems.push(...valueProblems);
+  if (pipeline.schedule) {
+    const wrong = scheduleProblem(pipeline.schedule);
+    if (wrong) {
+      problems.push({
+        code: "invalid_schedule",
+        message: wrong.message,
+        path: ["schedule", wrong.key],
+        key: wrong.key,
+      });
+    }
+    // The values its runs are started with, checked as a trigger's are.
+    const scheduled = resolveParams(pipeline.params ?? {}, pipeline.schedule.params ?? {});
+    for (const problem of scheduled.problems) {
+      problems.push({
+        ...problem,
+        message: `schedule: ${problem.message}`,
+        path: problem.code === "unknown_param" ? ["schedule", "params"] : problem.path,
+      });
+    }
+  }
   for (const problem of problems) {
     reporter.at(problem.code, problem.message, problem.path, {
       key: problem.key,
@@ -144,6 +165,7 @@ export function planValidated(
   });
   if ("plan" in planned) {
     if (pipeline.params) planned.plan.params = values;
+    if (pipeline.schedule) planned.plan.schedule = scheduleSpec(pipeline.schedule);
     return planned.plan;
   }
   for (const d of planned.diagnostics) {

@@ -307,6 +307,37 @@ export async function triggerCommand(name: string, flags: CliFlags): Promise<num
   return await followRun(client, started.runId, flags);
 }
 
+/** `runnel schedules [suspend|resume NAME] --server URL`. */
+export async function schedulesCommand(args: string[], flags: CliFlags): Promise<number> {
+  using client = await clientOf(flags);
+  if (args[0] === "suspend" || args[0] === "resume") {
+    if (!args[1]) throw new UsageError(`"runnel schedules ${args[0]}" needs a pipeline name`);
+    await client.suspendSchedule(args[1], args[0] === "suspend");
+    return print(`${args[1]}: schedule ${args[0] === "suspend" ? "suspended" : "resumed"}`);
+  }
+  if (args[0]) {
+    throw new UsageError(`Expected "runnel schedules [suspend|resume NAME]", got "${args[0]}"`);
+  }
+  const schedules = await client.schedules();
+  if (flags.json) return print(JSON.stringify(schedules, null, 2));
+  if (schedules.length === 0) return print("no schedules on this cluster yet");
+  const at = (ms?: number) =>
+    ms === undefined ? "-" : new Date(ms).toISOString().replace("T", " ").slice(0, 19);
+  return print(table(
+    ["PIPELINE", "CRON", "TZ", "STATE", "NEXT", "LAST", "LAST RUN", "SKIPPED"],
+    schedules.map((s) => [
+      s.name,
+      s.cron,
+      s.timezone ?? "UTC",
+      s.suspended ? "suspended" : s.concurrency,
+      s.suspended ? "-" : at(s.next),
+      at(s.last),
+      s.lastRun ?? "-",
+      String(s.skipped),
+    ]),
+  ));
+}
+
 /** `runnel delete-pipeline NAME --server URL` (admin). */
 export async function deletePipelineCommand(name: string, flags: CliFlags): Promise<number> {
   using client = await clientOf(flags);

@@ -47,6 +47,7 @@ Cluster mode:
   pipelines [NAME]     the registered pipelines, or one's versions
   trigger NAME         run a registered pipeline (--param k=v, --pipeline-version N, --follow)
   delete-pipeline NAME remove a registered pipeline and its versions (admin; its runs stay)
+  schedules [suspend|resume NAME]   schedules of registered pipelines: next and last tick
   runs|show|logs|cancel|resume with --server URL talk to a cluster instead
   token bootstrap      make the cluster's first admin API token (once; --server URL)
   token create|revoke ID|list   API tokens (--role read|submit|admin --name N; admin only)

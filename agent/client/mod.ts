@@ -9,6 +9,7 @@
  */
 
 import type { PipelineMeta, PipelineVersion } from "../server/pipelines.ts";
+import type { ScheduleState } from "../server/schedules.ts";
 import type { Diagnostic } from "../../core/errors.ts";
 import { PipelineError } from "../../core/errors.ts";
 import type { StepState } from "../../core/model.ts";
@@ -200,6 +201,20 @@ export class RunClient {
     }
     if (!response.ok) throw await this.#error(response, body);
     return body;
+  }
+
+  /** The schedules of registered pipelines. */
+  async schedules(): Promise<ScheduleState[]> {
+    return await this.#json("GET", "/api/schedules");
+  }
+
+  /** Suspends or resumes a registered pipeline's schedule. */
+  async suspendSchedule(name: string, suspended: boolean): Promise<void> {
+    await this.#json(
+      "POST",
+      `/api/schedules/${encodeURIComponent(name)}/${suspended ? "suspend" : "resume"}`,
+      {},
+    );
   }
 
   /** Removes a registered pipeline and its versions (admin). */

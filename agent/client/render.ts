@@ -17,7 +17,7 @@ export interface RunSummaryRecord extends RunHeader {
   /** The run's parameter values. */
   params?: Record<string, string | number | boolean>;
   /** The registered pipeline version it runs (cluster, `runnel trigger`). */
-  registered?: { name: string; version: number };
+  registered?: { name: string; version: number; tick?: number };
 }
 
 /** An artifact a run produced, as `runnel show` lists it. */

@@ -27,6 +27,8 @@
  * | `GET /api/pipelines`, `GET /api/pipelines/:name` | read | registered pipelines; one with its versions |
  * | `DELETE /api/pipelines/:name` | admin | removes it and its versions (its runs stay) |
  * | `POST /api/pipelines/:name/trigger` | submit | `{params?, version?}` → 201 `{runId, pipeline, version, url}` |
+ * | `GET /api/schedules` | read | schedules: next and last tick, the runs they started |
+ * | `POST /api/schedules/:name/suspend`, `/resume` | submit | 200 `{pipeline, suspended}` |
  * | `GET /api/runs` | read | every run, newest first |
  * | `GET /api/runs/:id` | read | `{run, steps}` |
  * | `POST /api/runs/:id/cancel`, `/resume` | submit | 202 |
@@ -67,6 +69,8 @@ import {
   submitRun,
 } from "./runs.ts";
 import type { RaftState, ServerMetrics } from "./metrics.ts";
+import { listSchedules, setSuspended, syncSchedule } from "./schedules.ts";
+import { planRegistered } from "./trigger.ts";
 import {
   applyPipeline,
   deletePipeline,
@@ -74,12 +78,10 @@ import {
   listPipelines,
   listVersions,
   PipelineRegistryError,
-  versionToRun,
 } from "./pipelines.ts";
 import {
   bundleDigest,
   checkBundle,
-  getBundle,
   MAX_BUNDLE_BYTES,
   MAX_BUNDLE_FILES,
   type PipelineBundle,
@@ -249,6 +251,7 @@ const ROUTES: Route[] = [
     handle: async ({ context, params, audit }) => {
       audit.pipeline = params[0];
       await deletePipeline(context.store, params[0]);
+      await syncSchedule(context.store, params[0], undefined, Date.now());
       return json({ deleted: params[0] });
     },
   },
@@ -258,6 +261,32 @@ const ROUTES: Route[] = [
     access: needs("submit"),
     audit: "pipeline.trigger",
     handle: trigger,
+  },
+  {
+    method: "GET",
+    path: /^\/api\/schedules$/,
+    access: needs("read"),
+    handle: async ({ context }) => json(await listSchedules(context.store)),
+  },
+  {
+    method: "POST",
+    path: /^\/api\/schedules\/([^/]+)\/(suspend|resume)$/,
+    access: needs("submit"),
+    audit: "schedule.change",
+    handle: async ({ context, params, audit }) => {
+      audit.pipeline = params[0];
+      audit.change = params[1];
+      const found = await setSuspended(
+        context.store,
+        params[0],
+        params[1] === "suspend",
+        Date.now(),
+      );
+      if (!found) {
+        throw new PipelineRegistryError("not_found", `No schedule for pipeline "${params[0]}"`);
+      }
+      return json({ pipeline: params[0], suspended: params[1] === "suspend" });
+    },
   },
   {
     method: "POST",
@@ -783,6 +812,7 @@ async function apply({ context, request, audit, caller }: Call): Promise<Respons
     ...(submission.bundle ? { bundle: submission.bundle.digest } : {}),
     ...(caller ? { createdBy: caller.tokenName } : {}),
   }, { bundle: submission.bundle });
+  await syncSchedule(context.store, plan.name, plan.schedule, Date.now());
   audit.pipeline = plan.name;
   audit.version = version;
   return json({ name: plan.name, version, unchanged }, { status: unchanged ? 200 : 201 });
@@ -801,32 +831,40 @@ async function trigger({ context, request, params, audit, url }: Call): Promise<
   }
   const name = params[0];
   audit.pipeline = name;
-  const version = await versionToRun(context.store, name, body.version as number | undefined);
-  audit.version = version.version;
-  const bundle = version.bundle ? await getBundle(context.store, version.bundle) : undefined;
-  if (version.bundle && !bundle) {
-    throw new PipelineRegistryError(
-      "conflict",
-      `The shipped directory of "${name}" version ${version.version} is gone; apply it again`,
+  let planned;
+  try {
+    planned = await planRegistered(
+      {
+        store: context.store,
+        parser: context.parser,
+        secretNames: context.secretNames,
+        limits: context.pipelineLimits,
+      },
+      name,
+      { version: body.version as number | undefined, params: paramsOf(body.params) ?? {} },
     );
+  } catch (error) {
+    if (error instanceof PipelineError) {
+      audit.problems = error.diagnostics.length;
+      return json({
+        error: "invalid_pipeline",
+        message: error.message,
+        diagnostics: error.diagnostics,
+      }, { status: 400 });
+    }
+    throw error;
   }
-  const plan = await planSubmission(
-    context,
-    { source: version.source, file: version.file, baseDir: version.baseDir, bundle },
-    paramsOf(body.params) ?? {},
-    audit,
-  );
-  if (plan instanceof Response) return plan;
-  const record = await submitRun(context.store, plan, {
-    file: version.file,
-    bundle,
-    registered: { name, version: version.version },
+  audit.version = planned.version.version;
+  const record = await submitRun(context.store, planned.plan, {
+    file: planned.version.file,
+    bundle: planned.bundle,
+    registered: { name, version: planned.version.version },
   });
   audit.runId = record.runId;
   return json({
     runId: record.runId,
     pipeline: name,
-    version: version.version,
+    version: planned.version.version,
     url: `${url.origin}/runs/${record.runId}`,
   }, { status: 201 });
 }

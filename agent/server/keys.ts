@@ -42,8 +42,11 @@ export interface ClusterRunRecord extends RunHeader {
   bundle?: string;
   /** The run's parameter values (also in its plan). */
   params?: Record<string, string | number | boolean>;
-  /** The registered pipeline and version it runs, when triggered (`agent/server/pipelines.ts`). */
-  registered?: { name: string; version: number };
+  /**
+   * The registered pipeline and version it runs, when triggered
+   * (`agent/server/pipelines.ts`); `tick` when a schedule started it.
+   */
+  registered?: { name: string; version: number; tick?: number };
 }
 
 /** What one backend can do on a worker (its fingerprint). */

@@ -12,6 +12,8 @@ import { type AgentServiceServer, serveAgentService } from "../../proto/mod.ts";
 import type { ServerCredentials } from "npm:@grpc/grpc-js@1.14.7";
 import { createApiHandler } from "./http_api.ts";
 import { PipelineParser } from "./parse_worker.ts";
+import { runSchedules } from "./schedules.ts";
+import { planRegistered } from "./trigger.ts";
 import { createGateway, DEFAULT_HEARTBEAT_MS } from "./gateway.ts";
 import { type RaftState, ServerMetrics } from "./metrics.ts";
 import { runScheduler, type SchedulerEvent } from "./scheduler.ts";
@@ -187,6 +189,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   }));
   const secrets = new SecretStore(options.secrets, { env: options.env });
   const parser = new PipelineParser();
+  const secretNames = async () => [
+    ...secrets.names,
+    ...(await listWorkers(store)).flatMap((worker) => worker.secrets ?? []),
+  ];
   const gateway = createGateway({
     serverId: options.serverId,
     store,
@@ -224,10 +230,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         raftState,
         schedulerLeader: () => options.election.leader(),
         heartbeatMs,
-        secretNames: async () => [
-          ...secrets.names,
-          ...(await listWorkers(store)).flatMap((worker) => worker.secrets ?? []),
-        ],
+        secretNames,
         auth,
         metricsPublic: options.metricsPublic ?? false,
         bootstrapOpen: options.adminToken === undefined,
@@ -266,6 +269,28 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       metrics.setLeader(true);
       log({ msg: "elected: running the scheduler", server: options.serverId });
       const stop = AbortSignal.any([leadership.lost, closing.signal]);
+      // Schedules fire under the same fence as the scheduler's writes, and stop with it.
+      const schedulesStop = new AbortController();
+      const schedules = runSchedules({
+        store,
+        fence: leadership.fence,
+        signal: AbortSignal.any([stop, schedulesStop.signal]),
+        plan: async (name, params) => {
+          const planned = await planRegistered(
+            { store, parser, secretNames, limits: options.pipelineLimits },
+            name,
+            { params },
+          );
+          return {
+            plan: planned.plan,
+            file: planned.version.file,
+            bundle: planned.bundle,
+            version: planned.version.version,
+          };
+        },
+        onEvent: (event) =>
+          log({ component: "schedules", msg: `schedule ${event.type}`, ...event }),
+      }).catch((error) => log({ level: "warn", msg: "schedules stopped", error: String(error) }));
       try {
         await runScheduler({
           store,
@@ -292,6 +317,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       } catch (error) {
         log({ level: "warn", msg: "scheduler stopped", error: String(error) });
       } finally {
+        schedulesStop.abort();
+        await schedules;
         leading = false;
         metrics.setLeader(false);
         await leadership.resign().catch(() => {});

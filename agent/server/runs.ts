@@ -7,7 +7,7 @@
  */
 
 import type { Plan, StepState } from "../../core/model.ts";
-import type { Store } from "../../consensus/store.ts";
+import type { Compare, Store, TxnOp } from "../../consensus/store.ts";
 import { clusterKeys, type ClusterRunRecord, type WorkerRecord } from "./keys.ts";
 import { newRunId } from "../local/mod.ts";
 import { checkBundle, type PipelineBundle, putBundle } from "../bundle.ts";
@@ -41,8 +41,14 @@ export async function submitRun(
     file?: string;
     now?: number;
     bundle?: PipelineBundle;
-    /** The registered pipeline and version it runs (`runnel trigger`). */
-    registered?: { name: string; version: number };
+    /** The registered pipeline and version it runs (`runnel trigger`, a schedule). */
+    registered?: { name: string; version: number; tick?: number };
+    /**
+     * Compares and writes made in the same transaction as the run (a
+     * schedule's fence and its advanced state); the run is not created
+     * when a compare fails (`run_conflict`).
+     */
+    also?: { compare: Compare[]; success: (runId: string) => TxnOp[] };
   } = {},
 ): Promise<ClusterRunRecord> {
   const planJson = JSON.stringify(plan);
@@ -75,13 +81,24 @@ export async function submitRun(
   };
   // The plan first: the scheduler reads it when it sees the record.
   const result = await store.txn({
-    compare: [{ key: clusterKeys.run(record.runId), target: "create", op: "==", value: 0 }],
+    compare: [
+      { key: clusterKeys.run(record.runId), target: "create", op: "==", value: 0 },
+      ...(options.also?.compare ?? []),
+    ],
     success: [
       { type: "put", key: clusterKeys.plan(record.runId), value: planJson },
       { type: "put", key: clusterKeys.run(record.runId), value: JSON.stringify(record) },
+      ...(options.also?.success(record.runId) ?? []),
     ],
   });
-  if (!result.succeeded) throw new RunRequestError("run_exists", `Run ${record.runId} exists`);
+  if (!result.succeeded) {
+    throw options.also
+      ? new RunRequestError(
+        "run_conflict",
+        `Run ${record.runId} was not created: its transaction lost a compare`,
+      )
+      : new RunRequestError("run_exists", `Run ${record.runId} exists`);
+  }
   return record;
 }
 

@@ -1,0 +1,275 @@
+/**
+ * Schedules of registered pipelines: kept at `/schedules/<name>` (written
+ * by `runnel apply`, suspended and resumed over the API) and fired by the
+ * elected scheduler only.
+ *
+ * Exactly once per tick across failover: a run is created in the same
+ * transaction that advances the schedule's next fire time, compared on the
+ * election's fence and on the schedule's revision. A scheduler killed
+ * before that transaction leaves the tick to its successor; one killed
+ * after it has both the run and the advanced time written, so its
+ * successor does not fire the tick again.
+ *
+ * @module
+ */
+
+import type { Compare, Store, TxnOp } from "../../consensus/store.ts";
+import { nextFire, type ScheduleSpec } from "../../core/schedule.ts";
+import { isTerminalRunStatus, type Plan } from "../../core/model.ts";
+import type { PipelineBundle } from "../bundle.ts";
+import { clusterKeys, type ClusterRunRecord } from "./keys.ts";
+import { requestCancel, submitRun } from "./runs.ts";
+
+/** A schedule and where it stands. */
+export interface ScheduleState extends ScheduleSpec {
+  name: string;
+  /** Suspended over the API (wins over the spec's `suspend` until the spec changes). */
+  suspended: boolean;
+  /** The next tick to fire (ms), absent when the expression has no more. */
+  next?: number;
+  /** The last tick it fired (or skipped) and the run it started. */
+  last?: number;
+  lastRun?: string;
+  /** Runs it started, newest first, at most `historyLimit`. */
+  runs: string[];
+  /** Ticks skipped: past the starting deadline, or forbidden by a running run. */
+  skipped: number;
+  /** JSON of the spec it was made from: an apply of the same spec keeps the state. */
+  specKey: string;
+}
+
+/** Key of a pipeline's schedule. */
+export const scheduleKey = (name: string) => `/schedules/${name}`;
+const SCHEDULE_PREFIX = "/schedules/";
+
+/**
+ * Writes (or removes) a registered pipeline's schedule after an apply: an
+ * unchanged spec keeps its state (next tick, history, a suspension).
+ */
+export async function syncSchedule(
+  store: Store,
+  name: string,
+  spec: ScheduleSpec | undefined,
+  now: number,
+): Promise<void> {
+  if (!spec) {
+    await store.delete(scheduleKey(name));
+    return;
+  }
+  const specKey = JSON.stringify(spec);
+  const kv = await store.get(scheduleKey(name));
+  const old = kv ? JSON.parse(kv.value) as ScheduleState : undefined;
+  if (old?.specKey === specKey) return;
+  const next = nextFire(spec, now);
+  const state: ScheduleState = {
+    ...spec,
+    name,
+    suspended: spec.suspend,
+    ...(next !== undefined ? { next } : {}),
+    ...(old?.last !== undefined ? { last: old.last } : {}),
+    ...(old?.lastRun ? { lastRun: old.lastRun } : {}),
+    runs: old?.runs ?? [],
+    skipped: old?.skipped ?? 0,
+    specKey,
+  };
+  await store.put(scheduleKey(name), JSON.stringify(state));
+}
+
+/** Every schedule. */
+export async function listSchedules(store: Store): Promise<ScheduleState[]> {
+  const { items } = await store.list(SCHEDULE_PREFIX);
+  return items.map((kv) => JSON.parse(kv.value) as ScheduleState)
+    .sort((a, b) => a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+}
+
+/** Suspends or resumes a schedule; false when there is none. */
+export async function setSuspended(
+  store: Store,
+  name: string,
+  suspended: boolean,
+  now: number,
+): Promise<boolean> {
+  for (;;) {
+    const kv = await store.get(scheduleKey(name));
+    if (!kv) return false;
+    const state = JSON.parse(kv.value) as ScheduleState;
+    // A resumed schedule starts from now: the ticks it slept through are not owed.
+    const next = suspended ? state.next : nextFire(state, now);
+    const updated = { ...state, suspended, ...(next !== undefined ? { next } : {}) };
+    const written = await store.txn({
+      compare: [{ key: kv.key, target: "mod", op: "==", value: kv.modRevision }],
+      success: [{ type: "put", key: kv.key, value: JSON.stringify(updated) }],
+    });
+    if (written.succeeded) return true;
+  }
+}
+
+/** What a fired tick starts: the plan of the pipeline's current version with the schedule's values. */
+export interface ScheduledRun {
+  plan: Plan;
+  file: string;
+  bundle?: PipelineBundle;
+  version: number;
+}
+
+/** Something the firing loop did, for logs and tests. */
+export type ScheduleEvent =
+  | { type: "fired"; name: string; tick: number; runId: string }
+  | { type: "skipped"; name: string; tick: number; reason: string }
+  | { type: "replaced"; name: string; runId: string }
+  | { type: "failed"; name: string; tick: number; error: string };
+
+/** Options of {@link runSchedules}. */
+export interface ScheduleLoopOptions {
+  store: Store;
+  /** The election's fence: writes of a deposed scheduler fail. */
+  fence: Compare[];
+  signal: AbortSignal;
+  /** Plans a run of a registered pipeline's current version with these values. */
+  plan: (name: string, params: Record<string, unknown>) => Promise<ScheduledRun>;
+  now?: () => number;
+  onEvent?: (event: ScheduleEvent) => void;
+}
+
+/** Longest sleep between two looks at the schedules (new ones, changed ones). */
+const LOOK_EVERY_MS = 1_000;
+
+/**
+ * One look at every schedule: fires (or skips) each one due. Returns when
+ * to look again (the earliest next tick, at most {@link LOOK_EVERY_MS} on).
+ */
+export async function fireDue(options: ScheduleLoopOptions): Promise<number> {
+  const now = options.now ?? Date.now;
+  let wake = now() + LOOK_EVERY_MS;
+  for (const kv of (await options.store.list(SCHEDULE_PREFIX)).items) {
+    if (options.signal.aborted) break;
+    const state = JSON.parse(kv.value) as ScheduleState;
+    if (state.suspended || state.next === undefined) continue;
+    if (state.next > now()) {
+      wake = Math.min(wake, state.next);
+      continue;
+    }
+    const next = await fire(options, state, kv.modRevision, now());
+    if (next !== undefined) wake = Math.min(wake, next);
+  }
+  return wake;
+}
+
+/** Fires due schedules until `signal` aborts. */
+export async function runSchedules(options: ScheduleLoopOptions): Promise<void> {
+  const now = options.now ?? Date.now;
+  while (!options.signal.aborted) {
+    let wake = now() + LOOK_EVERY_MS;
+    try {
+      wake = await fireDue(options);
+    } catch (error) {
+      // The store failed (a leader change, say): look again shortly; the fence keeps it exact.
+      options.onEvent?.({
+        type: "failed",
+        name: "*",
+        tick: now(),
+        error: error instanceof Error ? error.message : String(error),
+      });
+    }
+    const delay = Math.max(0, wake - now());
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, delay);
+      options.signal.addEventListener("abort", () => {
+        clearTimeout(timer);
+        resolve();
+      }, { once: true });
+    });
+  }
+}
+
+/** Fires (or skips) the due tick of one schedule, in one fenced transaction. */
+async function fire(
+  options: ScheduleLoopOptions,
+  state: ScheduleState,
+  revision: number,
+  at: number,
+): Promise<number | undefined> {
+  const { store } = options;
+  const tick = state.next!;
+  const following = nextFire(state, at);
+  const advanced = (runId?: string, skipped = false): ScheduleState => {
+    const next = following;
+    const runs = runId ? [runId, ...state.runs].slice(0, state.historyLimit) : state.runs;
+    const updated: ScheduleState = {
+      ...state,
+      last: tick,
+      runs,
+      skipped: state.skipped + (skipped ? 1 : 0),
+      ...(runId ? { lastRun: runId } : {}),
+    };
+    if (next === undefined) delete updated.next;
+    else updated.next = next;
+    return updated;
+  };
+  const guard: Compare[] = [
+    ...options.fence,
+    { key: scheduleKey(state.name), target: "mod", op: "==", value: revision },
+  ];
+  const skip = async (reason: string) => {
+    const written = await store.txn({
+      compare: guard,
+      success: [{
+        type: "put",
+        key: scheduleKey(state.name),
+        value: JSON.stringify(advanced(undefined, true)),
+      }],
+    });
+    if (written.succeeded) options.onEvent?.({ type: "skipped", name: state.name, tick, reason });
+    return following;
+  };
+  if (state.startingDeadlineMs !== undefined && at - tick > state.startingDeadlineMs) {
+    return await skip(`missed by ${at - tick} ms, past its starting deadline`);
+  }
+  const running = state.lastRun ? await runningRun(store, state.lastRun) : undefined;
+  if (running && state.concurrency === "forbid") {
+    return await skip(`its last run ${running.runId} is still ${running.status}`);
+  }
+  let planned: ScheduledRun;
+  try {
+    planned = await options.plan(state.name, state.params);
+  } catch (error) {
+    options.onEvent?.({
+      type: "failed",
+      name: state.name,
+      tick,
+      error: error instanceof Error ? error.message : String(error),
+    });
+    return await skip("its pipeline could not be planned");
+  }
+  if (running && state.concurrency === "replace") {
+    await requestCancel(store, running.runId).catch(() => {});
+    options.onEvent?.({ type: "replaced", name: state.name, runId: running.runId });
+  }
+  const extra: TxnOp[] = [];
+  const record = await submitRun(store, planned.plan, {
+    file: planned.file,
+    bundle: planned.bundle,
+    registered: { name: state.name, version: planned.version, tick },
+    now: at,
+    also: {
+      compare: guard,
+      success: (runId) => [
+        ...extra,
+        { type: "put", key: scheduleKey(state.name), value: JSON.stringify(advanced(runId)) },
+      ],
+    },
+  }).catch((error) => {
+    // Another scheduler leads, or the schedule changed under this one: not ours to fire.
+    if (error instanceof Error && error.name === "RunRequestError") return undefined;
+    throw error;
+  });
+  if (record) options.onEvent?.({ type: "fired", name: state.name, tick, runId: record.runId });
+  return following;
+}
+
+async function runningRun(store: Store, runId: string): Promise<ClusterRunRecord | undefined> {
+  const kv = await store.get(clusterKeys.run(runId));
+  if (!kv) return undefined;
+  const record = JSON.parse(kv.value) as ClusterRunRecord;
+  return isTerminalRunStatus(record.status) ? undefined : record;
+}
