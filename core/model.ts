@@ -187,6 +187,8 @@ export interface Plan {
   params?: Record<string, string | number | boolean>;
   /** When a registered pipeline of it runs by itself (cluster, `runnel apply`). */
   schedule?: ScheduleSpec;
+  /** The operator secret that signs webhook triggers of it (cluster, `runnel apply`). */
+  webhookSecret?: string;
 }
 
 /** Status of a step instance. */

@@ -406,6 +406,15 @@ export const PipelineSchema = z.strictObject({
       "time, `${{ params.NAME }}` in a step's strings (in `run`, an env var reference).",
   }),
   schedule: ScheduleSchema.optional(),
+  webhook: z.strictObject({
+    secret: z.string().regex(SECRET_NAME_PATTERN).meta({
+      description: "Name of a secret the server's operator declared (`--secrets`): the key " +
+        "callers sign the body with (HMAC-SHA256, `X-Runnel-Signature-256: sha256=…`).",
+    }),
+  }).optional().meta({
+    description: "Let callers without a token trigger the registered pipeline by signing " +
+      "their request (`POST /api/pipelines/NAME/webhook`).",
+  }),
   defaults: DefaultsSchema.optional(),
   env: EnvSchema.optional(),
   secrets: z.record(z.string().regex(ENV_NAME_PATTERN), SecretSchema).optional().meta({

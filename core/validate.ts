@@ -166,6 +166,7 @@ export function planValidated(
   if ("plan" in planned) {
     if (pipeline.params) planned.plan.params = values;
     if (pipeline.schedule) planned.plan.schedule = scheduleSpec(pipeline.schedule);
+    if (pipeline.webhook) planned.plan.webhookSecret = pipeline.webhook.secret;
     return planned.plan;
   }
   for (const d of planned.diagnostics) {

@@ -6,6 +6,7 @@
  */
 
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import { RunClient } from "../agent/client/mod.ts";
 import { startAgent } from "../agent/worker/mod.ts";
 import { openLocalArtifactStore } from "../core/artifacts/local.ts";
@@ -122,4 +123,47 @@ Deno.test("registered pipelines: apply, list, trigger with parameters and versio
   } finally {
     await agent.stop();
   }
+});
+
+Deno.test("registered pipelines: a webhook trigger is accepted only with the body signed by its secret", async () => {
+  await using box = await sandbox();
+  const key = "webhook-key-" + crypto.randomUUID();
+  await using server = await startTestServer(`${box.dir}/state.db`, {
+    token: JOIN,
+    adminToken: ADMIN,
+    secrets: { "hook-key": { env: "HOOK_KEY" } },
+    env: (name) => name === "HOOK_KEY" ? key : undefined,
+  });
+  const client = new RunClient([server.http], { token: ADMIN });
+  const source = PIPELINE + "webhook: { secret: hook-key }\n";
+  assert.equal((await client.apply(source, "p.yaml", box.dir)).version, 1);
+  await assert.rejects(
+    client.apply(PIPELINE + "webhook: { secret: nope }\n", "p.yaml", box.dir),
+    /"webhook.secret" to name a secret this server declares/,
+  );
+  const body = JSON.stringify({ params: { who: "hook" } });
+  const sign = (secret: string, text: string) =>
+    "sha256=" + createHmac("sha256", secret).update(text).digest("hex");
+  const call = (headers: Record<string, string>, text = body) =>
+    fetch(`${server.http}/api/pipelines/greet/webhook`, { method: "POST", headers, body: text });
+  const unsigned = await call({});
+  assert.equal(unsigned.status, 401);
+  await unsigned.body?.cancel();
+  const wrong = await call({ "x-runnel-signature-256": sign("guess", body) });
+  assert.equal(wrong.status, 401);
+  await wrong.body?.cancel();
+  // A signature of another body does not carry over (the body was changed in flight).
+  const tampered = await call(
+    { "x-runnel-signature-256": sign(key, body) },
+    body.replace("hook", "evil"),
+  );
+  assert.equal(tampered.status, 401);
+  await tampered.body?.cancel();
+  const signed = await call({ "x-runnel-signature-256": sign(key, body) });
+  assert.equal(signed.status, 201);
+  const { runId } = await signed.json();
+  assert.deepEqual((await client.run(runId)).run.params, { who: "hook" });
+  // The secret never reaches the store.
+  const { items } = await server.store.list("/");
+  assert.ok(!items.some((kv) => kv.value.includes(key)));
 });

@@ -27,6 +27,7 @@
  * | `GET /api/pipelines`, `GET /api/pipelines/:name` | read | registered pipelines; one with its versions |
  * | `DELETE /api/pipelines/:name` | admin | removes it and its versions (its runs stay) |
  * | `POST /api/pipelines/:name/trigger` | submit | `{params?, version?}` → 201 `{runId, pipeline, version, url}` |
+ * | `POST /api/pipelines/:name/webhook` | none: the body signed with the pipeline's `webhook.secret` (`X-Runnel-Signature-256: sha256=<hex HMAC>`) | as a trigger; 401 unsigned |
  * | `GET /api/schedules` | read | schedules: next and last tick, the runs they started |
  * | `POST /api/schedules/:name/suspend`, `/resume` | submit | 200 `{pipeline, suspended}` |
  * | `GET /api/runs` | read | every run, newest first |
@@ -49,6 +50,7 @@
  */
 
 import { Buffer } from "node:buffer";
+import { createHmac, timingSafeEqual } from "node:crypto";
 import { LineCounter, parseDocument } from "npm:yaml@2.9.1";
 import type { Diagnostic } from "../../core/errors.ts";
 import { PipelineError } from "../../core/errors.ts";
@@ -135,6 +137,11 @@ export interface ApiContext {
   pipelineLimits?: Partial<PipelineLimits>;
   /** Parses submitted pipelines off the event loop. */
   parser: PipelineParser;
+  /**
+   * The value of a secret this server's operator declares (`--secrets`),
+   * or undefined: what signs a registered pipeline's webhook triggers.
+   */
+  readSecret?: (name: string) => string | undefined;
 }
 
 /** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
@@ -261,6 +268,14 @@ const ROUTES: Route[] = [
     access: needs("submit"),
     audit: "pipeline.trigger",
     handle: trigger,
+  },
+  {
+    method: "POST",
+    path: /^\/api\/pipelines\/([^/]+)\/webhook$/,
+    // No token: the caller proves it holds the pipeline's webhook secret instead.
+    access: anyone,
+    audit: "pipeline.webhook",
+    handle: webhook,
   },
   {
     method: "GET",
@@ -803,6 +818,13 @@ async function apply({ context, request, audit, caller }: Call): Promise<Respons
   // Checked as a run would be, without values: required parameters come with each trigger.
   const plan = await planSubmission(context, submission, undefined, audit);
   if (plan instanceof Response) return plan;
+  if (plan.webhookSecret !== undefined && context.readSecret?.(plan.webhookSecret) === undefined) {
+    throw new RequestBodyError(
+      "bad_request",
+      `Expected "webhook.secret" to name a secret this server declares (--secrets), ` +
+        `got "${plan.webhookSecret}"`,
+    );
+  }
   const { version, unchanged } = await applyPipeline(context.store, {
     name: plan.name,
     source: submission.source,
@@ -811,7 +833,7 @@ async function apply({ context, request, audit, caller }: Call): Promise<Respons
     digest: plan.digest,
     ...(submission.bundle ? { bundle: submission.bundle.digest } : {}),
     ...(caller ? { createdBy: caller.tokenName } : {}),
-  }, { bundle: submission.bundle });
+  }, { bundle: submission.bundle, webhookSecret: plan.webhookSecret });
   await syncSchedule(context.store, plan.name, plan.schedule, Date.now());
   audit.pipeline = plan.name;
   audit.version = version;
@@ -823,13 +845,67 @@ const TRIGGER_SHAPE = '{"params"?: {"<name>": <string|number|boolean>}, "version
 /** `POST /api/pipelines/:name/trigger`: a run of the current (or a named) version. */
 async function trigger({ context, request, params, audit, url }: Call): Promise<Response> {
   const body = await readJsonObject(request, MAX_TOKEN_REQUEST_BYTES, TRIGGER_SHAPE);
+  return await startTriggered(context, params[0], body, url, audit);
+}
+
+/** Largest body of a webhook trigger. */
+const MAX_WEBHOOK_BYTES = 64 * 1024;
+/** The header a webhook caller signs its body in (GitHub's scheme, runnel's name). */
+const SIGNATURE_HEADER = "x-runnel-signature-256";
+
+/**
+ * `POST /api/pipelines/:name/webhook`: a trigger without a token, its body
+ * signed with the pipeline's webhook secret (`X-Runnel-Signature-256:
+ * sha256=<hex HMAC-SHA256 of the body>`), compared in constant time.
+ */
+async function webhook({ context, request, params, audit, url }: Call): Promise<Response> {
+  const name = params[0];
+  audit.pipeline = name;
+  const bytes = await readBody(request, MAX_WEBHOOK_BYTES);
+  const meta = await getPipeline(context.store, name);
+  const secret = meta.webhookSecret ? context.readSecret?.(meta.webhookSecret) : undefined;
+  const refused = (why: string) => {
+    audit.refused = why;
+    return json({
+      error: "unauthorized",
+      message: `Expected a body signed with the webhook secret of "${name}" in ` +
+        `${SIGNATURE_HEADER}: sha256=<hex>`,
+    }, { status: 401 });
+  };
+  if (!secret) return refused("the pipeline takes no webhook");
+  const given = request.headers.get(SIGNATURE_HEADER) ?? "";
+  const expected = "sha256=" + createHmac("sha256", secret).update(bytes).digest("hex");
+  const a = new TextEncoder().encode(given);
+  const b = new TextEncoder().encode(expected);
+  if (a.length !== b.length || !timingSafeEqual(a, b)) return refused("bad signature");
+  let body: unknown = {};
+  if (bytes.length > 0) {
+    try {
+      body = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+    } catch {
+      throw new RequestBodyError("bad_request", `Expected a JSON body: ${TRIGGER_SHAPE}`);
+    }
+  }
+  if (typeof body !== "object" || body === null || Array.isArray(body)) {
+    throw new RequestBodyError("bad_request", `Expected a JSON object: ${TRIGGER_SHAPE}`);
+  }
+  return await startTriggered(context, name, body as Record<string, unknown>, url, audit);
+}
+
+/** Plans and starts a run of a registered pipeline: a trigger's and a webhook's work. */
+async function startTriggered(
+  context: ApiContext,
+  name: string,
+  body: Record<string, unknown>,
+  url: URL,
+  audit: Record<string, unknown>,
+): Promise<Response> {
   if (
     body.version !== undefined &&
     !(typeof body.version === "number" && Number.isInteger(body.version) && body.version > 0)
   ) {
     throw new RequestBodyError("bad_request", 'Expected "version" to be a positive integer');
   }
-  const name = params[0];
   audit.pipeline = name;
   let planned;
   try {

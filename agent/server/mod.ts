@@ -238,6 +238,13 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         log,
         pipelineLimits: options.pipelineLimits,
         parser,
+        readSecret: (name) => {
+          try {
+            return secrets.has(name) ? secrets.read(name) : undefined;
+          } catch {
+            return undefined; // declared, but its env var or file is gone
+          }
+        },
       }),
     );
   } catch (error) {

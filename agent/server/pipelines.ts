@@ -31,6 +31,8 @@ export interface PipelineMeta {
   updatedAt: number;
   /** Who applied the latest version (the token's name). */
   updatedBy?: string;
+  /** The operator secret that signs webhook triggers (the current version's `webhook.secret`). */
+  webhookSecret?: string;
 }
 
 /** One version of a registered pipeline: what a run of it is planned from. */
@@ -81,7 +83,7 @@ const APPLY_ATTEMPTS = 10;
 export async function applyPipeline(
   store: Store,
   entry: Omit<PipelineVersion, "version" | "createdAt">,
-  options: { bundle?: PipelineBundle; now?: number } = {},
+  options: { bundle?: PipelineBundle; now?: number; webhookSecret?: string } = {},
 ): Promise<{ version: number; unchanged: boolean }> {
   if (options.bundle) {
     checkBundle(options.bundle);
@@ -105,6 +107,7 @@ export async function applyPipeline(
       createdAt: meta?.createdAt ?? now,
       updatedAt: now,
       ...(entry.createdBy ? { updatedBy: entry.createdBy } : {}),
+      ...(options.webhookSecret ? { webhookSecret: options.webhookSecret } : {}),
     };
     const written = await store.txn({
       compare: [{
