@@ -113,6 +113,11 @@ interface Timer {
   stepId: string;
   /** Set for a deadline: the attempt it guards. */
   attemptId?: string;
+  /**
+   * What it guards: an attempt's `timeout` (absent), the wait of a
+   * scheduled attempt for a worker (`queue`), the run's `deadline` (`run`).
+   */
+  kind?: "queue" | "run";
 }
 
 function timerLess(a: Timer, b: Timer): boolean {
@@ -299,6 +304,7 @@ export class RunEngine {
     if (this.#state.status !== "pending") return "not-applicable";
     this.#state.status = "running";
     this.#state.startedAt = now;
+    this.#armRunDeadline(now);
     for (const id of this.#order) {
       if (this.#state.steps[id].status === "pending" && this.#unmet.get(id) === 0) {
         this.#readyWork.push(id);
@@ -349,8 +355,28 @@ export class RunEngine {
       if (timer === undefined || timer.at > now) break;
       this.#timers.pop();
       if (!this.#timerValid(timer)) continue;
+      if (timer.kind === "run") {
+        this.#failForDeadline(now);
+        return undefined;
+      }
       const step = this.#state.steps[timer.stepId];
-      if (timer.attemptId === undefined) {
+      if (timer.kind === "queue") {
+        const record = step.attempts[step.attempts.length - 1];
+        const queueTimeoutMs = this.#plan.steps[timer.stepId].queueTimeoutMs;
+        // Withdrawn before it started: the driver drops it from its queue.
+        this.#effects.push({
+          type: "StopAttempt",
+          stepId: timer.stepId,
+          attemptId: record.attemptId,
+          reason: "timeout",
+        });
+        this.#endAttempt(timer.stepId, record, {
+          ok: false,
+          errorClass: "queue-timeout",
+          message: `Expected a worker to start the attempt within its queue-timeout of ` +
+            `${queueTimeoutMs} ms; none did`,
+        }, now);
+      } else if (timer.attemptId === undefined) {
         // Due: the step now waits only for a free slot. Clearing retryAt
         // records that in the state, so a rehydrated engine queues it too.
         delete step.retryAt;
@@ -444,12 +470,50 @@ export class RunEngine {
         reason: `resumed (round ${state.round})`,
       });
     }
+    delete state.deadlineAt;
     this.#rebuild();
+    // Each round has a deadline of its own.
+    this.#armRunDeadline(now);
     for (const id of this.#order) {
       const step = state.steps[id];
       if (step.status === "pending" && this.#unmet.get(id) === 0) this.#readyWork.push(id);
     }
     return undefined;
+  }
+
+  /**
+   * The run's deadline passed: what still runs is stopped (error class
+   * `deadline`), what waits will not run, and the run fails.
+   */
+  #failForDeadline(now: number): void {
+    const state = this.#state;
+    const why = `the run's deadline of ${this.#plan.deadlineMs} ms passed`;
+    state.status = "failed";
+    for (const id of this.#order) {
+      const step = state.steps[id];
+      if (isTerminalStepStatus(step.status)) continue;
+      if (ACTIVE.has(step.status)) {
+        const record = step.attempts[step.attempts.length - 1];
+        record.endedAt = now;
+        record.result = { ok: false, errorClass: "deadline", message: `Stopped: ${why}` };
+        this.#effects.push({
+          type: "StopAttempt",
+          stepId: id,
+          attemptId: record.attemptId,
+          reason: "timeout",
+        });
+        delete step.retryAt;
+        this.#setStatus(id, "failed", now, why);
+      } else {
+        delete step.retryAt;
+        this.#setStatus(id, "cancelled", now, why);
+      }
+    }
+    this.#finishRun("failed", now);
+    this.#queue = new MinHeap<number>(numberLess);
+    this.#queued.clear();
+    this.#blocked.clear();
+    this.#timers = new MinHeap<Timer>(timerLess);
   }
 
   /** Evaluates steps that became ready, fills free slots, finishes the run when all is done. */
@@ -569,6 +633,7 @@ export class RunEngine {
     step.attemptsThisRound += 1;
     delete step.retryAt;
     this.#setStatus(id, "scheduled", now);
+    this.#armQueueTimeout(id);
     const deadline = this.#armDeadline(id);
     const effect: Effect = { type: "StartAttempt", stepId: id, attemptId, attempt };
     if (deadline !== undefined) effect.deadline = deadline;
@@ -584,6 +649,30 @@ export class RunEngine {
     return (record.startedAt ?? record.scheduledAt) + timeoutMs;
   }
 
+  /** When the step's scheduled attempt has waited too long for a worker. */
+  #queueDeadlineOf(id: string): number | undefined {
+    const queueTimeoutMs = this.#plan.steps[id].queueTimeoutMs;
+    if (queueTimeoutMs === undefined) return undefined;
+    const step = this.#state.steps[id];
+    const record = step.attempts[step.attempts.length - 1];
+    return record.scheduledAt + queueTimeoutMs;
+  }
+
+  #armQueueTimeout(id: string): void {
+    const at = this.#queueDeadlineOf(id);
+    if (at === undefined) return;
+    const attemptId = this.#state.steps[id].attemptId;
+    this.#timers.push({ at, index: this.#index.get(id)!, stepId: id, attemptId, kind: "queue" });
+  }
+
+  /** Sets this round's run deadline (at `Start` and `Resume`) and arms it. */
+  #armRunDeadline(now: number): void {
+    const deadlineMs = this.#plan.deadlineMs;
+    if (deadlineMs === undefined) return;
+    this.#state.deadlineAt = now + deadlineMs;
+    this.#timers.push({ at: this.#state.deadlineAt, index: -1, stepId: "", kind: "run" });
+  }
+
   #armDeadline(id: string): number | undefined {
     const at = this.#deadlineOf(id);
     if (at !== undefined) {
@@ -594,7 +683,14 @@ export class RunEngine {
   }
 
   #timerValid(timer: Timer): boolean {
+    if (timer.kind === "run") {
+      return this.#state.status === "running" && this.#state.deadlineAt === timer.at;
+    }
     const step = this.#state.steps[timer.stepId];
+    if (timer.kind === "queue") {
+      return step.status === "scheduled" && step.attemptId === timer.attemptId &&
+        this.#queueDeadlineOf(timer.stepId) === timer.at;
+    }
     if (timer.attemptId === undefined) {
       return step.status === "retrying" && step.retryAt === timer.at;
     }
@@ -751,10 +847,14 @@ export class RunEngine {
         this.#active.add(id);
         this.#activeByName.set(planned.name, (this.#activeByName.get(planned.name) ?? 0) + 1);
         if (running) this.#armDeadline(id);
+        if (running && step.status === "scheduled") this.#armQueueTimeout(id);
       } else if (step.status === "retrying" && running) {
         if (step.retryAt === undefined) this.#enqueue(id);
         else this.#timers.push({ at: step.retryAt, index: this.#index.get(id)!, stepId: id });
       }
+    }
+    if (running && state.deadlineAt !== undefined) {
+      this.#timers.push({ at: state.deadlineAt, index: -1, stepId: "", kind: "run" });
     }
   }
 }
@@ -763,7 +863,7 @@ export class RunEngine {
 export type RunHeader = Pick<
   RunState,
   "runId" | "pipeline" | "status" | "createdAt" | "startedAt" | "finishedAt" | "round"
->;
+> & Partial<Pick<RunState, "deadlineAt">>;
 
 /**
  * The state to rehydrate an engine from: the stored run header and steps,
@@ -787,6 +887,7 @@ export function runStateOf(
     startedAt: header.startedAt,
     finishedAt: header.finishedAt,
     round: header.round,
+    ...(header.deadlineAt !== undefined ? { deadlineAt: header.deadlineAt } : {}),
     steps,
   };
 }
@@ -797,4 +898,6 @@ export function syncHeader(record: RunHeader, state: RunState): void {
   record.startedAt = state.startedAt;
   record.finishedAt = state.finishedAt;
   record.round = state.round;
+  if (state.deadlineAt !== undefined) record.deadlineAt = state.deadlineAt;
+  else delete record.deadlineAt;
 }

@@ -37,7 +37,11 @@ export type ErrorClass =
   | "infrastructure"
   | "permission"
   | "artifact"
-  | "cancelled";
+  | "cancelled"
+  /** Waited longer than its `queue-timeout` for a worker (or a local slot). */
+  | "queue-timeout"
+  /** Still going when its run's `deadline` passed. */
+  | "deadline";
 
 /** Every error class, in a stable order (for schemas and docs). */
 export const ERROR_CLASSES: readonly ErrorClass[] = [
@@ -48,6 +52,8 @@ export const ERROR_CLASSES: readonly ErrorClass[] = [
   "permission",
   "artifact",
   "cancelled",
+  "queue-timeout",
+  "deadline",
 ];
 
 /** The classes retried when a step's `retry.on` does not say otherwise. */
@@ -149,6 +155,8 @@ export interface PlannedStep {
   secrets: string[];
   resources: Resources;
   timeoutMs?: number;
+  /** Longest wait of an attempt for a worker (or a local slot) before it fails (`queue-timeout`). */
+  queueTimeoutMs?: number;
   retry: RetryPolicy;
   /** Condition source (see `expr.ts`); absent means `success()`. */
   when?: string;
@@ -175,6 +183,8 @@ export interface Plan {
   steps: Record<string, PlannedStep>;
   /** Instance ids in a topological order (needs first), ties in file order. */
   order: string[];
+  /** Longest a round of the run may take before it fails (`deadline`). */
+  deadlineMs?: number;
   /** Max step instances running at once across the run. */
   concurrency?: number;
   affinity?: "pipeline";
@@ -334,6 +344,8 @@ export interface RunState {
   finishedAt?: number;
   /** Incremented by each `Resume`. */
   round: number;
+  /** When this round fails for its `deadline` (set at `Start` and each `Resume`). */
+  deadlineAt?: number;
   steps: Record<string, StepState>;
 }
 

@@ -339,6 +339,9 @@ export function planPipeline(
   };
   const defaultRetry = retryPolicy(defaults.retry, undefined);
   const defaultTimeoutMs = defaults.timeout ? parseDuration(defaults.timeout) : undefined;
+  const defaultQueueTimeoutMs = defaults["queue-timeout"]
+    ? parseDuration(defaults["queue-timeout"])
+    : undefined;
   const planned: PlannedStep[] = [];
   for (const [name, step] of stepMap) {
     const needNames = [...edges.needs.get(name)!];
@@ -400,6 +403,9 @@ export function planPipeline(
         secrets: [...step.secrets ?? []],
         resources: resources(defaults.resources, step.resources),
         timeoutMs: step.timeout ? parseDuration(step.timeout) : defaultTimeoutMs,
+        queueTimeoutMs: step["queue-timeout"]
+          ? parseDuration(step["queue-timeout"])
+          : defaultQueueTimeoutMs,
         retry: step.retry === undefined
           ? {
             ...defaultRetry,
@@ -437,7 +443,9 @@ export function planPipeline(
         source,
         specDigest: sha256(digestInput),
       };
-      for (const key of ["timeoutMs", "when", "concurrency", "onFailure"] as const) {
+      for (
+        const key of ["timeoutMs", "queueTimeoutMs", "when", "concurrency", "onFailure"] as const
+      ) {
         if (plannedStep[key] === undefined) delete plannedStep[key];
       }
       planned.push(plannedStep);
@@ -459,6 +467,7 @@ export function planPipeline(
     digest: sha256(options.source),
   };
   if (pipeline.concurrency !== undefined) plan.concurrency = pipeline.concurrency;
+  if (pipeline.deadline !== undefined) plan.deadlineMs = parseDuration(pipeline.deadline);
   if (pipeline.affinity !== undefined) plan.affinity = pipeline.affinity;
   const onFailure = webhook(pipeline["on-failure"]);
   if (onFailure) plan.onFailure = onFailure;

@@ -317,6 +317,10 @@ export const StepSchema = z.strictObject({
   timeout: TimeoutSchema.optional().meta({
     description: `Time limit of one attempt (1ms to ${LONGEST}).`,
   }),
+  "queue-timeout": TimeoutSchema.optional().meta({
+    description: "Longest wait of an attempt for a worker (or a local slot) before it fails " +
+      "with error class `queue-timeout` (retried as its `retry` says).",
+  }),
   retry: RetrySchema.optional(),
   when: z.string().optional().meta({
     description: "Condition, e.g. `${{ failure() }}`; default success().",
@@ -393,6 +397,9 @@ export const DefaultsSchema = z.strictObject({
   env: EnvSchema.optional(),
   resources: ResourcesSchema.optional(),
   selector: SelectorSchema.optional(),
+  "queue-timeout": TimeoutSchema.optional().meta({
+    description: "Longest wait of an attempt for a worker before it fails (queue-timeout).",
+  }),
 }).meta({ description: "Defaults applied to every step." });
 
 /** The whole pipeline file. */
@@ -423,6 +430,10 @@ export const PipelineSchema = z.strictObject({
   }),
   concurrency: z.number().int().positive().optional().meta({
     description: "Max step instances running at once.",
+  }),
+  deadline: TimeoutSchema.optional().meta({
+    description: "Longest a run (each round of it) may take: past it, what still runs is " +
+      "stopped and the run fails (error class `deadline`).",
   }),
   affinity: z.literal("pipeline").optional().meta({
     description: "`pipeline`: start and finish on the same worker.",
