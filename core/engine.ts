@@ -860,10 +860,12 @@ export class RunEngine {
 }
 
 /** The run-level fields a driver keeps in its own run record. */
-export type RunHeader = Pick<
-  RunState,
-  "runId" | "pipeline" | "status" | "createdAt" | "startedAt" | "finishedAt" | "round"
-> & Partial<Pick<RunState, "deadlineAt">>;
+export type RunHeader =
+  & Pick<
+    RunState,
+    "runId" | "pipeline" | "status" | "createdAt" | "startedAt" | "finishedAt" | "round"
+  >
+  & Partial<Pick<RunState, "deadlineAt">>;
 
 /**
  * The state to rehydrate an engine from: the stored run header and steps,
