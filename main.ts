@@ -83,6 +83,8 @@ async function main(line: CommandLine): Promise<number> {
       return await (await cluster()).pipelinesCommand(args, flags);
     case "trigger":
       return await (await cluster()).triggerCommand(need("a pipeline name"), flags);
+    case "backfill":
+      return await (await cluster()).backfillCommand(need("a pipeline name"), flags);
     case "schedules":
       return await (await cluster()).schedulesCommand(args, flags);
     case "delete-pipeline":

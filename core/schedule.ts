@@ -22,6 +22,8 @@ export interface ScheduleSpec {
   startingDeadlineMs?: number;
   suspend: boolean;
   historyLimit: number;
+  /** The parameter a run gets its tick in (ISO 8601), if any. */
+  logicalDateParam?: string;
 }
 
 /** Runs `runnel schedules` remembers unless told otherwise. */
@@ -39,6 +41,7 @@ export function scheduleSpec(schedule: ScheduleFile): ScheduleSpec {
       : {}),
     suspend: schedule.suspend ?? false,
     historyLimit: schedule["history-limit"] ?? DEFAULT_HISTORY_LIMIT,
+    ...(schedule["logical-date-param"] ? { logicalDateParam: schedule["logical-date-param"] } : {}),
   };
 }
 
@@ -69,6 +72,41 @@ export function scheduleProblem(
     }
   }
   return undefined;
+}
+
+/** Ticks a backfill may start at most. */
+export const MAX_BACKFILL_TICKS = 1_000;
+
+/**
+ * The ticks in `[fromMs, toMs]`, in order; throws beyond
+ * {@link MAX_BACKFILL_TICKS}.
+ */
+export function ticksBetween(
+  spec: Pick<ScheduleSpec, "cron" | "timezone">,
+  fromMs: number,
+  toMs: number,
+): number[] {
+  const ticks: number[] = [];
+  for (let at = nextFire(spec, fromMs - 1); at !== undefined && at <= toMs;) {
+    if (ticks.length === MAX_BACKFILL_TICKS) {
+      throw new RangeError(
+        `Expected at most ${MAX_BACKFILL_TICKS} ticks to backfill; narrow --from/--to`,
+      );
+    }
+    ticks.push(at);
+    at = nextFire(spec, at);
+  }
+  return ticks;
+}
+
+/** The values of a run started for `tick`: the schedule's, and its logical date if it names one. */
+export function tickParams(
+  spec: ScheduleSpec,
+  tick: number,
+): Record<string, string | number | boolean> {
+  return spec.logicalDateParam
+    ? { ...spec.params, [spec.logicalDateParam]: new Date(tick).toISOString() }
+    : spec.params;
 }
 
 /** The first tick strictly after `afterMs`, or undefined when there is none. */

@@ -383,6 +383,10 @@ export const ScheduleSchema = z.strictObject({
     description: "Registered but not firing.",
     default: false,
   }),
+  "logical-date-param": z.string().regex(/^[A-Za-z][A-Za-z0-9_]*$/).optional().meta({
+    description: "A string parameter each scheduled or backfilled run gets its tick in " +
+      "(ISO 8601, UTC), its logical date.",
+  }),
   "history-limit": z.number().int().min(1).max(1000).optional().meta({
     description: "Runs it started that `runnel schedules` remembers.",
     default: 10,

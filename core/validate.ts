@@ -140,7 +140,22 @@ export function planValidated(
       });
     }
     // The values its runs are started with, checked as a trigger's are.
-    const scheduled = resolveParams(pipeline.params ?? {}, pipeline.schedule.params ?? {});
+    const logical = pipeline.schedule["logical-date-param"];
+    if (logical !== undefined && pipeline.params?.[logical]?.type !== "string") {
+      problems.push({
+        code: "invalid_schedule",
+        message: `schedule: "logical-date-param" names "${logical}", which is not a string ` +
+          `parameter of the pipeline`,
+        path: ["schedule", "logical-date-param"],
+        key: "logical-date-param",
+      });
+    }
+    const scheduled = resolveParams(pipeline.params ?? {}, {
+      ...pipeline.schedule.params,
+      ...(logical !== undefined && pipeline.params?.[logical]
+        ? { [logical]: new Date(0).toISOString() }
+        : {}),
+    });
     for (const problem of scheduled.problems) {
       problems.push({
         ...problem,

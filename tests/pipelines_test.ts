@@ -10,7 +10,7 @@ import { createHmac } from "node:crypto";
 import { RunClient } from "../agent/client/mod.ts";
 import { startAgent } from "../agent/worker/mod.ts";
 import { openLocalArtifactStore } from "../core/artifacts/local.ts";
-import { runCli, sandbox } from "./_helpers.ts";
+import { poll, runCli, sandbox } from "./_helpers.ts";
 import { startTestServer } from "./_server.ts";
 
 const ADMIN = "pipelines-admin-token-0123456789";
@@ -166,4 +166,51 @@ Deno.test("registered pipelines: a webhook trigger is accepted only with the bod
   // The secret never reaches the store.
   const { items } = await server.store.list("/");
   assert.ok(!items.some((kv) => kv.value.includes(key)));
+});
+
+Deno.test("registered pipelines: runnel backfill starts a run per past tick, or lists them with --dry-run", async () => {
+  await using box = await sandbox();
+  await using server = await startTestServer(`${box.dir}/state.db`, {
+    token: JOIN,
+    adminToken: ADMIN,
+  });
+  const file = await box.write(
+    "nightly/pipeline.yaml",
+    `name: nightly
+params:
+  day: { type: string, required: true }
+schedule:
+  cron: "0 3 * * *"
+  timezone: Europe/Paris
+  logical-date-param: day
+steps:
+  report: { backend: shell, run: 'echo "report of \${{ params.day }}"' }
+`,
+  );
+  const cli = (args: string[]) =>
+    runCli([...args, "--server", server.http, "--token", ADMIN], { cwd: box.dir });
+  assert.equal((await cli(["apply", file])).code, 0);
+  const range = ["--from", "2026-11-01T00:00:00Z", "--to", "2026-11-03T12:00:00Z"];
+  const dry = await cli(["backfill", "nightly", ...range, "--dry-run"]);
+  assert.equal(dry.code, 0, dry.stderr);
+  assert.equal(
+    dry.stdout,
+    "nightly: 3 runs would start (dry run):\n" +
+      "  2026-11-01T02:00:00.000Z\n  2026-11-02T02:00:00.000Z\n  2026-11-03T02:00:00.000Z\n",
+  );
+  const client = new RunClient([server.http], { token: ADMIN });
+  assert.equal((await client.runs()).length, 0, "a dry run starts nothing");
+  const real = await cli(["backfill", "nightly", ...range]);
+  assert.equal(real.code, 0, real.stderr);
+  const runs = await poll(async () => {
+    const found = (await client.runs()).filter((run) => run.registered?.name === "nightly");
+    return found.length === 3 ? found : undefined;
+  }, { what: "three backfilled runs" });
+  assert.deepEqual(
+    runs.map((run) => run.params?.day).sort(),
+    ["2026-11-01T02:00:00.000Z", "2026-11-02T02:00:00.000Z", "2026-11-03T02:00:00.000Z"],
+  );
+  const bad = await cli(["backfill", "nightly", "--from", "yesterday", "--to", "now"]);
+  assert.notEqual(bad.code, 0);
+  assert.match(bad.stderr, /"from" to be a date and time/);
 });

@@ -338,6 +338,31 @@ export async function schedulesCommand(args: string[], flags: CliFlags): Promise
   ));
 }
 
+/** `runnel backfill NAME --from T --to T [--dry-run] --server URL`. */
+export async function backfillCommand(name: string, flags: CliFlags): Promise<number> {
+  if (!flags.from || !flags.to) {
+    throw new UsageError(`"runnel backfill" needs --from and --to (ISO 8601 dates and times)`);
+  }
+  using client = await clientOf(flags);
+  const result = await client.backfill(name, {
+    from: flags.from,
+    to: flags.to,
+    dryRun: flags["dry-run"],
+  });
+  if (flags.json) return print(JSON.stringify(result));
+  if (result.ticks.length === 0) {
+    return print(`${name}: no tick between ${flags.from} and ${flags.to}`);
+  }
+  return print(
+    [
+      flags["dry-run"]
+        ? `${name}: ${result.ticks.length} runs would start (dry run):`
+        : `${name}: ${result.ticks.length} runs to start, as its schedule's concurrency allows:`,
+      ...result.ticks.map((tick) => `  ${tick}`),
+    ].join("\n"),
+  );
+}
+
 /** `runnel delete-pipeline NAME --server URL` (admin). */
 export async function deletePipelineCommand(name: string, flags: CliFlags): Promise<number> {
   using client = await clientOf(flags);

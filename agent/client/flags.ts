@@ -48,6 +48,7 @@ Cluster mode:
   trigger NAME         run a registered pipeline (--param k=v, --pipeline-version N, --follow)
   delete-pipeline NAME remove a registered pipeline and its versions (admin; its runs stay)
   schedules [suspend|resume NAME]   schedules of registered pipelines: next and last tick
+  backfill NAME        a run per missed tick: --from T --to T (ISO 8601) [--dry-run]
   runs|show|logs|cancel|resume with --server URL talk to a cluster instead
   token bootstrap      make the cluster's first admin API token (once; --server URL)
   token create|revoke ID|list   API tokens (--role read|submit|admin --name N; admin only)
@@ -105,6 +106,8 @@ const OPTIONS = {
   param: { type: "string", multiple: true },
   "params-file": { type: "string" },
   "pipeline-version": { type: "string" },
+  from: { type: "string" },
+  to: { type: "string" },
   mermaid: { type: "boolean" },
   follow: { type: "boolean", short: "f" },
   retention: { type: "string" },

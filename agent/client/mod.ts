@@ -208,6 +208,18 @@ export class RunClient {
     return await this.#json("GET", "/api/schedules");
   }
 
+  /** Backfills a schedule: a run per tick in `[from, to]` (or only the ticks, with `dryRun`). */
+  async backfill(
+    name: string,
+    options: { from: string; to: string; dryRun?: boolean },
+  ): Promise<{ ticks: string[]; dryRun?: boolean }> {
+    return await this.#json("POST", `/api/schedules/${encodeURIComponent(name)}/backfill`, {
+      from: options.from,
+      to: options.to,
+      ...(options.dryRun ? { dryRun: true } : {}),
+    });
+  }
+
   /** Suspends or resumes a registered pipeline's schedule. */
   async suspendSchedule(name: string, suspended: boolean): Promise<void> {
     await this.#json(

@@ -30,6 +30,7 @@
  * | `POST /api/pipelines/:name/webhook` | none: the body signed with the pipeline's `webhook.secret` (`X-Runnel-Signature-256: sha256=<hex HMAC>`) | as a trigger; 401 unsigned |
  * | `GET /api/schedules` | read | schedules: next and last tick, the runs they started |
  * | `POST /api/schedules/:name/suspend`, `/resume` | submit | 200 `{pipeline, suspended}` |
+ * | `POST /api/schedules/:name/backfill` | submit | `{from, to, dryRun?}` → 202 `{ticks}`: a run per tick, as its concurrency policy allows |
  * | `GET /api/runs` | read | every run, newest first |
  * | `GET /api/runs/:id` | read | `{run, steps}` |
  * | `POST /api/runs/:id/cancel`, `/resume` | submit | 202 |
@@ -71,7 +72,8 @@ import {
   submitRun,
 } from "./runs.ts";
 import type { RaftState, ServerMetrics } from "./metrics.ts";
-import { listSchedules, setSuspended, syncSchedule } from "./schedules.ts";
+import { listSchedules, setSuspended, startBackfill, syncSchedule } from "./schedules.ts";
+import { ticksBetween } from "../../core/schedule.ts";
 import { planRegistered } from "./trigger.ts";
 import {
   applyPipeline,
@@ -282,6 +284,13 @@ const ROUTES: Route[] = [
     path: /^\/api\/schedules$/,
     access: needs("read"),
     handle: async ({ context }) => json(await listSchedules(context.store)),
+  },
+  {
+    method: "POST",
+    path: /^\/api\/schedules\/([^/]+)\/backfill$/,
+    access: needs("submit"),
+    audit: "schedule.backfill",
+    handle: backfill,
   },
   {
     method: "POST",
@@ -841,6 +850,58 @@ async function apply({ context, request, audit, caller }: Call): Promise<Respons
 }
 
 const TRIGGER_SHAPE = '{"params"?: {"<name>": <string|number|boolean>}, "version"?: <number>}';
+
+const BACKFILL_SHAPE = '{"from": "<ISO 8601>", "to": "<ISO 8601>", "dryRun"?: <boolean>}';
+
+/**
+ * `POST /api/schedules/:name/backfill`: one run per tick of the schedule
+ * in `[from, to]`, each with its logical date, started as the schedule's
+ * concurrency policy allows; `dryRun` lists the ticks only.
+ */
+async function backfill({ context, request, params, audit, caller }: Call): Promise<Response> {
+  const body = await readJsonObject(request, MAX_TOKEN_REQUEST_BYTES, BACKFILL_SHAPE);
+  const time = (key: "from" | "to") => {
+    const value = typeof body[key] === "string" ? Date.parse(body[key] as string) : NaN;
+    if (!Number.isFinite(value)) {
+      throw new RequestBodyError(
+        "bad_request",
+        `Expected "${key}" to be a date and time (ISO 8601): ${BACKFILL_SHAPE}`,
+      );
+    }
+    return value;
+  };
+  const [from, to] = [time("from"), time("to")];
+  if (to < from) throw new RequestBodyError("bad_request", 'Expected "to" not before "from"');
+  const name = params[0];
+  audit.pipeline = name;
+  const state = (await listSchedules(context.store)).find((s) => s.name === name);
+  if (!state) throw new PipelineRegistryError("not_found", `No schedule for pipeline "${name}"`);
+  let ticks: number[];
+  try {
+    ticks = ticksBetween(state, from, to);
+  } catch (error) {
+    throw new RequestBodyError("bad_request", (error as Error).message);
+  }
+  const iso = ticks.map((tick) => new Date(tick).toISOString());
+  audit.ticks = ticks.length;
+  if (body.dryRun === true) return json({ pipeline: name, dryRun: true, ticks: iso });
+  if (ticks.length === 0) return json({ pipeline: name, ticks: [] });
+  const started = await startBackfill(context.store, {
+    name,
+    ticks,
+    started: [],
+    total: ticks.length,
+    createdAt: Date.now(),
+    ...(caller ? { createdBy: caller.tokenName } : {}),
+  });
+  if (!started) {
+    throw new PipelineRegistryError(
+      "conflict",
+      `A backfill of "${name}" is still going; wait for it to end`,
+    );
+  }
+  return json({ pipeline: name, ticks: iso, concurrency: state.concurrency }, { status: 202 });
+}
 
 /** `POST /api/pipelines/:name/trigger`: a run of the current (or a named) version. */
 async function trigger({ context, request, params, audit, url }: Call): Promise<Response> {

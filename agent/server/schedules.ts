@@ -14,7 +14,7 @@
  */
 
 import type { Compare, Store, TxnOp } from "../../consensus/store.ts";
-import { nextFire, type ScheduleSpec } from "../../core/schedule.ts";
+import { nextFire, type ScheduleSpec, tickParams } from "../../core/schedule.ts";
 import { isTerminalRunStatus, type Plan } from "../../core/model.ts";
 import type { PipelineBundle } from "../bundle.ts";
 import { clusterKeys, type ClusterRunRecord } from "./keys.ts";
@@ -134,13 +134,120 @@ export interface ScheduleLoopOptions {
 /** Longest sleep between two looks at the schedules (new ones, changed ones). */
 const LOOK_EVERY_MS = 1_000;
 
+/** A backfill of a schedule: one run per past tick, started as its concurrency policy allows. */
+export interface Backfill {
+  name: string;
+  /** Ticks not started yet, oldest first. */
+  ticks: number[];
+  /** The run of the tick started last. */
+  current?: string;
+  /** Runs it started, oldest first. */
+  started: string[];
+  total: number;
+  createdAt: number;
+  createdBy?: string;
+}
+
+/** Key of a schedule's backfill. */
+export const backfillKey = (name: string) => `/backfills/${name}`;
+const BACKFILL_PREFIX = "/backfills/";
+
+/** Records a backfill; false when one of the same schedule is still going. */
+export async function startBackfill(store: Store, backfill: Backfill): Promise<boolean> {
+  const written = await store.txn({
+    compare: [{ key: backfillKey(backfill.name), target: "create", op: "==", value: 0 }],
+    success: [{ type: "put", key: backfillKey(backfill.name), value: JSON.stringify(backfill) }],
+  });
+  return written.succeeded;
+}
+
+/** Every backfill still going. */
+export async function listBackfills(store: Store): Promise<Backfill[]> {
+  const { items } = await store.list(BACKFILL_PREFIX);
+  return items.map((kv) => JSON.parse(kv.value) as Backfill);
+}
+
+/** Starts what each backfill may start now (all at once with `allow`, else one at a time). */
+async function progressBackfills(options: ScheduleLoopOptions, at: number): Promise<void> {
+  const { store } = options;
+  for (const kv of (await store.list(BACKFILL_PREFIX)).items) {
+    if (options.signal.aborted) return;
+    let backfill = JSON.parse(kv.value) as Backfill;
+    let revision = kv.modRevision;
+    const scheduleKv = await store.get(scheduleKey(backfill.name));
+    const guard = () => [
+      ...options.fence,
+      { key: kv.key, target: "mod" as const, op: "==" as const, value: revision },
+    ];
+    if (!scheduleKv) {
+      // Its schedule is gone (the pipeline deleted): so is the backfill.
+      await store.txn({ compare: guard(), success: [{ type: "delete", key: kv.key }] });
+      continue;
+    }
+    const state = JSON.parse(scheduleKv.value) as ScheduleState;
+    while (backfill.ticks.length > 0) {
+      const running = backfill.current ? await runningRun(store, backfill.current) : undefined;
+      if (running && state.concurrency !== "allow") break;
+      const [tick, ...rest] = backfill.ticks;
+      let planned: ScheduledRun;
+      try {
+        planned = await options.plan(state.name, tickParams(state, tick));
+      } catch (error) {
+        options.onEvent?.({
+          type: "failed",
+          name: state.name,
+          tick,
+          error: error instanceof Error ? error.message : String(error),
+        });
+        return;
+      }
+      const next: Backfill = {
+        ...backfill,
+        ticks: rest,
+        started: [...backfill.started],
+      };
+      const record = await submitRun(store, planned.plan, {
+        file: planned.file,
+        bundle: planned.bundle,
+        registered: { name: state.name, version: planned.version, tick },
+        now: at,
+        also: {
+          compare: guard(),
+          success: (runId) => [{
+            type: "put",
+            key: kv.key,
+            value: JSON.stringify({ ...next, current: runId, started: [...next.started, runId] }),
+          }],
+        },
+      }).catch((error) => {
+        if (error instanceof Error && error.name === "RunRequestError") return undefined;
+        throw error;
+      });
+      if (!record) return; // another scheduler leads, or it changed: look again later
+      options.onEvent?.({ type: "fired", name: state.name, tick, runId: record.runId });
+      const fresh = await store.get(kv.key);
+      if (!fresh) return;
+      backfill = JSON.parse(fresh.value) as Backfill;
+      revision = fresh.modRevision;
+    }
+    if (backfill.ticks.length === 0) {
+      const running = backfill.current ? await runningRun(store, backfill.current) : undefined;
+      if (!running) {
+        await store.txn({ compare: guard(), success: [{ type: "delete", key: kv.key }] });
+      }
+    }
+  }
+}
+
 /**
- * One look at every schedule: fires (or skips) each one due. Returns when
- * to look again (the earliest next tick, at most {@link LOOK_EVERY_MS} on).
+ * One look at every schedule: fires (or skips) each one due, and moves
+ * backfills on. Returns when to look again (the earliest next tick, at
+ * most {@link LOOK_EVERY_MS} on).
  */
 export async function fireDue(options: ScheduleLoopOptions): Promise<number> {
   const now = options.now ?? Date.now;
   let wake = now() + LOOK_EVERY_MS;
+  await progressBackfills(options, now());
   for (const kv of (await options.store.list(SCHEDULE_PREFIX)).items) {
     if (options.signal.aborted) break;
     const state = JSON.parse(kv.value) as ScheduleState;
@@ -231,7 +338,7 @@ async function fire(
   }
   let planned: ScheduledRun;
   try {
-    planned = await options.plan(state.name, state.params);
+    planned = await options.plan(state.name, tickParams(state, tick));
   } catch (error) {
     options.onEvent?.({
       type: "failed",

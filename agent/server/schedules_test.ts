@@ -230,3 +230,89 @@ steps:
     },
   );
 });
+
+Deno.test("backfill: a run per tick with its logical date, all at once or one at a time", async () => {
+  const { startBackfill, listBackfills } = await import("./schedules.ts");
+  const { ticksBetween } = await import("../../core/schedule.ts");
+  const withDate = SOURCE.replace(
+    "who: { type: string, required: true }",
+    "who: { type: string, required: true }\n  day: { type: string }",
+  );
+  for (const concurrency of ["allow", "forbid"] as const) {
+    await using h = await harness({
+      cron: "0 3 * * *",
+      params: { who: "backfill" },
+      concurrency,
+      "logical-date-param": "day",
+    });
+    const ticks = ticksBetween(
+      { cron: "0 3 * * *" },
+      Date.parse("2026-11-01T00:00:00Z"),
+      Date.parse("2026-11-03T12:00:00Z"),
+    );
+    assert.deepEqual(ticks.map((t) => new Date(t).toISOString()), [
+      "2026-11-01T03:00:00.000Z",
+      "2026-11-02T03:00:00.000Z",
+      "2026-11-03T03:00:00.000Z",
+    ]);
+    assert.equal(
+      await startBackfill(h.store, {
+        name: "nightly",
+        ticks,
+        started: [],
+        total: 3,
+        createdAt: 0,
+      }),
+      true,
+    );
+    assert.equal(
+      await startBackfill(h.store, { name: "nightly", ticks, started: [], total: 3, createdAt: 0 }),
+      false,
+      "one backfill at a time",
+    );
+    // The plan function of the harness plans SOURCE; plan the one with a day instead.
+    const plan = (_name: string, params: Record<string, unknown>) =>
+      Promise.resolve({
+        plan: parsePipeline(withDate, { file: "p.yaml", baseDir: "/tmp", params }),
+        file: "p.yaml",
+        version: 1,
+      });
+    const options = {
+      store: h.store,
+      fence: [],
+      signal: new AbortController().signal,
+      now: () => Date.parse("2026-12-03T10:00:00.250Z"),
+      plan,
+    };
+    await fireDue(options);
+    let runs = await h.runs();
+    if (concurrency === "allow") {
+      assert.equal(runs.length, 3);
+    } else {
+      assert.equal(runs.length, 1, "one at a time");
+      for (let i = 0; i < 2; i++) {
+        const last = runs.at(-1)!;
+        await h.store.put(
+          clusterKeys.run(last.runId),
+          JSON.stringify({ ...last, status: "succeeded" }),
+        );
+        await fireDue(options);
+        runs = await h.runs();
+      }
+      assert.equal(runs.length, 3);
+    }
+    assert.deepEqual(runs.map((run) => run.params?.day), [
+      "2026-11-01T03:00:00.000Z",
+      "2026-11-02T03:00:00.000Z",
+      "2026-11-03T03:00:00.000Z",
+    ]);
+    for (const run of runs) {
+      await h.store.put(
+        clusterKeys.run(run.runId),
+        JSON.stringify({ ...run, status: "succeeded" }),
+      );
+    }
+    await fireDue(options);
+    assert.deepEqual(await listBackfills(h.store), [], "done: removed");
+  }
+});
