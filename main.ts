@@ -29,7 +29,7 @@ import {
 import * as local from "./agent/client/local_commands.ts";
 
 /** The run commands that talk to a cluster when given `--server URL`. */
-const REMOTE_COMMANDS = ["runs", "show", "logs", "cancel", "resume"];
+const REMOTE_COMMANDS = ["runs", "show", "logs", "cancel", "resume", "rerun"];
 
 async function main(line: CommandLine): Promise<number> {
   const { command, args, flags } = line;
@@ -116,6 +116,11 @@ async function main(line: CommandLine): Promise<number> {
       return await local.runCommand(need("a pipeline file"), execute);
     case "resume":
       return await local.resumeCommand(need("a run id"), execute);
+    case "rerun":
+      return await local.rerunCommand(need("a run id"), args.slice(1), {
+        ...execute,
+        downstream: flags.downstream,
+      });
     case "cancel":
       return await local.cancelCommand(need("a run id"), { stateDir, settings });
     case "runs":

@@ -168,6 +168,7 @@ export {
   logPath,
   openLocalState,
   readStepStates,
+  rerunRun,
   resumeRun,
   runPipeline,
   statePaths,

@@ -56,6 +56,8 @@ export interface StartOptions {
   runId: string;
   /** Creation time of the run (epoch ms). */
   now: number;
+  /** Steps the run starts with already succeeded (a rerun's reused ones, see `rerun.ts`). */
+  reuse?: Record<string, StepState>;
 }
 
 /** A plan, or a persisted state, that the engine cannot work with. */
@@ -185,7 +187,8 @@ export class RunEngine {
   static start(plan: Plan, options: StartOptions): RunEngine {
     const steps: Record<string, StepState> = {};
     for (const id of Object.keys(plan.steps)) {
-      steps[id] = { id, status: "pending", attemptsThisRound: 0, attempts: [] };
+      steps[id] = options.reuse?.[id] ??
+        { id, status: "pending", attemptsThisRound: 0, attempts: [] };
     }
     const state: RunState = {
       runId: options.runId,

@@ -388,6 +388,15 @@ export async function remoteCommand(
       if (runs.length === 0) return print("no runs on this cluster yet");
       return print(renderRunList(runs));
     }
+    case "rerun": {
+      const { runId, rerun } = await client.rerun(id(), args.slice(1), flags.downstream);
+      if (!flags.follow) {
+        return print(
+          flags.json ? JSON.stringify({ runId, rerun }) : `rerun ${runId}: ${rerun.join(", ")}`,
+        );
+      }
+      return await followRun(client, runId, flags);
+    }
     case "show": {
       const { run, steps } = await client.run(id());
       const artifacts = artifactsOfSteps(steps);

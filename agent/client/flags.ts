@@ -35,6 +35,8 @@ Commands:
   logs RUN [STEP]      print step logs (--follow to stream until the run ends)
   cancel RUN           stop a running run (it stays resumable)
   resume RUN           finish a failed or cancelled run from where it stopped
+  rerun RUN STEP…      a new run of a finished run: those steps run again (--downstream: and
+                       what depends on them), every other step is reused by digest
   gc                   delete artifacts of unpinned runs older than --retention
   pin RUN | unpin RUN  keep (or stop keeping) a run's artifacts through gc
   backends             list the backends and whether this host can run them
@@ -107,6 +109,7 @@ const OPTIONS = {
   "params-file": { type: "string" },
   "pipeline-version": { type: "string" },
   from: { type: "string" },
+  downstream: { type: "boolean" },
   to: { type: "string" },
   mermaid: { type: "boolean" },
   follow: { type: "boolean", short: "f" },

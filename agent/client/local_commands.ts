@@ -27,6 +27,7 @@ import {
   readStepStates,
   renderMermaid,
   renderPlanText,
+  rerunRun,
   resumeRun,
   runPipeline,
   type RunSummary,
@@ -146,6 +147,30 @@ export async function runCommand(file: string, options: ExecuteOptions): Promise
         settings: options.settings,
         policy: options.policy,
         secrets: options.secrets,
+      }),
+    options,
+  );
+}
+
+/** `runnel rerun RUN STEP… [--downstream]`. */
+export async function rerunCommand(
+  prefix: string,
+  steps: string[],
+  options: ExecuteOptions & { downstream?: boolean },
+): Promise<number> {
+  if (steps.length === 0) throw new UsageError(`"runnel rerun" needs a run id and step names`);
+  const runId = await resolveRunId(prefix, options.stateDir);
+  return await execute(
+    (runOptions) =>
+      rerunRun(runId, steps, {
+        ...runOptions,
+        plugins: options.plugins.length ? options.plugins : undefined,
+        hosts: options.hosts,
+        settings: options.settings,
+        policy: options.policy,
+        secrets: options.secrets,
+        limits: options.limits,
+        downstream: options.downstream,
       }),
     options,
   );

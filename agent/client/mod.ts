@@ -234,6 +234,18 @@ export class RunClient {
     await this.#json("DELETE", `/api/pipelines/${encodeURIComponent(name)}`);
   }
 
+  /** Reruns steps of a finished run as a new run (with `downstream`, their dependents too). */
+  async rerun(
+    runId: string,
+    steps: string[],
+    downstream = false,
+  ): Promise<{ runId: string; rerun: string[] }> {
+    return await this.#json("POST", `/api/runs/${encodeURIComponent(runId)}/rerun`, {
+      steps,
+      downstream,
+    });
+  }
+
   /** Every run, newest first. */
   async runs(): Promise<ClusterRunRecord[]> {
     return await this.#json("GET", "/api/runs");

@@ -16,6 +16,8 @@ export interface RunSummaryRecord extends RunHeader {
   file: string;
   /** The run's parameter values. */
   params?: Record<string, string | number | boolean>;
+  /** The run this one reruns steps of (`runnel rerun`). */
+  rerunOf?: string;
   /** The registered pipeline version it runs (cluster, `runnel trigger`). */
   registered?: { name: string; version: number; tick?: number };
 }
@@ -66,6 +68,7 @@ export function renderRun(view: RunView): string {
   if (run.startedAt && run.finishedAt) {
     lines.push(`duration  ${formatMs(run.finishedAt - run.startedAt)}`);
   }
+  if (run.rerunOf) lines.push(`rerun of ${run.rerunOf}`);
   const params = Object.entries(run.params ?? {});
   if (params.length > 0) {
     lines.push(

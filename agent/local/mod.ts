@@ -9,12 +9,13 @@
  */
 
 import { RunEngine } from "../../core/engine.ts";
-import type { EngineEvent, Plan } from "../../core/model.ts";
+import type { EngineEvent, Plan, StepState } from "../../core/model.ts";
 import type { PipelineLimits } from "../../core/limits.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import { PipelineError } from "../../core/errors.ts";
 import { loadPipeline } from "../../core/load.ts";
 import { unresolvedParams } from "../../core/params.ts";
+import { RerunError, selectRerun } from "../../core/rerun.ts";
 import { type SecretSource, SecretStore } from "../../core/secrets.ts";
 import {
   builtinPlugins,
@@ -92,6 +93,10 @@ export interface LocalRunOptions {
    * and must have the run's scratch root, `<stateDir>/work`, in its context.
    */
   pool?: PluginHostPool;
+  /** Steps the run starts with already succeeded (a rerun's reused ones). */
+  reuse?: Record<string, StepState>;
+  /** The run a rerun reruns steps of. */
+  rerunOf?: string;
   /** Backends' settings of the `--config` file (ssh host aliases), for the run's own pool. */
   settings?: Record<string, unknown>;
   /** Plugin host tuning (idle time, heartbeats) for the run's own pool. */
@@ -135,6 +140,61 @@ export function defaultConcurrency(cpus: number = navigator.hardwareConcurrency)
   return Math.min(MAX_DEFAULT_CONCURRENCY, Math.max(MIN_DEFAULT_CONCURRENCY, doubled));
 }
 
+/**
+ * Reruns steps of a finished run as a new run (`runnel rerun RUN STEP…`):
+ * the chosen steps (with `downstream`, their dependents too) run again,
+ * every other step that succeeded is reused with its outputs by digest.
+ * The pipeline must be the one the run ran (same source and parameters).
+ */
+export async function rerunRun(
+  runId: string,
+  steps: string[],
+  options: LocalRunOptions & { downstream?: boolean } = {},
+): Promise<RunSummary> {
+  const now = options.now ?? Date.now;
+  const state = await openLocalState(options.stateDir, { readOnly: true });
+  let plan: Plan;
+  let reused: Record<string, StepState>;
+  let record: RunRecord;
+  try {
+    record = await getRunRecord(state.store, runId);
+    if (!isTerminalRunStatus(record.status)) {
+      throw new LocalRunError(
+        "run_not_finished",
+        `Run ${record.runId} is ${record.status}; rerun steps of a finished run`,
+      );
+    }
+    plan = await planOf(state, record, options.plugins ?? record.plugins ?? [], options);
+    if (plan.digest !== record.planDigest) {
+      throw new LocalRunError(
+        "pipeline_changed",
+        `The pipeline of run ${record.runId} (${record.file}) changed since it ran: ` +
+          `start a new run instead`,
+      );
+    }
+    const old = await readRunState(state.store, record, plan);
+    const digests = Object.values(old.steps).flatMap((step) =>
+      Object.values(step.outputs ?? {}).map((ref) => ref.digest)
+    );
+    const present = new Set<string>();
+    for (const digest of new Set(digests)) {
+      if (await state.artifacts.hasBlob(digest)) present.add(digest);
+    }
+    reused = selectRerun(plan, old.steps, steps, {
+      downstream: options.downstream ?? false,
+      fromRun: record.runId,
+      now: now(),
+      usable: (digest) => present.has(digest),
+    }).reused;
+  } catch (error) {
+    if (error instanceof RerunError) throw new LocalRunError("bad_rerun", error.message);
+    throw error;
+  } finally {
+    await state.close();
+  }
+  return await runPipeline(plan, { ...options, reuse: reused, rerunOf: record.runId });
+}
+
 /** Runs a pipeline to its end in this process. */
 export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Promise<RunSummary> {
   const unset = unresolvedParams(plan.steps);
@@ -152,7 +212,7 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
     const effectivePlan = withConcurrency(plan, options.concurrency);
     // The stored plan keeps what was asked; this machine's default is for this runner alone.
     const runPlan = withDefaultConcurrency(effectivePlan);
-    const engine = RunEngine.start(runPlan, { runId, now: now() });
+    const engine = RunEngine.start(runPlan, { runId, now: now(), reuse: options.reuse });
     const record: RunRecord = {
       runId,
       pipeline: plan.name,
@@ -163,6 +223,7 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
       round: engine.state.round,
     };
     if (plan.params) record.params = plan.params;
+    if (options.rerunOf) record.rerunOf = options.rerunOf;
     if (!(await isFile(record.file))) {
       // Defined in code: a resume takes the plan from the store.
       record.planStored = true;

@@ -37,6 +37,8 @@ export interface RunRecord extends RunHeader {
    * from `file`: a pipeline defined in code has no file.
    */
   planStored?: boolean;
+  /** The run this one reruns steps of (`runnel rerun`). */
+  rerunOf?: string;
   /** The run's parameter values; a resume plans the file again with them. */
   params?: Record<string, string | number | boolean>;
   /** Third-party backends the run was started with; a resume loads them again. */

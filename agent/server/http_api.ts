@@ -34,6 +34,7 @@
  * | `GET /api/runs` | read | every run, newest first |
  * | `GET /api/runs/:id` | read | `{run, steps}` |
  * | `POST /api/runs/:id/cancel`, `/resume` | submit | 202 |
+ * | `POST /api/runs/:id/rerun` | submit | `{steps, downstream?}` → 201 `{runId, rerun}`: a new run reusing every other succeeded step's outputs |
  * | `GET /api/runs/:id/events` | read | SSE: `run` and `step` records as they change, until the run ends |
  * | `GET /api/runs/:id/logs?step=S&follow=1` | read | SSE: `log` batches (`{step, attempt, text}`) |
  * | `GET /api/runs/:id/mermaid` | read | the DAG as Mermaid, nodes coloured by status |
@@ -74,6 +75,7 @@ import {
 import type { RaftState, ServerMetrics } from "./metrics.ts";
 import { listSchedules, setSuspended, startBackfill, syncSchedule } from "./schedules.ts";
 import { ticksBetween } from "../../core/schedule.ts";
+import { RerunError, selectRerun } from "../../core/rerun.ts";
 import { planRegistered } from "./trigger.ts";
 import {
   applyPipeline,
@@ -220,6 +222,13 @@ const ROUTES: Route[] = [
     access: needs("submit"),
     audit: "run.resume",
     handle: resume,
+  },
+  {
+    method: "POST",
+    path: /^\/api\/runs\/([^/]+)\/rerun$/,
+    access: needs("submit"),
+    audit: "run.rerun",
+    handle: rerun,
   },
   {
     method: "GET",
@@ -650,6 +659,69 @@ async function page({ context, params }: Call): Promise<Response> {
 async function runOf({ context, params }: Call): Promise<Response> {
   const run = await getClusterRun(context.store, params[0]);
   return json({ run, steps: await clusterStepStates(context.store, run.runId) });
+}
+
+const RERUN_SHAPE = '{"steps": ["<step name or instance id>", …], "downstream"?: <boolean>}';
+
+/**
+ * `POST /api/runs/:id/rerun`: a new run of a finished run's plan in which
+ * the chosen steps (and with `downstream` their dependents) run again and
+ * every other step that succeeded is reused, its outputs by digest.
+ */
+async function rerun({ context, request, params, audit }: Call): Promise<Response> {
+  const body = await readJsonObject(request, MAX_TOKEN_REQUEST_BYTES, RERUN_SHAPE);
+  const steps = body.steps;
+  if (
+    !Array.isArray(steps) || steps.length === 0 || steps.length > 1_000 ||
+    !steps.every((step) => typeof step === "string" && step.length > 0 && step.length <= 512)
+  ) {
+    throw new RequestBodyError(
+      "bad_request",
+      `Expected "steps" to list step names: ${RERUN_SHAPE}`,
+    );
+  }
+  const old = await getClusterRun(context.store, params[0]);
+  audit.rerunOf = old.runId;
+  if (!isTerminalRunStatus(old.status)) {
+    throw new RunRequestError(
+      "run_not_finished",
+      `Run ${old.runId} is ${old.status}; rerun steps of a finished run`,
+    );
+  }
+  const planKv = await context.store.get(clusterKeys.plan(old.runId));
+  if (!planKv) throw new RunRequestError("run_not_found", `Run ${old.runId} has no plan`);
+  const plan = JSON.parse(planKv.value) as Plan;
+  const states = await clusterStepStates(context.store, old.runId);
+  let selection;
+  try {
+    selection = selectRerun(plan, states, steps as string[], {
+      downstream: body.downstream === true,
+      fromRun: old.runId,
+      now: Date.now(),
+    });
+  } catch (error) {
+    if (error instanceof RerunError) throw new RequestBodyError("bad_request", error.message);
+    throw error;
+  }
+  const record = await submitRun(context.store, plan, {
+    file: old.file,
+    ...(old.bundle ? { bundleDigest: old.bundle } : {}),
+    ...(old.registered
+      ? { registered: { name: old.registered.name, version: old.registered.version } }
+      : {}),
+    rerunOf: old.runId,
+    also: {
+      compare: [],
+      success: (runId) =>
+        Object.values(selection.reused).map((step) => ({
+          type: "put" as const,
+          key: clusterKeys.step(runId, step.id),
+          value: JSON.stringify(step),
+        })),
+    },
+  });
+  audit.runId = record.runId;
+  return json({ runId: record.runId, rerun: selection.rerun }, { status: 201 });
 }
 
 async function cancel({ context, params, audit }: Call): Promise<Response> {

@@ -40,6 +40,8 @@ export interface ClusterRunRecord extends RunHeader {
   agent?: string;
   /** Digest of the pipeline directory shipped with the run (`agent/bundle.ts`). */
   bundle?: string;
+  /** The run this one reruns steps of (`runnel rerun`). */
+  rerunOf?: string;
   /** The run's parameter values (also in its plan). */
   params?: Record<string, string | number | boolean>;
   /**

@@ -41,6 +41,10 @@ export async function submitRun(
     file?: string;
     now?: number;
     bundle?: PipelineBundle;
+    /** Digest of a shipped directory already in the store (a rerun's). */
+    bundleDigest?: string;
+    /** The run this one reruns steps of. */
+    rerunOf?: string;
     /** The registered pipeline and version it runs (`runnel trigger`, a schedule). */
     registered?: { name: string; version: number; tick?: number };
     /**
@@ -75,7 +79,12 @@ export async function submitRun(
     createdAt: now,
     // As `RunEngine.start` counts rounds: the first is 1.
     round: 1,
-    ...(options.bundle ? { bundle: options.bundle.digest } : {}),
+    ...(options.bundle
+      ? { bundle: options.bundle.digest }
+      : options.bundleDigest
+      ? { bundle: options.bundleDigest }
+      : {}),
+    ...(options.rerunOf ? { rerunOf: options.rerunOf } : {}),
     ...(plan.params ? { params: plan.params } : {}),
     ...(options.registered ? { registered: options.registered } : {}),
   };
