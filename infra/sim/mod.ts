@@ -67,9 +67,16 @@ export async function waitFor<T>(
   }
 }
 
+/** Whether this process runs as root (asked of id(1): the suite grants no --allow-sys=uid). */
+export async function isRoot(): Promise<boolean> {
+  const output = await new Deno.Command("id", { args: ["-u"], stdout: "piped", stderr: "null" })
+    .output();
+  return new TextDecoder().decode(output.stdout).trim() === "0";
+}
+
 /** Fails with a clear message unless this can run the simulation. */
 export async function requireSimHost(): Promise<void> {
-  if (Deno.uid() !== 0) {
+  if (!(await isRoot())) {
     throw new SimError(
       "the simulation needs root (network namespaces, veth, TUN): run it as root, e.g. sudo -E deno task sim-up",
     );

@@ -261,14 +261,17 @@ export async function startNode(config: SimConfig, node: SimNode, only?: string[
   }
 }
 
-/** The pid recorded for a node's process, if it is still alive. */
+/**
+ * The pid recorded for a node's process, if that process still runs in the
+ * node's namespace (Deno keeps other processes' /proc entries behind
+ * --allow-all, so the namespace's own pid list is the witness).
+ */
 export async function recordedPid(prefix: string, node: string, process: string) {
   try {
     const pid = Number(
       (await Deno.readTextFile(`${simPaths(prefix).pids}/${node}.${process}`)).trim(),
     );
-    await Deno.stat(`/proc/${pid}`);
-    return pid;
+    return (await pidsIn(namespaceOf(prefix, node))).includes(pid) ? pid : undefined;
   } catch {
     return undefined;
   }
