@@ -19,10 +19,11 @@ export const CROSS_CLOUD_TOLERANCE = 0.1;
 const PROBE_PORT = 7999;
 const PROBE = new URL("./probe.ts", import.meta.url).pathname;
 
-/** min/avg/max of a set of samples, in ms. */
+/** min/avg/median/max of a set of samples, in ms. */
 export interface RttStats {
   min: number;
   avg: number;
+  median: number;
   max: number;
   samples: number;
   lost: number;
@@ -48,9 +49,13 @@ export interface MeasureOptions {
 }
 
 function stats(samples: number[], lost = 0): RttStats {
-  if (samples.length === 0) return { min: NaN, avg: NaN, max: NaN, samples: 0, lost };
+  if (samples.length === 0) {
+    return { min: NaN, avg: NaN, median: NaN, max: NaN, samples: 0, lost };
+  }
+  const sorted = [...samples].sort((a, b) => a - b);
   return {
-    min: Math.min(...samples),
+    min: sorted[0],
+    median: sorted[Math.floor(sorted.length / 2)],
     avg: samples.reduce((sum, sample) => sum + sample, 0) / samples.length,
     max: Math.max(...samples),
     samples: samples.length,
@@ -140,11 +145,15 @@ async function startListener(config: SimConfig, node: SimNode) {
   };
 }
 
-/** Whether a measurement meets its target. */
+/**
+ * Whether a measurement meets its target, judged on the median: one probe
+ * descheduled on a busy 2-core machine must not fail a link whose other
+ * round trips are on target (the table shows avg and max beside it).
+ */
 function meets(measured: RttStats, targetMs: number): boolean {
   if (measured.samples === 0 || measured.lost > 0) return false;
-  if (targetMs === 0) return measured.avg < INTRA_CLOUD_MAX_MS;
-  return Math.abs(measured.avg - targetMs) <= CROSS_CLOUD_TOLERANCE * targetMs;
+  if (targetMs === 0) return measured.median < INTRA_CLOUD_MAX_MS;
+  return Math.abs(measured.median - targetMs) <= CROSS_CLOUD_TOLERANCE * targetMs;
 }
 
 /** Measures every pair of {@link measuredPairs}, ping and TCP, in parallel across pairs. */
@@ -186,14 +195,21 @@ function fixed(value: number): string {
 
 /** The measurements as a table. */
 export function renderMeasurements(measurements: PairMeasurement[]): string {
-  const header = ["link", "from → to", "target", "ping min/avg/max ms", "tcp min/avg/max ms", ""];
+  const header = [
+    "link",
+    "from → to",
+    "target",
+    "ping min/avg/median/max ms",
+    "tcp min/avg/median/max ms",
+    "",
+  ];
   const rows = measurements.map((m) => [
     m.link,
     `${m.from} → ${m.to}`,
     m.targetMs === 0 ? `< ${INTRA_CLOUD_MAX_MS} ms` : `${m.targetMs} ms ±10%`,
-    `${fixed(m.ping.min)} / ${fixed(m.ping.avg)} / ${fixed(m.ping.max)}` +
+    `${fixed(m.ping.min)} / ${fixed(m.ping.avg)} / ${fixed(m.ping.median)} / ${fixed(m.ping.max)}` +
     (m.ping.lost ? ` (${m.ping.lost} lost)` : ""),
-    `${fixed(m.tcp.min)} / ${fixed(m.tcp.avg)} / ${fixed(m.tcp.max)}` +
+    `${fixed(m.tcp.min)} / ${fixed(m.tcp.avg)} / ${fixed(m.tcp.median)} / ${fixed(m.tcp.max)}` +
     (m.tcp.lost ? ` (${m.tcp.lost} lost)` : ""),
     m.ok ? "ok" : "OUT OF BOUNDS",
   ]);
