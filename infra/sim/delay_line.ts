@@ -62,7 +62,8 @@ export interface DelayLineState {
   directions: Record<string, DirectionStats>;
 }
 
-interface Subnet {
+/** An IPv4 subnet as a base address and mask. */
+export interface Subnet {
   cloud: string;
   base: number;
   mask: number;
@@ -87,44 +88,189 @@ export function pairKey(order: string[], a: string, b: string): string {
 
 /** A packet due this close to now is released with the ones due already. */
 const RELEASE_SLACK_MS = 0.25;
+/** A control request longer than this is refused (the socket is root's, but still). */
+const MAX_CONTROL_LINE = 65_536;
 /** How much of a packet's error corrects the next wake-ups. */
 const LAG_GAIN = 0.1;
 /** Never wake earlier than this (a stalled loop must not make every packet early). */
 const MAX_ARM_EARLY_MS = 3;
 
-interface Held {
-  packet: Uint8Array<ArrayBuffer>;
-  due: number;
+/** What becomes of one packet read from the TUN device. */
+export type Admission =
+  /** Not IPv4 between two known clouds (never routed here by the sim). */
+  | { kind: "unrouted" }
+  /** To or from a partitioned cloud. */
+  | { kind: "dropped"; direction: string }
+  /** Goes back to the kernel at `due` (ms, the clock `now` was on). */
+  | { kind: "delayed"; direction: string; due: number };
+
+interface DirectionCounters {
+  lastDue: number;
+  forwarded: number;
+  dropped: number;
+  lateSum: number;
+  lateMax: number;
+  bytes: number;
 }
 
-class Direction {
-  queue: Held[] = [];
+/**
+ * The delay line's decisions without its I/O: which cloud pair a packet
+ * crosses, whether a partition drops it, and when it is due (half the
+ * pair's RTT plus jitter, never before the packet ahead of it in its
+ * direction). Control requests and counters live here too.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { DelayPlan } from "./delay_line.ts";
+ *
+ * const plan = new DelayPlan({
+ *   clouds: { aws: "10.10.0.0/24", gcp: "10.20.0.0/24" },
+ *   delays: { "aws-gcp": { rttMs: 50, jitterMs: 0 } },
+ * });
+ * const packet = new Uint8Array(20);
+ * packet[0] = 0x45;
+ * packet.set([10, 10, 0, 20], 12);
+ * packet.set([10, 20, 0, 11], 16);
+ * assert.deepEqual(plan.admit(packet, 1000), { kind: "delayed", direction: "aws>gcp", due: 1025 });
+ * plan.control({ op: "partition", cloud: "gcp", cut: true });
+ * assert.deepEqual(plan.admit(packet, 1000), { kind: "dropped", direction: "aws>gcp" });
+ * ```
+ */
+export class DelayPlan {
+  readonly #order: string[];
+  readonly #subnets: Subnet[];
+  readonly #delays: Record<string, PairDelay>;
+  readonly #partitioned = new Set<string>();
+  readonly #directions = new Map<string, DirectionCounters>();
+  readonly #random: () => number;
+  #unrouted = 0;
+
+  constructor(
+    config: Pick<DelayLineConfig, "clouds" | "delays">,
+    random: () => number = Math.random,
+  ) {
+    this.#order = Object.keys(config.clouds);
+    this.#subnets = this.#order.map((cloud) => parseSubnet(cloud, config.clouds[cloud]));
+    this.#delays = structuredClone(config.delays);
+    this.#random = random;
+  }
+
+  #cloudOf(packet: Uint8Array, offset: number): string | undefined {
+    const address = ((packet[offset] << 24) | (packet[offset + 1] << 16) |
+      (packet[offset + 2] << 8) | packet[offset + 3]) >>> 0;
+    return this.#subnets.find((subnet) => ((address & subnet.mask) >>> 0) === subnet.base)
+      ?.cloud;
+  }
+
+  #counters(direction: string): DirectionCounters {
+    let counters = this.#directions.get(direction);
+    if (!counters) {
+      counters = { lastDue: 0, forwarded: 0, dropped: 0, lateSum: 0, lateMax: 0, bytes: 0 };
+      this.#directions.set(direction, counters);
+    }
+    return counters;
+  }
+
+  /** Decides the fate of a packet (`packet` holds exactly its bytes) read at `now`. */
+  admit(packet: Uint8Array, now: number): Admission {
+    // IPv4 only: the sim's namespaces have IPv6 turned off.
+    if (packet.length < 20 || packet[0] >> 4 !== 4) {
+      this.#unrouted++;
+      return { kind: "unrouted" };
+    }
+    const from = this.#cloudOf(packet, 12);
+    const to = this.#cloudOf(packet, 16);
+    if (from === undefined || to === undefined || from === to) {
+      this.#unrouted++;
+      return { kind: "unrouted" };
+    }
+    const direction = `${from}>${to}`;
+    const counters = this.#counters(direction);
+    if (this.#partitioned.has(from) || this.#partitioned.has(to)) {
+      counters.dropped++;
+      return { kind: "dropped", direction };
+    }
+    const delay = this.#delays[pairKey(this.#order, from, to)];
+    const oneWay = delay ? delay.rttMs / 2 + (this.#random() - 0.5) * delay.jitterMs : 0;
+    // FIFO per direction: never earlier than the packet before it.
+    const due = Math.max(now + oneWay, counters.lastDue);
+    counters.lastDue = due;
+    return { kind: "delayed", direction, due };
+  }
+
+  /** Records a packet of `bytes` released `lateMs` after its due time. */
+  released(direction: string, lateMs: number, bytes: number): void {
+    const counters = this.#counters(direction);
+    counters.forwarded++;
+    counters.bytes += bytes;
+    counters.lateSum += lateMs;
+    counters.lateMax = Math.max(counters.lateMax, Math.abs(lateMs));
+  }
+
+  /** Answers a control request (throws on a bad one). */
+  control(request: ControlRequest): DelayLineState {
+    switch (request.op) {
+      case "state":
+        return this.state();
+      case "partition":
+        if (!this.#order.includes(request.cloud)) {
+          throw new Error(`Unknown cloud "${request.cloud}"`);
+        }
+        if (request.cut) this.#partitioned.add(request.cloud);
+        else this.#partitioned.delete(request.cloud);
+        return this.state();
+      case "delay":
+        if (!(request.pair in this.#delays)) {
+          throw new Error(`Unknown cloud pair "${request.pair}"`);
+        }
+        if (!(request.rttMs >= 0 && request.jitterMs >= 0 && request.jitterMs <= request.rttMs)) {
+          throw new Error("Expected 0 ≤ jitterMs ≤ rttMs");
+        }
+        this.#delays[request.pair] = { rttMs: request.rttMs, jitterMs: request.jitterMs };
+        return this.state();
+      case "reset-stats":
+        for (const counters of this.#directions.values()) {
+          Object.assign(counters, { forwarded: 0, dropped: 0, lateSum: 0, lateMax: 0, bytes: 0 });
+        }
+        this.#unrouted = 0;
+        return this.state();
+      default:
+        throw new Error(`Unknown op ${JSON.stringify((request as { op: unknown }).op)}`);
+    }
+  }
+
+  /** Delays in force, partitions and counters. */
+  state(): DelayLineState {
+    return {
+      delays: structuredClone(this.#delays),
+      partitioned: [...this.#partitioned],
+      unrouted: this.#unrouted,
+      directions: Object.fromEntries(
+        [...this.#directions].map(([key, counters]) => [key, {
+          forwarded: counters.forwarded,
+          dropped: counters.dropped,
+          meanLateMs: counters.forwarded ? counters.lateSum / counters.forwarded : 0,
+          maxLateMs: counters.lateMax,
+          bytes: counters.bytes,
+        }]),
+      ),
+    };
+  }
+}
+
+/** Packets of one direction waiting for their due time, oldest first. */
+class HeldQueue {
+  packets: Array<{ packet: Uint8Array<ArrayBuffer>; due: number }> = [];
   head = 0;
-  lastDue = 0;
   armed = false;
-  forwarded = 0;
-  dropped = 0;
-  lateSum = 0;
-  lateMax = 0;
-  bytes = 0;
 }
 
 /** Runs the delay line until the process is killed. */
 export async function runDelayLine(config: DelayLineConfig): Promise<never> {
-  const order = Object.keys(config.clouds);
-  const subnets = order.map((cloud) => parseSubnet(cloud, config.clouds[cloud]));
-  const delays = structuredClone(config.delays);
-  const partitioned = new Set<string>();
-  const directions = new Map<string, Direction>();
-  let unrouted = 0;
+  const plan = new DelayPlan(config);
+  const queues = new Map<string, HeldQueue>();
   const tun = openTun(config.tun);
-
-  const cloudOf = (packet: Uint8Array, offset: number): string | undefined => {
-    const address = ((packet[offset] << 24) | (packet[offset + 1] << 16) |
-      (packet[offset + 2] << 8) | packet[offset + 3]) >>> 0;
-    return subnets.find((subnet) => ((address & subnet.mask) >>> 0) === subnet.base)?.cloud;
-  };
-
   const sleep = preciseSleeper();
   /**
    * Wake-ups come late (a thread hand-off and the event loop): they are
@@ -133,38 +279,35 @@ export async function runDelayLine(config: DelayLineConfig): Promise<never> {
    */
   let armEarlyMs = 0;
 
-  const release = (direction: Direction) => {
-    direction.armed = false;
+  const release = (direction: string, queue: HeldQueue) => {
+    queue.armed = false;
     const now = performance.now();
-    while (direction.head < direction.queue.length) {
-      const held = direction.queue[direction.head];
+    while (queue.head < queue.packets.length) {
+      const held = queue.packets[queue.head];
       if (held.due > now + RELEASE_SLACK_MS) break;
-      direction.head++;
+      queue.head++;
       const late = now - held.due;
       armEarlyMs = Math.min(MAX_ARM_EARLY_MS, Math.max(0, armEarlyMs + late * LAG_GAIN));
-      direction.lateSum += late;
-      direction.lateMax = Math.max(direction.lateMax, Math.abs(late));
-      direction.forwarded++;
-      direction.bytes += held.packet.length;
+      plan.released(direction, late, held.packet.length);
       tun.write(held.packet);
     }
-    if (direction.head === direction.queue.length) {
-      direction.queue = [];
-      direction.head = 0;
+    if (queue.head === queue.packets.length) {
+      queue.packets = [];
+      queue.head = 0;
     } else {
-      if (direction.head > 1024) {
-        direction.queue = direction.queue.slice(direction.head);
-        direction.head = 0;
+      if (queue.head > 1024) {
+        queue.packets = queue.packets.slice(queue.head);
+        queue.head = 0;
       }
-      arm(direction, now);
+      arm(direction, queue, now);
     }
   };
 
-  const arm = (direction: Direction, now: number) => {
-    const wait = Math.max(0, direction.queue[direction.head].due - now - armEarlyMs);
-    direction.armed = true;
+  const arm = (direction: string, queue: HeldQueue, now: number) => {
+    const wait = Math.max(0, queue.packets[queue.head].due - now - armEarlyMs);
+    queue.armed = true;
     // One sleep per direction at a time: a later packet never needs an earlier wake-up.
-    sleep(wait).then(() => release(direction));
+    sleep(wait).then(() => release(direction, queue));
   };
 
   const serveControl = async () => {
@@ -185,13 +328,13 @@ export async function runDelayLine(config: DelayLineConfig): Promise<never> {
           buffer = buffer.slice(newline + 1);
           let answer: unknown;
           try {
-            answer = control(JSON.parse(line) as ControlRequest);
+            answer = plan.control(JSON.parse(line) as ControlRequest);
           } catch (error) {
             answer = { error: (error as Error).message };
           }
           await connection.write(encoder.encode(JSON.stringify(answer) + "\n"));
         }
-        if (buffer.length > 65_536) throw new Error("control request too long");
+        if (buffer.length > MAX_CONTROL_LINE) throw new Error("control request too long");
       }
     } finally {
       try {
@@ -202,83 +345,23 @@ export async function runDelayLine(config: DelayLineConfig): Promise<never> {
     }
   };
 
-  const control = (request: ControlRequest): unknown => {
-    switch (request.op) {
-      case "state":
-        return state();
-      case "partition":
-        if (!order.includes(request.cloud)) throw new Error(`Unknown cloud "${request.cloud}"`);
-        if (request.cut) partitioned.add(request.cloud);
-        else partitioned.delete(request.cloud);
-        return state();
-      case "delay":
-        if (!(request.pair in delays)) throw new Error(`Unknown cloud pair "${request.pair}"`);
-        if (!(request.rttMs >= 0 && request.jitterMs >= 0 && request.jitterMs <= request.rttMs)) {
-          throw new Error("Expected 0 ≤ jitterMs ≤ rttMs");
-        }
-        delays[request.pair] = { rttMs: request.rttMs, jitterMs: request.jitterMs };
-        return state();
-      case "reset-stats":
-        for (const direction of directions.values()) {
-          Object.assign(direction, { forwarded: 0, dropped: 0, lateSum: 0, lateMax: 0, bytes: 0 });
-        }
-        unrouted = 0;
-        return state();
-      default:
-        throw new Error(`Unknown op ${JSON.stringify((request as { op: unknown }).op)}`);
-    }
-  };
-
-  const state = (): DelayLineState => ({
-    delays,
-    partitioned: [...partitioned],
-    unrouted,
-    directions: Object.fromEntries(
-      [...directions].map(([key, direction]) => [key, {
-        forwarded: direction.forwarded,
-        dropped: direction.dropped,
-        meanLateMs: direction.forwarded ? direction.lateSum / direction.forwarded : 0,
-        maxLateMs: direction.lateMax,
-        bytes: direction.bytes,
-      }]),
-    ),
-  });
-
   serveControl().catch((error) => {
     console.error(`delay line: control socket failed: ${error}`);
     Deno.exit(1);
   });
-  console.error(`delay line on ${config.tun}: ${JSON.stringify(delays)}`);
+  console.error(`delay line on ${config.tun}: ${JSON.stringify(config.delays)}`);
 
   const buffer = new Uint8Array(MAX_PACKET);
   while (true) {
     const length = await tun.read(buffer);
-    // IPv4 only: the sim's namespaces have IPv6 turned off.
-    if (length < 20 || buffer[0] >> 4 !== 4) {
-      unrouted++;
-      continue;
-    }
-    const from = cloudOf(buffer, 12);
-    const to = cloudOf(buffer, 16);
-    if (from === undefined || to === undefined || from === to) {
-      unrouted++;
-      continue;
-    }
-    const key = `${from}>${to}`;
-    let direction = directions.get(key);
-    if (!direction) directions.set(key, direction = new Direction());
-    if (partitioned.has(from) || partitioned.has(to)) {
-      direction.dropped++;
-      continue;
-    }
-    const delay = delays[pairKey(order, from, to)];
     const now = performance.now();
-    const oneWay = delay ? delay.rttMs / 2 + (Math.random() - 0.5) * delay.jitterMs : 0;
-    // FIFO per direction: never earlier than the packet before it.
-    const due = Math.max(now + oneWay, direction.lastDue);
-    direction.lastDue = due;
-    direction.queue.push({ packet: buffer.slice(0, length), due });
-    if (!direction.armed) arm(direction, now);
+    const packet = buffer.slice(0, length);
+    const admission = plan.admit(packet, now);
+    if (admission.kind !== "delayed") continue;
+    let queue = queues.get(admission.direction);
+    if (!queue) queues.set(admission.direction, queue = new HeldQueue());
+    queue.packets.push({ packet, due: admission.due });
+    if (!queue.armed) arm(admission.direction, queue, now);
   }
 }
 

@@ -155,7 +155,13 @@ async function main(args: string[]): Promise<number> {
   switch (command) {
     case "up": {
       const started = Date.now();
+      const wasRunning = (await runningConfig(config.prefix)) !== undefined;
       await simUp(config, { log: (line) => console.error(`sim-up: ${line}`) });
+      if (wasRunning) {
+        // A second sim-up reports what runs.
+        await status(config);
+        console.log("");
+      }
       console.log(topology(config));
       console.log(
         `\nready in ${((Date.now() - started) / 1000).toFixed(1)} s; measured round trips:`,

@@ -396,9 +396,22 @@ export async function gatewayState(config: SimConfig): Promise<DelayLineState> {
   return await delayLineRequest(simPaths(config.prefix).control, { op: "state" });
 }
 
-/** What runs: per node its processes (pid or down). */
+/** What runs: per node (and the gateway) its processes (pid or down). */
 export async function nodeProcesses(config: SimConfig) {
   const rows = [];
+  const gateway = {
+    name: "gateway",
+    cloud: "-",
+    address: Object.values(config.clouds).map((cloud) => cloud.gateway).join(","),
+    role: "gateway",
+  };
+  rows.push({
+    node: gateway,
+    processes: {
+      "delay-line": await recordedPid(config.prefix, "gateway", "delay-line"),
+      api: await recordedPid(config.prefix, "gateway", "api"),
+    } as Record<string, number | undefined>,
+  });
   for (const node of config.nodes) {
     const names = node.role === "control-plane"
       ? ["etcd", "server"]

@@ -271,7 +271,8 @@ export async function recordedPid(prefix: string, node: string, process: string)
     const pid = Number(
       (await Deno.readTextFile(`${simPaths(prefix).pids}/${node}.${process}`)).trim(),
     );
-    return (await pidsIn(namespaceOf(prefix, node))).includes(pid) ? pid : undefined;
+    const namespace = node === "gateway" ? gatewayNamespace(prefix) : namespaceOf(prefix, node);
+    return (await pidsIn(namespace)).includes(pid) ? pid : undefined;
   } catch {
     return undefined;
   }
