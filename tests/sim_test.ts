@@ -280,6 +280,8 @@ Deno.test({
             `worker loss: ${victim} not online ${offlineMs} ms after SIGKILL; generate rescheduled on ${rerun.worker} ${rescheduleMs} ms after (bound ${bound} ms)`,
           );
           assert.ok(rescheduleMs <= bound, `rescheduled after ${rescheduleMs} ms`);
+          // The seeds' check: offline within 3 missed heartbeats.
+          assert.ok(offlineMs <= 3 * config.agentHeartbeatMs, `offline after ${offlineMs} ms`);
           assert.equal(attempts.filter((attempt) => attempt.result?.ok).length, 1);
           await simStart(config, victim);
         },

@@ -1,7 +1,7 @@
 /**
  * The simulation's command line, behind the `sim-*` tasks of deno.json:
  *
- *     sim up | down | check | status | kill NODE | start NODE | partition CLOUD on|off
+ *     sim up | down [--all] | list | check | status | kill NODE | start NODE | partition CLOUD on|off
  *       [--config infra/sim.yaml] [--prefix NAME]
  *
  * Needs root. Exit codes: 0 done · 1 failed (or, for check, a round trip
@@ -32,10 +32,10 @@ import {
   simStart,
   simUp,
 } from "./mod.ts";
-import { namespacesOf } from "./network.ts";
+import { namespacesOf, simPrefixes } from "./network.ts";
 
 const USAGE =
-  `usage: sim up|down|check|status|kill NODE|start NODE|partition CLOUD on|off [--config FILE] [--prefix NAME]`;
+  `usage: sim up|down [--all]|list|check|status|kill NODE|start NODE|partition CLOUD on|off [--config FILE] [--prefix NAME]`;
 
 async function configOf(flags: { config?: string; prefix?: string }): Promise<SimConfig> {
   const config = await loadSimConfig(flags.config);
@@ -147,7 +147,7 @@ async function check(config: SimConfig): Promise<number> {
 async function main(args: string[]): Promise<number> {
   const { values: flags, positionals } = parseArgs({
     args,
-    options: { config: { type: "string" }, prefix: { type: "string" } },
+    options: { config: { type: "string" }, prefix: { type: "string" }, all: { type: "boolean" } },
     allowPositionals: true,
   });
   const [command, ...rest] = positionals;
@@ -176,14 +176,21 @@ logs: ${paths.logs}   ·   deno task sim-status   ·   deno task sim-down`);
       return code;
     }
     case "down": {
-      const removed = await simDown(config.prefix);
-      console.log(
-        removed.length
-          ? `removed: ${removed.join(", ")}`
-          : `nothing of "${config.prefix}" was left`,
-      );
-      const left = await namespacesOf(config.prefix);
-      if (left.length) throw new SimError(`namespaces left: ${left.join(", ")}`);
+      // --all: every sim on this machine (a test run killed before its clean-up, say).
+      const prefixes = flags.all ? await simPrefixes() : [config.prefix];
+      for (const prefix of prefixes) {
+        const removed = await simDown(prefix);
+        console.log(
+          removed.length ? `removed: ${removed.join(", ")}` : `nothing of "${prefix}" was left`,
+        );
+        const left = await namespacesOf(prefix);
+        if (left.length) throw new SimError(`namespaces left: ${left.join(", ")}`);
+      }
+      return 0;
+    }
+    case "list": {
+      const prefixes = await simPrefixes();
+      console.log(prefixes.length ? prefixes.join("\n") : "no simulation on this machine");
       return 0;
     }
     case "check":

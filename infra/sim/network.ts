@@ -85,6 +85,29 @@ export async function namespacesOf(prefix: string): Promise<string[]> {
     .filter((name) => name.startsWith(`${prefix}-`));
 }
 
+/**
+ * The prefixes of every simulation on this machine: gateways' namespaces
+ * (`PREFIX-gw`) and state directories (`runnel-sim-PREFIX`), so a sim that
+ * died half way is found by either.
+ */
+export async function simPrefixes(): Promise<string[]> {
+  const found = new Set<string>();
+  for (const line of (await ip("netns", "list")).split("\n")) {
+    const match = /^([a-z][a-z0-9]{0,7})-gw(\s|$)/.exec(line);
+    if (match) found.add(match[1]);
+  }
+  const tmp = Deno.env.get("TMPDIR") ?? "/tmp";
+  try {
+    for await (const entry of Deno.readDir(tmp)) {
+      const match = /^runnel-sim-([a-z][a-z0-9]{0,7})$/.exec(entry.name);
+      if (match && entry.isDirectory) found.add(match[1]);
+    }
+  } catch {
+    // No temp directory to look in.
+  }
+  return [...found].sort();
+}
+
 /** Processes whose network namespace is `namespace` (`ip netns pids`). */
 export async function pidsIn(namespace: string): Promise<number[]> {
   const text = await ip("netns", "pids", namespace).catch(() => "");
