@@ -50,6 +50,14 @@ export interface SimBenchResult {
   awsGcpRttMs: number;
 }
 
+/**
+ * The standard deviation a round trip should show for ±`jitterMs`: each
+ * direction adds uniform(±jitter/2), variance jitter²/12, two directions.
+ */
+function jitterSd(jitterMs: number): number {
+  return Math.sqrt(2 * jitterMs ** 2 / 12);
+}
+
 async function benchConfig(): Promise<SimConfig> {
   const config = await loadSimConfig();
   config.prefix = "rnbench";
@@ -133,6 +141,8 @@ export async function benchSim(sequentialSteps = 400): Promise<SimBenchResult | 
           mean_error_ms: meanErrorMs[m.link].toFixed(2),
           ratio: (m.ping.avg / m.targetMs).toFixed(3),
           min_max_ms: `${m.ping.min.toFixed(1)}–${m.ping.max.toFixed(1)}`,
+          sd_ms: m.ping.sd.toFixed(2),
+          jitter_sd_configured_ms: jitterSd(jitter).toFixed(2),
           tcp_connect_mean_ms: m.tcp.avg.toFixed(2),
         };
       }),
@@ -143,6 +153,8 @@ export async function benchSim(sequentialSteps = 400): Promise<SimBenchResult | 
         mean_error_ms: "-",
         ratio: "-",
         min_max_ms: `${m.ping.min.toFixed(3)}–${m.ping.max.toFixed(3)}`,
+        sd_ms: m.ping.sd.toFixed(3),
+        jitter_sd_configured_ms: "-",
         tcp_connect_mean_ms: m.tcp.avg.toFixed(2),
       })),
     ]);

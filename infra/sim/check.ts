@@ -25,6 +25,8 @@ export interface RttStats {
   avg: number;
   median: number;
   max: number;
+  /** Standard deviation of the samples. */
+  sd: number;
   samples: number;
   lost: number;
 }
@@ -50,14 +52,16 @@ export interface MeasureOptions {
 
 function stats(samples: number[], lost = 0): RttStats {
   if (samples.length === 0) {
-    return { min: NaN, avg: NaN, median: NaN, max: NaN, samples: 0, lost };
+    return { min: NaN, avg: NaN, median: NaN, max: NaN, sd: NaN, samples: 0, lost };
   }
   const sorted = [...samples].sort((a, b) => a - b);
+  const avg = samples.reduce((sum, sample) => sum + sample, 0) / samples.length;
   return {
     min: sorted[0],
     median: sorted[Math.floor(sorted.length / 2)],
-    avg: samples.reduce((sum, sample) => sum + sample, 0) / samples.length,
-    max: Math.max(...samples),
+    avg,
+    max: sorted[sorted.length - 1],
+    sd: Math.sqrt(samples.reduce((sum, sample) => sum + (sample - avg) ** 2, 0) / samples.length),
     samples: samples.length,
     lost,
   };

@@ -88,6 +88,12 @@ export function pairKey(order: string[], a: string, b: string): string {
 
 /** A packet due this close to now is released with the ones due already. */
 const RELEASE_SLACK_MS = 0.25;
+/**
+ * Packets one direction may hold (memory stays bounded under a flood: about
+ * 100 MB at 1500 bytes; at 10 Gbit/s a 62.5 ms half-RTT holds ~52,000).
+ * Beyond it packets are dropped, as a router's full queue would.
+ */
+const MAX_HELD_PACKETS = 65_536;
 /** A control request longer than this is refused (the socket is root's, but still). */
 const MAX_CONTROL_LINE = 65_536;
 /** How much of a packet's error corrects the next wake-ups. */
@@ -197,6 +203,11 @@ export class DelayPlan {
     const due = Math.max(now + oneWay, counters.lastDue);
     counters.lastDue = due;
     return { kind: "delayed", direction, due };
+  }
+
+  /** Records a packet dropped because its direction's queue was full (a router's tail drop). */
+  overflowed(direction: string): void {
+    this.#counters(direction).dropped++;
   }
 
   /** Records a packet of `bytes` released `lateMs` after its due time. */
@@ -360,6 +371,10 @@ export async function runDelayLine(config: DelayLineConfig): Promise<never> {
     if (admission.kind !== "delayed") continue;
     let queue = queues.get(admission.direction);
     if (!queue) queues.set(admission.direction, queue = new HeldQueue());
+    if (queue.packets.length - queue.head >= MAX_HELD_PACKETS) {
+      plan.overflowed(admission.direction);
+      continue;
+    }
     queue.packets.push({ packet, due: admission.due });
     if (!queue.armed) arm(admission.direction, queue, now);
   }
