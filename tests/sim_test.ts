@@ -33,7 +33,15 @@ import {
   simStart,
   simUp,
 } from "../infra/sim/mod.ts";
-import { ip, namespacesOf, pidsIn, stateDirOf } from "../infra/sim/network.ts";
+import {
+  inNamespace,
+  ip,
+  namespaceOf,
+  namespacesOf,
+  pidsIn,
+  stateDirOf,
+} from "../infra/sim/network.ts";
+import { S3_CREDENTIALS, s3Endpoint } from "../infra/sim/nodes.ts";
 import { poll, ROOT, runCli, sandbox } from "./_helpers.ts";
 
 /**
@@ -105,6 +113,54 @@ steps:
   return { source, files: (await collectBundle(dir)).files };
 }
 
+/**
+ * The object store's keys, listed with the real aws CLI from inside a
+ * worker's namespace (the host may not send to the sim's addresses).
+ */
+async function bucketKeys(config: SimConfig, from: string): Promise<string[]> {
+  const listing = await inNamespace(namespaceOf(config.prefix, from), "env", [
+    `AWS_ACCESS_KEY_ID=${S3_CREDENTIALS.accessKey}`,
+    `AWS_SECRET_ACCESS_KEY=${S3_CREDENTIALS.secretKey}`,
+    "AWS_DEFAULT_REGION=us-east-1",
+    "aws",
+    "--endpoint-url",
+    s3Endpoint(config),
+    "s3",
+    "ls",
+    `s3://${config.bucket}`,
+    "--recursive",
+  ]);
+  return listing.split("\n").map((line) => line.split(/\s+/)[3]).filter(Boolean);
+}
+
+/** The last lines of every sim process's log, for a failure's report. */
+async function printLogTails(config: SimConfig): Promise<void> {
+  const logs = `${stateDirOf(config.prefix)}/logs`;
+  try {
+    for await (const entry of Deno.readDir(logs)) {
+      const text = await Deno.readTextFile(`${logs}/${entry.name}`).catch(() => "");
+      const tail = text.trimEnd().split("\n").slice(-15).join("\n");
+      console.log(`--- ${entry.name} (last 15 lines)\n${tail}`);
+    }
+  } catch {
+    // No logs: the sim never started.
+  }
+}
+
+/** Every output of the run has its blob in the object store: no artifact lost. */
+async function assertArtifactsStored(
+  config: SimConfig,
+  steps: Record<string, StepState>,
+): Promise<void> {
+  const keys = await bucketKeys(config, "worker-gcp-1");
+  for (const step of Object.values(steps)) {
+    for (const output of Object.values(step.outputs ?? {})) {
+      const key = `blobs/sha256/${output.digest.replace(/^sha256:/, "")}`;
+      assert.ok(keys.includes(key), `${step.id}/${output.name}: ${key} not in the store`);
+    }
+  }
+}
+
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 
 async function finished(client: RunClient, runId: string, timeoutMs = 60_000) {
@@ -143,6 +199,10 @@ Deno.test({
   async fn(t) {
     const config = await testConfig();
     const figures: string[] = [];
+    let failed = false;
+    const step = async (name: string, fn: () => Promise<void>) => {
+      if (!(await t.step(name, fn))) failed = true;
+    };
     try {
       const upStarted = Date.now();
       await simUp(config);
@@ -151,7 +211,7 @@ Deno.test({
       const client = new RunClient([apiUrl(config)], { token });
       await using box = await sandbox();
 
-      await t.step("intra-cloud < 1 ms and cross-cloud within ±10 %, measured", async () => {
+      await step("intra-cloud < 1 ms and cross-cloud within ±10 %, measured", async () => {
         const measurements = await measureLatency(config);
         const table = renderMeasurements(measurements);
         console.log(table);
@@ -159,7 +219,7 @@ Deno.test({
         assert.equal(measurements.filter((m) => m.targetMs > 0).length, 3);
       });
 
-      await t.step("the energy pipeline runs each step in its cloud (host CLI)", async () => {
+      await step("the energy pipeline runs each step in its cloud (host CLI)", async () => {
         const before = await gatewayState(config);
         const env = { RUNNEL_API_TOKEN: token };
         const submitted = await runCli(
@@ -177,6 +237,7 @@ Deno.test({
         const { run, steps } = await finished(client, runId);
         assert.equal(run.status, "succeeded");
         assertPlaced(config, steps);
+        await assertArtifactsStored(config, steps);
         const shown = await runCli(["show", runId, "--server", apiUrl(config)], {
           cwd: box.dir,
           env,
@@ -196,7 +257,7 @@ Deno.test({
         );
       });
 
-      await t.step(
+      await step(
         "cp-aws-1 SIGKILLed mid-run while it leads: re-elected, run finishes",
         async () => {
           await moveEtcdLeader(config, "cp-aws-1");
@@ -227,6 +288,7 @@ Deno.test({
           const { run, steps } = await finished(client, runId);
           assert.equal(run.status, "succeeded", JSON.stringify(steps));
           assertPlaced(config, steps);
+          await assertArtifactsStored(config, steps);
           const nextScheduledMs = steps.analyze.attempts[0].scheduledAt! - killedAt;
           const generateEndedMs = steps.generate.finishedAt! - killedAt;
           figures.push(
@@ -248,7 +310,7 @@ Deno.test({
         },
       );
 
-      await t.step(
+      await step(
         "a worker SIGKILLed mid-step: the step runs on the other AWS worker in time",
         async () => {
           const dir = `${box.dir}/worker`;
@@ -287,7 +349,7 @@ Deno.test({
         },
       );
 
-      await t.step(
+      await step(
         "azure partitioned 20 s: aws and gcp keep running, azure's step waits",
         async () => {
           const dir = `${box.dir}/partition`;
@@ -330,8 +392,12 @@ Deno.test({
           );
         },
       );
+    } catch (error) {
+      failed = true;
+      throw error;
     } finally {
       console.log(figures.join("\n"));
+      if (failed) await printLogTails(config);
       await simDown(config.prefix);
     }
     // Nothing of the simulation remains.
