@@ -220,6 +220,24 @@ export function renderMeasurements(measurements: PairMeasurement[]): string {
   return renderTable([header, ...rows]);
 }
 
+/**
+ * The measurements as a cloud × cloud matrix of median ping round trips
+ * (intra-cloud from each cloud's first pair).
+ */
+export function renderMatrix(measurements: PairMeasurement[], clouds: string[]): string {
+  const cell = (a: string, b: string) => {
+    const found = measurements.find((m) => m.link === (a === b ? a : `${a}-${b}`)) ??
+      measurements.find((m) => m.link === `${b}-${a}`);
+    if (!found) return "-";
+    const value = found.ping.median;
+    return Number.isNaN(value) ? "lost" : `${fixed(value)} ms`;
+  };
+  return renderTable([
+    ["ping median", ...clouds],
+    ...clouds.map((a) => [a, ...clouds.map((b) => cell(a, b))]),
+  ]);
+}
+
 /** Left-aligned columns. */
 export function renderTable(rows: string[][]): string {
   const widths = rows[0].map((_, column) =>

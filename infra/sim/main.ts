@@ -12,7 +12,7 @@
 
 import { parseArgs } from "node:util";
 import { type SimConfig, SimConfigError } from "./config.ts";
-import { renderTable } from "./check.ts";
+import { renderMatrix, renderTable } from "./check.ts";
 import {
   apiUrl,
   clusterState,
@@ -135,6 +135,8 @@ async function status(config: SimConfig): Promise<void> {
 
 async function check(config: SimConfig): Promise<number> {
   const measurements = await measureLatency(config);
+  console.log(renderMatrix(measurements, Object.keys(config.clouds)));
+  console.log("");
   console.log(renderMeasurements(measurements));
   const bad = measurements.filter((m) => !m.ok);
   if (bad.length) {
