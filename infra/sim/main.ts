@@ -32,7 +32,7 @@ import {
   simStart,
   simUp,
 } from "./mod.ts";
-import { namespacesOf, simPrefixes } from "./network.ts";
+import { namespacesOf, SimNetworkError, simPrefixes } from "./network.ts";
 
 const USAGE =
   `usage: sim up|down [--all]|list|check|status|kill NODE|start NODE|partition CLOUD on|off [--config FILE] [--prefix NAME]`;
@@ -234,7 +234,7 @@ if (import.meta.main) {
       console.error(`error: ${error.message}`);
       Deno.exit(2);
     }
-    if (error instanceof SimError || (error as Error).name === "SimNetworkError") {
+    if (error instanceof SimError || error instanceof SimNetworkError) {
       console.error(`error: ${(error as Error).message}`);
       Deno.exit(1);
     }
