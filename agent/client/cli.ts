@@ -154,6 +154,8 @@ export async function agentCommand(flags: CliFlags, config: AgentConfig): Promis
   try {
     agent = await startAgent({
       servers,
+      // A name the operator chose (the sim's node names); otherwise kept from the state dir.
+      agentId: flags.id,
       token: joinToken(flags),
       labels: parseLabels(flags.labels),
       slots: flags.slots ? positiveInt(flags.slots, "--slots") : undefined,

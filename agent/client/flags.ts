@@ -84,7 +84,7 @@ Options:
   --s3-endpoint URL --s3-bucket B [--s3-region R]   (agent) S3 artifacts (AWS_* env keys)
   --listen H:P --grpc H:P   (server) API and agent addresses (127.0.0.1:8080, :7070)
   --etcd URLS | --store FILE   (server) the state store
-  --id NAME --peers H:P,… --heartbeat D   (server) id, agents' failover list, heartbeat
+  --id NAME --peers H:P,… --heartbeat D   (server) id, agents' failover list, heartbeat; (agent) --id NAME
   --tls-ca/--tls-cert/--tls-key FILE      TLS for the agents' gRPC (and the API without
                                           --http-tls-*); (API commands) --tls-ca trusts a CA
   --http-tls-cert/--http-tls-key FILE     (server) serve the HTTP API over TLS
