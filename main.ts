@@ -18,6 +18,7 @@ import {
   type CommandLine,
   durationFlag,
   EXIT_BAD_INPUT,
+  labelsFlag,
   limitsFlag,
   paramsFlag,
   parseCommandLine,
@@ -64,6 +65,7 @@ async function main(line: CommandLine): Promise<number> {
     settings,
     limits,
     params: params ?? {},
+    labels: labelsFlag(flags.label),
   };
 
   const cluster = () => import("./agent/client/cli.ts");
@@ -124,7 +126,14 @@ async function main(line: CommandLine): Promise<number> {
     case "cancel":
       return await local.cancelCommand(need("a run id"), { stateDir, settings });
     case "runs":
-      return await local.runsCommand({ stateDir, json });
+      return await local.runsCommand({
+        stateDir,
+        json,
+        labels: labelsFlag(flags.label),
+        status: flags.status,
+        pipeline: flags.pipeline,
+        pageSize: flags["page-size"] ? positiveInt(flags["page-size"], "--page-size") : undefined,
+      });
     case "show":
       return await local.showCommand(need("a run id"), { stateDir, json });
     case "logs":

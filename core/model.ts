@@ -199,6 +199,10 @@ export interface Plan {
   schedule?: ScheduleSpec;
   /** The operator secret that signs webhook triggers of it (cluster, `runnel apply`). */
   webhookSecret?: string;
+  /** Labels of its runs (the file's; a submission may add to them). */
+  labels?: Record<string, string>;
+  /** Name of its runs (`run-name`, parameters applied). */
+  runName?: string;
 }
 
 /** Status of a step instance. */

@@ -179,6 +179,8 @@ export function checkReferences(pipeline: PipelineFile): ParamProblem[] {
   eachString(pipeline.env, ["env"], check);
   eachString(pipeline.defaults, ["defaults"], check);
   eachString(pipeline.selector, ["selector"], check);
+  eachString(pipeline["run-name"], ["run-name"], check);
+  eachString(pipeline.labels, ["labels"], check);
   return problems;
 }
 
@@ -275,7 +277,7 @@ export function applyParams(
   pipeline: PipelineFile,
   values: Record<string, ParamValue>,
 ): PipelineFile {
-  if (!pipeline.params) return pipeline;
+  if (!pipeline.params && !pipeline["run-name"]) return pipeline;
   const steps: PipelineFile["steps"] = {};
   for (const [name, step] of Object.entries(pipeline.steps)) {
     const { run, ...rest } = step;
@@ -307,6 +309,10 @@ export function applyParams(
       : {}),
     ...(pipeline.selector
       ? { selector: substituteDeep(pipeline.selector, values) as typeof pipeline.selector }
+      : {}),
+    ...(pipeline["run-name"] ? { "run-name": substitute(pipeline["run-name"], values) } : {}),
+    ...(pipeline.labels
+      ? { labels: substituteDeep(pipeline.labels, values) as typeof pipeline.labels }
       : {}),
   };
 }

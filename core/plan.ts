@@ -468,6 +468,8 @@ export function planPipeline(
   };
   if (pipeline.concurrency !== undefined) plan.concurrency = pipeline.concurrency;
   if (pipeline.deadline !== undefined) plan.deadlineMs = parseDuration(pipeline.deadline);
+  if (pipeline.labels && Object.keys(pipeline.labels).length > 0) plan.labels = pipeline.labels;
+  if (pipeline["run-name"] !== undefined) plan.runName = pipeline["run-name"];
   if (pipeline.affinity !== undefined) plan.affinity = pipeline.affinity;
   const onFailure = webhook(pipeline["on-failure"]);
   if (onFailure) plan.onFailure = onFailure;

@@ -88,6 +88,20 @@ const EnvSchema = z.record(z.string().regex(ENV_NAME_PATTERN), scalar).meta({
   description: "Environment variables (values are strings; numbers and booleans are converted).",
 });
 
+/** A run label's key (`team`, `app.kubernetes.io/name`) and value. */
+export const LABEL_KEY_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$/;
+export const LABEL_VALUE_PATTERN = /^[A-Za-z0-9_.-]{0,63}$/;
+
+/** Labels of a run: what `runnel runs -l k=v` finds it by. */
+export const LabelsSchema = z.record(
+  z.string().regex(LABEL_KEY_PATTERN, {
+    message: "Expected a label key ([A-Za-z0-9_./-], 63 at most)",
+  }),
+  z.string().regex(LABEL_VALUE_PATTERN, {
+    message: "Expected a label value ([A-Za-z0-9_.-], 63 at most)",
+  }),
+).meta({ description: "Labels of its runs (`runnel runs -l team=ml`)." });
+
 const SelectorSchema = z.record(z.string(), z.string()).meta({
   description: "Worker labels that must match, e.g. `{ cloud: gcp }`.",
 });
@@ -412,6 +426,10 @@ export const PipelineSchema = z.strictObject({
     description: "Pipeline name ([A-Za-z0-9_.-]+).",
   }),
   description: z.string().optional().meta({ description: "What the pipeline does." }),
+  labels: LabelsSchema.optional(),
+  "run-name": z.string().min(1).max(200).optional().meta({
+    description: 'Name of each run, `${{ params.NAME }}` allowed ("deploy ${{ params.env }}").',
+  }),
   params: z.record(z.string().regex(/^[A-Za-z][A-Za-z0-9_]*$/), ParamSchema).optional().meta({
     description: "Run parameters by name ([A-Za-z][A-Za-z0-9_]*): `--param NAME=VALUE` at run " +
       "time, `${{ params.NAME }}` in a step's strings (in `run`, an env var reference).",

@@ -39,6 +39,7 @@ import {
   EXIT_BAD_INPUT,
   HEARTBEAT_BOUNDS,
   hostPort,
+  labelsFlag,
   limitsFlag,
   paramsFlag,
   parseLabels,
@@ -226,7 +227,14 @@ export async function submitCommand(file: string, flags: CliFlags): Promise<numb
   const baseDir = dirname(resolve(file));
   const bundle = await collectBundle(baseDir);
   const params = await paramsFlag(flags.param, flags["params-file"]);
-  const { runId } = await client.submit(source, file, baseDir, bundle.files, params);
+  const { runId } = await client.submit(
+    source,
+    file,
+    baseDir,
+    bundle.files,
+    params,
+    labelsFlag(flags.label),
+  );
   if (!flags.follow) {
     console.log(flags.json ? JSON.stringify({ runId }) : `submitted ${runId}`);
     return 0;
@@ -298,7 +306,7 @@ export async function triggerCommand(name: string, flags: CliFlags): Promise<num
     ? undefined
     : positiveInt(flags["pipeline-version"], "--pipeline-version");
   const params = await paramsFlag(flags.param, flags["params-file"]);
-  const started = await client.trigger(name, { params, version });
+  const started = await client.trigger(name, { params, version, labels: labelsFlag(flags.label) });
   if (!flags.follow) {
     return print(
       flags.json
@@ -385,10 +393,21 @@ export async function remoteCommand(
   };
   switch (command) {
     case "runs": {
-      const runs = await client.runs();
-      if (flags.json) return print(JSON.stringify(runs, null, 2));
-      if (runs.length === 0) return print("no runs on this cluster yet");
-      return print(renderRunList(runs));
+      const page = await client.searchRuns({
+        labels: labelsFlag(flags.label),
+        status: flags.status,
+        pipeline: flags.pipeline,
+        limit: flags["page-size"] ? positiveInt(flags["page-size"], "--page-size") : undefined,
+        after: flags.after,
+      });
+      if (flags.json) return print(JSON.stringify(page, null, 2));
+      if (page.runs.length === 0) {
+        const filtered = flags.label?.length || flags.status || flags.pipeline || flags.after;
+        return print(filtered ? "no runs on this cluster match" : "no runs on this cluster yet");
+      }
+      return print(
+        renderRunList(page.runs) + (page.next ? `\nmore: runnel runs … --after ${page.next}` : ""),
+      );
     }
     case "rerun": {
       const { runId, rerun } = await client.rerun(id(), args.slice(1), flags.downstream);

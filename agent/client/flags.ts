@@ -8,6 +8,7 @@
 
 import { parseArgs } from "node:util";
 import { parse as parseYaml } from "npm:yaml@2.9.1";
+import { LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN } from "../../core/schema.ts";
 import { isDuration, parseDuration } from "../../core/duration.ts";
 import { parseLimit, type PipelineLimits } from "../../core/limits.ts";
 import denoConfig from "../../deno.json" with { type: "json" };
@@ -65,6 +66,9 @@ Options:
                        step-instances (100000), dependencies (1000000), plan-bytes (64Mi)
   --param NAME=VALUE   a run parameter (repeatable; run, resume-less submit, validate, plan)
   --params-file FILE   run parameters from a YAML or JSON map (--param wins)
+  --label, -l K=V      (run, submit, trigger) a label of the run, with the pipeline's (repeatable);
+                       (runs) only runs with this label; with --status S, --pipeline P,
+                       --page-size N (50) and --after CURSOR (the last page's "next")
   --mermaid            (plan) print a Mermaid flowchart
   --follow, -f         (logs) keep printing until the run ends
   --retention D        (gc) keep artifacts younger than D (default 14d)
@@ -110,6 +114,11 @@ const OPTIONS = {
   "pipeline-version": { type: "string" },
   from: { type: "string" },
   downstream: { type: "boolean" },
+  label: { type: "string", multiple: true, short: "l" },
+  status: { type: "string" },
+  pipeline: { type: "string" },
+  "page-size": { type: "string" },
+  after: { type: "string" },
   to: { type: "string" },
   mermaid: { type: "boolean" },
   follow: { type: "boolean", short: "f" },
@@ -242,6 +251,24 @@ export function limitsFlag(values: string[] | undefined): Partial<PipelineLimits
   } catch (error) {
     throw new UsageError(`${(error as Error).message} (--limit)`);
   }
+}
+
+/** The values of `--label K=V` (repeatable), as a map; undefined when none is given. */
+export function labelsFlag(values: string[] | undefined): Record<string, string> | undefined {
+  if (!values?.length) return undefined;
+  const labels: Record<string, string> = {};
+  for (const value of values) {
+    const at = value.indexOf("=");
+    const key = value.slice(0, at);
+    const text = value.slice(at + 1);
+    if (at <= 0 || !LABEL_KEY_PATTERN.test(key) || !LABEL_VALUE_PATTERN.test(text)) {
+      throw new UsageError(
+        `Expected --label KEY=VALUE (KEY of [A-Za-z0-9_./-], VALUE of [A-Za-z0-9_.-]), got "${value}"`,
+      );
+    }
+    labels[key] = text;
+  }
+  return labels;
 }
 
 /**

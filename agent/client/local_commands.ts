@@ -59,6 +59,8 @@ export interface ExecuteOptions extends StateOptions {
   hosts?: HostTuning;
   /** Backends' settings of the `--config` file (ssh host aliases). */
   settings?: Record<string, unknown>;
+  /** Labels of the run (`--label`). */
+  labels?: Record<string, string>;
   /** What a pipeline may ask of this host: `localPolicy` with the `--config` file's `policy`. */
   policy?: AttemptPolicy;
   /** The secrets the user declares (`--secrets`, the `--config` file's `secrets:`). */
@@ -147,6 +149,7 @@ export async function runCommand(file: string, options: ExecuteOptions): Promise
         settings: options.settings,
         policy: options.policy,
         secrets: options.secrets,
+        labels: options.labels,
       }),
     options,
   );
@@ -214,11 +217,22 @@ export async function cancelCommand(
 }
 
 /** `runnel runs`: newest first. */
-export async function runsCommand(options: StateOptions): Promise<number> {
+export async function runsCommand(
+  options: StateOptions & {
+    labels?: Record<string, string>;
+    status?: string;
+    pipeline?: string;
+    pageSize?: number;
+  },
+): Promise<number> {
   // Read-only: on a full disk the runs can still be seen.
   const state = await openLocalState(options.stateDir, { readOnly: true });
   try {
-    const runs = await listRuns(state.store);
+    const runs = (await listRuns(state.store)).filter((run) =>
+      (options.status === undefined || run.status === options.status) &&
+      (options.pipeline === undefined || run.pipeline === options.pipeline) &&
+      Object.entries(options.labels ?? {}).every(([key, value]) => run.labels?.[key] === value)
+    ).slice(0, options.pageSize);
     if (options.json) return print(JSON.stringify(runs, null, 2));
     if (runs.length === 0) return print('no runs yet; start one with "runnel run FILE"');
     return print(renderRunList(runs));

@@ -10,6 +10,7 @@
 
 import type { PipelineMeta, PipelineVersion } from "../server/pipelines.ts";
 import type { ScheduleState } from "../server/schedules.ts";
+import type { RunPage, RunQuery } from "../server/run_index.ts";
 import type { Diagnostic } from "../../core/errors.ts";
 import { PipelineError } from "../../core/errors.ts";
 import type { StepState } from "../../core/model.ts";
@@ -130,6 +131,7 @@ export class RunClient {
     baseDir: string,
     files?: Record<string, string>,
     params?: Record<string, unknown>,
+    labels?: Record<string, string>,
   ): Promise<{ runId: string }> {
     const response = await this.#call("POST", "/api/runs", {
       source,
@@ -137,6 +139,7 @@ export class RunClient {
       baseDir,
       ...(files ? { files } : {}),
       ...(params ? { params } : {}),
+      ...(labels ? { labels } : {}),
     });
     const body = await response.json().catch(() => ({}));
     if (response.status === 400 && Array.isArray(body.diagnostics)) {
@@ -185,7 +188,11 @@ export class RunClient {
   /** Starts a run of a registered pipeline (its current version unless `version` says). */
   async trigger(
     name: string,
-    options: { params?: Record<string, unknown>; version?: number } = {},
+    options: {
+      params?: Record<string, unknown>;
+      version?: number;
+      labels?: Record<string, string>;
+    } = {},
   ): Promise<{ runId: string; pipeline: string; version: number; url: string }> {
     const response = await this.#call(
       "POST",
@@ -193,6 +200,7 @@ export class RunClient {
       {
         ...(options.params ? { params: options.params } : {}),
         ...(options.version !== undefined ? { version: options.version } : {}),
+        ...(options.labels ? { labels: options.labels } : {}),
       },
     );
     const body = await response.json().catch(() => ({}));
@@ -244,6 +252,19 @@ export class RunClient {
       steps,
       downstream,
     });
+  }
+
+  /** A page of the runs matching `query`, newest first, read from the cluster's indexes. */
+  async searchRuns(query: RunQuery): Promise<RunPage> {
+    const search = new URLSearchParams();
+    for (const [key, value] of Object.entries(query.labels ?? {})) {
+      search.append("label", `${key}=${value}`);
+    }
+    if (query.status) search.set("status", query.status);
+    if (query.pipeline) search.set("pipeline", query.pipeline);
+    if (query.limit) search.set("limit", String(query.limit));
+    if (query.after) search.set("after", query.after);
+    return await this.#json("GET", `/api/runs/search?${search}`);
   }
 
   /** Every run, newest first. */

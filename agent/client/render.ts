@@ -18,6 +18,9 @@ export interface RunSummaryRecord extends RunHeader {
   params?: Record<string, string | number | boolean>;
   /** The run this one reruns steps of (`runnel rerun`). */
   rerunOf?: string;
+  /** Its name (`run-name`) and labels. */
+  name?: string;
+  labels?: Record<string, string>;
   /** The registered pipeline version it runs (cluster, `runnel trigger`). */
   registered?: { name: string; version: number; tick?: number };
 }
@@ -69,6 +72,11 @@ export function renderRun(view: RunView): string {
     lines.push(`duration  ${formatMs(run.finishedAt - run.startedAt)}`);
   }
   if (run.rerunOf) lines.push(`rerun of ${run.rerunOf}`);
+  if (run.name) lines.push(`name      ${run.name}`);
+  const labels = Object.entries(run.labels ?? {});
+  if (labels.length > 0) {
+    lines.push(`labels    ${labels.map(([key, value]) => `${key}=${value}`).join(" ")}`);
+  }
   const params = Object.entries(run.params ?? {});
   if (params.length > 0) {
     lines.push(

@@ -97,6 +97,8 @@ export interface LocalRunOptions {
   reuse?: Record<string, StepState>;
   /** The run a rerun reruns steps of. */
   rerunOf?: string;
+  /** Labels of the run, added to the pipeline's (`--label`). */
+  labels?: Record<string, string>;
   /** Backends' settings of the `--config` file (ssh host aliases), for the run's own pool. */
   settings?: Record<string, unknown>;
   /** Plugin host tuning (idle time, heartbeats) for the run's own pool. */
@@ -224,6 +226,8 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
     };
     if (plan.params) record.params = plan.params;
     if (options.rerunOf) record.rerunOf = options.rerunOf;
+    if (plan.labels || options.labels) record.labels = { ...plan.labels, ...options.labels };
+    if (plan.runName) record.name = plan.runName;
     if (!(await isFile(record.file))) {
       // Defined in code: a resume takes the plan from the store.
       record.planStored = true;

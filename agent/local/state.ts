@@ -39,6 +39,10 @@ export interface RunRecord extends RunHeader {
   planStored?: boolean;
   /** The run this one reruns steps of (`runnel rerun`). */
   rerunOf?: string;
+  /** Its labels (the pipeline's and `--label`'s). */
+  labels?: Record<string, string>;
+  /** Its name (`run-name`). */
+  name?: string;
   /** The run's parameter values; a resume plans the file again with them. */
   params?: Record<string, string | number | boolean>;
   /** Third-party backends the run was started with; a resume loads them again. */

@@ -32,6 +32,7 @@
  * | `POST /api/schedules/:name/suspend`, `/resume` | submit | 200 `{pipeline, suspended}` |
  * | `POST /api/schedules/:name/backfill` | submit | `{from, to, dryRun?}` → 202 `{ticks}`: a run per tick, as its concurrency policy allows |
  * | `GET /api/runs` | read | every run, newest first |
+ * | `GET /api/runs/search?label=K=V&status=S&pipeline=P&limit=N&after=C` | read | `{runs, next?}`: a page of an index, newest first |
  * | `GET /api/runs/:id` | read | `{run, steps}` |
  * | `POST /api/runs/:id/cancel`, `/resume` | submit | 202 |
  * | `POST /api/runs/:id/rerun` | submit | `{steps, downstream?}` → 201 `{runId, rerun}`: a new run reusing every other succeeded step's outputs |
@@ -76,6 +77,8 @@ import type { RaftState, ServerMetrics } from "./metrics.ts";
 import { listSchedules, setSuspended, startBackfill, syncSchedule } from "./schedules.ts";
 import { ticksBetween } from "../../core/schedule.ts";
 import { RerunError, selectRerun } from "../../core/rerun.ts";
+import { type RunQuery, searchRuns } from "./run_index.ts";
+import { LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN } from "../../core/schema.ts";
 import { planRegistered } from "./trigger.ts";
 import {
   applyPipeline,
@@ -207,6 +210,12 @@ const ROUTES: Route[] = [
     path: /^\/api\/runs$/,
     access: needs("read"),
     handle: async ({ context }) => json(await listClusterRuns(context.store)),
+  },
+  {
+    method: "GET",
+    path: /^\/api\/runs\/search$/,
+    access: needs("read"),
+    handle: async ({ context, url }) => json(await searchRuns(context.store, runQueryOf(url))),
   },
   { method: "GET", path: /^\/api\/runs\/([^/]+)$/, access: needs("read"), handle: runOf },
   {
@@ -885,6 +894,7 @@ async function submit({ context, request, audit }: Call): Promise<Response> {
   const record = await submitRun(context.store, plan, {
     file: submission.file,
     bundle: submission.bundle,
+    labels: labelsOf(body.labels),
   });
   audit.runId = record.runId;
   audit.pipeline = record.pipeline;
@@ -922,6 +932,49 @@ async function apply({ context, request, audit, caller }: Call): Promise<Respons
 }
 
 const TRIGGER_SHAPE = '{"params"?: {"<name>": <string|number|boolean>}, "version"?: <number>}';
+
+/** `?label=k=v&status=S&pipeline=P&limit=N&after=C` as a query of the run indexes. */
+function runQueryOf(url: URL): RunQuery {
+  const labels: Record<string, string> = {};
+  for (const label of url.searchParams.getAll("label")) {
+    const at = label.indexOf("=");
+    if (at <= 0) {
+      throw new RequestBodyError("bad_request", `Expected label=KEY=VALUE, got "${label}"`);
+    }
+    labels[label.slice(0, at)] = label.slice(at + 1);
+  }
+  const limit = url.searchParams.get("limit");
+  if (limit !== null && !/^[1-9][0-9]{0,3}$/.test(limit)) {
+    throw new RequestBodyError("bad_request", "Expected limit to be a number from 1 to 1000");
+  }
+  const pick = (name: string) => url.searchParams.get(name) ?? undefined;
+  return {
+    labels,
+    status: pick("status"),
+    pipeline: pick("pipeline"),
+    ...(limit !== null ? { limit: Number(limit) } : {}),
+    after: pick("after"),
+  };
+}
+
+/** The `labels` of a submission: a map of label keys to values. */
+function labelsOf(labels: unknown): Record<string, string> | undefined {
+  if (labels === undefined) return undefined;
+  if (typeof labels !== "object" || labels === null || Array.isArray(labels)) {
+    throw new RequestBodyError("bad_request", 'Expected "labels" to map keys to values');
+  }
+  for (const [key, value] of Object.entries(labels)) {
+    if (
+      !LABEL_KEY_PATTERN.test(key) || typeof value !== "string" || !LABEL_VALUE_PATTERN.test(value)
+    ) {
+      throw new RequestBodyError(
+        "bad_request",
+        `Expected label "${key}" of [A-Za-z0-9_./-] with a value of [A-Za-z0-9_.-] (63 at most)`,
+      );
+    }
+  }
+  return labels as Record<string, string>;
+}
 
 const BACKFILL_SHAPE = '{"from": "<ISO 8601>", "to": "<ISO 8601>", "dryRun"?: <boolean>}';
 
@@ -1068,6 +1121,7 @@ async function startTriggered(
     file: planned.version.file,
     bundle: planned.bundle,
     registered: { name, version: planned.version.version },
+    labels: labelsOf(body.labels),
   });
   audit.runId = record.runId;
   return json({

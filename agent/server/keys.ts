@@ -42,6 +42,10 @@ export interface ClusterRunRecord extends RunHeader {
   bundle?: string;
   /** The run this one reruns steps of (`runnel rerun`). */
   rerunOf?: string;
+  /** Its labels (the pipeline's and the submission's), indexed (`run_index.ts`). */
+  labels?: Record<string, string>;
+  /** Its name (`run-name`). */
+  name?: string;
   /** The run's parameter values (also in its plan). */
   params?: Record<string, string | number | boolean>;
   /**

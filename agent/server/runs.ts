@@ -9,6 +9,7 @@
 import type { Plan, StepState } from "../../core/model.ts";
 import type { Compare, Store, TxnOp } from "../../consensus/store.ts";
 import { clusterKeys, type ClusterRunRecord, type WorkerRecord } from "./keys.ts";
+import { indexOps } from "./run_index.ts";
 import { newRunId } from "../local/mod.ts";
 import { checkBundle, type PipelineBundle, putBundle } from "../bundle.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
@@ -45,6 +46,8 @@ export async function submitRun(
     bundleDigest?: string;
     /** The run this one reruns steps of. */
     rerunOf?: string;
+    /** Labels added to the pipeline's (a submission's `--label`). */
+    labels?: Record<string, string>;
     /** The registered pipeline and version it runs (`runnel trigger`, a schedule). */
     registered?: { name: string; version: number; tick?: number };
     /**
@@ -85,6 +88,8 @@ export async function submitRun(
       ? { bundle: options.bundleDigest }
       : {}),
     ...(options.rerunOf ? { rerunOf: options.rerunOf } : {}),
+    ...(plan.labels || options.labels ? { labels: { ...plan.labels, ...options.labels } } : {}),
+    ...(plan.runName ? { name: plan.runName } : {}),
     ...(plan.params ? { params: plan.params } : {}),
     ...(options.registered ? { registered: options.registered } : {}),
   };
@@ -97,6 +102,7 @@ export async function submitRun(
     success: [
       { type: "put", key: clusterKeys.plan(record.runId), value: planJson },
       { type: "put", key: clusterKeys.run(record.runId), value: JSON.stringify(record) },
+      ...indexOps(record),
       ...(options.also?.success(record.runId) ?? []),
     ],
   });

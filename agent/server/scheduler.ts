@@ -37,6 +37,7 @@ import {
   type WorkerRecord,
 } from "./keys.ts";
 import { WakeTimer, WebhookAllowList, WebhookNotifier } from "../effects.ts";
+import { statusIndexOps } from "./run_index.ts";
 import { attemptGets } from "../../core/attempt.ts";
 import { isTerminalRunStatus, isTerminalStepStatus } from "../../core/model.ts";
 
@@ -631,9 +632,11 @@ class Scheduler {
   #persistOps(driver: RunDriver): TxnOp[] {
     const state = driver.engine.state;
     const record = driver.record;
+    const before = record.status;
     syncHeader(record, state);
     return [
       { type: "put", key: clusterKeys.run(record.runId), value: JSON.stringify(record) },
+      ...statusIndexOps(record, before),
       ...driver.engine.drainChanged().map((stepId): TxnOp => ({
         type: "put",
         key: clusterKeys.step(record.runId, stepId),
