@@ -203,6 +203,12 @@ export interface Plan {
   labels?: Record<string, string>;
   /** Name of its runs (`run-name`, parameters applied). */
   runName?: string;
+  /** Runs sharing the key run at most `limit` at once (cluster). */
+  concurrencyKey?: {
+    key: string;
+    limit: number;
+    onConflict: "queue" | "cancel-new" | "cancel-running";
+  };
 }
 
 /** Status of a step instance. */

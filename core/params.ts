@@ -180,6 +180,7 @@ export function checkReferences(pipeline: PipelineFile): ParamProblem[] {
   eachString(pipeline.defaults, ["defaults"], check);
   eachString(pipeline.selector, ["selector"], check);
   eachString(pipeline["run-name"], ["run-name"], check);
+  eachString(pipeline["concurrency-key"], ["concurrency-key"], check);
   eachString(pipeline.labels, ["labels"], check);
   return problems;
 }
@@ -277,7 +278,7 @@ export function applyParams(
   pipeline: PipelineFile,
   values: Record<string, ParamValue>,
 ): PipelineFile {
-  if (!pipeline.params && !pipeline["run-name"]) return pipeline;
+  if (!pipeline.params) return pipeline;
   const steps: PipelineFile["steps"] = {};
   for (const [name, step] of Object.entries(pipeline.steps)) {
     const { run, ...rest } = step;
@@ -311,6 +312,14 @@ export function applyParams(
       ? { selector: substituteDeep(pipeline.selector, values) as typeof pipeline.selector }
       : {}),
     ...(pipeline["run-name"] ? { "run-name": substitute(pipeline["run-name"], values) } : {}),
+    ...(pipeline["concurrency-key"]
+      ? {
+        "concurrency-key": substituteDeep(
+          pipeline["concurrency-key"],
+          values,
+        ) as typeof pipeline["concurrency-key"],
+      }
+      : {}),
     ...(pipeline.labels
       ? { labels: substituteDeep(pipeline.labels, values) as typeof pipeline.labels }
       : {}),

@@ -470,6 +470,12 @@ export function planPipeline(
   if (pipeline.deadline !== undefined) plan.deadlineMs = parseDuration(pipeline.deadline);
   if (pipeline.labels && Object.keys(pipeline.labels).length > 0) plan.labels = pipeline.labels;
   if (pipeline["run-name"] !== undefined) plan.runName = pipeline["run-name"];
+  const key = pipeline["concurrency-key"];
+  if (key !== undefined) {
+    plan.concurrencyKey = typeof key === "string"
+      ? { key, limit: 1, onConflict: "queue" }
+      : { key: key.key, limit: key.limit ?? 1, onConflict: key["on-conflict"] ?? "queue" };
+  }
   if (pipeline.affinity !== undefined) plan.affinity = pipeline.affinity;
   const onFailure = webhook(pipeline["on-failure"]);
   if (onFailure) plan.onFailure = onFailure;

@@ -453,6 +453,26 @@ export const PipelineSchema = z.strictObject({
   concurrency: z.number().int().positive().optional().meta({
     description: "Max step instances running at once.",
   }),
+  "concurrency-key": z.union([
+    z.string().min(1).max(200),
+    z.strictObject({
+      key: z.string().min(1).max(200).meta({
+        description: 'The key, `${{ params.NAME }}` allowed ("deploy-${{ params.env }}").',
+      }),
+      limit: z.number().int().min(1).max(1000).optional().meta({
+        description: "Runs of the key at once.",
+        default: 1,
+      }),
+      "on-conflict": z.enum(["queue", "cancel-new", "cancel-running"]).optional().meta({
+        description: "When the key is full: wait in line (queue, first come first served), " +
+          "cancel the new run, or cancel the running one(s).",
+        default: "queue",
+      }),
+    }),
+  ]).optional().meta({
+    description: "Runs sharing a key run at most `limit` at once on a cluster (GitHub Actions' " +
+      "concurrency group); a string is the key with limit 1, queued.",
+  }),
   deadline: TimeoutSchema.optional().meta({
     description: "Longest a run (each round of it) may take: past it, what still runs is " +
       "stopped and the run fails (error class `deadline`).",

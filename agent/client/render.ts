@@ -18,6 +18,8 @@ export interface RunSummaryRecord extends RunHeader {
   params?: Record<string, string | number | boolean>;
   /** The run this one reruns steps of (`runnel rerun`). */
   rerunOf?: string;
+  /** Why it has not started (a full concurrency key). */
+  waiting?: string;
   /** Its name (`run-name`) and labels. */
   name?: string;
   labels?: Record<string, string>;
@@ -72,6 +74,7 @@ export function renderRun(view: RunView): string {
     lines.push(`duration  ${formatMs(run.finishedAt - run.startedAt)}`);
   }
   if (run.rerunOf) lines.push(`rerun of ${run.rerunOf}`);
+  if (run.waiting && run.status === "pending") lines.push(`waiting   ${run.waiting}`);
   if (run.name) lines.push(`name      ${run.name}`);
   const labels = Object.entries(run.labels ?? {});
   if (labels.length > 0) {

@@ -46,6 +46,8 @@ export interface ClusterRunRecord extends RunHeader {
   labels?: Record<string, string>;
   /** Its name (`run-name`). */
   name?: string;
+  /** Why it has not started (its concurrency key is full). */
+  waiting?: string;
   /** The run's parameter values (also in its plan). */
   params?: Record<string, string | number | boolean>;
   /**

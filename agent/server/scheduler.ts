@@ -223,12 +223,18 @@ class Scheduler {
           );
         }
       }
-      // A run submitted but never started (or submitted just now) starts.
-      const first: EngineEvent = driver.engine.state.status === "pending"
-        ? { type: "Start", now: this.#now() }
-        : { type: "Tick", now: this.#now() };
-      this.#enqueue(() => this.#apply(driver, [first]));
+      // A run submitted but never started (or submitted just now) starts,
+      // oldest first (the order its concurrency key, if any, serves them in).
+      if (driver.engine.state.status !== "pending") {
+        this.#enqueue(() => this.#apply(driver, [{ type: "Tick", now: this.#now() }]));
+      }
     }
+    const pending = [...this.#runs.values()]
+      .filter((driver) => driver.engine.state.status === "pending")
+      .sort((a, b) =>
+        a.record.createdAt - b.record.createdAt || (a.record.runId < b.record.runId ? -1 : 1)
+      );
+    for (const driver of pending) this.#enqueue(() => this.#startRun(driver));
     return Math.max(workers.revision, assignments.revision, runs.revision, results.revision);
   }
 
@@ -270,7 +276,7 @@ class Scheduler {
           const record = JSON.parse(event.value!) as ClusterRunRecord;
           if (!this.#runs.has(record.runId) && record.status === "pending") {
             const driver = await this.#adoptRun(record);
-            if (driver) await this.#apply(driver, [{ type: "Start", now: this.#now() }]);
+            if (driver) await this.#startRun(driver);
           }
         }
         return;
@@ -280,6 +286,94 @@ class Scheduler {
       case clusterKeys.requestPrefix:
         if (event.type === "put") await this.#onRequest(event.key);
         return;
+    }
+  }
+
+  /** Runs of a concurrency key that hold a place (started, not finished), oldest first. */
+  #holders(key: string): RunDriver[] {
+    return [...this.#runs.values()]
+      .filter((driver) =>
+        driver.plan.concurrencyKey?.key === key && driver.engine.state.status === "running"
+      )
+      .sort((a, b) => a.record.createdAt - b.record.createdAt);
+  }
+
+  /** Pending runs of a concurrency key, in line: first submitted, first served. */
+  #waiters(key: string): RunDriver[] {
+    return [...this.#runs.values()]
+      .filter((driver) =>
+        driver.plan.concurrencyKey?.key === key && driver.engine.state.status === "pending"
+      )
+      .sort((a, b) =>
+        a.record.createdAt - b.record.createdAt || (a.record.runId < b.record.runId ? -1 : 1)
+      );
+  }
+
+  /**
+   * Starts a pending run, unless its concurrency key is full. The key is no
+   * separate lock: the runs' own statuses in the store are the semaphore,
+   * changed only by the elected scheduler in fenced writes, so a successor
+   * rebuilds the same holders and the same line after a failover.
+   */
+  async #startRun(driver: RunDriver): Promise<void> {
+    if (driver.engine.state.status !== "pending") return;
+    const group = driver.plan.concurrencyKey;
+    if (!group) {
+      await this.#apply(driver, [{ type: "Start", now: this.#now() }]);
+      return;
+    }
+    await this.#serveKey(group.key, driver);
+  }
+
+  /** Starts the runs in line for `key` while it has room; `arrived` is a run just submitted. */
+  async #serveKey(key: string, arrived?: RunDriver): Promise<void> {
+    for (;;) {
+      const holders = this.#holders(key);
+      const line = this.#waiters(key);
+      const next = line[0];
+      if (!next) return;
+      const group = next.plan.concurrencyKey!;
+      if (holders.length < group.limit) {
+        delete next.record.waiting;
+        await this.#apply(next, [{ type: "Start", now: this.#now() }]);
+        continue;
+      }
+      const held = `concurrency key "${key}" is held by ${
+        holders.map((h) => h.record.runId).join(", ")
+      }`;
+      if (arrived && arrived.engine.state.status === "pending") {
+        const conflict = arrived.plan.concurrencyKey!.onConflict;
+        if (conflict === "cancel-new") {
+          await this.#apply(arrived, [{
+            type: "Cancel",
+            now: this.#now(),
+            reason: `${held} (on-conflict: cancel-new)`,
+          }]);
+          arrived = undefined;
+          continue;
+        }
+        if (conflict === "cancel-running") {
+          // Room for the newcomer: the oldest holders go; it starts once they have ended.
+          const excess = holders.length - group.limit + 1;
+          for (const holder of holders.slice(0, excess)) {
+            await this.#apply(holder, [{
+              type: "Cancel",
+              now: this.#now(),
+              reason: `replaced by run ${arrived.record.runId} (concurrency key "${key}", ` +
+                `on-conflict: cancel-running)`,
+            }]);
+          }
+        }
+      }
+      // Wait in line, and say why.
+      for (const waiter of this.#waiters(key)) {
+        const waiting = `waiting for ${held}`;
+        if (waiter.record.waiting !== waiting) {
+          waiter.record.waiting = waiting;
+          await this.#write(this.#persistOps(waiter));
+        }
+      }
+      return;
     }
   }
 
@@ -687,6 +781,11 @@ class Scheduler {
       case "RunFinished":
         driver.wake.clear();
         this.#runs.delete(driver.record.runId);
+        // Its place under a concurrency key goes to the next run in line.
+        if (driver.plan.concurrencyKey) {
+          const key = driver.plan.concurrencyKey.key;
+          this.#enqueue(() => this.#serveKey(key));
+        }
         this.#log({ msg: "run finished", run: driver.record.runId, status: effect.status });
         this.#options.onEvent?.({
           type: "run-finished",
