@@ -128,3 +128,27 @@ Deno.test("params: a plan made without a required value names it, and does not r
   assert.deepEqual(unresolvedParams(plan({ target: "x" }).steps), []);
   await assert.rejects(runPipeline(planned), /required parameters "target"/);
 });
+
+Deno.test("params: runPipeline(plan, { params }) plans the file again with them", async () => {
+  const { runPipeline } = await import("../agent/local/mod.ts");
+  const { loadPipeline } = await import("./load.ts");
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(
+      `${dir}/p.yaml`,
+      'name: lib\nparams:\n  who: { type: string, required: true }\nsteps:\n  s:\n    run: echo "${{ params.who }}" > "$RUNNEL_OUTPUT_OUT_TXT"\n    outputs: [out.txt]\n',
+    );
+    const plan = await loadPipeline(`${dir}/p.yaml`);
+    const summary = await runPipeline(plan, {
+      params: { who: "library" },
+      stateDir: `${dir}/.runnel`,
+    });
+    assert.equal(summary.status, "succeeded");
+    await assert.rejects(
+      runPipeline(plan, { params: { who: 3, extra: 1 }, stateDir: `${dir}/.runnel` }),
+      /"extra" was given/,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -93,6 +93,11 @@ export interface LocalRunOptions {
    * and must have the run's scratch root, `<stateDir>/work`, in its context.
    */
   pool?: PluginHostPool;
+  /**
+   * The run's parameter values: the plan's file is planned again with them
+   * (a plan defined in code takes them from `definePipeline(…, { params })`).
+   */
+  params?: Record<string, unknown>;
   /** Steps the run starts with already succeeded (a rerun's reused ones). */
   reuse?: Record<string, StepState>;
   /** The run a rerun reruns steps of. */
@@ -140,6 +145,28 @@ const MAX_DEFAULT_CONCURRENCY = 64;
 export function defaultConcurrency(cpus: number = navigator.hardwareConcurrency): number {
   const doubled = Number.isFinite(cpus) && cpus > 0 ? 2 * Math.floor(cpus) : 0;
   return Math.min(MAX_DEFAULT_CONCURRENCY, Math.max(MIN_DEFAULT_CONCURRENCY, doubled));
+}
+
+/** The plan of the same file with the run's parameter values. */
+async function withParams(plan: Plan, options: LocalRunOptions): Promise<Plan> {
+  const file = `${plan.baseDir}/${basename(plan.file)}`;
+  if (!(await isFile(file))) {
+    throw new LocalRunError(
+      "params_need_file",
+      `Expected the file of pipeline "${plan.name}" to plan it with parameters; a pipeline ` +
+        `defined in code takes them from definePipeline(pipeline, { params })`,
+    );
+  }
+  const again = await loadPipeline(file, {
+    backends: options.plugins?.map((plugin) => plugin.name),
+    hostPaths: options.policy?.deno,
+    limits: options.limits,
+    params: options.params,
+  });
+  if (again.digest !== plan.digest) {
+    throw new LocalRunError("pipeline_changed", `The file of pipeline "${plan.name}" changed`);
+  }
+  return again;
 }
 
 /**
@@ -199,6 +226,7 @@ export async function rerunRun(
 
 /** Runs a pipeline to its end in this process. */
 export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Promise<RunSummary> {
+  if (options.params !== undefined) plan = await withParams(plan, options);
   const unset = unresolvedParams(plan.steps);
   if (unset.length > 0) {
     throw new LocalRunError(
