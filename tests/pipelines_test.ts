@@ -214,3 +214,41 @@ steps:
   assert.notEqual(bad.code, 0);
   assert.match(bad.stderr, /"from" to be a date and time/);
 });
+
+Deno.test("registered pipelines: a schedule set apart from the file, checked, kept over re-applies, deleted", async () => {
+  await using box = await sandbox();
+  await using server = await startTestServer(`${box.dir}/state.db`, {
+    token: JOIN,
+    adminToken: ADMIN,
+  });
+  const cli = (args: string[]) =>
+    runCli([...args, "--server", server.http, "--token", ADMIN], { cwd: box.dir });
+  const file = await box.write("greet/pipeline.yaml", PIPELINE);
+  assert.equal((await cli(["apply", file])).code, 0);
+  const good = await box.write(
+    "weekly.yaml",
+    'cron: "0 9 * * 1"\ntimezone: UTC\nparams: { who: team }\n',
+  );
+  const set = await cli(["schedules", "set", "greet", good]);
+  assert.equal(set.code, 0, set.stderr);
+  assert.match((await cli(["schedules"])).stdout, /^greet\s+0 9 \* \* 1\s+UTC\s+allow\s+/m);
+  // The pipeline's own section does not override it.
+  await Deno.writeTextFile(
+    file,
+    PIPELINE + 'schedule: { cron: "* * * * *", params: { who: x } }\n',
+  );
+  assert.equal((await cli(["apply", file])).code, 0);
+  assert.match((await cli(["schedules"])).stdout, /^greet\s+0 9 \* \* 1\s/m);
+  const badCron = await box.write("bad.yaml", 'cron: "61 * * * *"\n');
+  assert.match(
+    (await cli(["schedules", "set", "greet", badCron])).stderr,
+    /invalid cron expression/,
+  );
+  const badValues = await box.write("values.yaml", 'cron: "0 9 * * 1"\n');
+  assert.match(
+    (await cli(["schedules", "set", "greet", badValues])).stderr,
+    /parameter "who" is required/,
+  );
+  assert.equal((await cli(["schedules", "delete", "greet"])).code, 0);
+  assert.match((await cli(["schedules"])).stdout, /no schedules on this cluster yet/);
+});

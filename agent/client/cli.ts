@@ -9,6 +9,7 @@
  */
 
 import { dirname, resolve } from "node:path";
+import { parse as parseYaml } from "npm:yaml@2.9.1";
 import { hostname } from "node:os";
 import { openEmbeddedStore } from "../../consensus/embedded.ts";
 import type { Store } from "../../consensus/store.ts";
@@ -320,13 +321,39 @@ export async function triggerCommand(name: string, flags: CliFlags): Promise<num
 /** `runnel schedules [suspend|resume NAME] --server URL`. */
 export async function schedulesCommand(args: string[], flags: CliFlags): Promise<number> {
   using client = await clientOf(flags);
+  if (args[0] === "set") {
+    if (!args[1] || !args[2]) {
+      throw new UsageError(`"runnel schedules set" needs a pipeline name and a schedule file`);
+    }
+    let schedule: unknown;
+    try {
+      schedule = parseYaml(await Deno.readTextFile(args[2]));
+    } catch (error) {
+      throw new UsageError(
+        `Expected a readable YAML schedule in ${args[2]}: ${(error as Error).message}`,
+      );
+    }
+    if (!schedule || typeof schedule !== "object" || Array.isArray(schedule)) {
+      throw new UsageError(`Expected ${args[2]} to hold a schedule (cron: …, timezone: …)`);
+    }
+    await client.setSchedule(args[1], schedule as Record<string, unknown>);
+    return print(`${args[1]}: schedule set`);
+  }
+  if (args[0] === "delete") {
+    if (!args[1]) throw new UsageError(`"runnel schedules delete" needs a pipeline name`);
+    await client.deleteSchedule(args[1]);
+    return print(`${args[1]}: schedule deleted`);
+  }
   if (args[0] === "suspend" || args[0] === "resume") {
     if (!args[1]) throw new UsageError(`"runnel schedules ${args[0]}" needs a pipeline name`);
     await client.suspendSchedule(args[1], args[0] === "suspend");
     return print(`${args[1]}: schedule ${args[0] === "suspend" ? "suspended" : "resumed"}`);
   }
   if (args[0]) {
-    throw new UsageError(`Expected "runnel schedules [suspend|resume NAME]", got "${args[0]}"`);
+    throw new UsageError(
+      `Expected "runnel schedules [set NAME FILE | delete NAME | suspend NAME | resume NAME]", ` +
+        `got "${args[0]}"`,
+    );
   }
   const schedules = await client.schedules();
   if (flags.json) return print(JSON.stringify(schedules, null, 2));

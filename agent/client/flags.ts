@@ -51,6 +51,7 @@ Cluster mode:
   trigger NAME         run a registered pipeline (--param k=v, --pipeline-version N, --follow)
   delete-pipeline NAME remove a registered pipeline and its versions (admin; its runs stay)
   schedules [suspend|resume NAME]   schedules of registered pipelines: next and last tick
+  schedules set NAME FILE | delete NAME   a schedule apart from the pipeline's file
   backfill NAME        a run per missed tick: --from T --to T (ISO 8601) [--dry-run]
   runs|show|logs|cancel|resume with --server URL talk to a cluster instead
   token bootstrap      make the cluster's first admin API token (once; --server URL)

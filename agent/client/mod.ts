@@ -228,6 +228,16 @@ export class RunClient {
     });
   }
 
+  /** Sets a registered pipeline's schedule apart from its file (a `schedule:` section's keys). */
+  async setSchedule(name: string, schedule: Record<string, unknown>): Promise<void> {
+    await this.#json("PUT", `/api/schedules/${encodeURIComponent(name)}`, schedule);
+  }
+
+  /** Removes a registered pipeline's schedule. */
+  async deleteSchedule(name: string): Promise<void> {
+    await this.#json("DELETE", `/api/schedules/${encodeURIComponent(name)}`);
+  }
+
   /** Suspends or resumes a registered pipeline's schedule. */
   async suspendSchedule(name: string, suspended: boolean): Promise<void> {
     await this.#json(

@@ -30,6 +30,7 @@
  * | `POST /api/pipelines/:name/webhook` | none: the body signed with the pipeline's `webhook.secret` (`X-Runnel-Signature-256: sha256=<hex HMAC>`) | as a trigger; 401 unsigned |
  * | `GET /api/schedules` | read | schedules: next and last tick, the runs they started |
  * | `POST /api/schedules/:name/suspend`, `/resume` | submit | 200 `{pipeline, suspended}` |
+ * | `PUT /api/schedules/:name`, `DELETE …` | submit | a schedule set apart from the pipeline's file (its `schedule:` section's keys), or removed |
  * | `POST /api/schedules/:name/backfill` | submit | `{from, to, dryRun?}` → 202 `{ticks}`: a run per tick, as its concurrency policy allows |
  * | `GET /api/runs` | read | every run, newest first |
  * | `GET /api/runs/search?label=K=V&status=S&pipeline=P&limit=N&after=C` | read | `{runs, next?}`: a page of an index, newest first |
@@ -75,10 +76,10 @@ import {
 } from "./runs.ts";
 import type { RaftState, ServerMetrics } from "./metrics.ts";
 import { listSchedules, setSuspended, startBackfill, syncSchedule } from "./schedules.ts";
-import { ticksBetween } from "../../core/schedule.ts";
+import { scheduleProblem, scheduleSpec, tickParams, ticksBetween } from "../../core/schedule.ts";
 import { RerunError, selectRerun } from "../../core/rerun.ts";
 import { type RunQuery, searchRuns } from "./run_index.ts";
-import { LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN } from "../../core/schema.ts";
+import { LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, ScheduleSchema } from "../../core/schema.ts";
 import { planRegistered } from "./trigger.ts";
 import {
   applyPipeline,
@@ -278,7 +279,8 @@ const ROUTES: Route[] = [
     handle: async ({ context, params, audit }) => {
       audit.pipeline = params[0];
       await deletePipeline(context.store, params[0]);
-      await syncSchedule(context.store, params[0], undefined, Date.now());
+      // Its schedule goes with it, however it was set.
+      await syncSchedule(context.store, params[0], undefined, Date.now(), "api");
       return json({ deleted: params[0] });
     },
   },
@@ -302,6 +304,24 @@ const ROUTES: Route[] = [
     path: /^\/api\/schedules$/,
     access: needs("read"),
     handle: async ({ context }) => json(await listSchedules(context.store)),
+  },
+  {
+    method: "PUT",
+    path: /^\/api\/schedules\/([^/]+)$/,
+    access: needs("submit"),
+    audit: "schedule.set",
+    handle: setSchedule,
+  },
+  {
+    method: "DELETE",
+    path: /^\/api\/schedules\/([^/]+)$/,
+    access: needs("submit"),
+    audit: "schedule.delete",
+    handle: async ({ context, params, audit }) => {
+      audit.pipeline = params[0];
+      await syncSchedule(context.store, params[0], undefined, Date.now(), "api");
+      return json({ pipeline: params[0], deleted: true });
+    },
   },
   {
     method: "POST",
@@ -974,6 +994,57 @@ function labelsOf(labels: unknown): Record<string, string> | undefined {
     }
   }
   return labels as Record<string, string>;
+}
+
+const SCHEDULE_SHAPE = '{"cron": "0 3 * * *", "timezone"?: "Europe/Paris", "params"?: {…}, ' +
+  '"concurrency"?: "allow|forbid|replace", "starting-deadline"?: "10m", …}';
+
+/**
+ * `PUT /api/schedules/:name`: a schedule for a registered pipeline, set
+ * apart from its file (the file's `schedule:` no longer changes it until
+ * it is deleted); checked as the file's section is, and by planning the
+ * pipeline's current version with the schedule's values.
+ */
+async function setSchedule({ context, request, params, audit }: Call): Promise<Response> {
+  const body = await readJsonObject(request, MAX_TOKEN_REQUEST_BYTES, SCHEDULE_SHAPE);
+  const name = params[0];
+  audit.pipeline = name;
+  const parsed = ScheduleSchema.safeParse(body);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new RequestBodyError(
+      "bad_request",
+      `Expected a schedule: ${
+        issue.path.join(".") || "body"
+      }: ${issue.message} (${SCHEDULE_SHAPE})`,
+    );
+  }
+  const wrong = scheduleProblem(parsed.data);
+  if (wrong) throw new RequestBodyError("bad_request", wrong.message);
+  const spec = scheduleSpec(parsed.data);
+  try {
+    await planRegistered(
+      {
+        store: context.store,
+        parser: context.parser,
+        secretNames: context.secretNames,
+        limits: context.pipelineLimits,
+      },
+      name,
+      { params: tickParams(spec, Date.now()) },
+    );
+  } catch (error) {
+    if (error instanceof PipelineError) {
+      return json({
+        error: "invalid_schedule",
+        message: `The schedule's values do not fit pipeline "${name}": ${error.message}`,
+        diagnostics: error.diagnostics,
+      }, { status: 400 });
+    }
+    throw error;
+  }
+  await syncSchedule(context.store, name, spec, Date.now(), "api");
+  return json({ pipeline: name, schedule: spec });
 }
 
 const BACKFILL_SHAPE = '{"from": "<ISO 8601>", "to": "<ISO 8601>", "dryRun"?: <boolean>}';

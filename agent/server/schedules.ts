@@ -36,6 +36,8 @@ export interface ScheduleState extends ScheduleSpec {
   skipped: number;
   /** JSON of the spec it was made from: an apply of the same spec keeps the state. */
   specKey: string;
+  /** Where it comes from: the pipeline's `schedule:` (re-applies change it) or the API's `set`. */
+  origin?: "pipeline" | "api";
 }
 
 /** Key of a pipeline's schedule. */
@@ -51,14 +53,18 @@ export async function syncSchedule(
   name: string,
   spec: ScheduleSpec | undefined,
   now: number,
+  origin: "pipeline" | "api" = "pipeline",
 ): Promise<void> {
-  if (!spec) {
-    await store.delete(scheduleKey(name));
-    return;
-  }
-  const specKey = JSON.stringify(spec);
   const kv = await store.get(scheduleKey(name));
   const old = kv ? JSON.parse(kv.value) as ScheduleState : undefined;
+  if (!spec) {
+    // An apply without a schedule leaves one set over the API alone.
+    if (old && (origin === "api" || old.origin !== "api")) await store.delete(scheduleKey(name));
+    return;
+  }
+  // The pipeline's section does not override a schedule set over the API.
+  if (origin === "pipeline" && old?.origin === "api") return;
+  const specKey = JSON.stringify(spec);
   if (old?.specKey === specKey) return;
   const next = nextFire(spec, now);
   const state: ScheduleState = {
@@ -71,6 +77,7 @@ export async function syncSchedule(
     runs: old?.runs ?? [],
     skipped: old?.skipped ?? 0,
     specKey,
+    origin,
   };
   await store.put(scheduleKey(name), JSON.stringify(state));
 }
