@@ -10,7 +10,7 @@
  * @module
  */
 
-import { DockerEngine, DockerError } from "./_docker.ts";
+import { type DockerEngine, DockerError } from "./_docker.ts";
 import { type KubeObject, ObjectStore, type OwnerReference } from "./_store.ts";
 
 /** Label every container the stand-in starts carries: the id of the stand-in that started it. */
