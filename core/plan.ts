@@ -68,6 +68,12 @@ export const CONFIG_KEYS = [
   "host-key",
   "work-root",
   "keep-on-failure",
+  "command",
+  "namespace",
+  "service-account",
+  "node-selector",
+  "image-pull-policy",
+  "unschedulable-timeout",
   "with",
 ] as const;
 
