@@ -18,7 +18,6 @@
  */
 
 import { createHash } from "node:crypto";
-import { relative } from "node:path";
 import type { Client } from "npm:minio@8.0.7";
 import { envValue } from "./_kubeconfig.ts";
 
@@ -152,12 +151,12 @@ export class AttemptArtifacts {
 
   /**
    * Uploads the inputs (files, or directories for fan-in, links skipped)
-   * and presigns everything the pod needs. `podPath(local)` says where a
-   * local input path lands in the pod, relative to {@link POD_ARTIFACTS_DIR}.
+   * and presigns everything the pod needs. Input `name` lands at
+   * `/runnel/in/<name>` in the pod: the file itself, or the directory of a
+   * fan-in input (as the `docker` backend mounts them).
    */
   async prepare(options: {
     inputs: Record<string, string>;
-    inputsDir: string;
     outputs: string[];
     lifetimeSeconds?: number;
   }): Promise<ArtifactPlan> {
@@ -182,7 +181,7 @@ export class AttemptArtifacts {
       if (info.isFile) files.push({ local, path });
     };
     for (const [name, local] of Object.entries(options.inputs)) {
-      await walk(local, `in/${podInputPath(options.inputsDir, name, local)}`);
+      await walk(local, `in/${name}`);
     }
     const bucket = this.#settings.bucket;
     const inputs = await Promise.all(files.map(async ({ local, path }) => {
@@ -247,11 +246,4 @@ export class AttemptArtifacts {
     }
     if (names.length > 0) await store.removeObjects(this.#settings.bucket, names);
   }
-}
-
-/** Where an input lands below `/runnel/in`: its path below the inputs dir, else its name. */
-export function podInputPath(inputsDir: string, name: string, local: string): string {
-  const inside = relative(inputsDir, local);
-  if (inside && !inside.startsWith("..") && !inside.startsWith("/")) return inside;
-  return name;
 }

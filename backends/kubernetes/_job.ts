@@ -16,7 +16,7 @@
 
 import { createHash } from "node:crypto";
 import { type AttemptSpec, stepEnvironment } from "../backend.ts";
-import { type ArtifactPlan, POD_ARTIFACTS_DIR, podInputPath } from "./_artifacts.ts";
+import { type ArtifactPlan, POD_ARTIFACTS_DIR } from "./_artifacts.ts";
 import type { KubernetesConfig } from "./manifest.ts";
 
 /** Label every object runnel creates carries. */
@@ -127,9 +127,7 @@ export function jobManifest(options: JobOptions): Record<string, unknown> {
     inputsDir: podDir("in"),
     outputsDir: podDir("out"),
     inputs: Object.fromEntries(
-      Object.entries(spec.inputs).map((
-        [input, local],
-      ) => [input, podDir(`in/${podInputPath(spec.inputsDir, input, local)}`)]),
+      Object.keys(spec.inputs).map((input) => [input, podDir(`in/${input}`)]),
     ),
   });
   const env: Array<Record<string, unknown>> = Object.entries(standard)

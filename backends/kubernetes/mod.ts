@@ -210,7 +210,6 @@ async function startJob(connect: () => Cluster, spec: AttemptSpec): Promise<Exec
       artifacts = new AttemptArtifacts(settings, name);
       plan = await artifacts.prepare({
         inputs: spec.inputs,
-        inputsDir: spec.inputsDir,
         outputs: spec.outputs,
         lifetimeSeconds: spec.timeoutMs !== undefined ? spec.timeoutMs / 1000 : undefined,
       });
