@@ -757,11 +757,23 @@ export class Cluster {
       return 128;
     }
     const started = await docker.inspect(id);
-    setState({ running: { startedAt: started.State.StartedAt.replace(/\.\d+Z$/, "Z") } }, {
-      containerID: `docker://${id}`,
-      imageID: `docker-pullable://${image}`,
-      started: true,
-      ready: statusKey === "containerStatuses",
+    this.#patchPod(pod, (current) => {
+      Object.assign(current.status[statusKey][index], {
+        state: { running: { startedAt: started.State.StartedAt.replace(/\.\d+Z$/, "Z") } },
+        containerID: `docker://${id}`,
+        imageID: `docker-pullable://${image}`,
+        started: true,
+        ready: statusKey === "containerStatuses",
+      });
+      if (statusKey === "containerStatuses" && current.status.phase === "Pending") {
+        current.status.phase = "Running";
+        for (const c of current.status.conditions ?? []) {
+          if (c.type === "Ready" || c.type === "ContainersReady") {
+            c.status = "True";
+            delete c.reason;
+          }
+        }
+      }
     });
     const exitCode = await docker.waitExit(id);
     const ended = await docker.inspect(id);

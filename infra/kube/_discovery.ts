@@ -247,3 +247,48 @@ export function openApiDocument(path: string): unknown {
     components: { schemas },
   };
 }
+
+/**
+ * `GET /openapi/v2`: older kubectl (Debian's 1.20) fetches this in
+ * protobuf (gnostic's `openapi.v2.Document`) before `create -f`/`apply -f`
+ * to validate on the client. The stand-in serves a minimal document
+ * (version and title, no definitions): kubectl then finds no schema to
+ * hold an object against and leaves validation to the server, as it does
+ * for a kind the server does not describe.
+ */
+export function openApiV2Protobuf(): Uint8Array<ArrayBuffer> {
+  const info = concat(
+    field(1, text("Kubernetes")),
+    field(2, text(`v1.${MINOR_VERSION}.0`)),
+  );
+  return concat(field(1, text("2.0")), field(2, info));
+}
+
+function text(value: string): Uint8Array {
+  return new TextEncoder().encode(value);
+}
+
+/** A length-delimited protobuf field (wire type 2). */
+function field(number: number, bytes: Uint8Array): Uint8Array {
+  return concat(varint((number << 3) | 2), varint(bytes.length), bytes);
+}
+
+function varint(value: number): Uint8Array {
+  const bytes: number[] = [];
+  while (value > 0x7f) {
+    bytes.push((value & 0x7f) | 0x80);
+    value >>>= 7;
+  }
+  bytes.push(value);
+  return new Uint8Array(bytes);
+}
+
+function concat(...parts: Uint8Array[]): Uint8Array<ArrayBuffer> {
+  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
+}

@@ -26,6 +26,7 @@ import {
   groupList,
   openApiDocument,
   openApiIndex,
+  openApiV2Protobuf,
   versionInfo,
 } from "./_discovery.ts";
 import { DockerEngine } from "./_docker.ts";
@@ -739,6 +740,11 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
     if (path === "/api/v1") return json(coreResources());
     if (path === "/apis/batch/v1") return json(batchResources());
     if (path === "/openapi/v3") return json(openApiIndex());
+    if (path === "/openapi/v2") {
+      return new Response(openApiV2Protobuf(), {
+        headers: { "content-type": "application/octet-stream" },
+      });
+    }
     if (path.startsWith("/openapi/v3/")) {
       const document = openApiDocument(path.slice("/openapi/v3/".length));
       return document
