@@ -94,7 +94,10 @@ standInTest("the real kubectl applies, gets, waits for, reads and deletes a Job"
   try {
     const file = `${home}/job.yaml`;
     await Deno.writeTextFile(file, JOB_YAML);
-    assert.match(await kubectl(kube, home, "version"), /Server Version: .*v1\.32\.0-runnel-standin/);
+    assert.match(
+      await kubectl(kube, home, "version"),
+      /Server Version: .*v1\.32\.0-runnel-standin/,
+    );
     assert.match(await kubectl(kube, home, "apply", "-f", file), /job\.batch\/hello created/);
     assert.match(await kubectl(kube, home, "get", "jobs,pods"), /job\.batch\/hello/);
     assert.match(
