@@ -13,6 +13,7 @@ import { benchPlugins } from "./plugin_bench.ts";
 import { benchDocker } from "./docker_bench.ts";
 import { benchStore } from "./store_bench.ts";
 import { benchCluster } from "./cluster_bench.ts";
+import { benchKubernetes } from "./kubernetes_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -27,4 +28,5 @@ if (import.meta.main) {
   await benchDocker();
   await benchStore();
   await benchCluster();
+  await benchKubernetes();
 }
