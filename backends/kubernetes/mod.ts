@@ -572,10 +572,14 @@ function watchJob(options: WatchOptions): Execution {
   };
   const deleteJob = async (graceMs: number) => {
     const graceSeconds = String(Math.max(0, Math.ceil(graceMs / 1000)));
-    // Pods first, with the cancel's grace: the Job's own delete leaves them to the
-    // garbage collector with their default grace.
+    // Running pods first, with the cancel's grace: the Job's own delete leaves
+    // them to the garbage collector with their default grace. Pods that ended
+    // go with the Job.
+    const running = latest.pods.filter((pod) =>
+      pod.status?.phase !== "Succeeded" && pod.status?.phase !== "Failed"
+    );
     await Promise.all(
-      latest.pods.map((pod) =>
+      running.map((pod) =>
         deleteQuietly(`/api/v1/namespaces/${ns}/pods/${pod.metadata.name}`, {
           gracePeriodSeconds: graceSeconds,
         })
