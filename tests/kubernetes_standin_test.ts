@@ -279,3 +279,29 @@ standInTest(
     });
   },
 );
+
+standInTest("ttlSecondsAfterFinished removes a finished Job and its pods", async (kube) => {
+  const created = await api(kube, "/apis/batch/v1/namespaces/default/jobs", {
+    method: "POST",
+    body: JSON.stringify({
+      metadata: { name: "short-lived" },
+      spec: {
+        backoffLimit: 0,
+        ttlSecondsAfterFinished: 0,
+        template: {
+          spec: {
+            restartPolicy: "Never",
+            containers: [{ name: "c", image: "runnel/busybox:local", command: ["true"] }],
+          },
+        },
+      },
+    }),
+  });
+  assert.equal(created.status, 201);
+  await poll(() => kube.get("jobs", "default", "short-lived") === undefined || undefined, {
+    what: "the finished Job to be removed",
+  });
+  await poll(() => kube.list("pods", "job-name=short-lived").length === 0 || undefined, {
+    what: "its pod to be collected",
+  });
+});

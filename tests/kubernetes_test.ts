@@ -318,6 +318,29 @@ kubeTest(
 );
 
 kubeTest(
+  "an evicted pod fails the step as infrastructure; the Job does not count it",
+  async ({ kube, busybox }) => {
+    await using spec = await attempt({ image: busybox, run: "echo up; sleep 60" });
+    const execution = await createKubernetesBackend().start(spec);
+    const name = jobNameOf(execution);
+    const logs = readUntil(execution, "up");
+    await logs.seen;
+    const [pod] = kube.list("pods", `batch.kubernetes.io/job-name=${name}`);
+    kube.faults.evict("default", pod.metadata.name!);
+    const status = await execution.wait();
+    assert.equal(status.errorClass, "infrastructure", JSON.stringify(status));
+    assert.match(status.message!, /disrupted \(EvictionByEvictionAPI\)/);
+    assert.equal(
+      kube.get("jobs", "default", name)?.status?.failed ?? 0,
+      0,
+      "not the step's failure",
+    );
+    await execution.cleanup();
+    await logs.all;
+  },
+);
+
+kubeTest(
   "transient API errors (5xx, leader changed, 429 Retry-After) are retried",
   async ({ kube, busybox }) => {
     await using spec = await attempt({ image: busybox, run: "echo through" }, {
@@ -362,7 +385,7 @@ kubeTest(
       kube.requests.filter((r) => r.path.endsWith("/jobs") && r.method === "GET" && !r.watch)
         .length;
     const before = lists();
-    kube.faults.compact();
+    kube.faults.expire();
     assert.ok(kube.faults.dropWatches() >= 2, "the job and pod watches were open");
     const status = await execution.wait();
     assert.deepEqual(status, { exitCode: 0 });

@@ -13,6 +13,9 @@
 import { backoffMs, type KubeApi, sleep } from "./_api.ts";
 import type { KubeObject } from "./_watch.ts";
 
+/** Longest partial line held back (the kubelet splits lines at 16 KiB). */
+const MAX_LINE_CHARS = 1024 * 1024;
+
 /** Options of {@link LogFollower}. */
 export interface LogFollowerOptions {
   api: KubeApi;
@@ -166,6 +169,12 @@ export class LogFollower {
         while ((newline = buffer.indexOf("\n")) >= 0) {
           take(buffer.slice(0, newline));
           buffer = buffer.slice(newline + 1);
+        }
+        // The kubelet splits long lines; a server that does not must not
+        // make this buffer grow without bound.
+        if (buffer.length > MAX_LINE_CHARS) {
+          take(buffer);
+          buffer = "";
         }
       }
     } catch {

@@ -183,6 +183,7 @@ export class JobInformer {
   async #run(loop: ResourceLoop, signal: AbortSignal): Promise<void> {
     let version: string | undefined;
     let failures = 0;
+    let expired = 0;
     while (!signal.aborted) {
       try {
         version ??= await this.#list(loop, signal);
@@ -196,7 +197,7 @@ export class JobInformer {
           },
           signal,
         });
-        failures = 0;
+        let received = 0;
         for await (const line of lines(response.body!)) {
           if (line.trim() === "") continue;
           const event = JSON.parse(line) as {
@@ -209,8 +210,12 @@ export class JobInformer {
               version = undefined;
               this.relists++;
             }
+            expired++;
             break;
           }
+          expired = 0;
+          failures = 0;
+          received++;
           version = event.object.metadata.resourceVersion ?? version;
           if (event.type === "BOOKMARK") continue;
           const object = event.object;
@@ -219,16 +224,24 @@ export class JobInformer {
           if (loop.plural === "jobs") this.#seenJobs.add(object.metadata.name);
           this.#notify(this.#jobNameOf(loop, object));
         }
+        // A watch that ends at once, again and again, is resumed with back-off.
+        if (received === 0 && expired === 0) {
+          await sleep(backoffMs(++failures), signal).catch(() => {});
+        }
       } catch (error) {
         if (signal.aborted) return;
         if (error instanceof KubeApiError && error.status === 410) {
           version = undefined;
           this.relists++;
+          expired++;
+        } else {
+          failures++;
+          await sleep(backoffMs(failures), signal).catch(() => {});
           continue;
         }
-        failures++;
-        await sleep(backoffMs(failures), signal).catch(() => {});
       }
+      // A server that keeps answering 410 is not hammered with lists.
+      if (expired > 1) await sleep(backoffMs(expired - 1), signal).catch(() => {});
     }
   }
 }

@@ -44,6 +44,7 @@ import {
 import { formatBytes } from "../docker/_container.ts";
 import { LogQueue } from "../log_queue.ts";
 import { parseDuration } from "../../core/duration.ts";
+import { SAFE_NAME_PATTERN } from "../../core/schema.ts";
 import { KubeApi, KubeApiError } from "./_api.ts";
 import { ArtifactStoreError, AttemptArtifacts, netAddress, s3Settings } from "./_artifacts.ts";
 import {
@@ -230,7 +231,7 @@ async function startJob(connect: () => Cluster, spec: AttemptSpec): Promise<Exec
     helperImage: helperImage(),
   });
   const jobs = `/apis/batch/v1/namespaces/${encodeURIComponent(namespace)}/jobs`;
-  let job: KubeObject;
+  let job: KubeObject | undefined;
   try {
     job = await createOnce(api, jobs, manifest, spec.attemptId);
     const secretNeeded = Object.keys(spec.env).length > 0 || plan !== undefined;
@@ -251,6 +252,13 @@ async function startJob(connect: () => Cluster, spec: AttemptSpec): Promise<Exec
     }
   } catch (error) {
     await artifacts?.remove().catch(() => {});
+    if (job) {
+      // The Secret could not be made: the Job would wait for it forever.
+      await api.request("DELETE", `${jobs}/${name}`, {
+        body: { kind: "DeleteOptions", apiVersion: "v1", propagationPolicy: "Background" },
+        accept: [404],
+      }).catch(() => {});
+    }
     const message = error instanceof KubeApiError
       ? `cannot create Job ${handle}: ${error.message}`
       : `cannot create Job ${handle}: ${(error as Error).message}`;
@@ -668,10 +676,23 @@ async function recoverJobs(
         await artifacts?.remove().catch(() => {});
         continue;
       }
+      // The annotations are read back from the cluster: whoever may edit Jobs
+      // there must not steer where this host writes (the sandbox bounds it too).
       let outputs: string[] = [];
       try {
-        outputs = JSON.parse(annotations[OUTPUTS_ANNOTATION] ?? "[]");
+        const parsed = JSON.parse(annotations[OUTPUTS_ANNOTATION] ?? "[]");
+        if (Array.isArray(parsed)) {
+          outputs = parsed.filter((entry): entry is string =>
+            typeof entry === "string" && SAFE_NAME_PATTERN.test(entry)
+          );
+        }
       } catch { /* none */ }
+      const outputsDir = annotations[OUTPUTS_DIR_ANNOTATION] ?? "";
+      if (
+        outputs.length > 0 && (!outputsDir.startsWith("/") || outputsDir.split("/").includes(".."))
+      ) {
+        outputs = [];
+      }
       const memory = Number(annotations[MEMORY_ANNOTATION]);
       recovered.push({
         attemptId,
@@ -681,7 +702,7 @@ async function recoverJobs(
           name,
           agentId: options.agentId,
           outputs,
-          outputsDir: annotations[OUTPUTS_DIR_ANNOTATION] ?? "",
+          outputsDir,
           memoryBytes: Number.isFinite(memory) && memory > 0 ? memory : undefined,
           wrapped: outputs.length > 0,
           unschedulableMs: parseDuration(DEFAULT_UNSCHEDULABLE_TIMEOUT),

@@ -190,7 +190,19 @@ export class ObjectStore {
   /** Forgets all history, as an etcd compaction does: every watch from an older version gets 410. */
   compact(): void {
     this.#history = [];
-    this.#oldest = this.#version + 1;
+    // A watch from the current version still works: it asks for what comes after.
+    this.#oldest = this.#version;
+  }
+
+  /**
+   * Moves past every version handed out so far and compacts there (a write
+   * to an object nobody watches, then a compaction; or an apiserver whose
+   * watch cache restarted later): every watch resuming from a version it
+   * was given gets 410.
+   */
+  expire(): void {
+    this.#version++;
+    this.compact();
   }
 }
 

@@ -98,6 +98,8 @@ export interface KubeFaults {
   dropLogFollows(): number;
   /** Forgets watch history: a watch resuming from an older version gets `410 Expired`. */
   compact(): void;
+  /** Compacts past every version handed out: every watch resuming from one gets `410 Expired`. */
+  expire(): void;
   /** Evicts a pod (a `DisruptionTarget` condition, then a graceful delete). */
   evict(namespace: string, name: string): void;
 }
@@ -849,6 +851,7 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
         return closes.length;
       },
       compact: () => store.compact(),
+      expire: () => store.expire(),
       evict(namespace, name) {
         const pod = store.get("pods", namespace, name);
         if (pod) cluster.evictPod(pod);
