@@ -114,7 +114,8 @@ function storePermissions(scratchRoot: string): DenoPermissions {
   } catch {
     settings = undefined;
   }
-  const env = presentEnv(S3_ENV);
+  // READABLE_STREAM is read (when npm:minio loads) whether or not it is set.
+  const env = [...new Set([...presentEnv(S3_ENV), "READABLE_STREAM"])];
   if (!settings) return { read: [scratchRoot], write: [scratchRoot], net: [], env, run: [] };
   return {
     read: [scratchRoot],
