@@ -341,10 +341,18 @@ kubeTest(
 );
 
 kubeTest(
-  "transient API errors (5xx, leader changed, 429 Retry-After) are retried",
+  "transient API errors (reset, 5xx, leader changed, 429 Retry-After) are retried",
   async ({ kube, busybox }) => {
     await using spec = await attempt({ image: busybox, run: "echo through" }, {
       spec: { env: { MODE: "x" } },
+    });
+    // The create is carried out, then the connection breaks: the retry meets
+    // 409 AlreadyExists and takes the Job it made (same attempt id).
+    kube.faults.failNext({
+      reset: true,
+      status: 0,
+      message: "connection reset",
+      match: ({ method, path }) => method === "POST" && path.endsWith("/jobs"),
     });
     kube.faults.failNext({
       status: 500,
@@ -368,7 +376,10 @@ kubeTest(
       message: "the server is currently unable to handle the request",
       match: ({ path }) => path.endsWith("/log"),
     });
-    const { status, stdout } = await runToEnd(await createKubernetesBackend().start(spec));
+    const execution = await createKubernetesBackend().start(spec);
+    const jobs = kube.list("jobs", `runnel.dev/agent=${spec.agentId}`);
+    assert.deepEqual(jobs.map((job) => job.metadata.name), [jobNameOf(execution)], "one Job");
+    const { status, stdout } = await runToEnd(execution);
     assert.deepEqual(status, { exitCode: 0 });
     assert.equal(stdout, "through\n");
   },

@@ -148,32 +148,48 @@ export class KubeApi {
    * failures with back-off (429: after `Retry-After`).
    */
   async request<T>(method: string, path: string, options: RequestOptions = {}): Promise<T> {
-    const response = await this.#withRetries(method, path, options, false);
-    if (!response.ok) {
-      await response.body?.cancel();
-      return undefined as T;
-    }
-    const type = response.headers.get("content-type") ?? "";
-    return (type.includes("json") ? await response.json() : await response.text()) as T;
+    return await this.#withRetries(method, path, options, false, async (response) => {
+      if (!response.ok) {
+        await response.body?.cancel();
+        return undefined as T;
+      }
+      let text: string;
+      try {
+        text = await response.text();
+      } catch (error) {
+        // A connection reset mid-answer: the request may have been applied;
+        // trying again is for the caller's idempotence (creates check 409s).
+        throw new KubeApiError(
+          0,
+          "ConnectionReset",
+          `the connection to ${this.target.server} broke during the answer: ${
+            (error as Error).message
+          }`,
+        );
+      }
+      const type = response.headers.get("content-type") ?? "";
+      return (type.includes("json") ? JSON.parse(text) : text) as T;
+    });
   }
 
   /** Opens a streaming request (watch, log follow), retrying transient failures to open it. */
   stream(path: string, options: RequestOptions = {}): Promise<Response> {
-    return this.#withRetries("GET", path, options, true);
+    return this.#withRetries("GET", path, options, true, (response) => Promise.resolve(response));
   }
 
-  async #withRetries(
+  async #withRetries<R>(
     method: string,
     path: string,
     options: RequestOptions,
     stream: boolean,
-  ): Promise<Response> {
+    read: (response: Response) => Promise<R>,
+  ): Promise<R> {
     for (let tries = 1;; tries++) {
       let error: KubeApiError;
       let waitMs: number | undefined;
       try {
         const response = await this.#send(method, path, options, stream);
-        if (response.ok || options.accept?.includes(response.status)) return response;
+        if (response.ok || options.accept?.includes(response.status)) return await read(response);
         const retryAfter = response.headers.get("retry-after");
         error = await KubeApi.errorOf(response);
         if (response.status === 429 && retryAfter !== null && /^\d+$/.test(retryAfter)) {

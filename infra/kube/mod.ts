@@ -45,6 +45,8 @@ export type { KubeObject } from "./_store.ts";
 const BOOKMARK_INTERVAL_MS = 5_000;
 /** Longest a watch stays open without `timeoutSeconds` (the apiserver picks 30–60 min). */
 const MAX_WATCH_SECONDS = 1_800;
+/** The error a reset fault breaks an answer with (not reported as a server error). */
+const INJECTED_RESET = "connection reset by the stand-in (injected)";
 /** The one node's name. */
 export const NODE_NAME = "runnel-node";
 
@@ -78,6 +80,12 @@ export interface InjectedError {
   count?: number;
   /** Which requests: default any API request except discovery. */
   match?: (request: { method: string; path: string; watch: boolean }) => boolean;
+  /**
+   * Instead of an error answer: carry the request out, then break the
+   * connection before the answer's body (a reset the client sees after
+   * the server acted).
+   */
+  reset?: boolean;
 }
 
 /** One request the stand-in answered, for counting calls. */
@@ -216,13 +224,18 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
     return request.headers.get("authorization") === `Bearer ${token}`;
   }
 
-  function injectedFailure(method: string, path: string, watch: boolean): Response | undefined {
+  function injectedFailure(
+    method: string,
+    path: string,
+    watch: boolean,
+  ): Response | "reset" | undefined {
     const index = injected.findIndex((fault) =>
       fault.match ? fault.match({ method, path, watch }) : true
     );
     if (index < 0) return undefined;
     const fault = injected[index];
     if (--fault.left <= 0) injected.splice(index, 1);
+    if (fault.reset) return "reset";
     return json(
       statusObject(fault.status, fault.message, fault.reason),
       fault.status,
@@ -755,7 +768,23 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
     }
     if (path === "/healthz" || path === "/readyz" || path === "/livez") return new Response("ok");
     const fault = injectedFailure(request.method, path, watch);
+    if (fault === "reset") {
+      const answer = await route(request, url, path);
+      await answer.body?.cancel();
+      return new Response(
+        new ReadableStream({
+          start(controller) {
+            controller.error(new Error(INJECTED_RESET));
+          },
+        }),
+        { headers: { "content-type": "application/json" } },
+      );
+    }
     if (fault) return fault;
+    return await route(request, url, path);
+  }
+
+  async function route(request: Request, url: URL, path: string): Promise<Response> {
     let match: RegExpExecArray | null;
     if ((match = /^\/api\/v1\/namespaces(?:\/([^/]+))?$/.exec(path))) {
       const namespaceObject = (name: string) => ({
@@ -807,7 +836,9 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
     ...(tls ? { cert: tls.cert, key: tls.key } : {}),
     onListen: (addr) => listening.resolve(addr as Deno.NetAddr),
     onError: (error) => {
-      console.error(`kube stand-in: ${(error as Error)?.stack ?? error}`);
+      if ((error as Error)?.message !== INJECTED_RESET) {
+        console.error(`kube stand-in: ${(error as Error)?.stack ?? error}`);
+      }
       return failure(500, `Internal error occurred: ${(error as Error)?.message ?? error}`);
     },
   }, handle);
