@@ -25,7 +25,7 @@ import {
 import createKubernetesBackend from "../backends/kubernetes/mod.ts";
 import { ensureBusyboxImage, ensureEnergyImage, ensureKubeHelperImage } from "../infra/images.ts";
 import { type KubeStandIn, startKubeStandIn } from "../infra/kube/mod.ts";
-import { poll, ROOT, sandbox } from "./_helpers.ts";
+import { poll, ROOT, runCli, sandbox } from "./_helpers.ts";
 import { type S3Server, startS3Server } from "./_s3.ts";
 
 const IN_CI = Deno.env.get("CI") === "true";
@@ -479,6 +479,39 @@ kubeTest("recover reaps the Jobs of this agent that are not kept", async ({ kube
   assert.equal(status.errorClass, "infrastructure", JSON.stringify(status));
   await execution.cleanup();
 });
+
+kubeTest(
+  "runnel run --kubeconfig: a pipeline with a kubernetes step, its secret masked",
+  async ({ kube, busybox }) => {
+    await using box = await sandbox();
+    const pipeline = await box.write(
+      "pipeline.yaml",
+      [
+        "name: kube-cli",
+        "secrets:",
+        "  TOKEN: { env: KUBE_TEST_TOKEN }",
+        "steps:",
+        "  greet:",
+        "    backend: kubernetes",
+        `    image: ${busybox}`,
+        '    run: echo "hello from a pod, token $TOKEN"',
+        "    secrets: [TOKEN]",
+        "",
+      ].join("\n"),
+    );
+    const result = await runCli(
+      ["run", pipeline, "--kubeconfig", kube.kubeconfig, "--logs"],
+      {
+        cwd: box.dir,
+        // The flag, not the environment, names the cluster.
+        env: { KUBECONFIG: "/nonexistent/kubeconfig", KUBE_TEST_TOKEN: "tok-5e1f9a" },
+      },
+    );
+    assert.equal(result.code, 0, result.stdout + result.stderr);
+    assert.match(result.stdout + result.stderr, /hello from a pod, token \*\*\*/);
+    assert.ok(!(result.stdout + result.stderr).includes("tok-5e1f9a"), "the secret is masked");
+  },
+);
 
 Deno.test({
   name: "kubernetes: stop the stand-in and s3rver (every container gone)",
