@@ -53,6 +53,7 @@ if (missing && !IN_CI) {
   );
 }
 
+const savedEnv = new Map<string, string | undefined>();
 let fixture: Promise<{ kube: KubeStandIn; s3: S3Server; busybox: string }> | undefined;
 
 /** The shared stand-in and s3rver, started by the first test that needs them. */
@@ -67,11 +68,18 @@ function cluster() {
       startKubeStandIn({ nodeLabels: { pool: "general" } }),
       startS3Server({ bucket: "runnel-kube" }),
     ]);
-    Deno.env.set("KUBECONFIG", kube.kubeconfig);
-    Deno.env.set("RUNNEL_KUBE_S3_ENDPOINT", s3.endpoint);
-    Deno.env.set("RUNNEL_KUBE_S3_BUCKET", s3.bucket);
-    Deno.env.set("AWS_ACCESS_KEY_ID", s3.accessKey);
-    Deno.env.set("AWS_SECRET_ACCESS_KEY", s3.secretKey);
+    // The runner's environment names the cluster and the store (restored by the last test).
+    const values: Record<string, string> = {
+      KUBECONFIG: kube.kubeconfig,
+      RUNNEL_KUBE_S3_ENDPOINT: s3.endpoint,
+      RUNNEL_KUBE_S3_BUCKET: s3.bucket,
+      AWS_ACCESS_KEY_ID: s3.accessKey,
+      AWS_SECRET_ACCESS_KEY: s3.secretKey,
+    };
+    for (const [name, value] of Object.entries(values)) {
+      savedEnv.set(name, Deno.env.get(name));
+      Deno.env.set(name, value);
+    }
     return { kube, s3, busybox };
   })();
 }
@@ -524,6 +532,10 @@ Deno.test({
     const containers = await kube.containers();
     await kube.stop();
     await s3.stop();
+    for (const [name, value] of savedEnv) {
+      if (value === undefined) Deno.env.delete(name);
+      else Deno.env.set(name, value);
+    }
     const left = await new Deno.Command("docker", {
       args: ["ps", "-aq", ...containers.flatMap((id) => ["--filter", `id=${id}`])],
       stdout: "piped",
