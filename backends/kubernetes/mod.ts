@@ -558,7 +558,10 @@ function watchJob(options: WatchOptions): Execution {
         }
       }
     }
-    if (conditionOf(job, "Complete")?.status === "True" && !options.wrapped) {
+    // Since 1.31 SuccessCriteriaMet comes first; Complete follows once the pods ended.
+    const succeeded = conditionOf(job, "SuccessCriteriaMet")?.status === "True" ||
+      conditionOf(job, "Complete")?.status === "True";
+    if (succeeded && !options.wrapped) {
       decide({ exitCode: 0 });
       return;
     }
