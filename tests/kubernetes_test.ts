@@ -291,6 +291,38 @@ kubeTest(
 );
 
 kubeTest(
+  "cancel while only the watches are open (a pod waiting to be scheduled) returns at once",
+  async ({ kube, busybox }) => {
+    await using spec = await attempt({
+      image: busybox,
+      run: "true",
+      "node-selector": { pool: "gpu" },
+    });
+    const execution = await createKubernetesBackend().start(spec);
+    const name = jobNameOf(execution);
+    await poll(() => {
+      const [pod] = kube.list("pods", `batch.kubernetes.io/job-name=${name}`);
+      return pod?.status?.conditions?.some((c: { reason?: string }) =>
+        c.reason === "Unschedulable"
+      ) ||
+        undefined;
+    }, { what: "the pod to be unschedulable" });
+    const started = performance.now();
+    await execution.cancel(0);
+    const status = await execution.wait();
+    const elapsed = performance.now() - started;
+    assert.ok(elapsed < 1_000, `cancel returned in ${elapsed.toFixed(0)} ms`);
+    assert.equal(status.errorClass, "cancelled");
+    assert.ok(
+      !kube.requests.some((r) => r.follow && r.path.includes(name)),
+      "no log follow was ever opened",
+    );
+    await execution.cleanup();
+    assert.equal(kube.get("jobs", "default", name), undefined);
+  },
+);
+
+kubeTest(
   "secrets reach the step from the Secret, never as values in the Job or pod spec",
   async ({ kube, busybox }) => {
     const secret = "s3cr3t-value-9f1c";
