@@ -15,7 +15,7 @@
 
 import assert from "node:assert/strict";
 import { ensureBusyboxImage } from "../infra/images.ts";
-import { type KubeStandIn, startKubeStandIn } from "../infra/kube/mod.ts";
+import { type KubeStandIn, type KubeStandInOptions, startKubeStandIn } from "../infra/kube/mod.ts";
 import { poll } from "./_helpers.ts";
 
 const IN_CI = Deno.env.get("CI") === "true";
@@ -45,13 +45,21 @@ if (missing && !IN_CI) {
 }
 
 function standInTest(name: string, fn: (kube: KubeStandIn) => Promise<void>): void {
+  standInTestWith(name, {}, fn);
+}
+
+function standInTestWith(
+  name: string,
+  options: KubeStandInOptions,
+  fn: (kube: KubeStandIn) => Promise<void>,
+): void {
   Deno.test({
     name: `kube stand-in: ${name}`,
     ignore: missing !== undefined && !IN_CI,
     async fn() {
       if (missing) throw new Error(`Expected docker and kubectl in CI: ${missing}`);
       await ensureBusyboxImage();
-      await using kube = await startKubeStandIn();
+      await using kube = await startKubeStandIn(options);
       await fn(kube);
     },
   });
@@ -305,3 +313,34 @@ standInTest("ttlSecondsAfterFinished removes a finished Job and its pods", async
     what: "its pod to be collected",
   });
 });
+
+standInTestWith(
+  "a watch answers at once (headers flushed), sends bookmarks, and ends at timeoutSeconds",
+  { bookmarkIntervalMs: 100 },
+  async (kube) => {
+    const client = Deno.createHttpClient({ caCerts: [kube.caPem!] });
+    try {
+      const started = performance.now();
+      const response = await fetch(
+        `${kube.server}/apis/batch/v1/namespaces/default/jobs?watch=true&allowWatchBookmarks=true&timeoutSeconds=1`,
+        { client, headers: { authorization: `Bearer ${kube.token}` } },
+      );
+      assert.equal(response.status, 200);
+      assert.ok(performance.now() - started < 500, "headers came before any event");
+      const lines = (await response.text()).trim().split("\n").map((line) => JSON.parse(line));
+      const elapsed = performance.now() - started;
+      assert.ok(
+        elapsed >= 900 && elapsed < 5_000,
+        `ended after its timeoutSeconds (${elapsed} ms)`,
+      );
+      assert.ok(lines.length >= 2, `bookmarks came: ${lines.length}`);
+      for (const event of lines) {
+        assert.equal(event.type, "BOOKMARK");
+        assert.equal(event.object.kind, "Job");
+        assert.match(event.object.metadata.resourceVersion, /^\d+$/);
+      }
+    } finally {
+      client.close();
+    }
+  },
+);

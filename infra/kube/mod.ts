@@ -42,7 +42,7 @@ export { INSTANCE_LABEL } from "./_cluster.ts";
 export type { KubeObject } from "./_store.ts";
 
 /** How often a watch that asked for bookmarks gets one (the apiserver's is about a minute). */
-const BOOKMARK_INTERVAL_MS = 5_000;
+export const BOOKMARK_INTERVAL_MS = 5_000;
 /** Longest a watch stays open without `timeoutSeconds` (the apiserver picks 30–60 min). */
 const MAX_WATCH_SECONDS = 1_800;
 /** The error a reset fault breaks an answer with (not reported as a server error). */
@@ -64,6 +64,8 @@ export interface KubeStandInOptions {
   dockerSocket?: string;
   /** Docker network mode of pods (default `host`: pods reach loopback services such as s3rver). */
   networkMode?: string;
+  /** How often a watch that asked for bookmarks gets one (default {@link BOOKMARK_INTERVAL_MS}). */
+  bookmarkIntervalMs?: number;
 }
 
 /** An injected API error. */
@@ -216,6 +218,7 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
   const openFollows = new Set<() => void>();
   const requests: RequestRecord[] = [];
   const encoder = new TextEncoder();
+  const bookmarkMs = options.bookmarkIntervalMs ?? BOOKMARK_INTERVAL_MS;
   let address = "";
 
   const tls = options.tls === false ? undefined : await makeCertificates(dir);
@@ -310,9 +313,9 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
                 metadata: { resourceVersion: String(store.version) },
               },
             });
-            timers.push(setTimeout(bookmark, BOOKMARK_INTERVAL_MS));
+            timers.push(setTimeout(bookmark, bookmarkMs));
           };
-          timers.push(setTimeout(bookmark, BOOKMARK_INTERVAL_MS));
+          timers.push(setTimeout(bookmark, bookmarkMs));
         }
       },
       cancel() {
