@@ -776,11 +776,20 @@ export class Cluster {
       }
     });
     const exitCode = await docker.waitExit(id);
-    const ended = await docker.inspect(id);
+    let ended = await docker.inspect(id);
+    // Docker learns of an OOM kill from a cgroup event that may come after the
+    // exit: a SIGKILL under a memory limit that no deletion sent is looked at
+    // again, then taken for what the kernel did (as containerd reports it).
+    const suspect = exitCode === 137 && memory !== undefined && !run.stopping;
+    for (let look = 0; suspect && !ended.State.OOMKilled && look < 5; look++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      ended = await docker.inspect(id);
+    }
+    const oomKilled = ended.State.OOMKilled || suspect;
     setState({
       terminated: {
         exitCode,
-        reason: ended.State.OOMKilled ? "OOMKilled" : exitCode === 0 ? "Completed" : "Error",
+        reason: oomKilled ? "OOMKilled" : exitCode === 0 ? "Completed" : "Error",
         startedAt: ended.State.StartedAt.replace(/\.\d+Z$/, "Z"),
         finishedAt: ended.State.FinishedAt.replace(/\.\d+Z$/, "Z"),
         containerID: `docker://${id}`,
