@@ -7,8 +7,9 @@
  *   vs the anchor `kubectl create -f job.yaml && kubectl wait
  *   --for=condition=complete` against the same stand-in in the same run
  *   (target ratio ≤ 1.0);
- * - 50 Job steps, 10 at a time, through one backend: API calls per step
- *   (target ≤ 10: watches shared, no polling).
+ * - a pipeline of 50 Job steps (a matrix) with `concurrency: 10`, run by
+ *   the local runner: API calls per step (target ≤ 10: watches shared, no
+ *   polling).
  *
  * Run: `deno task bench` (all) or `deno run -A bench/kubernetes_bench.ts`.
  *
@@ -17,8 +18,8 @@
 
 import { builtinPlugins, PluginHostPool } from "../backends/mod.ts";
 import type { ExecutionBackend } from "../backends/backend.ts";
-import { runToEnd, scratchSpec } from "../backends/testing.ts";
-import createKubernetesBackend from "../backends/kubernetes/mod.ts";
+import { scratchSpec } from "../backends/testing.ts";
+import { loadPipeline, runPipeline } from "../mod.ts";
 import { ensureBusyboxImage } from "../infra/images.ts";
 import { type KubeStandIn, startKubeStandIn } from "../infra/kube/mod.ts";
 import { median, printTable } from "./_table.ts";
@@ -117,29 +118,36 @@ export async function benchKubernetes(): Promise<void> {
       },
     ]);
 
-    // 50 steps, 10 at a time, one backend (one shared informer): API calls per step.
-    const direct = createKubernetesBackend();
+    // 50 steps, 10 at a time, through the runner (local mode, one plugin host):
+    // API calls per step.
+    const pipeline = `${scratchRoot}/many.yaml`;
+    await Deno.writeTextFile(
+      pipeline,
+      [
+        "name: many-jobs",
+        `concurrency: ${CONCURRENCY}`,
+        "steps:",
+        "  many:",
+        "    backend: kubernetes",
+        `    image: ${image}`,
+        '    command: ["true"]',
+        `    concurrency: ${CONCURRENCY}`,
+        `    matrix: { i: [${Array.from({ length: MANY_STEPS }, (_, i) => i + 1).join(", ")}] }`,
+        "",
+      ].join("\n"),
+    );
     kube.clearRequests();
     const started = performance.now();
-    let next = 0;
-    await Promise.all(Array.from({ length: CONCURRENCY }, async () => {
-      while (next < MANY_STEPS) {
-        const index = next++;
-        await using spec = await scratchSpec({ image, command: ["true"] }, {
-          spec: { agentId: "bench-many", attemptId: `bench-many/step/${index}`, stepId: "many" },
-        });
-        const { status } = await runToEnd(await direct.start(spec));
-        if (status.exitCode !== 0) {
-          throw new Error(`step ${index} failed: ${JSON.stringify(status)}`);
-        }
-      }
-    }));
+    const summary = await runPipeline(await loadPipeline(pipeline), {
+      stateDir: `${scratchRoot}/state`,
+    });
+    if (summary.status !== "succeeded") throw new Error(`the pipeline ${summary.status}`);
     const elapsed = performance.now() - started;
     const requests = kube.requests;
     const count = (filter: (r: (typeof requests)[number]) => boolean) =>
       requests.filter(filter).length;
     const perStep = (n: number) => (n / MANY_STEPS).toFixed(2);
-    printTable(`kubernetes backend: ${MANY_STEPS} Job steps, ${CONCURRENCY} at a time`, [
+    printTable(`kubernetes backend: ${MANY_STEPS} Job steps, concurrency: ${CONCURRENCY}`, [
       { what: "API calls per step, all", value: `${perStep(requests.length)} (target ≤ 10)` },
       { what: "  creates (Job, Secret)", value: perStep(count((r) => r.method === "POST")) },
       { what: "  log follows", value: perStep(count((r) => r.follow)) },
