@@ -16,7 +16,7 @@
 import assert from "node:assert/strict";
 import { ensureBusyboxImage } from "../infra/images.ts";
 import { type KubeStandIn, type KubeStandInOptions, startKubeStandIn } from "../infra/kube/mod.ts";
-import { poll } from "./_helpers.ts";
+import { poll, ROOT } from "./_helpers.ts";
 
 const IN_CI = Deno.env.get("CI") === "true";
 
@@ -344,3 +344,51 @@ standInTestWith(
     }
   },
 );
+
+Deno.test({
+  name: "kube stand-in: `deno task kube-dev` serves kubectl and stops cleanly on SIGTERM",
+  ignore: missing !== undefined && !IN_CI,
+  async fn() {
+    if (missing) throw new Error(`Expected docker and kubectl in CI: ${missing}`);
+    const home = await Deno.makeTempDir({ prefix: "runnel-kube-dev-" });
+    // The task's own command line, so that its permissions are what is tested.
+    const task: string = JSON.parse(await Deno.readTextFile(`${ROOT}/deno.json`)).tasks["kube-dev"];
+    const [, ...args] = task.split(" ");
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [...args, "--kubeconfig", `${home}/kubeconfig`],
+      cwd: ROOT,
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const stderr = new Response(child.stderr).text();
+    try {
+      const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+      let output = "";
+      while (!output.includes("kubeconfig: ")) {
+        const { value, done } = await reader.read();
+        if (done) throw new Error(`kube-dev ended early: ${output}${await stderr}`);
+        output += value;
+      }
+      reader.releaseLock();
+      assert.match(output, new RegExp(`kubeconfig: ${home}/kubeconfig`));
+      const version = await new Deno.Command("kubectl", {
+        args: ["get", "jobs,pods"],
+        env: { HOME: home, KUBECONFIG: `${home}/kubeconfig`, PATH: Deno.env.get("PATH") ?? "" },
+        clearEnv: true,
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      assert.ok(version.success, new TextDecoder().decode(version.stderr));
+      child.kill("SIGTERM");
+      assert.equal((await child.status).code, 0, await stderr);
+      await child.stdout.cancel().catch(() => {});
+    } finally {
+      try {
+        child.kill("SIGKILL");
+      } catch { /* ended */ }
+      await child.status;
+      await stderr;
+      await Deno.remove(home, { recursive: true });
+    }
+  },
+});

@@ -478,7 +478,16 @@ kubeTest(
     }, { spec: { outputs: ["answer.txt"] } });
     const specJson = JSON.stringify({ ...spec, remove: undefined });
     const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", `--lock=${ROOT}/deno.lock`, `${ROOT}/tests/kube/agent.ts`, specJson],
+      args: [
+        "run",
+        "--allow-read",
+        "--allow-write",
+        "--allow-net",
+        "--allow-env",
+        `--lock=${ROOT}/deno.lock`,
+        `${ROOT}/tests/kube/agent.ts`,
+        specJson,
+      ],
       stdout: "piped",
       stderr: "piped",
       env: { NO_COLOR: "1" },
