@@ -94,10 +94,15 @@ export function kubeconfigPath(
 
 type Named<T> = Array<{ name: string } & T>;
 
-/** Loads the current context of the kubeconfig (or the in-cluster account). */
+/**
+ * Loads the current context of the kubeconfig (or the in-cluster account,
+ * from `options.serviceAccountDir`, default {@link SERVICE_ACCOUNT_DIR}).
+ */
 export function loadKubeTarget(
   env: (name: string) => string | undefined = envValue,
+  options: { serviceAccountDir?: string } = {},
 ): KubeTarget {
+  const accountDir = options.serviceAccountDir ?? SERVICE_ACCOUNT_DIR;
   const found = kubeconfigPath(env);
   if (!found.path) {
     const host = env("KUBERNETES_SERVICE_HOST");
@@ -109,7 +114,7 @@ export function loadKubeTarget(
       );
     }
     const hostPart = host.includes(":") ? `[${host}]` : host;
-    const read = (name: string) => Deno.readTextFileSync(`${SERVICE_ACCOUNT_DIR}/${name}`);
+    const read = (name: string) => Deno.readTextFileSync(`${accountDir}/${name}`);
     let namespace = "default";
     try {
       namespace = read("namespace").trim() || "default";
@@ -120,7 +125,7 @@ export function loadKubeTarget(
       namespace,
       token: read("token").trim(),
       caPem: read("ca.crt"),
-      files: [SERVICE_ACCOUNT_DIR],
+      files: [accountDir],
       env: [...found.env, "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"],
       source: "the in-cluster service account",
     };

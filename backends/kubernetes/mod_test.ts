@@ -104,6 +104,24 @@ Deno.test("kubeconfig: exec plugins and skipped TLS verification are refused, cl
   assert.throws(() => loadKubeTarget(envOf({})), /Expected a kubeconfig .* or an in-cluster/);
 });
 
+Deno.test("kubeconfig: in a pod, the service account's token, CA and namespace", async () => {
+  await withDir(async (dir) => {
+    await Deno.writeTextFile(`${dir}/token`, "sa-token\n");
+    await Deno.writeTextFile(`${dir}/ca.crt`, "CLUSTER CA");
+    await Deno.writeTextFile(`${dir}/namespace`, "pipelines\n");
+    const target = loadKubeTarget(
+      envOf({ KUBERNETES_SERVICE_HOST: "10.96.0.1", KUBERNETES_SERVICE_PORT: "443" }),
+      { serviceAccountDir: dir },
+    );
+    assert.equal(target.server, "https://10.96.0.1:443");
+    assert.equal(target.address, "10.96.0.1:443");
+    assert.equal(target.token, "sa-token");
+    assert.equal(target.caPem, "CLUSTER CA");
+    assert.equal(target.namespace, "pipelines");
+    assert.deepEqual(target.files, [dir]);
+  });
+});
+
 const SPEC: AttemptSpec = {
   agentId: "agent/7",
   scratchRoot: "/scratch",
