@@ -24,7 +24,7 @@ import {
 } from "../backends/testing.ts";
 import createKubernetesBackend from "../backends/kubernetes/mod.ts";
 import { ensureBusyboxImage, ensureEnergyImage, ensureKubeHelperImage } from "../infra/images.ts";
-import { type KubeStandIn, startKubeStandIn } from "../infra/kube/mod.ts";
+import { kubeconfigText, type KubeStandIn, startKubeStandIn } from "../infra/kube/mod.ts";
 import { poll, ROOT, runCli, sandbox } from "./_helpers.ts";
 import { type S3Server, startS3Server } from "./_s3.ts";
 
@@ -528,6 +528,36 @@ kubeTest("recover reaps the Jobs of this agent that are not kept", async ({ kube
   assert.equal(status.errorClass, "infrastructure", JSON.stringify(status));
   await execution.cleanup();
 });
+
+kubeTest(
+  "a kubeconfig with a client certificate (no token) authenticates; none is refused",
+  async ({ kube, busybox }) => {
+    await using box = await sandbox();
+    const certificate = await box.write(
+      "cert.kubeconfig",
+      kubeconfigText({ server: kube.server, caPem: kube.caPem, client: kube.client }),
+    );
+    const anonymous = await box.write(
+      "anonymous.kubeconfig",
+      kubeconfigText({ server: kube.server, caPem: kube.caPem }),
+    );
+    const previous = Deno.env.get("KUBECONFIG");
+    try {
+      Deno.env.set("KUBECONFIG", certificate);
+      await using spec = await attempt({ image: busybox, run: "echo over mTLS" });
+      const { status, stdout } = await runToEnd(await createKubernetesBackend().start(spec));
+      assert.deepEqual(status, { exitCode: 0 });
+      assert.equal(stdout, "over mTLS\n");
+      Deno.env.set("KUBECONFIG", anonymous);
+      await using refused = await attempt({ image: busybox, run: "true" });
+      const denied = await runToEnd(await createKubernetesBackend().start(refused));
+      assert.equal(denied.status.errorClass, "permission", JSON.stringify(denied.status));
+      assert.match(denied.status.message!, /Unauthorized/);
+    } finally {
+      Deno.env.set("KUBECONFIG", previous!);
+    }
+  },
+);
 
 kubeTest(
   "runnel run --kubeconfig: a pipeline with a kubernetes step, its secret masked",

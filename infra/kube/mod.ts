@@ -17,6 +17,15 @@
  * @module
  */
 
+import { Buffer } from "node:buffer";
+import {
+  createServer as createHttpServer,
+  type IncomingMessage,
+  type ServerResponse,
+} from "node:http";
+import { createServer as createHttpsServer } from "node:https";
+import type { Socket } from "node:net";
+import type { TLSSocket } from "node:tls";
 import { stringify as stringifyYaml } from "npm:yaml@2.9.1";
 import { Cluster } from "./_cluster.ts";
 import {
@@ -45,7 +54,7 @@ export type { KubeObject } from "./_store.ts";
 export const BOOKMARK_INTERVAL_MS = 5_000;
 /** Longest a watch stays open without `timeoutSeconds` (the apiserver picks 30–60 min). */
 const MAX_WATCH_SECONDS = 1_800;
-/** The error a reset fault breaks an answer with (not reported as a server error). */
+/** The error a reset fault breaks an answer with. */
 const INJECTED_RESET = "connection reset by the stand-in (injected)";
 /** The one node's name. */
 export const NODE_NAME = "runnel-node";
@@ -122,6 +131,11 @@ export interface KubeStandIn extends AsyncDisposable {
   token: string;
   /** PEM of the CA that signed the serving certificate (TLS only). */
   caPem?: string;
+  /**
+   * A client certificate and key the CA signed (TLS only): the stand-in
+   * accepts a request that presents it instead of the token.
+   */
+  client?: { certPem: string; keyPem: string };
   /** Path of a kubeconfig pointing at it (written in its own temporary directory). */
   kubeconfig: string;
   faults: KubeFaults;
@@ -223,8 +237,9 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
 
   const tls = options.tls === false ? undefined : await makeCertificates(dir);
 
-  function authorized(request: Request): boolean {
-    return request.headers.get("authorization") === `Bearer ${token}`;
+  function authorized(request: Request, clientName: string | undefined): boolean {
+    return clientName !== undefined ||
+      request.headers.get("authorization") === `Bearer ${token}`;
   }
 
   function injectedFailure(
@@ -323,7 +338,7 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
       },
     });
     return new Response(body, {
-      headers: { "content-type": "application/json", "transfer-encoding": "chunked" },
+      headers: { "content-type": "application/json" },
     });
   }
 
@@ -741,7 +756,7 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
     return failure(405, "the server does not allow this method on the requested resource");
   }
 
-  async function handle(request: Request): Promise<Response> {
+  async function handle(request: Request, clientName: string | undefined): Promise<Response> {
     const url = new URL(request.url);
     const path = url.pathname.replace(/\/+$/, "") || "/";
     const watch = url.searchParams.get("watch") === "true" || url.searchParams.get("watch") === "1";
@@ -751,7 +766,7 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
       watch,
       follow: url.searchParams.get("follow") === "true",
     });
-    if (!authorized(request)) return failure(401, "Unauthorized", "Unauthorized");
+    if (!authorized(request, clientName)) return failure(401, "Unauthorized", "Unauthorized");
     if (path === "/version") return json(versionInfo());
     if (path === "/api") return json(coreVersions(address));
     if (path === "/apis") return json(groupList());
@@ -832,22 +847,47 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
     return failure(404, "the server could not find the requested resource", "NotFound");
   }
 
-  const listening = Promise.withResolvers<Deno.NetAddr>();
-  const server = Deno.serve({
-    hostname: "127.0.0.1",
-    port: options.port ?? 0,
-    ...(tls ? { cert: tls.cert, key: tls.key } : {}),
-    onListen: (addr) => listening.resolve(addr as Deno.NetAddr),
-    onError: (error) => {
-      if ((error as Error)?.message !== INJECTED_RESET) {
+  // node:https rather than Deno.serve: it can ask for and verify client
+  // certificates (kubeconfig users with client-certificate-data).
+  const sockets = new Set<Socket>();
+  const serve = (incoming: IncomingMessage, outgoing: ServerResponse) => {
+    const socket = incoming.socket as TLSSocket;
+    const peer = tls ? socket.getPeerCertificate?.() : undefined;
+    const subject = peer?.subject?.CN;
+    const clientName = tls && socket.authorized && subject
+      ? (Array.isArray(subject) ? subject[0] : subject)
+      : undefined;
+    answer(incoming, outgoing, (request) => handle(request, clientName), tls !== undefined)
+      .catch((error) => {
         console.error(`kube stand-in: ${(error as Error)?.stack ?? error}`);
-      }
-      return failure(500, `Internal error occurred: ${(error as Error)?.message ?? error}`);
-    },
-  }, handle);
-  const addr = await listening.promise;
-  address = `127.0.0.1:${addr.port}`;
-  const endpoint = `${tls ? "https" : "http"}://127.0.0.1:${addr.port}`;
+        outgoing.destroy();
+      });
+  };
+  const server = tls
+    ? createHttpsServer({
+      key: tls.key,
+      cert: tls.cert,
+      ca: tls.ca,
+      requestCert: true,
+      // A request without a certificate may still carry a bearer token.
+      rejectUnauthorized: false,
+    }, serve)
+    : createHttpServer(serve);
+  server.on("connection", (socket: Socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+  });
+  server.on("secureConnection", (socket: Socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(options.port ?? 0, "127.0.0.1", () => resolve());
+  });
+  const port = (server.address() as { port: number }).port;
+  address = `127.0.0.1:${port}`;
+  const endpoint = `${tls ? "https" : "http"}://127.0.0.1:${port}`;
   const kubeconfig = `${dir}/kubeconfig`;
   await Deno.writeTextFile(
     kubeconfig,
@@ -859,16 +899,20 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
   const stop = () =>
     stopped ??= (async () => {
       for (const close of [...openWatches, ...openFollows]) close();
-      await server.shutdown();
+      await new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        for (const socket of sockets) socket.destroy();
+      });
       await cluster.close();
       docker.close();
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     })();
   return {
     server: endpoint,
-    port: addr.port,
+    port,
     token,
     caPem: tls?.ca,
+    client: tls?.client,
     kubeconfig,
     requests,
     clearRequests: () => void requests.splice(0),
@@ -903,6 +947,53 @@ export async function startKubeStandIn(options: KubeStandInOptions = {}): Promis
   };
 }
 
+/**
+ * Answers a node request with a fetch-style handler: the request body read
+ * whole, the answer's headers sent at once (watches and log follows are
+ * streams), its body streamed until the client goes. An answer whose body
+ * errors breaks the connection (a reset, for the reset fault).
+ */
+async function answer(
+  incoming: IncomingMessage,
+  outgoing: ServerResponse,
+  handler: (request: Request) => Promise<Response>,
+  secure: boolean,
+): Promise<void> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of incoming) chunks.push(chunk as Buffer);
+  const headers = new Headers();
+  for (const [name, value] of Object.entries(incoming.headers)) {
+    if (typeof value === "string") headers.set(name, value);
+    else if (Array.isArray(value)) headers.set(name, value.join(", "));
+  }
+  const method = incoming.method ?? "GET";
+  const body = chunks.length > 0 && method !== "GET" && method !== "HEAD"
+    ? new Uint8Array(Buffer.concat(chunks))
+    : undefined;
+  const url = `${secure ? "https" : "http"}://${incoming.headers.host ?? "127.0.0.1"}${
+    incoming.url ?? "/"
+  }`;
+  const response = await handler(new Request(url, { method, headers, body }));
+  outgoing.writeHead(response.status, Object.fromEntries(response.headers));
+  outgoing.flushHeaders();
+  if (!response.body) {
+    outgoing.end();
+    return;
+  }
+  const reader = response.body.getReader();
+  outgoing.on("close", () => reader.cancel().catch(() => {}));
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      outgoing.write(value);
+    }
+    outgoing.end();
+  } catch {
+    outgoing.destroy();
+  }
+}
+
 /** RFC 7386 JSON merge patch (what `application/merge-patch+json` means; used for strategic too). */
 function mergePatch(target: unknown, patch: unknown): unknown {
   if (typeof patch !== "object" || patch === null || Array.isArray(patch)) return patch;
@@ -917,10 +1008,23 @@ function mergePatch(target: unknown, patch: unknown): unknown {
   return result;
 }
 
-/** A kubeconfig (YAML) with one cluster, one token user and one current context. */
-export function kubeconfigText(
-  options: { server: string; token: string; caPem?: string; namespace?: string },
-): string {
+/** Options of {@link kubeconfigText}: the server, its CA, and a token or a client certificate. */
+export interface KubeconfigOptions {
+  server: string;
+  token?: string;
+  caPem?: string;
+  client?: { certPem: string; keyPem: string };
+  namespace?: string;
+}
+
+/** A kubeconfig (YAML) with one cluster, one user and one current context. */
+export function kubeconfigText(options: KubeconfigOptions): string {
+  const user: Record<string, string> = {};
+  if (options.token) user.token = options.token;
+  if (options.client) {
+    user["client-certificate-data"] = btoa(options.client.certPem);
+    user["client-key-data"] = btoa(options.client.keyPem);
+  }
   return stringifyYaml({
     apiVersion: "v1",
     kind: "Config",
@@ -931,7 +1035,7 @@ export function kubeconfigText(
         ...(options.caPem ? { "certificate-authority-data": btoa(options.caPem) } : {}),
       },
     }],
-    users: [{ name: "runnel-standin", user: { token: options.token } }],
+    users: [{ name: "runnel-standin", user }],
     contexts: [{
       name: "runnel-standin",
       context: {
@@ -944,8 +1048,14 @@ export function kubeconfigText(
   });
 }
 
-/** A CA and a serving certificate for 127.0.0.1 signed by it, made with `openssl`. */
-async function makeCertificates(dir: string): Promise<{ ca: string; cert: string; key: string }> {
+/**
+ * A CA, a serving certificate for 127.0.0.1 and a client certificate
+ * (`CN=runnel-client, O=system:masters`), both signed by it, made with
+ * `openssl`.
+ */
+async function makeCertificates(
+  dir: string,
+): Promise<{ ca: string; cert: string; key: string; client: { certPem: string; keyPem: string } }> {
   const run = async (args: string[]) => {
     const output = await new Deno.Command("openssl", {
       args,
@@ -1015,11 +1125,58 @@ async function makeCertificates(dir: string): Promise<{ ca: string; cert: string
     "-extfile",
     "server.ext",
   ]);
-  const [ca, cert, key] = await Promise.all(
-    ["ca.crt", "server.crt", "server.key"].map((name) => Deno.readTextFile(`${dir}/${name}`)),
+  await run([
+    "req",
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+    "-keyout",
+    "client.key",
+    "-out",
+    "client.csr",
+    "-subj",
+    "/O=system:masters/CN=runnel-client",
+  ]);
+  await Deno.writeTextFile(
+    `${dir}/client.ext`,
+    "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
   );
-  for (const name of ["ca.key", "server.csr", "server.ext", "ca.srl"]) {
+  await run([
+    "x509",
+    "-req",
+    "-in",
+    "client.csr",
+    "-CA",
+    "ca.crt",
+    "-CAkey",
+    "ca.key",
+    "-CAcreateserial",
+    "-out",
+    "client.crt",
+    "-days",
+    "2",
+    "-extfile",
+    "client.ext",
+  ]);
+  const [ca, cert, key, clientCert, clientKey] = await Promise.all(
+    ["ca.crt", "server.crt", "server.key", "client.crt", "client.key"].map((name) =>
+      Deno.readTextFile(`${dir}/${name}`)
+    ),
+  );
+  for (
+    const name of [
+      "ca.key",
+      "server.csr",
+      "server.ext",
+      "client.csr",
+      "client.ext",
+      "client.key",
+      "ca.srl",
+    ]
+  ) {
     await Deno.remove(`${dir}/${name}`).catch(() => {});
   }
-  return { ca, cert, key };
+  return { ca, cert, key, client: { certPem: clientCert, keyPem: clientKey } };
 }
