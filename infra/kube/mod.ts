@@ -1,16 +1,19 @@
 /**
  * A single-node Kubernetes API stand-in that really runs pods: the shapes
- * of the real API (discovery, OpenAPI v3, `Status` errors, Jobs, Pods and
- * Secrets with label and field selectors, watches with resource versions,
- * bookmarks and `410 Expired`, pod logs with `follow`, `timestamps` and
- * `sinceTime`) over HTTPS with a bearer token, and a Job controller, a
- * garbage collector and a kubelet that runs containers on the local Docker
- * engine (see `_cluster.ts`).
+ * of the real API (discovery, OpenAPI v3 and a minimal v2 for older
+ * kubectl, `Status` errors, Jobs, Pods and Secrets with label and field
+ * selectors, Table output, watches with resource versions, bookmarks and
+ * `410 Expired`, pod logs with `follow`, `timestamps` and `sinceTime`,
+ * evictions) over HTTPS, authenticating a bearer token or a client
+ * certificate its CA signed; and a Job controller, a garbage collector and
+ * a kubelet that runs containers on the local Docker engine (see
+ * `_cluster.ts`).
  *
  * No Kubernetes API server, kubelet, kind or k3s can run here; this one is
  * checked against the real `kubectl` (`tests/kubernetes_standin_test.ts`).
- * Faults can be injected for tests: 5xx and 429 answers, dropped watches
- * and log follows, compaction (410), evictions.
+ * Faults can be injected for tests: 5xx and 429 answers, connection
+ * resets after the request was carried out, dropped watches and log
+ * follows, compaction (410), evictions.
  *
  * `deno task kube-dev` runs it for a user to try the `kubernetes` backend.
  *
