@@ -25,7 +25,7 @@ import {
 import createKubernetesBackend from "../backends/kubernetes/mod.ts";
 import { ensureBusyboxImage, ensureEnergyImage, ensureKubeHelperImage } from "../infra/images.ts";
 import { kubeconfigText, type KubeStandIn, startKubeStandIn } from "../infra/kube/mod.ts";
-import { poll, ROOT, runCli, sandbox } from "./_helpers.ts";
+import { poll, ROOT, runCli, sandbox, spawnCli, waitForLine } from "./_helpers.ts";
 import { type S3Server, startS3Server } from "./_s3.ts";
 
 const IN_CI = Deno.env.get("CI") === "true";
@@ -589,6 +589,56 @@ kubeTest(
     assert.equal(result.code, 0, result.stdout + result.stderr);
     assert.match(result.stdout + result.stderr, /hello from a pod, token \*\*\*/);
     assert.ok(!(result.stdout + result.stderr).includes("tok-5e1f9a"), "the secret is masked");
+  },
+);
+
+kubeTest(
+  "runnel run SIGKILLed mid-step: resume re-attaches to the running Job, not a second one",
+  async ({ kube, busybox }) => {
+    await using box = await sandbox();
+    const file = await box.write(
+      "pipeline.yaml",
+      [
+        "name: kube-recover",
+        "steps:",
+        "  slow:",
+        "    backend: kubernetes",
+        `    image: ${busybox}`,
+        "    run: |",
+        "      echo started",
+        "      sleep 2",
+        '      echo finished > "$RUNNEL_OUTPUT_OUT_TXT"',
+        "    outputs: [out.txt]",
+        "  after:",
+        "    backend: shell",
+        "    inputs: { out: slow/out.txt }",
+        '    run: cat "$RUNNEL_INPUT_OUT"',
+        "",
+      ].join("\n"),
+    );
+    const flags = ["--state-dir", box.stateDir, "--kubeconfig", kube.kubeconfig];
+    const { child, lines } = spawnCli(["run", file, ...flags, "--json"], { cwd: box.dir });
+    const first = JSON.parse(await waitForLine(lines, (line) => line.includes('"type":"run"')));
+    const runId: string = first.runId;
+    await waitForLine(lines, (line) => line.includes('"slow"') && line.includes('"started'));
+    const jobsOfRun = () => kube.list("jobs", `runnel.dev/run=${runId}`);
+    await poll(() => jobsOfRun().length === 1 || undefined, { what: "the step's Job" });
+    child.kill("SIGKILL");
+    await child.status;
+    await child.stdout.cancel().catch(() => {});
+    await child.stderr.cancel().catch(() => {});
+    assert.equal(jobsOfRun().length, 1, "the Job outlives the runner");
+
+    const resumed = await runCli(["resume", runId, ...flags, "--logs"], { cwd: box.dir });
+    assert.equal(resumed.code, 0, resumed.stderr + resumed.stdout);
+    assert.match(resumed.stdout, /after │ finished/);
+    const show = await runCli(["show", runId, "--state-dir", box.stateDir, "--json"], {
+      cwd: box.dir,
+    });
+    const slow = JSON.parse(show.stdout).steps.slow;
+    assert.equal(slow.status, "succeeded");
+    assert.equal(slow.attempts.length, 1, "re-attached, not started again");
+    assert.deepEqual(jobsOfRun(), [], "the re-attached Job was removed");
   },
 );
 
