@@ -28,6 +28,7 @@ import {
   VERSION,
 } from "./agent/client/flags.ts";
 import * as local from "./agent/client/local_commands.ts";
+import { resolve } from "node:path";
 
 /** The run commands that talk to a cluster when given `--server URL`. */
 const REMOTE_COMMANDS = ["runs", "show", "logs", "cancel", "resume", "rerun"];
@@ -36,6 +37,8 @@ async function main(line: CommandLine): Promise<number> {
   const { command, args, flags } = line;
   if (flags.version) return print(VERSION);
   if (flags.help || !command || command === "help") return print(USAGE);
+  // Kubernetes steps use the runner's KUBECONFIG (their plugin hosts are granted it).
+  if (flags.kubeconfig) Deno.env.set("KUBECONFIG", resolve(flags.kubeconfig));
   const need = (what: string) => {
     if (!args[0]) throw new UsageError(`"runnel ${command}" needs ${what}`);
     return args[0];

@@ -11,6 +11,7 @@ import { isAbsolute, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { denoManifest } from "./deno/manifest.ts";
 import { dockerManifest } from "./docker/manifest.ts";
+import { kubernetesManifest } from "./kubernetes/manifest.ts";
 import { shellManifest } from "./shell/manifest.ts";
 import { sshManifest } from "./ssh/manifest.ts";
 import type { PluginHostPool, PluginSource } from "./plugin_host/pool.ts";
@@ -56,6 +57,11 @@ export function builtinPlugins(): PluginSource[] {
       name: "ssh",
       module: new URL("./ssh/mod.ts", import.meta.url).href,
       manifest: sshManifest,
+    },
+    {
+      name: "kubernetes",
+      module: new URL("./kubernetes/mod.ts", import.meta.url).href,
+      manifest: kubernetesManifest,
     },
   ];
 }

@@ -14,6 +14,7 @@ import { benchDocker } from "./docker_bench.ts";
 import { benchStore } from "./store_bench.ts";
 import { benchCluster } from "./cluster_bench.ts";
 import { benchSim } from "./sim_bench.ts";
+import { benchKubernetes } from "./kubernetes_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -29,4 +30,5 @@ if (import.meta.main) {
   await benchStore();
   await benchCluster();
   await benchSim();
+  await benchKubernetes();
 }

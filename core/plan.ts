@@ -72,6 +72,12 @@ export const CONFIG_KEYS = [
   "trust-on-first-use",
   "work-root",
   "keep-on-failure",
+  "command",
+  "namespace",
+  "service-account",
+  "node-selector",
+  "image-pull-policy",
+  "unschedulable-timeout",
   "with",
 ] as const;
 

@@ -260,7 +260,7 @@ const stepBackendKeys = {
   }).optional().meta({ description: "Extra Deno permissions (deno)." }),
   image: z.string().optional().meta({ description: "Container image (docker, kubernetes)." }),
   workdir: z.string().optional().meta({
-    description: "Working directory in the container (docker).",
+    description: "Working directory in the container (docker, kubernetes).",
   }),
   user: z.string().optional().meta({ description: "User to run as (docker)." }),
   network: z.boolean().optional().meta({
@@ -290,6 +290,25 @@ const stepBackendKeys = {
   }).optional().meta({
     description: "Build the step's image from a generated Dockerfile, cached by content " +
       "digest (docker).",
+  }),
+  command: z.array(z.string()).optional().meta({
+    description: "Command in exec form, replacing the image's entrypoint (kubernetes).",
+  }),
+  namespace: z.string().optional().meta({
+    description: "Namespace of the Job; default the kubeconfig context's (kubernetes).",
+  }),
+  "service-account": z.string().optional().meta({
+    description: "Service account of the pod; none mounted without it (kubernetes).",
+  }),
+  "node-selector": z.record(z.string(), z.string()).optional().meta({
+    description: "Node labels the pod must be scheduled on (kubernetes).",
+  }),
+  "image-pull-policy": z.enum(["Always", "IfNotPresent", "Never"]).optional().meta({
+    description: "imagePullPolicy of the step's container (kubernetes).",
+  }),
+  "unschedulable-timeout": z.string().optional().meta({
+    description: "How long the pod may stay unschedulable before the step fails (kubernetes).",
+    default: "60s",
   }),
   host: z.string().optional().meta({ description: "Remote host (ssh)." }),
   port: z.number().int().min(1).max(65535).optional().meta({

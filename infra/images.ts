@@ -7,6 +7,11 @@
  *   a world-writable `/tmp`.
  * - `runnel/deno:local`: the same, plus this host's `deno` binary and the
  *   shared libraries it needs (with the dynamic loader).
+ * - `runnel/kube-helper:local`: the deno image plus the `kubernetes`
+ *   backend's in-pod helper (`/opt/runnel/helper.ts`), which fetches a
+ *   pod's inputs and uploads its outputs through presigned URLs.
+ * - `runnel/energy:local`: the deno image plus the energy example's step
+ *   modules under `/app` (`examples/energy/pipeline.kubernetes.yaml`).
  *
  * Each image carries a `runnel.content` label, a digest of what went into
  * it, so that an unchanged image is not rebuilt.
@@ -24,6 +29,9 @@ import tarStream from "npm:tar-stream@2.2.0";
 export const BUSYBOX_IMAGE = "runnel/busybox:local";
 /** Tag of the deno image. */
 export const DENO_IMAGE = "runnel/deno:local";
+
+/** Tag of the `kubernetes` backend's helper image. */
+export const KUBE_HELPER_IMAGE = "runnel/kube-helper:local";
 
 /** Image label holding the digest of the image's contents. */
 export const CONTENT_LABEL = "runnel.content";
@@ -139,6 +147,87 @@ export async function ensureDenoImage(): Promise<string> {
     "ENV NO_COLOR=1",
   ]);
   return DENO_IMAGE;
+}
+
+/** Tag of the energy example's image (its steps as Kubernetes Jobs). */
+export const ENERGY_IMAGE = "runnel/energy:local";
+
+/** Files of this repository the energy image holds under `/app`. */
+const ENERGY_FILES = [
+  "backends/deno/context.ts",
+  "examples/energy/docker/run_step.ts",
+  "examples/energy/steps/analyze.ts",
+  "examples/energy/steps/generate.ts",
+  "examples/energy/steps/report.ts",
+];
+
+/** Where the helper script lies in the helper image. */
+export const KUBE_HELPER_SCRIPT = "/opt/runnel/helper.ts";
+
+/**
+ * Builds `runnel/kube-helper:local` unless an image with the same contents
+ * exists; returns its tag.
+ */
+export async function ensureKubeHelperImage(): Promise<string> {
+  const deno = await Deno.realPath(Deno.execPath());
+  const helper = new URL("../backends/kubernetes/_helper.ts", import.meta.url).pathname;
+  const entries = [
+    ...baseEntries(),
+    ...busyboxEntries(await findBusybox()),
+    { path: DENO_IN_IMAGE, kind: "file" as const, mode: 0o755, source: deno },
+    ...(await sharedLibraries(deno)).map((path) => ({
+      path: path.image,
+      kind: "file" as const,
+      mode: 0o755,
+      source: path.host,
+    })),
+    { path: "/opt", kind: "dir" as const, mode: 0o755 },
+    { path: "/opt/runnel", kind: "dir" as const, mode: 0o755 },
+    { path: KUBE_HELPER_SCRIPT, kind: "file" as const, mode: 0o644, source: helper },
+  ];
+  await ensureImage(KUBE_HELPER_IMAGE, entries, [
+    `ENV PATH=${IMAGE_PATH}`,
+    "ENV HOME=/tmp",
+    "ENV DENO_DIR=/tmp/deno",
+    "ENV DENO_NO_UPDATE_CHECK=1",
+    "ENV NO_COLOR=1",
+  ]);
+  return KUBE_HELPER_IMAGE;
+}
+
+/**
+ * Builds `runnel/energy:local` (the deno image plus the energy example's
+ * steps under `/app`) unless an image with the same contents exists.
+ */
+export async function ensureEnergyImage(): Promise<string> {
+  const deno = await Deno.realPath(Deno.execPath());
+  const root = new URL("../", import.meta.url).pathname;
+  const entries: RootEntry[] = [
+    ...baseEntries(),
+    ...busyboxEntries(await findBusybox()),
+    { path: DENO_IN_IMAGE, kind: "file", mode: 0o755, source: deno },
+    ...(await sharedLibraries(deno)).map((path): RootEntry => ({
+      path: path.image,
+      kind: "file",
+      mode: 0o755,
+      source: path.host,
+    })),
+    ...ENERGY_FILES.map((file): RootEntry => ({
+      path: `/app/${file}`,
+      kind: "file",
+      mode: 0o644,
+      source: `${root}${file}`,
+    })),
+  ];
+  await ensureImage(ENERGY_IMAGE, entries, [
+    `ENV PATH=${IMAGE_PATH}`,
+    "ENV HOME=/tmp",
+    "ENV DENO_DIR=/tmp/deno",
+    "ENV DENO_NO_UPDATE_CHECK=1",
+    "ENV NO_COLOR=1",
+    "WORKDIR /app",
+  ]);
+  return ENERGY_IMAGE;
 }
 
 /** Directories and account files every image has. */
@@ -321,7 +410,9 @@ async function run(command: string, args: string[]): Promise<string> {
 }
 
 if (import.meta.main) {
-  for (const ensure of [ensureBusyboxImage, ensureDenoImage]) {
+  for (
+    const ensure of [ensureBusyboxImage, ensureDenoImage, ensureKubeHelperImage, ensureEnergyImage]
+  ) {
     const started = performance.now();
     const tag = await ensure();
     console.log(`${tag} ready (${((performance.now() - started) / 1000).toFixed(1)} s)`);

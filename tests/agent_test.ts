@@ -295,7 +295,13 @@ Deno.test("agent: Hello carries its id, labels, slots and fingerprints; shell is
     assert.match(agent.agentId, /^[a-z0-9-]+-[0-9a-f]{6}$/);
 
     const capabilities = Object.fromEntries(hello.capabilities.map((c) => [c.backend, c]));
-    assert.deepEqual(Object.keys(capabilities).sort(), ["deno", "docker", "shell", "ssh"]);
+    assert.deepEqual(Object.keys(capabilities).sort(), [
+      "deno",
+      "docker",
+      "kubernetes",
+      "shell",
+      "ssh",
+    ]);
     assert.equal(capabilities.deno.available, true);
     assert.equal(capabilities.deno.version, Deno.version.deno);
     assert.equal(capabilities.shell.available, false);
@@ -303,6 +309,9 @@ Deno.test("agent: Hello carries its id, labels, slots and fingerprints; shell is
     // Docker is off on an agent unless its policy lists it.
     assert.equal(capabilities.docker.available, false);
     assert.match(capabilities.docker.detail, /allow them with policy\.backends/);
+    // So is kubernetes.
+    assert.equal(capabilities.kubernetes.available, false);
+    assert.match(capabilities.kubernetes.detail, /allow them with policy\.backends/);
 
     // A shell step is refused, as a permission failure, and never started.
     const spec = assignmentSpec("script", { run: "echo hi" });

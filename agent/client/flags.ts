@@ -87,6 +87,8 @@ Options:
   --allow-shell        (agent) run trusted shell steps
   --artifacts DIR      (agent) a shared artifact directory, or:
   --s3-endpoint URL --s3-bucket B [--s3-region R]   (agent) S3 artifacts (AWS_* env keys)
+  --kubeconfig FILE    (run, agent) the cluster of kubernetes steps (default: KUBECONFIG,
+                       ~/.kube/config, then the in-cluster service account)
   --listen H:P --grpc H:P   (server) API and agent addresses (127.0.0.1:8080, :7070)
   --etcd URLS | --store FILE   (server) the state store
   --id NAME --peers H:P,… --heartbeat D   (server) id, agents' failover list, heartbeat; (agent) --id NAME
@@ -144,6 +146,7 @@ const OPTIONS = {
   "s3-endpoint": { type: "string" },
   "s3-bucket": { type: "string" },
   "s3-region": { type: "string" },
+  kubeconfig: { type: "string" },
   "tls-ca": { type: "string" },
   "tls-cert": { type: "string" },
   "tls-key": { type: "string" },
