@@ -407,32 +407,59 @@ export class RunEngine {
   #onCancel(now: number, reason: string | undefined): RejectionReason | undefined {
     const state = this.#state;
     if (state.status !== "pending" && state.status !== "running") return "not-applicable";
-    // The run turns cancelled first so that no step becomes ready on the way.
-    state.status = "cancelled";
-    const why = reason ?? "run cancelled";
+    this.#endRun(now, {
+      status: "cancelled",
+      why: reason ?? "run cancelled",
+      errorClass: "cancelled",
+      stop: "cancel",
+    });
+    return undefined;
+  }
+
+  /**
+   * Ends the run at once (a cancel, a passed deadline): running attempts are
+   * stopped and fail with `errorClass`, steps that were to run will not.
+   */
+  #endRun(
+    now: number,
+    end: {
+      status: "cancelled" | "failed";
+      why: string;
+      errorClass: "cancelled" | "deadline";
+      stop: "cancel" | "timeout";
+    },
+  ): void {
+    const state = this.#state;
+    // The run ends first so that no step becomes ready on the way.
+    state.status = end.status;
     for (const id of this.#order) {
       const step = state.steps[id];
       if (isTerminalStepStatus(step.status)) continue;
-      if (ACTIVE.has(step.status)) {
+      const active = ACTIVE.has(step.status);
+      if (active) {
         const record = step.attempts[step.attempts.length - 1];
         record.endedAt = now;
-        record.result = { ok: false, errorClass: "cancelled", message: `Cancelled: ${why}` };
+        record.result = {
+          ok: false,
+          errorClass: end.errorClass,
+          message: `${end.errorClass === "cancelled" ? "Cancelled" : "Stopped"}: ${end.why}`,
+        };
         this.#effects.push({
           type: "StopAttempt",
           stepId: id,
           attemptId: record.attemptId,
-          reason: "cancel",
+          reason: end.stop,
         });
       }
       delete step.retryAt;
-      this.#setStatus(id, "cancelled", now, why);
+      // A stopped attempt fails with the run; a step that never ran is cancelled.
+      this.#setStatus(id, active && end.status === "failed" ? "failed" : "cancelled", now, end.why);
     }
-    this.#finishRun("cancelled", now);
+    this.#finishRun(end.status, now);
     this.#queue = new MinHeap<number>(numberLess);
     this.#queued.clear();
     this.#blocked.clear();
     this.#timers = new MinHeap<Timer>(timerLess);
-    return undefined;
   }
 
   #onResume(now: number): RejectionReason | undefined {
@@ -484,39 +511,14 @@ export class RunEngine {
     return undefined;
   }
 
-  /**
-   * The run's deadline passed: what still runs is stopped (error class
-   * `deadline`), what waits will not run, and the run fails.
-   */
+  /** The run's deadline passed: what still runs is stopped, and the run fails. */
   #failForDeadline(now: number): void {
-    const state = this.#state;
-    const why = `the run's deadline of ${this.#plan.deadlineMs} ms passed`;
-    state.status = "failed";
-    for (const id of this.#order) {
-      const step = state.steps[id];
-      if (isTerminalStepStatus(step.status)) continue;
-      if (ACTIVE.has(step.status)) {
-        const record = step.attempts[step.attempts.length - 1];
-        record.endedAt = now;
-        record.result = { ok: false, errorClass: "deadline", message: `Stopped: ${why}` };
-        this.#effects.push({
-          type: "StopAttempt",
-          stepId: id,
-          attemptId: record.attemptId,
-          reason: "timeout",
-        });
-        delete step.retryAt;
-        this.#setStatus(id, "failed", now, why);
-      } else {
-        delete step.retryAt;
-        this.#setStatus(id, "cancelled", now, why);
-      }
-    }
-    this.#finishRun("failed", now);
-    this.#queue = new MinHeap<number>(numberLess);
-    this.#queued.clear();
-    this.#blocked.clear();
-    this.#timers = new MinHeap<Timer>(timerLess);
+    this.#endRun(now, {
+      status: "failed",
+      why: `the run's deadline of ${this.#plan.deadlineMs} ms passed`,
+      errorClass: "deadline",
+      stop: "timeout",
+    });
   }
 
   /** Evaluates steps that became ready, fills free slots, finishes the run when all is done. */

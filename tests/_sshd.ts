@@ -157,3 +157,19 @@ export async function startSshd(): Promise<TestSshd> {
     },
   };
 }
+
+/** The step config of an `ssh` step against `sshd`, its work root in the server's directory. */
+export function sshConfigOf(
+  sshd: TestSshd,
+  extra: Record<string, unknown> = {},
+): Record<string, unknown> {
+  return {
+    host: sshd.host,
+    port: sshd.port,
+    user: sshd.user,
+    identity: sshd.identity,
+    "known-hosts": sshd.knownHosts,
+    "work-root": `${sshd.dir}/remote`,
+    ...extra,
+  };
+}

@@ -6,9 +6,9 @@
 
 import assert from "node:assert/strict";
 import { RunClient } from "../agent/client/mod.ts";
-import { ignoreWithoutEtcd, startEtcdCluster } from "./_etcd.ts";
+import { ignoreWithoutEtcd } from "./_etcd.ts";
 import { poll, sandbox } from "./_helpers.ts";
-import { ADMIN_TOKEN, AgentProcess, freePort, ServerProcess, TOKEN } from "./security/_cluster.ts";
+import { ADMIN_TOKEN, startProcessCluster } from "./security/_cluster.ts";
 
 Deno.test({
   name:
@@ -18,37 +18,9 @@ Deno.test({
     await using box = await sandbox();
     const log = `${box.dir}/runs.log`;
     await Deno.writeTextFile(log, "");
-    await using etcd = await startEtcdCluster({ members: 3 });
-    const ports = [0, 1].map(() => ({ http: freePort(), grpc: freePort() }));
-    const peers = ports.map((port) => `127.0.0.1:${port.grpc}`);
-    const servers = [0, 1].map((index) =>
-      new ServerProcess({
-        id: `server-${index}`,
-        etcd: etcd.endpoints,
-        ports: ports[index],
-        peers,
-        heartbeat: "300ms",
-      })
-    );
-    let agent: AgentProcess | undefined;
-    try {
-      await Promise.all(servers.map((server) => server.ready()));
-      agent = await AgentProcess.start({
-        servers: peers,
-        token: TOKEN,
-        agentId: "agent-1",
-        slots: 4,
-        allowShell: true,
-        stateDir: `${box.dir}/agent-1`,
-        artifactsDir: `${box.dir}/artifacts`,
-        reconnect: { initialMs: 50, maxMs: 500 },
-      });
-      const leaderId = await poll(async () => {
-        const state = await servers[0].clusterState();
-        return state.scheduler && state.workers.length === 1 ? state.scheduler : undefined;
-      }, { what: "a scheduler and a worker", timeoutMs: 60_000, retryOnError: true });
-      const leader = servers.find((server) => server.id === leaderId)!;
-      const survivor = servers.find((server) => server.id !== leaderId)!;
+    await using cluster = await startProcessCluster(box.dir, { slots: 4 });
+    const { leader, survivor } = cluster;
+    {
       const client = new RunClient([survivor.http, leader.http], { token: ADMIN_TOKEN });
       const source = `name: deploy
 params:
@@ -96,9 +68,6 @@ steps:
           `two runs of the key at once: ${lines.map((l) => l.join(" ")).join(" | ")}`,
         );
       }
-    } finally {
-      await agent?.stop();
-      await Promise.all(servers.map((server) => server.stop()));
     }
   },
 });

@@ -8,9 +8,9 @@
 
 import assert from "node:assert/strict";
 import { RunClient } from "../agent/client/mod.ts";
-import { ignoreWithoutEtcd, startEtcdCluster } from "./_etcd.ts";
+import { ignoreWithoutEtcd } from "./_etcd.ts";
 import { poll, runCli, sandbox } from "./_helpers.ts";
-import { ADMIN_TOKEN, AgentProcess, freePort, ServerProcess, TOKEN } from "./security/_cluster.ts";
+import { ADMIN_TOKEN, startProcessCluster } from "./security/_cluster.ts";
 
 const PIPELINE = `name: every-second
 params:
@@ -29,36 +29,9 @@ Deno.test({
   ignore: ignoreWithoutEtcd(),
   async fn() {
     await using box = await sandbox();
-    await using etcd = await startEtcdCluster({ members: 3 });
-    const ports = [0, 1].map(() => ({ http: freePort(), grpc: freePort() }));
-    const peers = ports.map((port) => `127.0.0.1:${port.grpc}`);
-    const servers = [0, 1].map((index) =>
-      new ServerProcess({
-        id: `server-${index}`,
-        etcd: etcd.endpoints,
-        ports: ports[index],
-        peers,
-        heartbeat: "300ms",
-      })
-    );
-    let agent: AgentProcess | undefined;
-    try {
-      await Promise.all(servers.map((server) => server.ready()));
-      agent = await AgentProcess.start({
-        servers: peers,
-        token: TOKEN,
-        agentId: "agent-1",
-        allowShell: true,
-        stateDir: `${box.dir}/agent-1`,
-        artifactsDir: `${box.dir}/artifacts`,
-        reconnect: { initialMs: 50, maxMs: 500 },
-      });
-      const leaderId = await poll(async () => {
-        const state = await servers[0].clusterState();
-        return state.scheduler && state.workers.length === 1 ? state.scheduler : undefined;
-      }, { what: "a scheduler and a worker", timeoutMs: 60_000, retryOnError: true });
-      const leader = servers.find((server) => server.id === leaderId)!;
-      const survivor = servers.find((server) => server.id !== leaderId)!;
+    await using cluster = await startProcessCluster(box.dir, {});
+    const { servers, leader, survivor } = cluster;
+    {
       const file = await box.write("every/pipeline.yaml", PIPELINE);
       const applied = await runCli(
         ["apply", file, "--server", servers[0].http, "--token", ADMIN_TOKEN],
@@ -102,9 +75,6 @@ Deno.test({
       );
       assert.match(listed.stdout, /^every-second\s+\* \* \* \* \* \*\s+UTC\s+allow\s+/m);
       await client.suspendSchedule("every-second", true);
-    } finally {
-      await agent?.stop();
-      await Promise.all(servers.map((server) => server.stop()));
     }
   },
 });

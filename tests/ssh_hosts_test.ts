@@ -8,7 +8,7 @@
  */
 
 import assert from "node:assert/strict";
-import { startSshd, type TestSshd } from "./_sshd.ts";
+import { sshConfigOf, startSshd, type TestSshd } from "./_sshd.ts";
 import createSshBackend from "../backends/ssh/mod.ts";
 import { runToEnd, scratchSpec } from "../backends/testing.ts";
 import { builtinPlugins, PluginHostPool } from "../backends/mod.ts";
@@ -21,17 +21,7 @@ import { poll, ROOT, runCli, sandbox, spawnCli, waitForLine } from "./_helpers.t
 
 let runs = 0;
 
-function configOf(sshd: TestSshd, extra: Record<string, unknown> = {}) {
-  return {
-    host: sshd.host,
-    port: sshd.port,
-    user: sshd.user,
-    identity: sshd.identity,
-    "known-hosts": sshd.knownHosts,
-    "work-root": `${sshd.dir}/remote`,
-    ...extra,
-  };
-}
+const configOf = sshConfigOf;
 
 function attempt(config: Record<string, unknown>, options: Parameters<typeof scratchSpec>[1] = {}) {
   return scratchSpec(config, { ...options, spec: { runId: `hosts${++runs}`, ...options.spec } });
@@ -40,6 +30,11 @@ function attempt(config: Record<string, unknown>, options: Parameters<typeof scr
 /** Processes of the test host whose command line matches `pattern` (pgrep -f). */
 async function remote(sshd: TestSshd, pattern: string): Promise<string> {
   return (await sshd.sh(`pgrep -af -- '${pattern}' | grep -v pgrep || true`)).trim();
+}
+
+/** The keys of a step naming the test server itself (not an alias), at step indentation. */
+function inlineHost(sshd: TestSshd): string {
+  return Object.entries(sshConfigOf(sshd)).map(([key, value]) => `    ${key}: ${value}\n`).join("");
 }
 
 /** A runner config naming the test server as the alias "reports". */
@@ -280,13 +275,7 @@ steps:
 steps:
   flaky:
     backend: ssh
-    host: ${sshd.host}
-    port: ${sshd.port}
-    user: ${sshd.user}
-    identity: ${sshd.identity}
-    known-hosts: ${sshd.knownHosts}
-    work-root: ${sshd.dir}/remote
-    retry: { max: 5, backoff: 500ms }
+${inlineHost(sshd)}    retry: { max: 5, backoff: 500ms }
     run: |
       if [ "$RUNNEL_ATTEMPT" = 1 ]; then sleep 69; fi
       echo "attempt $RUNNEL_ATTEMPT done"
@@ -423,13 +412,7 @@ steps:
 steps:
   slow:
     backend: ssh
-    host: ${sshd.host}
-    port: ${sshd.port}
-    user: ${sshd.user}
-    identity: ${sshd.identity}
-    known-hosts: ${sshd.knownHosts}
-    work-root: ${sshd.dir}/remote
-    outputs: [done.txt]
+${inlineHost(sshd)}    outputs: [done.txt]
     run: |
       echo "$RUNNEL_ATTEMPT" >> ${log}
       if [ "$RUNNEL_ATTEMPT" = 1 ]; then trap '' TERM; sleep 66 & sleep 67; fi

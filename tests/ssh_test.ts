@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { startSshd, type TestSshd } from "./_sshd.ts";
+import { sshConfigOf, startSshd, type TestSshd } from "./_sshd.ts";
 import createSshBackend from "../backends/ssh/mod.ts";
 import { checkBackendConformance, runToEnd, scratchSpec } from "../backends/testing.ts";
 import { builtinPlugins, PluginHostPool } from "../backends/mod.ts";
@@ -17,17 +17,7 @@ function attempt(config: Record<string, unknown>, options: Parameters<typeof scr
   return scratchSpec(config, { ...options, spec: { runId: `run${++runs}`, ...options.spec } });
 }
 
-function configOf(sshd: TestSshd, extra: Record<string, unknown> = {}) {
-  return {
-    host: sshd.host,
-    port: sshd.port,
-    user: sshd.user,
-    identity: sshd.identity,
-    "known-hosts": sshd.knownHosts,
-    "work-root": `${sshd.dir}/remote`,
-    ...extra,
-  };
-}
+const configOf = sshConfigOf;
 
 async function waitFor(check: () => Promise<boolean>, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;

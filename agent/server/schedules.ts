@@ -196,18 +196,8 @@ async function progressBackfills(options: ScheduleLoopOptions, at: number): Prom
       const running = backfill.current ? await runningRun(store, backfill.current) : undefined;
       if (running && state.concurrency !== "allow") break;
       const [tick, ...rest] = backfill.ticks;
-      let planned: ScheduledRun;
-      try {
-        planned = await options.plan(state.name, tickParams(state, tick));
-      } catch (error) {
-        options.onEvent?.({
-          type: "failed",
-          name: state.name,
-          tick,
-          error: error instanceof Error ? error.message : String(error),
-        });
-        return;
-      }
+      const planned = await planTick(options, state, tick);
+      if (!planned) return;
       const next: Backfill = {
         ...backfill,
         ticks: rest,
@@ -343,18 +333,8 @@ async function fire(
   if (running && state.concurrency === "forbid") {
     return await skip(`its last run ${running.runId} is still ${running.status}`);
   }
-  let planned: ScheduledRun;
-  try {
-    planned = await options.plan(state.name, tickParams(state, tick));
-  } catch (error) {
-    options.onEvent?.({
-      type: "failed",
-      name: state.name,
-      tick,
-      error: error instanceof Error ? error.message : String(error),
-    });
-    return await skip("its pipeline could not be planned");
-  }
+  const planned = await planTick(options, state, tick);
+  if (!planned) return await skip("its pipeline could not be planned");
   if (running && state.concurrency === "replace") {
     await requestCancel(store, running.runId).catch(() => {});
     options.onEvent?.({ type: "replaced", name: state.name, runId: running.runId });
@@ -379,6 +359,25 @@ async function fire(
   });
   if (record) options.onEvent?.({ type: "fired", name: state.name, tick, runId: record.runId });
   return following;
+}
+
+/** The run a tick starts, or undefined (and a `failed` event) when it cannot be planned. */
+async function planTick(
+  options: ScheduleLoopOptions,
+  state: ScheduleState,
+  tick: number,
+): Promise<ScheduledRun | undefined> {
+  try {
+    return await options.plan(state.name, tickParams(state, tick));
+  } catch (error) {
+    options.onEvent?.({
+      type: "failed",
+      name: state.name,
+      tick,
+      error: error instanceof Error ? error.message : String(error),
+    });
+    return undefined;
+  }
 }
 
 async function runningRun(store: Store, runId: string): Promise<ClusterRunRecord | undefined> {

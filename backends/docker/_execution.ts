@@ -167,23 +167,6 @@ export function watchContainer(options: WatchOptions): Execution {
  * An execution that has already ended without a running container: an image
  * build that failed, or a container the runtime could not start.
  */
-export function settledExecution(
-  handle: string,
-  queue: LogQueue,
-  status: ExitStatus,
-  release: () => Promise<void> = () => Promise.resolve(),
-): Execution {
-  queue.close();
-  let releasing: Promise<void> | undefined;
-  return {
-    handle,
-    logs: queue,
-    wait: () => Promise.resolve(status),
-    status: () => Promise.resolve({ state: "exited", exit: status }),
-    cancel: () => Promise.resolve(),
-    cleanup: () => releasing ??= release(),
-  };
-}
 
 /** A writable end for `demuxStream` that turns each payload into a log chunk. */
 function chunkWriter(queue: LogQueue, stream: LogChunk["stream"]): NodeJS.WritableStream {

@@ -55,7 +55,8 @@ import {
   LABELS,
 } from "./_container.ts";
 import { LogQueue } from "../log_queue.ts";
-import { pushText, settledExecution, watchContainer } from "./_execution.ts";
+import { pushText, watchContainer } from "./_execution.ts";
+import { settledExecution } from "../settled.ts";
 import {
   describeEndpoint,
   type DockerConfig,

@@ -43,6 +43,7 @@ import {
 } from "../backend.ts";
 import { formatBytes } from "../docker/_container.ts";
 import { LogQueue } from "../log_queue.ts";
+import { failedExecution } from "../settled.ts";
 import { parseDuration } from "../../core/duration.ts";
 import { SAFE_NAME_PATTERN } from "../../core/schema.ts";
 import { KubeApi, KubeApiError } from "./_api.ts";
@@ -154,20 +155,6 @@ async function fingerprintKubernetes(connect: () => Cluster): Promise<Fingerprin
   }
 }
 
-/** An execution that ended before anything ran on the cluster. */
-function failedExecution(handle: string, status: ExitStatus): Execution {
-  const queue = new LogQueue();
-  queue.push({ stream: "stderr", data: encoder.encode(`runnel: ${status.message}\n`) });
-  queue.close();
-  return {
-    handle,
-    logs: queue,
-    wait: () => Promise.resolve(status),
-    status: () => Promise.resolve({ state: "exited", exit: status }),
-    cancel: () => Promise.resolve(),
-    cleanup: () => Promise.resolve(),
-  };
-}
 
 function failure(errorClass: ExitStatus["errorClass"], message: string): ExitStatus {
   return { exitCode: UNKNOWN_EXIT_CODE, errorClass, message };

@@ -39,6 +39,7 @@ import {
   stepEnvironment,
 } from "../backend.ts";
 import { LogQueue } from "../log_queue.ts";
+import { failedExecution } from "../settled.ts";
 import {
   AuthError,
   type Channel,
@@ -69,7 +70,6 @@ const UNKNOWN_EXIT_CODE = -1;
 /** Environment variable names a POSIX shell accepts. */
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 
-const encoder = new TextEncoder();
 
 /** Creates the `ssh` backend; each instance keeps its own connections. */
 export function createSshBackend(): ExecutionBackend {
@@ -407,20 +407,6 @@ async function sha256File(path: string): Promise<string> {
   return hash.digest("hex");
 }
 
-/** An execution that ended before anything ran remotely. */
-function failedExecution(handle: string, status: ExitStatus): Execution {
-  const queue = new LogQueue();
-  queue.push({ stream: "stderr", data: encoder.encode(`runnel: ${status.message}\n`) });
-  queue.close();
-  return {
-    handle,
-    logs: queue,
-    wait: () => Promise.resolve(status),
-    status: () => Promise.resolve({ state: "exited", exit: status }),
-    cancel: () => Promise.resolve(),
-    cleanup: () => Promise.resolve(),
-  };
-}
 
 function statusOfError(error: unknown): ExitStatus {
   const message = error instanceof Error ? error.message : String(error);

@@ -185,3 +185,66 @@ export class AgentProcess extends Child {
     return this.logLines().filter((line) => line.msg === msg);
   }
 }
+
+/** Two `runnel server`s over a 3-member etcd and one shell agent, every one a process. */
+export interface ProcessCluster extends AsyncDisposable {
+  servers: ServerProcess[];
+  /** The server that runs the scheduler, and the other one. */
+  leader: ServerProcess;
+  survivor: ServerProcess;
+}
+
+/**
+ * Starts etcd (3 members), two servers and an agent with `allowShell` and
+ * `slots`, and waits until one server schedules and the agent is online.
+ */
+export async function startProcessCluster(
+  dir: string,
+  options: { slots?: number } = {},
+): Promise<ProcessCluster> {
+  const { startEtcdCluster } = await import("../_etcd.ts");
+  const etcd = await startEtcdCluster({ members: 3 });
+  const ports = [0, 1].map(() => ({ http: freePort(), grpc: freePort() }));
+  const peers = ports.map((port) => `127.0.0.1:${port.grpc}`);
+  const servers = [0, 1].map((index) =>
+    new ServerProcess({
+      id: `server-${index}`,
+      etcd: etcd.endpoints,
+      ports: ports[index],
+      peers,
+      heartbeat: "300ms",
+    })
+  );
+  let agent: AgentProcess | undefined;
+  const close = async () => {
+    await agent?.stop();
+    await Promise.all(servers.map((server) => server.stop()));
+    await etcd.stop();
+  };
+  try {
+    await Promise.all(servers.map((server) => server.ready()));
+    agent = await AgentProcess.start({
+      servers: peers,
+      token: TOKEN,
+      agentId: "agent-1",
+      ...(options.slots ? { slots: options.slots } : {}),
+      allowShell: true,
+      stateDir: `${dir}/agent-1`,
+      artifactsDir: `${dir}/artifacts`,
+      reconnect: { initialMs: 50, maxMs: 500 },
+    });
+    const leaderId = await poll(async () => {
+      const state = await servers[0].clusterState();
+      return state.scheduler && state.workers.length === 1 ? state.scheduler : undefined;
+    }, { what: "a scheduler and a worker", timeoutMs: 60_000, retryOnError: true });
+    return {
+      servers,
+      leader: servers.find((server) => server.id === leaderId)!,
+      survivor: servers.find((server) => server.id !== leaderId)!,
+      [Symbol.asyncDispose]: close,
+    };
+  } catch (error) {
+    await close();
+    throw error;
+  }
+}
