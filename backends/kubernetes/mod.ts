@@ -155,7 +155,6 @@ async function fingerprintKubernetes(connect: () => Cluster): Promise<Fingerprin
   }
 }
 
-
 function failure(errorClass: ExitStatus["errorClass"], message: string): ExitStatus {
   return { exitCode: UNKNOWN_EXIT_CODE, errorClass, message };
 }

@@ -70,7 +70,6 @@ const UNKNOWN_EXIT_CODE = -1;
 /** Environment variable names a POSIX shell accepts. */
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 
-
 /** Creates the `ssh` backend; each instance keeps its own connections. */
 export function createSshBackend(): ExecutionBackend {
   const pool = new ConnectionPool();
@@ -406,7 +405,6 @@ async function sha256File(path: string): Promise<string> {
   }
   return hash.digest("hex");
 }
-
 
 function statusOfError(error: unknown): ExitStatus {
   const message = error instanceof Error ? error.message : String(error);
