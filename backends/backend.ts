@@ -394,6 +394,8 @@ export function stepEnvironment(spec: AttemptSpec): Record<string, string> {
     RUNNEL_ATTEMPT: String(spec.attempt),
     RUNNEL_INPUTS: spec.inputsDir,
     RUNNEL_OUTPUTS: spec.outputsDir,
+    // Where the step publishes its values (`NAME=value` lines; not an output).
+    RUNNEL_VALUES: joinPath(spec.outputsDir, ".runnel-values"),
   };
   for (const [name, path] of Object.entries(spec.inputs)) {
     env[`RUNNEL_INPUT_${envVarSuffix(name)}`] = path;

@@ -8,6 +8,7 @@
  */
 
 import type { FanInLocator, Plan, StepState } from "./model.ts";
+import { applyValues } from "./values.ts";
 
 /** What {@link attemptGets} decides for one attempt. */
 export interface AttemptGets {
@@ -17,6 +18,10 @@ export interface AttemptGets {
   env: Record<string, string>;
   /** Names of the pipeline secrets the step is given, resolved by the driver. */
   secrets: string[];
+  /** The step's backend config, upstream values in place (`core/values.ts`). */
+  config: Record<string, unknown>;
+  /** The upstream values it reads (`step.name` → value), for its cache key. */
+  values: Record<string, string>;
 }
 
 /** An input's upstream step has no record of the output it should read. */
@@ -89,7 +94,22 @@ export function attemptGets(
       }),
     };
   }
-  return { inputs, env: { ...plan.env, ...step.env }, secrets: step.secrets };
+  // Values come from the step's needs (transitively): by step name, the
+  // first instance of that name in plan order that published them.
+  const valuesOf = (name: string) => {
+    for (const id of plan.order) {
+      if (plan.steps[id].name === name && steps[id]?.values) return steps[id].values;
+    }
+    return undefined;
+  };
+  const applied = applyValues(step.config, { ...plan.env, ...step.env }, valuesOf, stepId);
+  return {
+    inputs,
+    env: applied.env,
+    secrets: step.secrets,
+    config: applied.config,
+    values: applied.used,
+  };
 }
 
 /**

@@ -489,6 +489,7 @@ export class RunEngine {
       delete step.finishedAt;
       delete step.retryAt;
       delete step.outputs;
+      delete step.values;
       delete step.cached;
       this.#changed.add(id);
       this.#effects.push({
@@ -565,18 +566,23 @@ export class RunEngine {
   }
 
   #conditionContext(planned: PlannedStep): ConditionContext {
-    const needs: Record<string, { outcome: StepStatus }> = {};
+    const needs: ConditionContext["needs"] = {};
     const byName: Record<string, StepStatus> = {};
+    const valuesByName: Record<string, Record<string, string>> = {};
     for (const need of planned.needs) {
       const needPlanned = this.#plan.steps[need];
       const outcome = effectiveOutcome(needPlanned, this.#state.steps[need]);
-      needs[need] = { outcome };
+      const values = this.#state.steps[need].values;
+      needs[need] = { outcome, ...(values ? { values } : {}) };
+      if (values) valuesByName[needPlanned.name] = values;
       const previous = byName[needPlanned.name];
       if (previous === undefined || (OUTCOME_RANK[outcome] ?? 0) > (OUTCOME_RANK[previous] ?? 0)) {
         byName[needPlanned.name] = outcome;
       }
     }
-    for (const [name, outcome] of Object.entries(byName)) needs[name] = { outcome };
+    for (const [name, outcome] of Object.entries(byName)) {
+      needs[name] = { outcome, ...(valuesByName[name] ? { values: valuesByName[name] } : {}) };
+    }
     const context: ConditionContext = {
       needs,
       runCancelled: this.#state.status === "cancelled",
@@ -719,6 +725,7 @@ export class RunEngine {
     record.result = result;
     if (result.ok) {
       step.outputs = result.outputs;
+      if (result.values && Object.keys(result.values).length > 0) step.values = result.values;
       if (result.cached) step.cached = true;
       this.#setStatus(id, "succeeded", now);
       return;

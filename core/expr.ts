@@ -8,7 +8,8 @@
  * unary   := "!" unary | compare
  * compare := primary (("==" | "!=" | "<" | "<=" | ">" | ">=") primary)?
  * primary := literal | path | call | "(" or ")"
- * path    := ("steps" | "needs") "." name "." "outcome" | ("env" | "matrix") "." name
+ * path    := ("steps" | "needs") "." name "." ("outcome" | "values" "." name)
+ *          | ("env" | "matrix") "." name
  * call    := ("success" | "failure" | "always" | "cancelled") "(" ")"
  * ```
  *
@@ -29,6 +30,8 @@ export type ConditionValue = string | number | boolean | null | undefined;
 export type ConditionAst =
   | { kind: "literal"; value: string | number | boolean | null }
   | { kind: "path"; root: "steps" | "env" | "matrix"; name: string }
+  /** A value a need published: a number when it reads as one, else its text. */
+  | { kind: "value"; step: string; key: string }
   | { kind: "call"; name: "success" | "failure" | "always" | "cancelled" }
   | { kind: "not"; operand: ConditionAst }
   | { kind: "logical"; op: "&&" | "||"; left: ConditionAst; right: ConditionAst }
@@ -41,8 +44,8 @@ export type ConditionAst =
 
 /** What a condition can see when it is evaluated. */
 export interface ConditionContext {
-  /** Outcomes of this step's needs, keyed by both step names and instance ids. */
-  needs: Record<string, { outcome: StepStatus }>;
+  /** Outcomes (and published values) of this step's needs, keyed by step names and instance ids. */
+  needs: Record<string, { outcome: StepStatus; values?: Record<string, string> }>;
   /** True once the run has been cancelled. */
   runCancelled: boolean;
   /** This leg's matrix values. */
@@ -261,9 +264,12 @@ class Parser {
     if (word === "steps" || word === "needs") {
       const name = this.#segment();
       const field = this.#segment();
+      if (field.value === "values") {
+        return { kind: "value", step: name.value, key: this.#segment().value };
+      }
       if (field.value !== "outcome") {
         throw new ConditionSyntaxError(
-          `Expected "outcome" after "${word}.${name.value}", got "${field.value}"`,
+          `Expected "outcome" or "values.NAME" after "${word}.${name.value}", got "${field.value}"`,
           field.offset,
         );
       }
@@ -403,6 +409,12 @@ function evaluate(ast: ConditionAst, ctx: ConditionContext): ConditionValue {
   switch (ast.kind) {
     case "literal":
       return ast.value;
+    case "value": {
+      const text = lookup(lookup(ctx.needs, ast.step)?.values, ast.key);
+      if (text === undefined) return undefined;
+      const number = Number(text);
+      return text.trim() !== "" && Number.isFinite(number) ? number : text;
+    }
     case "path":
       if (ast.root === "steps") return lookup(ctx.needs, ast.name)?.outcome;
       if (ast.root === "env") return lookup(ctx.env, ast.name);

@@ -294,6 +294,8 @@ export type AttemptResult =
     ok: true;
     exitCode: 0;
     outputs: Record<string, ArtifactRef>;
+    /** Small named values the step published (`NAME=value` lines in `$RUNNEL_VALUES`). */
+    values?: Record<string, string>;
     /** True when the result was taken from the cache, not executed. */
     cached?: boolean;
     usage?: Usage;
@@ -337,6 +339,8 @@ export interface StepState {
   retryAt?: number;
   /** Outputs of the successful attempt. */
   outputs?: Record<string, ArtifactRef>;
+  /** Values the successful attempt published (`${{ steps.NAME.values.KEY }}`). */
+  values?: Record<string, string>;
   cached?: boolean;
   /** Human reason for the current status (`needs failed: analyze`, `when was false`, …). */
   reason?: string;

@@ -8,6 +8,7 @@
  * @module
  */
 
+import { VALUE_REFERENCE } from "./values.ts";
 import { isAbsolute, resolve } from "node:path";
 import type { z } from "npm:zod@4.6.7";
 import { ConditionSyntaxError, parseCondition } from "./expr.ts";
@@ -460,6 +461,7 @@ export function checkSteps(
   }
   if (options.secrets) checkSecretRefs(view, options.secrets, reporter);
   checkGraph(view, reporter);
+  checkValueRefs(view, reporter);
 }
 
 /**
@@ -626,6 +628,57 @@ function checkMatrix(
 }
 
 /** No cycle among the steps, and every step reachable from `start_node` when there is one. */
+/**
+ * `${{ steps.X.values.NAME }}` in a step's strings reads what X published:
+ * X must be a step it depends on (through `needs` or inputs, transitively).
+ */
+function checkValueRefs(view: PipelineView, reporter: Reporter): void {
+  const steps = view.steps;
+  if (![...steps.values()].some((step) => step && JSON.stringify(step).includes(".values."))) {
+    return;
+  }
+  const { needs } = stepEdges(steps);
+  const ancestors = (name: string): Set<string> => {
+    const seen = new Set<string>();
+    const stack = [...(needs.get(name) ?? [])];
+    while (stack.length > 0) {
+      const next = stack.pop()!;
+      if (seen.has(next)) continue;
+      seen.add(next);
+      stack.push(...(needs.get(next) ?? []));
+    }
+    return seen;
+  };
+  for (const [name, step] of steps) {
+    if (!step) continue;
+    let upstream: Set<string> | undefined;
+    const visit = (value: unknown, path: PathSegment[]): void => {
+      if (typeof value === "string") {
+        if (!value.includes("${{")) return;
+        for (const match of value.matchAll(VALUE_REFERENCE)) {
+          upstream ??= ancestors(name);
+          if (upstream.has(match[1])) continue;
+          reporter.at(
+            "unknown_value",
+            `step "${name}" reads a value of step "${match[1]}", which ${
+              steps.has(match[1]) ? "it does not depend on (add it to needs)" : "does not exist"
+            }`,
+            ["steps", name, ...path],
+            { key: String(path.at(-1)), expected: "a value of a step it needs" },
+          );
+        }
+      } else if (Array.isArray(value)) {
+        value.forEach((item, i) => visit(item, [...path, i]));
+      } else if (value && typeof value === "object") {
+        for (const [key, item] of Object.entries(value)) visit(item, [...path, key]);
+      }
+    };
+    for (const [key, value] of Object.entries(step)) {
+      if (key !== "when") visit(value, [key]);
+    }
+  }
+}
+
 function checkGraph(view: PipelineView, reporter: Reporter): void {
   const edges = stepEdges(view.steps);
   const names = [...view.steps.keys()];

@@ -7,6 +7,7 @@
  * @module
  */
 
+import { MAX_VALUES_BYTES, parseValues, StepValuesError, VALUES_FILE } from "../../core/values.ts";
 import { dirname } from "node:path";
 import { ArtifactExistsError, type ArtifactStore } from "../../core/artifacts/store.ts";
 import type { ArtifactRef, AttemptResult, ErrorClass } from "../../core/model.ts";
@@ -172,6 +173,40 @@ export interface OutputsOf {
   attemptId: string;
   outputsDir: string;
   outputs: string[];
+}
+
+/**
+ * The values a step published in its outputs directory (`$RUNNEL_VALUES`),
+ * or undefined when it wrote none. The file is taken only as a regular
+ * file of at most {@link MAX_VALUES_BYTES}, never through a link.
+ *
+ * @throws {StepValuesError} for a file that is not one, too large, or not `NAME=value` lines.
+ */
+export async function readStepValues(
+  outputsDir: string,
+): Promise<Record<string, string> | undefined> {
+  const path = `${outputsDir}/${VALUES_FILE}`;
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.lstat(path);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return undefined;
+    throw error;
+  }
+  if (!info.isFile) throw new StepValuesError("Expected $RUNNEL_VALUES to be a regular file");
+  if (info.size > MAX_VALUES_BYTES) {
+    throw new StepValuesError(
+      `Expected at most ${MAX_VALUES_BYTES} bytes of values in $RUNNEL_VALUES`,
+    );
+  }
+  let text: string;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true }).decode(await Deno.readFile(path));
+  } catch (error) {
+    if (error instanceof TypeError) throw new StepValuesError("Expected $RUNNEL_VALUES in UTF-8");
+    throw error;
+  }
+  return parseValues(text);
 }
 
 /**

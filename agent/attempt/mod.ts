@@ -24,6 +24,7 @@
  * @module
  */
 
+import { StepValuesError } from "../../core/values.ts";
 import { dirname } from "node:path";
 import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import type { AttemptResult, InputLocator, Resources } from "../../core/model.ts";
@@ -43,6 +44,7 @@ import {
   maskedLogs,
   type MaskedText,
   materializeInputs,
+  readStepValues,
 } from "./io.ts";
 import { type AttemptPolicy, backendRefusal, checkAttempt, localPolicy } from "./policy.ts";
 
@@ -410,11 +412,24 @@ export class AttemptLifecycle {
         };
       }
       if (failure) return failure;
+      let values: Record<string, string> | undefined;
+      try {
+        values = await readStepValues(spec.outputsDir);
+      } catch (error) {
+        if (!(error instanceof StepValuesError)) throw error;
+        return { ok: false, errorClass: "application", exitCode: 0, message: error.message };
+      }
       const outputs = await collectOutputs(this.#options.artifacts, spec);
       // The outputs are in the artifact store now; a failed attempt's
       // scratch directory is kept for inspection (swept after the retention period).
       await Deno.remove(spec.workDir, { recursive: true }).catch(() => {});
-      return { ok: true, exitCode: 0, outputs, ...(exit.usage ? { usage: exit.usage } : {}) };
+      return {
+        ok: true,
+        exitCode: 0,
+        outputs,
+        ...(values && Object.keys(values).length > 0 ? { values } : {}),
+        ...(exit.usage ? { usage: exit.usage } : {}),
+      };
     } finally {
       await released;
     }

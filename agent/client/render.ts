@@ -96,6 +96,21 @@ export function renderRun(view: RunView): string {
     "",
     table(["STEP", "STATUS", "ATTEMPTS", "DURATION", "WORKER", "DETAIL"], stepRows(view.steps)),
   );
+  const published = orderSteps(view.steps).filter((step) => step.values);
+  if (published.length > 0) {
+    lines.push(
+      "",
+      table(
+        ["STEP", "VALUES"],
+        published.map((step) => [
+          step.id,
+          Object.entries(step.values!).map(([key, value]) =>
+            `${key}=${value.length > 60 ? `${value.slice(0, 57)}...` : value}`
+          ).join(" "),
+        ]),
+      ),
+    );
+  }
   if (view.artifacts.length) {
     // By the step that made them, in the steps' order, then by name.
     const position = new Map(orderSteps(view.steps).map((step, index) => [step.id, index]));

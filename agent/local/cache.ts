@@ -20,13 +20,21 @@ interface CacheEntry {
 }
 
 /** The cache key: the step's spec digest and the digests of everything it reads. */
-export function cacheKeyOf(step: PlannedStep, inputs: Record<string, FanInLocator>): string {
+export function cacheKeyOf(
+  step: PlannedStep,
+  inputs: Record<string, FanInLocator>,
+  values: Record<string, string> = {},
+): string {
   return sha256Hex(JSON.stringify([
     step.specDigest,
     Object.keys(inputs).sort().map((name) => [
       name,
       inputs[name].artifacts.map((artifact) => artifact.digest),
     ]),
+    // The upstream values it reads (absent from the key of a step that reads none).
+    ...(Object.keys(values).length > 0
+      ? [Object.keys(values).sort().map((key) => [key, values[key]])]
+      : []),
   ]));
 }
 

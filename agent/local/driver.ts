@@ -435,7 +435,7 @@ export class LocalDriver {
         store: this.#context.secrets,
       });
       if (step.cache) {
-        cacheKey = cacheKeyOf(step, gets.inputs);
+        cacheKey = cacheKeyOf(step, gets.inputs, gets.values);
         const outputs = await restoreFromCache(this.#context.state, cacheKey, {
           runId,
           stepId: step.id,
@@ -461,7 +461,7 @@ export class LocalDriver {
         attemptId,
         attempt: active.attempt,
         backend: step.backend,
-        config: step.config,
+        config: gets.config,
         baseDir: plan.baseDir,
         inputs: gets.inputs,
         outputs: step.outputs,

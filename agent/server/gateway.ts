@@ -21,6 +21,7 @@
  * @module
  */
 
+import { valuesProblem } from "../../core/values.ts";
 import { timingSafeEqual } from "node:crypto";
 import type { Store, TxnOp } from "../../consensus/store.ts";
 import type {
@@ -523,6 +524,15 @@ async function recordResult(
       ack: { attemptId, accepted: false, message: "Expected the result as JSON" },
     });
     return;
+  }
+  const badValues = result?.ok ? valuesProblem(result.values) : undefined;
+  if (badValues) {
+    // The step's (or a hostile agent's) doing: the attempt fails, the server stays bounded.
+    result = {
+      ok: false,
+      errorClass: "application",
+      message: `Its values were refused: ${badValues}`,
+    };
   }
   // Logs first: a reader who sees the result sees the whole log.
   await context.logs.flush();

@@ -39,6 +39,7 @@ import {
 import { WakeTimer, WebhookAllowList, WebhookNotifier } from "../effects.ts";
 import { statusIndexOps } from "./run_index.ts";
 import { attemptGets } from "../../core/attempt.ts";
+import { ValueMissingError } from "../../core/values.ts";
 import { isTerminalRunStatus, isTerminalStepStatus } from "../../core/model.ts";
 
 /** Something the scheduler did, for metrics and logs. */
@@ -530,6 +531,20 @@ class Scheduler {
     const later: Effect[] = [];
     for (const effect of effects) {
       if (effect.type === "StartAttempt") {
+        const missing = this.#valueMissing(driver, effect.stepId);
+        if (missing) {
+          // It cannot start: an upstream step did not publish a value it reads.
+          effects.push(
+            ...driver.engine.step({
+              type: "AttemptExited",
+              stepId: effect.stepId,
+              attemptId: effect.attemptId,
+              now: this.#now(),
+              result: { ok: false, errorClass: "artifact", message: missing },
+            }).effects,
+          );
+          continue;
+        }
         const placement = {
           runId: driver.record.runId,
           stepId: effect.stepId,
@@ -562,6 +577,17 @@ class Scheduler {
   }
 
   /** Chooses a worker for an attempt; the engine event and the write that hand it over. */
+  /** Why a step cannot be given its upstream values, if it cannot. */
+  #valueMissing(driver: RunDriver, stepId: string): string | undefined {
+    try {
+      attemptGets(driver.plan, driver.record.runId, driver.engine.state.steps, stepId);
+      return undefined;
+    } catch (error) {
+      if (error instanceof ValueMissingError) return error.message;
+      throw error;
+    }
+  }
+
   #place(
     driver: RunDriver,
     placement: Placement,
@@ -679,7 +705,7 @@ class Scheduler {
       agentId,
       backend: step.backend,
       spec: {
-        config: step.config,
+        config: gets.config,
         baseDir: driver.plan.baseDir,
         env: gets.env,
         outputs: step.outputs,

@@ -65,7 +65,17 @@ export async function runStep(
     log: (...args) => console.log(...args),
   };
   try {
-    await (run as (ctx: StepContext) => unknown)(ctx);
+    const returned = await (run as (ctx: StepContext) => unknown)(ctx);
+    // A returned object of scalars is the step's values (`$RUNNEL_VALUES`).
+    if (returned !== null && typeof returned === "object" && !Array.isArray(returned)) {
+      const file = Deno.env.get("RUNNEL_VALUES");
+      const lines = Object.entries(returned as Record<string, unknown>)
+        .filter(([, value]) => ["string", "number", "boolean"].includes(typeof value))
+        .map(([name, value]) => `${name}=${String(value).replace(/\r?\n/g, " ")}\n`);
+      if (file && lines.length > 0) {
+        await Deno.writeTextFile(file, lines.join(""), { append: true });
+      }
+    }
   } catch (error) {
     fail(error);
   }

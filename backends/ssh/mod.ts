@@ -583,7 +583,7 @@ function watchRemote(options: WatchOptions): Execution {
       return { exitCode, errorClass: "cancelled", message: "step was cancelled" };
     }
     let status = classifyExit(end.signal ? { exitCode, signal: `SIG${end.signal}` } : { exitCode });
-    if (exitCode === 0 && spec.outputs.length > 0) {
+    if (exitCode === 0) {
       try {
         await downloadOutputs(connection.where, sftp, remoteDir, spec);
       } catch (error) {
@@ -701,6 +701,16 @@ async function downloadOutputs(
   for (const line of listed.split("\n")) {
     const match = /^([0-9a-f]{64}) [ *]out\/(.+)$/.exec(line);
     if (match) digests.set(match[2], match[1]);
+  }
+  // The values file comes too when the step wrote one (not an output: no digest).
+  const values = `${remoteDir}/out/.runnel-values`;
+  const valuesStats = await sftpCall<{ isFile(): boolean; size: number }>((cb) =>
+    sftp.lstat(values, cb)
+  ).catch(() => undefined);
+  if (valuesStats?.isFile() && valuesStats.size <= 64 * 1024) {
+    await sftpCall<void>((cb) =>
+      sftp.fastGet(values, `${spec.outputsDir}/.runnel-values`, TRANSFER, cb)
+    );
   }
   await Promise.all(spec.outputs.map(async (name) => {
     const file = basename(name);
