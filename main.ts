@@ -31,7 +31,7 @@ import * as local from "./agent/client/local_commands.ts";
 import { resolve } from "node:path";
 
 /** The run commands that talk to a cluster when given `--server URL`. */
-const REMOTE_COMMANDS = ["runs", "show", "logs", "cancel", "resume", "rerun"];
+const REMOTE_COMMANDS = ["runs", "show", "logs", "cancel", "resume", "rerun", "approve"];
 
 async function main(line: CommandLine): Promise<number> {
   const { command, args, flags } = line;
@@ -121,6 +121,12 @@ async function main(line: CommandLine): Promise<number> {
       return await local.runCommand(need("a pipeline file"), execute);
     case "resume":
       return await local.resumeCommand(need("a run id"), execute);
+    case "approve":
+      return await local.approveCommand(need("a run id"), args[1], {
+        stateDir,
+        reject: flags.reject,
+        reason: flags.reason,
+      });
     case "rerun":
       return await local.rerunCommand(need("a run id"), args.slice(1), {
         ...execute,

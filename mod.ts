@@ -157,6 +157,7 @@ export {
 
 // Local mode.
 export {
+  approveStep,
   cancelRun,
   collectGarbage,
   DEFAULT_STATE_DIR,

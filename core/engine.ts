@@ -119,7 +119,7 @@ interface Timer {
    * What it guards: an attempt's `timeout` (absent), the wait of a
    * scheduled attempt for a worker (`queue`), the run's `deadline` (`run`).
    */
-  kind?: "queue" | "run";
+  kind?: "queue" | "run" | "approval";
 }
 
 function timerLess(a: Timer, b: Timer): boolean {
@@ -298,6 +298,8 @@ export class RunEngine {
         return this.#onCancel(event.now, event.reason);
       case "Resume":
         return this.#onResume(event.now);
+      case "Approve":
+        return this.#onApprove(event);
       default:
         return "not-applicable";
     }
@@ -363,6 +365,17 @@ export class RunEngine {
         return undefined;
       }
       const step = this.#state.steps[timer.stepId];
+      if (timer.kind === "approval") {
+        const timeoutMs = this.#plan.steps[timer.stepId].approval?.timeoutMs;
+        step.approval = { ...step.approval!, decidedAt: now, outcome: "timed-out" };
+        this.#setStatus(
+          timer.stepId,
+          "failed",
+          now,
+          `approval timed out: nobody decided within ${timeoutMs} ms`,
+        );
+        continue;
+      }
       if (timer.kind === "queue") {
         const record = step.attempts[step.attempts.length - 1];
         const queueTimeoutMs = this.#plan.steps[timer.stepId].queueTimeoutMs;
@@ -490,6 +503,7 @@ export class RunEngine {
       delete step.retryAt;
       delete step.outputs;
       delete step.values;
+      delete step.approval;
       delete step.cached;
       this.#changed.add(id);
       this.#effects.push({
@@ -550,6 +564,13 @@ export class RunEngine {
       return;
     }
     if (runs) {
+      if (planned.approval && step.approval?.outcome !== "approved") {
+        // A person decides first; the wait is bounded by its timeout.
+        step.approval = { requestedAt: now };
+        this.#setStatus(id, "waiting", now, planned.approval.message ?? "waiting for approval");
+        this.#armApprovalTimeout(id);
+        return;
+      }
       this.#enqueue(id);
       return;
     }
@@ -660,6 +681,46 @@ export class RunEngine {
     return (record.startedAt ?? record.scheduledAt) + timeoutMs;
   }
 
+  #onApprove(event: Extract<EngineEvent, { type: "Approve" }>): RejectionReason | undefined {
+    const step = this.#state.steps[event.stepId];
+    if (!step || !(event.stepId in this.#plan.steps)) return "unknown-step";
+    if (this.#state.status !== "running" || step.status !== "waiting") return "not-applicable";
+    step.approval = {
+      ...step.approval!,
+      decidedAt: event.now,
+      by: event.by,
+      outcome: event.approved ? "approved" : "rejected",
+      ...(event.reason ? { reason: event.reason } : {}),
+    };
+    if (event.approved) {
+      this.#setStatus(event.stepId, "pending", event.now, `approved by ${event.by}`);
+      this.#readyWork.push(event.stepId);
+    } else {
+      this.#setStatus(
+        event.stepId,
+        "failed",
+        event.now,
+        `rejected by ${event.by}${event.reason ? `: ${event.reason}` : ""}`,
+      );
+    }
+    return undefined;
+  }
+
+  /** When the step's approval gate times out. */
+  #approvalDeadlineOf(id: string): number | undefined {
+    const timeoutMs = this.#plan.steps[id].approval?.timeoutMs;
+    const requestedAt = this.#state.steps[id].approval?.requestedAt;
+    return timeoutMs === undefined || requestedAt === undefined
+      ? undefined
+      : requestedAt + timeoutMs;
+  }
+
+  #armApprovalTimeout(id: string): void {
+    const at = this.#approvalDeadlineOf(id);
+    if (at === undefined) return;
+    this.#timers.push({ at, index: this.#index.get(id)!, stepId: id, kind: "approval" });
+  }
+
   /** When the step's scheduled attempt has waited too long for a worker. */
   #queueDeadlineOf(id: string): number | undefined {
     const queueTimeoutMs = this.#plan.steps[id].queueTimeoutMs;
@@ -698,6 +759,9 @@ export class RunEngine {
       return this.#state.status === "running" && this.#state.deadlineAt === timer.at;
     }
     const step = this.#state.steps[timer.stepId];
+    if (timer.kind === "approval") {
+      return step.status === "waiting" && this.#approvalDeadlineOf(timer.stepId) === timer.at;
+    }
     if (timer.kind === "queue") {
       return step.status === "scheduled" && step.attemptId === timer.attemptId &&
         this.#queueDeadlineOf(timer.stepId) === timer.at;
@@ -860,6 +924,8 @@ export class RunEngine {
         this.#activeByName.set(planned.name, (this.#activeByName.get(planned.name) ?? 0) + 1);
         if (running) this.#armDeadline(id);
         if (running && step.status === "scheduled") this.#armQueueTimeout(id);
+      } else if (step.status === "waiting" && running) {
+        this.#armApprovalTimeout(id);
       } else if (step.status === "retrying" && running) {
         if (step.retryAt === undefined) this.#enqueue(id);
         else this.#timers.push({ at: step.retryAt, index: this.#index.get(id)!, stepId: id });

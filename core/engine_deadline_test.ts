@@ -104,3 +104,60 @@ Deno.test("deadline: it survives rehydration, and each resumed round gets its ow
   assert.equal(again.state.status, "running");
   assert.equal(again.state.steps.a.status, "scheduled");
 });
+
+Deno.test("approval: a gated step waits; approve runs it, reject fails it, a timeout fails it", () => {
+  const gated = () =>
+    planOf([{ id: "build" }, { id: "deploy", needs: ["build"], approval: { timeoutMs: 10_000 } }]);
+  const ready = () => {
+    const engine = RunEngine.start(gated(), { runId: "r", now: 0 });
+    engine.step({ type: "Start", now: 0 });
+    engine.step({ type: "AttemptStarted", stepId: "build", attemptId: "r/build/1", now: 1 });
+    engine.step({
+      type: "AttemptExited",
+      stepId: "build",
+      attemptId: "r/build/1",
+      now: 2,
+      result: { ok: true, exitCode: 0, outputs: {} },
+    });
+    assert.equal(engine.state.steps.deploy.status, "waiting");
+    assert.deepEqual(engine.state.steps.deploy.approval, { requestedAt: 2 });
+    return engine;
+  };
+  const approved = ready();
+  const { effects } = approved.step({
+    type: "Approve",
+    stepId: "deploy",
+    approved: true,
+    by: "alice",
+    now: 5,
+  });
+  assert.ok(effects.some((e) => e.type === "StartAttempt" && e.stepId === "deploy"));
+  assert.equal(approved.state.steps.deploy.approval?.by, "alice");
+  assert.equal(
+    approved.step({ type: "Approve", stepId: "deploy", approved: false, by: "bob", now: 6 })
+      .rejected,
+    "not-applicable",
+  );
+
+  const rejected = ready();
+  rejected.step({
+    type: "Approve",
+    stepId: "deploy",
+    approved: false,
+    by: "bob",
+    reason: "not today",
+    now: 5,
+  });
+  assert.equal(rejected.state.steps.deploy.status, "failed");
+  assert.equal(rejected.state.steps.deploy.reason, "rejected by bob: not today");
+  assert.equal(rejected.state.status, "failed");
+
+  const late = ready();
+  late.step({ type: "Tick", now: 10_002 });
+  assert.equal(late.state.steps.deploy.status, "failed");
+  assert.equal(late.state.steps.deploy.approval?.outcome, "timed-out");
+  // A resume asks again.
+  late.step({ type: "Resume", now: 20_000 });
+  assert.equal(late.state.steps.deploy.status, "waiting");
+  assert.deepEqual(late.state.steps.deploy.approval, { requestedAt: 20_000 });
+});

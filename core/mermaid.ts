@@ -8,6 +8,7 @@ import type { Plan, StepStatus } from "./model.ts";
 
 const STATUS_STYLES: Record<StepStatus, string> = {
   pending: "fill:#eeeeee,stroke:#999999,color:#333333",
+  waiting: "fill:#fff8e1,stroke:#b8860b,color:#6b4e00,stroke-dasharray:6 3",
   scheduled: "fill:#e0f0ff,stroke:#6699cc,color:#333333",
   running: "fill:#cce5ff,stroke:#004085,color:#004085",
   retrying: "fill:#fff3cd,stroke:#856404,color:#856404",

@@ -160,6 +160,8 @@ export interface PlannedStep {
   retry: RetryPolicy;
   /** Condition source (see `expr.ts`); absent means `success()`. */
   when?: string;
+  /** The step waits for a person's approval before it runs (`approval:`). */
+  approval?: { message?: string; timeoutMs?: number; role?: "read" | "submit" | "admin" };
   continueOnError: boolean;
   cache: boolean;
   /** Max legs of this step's matrix running at once. */
@@ -214,6 +216,8 @@ export interface Plan {
 /** Status of a step instance. */
 export type StepStatus =
   | "pending"
+  /** Ready, and waiting for someone to approve it (`approval:`). */
+  | "waiting"
   | "scheduled"
   | "running"
   | "retrying"
@@ -341,6 +345,14 @@ export interface StepState {
   outputs?: Record<string, ArtifactRef>;
   /** Values the successful attempt published (`${{ steps.NAME.values.KEY }}`). */
   values?: Record<string, string>;
+  /** Its approval gate: when it was asked for and how it was decided. */
+  approval?: {
+    requestedAt: number;
+    decidedAt?: number;
+    by?: string;
+    outcome?: "approved" | "rejected" | "timed-out";
+    reason?: string;
+  };
   cached?: boolean;
   /** Human reason for the current status (`needs failed: analyze`, `when was false`, …). */
   reason?: string;
@@ -377,6 +389,15 @@ export type EngineEvent =
   /** The worker (or local runner process) running the attempt is gone. */
   | { type: "AttemptLost"; stepId: string; attemptId: string; now: number; reason: string }
   | { type: "Cancel"; now: number; reason?: string }
+  /** Someone decided a waiting step's approval gate. */
+  | {
+    type: "Approve";
+    stepId: string;
+    approved: boolean;
+    by: string;
+    reason?: string;
+    now: number;
+  }
   | { type: "Resume"; now: number }
   | { type: "Tick"; now: number };
 

@@ -409,6 +409,15 @@ export function planPipeline(
         secrets: [...step.secrets ?? []],
         resources: resources(defaults.resources, step.resources),
         timeoutMs: step.timeout ? parseDuration(step.timeout) : defaultTimeoutMs,
+        ...(step.approval
+          ? {
+            approval: {
+              ...(step.approval.message ? { message: step.approval.message } : {}),
+              ...(step.approval.timeout ? { timeoutMs: parseDuration(step.approval.timeout) } : {}),
+              role: step.approval.role ?? "submit",
+            },
+          }
+          : {}),
         queueTimeoutMs: step["queue-timeout"]
           ? parseDuration(step["queue-timeout"])
           : defaultQueueTimeoutMs,

@@ -350,6 +350,18 @@ export const StepSchema = z.strictObject({
   timeout: TimeoutSchema.optional().meta({
     description: `Time limit of one attempt (1ms to ${LONGEST}).`,
   }),
+  approval: z.strictObject({
+    message: z.string().max(1000).optional().meta({ description: "What the approver is asked." }),
+    timeout: TimeoutSchema.optional().meta({
+      description: "Longest wait for a decision; then the step fails (approval timed out).",
+    }),
+    role: z.enum(["read", "submit", "admin"]).optional().meta({
+      description: "Least API role that may decide (cluster).",
+      default: "submit",
+    }),
+  }).optional().meta({
+    description: "Wait for a person's approval before the step runs (`runnel approve RUN STEP`).",
+  }),
   "queue-timeout": TimeoutSchema.optional().meta({
     description: "Longest wait of an attempt for a worker (or a local slot) before it fails " +
       "with error class `queue-timeout` (retried as its `retry` says).",

@@ -436,6 +436,11 @@ export async function remoteCommand(
         renderRunList(page.runs) + (page.next ? `\nmore: runnel runs … --after ${page.next}` : ""),
       );
     }
+    case "approve": {
+      if (!args[1]) throw new UsageError(`"runnel approve" needs a run id and a step`);
+      await client.approve(id(), args[1], !flags.reject, flags.reason);
+      return print(`${flags.reject ? "rejected" : "approved"} ${args[1]} of run ${id()}`);
+    }
     case "rerun": {
       const { runId, rerun } = await client.rerun(id(), args.slice(1), flags.downstream);
       if (!flags.follow) {

@@ -36,6 +36,7 @@ Commands:
   logs RUN [STEP]      print step logs (--follow to stream until the run ends)
   cancel RUN           stop a running run (it stays resumable)
   resume RUN           finish a failed or cancelled run from where it stopped
+  approve RUN STEP     let a step waiting for approval run (--reject [--reason R] to fail it)
   rerun RUN STEP…      a new run of a finished run: those steps run again (--downstream: and
                        what depends on them), every other step is reused by digest
   gc                   delete artifacts of unpinned runs older than --retention
@@ -117,6 +118,8 @@ const OPTIONS = {
   "pipeline-version": { type: "string" },
   from: { type: "string" },
   downstream: { type: "boolean" },
+  reject: { type: "boolean" },
+  reason: { type: "string" },
   label: { type: "string", multiple: true, short: "l" },
   status: { type: "string" },
   pipeline: { type: "string" },

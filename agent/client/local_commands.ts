@@ -7,6 +7,7 @@
  */
 
 import {
+  approveStep,
   type AttemptPolicy,
   builtinPlugins,
   cancelRun,
@@ -152,6 +153,30 @@ export async function runCommand(file: string, options: ExecuteOptions): Promise
         labels: options.labels,
       }),
     options,
+  );
+}
+
+/** `runnel approve RUN STEP [--reject] [--reason R]`. */
+export async function approveCommand(
+  prefix: string,
+  step: string | undefined,
+  options: StateOptions & { reject?: boolean; reason?: string },
+): Promise<number> {
+  if (!step) throw new UsageError(`"runnel approve" needs a run id and a step`);
+  const runId = await resolveRunId(prefix, options.stateDir);
+  let by = "local user";
+  try {
+    by = Deno.env.get("USER") || by;
+  } catch { /* not granted */ }
+  const outcome = await approveStep(runId, step, {
+    approved: !options.reject,
+    by,
+    reason: options.reason,
+    stateDir: options.stateDir,
+  });
+  return print(
+    `${options.reject ? "rejected" : "approved"} ${step} of run ${runId}` +
+      (outcome === "on-resume" ? ` (its runner is gone: "runnel resume ${runId}" applies it)` : ""),
   );
 }
 

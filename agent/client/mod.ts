@@ -252,6 +252,15 @@ export class RunClient {
     await this.#json("DELETE", `/api/pipelines/${encodeURIComponent(name)}`);
   }
 
+  /** Decides a waiting step's approval gate. */
+  async approve(runId: string, step: string, approve: boolean, reason?: string): Promise<void> {
+    await this.#json("POST", `/api/runs/${encodeURIComponent(runId)}/approve`, {
+      step,
+      approve,
+      ...(reason ? { reason } : {}),
+    });
+  }
+
   /** Reruns steps of a finished run as a new run (with `downstream`, their dependents too). */
   async rerun(
     runId: string,

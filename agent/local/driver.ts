@@ -181,6 +181,7 @@ export class LocalDriver {
     const onAbort = () => this.#submit({ type: "Cancel", now: this.#now(), reason: "interrupted" });
     signal?.addEventListener("abort", onAbort, { once: true });
     this.#watchCancelRequests(watchAbort.signal);
+    this.#watchApprovals(watchAbort.signal);
     try {
       await this.#persist();
       this.#emitRun("running");
@@ -585,6 +586,31 @@ export class LocalDriver {
 
   #emit(event: RunEvent): void {
     this.#context.onEvent?.(event);
+  }
+
+  /**
+   * `runnel approve` from another process: decisions are keys of the store,
+   * applied (then removed) as they come, and those left while no runner
+   * was alive once this one starts.
+   */
+  async #watchApprovals(signal: AbortSignal): Promise<void> {
+    const store = this.#context.state.store;
+    const prefix = localKeys.approvePrefix(this.#context.record.runId);
+    const apply = async (key: string, value: string) => {
+      const decision = JSON.parse(value) as { approved: boolean; by: string; reason?: string };
+      const stepId = decodeURIComponent(key.slice(prefix.length));
+      this.#submit({ type: "Approve", stepId, now: this.#now(), ...decision });
+      await store.delete(key);
+    };
+    try {
+      const { items, revision } = await store.list(prefix);
+      for (const kv of items) await apply(kv.key, kv.value);
+      for await (const event of store.watch(prefix, { fromRevision: revision + 1, signal })) {
+        if (event.type === "put") await apply(event.key, event.value!);
+      }
+    } catch (error) {
+      if (!signal.aborted) this.#failed?.(error);
+    }
   }
 
   async #watchCancelRequests(signal: AbortSignal): Promise<void> {

@@ -40,6 +40,7 @@ import {
   openLocalState,
   persistRun,
   readRunState,
+  readStepStates,
   type RunRecord,
 } from "./state.ts";
 
@@ -167,6 +168,43 @@ async function withParams(plan: Plan, options: LocalRunOptions): Promise<Plan> {
     throw new LocalRunError("pipeline_changed", `The file of pipeline "${plan.name}" changed`);
   }
   return again;
+}
+
+/**
+ * Decides a waiting step's approval gate (`runnel approve RUN STEP
+ * [--reject]`): the run's runner applies it at once, or when the run is
+ * resumed if no runner is alive.
+ */
+export async function approveStep(
+  runId: string,
+  stepId: string,
+  decision: { approved: boolean; by: string; reason?: string; stateDir?: string },
+): Promise<"applied" | "on-resume"> {
+  const state = await openLocalState(decision.stateDir);
+  try {
+    const record = await getRunRecord(state.store, runId);
+    const steps = await readStepStates(state.store, record.runId);
+    const step = steps[stepId] ??
+      Object.values(steps).find((s) => s.id.startsWith(`${stepId}[`) && s.status === "waiting");
+    if (!step || step.status !== "waiting") {
+      throw new LocalRunError(
+        "not_waiting",
+        `Step "${stepId}" of run ${record.runId} is not waiting for approval` +
+          (step ? ` (it is ${step.status})` : ""),
+      );
+    }
+    await state.store.put(
+      localKeys.approve(record.runId, step.id),
+      JSON.stringify({
+        approved: decision.approved,
+        by: decision.by,
+        ...(decision.reason ? { reason: decision.reason } : {}),
+      }),
+    );
+    return (await liveOwner(state.store, record.runId)) ? "applied" : "on-resume";
+  } finally {
+    await state.close();
+  }
 }
 
 /**

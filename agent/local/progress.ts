@@ -37,6 +37,7 @@ const REDRAW_MS = 100;
 
 const SYMBOLS: Record<StepStatus, string> = {
   pending: "·",
+  waiting: "⏸",
   scheduled: "○",
   running: "▶",
   retrying: "↻",

@@ -69,6 +69,8 @@ export const localKeys = {
   stepPrefix: (runId: string) => `/steps/${runId}/`,
   owner: (runId: string) => `/owner/${runId}`,
   cancel: (runId: string) => `/cancel/${runId}`,
+  approve: (runId: string, stepId: string) => `/approve/${runId}/${encodeURIComponent(stepId)}`,
+  approvePrefix: (runId: string) => `/approve/${runId}/`,
   cache: (key: string) => `/cache/${key}`,
   plan: (runId: string) => `/plan/${runId}`,
 };

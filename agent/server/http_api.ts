@@ -36,6 +36,7 @@
  * | `GET /api/runs/search?label=K=V&status=S&pipeline=P&limit=N&after=C` | read | `{runs, next?}`: a page of an index, newest first |
  * | `GET /api/runs/:id` | read | `{run, steps}` |
  * | `POST /api/runs/:id/cancel`, `/resume` | submit | 202 |
+ * | `POST /api/runs/:id/approve` | the step's `approval.role` (default submit) | `{step, approve, reason?}` → 202: decides a waiting step's gate |
  * | `POST /api/runs/:id/rerun` | submit | `{steps, downstream?}` → 201 `{runId, rerun}`: a new run reusing every other succeeded step's outputs |
  * | `GET /api/runs/:id/events` | read | SSE: `run` and `step` records as they change, until the run ends |
  * | `GET /api/runs/:id/logs?step=S&follow=1` | read | SSE: `log` batches (`{step, attempt, text}`) |
@@ -232,6 +233,14 @@ const ROUTES: Route[] = [
     access: needs("submit"),
     audit: "run.resume",
     handle: resume,
+  },
+  {
+    method: "POST",
+    path: /^\/api\/runs\/([^/]+)\/approve$/,
+    // The least role is the step's own (`approval.role`), checked in the handler.
+    access: needs("read"),
+    audit: "run.approve",
+    handle: approve,
   },
   {
     method: "POST",
@@ -688,6 +697,63 @@ async function page({ context, params }: Call): Promise<Response> {
 async function runOf({ context, params }: Call): Promise<Response> {
   const run = await getClusterRun(context.store, params[0]);
   return json({ run, steps: await clusterStepStates(context.store, run.runId) });
+}
+
+const APPROVE_SHAPE = '{"step": "<step id>", "approve": <boolean>, "reason"?: "…"}';
+
+/**
+ * `POST /api/runs/:id/approve`: decides a waiting step's approval gate, as
+ * the caller (a token of at least the step's `approval.role`); the
+ * scheduler applies it and records who decided.
+ */
+async function approve({ context, request, params, audit, caller }: Call): Promise<Response> {
+  const body = await readJsonObject(request, MAX_TOKEN_REQUEST_BYTES, APPROVE_SHAPE);
+  if (typeof body.step !== "string" || typeof body.approve !== "boolean") {
+    throw new RequestBodyError("bad_request", `Expected ${APPROVE_SHAPE}`);
+  }
+  if (body.reason !== undefined && (typeof body.reason !== "string" || body.reason.length > 1000)) {
+    throw new RequestBodyError(
+      "bad_request",
+      'Expected "reason" to be text (1000 characters at most)',
+    );
+  }
+  const run = await getClusterRun(context.store, params[0]);
+  audit.runId = run.runId;
+  audit.step = body.step;
+  audit.approved = body.approve;
+  const planKv = await context.store.get(clusterKeys.plan(run.runId));
+  const plan = planKv ? JSON.parse(planKv.value) as Plan : undefined;
+  const step = plan?.steps[body.step];
+  if (!plan || !step?.approval) {
+    throw new RunRequestError(
+      "run_not_found",
+      `Run ${run.runId} has no step "${body.step}" with an approval gate`,
+    );
+  }
+  const needed = step.approval.role ?? "submit";
+  if (!caller || !roleAllows(caller.role, needed)) {
+    return json({
+      error: "forbidden",
+      message: `Deciding "${body.step}" needs a token of role ${needed} or more`,
+    }, { status: 403 });
+  }
+  const states = await clusterStepStates(context.store, run.runId);
+  if (states[body.step]?.status !== "waiting") {
+    throw new RunRequestError(
+      "not_waiting",
+      `Step "${body.step}" of run ${run.runId} is not waiting for approval` +
+        (states[body.step] ? ` (it is ${states[body.step].status})` : ""),
+    );
+  }
+  await context.store.put(
+    clusterKeys.approval(run.runId, body.step),
+    JSON.stringify({
+      approved: body.approve,
+      by: caller.tokenName,
+      ...(body.reason ? { reason: body.reason } : {}),
+    }),
+  );
+  return json({ runId: run.runId, step: body.step, approved: body.approve }, { status: 202 });
 }
 
 const RERUN_SHAPE = '{"steps": ["<step name or instance id>", …], "downstream"?: <boolean>}';

@@ -184,6 +184,7 @@ export const clusterKeys = {
   result: (attemptId: string) => `/results/${segment(attemptId)}`,
   resultPrefix: "/results/",
   request: (runId: string, kind: "cancel" | "resume") => `/request/${runId}/${kind}`,
+  approval: (runId: string, stepId: string) => `/request/${runId}/approve/${segment(stepId)}`,
   requestPrefix: "/request/",
   logs: (runId: string, stepId: string, attempt: number) =>
     `/logs/${runId}/${segment(stepId)}/${attempt}/`,

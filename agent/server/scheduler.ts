@@ -236,7 +236,16 @@ class Scheduler {
         a.record.createdAt - b.record.createdAt || (a.record.runId < b.record.runId ? -1 : 1)
       );
     for (const driver of pending) this.#enqueue(() => this.#startRun(driver));
-    return Math.max(workers.revision, assignments.revision, runs.revision, results.revision);
+    // Requests made while no scheduler led (a cancel, an approval) are not lost.
+    const requests = await store.list(clusterKeys.requestPrefix);
+    for (const kv of requests.items) this.#enqueue(() => this.#onRequest(kv.key));
+    return Math.max(
+      workers.revision,
+      assignments.revision,
+      runs.revision,
+      results.revision,
+      requests.revision,
+    );
   }
 
   async #watch(prefix: string, fromRevision: number): Promise<void> {
@@ -479,10 +488,22 @@ class Scheduler {
   }
 
   async #onRequest(key: string): Promise<void> {
-    const [runId, kind] = key.slice(clusterKeys.requestPrefix.length).split("/");
+    const [runId, kind, step] = key.slice(clusterKeys.requestPrefix.length).split("/");
     const consume: TxnOp[] = [{ type: "delete", key }];
     let driver = this.#runs.get(runId);
-    if (kind === "cancel") {
+    if (kind === "approve") {
+      const kv = await this.#store.get(key);
+      if (!driver || !kv || step === undefined) return await this.#write(consume);
+      const decision = JSON.parse(kv.value) as { approved: boolean; by: string; reason?: string };
+      await this.#apply(driver, [{
+        type: "Approve",
+        stepId: decodeURIComponent(step),
+        approved: decision.approved === true,
+        by: String(decision.by),
+        ...(typeof decision.reason === "string" ? { reason: decision.reason } : {}),
+        now: this.#now(),
+      }], consume);
+    } else if (kind === "cancel") {
       if (!driver) return await this.#write(consume);
       await this.#apply(
         driver,
