@@ -10,7 +10,7 @@
  * @module
  */
 
-import type { FailureInfo, WebhookSpec } from "../core/model.ts";
+import type { FailureInfo, RunNotice, WebhookSpec } from "../core/model.ts";
 import { abortableDelay } from "../core/_async.ts";
 
 /** Longest wait between two tries of a webhook. */
@@ -139,9 +139,22 @@ export class WebhookNotifier {
 
   /** Starts delivering `failure` to `webhook`. */
   notify(webhook: WebhookSpec, failure: FailureInfo): void {
-    const outcome = (ok: boolean, detail: string) =>
-      this.onOutcome({ runId: failure.runId, stepId: failure.stepId, ok, detail });
-    const delivery = deliverWebhook(webhook, failure, { allow: this.#allow }).then(
+    this.#deliver(webhook, failure, failure.runId, failure.stepId);
+  }
+
+  /** Starts telling `webhook` that a run ended (`on-success`, `on-exit`). */
+  notifyRun(webhook: WebhookSpec, notice: RunNotice): void {
+    this.#deliver(webhook, notice, notice.runId, "");
+  }
+
+  #deliver(
+    webhook: WebhookSpec,
+    payload: FailureInfo | RunNotice,
+    runId: string,
+    stepId: string,
+  ): void {
+    const outcome = (ok: boolean, detail: string) => this.onOutcome({ runId, stepId, ok, detail });
+    const delivery = deliverWebhook(webhook, payload, { allow: this.#allow }).then(
       (detail) => outcome(true, detail),
       (error) => outcome(false, error instanceof Error ? error.message : String(error)),
     );
@@ -176,7 +189,7 @@ export interface DeliverOptions {
  */
 export async function deliverWebhook(
   webhook: WebhookSpec,
-  failure: FailureInfo,
+  payload: FailureInfo | RunNotice,
   options: DeliverOptions = {},
 ): Promise<string> {
   if (options.allow && !options.allow.allows(webhook.url)) {
@@ -196,7 +209,7 @@ export async function deliverWebhook(
       const response = await fetch(webhook.url, {
         method: "POST",
         headers: { "content-type": "application/json", ...webhook.headers },
-        body: JSON.stringify({ event: "step.failed", ...failure }),
+        body: JSON.stringify(webhookBody(webhook, payload)),
         signal: AbortSignal.timeout(webhook.timeoutMs),
         redirect: options.allow ? "manual" : "follow",
       });
@@ -212,7 +225,39 @@ export async function deliverWebhook(
       lastError = withoutUrl(error instanceof Error ? error.message : String(error), webhook.url);
     }
   }
-  throw new Error(`on-failure webhook ${webhookHost(webhook.url)} failed: ${lastError}`);
+  throw new Error(`webhook ${webhookHost(webhook.url)} failed: ${lastError}`);
+}
+
+/**
+ * The body a webhook gets: runnel's JSON (`event` and the metadata), or a
+ * Slack incoming-webhook message.
+ */
+export function webhookBody(
+  webhook: Pick<WebhookSpec, "format">,
+  payload: FailureInfo | RunNotice,
+): Record<string, unknown> {
+  const isFailure = "stepId" in payload;
+  if (webhook.format !== "slack") {
+    return { event: isFailure ? "step.failed" : `run.${payload.status}`, ...payload };
+  }
+  if (isFailure) {
+    return {
+      text: `:x: *${payload.pipeline}*: step \`${payload.stepId}\` failed ` +
+        `(${payload.errorClass}${
+          payload.exitCode !== undefined ? `, exit ${payload.exitCode}` : ""
+        }` +
+        `): ${payload.message} · run ${payload.runId}`,
+    };
+  }
+  const icon = payload.status === "succeeded"
+    ? ":white_check_mark:"
+    : payload.status === "failed"
+    ? ":x:"
+    : ":no_entry_sign:";
+  const failed = payload.failedSteps.length > 0
+    ? ` (failed: ${payload.failedSteps.map((step) => `\`${step}\``).join(", ")})`
+    : "";
+  return { text: `${icon} *${payload.pipeline}*: run ${payload.runId} ${payload.status}${failed}` };
 }
 
 /** `host:port` of a webhook URL, for messages (its path and query may hold secrets). */

@@ -31,6 +31,7 @@ import type {
   FailureInfo,
   Plan,
   PlannedStep,
+  RunNotice,
   RunState,
   StepState,
   StepStatus,
@@ -893,6 +894,20 @@ export class RunEngine {
     this.#state.status = status;
     this.#state.finishedAt = now;
     this.#effects.push({ type: "RunFinished", status, at: now });
+    const handlers = [
+      ...(status === "succeeded" && this.#plan.onSuccess ? [this.#plan.onSuccess] : []),
+      ...(this.#plan.onExit ? [this.#plan.onExit] : []),
+    ];
+    if (handlers.length === 0) return;
+    const notice: RunNotice = {
+      runId: this.#state.runId,
+      pipeline: this.#state.pipeline,
+      status,
+      at: now,
+      ...(this.#state.startedAt !== undefined ? { startedAt: this.#state.startedAt } : {}),
+      failedSteps: this.#order.filter((id) => this.#state.steps[id].status === "failed"),
+    };
+    for (const webhook of handlers) this.#effects.push({ type: "NotifyRun", webhook, notice });
   }
 
   /** Recomputes every derived index from the state alone. */

@@ -105,6 +105,19 @@ export interface WebhookSpec {
   retries: number;
   backoffMs: number;
   timeoutMs: number;
+  /** The body: runnel's JSON (default), or a Slack incoming-webhook message (`{text}`). */
+  format?: "json" | "slack";
+}
+
+/** What a run's `on-success` / `on-exit` webhooks receive when it ends. */
+export interface RunNotice {
+  runId: string;
+  pipeline: string;
+  status: "succeeded" | "failed" | "cancelled";
+  at: number;
+  startedAt?: number;
+  /** Step instances that failed. */
+  failedSteps: string[];
 }
 
 /** One input of a step: the outputs of one or more step instances. */
@@ -193,6 +206,10 @@ export interface Plan {
   env: Record<string, string>;
   secrets: Record<string, SecretRef>;
   onFailure?: WebhookSpec;
+  /** Told when a run succeeds. */
+  onSuccess?: WebhookSpec;
+  /** Told when a run ends, however it ends. */
+  onExit?: WebhookSpec;
   /** sha256 (hex) of the source text. */
   digest: string;
   /** The run's parameter values (declared ones, defaults applied); absent: it declares none. */
@@ -429,6 +446,8 @@ export type Effect =
   /** Feed the engine a `Tick` at (or soon after) this epoch ms. */
   | { type: "WakeAt"; at: number }
   | { type: "Notify"; webhook: WebhookSpec; failure: FailureInfo }
+  /** A run ended: tell its `on-success` / `on-exit` webhook. */
+  | { type: "NotifyRun"; webhook: WebhookSpec; notice: RunNotice }
   | {
     type: "StepStatus";
     stepId: string;

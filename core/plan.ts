@@ -283,6 +283,7 @@ function webhook(spec: OnFailureFile | undefined): WebhookSpec | undefined {
     retries: spec.retries ?? 3,
     backoffMs: parseDuration(spec.backoff ?? "1s"),
     timeoutMs: parseDuration(spec.timeout ?? "10s"),
+    ...(spec.format ? { format: spec.format } : {}),
   };
 }
 
@@ -494,6 +495,10 @@ export function planPipeline(
   if (pipeline.affinity !== undefined) plan.affinity = pipeline.affinity;
   const onFailure = webhook(pipeline["on-failure"]);
   if (onFailure) plan.onFailure = onFailure;
+  const onSuccess = webhook(pipeline["on-success"]);
+  if (onSuccess) plan.onSuccess = onSuccess;
+  const onExit = webhook(pipeline["on-exit"]);
+  if (onExit) plan.onExit = onExit;
   return { plan };
 }
 

@@ -162,7 +162,11 @@ export const OnFailureSchema = z.strictObject({
     description: `Timeout of one delivery (1ms to ${LONGEST}).`,
     default: "10s",
   }),
-}).meta({ description: "Failure handler: a webhook called with the failure metadata." });
+  format: z.enum(["json", "slack"]).optional().meta({
+    description: "The body: runnel's JSON, or a Slack incoming-webhook message (`{text}`).",
+    default: "json",
+  }),
+}).meta({ description: "A webhook called with what happened (POST, retried, never blocking)." });
 
 /** Pattern of a secret name an operator declares: `db-password`, `deploy.key`, `GCP_SA`. */
 export const SECRET_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
@@ -513,6 +517,10 @@ export const PipelineSchema = z.strictObject({
   }),
   selector: SelectorSchema.optional(),
   "on-failure": OnFailureSchema.optional(),
+  "on-success": OnFailureSchema.optional().meta({ description: "Told when a run succeeds." }),
+  "on-exit": OnFailureSchema.optional().meta({
+    description: "Told when a run ends, however it ends.",
+  }),
   start_node: z.string().optional().meta({
     description: "Seed sugar: the first step of a linear chain.",
   }),

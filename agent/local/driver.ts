@@ -245,7 +245,7 @@ export class LocalDriver {
             // Replayed losses before a resume end the run (and may fail steps)
             // only for a moment: showing or announcing that would mislead.
             const passing = effect.type === "RunFinished" || effect.type === "StepStatus" ||
-              effect.type === "Notify";
+              effect.type === "Notify" || effect.type === "NotifyRun";
             if (ignoreFinish && passing) continue;
             effects.push(effect);
           }
@@ -331,6 +331,9 @@ export class LocalDriver {
         break;
       case "Notify":
         this.#webhooks.notify(effect.webhook, effect.failure);
+        break;
+      case "NotifyRun":
+        this.#webhooks.notifyRun(effect.webhook, effect.notice);
         break;
       case "StepStatus": {
         const step = this.#engine.state.steps[effect.stepId];

@@ -1322,7 +1322,11 @@ function refusedWebhooks(
   allow: WebhookAllowList,
 ): Diagnostic[] {
   const targets: Array<{ url: string; path: string[] }> = [];
-  if (plan.onFailure) targets.push({ url: plan.onFailure.url, path: ["on-failure", "webhook"] });
+  for (const key of ["onFailure", "onSuccess", "onExit"] as const) {
+    const hook = plan[key];
+    const name = { onFailure: "on-failure", onSuccess: "on-success", onExit: "on-exit" }[key];
+    if (hook) targets.push({ url: hook.url, path: [name, "webhook"] });
+  }
   const seen = new Set<string>();
   for (const step of Object.values(plan.steps)) {
     // Matrix legs share their step's key: one problem per step.
@@ -1336,7 +1340,7 @@ function refusedWebhooks(
   const locator = new Locator(file, lines, parseDocument(source, { lineCounter: lines }));
   return refused.map((target) => ({
     code: "webhook_not_allowed",
-    message: `Expected an on-failure webhook on a host this cluster allows ` +
+    message: `Expected a webhook (${target.path.at(-2)}) on a host this cluster allows ` +
       `(--webhook-allow: ${allow.describe()}), got ${webhookHost(target.url)}`,
     file,
     ...locator.at(target.path, { key: true }),

@@ -811,6 +811,9 @@ class Scheduler {
       case "Notify":
         this.#webhooks.notify(effect.webhook, effect.failure);
         return;
+      case "NotifyRun":
+        this.#webhooks.notifyRun(effect.webhook, effect.notice);
+        return;
       case "StepStatus": {
         if (!isTerminalStepStatus(effect.status)) return;
         const step = driver.plan.steps[effect.stepId];
