@@ -23,6 +23,7 @@ import {
   paramsFlag,
   parseCommandLine,
   positiveInt,
+  smtpFlag,
   USAGE,
   UsageError,
   VERSION,
@@ -69,6 +70,7 @@ async function main(line: CommandLine): Promise<number> {
     limits,
     params: params ?? {},
     labels: labelsFlag(flags.label),
+    smtp: smtpFlag(flags.smtp, flags["smtp-from"]),
   };
 
   const cluster = () => import("./agent/client/cli.ts");

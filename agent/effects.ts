@@ -10,7 +10,7 @@
  * @module
  */
 
-import type { FailureInfo, RunNotice, WebhookSpec } from "../core/model.ts";
+import type { EmailAlert, FailureInfo, RunNotice, WebhookSpec } from "../core/model.ts";
 import { abortableDelay } from "../core/_async.ts";
 
 /** Longest wait between two tries of a webhook. */
@@ -121,20 +121,43 @@ export class WebhookAllowList {
   }
 }
 
-/** Delivers webhooks in the background and can wait for those in flight. */
+/** The SMTP server the operator names for email alerts (`--smtp HOST:PORT --smtp-from ADDR`). */
+export interface SmtpSettings {
+  host: string;
+  port: number;
+  from: string;
+}
+
+/** Delivers webhooks (and email alerts) in the background and can wait for those in flight. */
 export class WebhookNotifier {
   readonly #inFlight = new Set<Promise<void>>();
   readonly #allow: WebhookAllowList | undefined;
+  readonly #smtp: SmtpSettings | undefined;
 
   /**
    * Calls `onOutcome` once per delivery, when it succeeded or gave up; with
-   * `allow`, delivers only to the hosts it names (cluster mode).
+   * `allow`, delivers only to the hosts it names (cluster mode); mails
+   * through `smtp` when the operator names one.
    */
   constructor(
     readonly onOutcome: (outcome: WebhookOutcome) => void = () => {},
     allow?: WebhookAllowList,
+    smtp?: SmtpSettings,
   ) {
     this.#allow = allow;
+    this.#smtp = smtp;
+  }
+
+  /** Starts mailing a run's end to its alert's recipients, retried, never blocking. */
+  alert(email: EmailAlert, notice: RunNotice): void {
+    const outcome = (ok: boolean, detail: string) =>
+      this.onOutcome({ runId: notice.runId, stepId: "", ok, detail });
+    const delivery = sendAlertMail(email, notice, this.#smtp).then(
+      (detail) => outcome(true, detail),
+      (error) => outcome(false, error instanceof Error ? error.message : String(error)),
+    );
+    this.#inFlight.add(delivery);
+    delivery.finally(() => this.#inFlight.delete(delivery));
   }
 
   /** Starts delivering `failure` to `webhook`. */
@@ -258,6 +281,51 @@ export function webhookBody(
     ? ` (failed: ${payload.failedSteps.map((step) => `\`${step}\``).join(", ")})`
     : "";
   return { text: `${icon} *${payload.pipeline}*: run ${payload.runId} ${payload.status}${failed}` };
+}
+
+/** Deliveries of an email alert before it is given up. */
+const MAIL_ATTEMPTS = 3;
+
+/**
+ * Mails a run's end through the operator's SMTP server (`npm:nodemailer`),
+ * retried with backoff; resolves with where it went, rejects with why not.
+ */
+export async function sendAlertMail(
+  email: EmailAlert,
+  notice: RunNotice,
+  smtp: SmtpSettings | undefined,
+): Promise<string> {
+  if (!smtp) {
+    throw new Error("email alert not sent: no SMTP server is configured here (--smtp HOST:PORT)");
+  }
+  const { default: nodemailer } = await import("npm:nodemailer@10.6.1");
+  const transport = nodemailer.createTransport({
+    host: smtp.host,
+    port: smtp.port,
+    secure: smtp.port === 465,
+    connectionTimeout: 10_000,
+    greetingTimeout: 10_000,
+  });
+  const subject = `${email.subject ? `${email.subject} ` : ""}[runnel] ${notice.pipeline}: run ` +
+    `${notice.runId} ${notice.status}`;
+  const text = [
+    `Pipeline ${notice.pipeline}, run ${notice.runId}: ${notice.status}.`,
+    ...(notice.failedSteps.length > 0 ? [`Failed steps: ${notice.failedSteps.join(", ")}.`] : []),
+    `Ended at ${new Date(notice.at).toISOString()}.`,
+    "",
+    `runnel show ${notice.runId}`,
+  ].join("\n");
+  let last = "";
+  for (let attempt = 0; attempt < MAIL_ATTEMPTS; attempt++) {
+    if (attempt > 0) await abortableDelay(Math.min(1_000 * 2 ** (attempt - 1), 10_000));
+    try {
+      const info = await transport.sendMail({ from: smtp.from, to: email.to, subject, text });
+      return `mailed to ${info.accepted.length} recipient(s) through ${smtp.host}:${smtp.port}`;
+    } catch (error) {
+      last = error instanceof Error ? error.message : String(error);
+    }
+  }
+  throw new Error(`email alert through ${smtp.host}:${smtp.port} failed: ${last}`);
 }
 
 /** `host:port` of a webhook URL, for messages (its path and query may hold secrets). */

@@ -898,7 +898,12 @@ export class RunEngine {
       ...(status === "succeeded" && this.#plan.onSuccess ? [this.#plan.onSuccess] : []),
       ...(this.#plan.onExit ? [this.#plan.onExit] : []),
     ];
-    if (handlers.length === 0) return;
+    const email = this.#plan.emailAlert;
+    const mailed = email !== undefined && (
+      email.on.includes("exit") || (email.on.includes("failure") && status === "failed") ||
+      (email.on.includes("success") && status === "succeeded")
+    );
+    if (handlers.length === 0 && !mailed) return;
     const notice: RunNotice = {
       runId: this.#state.runId,
       pipeline: this.#state.pipeline,
@@ -908,6 +913,7 @@ export class RunEngine {
       failedSteps: this.#order.filter((id) => this.#state.steps[id].status === "failed"),
     };
     for (const webhook of handlers) this.#effects.push({ type: "NotifyRun", webhook, notice });
+    if (mailed) this.#effects.push({ type: "Alert", email: email!, notice });
   }
 
   /** Recomputes every derived index from the state alone. */

@@ -109,6 +109,14 @@ export interface WebhookSpec {
   format?: "json" | "slack";
 }
 
+/** Who is mailed when a run ends (`alerts.email`). */
+export interface EmailAlert {
+  to: string[];
+  /** The ends that are mailed. */
+  on: Array<"failure" | "success" | "exit">;
+  subject?: string;
+}
+
 /** What a run's `on-success` / `on-exit` webhooks receive when it ends. */
 export interface RunNotice {
   runId: string;
@@ -210,6 +218,8 @@ export interface Plan {
   onSuccess?: WebhookSpec;
   /** Told when a run ends, however it ends. */
   onExit?: WebhookSpec;
+  /** Mailed when a run ends (as `on` says). */
+  emailAlert?: EmailAlert;
   /** sha256 (hex) of the source text. */
   digest: string;
   /** The run's parameter values (declared ones, defaults applied); absent: it declares none. */
@@ -448,6 +458,8 @@ export type Effect =
   | { type: "Notify"; webhook: WebhookSpec; failure: FailureInfo }
   /** A run ended: tell its `on-success` / `on-exit` webhook. */
   | { type: "NotifyRun"; webhook: WebhookSpec; notice: RunNotice }
+  /** A run ended as its email alert asks to be told (through the operator's SMTP server). */
+  | { type: "Alert"; email: EmailAlert; notice: RunNotice }
   | {
     type: "StepStatus";
     stepId: string;

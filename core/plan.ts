@@ -499,6 +499,14 @@ export function planPipeline(
   if (onSuccess) plan.onSuccess = onSuccess;
   const onExit = webhook(pipeline["on-exit"]);
   if (onExit) plan.onExit = onExit;
+  const email = pipeline.alerts?.email;
+  if (email) {
+    plan.emailAlert = {
+      to: [...email.to],
+      on: email.on ?? ["failure"],
+      ...(email.subject ? { subject: email.subject } : {}),
+    };
+  }
   return { plan };
 }
 

@@ -521,6 +521,18 @@ export const PipelineSchema = z.strictObject({
   "on-exit": OnFailureSchema.optional().meta({
     description: "Told when a run ends, however it ends.",
   }),
+  alerts: z.strictObject({
+    email: z.strictObject({
+      to: z.array(z.email()).min(1).max(50).meta({ description: "Recipients." }),
+      on: z.array(z.enum(["failure", "success", "exit"])).min(1).optional().meta({
+        description: "Which ends are mailed.",
+        default: ["failure"],
+      }),
+      subject: z.string().max(200).optional().meta({ description: "Subject prefix." }),
+    }).meta({
+      description: "Mail through the SMTP server the operator names (`--smtp HOST:PORT`).",
+    }),
+  }).optional().meta({ description: "Alerts when a run ends (seed 004: Email/Slack alerts)." }),
   start_node: z.string().optional().meta({
     description: "Seed sugar: the first step of a linear chain.",
   }),

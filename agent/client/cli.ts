@@ -45,6 +45,7 @@ import {
   paramsFlag,
   parseLabels,
   positiveInt,
+  smtpFlag,
   UsageError,
 } from "./flags.ts";
 import { artifactsOfSteps, renderRun, renderRunList, table } from "./render.ts";
@@ -114,6 +115,7 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
       adminToken,
       metricsPublic: flags["metrics-public"],
       webhookAllow,
+      smtp: smtpFlag(flags.smtp, flags["smtp-from"]),
       pipelineLimits: limitsFlag(flags.limit),
     });
   } catch (error) {

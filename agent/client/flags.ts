@@ -68,6 +68,7 @@ Options:
                        step-instances (100000), dependencies (1000000), plan-bytes (64Mi)
   --param NAME=VALUE   a run parameter (repeatable; run, resume-less submit, validate, plan)
   --params-file FILE   run parameters from a YAML or JSON map (--param wins)
+  --smtp H:P --smtp-from ADDR   (run, resume, server) the SMTP server of email alerts
   --label, -l K=V      (run, submit, trigger) a label of the run, with the pipeline's (repeatable);
                        (runs) only runs with this label; with --status S, --pipeline P,
                        --page-size N (50) and --after CURSOR (the last page's "next")
@@ -119,6 +120,8 @@ const OPTIONS = {
   from: { type: "string" },
   downstream: { type: "boolean" },
   reject: { type: "boolean" },
+  smtp: { type: "string" },
+  "smtp-from": { type: "string" },
   reason: { type: "string" },
   label: { type: "string", multiple: true, short: "l" },
   status: { type: "string" },
@@ -258,6 +261,19 @@ export function limitsFlag(values: string[] | undefined): Partial<PipelineLimits
   } catch (error) {
     throw new UsageError(`${(error as Error).message} (--limit)`);
   }
+}
+
+/** `--smtp HOST:PORT` and `--smtp-from ADDR`: the SMTP server of email alerts, if named. */
+export function smtpFlag(
+  smtp: string | undefined,
+  from: string | undefined,
+): { host: string; port: number; from: string } | undefined {
+  if (smtp === undefined) return undefined;
+  const [host, port] = hostPort(smtp, "--smtp");
+  if (from !== undefined && !/^[^\s@]+@[^\s@]+$/.test(from)) {
+    throw new UsageError(`Expected --smtp-from ADDRESS, got "${from}"`);
+  }
+  return { host, port, from: from ?? "runnel@localhost" };
 }
 
 /** The values of `--label K=V` (repeatable), as a map; undefined when none is given. */

@@ -62,6 +62,8 @@ export interface ExecuteOptions extends StateOptions {
   settings?: Record<string, unknown>;
   /** Labels of the run (`--label`). */
   labels?: Record<string, string>;
+  /** The SMTP server of email alerts (`--smtp`). */
+  smtp?: { host: string; port: number; from: string };
   /** What a pipeline may ask of this host: `localPolicy` with the `--config` file's `policy`. */
   policy?: AttemptPolicy;
   /** The secrets the user declares (`--secrets`, the `--config` file's `secrets:`). */
@@ -151,6 +153,7 @@ export async function runCommand(file: string, options: ExecuteOptions): Promise
         policy: options.policy,
         secrets: options.secrets,
         labels: options.labels,
+        smtp: options.smtp,
       }),
     options,
   );
@@ -217,6 +220,7 @@ export async function resumeCommand(prefix: string, options: ExecuteOptions): Pr
         policy: options.policy,
         secrets: options.secrets,
         limits: options.limits,
+        smtp: options.smtp,
       }),
     options,
   );

@@ -35,7 +35,7 @@ import type {
 import { exhaustedResult, isResourceExhaustion } from "../attempt/mod.ts";
 import { errorClassOf } from "../attempt/io.ts";
 import type { Execution } from "../../backends/backend.ts";
-import { WakeTimer, WebhookNotifier } from "../effects.ts";
+import { type SmtpSettings, WakeTimer, WebhookNotifier } from "../effects.ts";
 import { cacheKeyOf, restoreFromCache, saveToCache } from "./cache.ts";
 import {
   claimRun,
@@ -99,6 +99,8 @@ export interface LocalDriverContext {
   env?: (name: string) => string | undefined;
   /** The user's declared secrets, which the pipeline's named references resolve through. */
   secrets?: SecretStore;
+  /** The SMTP server email alerts go through (`--smtp`). */
+  smtp?: SmtpSettings;
 }
 
 /** One attempt in flight. */
@@ -155,7 +157,11 @@ export class LocalDriver {
     this.#now = context.now;
     this.#recorded = engine.state.status !== "pending";
     this.#wake = new WakeTimer(() => this.#submit({ type: "Tick", now: this.#now() }), this.#now);
-    this.#webhooks = new WebhookNotifier((outcome) => this.#emit({ type: "webhook", ...outcome }));
+    this.#webhooks = new WebhookNotifier(
+      (outcome) => this.#emit({ type: "webhook", ...outcome }),
+      undefined,
+      context.smtp,
+    );
   }
 
   /**
@@ -245,7 +251,7 @@ export class LocalDriver {
             // Replayed losses before a resume end the run (and may fail steps)
             // only for a moment: showing or announcing that would mislead.
             const passing = effect.type === "RunFinished" || effect.type === "StepStatus" ||
-              effect.type === "Notify" || effect.type === "NotifyRun";
+              effect.type === "Notify" || effect.type === "NotifyRun" || effect.type === "Alert";
             if (ignoreFinish && passing) continue;
             effects.push(effect);
           }
@@ -334,6 +340,9 @@ export class LocalDriver {
         break;
       case "NotifyRun":
         this.#webhooks.notifyRun(effect.webhook, effect.notice);
+        break;
+      case "Alert":
+        this.#webhooks.alert(effect.email, effect.notice);
         break;
       case "StepStatus": {
         const step = this.#engine.state.steps[effect.stepId];

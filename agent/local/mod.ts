@@ -8,6 +8,7 @@
  * @module
  */
 
+import type { SmtpSettings } from "../effects.ts";
 import { RunEngine } from "../../core/engine.ts";
 import type { EngineEvent, Plan, StepState } from "../../core/model.ts";
 import type { PipelineLimits } from "../../core/limits.ts";
@@ -99,6 +100,8 @@ export interface LocalRunOptions {
    * (a plan defined in code takes them from `definePipeline(…, { params })`).
    */
   params?: Record<string, unknown>;
+  /** The SMTP server email alerts go through (`--smtp HOST:PORT --smtp-from ADDR`). */
+  smtp?: SmtpSettings;
   /** Steps the run starts with already succeeded (a rerun's reused ones). */
   reuse?: Record<string, StepState>;
   /** The run a rerun reruns steps of. */
@@ -541,6 +544,7 @@ function driverContext(
     signal: options.signal,
     env: options.env,
     secrets: new SecretStore(options.secrets, { env: options.env }),
+    ...(options.smtp ? { smtp: options.smtp } : {}),
   };
 }
 

@@ -6,6 +6,7 @@
  * @module
  */
 
+import type { SmtpSettings } from "../effects.ts";
 import type { PipelineLimits } from "../../core/limits.ts";
 import type { Compare, Store } from "../../consensus/store.ts";
 import { type AgentServiceServer, serveAgentService } from "../../proto/mod.ts";
@@ -118,6 +119,8 @@ export interface ServerOptions {
    * webhook is refused at submit.
    */
   webhookAllow?: string[];
+  /** The SMTP server email alerts go through (`--smtp HOST:PORT --smtp-from ADDR`). */
+  smtp?: SmtpSettings;
   /** Limits on what a submitted pipeline may expand to (default: the defaults). */
   pipelineLimits?: Partial<PipelineLimits>;
 }
@@ -304,6 +307,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
           fence: leadership.fence,
           signal: stop,
           webhookAllow,
+          ...(options.smtp ? { smtp: options.smtp } : {}),
           onEvent: (event: SchedulerEvent) => {
             metrics.onSchedulerEvent(event);
             if (event.type === "worker-lost") {

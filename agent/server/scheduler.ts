@@ -36,7 +36,7 @@ import {
   type ResultRecord,
   type WorkerRecord,
 } from "./keys.ts";
-import { WakeTimer, WebhookAllowList, WebhookNotifier } from "../effects.ts";
+import { type SmtpSettings, WakeTimer, WebhookAllowList, WebhookNotifier } from "../effects.ts";
 import { statusIndexOps } from "./run_index.ts";
 import { attemptGets } from "../../core/attempt.ts";
 import { ValueMissingError } from "../../core/values.ts";
@@ -74,6 +74,8 @@ export interface SchedulerOptions {
    * The API refuses other hosts at submit; this is the second check.
    */
   webhookAllow?: WebhookAllowList;
+  /** The operator's SMTP server for email alerts (`--smtp`). */
+  smtp?: SmtpSettings;
 }
 
 /** Writes per transaction: below etcd's default `--max-txn-ops` of 128. */
@@ -151,6 +153,7 @@ class Scheduler {
     this.#webhooks = new WebhookNotifier(
       (outcome) => this.#options.onEvent?.({ type: "webhook", ...outcome }),
       options.webhookAllow ?? new WebhookAllowList([]),
+      options.smtp,
     );
   }
 
@@ -813,6 +816,9 @@ class Scheduler {
         return;
       case "NotifyRun":
         this.#webhooks.notifyRun(effect.webhook, effect.notice);
+        return;
+      case "Alert":
+        this.#webhooks.alert(effect.email, effect.notice);
         return;
       case "StepStatus": {
         if (!isTerminalStepStatus(effect.status)) return;
