@@ -214,6 +214,11 @@ export interface Plan {
   env: Record<string, string>;
   secrets: Record<string, SecretRef>;
   onFailure?: WebhookSpec;
+  /**
+   * How long `gc` keeps artifacts (ms, or forever): the pipeline's (`run`)
+   * and each step name's that says (`steps`).
+   */
+  retention?: { run?: number | "forever"; steps?: Record<string, number | "forever"> };
   /** Told when a run succeeds. */
   onSuccess?: WebhookSpec;
   /** Told when a run ends, however it ends. */

@@ -499,6 +499,19 @@ export function planPipeline(
   if (onSuccess) plan.onSuccess = onSuccess;
   const onExit = webhook(pipeline["on-exit"]);
   if (onExit) plan.onExit = onExit;
+  const keep = (text: string): number | "forever" =>
+    text === "forever" ? "forever" : parseDuration(text);
+  const stepRetention = Object.fromEntries(
+    Object.entries(pipeline.steps).flatMap(([name, step]) =>
+      step.retention ? [[name, keep(step.retention)]] : []
+    ),
+  );
+  if (pipeline.retention || Object.keys(stepRetention).length > 0) {
+    plan.retention = {
+      ...(pipeline.retention ? { run: keep(pipeline.retention) } : {}),
+      ...(Object.keys(stepRetention).length > 0 ? { steps: stepRetention } : {}),
+    };
+  }
   const email = pipeline.alerts?.email;
   if (email) {
     plan.emailAlert = {

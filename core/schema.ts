@@ -74,6 +74,17 @@ function boundedDuration(minMs: number) {
 /** The longest duration, as descriptions write it. */
 const LONGEST = formatDuration(MAX_DURATION_MS);
 
+/** How long artifacts are kept: a duration such as "30d", or "forever". */
+export const RetentionSchema = z.union([
+  z.literal("forever"),
+  z.string().regex(DURATION_PATTERN).refine(
+    (text) => !isDuration(text) || parseDuration(text) >= 60_000,
+    { message: 'Expected a retention of at least 1m, or "forever"' },
+  ),
+]).meta({
+  description: 'How long `gc` keeps artifacts: a duration such as "30d", or "forever".',
+});
+
 /** A time limit: from 1ms (a zero timeout would fail every attempt) to 7 days. */
 export const TimeoutSchema = boundedDuration(1).meta({
   description: `Duration such as "30s", "10m", "1h30m", from 1ms to ${LONGEST}.`,
@@ -346,6 +357,9 @@ export const StepSchema = z.strictObject({
   outputs: z.array(z.string().regex(SAFE_NAME_PATTERN)).optional().meta({
     description: "File names the step writes ([A-Za-z0-9_][A-Za-z0-9_.-]*).",
   }),
+  retention: RetentionSchema.optional().meta({
+    description: "How long `gc` keeps this step's outputs (overrides the pipeline's).",
+  }),
   env: EnvSchema.optional(),
   secrets: z.array(z.string().regex(ENV_NAME_PATTERN)).optional().meta({
     description: "Pipeline secrets (their env names) the step is given, masked in its logs.",
@@ -470,6 +484,9 @@ export const PipelineSchema = z.strictObject({
       "time, `${{ params.NAME }}` in a step's strings (in `run`, an env var reference).",
   }),
   schedule: ScheduleSchema.optional(),
+  retention: RetentionSchema.optional().meta({
+    description: "How long `gc` keeps its runs' artifacts (default: gc's --retention, 14d).",
+  }),
   webhook: z.strictObject({
     secret: z.string().regex(SECRET_NAME_PATTERN).meta({
       description: "Name of a secret the server's operator declared (`--secrets`): the key " +

@@ -31,11 +31,25 @@ export async function collectGarbage(
   // The store is only read: gc is what frees a full disk.
   const state = await openLocalState(options.stateDir, { readOnly: true });
   try {
-    const artifacts = await state.artifacts.gc({ now, retentionMs, dryRun: options.dryRun });
+    const runs = await listRuns(state.store);
+    const retentionOfRun = new Map(runs.map((run) => [run.runId, run.retention]));
+    const artifacts = await state.artifacts.gc({
+      now,
+      retentionMs,
+      dryRun: options.dryRun,
+      // A pipeline (or step) that says how long its outputs live wins over --retention.
+      retentionOf: (record) => {
+        const retention = retentionOfRun.get(record.run);
+        const name = record.step.split("[")[0];
+        return retention?.steps?.[name] ?? retention?.run;
+      },
+    });
     let runsCleaned = 0;
-    for (const run of await listRuns(state.store)) {
+    for (const run of runs) {
       const ended = run.finishedAt ?? run.createdAt;
-      if (!isTerminalRunStatus(run.status) || now - ended <= retentionMs) continue;
+      const own = run.retention?.run;
+      const keep = own === "forever" ? Infinity : own ?? retentionMs;
+      if (!isTerminalRunStatus(run.status) || now - ended <= keep) continue;
       if (await state.artifacts.isPinned(run.runId)) continue;
       const dirs = [`${state.paths.work}/${run.runId}`, `${state.paths.logs}/${run.runId}`];
       let present = false;

@@ -297,6 +297,7 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
     if (options.rerunOf) record.rerunOf = options.rerunOf;
     if (plan.labels || options.labels) record.labels = { ...plan.labels, ...options.labels };
     if (plan.runName) record.name = plan.runName;
+    if (plan.retention) record.retention = plan.retention;
     if (!(await isFile(record.file))) {
       // Defined in code: a resume takes the plan from the store.
       record.planStored = true;

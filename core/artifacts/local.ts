@@ -332,7 +332,16 @@ class LocalArtifactStore implements ArtifactStore {
     const pinned = new Map<string, boolean>();
     for (const record of await this.list()) {
       if (!pinned.has(record.run)) pinned.set(record.run, await this.isPinned(record.run));
-      if (pinned.get(record.run) || record.created >= cutoff) {
+      const own = options.retentionOf?.(record);
+      const keptUntil = own === "forever"
+        ? Infinity
+        : own !== undefined
+        ? record.created + own
+        : record.created + retentionMs;
+      if (
+        pinned.get(record.run) || keptUntil > options.now ||
+        record.created >= cutoff && own === undefined
+      ) {
         referenced.add(record.digest);
         continue;
       }

@@ -625,7 +625,16 @@ class S3ArtifactStore implements ArtifactStore {
     const referenced = new Set<string>();
     const expired: string[] = [];
     for (const record of await this.list()) {
-      if (pinned.has(this.#pinKey(record.run)) || record.created >= cutoff) {
+      const own = options.retentionOf?.(record);
+      const keptUntil = own === "forever"
+        ? Infinity
+        : own !== undefined
+        ? record.created + own
+        : record.created + retentionMs;
+      if (
+        pinned.has(this.#pinKey(record.run)) || keptUntil > options.now ||
+        record.created >= cutoff && own === undefined
+      ) {
         referenced.add(record.digest);
         continue;
       }

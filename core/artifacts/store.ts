@@ -44,6 +44,11 @@ export interface ArtifactGcOptions {
   retentionMs?: number;
   /** Count what would go without removing anything. */
   dryRun?: boolean;
+  /**
+   * A record's own retention (its pipeline's or step's `retention:`), when
+   * it has one: ms, or forever; undefined keeps `retentionMs`.
+   */
+  retentionOf?: (record: ArtifactRecord) => number | "forever" | undefined;
 }
 
 /** What {@link ArtifactStore.gc} removed (or would remove, in a dry run). */

@@ -1,0 +1,53 @@
+/**
+ * Retention per pipeline and per step: `gc` keeps what a pipeline (or a
+ * step) says to keep, however old, and drops the rest after its own
+ * retention or gc's default.
+ */
+
+import assert from "node:assert/strict";
+import { collectGarbage, loadPipeline, openLocalState, runPipeline } from "../mod.ts";
+import { sandbox } from "./_helpers.ts";
+
+Deno.test("retention: a step's forever outlives gc, the pipeline's own period applies to the rest", async () => {
+  await using box = await sandbox();
+  const file = await box.write(
+    "p.yaml",
+    `name: kept
+retention: 30d
+steps:
+  model:
+    retention: forever
+    run: echo weights > "$RUNNEL_OUTPUT_MODEL_PT"
+    outputs: [model.pt]
+  scratch:
+    run: echo tmp > "$RUNNEL_OUTPUT_TMP_TXT"
+    outputs: [tmp.txt]
+`,
+  );
+  const summary = await runPipeline(await loadPipeline(file), { stateDir: box.stateDir });
+  assert.equal(summary.status, "succeeded");
+  const day = 24 * 3600 * 1000;
+  const names = async () => {
+    const state = await openLocalState(box.stateDir, { readOnly: true });
+    try {
+      return (await state.artifacts.list({ run: summary.runId })).map((a) => a.name).sort();
+    } finally {
+      await state.close();
+    }
+  };
+  // Past gc's 14-day default but within the pipeline's 30 days: both stay.
+  await collectGarbage({ stateDir: box.stateDir, now: Date.now() + 20 * day });
+  assert.deepEqual(await names(), ["model.pt", "tmp.txt"]);
+  // A dry run past 30 days says what would go, and removes nothing.
+  const dry = await collectGarbage({
+    stateDir: box.stateDir,
+    now: Date.now() + 40 * day,
+    dryRun: true,
+  });
+  assert.equal(dry.recordsRemoved, 1);
+  assert.deepEqual(await names(), ["model.pt", "tmp.txt"]);
+  await collectGarbage({ stateDir: box.stateDir, now: Date.now() + 40 * day });
+  assert.deepEqual(await names(), ["model.pt"]);
+  await collectGarbage({ stateDir: box.stateDir, now: Date.now() + 4000 * day });
+  assert.deepEqual(await names(), ["model.pt"], "forever is forever");
+});
