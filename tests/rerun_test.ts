@@ -5,11 +5,8 @@
  */
 
 import assert from "node:assert/strict";
-import { RunClient } from "../agent/client/mod.ts";
-import { startAgent } from "../agent/worker/mod.ts";
-import { openLocalArtifactStore } from "../core/artifacts/local.ts";
 import { runCli, sandbox } from "./_helpers.ts";
-import { startTestServer } from "./_server.ts";
+import { startTestCluster } from "./_server.ts";
 
 /** a → b → c, and d alone; each appends its name to ran.log and passes a file on. */
 function pipeline(log: string): string {
@@ -66,22 +63,9 @@ Deno.test("rerun (local): the chosen step runs again, the rest is reused; --down
 Deno.test("rerun (cluster): the same through the API, reused outputs flowing to the rerun steps", async () => {
   await using box = await sandbox();
   const log = `${box.dir}/ran.log`;
-  await using server = await startTestServer(`${box.dir}/state.db`, {
-    token: "rerun-join-token-0123456789",
-    adminToken: "rerun-admin-token-0123456789",
-  });
-  const agent = await startAgent({
-    servers: [`127.0.0.1:${server.server.grpcPort}`],
-    token: "rerun-join-token-0123456789",
-    agentId: "worker-1",
-    slots: 2,
-    allowShell: true,
-    stateDir: `${box.dir}/agent`,
-    artifacts: openLocalArtifactStore(`${box.dir}/artifacts`),
-    log: () => {},
-  });
-  try {
-    const client = new RunClient([server.http], { token: "rerun-admin-token-0123456789" });
+  await using cluster = await startTestCluster(box.dir, "rerun");
+  {
+    const client = cluster.client;
     const finished = async (runId: string) => {
       for await (const _ of client.events(runId)) { /* until the run ends */ }
       return await client.run(runId);
@@ -97,7 +81,5 @@ Deno.test("rerun (cluster): the same through the API, reused outputs flowing to 
     assert.equal((await Deno.readTextFile(log)).trim(), "c");
     // c read b's reused output: its own output holds the whole chain.
     assert.equal(steps.c.outputs?.["c.txt"]?.size, "a\nb\nc\n".length);
-  } finally {
-    await agent.stop();
   }
 });

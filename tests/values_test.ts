@@ -6,11 +6,8 @@
  */
 
 import assert from "node:assert/strict";
-import { RunClient } from "../agent/client/mod.ts";
-import { startAgent } from "../agent/worker/mod.ts";
-import { openLocalArtifactStore } from "../core/artifacts/local.ts";
 import { runCli, sandbox } from "./_helpers.ts";
-import { startTestServer } from "./_server.ts";
+import { startTestCluster } from "./_server.ts";
 
 const HOSTILE = `$(touch pwned); echo \`touch pwned2\``;
 
@@ -123,22 +120,9 @@ steps:
 
 Deno.test("values: through a cluster agent, and a value not published fails the reader", async () => {
   await using box = await sandbox();
-  await using server = await startTestServer(`${box.dir}/state.db`, {
-    token: "values-join-token-0123456789",
-    adminToken: "values-admin-token-0123456789",
-  });
-  const agent = await startAgent({
-    servers: [`127.0.0.1:${server.server.grpcPort}`],
-    token: "values-join-token-0123456789",
-    agentId: "worker-1",
-    slots: 2,
-    allowShell: true,
-    stateDir: `${box.dir}/agent`,
-    artifacts: openLocalArtifactStore(`${box.dir}/artifacts`),
-    log: () => {},
-  });
-  try {
-    const client = new RunClient([server.http], { token: "values-admin-token-0123456789" });
+  await using cluster = await startTestCluster(box.dir, "values");
+  const client = cluster.client;
+  {
     const { runId } = await client.submit(
       `name: cluster-values
 steps:
@@ -164,7 +148,5 @@ steps:
     assert.equal(steps.b.outputs?.["out.txt"]?.size, "blue\n".length);
     assert.equal(steps.c.status, "failed");
     assert.match(JSON.stringify(steps.c), /did not publish it/);
-  } finally {
-    await agent.stop();
   }
 });

@@ -25,7 +25,7 @@ import {
   type ArtifactRecord,
   type ArtifactStore,
   contentTypeFor,
-  DEFAULT_RETENTION_MS,
+  keptByRetention,
   digestHex,
   InvalidArtifactError,
 } from "./store.ts";
@@ -323,8 +323,6 @@ class LocalArtifactStore implements ArtifactStore {
   }
 
   async gc(options: ArtifactGcOptions): Promise<ArtifactGcResult> {
-    const retentionMs = options.retentionMs ?? DEFAULT_RETENTION_MS;
-    const cutoff = options.now - retentionMs;
     const dryRun = options.dryRun ?? false;
     const result: ArtifactGcResult = { recordsRemoved: 0, blobsRemoved: 0, bytesFreed: 0 };
     // Mark: every digest a surviving record references.
@@ -332,16 +330,7 @@ class LocalArtifactStore implements ArtifactStore {
     const pinned = new Map<string, boolean>();
     for (const record of await this.list()) {
       if (!pinned.has(record.run)) pinned.set(record.run, await this.isPinned(record.run));
-      const own = options.retentionOf?.(record);
-      const keptUntil = own === "forever"
-        ? Infinity
-        : own !== undefined
-        ? record.created + own
-        : record.created + retentionMs;
-      if (
-        pinned.get(record.run) || keptUntil > options.now ||
-        record.created >= cutoff && own === undefined
-      ) {
+      if (pinned.get(record.run) || keptByRetention(record, options)) {
         referenced.add(record.digest);
         continue;
       }

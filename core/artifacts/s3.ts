@@ -39,7 +39,7 @@ import {
   type ArtifactRecord,
   type ArtifactStore,
   contentTypeFor,
-  DEFAULT_RETENTION_MS,
+  keptByRetention,
   digestHex,
   InvalidArtifactError,
 } from "./store.ts";
@@ -614,8 +614,6 @@ class S3ArtifactStore implements ArtifactStore {
   }
 
   async gc(options: ArtifactGcOptions): Promise<ArtifactGcResult> {
-    const retentionMs = options.retentionMs ?? DEFAULT_RETENTION_MS;
-    const cutoff = options.now - retentionMs;
     const dryRun = options.dryRun ?? false;
     const result: ArtifactGcResult = { recordsRemoved: 0, blobsRemoved: 0, bytesFreed: 0 };
     const pinned = new Set(
@@ -625,16 +623,7 @@ class S3ArtifactStore implements ArtifactStore {
     const referenced = new Set<string>();
     const expired: string[] = [];
     for (const record of await this.list()) {
-      const own = options.retentionOf?.(record);
-      const keptUntil = own === "forever"
-        ? Infinity
-        : own !== undefined
-        ? record.created + own
-        : record.created + retentionMs;
-      if (
-        pinned.has(this.#pinKey(record.run)) || keptUntil > options.now ||
-        record.created >= cutoff && own === undefined
-      ) {
+      if (pinned.has(this.#pinKey(record.run)) || keptByRetention(record, options)) {
         referenced.add(record.digest);
         continue;
       }

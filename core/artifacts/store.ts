@@ -51,6 +51,13 @@ export interface ArtifactGcOptions {
   retentionOf?: (record: ArtifactRecord) => number | "forever" | undefined;
 }
 
+/** Whether `gc` keeps a record: its own retention, else `retentionMs`, from its creation. */
+export function keptByRetention(record: ArtifactRecord, options: ArtifactGcOptions): boolean {
+  const own = options.retentionOf?.(record);
+  if (own === "forever") return true;
+  return record.created + (own ?? options.retentionMs ?? DEFAULT_RETENTION_MS) > options.now;
+}
+
 /** What {@link ArtifactStore.gc} removed (or would remove, in a dry run). */
 export interface ArtifactGcResult {
   recordsRemoved: number;
