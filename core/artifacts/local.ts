@@ -25,9 +25,9 @@ import {
   type ArtifactRecord,
   type ArtifactStore,
   contentTypeFor,
-  keptByRetention,
   digestHex,
   InvalidArtifactError,
+  keptByRetention,
 } from "./store.ts";
 import { compareRecords, copyHashing } from "./_io.ts";
 

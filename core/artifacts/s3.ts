@@ -39,9 +39,9 @@ import {
   type ArtifactRecord,
   type ArtifactStore,
   contentTypeFor,
-  keptByRetention,
   digestHex,
   InvalidArtifactError,
+  keptByRetention,
 } from "./store.ts";
 import { compareRecords, copyHashing, writeAll } from "./_io.ts";
 
