@@ -61,7 +61,7 @@ Deno.test("webhook delivery: a failure names host:port, never the URL's path", a
       { runId: "r", stepId: "s" } as FailureInfo,
     ),
     (error: Error) =>
-      error.message.startsWith(`on-failure webhook 127.0.0.1:${port} failed:`) &&
+      error.message.startsWith(`webhook 127.0.0.1:${port} failed:`) &&
       !error.message.includes("secret-path-token"),
   );
 });

@@ -381,6 +381,7 @@ export function envVarSuffix(name: string): string {
  *   RUNNEL_ATTEMPT: "1",
  *   RUNNEL_INPUTS: "/w/1/in",
  *   RUNNEL_OUTPUTS: "/w/1/out",
+ *   RUNNEL_VALUES: "/w/1/out/.runnel-values",
  *   RUNNEL_INPUT_DATA: "/w/1/in/data.csv",
  *   RUNNEL_OUTPUT_SUMMARY_JSON: "/w/1/out/summary.json",
  *   RUNNEL_MATRIX_REGION: "eu",
