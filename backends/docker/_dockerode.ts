@@ -88,6 +88,7 @@ export interface ContainerInspectInfo {
   Config: { Labels: Record<string, string> | null; Env: string[] | null };
   HostConfig: { Memory?: number; AutoRemove?: boolean; NetworkMode?: string };
   Mounts: Array<{ Source: string; Destination: string; RW: boolean }> | null;
+  NetworkSettings?: { Networks?: Record<string, { IPAddress?: string }> | null };
 }
 
 /** One entry of `GET /containers/json`. */

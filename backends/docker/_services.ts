@@ -10,13 +10,14 @@
  *
  * `wait-for` is checked from the network itself, as the step will connect:
  * a short-lived probe container (the offline busybox image) tries the port
- * by the service's name until it opens, the service exits, or the deadline
- * passes.
+ * at the service's address until it opens, the service exits, or the
+ * deadline passes. (By address: a container busy resolving a name takes
+ * seconds to kill.)
  *
  * @module
  */
 
-import type { ContainerCreateOptions, Docker } from "./_dockerode.ts";
+import type { Container, ContainerCreateOptions, Docker } from "./_dockerode.ts";
 import type { AttemptSpec, ExitStatus } from "../backend.ts";
 import type { LogQueue } from "../log_queue.ts";
 import { containerCommand, containerLabels, containerName, LABELS } from "./_container.ts";
@@ -146,6 +147,7 @@ export async function startServices(
       );
     }
   }
+  const addresses = new Map<string, string>();
   try {
     await docker.createNetwork({
       Name: network,
@@ -170,13 +172,17 @@ export async function startServices(
       } catch (error) {
         return await fail(`service "${service.name}" could not start: ${daemonMessage(error)}`);
       }
+      const info = await container.inspect();
+      addresses.set(service.name, info.NetworkSettings?.Networks?.[network]?.IPAddress || "");
     }
   } catch (error) {
     await removeAttemptExtras(docker, spec.agentId, spec.attemptId).catch(() => {});
     throw error;
   }
   const waits = await Promise.all(
-    services.map((service) => waitForService(docker, spec, service, network, queue)),
+    services.map((service) =>
+      waitForService(docker, spec, service, network, addresses.get(service.name)!, queue)
+    ),
   );
   const problem = waits.find((message) => message !== undefined);
   if (problem !== undefined) return await fail(problem);
@@ -192,6 +198,8 @@ async function waitForService(
   spec: AttemptSpec,
   service: DockerService,
   network: string,
+  /** Its address on the network (a probe by name cannot be killed while it resolves). */
+  address: string,
   queue: LogQueue,
 ): Promise<string | undefined> {
   const waitFor = service["wait-for"];
@@ -200,13 +208,56 @@ async function waitForService(
     ? DEFAULT_SERVICE_WAIT_MS
     : parseDuration(waitFor.timeout);
   const serviceContainer = docker.getContainer(serviceContainerName(spec.attemptId, service.name));
-  let probe;
+  // No address: the service has exited already (its end is the answer).
+  const probe = address ? await createProbe(docker, spec, service, network, address) : undefined;
+  let timer: ReturnType<typeof setTimeout> | undefined;
   try {
-    probe = await docker.createContainer({
+    await probe?.start();
+    const outcome = await Promise.race([
+      ...(probe
+        ? [
+          probe.wait({ condition: "not-running" }).then((result) => ({
+            probeExit: Number(result.StatusCode),
+          })),
+        ]
+        : []),
+      serviceContainer.wait({ condition: "not-running" }).then(
+        (result) => ({ exited: Number(result.StatusCode) }),
+      ),
+      new Promise<"timeout">((resolve) => {
+        timer = setTimeout(() => resolve("timeout"), timeoutMs);
+      }),
+    ]);
+    if (outcome !== "timeout" && "probeExit" in outcome && outcome.probeExit === 0) {
+      return undefined;
+    }
+    const why = outcome === "timeout"
+      ? `did not open port ${waitFor.port} within ${formatDuration(timeoutMs)}`
+      : "exited" in outcome
+      ? `exited with code ${outcome.exited} before opening port ${waitFor.port}`
+      : `could not be probed on port ${waitFor.port} (probe exit code ${outcome.probeExit})`;
+    await pushServiceLogs(docker, spec, service.name, queue);
+    return `service "${service.name}" (${service.image}) ${why}`;
+  } finally {
+    clearTimeout(timer);
+    if (probe) await ignoreGone(probe.remove({ force: true })).catch(() => {});
+  }
+}
+
+/** The container that tries a service's port from the attempt's network. */
+async function createProbe(
+  docker: Docker,
+  spec: AttemptSpec,
+  service: DockerService,
+  network: string,
+  address: string,
+): Promise<Container> {
+  try {
+    return await docker.createContainer({
       name: `${serviceContainerName(spec.attemptId, service.name)}-probe`,
       Image: PROBE_IMAGE,
       Entrypoint: ["/bin/sh", "-c"],
-      Cmd: [PROBE_SCRIPT, "probe", service.name, String(waitFor.port)],
+      Cmd: [PROBE_SCRIPT, "probe", address, String(service["wait-for"]!.port)],
       Labels: roleLabels(spec, "probe", service.name),
       User: "65534",
       HostConfig: { NetworkMode: network, AutoRemove: false, Init: true },
@@ -216,28 +267,6 @@ async function waitForService(
       throw new ImageMissingError(PROBE_IMAGE);
     }
     throw error;
-  }
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    await probe.start();
-    const outcome = await Promise.race([
-      probe.wait({ condition: "not-running" }).then(() => "open" as const),
-      serviceContainer.wait({ condition: "not-running" }).then(
-        (result) => ({ exited: Number(result.StatusCode) }),
-      ),
-      new Promise<"timeout">((resolve) => {
-        timer = setTimeout(() => resolve("timeout"), timeoutMs);
-      }),
-    ]);
-    if (outcome === "open") return undefined;
-    const why = outcome === "timeout"
-      ? `did not open port ${waitFor.port} within ${formatDuration(timeoutMs)}`
-      : `exited with code ${outcome.exited} before opening port ${waitFor.port}`;
-    await pushServiceLogs(docker, spec, service.name, queue);
-    return `service "${service.name}" (${service.image}) ${why}`;
-  } finally {
-    clearTimeout(timer);
-    await ignoreGone(probe.remove({ force: true })).catch(() => {});
   }
 }
 
