@@ -328,3 +328,41 @@ steps:
     }
   },
 );
+
+dockerTest("a service given a secret by name: its output is masked in the step's log", async () => {
+  await using box = await sandbox();
+  const file = await box.write(
+    "pipeline.yaml",
+    `name: docker-service-secret
+secrets:
+  DB_PASSWORD: { env: RUNNEL_TEST_SERVICE_SECRET }
+steps:
+  migrate:
+    backend: docker
+    image: ${BUSYBOX}
+    secrets: [DB_PASSWORD]
+    retry: 0
+    services:
+      - name: db
+        image: ${BUSYBOX}
+        secrets: [DB_PASSWORD]
+        run: echo "refusing password $DB_PASSWORD" >&2; exit 2
+        wait-for: { port: 5432 }
+    run: echo never runs
+`,
+  );
+  const run = await runCli(["run", file, "--state-dir", box.stateDir, "--logs"], {
+    cwd: box.dir,
+    env: { RUNNEL_TEST_SERVICE_SECRET: "hunter2-service" },
+  });
+  assert.equal(run.code, 1, run.stderr + run.stdout);
+  assert.match(run.stdout, /migrate │ refusing password \*\*\*/);
+  assert.match(run.stdout, /service "db" \(.*\) exited with code 2 before opening port 5432/);
+  assert.doesNotMatch(run.stdout + run.stderr, /hunter2|never runs/);
+  const runId = /run (\S+) · docker-service-secret/.exec(run.stdout)![1];
+  const logs = await runCli(["logs", runId, "--state-dir", box.stateDir], { cwd: box.dir });
+  assert.doesNotMatch(logs.stdout, /hunter2/);
+  const byRun = { label: [`runnel.run=${runId}`] };
+  assert.deepEqual(await docker.listContainers({ all: true, filters: byRun }), []);
+  assert.deepEqual(await docker.listNetworks({ filters: byRun }), []);
+});
