@@ -32,6 +32,8 @@ export const PROBE_IMAGE = "runnel/busybox:local";
 
 /** Log lines of a failed service shown in the step's log. */
 const FAILED_SERVICE_LOG_LINES = 20;
+/** At most this much of them (characters, the end kept). */
+const FAILED_SERVICE_LOG_CHARS = 8_192;
 
 /** Exit code reported when a service kept the step from starting. */
 const SERVICE_FAILED_EXIT_CODE = 1;
@@ -284,7 +286,11 @@ async function pushServiceLogs(
     follow: false,
     tail: FAILED_SERVICE_LOG_LINES,
   }).catch(() => undefined);
-  const text = raw ? demuxText(new Uint8Array(raw)) : "";
+  let text = raw ? demuxText(new Uint8Array(raw)) : "";
+  // Lines are the service's own: a few of them may still be huge.
+  if (text.length > FAILED_SERVICE_LOG_CHARS) {
+    text = `…${text.slice(-FAILED_SERVICE_LOG_CHARS)}`;
+  }
   pushText(
     queue,
     "stderr",
@@ -307,9 +313,13 @@ export function demuxText(bytes: Uint8Array): string {
     parts.push(bytes.subarray(offset + 8, Math.min(offset + 8 + length, bytes.byteLength)));
     offset += 8 + length;
   }
-  return new TextDecoder().decode(
-    parts.length === 0 ? new Uint8Array() : new Uint8Array(parts.flatMap((part) => [...part])),
-  );
+  const joined = new Uint8Array(parts.reduce((total, part) => total + part.byteLength, 0));
+  let at = 0;
+  for (const part of parts) {
+    joined.set(part, at);
+    at += part.byteLength;
+  }
+  return new TextDecoder().decode(joined);
 }
 
 /**
