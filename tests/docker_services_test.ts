@@ -120,14 +120,20 @@ dockerTest("config: names are DNS labels, unique; wait-for is a port and a durat
 
 dockerTest("a step reaches its services by name; both go, with the network, after it", async () => {
   const agentId = newAgent();
+  // Something the host serves on all its addresses, which the step must not reach.
+  using listener = Deno.listen({ hostname: "0.0.0.0", port: 0 });
   await using spec = await attempt(agentId, {
-    run: "wget -q -O - http://db:8080/ && wget -q -O - http://cache:8080/ && " +
-      'echo "$DB_PASSWORD" > /dev/null; exit "$CODE"',
+    run: "wget -q -O - http://db:8080/ && wget -q -O - http://cache:8080/ || exit 9\n" +
+      // The bridge's first address, where a host would answer.
+      'ip=$(hostname -i); if timeout 1 nc -w 1 "${ip%.*}.1" "$HOST_PORT" -e /bin/true; then ' +
+      'echo HOST REACHED; fi 2>/dev/null; exit "$CODE"',
     services: [
       httpService("db", "hello from db", { secrets: ["DB_PASSWORD"] }),
       httpService("cache", "hello from cache"),
     ],
-  }, { spec: { env: { DB_PASSWORD: "s3cret", CODE: "0" } } });
+  }, {
+    spec: { env: { DB_PASSWORD: "s3cret", CODE: "0", HOST_PORT: String(listener.addr.port) } },
+  });
   try {
     const execution = await backend.start(spec);
     const during = await leftovers(agentId);

@@ -58,6 +58,8 @@ export interface NetworkCreateOptions {
   Driver: "bridge";
   /** No route out of the network: its containers reach each other only. */
   Internal: boolean;
+  /** Driver options (`com.docker.network.bridge.inhibit_ipv4`). */
+  Options?: Record<string, string>;
   Labels: Record<string, string>;
 }
 
@@ -74,6 +76,7 @@ export interface Network {
   inspect(): Promise<{
     Name: string;
     Internal: boolean;
+    Options?: Record<string, string> | null;
     Labels: Record<string, string> | null;
     Containers?: Record<string, unknown> | null;
   }>;

@@ -2,7 +2,8 @@
  * Services of a docker step (GitLab's `services:`, Argo sidecars): containers
  * started beside the step, on a user-defined bridge network private to the
  * attempt, where each is reachable by its name (a DNS alias). The network is
- * internal (no route out) unless the step has `network: true`.
+ * internal (no route out, not even to the host) unless the step has
+ * `network: true`.
  *
  * Everything here is labelled like the step's container (agent, run, step,
  * attempt id) plus a role, so that the attempt's end, a cancel, or an agent
@@ -17,7 +18,12 @@
  * @module
  */
 
-import type { Container, ContainerCreateOptions, Docker } from "./_dockerode.ts";
+import type {
+  Container,
+  ContainerCreateOptions,
+  Docker,
+  NetworkCreateOptions,
+} from "./_dockerode.ts";
 import type { AttemptSpec, ExitStatus } from "../backend.ts";
 import type { LogQueue } from "../log_queue.ts";
 import { containerCommand, containerLabels, containerName, LABELS } from "./_container.ts";
@@ -48,6 +54,27 @@ const PROBE_SCRIPT = 'until timeout 5 nc -w 2 "$1" "$2" </dev/null >/dev/null 2>
 /** The network of an attempt that has services (named like its container). */
 export function attemptNetworkName(attemptId: string): string {
   return containerName(attemptId);
+}
+
+/**
+ * The create request of an attempt's network. Without `network: true` it is
+ * internal (no route out) and its bridge gets no address on the host
+ * (`inhibit_ipv4`): otherwise the step and its services would reach
+ * whatever the host serves on all its addresses (an agent's API, etcd)
+ * through the bridge's gateway address.
+ */
+export function networkCreateOptions(
+  spec: AttemptSpec,
+  config: DockerConfig,
+): NetworkCreateOptions {
+  const isolated = config.network !== true;
+  return {
+    Name: attemptNetworkName(spec.attemptId),
+    Driver: "bridge",
+    Internal: isolated,
+    ...(isolated ? { Options: { "com.docker.network.bridge.inhibit_ipv4": "true" } } : {}),
+    Labels: roleLabels(spec, "network"),
+  };
 }
 
 /** The container name of one service of an attempt. */
@@ -151,12 +178,7 @@ export async function startServices(
   }
   const addresses = new Map<string, string>();
   try {
-    await docker.createNetwork({
-      Name: network,
-      Driver: "bridge",
-      Internal: config.network !== true,
-      Labels: roleLabels(spec, "network"),
-    });
+    await docker.createNetwork(networkCreateOptions(spec, config));
     for (const [index, service] of services.entries()) {
       let container;
       try {
