@@ -45,11 +45,12 @@ const FAILED_SERVICE_LOG_CHARS = 8_192;
 const SERVICE_FAILED_EXIT_CODE = 1;
 
 /**
- * The probe: connect to `$1:$2` until it answers (busybox `nc` exits 0 once
- * connected and its stdin is empty, 1 when refused or the name is unknown).
+ * The probe: connect to `$1:$2` until it accepts. Busybox `nc -e /bin/true`
+ * exits 0 as soon as it is connected (however long the server would keep
+ * the connection, waiting for a client's first word), 1 when refused.
  */
-const PROBE_SCRIPT = 'until timeout 5 nc -w 2 "$1" "$2" </dev/null >/dev/null 2>&1; do ' +
-  "sleep 0.2; done";
+const PROBE_SCRIPT = 'until timeout 5 nc -w 2 "$1" "$2" -e /bin/true </dev/null >/dev/null 2>&1; ' +
+  "do sleep 0.2; done";
 
 /** The network of an attempt that has services (named like its container). */
 export function attemptNetworkName(attemptId: string): string {
