@@ -15,7 +15,10 @@ import { connectDocker } from "../backends/docker/_dockerode.ts";
 import { dockerEndpoint } from "../backends/docker/manifest.ts";
 import { runToEnd, type ScratchOptions, scratchSpec } from "../backends/testing.ts";
 import { isSuccess } from "../backends/backend.ts";
-import createDockerBackend, { validateDockerConfig } from "../backends/docker/mod.ts";
+import createDockerBackend, {
+  DuplicateAttemptError,
+  validateDockerConfig,
+} from "../backends/docker/mod.ts";
 import { ensureBusyboxImage } from "../infra/images.ts";
 import { poll, runCli, sandbox, spawnCli, waitForLine } from "./_helpers.ts";
 
@@ -216,7 +219,7 @@ dockerTest("a service that never opens its port, or exits, fails the step by nam
   }
 });
 
-dockerTest("cancel stops the step and removes its services and network", async () => {
+dockerTest("a second start is refused; cancel removes the services and network", async () => {
   const agentId = newAgent();
   try {
     await using spec = await attempt(agentId, {
@@ -224,6 +227,8 @@ dockerTest("cancel stops the step and removes its services and network", async (
       services: [httpService("db", "x")],
     });
     const execution = await backend.start(spec);
+    await assert.rejects(backend.start(spec), DuplicateAttemptError, "a second start is refused");
+    assert.equal((await leftovers(agentId)).containers.length, 2, "and leaves the first alone");
     await execution.cancel(500);
     const status = await execution.wait();
     assert.equal(status.errorClass, "cancelled");

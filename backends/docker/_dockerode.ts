@@ -58,6 +58,8 @@ export interface NetworkCreateOptions {
   Driver: "bridge";
   /** No route out of the network: its containers reach each other only. */
   Internal: boolean;
+  /** Refuse a second network of the same name (older daemons allow it otherwise). */
+  CheckDuplicate: boolean;
   /** Driver options (`com.docker.network.bridge.inhibit_ipv4`). */
   Options?: Record<string, string>;
   Labels: Record<string, string>;

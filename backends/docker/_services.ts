@@ -27,7 +27,13 @@ import type {
 import type { AttemptSpec, ExitStatus } from "../backend.ts";
 import type { LogQueue } from "../log_queue.ts";
 import { containerCommand, containerLabels, containerName, LABELS } from "./_container.ts";
-import { daemonMessage, ignoreGone, ImageMissingError, statusCodeOf } from "./_client.ts";
+import {
+  daemonMessage,
+  DuplicateAttemptError,
+  ignoreGone,
+  ImageMissingError,
+  statusCodeOf,
+} from "./_client.ts";
 import { pushText } from "./_execution.ts";
 import { DEFAULT_SERVICE_WAIT_MS, type DockerConfig, type DockerService } from "./manifest.ts";
 import { formatDuration, parseDuration } from "../../core/duration.ts";
@@ -73,6 +79,7 @@ export function networkCreateOptions(
     Name: attemptNetworkName(spec.attemptId),
     Driver: "bridge",
     Internal: isolated,
+    CheckDuplicate: true,
     ...(isolated ? { Options: { "com.docker.network.bridge.inhibit_ipv4": "true" } } : {}),
     Labels: roleLabels(spec, "network"),
   };
@@ -180,6 +187,12 @@ export async function startServices(
   const addresses = new Map<string, string>();
   try {
     await docker.createNetwork(networkCreateOptions(spec, config));
+  } catch (error) {
+    // The attempt started already: what exists is that start's, left alone.
+    if (statusCodeOf(error) === 409) throw new DuplicateAttemptError(spec.attemptId, network);
+    throw error;
+  }
+  try {
     for (const [index, service] of services.entries()) {
       let container;
       try {
