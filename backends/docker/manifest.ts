@@ -155,8 +155,8 @@ export const dockerServiceSchema = z.strictObject({
   env: z.record(
     z.string(),
     z.union([z.string(), z.number(), z.boolean()]).refine(
-      (value) => typeof value !== "string" || !/[\r\n\0]/.test(value),
-      { message: "Expected a single-line value" },
+      (value) => typeof value !== "string" || !value.includes("\0"),
+      { message: "Expected a value without NUL characters" },
     ),
   ).refine((env) => Object.keys(env).every((name) => ENV_NAME.test(name)), {
     message: "Expected environment variable names ([A-Za-z_][A-Za-z0-9_]*) as keys",
