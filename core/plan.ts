@@ -61,6 +61,7 @@ export const CONFIG_KEYS = [
   "user",
   "network",
   "build",
+  "services",
   "host",
   "port",
   "identity",

@@ -224,6 +224,54 @@ const MatrixSchema = z.record(
   description: "Fan-out: key → list of values, plus optional `include`/`exclude` lists of maps.",
 });
 
+/** A docker service's name: a DNS label, what the step reaches it by (`db`, `cache-1`). */
+export const SERVICE_NAME_PATTERN = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
+
+/** Most services one docker step may start. */
+export const MAX_SERVICES = 8;
+
+/** Bounds of a service's `wait-for.timeout`. */
+export const SERVICE_WAIT_BOUNDS = { minMs: 1, maxMs: 3_600_000 };
+
+/** One entry of a docker step's `services:`. */
+export const ServiceSchema = z.strictObject({
+  // A refine, not a regex: the located renderer words a regex by its key.
+  name: z.string().refine((name) => SERVICE_NAME_PATTERN.test(name), {
+    message: 'a service name that is a DNS label (lowercase letters, digits and "-", at most ' +
+      '63, not starting or ending with "-"), like "db"',
+    params: { showValue: true },
+  }).meta({ description: "Its host name on the attempt's network (a DNS label)." }),
+  image: z.string().min(1).meta({ description: "Its image, present on the host." }),
+  run: z.string().optional().meta({
+    description: "Script run with /bin/sh -c instead of the image's command.",
+  }),
+  args: z.array(z.string()).optional().meta({
+    description: "Its command (after the image's entrypoint), or with `run` its $1….",
+  }),
+  env: EnvSchema.optional().meta({
+    description: "Its environment: plain values, never a secret's (see `secrets`).",
+  }),
+  secrets: z.array(z.string().regex(ENV_NAME_PATTERN)).optional().meta({
+    description: "Secrets of the step (their env names) the service gets under the same names.",
+  }),
+  user: z.string().optional().meta({
+    description: "User to run as; root only where the runner's policy allows docker root.",
+  }),
+  "wait-for": z.strictObject({
+    port: z.number().int().min(1).max(65535).meta({ description: "TCP port it listens on." }),
+    timeout: z.string().regex(DURATION_PATTERN).refine(
+      (text) => !isDuration(text) || durationWithin(parseDuration(text), SERVICE_WAIT_BOUNDS),
+      { message: describeDurationBounds(SERVICE_WAIT_BOUNDS), params: { showValue: true } },
+    ).optional().meta({
+      description: "Longest wait for the port to open (at most 1h).",
+      default: "60s",
+    }),
+  }).optional().meta({
+    description: "The step starts once this port accepts connections; the step fails, " +
+      "naming the service and showing its last output, if it never does or the service exits.",
+  }),
+}).meta({ description: "A service container started beside a docker step." });
+
 const stepBackendKeys = {
   identity: z.string().optional().meta({ description: "Private key file (ssh)." }),
   "known-hosts": z.string().optional().meta({ description: "known_hosts file (ssh)." }),
@@ -305,6 +353,23 @@ const stepBackendKeys = {
   }).optional().meta({
     description: "Build the step's image from a generated Dockerfile, cached by content " +
       "digest (docker).",
+  }),
+  services: z.array(ServiceSchema).max(MAX_SERVICES).superRefine((services, context) => {
+    const seen = new Set<string>();
+    services.forEach((service, index) => {
+      if (seen.has(service.name)) {
+        context.addIssue({
+          code: "custom",
+          path: [index, "name"],
+          message: `a service name not used twice in the step ("${service.name}" is)`,
+        });
+      }
+      seen.add(service.name);
+    });
+  }).optional().meta({
+    description: "Containers started beside the step for its lifetime, on a network " +
+      "private to the attempt (internal unless `network: true`), each reachable by its " +
+      `name; removed with the attempt. At most ${MAX_SERVICES} (docker).`,
   }),
   command: z.array(z.string()).optional().meta({
     description: "Command in exec form, replacing the image's entrypoint (kubernetes).",
@@ -556,11 +621,42 @@ export const PipelineSchema = z.strictObject({
   steps: z.record(z.string().regex(STEP_NAME_PATTERN), StepSchema).refine(
     (steps) => Object.keys(steps).length > 0,
     { message: "at least one step" },
-  ).meta({ description: "Steps by name ([A-Za-z][A-Za-z0-9_-]*)." }),
+  ).superRefine(checkServices).meta({ description: "Steps by name ([A-Za-z][A-Za-z0-9_-]*)." }),
 }).meta({
   title: "runnel pipeline",
   description: "A runnel pipeline: a DAG of steps run on execution backends.",
 });
+
+/**
+ * What one step's services must agree with in the step: a service is not
+ * named like its step (which reaches it by name), and it is given only
+ * secrets of the step, by name.
+ */
+function checkServices(
+  steps: Record<string, z.infer<typeof StepSchema>>,
+  context: z.RefinementCtx,
+): void {
+  for (const [name, step] of Object.entries(steps)) {
+    const secrets = new Set(step.secrets ?? []);
+    (step.services ?? []).forEach((service, index) => {
+      if (service.name === name.toLowerCase()) {
+        context.addIssue({
+          code: "custom",
+          path: [name, "services", index, "name"],
+          message: `a service name other than its step's ("${name}")`,
+        });
+      }
+      (service.secrets ?? []).forEach((secret, at) => {
+        if (secrets.has(secret)) return;
+        context.addIssue({
+          code: "custom",
+          path: [name, "services", index, "secrets", at],
+          message: `one of the step's own \`secrets\` ("${secret}" is not)`,
+        });
+      });
+    });
+  }
+}
 
 /** A pipeline file as written (after YAML parsing and validation). */
 export type PipelineFile = z.infer<typeof PipelineSchema>;

@@ -17,8 +17,8 @@
  *   when listed. A pipeline directory is one the agent was sent (a bundle
  *   it unpacked) unless `pipeline-dirs` lists others. A deno step gets
  *   paths of its pipeline directory only, no host, no env var of the
- *   agent. A docker step gets no network, does not run as root, and builds
- *   from its pipeline directory only.
+ *   agent. A docker step gets no network, does not run as root (nor do its
+ *   services), and builds from its pipeline directory only.
  * - **local** ({@link localPolicy}): the user is the operator. Every
  *   backend; deno steps reach the hosts and env vars they declare; docker
  *   steps may have a network, run as root and build from anywhere. A deno
@@ -321,6 +321,7 @@ async function dockerProblems(policy: AttemptPolicy, attempt: PolicyAttempt): Pr
   const config = attempt.config as {
     user?: unknown;
     network?: unknown;
+    services?: unknown;
     build?: { context?: unknown; copy?: unknown; dependencies?: unknown };
   };
   const problems: string[] = [];
@@ -335,6 +336,21 @@ async function dockerProblems(policy: AttemptPolicy, attempt: PolicyAttempt): Pr
       `docker step would run as root (${
         user === undefined ? 'no "user"' : `user "${user}"`
       }); set a user such as "65534", or allow it with policy.docker.root in ${policy.configHint}`,
+    );
+  }
+  // Its services are containers of the same host: the same rule. (Their
+  // network is the step's: internal unless the step's network is allowed.)
+  const services = Array.isArray(config.services) ? config.services : [];
+  for (const service of services as Array<{ name?: unknown; user?: unknown }>) {
+    const serviceUser = typeof service?.user === "string" ? service.user : undefined;
+    if (policy.docker.root || (serviceUser !== undefined && !/^(root|0)(:|$)/.test(serviceUser))) {
+      continue;
+    }
+    problems.push(
+      `docker service "${String(service?.name)}" would run as root (${
+        serviceUser === undefined ? 'no "user"' : `user "${serviceUser}"`
+      }); set its user such as "65534", or allow it with policy.docker.root in ` +
+        policy.configHint,
     );
   }
   if (config.build) {

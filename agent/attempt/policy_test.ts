@@ -174,6 +174,24 @@ Deno.test("agent policy: docker is off unless listed; no network, no root, build
   );
 });
 
+Deno.test("agent policy: a docker step's services run as root only where the step may", async () => {
+  await using box = await host();
+  const services = [
+    { name: "db", image: "postgres" },
+    { name: "cache", image: "x", user: "root" },
+    { name: "web", image: "x", user: "65534" },
+  ];
+  const config = { image: "x", user: "65534", services };
+  const policy = agentPolicy({ backends: ["docker"] });
+  assert.deepEqual(await problems(policy, box.root, "docker", config), [
+    'docker service "db" would run as root (no "user"); set its user such as "65534", or allow it with policy.docker.root in agent.yaml',
+    'docker service "cache" would run as root (user "root"); set its user such as "65534", or allow it with policy.docker.root in agent.yaml',
+  ]);
+  const root = agentPolicy({ backends: ["docker"], docker: { root: true } });
+  assert.deepEqual(await problems(root, box.root, "docker", config), []);
+  assert.deepEqual(await problems(localPolicy(), box.root, "docker", config), []);
+});
+
 Deno.test("local policy: the user is the operator, but host paths must be named", async () => {
   await using box = await host();
   const policy = localPolicy();

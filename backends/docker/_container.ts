@@ -25,6 +25,10 @@ export const LABELS = {
   attempt: "runnel.attempt",
   attemptId: "runnel.attempt-id",
   agent: "runnel.agent",
+  /** `service` or `probe` on what an attempt starts beside its step; absent on the step's own. */
+  role: "runnel.role",
+  /** A service container's name on the attempt's network. */
+  service: "runnel.service",
 } as const;
 
 /** Exit code of a container whose main process was killed by SIGKILL (128 + 9). */
@@ -100,6 +104,8 @@ export function containerCreateOptions(
   spec: AttemptSpec,
   config: DockerConfig,
   image: string,
+  /** The attempt's own network, when it starts services; else none or the default bridge. */
+  network?: string,
 ): ContainerCreateOptions {
   const mounts: MountSettings[] = Object.entries(spec.inputs).map(([name, source]) => ({
     Type: "bind",
@@ -110,7 +116,7 @@ export function containerCreateOptions(
   mounts.push({ Type: "bind", Source: spec.outputsDir, Target: CONTAINER_OUTPUTS_DIR });
   const hostConfig: HostConfig = {
     Mounts: mounts,
-    NetworkMode: config.network ? "bridge" : "none",
+    NetworkMode: network ?? (config.network ? "bridge" : "none"),
     // Never AutoRemove: removal would race with reading the exit and the
     // logs (dockerode#582); cleanup() removes the container.
     AutoRemove: false,

@@ -48,6 +48,42 @@ export interface ContainerCreateOptions {
   AttachStdout?: boolean;
   AttachStderr?: boolean;
   HostConfig?: HostConfig;
+  /** The networks joined at creation, with the DNS aliases on each. */
+  NetworkingConfig?: { EndpointsConfig: Record<string, { Aliases?: string[] }> };
+}
+
+/** The network create request (`POST /networks/create`), as far as it is set here. */
+export interface NetworkCreateOptions {
+  Name: string;
+  Driver: "bridge";
+  /** No route out of the network: its containers reach each other only. */
+  Internal: boolean;
+  /** Refuse a second network of the same name (older daemons allow it otherwise). */
+  CheckDuplicate: boolean;
+  /** Driver options (`com.docker.network.bridge.inhibit_ipv4`). */
+  Options?: Record<string, string>;
+  Labels: Record<string, string>;
+}
+
+/** One entry of `GET /networks`. */
+export interface NetworkSummary {
+  Id: string;
+  Name: string;
+  Labels: Record<string, string> | null;
+}
+
+/** A network handle. */
+export interface Network {
+  readonly id: string;
+  inspect(): Promise<{
+    Name: string;
+    Internal: boolean;
+    Options?: Record<string, string> | null;
+    Labels: Record<string, string> | null;
+    Containers?: Record<string, unknown> | null;
+  }>;
+  disconnect(options: { Container: string; Force: boolean }): Promise<unknown>;
+  remove(): Promise<unknown>;
 }
 
 /** `GET /containers/{id}/json`, the fields read here. */
@@ -57,6 +93,7 @@ export interface ContainerInspectInfo {
   Config: { Labels: Record<string, string> | null; Env: string[] | null };
   HostConfig: { Memory?: number; AutoRemove?: boolean; NetworkMode?: string };
   Mounts: Array<{ Source: string; Destination: string; RW: boolean }> | null;
+  NetworkSettings?: { Networks?: Record<string, { IPAddress?: string }> | null };
 }
 
 /** One entry of `GET /containers/json`. */
@@ -82,7 +119,9 @@ export interface Container {
   kill(options?: { signal?: string }): Promise<unknown>;
   remove(options?: { force?: boolean; v?: boolean }): Promise<unknown>;
   stats(options: { stream: true }): Promise<DockerStream>;
-  logs(options: { stdout: boolean; stderr: boolean; follow: false }): Promise<Uint8Array>;
+  logs(
+    options: { stdout: boolean; stderr: boolean; follow: false; tail?: number },
+  ): Promise<Uint8Array>;
 }
 
 /** An image handle. */
@@ -110,6 +149,9 @@ export interface Docker {
   listContainers(
     options: { all?: boolean; filters?: Record<string, string[]> },
   ): Promise<ContainerSummary[]>;
+  createNetwork(options: NetworkCreateOptions): Promise<Network>;
+  getNetwork(id: string): Network;
+  listNetworks(options: { filters: Record<string, string[]> }): Promise<NetworkSummary[]>;
   buildImage(context: NodeJS.ReadableStream, options: ImageBuildOptions): Promise<DockerStream>;
   modem: {
     /** Splits a multiplexed (non-TTY) stream into its stdout and stderr payloads. */

@@ -14,6 +14,13 @@
 import { resolve } from "node:path";
 import { z } from "npm:zod@4.6.7";
 import type { AttemptSpec, BackendManifest, DenoPermissions, HostContext } from "../backend.ts";
+import {
+  describeDurationBounds,
+  durationWithin,
+  isDuration,
+  parseDuration,
+} from "../../core/duration.ts";
+import { MAX_SERVICES, SERVICE_NAME_PATTERN, SERVICE_WAIT_BOUNDS } from "../../core/schema.ts";
 
 /** The daemon's socket when `DOCKER_HOST` does not name another one. */
 export const DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock";
@@ -128,6 +135,70 @@ export const dockerBuildSchema = z.strictObject({
 /** A validated `build:` section. */
 export type DockerBuild = z.infer<typeof dockerBuildSchema>;
 
+/** `wait-for.timeout` when none is given. */
+export const DEFAULT_SERVICE_WAIT_MS = 60_000;
+
+/** One entry of `services:`: a container started beside the step for its lifetime. */
+export const dockerServiceSchema = z.strictObject({
+  /** Its name on the attempt's network (a DNS label). */
+  name: z.string().regex(SERVICE_NAME_PATTERN, {
+    message: 'Expected a service name that is a DNS label (lowercase letters, digits and "-", ' +
+      'at most 63, not starting or ending with "-"), like "db"',
+  }),
+  /** Its image; it must be on the host. */
+  image: z.string().regex(/^\S+$/, { message: 'Expected an image name for "image"' }),
+  /** Script run with `/bin/sh -c` instead of the image's command. */
+  run: z.string().min(1).optional(),
+  /** Without `run`: its command (after the image's entrypoint); with `run`: `$1…`. */
+  args: z.array(z.string()).optional(),
+  /** Its environment (plain values: never a secret's value). */
+  env: z.record(
+    z.string(),
+    z.union([z.string(), z.number(), z.boolean()]).refine(
+      (value) => typeof value !== "string" || !value.includes("\0"),
+      { message: "Expected a value without NUL characters" },
+    ),
+  ).refine((env) => Object.keys(env).every((name) => ENV_NAME.test(name)), {
+    message: "Expected environment variable names ([A-Za-z_][A-Za-z0-9_]*) as keys",
+  }).optional(),
+  /** Secrets of the step (their env names) the service gets under the same names. */
+  secrets: z.array(
+    z.string().regex(ENV_NAME, {
+      message: "Expected the env name of one of the step's secrets",
+    }),
+  ).optional(),
+  /** User to run as, by name or uid. */
+  user: z.string().min(1).optional(),
+  /** Before the step starts, wait until the service accepts TCP connections on a port. */
+  "wait-for": z.strictObject({
+    port: z.number().int().min(1).max(65535),
+    timeout: z.string().refine(
+      (text) => isDuration(text) && durationWithin(parseDuration(text), SERVICE_WAIT_BOUNDS),
+      { message: `Expected ${describeDurationBounds(SERVICE_WAIT_BOUNDS)}, like "30s"` },
+    ).optional(),
+  }).optional(),
+});
+
+/** A validated service entry. */
+export type DockerService = z.infer<typeof dockerServiceSchema>;
+
+/** The `services:` list: at most {@link MAX_SERVICES}, names unique. */
+export const dockerServicesSchema = z.array(dockerServiceSchema).max(MAX_SERVICES, {
+  message: `Expected at most ${MAX_SERVICES} services`,
+}).superRefine((services, context) => {
+  const seen = new Set<string>();
+  services.forEach((service, index) => {
+    if (seen.has(service.name)) {
+      context.addIssue({
+        code: "custom",
+        path: [index, "name"],
+        message: `Expected unique service names, "${service.name}" is given twice`,
+      });
+    }
+    seen.add(service.name);
+  });
+});
+
 /** Config of a `docker` step. */
 export const dockerConfigSchema = z.strictObject({
   /** Image to run; must be on the host (no registry is reachable). */
@@ -144,6 +215,8 @@ export const dockerConfigSchema = z.strictObject({
   network: z.boolean().optional(),
   /** Build the image from a generated Dockerfile instead of naming one. */
   build: dockerBuildSchema.optional(),
+  /** Containers started beside the step on a network private to the attempt. */
+  services: dockerServicesSchema.optional(),
   /** Free configuration; accepted and ignored. */
   with: z.record(z.string(), z.unknown()).optional(),
 }).refine((config) => (config.image === undefined) !== (config.build === undefined), {

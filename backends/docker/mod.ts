@@ -57,6 +57,7 @@ import {
 import { LogQueue } from "../log_queue.ts";
 import { pushText, watchContainer } from "./_execution.ts";
 import { settledExecution } from "../settled.ts";
+import { reapExtras, removeAttemptExtras, startServices } from "./_services.ts";
 import {
   describeEndpoint,
   type DockerConfig,
@@ -162,12 +163,20 @@ async function startContainer(
     }
   }
   await prepareMounts(spec, config);
+  let network: string | undefined;
+  if (config.services && config.services.length > 0) {
+    const started = await client.call((docker) => startServices({ docker, spec, config, queue }));
+    if (started.failure) return settledExecution(name, queue, started.failure);
+    network = started.network;
+  }
+  const removeExtras = () => removeAttemptExtras(client.docker, spec.agentId, spec.attemptId);
   let container: Container;
   try {
     container = await client.call((docker) =>
-      docker.createContainer(containerCreateOptions(spec, config, image))
+      docker.createContainer(containerCreateOptions(spec, config, image, network))
     );
   } catch (error) {
+    if (network) await removeExtras().catch(() => {});
     const status = statusCodeOf(error);
     if (status === 404 && /no such image/i.test(daemonMessage(error))) {
       throw new ImageMissingError(image);
@@ -182,7 +191,10 @@ async function startContainer(
     await container.start();
   } catch (error) {
     output?.destroy?.();
-    const remove = () => ignoreGone(container.remove({ force: true, v: true }));
+    const remove = async () => {
+      await ignoreGone(container.remove({ force: true, v: true }));
+      if (network) await removeExtras();
+    };
     if (isConnectionError(error)) {
       await remove().catch(() => {});
       throw new DockerUnavailableError(client.endpoint, error);
@@ -201,7 +213,7 @@ async function startContainer(
       message,
     }, remove);
   }
-  return watchContainer({
+  const execution = watchContainer({
     docker: client.docker,
     containerId: container.id,
     output,
@@ -213,6 +225,34 @@ async function startContainer(
       ? (status) => status
       : (status) => missingOutputStatus(spec, status),
   });
+  return network ? withExtrasRemoved(execution, removeExtras) : execution;
+}
+
+/**
+ * An execution whose services and network go when its step's container
+ * ends (whatever the outcome, a cancel included), and again at cleanup
+ * (after the step's container is removed, a network it held is free).
+ */
+function withExtrasRemoved(execution: Execution, removeExtras: () => Promise<void>): Execution {
+  const ended = execution.wait().then(async (status) => {
+    await removeExtras().catch(() => {});
+    return status;
+  });
+  return {
+    handle: execution.handle,
+    logs: execution.logs,
+    wait: () => ended,
+    async status() {
+      const state = await execution.status();
+      return state.state === "exited" ? { state: "exited", exit: await ended } : state;
+    },
+    cancel: (graceMs) => execution.cancel(graceMs).then(() => ended).then(() => {}),
+    async cleanup() {
+      await execution.cleanup();
+      await ended;
+      await removeExtras();
+    },
+  };
 }
 
 /**
@@ -274,18 +314,28 @@ async function recoverContainers(
   const wanted = new Set(options.keep);
   const recovered: RecoveredAttempt[] = [];
   for (const leftover of leftovers) {
+    // Services and probes are reaped below, with their attempt's network.
+    if (leftover.labels[LABELS.role] !== undefined) continue;
     const attemptId = leftover.labels[LABELS.attemptId];
     if (attemptId !== undefined && wanted.has(attemptId)) {
       // One container per attempt id; a second one would be a stray copy.
       wanted.delete(attemptId);
       const execution = await reattach(client, leftover.id);
       if (execution) {
-        recovered.push({ attemptId, execution });
+        // Its services stay while it runs, and go with it.
+        recovered.push({
+          attemptId,
+          execution: withExtrasRemoved(
+            execution,
+            () => removeAttemptExtras(client.docker, options.agentId, attemptId),
+          ),
+        });
         continue;
       }
     }
     await ignoreGone(client.docker.getContainer(leftover.id).remove({ force: true, v: true }));
   }
+  await reapExtras(client.docker, options.agentId, new Set(recovered.map((r) => r.attemptId)));
   return recovered;
 }
 

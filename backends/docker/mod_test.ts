@@ -11,6 +11,12 @@ import {
 } from "./_container.ts";
 import { contextEntries, generateDockerfile, imageTag, repositoryName } from "./_dockerfile.ts";
 import { UsageSampler } from "./_execution.ts";
+import {
+  attemptNetworkName,
+  demuxText,
+  serviceCreateOptions,
+  serviceEnvironment,
+} from "./_services.ts";
 import { dockerManifest, parseDockerHost } from "./manifest.ts";
 import createDockerBackend, { validateDockerConfig } from "./mod.ts";
 
@@ -376,4 +382,60 @@ Deno.test("docker stats: peak memory and CPU time from a split JSON stream", () 
   // Chunks split anywhere, even inside a sample.
   for (let at = 0; at < text.length; at += 17) sampler.feed(text.slice(at, at + 17));
   assert.deepEqual(sampler.usage(), { memoryPeakBytes: 5 * MiB, cpuMs: 90 });
+});
+
+Deno.test("docker services: the create requests of a service and of its step", () => {
+  const config = {
+    image: "runnel/busybox:local",
+    services: [{
+      name: "db",
+      image: "pg:local",
+      run: "exec pg",
+      env: { PORT: 5432 },
+      secrets: ["DB_PASSWORD"],
+      user: "999",
+    }],
+  };
+  const attempt = spec({ config, env: { DB_PASSWORD: "pw", OTHER: "no" } });
+  const service = config.services[0];
+  const { env, missing } = serviceEnvironment(attempt, service);
+  assert.deepEqual(env, { PORT: "5432", DB_PASSWORD: "pw" }, "only the secrets it names");
+  assert.deepEqual(missing, []);
+  assert.deepEqual(serviceEnvironment(attempt, { ...service, secrets: ["NOPE"] }).missing, [
+    "NOPE",
+  ]);
+  const network = attemptNetworkName(attempt.attemptId);
+  const options = serviceCreateOptions(attempt, service, env, network);
+  assert.equal(options.name, `${containerName(attempt.attemptId)}-svc-db`);
+  assert.deepEqual(options.Entrypoint, ["/bin/sh", "-c"]);
+  assert.deepEqual(options.Cmd, ["exec pg", "sh"]);
+  assert.equal(options.User, "999");
+  assert.equal(options.HostConfig?.NetworkMode, network);
+  assert.deepEqual(options.NetworkingConfig, {
+    EndpointsConfig: { [network]: { Aliases: ["db"] } },
+  });
+  assert.equal(options.Labels?.["runnel.role"], "service");
+  assert.equal(options.Labels?.["runnel.service"], "db");
+  assert.equal(options.Labels?.["runnel.attempt-id"], attempt.attemptId);
+  assert.equal(options.Labels?.["runnel.agent"], "local");
+  const step = containerCreateOptions(attempt, config, config.image, network);
+  assert.equal(step.HostConfig?.NetworkMode, network, "the step joins the attempt's network");
+  assert.equal(
+    containerCreateOptions(attempt, config, config.image).HostConfig?.NetworkMode,
+    "none",
+  );
+});
+
+Deno.test("docker services: a multiplexed log answer reads as text", () => {
+  const frame = (stream: number, text: string) => {
+    const payload = new TextEncoder().encode(text);
+    const header = new Uint8Array(8);
+    header[0] = stream;
+    new DataView(header.buffer).setUint32(4, payload.byteLength);
+    return [...header, ...payload];
+  };
+  const bytes = new Uint8Array([...frame(1, "out\n"), ...frame(2, "err\n")]);
+  assert.equal(demuxText(bytes), "out\nerr\n");
+  assert.equal(demuxText(bytes.subarray(0, 10)), "ou", "a cut frame gives what it has");
+  assert.equal(demuxText(new Uint8Array()), "");
 });
