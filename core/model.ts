@@ -176,6 +176,8 @@ export interface PlannedStep {
   secrets: string[];
   resources: Resources;
   timeoutMs?: number;
+  /** Keep a failed attempt's outputs, renamed `NAME.partial-ATTEMPT` (`keep-partial`). */
+  keepPartial?: boolean;
   /** Longest wait of an attempt for a worker (or a local slot) before it fails (`queue-timeout`). */
   queueTimeoutMs?: number;
   retry: RetryPolicy;

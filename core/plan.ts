@@ -420,6 +420,7 @@ export function planPipeline(
             },
           }
           : {}),
+        ...(step["keep-partial"] ? { keepPartial: true } : {}),
         queueTimeoutMs: step["queue-timeout"]
           ? parseDuration(step["queue-timeout"])
           : defaultQueueTimeoutMs,

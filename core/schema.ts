@@ -425,6 +425,11 @@ export const StepSchema = z.strictObject({
   retention: RetentionSchema.optional().meta({
     description: "How long `gc` keeps this step's outputs (overrides the pipeline's).",
   }),
+  "keep-partial": z.boolean().optional().meta({
+    description: "Keep what outputs a failed attempt wrote, as `NAME.partial-ATTEMPT` " +
+      "(never read by later steps).",
+    default: false,
+  }),
   env: EnvSchema.optional(),
   secrets: z.array(z.string().regex(ENV_NAME_PATTERN)).optional().meta({
     description: "Pipeline secrets (their env names) the step is given, masked in its logs.",

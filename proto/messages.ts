@@ -67,6 +67,8 @@ export interface AssignmentSpec extends
   /** This leg's matrix values; absent for a plain step (the agent passes `{}`). */
   matrix?: Record<string, string | number | boolean>;
   inputs: Record<string, InputLocator>;
+  /** Keep a failed attempt's outputs as `NAME.partial-ATTEMPT` (`keep-partial`). */
+  keepPartial?: boolean;
   /** Digest of the run's pipeline bundle: the agent runs the step in its unpacked copy. */
   bundleDigest?: string;
   /**

@@ -176,6 +176,46 @@ export interface OutputsOf {
 }
 
 /**
+ * What a failed attempt wrote of its declared outputs, kept in the store
+ * as `NAME.partial-ATTEMPT` (so never the name a later step reads): only
+ * regular files, never through a link. Returns the names it kept.
+ */
+export async function keepPartialOutputs(
+  store: ArtifactStore,
+  attempt: OutputsOf,
+): Promise<string[]> {
+  const kept: string[] = [];
+  if (attempt.outputs.length === 0) return kept;
+  const number = attempt.attemptId.split("/").at(-1);
+  // As for outputs: moved first (a rename follows nothing), then checked where no step reaches.
+  const holding = await Deno.makeTempDir({ dir: dirname(attempt.outputsDir), prefix: ".partial-" });
+  try {
+    for (const name of attempt.outputs) {
+      const file = childPath(holding, name, "output name");
+      try {
+        await Deno.rename(childPath(attempt.outputsDir, name, "output name"), file);
+      } catch {
+        continue; // not written
+      }
+      if (!(await Deno.lstat(file)).isFile) continue;
+      const partial = `${name}.partial-${number}`;
+      await store.put(file, {
+        run: attempt.runId,
+        step: attempt.stepId,
+        name: partial,
+        attemptId: attempt.attemptId,
+      }).catch((error) => {
+        if (!(error instanceof ArtifactExistsError)) throw error;
+      });
+      kept.push(partial);
+    }
+  } finally {
+    await Deno.remove(holding, { recursive: true }).catch(() => {});
+  }
+  return kept;
+}
+
+/**
  * The values a step published in its outputs directory (`$RUNNEL_VALUES`),
  * or undefined when it wrote none. The file is taken only as a regular
  * file of at most {@link MAX_VALUES_BYTES}, never through a link.

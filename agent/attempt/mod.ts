@@ -41,6 +41,7 @@ import {
   collectOutputs,
   errorClassOf,
   failureOf,
+  keepPartialOutputs,
   maskedLogs,
   type MaskedText,
   materializeInputs,
@@ -71,6 +72,8 @@ export interface AttemptJob {
   matrix: Record<string, string | number | boolean>;
   timeoutMs?: number;
   resources?: Resources;
+  /** Keep a failed attempt's outputs as `NAME.partial-ATTEMPT` (`keep-partial`). */
+  keepPartial?: boolean;
 }
 
 /** Why a driver stops an attempt; it decides the result the attempt ends with. */
@@ -377,7 +380,7 @@ export class AttemptLifecycle {
     await this.#save(record);
     sink.onStarted?.(execution.handle);
     if (attempt.stopReason) attempt.cancel();
-    return await this.#finish(attempt, spec, execution, sink);
+    return await this.#finish(attempt, spec, execution, sink, job.keepPartial === true);
   }
 
   /** Streams an execution's logs, waits for its end, stores its outputs: its result. */
@@ -386,6 +389,7 @@ export class AttemptLifecycle {
     spec: AttemptSpec,
     execution: Execution,
     sink: AttemptSink,
+    keepPartial = false,
   ): Promise<AttemptResult> {
     let released: Promise<void> | undefined;
     try {
@@ -411,7 +415,15 @@ export class AttemptLifecycle {
           ...(exit.usage ? { usage: exit.usage } : {}),
         };
       }
-      if (failure) return failure;
+      if (failure) {
+        if (keepPartial && !attempt.stopReason) {
+          const kept = await keepPartialOutputs(this.#options.artifacts, spec).catch(() => []);
+          for (const name of kept) {
+            await sink.onLog({ stream: "stderr", text: `runnel: kept partial output ${name}\n` });
+          }
+        }
+        return failure;
+      }
       let values: Record<string, string> | undefined;
       try {
         values = await readStepValues(spec.outputsDir);

@@ -478,6 +478,7 @@ export class LocalDriver {
         baseDir: plan.baseDir,
         inputs: gets.inputs,
         outputs: step.outputs,
+        ...(step.keepPartial ? { keepPartial: true } : {}),
         env: gets.env,
         secrets,
         matrix: step.matrix ?? {},

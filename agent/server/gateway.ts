@@ -610,6 +610,7 @@ async function pushAssignments(
       resources: record.spec.resources,
       inputs: record.inputs,
       ...(record.spec.bundleDigest ? { bundleDigest: record.spec.bundleDigest } : {}),
+      ...(record.spec.keepPartial ? { keepPartial: true } : {}),
       secrets: record.secrets ?? {},
     };
     let bundleJson = "";

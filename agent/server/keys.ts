@@ -131,6 +131,8 @@ export interface AssignmentRecord {
     baseDir: string;
     env: Record<string, string>;
     outputs: string[];
+    /** Keep a failed attempt's outputs as `NAME.partial-ATTEMPT`. */
+    keepPartial?: boolean;
     matrix?: Record<string, string | number | boolean>;
     timeoutMs?: number;
     resources?: { cpu?: number; memoryBytes?: number };

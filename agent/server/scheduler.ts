@@ -733,6 +733,7 @@ class Scheduler {
         baseDir: driver.plan.baseDir,
         env: gets.env,
         outputs: step.outputs,
+        ...(step.keepPartial ? { keepPartial: true } : {}),
         matrix: step.matrix,
         timeoutMs: step.timeoutMs,
         resources: step.resources,

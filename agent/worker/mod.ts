@@ -650,6 +650,7 @@ class Agent implements RunningAgent {
       baseDir: spec.baseDir ?? "",
       inputs: spec.inputs ?? {},
       outputs: spec.outputs ?? [],
+      ...(spec.keepPartial === true ? { keepPartial: true } : {}),
       env: spec.env ?? {},
       secrets,
       matrix: spec.matrix ?? {},
