@@ -152,6 +152,11 @@ Deno.test("cluster: agents register, steps run where their selector says, logs s
     const page = await (await fetch(`${cluster.http}/runs/${runId}`, AS_ADMIN)).text();
     assert.match(page, /<title>cluster-demo · /);
     assert.match(page, /new EventSource\(`\/api\/runs\//);
+    // Served whole by the server: nothing from another origin, and the browser is told so.
+    assert.ok(!/https?:\/\//.test(page), "the page names another origin");
+    const served = await fetch(`${cluster.http}/runs/${runId}`, AS_ADMIN);
+    await served.body?.cancel();
+    assert.match(served.headers.get("content-security-policy") ?? "", /default-src 'none'/);
 
     const raft = await (await fetch(`${cluster.http}/raft-state`, AS_ADMIN)).json();
     assert.deepEqual(Object.keys(raft).sort(), [

@@ -41,7 +41,7 @@
  * | `GET /api/runs/:id/events` | read | SSE: `run` and `step` records as they change, until the run ends |
  * | `GET /api/runs/:id/logs?step=S&follow=1` | read | SSE: `log` batches (`{step, attempt, text}`) |
  * | `GET /api/runs/:id/mermaid` | read | the DAG as Mermaid, nodes coloured by status |
- * | `GET /runs/:id` | read | a page drawing the DAG live (Mermaid from a CDN, SSE) |
+ * | `GET /runs/:id` | read | a page of the run's steps, live (SSE), and its DAG's Mermaid source; nothing from another origin |
  * | `POST /api/acl/bootstrap` | none, once | 201 `{token, id, name, role}`: the first admin token; 409 after |
  * | `GET /api/tokens` | admin | every token (id, name, role, created at/by; no secrets) |
  * | `POST /api/tokens` | admin | `{name, role}` → 201 `{token, id, …}`: the secret, shown this once |
@@ -690,7 +690,7 @@ async function metrics({ context }: Call): Promise<Response> {
 async function page({ context, params }: Call): Promise<Response> {
   const run = await getClusterRun(context.store, params[0]);
   return new Response(runPage(run), {
-    headers: { "content-type": "text/html; charset=utf-8" },
+    headers: { "content-type": "text/html; charset=utf-8", "content-security-policy": PAGE_POLICY },
   });
 }
 
@@ -1555,38 +1555,62 @@ function sse(
 }
 
 /**
- * A page that draws a run's DAG (Mermaid, loaded by the browser) and
- * redraws it as step events arrive: SPEC §7's live view.
+ * The page of a run: its steps in plan order with their status, attempts
+ * and worker, kept live by the run's server-sent events, and the DAG's
+ * Mermaid source. Everything comes from this server: the page loads nothing
+ * from another origin (its Content-Security-Policy says so to the browser),
+ * so it works offline and runs no third party's code.
  */
 function runPage(run: ClusterRunRecord): string {
   const id = JSON.stringify(run.runId);
   const title = `${run.pipeline} · ${run.runId}`.replace(/[<>&"]/g, "");
   return `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>${title}</title>
-<style>body{font:14px system-ui,sans-serif;margin:2rem}#status{color:#555}</style></head>
-<body><h1>${title}</h1><p id="status">${run.status}</p><div id="dag"></div>
+<style>
+body{font:14px system-ui,sans-serif;margin:2rem}#status{color:#555}
+table{border-collapse:collapse}td,th{padding:.25rem .75rem;text-align:left;border-bottom:1px solid #ddd}
+.succeeded{color:#155724}.failed{color:#721c24}.running{color:#004085}.cancelled,.skipped{color:#666}
+</style></head>
+<body><h1>${title}</h1><p>Status: <span id="status">${run.status}</span></p>
+<table aria-label="Steps"><thead><tr><th scope="col">Step</th><th scope="col">Status</th>
+<th scope="col">Attempts</th><th scope="col">Worker</th></tr></thead><tbody id="steps"></tbody></table>
+<details><summary>DAG (Mermaid source)</summary><pre id="dag"></pre></details>
 <script type="module">
-import mermaid from "https://cdn.jsdelivr.net/npm/mermaid@11/dist/mermaid.esm.min.mjs";
-mermaid.initialize({ startOnLoad: false, securityLevel: "strict" });
 const run = ${id};
+const base = \`/api/runs/\${encodeURIComponent(run)}\`;
 let pending;
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (className) td.className = className;
+}
 async function draw() {
-  const text = await (await fetch(\`/api/runs/\${encodeURIComponent(run)}/mermaid\`)).text();
-  const { svg } = await mermaid.render("dag-svg", text);
-  document.getElementById("dag").innerHTML = svg;
+  const { run: record, steps } = await (await fetch(base)).json();
+  document.getElementById("status").textContent = record.status;
+  const body = document.getElementById("steps");
+  body.replaceChildren();
+  for (const step of Object.values(steps)) {
+    const row = body.insertRow();
+    cell(row, step.id);
+    cell(row, step.status, step.status);
+    cell(row, String(step.attempts.length));
+    cell(row, step.attempts.at(-1)?.worker ?? "");
+  }
+  document.getElementById("dag").textContent = await (await fetch(\`\${base}/mermaid\`)).text();
 }
 function later() { clearTimeout(pending); pending = setTimeout(draw, 200); }
 const events = new EventSource(\`/api/runs/\${encodeURIComponent(run)}/events\`);
 events.addEventListener("step", later);
-events.addEventListener("run", (e) => {
-  document.getElementById("status").textContent = JSON.parse(e.data).status;
-  later();
-});
-events.addEventListener("end", () => events.close());
+events.addEventListener("run", later);
+events.addEventListener("end", () => { events.close(); later(); });
 draw();
 </script></body></html>
 `;
 }
+
+/** What a served page may load: only this server's own answers. */
+const PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; " +
+  "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'";
 
 function json(value: unknown, init: ResponseInit = {}): Response {
   return new Response(JSON.stringify(value, null, 2) + "\n", {
