@@ -217,18 +217,25 @@ async function operatorSecrets(file: string): Promise<Record<string, SecretSourc
   }
 }
 
-/** `runnel submit FILE --server URL [--follow]`. */
-export async function submitCommand(file: string, flags: CliFlags): Promise<number> {
-  using client = await clientOf(flags);
+/**
+ * A pipeline file's text and its directory, as `submit` and `apply` send
+ * them: agents run its steps from a copy of the directory.
+ */
+async function pipelineToShip(file: string) {
   let source: string;
   try {
     source = await Deno.readTextFile(file);
   } catch (error) {
     throw new UsageError(`Expected a readable pipeline file, ${file}: ${(error as Error).message}`);
   }
-  // The pipeline's directory goes with it: agents run its steps from a copy.
   const baseDir = dirname(resolve(file));
-  const bundle = await collectBundle(baseDir);
+  return { source, baseDir, bundle: await collectBundle(baseDir) };
+}
+
+/** `runnel submit FILE --server URL [--follow]`. */
+export async function submitCommand(file: string, flags: CliFlags): Promise<number> {
+  using client = await clientOf(flags);
+  const { source, baseDir, bundle } = await pipelineToShip(file);
   const params = await paramsFlag(flags.param, flags["params-file"]);
   const { runId } = await client.submit(
     source,
@@ -248,14 +255,7 @@ export async function submitCommand(file: string, flags: CliFlags): Promise<numb
 /** `runnel apply FILE --server URL`: registers the pipeline (and its directory) under its name. */
 export async function applyCommand(file: string, flags: CliFlags): Promise<number> {
   using client = await clientOf(flags);
-  let source: string;
-  try {
-    source = await Deno.readTextFile(file);
-  } catch (error) {
-    throw new UsageError(`Expected a readable pipeline file, ${file}: ${(error as Error).message}`);
-  }
-  const baseDir = dirname(resolve(file));
-  const bundle = await collectBundle(baseDir);
+  const { source, baseDir, bundle } = await pipelineToShip(file);
   const applied = await client.apply(source, file, baseDir, bundle.files);
   if (flags.json) return print(JSON.stringify(applied));
   return print(

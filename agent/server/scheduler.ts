@@ -38,7 +38,7 @@ import {
 } from "./keys.ts";
 import { type SmtpSettings, WakeTimer, WebhookAllowList, WebhookNotifier } from "../effects.ts";
 import { statusIndexOps } from "./run_index.ts";
-import { attemptGets } from "../../core/attempt.ts";
+import { type AttemptGets, attemptGets } from "../../core/attempt.ts";
 import { ValueMissingError } from "../../core/values.ts";
 import { isTerminalRunStatus, isTerminalStepStatus } from "../../core/model.ts";
 
@@ -555,8 +555,8 @@ class Scheduler {
     const later: Effect[] = [];
     for (const effect of effects) {
       if (effect.type === "StartAttempt") {
-        const missing = this.#valueMissing(driver, effect.stepId);
-        if (missing) {
+        const gets = this.#gets(driver, effect.stepId);
+        if (typeof gets === "string") {
           // It cannot start: an upstream step did not publish a value it reads.
           effects.push(
             ...driver.engine.step({
@@ -564,7 +564,7 @@ class Scheduler {
               stepId: effect.stepId,
               attemptId: effect.attemptId,
               now: this.#now(),
-              result: { ok: false, errorClass: "artifact", message: missing },
+              result: { ok: false, errorClass: "artifact", message: gets },
             }).effects,
           );
           continue;
@@ -575,7 +575,7 @@ class Scheduler {
           attemptId: effect.attemptId,
           attempt: effect.attempt,
         };
-        const placed = this.#place(driver, placement);
+        const placed = this.#place(driver, placement, gets);
         if (placed) {
           later.push(...driver.engine.step(placed.started).effects);
           ops.push(placed.op);
@@ -601,11 +601,13 @@ class Scheduler {
   }
 
   /** Chooses a worker for an attempt; the engine event and the write that hand it over. */
-  /** Why a step cannot be given its upstream values, if it cannot. */
-  #valueMissing(driver: RunDriver, stepId: string): string | undefined {
+  /**
+   * What an attempt of the step gets (decided once, for its placement and
+   * its assignment), or why it cannot be given its upstream values.
+   */
+  #gets(driver: RunDriver, stepId: string): AttemptGets | string {
     try {
-      attemptGets(driver.plan, driver.record.runId, driver.engine.state.steps, stepId);
-      return undefined;
+      return attemptGets(driver.plan, driver.record.runId, driver.engine.state.steps, stepId);
     } catch (error) {
       if (error instanceof ValueMissingError) return error.message;
       throw error;
@@ -615,6 +617,7 @@ class Scheduler {
   #place(
     driver: RunDriver,
     placement: Placement,
+    gets?: AttemptGets,
   ): { started: EngineEvent; op: TxnOp } | undefined {
     const step = driver.plan.steps[placement.stepId];
     const worker = this.#chooseWorker(driver, step);
@@ -623,7 +626,7 @@ class Scheduler {
       return undefined;
     }
     if (driver.plan.affinity === "pipeline") driver.record.agent ??= worker.agentId;
-    const assignment = this.#assignment(driver, step, placement, worker.agentId);
+    const assignment = this.#assignment(driver, step, placement, worker.agentId, gets);
     this.#assign(placement.attemptId, {
       runId: placement.runId,
       stepId: placement.stepId,
@@ -715,8 +718,10 @@ class Scheduler {
     step: PlannedStep,
     placement: Placement,
     agentId: string,
+    decided?: AttemptGets,
   ): AssignmentRecord {
-    const gets = attemptGets(driver.plan, placement.runId, driver.engine.state.steps, step.id);
+    const gets = decided ??
+      attemptGets(driver.plan, placement.runId, driver.engine.state.steps, step.id);
     // Names only: the agent's server resolves the values as it pushes this.
     const secrets = Object.fromEntries(
       gets.secrets.map((env) => [env, { ...driver.plan.secrets[env] }]),
