@@ -29,6 +29,7 @@ import type {
   Effect,
   EngineEvent,
   FailureInfo,
+  FanOutLeg,
   Plan,
   PlannedStep,
   RunNotice,
@@ -37,6 +38,7 @@ import type {
   StepStatus,
 } from "./model.ts";
 import { isTerminalStepStatus } from "./model.ts";
+import { expandPlan, expandSplit, fanOutProblem } from "./fanout.ts";
 
 /** The condition of a step that does not say `when`. */
 export const DEFAULT_CONDITION = "success()";
@@ -158,7 +160,7 @@ export class RunEngine {
   readonly #plan: Plan;
   readonly #state: RunState;
   /** Plan order (every step exactly once). */
-  readonly #order: string[];
+  #order: string[];
   readonly #index = new Map<string, number>();
   readonly #dependents = new Map<string, string[]>();
   readonly #conditions = new Map<string, ConditionAst>();
@@ -214,6 +216,10 @@ export class RunEngine {
   constructor(plan: Plan, state: RunState) {
     this.#plan = plan;
     this.#state = state;
+    // Legs of split nodes that already ran (a rehydrated run) come back first.
+    for (const id of expandPlan(plan, state.steps)) {
+      state.steps[id] ??= { id, status: "pending", attemptsThisRound: 0, attempts: [] };
+    }
     const order = plan.order.filter((id) => id in plan.steps);
     const seen = new Set(order);
     for (const id of Object.keys(plan.steps)) if (!seen.has(id)) order.push(id);
@@ -786,8 +792,27 @@ export class RunEngine {
   #endAttempt(id: string, record: AttemptRecord, result: AttemptResult, now: number): void {
     const step = this.#state.steps[id];
     const planned = this.#plan.steps[id];
+    if (result.ok && planned.fanOut) {
+      const problem = fanOutProblem(planned, result.fanOut, result.outputs);
+      if (problem) {
+        result = { ok: false, errorClass: "application", message: `Split refused: ${problem}` };
+      }
+    }
     record.endedAt = now;
     record.result = result;
+    if (result.ok && planned.fanOut) {
+      step.outputs = result.outputs;
+      step.fanOut = { legs: result.fanOut ?? [] };
+      const legs = this.#expand(id, step.fanOut.legs);
+      const what = planned.fanOut.kind === "batch" ? "batch" : "item";
+      this.#setStatus(
+        id,
+        "succeeded",
+        now,
+        `fanned out to ${legs} leg${legs === 1 ? "" : "s"} (one per ${what})`,
+      );
+      return;
+    }
     if (result.ok) {
       step.outputs = result.outputs;
       if (result.values && Object.keys(result.values).length > 0) step.values = result.values;
@@ -845,6 +870,57 @@ export class RunEngine {
       if (result.exitCode !== undefined) failure.exitCode = result.exitCode;
       this.#effects.push({ type: "Notify", webhook, failure });
     }
+  }
+
+  /**
+   * Adds the legs of split node `splitId` (which just succeeded) to the plan
+   * and the run: pending, each needing the split node, and needed by every
+   * step that needed it. Heaps hold plan-order indexes, so they are
+   * re-indexed. Returns the number of legs.
+   */
+  #expand(splitId: string, legs: FanOutLeg[]): number {
+    const oldOrder = this.#order;
+    const ids = expandSplit(this.#plan, splitId, legs);
+    if (ids.length === 0 || this.#index.has(ids[0])) return ids.length;
+    const state = this.#state;
+    for (const id of ids) {
+      state.steps[id] ??= { id, status: "pending", attemptsThisRound: 0, attempts: [] };
+      this.#changed.add(id);
+    }
+    const order = this.#plan.order.filter((id) => id in this.#plan.steps);
+    this.#order = order;
+    this.#index.clear();
+    order.forEach((id, index) => this.#index.set(id, index));
+    const reindex = (heap: MinHeap<number>): MinHeap<number> => {
+      const next = new MinHeap<number>(numberLess);
+      while (heap.size > 0) next.push(this.#index.get(oldOrder[heap.pop()!])!);
+      return next;
+    };
+    this.#queue = reindex(this.#queue);
+    for (const [name, heap] of this.#blocked) this.#blocked.set(name, reindex(heap));
+    const timers = new MinHeap<Timer>(timerLess);
+    while (this.#timers.size > 0) {
+      const timer = this.#timers.pop()!;
+      timers.push(
+        timer.kind === "run" ? timer : { ...timer, index: this.#index.get(timer.stepId)! },
+      );
+    }
+    this.#timers = timers;
+    // Dependents of the split node now wait for every leg too.
+    const dependents = [...this.#dependents.get(splitId)!];
+    for (const dependent of dependents) {
+      this.#unmet.set(dependent, this.#unmet.get(dependent)! + ids.length);
+    }
+    for (const id of ids) {
+      this.#dependents.set(id, [...dependents]);
+      let unmet = 0;
+      for (const need of this.#plan.steps[id].needs) {
+        this.#dependents.get(need)!.push(id);
+        if (!isTerminalStepStatus(state.steps[need].status)) unmet++;
+      }
+      this.#unmet.set(id, unmet);
+    }
+    return ids.length;
   }
 
   /** Changes a step's status, keeping every counter and index in step with it. */
@@ -976,6 +1052,8 @@ export function runStateOf(
   header: RunHeader,
   stored: Record<string, StepState>,
 ): RunState {
+  // The legs split nodes made are steps of the run too.
+  expandPlan(plan, stored);
   const steps: Record<string, StepState> = {};
   for (const id of plan.order) {
     steps[id] = stored[id] ?? { id, status: "pending", attemptsThisRound: 0, attempts: [] };

@@ -8,7 +8,7 @@
 
 import assert from "node:assert/strict";
 import { RunEngine } from "./engine.ts";
-import { planOf, type StepSpec } from "./_testing.ts";
+import { planOf, stepOf, type StepSpec } from "./_testing.ts";
 import { mulberry32, testSeed } from "./_random.ts";
 import type {
   AttemptResult,
@@ -71,6 +71,22 @@ function randomPlan(dice: Dice): Plan {
     };
     const concurrency = legs > 1 && dice.chance(0.4) ? dice.int(1, 2) : undefined;
     const timeoutMs = dice.chance(0.4) ? dice.int(20, 200) : undefined;
+    if (legs === 1 && dice.chance(0.2)) {
+      // A split node (`foreach:`): its legs appear when it succeeds.
+      const leg = stepOf({ id: name, needs, retry, continueOnError: dice.chance(0.15) });
+      const { id: _id, source: _source, ...template } = leg;
+      specs.push({
+        id: name,
+        needs,
+        backend: "split",
+        config: { input: "items", maxLegs: 4, mode: "foreach", fields: [] },
+        ...(dice.chance(0.4) ? { concurrency: dice.int(1, 2) } : {}),
+        fanOut: { kind: "foreach", leg: template },
+      });
+      names.push({ name, ids });
+      total += 5;
+      continue;
+    }
     ids.forEach((id, i) =>
       specs.push({
         id,
@@ -136,11 +152,15 @@ function checkInvariants(
   let hardFailures = 0;
   for (const step of steps) {
     const planned = plan.steps[step.id];
-    const previous: StepState = before.steps[step.id];
-    if (JSON.stringify(previous) !== JSON.stringify(step)) {
+    const previous: StepState | undefined = before.steps[step.id];
+    if (previous === undefined) {
+      // A leg its split node just made.
+      assert.ok(changedSet.has(step.id), `new leg ${step.id} was not drained`);
+      assert.ok(plan.steps[planned.needs.at(-1)!].fanOut, `${step.id} appeared from nowhere`);
+    } else if (JSON.stringify(previous) !== JSON.stringify(step)) {
       assert.ok(changedSet.has(step.id), `${step.id} changed but was not drained`);
     }
-    if (TERMINAL.has(previous.status) && event.type !== "Resume") {
+    if (previous && TERMINAL.has(previous.status) && event.type !== "Resume") {
       assert.deepEqual(step, previous, `terminal ${step.id} changed on ${event.type}`);
     }
     assert.ok(
@@ -170,6 +190,19 @@ function checkInvariants(
     }
   }
   if (plan.concurrency !== undefined) assert.ok(active <= plan.concurrency, "run concurrency");
+  // Dynamic legs exist exactly when their split node succeeded, one per leg it reported.
+  for (const planned of Object.values(plan.steps)) {
+    if (!planned.fanOut) continue;
+    const split = state.steps[planned.id];
+    const legIds = Object.keys(state.steps).filter((id) => id.startsWith(`${planned.id}[`));
+    if (split.status === "succeeded") {
+      assert.ok(split.fanOut, `${planned.id} succeeded without its legs`);
+      assert.equal(legIds.length, split.fanOut.legs.length, `${planned.id}: one step per leg`);
+      for (const leg of legIds) assert.ok(plan.order.includes(leg));
+    } else {
+      assert.equal(legIds.length, 0, `${planned.id} has legs before it split`);
+    }
+  }
   assert.equal(engine.runningAttempts().length, active);
   const allTerminal = steps.every((step) => TERMINAL.has(step.status));
   if (state.status === "succeeded" || state.status === "failed" || state.status === "cancelled") {
@@ -238,8 +271,15 @@ function simulate(seed: number): { events: number; statuses: string } {
     return result;
   };
 
-  const exitResult = (): AttemptResult => {
+  const exitResult = (stepId: string): AttemptResult => {
     const roll = dice.next();
+    if (roll < 0.55 && plan.steps[stepId].fanOut) {
+      const count = dice.int(0, 4);
+      const fanOut = Array.from({ length: count }, (_, i) => ({ key: `k${i}`, item: i }));
+      // Now and then what a hostile agent would report: too many legs, a key twice.
+      if (dice.chance(0.05)) fanOut.push(...fanOut, { key: "k9", item: 9 }, { key: "k8", item: 8 });
+      return { ok: true, exitCode: 0, outputs: {}, fanOut };
+    }
     if (roll < 0.55) return { ok: true, exitCode: 0, outputs: {}, cached: dice.chance(0.1) };
     if (roll < 0.75) return { ok: false, errorClass: "application", exitCode: 1, message: "x" };
     if (roll < 0.82) return { ok: false, errorClass: "business", exitCode: 65, message: "x" };
@@ -247,13 +287,13 @@ function simulate(seed: number): { events: number; statuses: string } {
     return { ok: false, errorClass: "permission", exitCode: 75, message: "x" };
   };
 
-  const progress = (flight: InFlight, result: () => AttemptResult) => {
+  const progress = (flight: InFlight, result: (stepId: string) => AttemptResult) => {
     if (!flight.started) {
       flight.started = true;
       outbox.push({ type: "AttemptStarted", ...flight, now, worker: "w" });
     } else {
       inflight = inflight.filter((other) => other !== flight);
-      outbox.push({ type: "AttemptExited", ...flight, now, result: result() });
+      outbox.push({ type: "AttemptExited", ...flight, now, result: result(flight.stepId) });
     }
   };
 
@@ -315,7 +355,13 @@ function simulate(seed: number): { events: number; statuses: string } {
     if (outbox.length > 0) {
       feed({ ...outbox.shift()!, now });
     } else if (inflight.length > 0 && !inflight[0].hung) {
-      progress(inflight[0], () => ({ ok: true, exitCode: 0, outputs: {} }));
+      progress(
+        inflight[0],
+        (stepId) =>
+          plan.steps[stepId].fanOut
+            ? { ok: true, exitCode: 0, outputs: {}, fanOut: [{ key: "last", item: 0 }] }
+            : { ok: true, exitCode: 0, outputs: {} },
+      );
     } else {
       const wake = nextWake();
       assert.ok(wake !== undefined, "run is stuck: nothing in flight and no wake-up announced");

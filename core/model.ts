@@ -11,6 +11,7 @@
  * @module
  */
 
+import type { FanOut } from "./fanout.ts";
 import type { ScheduleSpec } from "./schedule.ts";
 
 /** Where something is in a source file; lines and columns count from 1. */
@@ -128,6 +129,18 @@ export interface RunNotice {
   failedSteps: string[];
 }
 
+/** One leg a split node made: a batch it stored, or an item of a list. */
+export interface FanOutLeg {
+  /** What follows `batch=` / `item=` in the leg's id (`0007`, `eu-west`). */
+  key: string;
+  /** `batch`: the split node's output holding the leg's batch. */
+  output?: string;
+  /** `batch` with `files: true`: the file's path inside the directory input. */
+  source?: string;
+  /** `foreach`: the item, as JSON. */
+  item?: unknown;
+}
+
 /** One input of a step: the outputs of one or more step instances. */
 export interface InputRef {
   /** The step name as written in the file (`generate`). */
@@ -191,6 +204,11 @@ export interface PlannedStep {
   concurrency?: number;
   selector: Record<string, string>;
   onFailure?: WebhookSpec;
+  /**
+   * Set on the split node of a `batch:` / `foreach:` step (backend `split`):
+   * what its legs are once it has run (see `fanout.ts`).
+   */
+  fanOut?: FanOut;
   /** Where the step is defined. */
   source: SourceLocation;
   /** sha256 (hex) of the canonical JSON of everything above that changes what the step does. */
@@ -336,6 +354,8 @@ export type AttemptResult =
     values?: Record<string, string>;
     /** True when the result was taken from the cache, not executed. */
     cached?: boolean;
+    /** A split node's legs (`batch:` / `foreach:`), in order. */
+    fanOut?: FanOutLeg[];
     usage?: Usage;
   }
   | {
@@ -379,6 +399,8 @@ export interface StepState {
   outputs?: Record<string, ArtifactRef>;
   /** Values the successful attempt published (`${{ steps.NAME.values.KEY }}`). */
   values?: Record<string, string>;
+  /** A split node's legs, as its successful attempt reported them (`fanout.ts`). */
+  fanOut?: { legs: FanOutLeg[] };
   /** Its approval gate: when it was asked for and how it was decided. */
   approval?: {
     requestedAt: number;

@@ -20,7 +20,14 @@ import {
   type SourceLocation,
   type WebhookSpec,
 } from "./model.ts";
-import type { OnFailureFile, PipelineFile, RetryFile, StepFile } from "./schema.ts";
+import {
+  MAX_FAN_OUT_LEGS,
+  type OnFailureFile,
+  type PipelineFile,
+  type RetryFile,
+  type StepFile,
+} from "./schema.ts";
+import { itemFieldsOf, SPLIT_BACKEND, type SplitConfig } from "./fanout.ts";
 import { MinHeap } from "./_heap.ts";
 
 type Scalar = string | number | boolean;
@@ -225,8 +232,93 @@ export function stepEdges(
     for (const need of list) link(need, name);
     if (step.next_node !== undefined) link(name, step.next_node);
     for (const ref of Object.values(step.inputs ?? {})) link(ref.split("/")[0], name);
+    const foreach = foreachRef(step);
+    if (foreach !== undefined) link(foreach.split("/")[0], name);
   }
   return { needs, dependents };
+}
+
+/** The `"step/output"` a `foreach:` reads, if the step has one. */
+export function foreachRef(step: StepFile): string | undefined {
+  const foreach = step.foreach;
+  return foreach === undefined ? undefined : typeof foreach === "string" ? foreach : foreach.input;
+}
+
+/** Whether a step's outputs reach its readers as a fan-in (a directory, one entry per leg). */
+export function fansIn(step: StepFile | undefined): boolean {
+  return !!step && (!!step.matrix || step.batch !== undefined || step.foreach !== undefined);
+}
+
+/**
+ * The split node of a `batch:` / `foreach:` step planned as `leg` (see
+ * `fanout.ts`): it needs what the step needs, reads only what it splits,
+ * and holds the step's plan as the template of its legs.
+ */
+function splitNode(
+  step: StepFile,
+  leg: PlannedStep,
+  idsByName: Map<string, string[]>,
+  retry: RetryPolicy,
+): PlannedStep {
+  const batch = step.batch;
+  let config: SplitConfig;
+  let inputs: Record<string, InputRef>;
+  if (batch) {
+    const common = { input: batch.input, maxLegs: MAX_FAN_OUT_LEGS };
+    config = batch.lines !== undefined
+      ? { ...common, mode: "lines", lines: batch.lines, header: batch.header ?? false }
+      : batch.records !== undefined
+      ? { ...common, mode: "records", records: batch.records }
+      : batch.bytes !== undefined
+      ? { ...common, mode: "bytes", bytes: parseByteSize(batch.bytes) }
+      : batch.count !== undefined
+      ? { ...common, mode: "count", count: batch.count }
+      : batch.items !== undefined
+      ? { ...common, mode: "items", items: batch.items }
+      : { ...common, mode: "files" };
+    inputs = { [batch.input]: structuredClone(leg.inputs[batch.input]) };
+  } else {
+    const ref = foreachRef(step)!;
+    const [from, output] = ref.split("/");
+    const key = typeof step.foreach === "object" ? step.foreach.key : undefined;
+    config = {
+      input: "items",
+      maxLegs: MAX_FAN_OUT_LEGS,
+      mode: "foreach",
+      ...(key !== undefined ? { key } : {}),
+      fields: itemFieldsOf([leg.config, leg.env]),
+    };
+    inputs = { items: { step: from, output, from: [...idsByName.get(from)!], fanIn: false } };
+  }
+  const { id: _id, source, specDigest, matrix: _matrix, ...template } = leg;
+  const node: PlannedStep = {
+    id: leg.id,
+    name: leg.name,
+    backend: SPLIT_BACKEND,
+    needs: [...leg.needs],
+    config: config as unknown as Record<string, unknown>,
+    inputs,
+    outputs: [],
+    env: {},
+    secrets: [],
+    resources: {},
+    retry,
+    continueOnError: leg.continueOnError,
+    cache: false,
+    selector: { ...leg.selector },
+    fanOut: {
+      kind: batch ? "batch" : "foreach",
+      ...(batch ? { input: batch.input } : {}),
+      leg: { ...template, specDigest, when: undefined, approval: undefined },
+    },
+    source,
+    specDigest: sha256(`${canonicalJson(config)}\n${specDigest}`),
+  };
+  if (leg.when !== undefined) node.when = leg.when;
+  if (leg.approval !== undefined) node.approval = leg.approval;
+  if (leg.queueTimeoutMs !== undefined) node.queueTimeoutMs = leg.queueTimeoutMs;
+  for (const key of ["when", "approval"] as const) delete node.fanOut!.leg[key];
+  return node;
 }
 
 /** JSON with object keys sorted, so equal specs hash equally. */
@@ -396,7 +488,7 @@ export function planPipeline(
           step: from,
           output,
           from: idsByName.get(from)!,
-          fanIn: !!stepMap.get(from)!.matrix,
+          fanIn: fansIn(stepMap.get(from)),
         };
       }
       const spec: Omit<PlannedStep, "id" | "source" | "specDigest"> = {
@@ -466,7 +558,11 @@ export function planPipeline(
       ) {
         if (plannedStep[key] === undefined) delete plannedStep[key];
       }
-      planned.push(plannedStep);
+      planned.push(
+        step.batch !== undefined || step.foreach !== undefined
+          ? splitNode(step, plannedStep, idsByName, defaultRetry)
+          : plannedStep,
+      );
     }
   }
   if (diagnostics.length > 0) return { diagnostics };

@@ -224,6 +224,62 @@ const MatrixSchema = z.record(
   description: "Fan-out: key → list of values, plus optional `include`/`exclude` lists of maps.",
 });
 
+/** Most legs a `batch:` or `foreach:` step may fan out to at run time. */
+export const MAX_FAN_OUT_LEGS = 4_096;
+
+/**
+ * `batch:` — split one input artifact into batches at run time, one leg per
+ * batch. Exactly one of `lines`, `bytes`, `items`, `records`, `count`,
+ * `files` says how.
+ */
+export const BatchSchema = z.strictObject({
+  input: z.string().regex(SAFE_NAME_PATTERN).meta({
+    description: "The input (a key of the step's `inputs`) to split.",
+  }),
+  lines: z.number().int().positive().optional().meta({
+    description: "Lines per batch (the last may hold fewer).",
+  }),
+  header: z.boolean().optional().meta({
+    description: "With `lines`: the first line is a header, repeated at the top of every batch.",
+    default: false,
+  }),
+  bytes: z.string().regex(SIZE_PATTERN).optional().meta({
+    description: 'Bytes per batch, cut after the last newline inside it (e.g. "64Mi").',
+  }),
+  items: z.number().int().positive().optional().meta({
+    description: "Items of a JSON array per batch (each batch a JSON array).",
+  }),
+  records: z.number().int().positive().optional().meta({
+    description: "JSON-lines records per batch.",
+  }),
+  count: z.number().int().min(1).max(MAX_FAN_OUT_LEGS).optional().meta({
+    description: "N batches of about equal size, cut at line ends.",
+  }),
+  files: z.literal(true).optional().meta({
+    description: "One leg per file of a directory input (a matrix or batch step's fan-in).",
+  }),
+}).meta({
+  description: "Split an input into batches at run time and run one leg per batch " +
+    "(`name[batch=0007]`); a step reading this step's outputs gets one per batch, in order.",
+});
+
+/** `foreach:` — one leg per item of a JSON list an upstream step wrote. */
+export const ForeachSchema = z.union([
+  z.string().regex(/^[^/]+\/[^/]+$/),
+  z.strictObject({
+    input: z.string().regex(/^[^/]+\/[^/]+$/).meta({
+      description: '"step/output": a JSON array written by an upstream step.',
+    }),
+    key: z.string().regex(/^[A-Za-z_][A-Za-z0-9_-]*$/).optional().meta({
+      description: "The field of each item that names its leg (`name[item=<value>]`); " +
+        "default the item itself when it is a short string, else its index.",
+    }),
+  }),
+]).meta({
+  description: 'Fan out over a JSON list an upstream step produced ("step/output"): ' +
+    "one leg per item, the item as `${{ item }}` / `${{ item.field }}` and `$RUNNEL_ITEM`.",
+});
+
 /** A docker service's name: a DNS label, what the step reaches it by (`db`, `cache-1`). */
 export const SERVICE_NAME_PATTERN = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
 
@@ -471,6 +527,8 @@ export const StepSchema = z.strictObject({
   }),
   selector: SelectorSchema.optional(),
   matrix: MatrixSchema.optional(),
+  batch: BatchSchema.optional(),
+  foreach: ForeachSchema.optional(),
   "on-failure": OnFailureSchema.optional(),
 });
 

@@ -14,7 +14,8 @@ import type { z } from "npm:zod@4.6.7";
 import { ConditionSyntaxError, parseCondition } from "./expr.ts";
 import { checkPipelineSize, type PipelineLimits, pipelineLimits } from "./limits.ts";
 import type { Plan } from "./model.ts";
-import { expandMatrix, inferBackend, planPipeline, stepEdges } from "./plan.ts";
+import { expandMatrix, fansIn, foreachRef, inferBackend, planPipeline, stepEdges } from "./plan.ts";
+import { ITEM_REFERENCE } from "./fanout.ts";
 import {
   BUILTIN_BACKENDS,
   type PipelineFile,
@@ -450,6 +451,7 @@ export function checkSteps(
       }
     }
     if (step.matrix) checkMatrix(name, step.matrix, reporter, sized);
+    checkFanOut(name, step, view, reporter);
   }
   if (view.startNode !== undefined && !known.has(view.startNode)) {
     reporter.at("unknown_step", `"start_node" names unknown step "${view.startNode}"`, [
@@ -462,6 +464,135 @@ export function checkSteps(
   if (options.secrets) checkSecretRefs(view, options.secrets, reporter);
   checkGraph(view, reporter);
   checkValueRefs(view, reporter);
+}
+
+/**
+ * `batch:` and `foreach:` (dynamic fan-out, `fanout.ts`): one way to fan
+ * out per step, a batch of an input the step has, split in exactly one
+ * way that fits the input (a directory input only by `files`), a list an
+ * upstream step declares, and `${{ item }}` only where there are items.
+ */
+function checkFanOut(
+  name: string,
+  step: StepFile,
+  view: PipelineView,
+  reporter: Reporter,
+): void {
+  const at = (...path: PathSegment[]) => ["steps", name, ...path];
+  const { batch, foreach, matrix } = step;
+  const kinds = [matrix && "matrix", batch && "batch", foreach && "foreach"].filter(Boolean);
+  if (kinds.length > 1) {
+    reporter.at(
+      "fan_out_conflict",
+      `step "${name}" has both ${kinds.join(" and ")}: a step fans out one way`,
+      at(batch ? "batch" : "foreach"),
+      { key: batch ? "batch" : "foreach", onKey: true, hint: "use a second step" },
+    );
+    return;
+  }
+  if (!foreach && JSON.stringify(step).match(ITEM_REFERENCE)) {
+    reporter.at(
+      "unknown_item",
+      `step "${name}" reads \${{ item }}, which only a step with foreach: has`,
+      at(),
+      { key: name, onKey: true, hint: "add foreach: STEP/OUTPUT naming a JSON list" },
+    );
+  }
+  if (batch) {
+    const ways = (["lines", "bytes", "items", "records", "count", "files"] as const).filter((k) =>
+      batch[k] !== undefined
+    );
+    if (ways.length !== 1) {
+      reporter.at(
+        "batch_way",
+        ways.length === 0
+          ? `batch of step "${name}" does not say how to split: give one of lines, bytes, ` +
+            "items, records, count or files"
+          : `batch of step "${name}" splits by ${ways.join(" and ")}: give exactly one`,
+        at("batch"),
+        {
+          key: "batch",
+          onKey: true,
+          expected: "one of lines, bytes, items, records, count, files",
+        },
+      );
+    }
+    if (batch.header !== undefined && batch.lines === undefined) {
+      reporter.at(
+        "batch_header",
+        `batch of step "${name}" has header: but does not split by lines`,
+        at("batch", "header"),
+        { key: "header", onKey: true },
+      );
+    }
+    const ref = step.inputs?.[batch.input];
+    if (ref === undefined) {
+      const inputs = Object.keys(step.inputs ?? {});
+      reporter.at(
+        "unknown_input",
+        `batch of step "${name}" splits input "${batch.input}", which the step does not have`,
+        at("batch", "input"),
+        {
+          key: "input",
+          expected: inputs.length > 0 ? inputs.join(", ") : "an input declared under inputs:",
+          hint: didYouMean(batch.input, inputs),
+        },
+      );
+    } else {
+      const source = view.steps.get(ref.split("/")[0]);
+      const directory = fansIn(source);
+      if (directory && !batch.files) {
+        reporter.at(
+          "batch_directory",
+          `batch of step "${name}" splits input "${batch.input}", a directory with one entry ` +
+            `per leg of step "${ref.split("/")[0]}": only files: true splits a directory`,
+          at("batch", "input"),
+          { key: "input", hint: "write files: true for one leg per file" },
+        );
+      } else if (!directory && source && batch.files) {
+        reporter.at(
+          "batch_files",
+          `batch of step "${name}" has files: true, but input "${batch.input}" is one file`,
+          at("batch", "files"),
+          { key: "files", onKey: true, hint: "split it by lines, bytes, items, records or count" },
+        );
+      }
+    }
+  }
+  if (foreach) {
+    const ref = foreachRef(step)!;
+    const path = typeof foreach === "string" ? at("foreach") : at("foreach", "input");
+    const [from, output] = ref.split("/");
+    const source = view.steps.get(from);
+    const names = [...view.steps.keys()];
+    if (!view.steps.has(from)) {
+      reporter.at("unknown_step", `foreach of step "${name}" names unknown step "${from}"`, path, {
+        key: "foreach",
+        hint: didYouMean(from, names),
+      });
+    } else if (
+      source && !view.uncertainOutputs?.has(from) && !(source.outputs ?? []).includes(output)
+    ) {
+      reporter.at(
+        "unknown_output",
+        `foreach of step "${name}" names output "${output}" that step "${from}" does not declare`,
+        path,
+        {
+          key: "foreach",
+          expected: (source.outputs ?? []).join(", "),
+          hint: didYouMean(output, source.outputs ?? []),
+        },
+      );
+    } else if (fansIn(source)) {
+      reporter.at(
+        "foreach_directory",
+        `foreach of step "${name}" reads "${ref}", a directory with one entry per leg of ` +
+          `step "${from}": foreach reads one JSON list`,
+        path,
+        { key: "foreach", hint: "have one step write the list" },
+      );
+    }
+  }
 }
 
 /**

@@ -25,6 +25,8 @@
  */
 
 import { StepValuesError } from "../../core/values.ts";
+import { SPLIT_BACKEND, type SplitConfig } from "../../core/fanout.ts";
+import { runSplit } from "./split.ts";
 import { dirname } from "node:path";
 import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import type { AttemptResult, InputLocator, Resources } from "../../core/model.ts";
@@ -332,6 +334,7 @@ export class AttemptLifecycle {
     const inputsDir = `${workDir}/in`;
     const outputsDir = `${workDir}/out`;
     await Deno.mkdir(outputsDir, { recursive: true });
+    if (job.backend === SPLIT_BACKEND) return await this.#split(attempt, job, sink);
     const baseDir = resolveBaseDir ? await resolveBaseDir() : job.baseDir;
     await checkAttempt(this.#policy, {
       backend: job.backend,
@@ -381,6 +384,52 @@ export class AttemptLifecycle {
     sink.onStarted?.(execution.handle);
     if (attempt.stopReason) attempt.cancel();
     return await this.#finish(attempt, spec, execution, sink, job.keepPartial === true);
+  }
+
+  /**
+   * A split node's attempt (`batch:` / `foreach:`): runnel's own work, no
+   * backend and no user code. It fetches the input, splits it in one pass
+   * into the outputs directory, and stores the batches as its outputs.
+   */
+  async #split(attempt: Attempt, job: AttemptJob, sink: AttemptSink): Promise<AttemptResult> {
+    const workDir = this.workDirOf(job);
+    const outputsDir = `${workDir}/out`;
+    const config = job.config as unknown as SplitConfig;
+    const inputs = await materializeInputs(this.#options.artifacts, job.inputs, `${workDir}/in`);
+    if (attempt.stopReason) return stoppedResult(attempt.stopReason);
+    const path = inputs[config.input];
+    if (path === undefined) {
+      return {
+        ok: false,
+        errorClass: "artifact",
+        message: `Expected input "${config.input}" to split`,
+      };
+    }
+    sink.onStarted?.(`split@${Date.now()}`);
+    const started = performance.now();
+    const outcome = await runSplit(
+      config,
+      path,
+      outputsDir,
+      () => attempt.stopReason !== undefined,
+    );
+    const outputs = await collectOutputs(this.#options.artifacts, {
+      runId: job.runId,
+      stepId: job.stepId,
+      attemptId: job.attemptId,
+      outputsDir,
+      outputs: outcome.outputs,
+    });
+    const bytes = Object.values(outputs).reduce((sum, ref) => sum + (ref.size ?? 0), 0);
+    await sink.onLog({
+      stream: "stdout",
+      text: `runnel: ${config.mode === "foreach" ? "read" : "split"} input "${config.input}" ` +
+        `into ${outcome.legs.length} leg${outcome.legs.length === 1 ? "" : "s"}` +
+        (config.mode === "foreach" ? "" : ` (${bytes} bytes)`) +
+        ` in ${Math.round(performance.now() - started)} ms\n`,
+    });
+    await Deno.remove(workDir, { recursive: true }).catch(() => {});
+    return { ok: true, exitCode: 0, outputs, fanOut: outcome.legs };
   }
 
   /** Streams an execution's logs, waits for its end, stores its outputs: its result. */

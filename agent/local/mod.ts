@@ -9,6 +9,7 @@
  */
 
 import type { SmtpSettings } from "../effects.ts";
+import { SPLIT_BACKEND } from "../../core/fanout.ts";
 import { RunEngine } from "../../core/engine.ts";
 import type { EngineEvent, Plan, StepState } from "../../core/model.ts";
 import type { PipelineLimits } from "../../core/limits.ts";
@@ -507,7 +508,10 @@ function recoverRun(
         agentId: localAgentId(runId),
         records,
         keep: options.keep,
-        alsoAsk: plan ? [...new Set(Object.values(plan.steps).map((step) => step.backend))] : [],
+        alsoAsk: plan
+          ? [...new Set(Object.values(plan.steps).map((step) => step.backend))]
+            .filter((backend) => backend !== SPLIT_BACKEND)
+          : [],
         onDiagnostic: options.onDiagnostic,
       })
     );

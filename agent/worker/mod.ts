@@ -41,6 +41,7 @@ import { SecretNotFoundError, SecretStore } from "../../core/secrets.ts";
 import { retryDelay } from "../../core/backoff.ts";
 import { abortableDelay } from "../../core/_async.ts";
 import { builtinPlugins, PluginHostPool } from "../../backends/mod.ts";
+import { SPLIT_BACKEND } from "../../core/fanout.ts";
 import type { Execution } from "../../backends/backend.ts";
 import {
   type AssignmentSpec,
@@ -561,6 +562,13 @@ class Agent implements RunningAgent {
         detail: found.detail,
       };
     }));
+    // Every agent splits (`batch:` / `foreach:`): runnel's own work, no backend.
+    list.push({
+      backend: SPLIT_BACKEND,
+      available: true,
+      version: "",
+      detail: "runnel's splitter",
+    });
     this.#capabilities = { at: now, list };
     return list;
   }
@@ -887,7 +895,7 @@ class Agent implements RunningAgent {
     if (assignment.backend === "shell" && !this.#options.allowShell) {
       return { errorClass: "permission", message: `agent ${this.agentId}: ${SHELL_OFF}` };
     }
-    if (!this.#pool.source(assignment.backend)) {
+    if (assignment.backend !== SPLIT_BACKEND && !this.#pool.source(assignment.backend)) {
       return {
         errorClass: "infrastructure",
         message: `backend "${assignment.backend}" is not available on agent ${this.agentId}`,
