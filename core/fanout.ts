@@ -100,14 +100,26 @@ export function itemFieldsOf(value: unknown): string[][] {
   return [...found.values()];
 }
 
-/** Replaces `${{ item… }}` in every string of `value` (a copy). */
-function withItem<T>(value: T, item: unknown): T {
+/** The env var a `run` script reads an item (or a field of it) from: `RUNNEL_ITEM_REGION`. */
+export function itemEnvName(path: string): string {
+  return `RUNNEL_ITEM${path.toUpperCase().replace(/[^A-Z0-9]/g, "_")}`;
+}
+
+/**
+ * Replaces `${{ item… }}` in the config and env of a leg (copies). In a
+ * `run` script the reference becomes an env var the leg is given
+ * (`${RUNNEL_ITEM_REGION}`): an item is data an upstream step wrote, never
+ * spliced into a shell script.
+ */
+function withItem(
+  template: { config: Record<string, unknown>; env: Record<string, string> },
+  item: unknown,
+): { config: Record<string, unknown>; env: Record<string, string> } {
+  const valueAt = (path: string) =>
+    itemText(path ? itemField(item, path.slice(1).split(".")) : item);
   const substitute = (text: string) =>
     text.includes("${{")
-      ? text.replace(
-        ITEM_REFERENCE,
-        (_whole, path: string) => itemText(path ? itemField(item, path.slice(1).split(".")) : item),
-      )
+      ? text.replace(ITEM_REFERENCE, (_whole, path: string) => valueAt(path))
       : text;
   const deep = (v: unknown): unknown => {
     if (typeof v === "string") return substitute(v);
@@ -117,7 +129,17 @@ function withItem<T>(value: T, item: unknown): T {
     }
     return v;
   };
-  return deep(value) as T;
+  const { run, ...rest } = template.config;
+  const config = deep(rest) as Record<string, unknown>;
+  const env = deep(template.env) as Record<string, string>;
+  if (typeof run === "string") {
+    config.run = run.replace(ITEM_REFERENCE, (_whole, path: string) => {
+      const variable = itemEnvName(path);
+      env[variable] = valueAt(path);
+      return `\${${variable}}`;
+    });
+  } else if (run !== undefined) config.run = run;
+  return { config, env };
 }
 
 function sha256(text: string): string {
@@ -200,7 +222,7 @@ export function legsOf(split: PlannedStep, legs: FanOutLeg[]): PlannedStep[] {
         RUNNEL_ITEM_INDEX: String(index),
       };
     const template = fanOut.kind === "foreach"
-      ? withItem({ config: fanOut.leg.config, env: fanOut.leg.env }, leg.item)
+      ? withItem({ config: fanOut.leg.config, env: fanOut.leg.env }, leg.item ?? null)
       : { config: fanOut.leg.config, env: fanOut.leg.env };
     const inputs: Record<string, InputRef> = {};
     for (const [name, ref] of Object.entries(fanOut.leg.inputs)) {
@@ -214,7 +236,7 @@ export function legsOf(split: PlannedStep, legs: FanOutLeg[]): PlannedStep[] {
       matrix,
       needs: [...fanOut.leg.needs, split.id],
       config: template.config,
-      env: { ...template.env, ...extraEnv },
+      env: { ...extraEnv, ...template.env },
       inputs,
       source: split.source,
       specDigest: sha256(
