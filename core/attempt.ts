@@ -102,7 +102,17 @@ export function attemptGets(
     }
     return undefined;
   };
-  const applied = applyValues(step.config, { ...plan.env, ...step.env }, valuesOf, stepId);
+  const env = { ...plan.env, ...step.env };
+  if (step.handler !== undefined) {
+    // An exit handler learns how the rest of the run went.
+    const failed = plan.order.filter((id) =>
+      plan.steps[id].handler === undefined && steps[id]?.status === "failed"
+    );
+    const hard = failed.some((id) => !plan.steps[id].continueOnError);
+    env.RUNNEL_RUN_STATUS = hard ? "failed" : "succeeded";
+    env.RUNNEL_FAILED_STEPS = failed.join(",");
+  }
+  const applied = applyValues(step.config, env, valuesOf, stepId);
   return {
     inputs,
     env: applied.env,

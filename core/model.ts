@@ -196,6 +196,8 @@ export interface PlannedStep {
   retry: RetryPolicy;
   /** Condition source (see `expr.ts`); absent means `success()`. */
   when?: string;
+  /** An exit handler (`handler:`): it needs every other step, and learns the run's outcome. */
+  handler?: "exit" | "success" | "failure";
   /** The step waits for a person's approval before it runs (`approval:`). */
   approval?: { message?: string; timeoutMs?: number; role?: "read" | "submit" | "admin" };
   continueOnError: boolean;
@@ -238,7 +240,12 @@ export interface Plan {
    * How long `gc` keeps artifacts (ms, or forever): the pipeline's (`run`)
    * and each step name's that says (`steps`).
    */
-  retention?: { run?: number | "forever"; steps?: Record<string, number | "forever"> };
+  retention?: {
+    run?: number | "forever";
+    steps?: Record<string, number | "forever">;
+    /** By `step/output` (the step's name): an output's own `retention`. */
+    outputs?: Record<string, number | "forever">;
+  };
   /** Told when a run succeeds. */
   onSuccess?: WebhookSpec;
   /** Told when a run ends, however it ends. */

@@ -244,6 +244,18 @@ export function foreachRef(step: StepFile): string | undefined {
   return foreach === undefined ? undefined : typeof foreach === "string" ? foreach : foreach.input;
 }
 
+/** The file names of a step's `outputs` (each a name, or `{ name, retention }`). */
+export function outputNames(step: StepFile | undefined): string[] {
+  return (step?.outputs ?? []).map((output) => typeof output === "string" ? output : output.name);
+}
+
+/** The condition of an exit handler of each kind (`handler:`). */
+export const HANDLER_CONDITIONS = {
+  exit: "always()",
+  success: "success()",
+  failure: "failure()",
+} as const;
+
 /** Whether a step's outputs reach its readers as a fan-in (a directory, one entry per leg). */
 export function fansIn(step: StepFile | undefined): boolean {
   return !!step && (!!step.matrix || step.batch !== undefined || step.foreach !== undefined);
@@ -443,9 +455,15 @@ export function planPipeline(
     ? parseDuration(defaults["queue-timeout"])
     : undefined;
   const planned: PlannedStep[] = [];
+  // An exit handler needs every step that is not one: it runs after the DAG.
+  const dagIds = [...stepMap].flatMap(([name, step]) =>
+    step.handler === undefined ? idsByName.get(name)! : []
+  );
   for (const [name, step] of stepMap) {
     const needNames = [...edges.needs.get(name)!];
-    const needs = needNames.flatMap((n) => idsByName.get(n)!);
+    const needs = step.handler === undefined ? needNames.flatMap((n) => idsByName.get(n)!) : [
+      ...dagIds,
+    ];
     const source = options.locate(["steps", name]);
     const backend = step.backend ?? defaults.backend ?? inferBackend(step)!;
     for (const leg of legsByName.get(name)!) {
@@ -498,7 +516,7 @@ export function planPipeline(
         needs,
         config,
         inputs,
-        outputs: [...step.outputs ?? []],
+        outputs: outputNames(step),
         env,
         secrets: [...step.secrets ?? []],
         resources: resources(defaults.resources, step.resources),
@@ -523,7 +541,12 @@ export function planPipeline(
             onExitCodes: [...defaultRetry.onExitCodes],
           }
           : retryPolicy(defaults.retry, step.retry),
-        when: step.when,
+        when: step.handler === undefined
+          ? step.when
+          : step.when === undefined
+          ? HANDLER_CONDITIONS[step.handler]
+          : `${HANDLER_CONDITIONS[step.handler]} && (${stripBraces(step.when)})`,
+        ...(step.handler !== undefined ? { handler: step.handler } : {}),
         continueOnError: step["continue-on-error"] ?? false,
         cache: step.cache ?? false,
         concurrency: step.concurrency,
@@ -599,15 +622,26 @@ export function planPipeline(
   if (onExit) plan.onExit = onExit;
   const keep = (text: string): number | "forever" =>
     text === "forever" ? "forever" : parseDuration(text);
+  const outputRetention = Object.fromEntries(
+    Object.entries(pipeline.steps).flatMap(([name, step]) =>
+      (step.outputs ?? []).flatMap((output) =>
+        typeof output === "string" ? [] : [[`${name}/${output.name}`, keep(output.retention)]]
+      )
+    ),
+  );
   const stepRetention = Object.fromEntries(
     Object.entries(pipeline.steps).flatMap(([name, step]) =>
       step.retention ? [[name, keep(step.retention)]] : []
     ),
   );
-  if (pipeline.retention || Object.keys(stepRetention).length > 0) {
+  if (
+    pipeline.retention || Object.keys(stepRetention).length > 0 ||
+    Object.keys(outputRetention).length > 0
+  ) {
     plan.retention = {
       ...(pipeline.retention ? { run: keep(pipeline.retention) } : {}),
       ...(Object.keys(stepRetention).length > 0 ? { steps: stepRetention } : {}),
+      ...(Object.keys(outputRetention).length > 0 ? { outputs: outputRetention } : {}),
     };
   }
   const email = pipeline.alerts?.email;
@@ -619,6 +653,12 @@ export function planPipeline(
     };
   }
   return { plan };
+}
+
+/** A condition without its optional `${{ }}`. */
+function stripBraces(text: string): string {
+  const match = /^\s*\$\{\{([\s\S]*)\}\}\s*$/.exec(text);
+  return match ? match[1].trim() : text;
 }
 
 /** Wave (1-based) of every instance: one more than the deepest of its needs. */

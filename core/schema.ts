@@ -475,8 +475,22 @@ export const StepSchema = z.strictObject({
       description:
         'Input name ([A-Za-z0-9_][A-Za-z0-9_.-]*) → "step/output"; implies a `needs` edge.',
     }),
-  outputs: z.array(z.string().regex(SAFE_NAME_PATTERN)).optional().meta({
-    description: "File names the step writes ([A-Za-z0-9_][A-Za-z0-9_.-]*).",
+  outputs: z.array(z.union([
+    z.string().regex(SAFE_NAME_PATTERN),
+    z.strictObject({
+      name: z.string().regex(SAFE_NAME_PATTERN).meta({ description: "The file name." }),
+      retention: RetentionSchema.meta({
+        description: "How long `gc` keeps this output (overrides the step's and the pipeline's).",
+      }),
+    }),
+  ])).optional().meta({
+    description: "File names the step writes ([A-Za-z0-9_][A-Za-z0-9_.-]*), or " +
+      "`{ name, retention }` to keep one longer or shorter (`retention: forever`).",
+  }),
+  handler: z.enum(["exit", "success", "failure"]).optional().meta({
+    description: "An exit handler: the step runs after every other step has ended — always " +
+      "(`exit`), or only when the run is succeeding (`success`) or failing (`failure`) — with " +
+      "the outcome in $RUNNEL_RUN_STATUS and $RUNNEL_FAILED_STEPS. Nothing may need it.",
   }),
   retention: RetentionSchema.optional().meta({
     description: "How long `gc` keeps this step's outputs (overrides the pipeline's).",

@@ -14,7 +14,15 @@ import type { z } from "npm:zod@4.6.7";
 import { ConditionSyntaxError, parseCondition } from "./expr.ts";
 import { checkPipelineSize, type PipelineLimits, pipelineLimits } from "./limits.ts";
 import type { Plan } from "./model.ts";
-import { expandMatrix, fansIn, foreachRef, inferBackend, planPipeline, stepEdges } from "./plan.ts";
+import {
+  expandMatrix,
+  fansIn,
+  foreachRef,
+  inferBackend,
+  outputNames,
+  planPipeline,
+  stepEdges,
+} from "./plan.ts";
 import { ITEM_REFERENCE } from "./fanout.ts";
 import {
   BUILTIN_BACKENDS,
@@ -408,7 +416,7 @@ export function checkSteps(
           },
         );
       } else if (
-        source && !view.uncertainOutputs?.has(from) && !(source.outputs ?? []).includes(output)
+        source && !view.uncertainOutputs?.has(from) && !outputNames(source).includes(output)
       ) {
         reporter.at(
           "unknown_output",
@@ -416,8 +424,8 @@ export function checkSteps(
           at("inputs", input),
           {
             key: input,
-            expected: (source.outputs ?? []).join(", "),
-            hint: didYouMean(output, source.outputs ?? []),
+            expected: outputNames(source).join(", "),
+            hint: didYouMean(output, outputNames(source)),
           },
         );
       }
@@ -452,6 +460,7 @@ export function checkSteps(
     }
     if (step.matrix) checkMatrix(name, step.matrix, reporter, sized);
     checkFanOut(name, step, view, reporter);
+    checkHandler(name, step, view, reporter);
   }
   if (view.startNode !== undefined && !known.has(view.startNode)) {
     reporter.at("unknown_step", `"start_node" names unknown step "${view.startNode}"`, [
@@ -464,6 +473,43 @@ export function checkSteps(
   if (options.secrets) checkSecretRefs(view, options.secrets, reporter);
   checkGraph(view, reporter);
   checkValueRefs(view, reporter);
+}
+
+/**
+ * An exit handler (`handler:`) runs after every other step: it says no
+ * `needs` of its own, and nothing needs it or reads its outputs.
+ */
+function checkHandler(name: string, step: StepFile, view: PipelineView, reporter: Reporter): void {
+  if (step.handler !== undefined && (step.needs !== undefined || step.next_node !== undefined)) {
+    const key = step.needs !== undefined ? "needs" : "next_node";
+    reporter.at(
+      "handler_needs",
+      `step "${name}" is an exit handler: it already waits for every other step, so it has no ${key}`,
+      ["steps", name, key],
+      { key, onKey: true, hint: `remove ${key}` },
+    );
+  }
+  const needs = step.needs === undefined
+    ? []
+    : Array.isArray(step.needs)
+    ? step.needs
+    : [step.needs];
+  const refs: Array<[string, PathSegment[]]> = needs.map((need, i) => [
+    need,
+    Array.isArray(step.needs) ? ["needs", i] : ["needs"],
+  ]);
+  for (const [input, ref] of Object.entries(step.inputs ?? {})) {
+    refs.push([ref.split("/")[0], ["inputs", input]]);
+  }
+  for (const [other, path] of refs) {
+    if (other === name || view.steps.get(other)?.handler === undefined) continue;
+    reporter.at(
+      "needs_handler",
+      `step "${name}" needs exit handler "${other}", which runs only after every other step`,
+      ["steps", name, ...path],
+      { key: String(path.at(-1)), hint: "make it a handler too, or drop the dependency" },
+    );
+  }
 }
 
 /**
@@ -571,7 +617,7 @@ function checkFanOut(
         hint: didYouMean(from, names),
       });
     } else if (
-      source && !view.uncertainOutputs?.has(from) && !(source.outputs ?? []).includes(output)
+      source && !view.uncertainOutputs?.has(from) && !outputNames(source).includes(output)
     ) {
       reporter.at(
         "unknown_output",
@@ -579,8 +625,8 @@ function checkFanOut(
         path,
         {
           key: "foreach",
-          expected: (source.outputs ?? []).join(", "),
-          hint: didYouMean(output, source.outputs ?? []),
+          expected: outputNames(source).join(", "),
+          hint: didYouMean(output, outputNames(source)),
         },
       );
     } else if (fansIn(source)) {

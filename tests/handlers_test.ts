@@ -64,3 +64,57 @@ Deno.test("handlers: a cluster refuses an on-exit webhook to a host it does not 
       /webhook \(on-exit\)/.test(error.diagnostics[0].message),
   );
 });
+
+Deno.test("exit handlers are steps: after the DAG, by outcome, told the outcome; nothing may need one", async () => {
+  await using box = await sandbox();
+  const run = (args: string[]) => runCli([...args, "--state-dir", box.stateDir], { cwd: box.dir });
+  const pipeline = (fail: boolean) =>
+    `name: handled
+steps:
+  build: { run: "echo built" }
+  test: { needs: [build], run: "${fail ? "exit 4" : "true"}", retry: { max: 0 } }
+  flaky: { run: "exit 1", continue-on-error: true }
+  cleanup:
+    handler: exit
+    run: echo "cleanup status=$RUNNEL_RUN_STATUS failed=$RUNNEL_FAILED_STEPS"
+  notify:
+    handler: failure
+    run: echo "notify $RUNNEL_RUN_STATUS"
+  promote:
+    handler: success
+    run: echo promote
+`;
+  const ok = await run(["run", await box.write("ok.yaml", pipeline(false)), "--logs"]);
+  assert.equal(ok.code, 0, ok.stderr + ok.stdout);
+  assert.match(ok.stdout, /cleanup │ cleanup status=succeeded failed=flaky\n/);
+  assert.match(ok.stdout, /promote │ promote\n/);
+  assert.doesNotMatch(ok.stdout, /notify │/);
+  // Handlers start only once every other step has ended.
+  const order = ok.stdout.split("\n").filter((line) => /^[▶✓✗]/.test(line));
+  const lastDag = Math.max(
+    ...["build", "test", "flaky"].map((s) =>
+      order.findIndex((line) => new RegExp(`^[✓✗] ${s}\\b`).test(line))
+    ),
+  );
+  assert.ok(order.findIndex((line) => line.startsWith("▶ cleanup")) > lastDag, order.join("\n"));
+
+  const failed = await run(["run", await box.write("fail.yaml", pipeline(true)), "--logs"]);
+  assert.equal(failed.code, 1, failed.stderr + failed.stdout);
+  assert.match(failed.stdout, /cleanup │ cleanup status=failed failed=test,flaky\n/);
+  assert.match(failed.stdout, /notify │ notify failed\n/);
+  assert.doesNotMatch(failed.stdout, /promote │/);
+
+  const bad = await box.write(
+    "bad.yaml",
+    `name: bad
+steps:
+  a: { run: "true" }
+  done: { handler: exit, needs: [a], run: "true", outputs: [x.txt] }
+  b: { needs: [done], run: "true" }
+`,
+  );
+  const located = await run(["validate", bad]);
+  assert.equal(located.code, 2);
+  assert.match(located.stderr, /bad\.yaml:4:26: step "done" is an exit handler/);
+  assert.match(located.stderr, /bad\.yaml:5:16: step "b" needs exit handler "done"/);
+});

@@ -51,3 +51,39 @@ steps:
   await collectGarbage({ stateDir: box.stateDir, now: Date.now() + 4000 * day });
   assert.deepEqual(await names(), ["model.pt"], "forever is forever");
 });
+
+Deno.test("retention: an output's own retention wins over its step's and the pipeline's", async () => {
+  await using box = await sandbox();
+  const file = await box.write(
+    "p.yaml",
+    `name: per-output
+retention: 30d
+steps:
+  train:
+    retention: 2d
+    run: |
+      echo weights > "$RUNNEL_OUTPUT_MODEL_PT"
+      echo log > "$RUNNEL_OUTPUT_TRAIN_LOG"
+      echo curve > "$RUNNEL_OUTPUT_CURVE_CSV"
+    outputs:
+      - { name: model.pt, retention: forever }
+      - train.log
+      - { name: curve.csv, retention: 60d }
+`,
+  );
+  const summary = await runPipeline(await loadPipeline(file), { stateDir: box.stateDir });
+  assert.equal(summary.status, "succeeded");
+  const day = 24 * 3600 * 1000;
+  const names = async () => {
+    const state = await openLocalState(box.stateDir, { readOnly: true });
+    try {
+      return (await state.artifacts.list({ run: summary.runId })).map((a) => a.name).sort();
+    } finally {
+      await state.close();
+    }
+  };
+  await collectGarbage({ stateDir: box.stateDir, now: Date.now() + 5 * day });
+  assert.deepEqual(await names(), ["curve.csv", "model.pt"], "the step's 2d took train.log");
+  await collectGarbage({ stateDir: box.stateDir, now: Date.now() + 90 * day });
+  assert.deepEqual(await names(), ["model.pt"]);
+});

@@ -37,11 +37,12 @@ export async function collectGarbage(
       now,
       retentionMs,
       dryRun: options.dryRun,
-      // A pipeline (or step) that says how long its outputs live wins over --retention.
+      // An output, step or pipeline that says how long it lives wins over --retention.
       retentionOf: (record) => {
         const retention = retentionOfRun.get(record.run);
         const name = record.step.split("[")[0];
-        return retention?.steps?.[name] ?? retention?.run;
+        return retention?.outputs?.[`${name}/${record.name}`] ?? retention?.steps?.[name] ??
+          retention?.run;
       },
     });
     let runsCleaned = 0;

@@ -44,7 +44,7 @@ export interface RunRecord extends RunHeader {
   /** Its name (`run-name`). */
   name?: string;
   /** How long `gc` keeps its artifacts (the pipeline's and steps' `retention:`). */
-  retention?: { run?: number | "forever"; steps?: Record<string, number | "forever"> };
+  retention?: Plan["retention"];
   /** The run's parameter values; a resume plans the file again with them. */
   params?: Record<string, string | number | boolean>;
   /** Third-party backends the run was started with; a resume loads them again. */
