@@ -159,6 +159,12 @@ async function main(line: CommandLine): Promise<number> {
         retentionMs: flags.retention ? durationFlag(flags.retention, "--retention") : undefined,
         dryRun: flags["dry-run"],
       });
+    case "storage":
+      return await local.storageCommand({
+        stateDir,
+        json: flags.json,
+        prometheus: flags.prometheus,
+      });
     case "pin":
     case "unpin":
       return await local.pinCommand(need("a run id"), { pin: command === "pin", stateDir });

@@ -168,11 +168,14 @@ export {
   LocalRunError,
   logPath,
   openLocalState,
+  type PipelineStorage,
   readStepStates,
   rerunRun,
   resumeRun,
   runPipeline,
   statePaths,
+  storageByPipeline,
+  storageMetrics,
   waitForRunEnd,
 } from "./agent/local/mod.ts";
 export type {

@@ -5,8 +5,14 @@
  */
 
 import assert from "node:assert/strict";
-import { collectGarbage, loadPipeline, openLocalState, runPipeline } from "../mod.ts";
-import { sandbox } from "./_helpers.ts";
+import {
+  collectGarbage,
+  loadPipeline,
+  openLocalState,
+  runPipeline,
+  storageByPipeline,
+} from "../mod.ts";
+import { runCli, sandbox } from "./_helpers.ts";
 
 Deno.test("retention: a step's forever outlives gc, the pipeline's own period applies to the rest", async () => {
   await using box = await sandbox();
@@ -86,4 +92,34 @@ steps:
   assert.deepEqual(await names(), ["curve.csv", "model.pt"], "the step's 2d took train.log");
   await collectGarbage({ stateDir: box.stateDir, now: Date.now() + 90 * day });
   assert.deepEqual(await names(), ["model.pt"]);
+});
+
+Deno.test("storage: bytes and objects by pipeline, as a table, JSON and Prometheus gauges", async () => {
+  await using box = await sandbox();
+  for (const [name, bytes] of [["alpha", 1000], ["beta", 300]] as const) {
+    const file = await box.write(
+      `${name}.yaml`,
+      `name: ${name}
+steps:
+  make:
+    run: |
+      head -c ${bytes} /dev/zero > "$RUNNEL_OUTPUT_A_BIN"
+      head -c ${bytes} /dev/zero | tr '\\\\0' x > "$RUNNEL_OUTPUT_B_BIN"
+    outputs: [a.bin, b.bin]
+`,
+    );
+    const summary = await runPipeline(await loadPipeline(file), { stateDir: box.stateDir });
+    assert.equal(summary.status, "succeeded");
+  }
+  assert.deepEqual(await storageByPipeline({ stateDir: box.stateDir }), [
+    { pipeline: "alpha", objects: 2, bytes: 2000 },
+    { pipeline: "beta", objects: 2, bytes: 600 },
+  ]);
+  const cli = await runCli(["storage", "--prometheus", "--state-dir", box.stateDir], {
+    cwd: box.dir,
+  });
+  assert.equal(cli.code, 0, cli.stderr);
+  assert.match(cli.stdout, /^# TYPE runnel_artifact_bytes gauge$/m);
+  assert.match(cli.stdout, /^runnel_artifact_bytes\{pipeline="alpha"\} 2000$/m);
+  assert.match(cli.stdout, /^runnel_artifact_objects\{pipeline="beta"\} 2$/m);
 });

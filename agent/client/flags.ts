@@ -40,6 +40,7 @@ Commands:
   rerun RUN STEP…      a new run of a finished run: those steps run again (--downstream: and
                        what depends on them), every other step is reused by digest
   gc                   delete artifacts of unpinned runs older than --retention
+  storage              the artifact store's bytes and objects by pipeline [--prometheus]
   pin RUN | unpin RUN  keep (or stop keeping) a run's artifacts through gc
   backends             list the backends and whether this host can run them
 
@@ -133,6 +134,7 @@ const OPTIONS = {
   follow: { type: "boolean", short: "f" },
   retention: { type: "string" },
   "dry-run": { type: "boolean" },
+  prometheus: { type: "boolean" },
   plugin: { type: "string", multiple: true },
   config: { type: "string" },
   secrets: { type: "string" },

@@ -34,6 +34,8 @@ import {
   type RunSummary,
   type SecretSource,
   statePaths,
+  storageByPipeline,
+  storageMetrics,
   validateStepConfigs,
   waitForRunEnd,
 } from "../../mod.ts";
@@ -363,6 +365,28 @@ export async function gcCommand(
       formatBytes(result.bytesFreed)
     }), scratch and logs of ${result.runsCleaned} runs`,
   );
+}
+
+/** `runnel storage [--json | --prometheus]`: the artifact store's bytes and objects by pipeline. */
+export async function storageCommand(
+  options: { stateDir?: string; json?: boolean; prometheus?: boolean },
+): Promise<number> {
+  const usage = await storageByPipeline(options);
+  if (options.prometheus) {
+    await Deno.stdout.write(new TextEncoder().encode(await storageMetrics(usage)));
+    return 0;
+  }
+  if (options.json) return print(JSON.stringify(usage, null, 2));
+  const width = Math.max(8, ...usage.map((row) => row.pipeline.length));
+  const lines = [`${"PIPELINE".padEnd(width)}  OBJECTS  BYTES`];
+  for (const row of usage) {
+    lines.push(
+      `${row.pipeline.padEnd(width)}  ${String(row.objects).padStart(7)}  ${
+        formatBytes(row.bytes)
+      }`,
+    );
+  }
+  return print(lines.join("\n"));
 }
 
 /** `runnel pin RUN` and `runnel unpin RUN`. */

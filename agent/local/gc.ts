@@ -4,6 +4,7 @@
  * @module
  */
 
+import client from "npm:prom-client@15.1.3";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import { listRuns, openLocalState } from "./state.ts";
@@ -69,4 +70,61 @@ export async function collectGarbage(
   } finally {
     await state.close();
   }
+}
+
+/** Bytes and objects of the artifact store that belong to one pipeline's runs. */
+export interface PipelineStorage {
+  pipeline: string;
+  /** Artifact records (outputs of steps) of its runs. */
+  objects: number;
+  /** Their bytes (a blob shared by two records counts twice). */
+  bytes: number;
+}
+
+/**
+ * What the artifact store holds, by pipeline (`runnel storage`): the
+ * `runnel_artifact_bytes` and `runnel_artifact_objects` gauges.
+ */
+export async function storageByPipeline(
+  options: { stateDir?: string } = {},
+): Promise<PipelineStorage[]> {
+  const state = await openLocalState(options.stateDir, { readOnly: true });
+  try {
+    const pipelineOf = new Map(
+      (await listRuns(state.store)).map((run) => [run.runId, run.pipeline]),
+    );
+    const totals = new Map<string, PipelineStorage>();
+    for (const record of await state.artifacts.list()) {
+      const pipeline = pipelineOf.get(record.run) ?? "(unknown run)";
+      const total = totals.get(pipeline) ?? { pipeline, objects: 0, bytes: 0 };
+      total.objects += 1;
+      total.bytes += record.size;
+      totals.set(pipeline, total);
+    }
+    return [...totals.values()].sort((a, b) => a.pipeline.localeCompare(b.pipeline));
+  } finally {
+    await state.close();
+  }
+}
+
+/** The storage gauges in Prometheus' text format (for a node_exporter textfile, say). */
+export async function storageMetrics(usage: PipelineStorage[]): Promise<string> {
+  const registry = new client.Registry();
+  const bytes = new client.Gauge({
+    name: "runnel_artifact_bytes",
+    help: "Bytes of artifacts in the store, by pipeline.",
+    labelNames: ["pipeline"],
+    registers: [registry],
+  });
+  const objects = new client.Gauge({
+    name: "runnel_artifact_objects",
+    help: "Artifacts (step outputs) in the store, by pipeline.",
+    labelNames: ["pipeline"],
+    registers: [registry],
+  });
+  for (const row of usage) {
+    bytes.set({ pipeline: row.pipeline }, row.bytes);
+    objects.set({ pipeline: row.pipeline }, row.objects);
+  }
+  return await registry.metrics();
 }

@@ -62,7 +62,13 @@ export {
   waitForRunEnd,
 } from "./state.ts";
 export type { RunEvent, RunSummary } from "./driver.ts";
-export { collectGarbage, type GcResult } from "./gc.ts";
+export {
+  collectGarbage,
+  type GcResult,
+  type PipelineStorage,
+  storageByPipeline,
+  storageMetrics,
+} from "./gc.ts";
 export { deliverWebhook } from "../effects.ts";
 
 /** Options of {@link runPipeline} and {@link resumeRun}. */
