@@ -134,7 +134,14 @@ export async function validateStepConfigs(
   const diagnostics: Diagnostic[] = [];
   const seen = new Set<string>();
   for (const stepId of plan.order) {
-    const step = plan.steps[stepId];
+    // A split node's legs are checked before they exist, by their template.
+    const step = plan.steps[stepId].fanOut
+      ? {
+        ...plan.steps[stepId].fanOut!.leg,
+        name: plan.steps[stepId].name,
+        source: plan.steps[stepId].source,
+      }
+      : plan.steps[stepId];
     if (!pool.source(step.backend)) continue;
     const key = JSON.stringify([step.name, step.backend, step.config]);
     if (seen.has(key)) continue;

@@ -817,7 +817,12 @@ export class RunEngine {
       step.outputs = result.outputs;
       if (result.values && Object.keys(result.values).length > 0) step.values = result.values;
       if (result.cached) step.cached = true;
-      this.#setStatus(id, "succeeded", now);
+      this.#setStatus(
+        id,
+        "succeeded",
+        now,
+        result.childRun !== undefined ? `child run ${result.childRun}` : undefined,
+      );
       return;
     }
     if (this.#unmet.get(id)! > 0) {

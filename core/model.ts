@@ -363,6 +363,8 @@ export type AttemptResult =
     cached?: boolean;
     /** A split node's legs (`batch:` / `foreach:`), in order. */
     fanOut?: FanOutLeg[];
+    /** The child run of a `pipeline:` step. */
+    childRun?: string;
     usage?: Usage;
   }
   | {
@@ -373,6 +375,8 @@ export type AttemptResult =
     usage?: Usage;
     /** The attempt was lost with its worker (or runner), not failed by the step. */
     lost?: true;
+    /** The child run of a `pipeline:` step. */
+    childRun?: string;
   };
 
 /** One attempt of a step. */

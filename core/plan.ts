@@ -23,6 +23,7 @@ import {
 import {
   MAX_FAN_OUT_LEGS,
   type OnFailureFile,
+  PIPELINE_BACKEND,
   type PipelineFile,
   type RetryFile,
   type StepFile,
@@ -93,6 +94,7 @@ const MATRIX_REFERENCE = /\$\{\{\s*matrix\.([A-Za-z][A-Za-z0-9_-]*)\s*\}\}/g;
 
 /** The backend a step implies by its keys: module→deno, image→docker, host→ssh, run→shell. */
 export function inferBackend(step: StepFile): string | undefined {
+  if (step.pipeline !== undefined) return PIPELINE_BACKEND;
   if (step.module !== undefined) return "deno";
   if (step.build !== undefined) return "docker";
   if (step.image !== undefined) return "docker";
@@ -246,7 +248,32 @@ export function foreachRef(step: StepFile): string | undefined {
 
 /** The file names of a step's `outputs` (each a name, or `{ name, retention }`). */
 export function outputNames(step: StepFile | undefined): string[] {
+  const sub = step?.pipeline;
+  if (sub !== undefined) return typeof sub === "string" ? [] : Object.keys(sub.outputs ?? {});
   return (step?.outputs ?? []).map((output) => typeof output === "string" ? output : output.name);
+}
+
+/** A `pipeline:` step's child, as its config holds it. */
+export interface SubPipelineConfig {
+  file?: string;
+  name?: string;
+  version?: number;
+  params: Record<string, string | number | boolean>;
+  /** This step's output → `childStep/output`. */
+  outputs: Record<string, string>;
+}
+
+/** The config of a `pipeline:` step. */
+export function subPipelineConfig(step: StepFile): SubPipelineConfig {
+  const sub = step.pipeline!;
+  if (typeof sub === "string") return { file: sub, params: {}, outputs: {} };
+  return {
+    ...(sub.file !== undefined ? { file: sub.file } : {}),
+    ...(sub.name !== undefined ? { name: sub.name } : {}),
+    ...(sub.version !== undefined ? { version: sub.version } : {}),
+    params: { ...sub.params },
+    outputs: { ...sub.outputs },
+  };
 }
 
 /** The condition of an exit handler of each kind (`handler:`). */
@@ -465,7 +492,9 @@ export function planPipeline(
       ...dagIds,
     ];
     const source = options.locate(["steps", name]);
-    const backend = step.backend ?? defaults.backend ?? inferBackend(step)!;
+    const backend = step.pipeline !== undefined
+      ? PIPELINE_BACKEND
+      : step.backend ?? defaults.backend ?? inferBackend(step)!;
     for (const leg of legsByName.get(name)!) {
       const unknownKeys = new Set<string>();
       const interpolate = (text: string): string =>
@@ -486,6 +515,9 @@ export function planPipeline(
       };
       const config: Record<string, unknown> = {};
       for (const key of CONFIG_KEYS) if (step[key] !== undefined) config[key] = deep(step[key]);
+      if (step.pipeline !== undefined) {
+        Object.assign(config, deep(subPipelineConfig(step)) as Record<string, unknown>);
+      }
       const env = deep({ ...stringMap(defaults.env), ...stringMap(step.env) }) as Record<
         string,
         string

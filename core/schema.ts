@@ -39,6 +39,8 @@ export const SAFE_NAME_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/;
 export const ENV_NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** Backends built into runnel; plugins add more through load options. */
 export const BUILTIN_BACKENDS = ["deno", "shell", "docker", "ssh", "kubernetes"] as const;
+/** The backend of a step that runs another pipeline (`pipeline:`), run by the drivers themselves. */
+export const PIPELINE_BACKEND = "pipeline";
 /** Error classes a `retry.on` list may name (business and cancelled are never retried). */
 export const RETRYABLE_CLASSES = ERROR_CLASSES.filter((c) =>
   c !== "business" && c !== "cancelled"
@@ -261,6 +263,32 @@ export const BatchSchema = z.strictObject({
 }).meta({
   description: "Split an input into batches at run time and run one leg per batch " +
     "(`name[batch=0007]`); a step reading this step's outputs gets one per batch, in order.",
+});
+
+/** `pipeline:` — a step that runs another pipeline as a child run. */
+export const SubPipelineSchema = z.union([
+  z.string().min(1).meta({ description: "A pipeline file, relative to this one." }),
+  z.strictObject({
+    file: z.string().min(1).optional().meta({
+      description: "A pipeline file, relative to this one (shipped with it to a cluster).",
+    }),
+    name: z.string().regex(PIPELINE_NAME_PATTERN).optional().meta({
+      description: "A registered pipeline (cluster, `runnel apply`), instead of a file.",
+    }),
+    version: z.number().int().positive().optional().meta({
+      description: "With `name`: its version (default its current one).",
+    }),
+    params: z.record(z.string(), scalar).optional().meta({
+      description: "The child's parameter values (`${{ params.x }}` of this pipeline allowed).",
+    }),
+    outputs: z.record(z.string().regex(SAFE_NAME_PATTERN), z.string().regex(/^[^/]+\/[^/]+$/))
+      .optional().meta({
+        description: 'This step\'s outputs: name → "childStep/output" of the child run.',
+      }),
+  }),
+]).meta({
+  description: "Run another pipeline as a child run, linked to this one (`runnel show`), " +
+    "cancelled with it; its chosen outputs become this step's.",
 });
 
 /** `foreach:` — one leg per item of a JSON list an upstream step wrote. */
@@ -541,6 +569,7 @@ export const StepSchema = z.strictObject({
   }),
   selector: SelectorSchema.optional(),
   matrix: MatrixSchema.optional(),
+  pipeline: SubPipelineSchema.optional(),
   batch: BatchSchema.optional(),
   foreach: ForeachSchema.optional(),
   "on-failure": OnFailureSchema.optional(),

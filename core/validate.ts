@@ -9,7 +9,8 @@
  */
 
 import { VALUE_REFERENCE } from "./values.ts";
-import { isAbsolute, resolve } from "node:path";
+import { basename, dirname, isAbsolute, relative, resolve } from "node:path";
+import { parse as parseYaml } from "npm:yaml@2.9.1";
 import type { z } from "npm:zod@4.6.7";
 import { ConditionSyntaxError, parseCondition } from "./expr.ts";
 import { checkPipelineSize, type PipelineLimits, pipelineLimits } from "./limits.ts";
@@ -22,10 +23,12 @@ import {
   outputNames,
   planPipeline,
   stepEdges,
+  subPipelineConfig,
 } from "./plan.ts";
 import { ITEM_REFERENCE } from "./fanout.ts";
 import {
   BUILTIN_BACKENDS,
+  PIPELINE_BACKEND,
   type PipelineFile,
   PipelineSchema,
   type StepFile,
@@ -304,8 +307,12 @@ export function checkSteps(
     if (!step) continue;
     const at = (...path: PathSegment[]) => ["steps", name, ...path];
     const dropped = view.droppedKeys?.get(name) ?? new Set<string>();
-    const backend = step.backend ?? view.defaultBackend ?? inferBackend(step);
-    if (["backend", "module", "image", "build", "host", "run"].some((k) => dropped.has(k))) {
+    const backend = step.pipeline !== undefined
+      ? PIPELINE_BACKEND
+      : step.backend ?? view.defaultBackend ?? inferBackend(step);
+    if (step.pipeline !== undefined) {
+      // Run by the drivers themselves; checked by checkSubPipeline.
+    } else if (["backend", "module", "image", "build", "host", "run"].some((k) => dropped.has(k))) {
       // The step's backend cannot be known; its own diagnostics say why.
     } else if (backend === undefined) {
       reporter.at(
@@ -461,6 +468,9 @@ export function checkSteps(
     if (step.matrix) checkMatrix(name, step.matrix, reporter, sized);
     checkFanOut(name, step, view, reporter);
     checkHandler(name, step, view, reporter);
+    if (step.pipeline !== undefined) {
+      checkSubPipeline(name, step, { ...options, file: reporter.positions.file }, reporter);
+    }
   }
   if (view.startNode !== undefined && !known.has(view.startNode)) {
     reporter.at("unknown_step", `"start_node" names unknown step "${view.startNode}"`, [
@@ -473,6 +483,128 @@ export function checkSteps(
   if (options.secrets) checkSecretRefs(view, options.secrets, reporter);
   checkGraph(view, reporter);
   checkValueRefs(view, reporter);
+}
+
+/** Most pipelines deep a chain of `pipeline:` steps may go. */
+const MAX_SUB_PIPELINE_DEPTH = 16;
+
+/**
+ * A `pipeline:` step runs a child: a file inside the pipeline directory
+ * (that exists), or a registered name, never both; its outputs are the
+ * ones it maps; and no chain of files leads back to a file on it.
+ */
+function checkSubPipeline(
+  name: string,
+  step: StepFile,
+  options: CheckOptions & { file?: string },
+  reporter: Reporter,
+): void {
+  const at = (...path: PathSegment[]) => ["steps", name, "pipeline", ...path];
+  const sub = step.pipeline!;
+  const config = subPipelineConfig(step);
+  for (const key of ["run", "module", "image", "build", "host", "outputs"] as const) {
+    if (step[key] === undefined) continue;
+    reporter.at(
+      "pipeline_step_key",
+      key === "outputs"
+        ? `step "${name}" runs a pipeline: its outputs are the keys of pipeline.outputs`
+        : `step "${name}" runs a pipeline and cannot also have "${key}"`,
+      ["steps", name, key],
+      {
+        key,
+        onKey: true,
+        hint: key === "outputs" ? 'map them: outputs: { out.csv: "step/out.csv" }' : undefined,
+      },
+    );
+  }
+  if ((config.file === undefined) === (config.name === undefined)) {
+    reporter.at(
+      "pipeline_ref",
+      `step "${name}" runs a pipeline: give exactly one of "file" or "name"`,
+      at(),
+      { key: "pipeline", onKey: true },
+    );
+    return;
+  }
+  if (config.file === undefined || config.file.includes("${{")) return;
+  const path = typeof sub === "string" ? at() : at("file");
+  if (leavesDir(config.file, options.baseDir)) {
+    reporter.at(
+      "path_escape",
+      `pipeline "${config.file}" of step "${name}" is outside the pipeline directory`,
+      path,
+      { key: "pipeline", expected: "a path inside the pipeline directory, like ./child.yaml" },
+    );
+    return;
+  }
+  const root = options.file === undefined
+    ? undefined
+    : resolve(options.baseDir, basename(options.file));
+  const start = resolve(options.baseDir, config.file);
+  // Depth-first over the files the child runs in turn.
+  const chain: string[] = [];
+  const visit = (file: string): string | undefined => {
+    if (file === root || chain.includes(file)) {
+      return [...chain, file].map((f) => relative(options.baseDir, f) || basename(f)).join(" → ");
+    }
+    if (chain.length >= MAX_SUB_PIPELINE_DEPTH) return undefined;
+    let text: string;
+    try {
+      const bytes = options.readFile ? options.readFile(file) : Deno.readFileSync(file);
+      if (bytes === undefined) throw new Deno.errors.NotFound(file);
+      text = new TextDecoder().decode(bytes);
+    } catch (error) {
+      if (chain.length === 0) throw error;
+      return undefined;
+    }
+    chain.push(file);
+    for (const child of childFiles(text)) {
+      const cycle = visit(resolve(dirname(file), child));
+      if (cycle) return cycle;
+    }
+    chain.pop();
+    return undefined;
+  };
+  try {
+    const cycle = visit(start);
+    if (cycle) {
+      reporter.at(
+        "pipeline_cycle",
+        `step "${name}" runs pipeline "${config.file}", which leads back: ${
+          root ? `${basename(root)} → ` : ""
+        }${cycle}`,
+        path,
+        { key: "pipeline", hint: "a pipeline cannot run itself, directly or not" },
+      );
+    }
+  } catch {
+    reporter.at(
+      "missing_pipeline",
+      `pipeline "${config.file}" of step "${name}" does not exist or cannot be read ` +
+        `(looked for ${start})`,
+      path,
+      { key: "pipeline" },
+    );
+  }
+}
+
+/** The files a pipeline's `pipeline:` steps run (read leniently: the file is validated when it runs). */
+function childFiles(text: string): string[] {
+  let doc: unknown;
+  try {
+    doc = parseYaml(text, { maxAliasCount: 100 });
+  } catch {
+    return [];
+  }
+  const steps = (doc as { steps?: unknown })?.steps;
+  if (!steps || typeof steps !== "object") return [];
+  const files: string[] = [];
+  for (const step of Object.values(steps as Record<string, unknown>)) {
+    const sub = (step as { pipeline?: unknown })?.pipeline;
+    const file = typeof sub === "string" ? sub : (sub as { file?: unknown })?.file;
+    if (typeof file === "string" && !file.includes("${{")) files.push(file);
+  }
+  return files;
 }
 
 /**

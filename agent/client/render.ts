@@ -18,6 +18,7 @@ export interface RunSummaryRecord extends RunHeader {
   params?: Record<string, string | number | boolean>;
   /** The run this one reruns steps of (`runnel rerun`). */
   rerunOf?: string;
+  parent?: { runId: string; stepId: string };
   /** Why it has not started (a full concurrency key). */
   waiting?: string;
   /** Its name (`run-name`) and labels. */
@@ -74,6 +75,7 @@ export function renderRun(view: RunView): string {
     lines.push(`duration  ${formatMs(run.finishedAt - run.startedAt)}`);
   }
   if (run.rerunOf) lines.push(`rerun of ${run.rerunOf}`);
+  if (run.parent) lines.push(`child of ${run.parent.runId} (step ${run.parent.stepId})`);
   if (run.waiting && run.status === "pending") lines.push(`waiting   ${run.waiting}`);
   if (run.name) lines.push(`name      ${run.name}`);
   const labels = Object.entries(run.labels ?? {});

@@ -14,10 +14,12 @@
 
 import type { RunEngine } from "../../core/engine.ts";
 import type {
+  ArtifactRef,
   AttemptResult,
   Effect,
   EngineEvent,
   Plan,
+  PlannedStep,
   RunStatus,
   StepState,
   StepStatus,
@@ -32,7 +34,9 @@ import type {
   RunningAttempt,
   StopReason,
 } from "../attempt/mod.ts";
-import { exhaustedResult, isResourceExhaustion } from "../attempt/mod.ts";
+import { exhaustedResult, isResourceExhaustion, stoppedResult } from "../attempt/mod.ts";
+import { PIPELINE_BACKEND } from "../../core/schema.ts";
+import type { SubPipelineConfig } from "../../core/plan.ts";
 import { errorClassOf } from "../attempt/io.ts";
 import type { Execution } from "../../backends/backend.ts";
 import { type SmtpSettings, WakeTimer, WebhookNotifier } from "../effects.ts";
@@ -101,6 +105,18 @@ export interface LocalDriverContext {
   secrets?: SecretStore;
   /** The SMTP server email alerts go through (`--smtp`). */
   smtp?: SmtpSettings;
+  /** Runs the child of a `pipeline:` step to its end. */
+  runChild?: (request: ChildRequest) => Promise<RunSummary>;
+}
+
+/** What a `pipeline:` step asks of its driver: a child run. */
+export interface ChildRequest {
+  config: SubPipelineConfig;
+  /** The parent's pipeline directory: the child's file is relative to it. */
+  baseDir: string;
+  parent: { runId: string; stepId: string; attemptId: string };
+  signal: AbortSignal;
+  onEvent: (event: RunEvent) => void;
 }
 
 /** One attempt in flight. */
@@ -462,6 +478,12 @@ export class LocalDriver {
       }
       log = await this.#openLog(active);
       if (active.stopped) return;
+      if (step.backend === PIPELINE_BACKEND) {
+        active.started = true;
+        active.running = this.#child(step, gets.config, attemptId, log);
+        result = await active.running.result;
+        return this.#report(active, attemptId, log.failure ?? result);
+      }
       const sink = {
         onLog: log.onLog,
         onStarted: () => {
@@ -508,6 +530,87 @@ export class LocalDriver {
       });
     }
     this.#report(active, attemptId, result);
+  }
+
+  /**
+   * A `pipeline:` step's attempt: its child run, started through the
+   * context, linked both ways (the child's record names this attempt, the
+   * result names the child), cancelled when the attempt is stopped. The
+   * outputs it maps become this step's.
+   */
+  #child(
+    step: PlannedStep,
+    config: Record<string, unknown>,
+    attemptId: string,
+    log: LogFile,
+  ): RunningAttempt {
+    const sub = config as unknown as SubPipelineConfig;
+    const controller = new AbortController();
+    let stopReason: StopReason | undefined;
+    let childRun: string | undefined;
+    const say = (text: string) => log.onLog({ stream: "stdout", text: `runnel: ${text}\n` });
+    const result = (async (): Promise<AttemptResult> => {
+      if (!this.#context.runChild) throw new Error("this runner cannot start child runs");
+      const summary = await this.#context.runChild({
+        config: sub,
+        baseDir: this.#plan.baseDir,
+        parent: { runId: this.#context.record.runId, stepId: step.id, attemptId },
+        signal: controller.signal,
+        onEvent: (event) => {
+          if (childRun === undefined && "runId" in event) {
+            childRun = event.runId;
+            say(`child run ${childRun} of ${sub.file} started`);
+          }
+        },
+      });
+      childRun = summary.runId;
+      await say(`child run ${childRun} ${summary.status}`);
+      if (stopReason) return { ...stoppedResult(stopReason), childRun };
+      if (summary.status !== "succeeded") {
+        return {
+          ok: false,
+          errorClass: "application",
+          message: `child run ${childRun} of ${sub.file} ${summary.status}`,
+          childRun,
+        };
+      }
+      const outputs: Record<string, ArtifactRef> = {};
+      for (const [name, ref] of Object.entries(sub.outputs)) {
+        const [childStep, childOutput] = ref.split("/");
+        const found = summary.steps[childStep]?.outputs?.[childOutput];
+        if (!found) {
+          return {
+            ok: false,
+            errorClass: "artifact",
+            message:
+              `child run ${childRun} has no output "${childOutput}" of step "${childStep}" ` +
+              `(mapped to this step's "${name}")`,
+            childRun,
+          };
+        }
+        outputs[name] = { ...found, name };
+      }
+      return { ok: true, exitCode: 0, outputs, childRun };
+    })().catch((error): AttemptResult => ({
+      ...(stopReason ? stoppedResult(stopReason) : {
+        ok: false,
+        errorClass: "application",
+        message: `child pipeline ${sub.file ?? sub.name}: ${(error as Error).message ?? error}`,
+      }),
+      ...(childRun ? { childRun } : {}),
+    } as AttemptResult));
+    return {
+      attemptId,
+      result,
+      get stopped() {
+        return stopReason !== undefined;
+      },
+      stop(reason: StopReason) {
+        if (stopReason) return;
+        stopReason = reason;
+        controller.abort();
+      },
+    };
   }
 
   /**

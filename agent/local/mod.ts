@@ -8,8 +8,10 @@
  * @module
  */
 
+import { resolve } from "node:path";
 import type { SmtpSettings } from "../effects.ts";
 import { SPLIT_BACKEND } from "../../core/fanout.ts";
+import { PIPELINE_BACKEND } from "../../core/schema.ts";
 import { RunEngine } from "../../core/engine.ts";
 import type { EngineEvent, Plan, StepState } from "../../core/model.ts";
 import type { PipelineLimits } from "../../core/limits.ts";
@@ -28,7 +30,7 @@ import {
 } from "../../backends/mod.ts";
 import { AttemptLifecycle, type AttemptRecord } from "../attempt/mod.ts";
 import type { AttemptPolicy } from "../attempt/policy.ts";
-import { LocalDriver, type RunEvent, type RunSummary } from "./driver.ts";
+import { type ChildRequest, LocalDriver, type RunEvent, type RunSummary } from "./driver.ts";
 import {
   assertNoLiveOwner,
   diskFullError,
@@ -113,6 +115,8 @@ export interface LocalRunOptions {
   reuse?: Record<string, StepState>;
   /** The run a rerun reruns steps of. */
   rerunOf?: string;
+  /** The run (and step) this one is the child of (`pipeline:` steps). */
+  parent?: RunRecord["parent"];
   /** Labels of the run, added to the pipeline's (`--label`). */
   labels?: Record<string, string>;
   /** Backends' settings of the `--config` file (ssh host aliases), for the run's own pool. */
@@ -302,6 +306,7 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
     };
     if (plan.params) record.params = plan.params;
     if (options.rerunOf) record.rerunOf = options.rerunOf;
+    if (options.parent) record.parent = options.parent;
     if (plan.labels || options.labels) record.labels = { ...plan.labels, ...options.labels };
     if (plan.runName) record.name = plan.runName;
     if (plan.retention) record.retention = plan.retention;
@@ -516,7 +521,7 @@ function recoverRun(
         keep: options.keep,
         alsoAsk: plan
           ? [...new Set(Object.values(plan.steps).map((step) => step.backend))]
-            .filter((backend) => backend !== SPLIT_BACKEND)
+            .filter((backend) => backend !== SPLIT_BACKEND && backend !== PIPELINE_BACKEND)
           : [],
         onDiagnostic: options.onDiagnostic,
       })
@@ -556,7 +561,38 @@ function driverContext(
     env: options.env,
     secrets: new SecretStore(options.secrets, { env: options.env }),
     ...(options.smtp ? { smtp: options.smtp } : {}),
+    runChild: (request: ChildRequest) => runChild(request, { ...options, pool }),
   };
+}
+
+/**
+ * Runs the child of a `pipeline:` step in this process, with the parent's
+ * state directory, backends and policy: its file loaded (parameters
+ * applied) and run to its end; aborting `signal` cancels it.
+ */
+async function runChild(request: ChildRequest, options: LocalRunOptions): Promise<RunSummary> {
+  const { config } = request;
+  if (config.file === undefined) {
+    throw new LocalRunError(
+      "registered_pipeline",
+      `pipeline "${config.name}" is a registered pipeline, which only a cluster has; ` +
+        "local mode runs a file (pipeline: { file: ./child.yaml })",
+    );
+  }
+  const plan = await loadPipeline(resolve(request.baseDir, config.file), {
+    params: config.params,
+    backends: options.plugins?.map((plugin) => plugin.name),
+  });
+  return await runPipeline(plan, {
+    ...options,
+    params: undefined,
+    reuse: undefined,
+    rerunOf: undefined,
+    labels: undefined,
+    onEvent: request.onEvent,
+    signal: request.signal,
+    parent: request.parent,
+  });
 }
 
 /**

@@ -39,6 +39,8 @@ export interface RunRecord extends RunHeader {
   planStored?: boolean;
   /** The run this one reruns steps of (`runnel rerun`). */
   rerunOf?: string;
+  /** The run (and its `pipeline:` step) that started this one as its child. */
+  parent?: { runId: string; stepId: string; attemptId: string };
   /** Its labels (the pipeline's and `--label`'s). */
   labels?: Record<string, string>;
   /** Its name (`run-name`). */

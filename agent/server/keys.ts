@@ -55,6 +55,8 @@ export interface ClusterRunRecord extends RunHeader {
    * (`agent/server/pipelines.ts`); `tick` when a schedule started it.
    */
   registered?: { name: string; version: number; tick?: number };
+  /** The run (and its `pipeline:` step's attempt) that started this one as its child. */
+  parent?: { runId: string; stepId: string; attemptId: string };
 }
 
 /** What one backend can do on a worker (its fingerprint). */

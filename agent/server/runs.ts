@@ -50,6 +50,10 @@ export async function submitRun(
     labels?: Record<string, string>;
     /** The registered pipeline and version it runs (`runnel trigger`, a schedule). */
     registered?: { name: string; version: number; tick?: number };
+    /** Its id, when the caller decides it (a child run's, derived from its parent's attempt). */
+    runId?: string;
+    /** The run whose `pipeline:` step started this one. */
+    parent?: ClusterRunRecord["parent"];
     /**
      * Compares and writes made in the same transaction as the run (a
      * schedule's fence and its advanced state); the run is not created
@@ -74,7 +78,7 @@ export async function submitRun(
   }
   const now = options.now ?? Date.now();
   const record: ClusterRunRecord = {
-    runId: newRunId(now),
+    runId: options.runId ?? newRunId(now),
     pipeline: plan.name,
     file: options.file ?? plan.file,
     planDigest: plan.digest,
@@ -92,6 +96,7 @@ export async function submitRun(
     ...(plan.runName ? { name: plan.runName } : {}),
     ...(plan.params ? { params: plan.params } : {}),
     ...(options.registered ? { registered: options.registered } : {}),
+    ...(options.parent ? { parent: options.parent } : {}),
   };
   // The plan first: the scheduler reads it when it sees the record.
   const result = await store.txn({

@@ -20,6 +20,7 @@
 
 import { RunEngine, runStateOf, syncHeader } from "../../core/engine.ts";
 import type {
+  ArtifactRef,
   AttemptResult,
   Effect,
   EngineEvent,
@@ -41,6 +42,14 @@ import { statusIndexOps } from "./run_index.ts";
 import { type AttemptGets, attemptGets } from "../../core/attempt.ts";
 import { ValueMissingError } from "../../core/values.ts";
 import { isTerminalRunStatus, isTerminalStepStatus } from "../../core/model.ts";
+import { createHash } from "node:crypto";
+import { dirname, resolve } from "node:path";
+import { PIPELINE_BACKEND } from "../../core/schema.ts";
+import type { SubPipelineConfig } from "../../core/plan.ts";
+import { parsePipeline } from "../../core/load.ts";
+import { bundleFile, getBundle } from "../bundle.ts";
+import { versionToRun } from "./pipelines.ts";
+import { clusterStepStates, submitRun } from "./runs.ts";
 
 /** Something the scheduler did, for metrics and logs. */
 export type SchedulerEvent =
@@ -206,6 +215,11 @@ class Scheduler {
     // never handed out (the last scheduler died between two writes): lost.
     for (const driver of this.#runs.values()) {
       for (const { stepId, attemptId } of driver.engine.runningAttempts()) {
+        if (driver.plan.steps[stepId]?.backend === PIPELINE_BACKEND) {
+          // Its child run goes on without a scheduler: find it again (or start it).
+          this.#enqueue(() => this.#resumeChild(driver, stepId, attemptId));
+          continue;
+        }
         const where = this.#assigned.get(attemptId);
         if (!where || !this.#workers.has(where.agentId)) {
           this.#enqueue(() =>
@@ -287,6 +301,7 @@ class Scheduler {
       case clusterKeys.runPrefix:
         if (event.type === "put") {
           const record = JSON.parse(event.value!) as ClusterRunRecord;
+          if (record.parent && isTerminalRunStatus(record.status)) await this.#childEnded(record);
           if (!this.#runs.has(record.runId) && record.status === "pending") {
             const driver = await this.#adoptRun(record);
             if (driver) await this.#startRun(driver);
@@ -569,6 +584,21 @@ class Scheduler {
           );
           continue;
         }
+        if (driver.plan.steps[effect.stepId].backend === PIPELINE_BACKEND) {
+          // Run by the scheduler itself: a child run, no worker.
+          later.push(
+            ...driver.engine.step({
+              type: "AttemptStarted",
+              stepId: effect.stepId,
+              attemptId: effect.attemptId,
+              now: this.#now(),
+              worker: "scheduler",
+            }).effects,
+          );
+          const { stepId, attemptId } = effect;
+          this.#enqueue(() => this.#startChild(driver, stepId, attemptId, gets.config));
+          continue;
+        }
         const placement = {
           runId: driver.record.runId,
           stepId: effect.stepId,
@@ -585,6 +615,14 @@ class Scheduler {
       } else if (effect.type === "StopAttempt") {
         const waiting = driver.waiting.findIndex((p) => p.attemptId === effect.attemptId);
         if (waiting >= 0) driver.waiting.splice(waiting, 1);
+        if (driver.plan.steps[effect.stepId]?.backend === PIPELINE_BACKEND) {
+          // Its child run is cancelled with it (a request the next round applies).
+          ops.push({
+            type: "put",
+            key: clusterKeys.request(childRunId(effect.attemptId), "cancel"),
+            value: JSON.stringify({ at: this.#now(), reason: `parent step ${effect.reason}` }),
+          });
+        }
         const where = this.#assigned.get(effect.attemptId);
         if (where) {
           ops.push({
@@ -605,6 +643,136 @@ class Scheduler {
    * What an attempt of the step gets (decided once, for its placement and
    * its assignment), or why it cannot be given its upstream values.
    */
+  /**
+   * Starts the child run of a `pipeline:` step's attempt: its pipeline
+   * (a file of the parent's shipped directory, or a registered version)
+   * planned with its parameters, under an id derived from the attempt, so
+   * that a successor after a failover finds it rather than starting it twice.
+   */
+  async #startChild(
+    driver: RunDriver,
+    stepId: string,
+    attemptId: string,
+    config: Record<string, unknown>,
+  ): Promise<void> {
+    const step = driver.engine.state.steps[stepId];
+    if (step?.attemptId !== attemptId || step.status !== "running") return;
+    const childId = childRunId(attemptId);
+    if (await this.#store.get(clusterKeys.run(childId))) return;
+    const sub = config as unknown as SubPipelineConfig;
+    try {
+      let source: string, file: string, baseDir: string, bundle: string | undefined;
+      if (sub.name !== undefined) {
+        const version = await versionToRun(this.#store, sub.name, sub.version);
+        ({ source, file, baseDir, bundle } = version);
+      } else {
+        baseDir = driver.plan.baseDir;
+        file = resolve(baseDir, sub.file!);
+        bundle = driver.record.bundle;
+        const shipped = bundle ? await getBundle(this.#store, bundle) : undefined;
+        const bytes = shipped ? bundleFile(shipped, baseDir, file) : undefined;
+        if (!bytes) {
+          throw new Error(`pipeline file ${sub.file} is not in the run's shipped directory`);
+        }
+        if (dirname(file) !== baseDir) {
+          // Agents run a shipped directory from its root.
+          throw new Error(
+            `in a cluster a child pipeline file sits beside its parent, at the root of the ` +
+              `shipped directory; ${sub.file} is in a subdirectory`,
+          );
+        }
+        source = new TextDecoder().decode(bytes);
+      }
+      const shipped = bundle ? await getBundle(this.#store, bundle) : undefined;
+      const plan = parsePipeline(source, {
+        file,
+        baseDir,
+        params: sub.params,
+        ...(shipped ? { readFile: (path: string) => bundleFile(shipped, baseDir, path) } : {}),
+      });
+      await submitRun(this.#store, plan, {
+        runId: childId,
+        file,
+        ...(bundle ? { bundleDigest: bundle } : {}),
+        parent: { runId: driver.record.runId, stepId, attemptId },
+        ...(sub.name !== undefined && sub.version !== undefined
+          ? { registered: { name: sub.name, version: sub.version } }
+          : {}),
+      });
+      this.#log({
+        msg: "child run started",
+        run: driver.record.runId,
+        step: stepId,
+        child: childId,
+      });
+    } catch (error) {
+      const message = error instanceof Error ? error.message : String(error);
+      await this.#apply(driver, [{
+        type: "AttemptExited",
+        stepId,
+        attemptId,
+        now: this.#now(),
+        result: {
+          ok: false,
+          errorClass: "application",
+          message: `child pipeline ${sub.file ?? sub.name}: ${message}`,
+        },
+      }]);
+    }
+  }
+
+  /** After a failover: a running `pipeline:` attempt's child, ended, running, or never started. */
+  async #resumeChild(driver: RunDriver, stepId: string, attemptId: string): Promise<void> {
+    const kv = await this.#store.get(clusterKeys.run(childRunId(attemptId)));
+    if (kv) {
+      const record = JSON.parse(kv.value) as ClusterRunRecord;
+      if (isTerminalRunStatus(record.status)) await this.#childEnded(record);
+      return;
+    }
+    const gets = this.#gets(driver, stepId);
+    if (typeof gets !== "string") await this.#startChild(driver, stepId, attemptId, gets.config);
+  }
+
+  /** A child run ended: its parent's attempt ends with it, the outputs it maps taken along. */
+  async #childEnded(record: ClusterRunRecord): Promise<void> {
+    const parent = record.parent!;
+    const driver = this.#runs.get(parent.runId);
+    const step = driver?.engine.state.steps[parent.stepId];
+    if (!driver || step?.attemptId !== parent.attemptId || step.status !== "running") return;
+    const gets = this.#gets(driver, parent.stepId);
+    const sub = (typeof gets === "string" ? {} : gets.config) as unknown as SubPipelineConfig;
+    let result: AttemptResult;
+    if (record.status !== "succeeded") {
+      result = {
+        ok: false,
+        errorClass: record.status === "cancelled" ? "cancelled" : "application",
+        message: `child run ${record.runId} ${record.status}`,
+        childRun: record.runId,
+      };
+    } else {
+      const steps = await clusterStepStates(this.#store, record.runId);
+      const outputs: Record<string, ArtifactRef> = {};
+      let missing: string | undefined;
+      for (const [name, ref] of Object.entries(sub.outputs ?? {})) {
+        const [childStep, childOutput] = ref.split("/");
+        const found = steps[childStep]?.outputs?.[childOutput];
+        if (found) outputs[name] = { ...found, name };
+        else {missing ??= `child run ${record.runId} has no output "${childOutput}" of step ` +
+            `"${childStep}" (mapped to this step's "${name}")`;}
+      }
+      result = missing
+        ? { ok: false, errorClass: "artifact", message: missing, childRun: record.runId }
+        : { ok: true, exitCode: 0, outputs, childRun: record.runId };
+    }
+    await this.#apply(driver, [{
+      type: "AttemptExited",
+      stepId: parent.stepId,
+      attemptId: parent.attemptId,
+      now: this.#now(),
+      result,
+    }]);
+  }
+
   #gets(driver: RunDriver, stepId: string): AttemptGets | string {
     try {
       return attemptGets(driver.plan, driver.record.runId, driver.engine.state.steps, stepId);
@@ -864,6 +1032,13 @@ class Scheduler {
 }
 
 export type { AttemptResult };
+
+/** The id of the child run of a `pipeline:` step's attempt: derived, so found again after a failover. */
+export function childRunId(attemptId: string): string {
+  const [parentRun] = attemptId.split("/");
+  const hash = createHash("sha256").update(attemptId).digest("hex").slice(0, 6);
+  return `${parentRun.slice(0, 15)}-${hash}`;
+}
 
 /**
  * Whether a worker could ever run a step: it runs the step's backend, its
