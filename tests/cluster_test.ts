@@ -463,12 +463,14 @@ Deno.test("cluster CLI: submit --follow, runs, show, logs and cancel talk to a s
     assert.match(logs.stdout, /use │ secret is \*\*\*/);
     const cancel = await runCli(["cancel", runId, "--server", cluster.http], { cwd: box.dir, env });
     assert.match(cancel.stdout, /finished/);
-    const broken = await box.write("broken.yaml", "name: broken\nsteps:\n  a: { neds: [b] }\n");
+    // In a directory of its own: the sandbox also holds the agents' state, which is no pipeline's.
+    await Deno.mkdir(`${box.dir}/bad`);
+    const broken = await box.write("bad/broken.yaml", "name: broken\nsteps:\n  a: { neds: [b] }\n");
     const refused = await runCli(["submit", broken, "--server", cluster.http], {
       cwd: box.dir,
       env,
     });
-    assert.equal(refused.code, 2);
+    assert.equal(refused.code, 2, refused.stderr);
     assert.match(refused.stderr, /broken\.yaml:3:\d+: unknown key "neds"/);
     const away = await runCli(["runs", "--server", "http://127.0.0.1:9"], { cwd: box.dir });
     assert.equal(away.code, 1);

@@ -142,6 +142,20 @@ Deno.test("sub-pipeline: in a cluster the scheduler runs the child from the ship
   assert.equal(steps.use.status, "succeeded");
   assert.equal(steps.train.outputs?.["model.pt"]?.size, "trained 3 epochs\n".length);
 
+  // A registered pipeline by name and version.
+  const childSource = await Deno.readTextFile(`${project}/child.yaml`);
+  const applied = await client.apply(childSource, "child.yaml", project);
+  const byName = parent.replace(
+    "pipeline: { file: ./child.yaml,",
+    `pipeline: { name: child, version: ${applied.version},`,
+  );
+  const third = await client.submit(byName, "parent.yaml", project);
+  for await (const _ of client.events(third.runId)) { /* until the run ends */ }
+  const registered = await client.run(third.runId);
+  assert.equal(registered.run.status, "succeeded", JSON.stringify(registered.steps.train));
+  const registeredChild = await client.run(registered.steps.train.attempts[0].result!.childRun!);
+  assert.equal(registeredChild.run.registered?.name, "child");
+
   // Cancelled with its parent.
   const gated = parent.replace(
     "params: { epochs: 3 }",
