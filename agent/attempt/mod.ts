@@ -48,6 +48,13 @@ import {
   readStepValues,
 } from "./io.ts";
 import { type AttemptPolicy, backendRefusal, checkAttempt, localPolicy } from "./policy.ts";
+import {
+  formatTraceparent,
+  newSpanId,
+  type TraceParent,
+  TRACEPARENT_ENV,
+} from "../trace/context.ts";
+import type { AttributeValue, Tracer } from "../trace/exporter.ts";
 
 /** Everything a driver decides about an attempt before it runs. */
 export interface AttemptJob {
@@ -74,6 +81,12 @@ export interface AttemptJob {
   resources?: Resources;
   /** Keep a failed attempt's outputs as `NAME.partial-ATTEMPT` (`keep-partial`). */
   keepPartial?: boolean;
+  /**
+   * The attempt's span in its run's trace: its input fetch, execution and
+   * output upload are recorded under it, and the step gets the execution's
+   * context as `TRACEPARENT`.
+   */
+  trace?: TraceParent;
 }
 
 /** Why a driver stops an attempt; it decides the result the attempt ends with. */
@@ -140,6 +153,8 @@ export interface AttemptLifecycleOptions {
   agentId: string | ((job: AttemptJob) => string);
   /** Grace of a stopped attempt before it is killed (default {@link DEFAULT_CANCEL_GRACE_MS}). */
   cancelGraceMs?: number;
+  /** Where the spans of attempts with a {@link AttemptJob.trace} are recorded. */
+  tracer?: Tracer;
 }
 
 /** What {@link AttemptLifecycle.recover} found. */
@@ -332,6 +347,20 @@ export class AttemptLifecycle {
     const inputsDir = `${workDir}/in`;
     const outputsDir = `${workDir}/out`;
     await Deno.mkdir(outputsDir, { recursive: true });
+    const agentId = typeof this.#options.agentId === "function"
+      ? this.#options.agentId(job)
+      : this.#options.agentId;
+    const spans = job.trace
+      ? new AttemptSpans(
+        job,
+        job.trace,
+        agentId,
+        this.#options.tracer,
+        (text) => attempt.masker.mask(text),
+      )
+      : undefined;
+    attempt.spans = spans;
+    const fetching = Date.now();
     const baseDir = resolveBaseDir ? await resolveBaseDir() : job.baseDir;
     await checkAttempt(this.#policy, {
       backend: job.backend,
@@ -340,11 +369,17 @@ export class AttemptLifecycle {
       scratchRoot: this.scratchRoot,
       stateDir: dirname(this.#recordsDir),
     });
-    const inputs = await materializeInputs(this.#options.artifacts, job.inputs, inputsDir);
+    const inputs = await spans?.around(
+      "fetch inputs",
+      fetching,
+      () => materializeInputs(this.#options.artifacts, job.inputs, inputsDir),
+      {
+        "runnel.inputs": Object.keys(job.inputs).length,
+      },
+    ) ?? await materializeInputs(this.#options.artifacts, job.inputs, inputsDir);
     if (attempt.stopReason) return stoppedResult(attempt.stopReason);
-    const agentId = typeof this.#options.agentId === "function"
-      ? this.#options.agentId(job)
-      : this.#options.agentId;
+    // The step's own spans (an OpenTelemetry SDK reads TRACEPARENT) hang under its execution.
+    const traceEnv: Record<string, string> = spans ? { [TRACEPARENT_ENV]: spans.traceparent } : {};
     const spec: AttemptSpec = {
       agentId,
       scratchRoot: this.scratchRoot,
@@ -359,7 +394,7 @@ export class AttemptLifecycle {
       inputsDir,
       outputsDir,
       outputs: job.outputs,
-      env: { ...job.env, ...job.secrets },
+      env: { ...job.env, ...traceEnv, ...job.secrets },
       matrix: job.matrix,
       ...(job.timeoutMs !== undefined ? { timeoutMs: job.timeoutMs } : {}),
       ...(job.resources ? { resources: job.resources } : {}),
@@ -369,11 +404,12 @@ export class AttemptLifecycle {
     const record: AttemptRecord = {
       attemptId: job.attemptId,
       backend: job.backend,
-      spec: { ...spec, env: job.env },
+      spec: { ...spec, env: { ...job.env, ...traceEnv } },
       secrets: Object.keys(job.secrets),
       recordedAt: Date.now(),
     };
     await this.#save(record);
+    spans?.executing();
     const execution = await this.#options.pool.backend(job.backend).start(spec);
     attempt.execution = execution;
     record.handle = execution.handle;
@@ -409,6 +445,7 @@ export class AttemptLifecycle {
       released = execution.cleanup().catch(() => {});
       const failure = failureOf(exit, attempt.masker);
       if (failure && !failure.ok && attempt.withheld) failure.message = WITHHELD;
+      attempt.spans?.executed(failure ?? undefined, exit.exitCode);
       if (failure && attempt.stopReason) {
         return {
           ...stoppedResult(attempt.stopReason),
@@ -431,7 +468,12 @@ export class AttemptLifecycle {
         if (!(error instanceof StepValuesError)) throw error;
         return { ok: false, errorClass: "application", exitCode: 0, message: error.message };
       }
-      const outputs = await collectOutputs(this.#options.artifacts, spec);
+      const outputs = await attempt.spans?.around(
+        "upload outputs",
+        Date.now(),
+        () => collectOutputs(this.#options.artifacts, spec),
+        { "runnel.outputs": spec.outputs.length },
+      ) ?? await collectOutputs(this.#options.artifacts, spec);
       // The outputs are in the artifact store now; a failed attempt's
       // scratch directory is kept for inspection (swept after the retention period).
       await Deno.remove(spec.workDir, { recursive: true }).catch(() => {});
@@ -480,6 +522,8 @@ class Attempt {
   result!: Promise<AttemptResult>;
   /** Its secrets are unknown: nothing it prints is passed on. */
   withheld = false;
+  /** Its spans, when its job is traced. */
+  spans: AttemptSpans | undefined;
 
   constructor(readonly graceMs: number, public masker: Masker) {}
 
@@ -489,6 +533,12 @@ class Attempt {
 
   /** The result of something thrown while preparing, starting or finishing. */
   failure(error: unknown): AttemptResult {
+    const result = this.#failure(error);
+    if (!result.ok) this.spans?.executed(result);
+    return result;
+  }
+
+  #failure(error: unknown): AttemptResult {
     if (this.stopReason) return stoppedResult(this.stopReason);
     // Nothing ran: the machine's fault, not the step's (see isResourceExhaustion).
     if (!this.execution && isResourceExhaustion(error)) {
@@ -516,6 +566,93 @@ class Attempt {
         attempt.cancel();
       },
     };
+  }
+}
+
+/**
+ * The spans an attempt records where it runs, under its attempt span:
+ * `fetch inputs`, `execute` (whose context the step gets as
+ * `TRACEPARENT`) and `upload outputs`.
+ */
+class AttemptSpans {
+  /** The execution's span id: known before it starts, for the step's env. */
+  readonly #executeSpanId = newSpanId();
+  #executingSince: number | undefined;
+  readonly #attributes: Record<string, AttributeValue>;
+
+  constructor(
+    job: AttemptJob,
+    readonly parent: TraceParent,
+    agentId: string,
+    readonly tracer: Tracer | undefined,
+    /** Masks the attempt's secrets out of an error's message. */
+    readonly mask: (text: string) => string,
+  ) {
+    this.#attributes = {
+      "runnel.run.id": job.runId,
+      "runnel.step.id": job.stepId,
+      "runnel.attempt.id": job.attemptId,
+      "runnel.attempt": job.attempt,
+      "runnel.backend": job.backend,
+      "runnel.worker": agentId,
+    };
+  }
+
+  /** The step's `TRACEPARENT`: the execution span. */
+  get traceparent(): string {
+    return formatTraceparent({ traceId: this.parent.traceId, spanId: this.#executeSpanId });
+  }
+
+  /** Runs `work` as a span from `startMs` (failed if it throws). */
+  async around<T>(
+    name: string,
+    startMs: number,
+    work: () => Promise<T>,
+    attributes: Record<string, AttributeValue> = {},
+  ): Promise<T> {
+    try {
+      const value = await work();
+      this.#record(name, newSpanId(), startMs, attributes);
+      return value;
+    } catch (error) {
+      this.#record(name, newSpanId(), startMs, attributes, this.mask(messageOf(error)));
+      throw error;
+    }
+  }
+
+  executing(): void {
+    this.#executingSince = Date.now();
+  }
+
+  /** The execution ended (or failed to start), once; nothing if it never began. */
+  executed(failure?: AttemptResult, exitCode?: number): void {
+    const since = this.#executingSince;
+    if (since === undefined) return;
+    this.#executingSince = undefined;
+    const failed = failure && !failure.ok ? failure : undefined;
+    this.#record("execute", this.#executeSpanId, since, {
+      ...(exitCode !== undefined ? { "runnel.exit_code": exitCode } : {}),
+      ...(failed ? { "error.type": failed.errorClass } : {}),
+    }, failed?.message);
+  }
+
+  #record(
+    name: string,
+    spanId: string,
+    startMs: number,
+    attributes: Record<string, AttributeValue>,
+    error?: string,
+  ): void {
+    this.tracer?.record({
+      traceId: this.parent.traceId,
+      spanId,
+      parentSpanId: this.parent.spanId,
+      name,
+      startMs,
+      endMs: Date.now(),
+      attributes: { ...this.#attributes, ...attributes },
+      ...(error !== undefined ? { error } : {}),
+    });
   }
 }
 

@@ -37,6 +37,8 @@ import { errorClassOf } from "../attempt/io.ts";
 import type { Execution } from "../../backends/backend.ts";
 import { type SmtpSettings, WakeTimer, WebhookNotifier } from "../effects.ts";
 import { cacheKeyOf, restoreFromCache, saveToCache } from "./cache.ts";
+import type { Tracer } from "../trace/exporter.ts";
+import { RunTrace } from "../trace/run_spans.ts";
 import {
   claimRun,
   diskFullError,
@@ -101,6 +103,8 @@ export interface LocalDriverContext {
   secrets?: SecretStore;
   /** The SMTP server email alerts go through (`--smtp`). */
   smtp?: SmtpSettings;
+  /** Where the run's spans are recorded (`--otlp-endpoint`). */
+  tracer?: Tracer;
 }
 
 /** One attempt in flight. */
@@ -126,6 +130,7 @@ export class LocalDriver {
   readonly #active = new Map<string, ActiveAttempt>();
   readonly #wake: WakeTimer;
   readonly #webhooks: WebhookNotifier;
+  readonly #trace: RunTrace;
   #queue: Promise<void> = Promise.resolve();
   readonly #pending: Array<{ event: EngineEvent; ignoreFinish: boolean }> = [];
   /**
@@ -156,6 +161,7 @@ export class LocalDriver {
     this.#context = context;
     this.#now = context.now;
     this.#recorded = engine.state.status !== "pending";
+    this.#trace = new RunTrace(context.record, context.tracer);
     this.#wake = new WakeTimer(() => this.#submit({ type: "Tick", now: this.#now() }), this.#now);
     this.#webhooks = new WebhookNotifier(
       (outcome) => this.#emit({ type: "webhook", ...outcome }),
@@ -258,6 +264,7 @@ export class LocalDriver {
         }
         // Persist before acting: the store never knows less than was done.
         await this.#persist();
+        this.#traceEnded(batch.map(({ event }) => event), effects);
         for (const effect of effects) this.#perform(effect);
       }
     } catch (error) {
@@ -303,6 +310,20 @@ export class LocalDriver {
     return diskFullError(state.paths, error, this.#recorded ? record.runId : undefined);
   }
 
+  /** Records the spans of the attempts (and the run) that the persisted batch ended. */
+  #traceEnded(events: EngineEvent[], effects: Effect[]): void {
+    if (!this.#trace.enabled) return;
+    const state = this.#engine.state;
+    for (const item of [...events, ...effects]) {
+      if (
+        item.type === "AttemptExited" || item.type === "AttemptLost" ||
+        item.type === "StopAttempt"
+      ) {
+        this.#trace.attemptEnded(this.#plan, state, item.stepId, item.attemptId);
+      } else if (item.type === "RunFinished") this.#trace.runFinished(state, this.#now());
+    }
+  }
+
   #perform(effect: Effect): void {
     switch (effect.type) {
       case "StartAttempt":
@@ -310,6 +331,13 @@ export class LocalDriver {
           effect.attemptId,
           () =>
             this.#track(effect.attemptId, effect.stepId, effect.attempt, (active) => {
+              this.#trace.queueWait(
+                this.#engine.state,
+                effect.stepId,
+                effect.attemptId,
+                this.#now(),
+                "local",
+              );
               this.#submit({
                 type: "AttemptStarted",
                 stepId: effect.stepId,
@@ -484,6 +512,7 @@ export class LocalDriver {
         matrix: step.matrix ?? {},
         ...(step.timeoutMs !== undefined ? { timeoutMs: step.timeoutMs } : {}),
         resources: step.resources,
+        trace: this.#trace.attemptParent(attemptId),
       }, sink);
       result = await active.running.result;
     } catch (error) {

@@ -28,6 +28,8 @@ import {
 import { AttemptLifecycle, type AttemptRecord } from "../attempt/mod.ts";
 import type { AttemptPolicy } from "../attempt/policy.ts";
 import { LocalDriver, type RunEvent, type RunSummary } from "./driver.ts";
+import { newTraceId } from "../trace/context.ts";
+import type { Tracer } from "../trace/exporter.ts";
 import {
   assertNoLiveOwner,
   diskFullError,
@@ -118,6 +120,11 @@ export interface LocalRunOptions {
   policy?: AttemptPolicy;
   /** Limits a resume loads the pipeline file again with (default: the defaults). */
   limits?: Partial<PipelineLimits>;
+  /**
+   * Where the run's spans are recorded (`openTracer`, `--otlp-endpoint`);
+   * the caller shuts it down. Without one, steps still get `TRACEPARENT`.
+   */
+  tracer?: Tracer;
 }
 
 /** How long a stopped step may take to exit before it is killed. */
@@ -292,6 +299,7 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
       status: "pending",
       createdAt: now(),
       round: engine.state.round,
+      traceId: newTraceId(),
     };
     if (plan.params) record.params = plan.params;
     if (options.rerunOf) record.rerunOf = options.rerunOf;
@@ -546,6 +554,7 @@ function driverContext(
     env: options.env,
     secrets: new SecretStore(options.secrets, { env: options.env }),
     ...(options.smtp ? { smtp: options.smtp } : {}),
+    ...(options.tracer ? { tracer: options.tracer } : {}),
   };
 }
 
