@@ -526,9 +526,11 @@ function lifecycleOf(
   pool: PluginHostPool,
   runId: string,
   policy?: AttemptPolicy,
+  tracer?: Tracer,
 ): AttemptLifecycle {
   return new AttemptLifecycle({
     policy,
+    tracer,
     pool,
     artifacts: state.artifacts,
     recordsDir: state.paths.attempts,
@@ -547,7 +549,7 @@ function driverContext(
     state,
     record,
     pool,
-    lifecycle: lifecycleOf(state, pool, record.runId, options.policy),
+    lifecycle: lifecycleOf(state, pool, record.runId, options.policy, options.tracer),
     now: options.now ?? Date.now,
     onEvent: options.onEvent,
     signal: options.signal,
