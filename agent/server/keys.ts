@@ -55,6 +55,8 @@ export interface ClusterRunRecord extends RunHeader {
    * (`agent/server/pipelines.ts`); `tick` when a schedule started it.
    */
   registered?: { name: string; version: number; tick?: number };
+  /** The run's OpenTelemetry trace id (32 hex digits): its spans, and its steps' `TRACEPARENT`. */
+  traceId?: string;
 }
 
 /** What one backend can do on a worker (its fingerprint). */
@@ -148,6 +150,8 @@ export interface AssignmentRecord {
    */
   secrets: Record<string, SecretRef>;
   assignedAt: number;
+  /** The W3C trace context of the attempt's span (`agent/trace/`), handed to its agent. */
+  traceparent?: string;
 }
 
 /** An attempt's end as its worker reported it. */
