@@ -25,13 +25,17 @@ export type AttributeValue = string | number | boolean;
 
 /** A finished span, as the drivers and the attempt lifecycle record it. */
 export interface SpanData {
+  /** 32 lower-case hex digits. */
   traceId: string;
+  /** 16 lower-case hex digits. */
   spanId: string;
   /** Absent for the trace's root. */
   parentSpanId?: string;
+  /** Low-cardinality: `run <pipeline>`, `step <step id>`, `execute`… */
   name: string;
   /** Epoch milliseconds (fractions allowed). */
   startMs: number;
+  /** Epoch milliseconds; a span ending before it starts is given no length. */
   endMs: number;
   /** Undefined values are left out. */
   attributes?: Record<string, AttributeValue | undefined>;
@@ -60,6 +64,7 @@ export interface Tracer {
    * {@link DEFAULT_SHUTDOWN_MS}), however the collector fares.
    */
   shutdown(options?: { timeoutMs?: number }): Promise<void>;
+  /** What it did so far. */
   readonly stats: TracerStats;
 }
 
