@@ -228,6 +228,8 @@ class OtlpTracer implements Tracer {
   #closed = false;
   /** Aborted at the shutdown deadline: the request in flight and the backoff end. */
   readonly #abort = new AbortController();
+  /** Aborted when shutdown begins: a backoff ends, for one last try. */
+  readonly #closing = new AbortController();
   #reported = false;
 
   constructor(options: TracerOptions) {
@@ -265,6 +267,7 @@ class OtlpTracer implements Tracer {
 
   async shutdown(options: { timeoutMs?: number } = {}): Promise<void> {
     this.#closed = true;
+    this.#closing.abort();
     const timeoutMs = options.timeoutMs ?? DEFAULT_SHUTDOWN_MS;
     let deadline: ReturnType<typeof setTimeout> | undefined;
     const expired = new Promise<void>((resolve) => {
@@ -334,10 +337,11 @@ class OtlpTracer implements Tracer {
         problem = error instanceof Error ? error.message : String(error);
       }
       this.stats.failedRequests++;
-      if (attempt === tries || signal.aborted) break;
+      // A stopping process tries each batch once more, without waiting: it has no time to lose.
+      if (attempt === tries || signal.aborted || (this.#closed && attempt > 1)) break;
       const base = (this.#options.retryDelayMs ?? 250) * 2 ** (attempt - 1);
       const delay = Math.min(MAX_RETRY_DELAY_MS, retryAfterMs ?? base * (0.5 + Math.random()));
-      await pause(delay, signal);
+      await pause(delay, AbortSignal.any([signal, this.#closing.signal]));
     }
     if (!this.#reported) {
       this.#reported = true;
