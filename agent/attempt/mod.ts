@@ -51,6 +51,7 @@ import { type AttemptPolicy, backendRefusal, checkAttempt, localPolicy } from ".
 import {
   formatTraceparent,
   newSpanId,
+  parseTraceparent,
   type TraceParent,
   TRACEPARENT_ENV,
 } from "../trace/context.ts";
@@ -131,6 +132,8 @@ export interface AttemptRecord {
   /** The backend's handle, once started; opaque here, read only by its backend. */
   handle?: string;
   recordedAt: number;
+  /** The attempt's span in its run's trace: whoever adopts it records its execution there. */
+  trace?: TraceParent;
 }
 
 /** Options of {@link AttemptLifecycle}. */
@@ -236,6 +239,19 @@ export class AttemptLifecycle {
   ): RunningAttempt {
     const attempt = new Attempt(this.#graceMs(), new Masker([]));
     attempt.execution = execution;
+    // Its execution's span goes on under the id its step was given (in TRACEPARENT).
+    const executing = parseTraceparent(record.spec.env?.[TRACEPARENT_ENV]);
+    if (record.trace && parseTraceparent(formatTraceparent(record.trace)) && executing) {
+      attempt.spans = new AttemptSpans(
+        { ...record.spec, backend: record.backend },
+        record.trace,
+        record.spec.agentId,
+        this.#options.tracer,
+        (text) => attempt.masker.mask(text),
+        executing.spanId,
+      );
+      attempt.spans.executing(record.recordedAt, { "runnel.recovered": true });
+    }
     attempt.result = (async () => {
       const names = record.secrets ?? [];
       const values = names.length > 0 ? await options.secrets : {};
@@ -407,6 +423,7 @@ export class AttemptLifecycle {
       spec: { ...spec, env: { ...job.env, ...traceEnv } },
       secrets: Object.keys(job.secrets),
       recordedAt: Date.now(),
+      ...(job.trace ? { trace: job.trace } : {}),
     };
     await this.#save(record);
     spans?.executing();
@@ -575,18 +592,19 @@ class Attempt {
  * `TRACEPARENT`) and `upload outputs`.
  */
 class AttemptSpans {
-  /** The execution's span id: known before it starts, for the step's env. */
-  readonly #executeSpanId = newSpanId();
   #executingSince: number | undefined;
+  #executingAttributes: Record<string, AttributeValue> = {};
   readonly #attributes: Record<string, AttributeValue>;
 
   constructor(
-    job: AttemptJob,
+    job: Pick<AttemptJob, "runId" | "stepId" | "attemptId" | "attempt" | "backend">,
     readonly parent: TraceParent,
     agentId: string,
     readonly tracer: Tracer | undefined,
     /** Masks the attempt's secrets out of an error's message. */
     readonly mask: (text: string) => string,
+    /** The execution's span id: known before it starts, for the step's env. */
+    readonly executeSpanId: string = newSpanId(),
   ) {
     this.#attributes = {
       "runnel.run.id": job.runId,
@@ -600,7 +618,7 @@ class AttemptSpans {
 
   /** The step's `TRACEPARENT`: the execution span. */
   get traceparent(): string {
-    return formatTraceparent({ traceId: this.parent.traceId, spanId: this.#executeSpanId });
+    return formatTraceparent({ traceId: this.parent.traceId, spanId: this.executeSpanId });
   }
 
   /** Runs `work` as a span from `startMs` (failed if it throws). */
@@ -620,8 +638,10 @@ class AttemptSpans {
     }
   }
 
-  executing(): void {
-    this.#executingSince = Date.now();
+  /** The execution begins (began, for an adopted attempt) at `since`. */
+  executing(since = Date.now(), attributes: Record<string, AttributeValue> = {}): void {
+    this.#executingSince = since;
+    this.#executingAttributes = attributes;
   }
 
   /** The execution ended (or failed to start), once; nothing if it never began. */
@@ -630,7 +650,8 @@ class AttemptSpans {
     if (since === undefined) return;
     this.#executingSince = undefined;
     const failed = failure && !failure.ok ? failure : undefined;
-    this.#record("execute", this.#executeSpanId, since, {
+    this.#record("execute", this.executeSpanId, since, {
+      ...this.#executingAttributes,
       ...(exitCode !== undefined ? { "runnel.exit_code": exitCode } : {}),
       ...(failed ? { "error.type": failed.errorClass } : {}),
     }, failed?.message);
