@@ -71,6 +71,7 @@ async function main(line: CommandLine): Promise<number> {
     params: params ?? {},
     labels: labelsFlag(flags.label),
     smtp: smtpFlag(flags.smtp, flags["smtp-from"]),
+    otlpEndpoint: flags["otlp-endpoint"],
   };
 
   const cluster = () => import("./agent/client/cli.ts");

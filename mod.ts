@@ -189,3 +189,21 @@ export type {
 } from "./agent/local/mod.ts";
 export { createProgress } from "./agent/local/progress.ts";
 export type { Progress, ProgressOptions } from "./agent/local/progress.ts";
+
+// Traces (OpenTelemetry, OTLP/HTTP).
+export {
+  formatTraceparent,
+  openTracer,
+  OtlpEndpointError,
+  otlpTracesUrl,
+  parseTraceparent,
+  TRACEPARENT_ENV,
+} from "./agent/trace/mod.ts";
+export type {
+  AttributeValue,
+  SpanData,
+  TraceParent,
+  Tracer,
+  TracerOptions,
+  TracerStats,
+} from "./agent/trace/mod.ts";

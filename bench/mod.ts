@@ -15,6 +15,7 @@ import { benchStore } from "./store_bench.ts";
 import { benchCluster } from "./cluster_bench.ts";
 import { benchSim } from "./sim_bench.ts";
 import { benchKubernetes } from "./kubernetes_bench.ts";
+import { benchSpanCost, benchTraces } from "./trace_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -26,6 +27,8 @@ if (import.meta.main) {
   await benchShellBackend();
   await benchNoopSteps();
   await benchWindmill();
+  await benchSpanCost();
+  await benchTraces();
   await benchDocker();
   await benchStore();
   await benchCluster();

@@ -162,6 +162,13 @@ export interface Assignment {
    * the step's env and masks them in every log line it sends.
    */
   secrets: Record<string, string>;
+  /**
+   * The W3C trace context of the attempt's span in its run's trace
+   * (`00-<trace id>-<span id>-01`): the agent records the attempt's input
+   * fetch, execution and output upload under it, and gives the step the
+   * execution's context as TRACEPARENT. Empty: not traced (an older server).
+   */
+  traceparent: string;
 }
 
 /**

@@ -96,7 +96,14 @@ Deno.test("runnel show: a local run and a cluster run print the same shape", asy
 
     const localShape = shape(localShow.stdout);
     const clusterShape = shape(clusterShow.stdout);
-    assert.deepEqual(localShape.labels, ["run", "pipeline", "status", "created", "duration"]);
+    assert.deepEqual(localShape.labels, [
+      "run",
+      "pipeline",
+      "status",
+      "created",
+      "duration",
+      "trace",
+    ]);
     assert.deepEqual(localShape.steps, [
       ["zeta", "succeeded", "1"],
       ["alpha", "succeeded", "1"],

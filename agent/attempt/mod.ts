@@ -50,6 +50,14 @@ import {
   readStepValues,
 } from "./io.ts";
 import { type AttemptPolicy, backendRefusal, checkAttempt, localPolicy } from "./policy.ts";
+import {
+  formatTraceparent,
+  newSpanId,
+  parseTraceparent,
+  type TraceParent,
+  TRACEPARENT_ENV,
+} from "../trace/context.ts";
+import type { AttributeValue, Tracer } from "../trace/exporter.ts";
 
 /** Everything a driver decides about an attempt before it runs. */
 export interface AttemptJob {
@@ -76,6 +84,12 @@ export interface AttemptJob {
   resources?: Resources;
   /** Keep a failed attempt's outputs as `NAME.partial-ATTEMPT` (`keep-partial`). */
   keepPartial?: boolean;
+  /**
+   * The attempt's span in its run's trace: its input fetch, execution and
+   * output upload are recorded under it, and the step gets the execution's
+   * context as `TRACEPARENT`.
+   */
+  trace?: TraceParent;
 }
 
 /** Why a driver stops an attempt; it decides the result the attempt ends with. */
@@ -120,6 +134,8 @@ export interface AttemptRecord {
   /** The backend's handle, once started; opaque here, read only by its backend. */
   handle?: string;
   recordedAt: number;
+  /** The attempt's span in its run's trace: whoever adopts it records its execution there. */
+  trace?: TraceParent;
 }
 
 /** Options of {@link AttemptLifecycle}. */
@@ -142,6 +158,8 @@ export interface AttemptLifecycleOptions {
   agentId: string | ((job: AttemptJob) => string);
   /** Grace of a stopped attempt before it is killed (default {@link DEFAULT_CANCEL_GRACE_MS}). */
   cancelGraceMs?: number;
+  /** Where the spans of attempts with a {@link AttemptJob.trace} are recorded. */
+  tracer?: Tracer;
 }
 
 /** What {@link AttemptLifecycle.recover} found. */
@@ -223,6 +241,19 @@ export class AttemptLifecycle {
   ): RunningAttempt {
     const attempt = new Attempt(this.#graceMs(), new Masker([]));
     attempt.execution = execution;
+    // Its execution's span goes on under the id its step was given (in TRACEPARENT).
+    const executing = parseTraceparent(record.spec.env?.[TRACEPARENT_ENV]);
+    if (record.trace && parseTraceparent(formatTraceparent(record.trace)) && executing) {
+      attempt.spans = new AttemptSpans(
+        { ...record.spec, backend: record.backend },
+        record.trace,
+        record.spec.agentId,
+        this.#options.tracer,
+        (text) => attempt.masker.mask(text),
+        executing.spanId,
+      );
+      attempt.spans.executing(record.recordedAt, { "runnel.recovered": true });
+    }
     attempt.result = (async () => {
       const names = record.secrets ?? [];
       const values = names.length > 0 ? await options.secrets : {};
@@ -335,6 +366,20 @@ export class AttemptLifecycle {
     const outputsDir = `${workDir}/out`;
     await Deno.mkdir(outputsDir, { recursive: true });
     if (job.backend === SPLIT_BACKEND) return await this.#split(attempt, job, sink);
+    const agentId = typeof this.#options.agentId === "function"
+      ? this.#options.agentId(job)
+      : this.#options.agentId;
+    const spans = job.trace
+      ? new AttemptSpans(
+        job,
+        job.trace,
+        agentId,
+        this.#options.tracer,
+        (text) => attempt.masker.mask(text),
+      )
+      : undefined;
+    attempt.spans = spans;
+    const fetching = Date.now();
     const baseDir = resolveBaseDir ? await resolveBaseDir() : job.baseDir;
     await checkAttempt(this.#policy, {
       backend: job.backend,
@@ -343,11 +388,17 @@ export class AttemptLifecycle {
       scratchRoot: this.scratchRoot,
       stateDir: dirname(this.#recordsDir),
     });
-    const inputs = await materializeInputs(this.#options.artifacts, job.inputs, inputsDir);
+    const inputs = await spans?.around(
+      "fetch inputs",
+      fetching,
+      () => materializeInputs(this.#options.artifacts, job.inputs, inputsDir),
+      {
+        "runnel.inputs": Object.keys(job.inputs).length,
+      },
+    ) ?? await materializeInputs(this.#options.artifacts, job.inputs, inputsDir);
     if (attempt.stopReason) return stoppedResult(attempt.stopReason);
-    const agentId = typeof this.#options.agentId === "function"
-      ? this.#options.agentId(job)
-      : this.#options.agentId;
+    // The step's own spans (an OpenTelemetry SDK reads TRACEPARENT) hang under its execution.
+    const traceEnv: Record<string, string> = spans ? { [TRACEPARENT_ENV]: spans.traceparent } : {};
     const spec: AttemptSpec = {
       agentId,
       scratchRoot: this.scratchRoot,
@@ -362,7 +413,7 @@ export class AttemptLifecycle {
       inputsDir,
       outputsDir,
       outputs: job.outputs,
-      env: { ...job.env, ...job.secrets },
+      env: { ...job.env, ...traceEnv, ...job.secrets },
       matrix: job.matrix,
       ...(job.timeoutMs !== undefined ? { timeoutMs: job.timeoutMs } : {}),
       ...(job.resources ? { resources: job.resources } : {}),
@@ -372,11 +423,13 @@ export class AttemptLifecycle {
     const record: AttemptRecord = {
       attemptId: job.attemptId,
       backend: job.backend,
-      spec: { ...spec, env: job.env },
+      spec: { ...spec, env: { ...job.env, ...traceEnv } },
       secrets: Object.keys(job.secrets),
       recordedAt: Date.now(),
+      ...(job.trace ? { trace: job.trace } : {}),
     };
     await this.#save(record);
+    spans?.executing();
     const execution = await this.#options.pool.backend(job.backend).start(spec);
     attempt.execution = execution;
     record.handle = execution.handle;
@@ -458,6 +511,7 @@ export class AttemptLifecycle {
       released = execution.cleanup().catch(() => {});
       const failure = failureOf(exit, attempt.masker);
       if (failure && !failure.ok && attempt.withheld) failure.message = WITHHELD;
+      attempt.spans?.executed(failure ?? undefined, exit.exitCode);
       if (failure && attempt.stopReason) {
         return {
           ...stoppedResult(attempt.stopReason),
@@ -480,7 +534,12 @@ export class AttemptLifecycle {
         if (!(error instanceof StepValuesError)) throw error;
         return { ok: false, errorClass: "application", exitCode: 0, message: error.message };
       }
-      const outputs = await collectOutputs(this.#options.artifacts, spec);
+      const outputs = await attempt.spans?.around(
+        "upload outputs",
+        Date.now(),
+        () => collectOutputs(this.#options.artifacts, spec),
+        { "runnel.outputs": spec.outputs.length },
+      ) ?? await collectOutputs(this.#options.artifacts, spec);
       // The outputs are in the artifact store now; a failed attempt's
       // scratch directory is kept for inspection (swept after the retention period).
       await Deno.remove(spec.workDir, { recursive: true }).catch(() => {});
@@ -529,6 +588,8 @@ class Attempt {
   result!: Promise<AttemptResult>;
   /** Its secrets are unknown: nothing it prints is passed on. */
   withheld = false;
+  /** Its spans, when its job is traced. */
+  spans: AttemptSpans | undefined;
 
   constructor(readonly graceMs: number, public masker: Masker) {}
 
@@ -538,6 +599,12 @@ class Attempt {
 
   /** The result of something thrown while preparing, starting or finishing. */
   failure(error: unknown): AttemptResult {
+    const result = this.#failure(error);
+    if (!result.ok) this.spans?.executed(result);
+    return result;
+  }
+
+  #failure(error: unknown): AttemptResult {
     if (this.stopReason) return stoppedResult(this.stopReason);
     // Nothing ran: the machine's fault, not the step's (see isResourceExhaustion).
     if (!this.execution && isResourceExhaustion(error)) {
@@ -565,6 +632,97 @@ class Attempt {
         attempt.cancel();
       },
     };
+  }
+}
+
+/**
+ * The spans an attempt records where it runs, under its attempt span:
+ * `fetch inputs`, `execute` (whose context the step gets as
+ * `TRACEPARENT`) and `upload outputs`.
+ */
+class AttemptSpans {
+  #executingSince: number | undefined;
+  #executingAttributes: Record<string, AttributeValue> = {};
+  readonly #attributes: Record<string, AttributeValue>;
+
+  constructor(
+    job: Pick<AttemptJob, "runId" | "stepId" | "attemptId" | "attempt" | "backend">,
+    readonly parent: TraceParent,
+    agentId: string,
+    readonly tracer: Tracer | undefined,
+    /** Masks the attempt's secrets out of an error's message. */
+    readonly mask: (text: string) => string,
+    /** The execution's span id: known before it starts, for the step's env. */
+    readonly executeSpanId: string = newSpanId(),
+  ) {
+    this.#attributes = {
+      "runnel.run.id": job.runId,
+      "runnel.step.id": job.stepId,
+      "runnel.attempt.id": job.attemptId,
+      "runnel.attempt": job.attempt,
+      "runnel.backend": job.backend,
+      "runnel.worker": agentId,
+    };
+  }
+
+  /** The step's `TRACEPARENT`: the execution span. */
+  get traceparent(): string {
+    return formatTraceparent({ traceId: this.parent.traceId, spanId: this.executeSpanId });
+  }
+
+  /** Runs `work` as a span from `startMs` (failed if it throws). */
+  async around<T>(
+    name: string,
+    startMs: number,
+    work: () => Promise<T>,
+    attributes: Record<string, AttributeValue> = {},
+  ): Promise<T> {
+    try {
+      const value = await work();
+      this.#record(name, newSpanId(), startMs, attributes);
+      return value;
+    } catch (error) {
+      this.#record(name, newSpanId(), startMs, attributes, this.mask(messageOf(error)));
+      throw error;
+    }
+  }
+
+  /** The execution begins (began, for an adopted attempt) at `since`. */
+  executing(since = Date.now(), attributes: Record<string, AttributeValue> = {}): void {
+    this.#executingSince = since;
+    this.#executingAttributes = attributes;
+  }
+
+  /** The execution ended (or failed to start), once; nothing if it never began. */
+  executed(failure?: AttemptResult, exitCode?: number): void {
+    const since = this.#executingSince;
+    if (since === undefined) return;
+    this.#executingSince = undefined;
+    const failed = failure && !failure.ok ? failure : undefined;
+    this.#record("execute", this.executeSpanId, since, {
+      ...this.#executingAttributes,
+      ...(exitCode !== undefined ? { "runnel.exit_code": exitCode } : {}),
+      ...(failed ? { "error.type": failed.errorClass } : {}),
+    }, failed?.message);
+  }
+
+  #record(
+    name: string,
+    spanId: string,
+    startMs: number,
+    attributes: Record<string, AttributeValue>,
+    error?: string,
+  ): void {
+    this.tracer?.record({
+      traceId: this.parent.traceId,
+      spanId,
+      parentSpanId: this.parent.spanId,
+      name,
+      startMs,
+      endMs: Date.now(),
+      attributes: { ...this.#attributes, ...attributes },
+      ...(error !== undefined ? { error } : {}),
+    });
   }
 }
 

@@ -42,12 +42,15 @@ import {
   hostPort,
   labelsFlag,
   limitsFlag,
+  otlpFlag,
   paramsFlag,
   parseLabels,
   positiveInt,
   smtpFlag,
   UsageError,
+  VERSION,
 } from "./flags.ts";
+import { openTracer, type Tracer } from "../trace/exporter.ts";
 import { artifactsOfSteps, renderRun, renderRunList, table } from "./render.ts";
 import { apiCredentials, sendsTokenInClear } from "./credentials.ts";
 import { AdminTokenError, checkAdminToken, isRole, ROLES } from "../server/auth.ts";
@@ -76,6 +79,8 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
     throw new UsageError(`--webhook-allow: ${(error as Error).message}`);
   }
   const secrets = flags.secrets ? await operatorSecrets(flags.secrets) : undefined;
+  const serverId = flags.id ?? `${hostname()}-${portHttp}`;
+  const tracer = tracerOf(flags, "server", serverId);
   let store: Store;
   let election: LeaderElection;
   let raftState: (() => Promise<RaftState>) | undefined;
@@ -102,7 +107,7 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
   let server;
   try {
     server = await startServer({
-      serverId: flags.id ?? `${hostname()}-${portHttp}`,
+      serverId,
       store,
       election,
       raftState,
@@ -117,9 +122,11 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
       webhookAllow,
       smtp: smtpFlag(flags.smtp, flags["smtp-from"]),
       pipelineLimits: limitsFlag(flags.limit),
+      ...(tracer ? { tracer } : {}),
     });
   } catch (error) {
     await closeStore();
+    await tracer?.shutdown();
     if (!(error instanceof ServerListenError)) throw error;
     const flag = LISTENER_FLAG[error.listener];
     const given = error.listener === "http" ? flags.listen ?? "127.0.0.1:8080" : grpcAddress;
@@ -142,7 +149,27 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
   await untilSignal();
   await server.close();
   await closeStore();
+  await tracer?.shutdown();
   return 0;
+}
+
+/**
+ * The tracer of `--otlp-endpoint URL` (else of the OTLP env vars) for a
+ * server or an agent, or none. A collector that is down is logged, once
+ * until it is back, and never stops anything.
+ */
+function tracerOf(
+  flags: CliFlags,
+  role: "server" | "agent",
+  instance: string | undefined,
+): Tracer | undefined {
+  const endpoint = otlpFlag(flags["otlp-endpoint"]);
+  if (!endpoint) return undefined;
+  return openTracer({
+    endpoint,
+    resource: { "service.version": VERSION, "service.instance.id": instance, "runnel.role": role },
+    onError: (message) => jsonLog({ level: "warn", component: "trace", msg: message }),
+  });
 }
 
 /** `runnel agent`: runs until SIGINT/SIGTERM (which drain it). */
@@ -154,6 +181,19 @@ export async function agentCommand(flags: CliFlags, config: AgentConfig): Promis
     throw new UsageError('"runnel agent" needs --server HOST:PORT (the servers\' gRPC)');
   }
   const stateDir = flags["state-dir"] ?? ".runnel/agent";
+  const tracer = tracerOf(flags, "agent", flags.id);
+  try {
+    return await runAgent(flags, config, { servers, stateDir, tracer });
+  } finally {
+    await tracer?.shutdown();
+  }
+}
+
+async function runAgent(
+  flags: CliFlags,
+  config: AgentConfig,
+  { servers, stateDir, tracer }: { servers: string[]; stateDir: string; tracer?: Tracer },
+): Promise<number> {
   let agent;
   try {
     agent = await startAgent({
@@ -178,6 +218,7 @@ export async function agentCommand(flags: CliFlags, config: AgentConfig): Promis
         ? clientCredentials({ ca: flags["tls-ca"], cert: flags["tls-cert"], key: flags["tls-key"] })
         : undefined,
       log: jsonLog,
+      ...(tracer ? { tracer } : {}),
     });
   } catch (error) {
     if (error instanceof AgentRejectedError) {

@@ -6,6 +6,7 @@
  * @module
  */
 
+import { OtlpEndpointError, otlpTracesUrl } from "../trace/exporter.ts";
 import { parseArgs } from "node:util";
 import { parse as parseYaml } from "npm:yaml@2.9.1";
 import { LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN } from "../../core/schema.ts";
@@ -100,6 +101,8 @@ Options:
   --http-tls-cert/--http-tls-key FILE     (server) serve the HTTP API over TLS
   --admin-token-file FILE  (server) a token accepted as admin; closes the bootstrap
   --metrics-public     (server) serve /metrics without a token (default: read role)
+  --otlp-endpoint URL  (run, resume, rerun, server, agent) export OpenTelemetry traces over
+                       OTLP/HTTP to this collector (default: $OTEL_EXPORTER_OTLP_ENDPOINT)
   --webhook-allow H[:P],…  (server) hosts on-failure webhooks may reach (default none)
   --role R --name N    (token create) the new token's role and name
   --etcd-ca/--etcd-cert/--etcd-key FILE   TLS towards etcd
@@ -165,6 +168,7 @@ const OPTIONS = {
   "http-tls-key": { type: "string" },
   "admin-token-file": { type: "string" },
   "metrics-public": { type: "boolean" },
+  "otlp-endpoint": { type: "string" },
   "webhook-allow": { type: "string", multiple: true },
   role: { type: "string" },
   name: { type: "string" },
@@ -368,4 +372,28 @@ export function parseLabels(text?: string): Record<string, string> {
 export function commaList(values?: string | string[]): string[] {
   return [values ?? []].flat().flatMap((value) => value.split(","))
     .map((item) => item.trim()).filter(Boolean);
+}
+
+/**
+ * The collector's traces URL of `--otlp-endpoint URL` (else of the OTLP env
+ * vars), or undefined when none is named.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { otlpFlag } from "./flags.ts";
+ * assert.equal(otlpFlag("http://127.0.0.1:4318"), "http://127.0.0.1:4318/v1/traces");
+ * assert.throws(() => otlpFlag("127.0.0.1:4318"), /--otlp-endpoint/);
+ * ```
+ */
+export function otlpFlag(
+  text: string | undefined,
+  env?: (name: string) => string | undefined,
+): string | undefined {
+  try {
+    return otlpTracesUrl(text, env);
+  } catch (error) {
+    if (error instanceof OtlpEndpointError) throw new UsageError(error.message);
+    throw error;
+  }
 }

@@ -39,7 +39,8 @@ import {
   validateStepConfigs,
   waitForRunEnd,
 } from "../../mod.ts";
-import { EXIT_INTERRUPTED, UsageError } from "./flags.ts";
+import { EXIT_INTERRUPTED, otlpFlag, UsageError, VERSION } from "./flags.ts";
+import { openTracer } from "../trace/exporter.ts";
 import { formatBytes, renderRun, renderRunList } from "./render.ts";
 
 /** Options every command that reads a state directory takes. */
@@ -74,6 +75,8 @@ export interface ExecuteOptions extends StateOptions {
   limits?: Partial<PipelineLimits>;
   /** Run parameters (`--param`, `--params-file`). */
   params?: Record<string, unknown>;
+  /** `--otlp-endpoint URL`: the collector the run's spans go to (default: the OTLP env vars). */
+  otlpEndpoint?: string;
 }
 
 /** Options of the commands that load a pipeline file without running it. */
@@ -444,6 +447,18 @@ async function execute(
     logs: options.logs,
     color: Deno.stdout.isTerminal() && !Deno.env.get("NO_COLOR"),
   });
+  const endpoint = otlpFlag(options.otlpEndpoint);
+  const tracer = endpoint
+    ? openTracer({
+      endpoint,
+      resource: {
+        "service.version": VERSION,
+        "service.instance.id": "local",
+        "runnel.role": "local",
+      },
+      onError: (message) => console.error(`warning: ${message}`),
+    })
+    : undefined;
   const interrupt = new AbortController();
   let interrupts = 0;
   const onSignal = () => {
@@ -461,6 +476,7 @@ async function execute(
       stateDir: options.stateDir,
       concurrency: options.concurrency,
       signal: interrupt.signal,
+      tracer,
       onEvent: (event) => progress.onEvent(event),
       // A plugin's own console output (its host's stderr) is for debugging it.
       onDiagnostic: options.logs
@@ -484,6 +500,8 @@ async function execute(
     progress.close();
     Deno.removeSignalListener("SIGINT", onSignal);
     Deno.removeSignalListener("SIGTERM", onSignal);
+    // Bounded: a collector that is down costs the command at most this.
+    await tracer?.shutdown();
   }
 }
 

@@ -26,6 +26,8 @@ export interface RunSummaryRecord extends RunHeader {
   labels?: Record<string, string>;
   /** The registered pipeline version it runs (cluster, `runnel trigger`). */
   registered?: { name: string; version: number; tick?: number };
+  /** Its OpenTelemetry trace id. */
+  traceId?: string;
 }
 
 /** An artifact a run produced, as `runnel show` lists it. */
@@ -74,6 +76,7 @@ export function renderRun(view: RunView): string {
   if (run.startedAt && run.finishedAt) {
     lines.push(`duration  ${formatMs(run.finishedAt - run.startedAt)}`);
   }
+  if (run.traceId) lines.push(`trace     ${run.traceId}`);
   if (run.rerunOf) lines.push(`rerun of ${run.rerunOf}`);
   if (run.parent) lines.push(`child of ${run.parent.runId} (step ${run.parent.stepId})`);
   if (run.waiting && run.status === "pending") lines.push(`waiting   ${run.waiting}`);

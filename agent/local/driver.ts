@@ -41,6 +41,8 @@ import { errorClassOf } from "../attempt/io.ts";
 import type { Execution } from "../../backends/backend.ts";
 import { type SmtpSettings, WakeTimer, WebhookNotifier } from "../effects.ts";
 import { cacheKeyOf, restoreFromCache, saveToCache } from "./cache.ts";
+import type { Tracer } from "../trace/exporter.ts";
+import { RunTrace } from "../trace/run_spans.ts";
 import {
   claimRun,
   diskFullError,
@@ -107,6 +109,8 @@ export interface LocalDriverContext {
   smtp?: SmtpSettings;
   /** Runs the child of a `pipeline:` step to its end. */
   runChild?: (request: ChildRequest) => Promise<RunSummary>;
+  /** Where the run's spans are recorded (`--otlp-endpoint`). */
+  tracer?: Tracer;
 }
 
 /** What a `pipeline:` step asks of its driver: a child run. */
@@ -142,6 +146,7 @@ export class LocalDriver {
   readonly #active = new Map<string, ActiveAttempt>();
   readonly #wake: WakeTimer;
   readonly #webhooks: WebhookNotifier;
+  readonly #trace: RunTrace;
   #queue: Promise<void> = Promise.resolve();
   readonly #pending: Array<{ event: EngineEvent; ignoreFinish: boolean }> = [];
   /**
@@ -172,6 +177,7 @@ export class LocalDriver {
     this.#context = context;
     this.#now = context.now;
     this.#recorded = engine.state.status !== "pending";
+    this.#trace = new RunTrace(context.record, context.tracer);
     this.#wake = new WakeTimer(() => this.#submit({ type: "Tick", now: this.#now() }), this.#now);
     this.#webhooks = new WebhookNotifier(
       (outcome) => this.#emit({ type: "webhook", ...outcome }),
@@ -274,6 +280,7 @@ export class LocalDriver {
         }
         // Persist before acting: the store never knows less than was done.
         await this.#persist();
+        this.#traceEnded(batch.map(({ event }) => event), effects);
         for (const effect of effects) this.#perform(effect);
       }
     } catch (error) {
@@ -319,6 +326,20 @@ export class LocalDriver {
     return diskFullError(state.paths, error, this.#recorded ? record.runId : undefined);
   }
 
+  /** Records the spans of the attempts (and the run) that the persisted batch ended. */
+  #traceEnded(events: EngineEvent[], effects: Effect[]): void {
+    if (!this.#trace.enabled) return;
+    const state = this.#engine.state;
+    for (const item of [...events, ...effects]) {
+      if (
+        item.type === "AttemptExited" || item.type === "AttemptLost" ||
+        item.type === "StopAttempt"
+      ) {
+        this.#trace.attemptEnded(this.#plan, state, item.stepId, item.attemptId);
+      } else if (item.type === "RunFinished") this.#trace.runFinished(state, this.#now());
+    }
+  }
+
   #perform(effect: Effect): void {
     switch (effect.type) {
       case "StartAttempt":
@@ -326,6 +347,13 @@ export class LocalDriver {
           effect.attemptId,
           () =>
             this.#track(effect.attemptId, effect.stepId, effect.attempt, (active) => {
+              this.#trace.queueWait(
+                this.#engine.state,
+                effect.stepId,
+                effect.attemptId,
+                this.#now(),
+                "local",
+              );
               this.#submit({
                 type: "AttemptStarted",
                 stepId: effect.stepId,
@@ -506,6 +534,7 @@ export class LocalDriver {
         matrix: step.matrix ?? {},
         ...(step.timeoutMs !== undefined ? { timeoutMs: step.timeoutMs } : {}),
         resources: step.resources,
+        trace: this.#trace.attemptParent(attemptId),
       }, sink);
       result = await active.running.result;
     } catch (error) {

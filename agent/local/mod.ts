@@ -31,6 +31,8 @@ import {
 import { AttemptLifecycle, type AttemptRecord } from "../attempt/mod.ts";
 import type { AttemptPolicy } from "../attempt/policy.ts";
 import { type ChildRequest, LocalDriver, type RunEvent, type RunSummary } from "./driver.ts";
+import { newTraceId } from "../trace/context.ts";
+import type { Tracer } from "../trace/exporter.ts";
 import {
   assertNoLiveOwner,
   diskFullError,
@@ -129,6 +131,11 @@ export interface LocalRunOptions {
   policy?: AttemptPolicy;
   /** Limits a resume loads the pipeline file again with (default: the defaults). */
   limits?: Partial<PipelineLimits>;
+  /**
+   * Where the run's spans are recorded (`openTracer`, `--otlp-endpoint`);
+   * the caller shuts it down. Without one, steps still get `TRACEPARENT`.
+   */
+  tracer?: Tracer;
 }
 
 /** How long a stopped step may take to exit before it is killed. */
@@ -303,6 +310,7 @@ export async function runPipeline(plan: Plan, options: LocalRunOptions = {}): Pr
       status: "pending",
       createdAt: now(),
       round: engine.state.round,
+      traceId: newTraceId(),
     };
     if (plan.params) record.params = plan.params;
     if (options.rerunOf) record.rerunOf = options.rerunOf;
@@ -533,9 +541,11 @@ function lifecycleOf(
   pool: PluginHostPool,
   runId: string,
   policy?: AttemptPolicy,
+  tracer?: Tracer,
 ): AttemptLifecycle {
   return new AttemptLifecycle({
     policy,
+    tracer,
     pool,
     artifacts: state.artifacts,
     recordsDir: state.paths.attempts,
@@ -554,7 +564,7 @@ function driverContext(
     state,
     record,
     pool,
-    lifecycle: lifecycleOf(state, pool, record.runId, options.policy),
+    lifecycle: lifecycleOf(state, pool, record.runId, options.policy, options.tracer),
     now: options.now ?? Date.now,
     onEvent: options.onEvent,
     signal: options.signal,
@@ -562,6 +572,7 @@ function driverContext(
     secrets: new SecretStore(options.secrets, { env: options.env }),
     ...(options.smtp ? { smtp: options.smtp } : {}),
     runChild: (request: ChildRequest) => runChild(request, { ...options, pool }),
+    ...(options.tracer ? { tracer: options.tracer } : {}),
   };
 }
 

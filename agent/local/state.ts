@@ -51,6 +51,8 @@ export interface RunRecord extends RunHeader {
   params?: Record<string, string | number | boolean>;
   /** Third-party backends the run was started with; a resume loads them again. */
   plugins?: Array<{ name: string; module: string; manifestModule?: string }>;
+  /** The run's OpenTelemetry trace id (32 hex digits): its spans, and its steps' `TRACEPARENT`. */
+  traceId?: string;
 }
 
 /** Errors of local mode that a user can act on. */

@@ -629,6 +629,7 @@ async function pushAssignments(
         backend: record.backend,
         bundleJson,
         secrets: secretsOf(record),
+        traceparent: record.traceparent ?? "",
       },
     });
   };

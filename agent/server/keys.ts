@@ -57,6 +57,8 @@ export interface ClusterRunRecord extends RunHeader {
   registered?: { name: string; version: number; tick?: number };
   /** The run (and its `pipeline:` step's attempt) that started this one as its child. */
   parent?: { runId: string; stepId: string; attemptId: string };
+  /** The run's OpenTelemetry trace id (32 hex digits): its spans, and its steps' `TRACEPARENT`. */
+  traceId?: string;
 }
 
 /** What one backend can do on a worker (its fingerprint). */
@@ -150,6 +152,8 @@ export interface AssignmentRecord {
    */
   secrets: Record<string, SecretRef>;
   assignedAt: number;
+  /** The W3C trace context of the attempt's span (`agent/trace/`), handed to its agent. */
+  traceparent?: string;
 }
 
 /** An attempt's end as its worker reported it. */

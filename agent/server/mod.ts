@@ -23,6 +23,7 @@ import { abortableDelay } from "../../core/_async.ts";
 import { type SecretSource, SecretStore } from "../../core/secrets.ts";
 import { closeBootstrap, createAuthenticator } from "./auth.ts";
 import { WebhookAllowList } from "../effects.ts";
+import type { Tracer } from "../trace/exporter.ts";
 
 /** A won election: the fence to put in every write, and the signal of its loss. */
 export interface Leadership {
@@ -123,6 +124,11 @@ export interface ServerOptions {
   smtp?: SmtpSettings;
   /** Limits on what a submitted pipeline may expand to (default: the defaults). */
   pipelineLimits?: Partial<PipelineLimits>;
+  /**
+   * Where the scheduler records the spans of runs (`--otlp-endpoint`); the
+   * caller shuts it down after the server closed.
+   */
+  tracer?: Tracer;
 }
 
 /** A running server. */
@@ -308,6 +314,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
           signal: stop,
           webhookAllow,
           ...(options.smtp ? { smtp: options.smtp } : {}),
+          ...(options.tracer ? { tracer: options.tracer } : {}),
           onEvent: (event: SchedulerEvent) => {
             metrics.onSchedulerEvent(event);
             if (event.type === "worker-lost") {

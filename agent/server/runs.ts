@@ -13,6 +13,7 @@ import { indexOps } from "./run_index.ts";
 import { newRunId } from "../local/mod.ts";
 import { checkBundle, type PipelineBundle, putBundle } from "../bundle.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
+import { newTraceId } from "../trace/context.ts";
 
 /** A run API request that cannot be honoured. */
 export class RunRequestError extends Error {
@@ -86,6 +87,7 @@ export async function submitRun(
     createdAt: now,
     // As `RunEngine.start` counts rounds: the first is 1.
     round: 1,
+    traceId: newTraceId(),
     ...(options.bundle
       ? { bundle: options.bundle.digest }
       : options.bundleDigest

@@ -50,6 +50,8 @@ import { parsePipeline } from "../../core/load.ts";
 import { bundleFile, getBundle } from "../bundle.ts";
 import { versionToRun } from "./pipelines.ts";
 import { clusterStepStates, submitRun } from "./runs.ts";
+import type { Tracer } from "../trace/exporter.ts";
+import { RunTrace } from "../trace/run_spans.ts";
 
 /** Something the scheduler did, for metrics and logs. */
 export type SchedulerEvent =
@@ -85,6 +87,8 @@ export interface SchedulerOptions {
   webhookAllow?: WebhookAllowList;
   /** The operator's SMTP server for email alerts (`--smtp`). */
   smtp?: SmtpSettings;
+  /** Where the spans of runs (run, attempts, queue waits) are recorded (`--otlp-endpoint`). */
+  tracer?: Tracer;
 }
 
 /** Writes per transaction: below etcd's default `--max-txn-ops` of 128. */
@@ -123,6 +127,9 @@ class RunDriver {
   /** StartAttempt effects waiting for a worker. */
   readonly waiting: Placement[] = [];
   readonly wake: WakeTimer;
+  readonly trace: RunTrace;
+  /** Spans to record once the write they describe is done. */
+  readonly traceLater: Array<() => void> = [];
 
   constructor(
     readonly record: ClusterRunRecord,
@@ -130,9 +137,24 @@ class RunDriver {
     state: RunState,
     onWake: (driver: RunDriver) => void,
     now: () => number,
+    tracer: Tracer | undefined,
   ) {
     this.engine = new RunEngine(plan, state);
     this.wake = new WakeTimer(() => onWake(this), now);
+    this.trace = new RunTrace(record, tracer);
+  }
+
+  /** An attempt may have ended: its span, once the write is done. */
+  traceEnded(stepId: string, attemptId: string): void {
+    if (!this.trace.enabled) return;
+    this.traceLater.push(() =>
+      this.trace.attemptEnded(this.plan, this.engine.state, stepId, attemptId)
+    );
+  }
+
+  /** Records the spans of what was just written. */
+  traced(): void {
+    for (const record of this.traceLater.splice(0)) record();
   }
 }
 
@@ -425,6 +447,7 @@ class Scheduler {
       state,
       (driver) => this.#enqueue(() => this.#apply(driver, [{ type: "Tick", now: this.#now() }])),
       this.#now,
+      this.#options.tracer,
     );
     this.#runs.set(record.runId, driver);
     return driver;
@@ -474,6 +497,7 @@ class Scheduler {
     }
     for (const driver of touched) ops.push(...this.#persistOps(driver));
     await this.#write(ops);
+    for (const driver of touched) driver.traced();
     for (const [driver, effect] of later) this.#perform(driver, effect);
     await this.#placeWaiting();
   }
@@ -549,6 +573,7 @@ class Scheduler {
   async #apply(driver: RunDriver, events: EngineEvent[], extra: TxnOp[] = []): Promise<void> {
     const staged = this.#stage(driver, events, extra);
     await this.#write([...this.#persistOps(driver), ...staged.ops]);
+    driver.traced();
     for (const effect of staged.later) this.#perform(driver, effect);
     this.#reportQueue();
   }
@@ -564,7 +589,12 @@ class Scheduler {
     extra: TxnOp[] = [],
   ): { ops: TxnOp[]; later: Effect[] } {
     const effects: Effect[] = [];
-    for (const event of events) effects.push(...driver.engine.step(event).effects);
+    for (const event of events) {
+      effects.push(...driver.engine.step(event).effects);
+      if (event.type === "AttemptExited" || event.type === "AttemptLost") {
+        driver.traceEnded(event.stepId, event.attemptId);
+      }
+    }
     // Place what can be placed now, so the start and its assignment are one write.
     const ops: TxnOp[] = [...extra];
     const later: Effect[] = [];
@@ -582,6 +612,7 @@ class Scheduler {
               result: { ok: false, errorClass: "artifact", message: gets },
             }).effects,
           );
+          driver.traceEnded(effect.stepId, effect.attemptId);
           continue;
         }
         if (driver.plan.steps[effect.stepId].backend === PIPELINE_BACKEND) {
@@ -613,6 +644,7 @@ class Scheduler {
           driver.waiting.push(placement);
         }
       } else if (effect.type === "StopAttempt") {
+        driver.traceEnded(effect.stepId, effect.attemptId);
         const waiting = driver.waiting.findIndex((p) => p.attemptId === effect.attemptId);
         if (waiting >= 0) driver.waiting.splice(waiting, 1);
         if (driver.plan.steps[effect.stepId]?.backend === PIPELINE_BACKEND) {
@@ -800,6 +832,18 @@ class Scheduler {
       stepId: placement.stepId,
       agentId: worker.agentId,
     });
+    if (driver.trace.enabled) {
+      const placedAt = this.#now();
+      driver.traceLater.push(() =>
+        driver.trace.queueWait(
+          driver.engine.state,
+          placement.stepId,
+          placement.attemptId,
+          placedAt,
+          worker.agentId,
+        )
+      );
+    }
     this.#options.onEvent?.({
       type: "assigned",
       runId: placement.runId,
@@ -915,6 +959,7 @@ class Scheduler {
       inputs: gets.inputs,
       secrets,
       assignedAt: this.#now(),
+      traceparent: driver.trace.traceparent(placement.attemptId),
     };
   }
 
@@ -1009,6 +1054,7 @@ class Scheduler {
         return;
       }
       case "RunFinished":
+        driver.trace.runFinished(driver.engine.state, this.#now());
         driver.wake.clear();
         this.#runs.delete(driver.record.runId);
         // Its place under a concurrency key goes to the next run in line.

@@ -62,6 +62,7 @@ import {
   type SecretValues,
 } from "../attempt/mod.ts";
 import { agentPolicy } from "../attempt/policy.ts";
+import { parseTraceparent } from "../trace/context.ts";
 import {
   type AgentEvent,
   type AgentOptions,
@@ -260,6 +261,7 @@ class Agent implements RunningAgent {
       recordsDir: context.paths.attempts,
       agentId: context.agentId,
       cancelGraceMs: options.cancelGraceMs,
+      tracer: options.tracer,
       policy: options.policy ??
         agentPolicy({}, { plugins: (options.plugins ?? []).map((plugin) => plugin.name) }),
     });
@@ -665,6 +667,9 @@ class Agent implements RunningAgent {
       ...(spec.timeoutMs !== undefined ? { timeoutMs: spec.timeoutMs } : {}),
       ...(spec.resources ? { resources: spec.resources } : {}),
     };
+    // Checked, as all a server sends: a malformed context only goes untraced.
+    const trace = parseTraceparent(assignment.traceparent);
+    if (trace) job.trace = trace;
     const running = this.#lifecycle.run(job, this.#sink(attemptId), {
       resolveBaseDir: () => this.#baseDir(job, spec.bundleDigest),
     });

@@ -13,6 +13,7 @@ import type { PluginSource } from "../../backends/mod.ts";
 import type { ClientCredentials, Reject } from "../../proto/mod.ts";
 import type { HostTuning } from "../config.ts";
 import type { AttemptPolicy } from "../attempt/policy.ts";
+import type { Tracer } from "../trace/exporter.ts";
 
 /** Where an agent keeps its state when none is named. */
 export const DEFAULT_AGENT_STATE_DIR = ".runnel/agent";
@@ -107,6 +108,11 @@ export interface AgentOptions {
   helloTimeoutMs?: number;
   /** Grace of a cancelled attempt before it is killed (default {@link DEFAULT_CANCEL_GRACE_MS}). */
   cancelGraceMs?: number;
+  /**
+   * Where the spans of the attempts it runs are recorded, under the context
+   * each assignment carries [`--otlp-endpoint`]; the caller shuts it down.
+   */
+  tracer?: Tracer;
   /** gRPC keepalive ping period (see `proto/mod.ts`). */
   keepaliveMs?: number;
   /** runnel's version, sent in Hello. */
