@@ -22,6 +22,7 @@
 import { createHash } from "node:crypto";
 import type { FanOutLeg, InputRef, Plan, PlannedStep, StepState } from "./model.ts";
 import { canonicalJson, instanceId } from "./plan.ts";
+import { mapStrings } from "./_deep.ts";
 
 /** Backend name of a split node; runners run it themselves (`agent/attempt/split.ts`). */
 export const SPLIT_BACKEND = "split";
@@ -121,14 +122,7 @@ function withItem(
     text.includes("${{")
       ? text.replace(ITEM_REFERENCE, (_whole, path: string) => valueAt(path))
       : text;
-  const deep = (v: unknown): unknown => {
-    if (typeof v === "string") return substitute(v);
-    if (Array.isArray(v)) return v.map(deep);
-    if (v && typeof v === "object") {
-      return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, deep(x)]));
-    }
-    return v;
-  };
+  const deep = (v: unknown): unknown => mapStrings(v, substitute);
   const { run, ...rest } = template.config;
   const config = deep(rest) as Record<string, unknown>;
   const env = deep(template.env) as Record<string, string>;

@@ -30,6 +30,7 @@ import {
 } from "./schema.ts";
 import { itemFieldsOf, SPLIT_BACKEND, type SplitConfig } from "./fanout.ts";
 import { MinHeap } from "./_heap.ts";
+import { mapStrings } from "./_deep.ts";
 
 type Scalar = string | number | boolean;
 /** A matrix as written: key → values, plus `include`/`exclude` lists of maps. */
@@ -505,14 +506,7 @@ export function planPipeline(
             return whole;
           })
           : text;
-      const deep = (value: unknown): unknown => {
-        if (typeof value === "string") return interpolate(value);
-        if (Array.isArray(value)) return value.map(deep);
-        if (value && typeof value === "object") {
-          return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, deep(v)]));
-        }
-        return value;
-      };
+      const deep = (value: unknown): unknown => mapStrings(value, interpolate);
       const config: Record<string, unknown> = {};
       for (const key of CONFIG_KEYS) if (step[key] !== undefined) config[key] = deep(step[key]);
       if (step.pipeline !== undefined) {

@@ -11,6 +11,8 @@
  * @module
  */
 
+import { mapStrings } from "./_deep.ts";
+
 /** The file a step writes its values to, in its outputs directory (not an output itself). */
 export const VALUES_FILE = ".runnel-values";
 /** Largest values file of a step. */
@@ -135,14 +137,7 @@ export function applyValues(
     text.includes("${{")
       ? text.replace(VALUE_REFERENCE, (_whole, step: string, name: string) => valueOf(step, name))
       : text;
-  const deep = (value: unknown): unknown => {
-    if (typeof value === "string") return substitute(value);
-    if (Array.isArray(value)) return value.map(deep);
-    if (value && typeof value === "object") {
-      return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, deep(v)]));
-    }
-    return value;
-  };
+  const deep = (value: unknown): unknown => mapStrings(value, substitute);
   const json = JSON.stringify(config) + JSON.stringify(env);
   if (!json.includes("${{")) return { config, env, used };
   const { run, ...rest } = config;

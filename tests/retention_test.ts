@@ -14,6 +14,16 @@ import {
 } from "../mod.ts";
 import { runCli, sandbox } from "./_helpers.ts";
 
+/** The names of a run's artifacts in the store, sorted. */
+async function artifactNames(stateDir: string, runId: string): Promise<string[]> {
+  const state = await openLocalState(stateDir, { readOnly: true });
+  try {
+    return (await state.artifacts.list({ run: runId })).map((a) => a.name).sort();
+  } finally {
+    await state.close();
+  }
+}
+
 Deno.test("retention: a step's forever outlives gc, the pipeline's own period applies to the rest", async () => {
   await using box = await sandbox();
   const file = await box.write(
@@ -33,14 +43,7 @@ steps:
   const summary = await runPipeline(await loadPipeline(file), { stateDir: box.stateDir });
   assert.equal(summary.status, "succeeded");
   const day = 24 * 3600 * 1000;
-  const names = async () => {
-    const state = await openLocalState(box.stateDir, { readOnly: true });
-    try {
-      return (await state.artifacts.list({ run: summary.runId })).map((a) => a.name).sort();
-    } finally {
-      await state.close();
-    }
-  };
+  const names = () => artifactNames(box.stateDir, summary.runId);
   // Past gc's 14-day default but within the pipeline's 30 days: both stay.
   await collectGarbage({ stateDir: box.stateDir, now: Date.now() + 20 * day });
   assert.deepEqual(await names(), ["model.pt", "tmp.txt"]);
@@ -80,14 +83,7 @@ steps:
   const summary = await runPipeline(await loadPipeline(file), { stateDir: box.stateDir });
   assert.equal(summary.status, "succeeded");
   const day = 24 * 3600 * 1000;
-  const names = async () => {
-    const state = await openLocalState(box.stateDir, { readOnly: true });
-    try {
-      return (await state.artifacts.list({ run: summary.runId })).map((a) => a.name).sort();
-    } finally {
-      await state.close();
-    }
-  };
+  const names = () => artifactNames(box.stateDir, summary.runId);
   await collectGarbage({ stateDir: box.stateDir, now: Date.now() + 5 * day });
   assert.deepEqual(await names(), ["curve.csv", "model.pt"], "the step's 2d took train.log");
   await collectGarbage({ stateDir: box.stateDir, now: Date.now() + 90 * day });

@@ -18,6 +18,7 @@ import {
   type SplitConfig,
 } from "../../core/fanout.ts";
 import type { FanOutLeg } from "../../core/model.ts";
+import { concatBytes } from "../../core/_bytes.ts";
 
 /** Largest JSON list a `foreach` reads. */
 export const MAX_FOREACH_BYTES = 4 * MAX_ITEMS_BYTES;
@@ -163,7 +164,7 @@ async function splitLines(
         }
         at += part.length;
         if (end !== -1) {
-          header = concat(headerParts);
+          header = concatBytes(headerParts);
           headerParts = undefined;
         }
         continue;
@@ -273,16 +274,6 @@ function isBlank(bytes: Uint8Array): boolean {
     if (byte !== 0x20 && byte !== 0x09 && byte !== 0x0d && byte !== NEWLINE) return false;
   }
   return true;
-}
-
-function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
 }
 
 /**
