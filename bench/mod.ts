@@ -16,6 +16,7 @@ import { benchCluster } from "./cluster_bench.ts";
 import { benchSim } from "./sim_bench.ts";
 import { benchKubernetes } from "./kubernetes_bench.ts";
 import { benchSpanCost, benchTraces } from "./trace_bench.ts";
+import { benchSplit } from "./split_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -27,6 +28,7 @@ if (import.meta.main) {
   await benchShellBackend();
   await benchNoopSteps();
   await benchWindmill();
+  await benchSplit();
   await benchSpanCost();
   await benchTraces();
   await benchDocker();
