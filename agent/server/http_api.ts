@@ -63,6 +63,7 @@ import { Locator, type PipelineLimits } from "../../core/load.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import type { Plan, StepState } from "../../core/model.ts";
 import { renderMermaid } from "../../core/mermaid.ts";
+import { expandPlan } from "../../core/fanout.ts";
 import { type Store, StoreError } from "../../consensus/store.ts";
 import { clusterKeys, type ClusterRunRecord } from "./keys.ts";
 import {
@@ -838,7 +839,10 @@ async function mermaid({ context, params }: Call): Promise<Response> {
   const statuses = Object.fromEntries(
     Object.values(steps).map((step) => [step.id, step.status]),
   );
-  return new Response(renderMermaid(JSON.parse(plan.value) as Plan, statuses), {
+  const parsed = JSON.parse(plan.value) as Plan;
+  // Legs that split nodes made at run time are steps of the DAG too.
+  expandPlan(parsed, steps);
+  return new Response(renderMermaid(parsed, statuses), {
     headers: { "content-type": "text/plain; charset=utf-8" },
   });
 }
