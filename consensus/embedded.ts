@@ -132,6 +132,9 @@ interface HistoryRow {
 
 /** A registered watch, woken when there may be new history. */
 interface Waker {
+  /** The watched keys: from `prefix` up to `end` (to the last key when undefined). */
+  prefix: string;
+  end: string | undefined;
   wake(): void;
 }
 
@@ -298,6 +301,8 @@ class SqliteStore implements EmbeddedStore {
   readonly #readOnly: boolean;
   readonly #clock: () => number;
   readonly #wakers = new Set<Waker>();
+  /** Keys the write in progress changed (see `#write`). */
+  #touched: string[] | undefined;
   readonly #timer: ReturnType<typeof setInterval>;
   #closed = false;
   #dataVersion = 0;
@@ -550,13 +555,21 @@ class SqliteStore implements EmbeddedStore {
    * store revision afterwards.
    */
   #write(body: (revision: number) => boolean): number {
-    const result = this.#immediate(() => {
-      const next = this.#currentRevision() + 1;
-      const changed = body(next);
-      if (changed) this.#sql.setMeta.run(next, "revision");
-      return { revision: changed ? next : next - 1, changed };
-    });
-    if (result.changed) this.#wakeWatchers();
+    const touched: string[] = [];
+    this.#touched = touched;
+    let result: { revision: number; changed: boolean };
+    try {
+      result = this.#immediate(() => {
+        const next = this.#currentRevision() + 1;
+        const changed = body(next);
+        if (changed) this.#sql.setMeta.run(next, "revision");
+        return { revision: changed ? next : next - 1, changed };
+      });
+    } finally {
+      this.#touched = undefined;
+    }
+    // Only the watches of the keys written: a write elsewhere costs them no read.
+    if (result.changed) this.#wakeWatchers(touched);
     return result.revision;
   }
 
@@ -592,11 +605,13 @@ class SqliteStore implements EmbeddedStore {
     const createRevision = current?.create_revision ?? revision;
     const version = (current?.version ?? 0) + 1;
     const leaseId = lease ?? null;
+    this.#touched?.push(key);
     this.#sql.upsert.run(key, value, createRevision, revision, version, leaseId);
     this.#sql.record.run(revision, "put", key, value, createRevision, version, leaseId);
   }
 
   #applyDelete(revision: number, key: string): boolean {
+    this.#touched?.push(key);
     const { changes } = this.#sql.deleteKey.run(key);
     if (changes === 0) return false;
     this.#sql.record.run(revision, "delete", key, null, null, null, null);
@@ -632,8 +647,14 @@ class SqliteStore implements EmbeddedStore {
     });
   }
 
-  #wakeWatchers(): void {
-    for (const waker of this.#wakers) waker.wake();
+  /** Wakes the watches of `keys`, or every watch when the keys are not known. */
+  #wakeWatchers(keys?: string[]): void {
+    for (const waker of this.#wakers) {
+      if (
+        keys === undefined ||
+        keys.some((key) => key >= waker.prefix && (waker.end === undefined || key < waker.end))
+      ) waker.wake();
+    }
   }
 
   /** The timer: expire leases, and wake watches if another process wrote. */
@@ -685,6 +706,8 @@ class SqliteStore implements EmbeddedStore {
     let dirty = true;
     let resolveWait: (() => void) | undefined;
     const waker: Waker = {
+      prefix,
+      end: prefixEnd(prefix),
       wake() {
         dirty = true;
         resolveWait?.();
