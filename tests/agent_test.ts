@@ -300,8 +300,10 @@ Deno.test("agent: Hello carries its id, labels, slots and fingerprints; shell is
       "docker",
       "kubernetes",
       "shell",
+      "split",
       "ssh",
     ]);
+    assert.equal(capabilities.split.available, true, "every agent splits (batch:, foreach:)");
     assert.equal(capabilities.deno.available, true);
     assert.equal(capabilities.deno.version, Deno.version.deno);
     assert.equal(capabilities.shell.available, false);
