@@ -55,6 +55,8 @@ export interface ClusterRunRecord extends RunHeader {
    * (`agent/server/pipelines.ts`); `tick` when a schedule started it.
    */
   registered?: { name: string; version: number; tick?: number };
+  /** The name of the API token that submitted, triggered or reran it. */
+  submittedBy?: string;
 }
 
 /** What one backend can do on a worker (its fingerprint). */

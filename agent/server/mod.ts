@@ -8,6 +8,7 @@
 
 import type { SmtpSettings } from "../effects.ts";
 import type { PipelineLimits } from "../../core/limits.ts";
+import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import type { Compare, Store } from "../../consensus/store.ts";
 import { type AgentServiceServer, serveAgentService } from "../../proto/mod.ts";
 import type { ServerCredentials } from "npm:@grpc/grpc-js@1.14.7";
@@ -123,6 +124,8 @@ export interface ServerOptions {
   smtp?: SmtpSettings;
   /** Limits on what a submitted pipeline may expand to (default: the defaults). */
   pipelineLimits?: Partial<PipelineLimits>;
+  /** The artifact store the agents upload to: the web UI's downloads read it. */
+  artifacts?: ArtifactStore;
 }
 
 /** A running server. */
@@ -240,6 +243,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         webhookAllow,
         log,
         pipelineLimits: options.pipelineLimits,
+        artifacts: options.artifacts,
         parser,
         readSecret: (name) => {
           try {

@@ -50,6 +50,8 @@ export async function submitRun(
     labels?: Record<string, string>;
     /** The registered pipeline and version it runs (`runnel trigger`, a schedule). */
     registered?: { name: string; version: number; tick?: number };
+    /** The name of the token that asked for it (shown by the web UI). */
+    submittedBy?: string;
     /**
      * Compares and writes made in the same transaction as the run (a
      * schedule's fence and its advanced state); the run is not created
@@ -92,6 +94,7 @@ export async function submitRun(
     ...(plan.runName ? { name: plan.runName } : {}),
     ...(plan.params ? { params: plan.params } : {}),
     ...(options.registered ? { registered: options.registered } : {}),
+    ...(options.submittedBy ? { submittedBy: options.submittedBy } : {}),
   };
   // The plan first: the scheduler reads it when it sees the record.
   const result = await store.txn({

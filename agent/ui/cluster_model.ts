@@ -223,7 +223,8 @@ export function clusterReadModel(options: ClusterModelOptions): ReadModel {
 
 /** A run record as the pages show it. */
 function summaryOf(run: ClusterRunRecord): RunSummary {
-  const extra = run as ClusterRunRecord & { submittedBy?: string; traceId?: string };
+  // The trace id is recorded by the tracing of runs, where it is enabled.
+  const extra = run as ClusterRunRecord & { traceId?: string };
   return {
     runId: run.runId,
     pipeline: run.pipeline,
@@ -232,8 +233,8 @@ function summaryOf(run: ClusterRunRecord): RunSummary {
     ...(run.name ? { name: run.name } : {}),
     ...(run.startedAt ? { startedAt: run.startedAt } : {}),
     ...(run.finishedAt ? { finishedAt: run.finishedAt } : {}),
-    ...(extra.submittedBy
-      ? { submitter: extra.submittedBy }
+    ...(run.submittedBy
+      ? { submitter: run.submittedBy }
       : run.registered?.tick !== undefined
       ? { submitter: "schedule" }
       : {}),
