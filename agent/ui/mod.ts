@@ -75,7 +75,7 @@ export function serveLocalUi(options: LocalUiOptions = {}): LocalUi {
   const stop = new AbortController();
   options.signal?.addEventListener("abort", () => stop.abort(), { once: true });
   const server = Deno.serve({
-    hostname: hostname === "localhost" ? "127.0.0.1" : hostname,
+    hostname: hostname === "localhost" ? "127.0.0.1" : hostname.replace(/^\[(.*)\]$/, "$1"),
     port: options.port ?? 0,
     signal: stop.signal,
     onListen: () => {},

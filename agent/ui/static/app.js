@@ -283,7 +283,9 @@ async function runsPage() {
     body.replaceChildren(...rows);
     note.textContent = rows.length === 0
       ? "No runs match."
-      : `${rows.length} runs on this page${next ? "; older ones on the next" : ""}.`;
+      : `${rows.length} run${rows.length === 1 ? "" : "s"} on this page${
+        next ? "; older ones on the next" : ""
+      }.`;
     newer.disabled = cursors.length <= 1;
     older.disabled = !next;
     const shown = new URLSearchParams();
@@ -424,8 +426,9 @@ function drawDag(view, layout) {
     viewBox: "0 0 10 10",
     refX: "10",
     refY: "5",
-    markerWidth: "7",
-    markerHeight: "7",
+    markerWidth: "8",
+    markerHeight: "8",
+    markerUnits: "userSpaceOnUse",
     orient: "auto-start-reverse",
   });
   marker.append(s("path", { d: "M0 0L10 5L0 10z", class: "arrow" }));
