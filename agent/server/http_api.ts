@@ -164,6 +164,11 @@ export interface ApiContext {
   readSecret?: (name: string) => string | undefined;
   /** The artifact store the agents upload to, for downloads (none: downloads answer 404). */
   artifacts?: ArtifactStore;
+  /**
+   * Aborts when the server closes: live streams (a UI page left open) end
+   * then, instead of holding the shutdown until their runs end.
+   */
+  closing?: AbortSignal;
 }
 
 /** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
@@ -440,8 +445,11 @@ export function createApiHandler(
   return async (request, info) => {
     const url = new URL(request.url);
     // Streams stop when the client is gone: when the response is over.
-    const gone = new AbortController();
-    info?.completed?.finally(() => gone.abort());
+    const ended = new AbortController();
+    info?.completed?.finally(() => ended.abort());
+    const gone = {
+      signal: context.closing ? AbortSignal.any([ended.signal, context.closing]) : ended.signal,
+    };
     const path = url.pathname.replace(/\/+$/, "") || "/";
     const remote = info?.remoteAddr
       ? `${(info.remoteAddr as Deno.NetAddr).hostname}:${(info.remoteAddr as Deno.NetAddr).port}`

@@ -220,6 +220,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   } catch (error) {
     throw new ServerListenError("grpc", options.grpc.address, error);
   }
+  const closing = new AbortController();
   let http: Deno.HttpServer<Deno.NetAddr>;
   try {
     http = Deno.serve(
@@ -244,6 +245,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         log,
         pipelineLimits: options.pipelineLimits,
         artifacts: options.artifacts,
+        closing: closing.signal,
         parser,
         readSecret: (name) => {
           try {
@@ -263,7 +265,6 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     );
   }
 
-  const closing = new AbortController();
   const bootstrapClosed = options.adminToken === undefined
     ? Promise.resolve()
     : closeBootstrapWhenReachable(store, options.serverId, closing.signal, log);
