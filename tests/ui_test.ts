@@ -199,7 +199,7 @@ Deno.test({
       await anonymous.click("#login-form button");
       await anonymous.waitForSelector("#login-error:has-text('refused')");
       await screenshot(anonymous, "login");
-      await anonymous.close();");
+      await anonymous.close();
 
       // `/` and the old run page lead to the UI.
       const root = await fetch(`${http}/`, { redirect: "manual" });
@@ -231,7 +231,7 @@ Deno.test({
       });
       assert.doesNotMatch(await page.textContent("#log") ?? "", /tick 1\s+tick 1\b/);
       assert.equal(await page.isVisible("#cancel"), true, "an admin may cancel");
-      await screenshot(page, "run-running");');
+      await screenshot(page, "run-running");
 
       // The server dies and comes back: the page keeps its view and goes on live.
       await page.evaluate("document.body.dataset.marker = 'kept'");
@@ -239,7 +239,7 @@ Deno.test({
       await page.waitForSelector("#connection:has-text('reconnecting')", { timeout: 15_000 });
       server = startServer();
       await ready();
-      await Deno.writeTextFile(release, "go\n");\n      await Deno.writeTex");
+      await Deno.writeTextFile(release, "go\n");
       await waitForBox(page, "make", "succeeded");
       await waitForBox(page, "fan", "succeeded");
       await waitForBox(page, "tail", "running");
@@ -278,7 +278,25 @@ Deno.test({
       assert.equal(await page.isHidden("#cancel"), true);
       const after = await (await fetch(`${http}/api/runs/${runId}`, { headers: AS_ADMIN })).json();
       assert.equal(after.run.status, "cancelled");
-      await screenshot(page, "run-cancelled");');
+      await screenshot(page, "run-cancelled");
+
+      // A read token sees the run and no button that changes it.
+      const made = await fetch(`${http}/api/tokens`, {
+        method: "POST",
+        headers: { ...AS_ADMIN, "content-type": "application/json" },
+        body: JSON.stringify({ name: "viewer", role: "read" }),
+      });
+      const { token: readToken } = await made.json();
+      const viewer = await browser.newPage();
+      await viewer.goto(`${http}/ui/runs/${runId}`);
+      await viewer.fill("#token", readToken);
+      await viewer.click("#login-form button");
+      await viewer.waitForSelector("#run-header .badge.st-cancelled");
+      assert.match(await viewer.textContent("#session") ?? "", /role: read/);
+      for (const button of ["#cancel", "#resume", "#retry"]) {
+        assert.equal(await viewer.isHidden(button), true, `${button} hidden for read`);
+      }
+      await viewer.close();
 
       // Runs: the run is listed, newest first, with who submitted it.
       await page.goto(`${http}/ui/`);
@@ -291,7 +309,7 @@ Deno.test({
       await page.selectOption("#filter-status", "");
       await page.click("#filters button");
       await row.waitFor();
-      await screenshot(page, "runs");');
+      await screenshot(page, "runs");
 
       // Workers: online, then offline once its agent is SIGKILLed.
       await page.goto(`${http}/ui/workers`);
