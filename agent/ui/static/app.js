@@ -212,6 +212,12 @@ function refused(error) {
 
 async function start() {
   wireLogin();
+  // A run's page asks for the run at once, beside the session: one round trip less.
+  const runId = document.body.dataset.runId;
+  const early = runId === undefined
+    ? undefined
+    : getJson(`/ui/api/runs/${encodeURIComponent(runId)}`);
+  early?.catch(() => {});
   let session;
   try {
     session = await getJson("/ui/api/session");
@@ -228,7 +234,7 @@ async function start() {
     : `role: ${session.role}`;
   document.getElementById("main").hidden = false;
   if (page === "runs") await runsPage();
-  else if (page === "run") await runPage(session);
+  else if (page === "run") await runPage(session, early);
   else if (page === "workers") await workersPage(session);
 }
 
@@ -318,7 +324,7 @@ async function runsPage() {
 
 // ---- a run ----------------------------------------------------------------
 
-async function runPage(session) {
+async function runPage(session, early) {
   const runId = document.body.dataset.runId;
   const base = `/ui/api/runs/${encodeURIComponent(runId)}`;
   const view = {
@@ -341,7 +347,7 @@ async function runPage(session) {
 
   let detail;
   try {
-    detail = await getJson(base);
+    detail = await (early ?? getJson(base));
   } catch (error) {
     if (error instanceof Unauthorized) return refused(error);
     connection.textContent = error.message;
@@ -354,6 +360,9 @@ async function runPage(session) {
   for (const [id, step] of Object.entries(detail.steps)) view.steps.set(id, step);
   drawLegend();
   drawDag(view, detail.layout);
+  view.drawVisible();
+  // For bench/ui_bench.ts: when the graph's first frame is painted.
+  requestAnimationFrame(() => requestAnimationFrame(() => performance.mark("runnel:dag-painted")));
   drawTable(view);
   renderHeader(view, session);
   for (const name of view.groups.keys()) view.dirty.add(name);
@@ -435,40 +444,28 @@ function drawDag(view, layout) {
   defs.append(marker);
   svg.append(defs);
   const edges = s("g", { class: "edges", "aria-hidden": "true" });
-  for (const edge of layout.edges) {
-    const path = s("path", { d: edge.path, class: "edge", "marker-end": "url(#arrow)" });
-    edges.append(path);
-    view.edges.push({ from: edge.from, to: edge.to, path });
-  }
   svg.append(edges);
   const members = new Map();
   for (const step of view.plan) {
     if (!members.has(step.name)) members.set(step.name, []);
     members.get(step.name).push(step.id);
   }
-  const nodes = s("g", { class: "nodes" });
+  const at = new Map(layout.nodes.map((node) => [node.id, node]));
   for (const node of layout.nodes) {
-    const g = s("g", {
-      class: "node st-pending",
-      transform: `translate(${node.x},${node.y})`,
-      tabindex: "0",
-      role: "button",
-      "data-group": node.id,
-    });
-    const title = s("title");
-    const rect = s("rect", {
-      width: String(layout.nodeWidth),
-      height: String(layout.nodeHeight),
-      rx: "6",
-    });
-    const label = s("text", { x: "10", y: "19", class: "label" });
-    const shown = node.id.length > 22 ? `${node.id.slice(0, 21)}…` : node.id;
-    label.textContent = node.count > 1 ? `${shown} ×${node.count}` : shown;
-    const detail = s("text", { x: "10", y: "37", class: "detail" });
-    g.append(title, rect, label, detail);
-    nodes.append(g);
-    view.groups.set(node.id, { ids: members.get(node.id) ?? [], node: g, title, detail });
+    view.groups.set(node.id, { ids: members.get(node.id) ?? [], box: node });
   }
+  for (const edge of layout.edges) {
+    const from = at.get(edge.from);
+    const to = at.get(edge.to);
+    view.edges.push({
+      from: edge.from,
+      to: edge.to,
+      d: edge.path,
+      x: [from.x + layout.nodeWidth, to.x],
+      y: [Math.min(from.y, to.y), Math.max(from.y, to.y) + layout.nodeHeight],
+    });
+  }
+  const nodes = s("g", { class: "nodes" });
   svg.append(nodes);
   nodes.addEventListener("click", (event) => pickGroup(view, event.target.closest(".node")));
   nodes.addEventListener("keydown", (event) => {
@@ -477,6 +474,71 @@ function drawDag(view, layout) {
     pickGroup(view, event.target.closest(".node"));
   });
   host.replaceChildren(svg);
+
+  // Only what is on screen (and a screen around it) is made: a 1,000-step
+  // graph costs what its visible part does; scrolling makes the rest. The
+  // step table below lists every step for keyboards and screen readers.
+  const drawVisible = () => {
+    const width = host.clientWidth || 1200;
+    const height = host.clientHeight || 600;
+    const left = host.scrollLeft - width;
+    const right = host.scrollLeft + 2 * width;
+    const top = host.scrollTop - height;
+    const bottom = host.scrollTop + 2 * height;
+    const fresh = [];
+    for (const edge of view.edges) {
+      if (edge.path || edge.x[1] < left || edge.x[0] > right) continue;
+      if (edge.y[1] < top || edge.y[0] > bottom) continue;
+      edge.path = s("path", {
+        d: edge.d,
+        class: edge.onPath ? "edge failed-path" : "edge",
+        "marker-end": "url(#arrow)",
+      });
+      fresh.push(edge.path);
+    }
+    edges.append(...fresh);
+    fresh.length = 0;
+    for (const [name, group] of view.groups) {
+      const box = group.box;
+      if (group.node || box.x + layout.nodeWidth < left || box.x > right) continue;
+      if (box.y + layout.nodeHeight < top || box.y > bottom) continue;
+      const g = s("g", {
+        class: "node st-pending",
+        transform: `translate(${box.x},${box.y})`,
+        tabindex: "0",
+        role: "button",
+        "data-group": name,
+      });
+      const title = s("title");
+      const rect = s("rect", {
+        width: String(layout.nodeWidth),
+        height: String(layout.nodeHeight),
+        rx: "6",
+      });
+      const label = s("text", { x: "10", y: "19", class: "label" });
+      const shown = name.length > 22 ? `${name.slice(0, 21)}…` : name;
+      label.textContent = box.count > 1 ? `${shown} ×${box.count}` : shown;
+      const detail = s("text", { x: "10", y: "37", class: "detail" });
+      g.append(title, rect, label, detail);
+      Object.assign(group, { node: g, title, detail });
+      fresh.push(g);
+      view.dirty.add(name);
+    }
+    nodes.append(...fresh);
+    if (fresh.length > 0) flush(view);
+  };
+  let pending = false;
+  const later = () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => {
+      pending = false;
+      drawVisible();
+    });
+  };
+  host.addEventListener("scroll", later, { passive: true });
+  addEventListener("resize", later);
+  view.drawVisible = drawVisible;
 }
 
 /** A box picked: its step, or of matrix legs the first failed (else running) one. */
@@ -490,32 +552,44 @@ function pickGroup(view, node) {
   view.onSelect?.(id);
 }
 
+/** Table rows made per task: the graph is painted first, the rows follow in slices. */
+const ROWS_PER_SLICE = 200;
+
 function drawTable(view) {
   const body = document.querySelector("#steps tbody");
-  const rows = [];
-  for (const step of view.plan) {
-    const button = h("button", {
-      type: "button",
-      class: "link",
-      onclick: () => view.onSelect?.(step.id),
-    }, step.id);
-    const row = h(
-      "tr",
-      { "data-step": step.id },
-      h("th", { scope: "row" }, button),
-      h("td"),
-      h("td"),
-      h("td"),
-      h("td", {}, step.backend),
-      h("td"),
-      h("td"),
-      h("td"),
-    );
-    view.rows.set(step.id, row);
-    rows.push(row);
-    updateRow(view, step.id);
-  }
-  body.replaceChildren(...rows);
+  body.replaceChildren();
+  let next = 0;
+  const slice = () => {
+    const rows = [];
+    for (const step of view.plan.slice(next, next + ROWS_PER_SLICE)) {
+      const button = h("button", {
+        type: "button",
+        class: "link",
+        onclick: () => view.onSelect?.(step.id),
+      }, step.id);
+      const row = h(
+        "tr",
+        { "data-step": step.id },
+        h("th", { scope: "row" }, button),
+        h("td"),
+        h("td"),
+        h("td"),
+        h("td", {}, step.backend),
+        h("td"),
+        h("td"),
+        h("td"),
+      );
+      if (step.id === view.selected) row.setAttribute("aria-selected", "true");
+      view.rows.set(step.id, row);
+      rows.push(row);
+      updateRow(view, step.id);
+    }
+    body.append(...rows);
+    next += ROWS_PER_SLICE;
+    if (next < view.plan.length) setTimeout(slice, 0);
+  };
+  // After the graph's first frame.
+  requestAnimationFrame(() => setTimeout(slice, 0));
 }
 
 function updateRow(view, id) {
@@ -553,6 +627,9 @@ function flush(view) {
   for (const name of view.dirty) {
     const group = view.groups.get(name);
     if (!group) continue;
+    if (group.ids.some((id) => view.steps.get(id)?.status === "failed")) failures = true;
+    // Boxes not yet made are brought up to date when they are.
+    if (!group.node) continue;
     const counts = {};
     for (const id of group.ids) {
       const status = view.steps.get(id)?.status ?? "pending";
@@ -605,8 +682,11 @@ function markFailedPath(view) {
     }
   }
   for (const edge of view.edges) {
-    const className = onPath.has(edge) ? "edge failed-path" : "edge";
-    if (edge.path.getAttribute("class") !== className) edge.path.setAttribute("class", className);
+    edge.onPath = onPath.has(edge);
+    const className = edge.onPath ? "edge failed-path" : "edge";
+    if (edge.path && edge.path.getAttribute("class") !== className) {
+      edge.path.setAttribute("class", className);
+    }
   }
   view.failedPathShown = failed.size > 0;
 }
