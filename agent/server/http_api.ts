@@ -231,7 +231,7 @@ const ROUTES: Route[] = [
     path: /^\/api\/runs\/([^/]+)\/artifacts\/([^/]+)\/([^/]+)$/,
     access: needs("read"),
     handle: ({ context, params }) =>
-      download(readModelOf(context), params[0], params[1], params[2]),
+      download(readModelOf(context), { runId: params[0], step: params[1], name: params[2] }),
   },
   {
     method: "POST",

@@ -172,7 +172,11 @@ async function route(
     });
   }
   if ((match = /^\/ui\/api\/runs\/([^/]+)\/artifacts\/([^/]+)\/([^/]+)$/.exec(path))) {
-    return await download(model, decode(match[1]), decode(match[2]), decode(match[3]));
+    return await download(model, {
+      runId: decode(match[1]),
+      step: decode(match[2]),
+      name: decode(match[3]),
+    });
   }
   return undefined;
 }
@@ -184,11 +188,9 @@ async function route(
  */
 export async function download(
   model: ReadModel,
-  runId: string,
-  step: string,
-  name: string,
+  which: { runId: string; step: string; name: string },
 ): Promise<Response> {
-  const artifact = await model.artifact(runId, step, name);
+  const artifact = await model.artifact(which.runId, which.step, which.name);
   const fallback = artifact.name.replace(/[^A-Za-z0-9._-]/g, "_") || "artifact";
   return new Response(artifact.body, {
     headers: {
