@@ -276,7 +276,8 @@ function sse(
       const keepAlive = setInterval(() => write(": keep-alive\n\n"), 15_000);
       try {
         await produce(send, stop.signal);
-        send("end", {});
+        // Not when cut short (the server closing): the page then reconnects instead of stopping.
+        if (!stop.signal.aborted) send("end", {});
       } catch (error) {
         send("error", { message: error instanceof Error ? error.message : String(error) });
       } finally {
