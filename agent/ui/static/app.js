@@ -269,27 +269,40 @@ async function runsPage() {
       return;
     }
     next = listed.next;
-    const rows = listed.runs.map((run) =>
-      h(
-        "tr",
-        { "data-run": run.runId },
+    const shownIds = [...body.rows].map((row) => row.dataset.run).join(" ");
+    if (shownIds && shownIds === listed.runs.map((run) => run.runId).join(" ")) {
+      // The same runs: their cells change in place, so focus and selection stay.
+      for (const [i, run] of listed.runs.entries()) {
+        const cells = body.rows[i].cells;
+        if (cells[2].textContent.trim() !== `${ICONS[run.status]} ${run.status}`) {
+          cells[2].replaceChildren(badge(run.status));
+        }
+        cells[3].textContent = formatTime(run.startedAt ?? run.createdAt);
+        cells[4].textContent = runDuration(run);
+      }
+    } else {
+      body.replaceChildren(...listed.runs.map((run) =>
         h(
-          "td",
-          {},
-          h("a", { href: `/ui/runs/${encodeURIComponent(run.runId)}` }, run.name ?? run.runId),
-        ),
-        h("td", {}, run.pipeline),
-        h("td", {}, badge(run.status)),
-        h("td", {}, formatTime(run.startedAt ?? run.createdAt)),
-        h("td", {}, runDuration(run)),
-        h("td", {}, run.submitter ?? ""),
-        h("td", { class: "mono" }, pairs(run.params)),
-      )
-    );
-    body.replaceChildren(...rows);
-    note.textContent = rows.length === 0
+          "tr",
+          { "data-run": run.runId },
+          h(
+            "td",
+            {},
+            h("a", { href: `/ui/runs/${encodeURIComponent(run.runId)}` }, run.name ?? run.runId),
+          ),
+          h("td", {}, run.pipeline),
+          h("td", {}, badge(run.status)),
+          h("td", {}, formatTime(run.startedAt ?? run.createdAt)),
+          h("td", {}, runDuration(run)),
+          h("td", {}, run.submitter ?? ""),
+          h("td", { class: "mono" }, pairs(run.params)),
+        )
+      ));
+    }
+    const count = listed.runs.length;
+    note.textContent = count === 0
       ? "No runs match."
-      : `${rows.length} run${rows.length === 1 ? "" : "s"} on this page${
+      : `${count} run${count === 1 ? "" : "s"} on this page${
         next ? "; older ones on the next" : ""
       }.`;
     newer.disabled = cursors.length <= 1;
