@@ -46,6 +46,8 @@ async function stopProcess(child: Deno.ChildProcess, signal: Deno.Signal = "SIGT
 
 /** Every request a page makes, to check none leaves its origin. */
 function recordRequests(page: Page): string[] {
+  // A loaded CI machine (2 cores, suites side by side) gets room beyond playwright's 30 s.
+  page.setDefaultTimeout(60_000);
   const urls: string[] = [];
   page.on("request", (request: BrowserRequest) => urls.push(request.url()));
   return urls;
@@ -89,7 +91,7 @@ async function boxStatus(page: Page, step: string): Promise<string> {
 }
 
 async function waitForBox(page: Page, step: string, status: string): Promise<void> {
-  await page.waitForSelector(`svg g.node[data-group="${step}"].st-${status}`, { timeout: 30_000 });
+  await page.waitForSelector(`svg g.node[data-group="${step}"].st-${status}`);
 }
 
 /** A step that writes a 64 KiB artifact, then ticks until a file appears; a matrix; a long tail. */
@@ -190,6 +192,7 @@ Deno.test({
 
       // Without a token: the page asks for one, and its calls are refused.
       const anonymous = await browser.newPage();
+      recordRequests(anonymous);
       const refused = await anonymous.request.get(`${http}/ui/api/runs/${runId}`);
       assert.equal(refused.status(), 401);
       await anonymous.goto(`${http}/ui/runs/${runId}`);
@@ -236,7 +239,7 @@ Deno.test({
       // The server dies and comes back: the page keeps its view and goes on live.
       await page.evaluate("document.body.dataset.marker = 'kept'");
       await stopProcess(server, "SIGKILL");
-      await page.waitForSelector("#connection:has-text('reconnecting')", { timeout: 15_000 });
+      await page.waitForSelector("#connection:has-text('reconnecting')");
       server = startServer();
       await ready();
       await Deno.writeTextFile(release, "go\n");
@@ -273,7 +276,7 @@ Deno.test({
       await page.click("svg g.node[data-group='tail']");
       await page.waitForSelector("#log:has-text('still going')");
       await page.click("#cancel");
-      await page.waitForSelector("#run-header .badge.st-cancelled", { timeout: 30_000 });
+      await page.waitForSelector("#run-header .badge.st-cancelled");
       await waitForBox(page, "tail", "cancelled");
       assert.equal(await page.isHidden("#cancel"), true);
       const after = await (await fetch(`${http}/api/runs/${runId}`, { headers: AS_ADMIN })).json();
@@ -320,9 +323,7 @@ Deno.test({
       assert.match(await page.textContent("[data-fact='Term']") ?? "", /^\d+$/);
       await screenshot(page, "workers-online");
       await stopProcess(agent, "SIGKILL");
-      await page.waitForSelector("#workers tr[data-agent='worker-1'][data-status='offline']", {
-        timeout: 30_000,
-      });
+      await page.waitForSelector("#workers tr[data-agent='worker-1'][data-status='offline']");
       await screenshot(page, "workers-offline");
 
       assertSameOrigin(requests, http);
