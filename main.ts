@@ -171,6 +171,8 @@ async function main(line: CommandLine): Promise<number> {
       return await local.pinCommand(need("a run id"), { pin: command === "pin", stateDir });
     case "backends":
       return await local.backendsCommand(plugins, json, settings);
+    case "ui":
+      return await local.uiCommand({ stateDir, listen: flags.listen });
     default:
       throw new UsageError(`unknown command "${command}"; see "runnel --help"`);
   }

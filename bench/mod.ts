@@ -17,6 +17,7 @@ import { benchSim } from "./sim_bench.ts";
 import { benchKubernetes } from "./kubernetes_bench.ts";
 import { benchSpanCost, benchTraces } from "./trace_bench.ts";
 import { benchSplit } from "./split_bench.ts";
+import { benchUi } from "./ui_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -36,4 +37,5 @@ if (import.meta.main) {
   await benchCluster();
   await benchSim();
   await benchKubernetes();
+  await benchUi();
 }

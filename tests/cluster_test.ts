@@ -149,12 +149,15 @@ Deno.test("cluster: agents register, steps run where their selector says, logs s
     const dag = await (await fetch(`${cluster.http}/api/runs/${runId}/mermaid`, AS_ADMIN)).text();
     assert.match(dag, /^flowchart TD/);
     assert.match(dag, /class s0 succeeded/);
-    const page = await (await fetch(`${cluster.http}/runs/${runId}`, AS_ADMIN)).text();
-    assert.match(page, /<title>cluster-demo · /);
-    assert.match(page, /new EventSource\(`\/api\/runs\//);
+    // The old run page sends browsers to the web UI's (tests/ui_test.ts drives it).
+    const moved = await fetch(`${cluster.http}/runs/${runId}`, { redirect: "manual" });
+    await moved.body?.cancel();
+    assert.equal(moved.headers.get("location"), `/ui/runs/${runId}`);
+    const page = await (await fetch(`${cluster.http}/ui/runs/${runId}`)).text();
+    assert.match(page, /<title>Run /);
     // Served whole by the server: nothing from another origin, and the browser is told so.
     assert.ok(!/https?:\/\//.test(page), "the page names another origin");
-    const served = await fetch(`${cluster.http}/runs/${runId}`, AS_ADMIN);
+    const served = await fetch(`${cluster.http}/ui/runs/${runId}`);
     await served.body?.cancel();
     assert.match(served.headers.get("content-security-policy") ?? "", /default-src 'none'/);
 

@@ -123,6 +123,10 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
       smtp: smtpFlag(flags.smtp, flags["smtp-from"]),
       pipelineLimits: limitsFlag(flags.limit),
       ...(tracer ? { tracer } : {}),
+      // Where the agents put artifacts, when the operator says: the UI's downloads.
+      artifacts: flags.artifacts || flags["s3-endpoint"] || flags["s3-bucket"]
+        ? await openArtifacts(flags, flags["state-dir"] ?? ".runnel")
+        : undefined,
     });
   } catch (error) {
     await closeStore();

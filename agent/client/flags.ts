@@ -44,6 +44,7 @@ Commands:
   storage              the artifact store's bytes and objects by pipeline [--prometheus]
   pin RUN | unpin RUN  keep (or stop keeping) a run's artifacts through gc
   backends             list the backends and whether this host can run them
+  ui                   the web UI over local runs (--listen 127.0.0.1:PORT, default :8090)
 
 Cluster mode:
   server               serve the API and agents (--etcd URLS, or --store FILE alone)
@@ -89,11 +90,13 @@ Options:
   --labels k=v,…       (agent) labels steps select on
   --slots N            (agent) attempts at once (default 2)
   --allow-shell        (agent) run trusted shell steps
-  --artifacts DIR      (agent) a shared artifact directory, or:
-  --s3-endpoint URL --s3-bucket B [--s3-region R]   (agent) S3 artifacts (AWS_* env keys)
+  --artifacts DIR      (agent, server) a shared artifact directory (the server's UI
+                       downloads from it), or:
+  --s3-endpoint URL --s3-bucket B [--s3-region R]   (agent, server) S3 artifacts (AWS_* env keys)
   --kubeconfig FILE    (run, agent) the cluster of kubernetes steps (default: KUBECONFIG,
                        ~/.kube/config, then the in-cluster service account)
-  --listen H:P --grpc H:P   (server) API and agent addresses (127.0.0.1:8080, :7070)
+  --listen H:P --grpc H:P   (server) API and agent addresses (127.0.0.1:8080, :7070);
+                       (ui) the web UI's loopback address (127.0.0.1:8090)
   --etcd URLS | --store FILE   (server) the state store
   --id NAME --peers H:P,… --heartbeat D   (server) id, agents' failover list, heartbeat; (agent) --id NAME
   --tls-ca/--tls-cert/--tls-key FILE      TLS for the agents' gRPC (and the API without

@@ -39,8 +39,16 @@ import {
   validateStepConfigs,
   waitForRunEnd,
 } from "../../mod.ts";
-import { EXIT_INTERRUPTED, otlpFlag, UsageError, VERSION } from "./flags.ts";
+import {
+  EXIT_BAD_INPUT,
+  EXIT_INTERRUPTED,
+  hostPort,
+  otlpFlag,
+  UsageError,
+  VERSION,
+} from "./flags.ts";
 import { openTracer } from "../trace/exporter.ts";
+import { LocalUiAddressError, serveLocalUi } from "../ui/mod.ts";
 import { formatBytes, renderRun, renderRunList } from "./render.ts";
 
 /** Options every command that reads a state directory takes. */
@@ -516,5 +524,39 @@ async function resolveRunId(prefix: string, stateDir?: string): Promise<string> 
 
 function print(text: string): number {
   console.log(text);
+  return 0;
+}
+
+/** Options of `runnel ui`. */
+export interface UiCommandOptions extends StateOptions {
+  /** `HOST:PORT` on loopback (default 127.0.0.1:8090). */
+  listen?: string;
+}
+
+/** `runnel ui`: the web UI over the state directory's runs, until SIGINT/SIGTERM. */
+export async function uiCommand(options: UiCommandOptions): Promise<number> {
+  const [hostname, port] = hostPort(options.listen ?? "127.0.0.1:8090", "--listen");
+  let ui;
+  try {
+    ui = serveLocalUi({ stateDir: options.stateDir, hostname, port });
+  } catch (error) {
+    if (error instanceof LocalUiAddressError) throw new UsageError(`--listen: ${error.message}`);
+    if (error instanceof Deno.errors.AddrInUse) {
+      console.error(`error: --listen ${hostname}:${port} is already in use; choose a free port`);
+      return EXIT_BAD_INPUT;
+    }
+    throw error;
+  }
+  console.log(`runnel ui: ${ui.url}/ui/ (state ${options.stateDir ?? ".runnel"}; Ctrl-C stops)`);
+  await new Promise<void>((resolve) => {
+    const stop = () => {
+      Deno.removeSignalListener("SIGINT", stop);
+      Deno.removeSignalListener("SIGTERM", stop);
+      resolve();
+    };
+    Deno.addSignalListener("SIGINT", stop);
+    Deno.addSignalListener("SIGTERM", stop);
+  });
+  await ui[Symbol.asyncDispose]();
   return 0;
 }

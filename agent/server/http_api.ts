@@ -41,7 +41,10 @@
  * | `GET /api/runs/:id/events` | read | SSE: `run` and `step` records as they change, until the run ends |
  * | `GET /api/runs/:id/logs?step=S&follow=1` | read | SSE: `log` batches (`{step, attempt, text}`) |
  * | `GET /api/runs/:id/mermaid` | read | the DAG as Mermaid, nodes coloured by status |
- * | `GET /runs/:id` | read | a page of the run's steps, live (SSE), and its DAG's Mermaid source; nothing from another origin |
+ * | `GET /api/runs/:id/artifacts/:step/:name` | read | an artifact, verified against its digest, as an attachment (needs the server's `--artifacts` or `--s3-*`) |
+ * | `GET /`, `GET /runs/:id` | none | redirects to the web UI: `/ui/`, `/ui/runs/:id` |
+ * | `GET /ui/…` pages and assets | none | the web UI (`agent/ui/`): pages without data, loading nothing from another origin |
+ * | `GET /ui/api/…` | read | what the UI's pages show (`agent/ui/routes.ts`) |
  * | `POST /api/acl/bootstrap` | none, once | 201 `{token, id, name, role}`: the first admin token; 409 after |
  * | `GET /api/tokens` | admin | every token (id, name, role, created at/by; no secrets) |
  * | `POST /api/tokens` | admin | `{name, role}` → 201 `{token, id, …}`: the secret, shown this once |
@@ -115,6 +118,14 @@ import {
 import { ParseTimeoutError, type PipelineParser } from "./parse_worker.ts";
 import { forgetAgent, revokeAgent } from "./identity.ts";
 import { type WebhookAllowList, webhookHost } from "../effects.ts";
+import type { ArtifactStore } from "../../core/artifacts/store.ts";
+import {
+  clusterReadModel,
+  createUiHandler,
+  download,
+  isUiPath,
+  type ReadModel,
+} from "../ui/mod.ts";
 
 /** What the API needs from its server. */
 export interface ApiContext {
@@ -152,6 +163,13 @@ export interface ApiContext {
    * or undefined: what signs a registered pipeline's webhook triggers.
    */
   readSecret?: (name: string) => string | undefined;
+  /** The artifact store the agents upload to, for downloads (none: downloads answer 404). */
+  artifacts?: ArtifactStore;
+  /**
+   * Aborts when the server closes: live streams (a UI page left open) end
+   * then, instead of holding the shutdown until their runs end.
+   */
+  closing?: AbortSignal;
 }
 
 /** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
@@ -200,7 +218,22 @@ const ROUTES: Route[] = [
     access: (context) => context.metricsPublic ? "anyone" : "read",
     handle: metrics,
   },
-  { method: "GET", path: /^\/runs\/([^/]+)$/, access: needs("read"), handle: page },
+  { method: "GET", path: /^\/$/, access: anyone, handle: () => redirect("/ui/") },
+  {
+    method: "GET",
+    path: /^\/runs\/([^/]+)$/,
+    access: anyone,
+    handle: ({ params }) => redirect(`/ui/runs/${encodeURIComponent(params[0])}`),
+  },
+  { method: "GET", path: /^\/ui\/api\/.+$/, access: needs("read"), handle: uiCall },
+  { method: "GET", path: /^\/ui(\/.*)?$/, access: anyone, handle: uiCall },
+  {
+    method: "GET",
+    path: /^\/api\/runs\/([^/]+)\/artifacts\/([^/]+)\/([^/]+)$/,
+    access: needs("read"),
+    handle: ({ context, params }) =>
+      download(readModelOf(context), { runId: params[0], step: params[1], name: params[2] }),
+  },
   {
     method: "POST",
     path: /^\/api\/runs$/,
@@ -413,8 +446,11 @@ export function createApiHandler(
   return async (request, info) => {
     const url = new URL(request.url);
     // Streams stop when the client is gone: when the response is over.
-    const gone = new AbortController();
-    info?.completed?.finally(() => gone.abort());
+    const ended = new AbortController();
+    info?.completed?.finally(() => ended.abort());
+    const gone = {
+      signal: context.closing ? AbortSignal.any([ended.signal, context.closing]) : ended.signal,
+    };
     const path = url.pathname.replace(/\/+$/, "") || "/";
     const remote = info?.remoteAddr
       ? `${(info.remoteAddr as Deno.NetAddr).hostname}:${(info.remoteAddr as Deno.NetAddr).port}`
@@ -688,11 +724,41 @@ async function metrics({ context }: Call): Promise<Response> {
   });
 }
 
-async function page({ context, params }: Call): Promise<Response> {
-  const run = await getClusterRun(context.store, params[0]);
-  return new Response(runPage(run), {
-    headers: { "content-type": "text/html; charset=utf-8", "content-security-policy": PAGE_POLICY },
-  });
+/** The UI's read model of a server's context, made once per context. */
+const readModels = new WeakMap<ApiContext, ReadModel>();
+
+function readModelOf(context: ApiContext): ReadModel {
+  let model = readModels.get(context);
+  if (!model) {
+    model = clusterReadModel({
+      serverId: context.serverId,
+      store: context.store,
+      heartbeatMs: context.heartbeatMs,
+      raftState: () => context.raftState(),
+      schedulerLeader: () => context.schedulerLeader(),
+      artifacts: context.artifacts,
+    });
+    readModels.set(context, model);
+  }
+  return model;
+}
+
+const uiHandlers = new WeakMap<ReadModel, ReturnType<typeof createUiHandler>>();
+
+/** A call of the web UI (`agent/ui/`): its pages, assets and reads, as the caller's role. */
+async function uiCall({ context, request, url, caller, clientGone }: Call): Promise<Response> {
+  const model = readModelOf(context);
+  let handler = uiHandlers.get(model);
+  if (!handler) {
+    handler = createUiHandler(model);
+    uiHandlers.set(model, handler);
+  }
+  if (!isUiPath(url.pathname)) return json({ error: "not_found" }, { status: 404 });
+  return await handler(request, { role: caller?.role ?? "read", signal: clientGone });
+}
+
+function redirect(location: string): Response {
+  return new Response(null, { status: 302, headers: { location } });
 }
 
 async function runOf({ context, params }: Call): Promise<Response> {
@@ -764,7 +830,7 @@ const RERUN_SHAPE = '{"steps": ["<step name or instance id>", …], "downstream"
  * the chosen steps (and with `downstream` their dependents) run again and
  * every other step that succeeded is reused, its outputs by digest.
  */
-async function rerun({ context, request, params, audit }: Call): Promise<Response> {
+async function rerun({ context, request, params, audit, caller }: Call): Promise<Response> {
   const body = await readJsonObject(request, MAX_TOKEN_REQUEST_BYTES, RERUN_SHAPE);
   const steps = body.steps;
   if (
@@ -806,6 +872,7 @@ async function rerun({ context, request, params, audit }: Call): Promise<Respons
       ? { registered: { name: old.registered.name, version: old.registered.version } }
       : {}),
     rerunOf: old.runId,
+    submittedBy: caller?.tokenName,
     also: {
       compare: [],
       success: (runId) =>
@@ -975,7 +1042,7 @@ async function planSubmission(
   }
 }
 
-async function submit({ context, request, audit }: Call): Promise<Response> {
+async function submit({ context, request, audit, caller }: Call): Promise<Response> {
   const body = await readJsonObject(request, MAX_REQUEST_BYTES, SUBMIT_SHAPE);
   const submission = submissionOf(body);
   audit.file = submission.file;
@@ -985,6 +1052,7 @@ async function submit({ context, request, audit }: Call): Promise<Response> {
     file: submission.file,
     bundle: submission.bundle,
     labels: labelsOf(body.labels),
+    submittedBy: caller?.tokenName,
   });
   audit.runId = record.runId;
   audit.pipeline = record.pipeline;
@@ -1269,7 +1337,7 @@ async function startTriggered(
     runId: record.runId,
     pipeline: name,
     version: planned.version.version,
-    url: `${url.origin}/runs/${record.runId}`,
+    url: `${url.origin}/ui/runs/${record.runId}`,
   }, { status: 201 });
 }
 
@@ -1557,64 +1625,6 @@ function sse(
     },
   });
 }
-
-/**
- * The page of a run: its steps in plan order with their status, attempts
- * and worker, kept live by the run's server-sent events, and the DAG's
- * Mermaid source. Everything comes from this server: the page loads nothing
- * from another origin (its Content-Security-Policy says so to the browser),
- * so it works offline and runs no third party's code.
- */
-function runPage(run: ClusterRunRecord): string {
-  const id = JSON.stringify(run.runId);
-  const title = `${run.pipeline} · ${run.runId}`.replace(/[<>&"]/g, "");
-  return `<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>${title}</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:2rem}#status{color:#555}
-table{border-collapse:collapse}td,th{padding:.25rem .75rem;text-align:left;border-bottom:1px solid #ddd}
-.succeeded{color:#155724}.failed{color:#721c24}.running{color:#004085}.cancelled,.skipped{color:#666}
-</style></head>
-<body><h1>${title}</h1><p>Status: <span id="status">${run.status}</span></p>
-<table aria-label="Steps"><thead><tr><th scope="col">Step</th><th scope="col">Status</th>
-<th scope="col">Attempts</th><th scope="col">Worker</th></tr></thead><tbody id="steps"></tbody></table>
-<details><summary>DAG (Mermaid source)</summary><pre id="dag"></pre></details>
-<script type="module">
-const run = ${id};
-const base = \`/api/runs/\${encodeURIComponent(run)}\`;
-let pending;
-function cell(row, text, className) {
-  const td = row.insertCell();
-  td.textContent = text;
-  if (className) td.className = className;
-}
-async function draw() {
-  const { run: record, steps } = await (await fetch(base)).json();
-  document.getElementById("status").textContent = record.status;
-  const body = document.getElementById("steps");
-  body.replaceChildren();
-  for (const step of Object.values(steps)) {
-    const row = body.insertRow();
-    cell(row, step.id);
-    cell(row, step.status, step.status);
-    cell(row, String(step.attempts.length));
-    cell(row, step.attempts.at(-1)?.worker ?? "");
-  }
-  document.getElementById("dag").textContent = await (await fetch(\`\${base}/mermaid\`)).text();
-}
-function later() { clearTimeout(pending); pending = setTimeout(draw, 200); }
-const events = new EventSource(\`/api/runs/\${encodeURIComponent(run)}/events\`);
-events.addEventListener("step", later);
-events.addEventListener("run", later);
-events.addEventListener("end", () => { events.close(); later(); });
-draw();
-</script></body></html>
-`;
-}
-
-/** What a served page may load: only this server's own answers. */
-const PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; " +
-  "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'";
 
 function json(value: unknown, init: ResponseInit = {}): Response {
   return new Response(JSON.stringify(value, null, 2) + "\n", {

@@ -59,6 +59,8 @@ export interface ClusterRunRecord extends RunHeader {
   parent?: { runId: string; stepId: string; attemptId: string };
   /** The run's OpenTelemetry trace id (32 hex digits): its spans, and its steps' `TRACEPARENT`. */
   traceId?: string;
+  /** The name of the API token that submitted, triggered or reran it. */
+  submittedBy?: string;
 }
 
 /** What one backend can do on a worker (its fingerprint). */

@@ -8,6 +8,7 @@
 
 import type { SmtpSettings } from "../effects.ts";
 import type { PipelineLimits } from "../../core/limits.ts";
+import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import type { Compare, Store } from "../../consensus/store.ts";
 import { type AgentServiceServer, serveAgentService } from "../../proto/mod.ts";
 import type { ServerCredentials } from "npm:@grpc/grpc-js@1.14.7";
@@ -129,6 +130,8 @@ export interface ServerOptions {
    * caller shuts it down after the server closed.
    */
   tracer?: Tracer;
+  /** The artifact store the agents upload to: the web UI's downloads read it. */
+  artifacts?: ArtifactStore;
 }
 
 /** A running server. */
@@ -223,6 +226,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   } catch (error) {
     throw new ServerListenError("grpc", options.grpc.address, error);
   }
+  const closing = new AbortController();
   let http: Deno.HttpServer<Deno.NetAddr>;
   try {
     http = Deno.serve(
@@ -246,6 +250,8 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         webhookAllow,
         log,
         pipelineLimits: options.pipelineLimits,
+        artifacts: options.artifacts,
+        closing: closing.signal,
         parser,
         readSecret: (name) => {
           try {
@@ -265,7 +271,6 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     );
   }
 
-  const closing = new AbortController();
   const bootstrapClosed = options.adminToken === undefined
     ? Promise.resolve()
     : closeBootstrapWhenReachable(store, options.serverId, closing.signal, log);

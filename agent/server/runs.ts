@@ -55,6 +55,8 @@ export async function submitRun(
     runId?: string;
     /** The run whose `pipeline:` step started this one. */
     parent?: ClusterRunRecord["parent"];
+    /** The name of the token that asked for it (shown by the web UI). */
+    submittedBy?: string;
     /**
      * Compares and writes made in the same transaction as the run (a
      * schedule's fence and its advanced state); the run is not created
@@ -99,6 +101,7 @@ export async function submitRun(
     ...(plan.params ? { params: plan.params } : {}),
     ...(options.registered ? { registered: options.registered } : {}),
     ...(options.parent ? { parent: options.parent } : {}),
+    ...(options.submittedBy ? { submittedBy: options.submittedBy } : {}),
   };
   // The plan first: the scheduler reads it when it sees the record.
   const result = await store.txn({

@@ -124,7 +124,9 @@ Deno.test("API: an anonymous caller gets 401 on every route but /health and /rea
     ["GET", "/raft-state", "read"],
     ["GET", "/cluster-state", "read"],
     ["GET", "/metrics", "read"],
-    ["GET", `/runs/${runId}`, "read"],
+    ["GET", `/ui/api/runs/${runId}`, "read"],
+    ["GET", "/ui/api/runs", "read"],
+    ["GET", `/api/runs/${runId}/artifacts/a/out.txt`, "read"],
     ["GET", "/api/runs", "read"],
     ["GET", `/api/runs/${runId}`, "read"],
     ["GET", `/api/runs/${runId}/events`, "read"],
@@ -207,7 +209,9 @@ Deno.test("API: each role does what it may; a weaker one gets 403 naming the rol
   assert.equal((await api.store.list("/run/")).items.length, 1);
   // A browser's Basic credentials read, and never change anything.
   const basic = (token: string) => `Basic ${Buffer.from(`me:${token}`).toString("base64")}`;
-  const page = await api.call("GET", `/runs/${runId}`, { headers: { authorization: basic(read) } });
+  const page = await api.call("GET", `/ui/api/runs/${runId}`, {
+    headers: { authorization: basic(read) },
+  });
   assert.equal(page.status, 200);
   const viaBasic = await api.call("POST", "/api/runs", {
     headers: { authorization: basic(ADMIN_TOKEN) },
