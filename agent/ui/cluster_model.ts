@@ -67,7 +67,7 @@ export function clusterReadModel(options: ClusterModelOptions): ReadModel {
       const steps = await clusterStepStates(store, run.runId);
       return {
         run: summaryOf(run),
-        plan: planKv ? stepViews(JSON.parse(planKv.value) as Plan) : stepViewsOf(steps),
+        plan: planKv ? stepViews(JSON.parse(planKv.value) as Plan, steps) : stepViewsOf(steps),
         steps,
       };
     },

@@ -65,7 +65,7 @@ export function localReadModel(stateDir: string): LocalModel {
     }
   };
   const planOf = async (run: RunRecord, steps: Record<string, StepState>) => {
-    const cached = plans.get(`${run.runId}/${run.round}`);
+    const cached = plans.get(`${run.runId}/${run.round}/${Object.keys(steps).length}`);
     if (cached) return cached;
     let views: StepView[];
     try {
@@ -80,12 +80,12 @@ export function localReadModel(stateDir: string): LocalModel {
           params: run.params ?? {},
         });
       }
-      views = stepViews(plan);
+      views = stepViews(plan, steps);
     } catch {
       // The file changed or went away since: the steps alone, without edges.
       views = stepViewsOf(steps);
     }
-    plans.set(`${run.runId}/${run.round}`, views);
+    plans.set(`${run.runId}/${run.round}/${Object.keys(steps).length}`, views);
     return views;
   };
   return {

@@ -9,6 +9,7 @@
  * @module
  */
 
+import { expandPlan } from "../../core/fanout.ts";
 import type { Plan, RunStatus, StepState } from "../../core/model.ts";
 
 /** A run as the runs page lists it. */
@@ -164,7 +165,9 @@ export class UiNotFoundError extends Error {
 }
 
 /** The step views of a plan, in its order. */
-export function stepViews(plan: Plan): StepView[] {
+export function stepViews(plan: Plan, steps?: Record<string, StepState>): StepView[] {
+  // The legs that split nodes made at run time (`batch:`, `foreach:`) are steps too.
+  if (steps) expandPlan(plan, steps);
   return plan.order.map((id) => {
     const step = plan.steps[id];
     return {
