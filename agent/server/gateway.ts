@@ -42,7 +42,7 @@ import {
 import { admitAgent } from "./identity.ts";
 import type { AttemptResult } from "../../core/model.ts";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
-import { getBundle } from "../bundle.ts";
+import { type BundleStorage, getBundle } from "../bundle.ts";
 import type { SecretStore } from "../../core/secrets.ts";
 import { SECRET_NAME_PATTERN } from "../../core/schema.ts";
 
@@ -85,6 +85,8 @@ export interface GatewayOptions {
    * because it spoke of an attempt that is not the sender's (its kind).
    */
   onRefused?: (what: RejectCode | RefusedKind) => void;
+  /** Where shipped directories are kept (`agent/bundle.ts`). */
+  bundles?: BundleStorage;
 }
 
 /** What an agent sent about an attempt that is not its own. */
@@ -232,7 +234,17 @@ async function serveAgent(
     const secretsOf = (record: AssignmentRecord) =>
       secretValues(record, agentSecrets, options.secrets, log);
     const watchers = [
-      pushAssignments(store, agentId, stream, sent, pending, own, secretsOf, stop.signal),
+      pushAssignments(
+        store,
+        agentId,
+        stream,
+        sent,
+        pending,
+        own,
+        secretsOf,
+        stop.signal,
+        options.bundles,
+      ),
       pushStops(store, agentId, stream, stop.signal),
     ];
     watchers.forEach((watcher) =>
@@ -383,7 +395,7 @@ async function sendBundle(context: HandleContext, digest: string): Promise<void>
     });
     return;
   }
-  const bundle = await getBundle(context.store, digest);
+  const bundle = await getBundle(context.store, digest, context.options.bundles);
   await stream.send({
     bundle: bundle
       ? { digest, bundleJson: JSON.stringify(bundle) }
@@ -582,6 +594,7 @@ async function pushAssignments(
   own: OwnAssignments,
   secretsOf: (record: AssignmentRecord) => Record<string, string>,
   signal: AbortSignal,
+  bundleStorage: BundleStorage | undefined,
 ): Promise<void> {
   const prefix = clusterKeys.assignmentPrefix(agentId);
   const listed = await store.list(prefix);
@@ -616,7 +629,7 @@ async function pushAssignments(
     let bundleJson = "";
     const digest = record.spec.bundleDigest;
     if (digest && !again && !bundles.has(digest)) {
-      const bundle = await getBundle(store, digest);
+      const bundle = await getBundle(store, digest, bundleStorage);
       if (bundle) {
         bundleJson = JSON.stringify(bundle);
         bundles.add(digest);

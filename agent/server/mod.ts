@@ -23,6 +23,9 @@ import { abortableDelay } from "../../core/_async.ts";
 import { type SecretSource, SecretStore } from "../../core/secrets.ts";
 import { closeBootstrap, createAuthenticator } from "./auth.ts";
 import { WebhookAllowList } from "../effects.ts";
+import type { BundleStorage } from "../bundle.ts";
+import type { ArtifactStore } from "../../core/artifacts/store.ts";
+import { type MaintenanceSettings, runMaintenance } from "./maintenance.ts";
 
 /** A won election: the fence to put in every write, and the signal of its loss. */
 export interface Leadership {
@@ -123,6 +126,16 @@ export interface ServerOptions {
   smtp?: SmtpSettings;
   /** Limits on what a submitted pipeline may expand to (default: the defaults). */
   pipelineLimits?: Partial<PipelineLimits>;
+  /**
+   * The artifact store shipped pipeline directories are kept in (the one
+   * agents share). Without one they are kept in the state store, within
+   * `bundleBudgetBytes`.
+   */
+  artifacts?: ArtifactStore;
+  /** Bundle bytes the state store may keep without an artifact store (default 256 MiB). */
+  bundleBudgetBytes?: number;
+  /** Retention, compaction and defragmentation of the store (`maintenance.ts`). */
+  maintenance?: MaintenanceSettings;
 }
 
 /** A running server. */
@@ -192,6 +205,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   }));
   const secrets = new SecretStore(options.secrets, { env: options.env });
   const parser = new PipelineParser();
+  const bundles: BundleStorage = {
+    artifacts: options.artifacts,
+    budgetBytes: options.bundleBudgetBytes,
+  };
   const secretNames = async () => [
     ...secrets.names,
     ...(await listWorkers(store)).flatMap((worker) => worker.secrets ?? []),
@@ -206,6 +223,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     log,
     logRetentionMs: options.logRetentionMs,
     onRefused: (what) => metrics.onAgentRefused(what),
+    bundles,
   });
   let grpc: AgentServiceServer;
   try {
@@ -241,6 +259,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         log,
         pipelineLimits: options.pipelineLimits,
         parser,
+        bundles,
         readSecret: (name) => {
           try {
             return secrets.has(name) ? secrets.read(name) : undefined;
@@ -287,7 +306,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         signal: AbortSignal.any([stop, schedulesStop.signal]),
         plan: async (name, params) => {
           const planned = await planRegistered(
-            { store, parser, secretNames, limits: options.pipelineLimits },
+            { store, parser, secretNames, limits: options.pipelineLimits, bundles },
             name,
             { params },
           );
@@ -301,6 +320,11 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         onEvent: (event) =>
           log({ component: "schedules", msg: `schedule ${event.type}`, ...event }),
       }).catch((error) => log({ level: "warn", msg: "schedules stopped", error: String(error) }));
+      // Retention, compaction and defragmentation: one server does them, under the same fence.
+      const maintenance = runMaintenance(
+        { store, fence: leadership.fence, settings: options.maintenance, bundles, log },
+        AbortSignal.any([stop, schedulesStop.signal]),
+      );
       try {
         await runScheduler({
           store,
@@ -330,6 +354,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       } finally {
         schedulesStop.abort();
         await schedules;
+        await maintenance;
         leading = false;
         metrics.setLeader(false);
         await leadership.resign().catch(() => {});

@@ -8,6 +8,7 @@
  * | `/index/pipeline/<name>/<order>` | at submit |
  * | `/index/label/<key>=<value>/<order>` | at submit, one per label |
  * | `/index/status/<status>/<order>` | at submit, then moved by the scheduler with the status |
+ * | `/index/bundle/<hex>/<order>` | at submit, for a run with a shipped directory (what keeps it) |
  *
  * `<order>` is the inverted creation time and the run id, so an ascending
  * listing is newest first; the value is the run id. A query reads pages of
@@ -20,7 +21,7 @@ import type { Store, TxnOp } from "../../consensus/store.ts";
 import { clusterKeys, type ClusterRunRecord } from "./keys.ts";
 
 /** Largest creation time the inverted order handles (year 2286). */
-const MAX_TIME = 9_999_999_999_999;
+export const MAX_TIME = 9_999_999_999_999;
 
 /** The sort key of a run in every index: newest first, then by id. */
 export function runOrder(record: Pick<ClusterRunRecord, "createdAt" | "runId">): string {
@@ -35,6 +36,7 @@ export const indexKeys = {
   pipeline: (name: string) => `/index/pipeline/${enc(name)}/`,
   label: (key: string, value: string) => `/index/label/${enc(key)}=${enc(value)}/`,
   status: (status: string) => `/index/status/${status}/`,
+  bundle: (hex: string) => `/index/bundle/${hex}/`,
 };
 
 /** The index entries of a new run (written with its record). */
@@ -50,6 +52,7 @@ export function indexOps(record: ClusterRunRecord): TxnOp[] {
     put(indexKeys.pipeline(record.pipeline)),
     put(indexKeys.status(record.status)),
     ...Object.entries(record.labels ?? {}).map(([key, value]) => put(indexKeys.label(key, value))),
+    ...(record.bundle ? [put(indexKeys.bundle(record.bundle.replace(/^sha256:/, "")))] : []),
   ];
 }
 
