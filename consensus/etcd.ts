@@ -631,7 +631,7 @@ class EtcdEngine implements EtcdStore {
     try {
       await this.#call("idempotent", "compact", async (client, callOptions) => {
         try {
-          const response = await client.kv.compact({ revision, physical: false }, callOptions);
+          const response = await client.kv.compact({ revision, physical: true }, callOptions);
           this.#observe(response.header);
         } catch (error) {
           // A retry that finds the revision compacted means the first attempt did it.
