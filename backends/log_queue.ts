@@ -66,6 +66,10 @@ export class LogQueue implements AsyncIterable<LogChunk> {
   #read = 0;
   /** The spill file could not be made: memory it is. */
   #spillFailed = false;
+  /** The reader stopped early: nothing pushed is read any more. */
+  #abandoned = false;
+  /** Producers waiting for room (see `room`). */
+  #roomWaiters: (() => void)[] = [];
 
   /** Makes an empty queue. */
   constructor(options: LogQueueOptions = {}) {
@@ -78,8 +82,31 @@ export class LogQueue implements AsyncIterable<LogChunk> {
     return this.#memoryBytes;
   }
 
+  /**
+   * Resolves once the producer may push on: at once while memory is under
+   * its budget or a spill file takes the rest, else when the reader has
+   * caught up (or stopped). A producer that can wait (a pipe reader) awaits
+   * it, so a queue that cannot spill still stays bounded.
+   */
+  room(): Promise<void> {
+    if (
+      this.#closed || this.#abandoned || this.#memoryBytes < this.#limit ||
+      this.#written > this.#read || this.#openSpill()
+    ) {
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this.#roomWaiters.push(resolve));
+  }
+
+  #wakeProducers(): void {
+    const waiters = this.#roomWaiters;
+    this.#roomWaiters = [];
+    for (const wake of waiters) wake();
+  }
+
   /** Adds a chunk (or hands it to a waiting reader). */
   push(chunk: LogChunk): void {
+    if (this.#abandoned) return;
     const waiter = this.#waiter;
     if (waiter) {
       this.#waiter = undefined;
@@ -104,6 +131,7 @@ export class LogQueue implements AsyncIterable<LogChunk> {
     this.#waiter = undefined;
     waiter?.(DONE);
     if (waiter) this.#dropSpill();
+    this.#wakeProducers();
   }
 
   [Symbol.asyncIterator](): AsyncIterator<LogChunk> {
@@ -122,6 +150,10 @@ export class LogQueue implements AsyncIterable<LogChunk> {
       },
       return: () => {
         finished = true;
+        this.#abandoned = true;
+        this.#items = [];
+        this.#memoryBytes = 0;
+        this.#wakeProducers();
         this.#dropSpill();
         return Promise.resolve(DONE);
       },
@@ -134,6 +166,7 @@ export class LogQueue implements AsyncIterable<LogChunk> {
       const chunk = this.#items[this.#head];
       this.#items[this.#head++] = undefined as unknown as LogChunk;
       this.#memoryBytes -= chunk.data.length;
+      if (this.#roomWaiters.length > 0 && this.#memoryBytes < this.#limit) this.#wakeProducers();
       if (this.#head === this.#items.length) {
         this.#items = [];
         this.#head = 0;
