@@ -15,6 +15,7 @@ import { benchStore } from "./store_bench.ts";
 import { benchCluster } from "./cluster_bench.ts";
 import { benchSim } from "./sim_bench.ts";
 import { benchKubernetes } from "./kubernetes_bench.ts";
+import { benchGrowth } from "./growth_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -31,4 +32,5 @@ if (import.meta.main) {
   await benchCluster();
   await benchSim();
   await benchKubernetes();
+  await benchGrowth();
 }
