@@ -22,6 +22,7 @@ import { startServer } from "../agent/server/mod.ts";
 import {
   bundleDigest,
   BundleError,
+  getBundle,
   type PipelineBundle,
   storedBundleBytes,
 } from "../agent/bundle.ts";
@@ -382,3 +383,35 @@ async function finish(store: Store, run: ClusterRunRecord, at: number): Promise<
     ],
   });
 }
+
+Deno.test("store growth: a shipped directory in the artifact store goes with the last run naming it", async () => {
+  await using box = await sandbox();
+  const store = openMemoryStore();
+  const artifacts = openLocalArtifactStore(`${box.dir}/artifacts`);
+  try {
+    const plan = planOf(pipelineSource("main", "/nowhere"));
+    const b64 = (text: string) => Buffer.from(text).toString("base64");
+    const shared = { "marker.txt": b64("shared\n") };
+    const alone = { "marker.txt": b64("alone\n") };
+    const bundle = (files: Record<string, string>) => ({ digest: bundleDigest(files), files });
+    const bundles = { artifacts };
+    const old = await submitRun(store, plan, { bundle: bundle(shared), bundles });
+    const other = await submitRun(store, plan, { bundle: bundle(alone), bundles });
+    // A rerun names the old directory by digest and is still young at the sweep.
+    const young = await submitRun(store, plan, { bundleDigest: old.bundle, rerunOf: old.runId });
+    for (const run of [old, other]) await finish(store, run, Date.now());
+    const report = await maintainOnce({
+      store,
+      fence: [],
+      bundles,
+      now: Date.now() + 15 * DAY,
+    });
+    assert.equal(report.runsDeleted, 2);
+    assert.equal(report.bundlesDeleted, 1);
+    const left = (await artifacts.list({ run: ".bundles" })).map((record) => record.step);
+    assert.deepEqual(left, [old.bundle!.replace("sha256:", "")]);
+    assert.ok(await getBundle(store, young.bundle!, bundles));
+  } finally {
+    await store.close();
+  }
+});
