@@ -68,7 +68,7 @@ const LOG_HIGH_WATER_CHARS = 1024 * 1024;
 /**
  * Log characters the cluster stores per attempt (16 MiB of ASCII). etcd
  * keeps its whole database mapped in memory under a quota (2 GiB by
- * default) that stops the cluster when full: a step printing 100 MB must
+ * default) that stops the cluster when full: one step printing 100 MB must
  * not take a twentieth of it. Past this the log is counted, and a line says
  * how much was not stored; `runnel run` locally keeps everything.
  */
