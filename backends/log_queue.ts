@@ -89,13 +89,18 @@ export class LogQueue implements AsyncIterable<LogChunk> {
    * it, so a queue that cannot spill still stays bounded.
    */
   room(): Promise<void> {
-    if (
-      this.#closed || this.#abandoned || this.#memoryBytes < this.#limit ||
-      this.#written > this.#read || this.#openSpill()
-    ) {
-      return Promise.resolve();
-    }
+    if (!this.full) return Promise.resolve();
     return new Promise((resolve) => this.#roomWaiters.push(resolve));
+  }
+
+  /**
+   * Whether a producer should pause (memory is at its budget and no spill
+   * file takes more): one fed by events pauses its source and resumes it
+   * when {@link LogQueue.room} resolves.
+   */
+  get full(): boolean {
+    return !(this.#closed || this.#abandoned || this.#memoryBytes < this.#limit ||
+      this.#written > this.#read || this.#openSpill());
   }
 
   #wakeProducers(): void {

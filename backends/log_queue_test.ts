@@ -43,3 +43,23 @@ Deno.test("LogQueue: without a writable temporary directory it keeps chunks in m
   for await (const chunk of queue) seen.push(chunk.data[0]);
   assert.deepEqual(seen, [0, 1, 2, 3, 4]);
 });
+
+Deno.test("LogQueue: a queue that cannot spill says it is full, and room comes when the reader catches up", async () => {
+  const queue = new LogQueue({ memoryBytes: 8, spillDir: "/nonexistent/dir" });
+  queue.push({ stream: "stdout", data: new Uint8Array(4) });
+  assert.equal(queue.full, false);
+  queue.push({ stream: "stdout", data: new Uint8Array(4) });
+  assert.equal(queue.full, true);
+  let roomy = false;
+  const room = queue.room().then(() => roomy = true);
+  await Promise.resolve();
+  assert.equal(roomy, false);
+  const reader = queue[Symbol.asyncIterator]();
+  await reader.next();
+  await room;
+  assert.equal(queue.full, false);
+  // A reader that stops lets producers go on (nothing waits for it any more).
+  queue.push({ stream: "stdout", data: new Uint8Array(8) });
+  await reader.return!();
+  assert.equal(queue.full, false);
+});
