@@ -12,7 +12,7 @@
  *    latency of reading the run back (`runnel show`: its record and steps).
  *    Anchor: a 100-step run in the same process.
  *
- * Run: `deno run --allow-all bench/growth_bench.ts [runs] [steps]`.
+ * Run: `deno run --allow-all bench/growth_bench.ts [runs] [steps]` (steps 0: listing only).
  *
  * @module
  */
@@ -91,12 +91,22 @@ async function fileSize(path: string): Promise<number> {
   return total;
 }
 
-/** A server over a fresh store holding `count` finished runs, and what reading it costs. */
-async function listingAt(count: number, plan: Plan): Promise<Row & { pageMs: number }> {
+/** A server over a fresh store holding `count` finished runs. */
+interface SeededServer {
+  count: number;
+  seedMs: number;
+  dir: string;
+  store: Store;
+  ids: string[];
+  get(path: string): Promise<unknown>;
+  close(): Promise<void>;
+}
+
+async function seededServer(count: number, plan: Plan): Promise<SeededServer> {
   const dir = await Deno.makeTempDir({ prefix: "runnel-growth-" });
   const store = openEmbeddedStore(`${dir}/server.db`);
   const server = await startServer({
-    serverId: "bench",
+    serverId: `bench-${count}`,
     store,
     election: standaloneElection(),
     http: { hostname: "127.0.0.1", port: 0 },
@@ -106,38 +116,71 @@ async function listingAt(count: number, plan: Plan): Promise<Row & { pageMs: num
     log: () => {},
     maintenance: { disabled: true },
   });
-  try {
-    const seedStarted = performance.now();
-    const ids = await seedRuns(store, plan, count);
-    const seedMs = performance.now() - seedStarted;
-    const base = `http://127.0.0.1:${server.httpPort}`;
-    const get = async (path: string) => {
+  const seedStarted = performance.now();
+  const ids = await seedRuns(store, plan, count);
+  const seedMs = performance.now() - seedStarted;
+  const base = `http://127.0.0.1:${server.httpPort}`;
+  return {
+    count,
+    seedMs,
+    dir,
+    store,
+    ids,
+    async get(path) {
       const response = await fetch(base + path, { headers: { authorization: `Bearer ${ADMIN}` } });
       if (!response.ok) throw new Error(`${path}: ${response.status}`);
       return await response.json();
-    };
-    await get("/api/runs?limit=50");
-    const pageMs = await timeIt(20, () => get("/api/runs?limit=50"));
-    const labelMs = await timeIt(20, () => get("/api/runs/search?label=team=ml&limit=50"));
-    const middle = ids[Math.floor(ids.length / 2)];
-    const showMs = await timeIt(20, () => get(`/api/runs/${middle}`));
-    const allMs = await timeIt(3, () => listClusterRuns(store));
-    return {
-      runs: count,
-      seed_s: (seedMs / 1000).toFixed(1),
-      page_ms: pageMs.toFixed(2),
-      label_page_ms: labelMs.toFixed(2),
-      show_ms: showMs.toFixed(2),
-      list_all_ms: allMs.toFixed(0),
-      store_mib: ((await fileSize(`${dir}/server.db`)) / MIB).toFixed(1),
-      rss_mib: (Deno.memoryUsage().rss / MIB).toFixed(0),
-      pageMs,
-    };
-  } finally {
-    await server.close();
-    await store.close();
-    await Deno.remove(dir, { recursive: true });
+    },
+    async close() {
+      await server.close();
+      await store.close();
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
+/**
+ * What reading each server costs, sampled in interleaved rounds so that
+ * drift of a shared machine hits every server alike.
+ */
+async function listings(servers: SeededServer[]): Promise<(Row & { pageMs: number })[]> {
+  const samples = servers.map(() => ({
+    page: [] as number[],
+    label: [] as number[],
+    show: [] as number[],
+  }));
+  const time = async (body: () => Promise<unknown>) => {
+    const started = performance.now();
+    await body();
+    return performance.now() - started;
+  };
+  for (const server of servers) await server.get("/api/runs?limit=50");
+  for (let round = 0; round < 20; round++) {
+    for (const [i, server] of servers.entries()) {
+      const middle = server.ids[Math.floor(server.ids.length / 2)];
+      samples[i].page.push(await time(() => server.get("/api/runs?limit=50")));
+      samples[i].label.push(
+        await time(() => server.get("/api/runs/search?label=team=ml&limit=50")),
+      );
+      samples[i].show.push(await time(() => server.get(`/api/runs/${middle}`)));
+    }
   }
+  const rows = [];
+  for (const [i, server] of servers.entries()) {
+    const allMs = await timeIt(3, () => listClusterRuns(server.store));
+    const pageMs = median(samples[i].page);
+    rows.push({
+      runs: server.count,
+      seed_s: (server.seedMs / 1000).toFixed(1),
+      page_ms: pageMs.toFixed(2),
+      label_page_ms: median(samples[i].label).toFixed(2),
+      show_ms: median(samples[i].show).toFixed(2),
+      list_all_ms: allMs.toFixed(0),
+      store_mib: ((await fileSize(`${server.dir}/server.db`)) / MIB).toFixed(1),
+      pageMs,
+    });
+  }
+  return rows;
 }
 
 /** A local run of `count` no-op steps: time, RSS, store size, show latency. */
@@ -197,18 +240,29 @@ export async function benchGrowth(runs = 100_000, steps = 10_000): Promise<void>
     baseDir: "/tmp",
   });
   // The local runs first: the listing's 100,000 records would stay in this process's heap.
-  const anchor = await localRunOf(100);
-  const wide = await localRunOf(steps);
-  printTable(`A local run of ${steps} no-op steps`, [
-    { ...strip(anchor), show_ratio: "1.00 (anchor)" },
-    { ...strip(wide), show_ratio: (wide.showMs / anchor.showMs).toFixed(1) },
-  ]);
-  const small = await listingAt(1_000, plan);
-  const large = await listingAt(runs, plan);
-  printTable(`A server with ${runs} finished runs (embedded store)`, [
-    { ...strip(small), ratio: "1.00 (anchor)" },
-    { ...strip(large), ratio: (large.pageMs / small.pageMs).toFixed(2) },
-  ]);
+  if (steps > 0) {
+    const anchor = await localRunOf(100);
+    const wide = await localRunOf(steps);
+    printTable(`A local run of ${steps} no-op steps`, [
+      { ...strip(anchor), show_ratio: "1.00 (anchor)" },
+      { ...strip(wide), show_ratio: (wide.showMs / anchor.showMs).toFixed(1) },
+    ]);
+  }
+  const servers = [await seededServer(1_000, plan), await seededServer(runs, plan)];
+  try {
+    const [small, large] = await listings(servers);
+    printTable(
+      `A server with ${runs} finished runs (embedded store), RSS ${
+        (Deno.memoryUsage().rss / MIB).toFixed(0)
+      } MiB with both`,
+      [
+        { ...strip(small), ratio: "1.00 (anchor)" },
+        { ...strip(large), ratio: (large.pageMs / small.pageMs).toFixed(2) },
+      ],
+    );
+  } finally {
+    for (const server of servers) await server.close();
+  }
 }
 
 function strip(row: Row & { pageMs?: number; showMs?: number }): Row {
