@@ -102,11 +102,16 @@ export async function searchRuns(store: Store, query: RunQuery): Promise<RunPage
     (query.status === undefined || run.status === query.status) &&
     (query.pipeline === undefined || run.pipeline === query.pipeline) &&
     labels.every(([key, value]) => run.labels?.[key] === value);
+  // Conditions the driving index does not already hold: without any, every
+  // entry is a match, and a page reads exactly its own entries.
+  const checked = labels.length + (query.pipeline !== undefined ? 1 : 0) +
+    (query.status !== undefined ? 1 : 0);
+  const batch = checked > 1 ? SCAN_BATCH : limit;
   const runs: ClusterRunRecord[] = [];
   let after = query.after === undefined ? undefined : prefix + query.after;
   for (;;) {
     const { items } = await store.list(prefix, {
-      limit: SCAN_BATCH,
+      limit: batch,
       ...(after !== undefined ? { startAfter: after } : {}),
     });
     const records = await Promise.all(
@@ -121,6 +126,6 @@ export async function searchRuns(store: Store, query: RunQuery): Promise<RunPage
       runs.push(run);
       if (runs.length === limit) return { runs, next: item.key.slice(prefix.length) };
     }
-    if (items.length < SCAN_BATCH) return { runs };
+    if (items.length < batch) return { runs };
   }
 }
