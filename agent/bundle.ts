@@ -12,6 +12,7 @@
 import { createHash } from "node:crypto";
 import { Buffer } from "node:buffer";
 import type { Store, TxnOp } from "../consensus/store.ts";
+import type { ArtifactStore } from "../core/artifacts/store.ts";
 
 /** Files of a pipeline directory: relative path → base64 content. */
 export interface PipelineBundle {
@@ -91,11 +92,84 @@ export function checkBundle(bundle: PipelineBundle): void {
   }
 }
 
-/** Keeps a bundle in the store, in chunks, once per digest. */
-export async function putBundle(store: Store, bundle: PipelineBundle): Promise<void> {
+/**
+ * Where a server keeps shipped bundles. With an artifact store, a bundle is
+ * one content-addressed blob there and the state store (etcd) holds nothing
+ * of it; without one, the state store keeps it in chunks, under a size
+ * budget, because etcd is not a file server: its whole database has a quota
+ * (2 GiB by default) and a full one refuses every write of the cluster.
+ */
+export interface BundleStorage {
+  /** The artifact store bundles go to (the agents' shared one, `--artifacts`/`--s3-*`). */
+  artifacts?: ArtifactStore;
+  /** The most bundle bytes the state store keeps when there is no artifact store. */
+  budgetBytes?: number;
+}
+
+/**
+ * Default budget of bundle bytes in the state store: an eighth of etcd's
+ * default 2 GiB quota, so bundles alone can never fill it.
+ */
+export const DEFAULT_BUNDLE_BUDGET_BYTES = 256 * 1024 * 1024;
+
+/** The artifact run under which bundles are kept, one record per digest. */
+export const BUNDLE_ARTIFACT_RUN = ".bundles";
+const BUNDLE_ARTIFACT_NAME = "bundle.json";
+
+/** What the state store records of a bundle kept there: `/bundles/<hex>`. */
+export interface StoredBundleMeta {
+  /** Chunks under `/bundle/<hex>/`. */
+  chunks: number;
+  /** Characters of the chunks in all. */
+  bytes: number;
+  /** When it was first kept (ms since the epoch). */
+  at: number;
+}
+
+/** The prefix of the state store's bundle index (one small value per bundle kept there). */
+export const BUNDLE_INDEX_PREFIX = "/bundles/";
+
+/**
+ * Keeps a bundle once per digest: in the artifact store when `storage` has
+ * one, else in the state store within its budget.
+ *
+ * @throws {BundleError} when the state store's bundle budget is spent.
+ */
+export async function putBundle(
+  store: Store,
+  bundle: PipelineBundle,
+  storage: BundleStorage = {},
+): Promise<void> {
+  const hex = bundle.digest.replace(/^sha256:/, "");
+  if (storage.artifacts) {
+    if (await storage.artifacts.get(BUNDLE_ARTIFACT_RUN, hex, BUNDLE_ARTIFACT_NAME)) return;
+    const file = await Deno.makeTempFile({ prefix: "runnel-bundle-" });
+    try {
+      await Deno.writeTextFile(file, JSON.stringify(bundle.files));
+      await storage.artifacts.put(file, {
+        run: BUNDLE_ARTIFACT_RUN,
+        step: hex,
+        name: BUNDLE_ARTIFACT_NAME,
+        contentType: "application/json",
+      });
+    } finally {
+      await Deno.remove(file).catch(() => {});
+    }
+    return;
+  }
   const prefix = bundleKey(bundle.digest);
   if (await store.get(`${prefix}meta`)) return;
   const text = JSON.stringify(bundle.files);
+  const budget = storage.budgetBytes ?? DEFAULT_BUNDLE_BUDGET_BYTES;
+  const used = await storedBundleBytes(store);
+  if (used + text.length > budget) {
+    throw new BundleError(
+      `Expected the shipped directories kept in the state store to stay within ` +
+        `${budget} bytes, but ${used} are kept and this one needs ${text.length}: ` +
+        "give the servers an artifact store (--artifacts DIR or --s3-endpoint), " +
+        "or wait for the retention of old runs",
+    );
+  }
   const ops: TxnOp[] = [];
   let chunks = 0;
   for (let at = 0; at < text.length; at += CHUNK_CHARS, chunks++) {
@@ -103,11 +177,45 @@ export async function putBundle(store: Store, bundle: PipelineBundle): Promise<v
   }
   // The chunks first, then the meta key that says they are complete.
   for (const op of ops) await store.txn({ compare: [], success: [op] });
-  await store.put(`${prefix}meta`, JSON.stringify({ chunks, bytes: text.length }));
+  const meta: StoredBundleMeta = { chunks, bytes: text.length, at: Date.now() };
+  await store.txn({
+    compare: [],
+    success: [
+      { type: "put", key: `${prefix}meta`, value: JSON.stringify(meta) },
+      { type: "put", key: `${BUNDLE_INDEX_PREFIX}${hex}`, value: JSON.stringify(meta) },
+    ],
+  });
 }
 
-/** A bundle from the store, or undefined if it is not (or not yet wholly) there. */
-export async function getBundle(store: Store, digest: string): Promise<PipelineBundle | undefined> {
+/** Bundle bytes the state store keeps (from its small index, not the chunks). */
+export async function storedBundleBytes(store: Store): Promise<number> {
+  const { items } = await store.list(BUNDLE_INDEX_PREFIX);
+  return items.reduce((sum, kv) => sum + (JSON.parse(kv.value) as StoredBundleMeta).bytes, 0);
+}
+
+/**
+ * A bundle from the artifact store (when `storage` has one) or the state
+ * store, or undefined if neither holds it (wholly).
+ */
+export async function getBundle(
+  store: Store,
+  digest: string,
+  storage: BundleStorage = {},
+): Promise<PipelineBundle | undefined> {
+  if (storage.artifacts) {
+    const hex = digest.replace(/^sha256:/, "");
+    const record = await storage.artifacts.get(BUNDLE_ARTIFACT_RUN, hex, BUNDLE_ARTIFACT_NAME);
+    if (record) {
+      const file = await Deno.makeTempFile({ prefix: "runnel-bundle-" });
+      try {
+        await storage.artifacts.materialize(record, file);
+        return { digest, files: JSON.parse(await Deno.readTextFile(file)) };
+      } finally {
+        await Deno.remove(file).catch(() => {});
+      }
+    }
+    // Kept before the server had an artifact store: still in the state store.
+  }
   const prefix = bundleKey(digest);
   const meta = await store.get(`${prefix}meta`);
   if (!meta) return undefined;
@@ -119,6 +227,17 @@ export async function getBundle(store: Store, digest: string): Promise<PipelineB
     text += chunk.value;
   }
   return { digest, files: JSON.parse(text) };
+}
+
+/** Removes a bundle from the state store (its chunks, meta and index entry). */
+export async function deleteStoredBundle(store: Store, digest: string): Promise<void> {
+  await store.txn({
+    compare: [],
+    success: [
+      { type: "deletePrefix", prefix: bundleKey(digest) },
+      { type: "delete", key: `${BUNDLE_INDEX_PREFIX}${digest.replace(/^sha256:/, "")}` },
+    ],
+  });
 }
 
 /**

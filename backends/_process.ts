@@ -94,7 +94,10 @@ export function spawnExecution(options: SpawnOptions): Execution {
     child.stdout,
     readers,
     // The read buffer is reused: a chunk kept for the logs needs its own copy.
-    (data) => queue.push({ stream: "stdout", data: data.slice() }),
+    (data) => {
+      queue.push({ stream: "stdout", data: data.slice() });
+      return queue.room();
+    },
   );
   const stderrFilter = options.markerPrefix
     ? new MarkerFilter(options.markerPrefix, options.onMarker ?? (() => {}))
@@ -104,12 +107,19 @@ export function spawnExecution(options: SpawnOptions): Execution {
     options.onStderrText?.(text);
     queue.push({ stream: "stderr", data: encoder.encode(text) });
   };
+  const pushStderr = (data: Uint8Array) => {
+    queue.push({ stream: "stderr", data: data.slice() });
+    return queue.room();
+  };
   const stderrPump = pump(
     child.stderr,
     readers,
     stderrFilter
-      ? (data) => pushStderrText(stderrFilter.write(data))
-      : (data) => queue.push({ stream: "stderr", data: data.slice() }),
+      ? (data) => {
+        pushStderrText(stderrFilter.write(data));
+        return queue.room();
+      }
+      : pushStderr,
   ).then(() => {
     if (stderrFilter) pushStderrText(stderrFilter.end());
   });
@@ -340,7 +350,7 @@ async function signalGroup(pgid: number, signal: Deno.Signal): Promise<boolean> 
 async function pump(
   stream: ReadableStream<Uint8Array>,
   readers: ReadableStreamBYOBReader[],
-  onChunk: (data: Uint8Array) => void,
+  onChunk: (data: Uint8Array) => void | Promise<void>,
 ): Promise<void> {
   const reader = stream.getReader({ mode: "byob" });
   readers.push(reader);
@@ -351,7 +361,8 @@ async function pump(
       // Reading transfers the buffer; the view handed back holds it now.
       if (value) buffer = value.buffer as ArrayBuffer;
       if (done) break;
-      if (value.byteLength > 0) onChunk(value);
+      // Backpressure: the next read waits for the log's reader (the pipe fills, the step waits).
+      if (value.byteLength > 0) await onChunk(value);
     }
     if (buffer.byteLength === READ_BUFFER_BYTES && bufferPool.length < MAX_POOLED_BUFFERS) {
       bufferPool.push(buffer);

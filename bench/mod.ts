@@ -18,6 +18,7 @@ import { benchKubernetes } from "./kubernetes_bench.ts";
 import { benchSpanCost, benchTraces } from "./trace_bench.ts";
 import { benchSplit } from "./split_bench.ts";
 import { benchUi } from "./ui_bench.ts";
+import { benchGrowth } from "./growth_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -38,4 +39,5 @@ if (import.meta.main) {
   await benchSim();
   await benchKubernetes();
   await benchUi();
+  await benchGrowth();
 }

@@ -131,7 +131,34 @@ export interface EtcdStore extends Store {
   readonly client: Etcd3;
   /** Raft state of the current member (etcd's maintenance `Status`). */
   raftState(): Promise<RaftState>;
+  /**
+   * The database size of every member (etcd's maintenance `Status` of
+   * each); a member that does not answer has `error` instead.
+   */
+  memberStatus(): Promise<EtcdMemberStatus[]>;
+  /**
+   * Defragments one member's database (etcd's maintenance `Defragment`):
+   * it gives back the space compaction freed. The member answers nothing
+   * else while it runs, so defragment one member at a time.
+   */
+  defragment(endpoint: string, options?: { timeoutMs?: number }): Promise<void>;
 }
+
+/** One member's database as {@link EtcdStore.memberStatus} reports it. */
+export interface EtcdMemberStatus {
+  endpoint: string;
+  /** Bytes of the database file (what `--quota-backend-bytes` limits). */
+  dbSize: number;
+  /** Bytes of it in use; the rest is free pages a defragmentation gives back. */
+  dbSizeInUse: number;
+  /** Whether this member leads the Raft group. */
+  leader: boolean;
+  /** Why it did not answer. */
+  error?: string;
+}
+
+/** How long a defragmentation may take by default (it copies the whole database). */
+const DEFAULT_DEFRAGMENT_TIMEOUT_MS = 120_000;
 
 /** etcd could not be reached, or did not answer in time. */
 export class StoreUnavailableError extends StoreError {
@@ -604,7 +631,7 @@ class EtcdEngine implements EtcdStore {
     try {
       await this.#call("idempotent", "compact", async (client, callOptions) => {
         try {
-          const response = await client.kv.compact({ revision, physical: false }, callOptions);
+          const response = await client.kv.compact({ revision, physical: true }, callOptions);
           this.#observe(response.header);
         } catch (error) {
           // A retry that finds the revision compacted means the first attempt did it.
@@ -650,6 +677,47 @@ class EtcdEngine implements EtcdStore {
       commit_index: Number(status.raftIndex),
       endpoint,
     };
+  }
+
+  async memberStatus(): Promise<EtcdMemberStatus[]> {
+    if (this.#closed) throw new StoreClosedError();
+    return await Promise.all(this.#clients.map(async (client, index) => {
+      const endpoint = this.endpoints[index];
+      try {
+        const status = await client.maintenance.status({
+          deadline: Date.now() + this.#requestTimeoutMs,
+        });
+        return {
+          endpoint,
+          dbSize: Number(status.dbSize),
+          dbSizeInUse: Number(status.dbSizeInUse),
+          leader: status.leader === status.header.member_id,
+        };
+      } catch (error) {
+        return { endpoint, dbSize: 0, dbSizeInUse: 0, leader: false, error: errorText(error) };
+      }
+    }));
+  }
+
+  async defragment(endpoint: string, options: { timeoutMs?: number } = {}): Promise<void> {
+    if (this.#closed) throw new StoreClosedError();
+    const index = this.endpoints.indexOf(endpoint);
+    if (index < 0) {
+      throw new InvalidStoreArgumentError(
+        `Expected one of the store's endpoints (${this.endpoints.join(", ")}), got "${endpoint}"`,
+      );
+    }
+    try {
+      await this.#clients[index].maintenance.defragment({
+        deadline: Date.now() + (options.timeoutMs ?? DEFAULT_DEFRAGMENT_TIMEOUT_MS),
+      });
+    } catch (error) {
+      throw new StoreError(
+        "etcd",
+        `Expected etcd member ${endpoint} to defragment, got: ${errorText(error)}`,
+        { cause: error },
+      );
+    }
   }
 
   close(): Promise<void> {

@@ -13,6 +13,14 @@ import { agentService, DEFAULT_KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS } from "./serv
 import { GrpcMessageStream, type RawCall, type ServerConnection } from "./stream.ts";
 import type { ClientCredentials } from "./tls.ts";
 
+/**
+ * The largest message an agent takes from its server: an assignment may
+ * carry a shipped pipeline directory (`agent/bundle.ts`, at most 8 MiB,
+ * ≈ 11 MiB as base64 in JSON), past grpc-js's default of 4 MiB. The
+ * server is trusted; what agents send it keeps the default.
+ */
+const MAX_SERVER_MESSAGE_BYTES = 16 * 1024 * 1024;
+
 /** Options of {@link openAgentStream}. */
 export interface OpenAgentStreamOptions {
   /** TLS (`clientCredentials`); plain TCP when absent. */
@@ -50,6 +58,7 @@ export function openAgentStream(
     "grpc.keepalive_time_ms": keepaliveMs,
     "grpc.keepalive_timeout_ms": KEEPALIVE_TIMEOUT_MS,
     "grpc.keepalive_permit_without_calls": 1,
+    "grpc.max_receive_message_length": MAX_SERVER_MESSAGE_BYTES,
   };
   let credentials = grpc.credentials.createInsecure();
   if (options.credentials) {

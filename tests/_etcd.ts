@@ -22,6 +22,8 @@ export interface EtcdClusterOptions {
   tls?: boolean;
   /** Deadline for the cluster (or a restarted member) to become healthy. Default 20 s. */
   startTimeoutMs?: number;
+  /** More flags for every member (e.g. `--quota-backend-bytes=…`). */
+  extraArgs?: string[];
 }
 
 /** Certificates of a TLS cluster, for the client. */
@@ -247,6 +249,7 @@ export async function startEtcdCluster(options: EtcdClusterOptions = {}): Promis
       `--heartbeat-interval=${heartbeatMs}`,
       `--election-timeout=${electionMs}`,
       "--logger=zap",
+      ...(options.extraArgs ?? []),
     ];
     if (certificates) {
       args.push(

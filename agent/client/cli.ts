@@ -33,6 +33,7 @@ import {
 } from "../server/mod.ts";
 import { AgentRejectedError, startAgent } from "../worker/mod.ts";
 import type { RaftState } from "../server/metrics.ts";
+import type { MemberMaintenance } from "../server/maintenance.ts";
 import {
   type CliFlags,
   commaList,
@@ -85,6 +86,7 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
   let election: LeaderElection;
   let raftState: (() => Promise<RaftState>) | undefined;
   let closeStore: () => Promise<void>;
+  let members: MemberMaintenance | undefined;
   if (flags.etcd) {
     // Only a server on etcd loads the etcd client.
     const { openEtcdCluster } = await import("../server/etcd.ts");
@@ -94,7 +96,7 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
         ? { caFile: flags["etcd-ca"], certFile: flags["etcd-cert"], keyFile: flags["etcd-key"] }
         : undefined,
     });
-    ({ store, election, raftState } = opened);
+    ({ store, election, raftState, members } = opened);
     closeStore = () => opened.close();
   } else {
     const path = flags.store ?? `${flags["state-dir"] ?? ".runnel"}/server.db`;
@@ -123,10 +125,17 @@ export async function serverCommand(flags: CliFlags): Promise<number> {
       smtp: smtpFlag(flags.smtp, flags["smtp-from"]),
       pipelineLimits: limitsFlag(flags.limit),
       ...(tracer ? { tracer } : {}),
-      // Where the agents put artifacts, when the operator says: the UI's downloads.
-      artifacts: flags.artifacts || flags["s3-endpoint"] || flags["s3-bucket"]
-        ? await openArtifacts(flags, flags["state-dir"] ?? ".runnel")
-        : undefined,
+      // Where the agents put artifacts, when the operator says: the UI's downloads, and
+      // shipped pipeline directories (kept there rather than in etcd).
+      ...(flags.artifacts || flags["s3-endpoint"] || flags["s3-bucket"]
+        ? { artifacts: await openArtifacts(flags, flags["state-dir"] ?? ".runnel") }
+        : {}),
+      maintenance: {
+        ...(flags.retention
+          ? { runRetentionMs: durationFlag(flags.retention, "--retention") }
+          : {}),
+        ...(members ? { members } : {}),
+      },
     });
   } catch (error) {
     await closeStore();

@@ -77,7 +77,8 @@ Options:
                        --page-size N (50) and --after CURSOR (the last page's "next")
   --mermaid            (plan) print a Mermaid flowchart
   --follow, -f         (logs) keep printing until the run ends
-  --retention D        (gc) keep artifacts younger than D (default 14d)
+  --retention D        (gc) keep artifacts younger than D (default 14d);
+                       (server) keep finished runs in the store that long (default 14d)
   --dry-run            (gc) report what would be deleted
   --plugin NAME=WHERE  load a third-party backend from a path or URL (repeatable)
   --config FILE        agent config (YAML): "plugins: { NAME: path-or-url }", "secrets: {…}"
@@ -90,8 +91,8 @@ Options:
   --labels k=v,…       (agent) labels steps select on
   --slots N            (agent) attempts at once (default 2)
   --allow-shell        (agent) run trusted shell steps
-  --artifacts DIR      (agent, server) a shared artifact directory (the server's UI
-                       downloads from it), or:
+  --artifacts DIR      (agent, server) a shared artifact directory (a server serves the UI's
+                       downloads from it and keeps shipped pipeline directories there), or:
   --s3-endpoint URL --s3-bucket B [--s3-region R]   (agent, server) S3 artifacts (AWS_* env keys)
   --kubeconfig FILE    (run, agent) the cluster of kubernetes steps (default: KUBECONFIG,
                        ~/.kube/config, then the in-cluster service account)

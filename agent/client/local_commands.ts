@@ -374,7 +374,9 @@ export async function gcCommand(
       options.dryRun ? "would remove" : "removed"
     } ${result.recordsRemoved} artifact records, ${result.blobsRemoved} blobs (${
       formatBytes(result.bytesFreed)
-    }), scratch and logs of ${result.runsCleaned} runs`,
+    }), scratch and logs of ${result.runsCleaned} runs${
+      result.historyCompacted ? `; compacted ${result.historyCompacted} revisions of history` : ""
+    }`,
   );
 }
 

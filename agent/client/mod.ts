@@ -286,9 +286,12 @@ export class RunClient {
     return await this.#json("GET", `/api/runs/search?${search}`);
   }
 
-  /** Every run, newest first. */
-  async runs(): Promise<ClusterRunRecord[]> {
-    return await this.#json("GET", "/api/runs");
+  /**
+   * The newest runs (a page of `limit`, default 100), newest first; the
+   * next page with `searchRuns({ after })`.
+   */
+  async runs(options: { limit?: number } = {}): Promise<ClusterRunRecord[]> {
+    return await this.#json("GET", `/api/runs${options.limit ? `?limit=${options.limit}` : ""}`);
   }
 
   /** A run and its steps. */

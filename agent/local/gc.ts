@@ -8,6 +8,8 @@ import client from "npm:prom-client@15.1.3";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import { listRuns, openLocalState } from "./state.ts";
+import { openEmbeddedStore } from "../../consensus/embedded.ts";
+import { CompactedError, type Store } from "../../consensus/store.ts";
 
 /** What {@link collectGarbage} removed (or would remove, in a dry run). */
 export interface GcResult {
@@ -16,7 +18,15 @@ export interface GcResult {
   bytesFreed: number;
   /** Runs whose scratch directories and logs were removed. */
   runsCleaned: number;
+  /** Store revisions of history dropped by compaction (0 in a dry run or on a full disk). */
+  historyCompacted: number;
 }
+
+/**
+ * Revisions of the store's history gc leaves: a `logs --follow` or a run in
+ * another process watching from a little behind does not have to relist.
+ */
+export const LOCAL_HISTORY_WINDOW = 1_000;
 
 /**
  * Removes what the retention period no longer keeps: artifacts of unpinned
@@ -66,7 +76,8 @@ export async function collectGarbage(
       }
       if (present) runsCleaned++;
     }
-    return { ...artifacts, runsCleaned };
+    const historyCompacted = options.dryRun ? 0 : await compactHistory(state.paths.db);
+    return { ...artifacts, runsCleaned, historyCompacted };
   } finally {
     await state.close();
   }
@@ -127,4 +138,44 @@ export async function storageMetrics(usage: PipelineStorage[]): Promise<string> 
     objects.set({ pipeline: row.pipeline }, row.objects);
   }
   return await registry.metrics();
+}
+
+/**
+ * Drops the embedded store's history older than the window: every write
+ * is kept there (with its value) for watches, so without compaction the
+ * store grows with every step ever run. Returns the revisions dropped.
+ */
+async function compactHistory(db: string): Promise<number> {
+  try {
+    await Deno.stat(db);
+  } catch {
+    return 0; // no store yet
+  }
+  let store;
+  try {
+    store = openEmbeddedStore(db);
+  } catch {
+    return 0; // a full disk or a read-only directory: gc still did the rest
+  }
+  try {
+    const target = (await store.revision()) - LOCAL_HISTORY_WINDOW;
+    const before = await compactedRevision(store, target);
+    if (target <= before) return 0;
+    await store.compact(target);
+    return target - before;
+  } catch {
+    return 0; // compacted meanwhile, or no room to write
+  } finally {
+    await store.close();
+  }
+}
+
+/** The store's compaction revision: a compaction below it says where it is. */
+async function compactedRevision(store: Store, atMost: number): Promise<number> {
+  try {
+    await store.compact(0);
+  } catch (error) {
+    if (error instanceof CompactedError) return Math.min(error.compactRevision, atMost);
+  }
+  return 0;
 }

@@ -12,6 +12,7 @@ import type { Store } from "../../consensus/store.ts";
 import { clusterKeys } from "./keys.ts";
 import type { RaftState } from "./metrics.ts";
 import type { LeaderElection } from "./mod.ts";
+import type { MemberMaintenance } from "./maintenance.ts";
 
 /** How long a scheduling server that stopped renewing keeps the lead (its lease TTL). */
 export const SCHEDULER_LEASE_MS = 3_000;
@@ -48,6 +49,8 @@ export interface EtcdCluster {
   store: Store;
   election: LeaderElection;
   raftState: () => Promise<RaftState>;
+  /** The members' sizes and their defragmentation (`maintenance.ts`). */
+  members: MemberMaintenance;
   /** Closes the store's connections. */
   close(): Promise<void>;
 }
@@ -70,6 +73,7 @@ export async function openEtcdCluster(
         commit_index: state.commit_index,
       };
     },
+    members: store,
     close: () => store.close(),
   };
 }

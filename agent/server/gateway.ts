@@ -42,7 +42,7 @@ import {
 import { admitAgent } from "./identity.ts";
 import type { AttemptResult } from "../../core/model.ts";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
-import { getBundle } from "../bundle.ts";
+import { type BundleStorage, getBundle } from "../bundle.ts";
 import type { SecretStore } from "../../core/secrets.ts";
 import { SECRET_NAME_PATTERN } from "../../core/schema.ts";
 
@@ -57,6 +57,22 @@ const HELLO_TIMEOUT_MS = 10_000;
 
 /** How often buffered log text is written to the store. */
 const LOG_FLUSH_MS = 200;
+
+/**
+ * Log characters a stream may have waiting for the store before its next
+ * message is read: gRPC's flow control then slows the agent, whose step's
+ * unread output waits on the agent's disk (`backends/log_queue.ts`).
+ */
+const LOG_HIGH_WATER_CHARS = 1024 * 1024;
+
+/**
+ * Log characters the cluster stores per attempt (16 MiB of ASCII). etcd
+ * keeps its whole database mapped in memory under a quota (2 GiB by
+ * default) that stops the cluster when full: one step printing 100 MB must
+ * not take a twentieth of it. Past this the log is counted, and a line says
+ * how much was not stored; `runnel run` locally keeps everything.
+ */
+export const MAX_STORED_LOG_CHARS = 16 * 1024 * 1024;
 
 /** A new log lease each day (see `rollingLease`). */
 const LEASE_ROLL_MS = 24 * 60 * 60 * 1000;
@@ -85,6 +101,8 @@ export interface GatewayOptions {
    * because it spoke of an attempt that is not the sender's (its kind).
    */
   onRefused?: (what: RejectCode | RefusedKind) => void;
+  /** Where shipped directories are kept (`agent/bundle.ts`). */
+  bundles?: BundleStorage;
 }
 
 /** What an agent sent about an attempt that is not its own. */
@@ -232,7 +250,17 @@ async function serveAgent(
     const secretsOf = (record: AssignmentRecord) =>
       secretValues(record, agentSecrets, options.secrets, log);
     const watchers = [
-      pushAssignments(store, agentId, stream, sent, pending, own, secretsOf, stop.signal),
+      pushAssignments(
+        store,
+        agentId,
+        stream,
+        sent,
+        pending,
+        own,
+        secretsOf,
+        stop.signal,
+        options.bundles,
+      ),
       pushStops(store, agentId, stream, stop.signal),
     ];
     watchers.forEach((watcher) =>
@@ -336,6 +364,8 @@ async function handle(message: AgentMessage, context: HandleContext): Promise<vo
     case "log":
       if (await own.owns(message.log.attemptId)) {
         context.logs.add(message.log.attemptId, message.log.text);
+        // Backpressure: this stream's next message waits until the store has caught up.
+        await context.logs.room();
       } else refuse(context, "log", message.log.attemptId);
       return;
     case "started":
@@ -383,7 +413,7 @@ async function sendBundle(context: HandleContext, digest: string): Promise<void>
     });
     return;
   }
-  const bundle = await getBundle(context.store, digest);
+  const bundle = await getBundle(context.store, digest, context.options.bundles);
   await stream.send({
     bundle: bundle
       ? { digest, bundleJson: JSON.stringify(bundle) }
@@ -535,6 +565,7 @@ async function recordResult(
     };
   }
   // Logs first: a reader who sees the result sees the whole log.
+  context.logs.end(attemptId);
   await context.logs.flush();
   const [runId, stepId] = splitAttemptId(attemptId);
   const record: ResultRecord = {
@@ -582,6 +613,7 @@ async function pushAssignments(
   own: OwnAssignments,
   secretsOf: (record: AssignmentRecord) => Record<string, string>,
   signal: AbortSignal,
+  bundleStorage: BundleStorage | undefined,
 ): Promise<void> {
   const prefix = clusterKeys.assignmentPrefix(agentId);
   const listed = await store.list(prefix);
@@ -616,7 +648,7 @@ async function pushAssignments(
     let bundleJson = "";
     const digest = record.spec.bundleDigest;
     if (digest && !again && !bundles.has(digest)) {
-      const bundle = await getBundle(store, digest);
+      const bundle = await getBundle(store, digest, bundleStorage);
       if (bundle) {
         bundleJson = JSON.stringify(bundle);
         bundles.add(digest);
@@ -709,6 +741,11 @@ async function pushStops(
 /** Log text per attempt, written to the store in batches. */
 class LogBuffer {
   readonly #buffers = new Map<string, string>();
+  /** Characters added and not yet written (buffered or in a flush). */
+  #pending = 0;
+  #roomWaiters: (() => void)[] = [];
+  /** Per attempt of this stream: characters stored, and those past the cap not stored. */
+  readonly #kept = new Map<string, { stored: number; dropped: number }>();
   readonly #store: Store;
   readonly #log: (fields: Record<string, unknown>) => void;
   #timer: ReturnType<typeof setTimeout> | undefined;
@@ -728,6 +765,21 @@ class LogBuffer {
   }
 
   add(attemptId: string, text: string): void {
+    const kept = this.#kept.get(attemptId) ?? { stored: 0, dropped: 0 };
+    this.#kept.set(attemptId, kept);
+    const room = Math.max(0, MAX_STORED_LOG_CHARS - kept.stored);
+    if (text.length > room) {
+      const first = kept.dropped === 0;
+      kept.dropped += text.length - room;
+      text = text.slice(0, room);
+      if (first) {
+        text += `\n[runnel: this attempt's log passed the ${MAX_STORED_LOG_CHARS} characters ` +
+          "the cluster stores per attempt; the rest is counted, not stored]\n";
+      }
+    }
+    kept.stored += text.length;
+    if (text.length === 0) return;
+    this.#pending += text.length;
     this.#buffers.set(attemptId, (this.#buffers.get(attemptId) ?? "") + text);
     if ((this.#buffers.get(attemptId)?.length ?? 0) >= LOG_BATCH_CHARS) {
       this.flush();
@@ -739,6 +791,23 @@ class LogBuffer {
     }, LOG_FLUSH_MS);
   }
 
+  /** Resolves once less than {@link LOG_HIGH_WATER_CHARS} wait to be written. */
+  room(): Promise<void> {
+    if (this.#pending < LOG_HIGH_WATER_CHARS) return Promise.resolve();
+    return new Promise((resolve) => this.#roomWaiters.push(resolve));
+  }
+
+  /** An attempt's log is complete (its result came): says how much was not stored, if any. */
+  end(attemptId: string): void {
+    const kept = this.#kept.get(attemptId);
+    this.#kept.delete(attemptId);
+    if (!kept?.dropped) return;
+    const notice = `[runnel: ${kept.dropped} characters of this attempt's log were not stored ` +
+      `(the cluster keeps ${MAX_STORED_LOG_CHARS} per attempt)]\n`;
+    this.#pending += notice.length;
+    this.#buffers.set(attemptId, (this.#buffers.get(attemptId) ?? "") + notice);
+  }
+
   /** Writes what is buffered; resolves once it is in the store. */
   flush(): Promise<void> {
     clearTimeout(this.#timer);
@@ -746,6 +815,7 @@ class LogBuffer {
     const batches = [...this.#buffers];
     this.#buffers.clear();
     if (batches.length === 0) return this.#flushing;
+    const chars = batches.reduce((sum, [, text]) => sum + text.length, 0);
     this.#flushing = this.#flushing.then(async () => {
       const ops: TxnOp[] = [];
       const lease = await this.#lease().catch(() => undefined);
@@ -766,6 +836,13 @@ class LogBuffer {
         await this.#store.txn({ compare: [], success: ops });
       } catch (error) {
         this.#log({ level: "warn", msg: "log batch lost", error: String(error) });
+      } finally {
+        this.#pending -= chars;
+        if (this.#pending < LOG_HIGH_WATER_CHARS) {
+          const waiters = this.#roomWaiters;
+          this.#roomWaiters = [];
+          for (const wake of waiters) wake();
+        }
       }
     });
     return this.#flushing;

@@ -32,7 +32,7 @@
  * | `POST /api/schedules/:name/suspend`, `/resume` | submit | 200 `{pipeline, suspended}` |
  * | `PUT /api/schedules/:name`, `DELETE …` | submit | a schedule set apart from the pipeline's file (its `schedule:` section's keys), or removed |
  * | `POST /api/schedules/:name/backfill` | submit | `{from, to, dryRun?}` → 202 `{ticks}`: a run per tick, as its concurrency policy allows |
- * | `GET /api/runs` | read | every run, newest first |
+ * | `GET /api/runs?limit=N&after=C` | read | a page of runs (default 100, at most 1,000), newest first, as an array; a `Link: <…>; rel="next"` header (and `X-Next-Cursor`) names the next page |
  * | `GET /api/runs/search?label=K=V&status=S&pipeline=P&limit=N&after=C` | read | `{runs, next?}`: a page of an index, newest first |
  * | `GET /api/runs/:id` | read | `{run, steps}` |
  * | `POST /api/runs/:id/cancel`, `/resume` | submit | 202 |
@@ -72,7 +72,6 @@ import { clusterKeys, type ClusterRunRecord } from "./keys.ts";
 import {
   clusterStepStates,
   getClusterRun,
-  listClusterRuns,
   listWorkers,
   requestCancel,
   requestResume,
@@ -96,6 +95,7 @@ import {
 } from "./pipelines.ts";
 import {
   bundleDigest,
+  type BundleStorage,
   checkBundle,
   MAX_BUNDLE_BYTES,
   MAX_BUNDLE_FILES,
@@ -170,6 +170,8 @@ export interface ApiContext {
    * then, instead of holding the shutdown until their runs end.
    */
   closing?: AbortSignal;
+  /** Where shipped directories are kept (`agent/bundle.ts`). */
+  bundles?: BundleStorage;
 }
 
 /** Largest submission: a pipeline and its packed directory (base64 grows 8 MiB to ~11). */
@@ -245,7 +247,7 @@ const ROUTES: Route[] = [
     method: "GET",
     path: /^\/api\/runs$/,
     access: needs("read"),
-    handle: async ({ context }) => json(await listClusterRuns(context.store)),
+    handle: listRunsPage,
   },
   {
     method: "GET",
@@ -975,8 +977,14 @@ function paramsOf(params: unknown): Record<string, unknown> | undefined {
   return params as Record<string, unknown>;
 }
 
-/** Strict base64 (RFC 4648 §4, padded), as `runnel submit` packs files. */
-const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+/**
+ * Strict base64 (RFC 4648 §4, padded), as `runnel submit` packs files. One
+ * character class and a length check: a grouped repetition backtracks
+ * through V8's stack and overflows it on a file of a few MiB.
+ */
+function isBase64(text: string): boolean {
+  return text.length % 4 === 0 && /^[A-Za-z0-9+/]*={0,2}$/.test(text);
+}
 
 /** What a submission (or an apply) ships: the pipeline's text, where it came from, its directory. */
 interface Submission {
@@ -1051,6 +1059,7 @@ async function submit({ context, request, audit, caller }: Call): Promise<Respon
   const record = await submitRun(context.store, plan, {
     file: submission.file,
     bundle: submission.bundle,
+    bundles: context.bundles,
     labels: labelsOf(body.labels),
     submittedBy: caller?.tokenName,
   });
@@ -1082,7 +1091,7 @@ async function apply({ context, request, audit, caller }: Call): Promise<Respons
     digest: plan.digest,
     ...(submission.bundle ? { bundle: submission.bundle.digest } : {}),
     ...(caller ? { createdBy: caller.tokenName } : {}),
-  }, { bundle: submission.bundle, webhookSecret: plan.webhookSecret });
+  }, { bundle: submission.bundle, bundles: context.bundles, webhookSecret: plan.webhookSecret });
   await syncSchedule(context.store, plan.name, plan.schedule, Date.now());
   audit.pipeline = plan.name;
   audit.version = version;
@@ -1113,6 +1122,32 @@ function runQueryOf(url: URL): RunQuery {
     ...(limit !== null ? { limit: Number(limit) } : {}),
     after: pick("after"),
   };
+}
+
+/** Runs per page of `GET /api/runs` when the caller names no limit. */
+const DEFAULT_RUNS_PAGE = 100;
+
+/**
+ * `GET /api/runs`: a page of the run index, newest first. The body stays an
+ * array (as when it listed every run); the next page is in the headers, so
+ * a server with 100,000 runs answers in the time of one page.
+ */
+async function listRunsPage({ context, url }: Call): Promise<Response> {
+  const query = runQueryOf(url);
+  const page = await searchRuns(context.store, {
+    limit: query.limit ?? DEFAULT_RUNS_PAGE,
+    after: query.after,
+  });
+  const headers: Record<string, string> = {};
+  if (page.next !== undefined) {
+    const next = new URLSearchParams({
+      limit: String(query.limit ?? DEFAULT_RUNS_PAGE),
+      after: page.next,
+    });
+    headers.link = `</api/runs?${next}>; rel="next"`;
+    headers["x-next-cursor"] = page.next;
+  }
+  return json(page.runs, { headers });
 }
 
 /** The `labels` of a submission: a map of label keys to values. */
@@ -1167,6 +1202,7 @@ async function setSchedule({ context, request, params, audit }: Call): Promise<R
         parser: context.parser,
         secretNames: context.secretNames,
         limits: context.pipelineLimits,
+        bundles: context.bundles,
       },
       name,
       { params: tickParams(spec, Date.now()) },
@@ -1310,6 +1346,7 @@ async function startTriggered(
         parser: context.parser,
         secretNames: context.secretNames,
         limits: context.pipelineLimits,
+        bundles: context.bundles,
       },
       name,
       { version: body.version as number | undefined, params: paramsOf(body.params) ?? {} },
@@ -1328,7 +1365,8 @@ async function startTriggered(
   audit.version = planned.version.version;
   const record = await submitRun(context.store, planned.plan, {
     file: planned.version.file,
-    bundle: planned.bundle,
+    // Read back from where it is kept: already stored.
+    bundleDigest: planned.bundle?.digest,
     registered: { name, version: planned.version.version },
     labels: labelsOf(body.labels),
   });
@@ -1358,7 +1396,7 @@ function bundleOf(files: unknown): PipelineBundle {
   }
   let bytes = 0;
   for (const [path, content] of entries) {
-    if (typeof content !== "string" || !BASE64.test(content)) {
+    if (typeof content !== "string" || !isBase64(content)) {
       throw new RequestBodyError(
         "bad_request",
         `Expected the content of "files" entry ${JSON.stringify(path)} to be base64`,

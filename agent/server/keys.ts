@@ -15,7 +15,8 @@
  * | `/results/<attempt>` | the agent's server (create-only) | `ResultRecord` |
  * | `/request/<run>/cancel`, `/request/<run>/resume` | API | a user's request |
  * | `/logs/<run>/<step>/<attempt>/<seq>` | the agent's server, under a rolling retention lease | a batch of masked log text |
- * | `/bundle/<digest>/…` | API (once per digest) | a shipped pipeline directory, in chunks |
+ * | `/bundle/<digest>/…` | API (once per digest), without an artifact store | a shipped pipeline directory, in chunks |
+ * | `/bundles/<digest>` | with the chunks | its size and time: the budget's index (`agent/bundle.ts`) |
  * | `/pipelines/<name>/…` | API | registered pipelines and their versions (`pipelines.ts`) |
  * | `/election/scheduler/…` | servers | election candidates |
  *

@@ -25,6 +25,8 @@ import { type SecretSource, SecretStore } from "../../core/secrets.ts";
 import { closeBootstrap, createAuthenticator } from "./auth.ts";
 import { WebhookAllowList } from "../effects.ts";
 import type { Tracer } from "../trace/exporter.ts";
+import type { BundleStorage } from "../bundle.ts";
+import { type MaintenanceSettings, runMaintenance } from "./maintenance.ts";
 
 /** A won election: the fence to put in every write, and the signal of its loss. */
 export interface Leadership {
@@ -130,8 +132,16 @@ export interface ServerOptions {
    * caller shuts it down after the server closed.
    */
   tracer?: Tracer;
-  /** The artifact store the agents upload to: the web UI's downloads read it. */
+  /**
+   * The artifact store the agents share: the web UI's downloads read it, and
+   * shipped pipeline directories are kept in it. Without one they are kept
+   * in the state store, within `bundleBudgetBytes`.
+   */
   artifacts?: ArtifactStore;
+  /** Bundle bytes the state store may keep without an artifact store (default 256 MiB). */
+  bundleBudgetBytes?: number;
+  /** Retention, compaction and defragmentation of the store (`maintenance.ts`). */
+  maintenance?: MaintenanceSettings;
 }
 
 /** A running server. */
@@ -201,6 +211,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
   }));
   const secrets = new SecretStore(options.secrets, { env: options.env });
   const parser = new PipelineParser();
+  const bundles: BundleStorage = {
+    artifacts: options.artifacts,
+    budgetBytes: options.bundleBudgetBytes,
+  };
   const secretNames = async () => [
     ...secrets.names,
     ...(await listWorkers(store)).flatMap((worker) => worker.secrets ?? []),
@@ -215,6 +229,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     log,
     logRetentionMs: options.logRetentionMs,
     onRefused: (what) => metrics.onAgentRefused(what),
+    bundles,
   });
   let grpc: AgentServiceServer;
   try {
@@ -253,6 +268,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         artifacts: options.artifacts,
         closing: closing.signal,
         parser,
+        bundles,
         readSecret: (name) => {
           try {
             return secrets.has(name) ? secrets.read(name) : undefined;
@@ -298,7 +314,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         signal: AbortSignal.any([stop, schedulesStop.signal]),
         plan: async (name, params) => {
           const planned = await planRegistered(
-            { store, parser, secretNames, limits: options.pipelineLimits },
+            { store, parser, secretNames, limits: options.pipelineLimits, bundles },
             name,
             { params },
           );
@@ -312,6 +328,11 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
         onEvent: (event) =>
           log({ component: "schedules", msg: `schedule ${event.type}`, ...event }),
       }).catch((error) => log({ level: "warn", msg: "schedules stopped", error: String(error) }));
+      // Retention, compaction and defragmentation: one server does them, under the same fence.
+      const maintenance = runMaintenance(
+        { store, fence: leadership.fence, settings: options.maintenance, bundles, log },
+        AbortSignal.any([stop, schedulesStop.signal]),
+      );
       try {
         await runScheduler({
           store,
@@ -342,6 +363,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       } finally {
         schedulesStop.abort();
         await schedules;
+        await maintenance;
         leading = false;
         metrics.setLeader(false);
         await leadership.resign().catch(() => {});

@@ -18,7 +18,7 @@
  */
 
 import type { Store } from "../../consensus/store.ts";
-import { checkBundle, type PipelineBundle, putBundle } from "../bundle.ts";
+import { type BundleStorage, checkBundle, type PipelineBundle, putBundle } from "../bundle.ts";
 
 /** A registered pipeline. */
 export interface PipelineMeta {
@@ -83,11 +83,16 @@ const APPLY_ATTEMPTS = 10;
 export async function applyPipeline(
   store: Store,
   entry: Omit<PipelineVersion, "version" | "createdAt">,
-  options: { bundle?: PipelineBundle; now?: number; webhookSecret?: string } = {},
+  options: {
+    bundle?: PipelineBundle;
+    bundles?: BundleStorage;
+    now?: number;
+    webhookSecret?: string;
+  } = {},
 ): Promise<{ version: number; unchanged: boolean }> {
   if (options.bundle) {
     checkBundle(options.bundle);
-    await putBundle(store, options.bundle);
+    await putBundle(store, options.bundle, options.bundles);
   }
   for (let attempt = 0; attempt < APPLY_ATTEMPTS; attempt++) {
     const now = options.now ?? Date.now();

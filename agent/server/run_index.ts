@@ -8,6 +8,7 @@
  * | `/index/pipeline/<name>/<order>` | at submit |
  * | `/index/label/<key>=<value>/<order>` | at submit, one per label |
  * | `/index/status/<status>/<order>` | at submit, then moved by the scheduler with the status |
+ * | `/index/bundle/<hex>/<order>` | at submit, for a run with a shipped directory (what keeps it) |
  *
  * `<order>` is the inverted creation time and the run id, so an ascending
  * listing is newest first; the value is the run id. A query reads pages of
@@ -20,7 +21,7 @@ import type { Store, TxnOp } from "../../consensus/store.ts";
 import { clusterKeys, type ClusterRunRecord } from "./keys.ts";
 
 /** Largest creation time the inverted order handles (year 2286). */
-const MAX_TIME = 9_999_999_999_999;
+export const MAX_TIME = 9_999_999_999_999;
 
 /** The sort key of a run in every index: newest first, then by id. */
 export function runOrder(record: Pick<ClusterRunRecord, "createdAt" | "runId">): string {
@@ -35,6 +36,7 @@ export const indexKeys = {
   pipeline: (name: string) => `/index/pipeline/${enc(name)}/`,
   label: (key: string, value: string) => `/index/label/${enc(key)}=${enc(value)}/`,
   status: (status: string) => `/index/status/${status}/`,
+  bundle: (hex: string) => `/index/bundle/${hex}/`,
 };
 
 /** The index entries of a new run (written with its record). */
@@ -50,6 +52,7 @@ export function indexOps(record: ClusterRunRecord): TxnOp[] {
     put(indexKeys.pipeline(record.pipeline)),
     put(indexKeys.status(record.status)),
     ...Object.entries(record.labels ?? {}).map(([key, value]) => put(indexKeys.label(key, value))),
+    ...(record.bundle ? [put(indexKeys.bundle(record.bundle.replace(/^sha256:/, "")))] : []),
   ];
 }
 
@@ -99,11 +102,16 @@ export async function searchRuns(store: Store, query: RunQuery): Promise<RunPage
     (query.status === undefined || run.status === query.status) &&
     (query.pipeline === undefined || run.pipeline === query.pipeline) &&
     labels.every(([key, value]) => run.labels?.[key] === value);
+  // Conditions the driving index does not already hold: without any, every
+  // entry is a match, and a page reads exactly its own entries.
+  const checked = labels.length + (query.pipeline !== undefined ? 1 : 0) +
+    (query.status !== undefined ? 1 : 0);
+  const batch = checked > 1 ? SCAN_BATCH : limit;
   const runs: ClusterRunRecord[] = [];
   let after = query.after === undefined ? undefined : prefix + query.after;
   for (;;) {
     const { items } = await store.list(prefix, {
-      limit: SCAN_BATCH,
+      limit: batch,
       ...(after !== undefined ? { startAfter: after } : {}),
     });
     const records = await Promise.all(
@@ -118,6 +126,6 @@ export async function searchRuns(store: Store, query: RunQuery): Promise<RunPage
       runs.push(run);
       if (runs.length === limit) return { runs, next: item.key.slice(prefix.length) };
     }
-    if (items.length < SCAN_BATCH) return { runs };
+    if (items.length < batch) return { runs };
   }
 }

@@ -11,7 +11,7 @@ import type { Compare, Store, TxnOp } from "../../consensus/store.ts";
 import { clusterKeys, type ClusterRunRecord, type WorkerRecord } from "./keys.ts";
 import { indexOps } from "./run_index.ts";
 import { newRunId } from "../local/mod.ts";
-import { checkBundle, type PipelineBundle, putBundle } from "../bundle.ts";
+import { type BundleStorage, checkBundle, type PipelineBundle, putBundle } from "../bundle.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import { newTraceId } from "../trace/context.ts";
 
@@ -43,6 +43,8 @@ export async function submitRun(
     file?: string;
     now?: number;
     bundle?: PipelineBundle;
+    /** Where the bundle is kept (default: the state store, within its budget). */
+    bundles?: BundleStorage;
     /** Digest of a shipped directory already in the store (a rerun's). */
     bundleDigest?: string;
     /** The run this one reruns steps of. */
@@ -77,7 +79,7 @@ export async function submitRun(
   }
   if (options.bundle) {
     checkBundle(options.bundle);
-    await putBundle(store, options.bundle);
+    await putBundle(store, options.bundle, options.bundles);
   }
   const now = options.now ?? Date.now();
   const record: ClusterRunRecord = {
@@ -138,7 +140,8 @@ export async function listClusterRuns(store: Store): Promise<ClusterRunRecord[]>
 export async function getClusterRun(store: Store, idOrPrefix: string): Promise<ClusterRunRecord> {
   const exact = await store.get(clusterKeys.run(idOrPrefix));
   if (exact) return JSON.parse(exact.value);
-  const { items } = await store.list(clusterKeys.run(idOrPrefix));
+  // Two tell a unique prefix from an ambiguous one: a short prefix must not read every run.
+  const { items } = await store.list(clusterKeys.run(idOrPrefix), { limit: 2 });
   if (items.length === 1) return JSON.parse(items[0].value);
   if (items.length > 1) {
     throw new RunRequestError(

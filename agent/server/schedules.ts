@@ -205,7 +205,8 @@ async function progressBackfills(options: ScheduleLoopOptions, at: number): Prom
       };
       const record = await submitRun(store, planned.plan, {
         file: planned.file,
-        bundle: planned.bundle,
+        // Read back from where it is kept: already stored.
+        bundleDigest: planned.bundle?.digest,
         registered: { name: state.name, version: planned.version, tick },
         now: at,
         also: {
@@ -342,7 +343,7 @@ async function fire(
   const extra: TxnOp[] = [];
   const record = await submitRun(store, planned.plan, {
     file: planned.file,
-    bundle: planned.bundle,
+    bundleDigest: planned.bundle?.digest,
     registered: { name: state.name, version: planned.version, tick },
     now: at,
     also: {

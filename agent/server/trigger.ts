@@ -8,7 +8,7 @@
 import type { PipelineLimits } from "../../core/limits.ts";
 import type { Plan } from "../../core/model.ts";
 import type { Store } from "../../consensus/store.ts";
-import { getBundle, type PipelineBundle } from "../bundle.ts";
+import { type BundleStorage, getBundle, type PipelineBundle } from "../bundle.ts";
 import type { PipelineParser } from "./parse_worker.ts";
 import { PipelineRegistryError, type PipelineVersion, versionToRun } from "./pipelines.ts";
 
@@ -18,6 +18,8 @@ export interface RegisteredPlanner {
   parser: PipelineParser;
   secretNames?: () => Promise<string[]>;
   limits?: Partial<PipelineLimits>;
+  /** Where shipped directories are kept. */
+  bundles?: BundleStorage;
 }
 
 /** A planned run of a registered pipeline version. */
@@ -40,7 +42,9 @@ export async function planRegistered(
   options: { version?: number; params?: Record<string, unknown> } = {},
 ): Promise<RegisteredPlan> {
   const version = await versionToRun(planner.store, name, options.version);
-  const bundle = version.bundle ? await getBundle(planner.store, version.bundle) : undefined;
+  const bundle = version.bundle
+    ? await getBundle(planner.store, version.bundle, planner.bundles)
+    : undefined;
   if (version.bundle && !bundle) {
     throw new PipelineRegistryError(
       "conflict",

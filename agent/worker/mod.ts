@@ -751,7 +751,11 @@ class Agent implements RunningAgent {
         this.#outgoing.push({ started: { attemptId, handle, atMs: Date.now() } });
         this.emit({ type: "started", attemptId, handle });
       },
-      onLog: ({ stream, text }) => this.#outgoing.push({ log: { attemptId, stream, text } }),
+      onLog: ({ stream, text }) => {
+        this.#outgoing.push({ log: { attemptId, stream, text } });
+        // Backpressure: the attempt reads on once the server has taken enough.
+        return this.#outgoing.room();
+      },
     };
   }
 

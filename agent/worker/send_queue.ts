@@ -17,6 +17,13 @@ import type { AgentMessageInit, ServerConnection } from "../../proto/mod.ts";
 import type { OutboxEntry } from "./outbox.ts";
 import { MAX_LOG_BACKLOG_CHARS } from "./options.ts";
 
+/**
+ * Log text queued for a connected server past which a step's log writer
+ * waits (a quarter of the backlog's cap, so a writer never meets the cap
+ * while connected).
+ */
+export const LOG_SEND_HIGH_WATER_CHARS = MAX_LOG_BACKLOG_CHARS / 4;
+
 /** Stands for the output an agent could not keep while no server was connected. */
 export const DROPPED_LOG_MARKER =
   "[runnel agent: output dropped while no server was connected (backlog full)]\n";
@@ -29,6 +36,8 @@ export class SendQueue {
   readonly #dropped = new Set<string>();
   #pumping = false;
   #stream: ServerConnection | undefined;
+  /** Log writers waiting for the backlog to shrink (see `room`). */
+  #roomWaiters: (() => void)[] = [];
 
   /** `onError` hears of a send that failed unexpectedly. */
   constructor(readonly onError: (error: unknown) => void) {}
@@ -67,9 +76,28 @@ export class SendQueue {
     this.#pump();
   }
 
+  /**
+   * Resolves once a step's log may go on: at once while the backlog is
+   * under {@link LOG_SEND_HIGH_WATER_CHARS} or no server is connected (then
+   * the backlog's cap applies), else when sends have shrunk it. A step
+   * printing faster than the server takes is slowed down, not cut: its
+   * reader stops, its unread output waits in its backend's log queue.
+   */
+  room(): Promise<void> {
+    if (!this.#stream || this.#logChars < LOG_SEND_HIGH_WATER_CHARS) return Promise.resolve();
+    return new Promise((resolve) => this.#roomWaiters.push(resolve));
+  }
+
+  #wakeWriters(): void {
+    const waiters = this.#roomWaiters;
+    this.#roomWaiters = [];
+    for (const wake of waiters) wake();
+  }
+
   /** The stream is gone: results queued for it go again from the outbox after the next Welcome. */
   detach(): void {
     this.#stream = undefined;
+    this.#wakeWriters();
     for (let i = this.#queue.length - 1; i >= 0; i--) {
       if ("result" in this.#queue[i]) this.#queue.splice(i, 1);
     }
@@ -97,7 +125,10 @@ export class SendQueue {
         }
         // A result may have been taken out of the queue meanwhile (detach).
         if (this.#queue[0] === message) this.#queue.shift();
-        if ("log" in message) this.#logChars -= message.log.text?.length ?? 0;
+        if ("log" in message) {
+          this.#logChars -= message.log.text?.length ?? 0;
+          if (this.#logChars < LOG_SEND_HIGH_WATER_CHARS) this.#wakeWriters();
+        }
       }
     } finally {
       this.#pumping = false;

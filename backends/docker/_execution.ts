@@ -65,10 +65,16 @@ export function watchContainer(options: WatchOptions): Execution {
   const container = docker.getContainer(containerId);
   const output = options.output;
   const outputEnded = streamEnded(output);
+  // Backpressure: a container printing faster than its log is read waits on the attach stream.
+  const pauseIfFull = () => {
+    if (!queue.full) return;
+    output.pause();
+    queue.room().then(() => output.resume());
+  };
   docker.modem.demuxStream(
     output,
-    chunkWriter(queue, "stdout"),
-    chunkWriter(queue, "stderr"),
+    chunkWriter(queue, "stdout", pauseIfFull),
+    chunkWriter(queue, "stderr", pauseIfFull),
   );
   const sampler = new UsageSampler();
   if (options.running) sampler.start(container);
@@ -169,11 +175,16 @@ export function watchContainer(options: WatchOptions): Execution {
  */
 
 /** A writable end for `demuxStream` that turns each payload into a log chunk. */
-function chunkWriter(queue: LogQueue, stream: LogChunk["stream"]): NodeJS.WritableStream {
+function chunkWriter(
+  queue: LogQueue,
+  stream: LogChunk["stream"],
+  afterPush: () => void,
+): NodeJS.WritableStream {
   return {
     write(data: Buffer | string) {
       const bytes = typeof data === "string" ? encoder.encode(data) : new Uint8Array(data);
       if (bytes.byteLength > 0) queue.push({ stream, data: bytes });
+      afterPush();
       return true;
     },
   } as unknown as NodeJS.WritableStream;

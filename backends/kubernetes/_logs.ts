@@ -25,6 +25,8 @@ export interface LogFollowerOptions {
   since?: string;
   /** Receives whole lines (with their `\n`) without their timestamps. */
   push(text: string): void;
+  /** Resolves when more may be pushed: the next read waits for it (backpressure). */
+  room?(): Promise<void>;
 }
 
 /** A timestamp as a key that sorts by time (the API trims trailing zeros of the fraction). */
@@ -176,6 +178,7 @@ export class LogFollower {
           take(buffer);
           buffer = "";
         }
+        await this.#options.room?.();
       }
     } catch {
       // Dropped: what was whole was taken.

@@ -348,6 +348,7 @@ function watchJob(options: WatchOptions): Execution {
     container: STEP_CONTAINER,
     since: options.logsSince,
     push: (text) => queue.push({ stream: "stdout", data: encoder.encode(text) }),
+    room: () => queue.room(),
   });
   let decided: ExitStatus | undefined;
   let final: ExitStatus | undefined;

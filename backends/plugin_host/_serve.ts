@@ -63,10 +63,28 @@ const encoder = new TextEncoder();
 const READ_BUFFER_BYTES = 64 * 1024;
 let outbox: string[] = [];
 let flushing = false;
+/** Characters queued or being written to the runner. */
+let unsent = 0;
+/** Log relays waiting for the outbox to shrink (see `outboxRoom`). */
+let roomWaiters: (() => void)[] = [];
+/**
+ * Characters of messages waiting for the runner past which log relays
+ * wait: a step printing faster than the runner reads is slowed down (its
+ * pipe fills) instead of filling this host's memory.
+ */
+const OUTBOX_HIGH_WATER_CHARS = 1024 * 1024;
+
+/** Resolves once the outbox is under its high-water mark. */
+function outboxRoom(): Promise<void> {
+  if (unsent < OUTBOX_HIGH_WATER_CHARS) return Promise.resolve();
+  return new Promise((resolve) => roomWaiters.push(resolve));
+}
 
 /** Queues a message; all queued in one tick leave in one write. */
 function send(message: HostMessage): void {
-  outbox.push(JSON.stringify(message) + "\n");
+  const line = JSON.stringify(message) + "\n";
+  unsent += line.length;
+  outbox.push(line);
   if (!flushing) {
     flushing = true;
     queueMicrotask(flush);
@@ -76,10 +94,17 @@ function send(message: HostMessage): void {
 async function flush(): Promise<void> {
   try {
     while (outbox.length > 0) {
-      const bytes = encoder.encode(outbox.join(""));
+      const text = outbox.join("");
+      const bytes = encoder.encode(text);
       outbox = [];
       let written = 0;
       while (written < bytes.length) written += await Deno.stdout.write(bytes.subarray(written));
+      unsent -= text.length;
+      if (unsent < OUTBOX_HIGH_WATER_CHARS) {
+        const waiters = roomWaiters;
+        roomWaiters = [];
+        for (const wake of waiters) wake();
+      }
     }
   } catch {
     // The runner is gone: nobody is left to answer.
@@ -261,6 +286,7 @@ async function relayLogs(exec: number, execution: Execution): Promise<void> {
     for await (const chunk of execution.logs) {
       const text = decoders[chunk.stream].decode(chunk.data, { stream: true });
       if (text) send({ log: exec, stream: chunk.stream, text });
+      await outboxRoom();
     }
   } catch (error) {
     send({ stray: toWireError(error) });

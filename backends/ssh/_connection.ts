@@ -31,9 +31,15 @@ export interface Channel {
   stderr: {
     on(event: "data", listener: (data: Uint8Array) => void): void;
     on(event: "end", listener: () => void): void;
+    /** Stops reading (the SSH window closes, the remote process waits). */
+    pause(): void;
+    resume(): void;
   };
   end(): void;
   close(): void;
+  /** Stops reading (the SSH window closes, the remote process waits). */
+  pause(): void;
+  resume(): void;
 }
 
 /** The SFTP session, as far as it is used. */

@@ -504,11 +504,19 @@ interface WatchOptions {
 function watchRemote(options: WatchOptions): Execution {
   const { connection, sftp, channel, remoteDir, spec, config } = options;
   const queue = new LogQueue();
-  const push = (stream: LogChunk["stream"]) => (data: Uint8Array) => {
+  const push = (stream: LogChunk["stream"], source: { pause(): void; resume(): void }) =>
+  (
+    data: Uint8Array,
+  ) => {
     if (data.byteLength > 0) queue.push({ stream, data: new Uint8Array(data) });
+    // Backpressure: a step printing faster than its log is read waits on SSH's window.
+    if (queue.full) {
+      source.pause();
+      queue.room().then(() => source.resume());
+    }
   };
-  channel.on("data", push("stdout"));
-  channel.stderr.on("data", push("stderr"));
+  channel.on("data", push("stdout", channel));
+  channel.stderr.on("data", push("stderr", channel.stderr));
   let cancelled = false;
   let exited = false;
   let final: ExitStatus | undefined;
