@@ -341,6 +341,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
           webhookAllow,
           ...(options.smtp ? { smtp: options.smtp } : {}),
           ...(options.tracer ? { tracer: options.tracer } : {}),
+          bundles,
           onEvent: (event: SchedulerEvent) => {
             metrics.onSchedulerEvent(event);
             if (event.type === "worker-lost") {

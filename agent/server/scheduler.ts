@@ -47,7 +47,7 @@ import { dirname, resolve } from "node:path";
 import { PIPELINE_BACKEND } from "../../core/schema.ts";
 import type { SubPipelineConfig } from "../../core/plan.ts";
 import { parsePipeline } from "../../core/load.ts";
-import { bundleFile, getBundle } from "../bundle.ts";
+import { bundleFile, type BundleStorage, getBundle } from "../bundle.ts";
 import { versionToRun } from "./pipelines.ts";
 import { clusterStepStates, submitRun } from "./runs.ts";
 import type { Tracer } from "../trace/exporter.ts";
@@ -87,6 +87,8 @@ export interface SchedulerOptions {
   webhookAllow?: WebhookAllowList;
   /** The operator's SMTP server for email alerts (`--smtp`). */
   smtp?: SmtpSettings;
+  /** Where shipped directories are kept: a `pipeline:` step's child is read from its parent's. */
+  bundles?: BundleStorage;
   /** Where the spans of runs (run, attempts, queue waits) are recorded (`--otlp-endpoint`). */
   tracer?: Tracer;
 }
@@ -701,7 +703,9 @@ class Scheduler {
         baseDir = driver.plan.baseDir;
         file = resolve(baseDir, sub.file!);
         bundle = driver.record.bundle;
-        const shipped = bundle ? await getBundle(this.#store, bundle) : undefined;
+        const shipped = bundle
+          ? await getBundle(this.#store, bundle, this.#options.bundles)
+          : undefined;
         const bytes = shipped ? bundleFile(shipped, baseDir, file) : undefined;
         if (!bytes) {
           throw new Error(`pipeline file ${sub.file} is not in the run's shipped directory`);
@@ -715,7 +719,9 @@ class Scheduler {
         }
         source = new TextDecoder().decode(bytes);
       }
-      const shipped = bundle ? await getBundle(this.#store, bundle) : undefined;
+      const shipped = bundle
+        ? await getBundle(this.#store, bundle, this.#options.bundles)
+        : undefined;
       const plan = parsePipeline(source, {
         file,
         baseDir,
