@@ -40,6 +40,7 @@ import {
   type WorkerRecord,
 } from "./keys.ts";
 import { admitAgent } from "./identity.ts";
+import { Presence } from "./presence.ts";
 import type { AttemptResult } from "../../core/model.ts";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import { getBundle } from "../bundle.ts";
@@ -98,12 +99,19 @@ export interface Gateway {
   onConnect(stream: AgentConnection): Promise<void>;
   /** Agents connected to this server now. */
   readonly connected: number;
+  /** Stops its batched writes (after the agent streams have ended). */
+  close(): Promise<void>;
 }
 
 /** Builds the gateway of a server. */
 export function createGateway(options: GatewayOptions): Gateway {
   let connected = 0;
   const logLease = rollingLease(options.store, options.logRetentionMs ?? DEFAULT_RETENTION_MS);
+  const presence = new Presence(options.store, {
+    serverId: options.serverId,
+    heartbeatMs: options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS,
+    log: options.log,
+  });
   return {
     get connected() {
       return connected;
@@ -111,11 +119,12 @@ export function createGateway(options: GatewayOptions): Gateway {
     async onConnect(stream) {
       connected++;
       try {
-        await serveAgent(options, stream, logLease);
+        await serveAgent(options, stream, logLease, presence);
       } finally {
         connected--;
       }
     },
+    close: () => presence.close(),
   };
 }
 
@@ -123,6 +132,7 @@ async function serveAgent(
   options: GatewayOptions,
   stream: AgentConnection,
   logLease: () => Promise<string>,
+  presence: Presence,
 ): Promise<void> {
   const { store } = options;
   const log = (fields: Record<string, unknown>) =>
@@ -263,6 +273,7 @@ async function serveAgent(
       own,
       refused: new Set(),
       logs,
+      presence,
       log,
     };
     for (;;) {
@@ -273,6 +284,7 @@ async function serveAgent(
   } finally {
     stop.abort();
     own.fail();
+    presence.gone(agentId);
     // The agent ended its side (or it broke): end ours, so the stream closes now.
     stream.end();
     await logs.close();
@@ -303,6 +315,7 @@ interface HandleContext {
   /** Kinds and attempts already logged as refused (each is logged once per stream). */
   refused: Set<string>;
   logs: LogBuffer;
+  presence: Presence;
   log: (fields: Record<string, unknown>) => void;
 }
 
@@ -310,26 +323,24 @@ async function handle(message: AgentMessage, context: HandleContext): Promise<vo
   const { store, worker, own } = context;
   switch (message.body) {
     case "heartbeat": {
+      // The lease carries liveness (a renewal is no write in etcd); the
+      // time goes into this server's batched presence key.
       await store.keepAlive(context.lease);
       worker.lastHeartbeat = Date.now();
-      // A draining agent finishes what it runs and takes nothing new.
-      if (message.heartbeat.draining) worker.slots = 0;
-      const connection = context.connection;
-      const claim = { ...connection.record, heartbeatAt: worker.lastHeartbeat };
-      const key = clusterKeys.agentConnection(worker.agentId);
-      const write = await store.txn({
-        // Only while this stream holds the agent's claim.
-        compare: [{ key, target: "mod", op: "==", value: connection.revision }],
-        success: [
-          { type: "put", key, value: JSON.stringify(claim), lease: context.lease },
-          workerPut(worker, context.lease),
-        ],
-      });
-      if (write.succeeded) {
-        connection.record = claim;
-        connection.revision = write.revision;
-      } else {
-        context.stream.cancel(`another connection of agent ${worker.agentId} took over`);
+      context.presence.seen(worker.agentId, worker.lastHeartbeat);
+      // A draining agent finishes what it runs and takes nothing new: the
+      // one heartbeat that changes the worker key writes it.
+      if (message.heartbeat.draining && worker.slots !== 0) {
+        worker.slots = 0;
+        const key = clusterKeys.agentConnection(worker.agentId);
+        const write = await store.txn({
+          // Only while this stream holds the agent's claim.
+          compare: [{ key, target: "mod", op: "==", value: context.connection.revision }],
+          success: [workerPut(worker, context.lease)],
+        });
+        if (!write.succeeded) {
+          context.stream.cancel(`another connection of agent ${worker.agentId} took over`);
+        }
       }
       return;
     }

@@ -370,6 +370,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       await bootstrapClosed;
       await schedulerLoop;
       await grpc.close();
+      await gateway.close();
       await http.shutdown();
       parser.close();
     },
