@@ -49,7 +49,7 @@ export async function benchScale(
     heartbeatMs: options.heartbeatMs ?? 5_000,
     failover: true,
     failoverSteps: 1_000,
-    failoverDelayMs: 200,
+    failoverDelayMs: 50,
     log: (line) => console.log(`  · ${line}`),
   });
   printScale(result, rawWrites);

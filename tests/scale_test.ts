@@ -24,7 +24,7 @@ Deno.test({
       heartbeatMs: 1_000,
       failover: true,
       failoverSteps: 200,
-      failoverDelayMs: 100,
+      failoverDelayMs: 50,
     });
     printScale(result);
     assert.equal(result.succeededRuns, 5);

@@ -23,7 +23,7 @@
 
 import { valuesProblem } from "../../core/values.ts";
 import { timingSafeEqual } from "node:crypto";
-import type { Store, TxnOp } from "../../consensus/store.ts";
+import type { Compare, Store, TxnOp } from "../../consensus/store.ts";
 import type {
   AgentConnection,
   AgentMessage,
@@ -112,6 +112,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     heartbeatMs: options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS,
     log: options.log,
   });
+  const results = new ResultWriter(options.store);
   return {
     get connected() {
       return connected;
@@ -119,7 +120,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     async onConnect(stream) {
       connected++;
       try {
-        await serveAgent(options, stream, logLease, presence);
+        await serveAgent(options, stream, logLease, presence, results);
       } finally {
         connected--;
       }
@@ -133,6 +134,7 @@ async function serveAgent(
   stream: AgentConnection,
   logLease: () => Promise<string>,
   presence: Presence,
+  results: ResultWriter,
 ): Promise<void> {
   const { store } = options;
   const log = (fields: Record<string, unknown>) =>
@@ -274,6 +276,7 @@ async function serveAgent(
       refused: new Set(),
       logs,
       presence,
+      results,
       log,
     };
     for (;;) {
@@ -316,6 +319,7 @@ interface HandleContext {
   refused: Set<string>;
   logs: LogBuffer;
   presence: Presence;
+  results: ResultWriter;
   log: (fields: Record<string, unknown>) => void;
 }
 
@@ -556,14 +560,14 @@ async function recordResult(
     result,
     at: Date.now(),
   };
-  const write = await store.txn({
+  const written = await context.results.write({
     compare: [
       { key: assignmentKey, target: "create", op: ">", value: 0 },
       { key: resultKey, target: "create", op: "==", value: 0 },
     ],
-    success: [{ type: "put", key: resultKey, value: JSON.stringify(record) }],
+    put: { type: "put", key: resultKey, value: JSON.stringify(record) },
   });
-  if (write.succeeded) {
+  if (written) {
     await stream.send({ ack: { attemptId, accepted: true, message: "recorded" } });
     return;
   }
@@ -581,6 +585,88 @@ async function recordResult(
         "and the step was rescheduled",
     },
   });
+}
+
+/** One result to record: its put, if its compares hold. */
+interface ResultWrite {
+  compare: Compare[];
+  put: TxnOp & { type: "put" };
+}
+
+/** Results per transaction: two compares each, under etcd's default `--max-txn-ops` of 128. */
+const RESULTS_PER_TXN = 50;
+
+/** Bytes of results per transaction, well under etcd's 1.5 MiB request limit. */
+const RESULT_TXN_BYTES = 512 * 1024;
+
+/**
+ * The results of every agent of a server, recorded in group commits: those
+ * that arrive while a transaction is in flight go out together in the next
+ * (as the scheduler applies them), so a thousand agents reporting at once
+ * cost etcd tens of transactions, not a thousand. A batch is all or
+ * nothing in etcd: when one of its results fails its compares (a stale or
+ * repeated report), each of that batch is written again alone, to learn
+ * which.
+ */
+class ResultWriter {
+  readonly #store: Store;
+  readonly #queue: Array<
+    { write: ResultWrite; done: (ok: boolean) => void; fail: (error: unknown) => void }
+  > = [];
+  #writing = false;
+
+  constructor(store: Store) {
+    this.#store = store;
+  }
+
+  /** Whether the result was recorded (false: one of its compares failed). */
+  write(write: ResultWrite): Promise<boolean> {
+    return new Promise((done, fail) => {
+      this.#queue.push({ write, done, fail });
+      if (!this.#writing) this.#drain();
+    });
+  }
+
+  async #drain(): Promise<void> {
+    this.#writing = true;
+    try {
+      while (this.#queue.length > 0) {
+        let bytes = 0;
+        let count = 0;
+        // A key twice in one txn is refused by etcd: a repeat waits for the next batch.
+        const keys = new Set<string>();
+        for (; count < this.#queue.length && count < RESULTS_PER_TXN; count++) {
+          const put = this.#queue[count].write.put;
+          if (keys.has(put.key)) break;
+          if (count > 0 && bytes + put.value.length > RESULT_TXN_BYTES) break;
+          keys.add(put.key);
+          bytes += put.value.length;
+        }
+        const batch = this.#queue.splice(0, count);
+        try {
+          const together = await this.#store.txn({
+            compare: batch.flatMap((entry) => entry.write.compare),
+            success: batch.map((entry) => entry.write.put),
+          });
+          if (together.succeeded || batch.length === 1) {
+            for (const entry of batch) entry.done(together.succeeded);
+            continue;
+          }
+          for (const entry of batch) {
+            const alone = await this.#store.txn({
+              compare: entry.write.compare,
+              success: [entry.write.put],
+            });
+            entry.done(alone.succeeded);
+          }
+        } catch (error) {
+          for (const entry of batch) entry.fail(error);
+        }
+      }
+    } finally {
+      this.#writing = false;
+    }
+  }
 }
 
 /** Pushes the agent its assignments (existing ones, then new ones). */

@@ -113,6 +113,8 @@ class RunDriver {
   readonly engine: RunEngine;
   /** StartAttempt effects waiting for a worker. */
   readonly waiting: Placement[] = [];
+  /** Step id → what its placement asks of a worker (`#placementKind`). */
+  readonly kinds = new Map<string, string>();
   readonly wake: WakeTimer;
 
   constructor(
@@ -457,10 +459,10 @@ class Scheduler {
       ops.push(...staged.ops);
       for (const effect of staged.later) later.push([driver, effect]);
     }
-    for (const driver of touched) ops.push(...this.#persistOps(driver));
-    await this.#write(ops);
-    for (const [driver, effect] of later) this.#perform(driver, effect);
-    await this.#placeWaiting();
+    // The slots these results freed are filled in the same write.
+    this.#stageWaiting(touched, ops, later);
+    await this.#commit(touched, ops, later);
+    this.#reportQueue();
   }
 
   async #onWorkerLost(agentId: string): Promise<void> {
@@ -750,26 +752,96 @@ class Scheduler {
     };
   }
 
-  /** Tries the queue again (a worker came, a slot freed up). */
+  /**
+   * Tries the queue again (a worker came, a slot freed up). A step no
+   * worker could take now is remembered by what it asks for (backend,
+   * selector, secrets, pinned worker): the rest of the queue asking for the
+   * same is not tried against every worker again in this pass, so a long
+   * queue costs one scan per kind of step, not one per step.
+   */
   async #placeWaiting(): Promise<void> {
+    const touched = new Set<RunDriver>();
+    const ops: TxnOp[] = [];
+    const later: Array<[RunDriver, Effect]> = [];
+    this.#stageWaiting(touched, ops, later);
+    await this.#commit(touched, ops, later);
+    this.#reportQueue();
+  }
+
+  /** Places what waits, across runs, into `ops` (no I/O): see {@link #placeWaiting}. */
+  #stageWaiting(
+    touched: Set<RunDriver>,
+    ops: TxnOp[],
+    later: Array<[RunDriver, Effect]>,
+  ): void {
+    if (!this.#anyFreeSlot()) return;
+    const full = new Set<string>();
     for (const driver of this.#runs.values()) {
       if (driver.waiting.length === 0) continue;
       const placed: EngineEvent[] = [];
-      const ops: TxnOp[] = [];
+      const handOver: TxnOp[] = [];
       const still: Placement[] = [];
       for (const placement of driver.waiting.splice(0)) {
-        const result = this.#place(driver, placement);
+        const kind = this.#placementKind(driver, placement);
+        const result = full.has(kind) ? undefined : this.#place(driver, placement);
         if (result) {
           placed.push(result.started);
-          ops.push(result.op);
+          handOver.push(result.op);
         } else {
+          full.add(kind);
           still.push(placement);
         }
       }
       driver.waiting.push(...still);
-      if (placed.length > 0) await this.#apply(driver, placed, ops);
+      if (placed.length === 0) continue;
+      const staged = this.#stage(driver, placed, handOver);
+      touched.add(driver);
+      ops.push(...staged.ops);
+      for (const effect of staged.later) later.push([driver, effect]);
     }
-    this.#reportQueue();
+  }
+
+  /**
+   * Writes what was staged for several runs in one fenced write, then acts
+   * on the effects. Order, should the write take several transactions: the
+   * runs' states first, then new keys (assignments, stops), then deletes
+   * (consumed results last of all), so a successor that finds only the
+   * first transactions reschedules attempts never handed out and applies
+   * results again (a repeated report changes nothing), losing none.
+   */
+  async #commit(
+    touched: Set<RunDriver>,
+    ops: TxnOp[],
+    later: Array<[RunDriver, Effect]>,
+  ): Promise<void> {
+    if (touched.size === 0 && ops.length === 0) return;
+    const persist = [...touched].flatMap((driver) => this.#persistOps(driver));
+    await this.#write([
+      ...persist,
+      ...ops.filter((op) => op.type === "put"),
+      ...ops.filter((op) => op.type !== "put"),
+    ]);
+    for (const [driver, effect] of later) this.#perform(driver, effect);
+  }
+
+  #anyFreeSlot(): boolean {
+    for (const worker of this.#workers.values()) {
+      if ((this.#loadOf.get(worker.agentId) ?? 0) < worker.slots) return true;
+    }
+    return false;
+  }
+
+  /** What a placement asks of a worker: equal kinds fit the same workers. */
+  #placementKind(driver: RunDriver, placement: Placement): string {
+    let kind = driver.kinds.get(placement.stepId);
+    if (kind === undefined) {
+      const step = driver.plan.steps[placement.stepId];
+      kind = step
+        ? JSON.stringify([step.backend, step.selector, secretNamesOf(step, driver.plan)])
+        : `${driver.record.runId}/${placement.stepId}`;
+      driver.kinds.set(placement.stepId, kind);
+    }
+    return driver.record.agent === undefined ? kind : `${kind} on ${driver.record.agent}`;
   }
 
   #reportQueue(): void {

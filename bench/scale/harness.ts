@@ -38,7 +38,10 @@ export interface ScaleOptions {
   heartbeatMs: number;
   /** Also SIGKILL the scheduling server under load (a second phase). */
   failover: boolean;
-  /** Steps of the failover phase (across 10 runs), each taking `failoverDelayMs`. */
+  /**
+   * Steps of the failover phase: 10 runs, each a chain (every step needs the
+   * one before, so placements keep coming), each step taking `failoverDelayMs`.
+   */
   failoverSteps?: number;
   failoverDelayMs?: number;
   /** Progress lines. */
@@ -311,7 +314,7 @@ async function failover(
   const runs = 10;
   const perRun = Math.ceil(steps / runs);
   const ackedBefore = ackedAt.size;
-  const runIds = await submitAll(context.client, context.dir, runs, perRun, "failover");
+  const runIds = await submitAll(context.client, context.dir, runs, perRun, "failover", true);
   // Kill once the phase is well under way.
   await poll(() => ackedAt.size - ackedBefore >= (runs * perRun) / 4 ? true : undefined, {
     what: "a quarter of the failover phase done",
@@ -422,16 +425,21 @@ async function startServers(
   return servers;
 }
 
-/** Submits `runs` pipelines of `perRun` independent no-op steps, four at a time. */
+/** Submits `runs` pipelines of `perRun` no-op steps (independent, or a chain), four at a time. */
 async function submitAll(
   client: RunClient,
   dir: string,
   runs: number,
   perRun: number,
   name: string,
+  chain = false,
 ): Promise<string[]> {
   const source = `name: ${name}\nsteps:\n${
-    Array.from({ length: perRun }, (_, i) => `  s${i}: { backend: shell, run: "true" }`).join("\n")
+    Array.from(
+      { length: perRun },
+      (_, i) =>
+        `  s${i}: { backend: shell, run: "true"${chain && i > 0 ? `, needs: [s${i - 1}]` : ""} }`,
+    ).join("\n")
   }\n`;
   const runIds: string[] = [];
   let next = 0;
