@@ -128,6 +128,18 @@ export function printScale(result: ScaleResult, rawWritesPerSecond?: number): vo
         value: `${f(result.apiP50Ms)} / ${f(result.apiP99Ms)} ms`,
         anchor: `${result.apiCalls} calls`,
       },
+      {
+        what: "etcd txn p50 / p99 under load (1 put, from outside)",
+        value: `${f(result.etcdP50Ms, 1)} / ${f(result.etcdP99Ms, 1)} ms`,
+        anchor: "",
+      },
+      {
+        what: "CPU per step: servers / etcd / simulated agents",
+        value: `${f(result.cpuMsPerStep.servers, 2)} / ${f(result.cpuMsPerStep.etcd, 2)} / ${
+          f(result.cpuMsPerStep.agents, 2)
+        } ms`,
+        anchor: `${navigator.hardwareConcurrency} cores shared by all`,
+      },
       { what: "runs succeeded", value: `${result.succeededRuns}`, anchor: "" },
     ],
   );

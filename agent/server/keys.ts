@@ -188,7 +188,7 @@ export const clusterKeys = {
   assignmentPrefix: (agentId?: string) =>
     agentId === undefined ? "/assign/" : `/assign/${segment(agentId)}/`,
   stop: (agentId: string, attemptId: string) => `/stop/${segment(agentId)}/${segment(attemptId)}`,
-  stopPrefix: (agentId: string) => `/stop/${segment(agentId)}/`,
+  stopPrefix: (agentId?: string) => agentId === undefined ? "/stop/" : `/stop/${segment(agentId)}/`,
   result: (attemptId: string) => `/results/${segment(attemptId)}`,
   resultPrefix: "/results/",
   request: (runId: string, kind: "cancel" | "resume") => `/request/${runId}/${kind}`,

@@ -81,6 +81,29 @@ export interface SchedulerOptions {
 /** Writes per transaction: below etcd's default `--max-txn-ops` of 128. */
 const MAX_TXN_OPS = 100;
 
+/** Transactions of one write in flight at once (`#writeGroups`). */
+const WRITE_LANES = 8;
+
+/** Writes staged for several runs: each run's ops, the drivers touched, the effects to act on. */
+class Staging {
+  /** Run id → its ops (besides its own state, persisted at commit). */
+  readonly ops = new Map<string, TxnOp[]>();
+  readonly touched = new Map<string, RunDriver>();
+  readonly later: Array<[RunDriver, Effect]> = [];
+
+  add(runId: string, ops: TxnOp[]): void {
+    const list = this.ops.get(runId);
+    if (list) list.push(...ops);
+    else this.ops.set(runId, [...ops]);
+  }
+
+  touch(driver: RunDriver, staged: { ops: TxnOp[]; later: Effect[] }): void {
+    this.touched.set(driver.record.runId, driver);
+    this.add(driver.record.runId, staged.ops);
+    for (const effect of staged.later) this.later.push([driver, effect]);
+  }
+}
+
 /** The scheduler's writes failed their fence: another server leads now. */
 export class DeposedError extends Error {
   /** Stable error code. */
@@ -143,6 +166,8 @@ class Scheduler {
   #failed: ((error: unknown) => void) | undefined;
   /** Results not yet applied, and whether a task to apply them is queued. */
   readonly #results: ResultRecord[] = [];
+  /** Attempts with a stop key (`/stop/<agent>/<attempt>`) to delete when they end. */
+  readonly #stops = new Set<string>();
   /** Steps already reported as unplaceable (run/step). */
   readonly #warned = new Set<string>();
   #resultsQueued = false;
@@ -199,6 +224,10 @@ class Scheduler {
         stepId: assignment.stepId,
         agentId: assignment.agentId,
       });
+    }
+    const stops = await store.list(clusterKeys.stopPrefix());
+    for (const kv of stops.items) {
+      this.#stops.add(decodeURIComponent(kv.key.slice(kv.key.lastIndexOf("/") + 1)));
     }
     const runs = await store.list(clusterKeys.runPrefix);
     for (const kv of runs.items) await this.#adoptRun(JSON.parse(kv.value) as ClusterRunRecord);
@@ -432,20 +461,15 @@ class Scheduler {
   async #applyResults(): Promise<void> {
     this.#resultsQueued = false;
     const batch = this.#results.splice(0);
-    const touched = new Set<RunDriver>();
-    const ops: TxnOp[] = [];
-    const later: Array<[RunDriver, Effect]> = [];
+    const staging = new Staging();
     for (const reported of batch) {
-      const cleanup: TxnOp[] = [
-        { type: "delete", key: clusterKeys.result(reported.attemptId) },
-        { type: "delete", key: clusterKeys.assignment(reported.agentId, reported.attemptId) },
-        { type: "delete", key: clusterKeys.stop(reported.agentId, reported.attemptId) },
-      ];
+      const cleanup = this.#cleanupOps(reported.agentId, reported.attemptId);
+      cleanup.unshift({ type: "delete", key: clusterKeys.result(reported.attemptId) });
       this.#unassign(reported.attemptId);
       const driver = this.#runs.get(reported.runId);
       if (!driver) {
         // A late report of a run that is over: only tidy up.
-        ops.push(...cleanup);
+        staging.add(reported.runId, cleanup);
         continue;
       }
       const staged = this.#stage(driver, [{
@@ -455,14 +479,25 @@ class Scheduler {
         now: this.#now(),
         result: reported.result,
       }], cleanup);
-      touched.add(driver);
-      ops.push(...staged.ops);
-      for (const effect of staged.later) later.push([driver, effect]);
+      staging.touch(driver, staged);
     }
     // The slots these results freed are filled in the same write.
-    this.#stageWaiting(touched, ops, later);
-    await this.#commit(touched, ops, later);
+    this.#stageWaiting(staging);
+    await this.#commit(staging);
     this.#reportQueue();
+  }
+
+  /**
+   * The deletes that retire an attempt's assignment: its assignment key,
+   * and its stop key if the scheduler wrote one (most attempts have none:
+   * a delete of an absent key still costs etcd a write).
+   */
+  #cleanupOps(agentId: string, attemptId: string): TxnOp[] {
+    const ops: TxnOp[] = [{ type: "delete", key: clusterKeys.assignment(agentId, attemptId) }];
+    if (this.#stops.delete(attemptId)) {
+      ops.push({ type: "delete", key: clusterKeys.stop(agentId, attemptId) });
+    }
+    return ops;
   }
 
   async #onWorkerLost(agentId: string): Promise<void> {
@@ -473,10 +508,7 @@ class Scheduler {
     for (const [attemptId, where] of lost) {
       this.#unassign(attemptId);
       const driver = this.#runs.get(where.runId);
-      const cleanup: TxnOp[] = [
-        { type: "delete", key: clusterKeys.assignment(agentId, attemptId) },
-        { type: "delete", key: clusterKeys.stop(agentId, attemptId) },
-      ];
+      const cleanup = this.#cleanupOps(agentId, attemptId);
       if (!driver) {
         await this.#write(cleanup);
         continue;
@@ -589,6 +621,7 @@ class Scheduler {
         if (waiting >= 0) driver.waiting.splice(waiting, 1);
         const where = this.#assigned.get(effect.attemptId);
         if (where) {
+          this.#stops.add(effect.attemptId);
           ops.push({
             type: "put",
             key: clusterKeys.stop(where.agentId, effect.attemptId),
@@ -760,20 +793,14 @@ class Scheduler {
    * queue costs one scan per kind of step, not one per step.
    */
   async #placeWaiting(): Promise<void> {
-    const touched = new Set<RunDriver>();
-    const ops: TxnOp[] = [];
-    const later: Array<[RunDriver, Effect]> = [];
-    this.#stageWaiting(touched, ops, later);
-    await this.#commit(touched, ops, later);
+    const staging = new Staging();
+    this.#stageWaiting(staging);
+    await this.#commit(staging);
     this.#reportQueue();
   }
 
-  /** Places what waits, across runs, into `ops` (no I/O): see {@link #placeWaiting}. */
-  #stageWaiting(
-    touched: Set<RunDriver>,
-    ops: TxnOp[],
-    later: Array<[RunDriver, Effect]>,
-  ): void {
+  /** Places what waits, across runs, into `staging` (no I/O): see {@link #placeWaiting}. */
+  #stageWaiting(staging: Staging): void {
     if (!this.#anyFreeSlot()) return;
     const full = new Set<string>();
     for (const driver of this.#runs.values()) {
@@ -794,34 +821,34 @@ class Scheduler {
       }
       driver.waiting.push(...still);
       if (placed.length === 0) continue;
-      const staged = this.#stage(driver, placed, handOver);
-      touched.add(driver);
-      ops.push(...staged.ops);
-      for (const effect of staged.later) later.push([driver, effect]);
+      staging.touch(driver, this.#stage(driver, placed, handOver));
     }
   }
 
   /**
-   * Writes what was staged for several runs in one fenced write, then acts
-   * on the effects. Order, should the write take several transactions: the
-   * runs' states first, then new keys (assignments, stops), then deletes
-   * (consumed results last of all), so a successor that finds only the
-   * first transactions reschedules attempts never handed out and applies
+   * Writes what was staged for several runs, then acts on the effects.
+   * Each run's writes are one group: its state first, then new keys
+   * (assignments, stops), then deletes (consumed results last of all), so
+   * should a group take several transactions, a successor that finds only
+   * the first ones reschedules attempts never handed out and applies
    * results again (a repeated report changes nothing), losing none.
+   * Groups share no key, so they go to etcd side by side
+   * ({@link #writeGroups}).
    */
-  async #commit(
-    touched: Set<RunDriver>,
-    ops: TxnOp[],
-    later: Array<[RunDriver, Effect]>,
-  ): Promise<void> {
-    if (touched.size === 0 && ops.length === 0) return;
-    const persist = [...touched].flatMap((driver) => this.#persistOps(driver));
-    await this.#write([
-      ...persist,
-      ...ops.filter((op) => op.type === "put"),
-      ...ops.filter((op) => op.type !== "put"),
-    ]);
-    for (const [driver, effect] of later) this.#perform(driver, effect);
+  async #commit(staging: Staging): Promise<void> {
+    const groups: TxnOp[][] = [];
+    for (const [runId, ops] of staging.ops) {
+      const driver = staging.touched.get(runId);
+      const persist = driver ? this.#persistOps(driver) : [];
+      groups.push([
+        ...persist,
+        ...ops.filter((op) => op.type === "put"),
+        ...ops.filter((op) => op.type !== "put"),
+      ]);
+    }
+    if (groups.length === 0) return;
+    await this.#writeGroups(groups);
+    for (const [driver, effect] of staging.later) this.#perform(driver, effect);
   }
 
   #anyFreeSlot(): boolean {
@@ -882,6 +909,34 @@ class Scheduler {
       });
       if (!result.succeeded) throw new DeposedError();
     }
+  }
+  /**
+   * Fenced writes of groups that share no key (one run's each): groups are
+   * packed into transactions side by side and sent together, a few at a
+   * time — etcd commits concurrent transactions in one raft round and one
+   * fsync — while a group too big for one transaction goes in order, as
+   * {@link #write} does. Resolves once all have landed.
+   */
+  async #writeGroups(groups: TxnOp[][]): Promise<void> {
+    const chains: TxnOp[][] = [];
+    let packed: TxnOp[] = [];
+    for (const group of groups) {
+      if (group.length > MAX_TXN_OPS) {
+        chains.push(group);
+        continue;
+      }
+      if (packed.length + group.length > MAX_TXN_OPS) {
+        chains.push(packed);
+        packed = [];
+      }
+      packed.push(...group);
+    }
+    if (packed.length > 0) chains.push(packed);
+    let next = 0;
+    const lanes = Array.from({ length: Math.min(WRITE_LANES, chains.length) }, async () => {
+      while (next < chains.length) await this.#write(chains[next++]);
+    });
+    await Promise.all(lanes);
   }
 
   #perform(driver: RunDriver, effect: Effect): void {

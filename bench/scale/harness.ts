@@ -20,10 +20,12 @@ import type { StepState } from "../../core/model.ts";
 import { type EtcdCluster, startEtcdCluster } from "../../tests/_etcd.ts";
 import { CLI_PERMISSIONS, MAIN, poll } from "../../tests/_helpers.ts";
 import { SimAgent, type SimRecorder } from "./sim_agent.ts";
+import { openEtcdStore } from "../../consensus/etcd.ts";
 
 const TOKEN = "scale-join-token-0123456789";
 const ADMIN_TOKEN = "scale-admin-token-0123456789abcdef";
 const AS_ADMIN = { headers: { authorization: `Bearer ${ADMIN_TOKEN}` } };
+const PROFILE_DIR = Deno.env.get("RUNNEL_SCALE_PROFILE");
 
 /** Options of {@link runScale}. */
 export interface ScaleOptions {
@@ -116,6 +118,11 @@ export interface ScaleResult {
   apiP50Ms: number;
   apiP99Ms: number;
   apiCalls: number;
+  /** CPU time (user + system) per step over the load: the 3 servers, the 3 etcd members, this process. */
+  cpuMsPerStep: { servers: number; etcd: number; agents: number };
+  /** A one-put etcd txn from this process every 50 ms under the load: its latency. */
+  etcdP50Ms: number;
+  etcdP99Ms: number;
   succeededRuns: number;
   failover?: FailoverResult;
 }
@@ -125,6 +132,8 @@ interface ServerProcess {
   http: string;
   grpc: string;
   child: Deno.ChildProcess;
+  /** Inspector address when profiling. */
+  inspect?: string;
 }
 
 /** Runs the harness; everything it started is stopped before it returns. */
@@ -191,6 +200,14 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
     const steps = options.runs * options.stepsPerRun;
     const before = await etcdCounters(etcd);
     const api = pollApi(servers[1].http);
+    const probe = await probeEtcd(etcd);
+    const etcdPids = await pidsWith(`--data-dir=${etcd.dir}`);
+    const cpuBefore = await cpuOf([
+      ...servers.map((server) => server.child.pid),
+      ...etcdPids,
+      Deno.pid,
+    ]);
+    const profiles = PROFILE_DIR ? await Promise.all(servers.map(startProfile)) : [];
     const loadStarted = Date.now();
     const runIds = await submitAll(client, dir, options.runs, options.stepsPerRun, "load");
     log(`${options.runs} runs submitted in ${Date.now() - loadStarted} ms`);
@@ -201,6 +218,16 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
     const loadEnded = Date.now();
     const after = await etcdCounters(etcd);
     const apiTimes = await api.stop();
+    const probeTimes = await probe.stop();
+    const cpuAfter = await cpuOf([
+      ...servers.map((server) => server.child.pid),
+      ...etcdPids,
+      Deno.pid,
+    ]);
+    const cpuMs = cpuAfter.map((ms, i) => ms - cpuBefore[i]);
+    for (const [i, stop] of profiles.entries()) {
+      await Deno.writeTextFile(`${PROFILE_DIR}/${servers[i].id}.cpuprofile`, await stop());
+    }
     const load = diff(after, before);
     const loadMs = loadEnded - loadStarted;
     log(`${steps} steps done in ${loadMs} ms`);
@@ -256,6 +283,13 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
       apiP50Ms: quantile(apiTimes, 0.5),
       apiP99Ms: quantile(apiTimes, 0.99),
       apiCalls: apiTimes.length,
+      cpuMsPerStep: {
+        servers: sum(cpuMs.slice(0, servers.length)) / steps,
+        etcd: sum(cpuMs.slice(servers.length, servers.length + etcdPids.length)) / steps,
+        agents: cpuMs[cpuMs.length - 1] / steps,
+      },
+      etcdP50Ms: quantile(probeTimes, 0.5),
+      etcdP99Ms: quantile(probeTimes, 0.99),
       succeededRuns,
     };
 
@@ -286,8 +320,20 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
         }
       }
     }, 10_000);
-    await Promise.all(servers.map((server) => server.child.status));
+    const stopping = performance.now();
+    const statuses = await Promise.all(servers.map((server) => server.child.status));
+    log(
+      `servers stopped in ${(performance.now() - stopping).toFixed(0)} ms: ${
+        statuses.map((status) => status.signal ?? status.code).join(", ")
+      }`,
+    );
     clearTimeout(timer);
+    if (Deno.env.get("RUNNEL_SCALE_DEBUG")) {
+      for (const server of servers) {
+        const text = await Deno.readTextFile(`${dir}/${server.id}.log`).catch(() => "");
+        log(`--- ${server.id}\n${text.split("\n").slice(-15).join("\n")}`);
+      }
+    }
     await etcd.stop();
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
@@ -372,6 +418,7 @@ async function startServers(
   const adminFile = `${dir}/admin.token`;
   await Deno.writeTextFile(adminFile, `${ADMIN_TOKEN}\n`, { mode: 0o600 });
   const ports = Array.from({ length: count }, () => [freePort(), freePort()]);
+  const inspectPorts = ports.map(() => freePort());
   const peers = ports.map(([, grpc]) => `127.0.0.1:${grpc}`);
   const servers: ServerProcess[] = [];
   for (let i = 0; i < count; i++) {
@@ -381,6 +428,9 @@ async function startServers(
       args: [
         "run",
         ...CLI_PERMISSIONS,
+        // RUNNEL_SCALE_PROFILE=<dir>: the load phase's CPU profile of each server goes there
+        // (taken through the inspector: the servers' exit is not clean enough for --cpu-prof).
+        ...(PROFILE_DIR ? [`--inspect=127.0.0.1:${inspectPorts[i]}`] : []),
         MAIN,
         "server",
         "--etcd",
@@ -409,6 +459,7 @@ async function startServers(
       http: `http://127.0.0.1:${httpPort}`,
       grpc: `127.0.0.1:${grpcPort}`,
       child,
+      inspect: PROFILE_DIR ? `127.0.0.1:${inspectPorts[i]}` : undefined,
     });
   }
   await Promise.all(servers.map((server) =>
@@ -464,6 +515,56 @@ async function finishedRuns(
       return ["succeeded", "failed", "cancelled"].includes(got.run.status) ? got : undefined;
     }, { what: `run ${runId} ended`, timeoutMs: 60_000 })
   ));
+}
+
+/** Starts the V8 profiler of a server through its inspector; the stop returns the profile. */
+async function startProfile(server: ServerProcess): Promise<() => Promise<string>> {
+  const [target] = await (await fetch(`http://${server.inspect}/json/list`)).json();
+  const socket = new WebSocket(target.webSocketDebuggerUrl);
+  await new Promise((resolve) => socket.addEventListener("open", resolve, { once: true }));
+  let id = 0;
+  const call = (method: string) =>
+    new Promise<Record<string, unknown>>((resolve) => {
+      const mine = ++id;
+      const listener = (event: MessageEvent) => {
+        const message = JSON.parse(event.data);
+        if (message.id !== mine) return;
+        socket.removeEventListener("message", listener);
+        resolve(message.result);
+      };
+      socket.addEventListener("message", listener);
+      socket.send(JSON.stringify({ id: mine, method }));
+    });
+  await call("Profiler.enable");
+  await call("Profiler.start");
+  return async () => {
+    const result = await call("Profiler.stop");
+    socket.close();
+    return JSON.stringify(result.profile);
+  };
+}
+
+/** A one-put txn to etcd every 50 ms until stopped: each one's latency. */
+async function probeEtcd(etcd: EtcdCluster): Promise<{ stop(): Promise<number[]> }> {
+  const store = await openEtcdStore({ endpoints: etcd.endpoints, namespace: "/probe" });
+  const times: number[] = [];
+  let stopped = false;
+  const loop = (async () => {
+    while (!stopped) {
+      const started = performance.now();
+      await store.txn({ compare: [], success: [{ type: "put", key: "/p", value: "x" }] });
+      times.push(performance.now() - started);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  })();
+  return {
+    async stop() {
+      stopped = true;
+      await loop;
+      await store.close();
+      return times;
+    },
+  };
 }
 
 /** `GET /api/runs` in a loop, one call at a time, until stopped: each call's latency. */
@@ -528,6 +629,27 @@ function diff(after: EtcdCounters, before: EtcdCounters): EtcdCounters {
     result[key] = after[key] - before[key];
   }
   return result;
+}
+
+/** Ids of the processes whose command line holds `needle`. */
+async function pidsWith(needle: string): Promise<number[]> {
+  const pids: number[] = [];
+  for await (const entry of Deno.readDir("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    const cmdline = await Deno.readTextFile(`/proc/${entry.name}/cmdline`).catch(() => "");
+    if (cmdline.includes(needle)) pids.push(Number(entry.name));
+  }
+  return pids;
+}
+
+/** CPU time (user + system) of each process so far, in ms (0 for one that is gone). */
+async function cpuOf(pids: number[]): Promise<number[]> {
+  return await Promise.all(pids.map(async (pid) => {
+    const stat = await Deno.readTextFile(`/proc/${pid}/stat`).catch(() => "");
+    // Fields after the command (which may hold spaces): utime and stime are the 12th and 13th.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return fields.length > 13 ? (Number(fields[11]) + Number(fields[12])) * 10 : 0;
+  }));
 }
 
 async function rssKiB(pid: number): Promise<number> {
