@@ -41,6 +41,7 @@ import {
 } from "./keys.ts";
 import { admitAgent } from "./identity.ts";
 import { Presence } from "./presence.ts";
+import type { ResultSink } from "./scheduler.ts";
 import type { AttemptResult } from "../../core/model.ts";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import { getBundle } from "../bundle.ts";
@@ -79,6 +80,8 @@ export interface GatewayOptions {
   servers?: () => string[];
   /** Structured log line. */
   log?: (fields: Record<string, unknown>) => void;
+  /** The scheduler's result sink while this server schedules (`scheduler.ts`). */
+  resultSink?: () => ResultSink | undefined;
   /** How long step logs stay in the store (default 14 days, as artifacts). */
   logRetentionMs?: number;
   /**
@@ -560,6 +563,12 @@ async function recordResult(
     result,
     at: Date.now(),
   };
+  // On the scheduling server, the scheduler commits it with the step's end.
+  const sink = context.options.resultSink?.();
+  if (sink && await sink.offer(record).catch(() => false)) {
+    await stream.send({ ack: { attemptId, accepted: true, message: "recorded" } });
+    return;
+  }
   const written = await context.results.write({
     compare: [
       { key: assignmentKey, target: "create", op: ">", value: 0 },

@@ -70,6 +70,12 @@ export interface SchedulerOptions {
   /** Structured log line. */
   log?: (fields: Record<string, unknown>) => void;
   /**
+   * Given the scheduler's {@link ResultSink} once it has loaded (undefined
+   * once it stops): the gateway of the same server hands it the results its
+   * agents report.
+   */
+  onResultSink?: (sink: ResultSink | undefined) => void;
+  /**
    * Hosts `on-failure` webhooks may reach (`--webhook-allow`); default none.
    * The API refuses other hosts at submit; this is the second check.
    */
@@ -77,6 +83,22 @@ export interface SchedulerOptions {
   /** The operator's SMTP server for email alerts (`--smtp`). */
   smtp?: SmtpSettings;
 }
+
+/**
+ * The scheduler's door for results reported on its own server: applied
+ * with the step's end and the next placements in one commit, instead of a
+ * write of `/results/<attempt>` and a second commit once the scheduler has
+ * watched it. `offer` resolves true once the result is committed (then the
+ * agent may be acknowledged), false when the attempt is not the agent's in
+ * the scheduler's view or the commit failed: the gateway then takes the
+ * ordinary path through the store, which answers every other case.
+ */
+export interface ResultSink {
+  offer(record: ResultRecord): Promise<boolean>;
+}
+
+/** A result to apply; `settle` when it was offered directly (not read from the store). */
+type ReportedResult = ResultRecord & { settle?: (ok: boolean) => void };
 
 /** Writes per transaction: below etcd's default `--max-txn-ops` of 128. */
 const MAX_TXN_OPS = 100;
@@ -165,7 +187,7 @@ class Scheduler {
   #queue: Promise<void> = Promise.resolve();
   #failed: ((error: unknown) => void) | undefined;
   /** Results not yet applied, and whether a task to apply them is queued. */
-  readonly #results: ResultRecord[] = [];
+  readonly #results: ReportedResult[] = [];
   /** Attempts with a stop key (`/stop/<agent>/<attempt>`) to delete when they end. */
   readonly #stops = new Set<string>();
   /** Steps already reported as unplaceable (run/step). */
@@ -196,6 +218,7 @@ class Scheduler {
     });
     try {
       const revision = await this.#load();
+      this.#options.onResultSink?.({ offer: (record) => this.#offer(record) });
       const watches = [
         clusterKeys.workerPrefix,
         clusterKeys.runPrefix,
@@ -204,8 +227,25 @@ class Scheduler {
       ].map((prefix) => this.#watch(prefix, revision + 1));
       await Promise.race([stopped, failure, Promise.all(watches)]);
     } finally {
+      this.#options.onResultSink?.(undefined);
       for (const driver of this.#runs.values()) driver.wake.clear();
+      // Results offered and not yet applied take the ordinary path.
+      for (const reported of this.#results.splice(0)) reported.settle?.(false);
     }
+  }
+
+  /** A result reported on this server: see {@link ResultSink}. */
+  #offer(record: ResultRecord): Promise<boolean> {
+    const where = this.#assigned.get(record.attemptId);
+    if (this.#options.signal.aborted || where?.agentId !== record.agentId) {
+      return Promise.resolve(false);
+    }
+    return new Promise((settle) => {
+      this.#results.push({ ...record, settle });
+      if (this.#resultsQueued) return;
+      this.#resultsQueued = true;
+      this.#enqueue(() => this.#applyResults());
+    });
   }
 
   /** Lists what the previous scheduler left; returns the revision read at. */
@@ -462,9 +502,25 @@ class Scheduler {
     this.#resultsQueued = false;
     const batch = this.#results.splice(0);
     const staging = new Staging();
+    const applied = new Set<string>();
+    const offered: Array<(ok: boolean) => void> = [];
     for (const reported of batch) {
+      const { settle } = reported;
+      // The same result by two paths (offered here, and in the store after a
+      // resend elsewhere): applied once, and a key twice in a txn is refused.
+      if (applied.has(reported.attemptId)) {
+        settle?.(true);
+        continue;
+      }
+      if (settle && this.#assigned.get(reported.attemptId)?.agentId !== reported.agentId) {
+        settle(false);
+        continue;
+      }
+      applied.add(reported.attemptId);
+      if (settle) offered.push(settle);
       const cleanup = this.#cleanupOps(reported.agentId, reported.attemptId);
-      cleanup.unshift({ type: "delete", key: clusterKeys.result(reported.attemptId) });
+      // An offered result was never written: only one read from the store is deleted.
+      if (!settle) cleanup.unshift({ type: "delete", key: clusterKeys.result(reported.attemptId) });
       this.#unassign(reported.attemptId);
       const driver = this.#runs.get(reported.runId);
       if (!driver) {
@@ -483,7 +539,14 @@ class Scheduler {
     }
     // The slots these results freed are filled in the same write.
     this.#stageWaiting(staging);
-    await this.#commit(staging);
+    try {
+      await this.#commit(staging);
+    } catch (error) {
+      // Not known to be written: the gateways write them to the store for the next scheduler.
+      for (const settle of offered) settle(false);
+      throw error;
+    }
+    for (const settle of offered) settle(true);
     this.#reportQueue();
   }
 
