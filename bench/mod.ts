@@ -1,6 +1,7 @@
 /**
  * Every benchmark, one after another (`deno task bench`). Each prints a
- * table with its anchor measured in the same process.
+ * table with its anchor measured in the same process. The scale bench
+ * (1,000 simulated agents) runs only when asked: `deno task bench scale`.
  *
  * @module
  */
@@ -15,6 +16,7 @@ import { benchStore } from "./store_bench.ts";
 import { benchCluster } from "./cluster_bench.ts";
 import { benchSim } from "./sim_bench.ts";
 import { benchKubernetes } from "./kubernetes_bench.ts";
+import { benchScale } from "./scale_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -31,4 +33,10 @@ if (import.meta.main) {
   await benchCluster();
   await benchSim();
   await benchKubernetes();
+  // Minutes long and heavy (1,000 agents): only when asked for.
+  if (Deno.args.includes("scale") || Deno.env.get("RUNNEL_BENCH_SCALE") === "1") {
+    await benchScale();
+  } else {
+    console.log("\nscale bench not run: `deno task bench scale` (or RUNNEL_BENCH_SCALE=1) runs it");
+  }
 }

@@ -138,7 +138,9 @@ export function printScale(result: ScaleResult, rawWritesPerSecond?: number): vo
         value: `${f(result.cpuMsPerStep.servers, 2)} / ${f(result.cpuMsPerStep.etcd, 2)} / ${
           f(result.cpuMsPerStep.agents, 2)
         } ms`,
-        anchor: `${navigator.hardwareConcurrency} cores shared by all`,
+        anchor: `the scheduling server ${
+          f(result.cpuMsPerStep.scheduler, 2)
+        } ms of it; ${navigator.hardwareConcurrency} cores shared by all`,
       },
       { what: "runs succeeded", value: `${result.succeededRuns}`, anchor: "" },
     ],

@@ -118,8 +118,11 @@ export interface ScaleResult {
   apiP50Ms: number;
   apiP99Ms: number;
   apiCalls: number;
-  /** CPU time (user + system) per step over the load: the 3 servers, the 3 etcd members, this process. */
-  cpuMsPerStep: { servers: number; etcd: number; agents: number };
+  /**
+   * CPU time (user + system) per step over the load: the scheduling server,
+   * all 3 servers (it included), the 3 etcd members, this process.
+   */
+  cpuMsPerStep: { scheduler: number; servers: number; etcd: number; agents: number };
   /** A one-put etcd txn from this process every 50 ms under the load: its latency. */
   etcdP50Ms: number;
   etcdP99Ms: number;
@@ -225,6 +228,8 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
       Deno.pid,
     ]);
     const cpuMs = cpuAfter.map((ms, i) => ms - cpuBefore[i]);
+    const schedulerId =
+      (await (await fetch(`${servers[0].http}/cluster-state`, AS_ADMIN)).json()).scheduler;
     for (const [i, stop] of profiles.entries()) {
       await Deno.writeTextFile(`${PROFILE_DIR}/${servers[i].id}.cpuprofile`, await stop());
     }
@@ -284,6 +289,7 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
       apiP99Ms: quantile(apiTimes, 0.99),
       apiCalls: apiTimes.length,
       cpuMsPerStep: {
+        scheduler: cpuMs[servers.findIndex((server) => server.id === schedulerId)] / steps,
         servers: sum(cpuMs.slice(0, servers.length)) / steps,
         etcd: sum(cpuMs.slice(servers.length, servers.length + etcdPids.length)) / steps,
         agents: cpuMs[cpuMs.length - 1] / steps,
