@@ -94,6 +94,9 @@ export interface ScaleResult {
   loadMs: number;
   assignmentsPerSecond: number;
   resultsPerSecond: number;
+  /** The same once every run was submitted: the queue draining, not the API's intake. */
+  drainAssignmentsPerSecond: number;
+  drainResultsPerSecond: number;
   /** Placement (engine `startedAt`) to the agent holding the assignment. */
   dispatchP50Ms: number;
   dispatchP99Ms: number;
@@ -213,7 +216,8 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
     const profiles = PROFILE_DIR ? await Promise.all(servers.map(startProfile)) : [];
     const loadStarted = Date.now();
     const runIds = await submitAll(client, dir, options.runs, options.stepsPerRun, "load");
-    log(`${options.runs} runs submitted in ${Date.now() - loadStarted} ms`);
+    const submitted = Date.now();
+    log(`${options.runs} runs submitted in ${submitted - loadStarted} ms`);
     await poll(() => ackedAt.size >= steps ? true : undefined, {
       what: `${steps} results acknowledged (have ${ackedAt.size})`,
       timeoutMs: Math.max(120_000, steps * 20),
@@ -256,6 +260,9 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
     const lastAssigned = Math.max(...[...assignedAt.values()]);
     const firstAcked = Math.min(...[...ackedAt.values()]);
     const lastAcked = Math.max(...[...ackedAt.values()]);
+    // Once every run is in, the queue drains as fast as the cluster places and records.
+    const drained = [...assignedAt.values()].filter((at) => at >= submitted).length;
+    const drainedResults = [...ackedAt.values()].filter((at) => at >= submitted).length;
     const writes = load.puts + load.deletes;
     const heartbeatWrites = (idle.puts + idle.deletes) / idleSeconds * (loadMs / 1000);
 
@@ -269,6 +276,8 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
       loadMs,
       assignmentsPerSecond: steps / (Math.max(1, lastAssigned - firstAssigned) / 1000),
       resultsPerSecond: steps / (Math.max(1, lastAcked - firstAcked) / 1000),
+      drainAssignmentsPerSecond: drained / (Math.max(1, lastAssigned - submitted) / 1000),
+      drainResultsPerSecond: drainedResults / (Math.max(1, lastAcked - submitted) / 1000),
       dispatchP50Ms: quantile(dispatch, 0.5),
       dispatchP99Ms: quantile(dispatch, 0.99),
       queuedP50Ms: quantile(queued, 0.5),
