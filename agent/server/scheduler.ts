@@ -1068,14 +1068,29 @@ function canRun(worker: WorkerRecord, step: PlannedStep, plan: Plan): boolean {
   }
   // A worker that does not say which secrets it can be given (an older agent) is not second-guessed.
   if (worker.secrets === undefined) return true;
-  const declared = new Set(worker.secrets);
-  return secretNamesOf(step, plan).every((name) => declared.has(name));
+  const names = secretNamesOf(step, plan);
+  if (names.length === 0) return true;
+  let declared = declaredSecrets.get(worker);
+  if (!declared) declaredSecrets.set(worker, declared = new Set(worker.secrets));
+  return names.every((name) => declared.has(name));
 }
+
+/**
+ * Placement asks these of every worker for every step: kept per record
+ * (a worker's record is replaced, never changed, when its key changes).
+ */
+const declaredSecrets = new WeakMap<WorkerRecord, Set<string>>();
+const stepSecretNames = new WeakMap<PlannedStep, string[]>();
 
 /** The operator's names of the secrets a step is given. */
 function secretNamesOf(step: PlannedStep, plan: Plan): string[] {
-  return step.secrets.flatMap((env) => {
-    const name = plan.secrets[env]?.secret;
-    return name === undefined ? [] : [name];
-  });
+  let names = stepSecretNames.get(step);
+  if (!names) {
+    names = step.secrets.flatMap((env) => {
+      const name = plan.secrets[env]?.secret;
+      return name === undefined ? [] : [name];
+    });
+    stepSecretNames.set(step, names);
+  }
+  return names;
 }
