@@ -1,7 +1,8 @@
 /**
  * The scale harness (`bench/scale/`), scaled down so CI checks it works:
  * 50 simulated agents over 3 servers and a 3-member etcd complete 500
- * queued steps, and a SIGKILL of the scheduling server loses nothing.
+ * queued steps in group commits, heartbeats stay a sliver of etcd's
+ * writes, and a SIGKILL of the scheduling server loses nothing.
  *
  * @module
  */
@@ -30,6 +31,13 @@ Deno.test({
     assert.equal(result.succeededRuns, 5);
     assert.ok(result.assignmentsPerSecond > 0 && result.resultsPerSecond > 0);
     assert.ok(result.writesPerStep > 0, "etcd's metrics were read");
+    // Heartbeats are lease renewals plus one presence write per server per half interval.
+    assert.ok(
+      result.heartbeatShare <= 0.1,
+      `heartbeats were ${(result.heartbeatShare * 100).toFixed(1)} % of etcd's writes`,
+    );
+    // Results and placements are group-committed: far fewer commits than steps.
+    assert.ok(result.proposalsPerStep < 1, `${result.proposalsPerStep} etcd commits per step`);
     const failover = result.failover!;
     assert.equal(failover.succeeded, failover.steps, "every step of the failover phase succeeded");
     assert.ok(
