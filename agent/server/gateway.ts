@@ -42,7 +42,7 @@ import {
 import { admitAgent } from "./identity.ts";
 import { Presence } from "./presence.ts";
 import type { ResultSink } from "./scheduler.ts";
-import type { AttemptResult } from "../../core/model.ts";
+import type { AttemptResult, StepState } from "../../core/model.ts";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import { getBundle } from "../bundle.ts";
 import type { SecretStore } from "../../core/secrets.ts";
@@ -517,8 +517,7 @@ async function recordResult(
   const assignmentKey = clusterKeys.assignment(worker.agentId, attemptId);
   const resultKey = clusterKeys.result(attemptId);
   if (!(await context.own.owns(attemptId))) {
-    const recorded = await store.get(resultKey);
-    if (recorded && (JSON.parse(recorded.value) as ResultRecord).agentId === worker.agentId) {
+    if (await alreadyRecorded(store, resultKey, attemptId, worker.agentId)) {
       // Reported before (the ack was lost with a connection): already recorded.
       await stream.send({ ack: { attemptId, accepted: true, message: "already recorded" } });
       return;
@@ -676,6 +675,31 @@ class ResultWriter {
       this.#writing = false;
     }
   }
+}
+
+/**
+ * Whether the agent's result of an attempt that is no longer assigned was
+ * recorded before (its ack was lost with a connection): still waiting in
+ * `/results/`, or already applied to the step (a result the scheduling
+ * server committed directly never has a `/results/` key).
+ */
+async function alreadyRecorded(
+  store: Store,
+  resultKey: string,
+  attemptId: string,
+  agentId: string,
+): Promise<boolean> {
+  const recorded = await store.get(resultKey);
+  if (recorded) return (JSON.parse(recorded.value) as ResultRecord).agentId === agentId;
+  const [runId, stepId] = splitAttemptId(attemptId);
+  const step = await store.get(clusterKeys.step(runId, stepId));
+  if (!step) return false;
+  const attempt = (JSON.parse(step.value) as StepState).attempts?.find((a) =>
+    a.attemptId === attemptId
+  );
+  const result = attempt?.result;
+  // An attempt given up as lost (its worker went offline) was not recorded from the agent.
+  return attempt?.worker === agentId && result !== undefined && !(!result.ok && result.lost);
 }
 
 /** Pushes the agent its assignments (existing ones, then new ones). */
