@@ -346,7 +346,10 @@ export async function runScale(options: ScaleOptions): Promise<ScaleResult> {
     if (Deno.env.get("RUNNEL_SCALE_DEBUG")) {
       for (const server of servers) {
         const text = await Deno.readTextFile(`${dir}/${server.id}.log`).catch(() => "");
-        log(`--- ${server.id}\n${text.split("\n").slice(-15).join("\n")}`);
+        const lines = text.split("\n").filter((line) =>
+          !line.includes('"level":"info"') || /scheduler|elected|worker/.test(line)
+        );
+        log(`--- ${server.id}\n${lines.slice(-40).join("\n")}`);
       }
     }
     await etcd.stop();
@@ -389,10 +392,32 @@ async function failover(
   const killedAt = Date.now();
   log(`SIGKILLed scheduling server ${leader.id}`);
   const client = new RunClient(survivors.map((server) => server.http), { token: ADMIN_TOKEN });
-  await poll(() => ackedAt.size - ackedBefore >= runs * perRun ? true : undefined, {
-    what: `the failover phase's ${runs * perRun} results (have ${ackedAt.size - ackedBefore})`,
-    timeoutMs: 120_000,
-  });
+  // Until every run has ended (a result whose ack died with the server is
+  // sent again and answered "already recorded": counted by the runs, not the acks).
+  try {
+    const ended = new Set<string>();
+    await poll(async () => {
+      for (const runId of runIds) {
+        if (ended.has(runId)) continue;
+        const { run } = await client.run(runId);
+        if (!["succeeded", "failed", "cancelled"].includes(run.status)) return undefined;
+        ended.add(runId);
+      }
+      return true;
+    }, {
+      what: `the failover phase's ${runs} runs to end`,
+      timeoutMs: Number(Deno.env.get("RUNNEL_SCALE_FAILOVER_MS") ?? 120_000),
+    });
+  } catch (error) {
+    if (Deno.env.get("RUNNEL_SCALE_DEBUG")) {
+      for (const runId of runIds) {
+        const { run, steps } = await client.run(runId);
+        const open = Object.values(steps).filter((step) => step.status !== "succeeded");
+        log(`${runId} ${run.status}: ${JSON.stringify(open.slice(0, 2))}`);
+      }
+    }
+    throw error;
+  }
   const states = await finishedRuns(client, runIds);
   let succeeded = 0;
   let rescheduled = 0;
