@@ -73,6 +73,11 @@ export function printScale(result: ScaleResult, rawWritesPerSecond?: number): vo
         value: f(result.resultsPerSecond),
         anchor: "target ≥ 2,000",
       },
+      {
+        what: "assignments / results per s once all runs are in",
+        value: `${f(result.drainAssignmentsPerSecond)} / ${f(result.drainResultsPerSecond)}`,
+        anchor: "the queue draining, not the API's intake",
+      },
       ...(rawWritesPerSecond === undefined ? [] : [{
         what: "raw etcd txn / s, 64 in flight, same machine",
         value: f(rawWritesPerSecond),
