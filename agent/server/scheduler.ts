@@ -503,6 +503,8 @@ class Scheduler {
     const batch = this.#results.splice(0);
     const staging = new Staging();
     const applied = new Set<string>();
+    /** Attempts whose `/results/` key this write deletes (a key at most once in a txn). */
+    const deleted = new Set<string>();
     const offered: Array<(ok: boolean) => void> = [];
     for (const reported of batch) {
       const { settle } = reported;
@@ -510,6 +512,13 @@ class Scheduler {
       // resend elsewhere): applied once, and a key twice in a txn is refused.
       if (applied.has(reported.attemptId)) {
         settle?.(true);
+        // Its key in the store goes, whichever path was applied.
+        if (!settle && !deleted.has(reported.attemptId)) {
+          deleted.add(reported.attemptId);
+          staging.add(reported.runId, [
+            { type: "delete", key: clusterKeys.result(reported.attemptId) },
+          ]);
+        }
         continue;
       }
       if (settle && this.#assigned.get(reported.attemptId)?.agentId !== reported.agentId) {
@@ -520,7 +529,10 @@ class Scheduler {
       if (settle) offered.push(settle);
       const cleanup = this.#cleanupOps(reported.agentId, reported.attemptId);
       // An offered result was never written: only one read from the store is deleted.
-      if (!settle) cleanup.unshift({ type: "delete", key: clusterKeys.result(reported.attemptId) });
+      if (!settle) {
+        deleted.add(reported.attemptId);
+        cleanup.unshift({ type: "delete", key: clusterKeys.result(reported.attemptId) });
+      }
       this.#unassign(reported.attemptId);
       const driver = this.#runs.get(reported.runId);
       if (!driver) {
