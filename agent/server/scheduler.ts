@@ -160,6 +160,8 @@ class RunDriver {
   readonly waiting: Placement[] = [];
   /** Step id → what its placement asks of a worker (`#placementKind`). */
   readonly kinds = new Map<string, string>();
+  /** The run's record as last written (or as read when adopted). */
+  written: string;
   readonly wake: WakeTimer;
 
   constructor(
@@ -170,6 +172,7 @@ class RunDriver {
     now: () => number,
   ) {
     this.engine = new RunEngine(plan, state);
+    this.written = JSON.stringify(record);
     this.wake = new WakeTimer(() => onWake(this), now);
   }
 }
@@ -958,8 +961,15 @@ class Scheduler {
     const record = driver.record;
     const before = record.status;
     syncHeader(record, state);
+    // The record changes with the run's status and little else: most batches
+    // touch only steps, and an unchanged record is not written again.
+    const value = JSON.stringify(record);
+    const recordOps: TxnOp[] = value === driver.written
+      ? []
+      : [{ type: "put", key: clusterKeys.run(record.runId), value }];
+    driver.written = value;
     return [
-      { type: "put", key: clusterKeys.run(record.runId), value: JSON.stringify(record) },
+      ...recordOps,
       ...statusIndexOps(record, before),
       ...driver.engine.drainChanged().map((stepId): TxnOp => ({
         type: "put",
