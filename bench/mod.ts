@@ -1,6 +1,7 @@
 /**
  * Every benchmark, one after another (`deno task bench`). Each prints a
- * table with its anchor measured in the same process.
+ * table with its anchor measured in the same process. The scale bench
+ * (1,000 simulated agents) runs only when asked: `deno task bench scale`.
  *
  * @module
  */
@@ -19,6 +20,7 @@ import { benchSpanCost, benchTraces } from "./trace_bench.ts";
 import { benchSplit } from "./split_bench.ts";
 import { benchUi } from "./ui_bench.ts";
 import { benchGrowth } from "./growth_bench.ts";
+import { benchScale } from "./scale_bench.ts";
 
 if (import.meta.main) {
   console.log(
@@ -40,4 +42,10 @@ if (import.meta.main) {
   await benchKubernetes();
   await benchUi();
   await benchGrowth();
+  // Minutes long and heavy (1,000 agents): only when asked for.
+  if (Deno.args.includes("scale") || Deno.env.get("RUNNEL_BENCH_SCALE") === "1") {
+    await benchScale();
+  } else {
+    console.log("\nscale bench not run: `deno task bench scale` (or RUNNEL_BENCH_SCALE=1) runs it");
+  }
 }

@@ -210,6 +210,8 @@ export function etcdTimingForRtt(rttMs: number): EtcdTiming {
 const DEFAULT_DIAL_TIMEOUT_MS = 5_000;
 /** Shortest try of one member while dialing: a TCP and TLS handshake, with room to spare. */
 const DIAL_ATTEMPT_MIN_MS = 250;
+/** Shortest try of one member for a call that may be repeated (a loaded member answers in far less). */
+const IDEMPOTENT_ATTEMPT_MIN_MS = 1_000;
 /** How long to wait for etcd to cancel a watch below its compaction (it checks every 100 ms). */
 const COMPACT_PROBE_MS = 500;
 const DEFAULT_REQUEST_TIMEOUT_MS = 5_000;
@@ -757,7 +759,18 @@ class EtcdEngine implements EtcdStore {
     for (;;) {
       const index = this.#current;
       try {
-        return await body(this.#clients[index], { deadline });
+        // A read may be sent again, so one member that does not answer (dead
+        // without a reset: a blackholed address) gets only its share of the
+        // time before the next is tried, as in dialling; a write keeps the
+        // whole of it (once sent, it may have been applied).
+        const attemptDeadline = mode === "idempotent"
+          ? Math.min(
+            deadline,
+            Date.now() +
+              Math.max(IDEMPOTENT_ATTEMPT_MIN_MS, this.#requestTimeoutMs / this.#clients.length),
+          )
+          : deadline;
+        return await body(this.#clients[index], { deadline: attemptDeadline });
       } catch (error) {
         if (this.#closed) throw new StoreClosedError();
         if (error instanceof StoreError) throw error;

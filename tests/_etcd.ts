@@ -42,6 +42,8 @@ const SERVER_NAME = "localhost";
 export interface EtcdCluster extends AsyncDisposable {
   /** Client URLs, one per member, by member index. */
   readonly endpoints: string[];
+  /** Plain-HTTP metrics URLs (`/metrics`, `/health`), one per member, by member index. */
+  readonly metrics: string[];
   /** The temporary directory holding data directories and logs. */
   readonly dir: string;
   /** Client certificates when started with `tls`. */
@@ -338,6 +340,7 @@ export async function startEtcdCluster(options: EtcdClusterOptions = {}): Promis
 
   return {
     endpoints: members.map((member) => member.client),
+    metrics: members.map((member) => member.metrics),
     dir,
     tls: certificates
       ? {

@@ -23,7 +23,7 @@
 
 import { valuesProblem } from "../../core/values.ts";
 import { timingSafeEqual } from "node:crypto";
-import type { Store, TxnOp } from "../../consensus/store.ts";
+import type { Compare, Store, TxnOp } from "../../consensus/store.ts";
 import type {
   AgentConnection,
   AgentMessage,
@@ -40,7 +40,9 @@ import {
   type WorkerRecord,
 } from "./keys.ts";
 import { admitAgent } from "./identity.ts";
-import type { AttemptResult } from "../../core/model.ts";
+import { Presence } from "./presence.ts";
+import type { ResultSink } from "./scheduler.ts";
+import type { AttemptResult, StepState } from "../../core/model.ts";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import { type BundleStorage, getBundle } from "../bundle.ts";
 import type { SecretStore } from "../../core/secrets.ts";
@@ -94,6 +96,8 @@ export interface GatewayOptions {
   servers?: () => string[];
   /** Structured log line. */
   log?: (fields: Record<string, unknown>) => void;
+  /** The scheduler's result sink while this server schedules (`scheduler.ts`). */
+  resultSink?: () => ResultSink | undefined;
   /** How long step logs stay in the store (default 14 days, as artifacts). */
   logRetentionMs?: number;
   /**
@@ -116,12 +120,20 @@ export interface Gateway {
   onConnect(stream: AgentConnection): Promise<void>;
   /** Agents connected to this server now. */
   readonly connected: number;
+  /** Stops its batched writes (after the agent streams have ended). */
+  close(): Promise<void>;
 }
 
 /** Builds the gateway of a server. */
 export function createGateway(options: GatewayOptions): Gateway {
   let connected = 0;
   const logLease = rollingLease(options.store, options.logRetentionMs ?? DEFAULT_RETENTION_MS);
+  const presence = new Presence(options.store, {
+    serverId: options.serverId,
+    heartbeatMs: options.heartbeatMs ?? DEFAULT_HEARTBEAT_MS,
+    log: options.log,
+  });
+  const results = new ResultWriter(options.store);
   return {
     get connected() {
       return connected;
@@ -129,11 +141,12 @@ export function createGateway(options: GatewayOptions): Gateway {
     async onConnect(stream) {
       connected++;
       try {
-        await serveAgent(options, stream, logLease);
+        await serveAgent(options, stream, logLease, presence, results);
       } finally {
         connected--;
       }
     },
+    close: () => presence.close(),
   };
 }
 
@@ -141,6 +154,8 @@ async function serveAgent(
   options: GatewayOptions,
   stream: AgentConnection,
   logLease: () => Promise<string>,
+  presence: Presence,
+  results: ResultWriter,
 ): Promise<void> {
   const { store } = options;
   const log = (fields: Record<string, unknown>) =>
@@ -291,6 +306,8 @@ async function serveAgent(
       own,
       refused: new Set(),
       logs,
+      presence,
+      results,
       log,
     };
     for (;;) {
@@ -301,6 +318,7 @@ async function serveAgent(
   } finally {
     stop.abort();
     own.fail();
+    presence.gone(agentId);
     // The agent ended its side (or it broke): end ours, so the stream closes now.
     stream.end();
     await logs.close();
@@ -331,6 +349,8 @@ interface HandleContext {
   /** Kinds and attempts already logged as refused (each is logged once per stream). */
   refused: Set<string>;
   logs: LogBuffer;
+  presence: Presence;
+  results: ResultWriter;
   log: (fields: Record<string, unknown>) => void;
 }
 
@@ -338,26 +358,24 @@ async function handle(message: AgentMessage, context: HandleContext): Promise<vo
   const { store, worker, own } = context;
   switch (message.body) {
     case "heartbeat": {
+      // The lease carries liveness (a renewal is no write in etcd); the
+      // time goes into this server's batched presence key.
       await store.keepAlive(context.lease);
       worker.lastHeartbeat = Date.now();
-      // A draining agent finishes what it runs and takes nothing new.
-      if (message.heartbeat.draining) worker.slots = 0;
-      const connection = context.connection;
-      const claim = { ...connection.record, heartbeatAt: worker.lastHeartbeat };
-      const key = clusterKeys.agentConnection(worker.agentId);
-      const write = await store.txn({
-        // Only while this stream holds the agent's claim.
-        compare: [{ key, target: "mod", op: "==", value: connection.revision }],
-        success: [
-          { type: "put", key, value: JSON.stringify(claim), lease: context.lease },
-          workerPut(worker, context.lease),
-        ],
-      });
-      if (write.succeeded) {
-        connection.record = claim;
-        connection.revision = write.revision;
-      } else {
-        context.stream.cancel(`another connection of agent ${worker.agentId} took over`);
+      context.presence.seen(worker.agentId, worker.lastHeartbeat);
+      // A draining agent finishes what it runs and takes nothing new: the
+      // one heartbeat that changes the worker key writes it.
+      if (message.heartbeat.draining && worker.slots !== 0) {
+        worker.slots = 0;
+        const key = clusterKeys.agentConnection(worker.agentId);
+        const write = await store.txn({
+          // Only while this stream holds the agent's claim.
+          compare: [{ key, target: "mod", op: "==", value: context.connection.revision }],
+          success: [workerPut(worker, context.lease)],
+        });
+        if (!write.succeeded) {
+          context.stream.cancel(`another connection of agent ${worker.agentId} took over`);
+        }
       }
       return;
     }
@@ -529,8 +547,7 @@ async function recordResult(
   const assignmentKey = clusterKeys.assignment(worker.agentId, attemptId);
   const resultKey = clusterKeys.result(attemptId);
   if (!(await context.own.owns(attemptId))) {
-    const recorded = await store.get(resultKey);
-    if (recorded && (JSON.parse(recorded.value) as ResultRecord).agentId === worker.agentId) {
+    if (await alreadyRecorded(store, resultKey, attemptId, worker.agentId)) {
       // Reported before (the ack was lost with a connection): already recorded.
       await stream.send({ ack: { attemptId, accepted: true, message: "already recorded" } });
       return;
@@ -576,14 +593,20 @@ async function recordResult(
     result,
     at: Date.now(),
   };
-  const write = await store.txn({
+  // On the scheduling server, the scheduler commits it with the step's end.
+  const sink = context.options.resultSink?.();
+  if (sink && await sink.offer(record).catch(() => false)) {
+    await stream.send({ ack: { attemptId, accepted: true, message: "recorded" } });
+    return;
+  }
+  const written = await context.results.write({
     compare: [
       { key: assignmentKey, target: "create", op: ">", value: 0 },
       { key: resultKey, target: "create", op: "==", value: 0 },
     ],
-    success: [{ type: "put", key: resultKey, value: JSON.stringify(record) }],
+    put: { type: "put", key: resultKey, value: JSON.stringify(record) },
   });
-  if (write.succeeded) {
+  if (written) {
     await stream.send({ ack: { attemptId, accepted: true, message: "recorded" } });
     return;
   }
@@ -601,6 +624,113 @@ async function recordResult(
         "and the step was rescheduled",
     },
   });
+}
+
+/** One result to record: its put, if its compares hold. */
+interface ResultWrite {
+  compare: Compare[];
+  put: TxnOp & { type: "put" };
+}
+
+/** Results per transaction: two compares each, under etcd's default `--max-txn-ops` of 128. */
+const RESULTS_PER_TXN = 50;
+
+/** Bytes of results per transaction, well under etcd's 1.5 MiB request limit. */
+const RESULT_TXN_BYTES = 512 * 1024;
+
+/**
+ * The results of every agent of a server, recorded in group commits: those
+ * that arrive while a transaction is in flight go out together in the next
+ * (as the scheduler applies them), so a thousand agents reporting at once
+ * cost etcd tens of transactions, not a thousand. A batch is all or
+ * nothing in etcd: when one of its results fails its compares (a stale or
+ * repeated report), each of that batch is written again alone, to learn
+ * which.
+ */
+class ResultWriter {
+  readonly #store: Store;
+  readonly #queue: Array<
+    { write: ResultWrite; done: (ok: boolean) => void; fail: (error: unknown) => void }
+  > = [];
+  #writing = false;
+
+  constructor(store: Store) {
+    this.#store = store;
+  }
+
+  /** Whether the result was recorded (false: one of its compares failed). */
+  write(write: ResultWrite): Promise<boolean> {
+    return new Promise((done, fail) => {
+      this.#queue.push({ write, done, fail });
+      if (!this.#writing) this.#drain();
+    });
+  }
+
+  async #drain(): Promise<void> {
+    this.#writing = true;
+    try {
+      while (this.#queue.length > 0) {
+        let bytes = 0;
+        let count = 0;
+        // A key twice in one txn is refused by etcd: a repeat waits for the next batch.
+        const keys = new Set<string>();
+        for (; count < this.#queue.length && count < RESULTS_PER_TXN; count++) {
+          const put = this.#queue[count].write.put;
+          if (keys.has(put.key)) break;
+          if (count > 0 && bytes + put.value.length > RESULT_TXN_BYTES) break;
+          keys.add(put.key);
+          bytes += put.value.length;
+        }
+        const batch = this.#queue.splice(0, count);
+        try {
+          const together = await this.#store.txn({
+            compare: batch.flatMap((entry) => entry.write.compare),
+            success: batch.map((entry) => entry.write.put),
+          });
+          if (together.succeeded || batch.length === 1) {
+            for (const entry of batch) entry.done(together.succeeded);
+            continue;
+          }
+          for (const entry of batch) {
+            const alone = await this.#store.txn({
+              compare: entry.write.compare,
+              success: [entry.write.put],
+            });
+            entry.done(alone.succeeded);
+          }
+        } catch (error) {
+          for (const entry of batch) entry.fail(error);
+        }
+      }
+    } finally {
+      this.#writing = false;
+    }
+  }
+}
+
+/**
+ * Whether the agent's result of an attempt that is no longer assigned was
+ * recorded before (its ack was lost with a connection): still waiting in
+ * `/results/`, or already applied to the step (a result the scheduling
+ * server committed directly never has a `/results/` key).
+ */
+async function alreadyRecorded(
+  store: Store,
+  resultKey: string,
+  attemptId: string,
+  agentId: string,
+): Promise<boolean> {
+  const recorded = await store.get(resultKey);
+  if (recorded) return (JSON.parse(recorded.value) as ResultRecord).agentId === agentId;
+  const [runId, stepId] = splitAttemptId(attemptId);
+  const step = await store.get(clusterKeys.step(runId, stepId));
+  if (!step) return false;
+  const attempt = (JSON.parse(step.value) as StepState).attempts?.find((a) =>
+    a.attemptId === attemptId
+  );
+  const result = attempt?.result;
+  // An attempt given up as lost (its worker went offline) was not recorded from the agent.
+  return attempt?.worker === agentId && result !== undefined && !(!result.ok && result.lost);
 }
 
 /** Pushes the agent its assignments (existing ones, then new ones). */

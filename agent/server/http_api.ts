@@ -116,7 +116,8 @@ import {
   TokenRequestError,
 } from "./auth.ts";
 import { ParseTimeoutError, type PipelineParser } from "./parse_worker.ts";
-import { forgetAgent, revokeAgent } from "./identity.ts";
+import { CONNECTION_SILENT_HEARTBEATS, forgetAgent, revokeAgent } from "./identity.ts";
+import { withLastHeartbeats } from "./presence.ts";
 import { type WebhookAllowList, webhookHost } from "../effects.ts";
 import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import {
@@ -700,7 +701,7 @@ async function raftStateOf({ context }: Call): Promise<Response> {
 }
 
 async function clusterState({ context }: Call): Promise<Response> {
-  const workers = await listWorkers(context.store);
+  const workers = await withLastHeartbeats(context.store, await listWorkers(context.store));
   context.metrics.setWorkers(workers.length);
   const now = Date.now();
   return json({
@@ -708,8 +709,12 @@ async function clusterState({ context }: Call): Promise<Response> {
     scheduler: (await context.schedulerLeader()) ?? null,
     workers: workers.map((worker) => ({
       ...worker,
-      // A worker's key outlives its last heartbeat by at most 3 intervals.
-      status: now - worker.lastHeartbeat > context.heartbeatMs * 1.5 ? "late" : "online",
+      // A worker's key outlives its last heartbeat by at most 3 intervals;
+      // its server writes heartbeats every half interval, so a live one is
+      // seen at most 1.5 intervals late.
+      status: now - worker.lastHeartbeat > context.heartbeatMs * CONNECTION_SILENT_HEARTBEATS
+        ? "late"
+        : "online",
     })),
   });
 }

@@ -20,6 +20,7 @@ import { timingSafeEqual } from "node:crypto";
 import { randomHex, sha256Hex } from "../../core/_bytes.ts";
 import type { Store, TxnOp } from "../../consensus/store.ts";
 import { type AgentConnectionRecord, type AgentIdentityRecord, clusterKeys } from "./keys.ts";
+import { lastHeartbeatOf } from "./presence.ts";
 
 /**
  * A connection is live while its agent's heartbeats arrive: after this many
@@ -214,7 +215,12 @@ async function claimConnection(
   const held = await store.get(key);
   if (held) {
     const holder = JSON.parse(held.value) as AgentConnectionRecord;
-    const silentMs = now - holder.heartbeatAt;
+    // Only a different process needs the holder's last heartbeat: read it then.
+    const lastHeartbeat = holder.sessionHash === sessionHash ? holder.heartbeatAt : Math.max(
+      holder.heartbeatAt,
+      (await lastHeartbeatOf(store, holder.server, claim.agentId)) ?? 0,
+    );
+    const silentMs = now - lastHeartbeat;
     const liveForMs = CONNECTION_SILENT_HEARTBEATS * options.heartbeatMs - silentMs;
     if (holder.sessionHash !== sessionHash && liveForMs > 0) {
       return {

@@ -10,6 +10,7 @@
  * | `/workers/<agent>` | the agent's server, under a lease of 3 heartbeats | `WorkerRecord` |
  * | `/agents/<agent>/identity` | the server it first registered with | `AgentIdentityRecord` |
  * | `/agents/<agent>/connection` | the agent's server, under the worker's lease | `AgentConnectionRecord` |
+ * | `/presence/<server>` | that server, every half heartbeat interval | `PresenceRecord`: its agents' last heartbeats (`presence.ts`) |
  * | `/assign/<agent>/<attempt>` | scheduler, with the step's start | `AssignmentRecord` |
  * | `/stop/<agent>/<attempt>` | scheduler | a cancel for the agent |
  * | `/results/<attempt>` | the agent's server (create-only) | `ResultRecord` |
@@ -120,7 +121,10 @@ export interface AgentConnectionRecord {
   sessionHash: string;
   server: string;
   connectedAt: number;
-  /** Renewed at every heartbeat (the server's clock). */
+  /**
+   * When the claim was taken (the server's clock). Later heartbeats are in
+   * the holding server's `/presence/<server>` (`presence.ts`), not here.
+   */
   heartbeatAt: number;
 }
 
@@ -186,12 +190,14 @@ export const clusterKeys = {
   agentIdentity: (agentId: string) => `/agents/${segment(agentId)}/identity`,
   agentConnection: (agentId: string) => `/agents/${segment(agentId)}/connection`,
   agentPrefix: (agentId: string) => `/agents/${segment(agentId)}/`,
+  presence: (serverId: string) => `/presence/${segment(serverId)}`,
+  presencePrefix: "/presence/",
   assignment: (agentId: string, attemptId: string) =>
     `/assign/${segment(agentId)}/${segment(attemptId)}`,
   assignmentPrefix: (agentId?: string) =>
     agentId === undefined ? "/assign/" : `/assign/${segment(agentId)}/`,
   stop: (agentId: string, attemptId: string) => `/stop/${segment(agentId)}/${segment(attemptId)}`,
-  stopPrefix: (agentId: string) => `/stop/${segment(agentId)}/`,
+  stopPrefix: (agentId?: string) => agentId === undefined ? "/stop/" : `/stop/${segment(agentId)}/`,
   result: (attemptId: string) => `/results/${segment(attemptId)}`,
   resultPrefix: "/results/",
   request: (runId: string, kind: "cancel" | "resume") => `/request/${runId}/${kind}`,

@@ -18,7 +18,7 @@ import { runSchedules } from "./schedules.ts";
 import { planRegistered } from "./trigger.ts";
 import { createGateway, DEFAULT_HEARTBEAT_MS } from "./gateway.ts";
 import { type RaftState, ServerMetrics } from "./metrics.ts";
-import { runScheduler, type SchedulerEvent } from "./scheduler.ts";
+import { type ResultSink, runScheduler, type SchedulerEvent } from "./scheduler.ts";
 import { listWorkers } from "./runs.ts";
 import { abortableDelay } from "../../core/_async.ts";
 import { type SecretSource, SecretStore } from "../../core/secrets.ts";
@@ -219,7 +219,10 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
     ...secrets.names,
     ...(await listWorkers(store)).flatMap((worker) => worker.secrets ?? []),
   ];
+  // Set while this server schedules: its agents' results go straight to the scheduler.
+  let resultSink: ResultSink | undefined;
   const gateway = createGateway({
+    resultSink: () => resultSink,
     serverId: options.serverId,
     store,
     secrets,
@@ -338,6 +341,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
           store,
           fence: leadership.fence,
           signal: stop,
+          onResultSink: (sink) => resultSink = sink,
           webhookAllow,
           ...(options.smtp ? { smtp: options.smtp } : {}),
           ...(options.tracer ? { tracer: options.tracer } : {}),
@@ -405,6 +409,7 @@ export async function startServer(options: ServerOptions): Promise<RunningServer
       await bootstrapClosed;
       await schedulerLoop;
       await grpc.close();
+      await gateway.close();
       await http.shutdown();
       parser.close();
     },

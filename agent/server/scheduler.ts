@@ -81,6 +81,12 @@ export interface SchedulerOptions {
   /** Structured log line. */
   log?: (fields: Record<string, unknown>) => void;
   /**
+   * Given the scheduler's {@link ResultSink} once it has loaded (undefined
+   * once it stops): the gateway of the same server hands it the results its
+   * agents report.
+   */
+  onResultSink?: (sink: ResultSink | undefined) => void;
+  /**
    * Hosts `on-failure` webhooks may reach (`--webhook-allow`); default none.
    * The API refuses other hosts at submit; this is the second check.
    */
@@ -93,8 +99,47 @@ export interface SchedulerOptions {
   tracer?: Tracer;
 }
 
+/**
+ * The scheduler's door for results reported on its own server: applied
+ * with the step's end and the next placements in one commit, instead of a
+ * write of `/results/<attempt>` and a second commit once the scheduler has
+ * watched it. `offer` resolves true once the result is committed (then the
+ * agent may be acknowledged), false when the attempt is not the agent's in
+ * the scheduler's view or the commit failed: the gateway then takes the
+ * ordinary path through the store, which answers every other case.
+ */
+export interface ResultSink {
+  offer(record: ResultRecord): Promise<boolean>;
+}
+
+/** A result to apply; `settle` when it was offered directly (not read from the store). */
+type ReportedResult = ResultRecord & { settle?: (ok: boolean) => void };
+
 /** Writes per transaction: below etcd's default `--max-txn-ops` of 128. */
 const MAX_TXN_OPS = 100;
+
+/** Transactions of one write in flight at once (`#writeGroups`). */
+const WRITE_LANES = 8;
+
+/** Writes staged for several runs: each run's ops, the drivers touched, the effects to act on. */
+class Staging {
+  /** Run id → its ops (besides its own state, persisted at commit). */
+  readonly ops = new Map<string, TxnOp[]>();
+  readonly touched = new Map<string, RunDriver>();
+  readonly later: Array<[RunDriver, Effect]> = [];
+
+  add(runId: string, ops: TxnOp[]): void {
+    const list = this.ops.get(runId);
+    if (list) list.push(...ops);
+    else this.ops.set(runId, [...ops]);
+  }
+
+  touch(driver: RunDriver, staged: { ops: TxnOp[]; later: Effect[] }): void {
+    this.touched.set(driver.record.runId, driver);
+    this.add(driver.record.runId, staged.ops);
+    for (const effect of staged.later) this.later.push([driver, effect]);
+  }
+}
 
 /** The scheduler's writes failed their fence: another server leads now. */
 export class DeposedError extends Error {
@@ -128,6 +173,10 @@ class RunDriver {
   readonly engine: RunEngine;
   /** StartAttempt effects waiting for a worker. */
   readonly waiting: Placement[] = [];
+  /** Step id → what its placement asks of a worker (`#placementKind`). */
+  readonly kinds = new Map<string, string>();
+  /** The run's record as last written (or as read when adopted). */
+  written: string;
   readonly wake: WakeTimer;
   readonly trace: RunTrace;
   /** Spans to record once the write they describe is done. */
@@ -142,6 +191,7 @@ class RunDriver {
     tracer: Tracer | undefined,
   ) {
     this.engine = new RunEngine(plan, state);
+    this.written = JSON.stringify(record);
     this.wake = new WakeTimer(() => onWake(this), now);
     this.trace = new RunTrace(record, tracer);
   }
@@ -173,7 +223,9 @@ class Scheduler {
   #queue: Promise<void> = Promise.resolve();
   #failed: ((error: unknown) => void) | undefined;
   /** Results not yet applied, and whether a task to apply them is queued. */
-  readonly #results: ResultRecord[] = [];
+  readonly #results: ReportedResult[] = [];
+  /** Attempts with a stop key (`/stop/<agent>/<attempt>`) to delete when they end. */
+  readonly #stops = new Set<string>();
   /** Steps already reported as unplaceable (run/step). */
   readonly #warned = new Set<string>();
   #resultsQueued = false;
@@ -202,6 +254,7 @@ class Scheduler {
     });
     try {
       const revision = await this.#load();
+      this.#options.onResultSink?.({ offer: (record) => this.#offer(record) });
       const watches = [
         clusterKeys.workerPrefix,
         clusterKeys.runPrefix,
@@ -210,8 +263,25 @@ class Scheduler {
       ].map((prefix) => this.#watch(prefix, revision + 1));
       await Promise.race([stopped, failure, Promise.all(watches)]);
     } finally {
+      this.#options.onResultSink?.(undefined);
       for (const driver of this.#runs.values()) driver.wake.clear();
+      // Results offered and not yet applied take the ordinary path.
+      for (const reported of this.#results.splice(0)) reported.settle?.(false);
     }
+  }
+
+  /** A result reported on this server: see {@link ResultSink}. */
+  #offer(record: ResultRecord): Promise<boolean> {
+    const where = this.#assigned.get(record.attemptId);
+    if (this.#options.signal.aborted || where?.agentId !== record.agentId) {
+      return Promise.resolve(false);
+    }
+    return new Promise((settle) => {
+      this.#results.push({ ...record, settle });
+      if (this.#resultsQueued) return;
+      this.#resultsQueued = true;
+      this.#enqueue(() => this.#applyResults());
+    });
   }
 
   /** Lists what the previous scheduler left; returns the revision read at. */
@@ -230,6 +300,10 @@ class Scheduler {
         stepId: assignment.stepId,
         agentId: assignment.agentId,
       });
+    }
+    const stops = await store.list(clusterKeys.stopPrefix());
+    for (const kv of stops.items) {
+      this.#stops.add(decodeURIComponent(kv.key.slice(kv.key.lastIndexOf("/") + 1)));
     }
     const runs = await store.list(clusterKeys.runPrefix);
     for (const kv of runs.items) await this.#adoptRun(JSON.parse(kv.value) as ClusterRunRecord);
@@ -470,20 +544,43 @@ class Scheduler {
   async #applyResults(): Promise<void> {
     this.#resultsQueued = false;
     const batch = this.#results.splice(0);
-    const touched = new Set<RunDriver>();
-    const ops: TxnOp[] = [];
-    const later: Array<[RunDriver, Effect]> = [];
+    const staging = new Staging();
+    const applied = new Set<string>();
+    /** Attempts whose `/results/` key this write deletes (a key at most once in a txn). */
+    const deleted = new Set<string>();
+    const offered: Array<(ok: boolean) => void> = [];
     for (const reported of batch) {
-      const cleanup: TxnOp[] = [
-        { type: "delete", key: clusterKeys.result(reported.attemptId) },
-        { type: "delete", key: clusterKeys.assignment(reported.agentId, reported.attemptId) },
-        { type: "delete", key: clusterKeys.stop(reported.agentId, reported.attemptId) },
-      ];
+      const { settle } = reported;
+      // The same result by two paths (offered here, and in the store after a
+      // resend elsewhere): applied once, and a key twice in a txn is refused.
+      if (applied.has(reported.attemptId)) {
+        settle?.(true);
+        // Its key in the store goes, whichever path was applied.
+        if (!settle && !deleted.has(reported.attemptId)) {
+          deleted.add(reported.attemptId);
+          staging.add(reported.runId, [
+            { type: "delete", key: clusterKeys.result(reported.attemptId) },
+          ]);
+        }
+        continue;
+      }
+      if (settle && this.#assigned.get(reported.attemptId)?.agentId !== reported.agentId) {
+        settle(false);
+        continue;
+      }
+      applied.add(reported.attemptId);
+      if (settle) offered.push(settle);
+      const cleanup = this.#cleanupOps(reported.agentId, reported.attemptId);
+      // An offered result was never written: only one read from the store is deleted.
+      if (!settle) {
+        deleted.add(reported.attemptId);
+        cleanup.unshift({ type: "delete", key: clusterKeys.result(reported.attemptId) });
+      }
       this.#unassign(reported.attemptId);
       const driver = this.#runs.get(reported.runId);
       if (!driver) {
         // A late report of a run that is over: only tidy up.
-        ops.push(...cleanup);
+        staging.add(reported.runId, cleanup);
         continue;
       }
       const staged = this.#stage(driver, [{
@@ -493,15 +590,32 @@ class Scheduler {
         now: this.#now(),
         result: reported.result,
       }], cleanup);
-      touched.add(driver);
-      ops.push(...staged.ops);
-      for (const effect of staged.later) later.push([driver, effect]);
+      staging.touch(driver, staged);
     }
-    for (const driver of touched) ops.push(...this.#persistOps(driver));
-    await this.#write(ops);
-    for (const driver of touched) driver.traced();
-    for (const [driver, effect] of later) this.#perform(driver, effect);
-    await this.#placeWaiting();
+    // The slots these results freed are filled in the same write.
+    this.#stageWaiting(staging);
+    try {
+      await this.#commit(staging);
+    } catch (error) {
+      // Not known to be written: the gateways write them to the store for the next scheduler.
+      for (const settle of offered) settle(false);
+      throw error;
+    }
+    for (const settle of offered) settle(true);
+    this.#reportQueue();
+  }
+
+  /**
+   * The deletes that retire an attempt's assignment: its assignment key,
+   * and its stop key if the scheduler wrote one (most attempts have none:
+   * a delete of an absent key still costs etcd a write).
+   */
+  #cleanupOps(agentId: string, attemptId: string): TxnOp[] {
+    const ops: TxnOp[] = [{ type: "delete", key: clusterKeys.assignment(agentId, attemptId) }];
+    if (this.#stops.delete(attemptId)) {
+      ops.push({ type: "delete", key: clusterKeys.stop(agentId, attemptId) });
+    }
+    return ops;
   }
 
   async #onWorkerLost(agentId: string): Promise<void> {
@@ -512,10 +626,7 @@ class Scheduler {
     for (const [attemptId, where] of lost) {
       this.#unassign(attemptId);
       const driver = this.#runs.get(where.runId);
-      const cleanup: TxnOp[] = [
-        { type: "delete", key: clusterKeys.assignment(agentId, attemptId) },
-        { type: "delete", key: clusterKeys.stop(agentId, attemptId) },
-      ];
+      const cleanup = this.#cleanupOps(agentId, attemptId);
       if (!driver) {
         await this.#write(cleanup);
         continue;
@@ -659,6 +770,7 @@ class Scheduler {
         }
         const where = this.#assigned.get(effect.attemptId);
         if (where) {
+          this.#stops.add(effect.attemptId);
           ops.push({
             type: "put",
             key: clusterKeys.stop(where.agentId, effect.attemptId),
@@ -969,26 +1081,91 @@ class Scheduler {
     };
   }
 
-  /** Tries the queue again (a worker came, a slot freed up). */
+  /**
+   * Tries the queue again (a worker came, a slot freed up). A step no
+   * worker could take now is remembered by what it asks for (backend,
+   * selector, secrets, pinned worker): the rest of the queue asking for the
+   * same is not tried against every worker again in this pass, so a long
+   * queue costs one scan per kind of step, not one per step.
+   */
   async #placeWaiting(): Promise<void> {
+    const staging = new Staging();
+    this.#stageWaiting(staging);
+    await this.#commit(staging);
+    this.#reportQueue();
+  }
+
+  /** Places what waits, across runs, into `staging` (no I/O): see {@link #placeWaiting}. */
+  #stageWaiting(staging: Staging): void {
+    if (!this.#anyFreeSlot()) return;
+    const full = new Set<string>();
     for (const driver of this.#runs.values()) {
       if (driver.waiting.length === 0) continue;
       const placed: EngineEvent[] = [];
-      const ops: TxnOp[] = [];
+      const handOver: TxnOp[] = [];
       const still: Placement[] = [];
       for (const placement of driver.waiting.splice(0)) {
-        const result = this.#place(driver, placement);
+        const kind = this.#placementKind(driver, placement);
+        const result = full.has(kind) ? undefined : this.#place(driver, placement);
         if (result) {
           placed.push(result.started);
-          ops.push(result.op);
+          handOver.push(result.op);
         } else {
+          full.add(kind);
           still.push(placement);
         }
       }
       driver.waiting.push(...still);
-      if (placed.length > 0) await this.#apply(driver, placed, ops);
+      if (placed.length === 0) continue;
+      staging.touch(driver, this.#stage(driver, placed, handOver));
     }
-    this.#reportQueue();
+  }
+
+  /**
+   * Writes what was staged for several runs, then acts on the effects.
+   * Each run's writes are one group: its state first, then new keys
+   * (assignments, stops), then deletes (consumed results last of all), so
+   * should a group take several transactions, a successor that finds only
+   * the first ones reschedules attempts never handed out and applies
+   * results again (a repeated report changes nothing), losing none.
+   * Groups share no key, so they go to etcd side by side
+   * ({@link #writeGroups}).
+   */
+  async #commit(staging: Staging): Promise<void> {
+    const groups: TxnOp[][] = [];
+    for (const [runId, ops] of staging.ops) {
+      const driver = staging.touched.get(runId);
+      const persist = driver ? this.#persistOps(driver) : [];
+      groups.push([
+        ...persist,
+        ...ops.filter((op) => op.type === "put"),
+        ...ops.filter((op) => op.type !== "put"),
+      ]);
+    }
+    if (groups.length === 0) return;
+    await this.#writeGroups(groups);
+    for (const driver of staging.touched.values()) driver.traced();
+    for (const [driver, effect] of staging.later) this.#perform(driver, effect);
+  }
+
+  #anyFreeSlot(): boolean {
+    for (const worker of this.#workers.values()) {
+      if ((this.#loadOf.get(worker.agentId) ?? 0) < worker.slots) return true;
+    }
+    return false;
+  }
+
+  /** What a placement asks of a worker: equal kinds fit the same workers. */
+  #placementKind(driver: RunDriver, placement: Placement): string {
+    let kind = driver.kinds.get(placement.stepId);
+    if (kind === undefined) {
+      const step = driver.plan.steps[placement.stepId];
+      kind = step
+        ? JSON.stringify([step.backend, step.selector, secretNamesOf(step, driver.plan)])
+        : `${driver.record.runId}/${placement.stepId}`;
+      driver.kinds.set(placement.stepId, kind);
+    }
+    return driver.record.agent === undefined ? kind : `${kind} on ${driver.record.agent}`;
   }
 
   #reportQueue(): void {
@@ -1003,8 +1180,15 @@ class Scheduler {
     const record = driver.record;
     const before = record.status;
     syncHeader(record, state);
+    // The record changes with the run's status and little else: most batches
+    // touch only steps, and an unchanged record is not written again.
+    const value = JSON.stringify(record);
+    const recordOps: TxnOp[] = value === driver.written
+      ? []
+      : [{ type: "put", key: clusterKeys.run(record.runId), value }];
+    driver.written = value;
     return [
-      { type: "put", key: clusterKeys.run(record.runId), value: JSON.stringify(record) },
+      ...recordOps,
       ...statusIndexOps(record, before),
       ...driver.engine.drainChanged().map((stepId): TxnOp => ({
         type: "put",
@@ -1029,6 +1213,34 @@ class Scheduler {
       });
       if (!result.succeeded) throw new DeposedError();
     }
+  }
+  /**
+   * Fenced writes of groups that share no key (one run's each): groups are
+   * packed into transactions side by side and sent together, a few at a
+   * time — etcd commits concurrent transactions in one raft round and one
+   * fsync — while a group too big for one transaction goes in order, as
+   * {@link #write} does. Resolves once all have landed.
+   */
+  async #writeGroups(groups: TxnOp[][]): Promise<void> {
+    const chains: TxnOp[][] = [];
+    let packed: TxnOp[] = [];
+    for (const group of groups) {
+      if (group.length > MAX_TXN_OPS) {
+        chains.push(group);
+        continue;
+      }
+      if (packed.length + group.length > MAX_TXN_OPS) {
+        chains.push(packed);
+        packed = [];
+      }
+      packed.push(...group);
+    }
+    if (packed.length > 0) chains.push(packed);
+    let next = 0;
+    const lanes = Array.from({ length: Math.min(WRITE_LANES, chains.length) }, async () => {
+      while (next < chains.length) await this.#write(chains[next++]);
+    });
+    await Promise.all(lanes);
   }
 
   #perform(driver: RunDriver, effect: Effect): void {
@@ -1105,14 +1317,29 @@ function canRun(worker: WorkerRecord, step: PlannedStep, plan: Plan): boolean {
   }
   // A worker that does not say which secrets it can be given (an older agent) is not second-guessed.
   if (worker.secrets === undefined) return true;
-  const declared = new Set(worker.secrets);
-  return secretNamesOf(step, plan).every((name) => declared.has(name));
+  const names = secretNamesOf(step, plan);
+  if (names.length === 0) return true;
+  let declared = declaredSecrets.get(worker);
+  if (!declared) declaredSecrets.set(worker, declared = new Set(worker.secrets));
+  return names.every((name) => declared.has(name));
 }
+
+/**
+ * Placement asks these of every worker for every step: kept per record
+ * (a worker's record is replaced, never changed, when its key changes).
+ */
+const declaredSecrets = new WeakMap<WorkerRecord, Set<string>>();
+const stepSecretNames = new WeakMap<PlannedStep, string[]>();
 
 /** The operator's names of the secrets a step is given. */
 function secretNamesOf(step: PlannedStep, plan: Plan): string[] {
-  return step.secrets.flatMap((env) => {
-    const name = plan.secrets[env]?.secret;
-    return name === undefined ? [] : [name];
-  });
+  let names = stepSecretNames.get(step);
+  if (!names) {
+    names = step.secrets.flatMap((env) => {
+      const name = plan.secrets[env]?.secret;
+      return name === undefined ? [] : [name];
+    });
+    stepSecretNames.set(step, names);
+  }
+  return names;
 }

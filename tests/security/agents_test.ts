@@ -193,6 +193,7 @@ Deno.test({
           rogue = new RawAgent(peers[0], { agentId: "rogue" });
           raws.push(rogue);
           const welcome = await rogue.first("welcome");
+          rogue.beat(HEARTBEAT_MS);
           assert.match(welcome.welcome.credential, /^[0-9a-f]{64}$/);
           await rogue.stream.send({ log: { attemptId, stream: "stdout", text: `${INJECTED}\n` } });
           await rogue.stream.send({ started: { attemptId, handle: "1@1", atMs: Date.now() } });
