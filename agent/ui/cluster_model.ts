@@ -8,6 +8,7 @@
  * @module
  */
 
+import { withLastHeartbeats } from "../server/presence.ts";
 import type { Store } from "../../consensus/store.ts";
 import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import { isTerminalRunStatus, type Plan, type StepState } from "../../core/model.ts";
@@ -162,7 +163,7 @@ export function clusterReadModel(options: ClusterModelOptions): ReadModel {
     async workers() {
       const now = Date.now();
       const [live, identities, assignments, scheduler, raft] = await Promise.all([
-        listWorkers(store),
+        listWorkers(store).then((workers) => withLastHeartbeats(store, workers)),
         store.list("/agents/"),
         store.list(clusterKeys.assignmentPrefix()),
         options.schedulerLeader().catch(() => undefined),
