@@ -337,6 +337,8 @@ export class RunClient {
         buffer = buffer.slice(end + 2);
         const event = /^event: (.*)$/m.exec(block)?.[1] ?? "message";
         const data = /^data: (.*)$/m.exec(block)?.[1];
+        // A comment block (`: keep-alive`) carries nothing.
+        if (data === undefined && !/^event: /m.test(block)) continue;
         const parsed = data === undefined ? undefined : JSON.parse(data);
         if (event === "error") {
           throw new ServerRequestError(

@@ -57,6 +57,7 @@
  * @module
  */
 
+import { sseResponse } from "./_sse.ts";
 import { Buffer } from "node:buffer";
 import { createHmac, timingSafeEqual } from "node:crypto";
 import { LineCounter, parseDocument } from "npm:yaml@2.9.1";
@@ -1622,52 +1623,8 @@ function streamLogs(
   });
 }
 
-/**
- * A server-sent-events response: `produce` sends events until it returns
- * (the stream then ends) or the client goes away (`stop` aborts).
- */
-function sse(
-  clientGone: AbortSignal,
-  produce: (
-    send: (event: string, data: unknown) => void,
-    stop: AbortSignal,
-  ) => Promise<void>,
-): Response {
-  const encoder = new TextEncoder();
-  const stop = new AbortController();
-  clientGone.addEventListener("abort", () => stop.abort(), { once: true });
-  const body = new ReadableStream<Uint8Array>({
-    async start(controller) {
-      const send = (event: string, data: unknown) => {
-        if (stop.signal.aborted) return;
-        controller.enqueue(encoder.encode(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`));
-      };
-      try {
-        await produce(send, stop.signal);
-        send("end", {});
-      } catch (error) {
-        send("error", { message: error instanceof Error ? error.message : String(error) });
-      } finally {
-        stop.abort();
-        try {
-          controller.close();
-        } catch {
-          // The client went away first.
-        }
-      }
-    },
-    cancel() {
-      stop.abort();
-    },
-  });
-  return new Response(body, {
-    headers: {
-      "content-type": "text/event-stream",
-      "cache-control": "no-cache",
-      "x-accel-buffering": "no",
-    },
-  });
-}
+/** A server-sent-events response (`_sse.ts`). */
+const sse = sseResponse;
 
 function json(value: unknown, init: ResponseInit = {}): Response {
   return new Response(JSON.stringify(value, null, 2) + "\n", {

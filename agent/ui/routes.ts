@@ -26,6 +26,7 @@
  * @module
  */
 
+import { sseResponse } from "../server/_sse.ts";
 import { layoutDag } from "./layout.ts";
 import { type Capabilities, type ReadModel, UiNotFoundError } from "./model.ts";
 import { pageHtml } from "./pages.ts";
@@ -249,57 +250,10 @@ function decode(segment: string): string {
   }
 }
 
-/**
- * A server-sent-events answer: `produce` sends until it returns (an `end`
- * event follows) or the client goes away (`stop` aborts). A comment line
- * every few seconds keeps idle proxies from cutting a quiet stream.
- */
+/** A server-sent-events answer with the UI's headers (see `../server/_sse.ts`). */
 function sse(
   clientGone: AbortSignal,
   produce: (send: (event: string, data: unknown) => void, stop: AbortSignal) => Promise<void>,
 ): Response {
-  const encoder = new TextEncoder();
-  const stop = new AbortController();
-  clientGone.addEventListener("abort", () => stop.abort(), { once: true });
-  const body = new ReadableStream<Uint8Array>({
-    async start(controller) {
-      const write = (text: string) => {
-        if (stop.signal.aborted) return;
-        try {
-          controller.enqueue(encoder.encode(text));
-        } catch {
-          stop.abort();
-        }
-      };
-      const send = (event: string, data: unknown) =>
-        write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
-      const keepAlive = setInterval(() => write(": keep-alive\n\n"), 15_000);
-      try {
-        await produce(send, stop.signal);
-        // Not when cut short (the server closing): the page then reconnects instead of stopping.
-        if (!stop.signal.aborted) send("end", {});
-      } catch (error) {
-        send("error", { message: error instanceof Error ? error.message : String(error) });
-      } finally {
-        clearInterval(keepAlive);
-        stop.abort();
-        try {
-          controller.close();
-        } catch {
-          // The client went away first.
-        }
-      }
-    },
-    cancel() {
-      stop.abort();
-    },
-  });
-  return new Response(body, {
-    headers: {
-      ...SAFE_HEADERS,
-      "content-type": "text/event-stream",
-      "cache-control": "no-cache",
-      "x-accel-buffering": "no",
-    },
-  });
+  return sseResponse(clientGone, produce, SAFE_HEADERS);
 }
