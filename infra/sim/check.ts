@@ -152,12 +152,16 @@ async function startListener(config: SimConfig, node: SimNode) {
 /**
  * Whether a measurement meets its target, judged on the median: one probe
  * descheduled on a busy 2-core machine must not fail a link whose other
- * round trips are on target (the table shows avg and max beside it).
+ * round trips are on target (the table shows avg and max beside it). A TCP
+ * probe is judged on its fastest round trip: it adds a probe process's own
+ * work to the network's delay, which a loaded machine stretches by several
+ * milliseconds (a median of 56.5 ms on the 50 ms link whose pings were 50.5).
  */
-function meets(measured: RttStats, targetMs: number): boolean {
+function meets(measured: RttStats, targetMs: number, by: "median" | "min" = "median"): boolean {
   if (measured.samples === 0 || measured.lost > 0) return false;
-  if (targetMs === 0) return measured.median < INTRA_CLOUD_MAX_MS;
-  return Math.abs(measured.median - targetMs) <= CROSS_CLOUD_TOLERANCE * targetMs;
+  const value = measured[by];
+  if (targetMs === 0) return value < INTRA_CLOUD_MAX_MS;
+  return Math.abs(value - targetMs) <= CROSS_CLOUD_TOLERANCE * targetMs;
 }
 
 /** Measures every pair of {@link measuredPairs}, ping and TCP, in parallel across pairs. */
@@ -185,7 +189,7 @@ export async function measureLatency(
         targetMs,
         ping: pingStats,
         tcp: tcpStats,
-        ok: meets(pingStats, targetMs) && meets(tcpStats, targetMs),
+        ok: meets(pingStats, targetMs) && meets(tcpStats, targetMs, "min"),
       };
     });
   } finally {
