@@ -115,6 +115,9 @@ export interface ResultSink {
 /** A result to apply; `settle` when it was offered directly (not read from the store). */
 type ReportedResult = ResultRecord & { settle?: (ok: boolean) => void };
 
+/** How often the scheduler reads the worker keys again (see `Scheduler.run`). */
+const WORKER_RESYNC_MS = 1_000;
+
 /** Writes per transaction: below etcd's default `--max-txn-ops` of 128. */
 const MAX_TXN_OPS = 100;
 
@@ -248,6 +251,7 @@ class Scheduler {
       this.#failed = reject;
     });
     failure.catch(() => {});
+    let resync: ReturnType<typeof setInterval> | undefined;
     const stopped = new Promise<void>((resolve) => {
       if (signal.aborted) resolve();
       signal.addEventListener("abort", () => resolve(), { once: true });
@@ -261,8 +265,17 @@ class Scheduler {
         clusterKeys.resultPrefix,
         clusterKeys.requestPrefix,
       ].map((prefix) => this.#watch(prefix, revision + 1));
+      // Worker keys change only when agents connect and leave (heartbeats
+      // renew leases, which write nothing): an event a watch lost while
+      // its etcd member died would never come again. A periodic read of
+      // the few worker keys heals the view.
+      resync = setInterval(
+        () => this.#enqueue(() => this.#resyncWorkers()),
+        WORKER_RESYNC_MS,
+      );
       await Promise.race([stopped, failure, Promise.all(watches)]);
     } finally {
+      clearInterval(resync);
       this.#options.onResultSink?.(undefined);
       for (const driver of this.#runs.values()) driver.wake.clear();
       // Results offered and not yet applied take the ordinary path.
@@ -282,6 +295,28 @@ class Scheduler {
       this.#resultsQueued = true;
       this.#enqueue(() => this.#applyResults());
     });
+  }
+
+  /** Brings the workers in view in line with the store's worker keys (see `run`). */
+  async #resyncWorkers(): Promise<void> {
+    const { items } = await this.#store.list(clusterKeys.workerPrefix);
+    const listed = new Map<string, WorkerRecord>();
+    for (const kv of items) {
+      const worker = JSON.parse(kv.value) as WorkerRecord;
+      listed.set(worker.agentId, worker);
+    }
+    let arrived = false;
+    for (const [agentId, worker] of listed) {
+      if (!this.#workers.has(agentId)) {
+        arrived = true;
+        this.#log({ msg: "worker online (found by resync)", agent: agentId });
+      }
+      this.#workers.set(agentId, worker);
+    }
+    for (const agentId of [...this.#workers.keys()]) {
+      if (!listed.has(agentId)) await this.#onWorkerLost(agentId);
+    }
+    if (arrived) await this.#placeWaiting();
   }
 
   /** Lists what the previous scheduler left; returns the revision read at. */
