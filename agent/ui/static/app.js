@@ -355,6 +355,8 @@ async function runPage(session, early) {
     logStream: undefined,
     dirty: new Set(),
     scheduled: false,
+    /** Every row of the step table is made (it is filled in slices). */
+    tableDone: false,
   };
   const connection = document.getElementById("connection");
 
@@ -407,6 +409,7 @@ async function runPage(session, early) {
           renderHeader(view, session);
         } else if (type === "step") {
           view.steps.set(data.id, data);
+          if (!view.byId.has(data.id)) adoptStep(view, data.id);
           const step = view.byId.get(data.id);
           if (step) view.dirty.add(step.name);
           updateRow(view, data.id);
@@ -574,35 +577,57 @@ function drawTable(view) {
   let next = 0;
   const slice = () => {
     const rows = [];
-    for (const step of view.plan.slice(next, next + ROWS_PER_SLICE)) {
-      const button = h("button", {
-        type: "button",
-        class: "link",
-        onclick: () => view.onSelect?.(step.id),
-      }, step.id);
-      const row = h(
-        "tr",
-        { "data-step": step.id },
-        h("th", { scope: "row" }, button),
-        h("td"),
-        h("td"),
-        h("td"),
-        h("td", {}, step.backend),
-        h("td"),
-        h("td"),
-        h("td"),
-      );
-      if (step.id === view.selected) row.setAttribute("aria-selected", "true");
-      view.rows.set(step.id, row);
-      rows.push(row);
-      updateRow(view, step.id);
-    }
+    for (const step of view.plan.slice(next, next + ROWS_PER_SLICE)) rows.push(stepRow(view, step));
     body.append(...rows);
     next += ROWS_PER_SLICE;
     if (next < view.plan.length) setTimeout(slice, 0);
+    else view.tableDone = true;
   };
   // After the graph's first frame.
   requestAnimationFrame(() => setTimeout(slice, 0));
+}
+
+function stepRow(view, step) {
+  const button = h("button", {
+    type: "button",
+    class: "link",
+    onclick: () => view.onSelect?.(step.id),
+  }, step.id);
+  const row = h(
+    "tr",
+    { "data-step": step.id },
+    h("th", { scope: "row" }, button),
+    h("td"),
+    h("td"),
+    h("td"),
+    h("td", {}, step.backend),
+    h("td"),
+    h("td"),
+    h("td"),
+  );
+  if (step.id === view.selected) row.setAttribute("aria-selected", "true");
+  view.rows.set(step.id, row);
+  updateRow(view, step.id);
+  return row;
+}
+
+/**
+ * A step the page has not seen: a leg a split node made at run time
+ * (`batch:`, `foreach:`). It joins its step's box and gets a row.
+ */
+function adoptStep(view, id) {
+  const name = id.replace(/\[.*$/, "");
+  const group = view.groups.get(name);
+  if (!group) return;
+  // Its backend: a sibling leg's (the split node's own is `split`).
+  const sibling = group.ids.map((other) => view.byId.get(other)).find((other) =>
+    other && other.backend !== "split"
+  );
+  const step = { id, name, backend: sibling?.backend ?? "", needs: [] };
+  view.byId.set(id, step);
+  view.plan.push(step);
+  group.ids.push(id);
+  if (view.tableDone) document.querySelector("#steps tbody").append(stepRow(view, step));
 }
 
 function updateRow(view, id) {
