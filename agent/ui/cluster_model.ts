@@ -25,6 +25,7 @@ import {
 import { readArtifact } from "./_artifacts.ts";
 import { Channel } from "./_channel.ts";
 import {
+  followRun,
   type LogChunk,
   type ReadModel,
   type RunChange,
@@ -86,32 +87,14 @@ export function clusterReadModel(options: ClusterModelOptions): ReadModel {
           changes.push({ type: "step", step: JSON.parse(kv.value) as StepState });
         }
         if (isTerminalRunStatus((JSON.parse(current.value) as ClusterRunRecord).status)) return;
-        const stop = new AbortController();
-        const both = AbortSignal.any([signal, stop.signal]);
-        await Promise.race([
-          (async () => {
-            for await (
-              const event of store.watch(runKey, { fromRevision: revision + 1, signal: both })
-            ) {
-              if (event.type !== "put" || event.key !== runKey) continue;
-              const record = JSON.parse(event.value!) as ClusterRunRecord;
-              changes.push({ type: "run", run: summaryOf(record) });
-              if (isTerminalRunStatus(record.status)) return;
-            }
-          })(),
-          (async () => {
-            for await (
-              const event of store.watch(clusterKeys.stepPrefix(runId), {
-                fromRevision: revision + 1,
-                signal: both,
-              })
-            ) {
-              if (event.type === "put") {
-                changes.push({ type: "step", step: JSON.parse(event.value!) as StepState });
-              }
-            }
-          })(),
-        ]).finally(() => stop.abort());
+        await followRun(
+          store,
+          { run: runKey, steps: clusterKeys.stepPrefix(runId) },
+          revision + 1,
+          signal,
+          (change) => changes.push(change),
+          summaryOf,
+        );
       })().then(
         () => changes.close(),
         (error) => changes.close(signal.aborted ? undefined : error),

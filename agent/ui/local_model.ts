@@ -25,6 +25,7 @@ import {
 import { readArtifact } from "./_artifacts.ts";
 import { Channel } from "./_channel.ts";
 import {
+  followRun,
   type LogChunk,
   type ReadModel,
   type RunChange,
@@ -122,33 +123,14 @@ export function localReadModel(stateDir: string): LocalModel {
           changes.push({ type: "step", step: JSON.parse(kv.value) as StepState });
         }
         if (isTerminalRunStatus(run.status)) return;
-        const stop = new AbortController();
-        const both = AbortSignal.any([signal, stop.signal]);
-        const runKey = localKeys.run(run.runId);
-        await Promise.race([
-          (async () => {
-            for await (
-              const event of store.watch(runKey, { fromRevision: revision + 1, signal: both })
-            ) {
-              if (event.type !== "put" || event.key !== runKey) continue;
-              const next = JSON.parse(event.value!) as RunRecord;
-              changes.push({ type: "run", run: summaryOf(next) });
-              if (isTerminalRunStatus(next.status)) return;
-            }
-          })(),
-          (async () => {
-            for await (
-              const event of store.watch(localKeys.stepPrefix(run.runId), {
-                fromRevision: revision + 1,
-                signal: both,
-              })
-            ) {
-              if (event.type === "put") {
-                changes.push({ type: "step", step: JSON.parse(event.value!) as StepState });
-              }
-            }
-          })(),
-        ]).finally(() => stop.abort());
+        await followRun(
+          store,
+          { run: localKeys.run(run.runId), steps: localKeys.stepPrefix(run.runId) },
+          revision + 1,
+          signal,
+          (change) => changes.push(change),
+          summaryOf,
+        );
       })().then(
         () => changes.close(),
         (error) => changes.close(signal.aborted ? undefined : error),

@@ -11,6 +11,8 @@
 
 import { expandPlan } from "../../core/fanout.ts";
 import type { Plan, RunStatus, StepState } from "../../core/model.ts";
+import { isTerminalRunStatus } from "../../core/model.ts";
+import type { Store } from "../../consensus/store.ts";
 
 /** A run as the runs page lists it. */
 export interface RunSummary {
@@ -188,4 +190,38 @@ export function stepViewsOf(steps: Record<string, StepState>): StepView[] {
     backend: "?",
     needs: [],
   }));
+}
+
+/**
+ * Follows a run's record and its steps in `store` from `fromRevision`
+ * until the run ends (or `signal` aborts), pushing each change as the view
+ * reads it; both read models (cluster and local) watch this way.
+ */
+export async function followRun<R extends { status: RunStatus }>(
+  store: Store,
+  keys: { run: string; steps: string },
+  fromRevision: number,
+  signal: AbortSignal,
+  push: (change: RunChange) => void,
+  summaryOf: (record: R) => RunSummary,
+): Promise<void> {
+  const stop = new AbortController();
+  const both = AbortSignal.any([signal, stop.signal]);
+  await Promise.race([
+    (async () => {
+      for await (const event of store.watch(keys.run, { fromRevision, signal: both })) {
+        if (event.type !== "put" || event.key !== keys.run) continue;
+        const record = JSON.parse(event.value!) as R;
+        push({ type: "run", run: summaryOf(record) });
+        if (isTerminalRunStatus(record.status)) return;
+      }
+    })(),
+    (async () => {
+      for await (const event of store.watch(keys.steps, { fromRevision, signal: both })) {
+        if (event.type === "put") {
+          push({ type: "step", step: JSON.parse(event.value!) as StepState });
+        }
+      }
+    })(),
+  ]).finally(() => stop.abort());
 }
