@@ -99,20 +99,25 @@ export function spawnCli(
     stderr: "piped",
   }).spawn();
   const seen: string[] = [];
-  async function* readLines() {
-    let buffer = "";
-    for await (const chunk of child.stdout.pipeThrough(new TextDecoderStream())) {
-      buffer += chunk;
-      let newline;
-      while ((newline = buffer.indexOf("\n")) >= 0) {
-        const line = buffer.slice(0, newline);
-        buffer = buffer.slice(newline + 1);
-        seen.push(line);
-        yield line;
-      }
+  return { child, lines: linesOf(child.stdout, seen), seen };
+}
+
+/** The lines of a stream as they come, each also kept in `seen`. */
+export async function* linesOf(
+  stream: ReadableStream<Uint8Array>,
+  seen: string[] = [],
+): AsyncGenerator<string> {
+  let buffer = "";
+  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+    buffer += chunk;
+    let newline;
+    while ((newline = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, newline);
+      buffer = buffer.slice(newline + 1);
+      seen.push(line);
+      yield line;
     }
   }
-  return { child, lines: readLines(), seen };
 }
 
 /** Reads lines until one matches, or fails after the deadline. */

@@ -10,7 +10,7 @@ import { openTracer, type Tracer } from "../agent/trace/exporter.ts";
 import { parseTraceparent } from "../agent/trace/context.ts";
 import { openLocalState } from "../agent/local/mod.ts";
 import { getRunRecord } from "../agent/local/state.ts";
-import { CLI_PERMISSIONS, MAIN, poll, runCli, sandbox, waitForLine } from "./_helpers.ts";
+import { CLI_PERMISSIONS, linesOf, MAIN, poll, runCli, sandbox, waitForLine } from "./_helpers.ts";
 import { RunClient } from "../agent/client/mod.ts";
 import { openLocalArtifactStore } from "../core/artifacts/local.ts";
 
@@ -257,19 +257,7 @@ function spawnRunnel(args: string[], cwd: string) {
     stderr: "piped",
   }).spawn();
   const seen: string[] = [];
-  const lines = (async function* () {
-    let buffer = "";
-    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
-      buffer += chunk;
-      let newline;
-      while ((newline = buffer.indexOf("\n")) >= 0) {
-        const line = buffer.slice(0, newline);
-        buffer = buffer.slice(newline + 1);
-        seen.push(line);
-        yield line;
-      }
-    }
-  })();
+  const lines = linesOf(child.stderr, seen);
   // Keeps reading once the test stops looking, so the pipe never fills.
   const drained = async () => {
     await waitForLine(lines, () => false, 120_000).catch(() => {});
