@@ -198,10 +198,20 @@ export function fanOutProblem(
   return undefined;
 }
 
+/** A leg's dimension in its id and matrix: `batch` or `item`. */
+function dimensionOf(split: PlannedStep): "batch" | "item" {
+  return split.fanOut!.kind === "batch" ? "batch" : "item";
+}
+
+/** The instance id of one leg of split node `split`: `analyze[batch=0007]`. */
+function legId(split: PlannedStep, leg: FanOutLeg): string {
+  return instanceId(split.name, { [dimensionOf(split)]: leg.key });
+}
+
 /** The legs of split node `split` for the legs it reported, in order. */
 export function legsOf(split: PlannedStep, legs: FanOutLeg[]): PlannedStep[] {
   const fanOut = split.fanOut!;
-  const dimension = fanOut.kind === "batch" ? "batch" : "item";
+  const dimension = dimensionOf(split);
   return legs.map((leg, index) => {
     const matrix = { [dimension]: leg.key };
     const extraEnv: Record<string, string> = fanOut.kind === "batch"
@@ -252,11 +262,11 @@ export function legsOf(split: PlannedStep, legs: FanOutLeg[]): PlannedStep[] {
 export function expandSplit(plan: Plan, splitId: string, legs: FanOutLeg[]): string[] {
   const split = plan.steps[splitId];
   if (!split?.fanOut) return [];
-  const planned = legsOf(split, legs);
-  const ids = planned.map((leg) => leg.id);
-  // Expanded already (a plan shared by two engines, a rehydration): the same legs.
+  const ids = legs.map((leg) => legId(split, leg));
+  // Expanded already (a plan shared by two engines, a rehydration): the same
+  // legs, found without planning (and hashing) them again.
   if (ids.some((id) => id in plan.steps)) return ids;
-  for (const leg of planned) plan.steps[leg.id] = leg;
+  for (const leg of legsOf(split, legs)) plan.steps[leg.id] = leg;
   const at = plan.order.indexOf(splitId);
   plan.order.splice(at + 1, 0, ...ids);
   for (const id of plan.order) {
