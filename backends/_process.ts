@@ -23,6 +23,7 @@ import {
 import { LogQueue } from "./log_queue.ts";
 import { raceTimeout } from "../core/_async.ts";
 import { KILL_PATHS, PS_PATHS, SETSID_PATHS } from "./_tools.ts";
+import { ShellSignaller } from "./_signal.ts";
 
 /**
  * How long output may keep arriving after the process exited before the
@@ -316,10 +317,17 @@ function mayRun(path: string): boolean {
 /** `kill(1)`'s path when `Deno.kill` is not granted; computed on first need. */
 let killCommand: string | null | undefined;
 
+/** The shell whose builtin `kill` signals groups when `Deno.kill` is not granted. */
+const SIGNAL_SHELL = "/bin/sh";
+
+/** The long-lived shell signalling for this host, `null` when it may not run one. */
+let signaller: ShellSignaller | null | undefined;
+
 /**
  * Sends `signal` to the process group `pgid`; false when there is no such
  * group. `Deno.kill` needs an unrestricted run grant, which a plugin host
- * does not have: there, `kill(1)` (granted by name) does it.
+ * does not have: there, its shell's builtin `kill` does it (see
+ * `_signal.ts`), or `kill(1)` (granted by name) when it has no shell.
  */
 async function signalGroup(pgid: number, signal: Deno.Signal): Promise<boolean> {
   try {
@@ -328,6 +336,13 @@ async function signalGroup(pgid: number, signal: Deno.Signal): Promise<boolean> 
   } catch (error) {
     if (!(error instanceof Deno.errors.NotCapable)) return false;
   }
+  if (signaller === undefined) {
+    signaller = isExecutable(SIGNAL_SHELL) && mayRun(SIGNAL_SHELL)
+      ? new ShellSignaller(SIGNAL_SHELL)
+      : null;
+  }
+  const delivered = await signaller?.signal(pgid, signal);
+  if (delivered !== undefined) return delivered;
   killCommand ??= KILL_PATHS.find((path) => isExecutable(path) && mayRun(path)) ?? null;
   if (killCommand === null) return false;
   try {
