@@ -58,6 +58,13 @@ import {
 /** Longest the run waits, after finishing, for on-failure webhooks still in flight. */
 const WEBHOOK_DRAIN_MS = 15_000;
 
+/**
+ * Longest an applied attempt start waits for a commit to ride with. The
+ * store then says `running` instead of `scheduled`; a runner that dies
+ * before loses nothing: a resume counts the attempt lost either way.
+ */
+const START_COMMIT_DELAY_MS = 20;
+
 /** Something a user interface may show while a run goes on. */
 export type RunEvent =
   | { type: "run"; runId: string; pipeline: string; status: RunStatus; at: number; steps: string[] }
@@ -148,7 +155,10 @@ export class LocalDriver {
   readonly #webhooks: WebhookNotifier;
   readonly #trace: RunTrace;
   #queue: Promise<void> = Promise.resolve();
-  readonly #pending: Array<{ event: EngineEvent; ignoreFinish: boolean }> = [];
+  /** Events to apply; an item without an event only asks for a commit. */
+  readonly #pending: Array<{ event?: EngineEvent; ignoreFinish: boolean }> = [];
+  /** Set while applied starts wait for their commit (see {@link START_COMMIT_DELAY_MS}). */
+  #startCommit: ReturnType<typeof setTimeout> | undefined;
   /**
    * How many attempts may be in flight: unbounded (the engine's concurrency
    * decides) until one cannot start for want of a resource; then as many as
@@ -246,6 +256,7 @@ export class LocalDriver {
       };
     } finally {
       signal?.removeEventListener("abort", onAbort);
+      clearTimeout(this.#startCommit);
       watchAbort.abort();
       this.#wake.clear();
       await release();
@@ -268,7 +279,10 @@ export class LocalDriver {
       while (this.#pending.length > 0) {
         const batch = this.#pending.splice(0);
         const effects: Effect[] = [];
+        let deferrable = true;
         for (const { event, ignoreFinish } of batch) {
+          if (!event || event.type !== "AttemptStarted") deferrable = false;
+          if (!event) continue;
           for (const effect of this.#engine.step(event).effects) {
             // Replayed losses before a resume end the run (and may fail steps)
             // only for a moment: showing or announcing that would mislead.
@@ -279,8 +293,16 @@ export class LocalDriver {
           }
         }
         // Persist before acting: the store never knows less than was done.
-        await this.#persist();
-        this.#traceEnded(batch.map(({ event }) => event), effects);
+        // A batch of starts alone acts on nothing that must be durable (a
+        // status shown, a deadline armed): its commit may wait a moment for
+        // the next batch's, which writes it too: one commit a step, not two.
+        if (deferrable) this.#deferCommit();
+        else {
+          clearTimeout(this.#startCommit);
+          this.#startCommit = undefined;
+          await this.#persist();
+        }
+        this.#traceEnded(batch.flatMap(({ event }) => event ? [event] : []), effects);
         for (const effect of effects) this.#perform(effect);
       }
     } catch (error) {
@@ -288,6 +310,15 @@ export class LocalDriver {
     } finally {
       this.#draining = false;
     }
+  }
+
+  /** Commits the applied starts within {@link START_COMMIT_DELAY_MS}, unless a batch does first. */
+  #deferCommit(): void {
+    this.#startCommit ??= setTimeout(() => {
+      this.#startCommit = undefined;
+      this.#pending.push({ ignoreFinish: false });
+      if (!this.#draining) this.#queue = this.#drain();
+    }, START_COMMIT_DELAY_MS);
   }
 
   /**
