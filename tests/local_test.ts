@@ -423,7 +423,7 @@ Deno.test("gc removes artifacts, scratch and logs of old unpinned runs and keeps
     "pipeline.yaml",
     `name: gc-demo
 steps:
-  make: { backend: shell, run: "echo data > $RUNNEL_OUTPUT_DATA_TXT", outputs: [data.txt] }
+  make: { backend: shell, run: "echo making; echo data > $RUNNEL_OUTPUT_DATA_TXT", outputs: [data.txt] }
   broken: { backend: shell, needs: [make], run: "exit 1" }
 `,
   );

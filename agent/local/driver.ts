@@ -485,7 +485,7 @@ export class LocalDriver {
     }
     this.#track(record.attemptId, running.stepId, record.spec.attempt, async (active) => {
       active.started = true;
-      const log = await this.#openLog(active);
+      const log = this.#openLog(active);
       try {
         // The record names the secrets; their values are resolved again here.
         let secrets: Record<string, string> | undefined;
@@ -535,7 +535,7 @@ export class LocalDriver {
           return this.#report(active, attemptId, { ok: true, exitCode: 0, outputs, cached: true });
         }
       }
-      log = await this.#openLog(active);
+      log = this.#openLog(active);
       if (active.stopped) return;
       if (step.backend === PIPELINE_BACKEND) {
         active.started = true;
@@ -706,25 +706,31 @@ export class LocalDriver {
    * A write that fails (a full disk) stops the attempt, whose output can no
    * longer be kept: it fails as `infrastructure` (the sink's `failure`).
    */
-  async #openLog(active: ActiveAttempt): Promise<LogFile> {
+  #openLog(active: ActiveAttempt): LogFile {
     const { state, record } = this.#context;
     const { stepId, attempt } = active;
-    this.#logDirReady ??= Deno.mkdir(`${state.paths.logs}/${record.runId}`, { recursive: true })
-      .catch((error) => {
-        this.#logDirReady = undefined;
-        throw error;
-      });
-    await this.#logDirReady;
     const path = logPath(state.paths, record.runId, stepId, attempt);
-    const file = await Deno.open(path, { create: true, append: true });
     const encoder = new TextEncoder();
     let closed = false;
+    // Created with the attempt's first output: a step that prints nothing
+    // costs no file (readers take a missing log for an empty one).
+    let opening: Promise<Deno.FsFile> | undefined;
+    const open = async () => {
+      this.#logDirReady ??= Deno.mkdir(`${state.paths.logs}/${record.runId}`, { recursive: true })
+        .catch((error) => {
+          this.#logDirReady = undefined;
+          throw error;
+        });
+      await this.#logDirReady;
+      return await Deno.open(path, { create: true, append: true });
+    };
     const sink: LogFile = {
       onLog: async ({ stream, text }) => {
         if (closed) return;
         this.#emit({ type: "log", runId: record.runId, stepId, attempt, stream, text });
         if (sink.failure) return;
         try {
+          const file = await (opening ??= open());
           const bytes = encoder.encode(text);
           // A nearly full disk takes part of a write before it refuses the rest.
           for (let written = 0; written < bytes.length;) {
@@ -743,7 +749,13 @@ export class LocalDriver {
       close: () => {
         if (closed) return;
         closed = true;
-        file.close();
+        opening?.then((file) => {
+          try {
+            file.close();
+          } catch {
+            // Already closed.
+          }
+        }, () => {});
       },
     };
     return sink;
