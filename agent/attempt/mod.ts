@@ -420,6 +420,8 @@ export class AttemptLifecycle {
     };
     // Recorded before anything starts: a runner that dies from here on
     // leaves a record that names the backend (and, once known, the handle).
+    // A backend that can neither re-attach nor recover by attempt finds
+    // nothing from a record without a handle: it is recorded once, with it.
     const record: AttemptRecord = {
       attemptId: job.attemptId,
       backend: job.backend,
@@ -428,7 +430,10 @@ export class AttemptLifecycle {
       recordedAt: Date.now(),
       ...(job.trace ? { trace: job.trace } : {}),
     };
-    await this.#save(record);
+    const capabilities = this.#options.pool.declaredCapabilities(job.backend);
+    if (!capabilities || capabilities.reattach || capabilities.recoverPerAttempt) {
+      await this.#save(record);
+    }
     spans?.executing();
     const execution = await this.#options.pool.backend(job.backend).start(spec);
     attempt.execution = execution;

@@ -238,6 +238,7 @@ Deno.test("lifecycle: an attempt that cannot start for want of open files is los
   const pool = {
     context: { scratchRoot: dir, agentId: "test" },
     source: () => ({}),
+    declaredCapabilities: () => undefined,
     backend: () => ({ start: () => Promise.reject(new Error(refusal)) }),
   } as unknown as PluginHostPool;
   const attempts = new AttemptLifecycle({

@@ -183,9 +183,14 @@ export class PluginHostPool {
    * call of the backend, or {@link validate}); none before that.
    */
   capabilities(name: string): BackendCapabilities {
+    return this.declaredCapabilities(name) ?? NO_CAPABILITIES;
+  }
+
+  /** Like {@link capabilities}, but undefined while a third-party backend's are unknown. */
+  declaredCapabilities(name: string): BackendCapabilities | undefined {
     const source = this.#sources.get(name);
     if (!source) throw new UnknownPluginError(name, this.names);
-    return source.manifest?.capabilities ?? this.#described.get(name) ?? NO_CAPABILITIES;
+    return source.manifest?.capabilities ?? this.#described.get(name);
   }
 
   /**
