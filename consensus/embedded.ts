@@ -1,8 +1,17 @@
 /**
  * The embedded store engine: etcd semantics on one `node:sqlite` file.
  *
- * Durability: WAL journal with `synchronous=FULL`, so a transaction that
- * returned has been fsynced and survives a SIGKILL or power loss. Several
+ * Durability: WAL journal, and a write's promise resolves only once the WAL
+ * has been fsynced after it, so a write that returned survives a SIGKILL or
+ * power loss. The fsync is not SQLite's (`synchronous=FULL` would block the
+ * event loop for each commit): commits go to the WAL unsynced, and the
+ * WAL's `fdatasync` runs on Deno's blocking pool, one for every commit made
+ * while the last one ran (group commit). Checkpoints, which copy the WAL
+ * into the database before it is reused, run with `synchronous=FULL`, at
+ * this store's choosing (SQLite's automatic ones are off) and when the last
+ * connection closes, so the database file is synced before frames it needs
+ * are overwritten. Inside this process a commit is visible to reads at
+ * once; watches are woken once it is durable. Several
  * processes may open the same file: every write is a `BEGIN IMMEDIATE`
  * transaction (one writer at a time, others wait up to the busy timeout),
  * and the revision counter lives in the database, so revisions stay global
@@ -76,6 +85,8 @@ export interface EmbeddedStore extends Store {
 const DEFAULT_POLL_INTERVAL_MS = 50;
 /** Long enough to ride out another process's fsync-bound commits. */
 const DEFAULT_BUSY_TIMEOUT_MS = 10_000;
+/** Commits between two checkpoints of the WAL into the database file. */
+const CHECKPOINT_EVERY_COMMITS = 1_000;
 /** Events read from history per query, so a far-behind watch streams in pages. */
 const WATCH_PAGE_SIZE = 512;
 
@@ -307,6 +318,18 @@ class SqliteStore implements EmbeddedStore {
   #closed = false;
   #dataVersion = 0;
   readonly #sql: Record<string, StatementSync>;
+  /** Commits are made durable by this store's own WAL fsync (a file, not read-only). */
+  readonly #ownSync: boolean;
+  /** Commits made, and how many of them are known durable. */
+  #commits = 0;
+  #synced = 0;
+  #checkpointedAt = 0;
+  /** Callers waiting for commits up to `upTo` to be durable. */
+  #syncWaiters: Array<{ upTo: number; resolve: () => void; reject: (error: unknown) => void }> = [];
+  #syncing: Promise<void> | undefined;
+  #wal: Deno.FsFile | undefined;
+  /** Set when a WAL fsync failed: nothing written since can be trusted durable. */
+  #syncFailure: unknown;
 
   constructor(path: string, options: EmbeddedStoreOptions) {
     this.path = path;
@@ -318,10 +341,17 @@ class SqliteStore implements EmbeddedStore {
     } else {
       this.#db = new DatabaseSync(path);
       this.#db.exec(`PRAGMA busy_timeout = ${Math.trunc(busyTimeoutMs)}`);
-      if (path !== ":memory:") this.#db.exec("PRAGMA journal_mode = WAL");
+      if (path !== ":memory:") {
+        this.#db.exec("PRAGMA journal_mode = WAL");
+        this.#db.exec("PRAGMA wal_autocheckpoint = 0");
+      }
+      // The schema is made as SQLite makes anything durable; every later
+      // commit by this store's own fsync of the WAL (see the module doc).
       this.#db.exec("PRAGMA synchronous = FULL");
       this.#immediate(() => this.#db.exec(SCHEMA));
+      if (path !== ":memory:") this.#db.exec("PRAGMA synchronous = OFF");
     }
+    this.#ownSync = !this.#readOnly && path !== ":memory:";
     const prepare = (sql: string) => this.#db.prepare(sql);
     this.#sql = {
       revision: prepare("SELECT value FROM meta WHERE name = 'revision'"),
@@ -492,24 +522,106 @@ class SqliteStore implements EmbeddedStore {
     return this.#run(() => this.#currentRevision());
   }
 
-  close(): Promise<void> {
-    if (!this.#closed) {
-      this.#closed = true;
-      clearInterval(this.#timer);
-      for (const waker of this.#wakers) waker.wake();
-      this.#wakers.clear();
-      this.#db.close();
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearInterval(this.#timer);
+    for (const waker of this.#wakers) waker.wake();
+    this.#wakers.clear();
+    let failure: unknown;
+    if (this.#ownSync) {
+      await this.#syncing?.catch(() => {});
+      if (this.#synced < this.#commits && this.#syncFailure === undefined) {
+        await this.#syncWal().catch((error) => failure = error);
+      }
+      this.#wal?.close();
+      this.#wal = undefined;
+      try {
+        // The last connection checkpoints the WAL into the database and
+        // deletes it: with the database file synced first.
+        this.#db.exec("PRAGMA synchronous = FULL");
+      } catch {
+        // Closed below all the same.
+      }
     }
-    return Promise.resolve();
+    this.#db.close();
+    this.#settleWaiters(failure ?? this.#syncFailure);
   }
 
-  /** Runs a synchronous body as a promise, refusing work after close. */
+  /**
+   * Runs a synchronous body as a promise, refusing work after close; when
+   * it committed, the promise waits for the commit to be durable.
+   */
   #run<T>(body: () => T): Promise<T> {
     try {
       if (this.#closed) throw new StoreClosedError();
-      return Promise.resolve(body());
+      const before = this.#commits;
+      const value = body();
+      if (this.#commits === before) return Promise.resolve(value);
+      return this.#durable(this.#commits).then(() => value);
     } catch (error) {
       return Promise.reject(error);
+    }
+  }
+
+  /** Resolves once the first `upTo` commits are durable. */
+  #durable(upTo: number): Promise<void> {
+    if (this.#syncFailure !== undefined) return Promise.reject(this.#syncFailure);
+    if (!this.#ownSync || this.#synced >= upTo) return Promise.resolve();
+    const waiter = Promise.withResolvers<void>();
+    this.#syncWaiters.push({ upTo, resolve: waiter.resolve, reject: waiter.reject });
+    this.#syncing ??= this.#syncLoop().finally(() => this.#syncing = undefined);
+    return waiter.promise;
+  }
+
+  /** Fsyncs the WAL while commits wait for it: each round covers every commit made before it. */
+  async #syncLoop(): Promise<void> {
+    while (this.#syncWaiters.length > 0 && !this.#closed) {
+      try {
+        await this.#syncWal();
+      } catch (error) {
+        this.#syncFailure = error;
+      }
+      this.#settleWaiters(this.#syncFailure);
+      if (this.#syncFailure !== undefined || this.#closed) return;
+      if (this.#synced - this.#checkpointedAt >= CHECKPOINT_EVERY_COMMITS) this.#checkpoint();
+    }
+  }
+
+  /** One fdatasync of the WAL, covering every commit made before it started. */
+  async #syncWal(): Promise<void> {
+    const upTo = this.#commits;
+    this.#wal ??= await Deno.open(`${this.path}-wal`, { read: true });
+    await this.#wal.syncData();
+    this.#synced = Math.max(this.#synced, upTo);
+  }
+
+  /** Resolves the waiters now durable (all of them, rejected, on `failure`). */
+  #settleWaiters(failure?: unknown): void {
+    const waiting = this.#syncWaiters;
+    this.#syncWaiters = [];
+    for (const waiter of waiting) {
+      if (failure !== undefined) waiter.reject(failure);
+      else if (this.#synced >= waiter.upTo) waiter.resolve();
+      else if (this.#closed) waiter.reject(new StoreClosedError());
+      else this.#syncWaiters.push(waiter);
+    }
+  }
+
+  /**
+   * Copies the WAL into the database file, syncing both (`synchronous=FULL`
+   * for the occasion), so that the WAL can start over. Another process
+   * reading an old snapshot may hold part of it back; the next one goes on.
+   */
+  #checkpoint(): void {
+    try {
+      this.#db.exec("PRAGMA synchronous = FULL");
+      this.#db.exec("PRAGMA wal_checkpoint(PASSIVE)");
+      this.#checkpointedAt = this.#synced;
+    } catch {
+      // Busy: tried again after the next commits.
+    } finally {
+      this.#db.exec("PRAGMA synchronous = OFF");
     }
   }
 
@@ -528,10 +640,12 @@ class SqliteStore implements EmbeddedStore {
   /** Runs `body` in a write transaction that takes the file's write lock up front. */
   #immediate<T>(body: () => T): T {
     if (this.#readOnly) throw new ReadOnlyStoreError(this.path);
+    if (this.#syncFailure !== undefined) throw this.#syncFailure;
     this.#db.exec("BEGIN IMMEDIATE");
     try {
       const result = body();
       this.#db.exec("COMMIT");
+      this.#commits++;
       return result;
     } catch (error) {
       if (this.#db.isTransaction) this.#db.exec("ROLLBACK");
@@ -568,8 +682,11 @@ class SqliteStore implements EmbeddedStore {
     } finally {
       this.#touched = undefined;
     }
-    // Only the watches of the keys written: a write elsewhere costs them no read.
-    if (result.changed) this.#wakeWatchers(touched);
+    // Only the watches of the keys written (a write elsewhere costs them no
+    // read), once the write is durable.
+    if (result.changed) {
+      this.#durable(this.#commits).then(() => this.#wakeWatchers(touched), () => {});
+    }
     return result.revision;
   }
 

@@ -135,6 +135,40 @@ Deno.test("embedded: every committed txn survives SIGKILL of the writer", async 
   });
 });
 
+Deno.test("embedded: writes in flight together all resolve, and the WAL is checkpointed (it starts over, bounded)", async () => {
+  await withTempDir(async (dir) => {
+    const path = `${dir}/state.db`;
+    const store = openEmbeddedStore(path);
+    try {
+      // Many at once: they share WAL fsyncs; each resolves once durable, in revision order.
+      const revisions = await Promise.all(
+        Array.from({ length: 300 }, (_, i) => store.put(`burst/${i}`, String(i))),
+      );
+      assert.deepEqual(revisions, revisions.map((_, i) => i + 1));
+      // Until the first checkpoint the WAL only grows; after it, it is reused from its start.
+      for (let i = 300; i < 900; i++) await store.put(`seq/${i % 50}`, String(i));
+      const before = (await Deno.stat(`${path}-wal`)).size;
+      for (let i = 900; i < 3_000; i++) await store.put(`seq/${i % 50}`, String(i));
+      const after = (await Deno.stat(`${path}-wal`)).size;
+      assert.ok(
+        after <= before * 1.5,
+        `WAL grew from ${before} to ${after} bytes over 2,100 commits`,
+      );
+    } finally {
+      await store.close();
+    }
+    // Closed: the WAL was folded into the database, which holds everything.
+    const again = openEmbeddedStore(path);
+    try {
+      assert.equal((await again.list("burst/")).items.length, 300);
+      assert.equal((await again.get("seq/49"))?.value, "2999");
+      assert.equal(await again.revision(), 3_000);
+    } finally {
+      await again.close();
+    }
+  });
+});
+
 Deno.test("embedded: two connections to one file share one revision sequence", async () => {
   await withTempDir(async (dir) => {
     const path = `${dir}/state.db`;
