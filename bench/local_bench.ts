@@ -80,6 +80,102 @@ export async function benchNoopSteps(count = 1000, concurrency = 2): Promise<voi
   }
 }
 
+const MAIN = new URL("../main.ts", import.meta.url).pathname;
+const LOCK = new URL("../deno.lock", import.meta.url).pathname;
+
+/** `runnel run FILE` as a user types it (`deno task run`), output to /dev/null; wall ms. */
+async function runnelRun(file: string, stateDir: string): Promise<number> {
+  const started = performance.now();
+  const { code } = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      `--lock=${LOCK}`,
+      "--allow-read",
+      "--allow-write",
+      "--allow-run",
+      "--allow-env",
+      "--allow-net",
+      "--allow-sys=hostname,osRelease",
+      MAIN,
+      "run",
+      file,
+      "--state-dir",
+      stateDir,
+    ],
+    stdout: "null",
+    stderr: "null",
+  }).output();
+  const ms = performance.now() - started;
+  if (code !== 0) throw new Error(`runnel run ${file} exited with ${code}`);
+  return ms;
+}
+
+/**
+ * 400 sequential no-op shell steps timed from outside: `runnel run` as a
+ * whole process (start-up, plan, store, every step, exit) against the
+ * anchor, 400 sequential `sh -c true` spawned from a Deno process. A run of
+ * one step gives runnel's own start-up and exit. Target: ≤ 1 ms per step
+ * beyond the spawn, start-up included (issue 17).
+ */
+export async function benchOutsideSequential(count = 400, runs = 3): Promise<void> {
+  const dir = await tempDir();
+  try {
+    const steps = (n: number) =>
+      Array.from(
+        { length: n },
+        (_, i) => `  s${i}: { backend: shell, run: "true"${i > 0 ? `, needs: [s${i - 1}]` : ""} }`,
+      )
+        .join("\n");
+    await Deno.writeTextFile(`${dir}/one.yaml`, `name: one\nsteps:\n${steps(1)}\n`);
+    await Deno.writeTextFile(`${dir}/many.yaml`, `name: many\nsteps:\n${steps(count)}\n`);
+    await runnelRun(`${dir}/one.yaml`, `${dir}/warm`); // module cache warm, not timed
+    const anchor: number[] = [];
+    const one: number[] = [];
+    const many: number[] = [];
+    for (let round = 0; round < runs; round++) {
+      const started = performance.now();
+      for (let i = 0; i < count; i++) {
+        await new Deno.Command("sh", { args: ["-c", "true"], stdout: "null", stderr: "null" })
+          .output();
+      }
+      anchor.push(performance.now() - started);
+      one.push(await runnelRun(`${dir}/one.yaml`, `${dir}/state-one-${round}`));
+      many.push(await runnelRun(`${dir}/many.yaml`, `${dir}/state-many-${round}`));
+    }
+    const anchorMs = median(anchor);
+    const oneMs = median(one);
+    const manyMs = median(many);
+    const beyond = (manyMs - anchorMs) / count;
+    printTable(`${count} sequential no-op shell steps, timed from outside (median of ${runs})`, [
+      {
+        what: `${count} × sh -c true, sequential (anchor)`,
+        total_ms: anchorMs.toFixed(0),
+        per_step_ms: (anchorMs / count).toFixed(2),
+        ratio: "1.00",
+      },
+      {
+        what: "runnel run, 1 step (start-up and exit)",
+        total_ms: oneMs.toFixed(0),
+        per_step_ms: "",
+        ratio: "",
+      },
+      {
+        what: `runnel run, ${count} steps`,
+        total_ms: manyMs.toFixed(0),
+        per_step_ms: (manyMs / count).toFixed(2),
+        ratio: (manyMs / anchorMs).toFixed(2),
+      },
+    ]);
+    console.log(
+      `beyond the spawn: ${beyond.toFixed(2)} ms/step start-up included, ` +
+        `${((manyMs - oneMs - anchorMs) / count).toFixed(2)} ms/step without it ` +
+        `(target ≤ 1 ms/step from outside: ${beyond <= 1 ? "met" : "NOT met"})`,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
 const FIBO_MODULE = `export default function (ctx: { args: string[] }) {
   const n = Number(ctx.args[0]);
   const fibo = (k: number): number => k <= 1 ? k : fibo(k - 1) + fibo(k - 2);
@@ -221,5 +317,6 @@ export async function benchWindmill(lightTasks = 400, longTasks = 10): Promise<v
 
 if (import.meta.main) {
   await benchNoopSteps();
+  await benchOutsideSequential();
   await benchWindmill();
 }

@@ -8,7 +8,7 @@
 
 import { benchPlan } from "./plan_bench.ts";
 import { benchDenoStep } from "./deno_step_bench.ts";
-import { benchNoopSteps, benchWindmill } from "./local_bench.ts";
+import { benchNoopSteps, benchOutsideSequential, benchWindmill } from "./local_bench.ts";
 import { benchShellBackend } from "./shell_backend_bench.ts";
 import { benchPlugins } from "./plugin_bench.ts";
 import { benchDocker } from "./docker_bench.ts";
@@ -31,6 +31,7 @@ if (import.meta.main) {
   await benchDenoStep();
   await benchShellBackend();
   await benchNoopSteps();
+  await benchOutsideSequential();
   await benchWindmill();
   await benchSplit();
   await benchSpanCost();
