@@ -36,7 +36,8 @@ export type Request =
   | { id: number; op: "ping" }
   | { id: number; op: "fingerprint"; context?: HostContext }
   | { id: number; op: "start"; spec: AttemptSpec }
-  | { id: number; op: "wait"; exec: number }
+  /** With `cleanup`, the host cleans the execution up (and forgets it) before it answers. */
+  | { id: number; op: "wait"; exec: number; cleanup?: boolean }
   | { id: number; op: "status"; exec: number }
   | { id: number; op: "cancel"; exec: number; graceMs?: number }
   | { id: number; op: "cleanup"; exec: number }

@@ -148,23 +148,29 @@ export class RemoteBackend implements ExecutionBackend {
 class RemoteExecution implements Execution {
   readonly logs: LogQueue;
   #wait: Promise<ExitStatus> | undefined;
+  /** Its exit, once the host answered the wait (and cleaned it up). */
+  #exit: ExitStatus | undefined;
   #released = false;
 
   constructor(readonly host: PluginHost, readonly exec: number, readonly handle: string) {
     this.logs = host.logQueue(exec, handle);
     // Asked at once, so the answer arrives as the attempt ends instead of a
-    // round trip after the caller asks.
+    // round trip after the caller asks. Every caller cleans an execution up
+    // once it has ended: the host does it before it answers, which saves
+    // the cleanup's own round trip at the end of every attempt.
     this.wait();
   }
 
   wait(): Promise<ExitStatus> {
-    this.#wait ??= this.host.request("wait", { exec: this.exec }).catch((error) =>
-      statusOfError(error)
+    this.#wait ??= this.host.request("wait", { exec: this.exec, cleanup: true }).then(
+      (status) => this.#exit = status,
+      (error) => statusOfError(error),
     );
     return this.#wait;
   }
 
   async status(): Promise<ExecutionState> {
+    if (this.#exit) return { state: "exited", exit: this.#exit };
     try {
       return await this.host.request("status", { exec: this.exec });
     } catch (error) {
@@ -173,13 +179,13 @@ class RemoteExecution implements Execution {
   }
 
   async cancel(graceMs?: number): Promise<void> {
-    if (!this.host.alive) return;
+    if (!this.host.alive || this.#exit) return;
     await this.host.request("cancel", { exec: this.exec, graceMs }).catch(() => {});
   }
 
   async cleanup(): Promise<void> {
     try {
-      if (this.host.alive) await this.host.request("cleanup", { exec: this.exec });
+      if (this.host.alive && !this.#exit) await this.host.request("cleanup", { exec: this.exec });
     } finally {
       if (!this.#released) {
         this.#released = true;

@@ -213,6 +213,12 @@ export function serveBackend(module: Record<string, unknown>, name: string): Pro
         const entry = served(request.exec);
         const status = await entry.execution.wait();
         await entry.logsSent;
+        if (request.cleanup) {
+          // As a "cleanup" request would, without its round trip; its own
+          // errors would be ignored by the runner all the same.
+          await entry.execution.cleanup().catch(() => {});
+          executions.delete(request.exec);
+        }
         return status;
       }
       case "status":
