@@ -438,10 +438,17 @@ export class AttemptLifecycle {
     const execution = await this.#options.pool.backend(job.backend).start(spec);
     attempt.execution = execution;
     record.handle = execution.handle;
-    await this.#save(record);
+    // Written while the step runs (a short step is not held up by it); the
+    // attempt ends only once it is, so that `forget` comes after it.
+    const saved = this.#save(record);
+    saved.catch(() => {});
     sink.onStarted?.(execution.handle);
     if (attempt.stopReason) attempt.cancel();
-    return await this.#finish(attempt, spec, execution, sink, job.keepPartial === true);
+    try {
+      return await this.#finish(attempt, spec, execution, sink, job.keepPartial === true);
+    } finally {
+      await saved;
+    }
   }
 
   /**
