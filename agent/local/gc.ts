@@ -4,7 +4,6 @@
  * @module
  */
 
-import client from "npm:prom-client@15.1.3";
 import { DEFAULT_RETENTION_MS } from "../../core/artifacts/store.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import { listRuns, openLocalState } from "./state.ts";
@@ -120,6 +119,8 @@ export async function storageByPipeline(
 
 /** The storage gauges in Prometheus' text format (for a node_exporter textfile, say). */
 export async function storageMetrics(usage: PipelineStorage[]): Promise<string> {
+  // Loaded when asked for: `runnel run` (which loads this module) starts without it.
+  const { default: client } = await import("npm:prom-client@15.1.3");
   const registry = new client.Registry();
   const bytes = new client.Gauge({
     name: "runnel_artifact_bytes",
