@@ -472,7 +472,8 @@ async function launchWarm(plan: WarmPlan): Promise<WarmProcess<StepWatch>> {
     );
     const nonce = randomHex(NONCE_BYTES);
     const watch = new StepWatch();
-    let process: WarmProcess<StepWatch> | undefined;
+    // Markers arrive after the spawn returns, once the process is known.
+    const spawned: { process?: WarmProcess<StepWatch> } = {};
     let stdin: WritableStream<Uint8Array> | undefined;
     const execution = spawnExecution({
       command: Deno.execPath(),
@@ -484,12 +485,18 @@ async function launchWarm(plan: WarmPlan): Promise<WarmProcess<StepWatch>> {
       env: { NO_COLOR: "1", ...plan.runtime, [HARNESS_NONCE_ENV]: nonce },
       markerPrefix: markerPrefix(nonce),
       onMarker: (payload) => {
-        if (!process?.onMarker(payload)) watch.onMarker(payload);
+        if (!spawned.process?.onMarker(payload)) watch.onMarker(payload);
       },
       onStderrText: watch.onStderrText,
       onStdin: (stream) => stdin = stream,
     });
-    process = new WarmProcess(plan.key, slot, parseProcessHandle(execution.handle)!.pid, watch);
+    const process = new WarmProcess(
+      plan.key,
+      slot,
+      parseProcessHandle(execution.handle)!.pid,
+      watch,
+    );
+    spawned.process = process;
     process.bind(execution, stdin!);
     return process;
   } catch (error) {
