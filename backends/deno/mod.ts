@@ -266,22 +266,14 @@ async function startDenoStep(spec: AttemptSpec, pool?: WarmPool): Promise<Execut
   if (graph.refusal) return refusedExecution(spec, graph.refusal);
 
   const plan = pool && graph.loads ? warmPlan(spec, modulePath, graph.loads, runtime) : undefined;
-  if (pool && plan) {
-    const warm = pool.take<StepWatch>(plan.key);
-    // The replacement, for the next step of this key: started now, it is
-    // parked by the time that step comes, or nearer to it than a cold start.
-    pool.prestart(plan.key, () => launchWarm(plan));
-    if (warm) {
-      const execution = await startWarm(warm, spec, plan);
-      if (execution) return execution;
-    }
-  }
+  const execution = pool && plan ? await startPooled(pool, plan, spec) : undefined;
+  if (execution) return execution;
 
   const env: Record<string, string> = { NO_COLOR: "1", ...runtime, ...stepEnv(spec) };
   const nonce = randomHex(NONCE_BYTES);
   env[HARNESS_NONCE_ENV] = nonce;
   const watch = new StepWatch();
-  return spawnExecution({
+  const cold = spawnExecution({
     command: Deno.execPath(),
     args: denoArgs(spec, entryPath),
     cwd: spec.workDir,
@@ -291,6 +283,30 @@ async function startDenoStep(spec: AttemptSpec, pool?: WarmPool): Promise<Execut
     onStderrText: watch.onStderrText,
     finish: (status) => watch.finish(spec, status),
   });
+  if (pool && plan) replaceAfter(cold, pool, plan);
+  return cold;
+}
+
+/** Runs `spec` in a pre-started process of its key, if the pool has one. */
+async function startPooled(
+  pool: WarmPool,
+  plan: WarmPlan,
+  spec: AttemptSpec,
+): Promise<Execution | undefined> {
+  const warm = pool.take<StepWatch>(plan.key);
+  const execution = warm ? await startWarm(warm, spec, plan) : undefined;
+  if (execution) replaceAfter(execution, pool, plan);
+  return execution;
+}
+
+/**
+ * Pre-starts the next process of `plan`'s key once `execution` has ended:
+ * not beside it, where on a busy machine (two cores) its start-up slows the
+ * step down by more than it saves the next one.
+ */
+function replaceAfter(execution: Execution, pool: WarmPool, plan: WarmPlan): void {
+  const replace = () => pool.prestart(plan.key, () => launchWarm(plan));
+  execution.wait().then(replace, replace);
 }
 
 /** What the harness is told of the attempt: paths and names, no secret values. */
