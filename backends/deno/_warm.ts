@@ -155,6 +155,13 @@ export class WarmProcess<Watch = unknown> {
     }
   }
 
+  /** Ends the process's stdin without a step: a parked harness exits. */
+  async closeStdin(): Promise<void> {
+    const stdin = this.#stdin;
+    this.#stdin = undefined;
+    await stdin?.close().catch(() => {});
+  }
+
   /** Kills the process group (by pid) and waits for the process to end. */
   async stop(): Promise<void> {
     this.clearIdle();
@@ -201,6 +208,11 @@ export class WarmPool {
   /** Pids of the processes held now, for tests. */
   pids(): number[] {
     return [...this.#ready.values()].flat().map((process) => process.pid);
+  }
+
+  /** The keys with processes held now, for tests. */
+  keys(): string[] {
+    return [...this.#ready.keys()];
   }
 
   /** A process for `key` not handed out before, or undefined. */
