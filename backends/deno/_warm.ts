@@ -30,6 +30,7 @@
  */
 
 import type { Execution, ExitStatus } from "../backend.ts";
+import { KILL_PATHS } from "../_tools.ts";
 import { WARM_MARKERS } from "./_report.ts";
 
 /** Limits of a {@link WarmPool}. */
@@ -189,12 +190,28 @@ export class WarmPool {
   readonly #launching = new Map<string, number>();
   readonly #inFlight = new Set<Promise<unknown>>();
   #closed = false;
+  readonly #onUnload = () => this.killNow();
 
-  /** Builds an empty pool. */
+  /**
+   * Builds an empty pool. Until {@link close}, the processes it holds are
+   * also killed when this process exits (`Deno.exit` in a plugin host whose
+   * runner closed its stdin): they would end by themselves once their
+   * stdin closes, but a moment after the runner, which must leave nothing.
+   */
   constructor(options: WarmPoolOptions = {}) {
     this.#perKey = options.perKey ?? DEFAULT_WARM_PER_KEY;
     this.#total = options.total ?? DEFAULT_WARM_TOTAL;
     this.#idleMs = options.idleMs ?? DEFAULT_WARM_IDLE_MS;
+    globalThis.addEventListener("unload", this.#onUnload);
+  }
+
+  /**
+   * Kills the process group of every held process at once, synchronously
+   * (an `unload` listener cannot wait): by `Deno.kill`, or kill(1) in a
+   * host granted only that.
+   */
+  killNow(): void {
+    for (const process of [...this.#ready.values()].flat()) killGroupSync(process.pid);
   }
 
   /** Processes held now (starting or parked) plus launches in flight. */
@@ -208,6 +225,12 @@ export class WarmPool {
   /** Pids of the processes held now, for tests. */
   pids(): number[] {
     return [...this.#ready.values()].flat().map((process) => process.pid);
+  }
+
+  /** Resolves once every process held now has ended (killed, say). */
+  async ended(): Promise<void> {
+    const held = [...this.#ready.values()].flat();
+    await Promise.allSettled(held.map((process) => process.execution.wait()));
   }
 
   /** The keys with processes held now, for tests. */
@@ -273,6 +296,7 @@ export class WarmPool {
   /** Kills every held process (by process group) and refuses new ones. */
   async close(): Promise<void> {
     this.#closed = true;
+    globalThis.removeEventListener("unload", this.#onUnload);
     while (this.#inFlight.size > 0) await Promise.allSettled([...this.#inFlight]);
     const held = [...this.#ready.values()].flat();
     this.#ready.clear();
@@ -286,6 +310,31 @@ export class WarmPool {
     list!.splice(index, 1);
     if (list!.length === 0) this.#ready.delete(process.key);
     process.stop();
+  }
+}
+
+/** Sends SIGKILL to the process group `pgid` and returns without waiting for it to end. */
+function killGroupSync(pgid: number): void {
+  // Never pid 0 or 1: kill(-1) would signal every process it may.
+  if (pgid <= 1) return;
+  try {
+    Deno.kill(-pgid, "SIGKILL");
+    return;
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotCapable)) return;
+  }
+  for (const path of KILL_PATHS) {
+    try {
+      new Deno.Command(path, {
+        args: ["-s", "KILL", "--", `-${pgid}`],
+        stdin: "null",
+        stdout: "null",
+        stderr: "null",
+      }).outputSync();
+      return;
+    } catch {
+      // Not there, or not granted: the next one.
+    }
   }
 }
 

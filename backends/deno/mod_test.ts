@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { BUSINESS_EXIT_CODE } from "../../core/model.ts";
 import { type AttemptSpec, isSuccess } from "../backend.ts";
 import { parseProcessHandle } from "../_process.ts";
+import { raceTimeout } from "../../core/_async.ts";
 import { checkBackendConformance, type RunResult, runToEnd, scratchSpec } from "../testing.ts";
 import { HARNESS_NONCE_ENV, parseReport, permissionMessage } from "./_report.ts";
 import {
@@ -703,6 +704,55 @@ Deno.test("deno warm: a parked process exits when its host is gone (stdin ends)"
     assert.equal(status.exitCode, 0);
     assert.equal(await isRunning(pid), false);
     await process.stop();
+  } finally {
+    await warm.close();
+    await fixture.base.remove();
+  }
+});
+
+Deno.test("deno warm: a runner that exits without closing leaves no pre-started process", async () => {
+  const fixture = await warmFixture({ "p.ts": "export default () => {};" }, { module: "p.ts" });
+  try {
+    const script = `${fixture.base.root}/runner.ts`;
+    await Deno.writeTextFile(
+      script,
+      `import { createDenoBackend } from ${
+        JSON.stringify(new URL("./mod.ts", import.meta.url).href)
+      };
+      const spec = JSON.parse(Deno.args[0]);
+      const warm = createDenoBackend({ warm: true });
+      const execution = await warm.start(spec);
+      for await (const _ of execution.logs) { /* drain */ }
+      await execution.wait();
+      await warm.warmPool.settled();
+      console.log(JSON.stringify(warm.warmPool.pids()));
+      Deno.exit(0);`,
+    );
+    const output = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-all", script, JSON.stringify(await fixture.attempt())],
+      stdout: "piped",
+    }).output();
+    assert.ok(output.success);
+    const pids: number[] = JSON.parse(new TextDecoder().decode(output.stdout));
+    assert.equal(pids.length, 2);
+    for (const pid of pids) assert.equal(await isRunning(pid), false, `${pid} is gone`);
+  } finally {
+    await fixture.base.remove();
+  }
+});
+
+Deno.test("deno warm: killNow kills held processes at once, their stdin still open", async () => {
+  const fixture = await warmFixture({ "p.ts": "export default () => {};" }, { module: "p.ts" });
+  const warm = createDenoBackend({ warm: true });
+  try {
+    await runToEnd(await warm.start(await fixture.attempt()));
+    await warm.warmPool!.settled();
+    const pids = warm.warmPool!.pids();
+    assert.equal(pids.length, 2);
+    // What the pool's unload listener does when the host exits.
+    warm.warmPool!.killNow();
+    assert.equal(await raceTimeout(warm.warmPool!.ended(), 10_000), false, "killed");
+    for (const pid of pids) assert.equal(await isRunning(pid), false, `${pid} is gone`);
   } finally {
     await warm.close();
     await fixture.base.remove();
