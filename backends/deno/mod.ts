@@ -432,7 +432,12 @@ function warmPlan(
     loads,
     runtime,
   ]);
-  return { key, template: spec, modulePath, loads, inputs, runtime };
+  // The template outlives its step (it lays out the next processes): names only, no values.
+  const template = {
+    ...spec,
+    env: Object.fromEntries(Object.keys(spec.env).map((name) => [name, ""])),
+  };
+  return { key, template, modulePath, loads, inputs, runtime };
 }
 
 /** `spec` as run in `slot`: its attempt directories are the slot's. */
