@@ -7,10 +7,10 @@
  * Rows: the cold path in process; a pre-started (warm) process in process,
  * each sample taken once the replacement of the previous one is parked (so
  * that no start-up runs during another row's sample); the first step of a
- * new key in a warm backend (a cold start, with its replacement starting
- * beside it); and, in a phase of their own after the interleaved rows,
+ * new key in a warm backend (a cold start; its replacements start once it
+ * has ended); and, in a phase of their own after the interleaved rows,
  * steps back to back through a plugin host (warm starts on, as the runner
- * runs them: each replacement starts while the next step comes) and
+ * runs them: each replacement starts as the next step comes) and
  * spaced by an idle gap (its replacement parks in the gap). Target: a warm
  * step ≤ 1.0× the anchor.
  *
@@ -51,7 +51,7 @@ export interface DenoStepBenchResult {
   backend: BenchRow;
   /** In process, pre-started and parked. */
   warm: BenchRow;
-  /** First step of a new key with warm starts on (cold, its replacement starting beside it). */
+  /** First step of a new key with warm starts on (a cold start). */
   firstStep: BenchRow;
   /** Through a plugin host (warm starts on), steps back to back. */
   plugin: BenchRow;

@@ -20,8 +20,8 @@
  *   generated step module file imports first revokes them before any step
  *   module evaluates, then checks that it did (see `_harness.ts`).
  * - A process runs at most one step, then exits; what a step left in its
- *   globals dies with it. The replacement for the next step of the same
- *   key is started when one is taken.
+ *   globals dies with it. The key's next processes are started once a
+ *   step of the key has ended (see `replaceAfter` in `mod.ts`).
  * - Every process the pool holds is killed by process group on `close`, on
  *   its idle timeout, and exits by itself when the host that started it is
  *   gone (its stdin reaches end-of-file).
