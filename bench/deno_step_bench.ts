@@ -7,8 +7,8 @@
  * Rows: the cold path in process; a pre-started (warm) process in process,
  * each sample taken once the replacement of the previous one is parked (so
  * that no start-up runs during another row's sample); the first step of a
- * new key in a warm backend (a cold start; its replacements start once it
- * has ended); and, in a phase of their own after the interleaved rows,
+ * new key in a warm backend (a cold start: a key gets processes once it
+ * repeats); and, in a phase of their own after the interleaved rows,
  * steps back to back through a plugin host (warm starts on, as the runner
  * runs them: each replacement starts as the next step comes) and
  * spaced by an idle gap (its replacement parks in the gap). Target: a warm
@@ -128,7 +128,7 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
     };
     /**
      * The first step of its key, in a fresh warm backend (the module's graph
-     * check is cached, as for the other rows); its replacement starts after it.
+     * check is cached, as for the other rows): cold, and nothing pre-started.
      */
     const firstStep = async () => {
       const backend = createDenoBackend({ warm: true });
@@ -176,7 +176,7 @@ export async function benchDenoStep(): Promise<DenoStepBenchResult> {
     const anchor = summarise("bare deno run (anchor)", samples.anchor);
     const viaBackendRow = summarise("deno backend, in process, cold", samples.backend);
     const warmRow = summarise("deno backend, warm (pre-started, parked)", samples.warm);
-    const firstRow = summarise("first step of a new key (cold + pre-start)", samples.firstStep);
+    const firstRow = summarise("warm backend, first step of a key (cold)", samples.firstStep);
     const viaPluginRow = summarise("warm plugin host, steps back to back", samples.plugin);
     const spacedRow = summarise(`warm plugin host, steps ${STEP_GAP_MS} ms apart`, samples.spaced);
     const ratio = warmRow.medianMs / anchor.medianMs;

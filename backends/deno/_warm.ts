@@ -51,6 +51,9 @@ export interface WarmPoolOptions {
 export const DEFAULT_WARM_PER_KEY = 2;
 /** Default of {@link WarmPoolOptions.total}: two cores' worth of repeated steps, twice. */
 export const DEFAULT_WARM_TOTAL = 4;
+/** Keys whose steps a pool counts; the least recent is forgotten first. */
+const MAX_KEYS_NOTED = 256;
+
 /** Default of {@link WarmPoolOptions.idleMs}: half the plugin host's idle time. */
 export const DEFAULT_WARM_IDLE_MS = 30_000;
 
@@ -189,6 +192,8 @@ export class WarmPool {
   /** Launches in flight, by key. */
   readonly #launching = new Map<string, number>();
   readonly #inFlight = new Set<Promise<unknown>>();
+  /** Steps seen per recent key, oldest first. */
+  readonly #steps = new Map<string, number>();
   #closed = false;
   readonly #onUnload = () => this.killNow();
 
@@ -253,14 +258,27 @@ export class WarmPool {
     return undefined;
   }
 
+  /** Records a step of `key` (see {@link prestart}). */
+  noteStep(key: string): void {
+    const steps = (this.#steps.get(key) ?? 0) + 1;
+    this.#steps.delete(key);
+    this.#steps.set(key, steps);
+    if (this.#steps.size > MAX_KEYS_NOTED) this.#steps.delete(this.#steps.keys().next().value!);
+  }
+
   /**
-   * Tops the processes of `key` up to the per-key bound in the background,
-   * within the total bound; nothing once the pool is closed.
+   * Tops the processes of `key` up in the background, within the total
+   * bound; nothing once the pool is closed. A key gets processes only once
+   * it repeats: one after its second step, up to the per-key bound after
+   * its third. Most keys of a pipeline (a module, its config) run once per
+   * run, and a process started for a key that never comes back costs a
+   * start-up the machine's other steps pay for.
    */
   prestart<Watch>(key: string, launch: () => Promise<WarmProcess<Watch>>): void {
+    const wanted = Math.min(this.#perKey, (this.#steps.get(key) ?? 0) - 1);
     while (!this.#closed) {
       const forKey = (this.#ready.get(key)?.length ?? 0) + (this.#launching.get(key) ?? 0);
-      if (forKey >= this.#perKey || this.size >= this.#total) return;
+      if (forKey >= wanted || this.size >= this.#total) return;
       this.#launchOne(key, launch);
     }
   }

@@ -293,6 +293,7 @@ async function startPooled(
   plan: WarmPlan,
   spec: AttemptSpec,
 ): Promise<Execution | undefined> {
+  pool.noteStep(plan.key);
   const warm = pool.take<StepWatch>(plan.key);
   const execution = warm ? await startWarm(warm, spec, plan) : undefined;
   if (execution) replaceAfter(execution, pool, plan);

@@ -448,6 +448,22 @@ async function startWarm(warm: DenoBackend, spec: AttemptSpec) {
 }
 
 /**
+ * Runs `count` steps of one key on `warm`, so that its pool holds processes
+ * of the key (one after two steps, two after three), and waits for them.
+ */
+async function repeatKey(
+  warm: DenoBackend,
+  count: number,
+  attempt: () => Promise<AttemptSpec>,
+): Promise<void> {
+  for (let i = 0; i < count; i++) {
+    const { status } = await runToEnd(await warm.start(await attempt()));
+    assert.ok(isSuccess(status), JSON.stringify(status));
+  }
+  await warm.warmPool!.settled();
+}
+
+/**
  * A step's result with its attempt directory (or the warm slot standing for
  * it) named `<attempt>`, and without the harness's own stack frames (a warm
  * harness calls the step from `parkStep`).
@@ -505,13 +521,14 @@ Deno.test("deno warm: a pre-started step gets the cold step's context, outputs, 
   const warm = createDenoBackend({ warm: true });
   try {
     const results = [];
-    for (const backend of [cold, warm, warm]) {
+    // Cold; then the key's first steps on the warm backend (cold, then pre-starting); then warm.
+    for (const backend of [cold, warm, warm, warm]) {
       const spec = {
         ...await fixture.attempt({ inputs: { data: "a,b\n" }, env: { GREETING: "hi" } }),
         outputs: ["summary.json"],
         matrix: { region: "eu" },
       };
-      const execution = results.length === 2
+      const execution = results.length === 3
         ? (await startWarm(warm, spec)).execution
         : await backend.start(spec);
       const result = normalized(await runToEnd(execution), spec);
@@ -528,7 +545,8 @@ Deno.test("deno warm: a pre-started step gets the cold step's context, outputs, 
     assert.equal(results[0].result.stderr, "to stderr\n");
     assert.equal(results[0].values, "rows=2\n");
     assert.equal(results[0].summary.relative, "a,b\n");
-    assert.deepEqual(results[2], results[0]);
+    assert.deepEqual(results[3], results[0]);
+    assert.deepEqual(results[1], results[0]);
     // Nothing of the slot is left; a replacement is parked in a new one.
     await warm.warmPool!.settled();
     const slots = await Array.fromAsync(Deno.readDir(`${fixture.base.root}/${WARM_DIR}`));
@@ -560,8 +578,8 @@ Deno.test("deno warm: failures and denials are those of a cold start", async () 
   const cold = createDenoBackend();
   const warm = createDenoBackend({ warm: true });
   try {
-    // The first warm step of the key runs cold and pre-starts the next.
-    await runToEnd(await warm.start(await fixture.attempt({ env: { WHAT: "none" } })));
+    // The key's first steps run cold; the second pre-starts the next.
+    await repeatKey(warm, 2, () => fixture.attempt({ env: { WHAT: "none" } }));
     for (const what of ["business", "throw", "read", "own", "context", "net", "stdin", "exit"]) {
       const coldSpec = await fixture.attempt({ env: { WHAT: what } });
       const expected = normalized(await runToEnd(await cold.start(coldSpec)), coldSpec);
@@ -587,7 +605,7 @@ Deno.test("deno warm: a process runs one step; the next gets a fresh one", async
   }, { module: "g.ts" });
   const warm = createDenoBackend({ warm: true });
   try {
-    await runToEnd(await warm.start(await fixture.attempt({ env: { SECRET: "s0" } })));
+    await repeatKey(warm, 2, () => fixture.attempt({ env: { SECRET: "s0" } }));
     const pids = new Set<number>();
     for (let i = 1; i <= 3; i++) {
       const { execution, pid } = await startWarm(
@@ -612,8 +630,7 @@ Deno.test("deno warm: a parked process holds no step value, and no grant to load
   const warm = createDenoBackend({ warm: true });
   try {
     const secret = "hunter2-" + crypto.randomUUID();
-    await runToEnd(await warm.start(await fixture.attempt({ env: { TOKEN: secret } })));
-    await warm.warmPool!.settled();
+    await repeatKey(warm, 2, () => fixture.attempt({ env: { TOKEN: secret } }));
     const [pid] = warm.warmPool!.pids();
     const environ = await procFile(pid, "environ");
     const cmdline = await procFile(pid, "cmdline");
@@ -637,7 +654,7 @@ Deno.test("deno warm: cancel and a timeout's cancel kill the pre-started process
   }, { module: "w.ts" });
   const warm = createDenoBackend({ warm: true });
   try {
-    await runToEnd(await warm.start(await fixture.attempt({ env: { MODE: "quick" } })));
+    await repeatKey(warm, 2, () => fixture.attempt({ env: { MODE: "quick" } }));
     for (const mode of ["wait", "stubborn"]) {
       const { execution, pid } = await startWarm(
         warm,
@@ -668,10 +685,7 @@ Deno.test("deno warm: close kills every pre-started process; the pool is bounded
   const warm = createDenoBackend({ warm: { perKey: 2, total: 3 } });
   try {
     for (const module of ["a.ts", "b.ts", "c.ts"]) {
-      const spec = await fixture.attempt();
-      spec.config = { module };
-      await runToEnd(await warm.start(spec));
-      await warm.warmPool!.settled();
+      await repeatKey(warm, 3, async () => ({ ...await fixture.attempt(), config: { module } }));
     }
     const pids = warm.warmPool!.pids();
     assert.equal(pids.length, 3, "two for a.ts, one for b.ts, none left for c.ts");
@@ -694,8 +708,7 @@ Deno.test("deno warm: a parked process exits when its host is gone (stdin ends)"
   const fixture = await warmFixture({ "p.ts": "export default () => {};" }, { module: "p.ts" });
   const warm = createDenoBackend({ warm: { perKey: 1 } });
   try {
-    await runToEnd(await warm.start(await fixture.attempt()));
-    await warm.warmPool!.settled();
+    await repeatKey(warm, 2, () => fixture.attempt());
     const [pid] = warm.warmPool!.pids();
     const process = warm.warmPool!.take<unknown>(warm.warmPool!.keys()[0])!;
     // As the host's end of the pipe closes when the host dies.
@@ -721,9 +734,11 @@ Deno.test("deno warm: a runner that exits without closing leaves no pre-started 
       };
       const spec = JSON.parse(Deno.args[0]);
       const warm = createDenoBackend({ warm: true });
-      const execution = await warm.start(spec);
-      for await (const _ of execution.logs) { /* drain */ }
-      await execution.wait();
+      for (let i = 0; i < 3; i++) {
+        const execution = await warm.start(spec);
+        for await (const _ of execution.logs) { /* drain */ }
+        await execution.wait();
+      }
       await warm.warmPool.settled();
       console.log(JSON.stringify(warm.warmPool.pids()));
       Deno.exit(0);`,
@@ -745,14 +760,29 @@ Deno.test("deno warm: killNow kills held processes at once, their stdin still op
   const fixture = await warmFixture({ "p.ts": "export default () => {};" }, { module: "p.ts" });
   const warm = createDenoBackend({ warm: true });
   try {
-    await runToEnd(await warm.start(await fixture.attempt()));
-    await warm.warmPool!.settled();
+    await repeatKey(warm, 3, () => fixture.attempt());
     const pids = warm.warmPool!.pids();
     assert.equal(pids.length, 2);
     // What the pool's unload listener does when the host exits.
     warm.warmPool!.killNow();
     assert.equal(await raceTimeout(warm.warmPool!.ended(), 10_000), false, "killed");
     for (const pid of pids) assert.equal(await isRunning(pid), false, `${pid} is gone`);
+  } finally {
+    await warm.close();
+    await fixture.base.remove();
+  }
+});
+
+Deno.test("deno warm: a key gets processes only once it repeats", async () => {
+  const fixture = await warmFixture({ "p.ts": "export default () => {};" }, { module: "p.ts" });
+  const warm = createDenoBackend({ warm: true });
+  try {
+    const counts = [];
+    for (let step = 1; step <= 3; step++) {
+      await repeatKey(warm, 1, () => fixture.attempt());
+      counts.push(warm.warmPool!.pids().length);
+    }
+    assert.deepEqual(counts, [0, 1, 2]);
   } finally {
     await warm.close();
     await fixture.base.remove();
