@@ -104,10 +104,11 @@ export class WarmProcess<Watch = unknown> {
   bind(execution: Execution, stdin: WritableStream<Uint8Array>): void {
     this.#execution = execution;
     this.#stdin = stdin;
-    execution.wait().finally(() => {
+    const ended = () => {
       this.#exited = true;
       this.#markParked();
-    });
+    };
+    execution.wait().then(ended, ended);
   }
 
   /** True while the process may still be handed a step. */
@@ -292,7 +293,8 @@ export class WarmPool {
         list.push(process);
         this.#ready.set(key, list);
         process.armIdle(this.#idleMs, () => this.#drop(process));
-        process.execution.wait().finally(() => this.#drop(process));
+        const drop = () => this.#drop(process);
+        process.execution.wait().then(drop, drop);
       },
       // A launch that fails leaves the next step of the key to a cold start.
       () => {},
