@@ -47,6 +47,11 @@ export interface SpawnOptions {
   onStderrText?: (text: string) => void;
   /** Refines the status once the process has ended and its output is drained. */
   finish?: (status: ExitStatus) => ExitStatus | Promise<ExitStatus>;
+  /**
+   * Receives the child's stdin, piped, right after the spawn (a pre-started
+   * `deno` step reads its step there); without it stdin is `/dev/null`.
+   */
+  onStdin?: (stdin: WritableStream<Uint8Array>) => void;
 }
 
 /**
@@ -78,7 +83,7 @@ export function spawnExecution(options: SpawnOptions): Execution {
     cwd: options.cwd,
     env: options.env,
     clearEnv: true,
-    stdin: "null",
+    stdin: options.onStdin ? "piped" : "null",
     stdout: "piped",
     stderr: "piped",
     // The child must lead a new session and process group whose id is its
@@ -89,6 +94,7 @@ export function spawnExecution(options: SpawnOptions): Execution {
     detached: launcher === undefined,
   }).spawn();
   const startMs = Date.now();
+  options.onStdin?.(child.stdin);
   const queue = new LogQueue();
   const readers: ReadableStreamBYOBReader[] = [];
   const stdoutPump = pump(

@@ -9,6 +9,11 @@
  * environment and the listeners below are in place. Only the entry file
  * imports it: its set-up would take over any other process.
  *
+ * A pre-started (warm) process's entry calls {@link parkStep} instead: it
+ * waits for its step on stdin, and `_warm_gate.ts`, imported by the step
+ * module file before the step module, calls {@link dropLoadGrants} (see
+ * `_warm.ts`).
+ *
  * @module
  */
 
@@ -20,6 +25,7 @@ import {
   HARNESS_NONCE_ENV,
   type HarnessContext,
   markerPrefix,
+  WARM_MARKERS,
 } from "./_report.ts";
 
 /** The marker prefix of this attempt; empty without a nonce, which no backend accepts. */
@@ -81,6 +87,90 @@ export async function runStep(
   }
   // Exit at once: a timer or socket the step left open must not keep it alive.
   Deno.exit(0);
+}
+
+/** Read grants a warm process holds only to load its step, and the read grants of its step. */
+export interface LoadGrants {
+  /** Revoked before any step module evaluates. */
+  temporary: string[];
+  /** The step's own read grants: still granted afterwards. */
+  kept: string[];
+}
+
+let loadGrants: LoadGrants | undefined;
+
+/**
+ * Parks a pre-started process: waits for its step (one JSON line on stdin:
+ * env vars and context), sets the env vars, imports the step module file
+ * `moduleUrl` (whose first import, the gate, drops `grants.temporary`),
+ * then runs the step as {@link runStep} does. End of stdin before a step:
+ * the host is gone or the pool stopped; the process exits.
+ */
+export async function parkStep(moduleUrl: string, grants: LoadGrants): Promise<void> {
+  loadGrants = grants;
+  announce(WARM_MARKERS.parked);
+  const message = await readStepMessage();
+  if (!message) Deno.exit(0);
+  // Before any step code: module-level reads of Deno.env see the step's values.
+  for (const [name, value] of Object.entries(message.env)) Deno.env.set(name, value);
+  announce(WARM_MARKERS.started);
+  let module: Record<string, unknown>;
+  try {
+    module = (await import(moduleUrl)).step;
+  } catch (error) {
+    fail(error);
+  }
+  // The gate ran before the step module; if it did not, step code ran with the grants.
+  if (loadGrants !== undefined) unsafe("the gate did not run before the step module");
+  await runStep(module, message.context);
+}
+
+/**
+ * Revokes the temporary load grants and checks that they are gone and the
+ * step's own read grants are not; exits without running the step
+ * otherwise. Called once, by the gate module; later calls do nothing.
+ */
+export function dropLoadGrants(): void {
+  const grants = loadGrants;
+  loadGrants = undefined;
+  if (!grants) return;
+  const state = (path: string) => Deno.permissions.querySync({ name: "read", path }).state;
+  try {
+    for (const path of grants.temporary) Deno.permissions.revokeSync({ name: "read", path });
+  } catch (error) {
+    unsafe(`revoking a load grant failed: ${error}`);
+  }
+  const leaked = grants.temporary.filter((path) => state(path) === "granted");
+  const lost = grants.kept.filter((path) => state(path) !== "granted");
+  if (leaked.length > 0 || lost.length > 0) {
+    unsafe(`load grants left: ${leaked.length}, step grants lost: ${lost.length}`);
+  }
+}
+
+/** Reads the first line of stdin as the step message; undefined at end-of-file before it. */
+async function readStepMessage(): Promise<
+  { env: Record<string, string>; context: HarnessContext } | undefined
+> {
+  const decoder = new TextDecoder();
+  const buffer = new Uint8Array(64 * 1024);
+  let text = "";
+  for (;;) {
+    const read = await Deno.stdin.read(buffer);
+    if (read === null) return undefined;
+    text += decoder.decode(buffer.subarray(0, read), { stream: true });
+    const newline = text.indexOf("\n");
+    if (newline !== -1) return JSON.parse(text.slice(0, newline));
+  }
+}
+
+function announce(payload: string): void {
+  console.error(`${prefix}${payload}`);
+}
+
+function unsafe(reason: string): never {
+  console.error(`runnel: a pre-started step process is not safe to use (${reason})`);
+  announce(WARM_MARKERS.unsafe);
+  Deno.exit(APPLICATION_EXIT_CODE);
 }
 
 /** Reads the attempt's nonce and removes it from the environment, where step code could read it. */

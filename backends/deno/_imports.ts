@@ -75,6 +75,22 @@ interface FileStamp {
 interface CheckedGraph {
   files: FileStamp[];
   refusal: GraphRefusal | undefined;
+  /** See {@link ModuleGraph.loads}. */
+  loads: string[] | undefined;
+}
+
+/** What {@link inspectModuleGraph} found. */
+export interface ModuleGraph {
+  /** Why the step may not run; undefined when it may. */
+  refusal: GraphRefusal | undefined;
+  /**
+   * The local files (absolute paths) a dynamic `import()` of the step module
+   * loads: the module and its whole graph, runnel's own modules included.
+   * Undefined when the graph also holds modules other than local files,
+   * `node:` and `npm:` ones (remote or `jsr:` modules): a warm start is only
+   * used for graphs whose loading it can reproduce exactly.
+   */
+  loads: string[] | undefined;
 }
 
 const checked = new Map<string, CheckedGraph>();
@@ -97,6 +113,18 @@ export async function checkModuleGraph(
   stepModule: string,
   options: ModuleGraphOptions,
 ): Promise<GraphRefusal | undefined> {
+  return (await inspectModuleGraph(stepModule, options)).refusal;
+}
+
+/**
+ * Checks what the entry file of a `deno` step would load, as
+ * {@link checkModuleGraph} does, and lists the local files of the step
+ * module's graph (what a pre-started process must be able to load).
+ */
+export async function inspectModuleGraph(
+  stepModule: string,
+  options: ModuleGraphOptions,
+): Promise<ModuleGraph> {
   const key = JSON.stringify([
     stepModule,
     options.baseDir,
@@ -106,14 +134,16 @@ export async function checkModuleGraph(
     options.flags,
   ]);
   const cached = checked.get(key);
-  if (cached && await unchanged(cached.files)) return cached.refusal;
+  if (cached && await unchanged(cached.files)) {
+    return { refusal: cached.refusal, loads: cached.loads };
+  }
   const info = await denoInfo(options);
-  if ("errorClass" in info) return info;
-  const result = await judge(info, options);
+  if ("errorClass" in info) return { refusal: info, loads: undefined };
+  const result = await judge(info, stepModule, options);
   checked.delete(key);
   checked.set(key, result);
   if (checked.size > MAX_CACHED_GRAPHS) checked.delete(checked.keys().next().value!);
-  return result.refusal;
+  return { refusal: result.refusal, loads: result.loads };
 }
 
 /** The graph of runnel's library entry, once per process (remote: nothing to check). */
@@ -178,7 +208,11 @@ async function denoInfo(
  * module outside the allowed places is refused (so the message names the
  * import closest to the step).
  */
-async function judge(info: DenoInfo, options: ModuleGraphOptions): Promise<CheckedGraph> {
+async function judge(
+  info: DenoInfo,
+  stepModule: string,
+  options: ModuleGraphOptions,
+): Promise<CheckedGraph> {
   const redirects = info.redirects ?? {};
   const follow = (specifier: string) => redirects[specifier] ?? specifier;
   const edges = new Map<string, string[]>();
@@ -227,7 +261,7 @@ async function judge(info: DenoInfo, options: ModuleGraphOptions): Promise<Check
           : `"${describe(fileURLToPath(from), roots)}" imports "${describe(path, roots)}", which`;
         const message = `${what} ${verdict}; a deno step may load only the files of its ` +
           "pipeline directory (and modules from hosts it is granted)";
-        return { files, refusal: { errorClass: "permission", message } };
+        return { files, refusal: { errorClass: "permission", message }, loads: undefined };
       }
       files.push(await stampOf(path));
     }
@@ -238,7 +272,45 @@ async function judge(info: DenoInfo, options: ModuleGraphOptions): Promise<Check
       }
     }
   }
-  return { files, refusal: undefined };
+  const failed = new Set((info.modules ?? []).filter((m) => m.error).map((m) => m.specifier));
+  const loads = graphLoads(edges, failed, follow(fileUrl(stepModule)));
+  return { files, refusal: undefined, loads };
+}
+
+/** Specifier schemes a dynamic `import()` loads as the static graph does, from local files or the cache. */
+const WARM_LOADABLE = /^(file|node|npm):/;
+
+/**
+ * The local files of the graph under `root`; undefined when it holds a
+ * module of another kind, or a local one that is missing.
+ */
+function graphLoads(
+  edges: Map<string, string[]>,
+  failed: Set<string>,
+  root: string,
+): string[] | undefined {
+  const seen = new Set<string>([root]);
+  const stack = [root];
+  const loads: string[] = [];
+  while (stack.length > 0) {
+    const specifier = stack.pop()!;
+    if (!WARM_LOADABLE.test(specifier)) return undefined;
+    if (!specifier.startsWith("file:")) continue;
+    // A module deno info could not load (missing, say): the run reports it, cold.
+    if (!edges.has(specifier) || failed.has(specifier)) return undefined;
+    loads.push(fileURLToPath(specifier));
+    for (const target of edges.get(specifier)!) {
+      if (!seen.has(target)) {
+        seen.add(target);
+        stack.push(target);
+      }
+    }
+  }
+  return loads.sort();
+}
+
+function fileUrl(path: string): string {
+  return new URL(`file://${path}`).href;
 }
 
 /** The directories a step's local modules are checked against, lexically and resolved. */

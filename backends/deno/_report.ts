@@ -25,6 +25,19 @@ export const ERROR_MARKER = "::runnel-error:";
 /** Env var through which the backend hands the harness the attempt's nonce. */
 export const HARNESS_NONCE_ENV = "RUNNEL_HARNESS_NONCE";
 
+/**
+ * Payloads of the marker lines a warm (pre-started) harness writes about
+ * itself (see `_warm.ts`); no report parses as one of them.
+ */
+export const WARM_MARKERS = {
+  /** The harness is parked, waiting for its step. */
+  parked: '{"warm":"parked"}',
+  /** The harness read its step and is about to import it. */
+  started: '{"warm":"started"}',
+  /** The gate could not drop the load grants: the step did not run. */
+  unsafe: '{"warm":"unsafe"}',
+} as const;
+
 /** Exit code of a step that reached past its grant: sysexits(3) `EX_NOPERM`. */
 export const PERMISSION_EXIT_CODE = 77;
 
