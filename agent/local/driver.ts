@@ -63,7 +63,7 @@ const WEBHOOK_DRAIN_MS = 15_000;
  * store then says `running` instead of `scheduled`; a runner that dies
  * before loses nothing: a resume counts the attempt lost either way.
  */
-const START_COMMIT_DELAY_MS = 20;
+const START_COMMIT_DELAY_MS = 100;
 
 /** Something a user interface may show while a run goes on. */
 export type RunEvent =
