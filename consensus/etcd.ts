@@ -883,6 +883,8 @@ class EtcdEngine implements EtcdStore {
 
   /** Leases this store ended itself, remembered so a call on them reports it. */
   readonly #lapsed = new Set<string>();
+  /** The earliest end of a held lease (`#armReaper` keeps it with `#held`). */
+  #firstLapse = Infinity;
 
   #hold(leaseId: string, ttlMs: number, sentAt: number): void {
     // Counted from when the request left: etcd's own expiry is later still.
@@ -894,8 +896,10 @@ class EtcdEngine implements EtcdStore {
   #armReaper(): void {
     clearTimeout(this.#reapTimer);
     this.#reapTimer = undefined;
+    let next = Infinity;
+    for (const deadline of this.#held.values()) if (deadline < next) next = deadline;
+    this.#firstLapse = next;
     if (this.#closed || this.#held.size === 0) return;
-    const next = Math.min(...this.#held.values());
     this.#reapTimer = setTimeout(() => {
       this.#reapTimer = undefined;
       this.#reapLapsedLeases().catch(() => {
@@ -909,6 +913,8 @@ class EtcdEngine implements EtcdStore {
   /** Revokes the leases of this store whose TTL has run out since their last keep-alive. */
   async #reapLapsedLeases(): Promise<void> {
     const now = performance.now();
+    // Every call passes here: nothing to look for before the first deadline.
+    if (now < this.#firstLapse) return;
     const lapsed = [...this.#held].filter(([, deadline]) => deadline <= now);
     if (lapsed.length === 0) return;
     for (const [id] of lapsed) {

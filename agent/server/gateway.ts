@@ -112,6 +112,13 @@ export interface GatewayOptions {
 /** What an agent sent about an attempt that is not its own. */
 export type RefusedKind = "log" | "started" | "result" | "bundle";
 
+/**
+ * Results of one stream being recorded at once (see `serveAgent`): past it,
+ * the stream is read on once one is done (an agent has as many in flight as
+ * it has slots, and an ack is all it waits for).
+ */
+const MAX_RESULTS_IN_FLIGHT = 64;
+
 /** Refused messages logged per stream (all are counted): a flood must not flood the log. */
 const MAX_REFUSALS_LOGGED = 100;
 
@@ -310,11 +317,35 @@ async function serveAgent(
       results,
       log,
     };
-    for (;;) {
-      const next = await incoming.next();
-      if (next.done) break;
-      await handle(next.value, context);
+    // Results are recorded side by side: each waits for its commit (the
+    // scheduler's group commit, or this server's `ResultWriter`), and the
+    // stream's next messages are not held up behind it — otherwise an
+    // agent's results went to etcd one commit at a time, whatever its slots.
+    // Everything else stays in the stream's order (logs before their result:
+    // a result flushes what its attempt's log messages added before it).
+    const recording = new Set<Promise<void>>();
+    let failure: { error: unknown } | undefined;
+    try {
+      for (;;) {
+        const next = await incoming.next();
+        if (next.done || failure) break;
+        if (next.value.body !== "result") {
+          await handle(next.value, context);
+          continue;
+        }
+        while (recording.size >= MAX_RESULTS_IN_FLIGHT) await Promise.race(recording);
+        const task: Promise<void> = handle(next.value, context).catch((error) => {
+          // As an error of the stream's loop: the stream is cut, the agent resends.
+          failure ??= { error };
+          stream.cancel(error instanceof Error ? error.message : String(error));
+        }).finally(() => recording.delete(task));
+        recording.add(task);
+      }
+    } finally {
+      // Acks of results being recorded go out before this side ends.
+      await Promise.all(recording);
     }
+    if (failure) throw failure.error;
   } finally {
     stop.abort();
     own.fail();

@@ -207,6 +207,8 @@ class Agent implements RunningAgent {
   readonly #servers: string[];
   readonly #outbox: Outbox;
   readonly #active = new Map<string, ActiveAttempt>();
+  /** Attempts whose result is in the outbox and whose record is being removed. */
+  readonly #forgetting = new Map<string, Promise<void>>();
   /** The secrets this host's operator declares. */
   readonly #secrets: SecretStore;
   /** Re-attached attempts waiting for their assignment again, to learn their secrets. */
@@ -613,6 +615,8 @@ class Agent implements RunningAgent {
   }
 
   async #acknowledged(ack: wire.ResultAck): Promise<void> {
+    // Its record goes first: a restart in between must find its result or no record.
+    await this.#forgetting.get(ack.attemptId)?.catch(() => {});
     if (!(await this.#outbox.remove(ack.attemptId))) return;
     this.emit({ type: "acked", ...ack });
     this.#acked?.();
@@ -934,14 +938,17 @@ class Agent implements RunningAgent {
   }
 
   /**
-   * Records a result in the outbox (durably, before anything else), forgets
-   * the attempt and sends the result.
+   * Records a result in the outbox (durably, before anything else), sends
+   * it, and forgets the attempt meanwhile: once the outbox holds its result,
+   * a restart forgets the attempt's record anyway (`reconcile`), so the
+   * result need not wait for that removal.
    */
   async #deliver(attemptId: string, result: ModelResult): Promise<void> {
     const entry: OutboxEntry = { attemptId, resultJson: JSON.stringify(result), atMs: Date.now() };
     await this.#outbox.add(entry);
-    await this.#lifecycle.forget(attemptId);
     this.#active.delete(attemptId);
+    const forgetting = this.#lifecycle.forget(attemptId);
+    this.#forgetting.set(attemptId, forgetting);
     this.emit({
       type: "finished",
       attemptId,
@@ -949,6 +956,11 @@ class Agent implements RunningAgent {
       ...(result.ok ? {} : { errorClass: result.errorClass }),
     });
     this.#outgoing.push({ result: entry });
+    try {
+      await forgetting;
+    } finally {
+      this.#forgetting.delete(attemptId);
+    }
   }
 
   #cancelled(cancel: wire.CancelAttempt): void {
@@ -988,6 +1000,7 @@ class Agent implements RunningAgent {
         this.#cancelActive();
       }
       await Promise.allSettled([...this.#active.values()].map((active) => active.done));
+      await Promise.allSettled(this.#forgetting.values());
       await this.#waitForAcks(STOP_ACK_WAIT_MS);
       this.#abort.abort();
       await this.#loop;

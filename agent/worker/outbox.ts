@@ -5,7 +5,6 @@
  */
 
 import { fileSafe } from "../../core/_paths.ts";
-import { writeJsonAtomic } from "../attempt/mod.ts";
 
 /** A result waiting for its acknowledgement, as the outbox keeps it. */
 export interface OutboxEntry {
@@ -33,21 +32,29 @@ export class Outbox {
     await Deno.mkdir(this.#dir, { recursive: true });
     for await (const file of Deno.readDir(this.#dir)) {
       if (!file.isFile || !file.name.endsWith(".json")) continue;
+      const path = `${this.#dir}/${file.name}`;
       try {
-        const entry = JSON.parse(await Deno.readTextFile(`${this.#dir}/${file.name}`));
+        const entry = JSON.parse(await Deno.readTextFile(path));
         if (typeof entry?.attemptId === "string" && typeof entry.resultJson === "string") {
           this.#entries.set(entry.attemptId, entry);
         }
       } catch {
-        // A torn write cannot happen (writes are atomic); anything else is not ours.
+        // A write the process died in (see `add`): that result was never
+        // sent, and its attempt's record is still there to recover it.
+        await Deno.remove(path).catch(() => {});
       }
     }
     return this.entries();
   }
 
-  /** Records a result durably. */
+  /**
+   * Records a result durably. One write, no rename: a file cut short by a
+   * crash does not parse (a JSON object ends with its last byte) and is
+   * dropped at `load` — its result was not sent yet, and the attempt's
+   * record, removed only once this returned, is recovered instead.
+   */
   async add(entry: OutboxEntry): Promise<void> {
-    await writeJsonAtomic(this.#path(entry.attemptId), entry);
+    await Deno.writeTextFile(this.#path(entry.attemptId), JSON.stringify(entry));
     this.#entries.set(entry.attemptId, entry);
   }
 
