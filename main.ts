@@ -7,13 +7,9 @@
  * @module
  */
 
-import {
-  AgentConfigError,
-  formatDiagnostic,
-  loadAgentConfig,
-  localPolicy,
-  PipelineError,
-} from "./mod.ts";
+import { localPolicy } from "./agent/attempt/policy.ts";
+import { AgentConfigError, loadAgentConfig } from "./agent/config.ts";
+import { formatDiagnostic, PipelineError } from "./core/errors.ts";
 import {
   type CommandLine,
   durationFlag,

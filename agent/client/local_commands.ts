@@ -6,39 +6,40 @@
  * @module
  */
 
+import { type AttemptPolicy } from "../../agent/attempt/policy.ts";
+import { type HostTuning } from "../../agent/config.ts";
 import {
   approveStep,
-  type AttemptPolicy,
-  builtinPlugins,
   cancelRun,
   collectGarbage,
-  createProgress,
   getRunRecord,
-  type HostTuning,
-  isTerminalRunStatus,
   listRuns,
-  loadPipeline,
   logPath,
   openLocalState,
-  PipelineError,
-  pipelineJsonSchema,
-  type PipelineLimits,
-  PluginHostPool,
-  type PluginSource,
   readStepStates,
-  renderMermaid,
-  renderPlanText,
   rerunRun,
   resumeRun,
   runPipeline,
   type RunSummary,
-  type SecretSource,
   statePaths,
   storageByPipeline,
   storageMetrics,
-  validateStepConfigs,
   waitForRunEnd,
-} from "../../mod.ts";
+} from "../../agent/local/mod.ts";
+import { createProgress } from "../../agent/local/progress.ts";
+import {
+  builtinPlugins,
+  PluginHostPool,
+  type PluginSource,
+  validateStepConfigs,
+} from "../../backends/mod.ts";
+import { PipelineError } from "../../core/errors.ts";
+import { type PipelineLimits } from "../../core/limits.ts";
+import { loadPipeline } from "../../core/load.ts";
+import { renderMermaid } from "../../core/mermaid.ts";
+import { renderPlanText } from "../../core/plan.ts";
+import { pipelineJsonSchema } from "../../core/schema.ts";
+import { type SecretSource } from "../../core/secrets.ts";
 import {
   EXIT_BAD_INPUT,
   EXIT_INTERRUPTED,
@@ -47,6 +48,7 @@ import {
   UsageError,
   VERSION,
 } from "./flags.ts";
+import { isTerminalRunStatus } from "../../core/model.ts";
 import { openTracer } from "../trace/exporter.ts";
 import { LocalUiAddressError, serveLocalUi } from "../ui/mod.ts";
 import { formatBytes, renderRun, renderRunList } from "./render.ts";
