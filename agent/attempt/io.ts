@@ -228,7 +228,8 @@ export async function readStepValues(
   const path = `${outputsDir}/${VALUES_FILE}`;
   let info: Deno.FileInfo;
   try {
-    info = await Deno.lstat(path);
+    // Synchronous: asked after every attempt, and mostly not there.
+    info = Deno.lstatSync(path);
   } catch (error) {
     if (error instanceof Deno.errors.NotFound) return undefined;
     throw error;

@@ -349,10 +349,16 @@ export class AttemptLifecycle {
   }
 
   /** Removes an attempt's record: call once its result is durable on the driver's side. */
-  async forget(attemptId: string): Promise<void> {
-    await Deno.remove(this.#recordPath(attemptId)).catch((error) => {
-      if (!(error instanceof Deno.errors.NotFound)) throw error;
-    });
+  forget(attemptId: string): Promise<void> {
+    // Synchronous, like the other small metadata writes of every attempt
+    // (its directories, its record): an unlink takes microseconds, the
+    // thread-pool hop of an async op several times that (see docs/performance.md).
+    try {
+      Deno.removeSync(this.#recordPath(attemptId));
+    } catch (error) {
+      if (!(error instanceof Deno.errors.NotFound)) return Promise.reject(error);
+    }
+    return Promise.resolve();
   }
 
   async #run(
@@ -364,7 +370,7 @@ export class AttemptLifecycle {
     const workDir = this.workDirOf(job);
     const inputsDir = `${workDir}/in`;
     const outputsDir = `${workDir}/out`;
-    await Deno.mkdir(outputsDir, { recursive: true });
+    Deno.mkdirSync(outputsDir, { recursive: true });
     if (job.backend === SPLIT_BACKEND) return await this.#split(attempt, job, sink);
     const agentId = typeof this.#options.agentId === "function"
       ? this.#options.agentId(job)
@@ -573,7 +579,7 @@ export class AttemptLifecycle {
 
   async #save(record: AttemptRecord): Promise<void> {
     await this.#ensureRecordsDir();
-    await writeJsonAtomic(this.#recordPath(record.attemptId), record, { mode: 0o600 });
+    writeJsonAtomicSync(this.#recordPath(record.attemptId), record, { mode: 0o600 });
   }
 
   #ensureRecordsDir(): Promise<void> {
@@ -784,6 +790,23 @@ export function exhaustedResult(message: string): AttemptResult {
     message: `The machine ran out of resources to start the attempt: ${message}`,
     lost: true,
   };
+}
+
+/** {@link writeJsonAtomic} in one synchronous go: for records of a few KiB on every attempt. */
+function writeJsonAtomicSync(path: string, value: unknown, options: { mode?: number } = {}): void {
+  const temporary = `${path}.${crypto.randomUUID().slice(0, 8)}.tmp`;
+  try {
+    Deno.writeTextFileSync(temporary, JSON.stringify(value), { mode: options.mode });
+    Deno.renameSync(temporary, path);
+  } catch (error) {
+    // A full disk leaves a partial temporary file: it is nobody's.
+    try {
+      Deno.removeSync(temporary);
+    } catch {
+      // Never made, or gone.
+    }
+    throw error;
+  }
 }
 
 /** Writes JSON to a temporary file and renames it over `path`: readers never see half a file. */
