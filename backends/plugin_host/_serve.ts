@@ -91,14 +91,18 @@ function send(message: HostMessage): void {
   }
 }
 
-async function flush(): Promise<void> {
+function flush(): void {
   try {
     while (outbox.length > 0) {
       const text = outbox.join("");
       const bytes = encoder.encode(text);
       outbox = [];
+      // Synchronous: an async write of stdout costs a thread-pool hop, about
+      // ten times the write itself, on every message. It blocks only while
+      // the runner is a full pipe (64 KiB) behind, which is backpressure all
+      // the same; the runner always reads.
       let written = 0;
-      while (written < bytes.length) written += await Deno.stdout.write(bytes.subarray(written));
+      while (written < bytes.length) written += Deno.stdout.writeSync(bytes.subarray(written));
       unsent -= text.length;
       if (unsent < OUTBOX_HIGH_WATER_CHARS) {
         const waiters = roomWaiters;
