@@ -38,23 +38,31 @@ export function parseFast(source: string, options: FastPathOptions): Plan | unde
   if (ANCHOR_OR_ALIAS.test(source) || source.includes("<<")) return undefined;
   const counter = new Locator(options.file, new LineCounter());
   if (!checkSource(source, new Reporter(counter), counter)) return undefined;
-  let raw: unknown;
-  try {
-    raw = loadYaml(source, { schema: CORE_SCHEMA, json: false });
-  } catch {
-    return undefined;
-  }
-  const parsed = PipelineSchema.safeParse(raw);
+  const parsed = PipelineSchema.safeParse(loadPlain(source));
   if (!parsed.success) return undefined;
   const reporter = new Reporter(scannedPositions(options.file, source));
+  let edges;
   try {
-    checkSteps(viewOf(parsed.data), options, reporter);
+    edges = checkSteps(viewOf(parsed.data), options, reporter);
   } catch {
     return undefined;
   }
   if (reporter.diagnostics.length > 0) return undefined;
-  const plan = planValidated(parsed.data, { ...options, source }, reporter);
+  const plan = planValidated(parsed.data, { ...options, source, edges }, reporter);
   return reporter.diagnostics.length > 0 ? undefined : plan;
+}
+
+/**
+ * The plain value of YAML text, or undefined when it is not YAML js-yaml
+ * reads (the located path says why). Its own function so that the value,
+ * which the schema copies, is garbage once the schema has read it.
+ */
+function loadPlain(source: string): unknown {
+  try {
+    return loadYaml(source, { schema: CORE_SCHEMA, json: false });
+  } catch {
+    return undefined;
+  }
 }
 
 /** Positions of the steps only (from a scan of the text); 1:1 for anything else. */

@@ -133,6 +133,8 @@ export interface SizeCheckOptions {
   limits: PipelineLimits;
   /** Characters every step instance inherits (the `defaults` block, the pipeline's selector). */
   inheritedSize?: number;
+  /** What each step needs, when the caller has it already (default: from `steps`). */
+  needs?: Map<string, Set<string>>;
 }
 
 /**
@@ -196,7 +198,7 @@ export function checkPipelineSize(
   }
   if (!within) return false;
   // Dependencies and plan size, by step: the heaviest step is where to look.
-  const { needs } = stepEdges(steps);
+  const needs = options.needs ?? stepEdges(steps).needs;
   let dependencies = 0;
   let size = 0;
   const heaviest = { dependencies: { name: "", n: 0 }, size: { name: "", n: 0 } };

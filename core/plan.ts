@@ -57,6 +57,8 @@ export interface PlanOptions {
   locate: (path: Array<string | number>) => SourceLocation;
   /** Reads a module by absolute path (default the filesystem); undefined if missing. */
   readFile?: (path: string) => Uint8Array | undefined;
+  /** The steps' graph, when validation built it already (default: built from the steps). */
+  edges?: StepEdges;
 }
 
 /** Keys of a step that configure its backend (copied into `PlannedStep.config`). */
@@ -176,9 +178,9 @@ export function matrixLegBound(matrix: MatrixFile): { legs: number; factors: num
  * expanding the matrix.
  */
 export function legSizeBound(step: StepFile): number {
+  if (!step.matrix) return stepJson(step).length;
   const { matrix, ...rest } = step;
   const text = JSON.stringify(rest);
-  if (!matrix) return text.length;
   const longest = new Map<string, number>();
   const see = (key: string, value: unknown) =>
     longest.set(key, Math.max(longest.get(key) ?? 0, String(value).length));
@@ -210,10 +212,27 @@ export function instanceId(name: string, leg?: Record<string, Scalar>): string {
   return leg ? `${name}[${legSuffix(leg)}]` : name;
 }
 
+/** The JSON text of each step, written once: the checks that search a step's text share it. */
+const stepTexts = new WeakMap<StepFile, string>();
+
+/** A step as JSON (`JSON.stringify`), computed once per step object. */
+export function stepJson(step: StepFile): string {
+  let text = stepTexts.get(step);
+  if (text === undefined) {
+    text = JSON.stringify(step);
+    stepTexts.set(step, text);
+  }
+  return text;
+}
+
+/** Step-level dependency edges: what each step needs, and what needs it. */
+export interface StepEdges {
+  needs: Map<string, Set<string>>;
+  dependents: Map<string, Set<string>>;
+}
+
 /** Step-level dependency edges from `needs`, `next_node` and `inputs`, restricted to known steps. */
-export function stepEdges(
-  steps: Map<string, StepFile | undefined>,
-): { needs: Map<string, Set<string>>; dependents: Map<string, Set<string>> } {
+export function stepEdges(steps: Map<string, StepFile | undefined>): StepEdges {
   const needs = new Map<string, Set<string>>();
   const dependents = new Map<string, Set<string>>();
   for (const name of steps.keys()) {
@@ -370,13 +389,63 @@ export function canonicalJson(value: unknown): string {
     for (let i = 0; i < value.length; i++) out += (i > 0 ? "," : "") + canonicalJson(value[i]);
     return out + "]";
   }
-  const record = value as Record<string, unknown>;
+  return canonicalRecord(value as Record<string, unknown>);
+}
+
+/** {@link canonicalJson} of an object. */
+function canonicalRecord(record: Record<string, unknown>): string {
   const keys = Object.keys(record).sort();
   let out = "{";
   for (const key of keys) {
     const item = record[key];
     if (item === undefined) continue;
     out += (out.length > 1 ? "," : "") + JSON.stringify(key) + ":" + canonicalJson(item);
+  }
+  return out + "}";
+}
+
+/**
+ * The fields of a planned step that make its spec (all but `id`, `source`,
+ * `specDigest` and a split node's `fanOut`), sorted as {@link canonicalJson}
+ * sorts keys.
+ */
+const SPEC_FIELDS = ([
+  "name",
+  "matrix",
+  "backend",
+  "needs",
+  "config",
+  "inputs",
+  "outputs",
+  "env",
+  "secrets",
+  "resources",
+  "timeoutMs",
+  "approval",
+  "keepPartial",
+  "queueTimeoutMs",
+  "retry",
+  "when",
+  "handler",
+  "continueOnError",
+  "cache",
+  "concurrency",
+  "selector",
+  "onFailure",
+] as const satisfies ReadonlyArray<keyof PlannedStep>).toSorted();
+
+/**
+ * {@link canonicalJson} of a planned step's spec, the text its `specDigest`
+ * hashes: the same text, without sorting the step's own keys for every
+ * step. `retryJson` is the canonical JSON of its retry policy when known.
+ */
+function specJson(step: PlannedStep, retryJson?: string): string {
+  let out = "{";
+  for (const key of SPEC_FIELDS) {
+    const item = step[key];
+    if (item === undefined) continue;
+    out += (out.length > 1 ? ',"' : '"') + key + '":' +
+      (key === "retry" && retryJson !== undefined ? retryJson : canonicalJson(item));
   }
   return out + "}";
 }
@@ -457,7 +526,7 @@ export function planPipeline(
   const diagnostics: PlanDiagnostic[] = [];
   const defaults = pipeline.defaults ?? {};
   const stepMap = new Map(Object.entries(pipeline.steps));
-  const edges = stepEdges(stepMap);
+  const edges = options.edges ?? stepEdges(stepMap);
   const legsByName = new Map<string, Array<Record<string, Scalar> | undefined>>();
   const idsByName = new Map<string, string[]>();
   for (const [name, step] of stepMap) {
@@ -487,15 +556,33 @@ export function planPipeline(
   const dagIds = [...stepMap].flatMap(([name, step]) =>
     step.handler === undefined ? idsByName.get(name)! : []
   );
+  // Shared by every step that leaves them out: computed once, copied per step.
+  const defaultEnv = stringMap(defaults.env);
+  const defaultRetryJson = canonicalJson(defaultRetry);
   for (const [name, step] of stepMap) {
-    const needNames = [...edges.needs.get(name)!];
-    const needs = step.handler === undefined ? needNames.flatMap((n) => idsByName.get(n)!) : [
-      ...dagIds,
-    ];
+    const needNames = edges.needs.get(name)!;
+    let needs: string[];
+    if (step.handler !== undefined) needs = [...dagIds];
+    else {
+      needs = [];
+      for (const need of needNames) for (const id of idsByName.get(need)!) needs.push(id);
+    }
     const source = options.locate(["steps", name]);
     const backend = step.pipeline !== undefined
       ? PIPELINE_BACKEND
       : step.backend ?? defaults.backend ?? inferBackend(step)!;
+    const outputs = outputNames(step);
+    const timeoutMs = step.timeout ? parseDuration(step.timeout) : defaultTimeoutMs;
+    const queueTimeoutMs = step["queue-timeout"]
+      ? parseDuration(step["queue-timeout"])
+      : defaultQueueTimeoutMs;
+    const retry = step.retry === undefined ? undefined : retryPolicy(defaults.retry, step.retry);
+    const when = step.handler === undefined
+      ? step.when
+      : step.when === undefined
+      ? HANDLER_CONDITIONS[step.handler]
+      : `${HANDLER_CONDITIONS[step.handler]} && (${stripBraces(step.when)})`;
+    const stepEnv = step.env === undefined ? undefined : stringMap(step.env);
     for (const leg of legsByName.get(name)!) {
       const unknownKeys = new Set<string>();
       const interpolate = (text: string): string =>
@@ -512,7 +599,7 @@ export function planPipeline(
       if (step.pipeline !== undefined) {
         Object.assign(config, deep(subPipelineConfig(step)) as Record<string, unknown>);
       }
-      const env = deep({ ...stringMap(defaults.env), ...stringMap(step.env) }) as Record<
+      const env = deep(stepEnv ? { ...defaultEnv, ...stepEnv } : defaultEnv) as Record<
         string,
         string
       >;
@@ -526,8 +613,8 @@ export function planPipeline(
         });
       }
       const inputs: Record<string, InputRef> = {};
-      for (const [input, ref] of Object.entries(step.inputs ?? {})) {
-        const [from, output] = ref.split("/");
+      for (const input in step.inputs) {
+        const [from, output] = step.inputs[input].split("/");
         inputs[input] = {
           step: from,
           output,
@@ -535,52 +622,48 @@ export function planPipeline(
           fanIn: fansIn(stepMap.get(from)),
         };
       }
-      const spec: Omit<PlannedStep, "id" | "source" | "specDigest"> = {
+      // Built in the order of `PlannedStep`, without undefined fields (canonicalJson skips them).
+      const instance: PlannedStep = {
+        id: instanceId(name, leg),
         name,
-        ...(leg ? { matrix: leg } : {}),
-        backend,
-        needs,
-        config,
-        inputs,
-        outputs: outputNames(step),
-        env,
-        secrets: [...step.secrets ?? []],
-        resources: resources(defaults.resources, step.resources),
-        timeoutMs: step.timeout ? parseDuration(step.timeout) : defaultTimeoutMs,
-        ...(step.approval
-          ? {
-            approval: {
-              ...(step.approval.message ? { message: step.approval.message } : {}),
-              ...(step.approval.timeout ? { timeoutMs: parseDuration(step.approval.timeout) } : {}),
-              role: step.approval.role ?? "submit",
-            },
-          }
-          : {}),
-        ...(step["keep-partial"] ? { keepPartial: true } : {}),
-        queueTimeoutMs: step["queue-timeout"]
-          ? parseDuration(step["queue-timeout"])
-          : defaultQueueTimeoutMs,
-        retry: step.retry === undefined
-          ? {
-            ...defaultRetry,
-            onClasses: [...defaultRetry.onClasses],
-            onExitCodes: [...defaultRetry.onExitCodes],
-          }
-          : retryPolicy(defaults.retry, step.retry),
-        when: step.handler === undefined
-          ? step.when
-          : step.when === undefined
-          ? HANDLER_CONDITIONS[step.handler]
-          : `${HANDLER_CONDITIONS[step.handler]} && (${stripBraces(step.when)})`,
-        ...(step.handler !== undefined ? { handler: step.handler } : {}),
-        continueOnError: step["continue-on-error"] ?? false,
-        cache: step.cache ?? false,
-        concurrency: step.concurrency,
-        selector: { ...pipeline.selector, ...defaults.selector, ...step.selector },
-        onFailure: webhook(step["on-failure"]),
-      };
-      // canonicalJson skips undefined fields; the stored step drops them below.
-      let digestInput = canonicalJson(spec);
+      } as PlannedStep;
+      if (leg) instance.matrix = leg;
+      instance.backend = backend;
+      instance.needs = needs;
+      instance.config = config;
+      instance.inputs = inputs;
+      instance.outputs = leg ? [...outputs] : outputs;
+      instance.env = env;
+      instance.secrets = [...step.secrets ?? []];
+      instance.resources = resources(defaults.resources, step.resources);
+      if (timeoutMs !== undefined) instance.timeoutMs = timeoutMs;
+      if (step.approval) {
+        instance.approval = {
+          ...(step.approval.message ? { message: step.approval.message } : {}),
+          ...(step.approval.timeout ? { timeoutMs: parseDuration(step.approval.timeout) } : {}),
+          role: step.approval.role ?? "submit",
+        };
+      }
+      if (step["keep-partial"]) instance.keepPartial = true;
+      if (queueTimeoutMs !== undefined) instance.queueTimeoutMs = queueTimeoutMs;
+      instance.retry = retry === undefined
+        ? {
+          ...defaultRetry,
+          onClasses: [...defaultRetry.onClasses],
+          onExitCodes: [...defaultRetry.onExitCodes],
+        }
+        : leg
+        ? structuredClone(retry)
+        : retry;
+      if (when !== undefined) instance.when = when;
+      if (step.handler !== undefined) instance.handler = step.handler;
+      instance.continueOnError = step["continue-on-error"] ?? false;
+      instance.cache = step.cache ?? false;
+      if (step.concurrency !== undefined) instance.concurrency = step.concurrency;
+      instance.selector = { ...pipeline.selector, ...defaults.selector, ...step.selector };
+      const onFailure = webhook(step["on-failure"]);
+      if (onFailure !== undefined) instance.onFailure = onFailure;
+      let digestInput = specJson(instance, retry === undefined ? defaultRetryJson : undefined);
       if (backend === "deno" && typeof config.module === "string") {
         const modulePath = resolve(options.baseDir, config.module);
         const digest = moduleDigest(modulePath);
@@ -596,21 +679,12 @@ export function planPipeline(
         }
         digestInput += `\nmodule:${digest}`;
       }
-      const plannedStep: PlannedStep = {
-        id: instanceId(name, leg),
-        ...spec,
-        source,
-        specDigest: sha256(digestInput),
-      };
-      for (
-        const key of ["timeoutMs", "queueTimeoutMs", "when", "concurrency", "onFailure"] as const
-      ) {
-        if (plannedStep[key] === undefined) delete plannedStep[key];
-      }
+      instance.source = leg ? { ...source } : source;
+      instance.specDigest = sha256(digestInput);
       planned.push(
         step.batch !== undefined || step.foreach !== undefined
-          ? splitNode(step, plannedStep, idsByName, defaultRetry)
-          : plannedStep,
+          ? splitNode(step, instance, idsByName, defaultRetry)
+          : instance,
       );
     }
   }
@@ -648,18 +722,16 @@ export function planPipeline(
   if (onExit) plan.onExit = onExit;
   const keep = (text: string): number | "forever" =>
     text === "forever" ? "forever" : parseDuration(text);
-  const outputRetention = Object.fromEntries(
-    Object.entries(pipeline.steps).flatMap(([name, step]) =>
-      (step.outputs ?? []).flatMap((output) =>
-        typeof output === "string" ? [] : [[`${name}/${output.name}`, keep(output.retention)]]
-      )
-    ),
-  );
-  const stepRetention = Object.fromEntries(
-    Object.entries(pipeline.steps).flatMap(([name, step]) =>
-      step.retention ? [[name, keep(step.retention)]] : []
-    ),
-  );
+  const outputRetention: Record<string, number | "forever"> = {};
+  const stepRetention: Record<string, number | "forever"> = {};
+  for (const [name, step] of stepMap) {
+    for (const output of step.outputs ?? []) {
+      if (typeof output !== "string") {
+        outputRetention[`${name}/${output.name}`] = keep(output.retention);
+      }
+    }
+    if (step.retention) stepRetention[name] = keep(step.retention);
+  }
   if (
     pipeline.retention || Object.keys(stepRetention).length > 0 ||
     Object.keys(outputRetention).length > 0

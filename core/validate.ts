@@ -22,7 +22,9 @@ import {
   inferBackend,
   outputNames,
   planPipeline,
+  type StepEdges,
   stepEdges,
+  stepJson,
   subPipelineConfig,
 } from "./plan.ts";
 import { ITEM_REFERENCE } from "./fanout.ts";
@@ -41,6 +43,18 @@ import { reportZodIssues } from "./_zod_issues.ts";
 import { applyParams, checkDeclarations, checkReferences, resolveParams } from "./params.ts";
 import { scheduleProblem, scheduleSpec } from "./schedule.ts";
 import type { SecretPolicy } from "./secrets.ts";
+
+/** Keys that tell a step's backend. */
+const BACKEND_KEYS = ["backend", "module", "image", "build", "host", "run"];
+/** Keys each built-in backend requires (docker: `image` unless it has `build`). */
+const REQUIRED_KEYS: Record<string, string[]> = {
+  deno: ["module"],
+  shell: ["run"],
+  ssh: ["host", "run"],
+  kubernetes: ["image"],
+};
+/** The keys dropped of a step that validated. */
+const NONE_DROPPED: ReadonlySet<string> = new Set();
 
 /** Options of the checks of {@link validatePipeline} and {@link checkSteps}. */
 export interface CheckOptions {
@@ -93,9 +107,14 @@ export function validatePipeline(
   const parsed = PipelineSchema.safeParse(raw);
   if (!parsed.success) reportZodIssues(parsed.error.issues, raw, reporter);
   const view = parsed.success ? viewOf(parsed.data) : salvageView(raw as Record<string, unknown>);
-  checkSteps(view, options, reporter);
-  return parsed.success && reporter.diagnostics.length === before ? parsed.data : undefined;
+  const edges = checkSteps(view, options, reporter);
+  if (!parsed.success || reporter.diagnostics.length !== before) return undefined;
+  checkedEdges.set(parsed.data, edges);
+  return parsed.data;
 }
+
+/** The graph {@link checkSteps} built of each pipeline it passed, for planning to reuse. */
+const checkedEdges = new WeakMap<PipelineFile, StepEdges>();
 
 /** The view of a pipeline that passed the schema. */
 export function viewOf(pipeline: PipelineFile): PipelineView {
@@ -120,6 +139,8 @@ export interface PlanValidatedOptions extends CheckOptions {
   file: string;
   /** Source text, hashed into `Plan.digest`. */
   source: string;
+  /** The steps' graph as {@link checkSteps} returned it (default: the one it built, or a new one). */
+  edges?: StepEdges;
 }
 
 /**
@@ -190,6 +211,7 @@ export function planValidated(
     source: options.source,
     readFile: options.readFile,
     locate: (path) => ({ file: options.file, ...positions.at(path, { key: true }) }),
+    edges: options.edges ?? checkedEdges.get(pipeline),
   });
   if ("plan" in planned) {
     if (pipeline.params) planned.plan.params = values;
@@ -288,31 +310,35 @@ export function salvageView(raw: Record<string, unknown>): PipelineView {
  * step's module exists, every `needs`, `next_node`, input, secret and
  * `start_node` names something declared, conditions parse, matrices expand,
  * and the graph has no cycle and no step unreachable from `start_node`.
+ * Returns the steps' graph (for planning to reuse).
  */
 export function checkSteps(
   view: PipelineView,
   options: CheckOptions,
   reporter: Reporter,
-): void {
+): StepEdges {
   const names = [...view.steps.keys()];
   const known = new Set(names);
   const backends = new Set<string>([...BUILTIN_BACKENDS, ...(options.backends ?? [])]);
   let reportedDefaultBackend = false;
   // Before anything expands a matrix: a small file can describe a million legs.
+  // One graph for every check that follows edges (sizes, cycles, value references).
+  const edges = stepEdges(view.steps);
   const sized = checkPipelineSize(view.steps, {
     limits: pipelineLimits(options.limits),
     inheritedSize: view.inheritedSize,
+    needs: edges.needs,
   }, reporter);
   for (const [name, step] of view.steps) {
     if (!step) continue;
     const at = (...path: PathSegment[]) => ["steps", name, ...path];
-    const dropped = view.droppedKeys?.get(name) ?? new Set<string>();
+    const dropped = view.droppedKeys?.get(name) ?? NONE_DROPPED;
     const backend = step.pipeline !== undefined
       ? PIPELINE_BACKEND
       : step.backend ?? view.defaultBackend ?? inferBackend(step);
     if (step.pipeline !== undefined) {
       // Run by the drivers themselves; checked by checkSubPipeline.
-    } else if (["backend", "module", "image", "build", "host", "run"].some((k) => dropped.has(k))) {
+    } else if (dropped.size > 0 && BACKEND_KEYS.some((k) => dropped.has(k))) {
       // The step's backend cannot be known; its own diagnostics say why.
     } else if (backend === undefined) {
       reporter.at(
@@ -332,14 +358,10 @@ export function checkSteps(
         });
       }
     } else {
-      const required: Record<string, string[]> = {
-        deno: ["module"],
-        shell: ["run"],
-        docker: step.build === undefined ? ["image"] : [],
-        ssh: ["host", "run"],
-        kubernetes: ["image"],
-      };
-      for (const key of required[backend] ?? []) {
+      const required = backend === "docker"
+        ? (step.build === undefined ? ["image"] : [])
+        : REQUIRED_KEYS[backend] ?? [];
+      for (const key of required) {
         if (step[key as keyof StepFile] === undefined) {
           reporter.at(
             "missing_key",
@@ -481,8 +503,9 @@ export function checkSteps(
     });
   }
   if (options.secrets) checkSecretRefs(view, options.secrets, reporter);
-  checkGraph(view, reporter);
-  checkValueRefs(view, reporter);
+  checkGraph(view, edges, reporter);
+  checkValueRefs(view, edges, reporter);
+  return edges;
 }
 
 /** Most pipelines deep a chain of `pipeline:` steps may go. */
@@ -668,7 +691,8 @@ function checkFanOut(
     );
     return;
   }
-  if (!foreach && JSON.stringify(step).match(ITEM_REFERENCE)) {
+  const text = stepJson(step);
+  if (!foreach && text.includes("${{") && text.match(ITEM_REFERENCE)) {
     reporter.at(
       "unknown_item",
       `step "${name}" reads \${{ item }}, which only a step with foreach: has`,
@@ -941,12 +965,12 @@ function checkMatrix(
  * `${{ steps.X.values.NAME }}` in a step's strings reads what X published:
  * X must be a step it depends on (through `needs` or inputs, transitively).
  */
-function checkValueRefs(view: PipelineView, reporter: Reporter): void {
+function checkValueRefs(view: PipelineView, edges: StepEdges, reporter: Reporter): void {
   const steps = view.steps;
-  if (![...steps.values()].some((step) => step && JSON.stringify(step).includes(".values."))) {
+  if (![...steps.values()].some((step) => step && stepJson(step).includes(".values."))) {
     return;
   }
-  const { needs } = stepEdges(steps);
+  const { needs } = edges;
   const ancestors = (name: string): Set<string> => {
     const seen = new Set<string>();
     const stack = [...(needs.get(name) ?? [])];
@@ -988,8 +1012,7 @@ function checkValueRefs(view: PipelineView, reporter: Reporter): void {
   }
 }
 
-function checkGraph(view: PipelineView, reporter: Reporter): void {
-  const edges = stepEdges(view.steps);
+function checkGraph(view: PipelineView, edges: StepEdges, reporter: Reporter): void {
   const names = [...view.steps.keys()];
   // Kahn on step names; whatever is left over sits on or behind a cycle.
   const pending = new Map(names.map((n) => [n, edges.needs.get(n)!.size]));
