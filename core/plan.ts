@@ -225,39 +225,65 @@ export function stepJson(step: StepFile): string {
   return text;
 }
 
-/** Step-level dependency edges: what each step needs, and what needs it. */
+/**
+ * Step-level dependency edges: what each step needs, and what needs it.
+ * Steps are numbered in file order, so the graph is arrays of numbers: a
+ * 100,000-step file makes one map of names, not one set per step.
+ */
 export interface StepEdges {
-  needs: Map<string, Set<string>>;
-  dependents: Map<string, Set<string>>;
+  /** Step names in file order; a step's number is its place here. */
+  names: string[];
+  /** The number of each step, by name. */
+  index: Map<string, number>;
+  /** What each step needs, in the order the file says it (no repeats). */
+  needs: number[][];
+  /** What needs each step (no repeats). */
+  dependents: number[][];
 }
+
+/** Above this many needs, a step's links are checked for repeats with a set. */
+const FEW_NEEDS = 16;
 
 /** Step-level dependency edges from `needs`, `next_node` and `inputs`, restricted to known steps. */
 export function stepEdges(steps: Map<string, StepFile | undefined>): StepEdges {
-  const needs = new Map<string, Set<string>>();
-  const dependents = new Map<string, Set<string>>();
-  for (const name of steps.keys()) {
-    needs.set(name, new Set());
-    dependents.set(name, new Set());
-  }
-  const link = (from: string, to: string) => {
-    if (!steps.has(from) || !steps.has(to)) return;
-    needs.get(to)!.add(from);
-    dependents.get(from)!.add(to);
+  const names = [...steps.keys()];
+  const index = new Map<string, number>();
+  for (let i = 0; i < names.length; i++) index.set(names[i], i);
+  const needs: number[][] = names.map(() => []);
+  const dependents: number[][] = names.map(() => []);
+  // Sets only for steps with many needs; a short list is searched.
+  const many = new Map<number, Set<number>>();
+  const link = (fromName: string, to: number) => {
+    const from = index.get(fromName);
+    if (from === undefined) return;
+    const list = needs[to];
+    if (list.length < FEW_NEEDS) {
+      if (list.includes(from)) return;
+    } else {
+      let seen = many.get(to);
+      if (!seen) many.set(to, seen = new Set(list));
+      if (seen.has(from)) return;
+      seen.add(from);
+    }
+    list.push(from);
+    dependents[from].push(to);
   };
-  for (const [name, step] of steps) {
+  let i = 0;
+  for (const step of steps.values()) {
+    const to = i++;
     if (!step) continue;
-    const list = step.needs === undefined
-      ? []
-      : Array.isArray(step.needs)
-      ? step.needs
-      : [step.needs];
-    for (const need of list) link(need, name);
-    if (step.next_node !== undefined) link(name, step.next_node);
-    for (const ref of Object.values(step.inputs ?? {})) link(ref.split("/")[0], name);
+    const need = step.needs;
+    if (typeof need === "string") link(need, to);
+    else if (need !== undefined) { for (const name of need) link(name, to); }
+    if (step.next_node !== undefined) {
+      const next = index.get(step.next_node);
+      if (next !== undefined) link(names[to], next);
+    }
+    for (const input in step.inputs) link(step.inputs[input].split("/")[0], to);
     const foreach = foreachRef(step);
-    if (foreach !== undefined) link(foreach.split("/")[0], name);
+    if (foreach !== undefined) link(foreach.split("/")[0], to);
   }
-  return { needs, dependents };
+  return { names, index, needs, dependents };
 }
 
 /** The `"step/output"` a `foreach:` reads, if the step has one. */
@@ -316,7 +342,7 @@ export function fansIn(step: StepFile | undefined): boolean {
 function splitNode(
   step: StepFile,
   leg: PlannedStep,
-  idsByName: Map<string, string[]>,
+  idsByName: (name: string) => string[],
   retry: RetryPolicy,
 ): PlannedStep {
   const batch = step.batch;
@@ -347,7 +373,7 @@ function splitNode(
       ...(key !== undefined ? { key } : {}),
       fields: itemFieldsOf([leg.config, leg.env]),
     };
-    inputs = { items: { step: from, output, from: [...idsByName.get(from)!], fanIn: false } };
+    inputs = { items: { step: from, output, from: [...idsByName(from)], fanIn: false } };
   }
   const { id: _id, source, specDigest, matrix: _matrix, ...template } = leg;
   const node: PlannedStep = {
@@ -498,6 +524,29 @@ function resources(...specs: Array<StepFile["resources"]>): Resources {
   return out;
 }
 
+/**
+ * {@link topologicalOrder} of the instances a plan has just made, given
+ * what each needs by instance number (no map of ids).
+ */
+function orderOf(steps: PlannedStep[], needsOf: number[][]): string[] {
+  const pending = new Array<number>(steps.length);
+  const dependents: number[][] = [];
+  for (let i = 0; i < steps.length; i++) {
+    pending[i] = needsOf[i].length;
+    dependents.push([]);
+  }
+  for (let i = 0; i < steps.length; i++) for (const need of needsOf[i]) dependents[need].push(i);
+  const heap = new MinHeap<number>((a, b) => a < b);
+  for (let i = 0; i < steps.length; i++) if (pending[i] === 0) heap.push(i);
+  const order: string[] = [];
+  while (heap.size > 0) {
+    const i = heap.pop()!;
+    order.push(steps[i].id);
+    for (const d of dependents[i]) if (--pending[d] === 0) heap.push(d);
+  }
+  return order;
+}
+
 /** Topological order of instances (needs first), ties broken by file order; iterative. */
 export function topologicalOrder(steps: PlannedStep[]): string[] {
   const index = new Map(steps.map((s, i) => [s.id, i]));
@@ -525,15 +574,23 @@ export function planPipeline(
 ): { plan: Plan } | { diagnostics: PlanDiagnostic[] } {
   const diagnostics: PlanDiagnostic[] = [];
   const defaults = pipeline.defaults ?? {};
-  const stepMap = new Map(Object.entries(pipeline.steps));
-  const edges = options.edges ?? stepEdges(stepMap);
-  const legsByName = new Map<string, Array<Record<string, Scalar> | undefined>>();
-  const idsByName = new Map<string, string[]>();
-  for (const [name, step] of stepMap) {
+  const edges = options.edges ?? stepEdges(new Map(Object.entries(pipeline.steps)));
+  const { names } = edges;
+  const steps = names.map((name) => pipeline.steps[name]);
+  // By step number: its legs, its instance ids, and the number of its first instance.
+  const legsOf: Array<Array<Record<string, Scalar> | undefined>> = [];
+  const idsOf: string[][] = [];
+  const firstOf: number[] = [];
+  let instances = 0;
+  for (let i = 0; i < names.length; i++) {
+    const step = steps[i];
     const legs = step.matrix ? expandMatrix(step.matrix) : [undefined];
-    legsByName.set(name, legs);
-    idsByName.set(name, legs.map((leg) => instanceId(name, leg)));
+    legsOf.push(legs);
+    idsOf.push(step.matrix ? legs.map((leg) => instanceId(names[i], leg)) : [names[i]]);
+    firstOf.push(instances);
+    instances += legs.length;
   }
+  const idsByName = (name: string): string[] => idsOf[edges.index.get(name)!];
   const moduleDigests = new Map<string, string | undefined>();
   const moduleDigest = (path: string): string | undefined => {
     if (!moduleDigests.has(path)) {
@@ -553,19 +610,37 @@ export function planPipeline(
     : undefined;
   const planned: PlannedStep[] = [];
   // An exit handler needs every step that is not one: it runs after the DAG.
-  const dagIds = [...stepMap].flatMap(([name, step]) =>
-    step.handler === undefined ? idsByName.get(name)! : []
-  );
+  const dagIds: string[] = [];
+  const dagInstances: number[] = [];
+  for (let i = 0; i < names.length; i++) {
+    if (steps[i].handler !== undefined) continue;
+    for (let leg = 0; leg < idsOf[i].length; leg++) {
+      dagIds.push(idsOf[i][leg]);
+      dagInstances.push(firstOf[i] + leg);
+    }
+  }
+  // What each instance needs, by instance number (for the order).
+  const needsOf: number[][] = [];
   // Shared by every step that leaves them out: computed once, copied per step.
   const defaultEnv = stringMap(defaults.env);
   const defaultRetryJson = canonicalJson(defaultRetry);
-  for (const [name, step] of stepMap) {
-    const needNames = edges.needs.get(name)!;
+  for (let i = 0; i < names.length; i++) {
+    const name = names[i];
+    const step = steps[i];
     let needs: string[];
-    if (step.handler !== undefined) needs = [...dagIds];
-    else {
+    let needed: number[];
+    if (step.handler !== undefined) {
+      needs = [...dagIds];
+      needed = dagInstances;
+    } else {
       needs = [];
-      for (const need of needNames) for (const id of idsByName.get(need)!) needs.push(id);
+      needed = [];
+      for (const need of edges.needs[i]) {
+        for (let leg = 0; leg < idsOf[need].length; leg++) {
+          needs.push(idsOf[need][leg]);
+          needed.push(firstOf[need] + leg);
+        }
+      }
     }
     const source = options.locate(["steps", name]);
     const backend = step.pipeline !== undefined
@@ -583,7 +658,8 @@ export function planPipeline(
       ? HANDLER_CONDITIONS[step.handler]
       : `${HANDLER_CONDITIONS[step.handler]} && (${stripBraces(step.when)})`;
     const stepEnv = step.env === undefined ? undefined : stringMap(step.env);
-    for (const leg of legsByName.get(name)!) {
+    for (const leg of legsOf[i]) {
+      needsOf.push(needed);
       const unknownKeys = new Set<string>();
       const interpolate = (text: string): string =>
         text.includes("${{")
@@ -618,8 +694,8 @@ export function planPipeline(
         inputs[input] = {
           step: from,
           output,
-          from: idsByName.get(from)!,
-          fanIn: fansIn(stepMap.get(from)),
+          from: idsByName(from),
+          fanIn: fansIn(pipeline.steps[from]),
         };
       }
       // Built in the order of `PlannedStep`, without undefined fields (canonicalJson skips them).
@@ -694,7 +770,7 @@ export function planPipeline(
     file: options.file,
     baseDir: options.baseDir,
     steps: Object.fromEntries(planned.map((s) => [s.id, s])),
-    order: topologicalOrder(planned),
+    order: orderOf(planned, needsOf),
     env: stringMap(pipeline.env),
     secrets: Object.fromEntries(
       Object.entries(pipeline.secrets ?? {}).map((
@@ -724,7 +800,9 @@ export function planPipeline(
     text === "forever" ? "forever" : parseDuration(text);
   const outputRetention: Record<string, number | "forever"> = {};
   const stepRetention: Record<string, number | "forever"> = {};
-  for (const [name, step] of stepMap) {
+  for (let i = 0; i < names.length; i++) {
+    const name = names[i];
+    const step = steps[i];
     for (const output of step.outputs ?? []) {
       if (typeof output !== "string") {
         outputRetention[`${name}/${output.name}`] = keep(output.retention);

@@ -327,7 +327,7 @@ export function checkSteps(
   const sized = checkPipelineSize(view.steps, {
     limits: pipelineLimits(options.limits),
     inheritedSize: view.inheritedSize,
-    needs: edges.needs,
+    edges,
   }, reporter);
   for (const [name, step] of view.steps) {
     if (!step) continue;
@@ -970,17 +970,17 @@ function checkValueRefs(view: PipelineView, edges: StepEdges, reporter: Reporter
   if (![...steps.values()].some((step) => step && stepJson(step).includes(".values."))) {
     return;
   }
-  const { needs } = edges;
+  const { needs, names, index } = edges;
   const ancestors = (name: string): Set<string> => {
-    const seen = new Set<string>();
-    const stack = [...(needs.get(name) ?? [])];
+    const seen = new Set<number>();
+    const stack = [...needs[index.get(name)!]];
     while (stack.length > 0) {
       const next = stack.pop()!;
       if (seen.has(next)) continue;
       seen.add(next);
-      stack.push(...(needs.get(next) ?? []));
+      for (const need of needs[next]) stack.push(need);
     }
-    return seen;
+    return new Set([...seen].map((i) => names[i]));
   };
   for (const [name, step] of steps) {
     if (!step) continue;
@@ -1013,29 +1013,27 @@ function checkValueRefs(view: PipelineView, edges: StepEdges, reporter: Reporter
 }
 
 function checkGraph(view: PipelineView, edges: StepEdges, reporter: Reporter): void {
-  const names = [...view.steps.keys()];
-  // Kahn on step names; whatever is left over sits on or behind a cycle.
-  const pending = new Map(names.map((n) => [n, edges.needs.get(n)!.size]));
-  const queue = names.filter((n) => pending.get(n) === 0);
-  for (let i = 0; i < queue.length; i++) {
-    for (const dependent of edges.dependents.get(queue[i]) ?? []) {
-      const left = pending.get(dependent)! - 1;
-      pending.set(dependent, left);
-      if (left === 0) queue.push(dependent);
+  const { names, needs, dependents } = edges;
+  // Kahn on step numbers; whatever is left over sits on or behind a cycle.
+  const pending = needs.map((list) => list.length);
+  const queue: number[] = [];
+  for (let i = 0; i < names.length; i++) if (pending[i] === 0) queue.push(i);
+  for (let q = 0; q < queue.length; q++) {
+    for (const dependent of dependents[queue[q]]) {
+      if (--pending[dependent] === 0) queue.push(dependent);
     }
   }
   if (queue.length < names.length) {
-    const remaining = new Set(names.filter((n) => pending.get(n)! > 0));
-    const start = names.find((n) => remaining.has(n))!;
-    const seen = new Map<string, number>();
-    const walk: string[] = [];
+    const start = pending.findIndex((left) => left > 0);
+    const seen = new Map<number, number>();
+    const walk: number[] = [];
     let current = start;
     while (!seen.has(current)) {
       seen.set(current, walk.length);
       walk.push(current);
-      current = [...edges.needs.get(current)!].find((n) => remaining.has(n))!;
+      current = needs[current].find((n) => pending[n] > 0)!;
     }
-    const cycle = walk.slice(seen.get(current)!).reverse();
+    const cycle = walk.slice(seen.get(current)!).reverse().map((i) => names[i]);
     cycle.push(cycle[0]);
     const first = cycle.at(-2)!;
     reporter.at("cycle", `cycle between steps: ${cycle.join(" → ")}`, ["steps", first], {
@@ -1044,16 +1042,18 @@ function checkGraph(view: PipelineView, edges: StepEdges, reporter: Reporter): v
     });
   }
   if (view.startNode !== undefined && view.steps.has(view.startNode)) {
-    const reached = new Set([view.startNode]);
-    const stack = [view.startNode];
+    const startIndex = edges.index.get(view.startNode)!;
+    const reachedIndex = new Set([startIndex]);
+    const stack = [startIndex];
     while (stack.length > 0) {
-      for (const next of edges.dependents.get(stack.pop()!) ?? []) {
-        if (!reached.has(next)) {
-          reached.add(next);
+      for (const next of dependents[stack.pop()!]) {
+        if (!reachedIndex.has(next)) {
+          reachedIndex.add(next);
           stack.push(next);
         }
       }
     }
+    const reached = new Set([...reachedIndex].map((i) => names[i]));
     for (const name of names) {
       if (!reached.has(name)) {
         reporter.at(
