@@ -574,9 +574,17 @@ export function planPipeline(
 ): { plan: Plan } | { diagnostics: PlanDiagnostic[] } {
   const diagnostics: PlanDiagnostic[] = [];
   const defaults = pipeline.defaults ?? {};
-  const edges = options.edges ?? stepEdges(new Map(Object.entries(pipeline.steps)));
+  let edges = options.edges;
+  let steps = edges?.names.map((name) => pipeline.steps[name]);
+  // A graph given for other steps (not the ones validated) is built again.
+  if (
+    !edges || !steps || steps.includes(undefined as unknown as StepFile) ||
+    steps.length !== Object.keys(pipeline.steps).length
+  ) {
+    edges = stepEdges(new Map(Object.entries(pipeline.steps)));
+    steps = edges.names.map((name) => pipeline.steps[name]);
+  }
   const { names } = edges;
-  const steps = names.map((name) => pipeline.steps[name]);
   // By step number: its legs, its instance ids, and the number of its first instance.
   const legsOf: Array<Array<Record<string, Scalar> | undefined>> = [];
   const idsOf: string[][] = [];
