@@ -321,6 +321,9 @@ export function checkSteps(
   const known = new Set(names);
   const backends = new Set<string>([...BUILTIN_BACKENDS, ...(options.backends ?? [])]);
   let reportedDefaultBackend = false;
+  // Exit handlers constrain the steps around them; without one there is nothing to check.
+  let handlers = false;
+  for (const step of view.steps.values()) handlers ||= step?.handler !== undefined;
   // Before anything expands a matrix: a small file can describe a million legs.
   // One graph for every check that follows edges (sizes, cycles, value references).
   const edges = stepEdges(view.steps);
@@ -489,7 +492,7 @@ export function checkSteps(
     }
     if (step.matrix) checkMatrix(name, step.matrix, reporter, sized);
     checkFanOut(name, step, view, reporter);
-    checkHandler(name, step, view, reporter);
+    if (handlers) checkHandler(name, step, view, reporter);
     if (step.pipeline !== undefined) {
       checkSubPipeline(name, step, { ...options, file: reporter.positions.file }, reporter);
     }
@@ -681,7 +684,10 @@ function checkFanOut(
 ): void {
   const at = (...path: PathSegment[]) => ["steps", name, ...path];
   const { batch, foreach, matrix } = step;
-  const kinds = [matrix && "matrix", batch && "batch", foreach && "foreach"].filter(Boolean);
+  // Two ways of fanning out take a batch or a foreach.
+  const kinds = batch || foreach
+    ? [matrix && "matrix", batch && "batch", foreach && "foreach"].filter(Boolean)
+    : [];
   if (kinds.length > 1) {
     reporter.at(
       "fan_out_conflict",
