@@ -21,11 +21,25 @@
  */
 export function mapStrings(value: unknown, map: (text: string) => string): unknown {
   if (typeof value === "string") return map(value);
-  if (Array.isArray(value)) return value.map((item) => mapStrings(item, map));
-  if (value && typeof value === "object") {
-    return Object.fromEntries(
-      Object.entries(value).map(([key, item]) => [key, mapStrings(item, map)]),
-    );
+  if (value === null || typeof value !== "object") return value;
+  if (Array.isArray(value)) {
+    const out = new Array(value.length);
+    for (let i = 0; i < value.length; i++) out[i] = mapStrings(value[i], map);
+    return out;
   }
-  return value;
+  // Plain loops: a large plan maps every step's config and env through here.
+  const out: Record<string, unknown> = {};
+  for (const key of Object.keys(value)) {
+    const item = mapStrings((value as Record<string, unknown>)[key], map);
+    // An own "__proto__" key (YAML may have one) stays a key, as Object.fromEntries keeps it.
+    if (key === "__proto__") {
+      Object.defineProperty(out, key, {
+        value: item,
+        enumerable: true,
+        writable: true,
+        configurable: true,
+      });
+    } else out[key] = item;
+  }
+  return out;
 }

@@ -38,23 +38,31 @@ export function parseFast(source: string, options: FastPathOptions): Plan | unde
   if (ANCHOR_OR_ALIAS.test(source) || source.includes("<<")) return undefined;
   const counter = new Locator(options.file, new LineCounter());
   if (!checkSource(source, new Reporter(counter), counter)) return undefined;
-  let raw: unknown;
-  try {
-    raw = loadYaml(source, { schema: CORE_SCHEMA, json: false });
-  } catch {
-    return undefined;
-  }
-  const parsed = PipelineSchema.safeParse(raw);
+  const parsed = PipelineSchema.safeParse(loadPlain(source));
   if (!parsed.success) return undefined;
   const reporter = new Reporter(scannedPositions(options.file, source));
+  let edges;
   try {
-    checkSteps(viewOf(parsed.data), options, reporter);
+    edges = checkSteps(viewOf(parsed.data), options, reporter);
   } catch {
     return undefined;
   }
   if (reporter.diagnostics.length > 0) return undefined;
-  const plan = planValidated(parsed.data, { ...options, source }, reporter);
+  const plan = planValidated(parsed.data, { ...options, source, edges }, reporter);
   return reporter.diagnostics.length > 0 ? undefined : plan;
+}
+
+/**
+ * The plain value of YAML text, or undefined when it is not YAML js-yaml
+ * reads (the located path says why). Its own function so that the value,
+ * which the schema copies, is garbage once the schema has read it.
+ */
+function loadPlain(source: string): unknown {
+  try {
+    return loadYaml(source, { schema: CORE_SCHEMA, json: false });
+  } catch {
+    return undefined;
+  }
 }
 
 /** Positions of the steps only (from a scan of the text); 1:1 for anything else. */
@@ -70,20 +78,30 @@ function scannedPositions(file: string, source: string): Positions {
 /** Line and column of each step key of a block-style `steps:` mapping. */
 function scanStepLines(source: string): Map<string, Position> {
   const found = new Map<string, Position>();
-  const lines = source.split("\n");
-  const start = lines.findIndex((line) => /^steps\s*:\s*(#.*)?$/.test(line));
-  if (start < 0) return found;
+  const header = /^steps\s*:\s*(#.*)?$/m.exec(source);
+  if (!header) return found;
+  // One line at a time by index, without splitting the whole text into lines.
+  const key = /( +)([^\s:#][^:\n]*?)\s*:(?:\s|$)/y;
+  let line = source.slice(0, header.index).split("\n").length;
+  let start = source.indexOf("\n", header.index) + 1;
   let indent = -1;
-  for (let i = start + 1; i < lines.length; i++) {
-    const match = /^( +)([^\s:#][^:]*?)\s*:(?:\s|$)/.exec(lines[i]);
-    if (!match) {
-      if (/^\S/.test(lines[i])) break; // the next top-level key
-      continue;
+  while (start > 0 && start < source.length) {
+    line++;
+    const end = source.indexOf("\n", start);
+    const first = source.charCodeAt(start);
+    if (first !== 32) {
+      if (!/\s/.test(source[start])) break; // the next top-level key
+    } else {
+      key.lastIndex = start;
+      const match = key.exec(source);
+      if (match && (end < 0 || match.index + match[0].length <= end + 1)) {
+        if (indent < 0) indent = match[1].length;
+        if (match[1].length === indent) {
+          found.set(match[2].replace(/^["']|["']$/g, ""), { line, col: indent + 1 });
+        }
+      }
     }
-    if (indent < 0) indent = match[1].length;
-    if (match[1].length === indent) {
-      found.set(match[2].replace(/^["']|["']$/g, ""), { line: i + 1, col: indent + 1 });
-    }
+    start = end + 1;
   }
   return found;
 }

@@ -14,7 +14,7 @@
 
 import { parseByteSize } from "./duration.ts";
 import { QuantityError } from "./errors.ts";
-import { legSizeBound, matrixLegBound, stepEdges } from "./plan.ts";
+import { legSizeBound, matrixLegBound, type StepEdges, stepEdges } from "./plan.ts";
 import type { StepFile } from "./schema.ts";
 import type { Reporter } from "./_diagnostics.ts";
 
@@ -133,6 +133,8 @@ export interface SizeCheckOptions {
   limits: PipelineLimits;
   /** Characters every step instance inherits (the `defaults` block, the pipeline's selector). */
   inheritedSize?: number;
+  /** The steps' graph, when the caller has it already (default: built from `steps`). */
+  edges?: StepEdges;
 }
 
 /**
@@ -150,14 +152,15 @@ export function checkPipelineSize(
 ): boolean {
   const { limits } = options;
   let within = true;
-  const legs = new Map<string, number>();
+  // Legs of each step, by its number in file order (see `StepEdges`).
+  const legs: number[] = [];
   for (const [name, step] of steps) {
     if (!step?.matrix) {
-      legs.set(name, 1);
+      legs.push(1);
       continue;
     }
     const bound = matrixLegBound(step.matrix);
-    legs.set(name, bound.legs);
+    legs.push(bound.legs);
     if (bound.legs > limits.maxMatrixLegs) {
       within = false;
       const product = bound.factors.length > 1 ? ` (${bound.factors.join(" × ")})` : "";
@@ -175,11 +178,12 @@ export function checkPipelineSize(
       );
     }
   }
-  const instances = [...legs.values()].reduce((a, b) => a + b, 0);
+  const instances = legs.reduce((a, b) => a + b, 0);
   // A matrix over its own limit is the one to fix; the run's total would say it again.
   if (within && instances > limits.maxStepInstances) {
     within = false;
-    const largest = [...legs].sort((a, b) => b[1] - a[1]).slice(0, 3)
+    const largest = [...steps.keys()].map((name, i) => [name, legs[i]] as const)
+      .sort((a, b) => b[1] - a[1]).slice(0, 3)
       .map(([name, n]) => `"${name}" ${count(n)}`).join(", ");
     reporter.at(
       "too_many_instances",
@@ -196,36 +200,40 @@ export function checkPipelineSize(
   }
   if (!within) return false;
   // Dependencies and plan size, by step: the heaviest step is where to look.
-  const { needs } = stepEdges(steps);
+  const { needs, index } = options.edges ?? stepEdges(steps);
   let dependencies = 0;
   let size = 0;
-  const heaviest = { dependencies: { name: "", n: 0 }, size: { name: "", n: 0 } };
+  const heaviest = {
+    dependencies: { name: "", n: 0, legs: 1 },
+    size: { name: "", n: 0, legs: 1 },
+  };
+  let i = -1;
   for (const [name, step] of steps) {
+    i++;
     if (!step) continue;
     let waitsFor = 0;
-    for (const need of needs.get(name) ?? []) waitsFor += legs.get(need) ?? 0;
-    for (const ref of Object.values(step.inputs ?? {})) {
-      waitsFor += legs.get(ref.split("/")[0]) ?? 0;
+    for (const need of needs[i]) waitsFor += legs[need];
+    for (const input in step.inputs) {
+      const from = index.get(step.inputs[input].split("/")[0]);
+      if (from !== undefined) waitsFor += legs[from];
     }
-    const stepDependencies = legs.get(name)! * waitsFor;
-    const stepSize = legs.get(name)! * (legSizeBound(step) + (options.inheritedSize ?? 0));
+    const stepDependencies = legs[i] * waitsFor;
+    const stepSize = legs[i] * (legSizeBound(step) + (options.inheritedSize ?? 0));
     dependencies += stepDependencies;
     size += stepSize;
     if (stepDependencies > heaviest.dependencies.n) {
-      heaviest.dependencies = { name, n: stepDependencies };
+      heaviest.dependencies = { name, n: stepDependencies, legs: legs[i] };
     }
-    if (stepSize > heaviest.size.n) heaviest.size = { name, n: stepSize };
+    if (stepSize > heaviest.size.n) heaviest.size = { name, n: stepSize, legs: legs[i] };
   }
   if (dependencies > limits.maxDependencies) {
     within = false;
-    const { name, n } = heaviest.dependencies;
+    const { name, n, legs: stepLegs } = heaviest.dependencies;
     reporter.at(
       "too_many_dependencies",
       `the pipeline's step instances depend on one another up to ${count(dependencies)} times ` +
-        `(step "${name}": ${count(n)}, each of its ${count(legs.get(name)!)} legs waiting for ` +
-        `${count(n / legs.get(name)!)} instances); the limit is ${
-          count(limits.maxDependencies)
-        } per run`,
+        `(step "${name}": ${count(n)}, each of its ${count(stepLegs)} legs waiting for ` +
+        `${count(n / stepLegs)} instances); the limit is ${count(limits.maxDependencies)} per run`,
       ["steps", name],
       {
         onKey: true,
@@ -236,11 +244,11 @@ export function checkPipelineSize(
   }
   if (size > limits.maxPlanBytes) {
     within = false;
-    const { name, n } = heaviest.size;
+    const { name, n, legs: stepLegs } = heaviest.size;
     reporter.at(
       "plan_too_large",
       `the pipeline's steps, written out for every leg, take up to ${bytes(size)} ` +
-        `(step "${name}": ${bytes(n)} over ${count(legs.get(name)!)} legs); ` +
+        `(step "${name}": ${bytes(n)} over ${count(stepLegs)} legs); ` +
         `the limit is ${bytes(limits.maxPlanBytes)}`,
       ["steps", name],
       {

@@ -224,3 +224,42 @@ Deno.test("a large file with an error still gets a located diagnostic", () => {
     },
   );
 });
+
+/** A DAG of `steps` steps, one line each, each needing up to three earlier ones. */
+function generatedDag(steps: number): { source: string; needs: string[][] } {
+  let state = 7;
+  const next = () => (state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+  const lines = ["name: scale", "defaults: { timeout: 10m, retry: 2 }", "steps:"];
+  const needs: string[][] = [];
+  for (let i = 0; i < steps; i++) {
+    const mine = new Set<string>();
+    for (let k = 0; i > 0 && k < 1 + Math.floor(next() * 3); k++) {
+      mine.add(`s${Math.floor(next() * i)}`);
+    }
+    needs.push([...mine]);
+    lines.push(` s${i}: {run: echo ${i}${mine.size > 0 ? `, needs: [${[...mine]}]` : ""}}`);
+  }
+  return { source: lines.join("\n") + "\n", needs };
+}
+
+for (const steps of [10_000, 100_000]) {
+  Deno.test(`a generated ${steps}-step DAG plans every step after its needs`, () => {
+    const { source, needs } = generatedDag(steps);
+    const plan = parsePipeline(source, { file: "scale.yaml", baseDir: "/tmp" });
+    assert.equal(plan.order.length, steps);
+    assert.equal(new Set(plan.order).size, steps);
+    const place = new Map(plan.order.map((id, i) => [id, i]));
+    for (let i = 0; i < steps; i++) {
+      const step = plan.steps[`s${i}`];
+      assert.deepEqual(step.needs, needs[i], `needs of s${i}`);
+      for (const need of step.needs) assert.ok(place.get(need)! < place.get(step.id)!);
+    }
+    // Ties go in file order: the first step, then the first whose needs are done.
+    assert.equal(plan.order[0], "s0");
+    const last = plan.steps[`s${steps - 1}`];
+    assert.deepEqual(last.source, { file: "scale.yaml", line: steps + 3, col: 2 });
+    assert.equal(last.retry.max, 2);
+    assert.equal(last.timeoutMs, 600_000);
+    assert.match(last.specDigest, /^[0-9a-f]{64}$/);
+  });
+}

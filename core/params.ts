@@ -142,16 +142,29 @@ export function checkDeclarations(params: Record<string, ParamSpec>): ParamProbl
   return problems;
 }
 
-/** Calls `visit` on every string of `value`, with its path. */
+/**
+ * Calls `visit` on every string of `value`, with its path. The path is one
+ * array, extended and shortened during the walk: a visitor keeps a copy.
+ */
 function eachString(
   value: unknown,
   path: Array<string | number>,
   visit: (text: string, path: Array<string | number>) => void,
 ): void {
   if (typeof value === "string") visit(value, path);
-  else if (Array.isArray(value)) value.forEach((item, i) => eachString(item, [...path, i], visit));
-  else if (value && typeof value === "object") {
-    for (const [key, item] of Object.entries(value)) eachString(item, [...path, key], visit);
+  else if (value === null || typeof value !== "object") return;
+  else if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) {
+      path.push(i);
+      eachString(value[i], path, visit);
+      path.pop();
+    }
+  } else {
+    for (const key of Object.keys(value)) {
+      path.push(key);
+      eachString((value as Record<string, unknown>)[key], path, visit);
+      path.pop();
+    }
   }
 }
 
@@ -169,7 +182,7 @@ export function checkReferences(pipeline: PipelineFile): ParamProblem[] {
           (declared.size > 0
             ? ` (it declares ${[...declared].map((n) => `"${n}"`).join(", ")})`
             : ` (it has no "params" section)`),
-        path,
+        path: [...path],
         key: String(path.at(-1)),
         expected: "a name of the `params` section",
       });

@@ -57,6 +57,8 @@ export interface PlanOptions {
   locate: (path: Array<string | number>) => SourceLocation;
   /** Reads a module by absolute path (default the filesystem); undefined if missing. */
   readFile?: (path: string) => Uint8Array | undefined;
+  /** The steps' graph, when validation built it already (default: built from the steps). */
+  edges?: StepEdges;
 }
 
 /** Keys of a step that configure its backend (copied into `PlannedStep.config`). */
@@ -176,9 +178,9 @@ export function matrixLegBound(matrix: MatrixFile): { legs: number; factors: num
  * expanding the matrix.
  */
 export function legSizeBound(step: StepFile): number {
+  if (!step.matrix) return stepJson(step).length;
   const { matrix, ...rest } = step;
   const text = JSON.stringify(rest);
-  if (!matrix) return text.length;
   const longest = new Map<string, number>();
   const see = (key: string, value: unknown) =>
     longest.set(key, Math.max(longest.get(key) ?? 0, String(value).length));
@@ -210,35 +212,78 @@ export function instanceId(name: string, leg?: Record<string, Scalar>): string {
   return leg ? `${name}[${legSuffix(leg)}]` : name;
 }
 
+/** The JSON text of each step, written once: the checks that search a step's text share it. */
+const stepTexts = new WeakMap<StepFile, string>();
+
+/** A step as JSON (`JSON.stringify`), computed once per step object. */
+export function stepJson(step: StepFile): string {
+  let text = stepTexts.get(step);
+  if (text === undefined) {
+    text = JSON.stringify(step);
+    stepTexts.set(step, text);
+  }
+  return text;
+}
+
+/**
+ * Step-level dependency edges: what each step needs, and what needs it.
+ * Steps are numbered in file order, so the graph is arrays of numbers: a
+ * 100,000-step file makes one map of names, not one set per step.
+ */
+export interface StepEdges {
+  /** Step names in file order; a step's number is its place here. */
+  names: string[];
+  /** The number of each step, by name. */
+  index: Map<string, number>;
+  /** What each step needs, in the order the file says it (no repeats). */
+  needs: number[][];
+  /** What needs each step (no repeats). */
+  dependents: number[][];
+}
+
+/** Above this many needs, a step's links are checked for repeats with a set. */
+const FEW_NEEDS = 16;
+
 /** Step-level dependency edges from `needs`, `next_node` and `inputs`, restricted to known steps. */
-export function stepEdges(
-  steps: Map<string, StepFile | undefined>,
-): { needs: Map<string, Set<string>>; dependents: Map<string, Set<string>> } {
-  const needs = new Map<string, Set<string>>();
-  const dependents = new Map<string, Set<string>>();
-  for (const name of steps.keys()) {
-    needs.set(name, new Set());
-    dependents.set(name, new Set());
-  }
-  const link = (from: string, to: string) => {
-    if (!steps.has(from) || !steps.has(to)) return;
-    needs.get(to)!.add(from);
-    dependents.get(from)!.add(to);
+export function stepEdges(steps: Map<string, StepFile | undefined>): StepEdges {
+  const names = [...steps.keys()];
+  const index = new Map<string, number>();
+  for (let i = 0; i < names.length; i++) index.set(names[i], i);
+  const needs: number[][] = names.map(() => []);
+  const dependents: number[][] = names.map(() => []);
+  // Sets only for steps with many needs; a short list is searched.
+  const many = new Map<number, Set<number>>();
+  const link = (fromName: string, to: number) => {
+    const from = index.get(fromName);
+    if (from === undefined) return;
+    const list = needs[to];
+    if (list.length < FEW_NEEDS) {
+      if (list.includes(from)) return;
+    } else {
+      let seen = many.get(to);
+      if (!seen) many.set(to, seen = new Set(list));
+      if (seen.has(from)) return;
+      seen.add(from);
+    }
+    list.push(from);
+    dependents[from].push(to);
   };
-  for (const [name, step] of steps) {
+  let i = 0;
+  for (const step of steps.values()) {
+    const to = i++;
     if (!step) continue;
-    const list = step.needs === undefined
-      ? []
-      : Array.isArray(step.needs)
-      ? step.needs
-      : [step.needs];
-    for (const need of list) link(need, name);
-    if (step.next_node !== undefined) link(name, step.next_node);
-    for (const ref of Object.values(step.inputs ?? {})) link(ref.split("/")[0], name);
+    const need = step.needs;
+    if (typeof need === "string") link(need, to);
+    else if (need !== undefined) { for (const name of need) link(name, to); }
+    if (step.next_node !== undefined) {
+      const next = index.get(step.next_node);
+      if (next !== undefined) link(names[to], next);
+    }
+    for (const input in step.inputs) link(step.inputs[input].split("/")[0], to);
     const foreach = foreachRef(step);
-    if (foreach !== undefined) link(foreach.split("/")[0], name);
+    if (foreach !== undefined) link(foreach.split("/")[0], to);
   }
-  return { needs, dependents };
+  return { names, index, needs, dependents };
 }
 
 /** The `"step/output"` a `foreach:` reads, if the step has one. */
@@ -297,7 +342,7 @@ export function fansIn(step: StepFile | undefined): boolean {
 function splitNode(
   step: StepFile,
   leg: PlannedStep,
-  idsByName: Map<string, string[]>,
+  idsByName: (name: string) => string[],
   retry: RetryPolicy,
 ): PlannedStep {
   const batch = step.batch;
@@ -328,7 +373,7 @@ function splitNode(
       ...(key !== undefined ? { key } : {}),
       fields: itemFieldsOf([leg.config, leg.env]),
     };
-    inputs = { items: { step: from, output, from: [...idsByName.get(from)!], fanIn: false } };
+    inputs = { items: { step: from, output, from: [...idsByName(from)], fanIn: false } };
   }
   const { id: _id, source, specDigest, matrix: _matrix, ...template } = leg;
   const node: PlannedStep = {
@@ -361,6 +406,14 @@ function splitNode(
   return node;
 }
 
+/**
+ * The empty list and mapping planned steps share where they have nothing
+ * (no outputs, inputs, env…): frozen, so nothing can add to one step's
+ * through another's. A 100,000-step plan is a few objects per step less.
+ */
+const NO_ITEMS = Object.freeze([]) as unknown as never[];
+const NO_ENTRIES = Object.freeze({}) as Record<string, never>;
+
 /** JSON with object keys sorted, so equal specs hash equally. */
 export function canonicalJson(value: unknown): string {
   if (value === undefined) return "null";
@@ -370,13 +423,63 @@ export function canonicalJson(value: unknown): string {
     for (let i = 0; i < value.length; i++) out += (i > 0 ? "," : "") + canonicalJson(value[i]);
     return out + "]";
   }
-  const record = value as Record<string, unknown>;
+  return canonicalRecord(value as Record<string, unknown>);
+}
+
+/** {@link canonicalJson} of an object. */
+function canonicalRecord(record: Record<string, unknown>): string {
   const keys = Object.keys(record).sort();
   let out = "{";
   for (const key of keys) {
     const item = record[key];
     if (item === undefined) continue;
     out += (out.length > 1 ? "," : "") + JSON.stringify(key) + ":" + canonicalJson(item);
+  }
+  return out + "}";
+}
+
+/**
+ * The fields of a planned step that make its spec (all but `id`, `source`,
+ * `specDigest` and a split node's `fanOut`), sorted as {@link canonicalJson}
+ * sorts keys.
+ */
+const SPEC_FIELDS = ([
+  "name",
+  "matrix",
+  "backend",
+  "needs",
+  "config",
+  "inputs",
+  "outputs",
+  "env",
+  "secrets",
+  "resources",
+  "timeoutMs",
+  "approval",
+  "keepPartial",
+  "queueTimeoutMs",
+  "retry",
+  "when",
+  "handler",
+  "continueOnError",
+  "cache",
+  "concurrency",
+  "selector",
+  "onFailure",
+] as const satisfies ReadonlyArray<keyof PlannedStep>).toSorted();
+
+/**
+ * {@link canonicalJson} of a planned step's spec, the text its `specDigest`
+ * hashes: the same text, without sorting the step's own keys for every
+ * step. `retryJson` is the canonical JSON of its retry policy when known.
+ */
+function specJson(step: PlannedStep, retryJson?: string): string {
+  let out = "{";
+  for (const key of SPEC_FIELDS) {
+    const item = step[key];
+    if (item === undefined) continue;
+    out += (out.length > 1 ? ',"' : '"') + key + '":' +
+      (key === "retry" && retryJson !== undefined ? retryJson : canonicalJson(item));
   }
   return out + "}";
 }
@@ -429,6 +532,29 @@ function resources(...specs: Array<StepFile["resources"]>): Resources {
   return out;
 }
 
+/**
+ * {@link topologicalOrder} of the instances a plan has just made, given
+ * what each needs by instance number (no map of ids).
+ */
+function orderOf(steps: PlannedStep[], needsOf: number[][]): string[] {
+  const pending = new Array<number>(steps.length);
+  const dependents: number[][] = [];
+  for (let i = 0; i < steps.length; i++) {
+    pending[i] = needsOf[i].length;
+    dependents.push([]);
+  }
+  for (let i = 0; i < steps.length; i++) for (const need of needsOf[i]) dependents[need].push(i);
+  const heap = new MinHeap<number>((a, b) => a < b);
+  for (let i = 0; i < steps.length; i++) if (pending[i] === 0) heap.push(i);
+  const order: string[] = [];
+  while (heap.size > 0) {
+    const i = heap.pop()!;
+    order.push(steps[i].id);
+    for (const d of dependents[i]) if (--pending[d] === 0) heap.push(d);
+  }
+  return order;
+}
+
 /** Topological order of instances (needs first), ties broken by file order; iterative. */
 export function topologicalOrder(steps: PlannedStep[]): string[] {
   const index = new Map(steps.map((s, i) => [s.id, i]));
@@ -456,15 +582,31 @@ export function planPipeline(
 ): { plan: Plan } | { diagnostics: PlanDiagnostic[] } {
   const diagnostics: PlanDiagnostic[] = [];
   const defaults = pipeline.defaults ?? {};
-  const stepMap = new Map(Object.entries(pipeline.steps));
-  const edges = stepEdges(stepMap);
-  const legsByName = new Map<string, Array<Record<string, Scalar> | undefined>>();
-  const idsByName = new Map<string, string[]>();
-  for (const [name, step] of stepMap) {
-    const legs = step.matrix ? expandMatrix(step.matrix) : [undefined];
-    legsByName.set(name, legs);
-    idsByName.set(name, legs.map((leg) => instanceId(name, leg)));
+  let edges = options.edges;
+  let steps = edges?.names.map((name) => pipeline.steps[name]);
+  // A graph given for other steps (not the ones validated) is built again.
+  if (
+    !edges || !steps || steps.includes(undefined as unknown as StepFile) ||
+    steps.length !== Object.keys(pipeline.steps).length
+  ) {
+    edges = stepEdges(new Map(Object.entries(pipeline.steps)));
+    steps = edges.names.map((name) => pipeline.steps[name]);
   }
+  const { names } = edges;
+  // By step number: its legs, its instance ids, and the number of its first instance.
+  const legsOf: Array<Array<Record<string, Scalar> | undefined>> = [];
+  const idsOf: string[][] = [];
+  const firstOf: number[] = [];
+  let instances = 0;
+  for (let i = 0; i < names.length; i++) {
+    const step = steps[i];
+    const legs = step.matrix ? expandMatrix(step.matrix) : [undefined];
+    legsOf.push(legs);
+    idsOf.push(step.matrix ? legs.map((leg) => instanceId(names[i], leg)) : [names[i]]);
+    firstOf.push(instances);
+    instances += legs.length;
+  }
+  const idsByName = (name: string): string[] => idsOf[edges.index.get(name)!];
   const moduleDigests = new Map<string, string | undefined>();
   const moduleDigest = (path: string): string | undefined => {
     if (!moduleDigests.has(path)) {
@@ -484,25 +626,73 @@ export function planPipeline(
     : undefined;
   const planned: PlannedStep[] = [];
   // An exit handler needs every step that is not one: it runs after the DAG.
-  const dagIds = [...stepMap].flatMap(([name, step]) =>
-    step.handler === undefined ? idsByName.get(name)! : []
-  );
-  for (const [name, step] of stepMap) {
-    const needNames = [...edges.needs.get(name)!];
-    const needs = step.handler === undefined ? needNames.flatMap((n) => idsByName.get(n)!) : [
-      ...dagIds,
-    ];
+  const dagIds: string[] = [];
+  const dagInstances: number[] = [];
+  for (let i = 0; i < names.length; i++) {
+    if (steps[i].handler !== undefined) continue;
+    for (let leg = 0; leg < idsOf[i].length; leg++) {
+      dagIds.push(idsOf[i][leg]);
+      dagInstances.push(firstOf[i] + leg);
+    }
+  }
+  // What each instance needs, by instance number (for the order).
+  const needsOf: number[][] = [];
+  // Shared by every step that leaves them out: computed once, copied per step.
+  const defaultEnv = stringMap(defaults.env);
+  const noDefaultEnv = Object.keys(defaultEnv).length === 0;
+  const noDefaultSelector = pipeline.selector === undefined && defaults.selector === undefined;
+  const sharedRetry: RetryPolicy = Object.freeze({
+    ...defaultRetry,
+    onClasses: Object.freeze([...defaultRetry.onClasses]) as ErrorClass[],
+    onExitCodes: Object.freeze([...defaultRetry.onExitCodes]) as number[],
+  });
+  const defaultRetryJson = canonicalJson(defaultRetry);
+  for (let i = 0; i < names.length; i++) {
+    const name = names[i];
+    const step = steps[i];
+    let needs: string[];
+    let needed: number[];
+    if (step.handler !== undefined) {
+      needs = [...dagIds];
+      needed = dagInstances;
+    } else if (instances === names.length) {
+      // No step has legs: instance numbers are step numbers.
+      needed = edges.needs[i];
+      needs = needed.map((need) => names[need]);
+    } else {
+      needs = [];
+      needed = [];
+      for (const need of edges.needs[i]) {
+        for (let leg = 0; leg < idsOf[need].length; leg++) {
+          needs.push(idsOf[need][leg]);
+          needed.push(firstOf[need] + leg);
+        }
+      }
+    }
     const source = options.locate(["steps", name]);
     const backend = step.pipeline !== undefined
       ? PIPELINE_BACKEND
       : step.backend ?? defaults.backend ?? inferBackend(step)!;
-    for (const leg of legsByName.get(name)!) {
-      const unknownKeys = new Set<string>();
+    const outputs = outputNames(step);
+    const timeoutMs = step.timeout ? parseDuration(step.timeout) : defaultTimeoutMs;
+    const queueTimeoutMs = step["queue-timeout"]
+      ? parseDuration(step["queue-timeout"])
+      : defaultQueueTimeoutMs;
+    const retry = step.retry === undefined ? undefined : retryPolicy(defaults.retry, step.retry);
+    const when = step.handler === undefined
+      ? step.when
+      : step.when === undefined
+      ? HANDLER_CONDITIONS[step.handler]
+      : `${HANDLER_CONDITIONS[step.handler]} && (${stripBraces(step.when)})`;
+    const stepEnv = step.env === undefined ? undefined : stringMap(step.env);
+    for (const leg of legsOf[i]) {
+      needsOf.push(needed);
+      let unknownKeys: Set<string> | undefined;
       const interpolate = (text: string): string =>
         text.includes("${{")
           ? text.replace(MATRIX_REFERENCE, (whole, key: string) => {
             if (leg && Object.hasOwn(leg, key)) return String(leg[key]);
-            unknownKeys.add(key);
+            (unknownKeys ??= new Set()).add(key);
             return whole;
           })
           : text;
@@ -512,11 +702,12 @@ export function planPipeline(
       if (step.pipeline !== undefined) {
         Object.assign(config, deep(subPipelineConfig(step)) as Record<string, unknown>);
       }
-      const env = deep({ ...stringMap(defaults.env), ...stringMap(step.env) }) as Record<
-        string,
-        string
-      >;
-      for (const key of unknownKeys) {
+      const env = stepEnv
+        ? deep({ ...defaultEnv, ...stepEnv }) as Record<string, string>
+        : noDefaultEnv
+        ? NO_ENTRIES
+        : deep(defaultEnv) as Record<string, string>;
+      for (const key of unknownKeys ?? []) {
         diagnostics.push({
           code: "unknown_matrix_key",
           message: `step "${name}" uses "\${{ matrix.${key} }}" but its matrix has no key "${key}"`,
@@ -525,62 +716,54 @@ export function planPipeline(
           key,
         });
       }
-      const inputs: Record<string, InputRef> = {};
-      for (const [input, ref] of Object.entries(step.inputs ?? {})) {
-        const [from, output] = ref.split("/");
+      const inputs: Record<string, InputRef> = step.inputs === undefined ? NO_ENTRIES : {};
+      for (const input in step.inputs) {
+        const [from, output] = step.inputs[input].split("/");
         inputs[input] = {
           step: from,
           output,
-          from: idsByName.get(from)!,
-          fanIn: fansIn(stepMap.get(from)),
+          from: idsByName(from),
+          fanIn: fansIn(pipeline.steps[from]),
         };
       }
-      const spec: Omit<PlannedStep, "id" | "source" | "specDigest"> = {
+      // Built in the order of `PlannedStep`, without undefined fields (canonicalJson skips them).
+      const instance: PlannedStep = {
+        id: instanceId(name, leg),
         name,
-        ...(leg ? { matrix: leg } : {}),
-        backend,
-        needs,
-        config,
-        inputs,
-        outputs: outputNames(step),
-        env,
-        secrets: [...step.secrets ?? []],
-        resources: resources(defaults.resources, step.resources),
-        timeoutMs: step.timeout ? parseDuration(step.timeout) : defaultTimeoutMs,
-        ...(step.approval
-          ? {
-            approval: {
-              ...(step.approval.message ? { message: step.approval.message } : {}),
-              ...(step.approval.timeout ? { timeoutMs: parseDuration(step.approval.timeout) } : {}),
-              role: step.approval.role ?? "submit",
-            },
-          }
-          : {}),
-        ...(step["keep-partial"] ? { keepPartial: true } : {}),
-        queueTimeoutMs: step["queue-timeout"]
-          ? parseDuration(step["queue-timeout"])
-          : defaultQueueTimeoutMs,
-        retry: step.retry === undefined
-          ? {
-            ...defaultRetry,
-            onClasses: [...defaultRetry.onClasses],
-            onExitCodes: [...defaultRetry.onExitCodes],
-          }
-          : retryPolicy(defaults.retry, step.retry),
-        when: step.handler === undefined
-          ? step.when
-          : step.when === undefined
-          ? HANDLER_CONDITIONS[step.handler]
-          : `${HANDLER_CONDITIONS[step.handler]} && (${stripBraces(step.when)})`,
-        ...(step.handler !== undefined ? { handler: step.handler } : {}),
-        continueOnError: step["continue-on-error"] ?? false,
-        cache: step.cache ?? false,
-        concurrency: step.concurrency,
-        selector: { ...pipeline.selector, ...defaults.selector, ...step.selector },
-        onFailure: webhook(step["on-failure"]),
-      };
-      // canonicalJson skips undefined fields; the stored step drops them below.
-      let digestInput = canonicalJson(spec);
+      } as PlannedStep;
+      if (leg) instance.matrix = leg;
+      instance.backend = backend;
+      instance.needs = needs;
+      instance.config = config;
+      instance.inputs = inputs;
+      instance.outputs = outputs.length === 0 ? NO_ITEMS : leg ? [...outputs] : outputs;
+      instance.env = env;
+      instance.secrets = step.secrets?.length ? [...step.secrets] : NO_ITEMS;
+      instance.resources = defaults.resources === undefined && step.resources === undefined
+        ? NO_ENTRIES
+        : resources(defaults.resources, step.resources);
+      if (timeoutMs !== undefined) instance.timeoutMs = timeoutMs;
+      if (step.approval) {
+        instance.approval = {
+          ...(step.approval.message ? { message: step.approval.message } : {}),
+          ...(step.approval.timeout ? { timeoutMs: parseDuration(step.approval.timeout) } : {}),
+          role: step.approval.role ?? "submit",
+        };
+      }
+      if (step["keep-partial"]) instance.keepPartial = true;
+      if (queueTimeoutMs !== undefined) instance.queueTimeoutMs = queueTimeoutMs;
+      instance.retry = retry === undefined ? sharedRetry : leg ? structuredClone(retry) : retry;
+      if (when !== undefined) instance.when = when;
+      if (step.handler !== undefined) instance.handler = step.handler;
+      instance.continueOnError = step["continue-on-error"] ?? false;
+      instance.cache = step.cache ?? false;
+      if (step.concurrency !== undefined) instance.concurrency = step.concurrency;
+      instance.selector = step.selector === undefined && noDefaultSelector
+        ? NO_ENTRIES
+        : { ...pipeline.selector, ...defaults.selector, ...step.selector };
+      const onFailure = webhook(step["on-failure"]);
+      if (onFailure !== undefined) instance.onFailure = onFailure;
+      let digestInput = specJson(instance, retry === undefined ? defaultRetryJson : undefined);
       if (backend === "deno" && typeof config.module === "string") {
         const modulePath = resolve(options.baseDir, config.module);
         const digest = moduleDigest(modulePath);
@@ -596,21 +779,12 @@ export function planPipeline(
         }
         digestInput += `\nmodule:${digest}`;
       }
-      const plannedStep: PlannedStep = {
-        id: instanceId(name, leg),
-        ...spec,
-        source,
-        specDigest: sha256(digestInput),
-      };
-      for (
-        const key of ["timeoutMs", "queueTimeoutMs", "when", "concurrency", "onFailure"] as const
-      ) {
-        if (plannedStep[key] === undefined) delete plannedStep[key];
-      }
+      instance.source = leg ? { ...source } : source;
+      instance.specDigest = sha256(digestInput);
       planned.push(
         step.batch !== undefined || step.foreach !== undefined
-          ? splitNode(step, plannedStep, idsByName, defaultRetry)
-          : plannedStep,
+          ? splitNode(step, instance, idsByName, defaultRetry)
+          : instance,
       );
     }
   }
@@ -620,7 +794,7 @@ export function planPipeline(
     file: options.file,
     baseDir: options.baseDir,
     steps: Object.fromEntries(planned.map((s) => [s.id, s])),
-    order: topologicalOrder(planned),
+    order: orderOf(planned, needsOf),
     env: stringMap(pipeline.env),
     secrets: Object.fromEntries(
       Object.entries(pipeline.secrets ?? {}).map((
@@ -648,18 +822,18 @@ export function planPipeline(
   if (onExit) plan.onExit = onExit;
   const keep = (text: string): number | "forever" =>
     text === "forever" ? "forever" : parseDuration(text);
-  const outputRetention = Object.fromEntries(
-    Object.entries(pipeline.steps).flatMap(([name, step]) =>
-      (step.outputs ?? []).flatMap((output) =>
-        typeof output === "string" ? [] : [[`${name}/${output.name}`, keep(output.retention)]]
-      )
-    ),
-  );
-  const stepRetention = Object.fromEntries(
-    Object.entries(pipeline.steps).flatMap(([name, step]) =>
-      step.retention ? [[name, keep(step.retention)]] : []
-    ),
-  );
+  const outputRetention: Record<string, number | "forever"> = {};
+  const stepRetention: Record<string, number | "forever"> = {};
+  for (let i = 0; i < names.length; i++) {
+    const name = names[i];
+    const step = steps[i];
+    for (const output of step.outputs ?? []) {
+      if (typeof output !== "string") {
+        outputRetention[`${name}/${output.name}`] = keep(output.retention);
+      }
+    }
+    if (step.retention) stepRetention[name] = keep(step.retention);
+  }
   if (
     pipeline.retention || Object.keys(stepRetention).length > 0 ||
     Object.keys(outputRetention).length > 0

@@ -22,7 +22,9 @@ import {
   inferBackend,
   outputNames,
   planPipeline,
+  type StepEdges,
   stepEdges,
+  stepJson,
   subPipelineConfig,
 } from "./plan.ts";
 import { ITEM_REFERENCE } from "./fanout.ts";
@@ -41,6 +43,18 @@ import { reportZodIssues } from "./_zod_issues.ts";
 import { applyParams, checkDeclarations, checkReferences, resolveParams } from "./params.ts";
 import { scheduleProblem, scheduleSpec } from "./schedule.ts";
 import type { SecretPolicy } from "./secrets.ts";
+
+/** Keys that tell a step's backend. */
+const BACKEND_KEYS = ["backend", "module", "image", "build", "host", "run"];
+/** Keys each built-in backend requires (docker: `image` unless it has `build`). */
+const REQUIRED_KEYS: Record<string, string[]> = {
+  deno: ["module"],
+  shell: ["run"],
+  ssh: ["host", "run"],
+  kubernetes: ["image"],
+};
+/** The keys dropped of a step that validated. */
+const NONE_DROPPED: ReadonlySet<string> = new Set();
 
 /** Options of the checks of {@link validatePipeline} and {@link checkSteps}. */
 export interface CheckOptions {
@@ -93,9 +107,14 @@ export function validatePipeline(
   const parsed = PipelineSchema.safeParse(raw);
   if (!parsed.success) reportZodIssues(parsed.error.issues, raw, reporter);
   const view = parsed.success ? viewOf(parsed.data) : salvageView(raw as Record<string, unknown>);
-  checkSteps(view, options, reporter);
-  return parsed.success && reporter.diagnostics.length === before ? parsed.data : undefined;
+  const edges = checkSteps(view, options, reporter);
+  if (!parsed.success || reporter.diagnostics.length !== before) return undefined;
+  checkedEdges.set(parsed.data, edges);
+  return parsed.data;
 }
+
+/** The graph {@link checkSteps} built of each pipeline it passed, for planning to reuse. */
+const checkedEdges = new WeakMap<PipelineFile, StepEdges>();
 
 /** The view of a pipeline that passed the schema. */
 export function viewOf(pipeline: PipelineFile): PipelineView {
@@ -120,6 +139,8 @@ export interface PlanValidatedOptions extends CheckOptions {
   file: string;
   /** Source text, hashed into `Plan.digest`. */
   source: string;
+  /** The steps' graph as {@link checkSteps} returned it (default: the one it built, or a new one). */
+  edges?: StepEdges;
 }
 
 /**
@@ -190,6 +211,7 @@ export function planValidated(
     source: options.source,
     readFile: options.readFile,
     locate: (path) => ({ file: options.file, ...positions.at(path, { key: true }) }),
+    edges: options.edges ?? checkedEdges.get(pipeline),
   });
   if ("plan" in planned) {
     if (pipeline.params) planned.plan.params = values;
@@ -288,31 +310,38 @@ export function salvageView(raw: Record<string, unknown>): PipelineView {
  * step's module exists, every `needs`, `next_node`, input, secret and
  * `start_node` names something declared, conditions parse, matrices expand,
  * and the graph has no cycle and no step unreachable from `start_node`.
+ * Returns the steps' graph (for planning to reuse).
  */
 export function checkSteps(
   view: PipelineView,
   options: CheckOptions,
   reporter: Reporter,
-): void {
+): StepEdges {
   const names = [...view.steps.keys()];
   const known = new Set(names);
   const backends = new Set<string>([...BUILTIN_BACKENDS, ...(options.backends ?? [])]);
   let reportedDefaultBackend = false;
+  // Exit handlers constrain the steps around them; without one there is nothing to check.
+  let handlers = false;
+  for (const step of view.steps.values()) handlers ||= step?.handler !== undefined;
   // Before anything expands a matrix: a small file can describe a million legs.
+  // One graph for every check that follows edges (sizes, cycles, value references).
+  const edges = stepEdges(view.steps);
   const sized = checkPipelineSize(view.steps, {
     limits: pipelineLimits(options.limits),
     inheritedSize: view.inheritedSize,
+    edges,
   }, reporter);
   for (const [name, step] of view.steps) {
     if (!step) continue;
     const at = (...path: PathSegment[]) => ["steps", name, ...path];
-    const dropped = view.droppedKeys?.get(name) ?? new Set<string>();
+    const dropped = view.droppedKeys?.get(name) ?? NONE_DROPPED;
     const backend = step.pipeline !== undefined
       ? PIPELINE_BACKEND
       : step.backend ?? view.defaultBackend ?? inferBackend(step);
     if (step.pipeline !== undefined) {
       // Run by the drivers themselves; checked by checkSubPipeline.
-    } else if (["backend", "module", "image", "build", "host", "run"].some((k) => dropped.has(k))) {
+    } else if (dropped.size > 0 && BACKEND_KEYS.some((k) => dropped.has(k))) {
       // The step's backend cannot be known; its own diagnostics say why.
     } else if (backend === undefined) {
       reporter.at(
@@ -332,14 +361,10 @@ export function checkSteps(
         });
       }
     } else {
-      const required: Record<string, string[]> = {
-        deno: ["module"],
-        shell: ["run"],
-        docker: step.build === undefined ? ["image"] : [],
-        ssh: ["host", "run"],
-        kubernetes: ["image"],
-      };
-      for (const key of required[backend] ?? []) {
+      const required = backend === "docker"
+        ? (step.build === undefined ? ["image"] : [])
+        : REQUIRED_KEYS[backend] ?? [];
+      for (const key of required) {
         if (step[key as keyof StepFile] === undefined) {
           reporter.at(
             "missing_key",
@@ -467,7 +492,7 @@ export function checkSteps(
     }
     if (step.matrix) checkMatrix(name, step.matrix, reporter, sized);
     checkFanOut(name, step, view, reporter);
-    checkHandler(name, step, view, reporter);
+    if (handlers) checkHandler(name, step, view, reporter);
     if (step.pipeline !== undefined) {
       checkSubPipeline(name, step, { ...options, file: reporter.positions.file }, reporter);
     }
@@ -481,8 +506,9 @@ export function checkSteps(
     });
   }
   if (options.secrets) checkSecretRefs(view, options.secrets, reporter);
-  checkGraph(view, reporter);
-  checkValueRefs(view, reporter);
+  checkGraph(view, edges, reporter);
+  checkValueRefs(view, edges, reporter);
+  return edges;
 }
 
 /** Most pipelines deep a chain of `pipeline:` steps may go. */
@@ -658,7 +684,10 @@ function checkFanOut(
 ): void {
   const at = (...path: PathSegment[]) => ["steps", name, ...path];
   const { batch, foreach, matrix } = step;
-  const kinds = [matrix && "matrix", batch && "batch", foreach && "foreach"].filter(Boolean);
+  // Two ways of fanning out take a batch or a foreach.
+  const kinds = batch || foreach
+    ? [matrix && "matrix", batch && "batch", foreach && "foreach"].filter(Boolean)
+    : [];
   if (kinds.length > 1) {
     reporter.at(
       "fan_out_conflict",
@@ -668,7 +697,8 @@ function checkFanOut(
     );
     return;
   }
-  if (!foreach && JSON.stringify(step).match(ITEM_REFERENCE)) {
+  const text = stepJson(step);
+  if (!foreach && text.includes("${{") && text.match(ITEM_REFERENCE)) {
     reporter.at(
       "unknown_item",
       `step "${name}" reads \${{ item }}, which only a step with foreach: has`,
@@ -941,22 +971,22 @@ function checkMatrix(
  * `${{ steps.X.values.NAME }}` in a step's strings reads what X published:
  * X must be a step it depends on (through `needs` or inputs, transitively).
  */
-function checkValueRefs(view: PipelineView, reporter: Reporter): void {
+function checkValueRefs(view: PipelineView, edges: StepEdges, reporter: Reporter): void {
   const steps = view.steps;
-  if (![...steps.values()].some((step) => step && JSON.stringify(step).includes(".values."))) {
+  if (![...steps.values()].some((step) => step && stepJson(step).includes(".values."))) {
     return;
   }
-  const { needs } = stepEdges(steps);
+  const { needs, names, index } = edges;
   const ancestors = (name: string): Set<string> => {
-    const seen = new Set<string>();
-    const stack = [...(needs.get(name) ?? [])];
+    const seen = new Set<number>();
+    const stack = [...needs[index.get(name)!]];
     while (stack.length > 0) {
       const next = stack.pop()!;
       if (seen.has(next)) continue;
       seen.add(next);
-      stack.push(...(needs.get(next) ?? []));
+      for (const need of needs[next]) stack.push(need);
     }
-    return seen;
+    return new Set([...seen].map((i) => names[i]));
   };
   for (const [name, step] of steps) {
     if (!step) continue;
@@ -988,31 +1018,28 @@ function checkValueRefs(view: PipelineView, reporter: Reporter): void {
   }
 }
 
-function checkGraph(view: PipelineView, reporter: Reporter): void {
-  const edges = stepEdges(view.steps);
-  const names = [...view.steps.keys()];
-  // Kahn on step names; whatever is left over sits on or behind a cycle.
-  const pending = new Map(names.map((n) => [n, edges.needs.get(n)!.size]));
-  const queue = names.filter((n) => pending.get(n) === 0);
-  for (let i = 0; i < queue.length; i++) {
-    for (const dependent of edges.dependents.get(queue[i]) ?? []) {
-      const left = pending.get(dependent)! - 1;
-      pending.set(dependent, left);
-      if (left === 0) queue.push(dependent);
+function checkGraph(view: PipelineView, edges: StepEdges, reporter: Reporter): void {
+  const { names, needs, dependents } = edges;
+  // Kahn on step numbers; whatever is left over sits on or behind a cycle.
+  const pending = needs.map((list) => list.length);
+  const queue: number[] = [];
+  for (let i = 0; i < names.length; i++) if (pending[i] === 0) queue.push(i);
+  for (let q = 0; q < queue.length; q++) {
+    for (const dependent of dependents[queue[q]]) {
+      if (--pending[dependent] === 0) queue.push(dependent);
     }
   }
   if (queue.length < names.length) {
-    const remaining = new Set(names.filter((n) => pending.get(n)! > 0));
-    const start = names.find((n) => remaining.has(n))!;
-    const seen = new Map<string, number>();
-    const walk: string[] = [];
+    const start = pending.findIndex((left) => left > 0);
+    const seen = new Map<number, number>();
+    const walk: number[] = [];
     let current = start;
     while (!seen.has(current)) {
       seen.set(current, walk.length);
       walk.push(current);
-      current = [...edges.needs.get(current)!].find((n) => remaining.has(n))!;
+      current = needs[current].find((n) => pending[n] > 0)!;
     }
-    const cycle = walk.slice(seen.get(current)!).reverse();
+    const cycle = walk.slice(seen.get(current)!).reverse().map((i) => names[i]);
     cycle.push(cycle[0]);
     const first = cycle.at(-2)!;
     reporter.at("cycle", `cycle between steps: ${cycle.join(" → ")}`, ["steps", first], {
@@ -1021,16 +1048,18 @@ function checkGraph(view: PipelineView, reporter: Reporter): void {
     });
   }
   if (view.startNode !== undefined && view.steps.has(view.startNode)) {
-    const reached = new Set([view.startNode]);
-    const stack = [view.startNode];
+    const startIndex = edges.index.get(view.startNode)!;
+    const reachedIndex = new Set([startIndex]);
+    const stack = [startIndex];
     while (stack.length > 0) {
-      for (const next of edges.dependents.get(stack.pop()!) ?? []) {
-        if (!reached.has(next)) {
-          reached.add(next);
+      for (const next of dependents[stack.pop()!]) {
+        if (!reachedIndex.has(next)) {
+          reachedIndex.add(next);
           stack.push(next);
         }
       }
     }
+    const reached = new Set([...reachedIndex].map((i) => names[i]));
     for (const name of names) {
       if (!reached.has(name)) {
         reporter.at(
