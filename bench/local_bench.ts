@@ -21,6 +21,7 @@
 
 import { parsePipeline, runPipeline, type RunSummary } from "../mod.ts";
 import { median, printTable, type Row } from "./_table.ts";
+import { CLI_PERMISSIONS, MAIN } from "../tests/_helpers.ts";
 
 async function tempDir(): Promise<string> {
   return await Deno.realPath(await Deno.makeTempDir({ prefix: "runnel-bench-" }));
@@ -107,22 +108,13 @@ export async function benchNoopSteps(count = 1000, concurrency = 2): Promise<voi
   }
 }
 
-const MAIN = new URL("../main.ts", import.meta.url).pathname;
-const LOCK = new URL("../deno.lock", import.meta.url).pathname;
-
 /** `runnel run FILE` as a user types it (`deno task run`), output to /dev/null; wall ms. */
 async function runnelRun(file: string, stateDir: string): Promise<number> {
   const started = performance.now();
   const { code } = await new Deno.Command(Deno.execPath(), {
     args: [
       "run",
-      `--lock=${LOCK}`,
-      "--allow-read",
-      "--allow-write",
-      "--allow-run",
-      "--allow-env",
-      "--allow-net",
-      "--allow-sys=hostname,osRelease",
+      ...CLI_PERMISSIONS,
       MAIN,
       "run",
       file,

@@ -537,32 +537,32 @@ function resources(...specs: Array<StepFile["resources"]>): Resources {
  * what each needs by instance number (no map of ids).
  */
 function orderOf(steps: PlannedStep[], needsOf: number[][]): string[] {
-  const pending = new Array<number>(steps.length);
-  const dependents: number[][] = [];
-  for (let i = 0; i < steps.length; i++) {
-    pending[i] = needsOf[i].length;
-    dependents.push([]);
-  }
-  for (let i = 0; i < steps.length; i++) for (const need of needsOf[i]) dependents[need].push(i);
-  const heap = new MinHeap<number>((a, b) => a < b);
-  for (let i = 0; i < steps.length; i++) if (pending[i] === 0) heap.push(i);
-  const order: string[] = [];
-  while (heap.size > 0) {
-    const i = heap.pop()!;
-    order.push(steps[i].id);
-    for (const d of dependents[i]) if (--pending[d] === 0) heap.push(d);
-  }
-  return order;
+  return orderByNumber(steps, needsOf.map((needs) => needs.length), (visit) => {
+    for (let i = 0; i < steps.length; i++) for (const need of needsOf[i]) visit(need, i);
+  });
 }
 
 /** Topological order of instances (needs first), ties broken by file order; iterative. */
 export function topologicalOrder(steps: PlannedStep[]): string[] {
   const index = new Map(steps.map((s, i) => [s.id, i]));
-  const pending = steps.map((s) => s.needs.length);
+  return orderByNumber(steps, steps.map((s) => s.needs.length), (visit) => {
+    steps.forEach((s, i) => s.needs.forEach((need) => visit(index.get(need)!, i)));
+  });
+}
+
+/**
+ * Kahn's order by instance number: `pending[i]` needs of each, `edges`
+ * calls `visit(need, dependent)` once per need; ties by file order.
+ */
+function orderByNumber(
+  steps: PlannedStep[],
+  pending: number[],
+  edges: (visit: (need: number, dependent: number) => void) => void,
+): string[] {
   const dependents: number[][] = steps.map(() => []);
-  steps.forEach((s, i) => s.needs.forEach((need) => dependents[index.get(need)!].push(i)));
+  edges((need, dependent) => dependents[need].push(dependent));
   const heap = new MinHeap<number>((a, b) => a < b);
-  pending.forEach((count, i) => count === 0 && heap.push(i));
+  for (let i = 0; i < steps.length; i++) if (pending[i] === 0) heap.push(i);
   const order: string[] = [];
   while (heap.size > 0) {
     const i = heap.pop()!;
