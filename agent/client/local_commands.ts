@@ -6,8 +6,8 @@
  * @module
  */
 
-import { type AttemptPolicy } from "../../agent/attempt/policy.ts";
-import { type HostTuning } from "../../agent/config.ts";
+import type { AttemptPolicy } from "../../agent/attempt/policy.ts";
+import type { HostTuning } from "../../agent/config.ts";
 import {
   approveStep,
   cancelRun,
@@ -34,12 +34,12 @@ import {
   validateStepConfigs,
 } from "../../backends/mod.ts";
 import { PipelineError } from "../../core/errors.ts";
-import { type PipelineLimits } from "../../core/limits.ts";
+import type { PipelineLimits } from "../../core/limits.ts";
 import { loadPipeline } from "../../core/load.ts";
 import { renderMermaid } from "../../core/mermaid.ts";
 import { renderPlanText } from "../../core/plan.ts";
 import { pipelineJsonSchema } from "../../core/schema.ts";
-import { type SecretSource } from "../../core/secrets.ts";
+import type { SecretSource } from "../../core/secrets.ts";
 import {
   EXIT_BAD_INPUT,
   EXIT_INTERRUPTED,
