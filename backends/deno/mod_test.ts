@@ -648,14 +648,14 @@ Deno.test("deno warm: cancel and a timeout's cancel kill the pre-started process
     "w.ts": `export default async (ctx) => {
       if (ctx.env.MODE === "quick") return;
       ctx.log("waiting");
-      if (ctx.env.MODE === "stubborn") Deno.addSignalListener("SIGTERM", () => {});
+      if (ctx.env.MODE === "ignores-sigterm") Deno.addSignalListener("SIGTERM", () => {});
       await new Promise(() => setInterval(() => {}, 1000));
     };`,
   }, { module: "w.ts" });
   const warm = createDenoBackend({ warm: true });
   try {
     await repeatKey(warm, 2, () => fixture.attempt({ env: { MODE: "quick" } }));
-    for (const mode of ["wait", "stubborn"]) {
+    for (const mode of ["wait", "ignores-sigterm"]) {
       const { execution, pid } = await startWarm(
         warm,
         await fixture.attempt({ env: { MODE: mode } }),
@@ -663,8 +663,8 @@ Deno.test("deno warm: cancel and a timeout's cancel kill the pre-started process
       const reader = execution.logs[Symbol.asyncIterator]();
       const first = await reader.next();
       assert.equal(new TextDecoder().decode(first.value!.data), "waiting\n");
-      // A stubborn step outlives SIGTERM: the grace ends in SIGKILL, as a timeout's does.
-      await execution.cancel(mode === "stubborn" ? 200 : undefined);
+      // A step that ignores SIGTERM outlives it: the grace ends in SIGKILL, as a timeout's does.
+      await execution.cancel(mode === "ignores-sigterm" ? 200 : undefined);
       const status = await execution.wait();
       assert.equal(status.errorClass, "cancelled", mode);
       assert.equal(await isRunning(pid), false, mode);
