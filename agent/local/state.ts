@@ -156,7 +156,7 @@ export async function openLocalState(
   const paths = statePaths(stateDir);
   let store: Store;
   if (options.readOnly) {
-    store = await exists(paths.db)
+    store = await pathExists(paths.db)
       ? openEmbeddedStore(paths.db, { readOnly: true })
       : openMemoryStore();
   } else {
@@ -174,7 +174,7 @@ export async function openLocalState(
 
 /** Writes the reserve if it is missing; without the space, goes on without it. */
 async function keepReserve(paths: StatePaths): Promise<void> {
-  if (await exists(paths.reserve)) return;
+  if (await pathExists(paths.reserve)) return;
   try {
     await Deno.writeFile(paths.reserve, new Uint8Array(RESERVE_BYTES));
   } catch {
@@ -195,7 +195,8 @@ export async function releaseReserve(paths: StatePaths): Promise<boolean> {
   }
 }
 
-async function exists(path: string): Promise<boolean> {
+/** Whether something is at `path` (a link counts, unfollowed). */
+export async function pathExists(path: string): Promise<boolean> {
   try {
     await Deno.lstat(path);
     return true;

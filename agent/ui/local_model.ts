@@ -18,6 +18,7 @@ import {
   type LocalState,
   logPath,
   openLocalState,
+  pathExists,
   readStepStates,
   type RunRecord,
   statePaths,
@@ -50,9 +51,9 @@ export function localReadModel(stateDir: string): LocalModel {
   const plans = new Map<string, StepView[]>();
   // Opened on first use; opened again while the directory has no store yet (no run so far).
   const state = async (): Promise<LocalState> => {
-    if (opened && (onDisk || !(await exists(statePaths(stateDir).db)))) return opened;
+    if (opened && (onDisk || !(await pathExists(statePaths(stateDir).db)))) return opened;
     await opened?.close();
-    onDisk = await exists(statePaths(stateDir).db);
+    onDisk = await pathExists(statePaths(stateDir).db);
     opened = await openLocalState(stateDir, { readOnly: true });
     return opened;
   };
@@ -176,15 +177,6 @@ export function localReadModel(stateDir: string): LocalModel {
       await opened?.close();
     },
   };
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.stat(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 function summaryOf(run: RunRecord): RunSummary {
