@@ -589,7 +589,7 @@ export class AttemptLifecycle {
 
   async #save(record: AttemptRecord): Promise<void> {
     await this.#ensureRecordsDir();
-    writeJsonAtomicSync(this.#recordPath(record.attemptId), record, { mode: 0o600 });
+    await writeJsonAtomic(this.#recordPath(record.attemptId), record, { mode: 0o600 });
   }
 
   #ensureRecordsDir(): Promise<void> {
@@ -802,8 +802,25 @@ export function exhaustedResult(message: string): AttemptResult {
   };
 }
 
-/** {@link writeJsonAtomic} in one synchronous go: for records of a few KiB on every attempt. */
-function writeJsonAtomicSync(path: string, value: unknown, options: { mode?: number } = {}): void {
+/**
+ * Writes JSON to a temporary file and renames it over `path`: readers never
+ * see half a file. Synchronous underneath: the files are a few KiB, and an
+ * async write and rename cost several times that in thread-pool hops.
+ */
+export function writeJsonAtomic(
+  path: string,
+  value: unknown,
+  options: { mode?: number } = {},
+): Promise<void> {
+  try {
+    writeJsonAtomicSync(path, value, options);
+    return Promise.resolve();
+  } catch (error) {
+    return Promise.reject(error);
+  }
+}
+
+function writeJsonAtomicSync(path: string, value: unknown, options: { mode?: number }): void {
   const temporary = `${path}.${crypto.randomUUID().slice(0, 8)}.tmp`;
   try {
     Deno.writeTextFileSync(temporary, JSON.stringify(value), { mode: options.mode });
@@ -815,23 +832,6 @@ function writeJsonAtomicSync(path: string, value: unknown, options: { mode?: num
     } catch {
       // Never made, or gone.
     }
-    throw error;
-  }
-}
-
-/** Writes JSON to a temporary file and renames it over `path`: readers never see half a file. */
-export async function writeJsonAtomic(
-  path: string,
-  value: unknown,
-  options: { mode?: number } = {},
-): Promise<void> {
-  const temporary = `${path}.${crypto.randomUUID().slice(0, 8)}.tmp`;
-  try {
-    await Deno.writeTextFile(temporary, JSON.stringify(value), { mode: options.mode });
-    await Deno.rename(temporary, path);
-  } catch (error) {
-    // A full disk leaves a partial temporary file: it is nobody's.
-    await Deno.remove(temporary).catch(() => {});
     throw error;
   }
 }
