@@ -179,8 +179,6 @@ export class AttemptLifecycle {
   readonly #recordsDir: string;
   readonly #policy: AttemptPolicy;
   #recordsReady: Promise<void> | undefined;
-  /** Scratch directories of finished attempts being removed (see {@link settled}). */
-  readonly #sweeps = new Set<Promise<void>>();
 
   /** A lifecycle over `options.pool` and `options.artifacts`. */
   constructor(options: AttemptLifecycleOptions) {
@@ -348,11 +346,6 @@ export class AttemptLifecycle {
       }
     }
     return records.sort((a, b) => a.recordedAt - b.recordedAt);
-  }
-
-  /** Resolves once the scratch directories of the attempts that succeeded so far are removed. */
-  async settled(): Promise<void> {
-    await Promise.all(this.#sweeps);
   }
 
   /** Removes an attempt's record: call once its result is durable on the driver's side. */
@@ -567,10 +560,7 @@ export class AttemptLifecycle {
       ) ?? await collectOutputs(this.#options.artifacts, spec);
       // The outputs are in the artifact store now; a failed attempt's
       // scratch directory is kept for inspection (swept after the retention period).
-      // Removed while the result goes on: nothing waits for it but `settled`.
-      const sweep = Deno.remove(spec.workDir, { recursive: true }).catch(() => {});
-      this.#sweeps.add(sweep);
-      sweep.finally(() => this.#sweeps.delete(sweep));
+      await Deno.remove(spec.workDir, { recursive: true }).catch(() => {});
       return {
         ok: true,
         exitCode: 0,

@@ -245,7 +245,6 @@ export class LocalDriver {
       // Stopped steps: wait for their processes to be gone before returning.
       await Promise.allSettled([...this.#active.values()].map((a) => a.done));
       await this.#webhooks.drain(WEBHOOK_DRAIN_MS);
-      await this.#context.lifecycle.settled();
       this.#emitRun(status);
       return {
         runId,

@@ -1001,7 +1001,6 @@ class Agent implements RunningAgent {
       }
       await Promise.allSettled([...this.#active.values()].map((active) => active.done));
       await Promise.allSettled(this.#forgetting.values());
-      await this.#lifecycle.settled();
       await this.#waitForAcks(STOP_ACK_WAIT_MS);
       this.#abort.abort();
       await this.#loop;
