@@ -11,7 +11,7 @@
 import { withLastHeartbeats } from "../server/presence.ts";
 import type { Store } from "../../consensus/store.ts";
 import type { ArtifactStore } from "../../core/artifacts/store.ts";
-import { isTerminalRunStatus, type Plan } from "../../core/model.ts";
+import { isTerminalRunStatus, type Plan, type StepState } from "../../core/model.ts";
 import { clusterKeys, type ClusterRunRecord } from "../server/keys.ts";
 import type { RaftState } from "../server/metrics.ts";
 import { searchRuns } from "../server/run_index.ts";
@@ -25,13 +25,14 @@ import {
 import { readArtifact } from "./_artifacts.ts";
 import { Channel } from "./_channel.ts";
 import {
+  followRun,
   type LogChunk,
   type ReadModel,
+  type RunChange,
   type RunSummary,
   stepViews,
   stepViewsOf,
   UiNotFoundError,
-  watchRunChanges,
   type WorkerView,
 } from "./model.ts";
 
@@ -73,19 +74,32 @@ export function clusterReadModel(options: ClusterModelOptions): ReadModel {
       };
     },
     watchRun(runId, signal) {
-      return watchRunChanges(
-        async () => {
-          const current = await store.get(clusterKeys.run(runId));
-          if (!current) throw new UiNotFoundError(`No run "${runId}" on this cluster`);
-          return {
-            store,
-            keys: { run: clusterKeys.run(runId), steps: clusterKeys.stepPrefix(runId) },
-            run: JSON.parse(current.value) as ClusterRunRecord,
-          };
-        },
-        signal,
-        summaryOf,
+      const changes = new Channel<RunChange>();
+      (async () => {
+        const runKey = clusterKeys.run(runId);
+        const current = await store.get(runKey);
+        if (!current) throw new UiNotFoundError(`No run "${runId}" on this cluster`);
+        const listed = await store.list(clusterKeys.stepPrefix(runId));
+        const revision = Math.max(current.modRevision, listed.revision);
+        // Everything as of now, then every change: a view that reconnects misses nothing.
+        changes.push({ type: "run", run: summaryOf(JSON.parse(current.value)) });
+        for (const kv of listed.items) {
+          changes.push({ type: "step", step: JSON.parse(kv.value) as StepState });
+        }
+        if (isTerminalRunStatus((JSON.parse(current.value) as ClusterRunRecord).status)) return;
+        await followRun(
+          store,
+          { run: runKey, steps: clusterKeys.stepPrefix(runId) },
+          revision + 1,
+          signal,
+          (change) => changes.push(change),
+          summaryOf,
+        );
+      })().then(
+        () => changes.close(),
+        (error) => changes.close(signal.aborted ? undefined : error),
       );
+      return changes;
     },
     logs(runId, { step, attempt, follow, signal }) {
       const chunks = new Channel<LogChunk>();

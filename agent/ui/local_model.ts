@@ -26,14 +26,15 @@ import {
 import { readArtifact } from "./_artifacts.ts";
 import { Channel } from "./_channel.ts";
 import {
+  followRun,
   type LogChunk,
   type ReadModel,
+  type RunChange,
   type RunSummary,
   type StepView,
   stepViews,
   stepViewsOf,
   UiNotFoundError,
-  watchRunChanges,
 } from "./model.ts";
 
 /** How often a followed log file is read for new text (a file has no watch here). */
@@ -111,19 +112,31 @@ export function localReadModel(stateDir: string): LocalModel {
       return { run: summaryOf(run), plan: await planOf(run, steps), steps };
     },
     watchRun(runId, signal) {
-      return watchRunChanges(
-        async () => {
-          const { store } = await state();
-          const run = await record(runId);
-          return {
-            store,
-            keys: { run: localKeys.run(run.runId), steps: localKeys.stepPrefix(run.runId) },
-            run,
-          };
-        },
-        signal,
-        summaryOf,
+      const changes = new Channel<RunChange>();
+      (async () => {
+        const { store } = await state();
+        const run = await record(runId);
+        const listed = await store.list(localKeys.stepPrefix(run.runId));
+        const current = await store.get(localKeys.run(run.runId));
+        const revision = Math.max(listed.revision, current?.modRevision ?? 0);
+        changes.push({ type: "run", run: summaryOf(run) });
+        for (const kv of listed.items) {
+          changes.push({ type: "step", step: JSON.parse(kv.value) as StepState });
+        }
+        if (isTerminalRunStatus(run.status)) return;
+        await followRun(
+          store,
+          { run: localKeys.run(run.runId), steps: localKeys.stepPrefix(run.runId) },
+          revision + 1,
+          signal,
+          (change) => changes.push(change),
+          summaryOf,
+        );
+      })().then(
+        () => changes.close(),
+        (error) => changes.close(signal.aborted ? undefined : error),
       );
+      return changes;
     },
     logs(runId, { step, attempt, follow, signal }) {
       const chunks = new Channel<LogChunk>();

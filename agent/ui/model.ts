@@ -13,7 +13,6 @@ import { expandPlan } from "../../core/fanout.ts";
 import type { Plan, RunStatus, StepState } from "../../core/model.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
 import type { Store } from "../../consensus/store.ts";
-import { Channel } from "./_channel.ts";
 
 /** A run as the runs page lists it. */
 export interface RunSummary {
@@ -194,50 +193,35 @@ export function stepViewsOf(steps: Record<string, StepState>): StepView[] {
 }
 
 /**
- * A run's changes as a view reads them: its record and steps as of now,
- * then every change until the run ends (or `signal` aborts), so that a view
- * that reconnects misses nothing. `open` reads the run's record (throwing
- * when there is none) and says where its keys are; both read models
- * (cluster and local) watch this way.
+ * Follows a run's record and its steps in `store` from `fromRevision`
+ * until the run ends (or `signal` aborts), pushing each change as the view
+ * reads it; both read models (cluster and local) watch this way.
  */
-export function watchRunChanges<R extends { status: RunStatus }>(
-  open: () => Promise<{ store: Store; keys: { run: string; steps: string }; run: R }>,
+export async function followRun<R extends { status: RunStatus }>(
+  store: Store,
+  keys: { run: string; steps: string },
+  fromRevision: number,
   signal: AbortSignal,
+  push: (change: RunChange) => void,
   summaryOf: (record: R) => RunSummary,
-): AsyncIterable<RunChange> {
-  const changes = new Channel<RunChange>();
-  (async () => {
-    const { store, keys, run } = await open();
-    const listed = await store.list(keys.steps);
-    const current = await store.get(keys.run);
-    const fromRevision = Math.max(listed.revision, current?.modRevision ?? 0) + 1;
-    changes.push({ type: "run", run: summaryOf(run) });
-    for (const kv of listed.items) {
-      changes.push({ type: "step", step: JSON.parse(kv.value) as StepState });
-    }
-    if (isTerminalRunStatus(run.status)) return;
-    const stop = new AbortController();
-    const both = AbortSignal.any([signal, stop.signal]);
-    await Promise.race([
-      (async () => {
-        for await (const event of store.watch(keys.run, { fromRevision, signal: both })) {
-          if (event.type !== "put" || event.key !== keys.run) continue;
-          const record = JSON.parse(event.value!) as R;
-          changes.push({ type: "run", run: summaryOf(record) });
-          if (isTerminalRunStatus(record.status)) return;
+): Promise<void> {
+  const stop = new AbortController();
+  const both = AbortSignal.any([signal, stop.signal]);
+  await Promise.race([
+    (async () => {
+      for await (const event of store.watch(keys.run, { fromRevision, signal: both })) {
+        if (event.type !== "put" || event.key !== keys.run) continue;
+        const record = JSON.parse(event.value!) as R;
+        push({ type: "run", run: summaryOf(record) });
+        if (isTerminalRunStatus(record.status)) return;
+      }
+    })(),
+    (async () => {
+      for await (const event of store.watch(keys.steps, { fromRevision, signal: both })) {
+        if (event.type === "put") {
+          push({ type: "step", step: JSON.parse(event.value!) as StepState });
         }
-      })(),
-      (async () => {
-        for await (const event of store.watch(keys.steps, { fromRevision, signal: both })) {
-          if (event.type === "put") {
-            changes.push({ type: "step", step: JSON.parse(event.value!) as StepState });
-          }
-        }
-      })(),
-    ]).finally(() => stop.abort());
-  })().then(
-    () => changes.close(),
-    (error) => changes.close(signal.aborted ? undefined : error),
-  );
-  return changes;
+      }
+    })(),
+  ]).finally(() => stop.abort());
 }
