@@ -41,7 +41,14 @@ import {
   PERMISSION_EXIT_CODE,
 } from "./_report.ts";
 import type { LoadGrants } from "./_harness.ts";
-import { notRunStatus, WarmPool, type WarmPoolOptions, WarmProcess } from "./_warm.ts";
+import {
+  notRunStatus,
+  onWarmMarker,
+  sendWarmStep,
+  WarmPool,
+  type WarmPoolOptions,
+  WarmProcess,
+} from "./_warm.ts";
 import { randomHex } from "../../core/_bytes.ts";
 import { type DenoConfig, denoConfigSchema, denoManifest } from "./manifest.ts";
 
@@ -507,7 +514,7 @@ async function launchWarm(plan: WarmPlan): Promise<WarmProcess<StepWatch>> {
       env: { NO_COLOR: "1", ...plan.runtime, [HARNESS_NONCE_ENV]: nonce },
       markerPrefix: markerPrefix(nonce),
       onMarker: (payload) => {
-        if (!spawned.process?.onMarker(payload)) watch.onMarker(payload);
+        if (!spawned.process || !onWarmMarker(spawned.process, payload)) watch.onMarker(payload);
       },
       onStderrText: watch.onStderrText,
       onStdin: (stream) => stdin = stream,
@@ -537,7 +544,8 @@ async function startWarm(
   spec: AttemptSpec,
   plan: WarmPlan,
 ): Promise<Execution | undefined> {
-  const slotted = slotSpec(spec, process.slot, plan.inputs);
+  // Every pre-started deno process is launched with a slot of its own.
+  const slotted = slotSpec(spec, process.slot!, plan.inputs);
   const movesInputs = Object.keys(plan.inputs).length > 0;
   try {
     if (movesInputs) await Deno.rename(spec.inputsDir, slotted.inputsDir);
@@ -546,7 +554,7 @@ async function startWarm(
     return undefined;
   }
   try {
-    await process.send({ env: stepEnv(slotted), context: harnessContext(slotted) });
+    await sendWarmStep(process, { env: stepEnv(slotted), context: harnessContext(slotted) });
   } catch {
     await process.stop();
     if (movesInputs) await Deno.rename(slotted.inputsDir, spec.inputsDir).catch(() => {});
@@ -570,7 +578,7 @@ function warmExecution(
   let finalStatus: ExitStatus | undefined;
   const waitPromise = inner.wait().then(async (status): Promise<ExitStatus> => {
     const problem = await restoreSlot(spec, slotted, movedInputs);
-    await Deno.remove(process.slot, { recursive: true }).catch(() => {});
+    await Deno.remove(process.slot!, { recursive: true }).catch(() => {});
     if (status.errorClass === "cancelled") return status;
     const failed = status.exitCode === 0 ? 1 : status.exitCode;
     const notRun = notRunStatus(status, process);

@@ -2,6 +2,10 @@
  * The `shell` backend: runs a step's `run` script with `/bin/sh -e -c` in
  * its own process group. Trusted commands only: nothing is sandboxed.
  *
+ * Served by a plugin host (the default export), steps of the default shell
+ * run in shells parked before their step was known, once such steps repeat
+ * (see `_parked.ts`): their start costs no process start.
+ *
  * @module
  */
 
@@ -12,6 +16,7 @@ import {
   configMessages,
   type Execution,
   type ExecutionBackend,
+  type ExitStatus,
   type Fingerprint,
   InvalidStepConfigError,
   missingOutputStatus,
@@ -19,19 +24,53 @@ import {
 } from "../backend.ts";
 import { reapProcessGroups, spawnExecution } from "../_process.ts";
 import { DEFAULT_SHELL, type ShellConfig, shellConfigSchema, shellManifest } from "./manifest.ts";
+import { ParkedShells } from "./_parked.ts";
+import { WarmPool, type WarmPoolOptions } from "../_warm.ts";
 
 /** Used when the runner's own environment has no `PATH`. */
 const FALLBACK_PATH = "/usr/local/bin:/usr/bin:/bin";
 
+/** Options of {@link createShellBackend}. */
+export interface ShellBackendOptions {
+  /**
+   * Park shells for steps of the default shell (`true` for the default
+   * limits). Off by default: a backend that parks holds processes until
+   * {@link ShellBackend.close}.
+   */
+  parked?: boolean | WarmPoolOptions;
+}
+
+/** The `shell` backend; `close` stops the shells it parked. */
+export interface ShellBackend extends ExecutionBackend {
+  /** The parked shells, when parking is on. */
+  readonly parkedPool: WarmPool | undefined;
+  /** Kills every parked shell and parks no more. */
+  close(): Promise<void>;
+}
+
 /** Creates the `shell` backend. */
-export function createShellBackend(): ExecutionBackend {
+export function createShellBackend(options: ShellBackendOptions = {}): ShellBackend {
+  const parked = options.parked
+    ? new ParkedShells(new WarmPool(options.parked === true ? {} : options.parked))
+    : undefined;
   return {
     name: "shell",
     capabilities: shellManifest.capabilities,
     fingerprint: fingerprintShell,
-    start: startShellStep,
+    start: (spec) => startShellStep(spec, parked),
     recover: reapProcessGroups,
+    parkedPool: parked?.pool,
+    close: () => parked?.close() ?? Promise.resolve(),
   };
+}
+
+/**
+ * The backend a plugin host serves: parked shells on. The host lives across
+ * steps, so a shell parked after one step serves the next; parked shells
+ * exit with the host (their stdin ends).
+ */
+export function createHostedShellBackend(): ShellBackend {
+  return createShellBackend({ parked: true });
 }
 
 /** Checks a `shell` step config; returns human messages, empty when valid. */
@@ -52,7 +91,7 @@ async function fingerprintShell(): Promise<Fingerprint> {
   }
 }
 
-function startShellStep(spec: AttemptSpec): Promise<Execution> {
+function startShellStep(spec: AttemptSpec, parked?: ParkedShells): Promise<Execution> {
   const messages = validateShellConfig(spec.config);
   if (messages.length > 0) {
     return Promise.reject(new InvalidStepConfigError("shell", messages));
@@ -65,16 +104,15 @@ function startShellStep(spec: AttemptSpec): Promise<Execution> {
     if (value !== undefined) env[name] = value;
   }
   Object.assign(env, spec.env, stepEnvironment(spec));
-  return Promise.resolve(spawnExecution({
-    command: config.shell ?? DEFAULT_SHELL,
-    args: ["-e", "-c", config.run],
-    cwd,
-    env,
-    // With no declared outputs there is nothing to check: stay synchronous.
-    finish: spec.outputs.length === 0
-      ? (status) => classifyExit(status)
-      : (status) => missingOutputStatus(spec, classifyExit(status)),
-  }));
+  // With no declared outputs there is nothing to check: stay synchronous.
+  const finish = spec.outputs.length === 0
+    ? (status: ExitStatus) => classifyExit(status)
+    : (status: ExitStatus) => missingOutputStatus(spec, classifyExit(status));
+  const shell = config.shell ?? DEFAULT_SHELL;
+  const cold = () =>
+    spawnExecution({ command: shell, args: ["-e", "-c", config.run], cwd, env, finish });
+  if (!parked || shell !== DEFAULT_SHELL) return Promise.resolve(cold());
+  return parked.run({ cwd, env, run: config.run, finish }, cold);
 }
 
-export default createShellBackend;
+export default createHostedShellBackend;
