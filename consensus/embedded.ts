@@ -33,6 +33,7 @@ import {
   LeaseNotFoundError,
   type ListOptions,
   type ListResult,
+  type OrderedTxn,
   prefixEnd,
   type PutOptions,
   type Store,
@@ -445,24 +446,42 @@ class SqliteStore implements EmbeddedStore {
   }
 
   txn(request: TxnRequest): Promise<TxnResult> {
-    return this.#run(() => {
-      for (const compare of request.compare) checkKey(compare.key);
-      for (const op of [...request.success, ...(request.failure ?? [])]) {
-        if (op.type !== "deletePrefix") checkKey(op.key);
-      }
-      this.#expireLeases();
-      let succeeded = false;
-      const revision = this.#write((next) => {
-        succeeded = request.compare.every((compare) =>
-          compareHolds(compare, this.#sql.get.get(compare.key) as KvRow | undefined)
-        );
-        const ops = succeeded ? request.success : request.failure ?? [];
-        let changed = false;
-        for (const op of ops) changed = this.#applyOp(next, op) || changed;
-        return changed;
-      });
-      return { succeeded, revision };
+    return this.#run(() => this.#txn(request));
+  }
+
+  txnOrdered(request: TxnRequest): Promise<OrderedTxn> {
+    try {
+      if (this.#closed) throw new StoreClosedError();
+      const before = this.#commits;
+      const result = this.#txn(request);
+      // The WAL is appended in commit order and a sync covers every commit
+      // before it: a later commit made durable makes this one durable.
+      const durable = this.#commits === before ? Promise.resolve() : this.#durable(this.#commits);
+      // Its failure is the caller's to handle; unobserved, it must not end the process.
+      durable.catch(() => {});
+      return Promise.resolve({ result, durable });
+    } catch (error) {
+      return Promise.reject(error);
+    }
+  }
+
+  #txn(request: TxnRequest): TxnResult {
+    for (const compare of request.compare) checkKey(compare.key);
+    for (const op of [...request.success, ...(request.failure ?? [])]) {
+      if (op.type !== "deletePrefix") checkKey(op.key);
+    }
+    this.#expireLeases();
+    let succeeded = false;
+    const revision = this.#write((next) => {
+      succeeded = request.compare.every((compare) =>
+        compareHolds(compare, this.#sql.get.get(compare.key) as KvRow | undefined)
+      );
+      const ops = succeeded ? request.success : request.failure ?? [];
+      let changed = false;
+      for (const op of ops) changed = this.#applyOp(next, op) || changed;
+      return changed;
     });
+    return { succeeded, revision };
   }
 
   watch(prefix: string, options: WatchOptions = {}): AsyncIterable<WatchEvent> {

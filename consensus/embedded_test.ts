@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { storeConformance } from "./conformance.ts";
 import { type EmbeddedStoreOptions, openEmbeddedStore, openMemoryStore } from "./embedded.ts";
-import type { Store, WatchEvent } from "./store.ts";
+import { type Store, StoreClosedError, type WatchEvent } from "./store.ts";
 
 /** A fake clock shared by the conformance runs; it only moves forward. */
 let fakeNow = 1_700_000_000_000;
@@ -163,6 +163,37 @@ Deno.test("embedded: writes in flight together all resolve, and the WAL is check
       assert.equal((await again.list("burst/")).items.length, 300);
       assert.equal((await again.get("seq/49"))?.value, "2999");
       assert.equal(await again.revision(), 3_000);
+    } finally {
+      await again.close();
+    }
+  });
+});
+
+Deno.test("embedded: an ordered txn is readable at once, then durable; a closed store refuses it", async () => {
+  await withTempDir(async (dir) => {
+    const path = `${dir}/state.db`;
+    const store = openEmbeddedStore(path);
+    const durables: Promise<void>[] = [];
+    try {
+      for (let i = 0; i < 50; i++) {
+        const { result, durable } = await store.txnOrdered!({
+          compare: [{ key: "ordered/last", target: "value", op: "==", value: String(i - 1) }],
+          success: [{ type: "put", key: "ordered/last", value: String(i) }],
+          failure: [{ type: "put", key: "ordered/lost", value: String(i) }],
+        });
+        assert.equal(result.succeeded, i > 0, `txn ${i}`);
+        if (i === 0) await store.put("ordered/last", "0");
+        else assert.equal((await store.get("ordered/last"))?.value, String(i));
+        durables.push(durable);
+      }
+      await Promise.all(durables);
+    } finally {
+      await store.close();
+    }
+    await assert.rejects(() => store.txnOrdered!({ compare: [], success: [] }), StoreClosedError);
+    const again = openEmbeddedStore(path);
+    try {
+      assert.equal((await again.get("ordered/last"))?.value, "49");
     } finally {
       await again.close();
     }

@@ -103,6 +103,13 @@ export interface PutOptions {
   lease?: string;
 }
 
+/** A transaction in the store's log, and when it is durable (see {@link Store.txnOrdered}). */
+export interface OrderedTxn {
+  result: TxnResult;
+  /** Resolves once the transaction would survive a crash; rejects if it cannot be made to. */
+  durable: Promise<void>;
+}
+
 /** A revisioned key-value store with CAS transactions, watches and leases. */
 export interface Store {
   /** Reads one key. */
@@ -115,6 +122,16 @@ export interface Store {
   delete(key: string): Promise<number>;
   /** Runs a transaction atomically; all its writes share one revision. */
   txn(request: TxnRequest): Promise<TxnResult>;
+  /**
+   * Runs a transaction as {@link txn} does, but resolves once it is
+   * *ordered*: applied, and in the store's log after every write before it
+   * and before every write after it, so that any later write surviving a
+   * crash means this one survives too. `durable` resolves once it would
+   * survive a crash itself (what {@link txn} waits for). Only a store with
+   * such a log on this machine has it (the embedded one); a caller without
+   * it waits for {@link txn}.
+   */
+  txnOrdered?(request: TxnRequest): Promise<OrderedTxn>;
   /**
    * Streams the changes under a prefix: events with revision ≥ `fromRevision`
    * in order, then live ones. Throws {@link CompactedError} when

@@ -51,6 +51,7 @@ import {
   type LocalState,
   logPath,
   persistRun,
+  persistRunOrdered,
   releaseReserve,
   type RunRecord,
 } from "./state.ts";
@@ -64,6 +65,9 @@ const WEBHOOK_DRAIN_MS = 15_000;
  * before loses nothing: a resume counts the attempt lost either way.
  */
 const START_COMMIT_DELAY_MS = 100;
+
+/** Effects performed once their batch is ordered in the store, before it is durable. */
+const ACTS_ON_ORDER = new Set<Effect["type"]>(["StartAttempt", "StopAttempt", "WakeAt"]);
 
 /** Something a user interface may show while a run goes on. */
 export type RunEvent =
@@ -155,6 +159,8 @@ export class LocalDriver {
   readonly #webhooks: WebhookNotifier;
   readonly #trace: RunTrace;
   #queue: Promise<void> = Promise.resolve();
+  /** The effects of persisted batches that wait for their batch to be durable, in order. */
+  #announced: Promise<void> = Promise.resolve();
   /** Events to apply; an item without an event only asks for a commit. */
   readonly #pending: Array<{ event?: EngineEvent; ignoreFinish: boolean }> = [];
   /** Set while applied starts wait for their commit (see {@link START_COMMIT_DELAY_MS}). */
@@ -221,7 +227,7 @@ export class LocalDriver {
     this.#watchCancelRequests(watchAbort.signal);
     this.#watchApprovals(watchAbort.signal);
     try {
-      await this.#persist();
+      await (await this.#persist()).durable;
       this.#emitRun("running");
       for (const { record, execution } of reattached) this.#adopt(record, execution);
       // Only the last initial event may finish the run: an AttemptLost
@@ -242,6 +248,7 @@ export class LocalDriver {
         throw error;
       });
       await this.#queue;
+      await this.#announced;
       // Stopped steps: wait for their processes to be gone before returning.
       await Promise.allSettled([...this.#active.values()].map((a) => a.done));
       await this.#webhooks.drain(WEBHOOK_DRAIN_MS);
@@ -296,14 +303,29 @@ export class LocalDriver {
         // A batch of starts alone acts on nothing that must be durable (a
         // status shown, a deadline armed): its commit may wait a moment for
         // the next batch's, which writes it too: one commit a step, not two.
+        let durable = Promise.resolve();
         if (deferrable) this.#deferCommit();
         else {
           clearTimeout(this.#startCommit);
           this.#startCommit = undefined;
-          await this.#persist();
+          durable = (await this.#persist()).durable;
         }
-        this.#traceEnded(batch.flatMap(({ event }) => event ? [event] : []), effects);
-        for (const effect of effects) this.#perform(effect);
+        // Starting and stopping attempts need the batch only ordered in the
+        // store's log: whatever they lead to is written after it, so it can
+        // only be durable once this batch is (a crash before loses both, and
+        // a resume counts those attempts lost). What is announced (statuses,
+        // webhooks, the run's end) waits until the batch is durable.
+        const announced: Effect[] = [];
+        for (const effect of effects) {
+          if (ACTS_ON_ORDER.has(effect.type)) this.#perform(effect);
+          else announced.push(effect);
+        }
+        const events = batch.flatMap(({ event }) => event ? [event] : []);
+        this.#announced = this.#announced.then(() => durable).then(() => {
+          this.#traceEnded(events, announced);
+          for (const effect of announced) this.#perform(effect);
+        });
+        this.#announced.catch((error) => this.#failed?.(error));
       }
     } catch (error) {
       this.#failed?.(error);
@@ -322,18 +344,21 @@ export class LocalDriver {
   }
 
   /**
-   * Writes the run record and the changed steps. On a full disk the state
-   * directory's reserve is given up for one more try: a step that filled
-   * the disk then fails and the run is recorded as failed. Without room, the
-   * run stays as last recorded (resumable) and the error says so.
+   * Writes the run record and the changed steps; resolves once the write is
+   * ordered in the store's log, with the promise of its durability. On a
+   * full disk the state directory's reserve is given up for one more try: a
+   * step that filled the disk then fails and the run is recorded as failed.
+   * Without room, the run stays as last recorded (resumable) and the error
+   * says so.
    */
-  async #persist(): Promise<void> {
+  async #persist(): Promise<{ durable: Promise<void> }> {
     const { state, record } = this.#context;
     // After a write failed for good, the store keeps the last state it took whole.
     if (this.#unrecorded) throw this.#unrecorded;
     try {
-      await persistRun(state.store, record, this.#engine);
+      const ordered = await persistRunOrdered(state.store, record, this.#engine);
       this.#recorded = true;
+      return ordered;
     } catch (error) {
       this.#unrecorded = error;
       if (!isDiskFull(error)) throw error;
@@ -348,6 +373,7 @@ export class LocalDriver {
       }
       this.#unrecorded = undefined;
       this.#recorded = true;
+      return { durable: Promise.resolve() };
     }
   }
 

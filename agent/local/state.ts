@@ -10,7 +10,7 @@ import { type RunHeader, runStateOf, syncHeader } from "../../core/engine.ts";
 import type { RunEngine } from "../../core/engine.ts";
 import type { Plan, RunState, StepState } from "../../core/model.ts";
 import { isTerminalRunStatus } from "../../core/model.ts";
-import type { Store, TxnOp } from "../../consensus/store.ts";
+import type { Store, TxnOp, TxnRequest } from "../../consensus/store.ts";
 import { openEmbeddedStore, openMemoryStore } from "../../consensus/embedded.ts";
 import type { ArtifactStore } from "../../core/artifacts/store.ts";
 import { openLocalArtifactStore } from "../../core/artifacts/local.ts";
@@ -312,6 +312,27 @@ export async function persistRun(
   engine: RunEngine,
   options: { all?: boolean } = {},
 ): Promise<void> {
+  await store.txn(runTxn(record, engine, options));
+}
+
+/**
+ * As {@link persistRun}, but resolves once the write is ordered in a store
+ * that says so (see `Store.txnOrdered`), with the promise of its
+ * durability; in any other store once it is durable.
+ */
+export async function persistRunOrdered(
+  store: Store,
+  record: RunRecord,
+  engine: RunEngine,
+  options: { all?: boolean } = {},
+): Promise<{ durable: Promise<void> }> {
+  const request = runTxn(record, engine, options);
+  if (store.txnOrdered) return { durable: (await store.txnOrdered(request)).durable };
+  await store.txn(request);
+  return { durable: Promise.resolve() };
+}
+
+function runTxn(record: RunRecord, engine: RunEngine, options: { all?: boolean }): TxnRequest {
   const state = engine.state;
   syncHeader(record, state);
   const ops: TxnOp[] = [{
@@ -327,7 +348,7 @@ export async function persistRun(
       value: JSON.stringify(state.steps[stepId]),
     });
   }
-  await store.txn({ compare: [], success: ops });
+  return { compare: [], success: ops };
 }
 
 /** Who executes a run, as its owner key records it. */
