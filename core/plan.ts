@@ -6,7 +6,7 @@
  * @module
  */
 
-import { createHash } from "node:crypto";
+import { hash } from "node:crypto";
 import { resolve } from "node:path";
 import { parseByteSize, parseCpu, parseDuration } from "./duration.ts";
 import {
@@ -94,6 +94,37 @@ export const CONFIG_KEYS = [
 ] as const;
 
 const MATRIX_REFERENCE = /\$\{\{\s*matrix\.([A-Za-z][A-Za-z0-9_-]*)\s*\}\}/g;
+
+/** The place of each config key in {@link CONFIG_KEYS}. */
+const CONFIG_INDEX: ReadonlyMap<string, number> = new Map(CONFIG_KEYS.map((key, i) => [key, i]));
+/** The config keys of a step with `run` alone. */
+const RUN_ONLY: readonly ConfigKey[] = ["run"];
+type ConfigKey = typeof CONFIG_KEYS[number];
+
+/**
+ * The config keys a step has (not undefined), in the order of
+ * {@link CONFIG_KEYS}: found among the step's own keys, which are few,
+ * rather than by asking the step for each of the many config keys.
+ */
+function configKeysOf(step: StepFile): readonly ConfigKey[] {
+  let keys: ConfigKey[] | undefined;
+  let sorted = true;
+  let last = -1;
+  for (const key in step) {
+    const index = CONFIG_INDEX.get(key);
+    if (index === undefined || step[key as ConfigKey] === undefined) continue;
+    if (keys === undefined && key === "run") {
+      keys = RUN_ONLY as ConfigKey[];
+    } else {
+      keys = keys === RUN_ONLY ? ["run"] : keys ?? [];
+      keys.push(key as ConfigKey);
+    }
+    if (index < last) sorted = false;
+    last = index;
+  }
+  if (!sorted) keys!.sort((a, b) => CONFIG_INDEX.get(a)! - CONFIG_INDEX.get(b)!);
+  return keys ?? NO_ITEMS;
+}
 
 /** The backend a step implies by its keys: module→deno, image→docker, host→ssh, run→shell. */
 export function inferBackend(step: StepFile): string | undefined {
@@ -418,6 +449,9 @@ const NO_ENTRIES = Object.freeze({}) as Record<string, never>;
 export function canonicalJson(value: unknown): string {
   if (value === undefined) return "null";
   if (value === null || typeof value !== "object") return JSON.stringify(value);
+  // The shared empties of planned steps (most steps have several).
+  if (value === NO_ENTRIES) return "{}";
+  if (value === NO_ITEMS) return "[]";
   if (Array.isArray(value)) {
     let out = "[";
     for (let i = 0; i < value.length; i++) out += (i > 0 ? "," : "") + canonicalJson(value[i]);
@@ -484,8 +518,9 @@ function specJson(step: PlannedStep, retryJson?: string): string {
   return out + "}";
 }
 
+/** SHA-256 in hex, in one call (no hash object per step of a large plan). */
 function sha256(data: string | Uint8Array): string {
-  return createHash("sha256").update(data).digest("hex");
+  return hash("sha256", data, "hex");
 }
 
 function stringMap(map: Record<string, Scalar> | undefined): Record<string, string> {
@@ -647,6 +682,18 @@ export function planPipeline(
     onExitCodes: Object.freeze([...defaultRetry.onExitCodes]) as number[],
   });
   const defaultRetryJson = canonicalJson(defaultRetry);
+  // One interpolation for every leg: the leg it fills in, and the unknown keys it met.
+  let currentLeg: Record<string, Scalar> | undefined;
+  let unknownKeys: Set<string> | undefined;
+  const interpolate = (text: string): string =>
+    text.includes("${{")
+      ? text.replace(MATRIX_REFERENCE, (whole, key: string) => {
+        if (currentLeg && Object.hasOwn(currentLeg, key)) return String(currentLeg[key]);
+        (unknownKeys ??= new Set()).add(key);
+        return whole;
+      })
+      : text;
+  const deep = (value: unknown): unknown => mapStrings(value, interpolate);
   for (let i = 0; i < names.length; i++) {
     const name = names[i];
     const step = steps[i];
@@ -685,20 +732,13 @@ export function planPipeline(
       ? HANDLER_CONDITIONS[step.handler]
       : `${HANDLER_CONDITIONS[step.handler]} && (${stripBraces(step.when)})`;
     const stepEnv = step.env === undefined ? undefined : stringMap(step.env);
+    const configKeys = configKeysOf(step);
     for (const leg of legsOf[i]) {
       needsOf.push(needed);
-      let unknownKeys: Set<string> | undefined;
-      const interpolate = (text: string): string =>
-        text.includes("${{")
-          ? text.replace(MATRIX_REFERENCE, (whole, key: string) => {
-            if (leg && Object.hasOwn(leg, key)) return String(leg[key]);
-            (unknownKeys ??= new Set()).add(key);
-            return whole;
-          })
-          : text;
-      const deep = (value: unknown): unknown => mapStrings(value, interpolate);
+      currentLeg = leg;
+      unknownKeys = undefined;
       const config: Record<string, unknown> = {};
-      for (const key of CONFIG_KEYS) if (step[key] !== undefined) config[key] = deep(step[key]);
+      for (const key of configKeys) config[key] = deep(step[key]);
       if (step.pipeline !== undefined) {
         Object.assign(config, deep(subPipelineConfig(step)) as Record<string, unknown>);
       }
@@ -793,7 +833,7 @@ export function planPipeline(
     name: pipeline.name,
     file: options.file,
     baseDir: options.baseDir,
-    steps: Object.fromEntries(planned.map((s) => [s.id, s])),
+    steps: byId(planned),
     order: orderOf(planned, needsOf),
     env: stringMap(pipeline.env),
     secrets: Object.fromEntries(
@@ -853,6 +893,13 @@ export function planPipeline(
     };
   }
   return { plan };
+}
+
+/** Planned steps by id, in plan order (a loop: no pair array per step). */
+function byId(planned: PlannedStep[]): Record<string, PlannedStep> {
+  const steps: Record<string, PlannedStep> = {};
+  for (const step of planned) steps[step.id] = step;
+  return steps;
 }
 
 /** A condition without its optional `${{ }}`. */

@@ -53,6 +53,8 @@ const REQUIRED_KEYS: Record<string, string[]> = {
   ssh: ["host", "run"],
   kubernetes: ["image"],
 };
+/** Options of `Positions.at` for a key's own position. */
+const ON_KEY = Object.freeze({ key: true });
 /** The keys dropped of a step that validated. */
 const NONE_DROPPED: ReadonlySet<string> = new Set();
 
@@ -118,8 +120,11 @@ const checkedEdges = new WeakMap<PipelineFile, StepEdges>();
 
 /** The view of a pipeline that passed the schema. */
 export function viewOf(pipeline: PipelineFile): PipelineView {
+  // A loop, not `new Map(Object.entries(…))`: no pair array per step.
+  const steps = new Map<string, StepFile>();
+  for (const name of Object.keys(pipeline.steps)) steps.set(name, pipeline.steps[name]);
   return {
-    steps: new Map(Object.entries(pipeline.steps)),
+    steps,
     secrets: new Set(Object.keys(pipeline.secrets ?? {})),
     secretRefs: pipeline.secrets,
     startNode: pipeline.start_node,
@@ -210,7 +215,10 @@ export function planValidated(
     baseDir: options.baseDir,
     source: options.source,
     readFile: options.readFile,
-    locate: (path) => ({ file: options.file, ...positions.at(path, { key: true }) }),
+    locate: (path) => {
+      const { line, col } = positions.at(path, ON_KEY);
+      return { file: options.file, line, col };
+    },
     edges: options.edges ?? checkedEdges.get(pipeline),
   });
   if ("plan" in planned) {
