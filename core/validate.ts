@@ -53,6 +53,8 @@ const REQUIRED_KEYS: Record<string, string[]> = {
   ssh: ["host", "run"],
   kubernetes: ["image"],
 };
+/** The needs of a step that has none. */
+const NO_NEEDS: readonly string[] = Object.freeze([]);
 /** Options of `Positions.at` for a key's own position. */
 const ON_KEY = Object.freeze({ key: true });
 /** The keys dropped of a step that validated. */
@@ -325,8 +327,9 @@ export function checkSteps(
   options: CheckOptions,
   reporter: Reporter,
 ): StepEdges {
-  const names = [...view.steps.keys()];
-  const known = new Set(names);
+  // The steps' names, for suggestions; no list or set of them (a file may have 100,000).
+  const names: Iterable<string> = { [Symbol.iterator]: () => view.steps.keys() };
+  const known = view.steps;
   const backends = new Set<string>([...BUILTIN_BACKENDS, ...(options.backends ?? [])]);
   let reportedDefaultBackend = false;
   // Exit handlers constrain the steps around them; without one there is nothing to check.
@@ -418,11 +421,12 @@ export function checkSteps(
       }
     }
     const needs = step.needs === undefined
-      ? []
+      ? NO_NEEDS
       : Array.isArray(step.needs)
       ? step.needs
       : [step.needs];
-    needs.forEach((need, i) => {
+    for (let i = 0; i < needs.length; i++) {
+      const need = needs[i];
       if (!known.has(need)) {
         const path = Array.isArray(step.needs) ? at("needs", i) : at("needs");
         reporter.at("unknown_step", `step "${name}" needs unknown step "${need}"`, path, {
@@ -430,7 +434,7 @@ export function checkSteps(
           hint: didYouMean(need, names),
         });
       }
-    });
+    }
     if (step.next_node !== undefined && !known.has(step.next_node)) {
       reporter.at(
         "unknown_step",
@@ -442,7 +446,7 @@ export function checkSteps(
         },
       );
     }
-    for (const [input, ref] of Object.entries(step.inputs ?? {})) {
+    for (const [input, ref] of step.inputs === undefined ? [] : Object.entries(step.inputs)) {
       const [from, output] = ref.split("/");
       const source = view.steps.get(from);
       if (!known.has(from)) {
@@ -470,8 +474,8 @@ export function checkSteps(
         );
       }
     }
-    if (view.secrets) {
-      (step.secrets ?? []).forEach((secret, i) => {
+    if (view.secrets && step.secrets !== undefined) {
+      step.secrets.forEach((secret, i) => {
         if (!view.secrets!.has(secret)) {
           reporter.at(
             "unknown_secret",
