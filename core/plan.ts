@@ -272,6 +272,9 @@ export interface StepEdges {
   dependents: number[][];
 }
 
+/** The needs or dependents of a step that has none (frozen: shared by all of them). */
+const NO_LINKS = Object.freeze([]) as unknown as number[];
+
 /** Above this many needs, a step's links are checked for repeats with a set. */
 const FEW_NEEDS = 16;
 
@@ -280,14 +283,16 @@ export function stepEdges(steps: Map<string, StepFile | undefined>): StepEdges {
   const names = [...steps.keys()];
   const index = new Map<string, number>();
   for (let i = 0; i < names.length; i++) index.set(names[i], i);
-  const needs: number[][] = names.map(() => []);
-  const dependents: number[][] = names.map(() => []);
+  // Steps without needs or dependents share one empty list until a link gives them theirs.
+  const needs: number[][] = new Array(names.length).fill(NO_LINKS);
+  const dependents: number[][] = new Array(names.length).fill(NO_LINKS);
   // Sets only for steps with many needs; a short list is searched.
   const many = new Map<number, Set<number>>();
   const link = (fromName: string, to: number) => {
     const from = index.get(fromName);
     if (from === undefined) return;
-    const list = needs[to];
+    let list = needs[to];
+    if (list === NO_LINKS) needs[to] = list = [];
     if (list.length < FEW_NEEDS) {
       if (list.includes(from)) return;
     } else {
@@ -297,7 +302,8 @@ export function stepEdges(steps: Map<string, StepFile | undefined>): StepEdges {
       seen.add(from);
     }
     list.push(from);
-    dependents[from].push(to);
+    if (dependents[from] === NO_LINKS) dependents[from] = [to];
+    else dependents[from].push(to);
   };
   let i = 0;
   for (const step of steps.values()) {
@@ -594,8 +600,11 @@ function orderByNumber(
   pending: number[],
   edges: (visit: (need: number, dependent: number) => void) => void,
 ): string[] {
-  const dependents: number[][] = steps.map(() => []);
-  edges((need, dependent) => dependents[need].push(dependent));
+  const dependents: number[][] = new Array(steps.length).fill(NO_LINKS);
+  edges((need, dependent) => {
+    if (dependents[need] === NO_LINKS) dependents[need] = [dependent];
+    else dependents[need].push(dependent);
+  });
   const heap = new MinHeap<number>((a, b) => a < b);
   for (let i = 0; i < steps.length; i++) if (pending[i] === 0) heap.push(i);
   const order: string[] = [];
@@ -720,7 +729,9 @@ export function planPipeline(
     const backend = step.pipeline !== undefined
       ? PIPELINE_BACKEND
       : step.backend ?? defaults.backend ?? inferBackend(step)!;
-    const outputs = outputNames(step);
+    const outputs = step.outputs === undefined && step.pipeline === undefined
+      ? NO_ITEMS
+      : outputNames(step);
     const timeoutMs = step.timeout ? parseDuration(step.timeout) : defaultTimeoutMs;
     const queueTimeoutMs = step["queue-timeout"]
       ? parseDuration(step["queue-timeout"])
