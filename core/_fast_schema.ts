@@ -9,7 +9,12 @@
  * whole schema, whose issues locate the problem.
  *
  * The value it is given must be its own (a fresh YAML load): a step that
- * needs no change is kept as it is, not copied.
+ * needs no change is kept as it is, not copied, and so is the mapping of
+ * steps when every step is. A kept step's keys stay in the order they were
+ * written, where zod writes them in its schema's order: nothing made of a
+ * step depends on that order (the planner reads a step key by key, and
+ * `plan_golden_test.ts` holds plans to the base loader's), and no
+ * `PipelineFile` of this path leaves the loader.
  *
  * @module
  */
@@ -95,15 +100,11 @@ function isPlainObject(value: unknown): value is Record<string, unknown> {
 function parseStep(raw: unknown): unknown {
   if (!isPlainObject(raw)) return undefined;
   const keys = Object.keys(raw);
-  let last = -1;
-  let ordered = true;
   let parsed: Map<string, unknown> | undefined;
   for (const key of keys) {
     const field = STEP_FIELDS.get(key);
     if (field === undefined) return undefined;
     const value = raw[key];
-    if (field.index < last) ordered = false;
-    last = field.index;
     switch (field.kind) {
       case "string":
         if (typeof value !== "string") return undefined;
@@ -126,11 +127,11 @@ function parseStep(raw: unknown): unknown {
       }
     }
   }
-  if (ordered && parsed === undefined) return raw;
-  // zod writes the keys in the schema's order, with what each one's schema made of it.
+  if (parsed === undefined) return raw;
+  // What each key's schema made of it, keys in the schema's order (as zod writes them).
   keys.sort((a, b) => STEP_FIELDS.get(a)!.index - STEP_FIELDS.get(b)!.index);
   const step: Record<string, unknown> = {};
-  for (const key of keys) step[key] = parsed?.has(key) ? parsed.get(key) : raw[key];
+  for (const key of keys) step[key] = parsed.has(key) ? parsed.get(key) : raw[key];
   return step;
 }
 
@@ -144,20 +145,26 @@ export function parsePipelineFast(raw: unknown): PipelineFile | undefined {
   const { steps: rawSteps, ...rest } = raw;
   const top = TopSchema.safeParse(rest);
   if (!top.success) return undefined;
-  const steps: Record<string, unknown> = {};
-  let count = 0;
-  for (const name of Object.keys(rawSteps)) {
+  const names = Object.keys(rawSteps);
+  if (names.length === 0) return undefined;
+  // A mapping of their own only once a step differs from the one written.
+  let steps: Record<string, unknown> | undefined;
+  for (let i = 0; i < names.length; i++) {
+    const name = names[i];
     if (!STEP_NAME_PATTERN.test(name)) return undefined;
-    const step = parseStep(rawSteps[name]);
+    const written = rawSteps[name];
+    const step = parseStep(written);
     if (step === undefined) return undefined;
-    steps[name] = step;
-    count++;
+    if (step !== written && steps === undefined) {
+      steps = {};
+      for (let j = 0; j < i; j++) steps[names[j]] = rawSteps[names[j]];
+    }
+    if (steps !== undefined) steps[name] = step;
   }
-  if (count === 0) return undefined;
   const data = top.data as Record<string, unknown>;
   const pipeline: Record<string, unknown> = {};
   for (const key of PIPELINE_KEYS) {
-    if (key === "steps") pipeline.steps = steps;
+    if (key === "steps") pipeline.steps = steps ?? rawSteps;
     else if (Object.hasOwn(data, key)) pipeline[key] = data[key];
   }
   return pipeline as PipelineFile;
