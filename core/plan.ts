@@ -272,6 +272,9 @@ export interface StepEdges {
   dependents: number[][];
 }
 
+/** The legs of a step without a matrix: one, with no matrix values. */
+const NO_LEGS: ReadonlyArray<undefined> = Object.freeze([undefined]);
+
 /** The needs or dependents of a step that has none (frozen: shared by all of them). */
 const NO_LINKS = Object.freeze([]) as unknown as number[];
 
@@ -638,19 +641,23 @@ export function planPipeline(
   }
   const { names } = edges;
   // By step number: its legs, its instance ids, and the number of its first instance.
-  const legsOf: Array<Array<Record<string, Scalar> | undefined>> = [];
-  const idsOf: string[][] = [];
+  // A step without legs shares NO_LEGS, and its list of ids (its name) is made when asked for.
+  const legsOf: Array<ReadonlyArray<Record<string, Scalar> | undefined>> = [];
+  const idsOf: Array<string[] | undefined> = [];
   const firstOf: number[] = [];
   let instances = 0;
+  let handlers = false;
   for (let i = 0; i < names.length; i++) {
     const step = steps[i];
-    const legs = step.matrix ? expandMatrix(step.matrix) : [undefined];
+    const legs = step.matrix ? expandMatrix(step.matrix) : NO_LEGS;
     legsOf.push(legs);
-    idsOf.push(step.matrix ? legs.map((leg) => instanceId(names[i], leg)) : [names[i]]);
+    idsOf.push(step.matrix ? legs.map((leg) => instanceId(names[i], leg)) : undefined);
     firstOf.push(instances);
     instances += legs.length;
+    handlers ||= step.handler !== undefined;
   }
-  const idsByName = (name: string): string[] => idsOf[edges.index.get(name)!];
+  const ids = (i: number): string[] => idsOf[i] ??= [names[i]];
+  const idsByName = (name: string): string[] => ids(edges.index.get(name)!);
   const moduleDigests = new Map<string, string | undefined>();
   const moduleDigest = (path: string): string | undefined => {
     if (!moduleDigests.has(path)) {
@@ -672,10 +679,10 @@ export function planPipeline(
   // An exit handler needs every step that is not one: it runs after the DAG.
   const dagIds: string[] = [];
   const dagInstances: number[] = [];
-  for (let i = 0; i < names.length; i++) {
+  for (let i = 0; handlers && i < names.length; i++) {
     if (steps[i].handler !== undefined) continue;
-    for (let leg = 0; leg < idsOf[i].length; leg++) {
-      dagIds.push(idsOf[i][leg]);
+    for (let leg = 0; leg < legsOf[i].length; leg++) {
+      dagIds.push(ids(i)[leg]);
       dagInstances.push(firstOf[i] + leg);
     }
   }
@@ -719,8 +726,8 @@ export function planPipeline(
       needs = [];
       needed = [];
       for (const need of edges.needs[i]) {
-        for (let leg = 0; leg < idsOf[need].length; leg++) {
-          needs.push(idsOf[need][leg]);
+        for (let leg = 0; leg < legsOf[need].length; leg++) {
+          needs.push(ids(need)[leg]);
           needed.push(firstOf[need] + leg);
         }
       }
