@@ -14,7 +14,7 @@
  * @module
  */
 
-import { stepJson } from "./plan.ts";
+import { mayMention } from "./plan.ts";
 import type { PipelineFile } from "./schema.ts";
 
 /** A parameter's value once checked against its declaration. */
@@ -192,8 +192,8 @@ export function checkReferences(pipeline: PipelineFile): ParamProblem[] {
   const path: Array<string | number> = ["steps"];
   for (const name of Object.keys(pipeline.steps)) {
     const step = pipeline.steps[name];
-    // No "${{" in a step's text, no reference in it (the checks wrote that text already).
-    if (!stepJson(step).includes("${{")) continue;
+    // No "${{" anywhere in a step, no reference in it.
+    if (!mayMention(step, "${{")) continue;
     path.push(name);
     eachString(step, path, check);
     path.pop();

@@ -243,17 +243,35 @@ export function instanceId(name: string, leg?: Record<string, Scalar>): string {
   return leg ? `${name}[${legSuffix(leg)}]` : name;
 }
 
-/** The JSON text of each step, written once: the checks that search a step's text share it. */
-const stepTexts = new WeakMap<StepFile, string>();
-
-/** A step as JSON (`JSON.stringify`), computed once per step object. */
+/** A step as JSON (`JSON.stringify`). */
 export function stepJson(step: StepFile): string {
-  let text = stepTexts.get(step);
-  if (text === undefined) {
-    text = JSON.stringify(step);
-    stepTexts.set(step, text);
+  return JSON.stringify(step);
+}
+
+/**
+ * Whether a search of a step's JSON for `text` could find it: some key or
+ * string in it contains it. Meant for text without a quote, backslash or
+ * control character (`${{`, `.values.`): every escape JSON writes starts
+ * with a backslash and every string with a quote, so such text is found in
+ * the JSON only inside one key or string. The checks ask this of every
+ * step, and write a step's JSON only when the answer is yes; anything but
+ * plain data (a value that may have a JSON of its own) answers yes.
+ */
+export function mayMention(value: unknown, text: string): boolean {
+  if (typeof value === "string") return value.includes(text);
+  if (value === null || typeof value !== "object") return false;
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) if (mayMention(value[i], text)) return true;
+    return false;
   }
-  return text;
+  const proto = Object.getPrototypeOf(value);
+  if (proto !== Object.prototype && proto !== null) return true;
+  for (const key of Object.keys(value)) {
+    if (key.includes(text) || mayMention((value as Record<string, unknown>)[key], text)) {
+      return true;
+    }
+  }
+  return false;
 }
 
 /**

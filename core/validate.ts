@@ -20,6 +20,7 @@ import {
   fansIn,
   foreachRef,
   inferBackend,
+  mayMention,
   outputNames,
   planPipeline,
   type StepEdges,
@@ -709,8 +710,7 @@ function checkFanOut(
     );
     return;
   }
-  const text = stepJson(step);
-  if (!foreach && text.includes("${{") && text.match(ITEM_REFERENCE)) {
+  if (!foreach && mayMention(step, "${{") && stepJson(step).match(ITEM_REFERENCE)) {
     reporter.at(
       "unknown_item",
       `step "${name}" reads \${{ item }}, which only a step with foreach: has`,
@@ -985,9 +985,14 @@ function checkMatrix(
  */
 function checkValueRefs(view: PipelineView, edges: StepEdges, reporter: Reporter): void {
   const steps = view.steps;
-  if (![...steps.values()].some((step) => step && stepJson(step).includes(".values."))) {
-    return;
+  let mentioned = false;
+  for (const step of steps.values()) {
+    if (step && mayMention(step, ".values.") && stepJson(step).includes(".values.")) {
+      mentioned = true;
+      break;
+    }
   }
+  if (!mentioned) return;
   const { needs, names, index } = edges;
   const ancestors = (name: string): Set<string> => {
     const seen = new Set<number>();
