@@ -12,9 +12,10 @@
 import { CORE_SCHEMA, load as loadYaml } from "npm:js-yaml@4.1.0";
 import { LineCounter } from "npm:yaml@2.9.1";
 import type { Plan } from "./model.ts";
-import { PipelineSchema } from "./schema.ts";
+import { type PipelineFile, PipelineSchema } from "./schema.ts";
 import { type CheckOptions, checkSteps, planValidated, viewOf } from "./validate.ts";
 import { Reporter } from "./_diagnostics.ts";
+import { parsePipelineFast } from "./_fast_schema.ts";
 import { Locator, type PathSegment, type Position, type Positions } from "./_locator.ts";
 import { checkSource } from "./_yaml.ts";
 
@@ -38,48 +39,53 @@ export function parseFast(source: string, options: FastPathOptions): Plan | unde
   if (ANCHOR_OR_ALIAS.test(source) || source.includes("<<")) return undefined;
   const counter = new Locator(options.file, new LineCounter());
   if (!checkSource(source, new Reporter(counter), counter)) return undefined;
-  const parsed = PipelineSchema.safeParse(loadPlain(source));
-  if (!parsed.success) return undefined;
+  const pipeline = parsePlain(source);
+  if (pipeline === undefined) return undefined;
   const reporter = new Reporter(scannedPositions(options.file, source));
   let edges;
   try {
-    edges = checkSteps(viewOf(parsed.data), options, reporter);
+    edges = checkSteps(viewOf(pipeline), options, reporter);
   } catch {
     return undefined;
   }
   if (reporter.diagnostics.length > 0) return undefined;
-  const plan = planValidated(parsed.data, { ...options, source, edges }, reporter);
+  const plan = planValidated(pipeline, { ...options, source, edges }, reporter);
   return reporter.diagnostics.length > 0 ? undefined : plan;
 }
 
 /**
- * The plain value of YAML text, or undefined when it is not YAML js-yaml
- * reads (the located path says why). Its own function so that the value,
- * which the schema copies, is garbage once the schema has read it.
+ * The pipeline of YAML text, or undefined when it is not YAML js-yaml reads
+ * or not a valid pipeline (the located path says why). Steps are checked by
+ * {@link parsePipelineFast}, and by the whole schema only when it has a doubt.
  */
-function loadPlain(source: string): unknown {
+function parsePlain(source: string): PipelineFile | undefined {
+  let raw: unknown;
   try {
-    return loadYaml(source, { schema: CORE_SCHEMA, json: false });
+    raw = loadYaml(source, { schema: CORE_SCHEMA, json: false });
   } catch {
     return undefined;
   }
+  return parsePipelineFast(raw) ?? PipelineSchema.safeParse(raw).data;
 }
 
 /** Positions of the steps only (from a scan of the text); 1:1 for anything else. */
 function scannedPositions(file: string, source: string): Positions {
-  const stepLines = scanStepLines(source);
+  const { lines, col } = scanStepLines(source);
   const at = (path: readonly PathSegment[]): Position => {
-    const name = path[0] === "steps" ? String(path[1]) : undefined;
-    return { ...(name && stepLines.get(name) || { line: 1, col: 1 }) };
+    const line = path[0] === "steps" && path.length > 1 ? lines.get(String(path[1])) : undefined;
+    return line === undefined ? { line: 1, col: 1 } : { line, col };
   };
   return { file, at, inString: at };
 }
 
-/** Line and column of each step key of a block-style `steps:` mapping. */
-function scanStepLines(source: string): Map<string, Position> {
-  const found = new Map<string, Position>();
+/**
+ * The line of each step key of a block-style `steps:` mapping, and their
+ * column (they share one indent).
+ */
+function scanStepLines(source: string): { lines: Map<string, number>; col: number } {
+  const found = new Map<string, number>();
   const header = /^steps\s*:\s*(#.*)?$/m.exec(source);
-  if (!header) return found;
+  if (!header) return { lines: found, col: 1 };
   // One line at a time by index, without splitting the whole text into lines.
   const key = /( +)([^\s:#][^:\n]*?)\s*:(?:\s|$)/y;
   let line = source.slice(0, header.index).split("\n").length;
@@ -97,11 +103,16 @@ function scanStepLines(source: string): Map<string, Position> {
       if (match && (end < 0 || match.index + match[0].length <= end + 1)) {
         if (indent < 0) indent = match[1].length;
         if (match[1].length === indent) {
-          found.set(match[2].replace(/^["']|["']$/g, ""), { line, col: indent + 1 });
+          const name = match[2];
+          const quoted = QUOTES.includes(name[0]) || QUOTES.includes(name[name.length - 1]);
+          found.set(quoted ? name.replace(/^["']|["']$/g, "") : name, line);
         }
       }
     }
     start = end + 1;
   }
-  return found;
+  return { lines: found, col: indent + 1 };
 }
+
+/** Quotes a step key may be written in. */
+const QUOTES = `"'`;

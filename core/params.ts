@@ -14,6 +14,7 @@
  * @module
  */
 
+import { mayMention } from "./plan.ts";
 import type { PipelineFile } from "./schema.ts";
 
 /** A parameter's value once checked against its declaration. */
@@ -188,7 +189,15 @@ export function checkReferences(pipeline: PipelineFile): ParamProblem[] {
       });
     }
   };
-  eachString(pipeline.steps, ["steps"], check);
+  const path: Array<string | number> = ["steps"];
+  for (const name of Object.keys(pipeline.steps)) {
+    const step = pipeline.steps[name];
+    // No "${{" anywhere in a step, no reference in it.
+    if (!mayMention(step, "${{")) continue;
+    path.push(name);
+    eachString(step, path, check);
+    path.pop();
+  }
   eachString(pipeline.env, ["env"], check);
   eachString(pipeline.defaults, ["defaults"], check);
   eachString(pipeline.selector, ["selector"], check);

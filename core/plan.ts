@@ -6,7 +6,7 @@
  * @module
  */
 
-import { createHash } from "node:crypto";
+import { hash } from "node:crypto";
 import { resolve } from "node:path";
 import { parseByteSize, parseCpu, parseDuration } from "./duration.ts";
 import {
@@ -94,6 +94,37 @@ export const CONFIG_KEYS = [
 ] as const;
 
 const MATRIX_REFERENCE = /\$\{\{\s*matrix\.([A-Za-z][A-Za-z0-9_-]*)\s*\}\}/g;
+
+/** The place of each config key in {@link CONFIG_KEYS}. */
+const CONFIG_INDEX: ReadonlyMap<string, number> = new Map(CONFIG_KEYS.map((key, i) => [key, i]));
+/** The config keys of a step with `run` alone. */
+const RUN_ONLY: readonly ConfigKey[] = ["run"];
+type ConfigKey = typeof CONFIG_KEYS[number];
+
+/**
+ * The config keys a step has (not undefined), in the order of
+ * {@link CONFIG_KEYS}: found among the step's own keys, which are few,
+ * rather than by asking the step for each of the many config keys.
+ */
+function configKeysOf(step: StepFile): readonly ConfigKey[] {
+  let keys: ConfigKey[] | undefined;
+  let sorted = true;
+  let last = -1;
+  for (const key in step) {
+    const index = CONFIG_INDEX.get(key);
+    if (index === undefined || step[key as ConfigKey] === undefined) continue;
+    if (keys === undefined && key === "run") {
+      keys = RUN_ONLY as ConfigKey[];
+    } else {
+      keys = keys === RUN_ONLY ? ["run"] : keys ?? [];
+      keys.push(key as ConfigKey);
+    }
+    if (index < last) sorted = false;
+    last = index;
+  }
+  if (!sorted) keys!.sort((a, b) => CONFIG_INDEX.get(a)! - CONFIG_INDEX.get(b)!);
+  return keys ?? NO_ITEMS;
+}
 
 /** The backend a step implies by its keys: module→deno, image→docker, host→ssh, run→shell. */
 export function inferBackend(step: StepFile): string | undefined {
@@ -212,17 +243,35 @@ export function instanceId(name: string, leg?: Record<string, Scalar>): string {
   return leg ? `${name}[${legSuffix(leg)}]` : name;
 }
 
-/** The JSON text of each step, written once: the checks that search a step's text share it. */
-const stepTexts = new WeakMap<StepFile, string>();
-
-/** A step as JSON (`JSON.stringify`), computed once per step object. */
+/** A step as JSON (`JSON.stringify`). */
 export function stepJson(step: StepFile): string {
-  let text = stepTexts.get(step);
-  if (text === undefined) {
-    text = JSON.stringify(step);
-    stepTexts.set(step, text);
+  return JSON.stringify(step);
+}
+
+/**
+ * Whether a search of a step's JSON for `text` could find it: some key or
+ * string in it contains it. Meant for text without a quote, backslash or
+ * control character (`${{`, `.values.`): every escape JSON writes starts
+ * with a backslash and every string with a quote, so such text is found in
+ * the JSON only inside one key or string. The checks ask this of every
+ * step, and write a step's JSON only when the answer is yes; anything but
+ * plain data (a value that may have a JSON of its own) answers yes.
+ */
+export function mayMention(value: unknown, text: string): boolean {
+  if (typeof value === "string") return value.includes(text);
+  if (value === null || typeof value !== "object") return false;
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) if (mayMention(value[i], text)) return true;
+    return false;
   }
-  return text;
+  const proto = Object.getPrototypeOf(value);
+  if (proto !== Object.prototype && proto !== null) return true;
+  for (const key of Object.keys(value)) {
+    if (key.includes(text) || mayMention((value as Record<string, unknown>)[key], text)) {
+      return true;
+    }
+  }
+  return false;
 }
 
 /**
@@ -241,6 +290,12 @@ export interface StepEdges {
   dependents: number[][];
 }
 
+/** The legs of a step without a matrix: one, with no matrix values. */
+const NO_LEGS: ReadonlyArray<undefined> = Object.freeze([undefined]);
+
+/** The needs or dependents of a step that has none (frozen: shared by all of them). */
+const NO_LINKS = Object.freeze([]) as unknown as number[];
+
 /** Above this many needs, a step's links are checked for repeats with a set. */
 const FEW_NEEDS = 16;
 
@@ -249,14 +304,16 @@ export function stepEdges(steps: Map<string, StepFile | undefined>): StepEdges {
   const names = [...steps.keys()];
   const index = new Map<string, number>();
   for (let i = 0; i < names.length; i++) index.set(names[i], i);
-  const needs: number[][] = names.map(() => []);
-  const dependents: number[][] = names.map(() => []);
+  // Steps without needs or dependents share one empty list until a link gives them theirs.
+  const needs: number[][] = new Array(names.length).fill(NO_LINKS);
+  const dependents: number[][] = new Array(names.length).fill(NO_LINKS);
   // Sets only for steps with many needs; a short list is searched.
   const many = new Map<number, Set<number>>();
   const link = (fromName: string, to: number) => {
     const from = index.get(fromName);
     if (from === undefined) return;
-    const list = needs[to];
+    let list = needs[to];
+    if (list === NO_LINKS) needs[to] = list = [];
     if (list.length < FEW_NEEDS) {
       if (list.includes(from)) return;
     } else {
@@ -266,7 +323,8 @@ export function stepEdges(steps: Map<string, StepFile | undefined>): StepEdges {
       seen.add(from);
     }
     list.push(from);
-    dependents[from].push(to);
+    if (dependents[from] === NO_LINKS) dependents[from] = [to];
+    else dependents[from].push(to);
   };
   let i = 0;
   for (const step of steps.values()) {
@@ -418,6 +476,9 @@ const NO_ENTRIES = Object.freeze({}) as Record<string, never>;
 export function canonicalJson(value: unknown): string {
   if (value === undefined) return "null";
   if (value === null || typeof value !== "object") return JSON.stringify(value);
+  // The shared empties of planned steps (most steps have several).
+  if (value === NO_ENTRIES) return "{}";
+  if (value === NO_ITEMS) return "[]";
   if (Array.isArray(value)) {
     let out = "[";
     for (let i = 0; i < value.length; i++) out += (i > 0 ? "," : "") + canonicalJson(value[i]);
@@ -439,53 +500,50 @@ function canonicalRecord(record: Record<string, unknown>): string {
 }
 
 /**
- * The fields of a planned step that make its spec (all but `id`, `source`,
- * `specDigest` and a split node's `fanOut`), sorted as {@link canonicalJson}
- * sorts keys.
- */
-const SPEC_FIELDS = ([
-  "name",
-  "matrix",
-  "backend",
-  "needs",
-  "config",
-  "inputs",
-  "outputs",
-  "env",
-  "secrets",
-  "resources",
-  "timeoutMs",
-  "approval",
-  "keepPartial",
-  "queueTimeoutMs",
-  "retry",
-  "when",
-  "handler",
-  "continueOnError",
-  "cache",
-  "concurrency",
-  "selector",
-  "onFailure",
-] as const satisfies ReadonlyArray<keyof PlannedStep>).toSorted();
-
-/**
  * {@link canonicalJson} of a planned step's spec, the text its `specDigest`
- * hashes: the same text, without sorting the step's own keys for every
- * step. `retryJson` is the canonical JSON of its retry policy when known.
+ * hashes: every field but `id`, `source`, `specDigest` and a split node's
+ * `fanOut`, in sorted order, each read by name (a loop over the field names
+ * read each one by a key that changes every time, the slowest kind of
+ * property read, 22 times a step). `retryJson` is the canonical JSON of its
+ * retry policy when known.
  */
 function specJson(step: PlannedStep, retryJson?: string): string {
   let out = "{";
-  for (const key of SPEC_FIELDS) {
-    const item = step[key];
-    if (item === undefined) continue;
-    out += (out.length > 1 ? ',"' : '"') + key + '":' +
-      (key === "retry" && retryJson !== undefined ? retryJson : canonicalJson(item));
-  }
+  const field = (key: string, value: unknown) => {
+    if (value !== undefined) {
+      out += (out.length > 1 ? ',"' : '"') + key + '":' + canonicalJson(value);
+    }
+  };
+  field("approval", step.approval);
+  field("backend", step.backend);
+  field("cache", step.cache);
+  field("concurrency", step.concurrency);
+  field("config", step.config);
+  field("continueOnError", step.continueOnError);
+  field("env", step.env);
+  field("handler", step.handler);
+  field("inputs", step.inputs);
+  field("keepPartial", step.keepPartial);
+  field("matrix", step.matrix);
+  field("name", step.name);
+  field("needs", step.needs);
+  field("onFailure", step.onFailure);
+  field("outputs", step.outputs);
+  field("queueTimeoutMs", step.queueTimeoutMs);
+  field("resources", step.resources);
+  if (retryJson !== undefined && step.retry !== undefined) {
+    out += (out.length > 1 ? ',"' : '"') + 'retry":' + retryJson;
+  } else field("retry", step.retry);
+  field("secrets", step.secrets);
+  field("selector", step.selector);
+  field("timeoutMs", step.timeoutMs);
+  field("when", step.when);
   return out + "}";
 }
 
+/** SHA-256 in hex, in one call (no hash object per step of a large plan). */
 function sha256(data: string | Uint8Array): string {
-  return createHash("sha256").update(data).digest("hex");
+  return hash("sha256", data, "hex");
 }
 
 function stringMap(map: Record<string, Scalar> | undefined): Record<string, string> {
@@ -559,8 +617,11 @@ function orderByNumber(
   pending: number[],
   edges: (visit: (need: number, dependent: number) => void) => void,
 ): string[] {
-  const dependents: number[][] = steps.map(() => []);
-  edges((need, dependent) => dependents[need].push(dependent));
+  const dependents: number[][] = new Array(steps.length).fill(NO_LINKS);
+  edges((need, dependent) => {
+    if (dependents[need] === NO_LINKS) dependents[need] = [dependent];
+    else dependents[need].push(dependent);
+  });
   const heap = new MinHeap<number>((a, b) => a < b);
   for (let i = 0; i < steps.length; i++) if (pending[i] === 0) heap.push(i);
   const order: string[] = [];
@@ -594,19 +655,23 @@ export function planPipeline(
   }
   const { names } = edges;
   // By step number: its legs, its instance ids, and the number of its first instance.
-  const legsOf: Array<Array<Record<string, Scalar> | undefined>> = [];
-  const idsOf: string[][] = [];
+  // A step without legs shares NO_LEGS, and its list of ids (its name) is made when asked for.
+  const legsOf: Array<ReadonlyArray<Record<string, Scalar> | undefined>> = [];
+  const idsOf: Array<string[] | undefined> = [];
   const firstOf: number[] = [];
   let instances = 0;
+  let handlers = false;
   for (let i = 0; i < names.length; i++) {
     const step = steps[i];
-    const legs = step.matrix ? expandMatrix(step.matrix) : [undefined];
+    const legs = step.matrix ? expandMatrix(step.matrix) : NO_LEGS;
     legsOf.push(legs);
-    idsOf.push(step.matrix ? legs.map((leg) => instanceId(names[i], leg)) : [names[i]]);
+    idsOf.push(step.matrix ? legs.map((leg) => instanceId(names[i], leg)) : undefined);
     firstOf.push(instances);
     instances += legs.length;
+    handlers ||= step.handler !== undefined;
   }
-  const idsByName = (name: string): string[] => idsOf[edges.index.get(name)!];
+  const ids = (i: number): string[] => idsOf[i] ??= [names[i]];
+  const idsByName = (name: string): string[] => ids(edges.index.get(name)!);
   const moduleDigests = new Map<string, string | undefined>();
   const moduleDigest = (path: string): string | undefined => {
     if (!moduleDigests.has(path)) {
@@ -628,10 +693,10 @@ export function planPipeline(
   // An exit handler needs every step that is not one: it runs after the DAG.
   const dagIds: string[] = [];
   const dagInstances: number[] = [];
-  for (let i = 0; i < names.length; i++) {
+  for (let i = 0; handlers && i < names.length; i++) {
     if (steps[i].handler !== undefined) continue;
-    for (let leg = 0; leg < idsOf[i].length; leg++) {
-      dagIds.push(idsOf[i][leg]);
+    for (let leg = 0; leg < legsOf[i].length; leg++) {
+      dagIds.push(ids(i)[leg]);
       dagInstances.push(firstOf[i] + leg);
     }
   }
@@ -647,6 +712,18 @@ export function planPipeline(
     onExitCodes: Object.freeze([...defaultRetry.onExitCodes]) as number[],
   });
   const defaultRetryJson = canonicalJson(defaultRetry);
+  // One interpolation for every leg: the leg it fills in, and the unknown keys it met.
+  let currentLeg: Record<string, Scalar> | undefined;
+  let unknownKeys: Set<string> | undefined;
+  const interpolate = (text: string): string =>
+    text.includes("${{")
+      ? text.replace(MATRIX_REFERENCE, (whole, key: string) => {
+        if (currentLeg && Object.hasOwn(currentLeg, key)) return String(currentLeg[key]);
+        (unknownKeys ??= new Set()).add(key);
+        return whole;
+      })
+      : text;
+  const deep = (value: unknown): unknown => mapStrings(value, interpolate);
   for (let i = 0; i < names.length; i++) {
     const name = names[i];
     const step = steps[i];
@@ -663,8 +740,8 @@ export function planPipeline(
       needs = [];
       needed = [];
       for (const need of edges.needs[i]) {
-        for (let leg = 0; leg < idsOf[need].length; leg++) {
-          needs.push(idsOf[need][leg]);
+        for (let leg = 0; leg < legsOf[need].length; leg++) {
+          needs.push(ids(need)[leg]);
           needed.push(firstOf[need] + leg);
         }
       }
@@ -673,7 +750,9 @@ export function planPipeline(
     const backend = step.pipeline !== undefined
       ? PIPELINE_BACKEND
       : step.backend ?? defaults.backend ?? inferBackend(step)!;
-    const outputs = outputNames(step);
+    const outputs = step.outputs === undefined && step.pipeline === undefined
+      ? NO_ITEMS
+      : outputNames(step);
     const timeoutMs = step.timeout ? parseDuration(step.timeout) : defaultTimeoutMs;
     const queueTimeoutMs = step["queue-timeout"]
       ? parseDuration(step["queue-timeout"])
@@ -685,20 +764,13 @@ export function planPipeline(
       ? HANDLER_CONDITIONS[step.handler]
       : `${HANDLER_CONDITIONS[step.handler]} && (${stripBraces(step.when)})`;
     const stepEnv = step.env === undefined ? undefined : stringMap(step.env);
+    const configKeys = configKeysOf(step);
     for (const leg of legsOf[i]) {
       needsOf.push(needed);
-      let unknownKeys: Set<string> | undefined;
-      const interpolate = (text: string): string =>
-        text.includes("${{")
-          ? text.replace(MATRIX_REFERENCE, (whole, key: string) => {
-            if (leg && Object.hasOwn(leg, key)) return String(leg[key]);
-            (unknownKeys ??= new Set()).add(key);
-            return whole;
-          })
-          : text;
-      const deep = (value: unknown): unknown => mapStrings(value, interpolate);
+      currentLeg = leg;
+      unknownKeys = undefined;
       const config: Record<string, unknown> = {};
-      for (const key of CONFIG_KEYS) if (step[key] !== undefined) config[key] = deep(step[key]);
+      for (const key of configKeys) config[key] = deep(step[key]);
       if (step.pipeline !== undefined) {
         Object.assign(config, deep(subPipelineConfig(step)) as Record<string, unknown>);
       }
@@ -793,7 +865,7 @@ export function planPipeline(
     name: pipeline.name,
     file: options.file,
     baseDir: options.baseDir,
-    steps: Object.fromEntries(planned.map((s) => [s.id, s])),
+    steps: byId(planned),
     order: orderOf(planned, needsOf),
     env: stringMap(pipeline.env),
     secrets: Object.fromEntries(
@@ -853,6 +925,13 @@ export function planPipeline(
     };
   }
   return { plan };
+}
+
+/** Planned steps by id, in plan order (a loop: no pair array per step). */
+function byId(planned: PlannedStep[]): Record<string, PlannedStep> {
+  const steps: Record<string, PlannedStep> = {};
+  for (const step of planned) steps[step.id] = step;
+  return steps;
 }
 
 /** A condition without its optional `${{ }}`. */

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { parsePipeline } from "./load.ts";
-import { canonicalJson, expandMatrix, renderPlanText } from "./plan.ts";
+import { canonicalJson, expandMatrix, mayMention, renderPlanText } from "./plan.ts";
 
 const dir = Deno.makeTempDirSync({ prefix: "runnel_plan_test_" });
 
@@ -114,4 +114,24 @@ Deno.test("renderPlanText shows waves, backends and needs", () => {
 Deno.test("helpers", () => {
   assert.equal(canonicalJson({ b: 1, a: [{ d: 1, c: undefined }] }), '{"a":[{"d":1}],"b":1}');
   assert.deepEqual(expandMatrix({ include: [{ x: 1 }] }), [{ x: 1 }]);
+});
+
+Deno.test("mayMention finds what a search of the step's JSON finds", () => {
+  const steps: unknown[] = [
+    { run: "echo ${{ item }}" },
+    { run: "echo", env: { A: "x.values.y" } },
+    { with: { "${{ k }}": 1 } },
+    { args: ["a", "b\n${{ matrix.x }}"] },
+    { run: 'say "hi"\t', needs: ["a"] },
+    { with: { when: new Date(0) } },
+    { with: { n: 1.5, t: true, z: null } },
+  ];
+  for (const step of steps) {
+    for (const text of ["${{", ".values."]) {
+      if (JSON.stringify(step).includes(text)) assert.ok(mayMention(step, text), text);
+    }
+  }
+  assert.equal(mayMention({ run: 'say "hi"\t', needs: ["a"] }, "${{"), false);
+  // A value with a JSON of its own may say anything.
+  assert.equal(mayMention({ with: { when: new Date(0) } }, "${{"), true);
 });

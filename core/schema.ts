@@ -742,7 +742,10 @@ function checkServices(
   steps: Record<string, z.infer<typeof StepSchema>>,
   context: z.RefinementCtx,
 ): void {
-  for (const [name, step] of Object.entries(steps)) {
+  for (const name of Object.keys(steps)) {
+    const step = steps[name];
+    // Most steps have no services: no set of their secrets.
+    if (step.services === undefined) continue;
     const secrets = new Set(step.secrets ?? []);
     (step.services ?? []).forEach((service, index) => {
       if (service.name === name.toLowerCase()) {

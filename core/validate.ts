@@ -20,6 +20,7 @@ import {
   fansIn,
   foreachRef,
   inferBackend,
+  mayMention,
   outputNames,
   planPipeline,
   type StepEdges,
@@ -53,6 +54,10 @@ const REQUIRED_KEYS: Record<string, string[]> = {
   ssh: ["host", "run"],
   kubernetes: ["image"],
 };
+/** The needs of a step that has none. */
+const NO_NEEDS: readonly string[] = Object.freeze([]);
+/** Options of `Positions.at` for a key's own position. */
+const ON_KEY = Object.freeze({ key: true });
 /** The keys dropped of a step that validated. */
 const NONE_DROPPED: ReadonlySet<string> = new Set();
 
@@ -118,8 +123,11 @@ const checkedEdges = new WeakMap<PipelineFile, StepEdges>();
 
 /** The view of a pipeline that passed the schema. */
 export function viewOf(pipeline: PipelineFile): PipelineView {
+  // A loop, not `new Map(Object.entries(…))`: no pair array per step.
+  const steps = new Map<string, StepFile>();
+  for (const name of Object.keys(pipeline.steps)) steps.set(name, pipeline.steps[name]);
   return {
-    steps: new Map(Object.entries(pipeline.steps)),
+    steps,
     secrets: new Set(Object.keys(pipeline.secrets ?? {})),
     secretRefs: pipeline.secrets,
     startNode: pipeline.start_node,
@@ -210,7 +218,10 @@ export function planValidated(
     baseDir: options.baseDir,
     source: options.source,
     readFile: options.readFile,
-    locate: (path) => ({ file: options.file, ...positions.at(path, { key: true }) }),
+    locate: (path) => {
+      const { line, col } = positions.at(path, ON_KEY);
+      return { file: options.file, line, col };
+    },
     edges: options.edges ?? checkedEdges.get(pipeline),
   });
   if ("plan" in planned) {
@@ -317,8 +328,9 @@ export function checkSteps(
   options: CheckOptions,
   reporter: Reporter,
 ): StepEdges {
-  const names = [...view.steps.keys()];
-  const known = new Set(names);
+  // The steps' names, for suggestions; no list or set of them (a file may have 100,000).
+  const names: Iterable<string> = { [Symbol.iterator]: () => view.steps.keys() };
+  const known = view.steps;
   const backends = new Set<string>([...BUILTIN_BACKENDS, ...(options.backends ?? [])]);
   let reportedDefaultBackend = false;
   // Exit handlers constrain the steps around them; without one there is nothing to check.
@@ -410,11 +422,12 @@ export function checkSteps(
       }
     }
     const needs = step.needs === undefined
-      ? []
+      ? NO_NEEDS
       : Array.isArray(step.needs)
       ? step.needs
       : [step.needs];
-    needs.forEach((need, i) => {
+    for (let i = 0; i < needs.length; i++) {
+      const need = needs[i];
       if (!known.has(need)) {
         const path = Array.isArray(step.needs) ? at("needs", i) : at("needs");
         reporter.at("unknown_step", `step "${name}" needs unknown step "${need}"`, path, {
@@ -422,7 +435,7 @@ export function checkSteps(
           hint: didYouMean(need, names),
         });
       }
-    });
+    }
     if (step.next_node !== undefined && !known.has(step.next_node)) {
       reporter.at(
         "unknown_step",
@@ -434,7 +447,7 @@ export function checkSteps(
         },
       );
     }
-    for (const [input, ref] of Object.entries(step.inputs ?? {})) {
+    for (const [input, ref] of step.inputs === undefined ? [] : Object.entries(step.inputs)) {
       const [from, output] = ref.split("/");
       const source = view.steps.get(from);
       if (!known.has(from)) {
@@ -462,8 +475,8 @@ export function checkSteps(
         );
       }
     }
-    if (view.secrets) {
-      (step.secrets ?? []).forEach((secret, i) => {
+    if (view.secrets && step.secrets !== undefined) {
+      step.secrets.forEach((secret, i) => {
         if (!view.secrets!.has(secret)) {
           reporter.at(
             "unknown_secret",
@@ -697,8 +710,7 @@ function checkFanOut(
     );
     return;
   }
-  const text = stepJson(step);
-  if (!foreach && text.includes("${{") && text.match(ITEM_REFERENCE)) {
+  if (!foreach && mayMention(step, "${{") && stepJson(step).match(ITEM_REFERENCE)) {
     reporter.at(
       "unknown_item",
       `step "${name}" reads \${{ item }}, which only a step with foreach: has`,
@@ -973,9 +985,14 @@ function checkMatrix(
  */
 function checkValueRefs(view: PipelineView, edges: StepEdges, reporter: Reporter): void {
   const steps = view.steps;
-  if (![...steps.values()].some((step) => step && stepJson(step).includes(".values."))) {
-    return;
+  let mentioned = false;
+  for (const step of steps.values()) {
+    if (step && mayMention(step, ".values.") && stepJson(step).includes(".values.")) {
+      mentioned = true;
+      break;
+    }
   }
+  if (!mentioned) return;
   const { needs, names, index } = edges;
   const ancestors = (name: string): Set<string> => {
     const seen = new Set<number>();
