@@ -128,6 +128,13 @@ export async function benchCluster(
     const localChainMs = await timeLocal(sequential, dir);
     const overheadMsPerStep = chain.ms / sequentialSteps - spawnMs;
     const localOverheadMsPerStep = localChainMs / sequentialSteps - spawnMs;
+    // Real steps print: each ends with the rest of its log to store beside its result.
+    const printingSteps = Math.max(1, Math.round(sequentialSteps / 4));
+    const printing = sequential.replaceAll('run: "true"', 'run: "echo a line"')
+      .split("\n").slice(0, printingSteps + 2).join("\n") + "\n";
+    const beforePrinting = await etcdCounts(etcd.metrics);
+    const printed = await run(printing);
+    const printingCounts = perStep(await etcdCounts(etcd.metrics), beforePrinting, printingSteps);
 
     printTable(`cluster: ${noopSteps} no-op shell steps, 4 agents × 4 slots, 3-member etcd`, [
       {
@@ -158,6 +165,14 @@ export async function benchCluster(
       {
         what: "cluster, overhead per step",
         ms_per_step: overheadMsPerStep.toFixed(2),
+      },
+      {
+        what: `cluster, ${printingSteps} sequential steps printing a line, total per step`,
+        ms_per_step: (printed.ms / printingSteps).toFixed(2),
+      },
+      {
+        what: "  etcd commits per printing step",
+        ms_per_step: (printingCounts["commits (raft proposals)"] ?? 0).toFixed(2),
       },
       { what: "Windmill (published)", ms_per_step: "34–39" },
       { what: "Temporal (published)", ms_per_step: "40" },
