@@ -641,15 +641,16 @@ async function recordResult(
     await stream.send({ ack: { attemptId, accepted: true, message: "recorded" } });
     return;
   }
-  // Not committed with it: the rest of the log goes first, on its own.
-  if (rest.length > 0) await context.logs.write(rest);
   const written = await context.results.write({
     compare: [
       { key: assignmentKey, target: "create", op: ">", value: 0 },
       { key: resultKey, target: "create", op: "==", value: 0 },
     ],
     put: { type: "put", key: resultKey, value: JSON.stringify(record) },
+    before: rest,
   });
+  // Not recorded (a repeat, or stale): the rest of its log is kept all the same.
+  if (!written && rest.length > 0) await context.logs.write(rest);
   if (written) {
     await stream.send({ ack: { attemptId, accepted: true, message: "recorded" } });
     return;
@@ -674,9 +675,14 @@ async function recordResult(
 interface ResultWrite {
   compare: Compare[];
   put: TxnOp & { type: "put" };
+  /** Writes that land with it, first (the rest of its attempt's log). */
+  before?: TxnOp[];
 }
 
-/** Results per transaction: two compares each, under etcd's default `--max-txn-ops` of 128. */
+/**
+ * Results per transaction: two compares each (and at most two puts: the
+ * result, and the rest of its log), under etcd's default `--max-txn-ops` of 128.
+ */
 const RESULTS_PER_TXN = 50;
 
 /** Bytes of results per transaction, well under etcd's 1.5 MiB request limit. */
@@ -719,17 +725,20 @@ class ResultWriter {
         // A key twice in one txn is refused by etcd: a repeat waits for the next batch.
         const keys = new Set<string>();
         for (; count < this.#queue.length && count < RESULTS_PER_TXN; count++) {
-          const put = this.#queue[count].write.put;
+          const { put, before = [] } = this.#queue[count].write;
           if (keys.has(put.key)) break;
-          if (count > 0 && bytes + put.value.length > RESULT_TXN_BYTES) break;
+          const size = before.reduce((sum, op) =>
+            sum + (op.type === "put" ? op.value.length : 0), 0) +
+            put.value.length;
+          if (count > 0 && bytes + size > RESULT_TXN_BYTES) break;
           keys.add(put.key);
-          bytes += put.value.length;
+          bytes += size;
         }
         const batch = this.#queue.splice(0, count);
         try {
           const together = await this.#store.txn({
             compare: batch.flatMap((entry) => entry.write.compare),
-            success: batch.map((entry) => entry.write.put),
+            success: batch.flatMap((entry) => writesOf(entry.write)),
           });
           if (together.succeeded || batch.length === 1) {
             for (const entry of batch) entry.done(together.succeeded);
@@ -738,7 +747,7 @@ class ResultWriter {
           for (const entry of batch) {
             const alone = await this.#store.txn({
               compare: entry.write.compare,
-              success: [entry.write.put],
+              success: writesOf(entry.write),
             });
             entry.done(alone.succeeded);
           }
@@ -750,6 +759,11 @@ class ResultWriter {
       this.#writing = false;
     }
   }
+}
+
+/** The ops of a result's write: what goes before it, then its put. */
+function writesOf(write: ResultWrite): TxnOp[] {
+  return write.before?.length ? [...write.before, write.put] : [write.put];
 }
 
 /**
