@@ -112,6 +112,8 @@ export async function benchCluster(
     const local = await timeLocal(noop, dir);
     const stepsPerSecond = noopSteps / (cluster.ms / 1000);
     const localStepsPerSecond = noopSteps / (local / 1000);
+    // What the machine allows at all: bare spawns of what the shell backend runs.
+    const rawRate = await rawSpawnRate(Math.min(noopSteps, 500), 16);
 
     // 2. Windmill's protocol: sequential lightweight steps.
     const sequential = `name: sequential\nsteps:\n${
@@ -126,6 +128,13 @@ export async function benchCluster(
     const localChainMs = await timeLocal(sequential, dir);
     const overheadMsPerStep = chain.ms / sequentialSteps - spawnMs;
     const localOverheadMsPerStep = localChainMs / sequentialSteps - spawnMs;
+    // Real steps print: each ends with the rest of its log to store beside its result.
+    const printingSteps = Math.max(1, Math.round(sequentialSteps / 4));
+    const printing = sequential.replaceAll('run: "true"', 'run: "echo a line"')
+      .split("\n").slice(0, printingSteps + 2).join("\n") + "\n";
+    const beforePrinting = await etcdCounts(etcd.metrics);
+    const printed = await run(printing);
+    const printingCounts = perStep(await etcdCounts(etcd.metrics), beforePrinting, printingSteps);
 
     printTable(`cluster: ${noopSteps} no-op shell steps, 4 agents × 4 slots, 3-member etcd`, [
       {
@@ -140,6 +149,12 @@ export async function benchCluster(
         steps_per_s: stepsPerSecond.toFixed(0),
         ratio: (stepsPerSecond / localStepsPerSecond).toFixed(2),
       },
+      {
+        what: `bare \`setsid sh -e -c true\`, 16 in flight (ceiling)`,
+        total_ms: rawRate.ms.toFixed(0),
+        steps_per_s: rawRate.perSecond.toFixed(0),
+        ratio: (rawRate.perSecond / localStepsPerSecond).toFixed(2),
+      },
     ]);
     console.log(`target ≥ 400 steps/s: ${stepsPerSecond >= 400 ? "met" : "NOT met"}`);
     printCounts("cluster: etcd per step, 1,000 no-op steps", noopCounts);
@@ -150,6 +165,14 @@ export async function benchCluster(
       {
         what: "cluster, overhead per step",
         ms_per_step: overheadMsPerStep.toFixed(2),
+      },
+      {
+        what: `cluster, ${printingSteps} sequential steps printing a line, total per step`,
+        ms_per_step: (printed.ms / printingSteps).toFixed(2),
+      },
+      {
+        what: "  etcd commits per printing step",
+        ms_per_step: (printingCounts["commits (raft proposals)"] ?? 0).toFixed(2),
       },
       { what: "Windmill (published)", ms_per_step: "34–39" },
       { what: "Temporal (published)", ms_per_step: "40" },
@@ -260,6 +283,26 @@ async function rawSpawnMs(count: number): Promise<number> {
     samples.push(performance.now() - started);
   }
   return median(samples);
+}
+
+/** Spawns per second of the shell backend's bare command, `concurrency` at a time. */
+async function rawSpawnRate(
+  count: number,
+  concurrency: number,
+): Promise<{ ms: number; perSecond: number }> {
+  let next = 0;
+  const started = performance.now();
+  await Promise.all(Array.from({ length: concurrency }, async () => {
+    while (next++ < count) {
+      await new Deno.Command("setsid", {
+        args: ["sh", "-e", "-c", "true"],
+        stdout: "null",
+        stderr: "null",
+      }).output();
+    }
+  }));
+  const ms = performance.now() - started;
+  return { ms, perSecond: count / (ms / 1000) };
 }
 
 async function timeLocal(source: string, dir: string): Promise<number> {

@@ -41,6 +41,8 @@ import {
   type ICompare,
   type IDuplexStream,
   type IKeyValue,
+  type ILeaseKeepAliveRequest,
+  type ILeaseKeepAliveResponse,
   type IOptions,
   type IRequestOp,
   type IResponseHeader,
@@ -395,6 +397,112 @@ class ResponseQueue {
   }
 }
 
+/**
+ * A member's keep-alive stream, shared by every lease a store keeps alive
+ * there: etcd answers the requests of one stream in order, each naming its
+ * lease. Opened at the first keep-alive, and again after it breaks (every
+ * keep-alive waiting on it then fails, and the store's call moves on to the
+ * next member); one that goes unanswered past its deadline breaks it too,
+ * so a silent member does not hold later keep-alives. A stream per renewal
+ * cost a stream's setup and teardown on both sides for every heartbeat.
+ */
+class KeepAliveStream {
+  readonly #client: Etcd3;
+  #stream: Promise<IDuplexStream<ILeaseKeepAliveRequest, ILeaseKeepAliveResponse>> | undefined;
+  /** Lease id (etcd's decimal) → the keep-alives waiting for etcd's answer, in order. */
+  readonly #waiting = new Map<string, KeepAliveWaiter[]>();
+  #closed = false;
+
+  constructor(client: Etcd3) {
+    this.#client = client;
+  }
+
+  async keepAlive(etcdId: string, deadline: number): Promise<number> {
+    if (this.#closed) throw new StoreClosedError();
+    const opening = this.#open();
+    const stream = await opening;
+    if (this.#stream !== opening) throw new Error("UNAVAILABLE: the keep-alive stream ended");
+    const key = BigInt(etcdId).toString();
+    return await new Promise<number>((resolve, reject) => {
+      const waiter: KeepAliveWaiter = {
+        resolve: (ttl) => {
+          clearTimeout(timer);
+          resolve(ttl);
+        },
+        reject: (error) => {
+          clearTimeout(timer);
+          reject(error);
+        },
+      };
+      const timer = setTimeout(() => {
+        const error = new Error("DEADLINE_EXCEEDED: no keep-alive answer from etcd");
+        this.#break(opening, error);
+        // Still waiting (its stream was already replaced): it fails alone.
+        const list = this.#waiting.get(key);
+        const at = list?.indexOf(waiter) ?? -1;
+        if (at >= 0) {
+          list!.splice(at, 1);
+          if (list!.length === 0) this.#waiting.delete(key);
+          waiter.reject(error);
+        }
+      }, Math.max(0, deadline - Date.now()));
+      const list = this.#waiting.get(key);
+      if (list) list.push(waiter);
+      else this.#waiting.set(key, [waiter]);
+      stream.write({ ID: etcdId });
+    });
+  }
+
+  close(): void {
+    this.#closed = true;
+    if (this.#stream) this.#break(this.#stream, new StoreClosedError());
+  }
+
+  #open(): Promise<IDuplexStream<ILeaseKeepAliveRequest, ILeaseKeepAliveResponse>> {
+    if (this.#stream) return this.#stream;
+    const opening = this.#client.leaseClient.leaseKeepAlive().then((stream) => {
+      stream.on("data", (response: ILeaseKeepAliveResponse) => {
+        const key = BigInt(response.ID).toString();
+        const list = this.#waiting.get(key);
+        const waiter = list?.shift();
+        if (list?.length === 0) this.#waiting.delete(key);
+        waiter?.resolve(Number(response.TTL));
+      });
+      stream.on("error", (error: unknown) => this.#break(opening, error));
+      stream.on("end", () => {
+        this.#break(opening, new Error("UNAVAILABLE: the keep-alive stream ended"));
+      });
+      if (this.#closed || this.#stream !== opening) closeStream(stream);
+      return stream;
+    });
+    this.#stream = opening;
+    // Opening failed: the keep-alive that asked fails with it, the next opens anew.
+    opening.catch(() => {
+      if (this.#stream === opening) this.#stream = undefined;
+    });
+    return opening;
+  }
+
+  /** The stream `which` is done: every keep-alive waiting on it fails with `error`. */
+  #break(
+    which: Promise<IDuplexStream<ILeaseKeepAliveRequest, ILeaseKeepAliveResponse>>,
+    error: unknown,
+  ): void {
+    if (this.#stream !== which) return;
+    this.#stream = undefined;
+    which.then(closeStream, () => {});
+    const waiters = [...this.#waiting.values()].flat();
+    this.#waiting.clear();
+    for (const waiter of waiters) waiter.reject(error);
+  }
+}
+
+/** A keep-alive waiting for etcd's answer on a {@link KeepAliveStream}. */
+interface KeepAliveWaiter {
+  resolve(ttl: number): void;
+  reject(error: unknown): void;
+}
+
 class EtcdEngine implements EtcdStore {
   readonly namespace: string;
   readonly endpoints: readonly string[];
@@ -408,6 +516,8 @@ class EtcdEngine implements EtcdStore {
   readonly #held = new Map<string, number>();
   #reapTimer: ReturnType<typeof setTimeout> | undefined;
   readonly #watchStops = new Set<() => void>();
+  /** Each member's keep-alive stream, shared by every lease (opened at the first keep-alive). */
+  readonly #keepAlives: (KeepAliveStream | undefined)[] = [];
 
   constructor(options: EtcdStoreOptions, credentials: IOptions["credentials"]) {
     this.namespace = options.namespace ?? "";
@@ -728,6 +838,7 @@ class EtcdEngine implements EtcdStore {
       clearTimeout(this.#reapTimer);
       for (const stop of this.#watchStops) stop();
       this.#watchStops.clear();
+      for (const stream of this.#keepAlives) stream?.close();
       for (const client of this.#clients) client.close();
     }
     return Promise.resolve();
@@ -851,32 +962,15 @@ class EtcdEngine implements EtcdStore {
     }
   }
 
-  /** One keep-alive on its own short stream; the TTL etcd answers (≤ 0: no such lease). */
-  async #keepAliveOnce(client: Etcd3, etcdId: string, deadline: number): Promise<number> {
-    const stream = await client.leaseClient.leaseKeepAlive();
-    try {
-      return await new Promise<number>((resolve, reject) => {
-        const timer = setTimeout(
-          () => reject(new Error(`DEADLINE_EXCEEDED: no keep-alive answer from etcd`)),
-          Math.max(0, deadline - Date.now()),
-        );
-        stream.on("data", (response) => {
-          clearTimeout(timer);
-          resolve(Number(response.TTL));
-        });
-        stream.on("error", (error) => {
-          clearTimeout(timer);
-          reject(error);
-        });
-        stream.on("end", () => {
-          clearTimeout(timer);
-          reject(new Error("UNAVAILABLE: the keep-alive stream ended"));
-        });
-        stream.write({ ID: etcdId });
-      });
-    } finally {
-      closeStream(stream);
-    }
+  /**
+   * One keep-alive on the member's shared keep-alive stream; the TTL etcd
+   * answers (≤ 0: no such lease).
+   */
+  #keepAliveOnce(client: Etcd3, etcdId: string, deadline: number): Promise<number> {
+    const index = this.#clients.indexOf(client);
+    let stream = this.#keepAlives[index];
+    if (!stream) stream = this.#keepAlives[index] = new KeepAliveStream(client);
+    return stream.keepAlive(etcdId, deadline);
   }
 
   // --- leases this store keeps alive ---

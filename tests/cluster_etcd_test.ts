@@ -114,6 +114,7 @@ function chain(length: number): string {
     backend: shell${input}
     run: |
       sleep 0.3
+      echo step ${i}
       echo ${i} > "$RUNNEL_OUTPUT_OUT_TXT"
     outputs: [out.txt]`;
   });
@@ -202,6 +203,13 @@ Deno.test({
       }, { what: "the run to finish after the failover", timeoutMs: 60_000 });
       assert.equal(done.run.status, "succeeded");
       assertOneResultEach(done.steps, 8);
+      // The log of a step done before the kill is stored with its result, whichever
+      // server recorded it (one that was streaming at the kill may lose its tail).
+      let text = "";
+      for await (const { event, data } of survivorClient.logs(runId)) {
+        if (event === "log") text += (data as { text: string }).text;
+      }
+      for (const i of [0, 1, 2]) assert.match(text, new RegExp(`^step ${i}$`, "m"));
       // Failover: from the kill to the next step scheduled.
       const next = Object.values(done.steps)
         .map((step) => step.attempts[0].scheduledAt)

@@ -16,7 +16,12 @@ import {
   openEtcdStore,
   StoreUnavailableError,
 } from "../consensus/etcd.ts";
-import { CompactedError, type Store, type WatchEvent } from "../consensus/store.ts";
+import {
+  CompactedError,
+  LeaseNotFoundError,
+  type Store,
+  type WatchEvent,
+} from "../consensus/store.ts";
 import { type EtcdCluster, ignoreWithoutEtcd, startEtcdCluster } from "./_etcd.ts";
 import { poll } from "./_helpers.ts";
 
@@ -474,5 +479,45 @@ Deno.test({
       }),
       StoreUnavailableError,
     );
+  },
+});
+
+/** Keep-alive streams a member has seen opened (etcd's own gRPC metrics). */
+async function keepAliveStreams(cluster: EtcdCluster, member: number): Promise<number> {
+  const text = await (await fetch(`${cluster.metrics[member]}/metrics`)).text();
+  const line = text.split("\n").find((line) =>
+    line.startsWith("grpc_server_started_total{") && line.includes('grpc_method="LeaseKeepAlive"')
+  );
+  return line ? Number(line.slice(line.lastIndexOf(" ") + 1)) : 0;
+}
+
+Deno.test({
+  ...etcdTest,
+  name: "etcd: keep-alives of every lease share one stream per member, and move on when it dies",
+  async fn() {
+    await using cluster = await startEtcdCluster({ members: 3 });
+    // A follower first: what dies is the stream's member, not the raft leader.
+    const first = ((await cluster.leader()) + 1) % 3;
+    const next = (first + 1) % 3;
+    const store = await openEtcdStore({
+      endpoints: startingAt(first).map((member) => cluster.endpoints[member]),
+    });
+    try {
+      const leases = await Promise.all([1, 2, 3, 4].map(() => store.grantLease(3_000)));
+      const before = await keepAliveStreams(cluster, first);
+      for (let round = 0; round < 5; round++) {
+        await Promise.all(leases.map((lease) => store.keepAlive(lease.id)));
+      }
+      assert.equal(await keepAliveStreams(cluster, first) - before, 1, "20 renewals, one stream");
+      const atNext = await keepAliveStreams(cluster, next);
+      await cluster.kill(first);
+      // The stream breaks with its member: renewals go on at the next one.
+      for (const lease of leases) await store.keepAlive(lease.id);
+      assert.equal(await keepAliveStreams(cluster, next) - atNext, 1);
+      await store.revokeLease(leases[0].id);
+      await assert.rejects(store.keepAlive(leases[0].id), LeaseNotFoundError);
+    } finally {
+      await store.close();
+    }
   },
 });

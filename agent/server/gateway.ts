@@ -82,6 +82,15 @@ const LEASE_ROLL_MS = 24 * 60 * 60 * 1000;
 /** Largest log batch written as one key (etcd's request limit is 1.5 MiB). */
 const LOG_BATCH_CHARS = 64 * 1024;
 
+/**
+ * Most log characters that go in a result's commit (more are flushed on
+ * their own): a commit of many results stays far below etcd's request limit.
+ */
+const MERGED_LOG_CHARS = 4 * 1024;
+
+/** The log lease must live this much longer for a rest of log to wait in a result's commit. */
+const MERGED_LEASE_MARGIN_MS = 60_000;
+
 /** Options of {@link createGateway}. */
 export interface GatewayOptions {
   serverId: string;
@@ -160,7 +169,7 @@ export function createGateway(options: GatewayOptions): Gateway {
 async function serveAgent(
   options: GatewayOptions,
   stream: AgentConnection,
-  logLease: () => Promise<string>,
+  logLease: LogLease,
   presence: Presence,
   results: ResultWriter,
 ): Promise<void> {
@@ -612,9 +621,11 @@ async function recordResult(
       message: `Its values were refused: ${badValues}`,
     };
   }
-  // Logs first: a reader who sees the result sees the whole log.
+  // Logs first: a reader who sees the result sees the whole log. The rest
+  // of it goes in the result's own commit where it can (one etcd round trip
+  // instead of two for a step that printed anything).
   context.logs.end(attemptId);
-  await context.logs.flush();
+  const rest = await context.logs.takeRest(attemptId);
   const [runId, stepId] = splitAttemptId(attemptId);
   const record: ResultRecord = {
     runId,
@@ -626,7 +637,7 @@ async function recordResult(
   };
   // On the scheduling server, the scheduler commits it with the step's end.
   const sink = context.options.resultSink?.();
-  if (sink && await sink.offer(record).catch(() => false)) {
+  if (sink && await sink.offer(record, rest).catch(() => false)) {
     await stream.send({ ack: { attemptId, accepted: true, message: "recorded" } });
     return;
   }
@@ -636,7 +647,10 @@ async function recordResult(
       { key: resultKey, target: "create", op: "==", value: 0 },
     ],
     put: { type: "put", key: resultKey, value: JSON.stringify(record) },
+    before: rest,
   });
+  // Not recorded (a repeat, or stale): the rest of its log is kept all the same.
+  if (!written && rest.length > 0) await context.logs.write(rest);
   if (written) {
     await stream.send({ ack: { attemptId, accepted: true, message: "recorded" } });
     return;
@@ -661,9 +675,14 @@ async function recordResult(
 interface ResultWrite {
   compare: Compare[];
   put: TxnOp & { type: "put" };
+  /** Writes that land with it, first (the rest of its attempt's log). */
+  before?: TxnOp[];
 }
 
-/** Results per transaction: two compares each, under etcd's default `--max-txn-ops` of 128. */
+/**
+ * Results per transaction: two compares each (and at most two puts: the
+ * result, and the rest of its log), under etcd's default `--max-txn-ops` of 128.
+ */
 const RESULTS_PER_TXN = 50;
 
 /** Bytes of results per transaction, well under etcd's 1.5 MiB request limit. */
@@ -706,17 +725,20 @@ class ResultWriter {
         // A key twice in one txn is refused by etcd: a repeat waits for the next batch.
         const keys = new Set<string>();
         for (; count < this.#queue.length && count < RESULTS_PER_TXN; count++) {
-          const put = this.#queue[count].write.put;
+          const { put, before = [] } = this.#queue[count].write;
           if (keys.has(put.key)) break;
-          if (count > 0 && bytes + put.value.length > RESULT_TXN_BYTES) break;
+          const size = before.reduce((sum, op) =>
+            sum + (op.type === "put" ? op.value.length : 0), 0) +
+            put.value.length;
+          if (count > 0 && bytes + size > RESULT_TXN_BYTES) break;
           keys.add(put.key);
-          bytes += put.value.length;
+          bytes += size;
         }
         const batch = this.#queue.splice(0, count);
         try {
           const together = await this.#store.txn({
             compare: batch.flatMap((entry) => entry.write.compare),
-            success: batch.map((entry) => entry.write.put),
+            success: batch.flatMap((entry) => writesOf(entry.write)),
           });
           if (together.succeeded || batch.length === 1) {
             for (const entry of batch) entry.done(together.succeeded);
@@ -725,7 +747,7 @@ class ResultWriter {
           for (const entry of batch) {
             const alone = await this.#store.txn({
               compare: entry.write.compare,
-              success: [entry.write.put],
+              success: writesOf(entry.write),
             });
             entry.done(alone.succeeded);
           }
@@ -737,6 +759,11 @@ class ResultWriter {
       this.#writing = false;
     }
   }
+}
+
+/** The ops of a result's write: what goes before it, then its put. */
+function writesOf(write: ResultWrite): TxnOp[] {
+  return write.before?.length ? [...write.before, write.put] : [write.put];
 }
 
 /**
@@ -913,12 +940,12 @@ class LogBuffer {
   #flushing: Promise<void> = Promise.resolve();
   #counter = 0;
 
-  readonly #lease: () => Promise<string>;
+  readonly #lease: LogLease;
 
   constructor(
     store: Store,
     log: (fields: Record<string, unknown>) => void,
-    lease: () => Promise<string>,
+    lease: LogLease,
   ) {
     this.#store = store;
     this.#log = log;
@@ -978,35 +1005,78 @@ class LogBuffer {
     if (batches.length === 0) return this.#flushing;
     const chars = batches.reduce((sum, [, text]) => sum + text.length, 0);
     this.#flushing = this.#flushing.then(async () => {
-      const ops: TxnOp[] = [];
-      const lease = await this.#lease().catch(() => undefined);
-      for (const [attemptId, text] of batches) {
-        const [runId, stepId, attempt] = splitAttemptId(attemptId);
-        // Time-ordered and unique across reconnects and servers.
-        const seq = Date.now() * 1000 + (this.#counter++ % 1000);
-        for (let at = 0; at < text.length; at += LOG_BATCH_CHARS) {
-          ops.push({
-            type: "put",
-            key: clusterKeys.logBatch(runId, stepId, attempt, seq + at / LOG_BATCH_CHARS),
-            value: text.slice(at, at + LOG_BATCH_CHARS),
-            ...(lease ? { lease } : {}),
-          });
-        }
-      }
+      const lease = await this.#lease.id().catch(() => undefined);
       try {
-        await this.#store.txn({ compare: [], success: ops });
-      } catch (error) {
-        this.#log({ level: "warn", msg: "log batch lost", error: String(error) });
+        await this.write(this.#opsOf(batches, lease));
       } finally {
-        this.#pending -= chars;
-        if (this.#pending < LOG_HIGH_WATER_CHARS) {
-          const waiters = this.#roomWaiters;
-          this.#roomWaiters = [];
-          for (const wake of waiters) wake();
-        }
+        this.#written(chars);
       }
     });
     return this.#flushing;
+  }
+
+  /**
+   * The writes of the rest of an attempt's log, taken out of the buffer to
+   * go in its result's commit (a result never lands before its log: the
+   * batches of earlier flushes land first). A long rest is flushed on its
+   * own as before, and so is one whose lease might end before the commit.
+   */
+  async takeRest(attemptId: string): Promise<TxnOp[]> {
+    const text = this.#buffers.get(attemptId);
+    if (text === undefined) {
+      await this.#flushing;
+      return [];
+    }
+    const lease = text.length <= MERGED_LOG_CHARS
+      ? await this.#lease.freshFor(MERGED_LEASE_MARGIN_MS)
+      : undefined;
+    // Taken after the wait: log messages meanwhile are in the text now.
+    const rest = this.#buffers.get(attemptId);
+    if (lease === undefined || rest === undefined || rest.length > MERGED_LOG_CHARS) {
+      await this.flush();
+      return [];
+    }
+    this.#buffers.delete(attemptId);
+    await this.#flushing;
+    this.#written(rest.length);
+    return this.#opsOf([[attemptId, rest]], lease);
+  }
+
+  /** Writes log batches in a commit of their own. */
+  async write(ops: TxnOp[]): Promise<void> {
+    try {
+      await this.#store.txn({ compare: [], success: ops });
+    } catch (error) {
+      this.#log({ level: "warn", msg: "log batch lost", error: String(error) });
+    }
+  }
+
+  #opsOf(batches: [string, string][], lease: string | undefined): TxnOp[] {
+    const ops: TxnOp[] = [];
+    for (const [attemptId, text] of batches) {
+      const [runId, stepId, attempt] = splitAttemptId(attemptId);
+      // Time-ordered and unique across reconnects and servers.
+      const seq = Date.now() * 1000 + (this.#counter++ % 1000);
+      for (let at = 0; at < text.length; at += LOG_BATCH_CHARS) {
+        ops.push({
+          type: "put",
+          key: clusterKeys.logBatch(runId, stepId, attempt, seq + at / LOG_BATCH_CHARS),
+          value: text.slice(at, at + LOG_BATCH_CHARS),
+          ...(lease ? { lease } : {}),
+        });
+      }
+    }
+    return ops;
+  }
+
+  /** `chars` of log are written (or taken to be): writers held back may go on. */
+  #written(chars: number): void {
+    this.#pending -= chars;
+    if (this.#pending < LOG_HIGH_WATER_CHARS) {
+      const waiters = this.#roomWaiters;
+      this.#roomWaiters = [];
+      for (const wake of waiters) wake();
+    }
   }
 
   async close(): Promise<void> {
@@ -1019,20 +1089,34 @@ class LogBuffer {
  * retention period, so a log stays between retention − 1 day and
  * retention, and etcd deletes a day's logs at once when its lease ends.
  */
-function rollingLease(store: Store, retentionMs: number): () => Promise<string> {
+function rollingLease(store: Store, retentionMs: number): LogLease {
   const rollMs = Math.min(LEASE_ROLL_MS, retentionMs);
-  let current: { id: Promise<string>; until: number } | undefined;
-  return () => {
+  let current: { id: Promise<string>; until: number; ends: number } | undefined;
+  const id = () => {
     const now = Date.now();
     if (!current || now >= current.until) {
       const id = store.grantLease(retentionMs).then((lease) => lease.id);
-      current = { id, until: now + rollMs };
+      current = { id, until: now + rollMs, ends: now + retentionMs };
       id.catch(() => {
         current = undefined;
       });
     }
     return current.id;
   };
+  return {
+    id,
+    async freshFor(ms) {
+      const lease = await id().catch(() => undefined);
+      return lease !== undefined && current && current.ends - Date.now() >= ms ? lease : undefined;
+    },
+  };
+}
+
+/** The lease log batches are written under (see {@link rollingLease}). */
+interface LogLease {
+  id(): Promise<string>;
+  /** The lease, if it lives at least `ms` more (else undefined). */
+  freshFor(ms: number): Promise<string | undefined>;
 }
 
 /** `run/step/3` → `[run, step, 3]` (run ids never hold `/`; the step is the middle). */

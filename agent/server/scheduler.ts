@@ -107,13 +107,18 @@ export interface SchedulerOptions {
  * agent may be acknowledged), false when the attempt is not the agent's in
  * the scheduler's view or the commit failed: the gateway then takes the
  * ordinary path through the store, which answers every other case.
+ * `before` are writes that must land no later than the result (the tail of
+ * the attempt's log): they go first in the same commit.
  */
 export interface ResultSink {
-  offer(record: ResultRecord): Promise<boolean>;
+  offer(record: ResultRecord, before?: TxnOp[]): Promise<boolean>;
 }
 
-/** A result to apply; `settle` when it was offered directly (not read from the store). */
-type ReportedResult = ResultRecord & { settle?: (ok: boolean) => void };
+/**
+ * A result to apply; `settle` when it was offered directly (not read from
+ * the store), with the writes that go with it.
+ */
+type ReportedResult = ResultRecord & { settle?: (ok: boolean) => void; before?: TxnOp[] };
 
 /** How often the scheduler reads the worker keys again (see `Scheduler.run`). */
 const WORKER_RESYNC_MS = 1_000;
@@ -130,6 +135,17 @@ class Staging {
   readonly ops = new Map<string, TxnOp[]>();
   readonly touched = new Map<string, RunDriver>();
   readonly later: Array<[RunDriver, Effect]> = [];
+  /** Run id → ops written ahead of its state (an offered result's log tail). */
+  readonly early = new Map<string, TxnOp[]>();
+
+  /** Ops written first in the run's group, before its state. */
+  addEarly(runId: string, ops: TxnOp[]): void {
+    if (ops.length === 0) return;
+    this.add(runId, []);
+    const list = this.early.get(runId);
+    if (list) list.push(...ops);
+    else this.early.set(runId, [...ops]);
+  }
 
   add(runId: string, ops: TxnOp[]): void {
     const list = this.ops.get(runId);
@@ -258,7 +274,7 @@ class Scheduler {
     });
     try {
       const revision = await this.#load();
-      this.#options.onResultSink?.({ offer: (record) => this.#offer(record) });
+      this.#options.onResultSink?.({ offer: (record, before) => this.#offer(record, before) });
       const watches = [
         clusterKeys.workerPrefix,
         clusterKeys.runPrefix,
@@ -284,13 +300,13 @@ class Scheduler {
   }
 
   /** A result reported on this server: see {@link ResultSink}. */
-  #offer(record: ResultRecord): Promise<boolean> {
+  #offer(record: ResultRecord, before?: TxnOp[]): Promise<boolean> {
     const where = this.#assigned.get(record.attemptId);
     if (this.#options.signal.aborted || where?.agentId !== record.agentId) {
       return Promise.resolve(false);
     }
     return new Promise((settle) => {
-      this.#results.push({ ...record, settle });
+      this.#results.push({ ...record, settle, ...(before?.length ? { before } : {}) });
       if (this.#resultsQueued) return;
       this.#resultsQueued = true;
       this.#enqueue(() => this.#applyResults());
@@ -589,6 +605,7 @@ class Scheduler {
       // The same result by two paths (offered here, and in the store after a
       // resend elsewhere): applied once, and a key twice in a txn is refused.
       if (applied.has(reported.attemptId)) {
+        if (reported.before) staging.addEarly(reported.runId, reported.before);
         settle?.(true);
         // Its key in the store goes, whichever path was applied.
         if (!settle && !deleted.has(reported.attemptId)) {
@@ -605,6 +622,7 @@ class Scheduler {
       }
       applied.add(reported.attemptId);
       if (settle) offered.push(settle);
+      if (reported.before) staging.addEarly(reported.runId, reported.before);
       const cleanup = this.#cleanupOps(reported.agentId, reported.attemptId);
       // An offered result was never written: only one read from the store is deleted.
       if (!settle) {
@@ -1172,6 +1190,7 @@ class Scheduler {
       const driver = staging.touched.get(runId);
       const persist = driver ? this.#persistOps(driver) : [];
       groups.push([
+        ...staging.early.get(runId) ?? [],
         ...persist,
         ...ops.filter((op) => op.type === "put"),
         ...ops.filter((op) => op.type !== "put"),

@@ -16,7 +16,7 @@ import {
   submitRun,
   waitForClusterRun,
 } from "./runs.ts";
-import { DeposedError, runScheduler, type SchedulerEvent } from "./scheduler.ts";
+import { DeposedError, type ResultSink, runScheduler, type SchedulerEvent } from "./scheduler.ts";
 
 const PIPELINE = `name: cluster-demo
 steps:
@@ -338,5 +338,68 @@ steps:
   } finally {
     stop.abort();
     await store.close();
+  }
+});
+
+Deno.test("scheduler: an offered result, the writes that go before it and the next step's assignment are one commit", async () => {
+  const store = openMemoryStore();
+  const stop = new AbortController();
+  let txns = 0;
+  const counting = new Proxy(store, {
+    get(target, property) {
+      if (property === "txn") {
+        return (...args: Parameters<Store["txn"]>) => {
+          txns++;
+          return target.txn(...args);
+        };
+      }
+      const value = Reflect.get(target, property, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  let sink: ResultSink | undefined;
+  try {
+    await store.put(clusterKeys.worker("w"), JSON.stringify(worker("w", { cloud: "gcp" })));
+    const scheduler = runScheduler({
+      store: counting,
+      fence: [],
+      signal: stop.signal,
+      onResultSink: (given) => sink = given,
+    });
+    const plan = parsePipeline(PIPELINE, { file: "cluster.yaml", baseDir: "/tmp" });
+    const run = await submitRun(store, plan);
+    const seen = new Set<string>();
+    const first = await nextAssignment(store, seen);
+    const logKey = clusterKeys.logBatch(run.runId, "a", 1, 1);
+    const before = txns;
+    const committed = await sink!.offer({
+      runId: first.runId,
+      stepId: first.stepId,
+      attemptId: first.attemptId,
+      agentId: first.agentId,
+      result: OK_A,
+      at: Date.now(),
+    }, [{ type: "put", key: logKey, value: "a\n" }]);
+    assert.equal(committed, true);
+    assert.equal(txns - before, 1, "the result, its log's rest and the next assignment: one txn");
+    assert.equal((await store.get(logKey))?.value, "a\n");
+    const second = await nextAssignment(store, seen);
+    assert.equal(second.stepId, "b");
+    // An offer of an attempt that is not the agent's is refused, its writes with it.
+    const stale = await sink!.offer({
+      runId: first.runId,
+      stepId: first.stepId,
+      attemptId: first.attemptId,
+      agentId: "someone-else",
+      result: OK_A,
+      at: Date.now(),
+    }, [{ type: "put", key: `${logKey}-stale`, value: "x" }]);
+    assert.equal(stale, false);
+    assert.equal(await store.get(`${logKey}-stale`), undefined);
+    stop.abort();
+    await scheduler;
+  } finally {
+    stop.abort();
+    store.close();
   }
 });

@@ -199,6 +199,8 @@ class Agent implements RunningAgent {
   readonly #sessionId = randomHex(16);
   /** Pipeline bundles unpacked (or being unpacked) by this agent, by digest. */
   readonly #bundles = new Map<string, Promise<string>>();
+  /** Run directories looked up lately (`#isDirectory`). */
+  readonly #directories = new Map<string, { is: boolean; at: number }>();
   /** Attempts waiting for a bundle asked of the servers: digest → attempt id → wait. */
   readonly #bundleWaits = new Map<string, Map<string, BundleWait>>();
   readonly #lifecycle: AttemptLifecycle;
@@ -781,8 +783,27 @@ class Agent implements RunningAgent {
       // The assignment that carried it went to a server that died: ask.
       return await this.#fetchBundle(job.attemptId, bundleDigest);
     }
-    if (job.baseDir && await isDirectory(job.baseDir)) return job.baseDir;
+    if (job.baseDir && this.#isDirectory(job.baseDir)) return job.baseDir;
     return this.#lifecycle.workDirOf(job);
+  }
+
+  /**
+   * Whether a run's directory is on this machine: asked for every attempt,
+   * and answered from a second-old look (most runs' attempts share one).
+   */
+  #isDirectory(path: string): boolean {
+    const now = performance.now();
+    const known = this.#directories.get(path);
+    if (known && now - known.at < DIRECTORY_LOOK_MS) return known.is;
+    let is = false;
+    try {
+      is = Deno.statSync(path).isDirectory;
+    } catch {
+      // Not here (or not readable): the attempt's own directory is used.
+    }
+    if (this.#directories.size >= MAX_DIRECTORY_LOOKS) this.#directories.clear();
+    this.#directories.set(path, { is, at: now });
+    return is;
   }
 
   get #bundleRoot(): string {
@@ -947,6 +968,8 @@ class Agent implements RunningAgent {
     const entry: OutboxEntry = { attemptId, resultJson: JSON.stringify(result), atMs: Date.now() };
     await this.#outbox.add(entry);
     this.#active.delete(attemptId);
+    // On its way first: the next step of its run waits for it.
+    this.#outgoing.push({ result: entry });
     const forgetting = this.#lifecycle.forget(attemptId);
     this.#forgetting.set(attemptId, forgetting);
     this.emit({
@@ -955,7 +978,6 @@ class Agent implements RunningAgent {
       ok: result.ok,
       ...(result.ok ? {} : { errorClass: result.errorClass }),
     });
-    this.#outgoing.push({ result: entry });
     try {
       await forgetting;
     } finally {
@@ -1062,6 +1084,12 @@ class Agent implements RunningAgent {
     return this.#shutdownDone;
   }
 }
+
+/** How long a look at whether a run's directory is on this machine holds. */
+const DIRECTORY_LOOK_MS = 1_000;
+
+/** Run directories whose look is kept at most. */
+const MAX_DIRECTORY_LOOKS = 1_000;
 
 /** Sentence of a shell capability (and refusal) on an agent that does not run shell steps. */
 const SHELL_OFF =

@@ -52,17 +52,29 @@ export class Outbox {
    * crash does not parse (a JSON object ends with its last byte) and is
    * dropped at `load` — its result was not sent yet, and the attempt's
    * record, removed only once this returned, is recovered instead.
+   * Synchronous underneath, as the attempt records are: the file is a few
+   * hundred bytes, and an async write costs several times that in
+   * thread-pool hops on every step's path.
    */
-  async add(entry: OutboxEntry): Promise<void> {
-    await Deno.writeTextFile(this.#path(entry.attemptId), JSON.stringify(entry));
+  add(entry: OutboxEntry): Promise<void> {
+    try {
+      Deno.writeTextFileSync(this.#path(entry.attemptId), JSON.stringify(entry));
+    } catch (error) {
+      return Promise.reject(error);
+    }
     this.#entries.set(entry.attemptId, entry);
+    return Promise.resolve();
   }
 
   /** Forgets an acknowledged result; false when it was not there. */
-  async remove(attemptId: string): Promise<boolean> {
-    if (!this.#entries.delete(attemptId)) return false;
-    await Deno.remove(this.#path(attemptId)).catch(ignoreNotFound);
-    return true;
+  remove(attemptId: string): Promise<boolean> {
+    if (!this.#entries.delete(attemptId)) return Promise.resolve(false);
+    try {
+      Deno.removeSync(this.#path(attemptId));
+    } catch (error) {
+      if (!(error instanceof Deno.errors.NotFound)) return Promise.reject(error);
+    }
+    return Promise.resolve(true);
   }
 
   /** Whether a result for the attempt waits. */
@@ -78,8 +90,4 @@ export class Outbox {
   #path(attemptId: string): string {
     return `${this.#dir}/${fileSafe(attemptId)}.json`;
   }
-}
-
-function ignoreNotFound(error: unknown): void {
-  if (!(error instanceof Deno.errors.NotFound)) throw error;
 }
