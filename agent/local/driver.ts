@@ -322,7 +322,7 @@ export class LocalDriver {
         }
         const events = batch.flatMap(({ event }) => event ? [event] : []);
         this.#announced = this.#announced.then(() => durable).then(() => {
-          this.#traceEnded(events, announced);
+          this.#traceEnded(events, effects);
           for (const effect of announced) this.#perform(effect);
         });
         this.#announced.catch((error) => this.#failed?.(error));
