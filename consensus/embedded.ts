@@ -451,12 +451,7 @@ class SqliteStore implements EmbeddedStore {
 
   txnOrdered(request: TxnRequest): Promise<OrderedTxn> {
     try {
-      if (this.#closed) throw new StoreClosedError();
-      const before = this.#commits;
-      const result = this.#txn(request);
-      // The WAL is appended in commit order and a sync covers every commit
-      // before it: a later commit made durable makes this one durable.
-      const durable = this.#commits === before ? Promise.resolve() : this.#durable(this.#commits);
+      const { value: result, durable } = this.#ordered(() => this.#txn(request));
       // Its failure is the caller's to handle; unobserved, it must not end the process.
       durable.catch(() => {});
       return Promise.resolve({ result, durable });
@@ -573,14 +568,25 @@ class SqliteStore implements EmbeddedStore {
    */
   #run<T>(body: () => T): Promise<T> {
     try {
-      if (this.#closed) throw new StoreClosedError();
-      const before = this.#commits;
-      const value = body();
-      if (this.#commits === before) return Promise.resolve(value);
-      return this.#durable(this.#commits).then(() => value);
+      const { value, durable } = this.#ordered(body);
+      return durable.then(() => value);
     } catch (error) {
       return Promise.reject(error);
     }
+  }
+
+  /**
+   * Runs a synchronous body, refusing work after close (by throwing); when
+   * it committed, `durable` waits for the commit to be durable. The WAL is
+   * appended in commit order and a sync covers every commit before it, so a
+   * later commit made durable makes this one durable too.
+   */
+  #ordered<T>(body: () => T): { value: T; durable: Promise<void> } {
+    if (this.#closed) throw new StoreClosedError();
+    const before = this.#commits;
+    const value = body();
+    const durable = this.#commits === before ? Promise.resolve() : this.#durable(this.#commits);
+    return { value, durable };
   }
 
   /** Resolves once the first `upTo` commits are durable. */
