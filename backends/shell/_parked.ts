@@ -150,28 +150,26 @@ function quote(text: string): string {
 }
 
 /** Starts a shell that waits for its step, in a session of its own, with an empty environment. */
-function parkShell(): Promise<WarmProcess<ParkedStep>> {
+// Async with nothing to await: a failed spawn must reject, never throw into the pool's timer.
+// deno-lint-ignore require-await
+async function parkShell(): Promise<WarmProcess<ParkedStep>> {
   const watch: ParkedStep = {};
   let stdin: WritableStream<Uint8Array> | undefined;
-  try {
-    const execution = spawnExecution({
-      command: DEFAULT_SHELL,
-      args: ["-c", PARKED_SCRIPT],
-      cwd: "/",
-      env: {},
-      finish: (status) => watch.finish ? watch.finish(status) : status,
-      onStdin: (stream) => stdin = stream,
-    });
-    const process = new WarmProcess(
-      DEFAULT_SHELL,
-      undefined,
-      parseProcessHandle(execution.handle)!.pid,
-      watch,
-    );
-    process.bind(execution, stdin!);
-    process.markParked();
-    return Promise.resolve(process);
-  } catch (error) {
-    return Promise.reject(error);
-  }
+  const execution = spawnExecution({
+    command: DEFAULT_SHELL,
+    args: ["-c", PARKED_SCRIPT],
+    cwd: "/",
+    env: {},
+    finish: (status) => watch.finish ? watch.finish(status) : status,
+    onStdin: (stream) => stdin = stream,
+  });
+  const process = new WarmProcess(
+    DEFAULT_SHELL,
+    undefined,
+    parseProcessHandle(execution.handle)!.pid,
+    watch,
+  );
+  process.bind(execution, stdin!);
+  process.markParked();
+  return process;
 }
