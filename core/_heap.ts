@@ -32,10 +32,12 @@ export class MinHeap<T> {
     let i = items.length - 1;
     while (i > 0) {
       const parent = (i - 1) >> 1;
-      if (!this.#less(items[i], items[parent])) break;
-      [items[i], items[parent]] = [items[parent], items[i]];
+      if (!this.#less(item, items[parent])) break;
+      // Moved, not swapped: a destructuring swap allocates until the code is optimised.
+      items[i] = items[parent];
       i = parent;
     }
+    items[i] = item;
   }
 
   /** Removes and returns the least item. */
@@ -44,18 +46,20 @@ export class MinHeap<T> {
     const top = items[0];
     const last = items.pop();
     if (items.length > 0 && last !== undefined) {
-      items[0] = last;
+      // Sift the last item down from the top, moving children up into the hole.
       let i = 0;
       for (;;) {
         const left = 2 * i + 1;
         const right = left + 1;
-        let smallest = i;
-        if (left < items.length && this.#less(items[left], items[smallest])) smallest = left;
-        if (right < items.length && this.#less(items[right], items[smallest])) smallest = right;
-        if (smallest === i) break;
-        [items[i], items[smallest]] = [items[smallest], items[i]];
+        let smallest = left < items.length && this.#less(items[left], last) ? left : -1;
+        if (
+          right < items.length && this.#less(items[right], smallest < 0 ? last : items[smallest])
+        ) smallest = right;
+        if (smallest < 0) break;
+        items[i] = items[smallest];
         i = smallest;
       }
+      items[i] = last;
     }
     return top;
   }

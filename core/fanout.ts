@@ -19,10 +19,10 @@
  * @module
  */
 
-import { createHash } from "node:crypto";
 import type { FanOutLeg, InputRef, Plan, PlannedStep, StepState } from "./model.ts";
 import { canonicalJson, instanceId } from "./plan.ts";
 import { mapStrings } from "./_deep.ts";
+import { sha256Hex as sha256 } from "./_bytes.ts";
 
 /** Backend name of a split node; runners run it themselves (`agent/attempt/split.ts`). */
 export const SPLIT_BACKEND = "split";
@@ -134,10 +134,6 @@ function withItem(
     });
   } else if (run !== undefined) config.run = run;
   return { config, env };
-}
-
-function sha256(text: string): string {
-  return createHash("sha256").update(text).digest("hex");
 }
 
 /**
