@@ -97,7 +97,8 @@ function scanStepLines(source: string): { lines: Map<string, number>; col: numbe
     const first = source.charCodeAt(start);
     if (first !== 32) {
       if (!/\s/.test(source[start])) break; // the next top-level key
-    } else {
+    } else if (indent < 0 || source.charCodeAt(start + indent) !== 32) {
+      // Not a line inside a step (indented deeper than the step keys): a step key, maybe.
       key.lastIndex = start;
       const match = key.exec(source);
       if (match && (end < 0 || match.index + match[0].length <= end + 1)) {

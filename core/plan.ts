@@ -597,43 +597,54 @@ function resources(...specs: Array<StepFile["resources"]>): Resources {
 
 /**
  * {@link topologicalOrder} of the instances a plan has just made, given
- * what each needs by instance number (no map of ids).
+ * what each needs by instance number (no map of ids), and the steps' graph
+ * when the instances are the steps (no matrix, no exit handler): then
+ * what needs each is known already.
  */
-function orderOf(steps: PlannedStep[], needsOf: number[][]): string[] {
-  return orderByNumber(steps, needsOf.map((needs) => needs.length), (visit) => {
-    for (let i = 0; i < steps.length; i++) for (const need of needsOf[i]) visit(need, i);
-  });
+function orderOf(steps: PlannedStep[], needsOf: number[][], edges: StepEdges): string[] {
+  const pending = new Array<number>(needsOf.length);
+  let sameAsSteps = needsOf.length === edges.needs.length;
+  for (let i = 0; i < needsOf.length; i++) {
+    pending[i] = needsOf[i].length;
+    sameAsSteps &&= needsOf[i] === edges.needs[i];
+  }
+  return orderByNumber(steps, pending, sameAsSteps ? edges.dependents : dependentsOf(needsOf));
 }
 
 /** Topological order of instances (needs first), ties broken by file order; iterative. */
 export function topologicalOrder(steps: PlannedStep[]): string[] {
   const index = new Map(steps.map((s, i) => [s.id, i]));
-  return orderByNumber(steps, steps.map((s) => s.needs.length), (visit) => {
-    steps.forEach((s, i) => s.needs.forEach((need) => visit(index.get(need)!, i)));
-  });
+  const needsOf = steps.map((s) => s.needs.map((need) => index.get(need)!));
+  return orderByNumber(steps, needsOf.map((needs) => needs.length), dependentsOf(needsOf));
+}
+
+/** What needs each instance, from what each needs. */
+function dependentsOf(needsOf: number[][]): number[][] {
+  const dependents: number[][] = new Array(needsOf.length).fill(NO_LINKS);
+  for (let dependent = 0; dependent < needsOf.length; dependent++) {
+    const needs = needsOf[dependent];
+    for (let k = 0; k < needs.length; k++) {
+      const need = needs[k];
+      if (dependents[need] === NO_LINKS) dependents[need] = [dependent];
+      else dependents[need].push(dependent);
+    }
+  }
+  return dependents;
 }
 
 /**
- * Kahn's order by instance number: `pending[i]` needs of each, `edges`
- * calls `visit(need, dependent)` once per need; ties by file order.
+ * Kahn's order by instance number: `pending[i]` needs of each (counted
+ * down), `dependents[i]` what needs each; ties by file order.
  */
-function orderByNumber(
-  steps: PlannedStep[],
-  pending: number[],
-  edges: (visit: (need: number, dependent: number) => void) => void,
-): string[] {
-  const dependents: number[][] = new Array(steps.length).fill(NO_LINKS);
-  edges((need, dependent) => {
-    if (dependents[need] === NO_LINKS) dependents[need] = [dependent];
-    else dependents[need].push(dependent);
-  });
+function orderByNumber(steps: PlannedStep[], pending: number[], dependents: number[][]): string[] {
   const heap = new MinHeap<number>((a, b) => a < b);
   for (let i = 0; i < steps.length; i++) if (pending[i] === 0) heap.push(i);
   const order: string[] = [];
   while (heap.size > 0) {
     const i = heap.pop()!;
     order.push(steps[i].id);
-    for (const d of dependents[i]) if (--pending[d] === 0) heap.push(d);
+    const next = dependents[i];
+    for (let k = 0; k < next.length; k++) if (--pending[next[k]] === 0) heap.push(next[k]);
   }
   return order;
 }
@@ -871,7 +882,7 @@ export function planPipeline(
     file: options.file,
     baseDir: options.baseDir,
     steps: byId(planned),
-    order: orderOf(planned, needsOf),
+    order: orderOf(planned, needsOf, edges),
     env: stringMap(pipeline.env),
     secrets: Object.fromEntries(
       Object.entries(pipeline.secrets ?? {}).map((
