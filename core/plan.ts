@@ -479,12 +479,44 @@ export function canonicalJson(value: unknown): string {
   // The shared empties of planned steps (most steps have several).
   if (value === NO_ENTRIES) return "{}";
   if (value === NO_ITEMS) return "[]";
+  // A list or mapping of plain values in order (most in a plan: needs, a `run`, env) is
+  // what JSON.stringify writes, in one string instead of one per item.
+  if (flatInOrder(value)) return JSON.stringify(value);
   if (Array.isArray(value)) {
     let out = "[";
     for (let i = 0; i < value.length; i++) out += (i > 0 ? "," : "") + canonicalJson(value[i]);
     return out + "]";
   }
   return canonicalRecord(value as Record<string, unknown>);
+}
+
+/**
+ * Whether `value` is a list of strings, numbers, booleans and nulls, or a
+ * plain object of them with its keys in sorted order (for…in lists them as
+ * JSON.stringify does): its JSON is its canonical JSON.
+ */
+function flatInOrder(value: object): boolean {
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) if (!isFlat(value[i])) return false;
+    return true;
+  }
+  const proto = Object.getPrototypeOf(value);
+  if (proto !== Object.prototype && proto !== null) return false;
+  let last: string | undefined;
+  for (const key in value) {
+    if ((last !== undefined && !(last < key)) || !isFlat((value as Record<string, unknown>)[key])) {
+      return false;
+    }
+    last = key;
+  }
+  return true;
+}
+
+/** A value JSON.stringify writes as canonicalJson does, by itself. */
+function isFlat(value: unknown): boolean {
+  const type = typeof value;
+  return type === "string" || type === "number" || type === "boolean" || value === null ||
+    value === undefined;
 }
 
 /** {@link canonicalJson} of an object. */
