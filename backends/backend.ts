@@ -14,8 +14,12 @@
  */
 
 import type { z } from "npm:zod@4.6.7";
-import { BUSINESS_EXIT_CODE, type ErrorClass, type Usage } from "../core/model.ts";
-import { SAFE_NAME_PATTERN } from "../core/schema.ts";
+import {
+  BUSINESS_EXIT_CODE,
+  type ErrorClass,
+  SAFE_NAME_PATTERN,
+  type Usage,
+} from "../core/model.ts";
 
 /** Deno permissions, one allow-list per permission kind (empty = not granted). */
 export interface DenoPermissions {

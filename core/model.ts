@@ -14,6 +14,14 @@
 import type { FanOut } from "./fanout.ts";
 import type { ScheduleSpec } from "./schedule.ts";
 
+/**
+ * Pattern of a name that becomes a file or directory name on an agent: an
+ * input, an output (artifact) name. Letters, digits, `_`, `.` and `-`, not
+ * starting with `.` or `-` (so never `.`, `..` or a hidden file), at most
+ * 128 characters: it cannot leave the directory it is joined to.
+ */
+export const SAFE_NAME_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/;
+
 /** Where something is in a source file; lines and columns count from 1. */
 export interface SourceLocation {
   /** Path of the file as the user named it. */

@@ -11,7 +11,7 @@
  */
 
 import { z } from "npm:zod@4.6.7";
-import { ERROR_CLASSES } from "./model.ts";
+import { ERROR_CLASSES, SAFE_NAME_PATTERN } from "./model.ts";
 import {
   describeDurationBounds,
   DURATION_PATTERN,
@@ -28,13 +28,8 @@ import {
 export const PIPELINE_NAME_PATTERN = /^[A-Za-z0-9_.-]+$/;
 /** Pattern of a step name (also used for matrix keys). */
 export const STEP_NAME_PATTERN = /^[A-Za-z][A-Za-z0-9_-]*$/;
-/**
- * Pattern of a name that becomes a file or directory name on an agent: an
- * input, an output (artifact) name. Letters, digits, `_`, `.` and `-`, not
- * starting with `.` or `-` (so never `.`, `..` or a hidden file), at most
- * 128 characters: it cannot leave the directory it is joined to.
- */
-export const SAFE_NAME_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/;
+// Kept in model.ts, which a plugin host loads without the pipeline schema.
+export { SAFE_NAME_PATTERN };
 /** Pattern of an env var name (also a secret's name, which becomes one). */
 export const ENV_NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** Backends built into runnel; plugins add more through load options. */

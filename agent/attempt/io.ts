@@ -11,9 +11,8 @@ import { MAX_VALUES_BYTES, parseValues, StepValuesError, VALUES_FILE } from "../
 import { dirname } from "node:path";
 import { ArtifactExistsError, type ArtifactStore } from "../../core/artifacts/store.ts";
 import type { ArtifactRef, AttemptResult, ErrorClass } from "../../core/model.ts";
-import { ERROR_CLASSES } from "../../core/model.ts";
+import { ERROR_CLASSES, SAFE_NAME_PATTERN } from "../../core/model.ts";
 import type { Masker } from "../../core/secrets.ts";
-import { SAFE_NAME_PATTERN } from "../../core/schema.ts";
 import { fileSafe } from "../../core/_paths.ts";
 import {
   classifyExit,

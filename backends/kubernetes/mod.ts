@@ -45,7 +45,7 @@ import { formatBytes } from "../docker/_container.ts";
 import { LogQueue } from "../log_queue.ts";
 import { failedExecution } from "../settled.ts";
 import { parseDuration } from "../../core/duration.ts";
-import { SAFE_NAME_PATTERN } from "../../core/schema.ts";
+import { SAFE_NAME_PATTERN } from "../../core/model.ts";
 import { KubeApi, KubeApiError } from "./_api.ts";
 import { ArtifactStoreError, AttemptArtifacts, netAddress, s3Settings } from "./_artifacts.ts";
 import {
