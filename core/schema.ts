@@ -28,8 +28,6 @@ import {
 export const PIPELINE_NAME_PATTERN = /^[A-Za-z0-9_.-]+$/;
 /** Pattern of a step name (also used for matrix keys). */
 export const STEP_NAME_PATTERN = /^[A-Za-z][A-Za-z0-9_-]*$/;
-// Kept in model.ts, which a plugin host loads without the pipeline schema.
-export { SAFE_NAME_PATTERN };
 /** Pattern of an env var name (also a secret's name, which becomes one). */
 export const ENV_NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** Backends built into runnel; plugins add more through load options. */

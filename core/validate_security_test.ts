@@ -8,7 +8,8 @@ import assert from "node:assert/strict";
 import { parsePipeline } from "./load.ts";
 import { definePipeline } from "./define.ts";
 import { type Diagnostic, PipelineError } from "./errors.ts";
-import { ENV_NAME_PATTERN, SAFE_NAME_PATTERN } from "./schema.ts";
+import { ENV_NAME_PATTERN } from "./schema.ts";
+import { SAFE_NAME_PATTERN } from "./model.ts";
 
 function problems(source: string, options: { hostPaths?: { read?: string[] } } = {}) {
   try {
