@@ -9,10 +9,12 @@
  * The child gets a temporary directory of its own as `TMPDIR`, so every
  * etcd data directory it makes is inside it. Once it has exited, however it
  * did, any process still running with a `--data-dir` there is killed by its
- * pid (found in `/proc`), and the directory is removed.
+ * pid (found with `ps`), and the directory is removed.
  *
  * @module
  */
+
+import { PS_PATHS } from "../backends/_tools.ts";
 
 /** How a benchmark's process ended. */
 export interface IsolatedOutcome {
@@ -56,19 +58,36 @@ export async function runIsolated(module: string, args: string[] = []): Promise<
   }
 }
 
-/** Kills (SIGKILL) every process whose command line names a path inside `dir`; their pids. */
+/**
+ * Kills (SIGKILL) every process whose command line names a path inside
+ * `dir`; their pids. The command lines come from `ps`: Deno reads nothing
+ * under `/proc` without `--allow-all`, which the bench task does not have.
+ */
 async function killLeftBehind(dir: string): Promise<number[]> {
-  const killed: number[] = [];
-  for await (const entry of Deno.readDir("/proc")) {
-    const pid = Number(entry.name);
-    if (!Number.isInteger(pid) || pid === Deno.pid) continue;
-    let commandLine: string;
+  const ps = PS_PATHS.find((path) => {
     try {
-      commandLine = await Deno.readTextFile(`/proc/${pid}/cmdline`);
+      return Deno.statSync(path).isFile;
     } catch {
-      continue; // Gone meanwhile, or not ours to read.
+      return false;
     }
-    if (!commandLine.split("\0").some((arg) => arg.includes(`${dir}/`))) continue;
+  });
+  if (!ps) {
+    console.error(`bench: no ps(1) to find what the benchmark left running; see pkill -f ${dir}/`);
+    return [];
+  }
+  // `-ww`: whole command lines, however long.
+  const { stdout } = await new Deno.Command(ps, {
+    args: ["-ww", "-eo", "pid=,args="],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  const killed: number[] = [];
+  for (const line of new TextDecoder().decode(stdout).split("\n")) {
+    const match = /^\s*(\d+)\s(.*)$/.exec(line);
+    if (!match || !match[2].includes(`${dir}/`)) continue;
+    const pid = Number(match[1]);
+    if (pid === Deno.pid) continue;
     try {
       Deno.kill(pid, "SIGKILL");
       killed.push(pid);
