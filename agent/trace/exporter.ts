@@ -421,7 +421,10 @@ function redacted(url: string): string {
   }
 }
 
+/** Waits `ms`, or less once `signal` aborts; not at all if it has already. */
 function pause(ms: number, signal: AbortSignal): Promise<void> {
+  // An aborted signal fires no more "abort" events: a listener added now would never run.
+  if (signal.aborted) return Promise.resolve();
   return new Promise((resolve) => {
     const done = () => {
       clearTimeout(timer);

@@ -103,3 +103,24 @@ Deno.test("a span recorded after shutdown is dropped", async () => {
   tracer.record(span("late"));
   assert.equal(tracer.stats.dropped, 1);
 });
+
+Deno.test("a stopping process does not wait out a backoff when the collector is down", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const closedPort = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  const errors: string[] = [];
+  const tracer = openTracer({
+    endpoint: `http://127.0.0.1:${closedPort}/v1/traces`,
+    maxBatch: 1,
+    delayMs: 60_000,
+    // A backoff this long (capped at 5 s) would run into shutdown's deadline below, which would
+    // cut the tries short.
+    retryDelayMs: 60_000,
+    onError: (message) => errors.push(message),
+  });
+  for (const name of ["a", "b", "c"]) tracer.record(span(name));
+  await tracer.shutdown({ timeoutMs: 4_000 });
+  // Each batch tried twice, back to back, then dropped; said once.
+  assert.deepEqual(tracer.stats, { exported: 0, dropped: 3, failedRequests: 6 });
+  assert.equal(errors.length, 1);
+});
