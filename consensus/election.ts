@@ -235,6 +235,8 @@ async function waitToLead(
     const stopWatch = () => stop.abort();
     leaseEnded.addEventListener("abort", stopWatch);
     signal?.addEventListener("abort", stopWatch);
+    // Aborted while the list was read: no "abort" event comes any more.
+    if (signal?.aborted) stop.abort();
     try {
       const events = store.watch(prefix, {
         fromRevision: listing.revision + 1,

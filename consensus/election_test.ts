@@ -182,6 +182,35 @@ Deno.test("election: an aborted campaign withdraws the candidate", async () => {
   }
 });
 
+Deno.test("election: a campaign aborted while it reads the candidates still gives up", async () => {
+  const store = openMemoryStore();
+  try {
+    const a = await createElection(store, { prefix: "e/", candidate: "a" }).campaign();
+    const controller = new AbortController();
+    // The abort lands while b's list of the candidates is in flight, before b
+    // watches for a's key to go: no "abort" event comes after that.
+    const list: Store["list"] = (prefix, options) => {
+      const listing = store.list(prefix, options);
+      controller.abort(new Error("shutting down"));
+      return listing;
+    };
+    const aborting = new Proxy(store, {
+      get(target, name) {
+        if (name === "list") return list;
+        const value = Reflect.get(target, name, target);
+        return typeof value === "function" ? value.bind(target) : value;
+      },
+    });
+    const b = createElection(aborting, { prefix: "e/", candidate: "b" })
+      .campaign({ signal: controller.signal });
+    await assert.rejects(within(b, 10_000, "b to give up"), /shutting down/);
+    assert.deepEqual((await store.list("e/")).items.map((kv) => kv.value), ["a"]);
+    await a.resign();
+  } finally {
+    await store.close();
+  }
+});
+
 Deno.test("election: seeded schedules of resigns and stalls never let two leaders write", async () => {
   const seed = testSeed();
   const random = mulberry32(seed);
