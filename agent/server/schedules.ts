@@ -15,6 +15,7 @@
 
 import type { Compare, Store, TxnOp } from "../../consensus/store.ts";
 import { nextFire, type ScheduleSpec, tickParams } from "../../core/schedule.ts";
+import { abortableDelay } from "../../core/_async.ts";
 import { isTerminalRunStatus, type Plan } from "../../core/model.ts";
 import type { PipelineBundle } from "../bundle.ts";
 import { clusterKeys, type ClusterRunRecord } from "./keys.ts";
@@ -277,13 +278,8 @@ export async function runSchedules(options: ScheduleLoopOptions): Promise<void> 
       });
     }
     const delay = Math.max(0, wake - now());
-    await new Promise<void>((resolve) => {
-      const timer = setTimeout(resolve, delay);
-      options.signal.addEventListener("abort", () => {
-        clearTimeout(timer);
-        resolve();
-      }, { once: true });
-    });
+    // Not a listener of its own: one added after an abort during fireDue would never run.
+    await abortableDelay(delay, options.signal);
   }
 }
 

@@ -7,6 +7,7 @@ import { clusterKeys, type ClusterRunRecord } from "./keys.ts";
 import {
   fireDue,
   listSchedules,
+  runSchedules,
   type ScheduleEvent,
   scheduleKey,
   type ScheduleLoopOptions,
@@ -314,5 +315,36 @@ Deno.test("backfill: a run per tick with its logical date, all at once or one at
     }
     await fireDue(options);
     assert.deepEqual(await listBackfills(h.store), [], "done: removed");
+  }
+});
+
+Deno.test("schedule loop: stopped while it looks at the schedules, it ends without its sleep", async () => {
+  const dir = await Deno.makeTempDir();
+  const store = openEmbeddedStore(`${dir}/state.db`);
+  const controller = new AbortController();
+  let clock = Date.parse("2026-12-03T10:00:00Z");
+  try {
+    const loop = runSchedules({
+      store,
+      fence: [],
+      signal: controller.signal,
+      // The stop comes once the loop is under way; each reading of the clock
+      // goes an hour back, so the sleep after the look would be hours long.
+      now: () => {
+        controller.abort();
+        return clock -= 3_600_000;
+      },
+      plan: () => Promise.reject(new Error("no schedule to plan")),
+    });
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<string>((resolve) => timer = setTimeout(resolve, 10_000, "late"));
+    try {
+      assert.equal(await Promise.race([loop.then(() => "ended"), late]), "ended");
+    } finally {
+      clearTimeout(timer);
+    }
+  } finally {
+    await store.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });
