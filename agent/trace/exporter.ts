@@ -20,6 +20,8 @@
  * @module
  */
 
+import { abortableDelay } from "../../core/_async.ts";
+
 /** A span attribute's value. */
 export type AttributeValue = string | number | boolean;
 
@@ -341,7 +343,7 @@ class OtlpTracer implements Tracer {
       if (attempt === tries || signal.aborted || (this.#closed && attempt > 1)) break;
       const base = (this.#options.retryDelayMs ?? 250) * 2 ** (attempt - 1);
       const delay = Math.min(MAX_RETRY_DELAY_MS, retryAfterMs ?? base * (0.5 + Math.random()));
-      await pause(delay, AbortSignal.any([signal, this.#closing.signal]));
+      await abortableDelay(delay, AbortSignal.any([signal, this.#closing.signal]));
     }
     if (!this.#reported) {
       this.#reported = true;
@@ -419,19 +421,4 @@ function redacted(url: string): string {
   } catch {
     return "the collector";
   }
-}
-
-/** Waits `ms`, or less once `signal` aborts; not at all if it has already. */
-function pause(ms: number, signal: AbortSignal): Promise<void> {
-  // An aborted signal fires no more "abort" events: a listener added now would never run.
-  if (signal.aborted) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    signal.addEventListener("abort", done, { once: true });
-  });
 }
