@@ -17,6 +17,8 @@ export function sseResponse(
   const encoder = new TextEncoder();
   const stop = new AbortController();
   clientGone.addEventListener("abort", () => stop.abort(), { once: true });
+  // Gone while the request was being answered: no "abort" event comes any more.
+  if (clientGone.aborted) stop.abort();
   const body = new ReadableStream<Uint8Array>({
     async start(controller) {
       const write = (text: string) => {
