@@ -595,21 +595,27 @@ class SqliteStore implements EmbeddedStore {
     if (!this.#ownSync || this.#synced >= upTo) return Promise.resolve();
     const waiter = Promise.withResolvers<void>();
     this.#syncWaiters.push({ upTo, resolve: waiter.resolve, reject: waiter.reject });
-    this.#syncing ??= this.#syncLoop().finally(() => this.#syncing = undefined);
+    this.#syncing ??= this.#syncLoop();
     return waiter.promise;
   }
 
   /** Fsyncs the WAL while commits wait for it: each round covers every commit made before it. */
   async #syncLoop(): Promise<void> {
-    while (this.#syncWaiters.length > 0 && !this.#closed) {
-      try {
-        await this.#syncWal();
-      } catch (error) {
-        this.#syncFailure = error;
+    try {
+      while (this.#syncWaiters.length > 0 && !this.#closed) {
+        try {
+          await this.#syncWal();
+        } catch (error) {
+          this.#syncFailure = error;
+        }
+        this.#settleWaiters(this.#syncFailure);
+        if (this.#syncFailure !== undefined || this.#closed) return;
+        if (this.#synced - this.#checkpointedAt >= CHECKPOINT_EVERY_COMMITS) this.#checkpoint();
       }
-      this.#settleWaiters(this.#syncFailure);
-      if (this.#syncFailure !== undefined || this.#closed) return;
-      if (this.#synced - this.#checkpointedAt >= CHECKPOINT_EVERY_COMMITS) this.#checkpoint();
+    } finally {
+      // Cleared as the loop ends, not a tick later: a waiter settled just now
+      // may commit again at once, and its commit must start a loop of its own.
+      this.#syncing = undefined;
     }
   }
 

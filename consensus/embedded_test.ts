@@ -200,6 +200,28 @@ Deno.test("embedded: an ordered txn is readable at once, then durable; a closed 
   });
 });
 
+Deno.test("embedded: a write made as soon as an ordered txn is durable becomes durable too", async () => {
+  await withTempDir(async (dir) => {
+    const store = openEmbeddedStore(`${dir}/state.db`);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      const { durable } = await store.txnOrdered!({
+        compare: [],
+        success: [{ type: "put", key: "first", value: "1" }],
+      });
+      await durable;
+      // Committed right as the fsync that made `first` durable settles it,
+      // before that fsync's loop has let go: nothing else commits after it.
+      const second = store.put("second", "2");
+      const late = new Promise<string>((resolve) => timer = setTimeout(resolve, 10_000, "late"));
+      assert.equal(await Promise.race([second.then(() => "durable"), late]), "durable");
+    } finally {
+      clearTimeout(timer);
+      await store.close();
+    }
+  });
+});
+
 Deno.test("embedded: two connections to one file share one revision sequence", async () => {
   await withTempDir(async (dir) => {
     const path = `${dir}/state.db`;
