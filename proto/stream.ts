@@ -79,6 +79,8 @@ export class GrpcMessageStream<In, Out> implements MessageStream<In, Out> {
   #open = true;
   #ended = false;
   #iterated = false;
+  /** Sends waiting out back-pressure, woken when the stream closes (see `send`). */
+  readonly #drainWaiters = new Set<() => void>();
 
   /** Wraps `call`, the `side` end of a stream whose other end is `peer`. */
   constructor(call: RawCall, side: "client" | "server", peer: string) {
@@ -90,6 +92,7 @@ export class GrpcMessageStream<In, Out> implements MessageStream<In, Out> {
     const finish = (end: StreamEnd) => {
       this.#open = false;
       this.#finishInput();
+      for (const wake of this.#drainWaiters) wake();
       settle(end);
     };
     call.on("data", (message: In) => {
@@ -133,15 +136,17 @@ export class GrpcMessageStream<In, Out> implements MessageStream<In, Out> {
     const flushed = this.#call.write(message);
     if (flushed) return true;
     return await new Promise<boolean>((resolve) => {
-      const onDrain = () => {
-        this.#call.off("drain", onDrain);
+      // Not a reaction to `closed`: that promise lives as long as the stream
+      // (weeks for an agent's), and would keep every send that ever waited.
+      const done = () => {
+        this.#call.off("drain", done);
+        this.#drainWaiters.delete(done);
         resolve(this.#open);
       };
-      this.#call.on("drain", onDrain);
-      this.closed.then(() => {
-        this.#call.off("drain", onDrain);
-        resolve(false);
-      });
+      this.#call.on("drain", done);
+      this.#drainWaiters.add(done);
+      // Closed while it was written: no wake-up comes any more.
+      if (!this.#open) done();
     });
   }
 
