@@ -1329,6 +1329,10 @@ class Scheduler {
         driver.trace.runFinished(driver.engine.state, this.#now());
         driver.wake.clear();
         this.#runs.delete(driver.record.runId);
+        // Its warnings go with it: kept, they would add up over the scheduler's term.
+        for (const key of this.#warned) {
+          if (key.startsWith(`${driver.record.runId}/`)) this.#warned.delete(key);
+        }
         // Its place under a concurrency key goes to the next run in line.
         if (driver.plan.concurrencyKey) {
           const key = driver.plan.concurrencyKey.key;

@@ -304,6 +304,46 @@ Deno.test("scheduler: a step no live worker can run waits, and the log says why 
   }
 });
 
+Deno.test("scheduler: a run's warning that no worker can run a step goes when the run ends", async () => {
+  const store = openMemoryStore();
+  const stop = new AbortController();
+  const logs: Array<Record<string, unknown>> = [];
+  const warnings = () =>
+    logs.filter((line) => line.msg === "step waits: no live worker can run it").length;
+  const until = async (what: string, done: () => boolean) => {
+    const deadline = Date.now() + 5_000;
+    while (!done()) {
+      if (Date.now() > deadline) throw new Error(`${what} not within 5 s: ${JSON.stringify(logs)}`);
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+  };
+  try {
+    await store.put(clusterKeys.worker("w-aws"), JSON.stringify(worker("w-aws", { cloud: "aws" })));
+    const scheduler = runScheduler({
+      store,
+      fence: [],
+      signal: stop.signal,
+      log: (fields) => logs.push(fields),
+    });
+    const plan = parsePipeline(
+      "name: nowhere\nsteps:\n  a: { backend: shell, run: 'true', selector: { cloud: azure } }\n",
+      { file: "nowhere.yaml", baseDir: "/tmp" },
+    );
+    const run = await submitRun(store, plan);
+    await until("a warning", () => warnings() === 1);
+    await requestCancel(store, run.runId);
+    assert.equal((await waitForClusterRun(store, run.runId)).status, "cancelled");
+    // Resumed, the run waits anew, and says why anew: its first warning was not kept.
+    await requestResume(store, run.runId);
+    await until("a second warning", () => warnings() === 2);
+    stop.abort();
+    await scheduler;
+  } finally {
+    stop.abort();
+    store.close();
+  }
+});
+
 Deno.test("scheduler: a step goes only to a worker that declares the secrets it is given", async () => {
   const store = openMemoryStore();
   const stop = new AbortController();
