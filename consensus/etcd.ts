@@ -1026,9 +1026,11 @@ class EtcdEngine implements EtcdStore {
           this.#observe(response.header);
         });
       } catch (error) {
-        if (error instanceof LeaseNotFoundError) return;
-        throw error;
+        if (!(error instanceof LeaseNotFoundError)) throw error;
       }
+      // etcd has it gone now and says so itself. Remembered on, every lease that ever
+      // lapsed (one per agent connection a server held) stayed for the store's life.
+      this.#lapsed.delete(id);
     }));
   }
 

@@ -493,6 +493,35 @@ async function keepAliveStreams(cluster: EtcdCluster, member: number): Promise<n
 
 Deno.test({
   ...etcdTest,
+  name: "etcd: a lease the store ended itself is forgotten once etcd has revoked it",
+  async fn() {
+    const store = await openShared();
+    // What the store remembers of the leases it ended: the sets their ids go into.
+    let leaseId: string | undefined;
+    const holders: Set<unknown>[] = [];
+    const add = Set.prototype.add;
+    Set.prototype.add = function (this: Set<unknown>, value: unknown) {
+      if (leaseId !== undefined && value === leaseId) holders.push(this);
+      return add.call(this, value);
+    };
+    try {
+      // Never kept alive, as an agent's lease once its stream ended: it lapses.
+      leaseId = (await store.grantLease(1_000)).id;
+      await poll(() => holders.length > 0 || undefined, { timeoutMs: 10_000, what: "a lapse" });
+      await poll(() => holders.every((set) => !set.has(leaseId)) || undefined, {
+        timeoutMs: 10_000,
+        what: "the lapsed lease forgotten",
+      });
+      await assert.rejects(store.keepAlive(leaseId), LeaseNotFoundError);
+    } finally {
+      Set.prototype.add = add;
+      await store.close();
+    }
+  },
+});
+
+Deno.test({
+  ...etcdTest,
   name: "etcd: keep-alives of every lease share one stream per member, and move on when it dies",
   async fn() {
     await using cluster = await startEtcdCluster({ members: 3 });
