@@ -352,6 +352,8 @@ export class PluginHost {
     let message: HostMessage;
     try {
       message = JSON.parse(line);
+      // A number or a string is plugin output too (and `in` would throw on it).
+      if (typeof message !== "object" || message === null) throw new TypeError("not a message");
     } catch {
       // Plugin code that wrote to stdout directly: not a message.
       this.#options.onDiagnostic(`stray output: ${line.slice(0, 200)}`);
