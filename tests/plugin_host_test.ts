@@ -168,25 +168,31 @@ Deno.test("plugin hosts: a crashing host fails its step as infrastructure and is
   }
 });
 
-Deno.test("plugin hosts: a host whose plugin printed a number last on stdout is lost, not the runner", async () => {
-  const spec = await scratchSpec({ with: { act: "print-and-crash" } });
-  const diagnostics: string[] = [];
-  const pool = openPool(spec.root, { onDiagnostic: (_name, text) => diagnostics.push(text) });
-  try {
-    await assert.rejects(
-      pool.backend("evil").start(spec),
-      (error: unknown) =>
-        error instanceof PluginHostError && /exited with code 5/.test(error.message),
-    );
-    // The unfinished last line is read once the pipe ends, as any other output.
-    await poll(() => diagnostics.includes("stray output: 42") ? true : undefined, {
-      what: "the plugin's stray output to be reported",
-    });
-  } finally {
-    await pool.close();
-    await spec.remove();
-  }
-});
+for (
+  const [act, printed, said] of [
+    ["print-and-crash", "a number", "stray output: 42"],
+    ["forge-and-crash", "a forged message", 'malformed message: {"hello":null}'],
+  ] as const
+) {
+  Deno.test(`plugin hosts: a host whose plugin printed ${printed} last on stdout is lost, not the runner`, async () => {
+    const spec = await scratchSpec({ with: { act } });
+    const diagnostics: string[] = [];
+    const pool = openPool(spec.root, { onDiagnostic: (_name, text) => diagnostics.push(text) });
+    try {
+      await assert.rejects(
+        pool.backend("evil").start(spec),
+        (error: unknown) => error instanceof PluginHostError,
+      );
+      // The unfinished last line is read once the pipe ends, as any other output.
+      await poll(() => diagnostics.includes(said) ? true : undefined, {
+        what: "the plugin's output to be reported",
+      });
+    } finally {
+      await pool.close();
+      await spec.remove();
+    }
+  });
+}
 
 Deno.test("plugin hosts: a host killed mid-step fails the step and its processes are reaped", async () => {
   const spec = await scratchSpec({ run: "echo started; sleep 30" });
@@ -293,7 +299,7 @@ Deno.test("plugin hosts: a third-party manifest runs in a host granted nothing",
         /read access to "\/etc\/hostname"/.test(error.message),
     );
     assert.deepEqual(await pool.validate("evil", { with: { act: "fly" } }), [
-      '"with.act": Invalid option: expected one of "ok"|"read-shadow"|"open-socket"|"read-env"|"crash"|"hang"|"crash-later"|"print-and-crash"|"manifest-read"',
+      '"with.act": Invalid option: expected one of "ok"|"read-shadow"|"open-socket"|"read-env"|"crash"|"hang"|"crash-later"|"print-and-crash"|"forge-and-crash"|"manifest-read"',
     ]);
   } finally {
     await pool.close();

@@ -359,6 +359,19 @@ export class PluginHost {
       this.#options.onDiagnostic(`stray output: ${line.slice(0, 200)}`);
       return;
     }
+    try {
+      this.#dispatch(message);
+    } catch {
+      // An object of the wrong shape (`{"hello":null}`): plugin code that
+      // forged the protocol. The host can no longer be believed: it goes, and
+      // what it had in hand fails with it; the runner goes on.
+      this.#options.onDiagnostic(`malformed message: ${line.slice(0, 200)}`);
+      this.#death ??= "sent a malformed message";
+      this.kill();
+    }
+  }
+
+  #dispatch(message: HostMessage): void {
     // A host relays logs as soon as an execution starts, so they may arrive
     // before the answer to `start`: the queue is made by whichever is first.
     if ("log" in message) {
@@ -371,9 +384,15 @@ export class PluginHost {
     } else if ("id" in message) {
       const pending = this.#pending.get(message.id);
       if (!pending) return;
-      this.#pending.delete(message.id);
-      if (message.ok) pending.resolve(message.result);
-      else pending.reject(this.#errorOf(message.error));
+      // Read before it leaves #pending: a malformed answer fails it with the host.
+      if (message.ok) {
+        this.#pending.delete(message.id);
+        pending.resolve(message.result);
+      } else {
+        const error = this.#errorOf(message.error);
+        this.#pending.delete(message.id);
+        pending.reject(error);
+      }
     } else if ("hello" in message) {
       if (message.hello.protocol !== PROTOCOL_VERSION) {
         this.#death = `speaks protocol ${message.hello.protocol}, expected ${PROTOCOL_VERSION}`;
