@@ -259,23 +259,30 @@ Deno.test("scheduler: a failed run resumes on request; what succeeded is kept", 
   }
 });
 
+/**
+ * A scheduler over `store` with one aws worker, its log lines going to
+ * `logs`, and a run of a step only an azure worker may take.
+ */
+async function unplaceableRun(
+  store: Store,
+  signal: AbortSignal,
+  logs: Array<Record<string, unknown>>,
+) {
+  await store.put(clusterKeys.worker("w-aws"), JSON.stringify(worker("w-aws", { cloud: "aws" })));
+  const scheduler = runScheduler({ store, fence: [], signal, log: (fields) => logs.push(fields) });
+  const plan = parsePipeline(
+    "name: nowhere\nsteps:\n  a: { backend: shell, run: 'true', selector: { cloud: azure } }\n",
+    { file: "nowhere.yaml", baseDir: "/tmp" },
+  );
+  return { scheduler, run: await submitRun(store, plan) };
+}
+
 Deno.test("scheduler: a step no live worker can run waits, and the log says why once", async () => {
   const store = openMemoryStore();
   const stop = new AbortController();
   const logs: Array<Record<string, unknown>> = [];
   try {
-    await store.put(clusterKeys.worker("w-aws"), JSON.stringify(worker("w-aws", { cloud: "aws" })));
-    const scheduler = runScheduler({
-      store,
-      fence: [],
-      signal: stop.signal,
-      log: (fields) => logs.push(fields),
-    });
-    const plan = parsePipeline(
-      "name: nowhere\nsteps:\n  a: { backend: shell, run: 'true', selector: { cloud: azure } }\n",
-      { file: "nowhere.yaml", baseDir: "/tmp" },
-    );
-    const run = await submitRun(store, plan);
+    const { scheduler, run } = await unplaceableRun(store, stop.signal, logs);
     const deadline = Date.now() + 5_000;
     while (!logs.some((line) => line.msg === "step waits: no live worker can run it")) {
       if (Date.now() > deadline) throw new Error(`no warning in ${JSON.stringify(logs)}`);
@@ -318,18 +325,7 @@ Deno.test("scheduler: a run's warning that no worker can run a step goes when th
     }
   };
   try {
-    await store.put(clusterKeys.worker("w-aws"), JSON.stringify(worker("w-aws", { cloud: "aws" })));
-    const scheduler = runScheduler({
-      store,
-      fence: [],
-      signal: stop.signal,
-      log: (fields) => logs.push(fields),
-    });
-    const plan = parsePipeline(
-      "name: nowhere\nsteps:\n  a: { backend: shell, run: 'true', selector: { cloud: azure } }\n",
-      { file: "nowhere.yaml", baseDir: "/tmp" },
-    );
-    const run = await submitRun(store, plan);
+    const { scheduler, run } = await unplaceableRun(store, stop.signal, logs);
     await until("a warning", () => warnings() === 1);
     await requestCancel(store, run.runId);
     assert.equal((await waitForClusterRun(store, run.runId)).status, "cancelled");
