@@ -316,3 +316,25 @@ await execution.wait();
     await waitFor(async () => await remoteLeftovers(sshd, "^sleep 6[45]$") === "", 20_000);
   });
 });
+
+Deno.test(
+  "ssh backend: a server refusing the step's channel leaves no remote dir",
+  { sanitizeOps: false, sanitizeResources: false },
+  async () => {
+    await using sshd = await startSshd();
+    // Its only session goes to SFTP: the directory is prepared, then the exec refused.
+    const configPath = `${sshd.dir}/sshd_config`;
+    const sshdConfig = await Deno.readTextFile(configPath);
+    await Deno.writeTextFile(configPath, sshdConfig.replace("MaxSessions 200", "MaxSessions 1"));
+    await sshd.stop();
+    await sshd.start();
+    await using spec = await attempt(configOf(sshd, { run: "echo never runs" }), {
+      spec: { env: { TOKEN: "s3cret" } },
+    });
+    const execution = await createSshBackend().start(spec);
+    const result = await runToEnd(execution);
+    assert.equal(result.status.errorClass, "infrastructure");
+    assert.match(result.status.message ?? "", /cannot open a channel/);
+    await assert.rejects(Deno.stat(`${sshd.dir}/remote/${spec.runId}`), Deno.errors.NotFound);
+  },
+);

@@ -486,6 +486,9 @@ async function startRemote(pool: ConnectionPool, spec: AttemptSpec): Promise<Exe
       `cd ${shellQuote(remoteDir)} && exec setsid -w /bin/sh ./wrapper.sh`,
     );
   } catch (error) {
+    // Refused (the server's MaxSessions, say): the prepared directory holds
+    // the step's environment, secrets included, and nothing else would remove it.
+    if (!connection.closed) await removeAttemptDir(sftp, remoteDir).catch(() => {});
     return failedExecution(handle, statusOfError(error));
   }
   return watchRemote({ connection, sftp, channel, remoteDir, handle, spec, config });
