@@ -19,6 +19,10 @@ import createDockerBackend, {
   DuplicateAttemptError,
   validateDockerConfig,
 } from "../backends/docker/mod.ts";
+import { PROBE_IMAGE, startServices } from "../backends/docker/_services.ts";
+import type { DockerConfig } from "../backends/docker/manifest.ts";
+import type { ContainerCreateOptions, Docker } from "../backends/docker/_dockerode.ts";
+import { LogQueue } from "../backends/log_queue.ts";
 import { ensureBusyboxImage } from "../infra/images.ts";
 import { poll, runCli, sandbox, spawnCli, waitForLine } from "./_helpers.ts";
 
@@ -377,3 +381,42 @@ steps:
   assert.deepEqual(await docker.listContainers({ all: true, filters: byRun }), []);
   assert.deepEqual(await docker.listNetworks({ filters: byRun }), []);
 });
+
+dockerTest(
+  "a wait-for that cannot be probed throws with the services and network gone",
+  async () => {
+    const agentId = newAgent();
+    // The daemon's answer when the probe image was never built (`deno task images`).
+    const noProbeImage = Object.assign(new Error("(HTTP code 404) no such image"), {
+      statusCode: 404,
+      json: { message: `No such image: ${PROBE_IMAGE}` },
+    });
+    const withoutProbeImage = new Proxy(docker, {
+      get(target, key, receiver) {
+        if (key !== "createContainer") return Reflect.get(target, key, receiver);
+        return (options: ContainerCreateOptions) =>
+          options.Labels?.["runnel.role"] === "probe"
+            ? Promise.reject(noProbeImage)
+            : target.createContainer(options);
+      },
+    }) as Docker;
+    try {
+      await using spec = await attempt(agentId, {
+        run: "echo never runs",
+        services: [httpService("db", "x")],
+      });
+      await assert.rejects(
+        startServices({
+          docker: withoutProbeImage,
+          spec,
+          config: spec.config as DockerConfig,
+          queue: new LogQueue(),
+        }),
+        (error: Error) => error.message.includes(PROBE_IMAGE),
+      );
+      assert.deepEqual(await leftovers(agentId), NOTHING);
+    } finally {
+      await reap(agentId);
+    }
+  },
+);

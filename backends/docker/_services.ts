@@ -213,17 +213,19 @@ export async function startServices(
       const info = await container.inspect();
       addresses.set(service.name, info.NetworkSettings?.Networks?.[network]?.IPAddress || "");
     }
+    // Inside the try: a wait that throws (its probe image not built) leaves
+    // running services and a network that no one else would remove.
+    const waits = await Promise.all(
+      services.map((service) =>
+        waitForService(docker, spec, service, network, addresses.get(service.name)!, queue)
+      ),
+    );
+    const problem = waits.find((message) => message !== undefined);
+    if (problem !== undefined) return await fail(problem);
   } catch (error) {
     await removeAttemptExtras(docker, spec.agentId, spec.attemptId).catch(() => {});
     throw error;
   }
-  const waits = await Promise.all(
-    services.map((service) =>
-      waitForService(docker, spec, service, network, addresses.get(service.name)!, queue)
-    ),
-  );
-  const problem = waits.find((message) => message !== undefined);
-  if (problem !== undefined) return await fail(problem);
   return { network };
 }
 
