@@ -200,10 +200,17 @@ class LocalArtifactStore implements ArtifactStore {
       return result;
     }
     const blobDir = blobPath.slice(0, blobPath.lastIndexOf("/"));
-    await Deno.mkdir(blobDir, { recursive: true });
-    await Deno.chmod(tmpPath, 0o444);
-    // Concurrent puts of the same content rename identical files: last one wins, harmlessly.
-    await Deno.rename(tmpPath, blobPath);
+    try {
+      await Deno.mkdir(blobDir, { recursive: true });
+      await Deno.chmod(tmpPath, 0o444);
+      // Concurrent puts of the same content rename identical files: last one wins, harmlessly.
+      await Deno.rename(tmpPath, blobPath);
+    } catch (error) {
+      // gc sweeps only blobs/sha256: a copy left in blobs/tmp (a full disk
+      // refusing the shard's directory) would stay for good.
+      await Deno.remove(tmpPath).catch(() => {});
+      throw error;
+    }
     await this.#touch(blobPath);
     await fsyncDirectory(blobDir);
     return result;

@@ -232,6 +232,20 @@ Deno.test("concurrent puts of the same content and key all return one record", a
   });
 });
 
+Deno.test("a put refused after its blob was copied leaves no temporary file", async () => {
+  await withStore(async ({ root, store, file }) => {
+    const content = "refused at the shard";
+    // The shard's directory cannot be made (as on a full disk): a dangling link holds its name.
+    const hex = sha256(content).slice("sha256:".length);
+    await Deno.mkdir(`${root}/blobs/sha256`, { recursive: true });
+    await Deno.symlink(`${root}/nowhere`, `${root}/blobs/sha256/${hex.slice(0, 2)}`);
+    const source = await file("a.txt", content);
+    await assert.rejects(store.put(source, { run: "r", step: "s", name: "a.txt" }));
+    assert.deepEqual([...Deno.readDirSync(`${root}/blobs/tmp`)], []);
+    assert.deepEqual(await store.list(), []);
+  });
+});
+
 Deno.test("concurrent puts of different content to one key: exactly one wins", async () => {
   await withStore(async ({ store, file }) => {
     const sources = await Promise.all(
