@@ -112,11 +112,12 @@ Deno.test("ssh backend", { sanitizeOps: false, sanitizeResources: false }, async
   await t.step("secrets never appear on a remote command line", async () => {
     const secret = "s3cr3t-value-" + crypto.randomUUID();
     await using spec = await attempt(
-      configOf(sshd, { run: 'test "$TOKEN" = "$EXPECTED" && sleep 2 && echo same' }),
+      configOf(sshd, { run: 'test "$TOKEN" = "$EXPECTED" && sleep 3 && echo same' }),
       { spec: { env: { TOKEN: secret, EXPECTED: secret } } },
     );
     const execution = await backend.start(spec);
-    await new Promise((resolve) => setTimeout(resolve, 800));
+    // Looked at while the step runs (past its check of the secret).
+    await waitFor(async () => await remoteLeftovers(sshd, "^sleep 3$") !== "", 10_000);
     const ps = await sshd.sh("ps -eo args");
     assert.ok(!ps.includes(secret), "secret visible in ps");
     const result = await runToEnd(execution);
@@ -141,8 +142,8 @@ Deno.test("ssh backend", { sanitizeOps: false, sanitizeResources: false }, async
         configOf(sshd, { run: "sleep 78 & trap '' TERM; sleep 79; wait" }),
       );
       const execution = await backend.start(spec);
-      await new Promise((resolve) => setTimeout(resolve, 800));
-      assert.notEqual(await remoteLeftovers(sshd, "sleep 79"), "");
+      // `sleep 79` starts once the TERM trap is set.
+      await waitFor(async () => await remoteLeftovers(sshd, "sleep 79") !== "", 10_000);
       await execution.cancel(500);
       const result = await runToEnd(execution);
       assert.equal(result.status.errorClass, "cancelled");
@@ -209,7 +210,7 @@ Deno.test("ssh backend", { sanitizeOps: false, sanitizeResources: false }, async
     async () => {
       await using spec = await attempt(configOf(sshd, { run: "sleep 63" }));
       const execution = await backend.start(spec);
-      await new Promise((resolve) => setTimeout(resolve, 800));
+      await waitFor(async () => await remoteLeftovers(sshd, "^sleep 63$") !== "", 10_000);
       // Freeze every process of the server: no FIN, no RST, only silence, as
       // when a network path dies; keepalives must notice.
       const frozen = await sshd.pids();
