@@ -22,7 +22,7 @@ import {
 } from "./backend.ts";
 import { LogQueue } from "./log_queue.ts";
 import { raceTimeout } from "../core/_async.ts";
-import { KILL_PATHS, PS_PATHS, SETSID_PATHS } from "./_tools.ts";
+import { isExecutable, KILL_PATHS, mayRun, PS_PATHS, SETSID_PATHS, usableTool } from "./_tools.ts";
 import { ShellSignaller } from "./_signal.ts";
 
 /**
@@ -260,7 +260,7 @@ let psCommand: string | null | undefined;
  * only under --allow-all); undefined when there is no such process.
  */
 async function processStartMs(pid: number): Promise<number | undefined> {
-  psCommand ??= PS_PATHS.find((path) => isExecutable(path) && mayRun(path)) ?? null;
+  psCommand ??= usableTool(PS_PATHS) ?? null;
   if (psCommand === null) return undefined;
   try {
     const { stdout } = await new Deno.Command(psCommand, {
@@ -291,7 +291,7 @@ async function processStartMs(pid: number): Promise<number | undefined> {
 function groupLauncher(command: string): string | undefined {
   if (Deno.build.os !== "linux" || !command.startsWith("/")) return undefined;
   if (setsidPath === undefined) {
-    setsidPath = SETSID_PATHS.find((path) => isExecutable(path) && mayRun(path)) ?? null;
+    setsidPath = usableTool(SETSID_PATHS) ?? null;
   }
   if (setsidPath === null) return undefined;
   let ok = executableCommands.get(command);
@@ -300,24 +300,6 @@ function groupLauncher(command: string): string | undefined {
     executableCommands.set(command, ok);
   }
   return ok ? setsidPath : undefined;
-}
-
-function isExecutable(path: string): boolean {
-  try {
-    if (Deno.permissions.querySync({ name: "read", path }).state !== "granted") return false;
-    const info = Deno.statSync(path);
-    return info.isFile && ((info.mode ?? 0) & 0o111) !== 0;
-  } catch {
-    return false;
-  }
-}
-
-function mayRun(path: string): boolean {
-  try {
-    return Deno.permissions.querySync({ name: "run", command: path }).state === "granted";
-  } catch {
-    return false;
-  }
 }
 
 /** `kill(1)`'s path when `Deno.kill` is not granted; computed on first need. */
@@ -349,7 +331,7 @@ async function signalGroup(pgid: number, signal: Deno.Signal): Promise<boolean> 
   }
   const delivered = await signaller?.signal(pgid, signal);
   if (delivered !== undefined) return delivered;
-  killCommand ??= KILL_PATHS.find((path) => isExecutable(path) && mayRun(path)) ?? null;
+  killCommand ??= usableTool(KILL_PATHS) ?? null;
   if (killCommand === null) return false;
   try {
     const { success } = await new Deno.Command(killCommand, {

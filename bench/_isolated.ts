@@ -14,7 +14,7 @@
  * @module
  */
 
-import { PS_PATHS } from "../backends/_tools.ts";
+import { PS_PATHS, usableTool } from "../backends/_tools.ts";
 
 /** How a benchmark's process ended. */
 export interface IsolatedOutcome {
@@ -64,13 +64,7 @@ export async function runIsolated(module: string, args: string[] = []): Promise<
  * under `/proc` without `--allow-all`, which the bench task does not have.
  */
 async function killLeftBehind(dir: string): Promise<number[]> {
-  const ps = PS_PATHS.find((path) => {
-    try {
-      return Deno.statSync(path).isFile;
-    } catch {
-      return false;
-    }
-  });
+  const ps = usableTool(PS_PATHS);
   if (!ps) {
     console.error(`bench: no ps(1) to find what the benchmark left running; see pkill -f ${dir}/`);
     return [];
