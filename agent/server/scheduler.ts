@@ -245,8 +245,8 @@ class Scheduler {
   readonly #results: ReportedResult[] = [];
   /** Attempts with a stop key (`/stop/<agent>/<attempt>`) to delete when they end. */
   readonly #stops = new Set<string>();
-  /** Steps already reported as unplaceable (run/step). */
-  readonly #warned = new Set<string>();
+  /** Steps already reported as unplaceable, by run (forgotten when the run ends). */
+  readonly #warned = new Map<string, Set<string>>();
   #resultsQueued = false;
   readonly #webhooks: WebhookNotifier;
 
@@ -1044,11 +1044,12 @@ class Scheduler {
    * a backend nobody can run.
    */
   #warnUnplaceable(driver: RunDriver, step: PlannedStep): void {
-    const key = `${driver.record.runId}/${step.id}`;
-    if (this.#warned.has(key)) return;
+    const runId = driver.record.runId;
+    if (this.#warned.get(runId)?.has(step.id)) return;
     const could = [...this.#workers.values()].some((worker) => canRun(worker, step, driver.plan));
     if (could) return;
-    this.#warned.add(key);
+    const warned = this.#warned.get(runId) ?? new Set<string>();
+    this.#warned.set(runId, warned.add(step.id));
     this.#log({
       level: "warn",
       msg: "step waits: no live worker can run it",
@@ -1330,9 +1331,7 @@ class Scheduler {
         driver.wake.clear();
         this.#runs.delete(driver.record.runId);
         // Its warnings go with it: kept, they would add up over the scheduler's term.
-        for (const key of this.#warned) {
-          if (key.startsWith(`${driver.record.runId}/`)) this.#warned.delete(key);
-        }
+        this.#warned.delete(driver.record.runId);
         // Its place under a concurrency key goes to the next run in line.
         if (driver.plan.concurrencyKey) {
           const key = driver.plan.concurrencyKey.key;
